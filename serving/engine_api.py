@@ -1,0 +1,157 @@
+"""The seam between the orchestrator and the model: JetStream's engine contract.
+
+The orchestrator (queues, slots, threads) sees only this module. An engine owns a device mesh and
+holds three opaque pytrees that the orchestrator passes around without looking inside:
+
+  Params       the model weights, placed on the engine's mesh
+  Prefix       the output of one prefill: the prompt's KV cache, its true length, the first token
+               and the request's sampling parameters, ready to be inserted into a decode slot
+  DecodeState  the KV cache of every decode slot plus per-slot lengths, last tokens and sampling
+               parameters; updated in place (donated) by `insert` and `generate`
+
+Flow for one request (interleaved mode: one engine does both; disaggregated mode: a prefill engine
+and a generate engine on disjoint meshes, with `transfer` moving the Prefix between them):
+
+  tokens = tokenizer.encode(prompt)
+  prefix, first = prefill_engine.prefill(params=p, tokens=tokens, sampling=s)   # first token
+  prefix = generate_engine.transfer(prefix)                                     # no-op if same mesh
+  state = generate_engine.insert(prefix, state, slot=i)
+  loop: state, step = generate_engine.generate(params=g, decode_state=state)    # one token/slot
+
+Every method is safe to call from any one thread at a time per engine; the orchestrator serialises
+calls per engine. Results come back as device arrays (`StepTokens`) so the caller decides when to
+block on the host copy (JetStream's detokenize thread does that off the decode loop).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+Params = Any
+Prefix = Any
+DecodeState = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling. temperature == 0 means greedy (top_k/top_p ignored)."""
+
+    temperature: float = 0.0
+    top_k: int = 0  # 0 = no top-k filter
+    top_p: float = 1.0  # 1.0 = no nucleus filter
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.temperature >= 0.0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+GREEDY = SamplingParams()
+
+
+class StepTokens(Protocol):
+    """Tokens produced by one engine call, still on device.
+
+    `to_host()` blocks until the values are ready and returns int32 numpy arrays:
+      prefill:  tokens [1]
+      generate: tokens [max_concurrent_decodes] (one per slot; stale for free slots)
+    """
+
+    def to_host(self) -> np.ndarray: ...
+
+
+class Tokenizer(Protocol):
+    """Text <-> token ids for one model. Implementations live next to the model loaders."""
+
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        """Ids that end a generation (EOS and the chat end-of-turn token, e.g. <|im_end|>)."""
+        ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` as given: no BOS added, no chat template."""
+        ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> str:
+        """The model's chat template over [{"role", "content"}], ending with the assistant prompt."""
+        ...
+
+
+class Engine(abc.ABC):
+    """One model on one device mesh. See the module docstring for the flow."""
+
+    @property
+    @abc.abstractmethod
+    def max_concurrent_decodes(self) -> int:
+        """Decode slots in the DecodeState (per_device_batch_size x devices of the mesh)."""
+
+    @property
+    @abc.abstractmethod
+    def max_prefill_length(self) -> int:
+        """Longest prompt `prefill` accepts (max_prefill_predict_length)."""
+
+    @property
+    @abc.abstractmethod
+    def max_target_length(self) -> int:
+        """KV cache length per slot: prompt + generated tokens must stay below it."""
+
+    @property
+    @abc.abstractmethod
+    def prefill_buckets(self) -> tuple[int, ...]:
+        """Padded prompt lengths prefill compiles for (powers of two up to max_prefill_length)."""
+
+    @abc.abstractmethod
+    def load_params(self) -> Params:
+        """Weights placed on this engine's mesh with their intended shardings."""
+
+    @abc.abstractmethod
+    def init_decode_state(self) -> DecodeState:
+        """An empty DecodeState: all slots free."""
+
+    @abc.abstractmethod
+    def prefill(
+        self, *, params: Params, tokens: Sequence[int], sampling: SamplingParams
+    ) -> tuple[Prefix, StepTokens]:
+        """Run the prompt (padded to the next bucket); return its Prefix and the first token.
+
+        Raises ValueError if len(tokens) is 0 or exceeds max_prefill_length.
+        """
+
+    def transfer(self, prefix: Prefix) -> Prefix:
+        """Move a Prefix made by another engine onto this engine's mesh (disaggregated mode)."""
+        return prefix
+
+    @abc.abstractmethod
+    def insert(self, prefix: Prefix, decode_state: DecodeState, slot: int) -> DecodeState:
+        """Place the Prefix into decode slot `slot` (donating decode_state)."""
+
+    @abc.abstractmethod
+    def generate(self, *, params: Params, decode_state: DecodeState) -> tuple[DecodeState, StepTokens]:
+        """Advance every slot by one token (donating decode_state)."""
+
+    def warmup(self, params: Params) -> None:
+        """Compile every prefill bucket, insert and generate, so the first request is not slow."""
+        state = self.init_decode_state()
+        for bucket in self.prefill_buckets:
+            prefix, first = self.prefill(params=params, tokens=[0] * bucket, sampling=GREEDY)
+            first.to_host()
+            state = self.insert(self.transfer(prefix), state, slot=0)
+        state, step = self.generate(params=params, decode_state=state)
+        step.to_host()

@@ -1,0 +1,309 @@
+"""One logical server over several JAX processes (multi-controller), and Pathways (single-controller).
+
+Multi-controller JAX runs one process per host; every process must launch the same jitted programs
+in the same order or the collectives inside them deadlock. So process 0 (the leader) owns the front
+ends and the orchestrator, and every engine call it makes is first broadcast to the other processes
+(the workers) over a control channel, then dispatched locally, all under one lock: the engine calls
+form one totally ordered stream that every process replays.
+
+  leader:  orchestrator threads -> LeaderEngine.prefill(...) --lock--> send op --> inner.prefill(...)
+  workers: run_worker(): recv op -> inner.prefill(...) (same arguments, same order)
+
+The opaque pytrees an engine hands back (Params, Prefix, DecodeState) differ per process, so the
+leader hands out `_Handle`s with ids; each worker keeps the object for each id. Handles that an op
+consumes (a donated DecodeState, an inserted Prefix) are dropped on both sides; a Prefix that is
+never inserted (a cancelled request) is released when its handle is garbage collected.
+
+Failure: a worker whose control connection closes marks the group unhealthy, so the leader's
+health check fails and LeaderWorkerSet recreates the whole group instead of hanging in a collective
+that can never finish. A worker whose leader disappears exits non-zero for the same reason.
+
+Where the group comes from: the LeaderWorkerSet environment (LWS_LEADER_ADDRESS, LWS_GROUP_SIZE,
+LWS_WORKER_INDEX) or explicit flags; the coordinator port is JAX_COORDINATOR_PORT (default 8476)
+and the control channel listens on the port after it.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import weakref
+from typing import Any, Callable, Mapping, Sequence
+
+from serving.engine_api import Engine, SamplingParams
+
+log = logging.getLogger(__name__)
+
+DEFAULT_COORDINATOR_PORT = 8476
+CONNECT_TIMEOUT_S = 300.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessGroup:
+    """Where this process sits in a multi-controller group."""
+
+    coordinator_host: str
+    num_processes: int
+    process_id: int
+    coordinator_port: int = DEFAULT_COORDINATOR_PORT
+
+    def __post_init__(self):
+        if self.num_processes < 1:
+            raise ValueError(f"num_processes must be >= 1, got {self.num_processes}")
+        if not 0 <= self.process_id < self.num_processes:
+            raise ValueError(f"process_id {self.process_id} is outside 0..{self.num_processes - 1}")
+
+    @property
+    def is_leader(self) -> bool:
+        return self.process_id == 0
+
+    @property
+    def coordinator_address(self) -> str:
+        return f"{self.coordinator_host}:{self.coordinator_port}"
+
+    @property
+    def control_port(self) -> int:
+        return self.coordinator_port + 1
+
+
+def group_from_env(environ: Mapping[str, str] = os.environ) -> ProcessGroup | None:
+    """The group described by LeaderWorkerSet's environment, or None outside a multi-pod group."""
+    size = environ.get("LWS_GROUP_SIZE")
+    if size is None or int(size) <= 1:
+        return None
+    missing = [key for key in ("LWS_LEADER_ADDRESS", "LWS_WORKER_INDEX") if key not in environ]
+    if missing:
+        raise ValueError(f"LWS_GROUP_SIZE={size} but {', '.join(missing)} unset")
+    return ProcessGroup(
+        coordinator_host=environ["LWS_LEADER_ADDRESS"],
+        num_processes=int(size),
+        process_id=int(environ["LWS_WORKER_INDEX"]),
+        coordinator_port=int(environ.get("JAX_COORDINATOR_PORT", DEFAULT_COORDINATOR_PORT)),
+    )
+
+
+def initialize_distributed(group: ProcessGroup) -> None:
+    """Join the JAX process group. CPU collectives need gloo; GPU/TPU bring their own."""
+    import jax
+
+    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=group.coordinator_address,
+        num_processes=group.num_processes,
+        process_id=group.process_id,
+    )
+
+
+def initialize_single_controller() -> None:
+    """Pathways: one process drives every host's chips through the Pathways proxy."""
+    try:
+        import pathwaysutils
+    except ImportError:
+        raise RuntimeError(
+            "enable_single_controller=true needs Pathways: install pathwaysutils and run beside a "
+            "pathways-proxy (JAX_PLATFORMS=proxy, JAX_BACKEND_TARGET=grpc://<proxy>:38681)"
+        ) from None
+    pathwaysutils.initialize()
+
+
+# --- control channel: newline-delimited JSON ops, leader -> workers ---------------------------
+
+
+class ControlServer:
+    """The leader's end: one connection per worker; tracks whether every worker is still there."""
+
+    def __init__(self, group: ProcessGroup, bind_host: str = "0.0.0.0"):
+        self._expected = group.num_processes - 1
+        self._listener = socket.create_server((bind_host, group.control_port))
+        self._workers: list[socket.socket] = []
+        self._lost: list[str] = []
+
+    def accept_workers(self, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+        self._listener.settimeout(timeout_s)
+        while len(self._workers) < self._expected:
+            conn, address = self._listener.accept()
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._workers.append(conn)
+            threading.Thread(target=self._watch, args=(conn, address), daemon=True).start()
+        self._listener.close()
+
+    def _watch(self, conn: socket.socket, address) -> None:
+        # Workers never send; a read returning means the connection closed (the worker died).
+        try:
+            conn.recv(1)
+        except OSError:
+            pass
+        self._lost.append(f"worker at {address[0]}:{address[1]} disconnected")
+        log.error("multi-host group unhealthy: %s", self._lost[-1])
+
+    @property
+    def problems(self) -> list[str]:
+        return list(self._lost)
+
+    def send(self, op: dict) -> None:
+        line = (json.dumps(op) + "\n").encode()
+        for conn in self._workers:
+            try:
+                conn.sendall(line)
+            except OSError as error:
+                self._lost.append(f"send to worker failed: {error}")
+        if self._lost:
+            raise RuntimeError(f"multi-host group broken: {'; '.join(self._lost)}")
+
+    def close(self) -> None:
+        for conn in self._workers:
+            conn.close()
+
+
+def connect_to_leader(group: ProcessGroup, timeout_s: float = CONNECT_TIMEOUT_S):
+    """The worker's end: a line iterator over ops from the leader (ends when the leader goes)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            conn = socket.create_connection((group.coordinator_host, group.control_port), timeout=5)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    conn.settimeout(None)
+    return conn.makefile("r", encoding="utf-8")
+
+
+# --- engines -------------------------------------------------------------------------------------
+
+
+class _Handle:
+    """The leader's stand-in for an opaque pytree that every process holds its own copy of."""
+
+    __slots__ = ("id", "value", "__weakref__")
+
+    def __init__(self, handle_id: int, value: Any):
+        self.id = handle_id
+        self.value = value
+
+
+class LeaderEngine(Engine):
+    """Wraps an engine so that each call is replayed, in the same order, on every worker."""
+
+    def __init__(self, inner: Engine, role: str, broadcast: "Broadcaster"):
+        self._inner = inner
+        self._role = role
+        self._broadcast = broadcast
+
+    max_concurrent_decodes = property(lambda self: self._inner.max_concurrent_decodes)
+    max_prefill_length = property(lambda self: self._inner.max_prefill_length)
+    max_target_length = property(lambda self: self._inner.max_target_length)
+    prefill_buckets = property(lambda self: self._inner.prefill_buckets)
+
+    def load_params(self):
+        return self._broadcast.call(self._role, "load_params", {}, self._inner.load_params)
+
+    def init_decode_state(self):
+        return self._broadcast.call(self._role, "init_decode_state", {}, self._inner.init_decode_state)
+
+    def prefill(self, *, params, tokens, sampling):
+        args = {"params": params, "tokens": [int(t) for t in tokens], "sampling": dataclasses.asdict(sampling)}
+        result = {}
+
+        def run(params, tokens, sampling):
+            prefix, first = self._inner.prefill(params=params, tokens=tokens, sampling=SamplingParams(**sampling))
+            result["first"] = first
+            return prefix
+
+        prefix = self._broadcast.call(self._role, "prefill", args, run)
+        return prefix, result["first"]
+
+    def transfer(self, prefix):
+        return self._broadcast.call(self._role, "transfer", {"prefix": prefix}, self._inner.transfer, consumes=("prefix",))
+
+    def insert(self, prefix, decode_state, slot):
+        args = {"prefix": prefix, "decode_state": decode_state, "slot": int(slot)}
+        return self._broadcast.call(self._role, "insert", args, self._inner.insert, consumes=("prefix", "decode_state"))
+
+    def generate(self, *, params, decode_state):
+        result = {}
+
+        def run(params, decode_state):
+            state, step = self._inner.generate(params=params, decode_state=decode_state)
+            result["step"] = step
+            return state
+
+        state = self._broadcast.call(
+            self._role, "generate", {"params": params, "decode_state": decode_state}, run, consumes=("decode_state",)
+        )
+        return state, result["step"]
+
+
+class Broadcaster:
+    """Orders every engine call of the leader into one stream and sends it to the workers."""
+
+    def __init__(self, send: Callable[[dict], None]):
+        self._send = send
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._released: collections.deque[int] = collections.deque()  # ids collected on the leader
+
+    def call(self, role: str, op: str, args: dict, run: Callable, consumes: Sequence[str] = ()) -> _Handle:
+        wire = {key: value.id if isinstance(value, _Handle) else value for key, value in args.items()}
+        local = {key: value.value if isinstance(value, _Handle) else value for key, value in args.items()}
+        with self._lock:
+            out_id = next(self._ids)
+            released = [self._released.popleft() for _ in range(len(self._released))]
+            self._send({"role": role, "op": op, "args": wire, "out": out_id, "consumes": list(consumes), "free": released})
+            value = run(**local)
+        for key in consumes:  # the workers dropped theirs; drop the leader's (donated) buffers too
+            args[key].value = None
+        handle = _Handle(out_id, value)
+        weakref.finalize(handle, self._released.append, out_id)
+        return handle
+
+
+def wrap_engines(engines: Mapping[str, Engine], broadcaster: Broadcaster) -> dict[str, Engine]:
+    """LeaderEngines sharing one broadcaster; the same inner engine under two roles is wrapped once."""
+    wrapped: dict[int, Engine] = {}
+    return {
+        role: wrapped.setdefault(id(engine), LeaderEngine(engine, role, broadcaster))
+        for role, engine in engines.items()
+    }
+
+
+_HANDLE_ARGS = ("params", "prefix", "decode_state")
+
+
+def run_worker(engines: Mapping[str, Engine], ops) -> None:
+    """Replay the leader's engine calls until its channel closes (then raise: the group is broken)."""
+    objects: dict[int, Any] = {}
+    for line in ops:
+        op = json.loads(line)
+        for handle_id in op["free"]:
+            objects.pop(handle_id, None)
+        args = {key: objects[value] if key in _HANDLE_ARGS else value for key, value in op["args"].items()}
+        for key in op["consumes"]:
+            objects.pop(op["args"][key])
+        objects[op["out"]] = _replay(engines[op["role"]], op["op"], args)
+    raise ConnectionError("the leader closed the control channel")
+
+
+def _replay(engine: Engine, op: str, args: dict) -> Any:
+    if op == "prefill":
+        prefix, _ = engine.prefill(
+            params=args["params"], tokens=args["tokens"], sampling=SamplingParams(**args["sampling"])
+        )
+        return prefix
+    if op == "generate":
+        state, _ = engine.generate(params=args["params"], decode_state=args["decode_state"])
+        return state
+    if op == "insert":
+        return engine.insert(args["prefix"], args["decode_state"], args["slot"])
+    if op in ("load_params", "init_decode_state", "transfer"):
+        return getattr(engine, op)(**args)
+    raise ValueError(f"unknown engine op {op!r} from the leader")

@@ -1,0 +1,156 @@
+"""Server settings from MaxText/JetStream-style `key=value` arguments.
+
+The stack puts MaxText's argument list in the LeaderWorkerSet (a base config path, then
+`model_name=... ici_tensor_parallelism=8 ...`), so the bundled server reads the same list:
+keys it honours set a field below, keys that only mean something to MaxText's trainer or to its
+TPU kernels are accepted and reported once at start (`ServingSettings.ignored`), and any other key
+is a startup error that names it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+INTERLEAVED_SERVER = "MaxtextInterleavedServer"
+DISAGGREGATED_SERVER = "ExperimentalMaxtextDisaggregatedServer_8"
+INFERENCE_SERVERS = (INTERLEAVED_SERVER, DISAGGREGATED_SERVER)
+
+# MaxText keys that do not change what this server computes. Each maps to why.
+IGNORED_KEYS = {
+    "async_checkpointing": "training only",
+    "steps": "training only",
+    "scan_layers": "layers are always unrolled at load",
+    "compute_axis_order": "TPU kernel layout; XLA picks layouts here",
+    "ar_cache_axis_order": "TPU kernel layout; XLA picks layouts here",
+    "prefill_cache_axis_order": "TPU kernel layout; XLA picks layouts here",
+    "stack_prefill_result_cache": "prefix is always one pytree",
+    "inference_benchmark_test": "benchmark harness of MaxText",
+    "base_output_directory": "no run outputs",
+    "run_name": "no run outputs",
+    "attention": "attention kernel is chosen per backend",
+}
+
+
+class SettingsError(ValueError):
+    """A bad key or value; the message names the key and what would be valid."""
+
+
+def _parse_bool(key: str, value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise SettingsError(f"{key}={value!r}: expected true or false")
+
+
+def _parse_int(key: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise SettingsError(f"{key}={value!r}: expected an integer") from None
+
+
+def _parse_choice(*choices: str) -> Callable[[str, str], str]:
+    def parse(key: str, value: str) -> str:
+        if value not in choices:
+            raise SettingsError(f"{key}={value!r}: expected one of {', '.join(map(repr, choices))}")
+        return value
+
+    return parse
+
+
+def _parse_str(key: str, value: str) -> str:
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingSettings:
+    """Everything the engine and orchestrator need, named as in MaxText."""
+
+    model_name: str = "smollm2-135m"  # informational unless it names a tiny test config
+    load_parameters_path: str = ""  # checkpoint; empty = the bundled SmolLM2 GGUF
+    tokenizer_path: str = ""  # empty = the tokenizer inside the checkpoint
+    max_prefill_predict_length: int = 1024
+    max_target_length: int = 2048
+    per_device_batch_size: int = 4
+    ici_fsdp_parallelism: int = 1
+    ici_autoregressive_parallelism: int = 1
+    ici_tensor_parallelism: int = -1  # -1: all remaining devices
+    weight_dtype: str = "float32"
+    dtype: str = "float32"  # activations
+    quantization: str = ""  # "" or "int8"
+    quantize_kvcache: bool = False
+    checkpoint_is_quantized: bool = False
+    enable_model_warmup: bool = True
+    enable_single_controller: bool = False  # Pathways (pathwaysutils)
+    inference_server: str = INTERLEAVED_SERVER
+    seed: int = 0
+    ignored: tuple[str, ...] = ()  # keys accepted but not applicable, reported once at start
+
+    @property
+    def disaggregated(self) -> bool:
+        return self.inference_server == DISAGGREGATED_SERVER
+
+    def __post_init__(self):
+        if self.max_prefill_predict_length <= 0:
+            raise SettingsError("max_prefill_predict_length must be > 0")
+        if self.max_target_length <= self.max_prefill_predict_length:
+            raise SettingsError(
+                f"max_target_length ({self.max_target_length}) must exceed "
+                f"max_prefill_predict_length ({self.max_prefill_predict_length})"
+            )
+        if self.per_device_batch_size <= 0:
+            raise SettingsError("per_device_batch_size must be > 0")
+        for key in ("ici_fsdp_parallelism", "ici_autoregressive_parallelism", "ici_tensor_parallelism"):
+            value = getattr(self, key)
+            if value == 0 or value < -1:
+                raise SettingsError(f"{key}={value}: expected a positive integer or -1 (fill in)")
+
+
+_PARSERS: dict[str, Callable[[str, str], object]] = {
+    "model_name": _parse_str,
+    "load_parameters_path": _parse_str,
+    "tokenizer_path": _parse_str,
+    "max_prefill_predict_length": _parse_int,
+    "max_target_length": _parse_int,
+    "per_device_batch_size": _parse_int,
+    "ici_fsdp_parallelism": _parse_int,
+    "ici_autoregressive_parallelism": _parse_int,
+    "ici_tensor_parallelism": _parse_int,
+    "weight_dtype": _parse_choice("float32", "bfloat16"),
+    "dtype": _parse_choice("float32", "bfloat16"),
+    "quantization": _parse_choice("", "int8"),
+    "quantize_kvcache": _parse_bool,
+    "checkpoint_is_quantized": _parse_bool,
+    "enable_model_warmup": _parse_bool,
+    "enable_single_controller": _parse_bool,
+    "inference_server": _parse_choice(*INFERENCE_SERVERS),
+    "seed": _parse_int,
+}
+
+
+def parse_settings(args: Sequence[str]) -> ServingSettings:
+    """Build settings from MaxText-style arguments.
+
+    A leading argument without `=` that ends in .yml/.yaml is MaxText's base config path: accepted
+    and reported as ignored (the server's defaults stand in for it). Later keys override earlier ones.
+    """
+    values: dict[str, object] = {}
+    ignored: list[str] = []
+    for position, arg in enumerate(args):
+        if "=" not in arg:
+            if position == 0 and arg.endswith((".yml", ".yaml")):
+                ignored.append(arg)
+                continue
+            raise SettingsError(f"argument {arg!r}: expected key=value (e.g. ici_tensor_parallelism=4)")
+        key, value = arg.split("=", 1)
+        if key in _PARSERS:
+            values[key] = _PARSERS[key](key, value)
+        elif key in IGNORED_KEYS:
+            ignored.append(f"{key} ({IGNORED_KEYS[key]})")
+        else:
+            known = ", ".join(sorted(_PARSERS))
+            raise SettingsError(f"unknown key {key!r}; known keys: {known}")
+    return ServingSettings(**values, ignored=tuple(ignored))
