@@ -1,0 +1,417 @@
+"""Stack configuration: one table of keys, parsed once into a frozen `StackConfig`.
+
+Pulumi hands config values over as strings (structured ones as JSON). `parse_stack_config` turns
+them into typed values and refuses anything it cannot deploy with a `ConfigError` naming the key.
+It has no Pulumi imports: `__main__.py` and the offline renderer (`components.render`) call the
+same function, and `Pulumi.yaml`'s `config:` schema is checked against `CONFIG_KEYS` in the tests.
+
+Integer keys whose default comes from the model preset use 0 for "the preset's value", because a
+key declared in Pulumi.yaml without a default would be required by the Pulumi CLI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import re
+from typing import Mapping
+
+from components import models, tpu
+from components.errors import ConfigError
+
+PROJECT = "jetstream-tpu"  # Pulumi project name: stack files namespace keys as jetstream-tpu:<key>
+MODES = ("interleaved", "disaggregated")
+QUANTIZATIONS = ("int8", "bf16")
+PROVISIONING = ("on-demand", "spot", "reservation")
+RELEASE_CHANNELS = ("UNSPECIFIED", "RAPID", "REGULAR", "STABLE", "EXTENDED")
+SERVER_RUNTIMES = ("jetstream", "bundled")
+PRESET_DEFAULT = 0  # integer sentinel: take the value from the model preset
+
+# Default images: the seed's images, with the Pathways `latest` tags replaced by a pinned release.
+DEFAULT_IMAGES = {
+    "jetstreamImage": "us-docker.pkg.dev/cloud-tpu-images/inference/jetstream-pathways:v0.2.0",
+    "jetstreamHttpImage": "us-docker.pkg.dev/cloud-tpu-images/inference/jetstream-http:v0.2.3",
+    "pathwaysServerImage": "us-docker.pkg.dev/cloud-tpu-v2-images/pathways/server:jax-0.5.3",
+    "pathwaysProxyImage": "us-docker.pkg.dev/cloud-tpu-v2-images/pathways/proxy_server:jax-0.5.3",
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ConfigKey:
+    """One config key as Pulumi.yaml declares it and the docs describe it."""
+
+    name: str
+    type: str  # Pulumi project config type: string | integer | boolean
+    description: str
+    default: str | int | bool | None = None  # None: required
+
+
+CONFIG_KEYS: tuple[ConfigKey, ...] = (
+    # Contract keys.
+    ConfigKey(name="model", type="string", description=f"Model preset: {', '.join(models.PRESETS)}."),
+    ConfigKey(name="topology", type="string", description=f"TPU v6e slice topology: {', '.join(tpu.TOPOLOGIES)}."),
+    ConfigKey(name="mode", type="string", default="interleaved",
+              description="interleaved (one slice, prefill and generate interleaved) or disaggregated (a prefill slice and a generate slice)."),
+    ConfigKey(name="quantization", type="string", default="int8",
+              description="Weight precision: int8 (checkpoint must be int8-quantized) or bf16."),
+    ConfigKey(name="checkpointPath", type="string",
+              description="gs:// URI of the MaxText (Orbax) checkpoint; the serving identity gets read access to its bucket."),
+    # Serving.
+    ConfigKey(name="quantizeKvCache", type="boolean", default=True, description="Store the KV cache in int8 (quantize_kvcache)."),
+    ConfigKey(name="perDeviceBatchSize", type="integer", default=PRESET_DEFAULT, description="Sequences per chip (per_device_batch_size); 0 = model preset."),
+    ConfigKey(name="maxPrefillLength", type="integer", default=PRESET_DEFAULT, description="Longest prompt (max_prefill_predict_length); 0 = model preset."),
+    ConfigKey(name="maxTargetLength", type="integer", default=PRESET_DEFAULT, description="Prompt + generated tokens (max_target_length); 0 = model preset."),
+    ConfigKey(name="tensorParallelism", type="integer", default=PRESET_DEFAULT, description="ici_tensor_parallelism; -1 fills in the remaining chips; 0 = model preset."),
+    ConfigKey(name="autoregressiveParallelism", type="integer", default=PRESET_DEFAULT, description="ici_autoregressive_parallelism; -1 fills in; 0 = model preset."),
+    ConfigKey(name="fsdpParallelism", type="integer", default=PRESET_DEFAULT, description="ici_fsdp_parallelism; -1 fills in; 0 = model preset."),
+    ConfigKey(name="hbmReservePercent", type="integer", default=10,
+              description="Percent of each chip's HBM kept free for XLA scratch, activations and compiled programs."),
+    ConfigKey(name="serverFlags", type="string", default="{}",
+              description='JSON object of MaxText flags that override or extend the preset recipe, e.g. {"enable_model_warmup": "false"}.'),
+    ConfigKey(name="startupProbeDelaySeconds", type="integer", default=PRESET_DEFAULT, description="Startup probe initialDelaySeconds (checkpoint restore time); 0 = model preset."),
+    # Server images and names.
+    ConfigKey(name="serverRuntime", type="string", default="jetstream",
+              description="jetstream (upstream JetStream + MaxText images, the seed's layout) or bundled (this repository's server image)."),
+    ConfigKey(name="bundledServerImage", type="string", default="", description="Image of this repository's server (required when serverRuntime=bundled); pinned tag or digest."),
+    ConfigKey(name="jetstreamImage", type="string", default=DEFAULT_IMAGES["jetstreamImage"],
+              description="jax-tpu container image (JetStream + MaxText server) when serverRuntime=jetstream; pinned tag or digest."),
+    ConfigKey(name="jetstreamHttpImage", type="string", default=DEFAULT_IMAGES["jetstreamHttpImage"],
+              description="jetstream-http container image (HTTP front end on port 8000); pinned tag or digest."),
+    ConfigKey(name="pathwaysServerImage", type="string", default=DEFAULT_IMAGES["pathwaysServerImage"],
+              description="Pathways server image (pathways-rm resource manager and TPU workers); pinned tag or digest."),
+    ConfigKey(name="pathwaysProxyImage", type="string", default=DEFAULT_IMAGES["pathwaysProxyImage"],
+              description="Pathways proxy image (pathways-proxy on the leader); pinned tag or digest."),
+    ConfigKey(name="appName", type="string", default="jetstream-pathways", description="LeaderWorkerSet name and `app` label."),
+    ConfigKey(name="serviceName", type="string", default="jetstream-svc", description="ClusterIP Service name."),
+    ConfigKey(name="namespace", type="string", default="jetstream", description="Kubernetes namespace (created unless it is `default`)."),
+    ConfigKey(name="lwsVersion", type="string", default="v0.10.0", description="LeaderWorkerSet controller release to install."),
+    # Cluster and node pools.
+    ConfigKey(name="clusterName", type="string", default="jetstream-tpu", description="Name of the GKE cluster to create."),
+    ConfigKey(name="existingClusterName", type="string", default="", description="Use this existing cluster (at clusterLocation) instead of creating one."),
+    ConfigKey(name="zone", type="string", default="us-east5-b", description="Zone of the TPU node pools (a zone with v6e capacity)."),
+    ConfigKey(name="clusterLocation", type="string", default="", description="Cluster region or zone; empty = the region of `zone`."),
+    ConfigKey(name="releaseChannel", type="string", default="UNSPECIFIED",
+              description=f"GKE release channel of a created cluster: {', '.join(RELEASE_CHANNELS)}. UNSPECIFIED (no channel) lets multi-host TPU pools keep auto-upgrade off; GKE forces it on in a channel."),
+    ConfigKey(name="deletionProtection", type="boolean", default=True, description="GKE deletion protection of a created cluster."),
+    ConfigKey(name="systemMachineType", type="string", default="e2-standard-4", description="Machine type of the CPU system pool."),
+    ConfigKey(name="systemNodeCount", type="integer", default=1, description="Nodes in the CPU system pool."),
+    ConfigKey(name="tpuMachineType", type="string", default="", description="Override the catalog's machine type (only 2x4: ct6e-standard-8t for one host)."),
+    ConfigKey(name="tpuProvisioning", type="string", default="on-demand", description=f"TPU capacity: {', '.join(PROVISIONING)}."),
+    ConfigKey(name="tpuReservation", type="string", default="", description="Reservation name (required when tpuProvisioning=reservation)."),
+    ConfigKey(name="scratchBucketName", type="string", default="", description="Pathways scratch bucket the stack creates; empty = <gcp project>-<stack>-pathways-scratch."),
+)
+KEYS_BY_NAME = {key.name: key for key in CONFIG_KEYS}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StackConfig:
+    """Every setting the stack uses, typed and validated; presets already applied."""
+
+    project: str  # GCP project id (gcp:project)
+    stack: str
+    model: models.ModelPreset
+    tpu_slice: tpu.TpuSlice
+    mode: str
+    quantization: str
+    checkpoint_path: str
+    quantize_kv_cache: bool
+    per_device_batch_size: int
+    max_prefill_length: int
+    max_target_length: int
+    tensor_parallelism: int
+    autoregressive_parallelism: int
+    fsdp_parallelism: int
+    hbm_reserve_percent: int
+    server_flags: Mapping[str, str]
+    startup_probe_delay_seconds: int
+    server_runtime: str
+    images: Mapping[str, str]  # config key -> image
+    app_name: str
+    service_name: str
+    namespace: str
+    lws_version: str
+    cluster_name: str
+    existing_cluster: bool
+    zone: str
+    cluster_location: str
+    release_channel: str
+    deletion_protection: bool
+    system_machine_type: str
+    system_node_count: int
+    tpu_provisioning: str
+    tpu_reservation: str
+    scratch_bucket: str
+
+    @property
+    def slice_roles(self) -> tuple[str, ...]:
+        """One TPU slice (node pool) per role; disaggregated serving prefills and generates apart."""
+        return ("prefill", "generate") if self.mode == "disaggregated" else ("serving",)
+
+    @property
+    def checkpoint_bucket(self) -> str:
+        return self.checkpoint_path.removeprefix("gs://").split("/", 1)[0]
+
+    @property
+    def scratch_location(self) -> str:
+        return f"gs://{self.scratch_bucket}/tmp"
+
+    @property
+    def kubernetes_service_account(self) -> str:
+        return self.app_name
+
+    @property
+    def google_service_account_id(self) -> str:
+        """GSA account id: 6-30 of [a-z0-9-], unique per stack within the project."""
+        stack = re.sub(r"[^a-z0-9-]", "-", self.stack.lower())
+        return f"jetstream-{stack}"[:30].rstrip("-").ljust(6, "0")
+
+    @property
+    def region(self) -> str:
+        return self.zone.rsplit("-", 1)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Scalar parsing: each returns the typed value or raises ConfigError naming the key.
+
+
+def _text(raw: Mapping[str, str], name: str) -> str:
+    key = KEYS_BY_NAME[name]
+    if name in raw:
+        return str(raw[name]).strip()
+    if key.default is None:
+        raise ConfigError(name, "is required and not set", f"pulumi config set {name} <value>")
+    return str(key.default).lower() if isinstance(key.default, bool) else str(key.default)
+
+
+def _integer(raw: Mapping[str, str], name: str) -> int:
+    text = _text(raw, name)
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(name, f"expected an integer, got {text!r}", f"pulumi config set {name} 4") from None
+
+
+def _boolean(raw: Mapping[str, str], name: str) -> bool:
+    text = _text(raw, name).lower()
+    if text not in ("true", "false"):
+        raise ConfigError(name, f"expected true or false, got {text!r}", f"pulumi config set {name} true")
+    return text == "true"
+
+
+def _choice(raw: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    text = _text(raw, name)
+    if text not in choices:
+        raise ConfigError(name, f"{text!r} is not one of {', '.join(choices)}", _closest(text, choices))
+    return text
+
+
+def _closest(text: str, choices) -> str:
+    close = difflib.get_close_matches(text, list(choices), n=1)
+    return f"did you mean {close[0]!r}?" if close else f"use one of {', '.join(choices)}"
+
+
+def _preset_int(raw: Mapping[str, str], name: str, preset_value: int) -> int:
+    value = _integer(raw, name)
+    return preset_value if value == PRESET_DEFAULT else value
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-field checks.
+
+_GCS_URI = re.compile(r"^gs://[a-z0-9][a-z0-9._-]{1,61}[a-z0-9](/[^\s]*)?$")
+_IMAGE_PINNED = re.compile(r"^[\w.\-/:]+(:[\w][\w.\-]{0,127}|@sha256:[0-9a-f]{64})$")
+_DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9_-]{1,61}[a-z0-9]$")
+
+
+def _check_unknown_keys(raw: Mapping[str, str]) -> None:
+    for name in raw:
+        if name not in KEYS_BY_NAME:
+            raise ConfigError(name, "is not a key of this stack", _closest(name, KEYS_BY_NAME))
+
+
+def _model(raw: Mapping[str, str]) -> models.ModelPreset:
+    name = _text(raw, "model")
+    if name not in models.PRESETS:
+        raise ConfigError("model", f"unknown model preset {name!r} (known: {', '.join(models.PRESETS)})", _closest(name, models.PRESETS))
+    return models.PRESETS[name]
+
+
+def _tpu_slice(raw: Mapping[str, str]) -> tpu.TpuSlice:
+    topology = _text(raw, "topology")
+    if topology not in tpu.TOPOLOGIES:
+        raise ConfigError("topology", f"{topology!r} is not a TPU v6e slice shape (v6e shapes: {', '.join(tpu.TOPOLOGIES)})",
+                          "pick the next larger v6e shape, e.g. 4x4 for 16 chips")
+    machine_type = _text(raw, "tpuMachineType") or None
+    try:
+        return tpu.slice_for(topology, machine_type)
+    except KeyError:
+        allowed = ", ".join(tpu.machine_types_for(topology))
+        raise ConfigError(("tpuMachineType", "topology"), f"{machine_type!r} cannot host a {topology} slice (allowed: {allowed})",
+                          "leave tpuMachineType empty to use the catalog's machine type") from None
+
+
+def _checkpoint_path(raw: Mapping[str, str]) -> str:
+    path = _text(raw, "checkpointPath")
+    if not _GCS_URI.match(path):
+        raise ConfigError("checkpointPath", f"{path!r} is not a gs:// URI of a bucket path",
+                          "pulumi config set checkpointPath gs://my-bucket/llama/checkpoints/0/items")
+    return path.rstrip("/")
+
+
+def _server_flags(raw: Mapping[str, str]) -> dict[str, str]:
+    text = _text(raw, "serverFlags")
+    try:
+        flags = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError("serverFlags", f"not valid JSON ({error.msg} at character {error.pos})",
+                          'use a JSON object, e.g. {"enable_model_warmup": "false"}') from None
+    if not isinstance(flags, dict) or not all(isinstance(key, str) and re.fullmatch(r"[a-z_][a-z0-9_]*", key) for key in flags):
+        raise ConfigError("serverFlags", "must be a JSON object whose keys are MaxText flag names",
+                          'e.g. {"per_device_batch_size": 4}')
+    _check_not_planned(flags)
+    return {key: _flag_text(value) for key, value in flags.items()}
+
+
+# MaxText flags the planner derives from config keys: overriding them through serverFlags would
+# bypass the HBM and sharding checks, so they must be set through their own key.
+PLANNED_FLAGS = {
+    "model_name": "model",
+    "load_parameters_path": "checkpointPath",
+    "quantization": "quantization",
+    "checkpoint_is_quantized": "quantization",
+    "quantize_kvcache": "quantizeKvCache",
+    "per_device_batch_size": "perDeviceBatchSize",
+    "max_prefill_predict_length": "maxPrefillLength",
+    "max_target_length": "maxTargetLength",
+    "ici_tensor_parallelism": "tensorParallelism",
+    "ici_autoregressive_parallelism": "autoregressiveParallelism",
+    "ici_fsdp_parallelism": "fsdpParallelism",
+    "inference_server": "mode",
+}
+
+
+def _check_not_planned(flags: Mapping[str, str]) -> None:
+    for flag in flags:
+        if flag in PLANNED_FLAGS:
+            key = PLANNED_FLAGS[flag]
+            raise ConfigError(("serverFlags", key), f"{flag} is planned from `{key}` and cannot be overridden here",
+                              f"pulumi config set {key} <value> and remove {flag} from serverFlags")
+
+
+def _flag_text(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _images(raw: Mapping[str, str], runtime: str) -> dict[str, str]:
+    names = [*DEFAULT_IMAGES, *(["bundledServerImage"] if runtime == "bundled" else [])]
+    images = {name: _text(raw, name) for name in names}
+    if runtime == "bundled" and not images["bundledServerImage"]:
+        raise ConfigError(("bundledServerImage", "serverRuntime"), "serverRuntime=bundled needs the image of this repository's server",
+                          "pulumi config set bundledServerImage <registry>/jetstream-tpu-server:<tag>")
+    for name, image in images.items():
+        if not _IMAGE_PINNED.match(image) or image.endswith(":latest"):
+            raise ConfigError(name, f"{image!r} is not pinned to an explicit tag or digest (imagePullPolicy is IfNotPresent)",
+                              "use a release tag such as :v0.2.0 or an @sha256: digest")
+    return images
+
+
+def _names(raw: Mapping[str, str]) -> dict[str, str]:
+    names = {name: _text(raw, name) for name in ("appName", "serviceName", "namespace", "clusterName")}
+    for name, value in names.items():
+        # LWS pod names (<app>-<group>-<index>) and node labels need short DNS-1123 labels.
+        if not _DNS_LABEL.match(value) or len(value) > 40:
+            raise ConfigError(name, f"{value!r} is not a DNS-1123 label of at most 40 characters",
+                              "use lowercase letters, digits and '-', starting with a letter")
+    return names
+
+
+def _zone(raw: Mapping[str, str]) -> tuple[str, str]:
+    zone = _text(raw, "zone")
+    if not re.fullmatch(r"[a-z]+-[a-z]+\d+-[a-z]", zone):
+        raise ConfigError("zone", f"{zone!r} is not a GCP zone", "e.g. us-east5-b (a zone with TPU v6e capacity)")
+    return zone, _text(raw, "clusterLocation") or zone.rsplit("-", 1)[0]
+
+
+def _reservation(raw: Mapping[str, str], provisioning: str) -> str:
+    reservation = _text(raw, "tpuReservation")
+    if provisioning == "reservation" and not reservation:
+        raise ConfigError(("tpuReservation", "tpuProvisioning"), "tpuProvisioning=reservation needs a reservation name",
+                          "pulumi config set tpuReservation <reservation-name>")
+    if provisioning != "reservation" and reservation:
+        raise ConfigError(("tpuReservation", "tpuProvisioning"), f"a reservation is set but tpuProvisioning={provisioning}",
+                          "pulumi config set tpuProvisioning reservation, or unset tpuReservation")
+    return reservation
+
+
+def _scratch_bucket(raw: Mapping[str, str], project: str, stack: str) -> str:
+    derived = re.sub(r"[^a-z0-9-]", "-", f"{project}-{stack}-pathways-scratch".lower())[:63].strip("-")
+    bucket = _text(raw, "scratchBucketName") or derived
+    if not _BUCKET.match(bucket) or "goog" in bucket:
+        raise ConfigError("scratchBucketName", f"{bucket!r} is not a valid bucket name", "set scratchBucketName to 3-63 lowercase letters, digits, '-' or '_'")
+    return bucket
+
+
+def _bounded(raw: Mapping[str, str], name: str, low: int, high: int, value: int | None = None) -> int:
+    value = _integer(raw, name) if value is None else value
+    if not low <= value <= high:
+        raise ConfigError(name, f"{value} is outside {low}..{high}", f"pulumi config set {name} {min(max(value, low), high)}")
+    return value
+
+
+def parse_stack_config(raw: Mapping[str, str], *, project: str | None, stack: str) -> StackConfig:
+    """Typed, validated config from the project's raw string values (keys without namespace)."""
+    _check_unknown_keys(raw)
+    if not project:
+        raise ConfigError("gcp:project", "the GCP project is not set", "pulumi config set gcp:project <project-id>")
+    preset, tpu_slice = _model(raw), _tpu_slice(raw)
+    runtime = _choice(raw, "serverRuntime", SERVER_RUNTIMES)
+    provisioning = _choice(raw, "tpuProvisioning", PROVISIONING)
+    zone, location = _zone(raw)
+    names = _names(raw)
+    existing = _text(raw, "existingClusterName")
+    return StackConfig(
+        project=project,
+        stack=stack,
+        model=preset,
+        tpu_slice=tpu_slice,
+        mode=_choice(raw, "mode", MODES),
+        quantization=_choice(raw, "quantization", QUANTIZATIONS),
+        checkpoint_path=_checkpoint_path(raw),
+        quantize_kv_cache=_boolean(raw, "quantizeKvCache"),
+        per_device_batch_size=_bounded(raw, "perDeviceBatchSize", 1, 4096, _preset_int(raw, "perDeviceBatchSize", preset.per_device_batch_size)),
+        max_prefill_length=_bounded(raw, "maxPrefillLength", 1, 1 << 20, _preset_int(raw, "maxPrefillLength", preset.max_prefill_length)),
+        max_target_length=_bounded(raw, "maxTargetLength", 2, 1 << 20, _preset_int(raw, "maxTargetLength", preset.max_target_length)),
+        tensor_parallelism=_preset_int(raw, "tensorParallelism", preset.tensor_parallelism),
+        autoregressive_parallelism=_preset_int(raw, "autoregressiveParallelism", preset.autoregressive_parallelism),
+        fsdp_parallelism=_preset_int(raw, "fsdpParallelism", preset.fsdp_parallelism),
+        hbm_reserve_percent=_bounded(raw, "hbmReservePercent", 0, 90),
+        server_flags=_server_flags(raw),
+        startup_probe_delay_seconds=_bounded(raw, "startupProbeDelaySeconds", 0, 7200,
+                                             _preset_int(raw, "startupProbeDelaySeconds", preset.startup_probe_delay_seconds)),
+        server_runtime=runtime,
+        images=_images(raw, runtime),
+        app_name=names["appName"],
+        service_name=names["serviceName"],
+        namespace=names["namespace"],
+        lws_version=_lws_version(raw),
+        cluster_name=existing or names["clusterName"],
+        existing_cluster=bool(existing),
+        zone=zone,
+        cluster_location=location,
+        release_channel=_choice(raw, "releaseChannel", RELEASE_CHANNELS),
+        deletion_protection=_boolean(raw, "deletionProtection"),
+        system_machine_type=_text(raw, "systemMachineType"),
+        system_node_count=_bounded(raw, "systemNodeCount", 1, 100),
+        tpu_provisioning=provisioning,
+        tpu_reservation=_reservation(raw, provisioning),
+        scratch_bucket=_scratch_bucket(raw, project, stack),
+    )
+
+
+def _lws_version(raw: Mapping[str, str]) -> str:
+    version = _text(raw, "lwsVersion")
+    if not re.fullmatch(r"v\d+\.\d+\.\d+", version):
+        raise ConfigError("lwsVersion", f"{version!r} is not a release tag", "use a tag like v0.10.0")
+    return version

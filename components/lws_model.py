@@ -1,0 +1,164 @@
+"""A typed model of the LeaderWorkerSet fields this stack uses, from the v0.10.0 CRD.
+
+Written from `leaderworkerset.x-k8s.io/v1` in the LWS v0.10.0 CRD (the pod template fields are
+core v1 PodSpec fields, which the CRD embeds). Frozen keyword-only dataclasses: a misspelled field
+is a TypeError at construction; a field placed on the wrong object does not exist there either.
+`to_dict` converts snake_case attributes to the CRD's camelCase names and drops unset (None)
+fields. `tests/stack/test_lws_model.py` checks every field below against the CRD's
+openAPIV3Schema (`components/lws_crd_schema.json`), so a field the CRD lacks fails a test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+API_VERSION = "leaderworkerset.x-k8s.io/v1"
+KIND = "LeaderWorkerSet"
+EXCLUSIVE_TOPOLOGY = "leaderworkerset.sigs.k8s.io/exclusive-topology"
+SUBGROUP_EXCLUSIVE_TOPOLOGY = "leaderworkerset.sigs.k8s.io/subgroup-exclusive-topology"
+
+
+def camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.capitalize() for part in rest)
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return value.to_dict()
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
+
+
+class _Model:
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            camel(field.name): _plain(getattr(self, field.name))
+            for field in dataclasses.fields(self)
+            if getattr(self, field.name) is not None
+        }
+
+
+def model(cls):
+    return dataclasses.dataclass(frozen=True, kw_only=True)(cls)
+
+
+@model
+class ObjectMeta(_Model):
+    name: str | None = None
+    namespace: str | None = None
+    labels: Mapping[str, str] | None = None
+    annotations: Mapping[str, str] | None = None
+
+
+@model
+class EnvVar(_Model):
+    name: str
+    value: str
+
+
+@model
+class ContainerPort(_Model):
+    container_port: int
+    name: str | None = None
+    protocol: str | None = None
+
+
+@model
+class HTTPGetAction(_Model):
+    path: str
+    port: int
+    scheme: str = "HTTP"
+
+
+@model
+class Probe(_Model):
+    http_get: HTTPGetAction
+    period_seconds: int | None = None
+    initial_delay_seconds: int | None = None
+    failure_threshold: int | None = None
+
+
+@model
+class ResourceRequirements(_Model):
+    limits: Mapping[str, str] | None = None
+    requests: Mapping[str, str] | None = None
+
+
+@model
+class Capabilities(_Model):
+    add: tuple[str, ...] | None = None
+
+
+@model
+class SecurityContext(_Model):
+    capabilities: Capabilities | None = None
+
+
+@model
+class Container(_Model):
+    name: str
+    image: str
+    command: tuple[str, ...] | None = None
+    args: tuple[str, ...] | None = None
+    env: tuple[EnvVar, ...] | None = None
+    image_pull_policy: str | None = None
+    security_context: SecurityContext | None = None
+    ports: tuple[ContainerPort, ...] | None = None
+    resources: ResourceRequirements | None = None
+    startup_probe: Probe | None = None
+    liveness_probe: Probe | None = None
+    readiness_probe: Probe | None = None
+
+
+@model
+class Toleration(_Model):
+    key: str
+    operator: str
+    effect: str
+
+
+@model
+class PodSpec(_Model):
+    node_selector: Mapping[str, str] | None = None
+    tolerations: tuple[Toleration, ...] | None = None
+    service_account_name: str | None = None
+    containers: tuple[Container, ...] = ()
+
+
+@model
+class PodTemplateSpec(_Model):
+    metadata: ObjectMeta | None = None
+    spec: PodSpec | None = None
+
+
+@model
+class SubGroupPolicy(_Model):
+    sub_group_size: int
+
+
+@model
+class LeaderWorkerTemplate(_Model):
+    sub_group_policy: SubGroupPolicy | None = None
+    leader_template: PodTemplateSpec | None = None
+    size: int | None = None
+    worker_template: PodTemplateSpec
+
+
+@model
+class LeaderWorkerSetSpec(_Model):
+    replicas: int | None = None
+    leader_worker_template: LeaderWorkerTemplate
+
+
+@model
+class LeaderWorkerSet(_Model):
+    metadata: ObjectMeta
+    spec: LeaderWorkerSetSpec
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"apiVersion": API_VERSION, "kind": KIND, **super().to_dict()}

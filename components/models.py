@@ -1,0 +1,159 @@
+"""Model presets: architecture numbers for the planner and the MaxText/JetStream serving recipe.
+
+A preset is plain data. The architecture fields (parameters, layers, heads, KV heads, head dim,
+vocabulary) feed the HBM planner; the recipe fields say which MaxText flags the server gets, in
+which order, and with which fixed values. Values the user controls (checkpoint, lengths, batch,
+parallelism, quantization) are *derived* by the stack and only their position comes from here.
+Every flag stays overridable through the `serverFlags` config key.
+
+The two seed recipes are reproduced flag for flag (llama3.1-405b interleaved on v6e-16, llama2-70b
+disaggregated on 2 x v6e-8); the other presets use the generic recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from typing import Mapping
+
+# The flag order of a recipe. Derived flags are emitted only when the recipe lists them, so a
+# recipe can leave e.g. tokenizer_path to its base config file.
+GENERIC_FLAG_ORDER = (
+    "tokenizer_path",
+    "model_name",
+    "load_parameters_path",
+    "max_prefill_predict_length",
+    "max_target_length",
+    "ici_fsdp_parallelism",
+    "ici_autoregressive_parallelism",
+    "ici_tensor_parallelism",
+    "scan_layers",
+    "weight_dtype",
+    "per_device_batch_size",
+    "quantization",
+    "quantize_kvcache",
+    "checkpoint_is_quantized",
+    "enable_single_controller",
+    "stack_prefill_result_cache",
+    "inference_server",
+    "enable_model_warmup",
+)
+
+GENERIC_FIXED_FLAGS = types.MappingProxyType(
+    {"scan_layers": "false", "weight_dtype": "bfloat16", "enable_model_warmup": "true"}
+)
+
+EMPTY: Mapping[str, str] = types.MappingProxyType({})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelPreset:
+    """One servable model: architecture for planning, recipe for the server command line."""
+
+    name: str  # the `model` config value
+    maxtext_model_name: str  # MaxText model_name=
+    params: float  # parameter count
+    layers: int
+    d_model: int
+    heads: int  # query heads
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tokenizer_path: str  # MaxText tokenizer asset (emitted when the recipe lists tokenizer_path)
+    maxtext_config: str = "MaxText/configs/base.yml"  # positional base config of the server
+    # Serving defaults (each overridable by a config key).
+    per_device_batch_size: int = 4
+    max_prefill_length: int = 1024
+    max_target_length: int = 2048
+    tensor_parallelism: int = -1
+    autoregressive_parallelism: int = 1
+    fsdp_parallelism: int = 1
+    startup_probe_delay_seconds: int = 120  # checkpoint restore time before the first probe
+    probe_failure_threshold: int = 10
+    # Recipe.
+    flag_order: tuple[str, ...] = GENERIC_FLAG_ORDER
+    fixed_flags: Mapping[str, str] = dataclasses.field(default_factory=lambda: GENERIC_FIXED_FLAGS)
+    # Recipe extras only in disaggregated mode.
+    disaggregated_flags: Mapping[str, str] = dataclasses.field(default_factory=lambda: EMPTY)
+    resource_manager_flags: tuple[str, ...] = ()  # extra pathways-rm flags of the recipe
+
+
+PRESETS: dict[str, ModelPreset] = {
+    preset.name: preset
+    for preset in (
+        ModelPreset(
+            name="llama2-7b", maxtext_model_name="llama2-7b", params=6.74e9, layers=32,
+            d_model=4096, heads=32, kv_heads=32, head_dim=128, vocab=32000,
+            tokenizer_path="assets/tokenizer.llama2", per_device_batch_size=8,
+            startup_probe_delay_seconds=60,
+        ),
+        ModelPreset(
+            name="llama2-70b", maxtext_model_name="llama2-70b", params=68.98e9, layers=80,
+            d_model=8192, heads=64, kv_heads=8, head_dim=128, vocab=32000,
+            tokenizer_path="assets/tokenizer.llama2",
+            # Seed example 2 (disaggregated on 2 x v6e-8), flag for flag.
+            per_device_batch_size=1, tensor_parallelism=-1,
+            startup_probe_delay_seconds=240, probe_failure_threshold=100,
+            flag_order=(
+                "tokenizer_path", "load_parameters_path", "max_prefill_predict_length",
+                "max_target_length", "model_name", "ici_fsdp_parallelism",
+                "ici_autoregressive_parallelism", "ici_tensor_parallelism", "scan_layers",
+                "weight_dtype", "per_device_batch_size", "checkpoint_is_quantized",
+                "quantization", "quantize_kvcache", "compute_axis_order", "ar_cache_axis_order",
+                "stack_prefill_result_cache", "enable_single_controller", "inference_server",
+                "inference_benchmark_test", "enable_model_warmup",
+            ),
+            fixed_flags=types.MappingProxyType({
+                "scan_layers": "false", "weight_dtype": "bfloat16",
+                # KV-cache layouts the seed tuned for llama2-70b on v6e.
+                "compute_axis_order": "0,2,1,3", "ar_cache_axis_order": "0,2,1,3",
+                "enable_model_warmup": "True",
+            }),
+            disaggregated_flags=types.MappingProxyType({"inference_benchmark_test": "True"}),
+        ),
+        ModelPreset(
+            name="llama3.1-8b", maxtext_model_name="llama3.1-8b", params=8.03e9, layers=32,
+            d_model=4096, heads=32, kv_heads=8, head_dim=128, vocab=128256,
+            tokenizer_path="assets/tokenizer_llama3.tiktoken", per_device_batch_size=8,
+            startup_probe_delay_seconds=60,
+        ),
+        ModelPreset(
+            name="llama3.1-70b", maxtext_model_name="llama3.1-70b", params=70.55e9, layers=80,
+            d_model=8192, heads=64, kv_heads=8, head_dim=128, vocab=128256,
+            tokenizer_path="assets/tokenizer_llama3.tiktoken", per_device_batch_size=2,
+            startup_probe_delay_seconds=240,
+        ),
+        ModelPreset(
+            name="llama3.1-405b", maxtext_model_name="llama3.1-405b", params=405.85e9,
+            layers=126, d_model=16384, heads=128, kv_heads=8, head_dim=128, vocab=128256,
+            tokenizer_path="assets/tokenizer_llama3.tiktoken",
+            # Seed example 1 (interleaved on v6e-16), flag for flag. Its base config sets the
+            # tokenizer, so the recipe does not pass tokenizer_path.
+            maxtext_config="MaxText/configs/v5e/inference/llama3_405b_v5e-64.yml",
+            per_device_batch_size=10, tensor_parallelism=8, autoregressive_parallelism=2,
+            startup_probe_delay_seconds=900,
+            flag_order=(
+                "model_name", "load_parameters_path", "max_prefill_predict_length",
+                "max_target_length", "async_checkpointing", "steps", "ici_fsdp_parallelism",
+                "ici_autoregressive_parallelism", "ici_tensor_parallelism", "scan_layers",
+                "weight_dtype", "per_device_batch_size", "enable_single_controller",
+                "quantization", "quantize_kvcache", "checkpoint_is_quantized",
+                "stack_prefill_result_cache", "inference_server", "enable_model_warmup",
+            ),
+            fixed_flags=types.MappingProxyType({
+                "async_checkpointing": "false", "steps": "1", "scan_layers": "false",
+                "weight_dtype": "bfloat16", "enable_model_warmup": "true",
+            }),
+            # The seed passes this debugging flag to the resource manager of the 4x4 405B slice.
+            resource_manager_flags=(
+                "--temporary_flags_for_debugging=temporary_flag_for_debugging_worker_expected_tpu_chip_config=megachip_tccontrol",
+            ),
+        ),
+        ModelPreset(
+            name="gemma-7b", maxtext_model_name="gemma-7b", params=8.54e9, layers=28,
+            d_model=3072, heads=16, kv_heads=16, head_dim=256, vocab=256000,
+            tokenizer_path="assets/tokenizer.gemma", per_device_batch_size=8,
+            startup_probe_delay_seconds=60,
+        ),
+    )
+}

@@ -1,0 +1,78 @@
+"""Offline render: `python -m components.render --stack <name>`, like `helm template`.
+
+Reads `Pulumi.<stack>.yaml`, runs the same parsing and planning as `pulumi preview`, prints the
+plan summary (as YAML comments) and the LeaderWorkerSet + Service as multi-document YAML that
+`kubectl apply -f -` accepts. No cloud, no Pulumi CLI. A bad config prints the same error as
+preview on stderr and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+from typing import Any, Mapping
+
+import yaml
+
+from components import manifests
+from components.config import PROJECT, parse_stack_config
+from components.errors import ConfigError
+from components.node_pools import tpu_node_pools
+from components.planner import plan_deployment
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _as_config_text(value: Any) -> str:
+    """A stack-file value as Pulumi hands it to the program: strings, JSON for structures."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    return str(value)
+
+
+def read_stack_file(path: pathlib.Path) -> tuple[dict[str, str], str | None]:
+    """(this project's values without namespace, gcp:project) from a Pulumi.<stack>.yaml."""
+    document = yaml.safe_load(path.read_text()) or {}
+    values: Mapping[str, Any] = document.get("config") or {}
+    prefix = f"{PROJECT}:"
+    raw = {key.removeprefix(prefix): _as_config_text(value) for key, value in values.items() if key.startswith(prefix)}
+    project = values.get("gcp:project")
+    return raw, None if project is None else str(project)
+
+
+def render(stack: str, root: pathlib.Path = ROOT) -> str:
+    """The YAML text for a stack; raises ConfigError on a bad config."""
+    raw, project = read_stack_file(root / f"Pulumi.{stack}.yaml")
+    cfg = parse_stack_config(raw, project=project, stack=stack)
+    plan = plan_deployment(cfg)
+    summary = {**plan.summary(), "nodePoolSpecs": [vars(spec) for spec in tpu_node_pools(cfg)],
+               "scratchLocation": cfg.scratch_location, "headPod": manifests.head_pod(cfg),
+               "serviceUrl": manifests.service_url(cfg), "portForwardCommand": manifests.port_forward_command(cfg)}
+    header = "\n".join(f"# {line}" for line in yaml.safe_dump({"plan": summary}, sort_keys=False).splitlines())
+    documents = yaml.safe_dump_all(manifests.serving_manifests(cfg, plan), sort_keys=False)
+    return f"{header}\n---\n{documents}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m components.render", description=__doc__.splitlines()[0])
+    parser.add_argument("--stack", required=True, help="stack name: reads Pulumi.<stack>.yaml")
+    parser.add_argument("--root", type=pathlib.Path, default=ROOT, help="project directory (default: this repository)")
+    args = parser.parse_args(argv)
+    stack_file = args.root / f"Pulumi.{args.stack}.yaml"
+    if not stack_file.exists():
+        print(f"error: {stack_file} does not exist", file=sys.stderr)
+        return 2
+    try:
+        sys.stdout.write(render(args.stack, args.root))
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

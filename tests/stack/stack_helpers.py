@@ -1,0 +1,57 @@
+"""Pure helpers shared by the stack tests (no Pulumi): parse example stacks, load the golden data."""
+
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+
+import jsonschema
+
+from components.config import StackConfig, parse_stack_config
+from components.planner import Plan, plan_deployment
+from components.render import read_stack_file
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+GOLDEN = pathlib.Path(__file__).resolve().parent / "golden"
+CRD_SCHEMA = ROOT / "components" / "lws_crd_schema.json"
+
+
+def example(stack: str) -> tuple[StackConfig, Plan]:
+    raw, project = read_stack_file(ROOT / f"Pulumi.{stack}.yaml")
+    cfg = parse_stack_config(raw, project=project, stack=stack)
+    return cfg, plan_deployment(cfg)
+
+
+def config(project: str = "test-project", stack: str = "test", **raw: str) -> StackConfig:
+    values = {"model": "llama3.1-8b", "topology": "2x2", "checkpointPath": "gs://test-checkpoints/m/0/items", **raw}
+    return parse_stack_config(values, project=project, stack=stack)
+
+
+def lws_openapi_schema() -> dict:
+    return json.loads(CRD_SCHEMA.read_text())["openAPIV3Schema"]
+
+
+def strict(schema):
+    """The CRD schema as the API server applies it: unknown fields are not kept.
+
+    A structural schema prunes unknown fields silently; a test should fail instead, so every
+    object with declared properties gets additionalProperties: false.
+    """
+    if isinstance(schema, list):
+        return [strict(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    tightened = {key: strict(value) for key, value in schema.items()}
+    if "properties" in schema and "additionalProperties" not in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        tightened["additionalProperties"] = False
+    return tightened
+
+
+@functools.lru_cache(maxsize=1)
+def lws_validator() -> jsonschema.protocols.Validator:
+    """A validator for the strict CRD schema, built (and checked) once per test session."""
+    schema = strict(lws_openapi_schema())
+    validator_class = jsonschema.validators.validator_for(schema, default=jsonschema.Draft7Validator)
+    validator_class.check_schema(schema)
+    return validator_class(schema)
