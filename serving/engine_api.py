@@ -142,6 +142,10 @@ class Engine(abc.ABC):
     def insert(self, prefix: Prefix, decode_state: DecodeState, slot: int) -> DecodeState:
         """Place the Prefix into decode slot `slot` (donating decode_state)."""
 
+    def release(self, decode_state: DecodeState, slot: int) -> DecodeState:
+        """Mark slot `slot` free so it stops costing decode work (donating decode_state)."""
+        return decode_state
+
     @abc.abstractmethod
     def generate(self, *, params: Params, decode_state: DecodeState) -> tuple[DecodeState, StepTokens]:
         """Advance every slot by one token (donating decode_state)."""

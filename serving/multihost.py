@@ -125,6 +125,7 @@ class ControlServer:
         self._listener = socket.create_server((bind_host, group.control_port))
         self._workers: list[socket.socket] = []
         self._lost: list[str] = []
+        self._closing = False
 
     def accept_workers(self, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         self._listener.settimeout(timeout_s)
@@ -141,6 +142,8 @@ class ControlServer:
             conn.recv(1)
         except OSError:
             pass
+        if self._closing:
+            return
         self._lost.append(f"worker at {address[0]}:{address[1]} disconnected")
         log.error("multi-host group unhealthy: %s", self._lost[-1])
 
@@ -159,7 +162,12 @@ class ControlServer:
             raise RuntimeError(f"multi-host group broken: {'; '.join(self._lost)}")
 
     def close(self) -> None:
+        self._closing = True
         for conn in self._workers:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)  # the workers see the channel end and exit
+            except OSError:
+                pass
             conn.close()
 
 
@@ -194,53 +202,44 @@ class _Handle:
 class LeaderEngine(Engine):
     """Wraps an engine so that each call is replayed, in the same order, on every worker."""
 
-    def __init__(self, inner: Engine, role: str, broadcast: "Broadcaster"):
+    def __init__(self, inner: Engine, role: str, broadcaster: "Broadcaster"):
         self._inner = inner
         self._role = role
-        self._broadcast = broadcast
+        self._broadcaster = broadcaster
 
     max_concurrent_decodes = property(lambda self: self._inner.max_concurrent_decodes)
     max_prefill_length = property(lambda self: self._inner.max_prefill_length)
     max_target_length = property(lambda self: self._inner.max_target_length)
     prefill_buckets = property(lambda self: self._inner.prefill_buckets)
 
+    def _call(self, op: str, consumes: Sequence[str] = (), **args):
+        return self._broadcaster.call(self._inner, self._role, op, args, consumes)
+
     def load_params(self):
-        return self._broadcast.call(self._role, "load_params", {}, self._inner.load_params)
+        return self._call("load_params")
 
     def init_decode_state(self):
-        return self._broadcast.call(self._role, "init_decode_state", {}, self._inner.init_decode_state)
+        return self._call("init_decode_state")
 
     def prefill(self, *, params, tokens, sampling):
-        args = {"params": params, "tokens": [int(t) for t in tokens], "sampling": dataclasses.asdict(sampling)}
-        result = {}
-
-        def run(params, tokens, sampling):
-            prefix, first = self._inner.prefill(params=params, tokens=tokens, sampling=SamplingParams(**sampling))
-            result["first"] = first
-            return prefix
-
-        prefix = self._broadcast.call(self._role, "prefill", args, run)
-        return prefix, result["first"]
+        return self._call("prefill", params=params, tokens=[int(t) for t in tokens], sampling=sampling)
 
     def transfer(self, prefix):
-        return self._broadcast.call(self._role, "transfer", {"prefix": prefix}, self._inner.transfer, consumes=("prefix",))
+        return self._call("transfer", ("prefix",), prefix=prefix)
 
     def insert(self, prefix, decode_state, slot):
-        args = {"prefix": prefix, "decode_state": decode_state, "slot": int(slot)}
-        return self._broadcast.call(self._role, "insert", args, self._inner.insert, consumes=("prefix", "decode_state"))
+        return self._call("insert", ("prefix", "decode_state"), prefix=prefix, decode_state=decode_state, slot=slot)
+
+    def release(self, decode_state, slot):
+        return self._call("release", ("decode_state",), decode_state=decode_state, slot=slot)
 
     def generate(self, *, params, decode_state):
-        result = {}
+        return self._call("generate", ("decode_state",), params=params, decode_state=decode_state)
 
-        def run(params, decode_state):
-            state, step = self._inner.generate(params=params, decode_state=decode_state)
-            result["step"] = step
-            return state
 
-        state = self._broadcast.call(
-            self._role, "generate", {"params": params, "decode_state": decode_state}, run, consumes=("decode_state",)
-        )
-        return state, result["step"]
+# Ops whose result is (opaque pytree, StepTokens): only the pytree gets a handle.
+_RETURNS_STEP_TOKENS = ("prefill", "generate")
+_OPS = ("load_params", "init_decode_state", "prefill", "transfer", "insert", "release", "generate")
 
 
 class Broadcaster:
@@ -252,19 +251,32 @@ class Broadcaster:
         self._ids = itertools.count(1)
         self._released: collections.deque[int] = collections.deque()  # ids collected on the leader
 
-    def call(self, role: str, op: str, args: dict, run: Callable, consumes: Sequence[str] = ()) -> _Handle:
-        wire = {key: value.id if isinstance(value, _Handle) else value for key, value in args.items()}
+    def call(self, engine: Engine, role: str, op: str, args: dict, consumes: Sequence[str]):
+        wire = {key: _to_wire(value) for key, value in args.items()}
         local = {key: value.value if isinstance(value, _Handle) else value for key, value in args.items()}
         with self._lock:
             out_id = next(self._ids)
             released = [self._released.popleft() for _ in range(len(self._released))]
             self._send({"role": role, "op": op, "args": wire, "out": out_id, "consumes": list(consumes), "free": released})
-            value = run(**local)
+            result = getattr(engine, op)(**local)
         for key in consumes:  # the workers dropped theirs; drop the leader's (donated) buffers too
             args[key].value = None
+        if op in _RETURNS_STEP_TOKENS:
+            return self._handle(out_id, result[0]), result[1]
+        return self._handle(out_id, result)
+
+    def _handle(self, out_id: int, value: Any) -> _Handle:
         handle = _Handle(out_id, value)
         weakref.finalize(handle, self._released.append, out_id)
         return handle
+
+
+def _to_wire(value: Any) -> Any:
+    if isinstance(value, _Handle):
+        return value.id
+    if isinstance(value, SamplingParams):
+        return dataclasses.asdict(value)
+    return value
 
 
 def wrap_engines(engines: Mapping[str, Engine], broadcaster: Broadcaster) -> dict[str, Engine]:
@@ -284,26 +296,21 @@ def run_worker(engines: Mapping[str, Engine], ops) -> None:
     objects: dict[int, Any] = {}
     for line in ops:
         op = json.loads(line)
+        if op["op"] not in _OPS:
+            raise ValueError(f"unknown engine op {op['op']!r} from the leader")
         for handle_id in op["free"]:
             objects.pop(handle_id, None)
-        args = {key: objects[value] if key in _HANDLE_ARGS else value for key, value in op["args"].items()}
+        args = {key: _from_wire(key, value, objects) for key, value in op["args"].items()}
         for key in op["consumes"]:
             objects.pop(op["args"][key])
-        objects[op["out"]] = _replay(engines[op["role"]], op["op"], args)
+        result = getattr(engines[op["role"]], op["op"])(**args)
+        objects[op["out"]] = result[0] if op["op"] in _RETURNS_STEP_TOKENS else result
     raise ConnectionError("the leader closed the control channel")
 
 
-def _replay(engine: Engine, op: str, args: dict) -> Any:
-    if op == "prefill":
-        prefix, _ = engine.prefill(
-            params=args["params"], tokens=args["tokens"], sampling=SamplingParams(**args["sampling"])
-        )
-        return prefix
-    if op == "generate":
-        state, _ = engine.generate(params=args["params"], decode_state=args["decode_state"])
-        return state
-    if op == "insert":
-        return engine.insert(args["prefix"], args["decode_state"], args["slot"])
-    if op in ("load_params", "init_decode_state", "transfer"):
-        return getattr(engine, op)(**args)
-    raise ValueError(f"unknown engine op {op!r} from the leader")
+def _from_wire(key: str, value: Any, objects: Mapping[int, Any]) -> Any:
+    if key in _HANDLE_ARGS:
+        return objects[value]
+    if key == "sampling":
+        return SamplingParams(**value)
+    return value
