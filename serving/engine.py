@@ -1,0 +1,335 @@
+"""`JaxEngine`: the JetStream engine contract (engine_api.Engine) over `model` on one device mesh.
+
+Three jitted steps, each compiled once per shape (prefill once per bucket):
+
+  prefill   tokens [1, T] (padded to a power-of-two bucket) -> Prefix (KV [L, 1, K, T, E], length,
+            first token, sampling) and the first token, replicated for the host
+  insert    Prefix -> slot `slot` of the DecodeState (slot is a traced scalar: no recompiles)
+  generate  one token for every slot; per-slot sampling arrays; tokens [B] replicated for the host
+
+insert and generate donate the DecodeState, so the KV cache [L, B, K, S, E] is updated in place.
+Decode attention walks the cache in `kv_block` blocks up to the longest *active* slot (see
+`model.decode_attention`); free slots (never filled, or given back with `release`) sit at
+position 0 and neither grow nor lengthen the loop. A slot that keeps running past the cache end
+is clamped to the last position, so generate is always safe to call.
+
+`build_engines(settings)` loads the checkpoint once and returns the engines: one engine on all
+devices (interleaved), or a prefill engine and a generate engine on the two halves of the devices
+(disaggregated), where `generate_engine.transfer(prefix)` moves a Prefix onto the generate mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from serving import engine_api, model, sharding
+from serving.config import ModelConfig
+from serving.engine_api import SamplingParams
+from serving.loaders import load_checkpoint
+from serving.model import ArrayInfo, KVCache
+from serving.sampling import Sampling, sample
+
+MIN_BUCKET = 16
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Prefix:
+    """One prefilled prompt: cache [L, 1, K, T, E], length [], first token [], sampling (scalars)."""
+
+    cache: KVCache
+    length: jax.Array
+    token: jax.Array
+    sampling: Sampling
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeState:
+    """All slots: cache [L, B, K, S, E]; lengths (tokens in cache), tokens (last), active, sampling [B]."""
+
+    cache: KVCache
+    lengths: jax.Array
+    tokens: jax.Array
+    active: jax.Array
+    sampling: Sampling
+
+
+def _slot_infos(batch: int) -> tuple[ArrayInfo, ...]:
+    def info(dtype, init="zeros"):
+        return ArrayInfo((batch,), dtype, ("batch",), init=init)
+
+    return info(jnp.int32), info(jnp.int32), info(jnp.bool_), Sampling(
+        temperature=info(jnp.float32), top_k=info(jnp.int32), top_p=info(jnp.float32, "ones"), seed=info(jnp.uint32)
+    )
+
+
+def decode_state_infos(cfg: ModelConfig, batch: int, cache_length: int) -> DecodeState:
+    lengths, tokens, active, samp = _slot_infos(batch)
+    return DecodeState(model.cache_infos(cfg, batch, cache_length), lengths, tokens, active, samp)
+
+
+def prefill_buckets(max_prefill_length: int) -> tuple[int, ...]:
+    """Powers of two from MIN_BUCKET up to, and always including, max_prefill_length."""
+    buckets, b = [], MIN_BUCKET
+    while b < max_prefill_length:
+        buckets.append(b)
+        b *= 2
+    return tuple(buckets) + (max_prefill_length,)
+
+
+def _zeros_like_info(info: ArrayInfo) -> np.ndarray:
+    fill = {"zeros": 0, "ones": 1}[info.init]
+    return np.full(info.shape, fill, dtype=info.dtype)
+
+
+def _nbytes(infos, per_device: bool = False, shardings=None) -> int:
+    leaves = jax.tree.leaves(infos, is_leaf=model.is_info)
+    if not per_device:
+        return sum(math.prod(i.shape) * np.dtype(i.dtype).itemsize for i in leaves)
+    shards = jax.tree.leaves(shardings)
+    return sum(math.prod(s.shard_shape(i.shape)) * np.dtype(i.dtype).itemsize for i, s in zip(leaves, shards))
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceTokens:
+    """engine_api.StepTokens over a replicated device array."""
+
+    array: jax.Array
+
+    def to_host(self) -> np.ndarray:
+        return sharding.to_host(self.array)
+
+
+class JaxEngine(engine_api.Engine):
+    def __init__(self, settings, cfg: ModelConfig, host_params: dict, devices: Sequence[jax.Device]):
+        self.cfg = cfg
+        self.mesh = sharding.make_mesh(settings, devices)
+        self.rules = sharding.ShardingRules.for_model(cfg, self.mesh)
+        self._host_params = host_params
+        self._max_prefill = settings.max_prefill_predict_length
+        self._max_target = settings.max_target_length
+        self._batch = settings.per_device_batch_size * len(devices)
+        self.cache_length = -(-settings.max_target_length // cfg.kv_block) * cfg.kv_block
+        self.param_infos = model.param_infos(cfg)
+        self.state_infos = decode_state_infos(cfg, self._batch, self.cache_length)
+        self.param_shardings = sharding.shardings(self.mesh, self.rules, self.param_infos)
+        self.state_shardings = sharding.shardings(self.mesh, self.rules, self.state_infos)
+        self._replicated = sharding.replicated(self.mesh)
+        self._compile()
+
+    # ---- placement --------------------------------------------------------------------------
+
+    def prefix_shardings(self, bucket: int) -> Prefix:
+        cache = model.cache_infos(self.cfg, 1, bucket, batch_axis="prefill_batch")
+        rep = self._replicated
+        return Prefix(
+            cache=sharding.shardings(self.mesh, self.rules, cache),
+            length=rep,
+            token=rep,
+            sampling=Sampling(rep, rep, rep, rep),
+        )
+
+    def _put_replicated(self, host_tree):
+        return sharding.put(host_tree, jax.tree.map(lambda _: self._replicated, host_tree))
+
+    # ---- jitted steps -----------------------------------------------------------------------
+
+    def _compile(self) -> None:
+        cfg, rep = self.cfg, self._replicated
+        samp_rep = Sampling(rep, rep, rep, rep)
+
+        def prefill_fn(params, tokens, length, samp: Sampling):
+            logits, cache = model.prefill(cfg, params, tokens, length)
+            batched = jax.tree.map(lambda x: x[None], samp)
+            token = sample(logits, batched, length[None])  # [1]
+            return Prefix(cache, length, token[0], samp), token
+
+        def insert_fn(prefix: Prefix, state: DecodeState, slot):
+            start = (0, slot, 0, 0, 0)
+            cache = jax.tree.map(
+                lambda dst, src: jax.lax.dynamic_update_slice(dst, src, start[: dst.ndim]), state.cache, prefix.cache
+            )
+            put = lambda arr, value: arr.at[slot].set(value)  # noqa: E731
+            return DecodeState(
+                cache=cache,
+                lengths=put(state.lengths, prefix.length),
+                tokens=put(state.tokens, prefix.token),
+                active=put(state.active, True),
+                sampling=jax.tree.map(put, state.sampling, prefix.sampling),
+            )
+
+        def release_fn(state: DecodeState, slot):
+            return dataclasses.replace(
+                state, lengths=state.lengths.at[slot].set(0), active=state.active.at[slot].set(False)
+            )
+
+        def generate_fn(params, state: DecodeState):
+            positions = jnp.where(state.active, jnp.minimum(state.lengths, self.cache_length - 1), 0)
+            logits, cache = model.decode_step(cfg, params, state.cache, state.tokens, positions)
+            tokens = sample(logits, state.sampling, positions + 1)
+            lengths = jnp.where(state.active, jnp.minimum(state.lengths + 1, self.cache_length), 0)
+            new_state = dataclasses.replace(state, cache=cache, lengths=lengths, tokens=tokens)
+            return new_state, tokens
+
+        self._prefill_fns = {
+            bucket: jax.jit(
+                prefill_fn,
+                in_shardings=(self.param_shardings, rep, rep, samp_rep),
+                out_shardings=(self.prefix_shardings(bucket), rep),
+            )
+            for bucket in self.prefill_buckets
+        }
+        self._insert_fn = jax.jit(
+            insert_fn, out_shardings=self.state_shardings, donate_argnums=(1,)
+        )
+        self._release_fn = jax.jit(release_fn, out_shardings=self.state_shardings, donate_argnums=(0,))
+        self._generate_fn = jax.jit(
+            generate_fn,
+            in_shardings=(self.param_shardings, self.state_shardings),
+            out_shardings=(self.state_shardings, rep),
+            donate_argnums=(1,),
+        )
+
+    # ---- engine_api.Engine --------------------------------------------------------------------
+
+    @property
+    def max_concurrent_decodes(self) -> int:
+        return self._batch
+
+    @property
+    def max_prefill_length(self) -> int:
+        return self._max_prefill
+
+    @property
+    def max_target_length(self) -> int:
+        return self._max_target
+
+    @property
+    def prefill_buckets(self) -> tuple[int, ...]:
+        return prefill_buckets(self._max_prefill)
+
+    def load_params(self):
+        return sharding.put(self._host_params, self.param_shardings)
+
+    def init_decode_state(self) -> DecodeState:
+        host = jax.tree.map(_zeros_like_info, self.state_infos, is_leaf=model.is_info)
+        return sharding.put(host, self.state_shardings)
+
+    def bucket_for(self, n_tokens: int) -> int:
+        if n_tokens <= 0:
+            raise ValueError("prefill needs at least one token")
+        if n_tokens > self._max_prefill:
+            raise ValueError(f"prompt has {n_tokens} tokens; the maximum is {self._max_prefill}")
+        return next(b for b in self.prefill_buckets if b >= n_tokens)
+
+    def prefill(self, *, params, tokens: Sequence[int], sampling: SamplingParams):
+        bucket = self.bucket_for(len(tokens))
+        padded = np.zeros((1, bucket), np.int32)
+        padded[0, : len(tokens)] = tokens
+        inputs = self._put_replicated((padded, np.int32(len(tokens)), Sampling.host(sampling)))
+        prefix, token = self._prefill_fns[bucket](params, *inputs)
+        return prefix, DeviceTokens(token)
+
+    def transfer(self, prefix: Prefix) -> Prefix:
+        bucket = prefix.cache.length
+        return jax.device_put(prefix, self.prefix_shardings(bucket))
+
+    def _slot(self, slot: int) -> jax.Array:
+        if not 0 <= slot < self._batch:
+            raise ValueError(f"slot {slot} out of range [0, {self._batch})")
+        return self._put_replicated(np.int32(slot))
+
+    def insert(self, prefix: Prefix, decode_state: DecodeState, slot: int) -> DecodeState:
+        return self._insert_fn(prefix, decode_state, self._slot(slot))
+
+    def release(self, decode_state: DecodeState, slot: int) -> DecodeState:
+        """Mark a finished slot free, so it no longer lengthens decode attention (donates state)."""
+        return self._release_fn(decode_state, self._slot(slot))
+
+    def generate(self, *, params, decode_state: DecodeState):
+        state, tokens = self._generate_fn(params, decode_state)
+        return state, DeviceTokens(tokens)
+
+    # ---- reporting ---------------------------------------------------------------------------
+
+    def memory(self) -> "MemoryReport":
+        return MemoryReport(
+            params_bytes=_nbytes(self.param_infos),
+            params_bytes_per_device=_nbytes(self.param_infos, True, self.param_shardings),
+            kv_cache_bytes=_nbytes(self.state_infos.cache),
+            kv_cache_bytes_per_device=_nbytes(self.state_infos.cache, True, self.state_shardings.cache),
+            mesh=dict(self.mesh.shape),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryReport:
+    params_bytes: int
+    params_bytes_per_device: int
+    kv_cache_bytes: int
+    kv_cache_bytes_per_device: int
+    mesh: dict
+
+    def describe(self, name: str) -> str:
+        mib = lambda n: f"{n / 2**20:.1f} MiB"  # noqa: E731
+        mesh = " x ".join(f"{axis}={size}" for axis, size in self.mesh.items())
+        return (
+            f"{name} mesh {mesh}: params {mib(self.params_bytes)} ({mib(self.params_bytes_per_device)}/device), "
+            f"KV cache {mib(self.kv_cache_bytes)} ({mib(self.kv_cache_bytes_per_device)}/device)"
+        )
+
+
+@dataclasses.dataclass
+class EngineSet:
+    """What the server needs: the tokenizer and the engines (the same object when interleaved)."""
+
+    tokenizer: engine_api.Tokenizer
+    prefill_engine: JaxEngine
+    generate_engine: JaxEngine
+    model_config: ModelConfig
+
+    @property
+    def disaggregated(self) -> bool:
+        return self.prefill_engine is not self.generate_engine
+
+    def memory_report(self) -> str:
+        """Human-readable bytes of params and KV cache per engine (printed at server start)."""
+        cfg = self.model_config
+        head = (
+            f"weights {'int8' if cfg.quantize_weights else cfg.weight_dtype}, "
+            f"KV cache {'int8' if cfg.quantize_kv else cfg.dtype}"
+        )
+        if not self.disaggregated:
+            return f"{head}; {self.generate_engine.memory().describe('engine')}"
+        return "; ".join(
+            [head, self.prefill_engine.memory().describe("prefill"), self.generate_engine.memory().describe("generate")]
+        )
+
+
+def build_engines(settings, devices: Sequence[jax.Device] | None = None) -> EngineSet:
+    """Load the checkpoint once and build the engines on `devices` (default: all devices)."""
+    cfg, host_params, tokenizer = load_checkpoint(settings)
+    return engines_from_params(settings, cfg, host_params, tokenizer, devices)
+
+
+def engines_from_params(
+    settings, cfg: ModelConfig, host_params: dict, tokenizer, devices: Sequence[jax.Device] | None = None
+) -> EngineSet:
+    """Engines over already-loaded host params: one engine, or prefill/generate on device halves."""
+    devices = list(jax.devices() if devices is None else devices)
+    if not settings.disaggregated:
+        engine = JaxEngine(settings, cfg, host_params, devices)
+        return EngineSet(tokenizer, engine, engine, cfg)
+    if len(devices) < 2 or len(devices) % 2:
+        raise ValueError(f"disaggregated mode splits devices in halves; got {len(devices)} devices")
+    half = len(devices) // 2
+    prefill_engine = JaxEngine(settings, cfg, host_params, devices[:half])
+    generate_engine = JaxEngine(settings, cfg, host_params, devices[half:])
+    return EngineSet(tokenizer, prefill_engine, generate_engine, cfg)

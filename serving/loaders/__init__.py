@@ -1,0 +1,107 @@
+"""Checkpoint loading: `load_checkpoint(settings) -> (ModelConfig, host params, Tokenizer)`.
+
+A loader turns a checkpoint into an architecture `ModelConfig`, host (numpy) params in the layout
+of `model.param_infos`, and a tokenizer. `load_checkpoint` then applies the run settings (dtypes,
+int8 weights and KV cache), checks every array against its declaration, and quantizes on load
+unless the checkpoint already is int8 (`checkpoint_is_quantized`).
+
+Loaders are tried in order; add a format (MaxText/Orbax, safetensors) by appending a `Loader`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import numpy as np
+
+from serving import model, quant
+from serving.config import PRESETS, ModelConfig
+from serving.engine_api import Tokenizer
+from serving.loaders import gguf_loader, npz_loader
+from serving.tokenizer import ByteTokenizer
+
+LoadResult = tuple[ModelConfig, dict, Tokenizer]
+
+
+@dataclasses.dataclass(frozen=True)
+class Loader:
+    name: str
+    matches: Callable[[object], bool]  # settings -> bool
+    load: Callable[[object], LoadResult]
+
+
+def _is_random_preset(settings) -> bool:
+    return settings.model_name.startswith("tiny") and not settings.load_parameters_path
+
+
+def _load_random(settings) -> LoadResult:
+    """Random weights for a preset (tiny test models); byte tokenizer."""
+    cfg = PRESETS[settings.model_name]
+    return cfg, model.init_params(cfg, settings.seed), ByteTokenizer(eos_id=cfg.eos_id)
+
+
+def _load_gguf(settings) -> LoadResult:
+    path = settings.load_parameters_path or gguf_loader.bundled_gguf_path()
+    return gguf_loader.load_gguf(path)
+
+
+LOADERS: tuple[Loader, ...] = (
+    Loader("random", _is_random_preset, _load_random),
+    Loader("npz", lambda s: s.load_parameters_path.endswith(".npz"), lambda s: npz_loader.load_npz(s.load_parameters_path)),
+    Loader("gguf", lambda s: s.load_parameters_path in ("",) or s.load_parameters_path.endswith(".gguf"), _load_gguf),
+)
+
+
+def runtime_config(arch: ModelConfig, settings) -> ModelConfig:
+    """The architecture with the run's dtypes and int8 choices."""
+    return dataclasses.replace(
+        arch,
+        dtype=settings.dtype,
+        weight_dtype=settings.weight_dtype,
+        quantize_weights=settings.quantization == "int8",
+        quantize_kv=settings.quantize_kvcache,
+    )
+
+
+def _check_shape(value, info: model.ArrayInfo, path) -> None:
+    if tuple(np.shape(value)) != info.shape:
+        raise ValueError(f"checkpoint array {jax.tree_util.keystr(path)} has shape {np.shape(value)}, expected {info.shape}")
+
+
+def prepare_params(cfg: ModelConfig, params: dict, already_quantized: bool) -> dict:
+    """Check host params against `model.param_infos(cfg)`; quantize or cast each leaf to its dtype."""
+    float_infos = model.param_infos(dataclasses.replace(cfg, quantize_weights=False))
+    has_quant = any(isinstance(x, quant.QuantArray) for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, quant.QuantArray)))
+    if has_quant != already_quantized:
+        state = "is" if has_quant else "is not"
+        raise ValueError(f"checkpoint {state} int8 but checkpoint_is_quantized={already_quantized}")
+    if has_quant and not cfg.quantize_weights:
+        raise ValueError("checkpoint is int8: set quantization=int8 to serve it")
+
+    def prepare(path, info: model.ArrayInfo, value):
+        if isinstance(value, quant.QuantArray):
+            _check_shape(value.values, info, path)
+            return value
+        _check_shape(value, info, path)
+        if cfg.quantize_weights and info.contract:
+            return quant.quantize(np.asarray(value, np.float32), info.contract)
+        return np.asarray(value).astype(info.dtype)
+
+    return jax.tree_util.tree_map_with_path(prepare, float_infos, params, is_leaf=model.is_info)
+
+
+def load_checkpoint(settings) -> LoadResult:
+    """(runtime ModelConfig, host params ready for placement, tokenizer) for the settings."""
+    for loader in LOADERS:
+        if loader.matches(settings):
+            arch, params, tokenizer = loader.load(settings)
+            cfg = runtime_config(arch, settings)
+            return cfg, prepare_params(cfg, params, settings.checkpoint_is_quantized), tokenizer
+    names = ", ".join(loader.name for loader in LOADERS)
+    raise ValueError(
+        f"no loader for model_name={settings.model_name!r} load_parameters_path="
+        f"{settings.load_parameters_path!r} (formats: {names}; tiny presets: "
+        f"{', '.join(n for n in PRESETS if n.startswith('tiny'))})"
+    )

@@ -1,0 +1,67 @@
+"""This server's own numpy checkpoint: one .npz with the params (optionally int8), config and tokenizer.
+
+It is the target of the offline int8 converter, so a quantized checkpoint can be served with
+`quantization=int8 checkpoint_is_quantized=true load_parameters_path=model-int8.npz`:
+
+    python -m serving.loaders.npz_loader OUT.npz [key=value ...]   # e.g. quantization=int8
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+import jax
+import numpy as np
+
+from serving import model, quant
+from serving.config import ModelConfig
+from serving.tokenizer import BPETokenizer
+
+_ARCH_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim",
+                "rope_base", "norm_eps", "tie_embeddings", "bos_id", "eos_id", "kv_block")
+
+
+def _key(path) -> str:
+    return "/".join(str(getattr(p, "key", getattr(p, "name", p))) for p in path)
+
+
+def save_npz(path: str, cfg: ModelConfig, params: dict, tokenizer: BPETokenizer) -> None:
+    """Write host params (float or QuantArray leaves) with the architecture and tokenizer."""
+    arrays = {_key(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(params)}
+    quantized = any(isinstance(x, quant.QuantArray) for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, quant.QuantArray)))
+    meta = {
+        "config": {f: getattr(cfg, f) for f in _ARCH_FIELDS},
+        "quantized": quantized,
+        "eos_ids": sorted(tokenizer.eos_ids),
+        "chat_template": tokenizer.chat_template,
+    }
+    arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    arrays["__tokenizer__"] = np.frombuffer(tokenizer.to_json().encode(), np.uint8)
+    np.savez(path, **arrays)
+
+
+def load_npz(path: str):
+    """(ModelConfig, host params, tokenizer) from a file written by `save_npz`."""
+    with np.load(path) as data:
+        meta = json.loads(data["__meta__"].tobytes())
+        cfg = ModelConfig(**meta["config"])
+        template = model.param_infos(dataclasses.replace(cfg, quantize_weights=meta["quantized"]))
+        params = jax.tree_util.tree_map_with_path(lambda p, _: data[_key(p)], template, is_leaf=model.is_info)
+        tokenizer = BPETokenizer.from_json(data["__tokenizer__"].tobytes().decode(), meta["eos_ids"], meta["chat_template"])
+    return cfg, params, tokenizer
+
+
+def main(argv: list[str]) -> None:
+    from serving.loaders import load_checkpoint
+    from serving.settings import parse_settings
+
+    out, settings = argv[0], parse_settings(argv[1:])
+    cfg, params, tokenizer = load_checkpoint(settings)
+    save_npz(out, cfg, params, tokenizer)
+    print(f"wrote {out} (int8 weights: {cfg.quantize_weights})")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,334 @@
+"""A Llama-family decoder in pure JAX: plain functions over a params pytree.
+
+Shapes use these letters (einsum letters match):
+  B batch (decode slots)   T query positions   S cache positions   D d_model   F ffn hidden
+  H query heads   K kv heads   G query heads per kv head (H = K*G)   E head_dim   V vocab   L layers
+
+Every array is declared once as an `ArrayInfo` (shape, dtype, logical axes, which axes a matmul
+contracts); `param_infos` / `cache_infos` build those trees and everything else derives from them:
+host init (`init_params`), int8 swap (`quant`), shardings (`sharding.ShardingRules`).
+
+Layers are stacked on a leading L axis and run with `lax.scan`, so compile time does not grow with
+depth. RoPE uses the Hugging Face "rotate_half" layout; the GGUF loader un-permutes llama.cpp's
+interleaved Q/K rows into it.
+
+Decode attention walks the cache in `cfg.kv_block`-sized blocks with an online softmax, for
+ceil(max live length / block) blocks only (a `fori_loop` with a traced bound), so its cost follows
+the longest live sequence, not the cache size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from serving import quant
+from serving.config import ModelConfig
+
+NEG_INF = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayInfo:
+    """One array: shape, dtype, logical axis per dim, and the axes a matmul contracts over.
+
+    `contract` empty means the array is never quantized (norms, caches). `init` is the random-init
+    rule for test weights ("normal" scaled by 1/sqrt(fan in), "ones", "zeros").
+    """
+
+    shape: tuple[int, ...]
+    dtype: Any
+    axes: tuple[str | None, ...]
+    contract: tuple[int, ...] = ()
+    init: str = "normal"
+
+    def __post_init__(self):
+        if len(self.shape) != len(self.axes):
+            raise ValueError(f"shape {self.shape} and axes {self.axes} differ in rank")
+
+
+def is_info(x) -> bool:
+    return isinstance(x, ArrayInfo)
+
+
+# ---- declarations --------------------------------------------------------------------------
+
+def _float_param_infos(cfg: ModelConfig) -> dict:
+    L, D, F, V = cfg.n_layers, cfg.d_model, cfg.ffn_dim, cfg.vocab_size
+    H, K, E = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    w = cfg.param_dtype
+    layers = {
+        "attn_norm": ArrayInfo((L, D), jnp.float32, ("layers", "norm"), init="ones"),
+        "wq": ArrayInfo((L, D, H, E), w, ("layers", "embed", "q_heads", "head_dim"), (1,)),
+        "wk": ArrayInfo((L, D, K, E), w, ("layers", "embed", "kv_heads", "head_dim"), (1,)),
+        "wv": ArrayInfo((L, D, K, E), w, ("layers", "embed", "kv_heads", "head_dim"), (1,)),
+        "wo": ArrayInfo((L, H, E, D), w, ("layers", "q_heads", "head_dim", "embed"), (1, 2)),
+        "mlp_norm": ArrayInfo((L, D), jnp.float32, ("layers", "norm"), init="ones"),
+        "w_gate": ArrayInfo((L, D, F), w, ("layers", "embed", "mlp"), (1,)),
+        "w_up": ArrayInfo((L, D, F), w, ("layers", "embed", "mlp"), (1,)),
+        "w_down": ArrayInfo((L, F, D), w, ("layers", "mlp", "embed"), (1,)),
+    }
+    infos = {
+        # Embedding rows are also the tied output projection: contract D, one scale per vocab row.
+        "embed": ArrayInfo((V, D), w, ("vocab", "embed"), (1,)),
+        "final_norm": ArrayInfo((D,), jnp.float32, ("norm",), init="ones"),
+        "layers": layers,
+    }
+    if not cfg.tie_embeddings:
+        infos["lm_head"] = ArrayInfo((D, V), w, ("embed", "vocab"), (0,))
+    return infos
+
+
+def _quantized_info(info: ArrayInfo) -> ArrayInfo | quant.QuantArray:
+    if not info.contract:
+        return info
+    scale_shape = tuple(1 if i in info.contract else n for i, n in enumerate(info.shape))
+    scale_axes = tuple(None if i in info.contract else a for i, a in enumerate(info.axes))
+    return quant.QuantArray(
+        values=dataclasses.replace(info, dtype=jnp.int8),
+        scale=ArrayInfo(scale_shape, jnp.float32, scale_axes, init="ones"),
+    )
+
+
+def param_infos(cfg: ModelConfig) -> dict:
+    """The params tree of ArrayInfo leaves (QuantArray of infos where int8 weights are on)."""
+    infos = _float_param_infos(cfg)
+    if cfg.quantize_weights:
+        infos = jax.tree.map(_quantized_info, infos, is_leaf=is_info)
+    return infos
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """k, v [L, B, K, S, E] (int8 when quantized, with scales [L, B, K, S]; else scales are None)."""
+
+    k: Any
+    v: Any
+    k_scale: Any = None
+    v_scale: Any = None
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[3]
+
+
+def cache_infos(cfg: ModelConfig, batch: int, length: int, batch_axis: str = "batch") -> KVCache:
+    """KV cache declaration. Prefixes use batch=1 with batch_axis="prefill_batch" (unsharded)."""
+    shape = (cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_dim)
+    axes = ("layers", batch_axis, "kv_heads", "cache_seq", "head_dim")
+    if not cfg.quantize_kv:
+        kv = ArrayInfo(shape, cfg.act_dtype, axes, init="zeros")
+        return KVCache(k=kv, v=kv)
+    kv = ArrayInfo(shape, jnp.int8, axes, init="zeros")
+    scale = ArrayInfo(shape[:-1], jnp.float32, axes[:-1], init="ones")
+    return KVCache(k=kv, v=kv, k_scale=scale, v_scale=scale)
+
+
+def abstract(infos):
+    """ShapeDtypeStructs for a tree of ArrayInfo."""
+    return jax.tree.map(lambda i: jax.ShapeDtypeStruct(i.shape, i.dtype), infos, is_leaf=is_info)
+
+
+def init_params(cfg: ModelConfig, seed: int) -> dict:
+    """Random host (numpy) weights for tests, float (quantization is applied by the loader)."""
+    rng = np.random.default_rng(seed)
+
+    def init(info: ArrayInfo) -> np.ndarray:
+        if info.init == "ones":
+            return np.ones(info.shape, info.dtype)
+        fan_in = math.prod(info.shape[i] for i in info.contract) if info.contract else 1
+        values = rng.standard_normal(info.shape, np.float32) / math.sqrt(fan_in)
+        return values.astype(info.dtype)
+
+    return jax.tree.map(init, _float_param_infos(cfg), is_leaf=is_info)
+
+
+# ---- blocks ---------------------------------------------------------------------------------
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (normed * weight).astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+    """Rotate x [B, T, N, E] at positions [B, T] (rotate_half layout: pairs (i, i + E/2))."""
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / (base ** (jnp.arange(half, dtype=jnp.float32) / half))  # [E/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, E/2]
+    cos = jnp.cos(angles)[:, :, None, :]  # [B, T, 1, E/2]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def qkv(cfg: ModelConfig, layer: dict, x: jax.Array, positions: jax.Array):
+    """x [B, T, D] -> q [B, T, H, E], k, v [B, T, K, E] (q, k rotated)."""
+    h = rms_norm(x, layer["attn_norm"], cfg.norm_eps)
+    q = quant.einsum("btd,dhe->bthe", h, layer["wq"])
+    k = quant.einsum("btd,dke->btke", h, layer["wk"])
+    v = quant.einsum("btd,dke->btke", h, layer["wv"])
+    return rope(q, positions, cfg.rope_base), rope(k, positions, cfg.rope_base), v
+
+
+def mlp_block(cfg: ModelConfig, layer: dict, x: jax.Array) -> jax.Array:
+    """SwiGLU: x [B, T, D] -> [B, T, D] (residual not included)."""
+    with jax.named_scope("mlp"):
+        h = rms_norm(x, layer["mlp_norm"], cfg.norm_eps)
+        gate = quant.einsum("btd,df->btf", h, layer["w_gate"])
+        up = quant.einsum("btd,df->btf", h, layer["w_up"])
+        return quant.einsum("btf,fd->btd", jax.nn.silu(gate) * up, layer["w_down"])
+
+
+def embed(cfg: ModelConfig, params: dict, tokens: jax.Array) -> jax.Array:
+    """tokens [B, T] -> [B, T, D]."""
+    return quant.take(params["embed"], tokens, cfg.act_dtype)
+
+
+def logits(cfg: ModelConfig, params: dict, x: jax.Array) -> jax.Array:
+    """x [B, D] -> f32 logits [B, V] (tied: the embedding table is the output projection)."""
+    with jax.named_scope("logits"):
+        h = rms_norm(x, params["final_norm"], cfg.norm_eps).astype(jnp.float32)
+        if cfg.tie_embeddings:
+            return quant.einsum("bd,vd->bv", h, params["embed"])
+        return quant.einsum("bd,dv->bv", h, params["lm_head"])
+
+
+def _group(cfg: ModelConfig, q: jax.Array) -> jax.Array:
+    """q [B, T, H, E] -> [B, T, K, G, E] (query heads grouped by the kv head they share)."""
+    b, t = q.shape[:2]
+    return q.reshape(b, t, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim)
+
+
+# ---- prefill ----------------------------------------------------------------------------------
+
+def prefill_attention(cfg: ModelConfig, q, k, v, length) -> jax.Array:
+    """Causal self-attention of one padded prompt: q [B, T, H, E], k, v [B, T, K, E] -> [B, T, H, E]."""
+    with jax.named_scope("attention"):
+        t = q.shape[1]
+        scores = jnp.einsum("btkge,bske->bkgts", _group(cfg, q), k).astype(jnp.float32)
+        scores = scores / math.sqrt(cfg.head_dim)
+        pos = jnp.arange(t)
+        mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] < length)  # [T, S]
+        probs = jax.nn.softmax(jnp.where(mask, scores, NEG_INF), axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgts,bske->btkge", probs, v)
+        return out.reshape(q.shape)
+
+
+def prefill(cfg: ModelConfig, params: dict, tokens: jax.Array, length: jax.Array):
+    """Run a padded prompt tokens [1, T] with `length` real tokens.
+
+    Returns f32 logits [1, V] at position length-1 and the prompt's KVCache (B=1, S=T).
+    """
+    positions = jnp.arange(tokens.shape[1])[None, :]  # [1, T]
+    x = embed(cfg, params, tokens)
+
+    def layer_step(x, layer):
+        with jax.named_scope("decoder_layer"):
+            q, k, v = qkv(cfg, layer, x, positions)
+            attn = prefill_attention(cfg, q, k, v, length)
+            x = x + quant.einsum("bthe,hed->btd", attn, layer["wo"])
+            x = x + mlp_block(cfg, layer, x)
+            return x, (k, v)
+
+    x, (k, v) = jax.lax.scan(layer_step, x, params["layers"])  # k, v [L, B, T, K, E]
+    last = jax.lax.dynamic_index_in_dim(x, length - 1, axis=1, keepdims=False)  # [1, D]
+    k, v = k.transpose(0, 1, 3, 2, 4), v.transpose(0, 1, 3, 2, 4)  # [L, B, K, T, E]
+    return logits(cfg, params, last), _to_cache(cfg, k, v)
+
+
+def _to_cache(cfg: ModelConfig, k: jax.Array, v: jax.Array) -> KVCache:
+    if not cfg.quantize_kv:
+        return KVCache(k=k.astype(cfg.act_dtype), v=v.astype(cfg.act_dtype))
+    (kq, ks), (vq, vs) = quant.quantize_kv(k), quant.quantize_kv(v)
+    return KVCache(k=kq, v=vq, k_scale=ks, v_scale=vs)
+
+
+# ---- decode -----------------------------------------------------------------------------------
+
+def _write_token(cfg: ModelConfig, cache: KVCache, layer_idx, k, v, positions) -> KVCache:
+    """Write k, v [B, K, E] of layer `layer_idx` at per-slot positions [B]."""
+    batch = jnp.arange(k.shape[0])
+    new = _to_cache(cfg, k, v)
+    updated = {
+        name: getattr(cache, name).at[layer_idx, batch, :, positions].set(getattr(new, name))
+        for name in ("k", "v", "k_scale", "v_scale")
+        if getattr(cache, name) is not None
+    }
+    return dataclasses.replace(cache, **updated)
+
+
+def _cache_block(cfg: ModelConfig, cache: KVCache, name: str, layer_idx, start) -> jax.Array:
+    """Dequantized block [B, K, blk, E] of cache field `name` at layer `layer_idx`, from `start`."""
+    values = getattr(cache, name)
+    b, k, _, e = values.shape[1:]
+    block = jax.lax.dynamic_slice(values, (layer_idx, 0, 0, start, 0), (1, b, k, cfg.kv_block, e))[0]
+    scales = getattr(cache, name + "_scale")
+    if scales is not None:
+        scales = jax.lax.dynamic_slice(scales, (layer_idx, 0, 0, start), (1, b, k, cfg.kv_block))[0]
+    return quant.dequantize_kv(block, scales, cfg.act_dtype)
+
+
+def decode_attention(cfg: ModelConfig, q, cache: KVCache, layer_idx, lengths, n_blocks) -> jax.Array:
+    """One query per slot q [B, H, E] over cache positions < lengths [B], block by block.
+
+    Online softmax over `n_blocks` blocks (traced), so the work follows the longest live slot.
+    """
+    with jax.named_scope("attention"):
+        b = q.shape[0]
+        qg = _group(cfg, q[:, None])[:, 0].astype(jnp.float32)  # [B, K, G, E]
+        qg = qg / math.sqrt(cfg.head_dim)
+        shape = (b, cfg.n_kv_heads, cfg.q_per_kv)
+        init = (jnp.full(shape, NEG_INF), jnp.zeros(shape), jnp.zeros(shape + (cfg.head_dim,)))
+
+        def block_step(j, carry):
+            m, l, acc = carry
+            start = j * cfg.kv_block
+            kb = _cache_block(cfg, cache, "k", layer_idx, start).astype(jnp.float32)  # [B, K, blk, E]
+            vb = _cache_block(cfg, cache, "v", layer_idx, start).astype(jnp.float32)
+            s = jnp.einsum("bkge,bkse->bkgs", qg, kb)
+            live = (start + jnp.arange(cfg.kv_block))[None, :] < lengths[:, None]  # [B, blk]
+            s = jnp.where(live[:, None, None, :], s, NEG_INF)
+            m_new = jnp.maximum(m, s.max(-1))
+            p = jnp.exp(s - m_new[..., None])
+            correction = jnp.exp(m - m_new)
+            l = l * correction + p.sum(-1)
+            acc = acc * correction[..., None] + jnp.einsum("bkgs,bkse->bkge", p, vb)
+            return m_new, l, acc
+
+        _, l, acc = jax.lax.fori_loop(0, n_blocks, block_step, init)
+        out = acc / l[..., None]  # [B, K, G, E]
+        return out.reshape(b, cfg.n_heads, cfg.head_dim).astype(q.dtype)
+
+
+def decode_step(cfg: ModelConfig, params: dict, cache: KVCache, tokens: jax.Array, positions: jax.Array):
+    """One token per slot: tokens [B] at positions [B] (< cache length).
+
+    Writes each slot's k, v at its position, attends to positions <= it, returns f32 logits [B, V]
+    and the updated cache.
+    """
+    lengths = positions + 1
+    n_blocks = (jnp.max(lengths) + cfg.kv_block - 1) // cfg.kv_block
+    x = embed(cfg, params, tokens[:, None])  # [B, 1, D]
+
+    def layer_step(carry, layer_and_idx):
+        x, cache = carry
+        layer, idx = layer_and_idx
+        with jax.named_scope("decoder_layer"):
+            q, k, v = qkv(cfg, layer, x, positions[:, None])
+            cache = _write_token(cfg, cache, idx, k[:, 0], v[:, 0], positions)
+            attn = decode_attention(cfg, q[:, 0], cache, idx, lengths, n_blocks)  # [B, H, E]
+            x = x + quant.einsum("bthe,hed->btd", attn[:, None], layer["wo"])
+            x = x + mlp_block(cfg, layer, x)
+            return (x, cache), None
+
+    layer_ids = jnp.arange(cfg.n_layers)
+    (x, cache), _ = jax.lax.scan(layer_step, (x, cache), (params["layers"], layer_ids))
+    return logits(cfg, params, x[:, 0]), cache

@@ -1,0 +1,155 @@
+"""Device mesh, logical-axis sharding rules, and host <-> device placement.
+
+Mesh axes are ("fsdp", "autoregressive", "tensor"), sized by MaxText's ici_*_parallelism flags
+(-1 fills in the remaining devices). `ShardingRules` is the only place that maps the model's
+logical axes to mesh axes:
+
+  batch (decode slots)  -> fsdp x autoregressive
+  embed (d_model of weights) -> fsdp
+  vocab, mlp            -> tensor
+  q_heads, kv_heads     -> tensor when n_kv_heads is a multiple of the tensor degree, else None
+
+Attention with fewer KV heads than the tensor degree (SmolLM2: 9 q / 3 kv heads at TP=4 or 8):
+the attention weights (wq, wk, wv, wo) and the KV cache are *replicated over the tensor axis*
+(the cache stays sharded over the decode batch), while the MLP hidden dim and the vocab (embedding
+and logits) are sharded over it. Padding heads to a multiple of TP would cost 4/3x (TP=4) or
+8/3x (TP=8) more KV cache and attention FLOPs on zero heads; replicating the small attention
+weights costs neither and keeps the math identical. Models whose KV heads divide the tensor
+degree (e.g. Llama3 405B: 8 kv heads, TP=8) shard heads and cache over it as usual.
+
+Every host -> device input goes through `put` (jax.make_array_from_callback, so each process
+supplies only its addressable shards under multi-controller JAX), and every output the host reads
+is fully replicated and read through `to_host` (addressable data of this process).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from serving.config import ModelConfig
+from serving.model import ArrayInfo, is_info
+
+MESH_AXES = ("fsdp", "autoregressive", "tensor")
+SETTING_KEYS = {
+    "fsdp": "ici_fsdp_parallelism",
+    "autoregressive": "ici_autoregressive_parallelism",
+    "tensor": "ici_tensor_parallelism",
+}
+
+
+class MeshError(ValueError):
+    """The parallelism flags do not fit the devices; the message names the keys."""
+
+
+def mesh_shape(settings, n_devices: int) -> dict[str, int]:
+    """Mesh axis sizes from the ici_*_parallelism settings, with one -1 filled in."""
+    sizes = {axis: getattr(settings, key) for axis, key in SETTING_KEYS.items()}
+    fill = [axis for axis, size in sizes.items() if size == -1]
+    described = ", ".join(f"{SETTING_KEYS[a]}={s}" for a, s in sizes.items())
+    if len(fill) > 1:
+        raise MeshError(f"only one of the ici_*_parallelism keys may be -1 ({described})")
+    known = math.prod(size for size in sizes.values() if size != -1)
+    if fill:
+        if n_devices % known:
+            raise MeshError(f"{described}: {n_devices} devices are not a multiple of {known}")
+        sizes[fill[0]] = n_devices // known
+    if math.prod(sizes.values()) != n_devices:
+        raise MeshError(
+            f"{described}: the product {math.prod(sizes.values())} must equal the number of "
+            f"devices ({n_devices}); set one key to -1 to fill in"
+        )
+    return sizes
+
+
+def make_mesh(settings, devices: Sequence[jax.Device]) -> Mesh:
+    sizes = mesh_shape(settings, len(devices))
+    grid = np.asarray(devices, dtype=object).reshape(tuple(sizes[a] for a in MESH_AXES))
+    return Mesh(grid, MESH_AXES)
+
+
+MeshAxes = str | tuple[str, ...] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingRules:
+    """Logical axis -> mesh axis (or axes, or None = replicated)."""
+
+    batch: MeshAxes = ("fsdp", "autoregressive")
+    prefill_batch: MeshAxes = None
+    embed: MeshAxes = "fsdp"
+    vocab: MeshAxes = "tensor"
+    mlp: MeshAxes = "tensor"
+    q_heads: MeshAxes = "tensor"
+    kv_heads: MeshAxes = "tensor"
+    head_dim: MeshAxes = None
+    cache_seq: MeshAxes = None
+    layers: MeshAxes = None
+    norm: MeshAxes = None
+
+    @classmethod
+    def for_model(cls, cfg: ModelConfig, mesh: Mesh) -> "ShardingRules":
+        """Default rules; attention heads go replicated when kv heads don't divide the tensor axis."""
+        if cfg.n_kv_heads % mesh.shape["tensor"]:
+            return cls(q_heads=None, kv_heads=None)
+        return cls()
+
+    def spec(self, axes: Sequence[str | None]) -> PartitionSpec:
+        """PartitionSpec for logical axes; a mesh axis used twice is an error."""
+        physical = [None if a is None else getattr(self, a) for a in axes]
+        used = [m for p in physical if p is not None for m in ((p,) if isinstance(p, str) else p)]
+        if len(used) != len(set(used)):
+            raise ValueError(f"logical axes {tuple(axes)} map to a mesh axis twice: {physical}")
+        return PartitionSpec(*physical)
+
+
+def _axis_size(mesh: Mesh, physical: MeshAxes) -> int:
+    if physical is None:
+        return 1
+    names = (physical,) if isinstance(physical, str) else physical
+    return math.prod(mesh.shape[n] for n in names)
+
+
+def named_sharding(mesh: Mesh, rules: ShardingRules, info: ArrayInfo) -> NamedSharding:
+    spec = rules.spec(info.axes)
+    for dim, logical, physical in zip(info.shape, info.axes, spec):
+        if dim % _axis_size(mesh, physical):
+            raise ValueError(
+                f"dimension {logical}={dim} of an array {info.shape} does not divide over mesh "
+                f"axes {physical} of size {_axis_size(mesh, physical)}"
+            )
+    return NamedSharding(mesh, spec)
+
+
+def shardings(mesh: Mesh, rules: ShardingRules, infos):
+    """The NamedSharding tree for a tree of ArrayInfo."""
+    return jax.tree.map(lambda i: named_sharding(mesh, rules, i), infos, is_leaf=is_info)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def put(host_tree, sharding_tree):
+    """Host numpy arrays -> global jax.Arrays with the given shardings (multi-controller safe).
+
+    Each process materialises only its addressable shards from its own copy of the host values.
+    """
+
+    def place(value, sharding):
+        value = np.asarray(value)
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+    return jax.tree.map(place, host_tree, sharding_tree)
+
+
+def to_host(array: jax.Array) -> np.ndarray:
+    """A fully replicated jax.Array as numpy, read from this process's own copy."""
+    if not array.sharding.is_fully_replicated:
+        raise ValueError(f"to_host needs a replicated array, got {array.sharding}")
+    return np.asarray(array.addressable_data(0))

@@ -1,0 +1,36 @@
+"""Shared fixtures for the model/engine tests: the SmolLM2 checkpoint is read once per session."""
+
+from __future__ import annotations
+
+import jax
+import pytest
+
+from serving.engine import EngineSet, engines_from_params
+from serving.loaders import gguf_loader, prepare_params, runtime_config
+from serving.settings import ServingSettings
+
+@pytest.fixture(scope="session")
+def smollm_raw():
+    """(architecture config, float32 host params, tokenizer) straight from the bundled GGUF."""
+    return gguf_loader.load_gguf(gguf_loader.bundled_gguf_path())
+
+
+@pytest.fixture(scope="session")
+def smollm_engines(smollm_raw):
+    """engines(devices, **settings) -> EngineSet on the real model, without re-reading the GGUF."""
+    arch, raw_params, tokenizer = smollm_raw
+
+    def make(devices, **overrides) -> EngineSet:
+        defaults = dict(max_prefill_predict_length=32, max_target_length=64, per_device_batch_size=1)
+        settings = ServingSettings(**{**defaults, **overrides})
+        cfg = runtime_config(arch, settings)
+        params = prepare_params(cfg, raw_params, already_quantized=False)
+        return engines_from_params(settings, cfg, params, tokenizer, devices)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def one_device():
+    return jax.devices()[:1]
+

@@ -1,0 +1,165 @@
+"""Model and engine on the tiny random-weight config: cache consistency, bucketing, slots, sampling,
+int8 round trips, loaders, shardings of every array."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from model_helpers import generate
+from serving import model, quant, sharding
+from serving.engine import build_engines, prefill_buckets
+from serving.engine_api import GREEDY, SamplingParams
+from serving.loaders import load_checkpoint, npz_loader
+from serving.settings import ServingSettings
+
+TINY = dict(model_name="tiny", max_prefill_predict_length=32, max_target_length=48, per_device_batch_size=4)
+PROMPTS = [[5, 6, 7], list(range(10, 30)), [100] * 17]
+
+
+def reference_greedy(cfg, params, prompt: list[int], n_tokens: int) -> list[int]:
+    """Greedy decoding by re-running prefill over the whole sequence (no KV cache reuse)."""
+    seq, prefill = list(prompt), jax.jit(model.prefill, static_argnums=0)
+    for _ in range(n_tokens):
+        padded = jnp.zeros((1, 64), jnp.int32).at[0, : len(seq)].set(jnp.array(seq))
+        logits, _ = prefill(cfg, params, padded, len(seq))
+        seq.append(int(jnp.argmax(logits[0])))
+    return seq[len(prompt):]
+
+
+@pytest.fixture(scope="module")
+def tiny(one_device):
+    engines = build_engines(ServingSettings(**TINY), devices=one_device)
+    return engines, engines.generate_engine.load_params()
+
+
+def test_engine_greedy_matches_cacheless_reference(tiny):
+    engines, params = tiny
+    ours = generate(engines, PROMPTS, 8)
+    for prompt, out in zip(PROMPTS, ours):
+        assert out == reference_greedy(engines.model_config, params, prompt, 8)
+
+
+def test_prefill_buckets_and_limits(tiny):
+    engine = tiny[0].generate_engine
+    assert prefill_buckets(32) == (16, 32) and prefill_buckets(100) == (16, 32, 64, 100)
+    assert engine.bucket_for(1) == 16 and engine.bucket_for(17) == 32
+    for bad in ([], list(range(33))):
+        with pytest.raises(ValueError):
+            engine.prefill(params=tiny[1], tokens=bad, sampling=GREEDY)
+
+
+def test_generate_is_safe_past_cache_end_and_release_frees(tiny):
+    engines, params = tiny
+    engine = engines.generate_engine
+    state = engine.init_decode_state()
+    state, step = engine.generate(params=params, decode_state=state)  # all slots free
+    assert step.to_host().shape == (4,)
+    prefix, _ = engine.prefill(params=params, tokens=list(range(30)), sampling=GREEDY)
+    state = engine.insert(prefix, state, slot=3)
+    for _ in range(engine.cache_length + 5):
+        state, step = engine.generate(params=params, decode_state=state)
+    assert int(sharding.to_host(jax.device_put(state.lengths, engine._replicated))[3]) == engine.cache_length
+    assert np.all((step.to_host() >= 0) & (step.to_host() < 256))
+    state = engine.release(state, slot=3)
+    lengths = np.asarray(jax.device_get(state.lengths))
+    assert lengths[3] == 0 and not np.asarray(jax.device_get(state.active)).any()
+
+
+def test_sampling_seeded_reproducible_and_slot_independent(tiny):
+    engines, _ = tiny
+    hot = SamplingParams(temperature=1.5, seed=7)
+    a = generate(engines, [PROMPTS[0]], 10, hot)[0]
+    b = generate(engines, [PROMPTS[1], PROMPTS[0]], 10, hot)[1]
+    assert a == b
+    assert a != generate(engines, [PROMPTS[0]], 10, dataclasses.replace(hot, seed=8))[0]
+    greedy = generate(engines, [PROMPTS[0]], 10)[0]
+    assert generate(engines, [PROMPTS[0]], 10, SamplingParams(temperature=2.0, top_k=1, seed=1))[0] == greedy
+    assert generate(engines, [PROMPTS[0]], 10, SamplingParams(temperature=2.0, top_p=1e-6, seed=1))[0] == greedy
+
+
+def test_int8_weight_einsum_and_kv_roundtrip():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 3, 5)).astype(np.float32)
+    x = rng.standard_normal((2, 8)).astype(np.float32)
+    q = quant.quantize(w, (0,))
+    assert q.values.dtype == np.int8 and q.scale.shape == (1, 3, 5)
+    exact = np.einsum("bd,dhe->bhe", x, w)
+    np.testing.assert_allclose(quant.einsum("bd,dhe->bhe", jnp.asarray(x), q), exact, atol=0.05)
+    kv = jnp.asarray(rng.standard_normal((2, 3, 16)), jnp.float32)
+    values, scale = quant.quantize_kv(kv)
+    np.testing.assert_allclose(quant.dequantize_kv(values, scale, jnp.float32), kv, atol=0.02)
+
+
+def test_quantized_checkpoint_roundtrip(tmp_path, one_device):
+    """Offline int8 conversion to .npz, served with checkpoint_is_quantized=true, equals quantize-on-load."""
+    settings = ServingSettings(**TINY, quantization="int8")
+    cfg, params, _ = load_checkpoint(settings)
+    assert isinstance(params["layers"]["wq"], quant.QuantArray)
+    from serving.tokenizer import BPETokenizer
+    from tokenizers import Tokenizer, models
+
+    tok = BPETokenizer(Tokenizer(models.BPE()), [2])
+    path = str(tmp_path / "tiny-int8.npz")
+    npz_loader.save_npz(path, cfg, params, tok)
+    loaded = dataclasses.replace(settings, model_name="x", load_parameters_path=path, checkpoint_is_quantized=True)
+    cfg2, params2, _ = load_checkpoint(loaded)
+    assert cfg2 == cfg
+    jax.tree.map(np.testing.assert_array_equal, params, params2)
+    with pytest.raises(ValueError, match="checkpoint_is_quantized"):
+        load_checkpoint(dataclasses.replace(loaded, checkpoint_is_quantized=False))
+
+
+def test_mesh_shape_errors_name_the_keys():
+    s = ServingSettings(ici_tensor_parallelism=4, ici_autoregressive_parallelism=-1)
+    assert sharding.mesh_shape(s, 8) == {"fsdp": 1, "autoregressive": 2, "tensor": 4}
+    with pytest.raises(sharding.MeshError, match="ici_tensor_parallelism=3"):
+        sharding.mesh_shape(ServingSettings(ici_tensor_parallelism=3), 8)
+    with pytest.raises(sharding.MeshError, match="only one"):
+        sharding.mesh_shape(ServingSettings(ici_fsdp_parallelism=-1, ici_tensor_parallelism=-1), 8)
+
+
+@pytest.mark.parametrize("tp,heads_sharded", [(2, True), (4, False)])
+def test_every_array_has_its_intended_sharding(tp, heads_sharded):
+    """tiny has 2 kv heads: TP=2 shards attention heads and the cache, TP=4 replicates them."""
+    settings = ServingSettings(**TINY, ici_tensor_parallelism=tp, ici_autoregressive_parallelism=-1, quantization="int8", quantize_kvcache=True)
+    engines = build_engines(settings, devices=jax.devices())
+    engine = engines.generate_engine
+    params, state = engine.load_params(), engine.init_decode_state()
+    heads = "tensor" if heads_sharded else None
+    batch = ("fsdp", "autoregressive")
+    layers = params["layers"]
+    expected = {
+        "wq": (layers["wq"].values, P(None, "fsdp", heads, None)),
+        "wq.scale": (layers["wq"].scale, P(None, None, heads, None)),
+        "wo": (layers["wo"].values, P(None, heads, None, "fsdp")),
+        "w_up": (layers["w_up"].values, P(None, "fsdp", "tensor")),
+        "w_down": (layers["w_down"].values, P(None, "tensor", "fsdp")),
+        "embed": (params["embed"].values, P("tensor", "fsdp")),
+        "attn_norm": (layers["attn_norm"], P(None, None)),
+        "cache.k": (state.cache.k, P(None, batch, heads, None, None)),
+        "cache.k_scale": (state.cache.k_scale, P(None, batch, heads, None)),
+        "lengths": (state.lengths, P(batch)),
+    }
+    for name, (array, spec) in expected.items():
+        assert array.sharding.spec == spec, name
+    # Every leaf carries exactly the sharding derived from its declaration.
+    for arrays, wanted in ((params, engine.param_shardings), (state, engine.state_shardings)):
+        for array, target in zip(jax.tree.leaves(arrays), jax.tree.leaves(wanted)):
+            assert array.sharding == target
+    prefix, first = engine.prefill(params=params, tokens=[1, 2, 3], sampling=GREEDY)
+    assert first.array.sharding.is_fully_replicated
+    assert prefix.cache.k.sharding.spec == P(None, None, heads, None, None)
+
+
+def test_untied_preset_runs(one_device):
+    engines = build_engines(ServingSettings(**{**TINY, "model_name": "tiny-untied"}), devices=one_device)
+    assert "lm_head" in engines.generate_engine.load_params()
+    assert generate(engines, [PROMPTS[0]], 3)[0] == reference_greedy(
+        engines.model_config, engines.generate_engine.load_params(), PROMPTS[0], 3
+    )
