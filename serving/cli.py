@@ -1,0 +1,243 @@
+"""`python -m serving`: load the model, warm up, serve HTTP (JetStream + OpenAI) and gRPC.
+
+  python -m serving [--host H] [--http-port P] [--grpc-port G] [--model PATH] [--slots N]
+                    [--max-prefill-length N] [--max-target-length N] [--dtype D] ... [key=value ...]
+
+The MaxText-style `key=value` arguments after the flags are the same list the stack puts in the
+LeaderWorkerSet (see serving/settings.py). The convenience flags are shorthands for settings keys
+and are applied first, so an explicit `key=value` wins:
+
+  --model PATH              load_parameters_path=PATH
+  --tokenizer PATH          tokenizer_path=PATH
+  --max-prefill-length N    max_prefill_predict_length=N
+  --max-target-length N     max_target_length=N
+  --dtype D                 dtype=D weight_dtype=D
+  --slots N                 per_device_batch_size=N / (devices of the generate mesh)
+  --no-warmup               enable_model_warmup=false
+
+Start-up runs in two separable steps so a multi-host launcher can run the first everywhere and the
+second only on process 0: `build_runtime` (engines, weights, orchestrator) and `serve` (front ends,
+warm-up, wait for SIGINT/SIGTERM). /healthcheck answers 500 while warming up, 200 once live.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import logging
+import signal
+import sys
+import threading
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+from serving.metrics import ServerMetrics
+from serving.orchestrator import Orchestrator
+from serving.settings import ServingSettings, SettingsError, parse_settings
+
+
+class Progress:
+    """Start-up progress on stderr: one line per step with elapsed time, and a heartbeat while a
+    long step (loading, compiling) runs."""
+
+    def __init__(self, stream=sys.stderr, heartbeat_s: float = 10.0):
+        self._stream = stream
+        self._start = time.perf_counter()
+        self._heartbeat_s = heartbeat_s
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self._start
+
+    def __call__(self, message: str) -> None:
+        print(f"[serving {self.elapsed:7.1f}s] {message}", file=self._stream, flush=True)
+
+    @contextlib.contextmanager
+    def step(self, what: str) -> Iterator[None]:
+        self(f"{what} ...")
+        started, done = time.perf_counter(), threading.Event()
+
+        def beat():
+            while not done.wait(self._heartbeat_s):
+                self(f"  still {what} ({time.perf_counter() - started:.0f}s)")
+
+        ticker = threading.Thread(target=beat, daemon=True)
+        ticker.start()
+        try:
+            yield
+        finally:
+            done.set()
+            self(f"{what}: done in {time.perf_counter() - started:.1f}s")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m serving",
+        description="JetStream-compatible JAX LLM server (HTTP, OpenAI-compatible HTTP, gRPC).",
+        epilog="Trailing key=value arguments are MaxText/JetStream settings, e.g. "
+        "ici_tensor_parallelism=4 per_device_batch_size=2 quantization=int8.",
+    )
+    parser.add_argument("--host", default="0.0.0.0", help="address to bind (default %(default)s)")
+    parser.add_argument("--http-port", type=int, default=8000, help="HTTP port (default %(default)s)")
+    parser.add_argument(
+        "--grpc-port", type=int, default=9000, help="gRPC port, 0 to disable (default %(default)s)"
+    )
+    parser.add_argument("--model", help="checkpoint path (default: the bundled SmolLM2-135M-Instruct GGUF)")
+    parser.add_argument("--tokenizer", help="tokenizer path (default: the checkpoint's)")
+    parser.add_argument("--slots", type=int, help="decode slots (concurrent generations)")
+    parser.add_argument("--max-prefill-length", type=int, help="longest prompt in tokens")
+    parser.add_argument("--max-target-length", type=int, help="KV cache length: prompt + output")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="weights and activations")
+    parser.add_argument(
+        "--max-queued-requests",
+        type=int,
+        help="requests waiting for a slot before new ones get 503 (default: max(64, 2 x slots))",
+    )
+    parser.add_argument("--no-warmup", action="store_true", help="skip compiling ahead of serving")
+    parser.add_argument("--log-level", default="warning", help="server log level (default %(default)s)")
+    parser.add_argument("settings", nargs="*", metavar="key=value", help="MaxText-style settings")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace, device_count: Callable[[], int]) -> ServingSettings:
+    """Flags become key=value settings placed before the explicit ones (which therefore win)."""
+    flags: list[str] = []
+    for flag, keys in (
+        ("model", ("load_parameters_path",)),
+        ("tokenizer", ("tokenizer_path",)),
+        ("max_prefill_length", ("max_prefill_predict_length",)),
+        ("max_target_length", ("max_target_length",)),
+        ("dtype", ("dtype", "weight_dtype")),
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            flags += [f"{key}={value}" for key in keys]
+    if args.no_warmup:
+        flags.append("enable_model_warmup=false")
+    base = list(args.settings[:1]) if args.settings and "=" not in args.settings[0] else []
+    settings = parse_settings(base + flags + list(args.settings[len(base) :]))
+    if args.slots is not None:
+        settings = _with_slots(settings, args.slots, device_count())
+    return settings
+
+
+def _with_slots(settings: ServingSettings, slots: int, devices: int) -> ServingSettings:
+    generate_devices = devices // 2 if settings.disaggregated else devices
+    if slots <= 0 or slots % generate_devices:
+        raise SettingsError(
+            f"--slots {slots}: must be a positive multiple of the generate mesh's {generate_devices} "
+            "devices (slots = per_device_batch_size x devices)"
+        )
+    return dataclasses.replace(settings, per_device_batch_size=slots // generate_devices)
+
+
+@dataclasses.dataclass
+class Runtime:
+    """What `serve` needs: built on every process of a multi-host group."""
+
+    settings: ServingSettings
+    engines: Any  # serving.engine.EngineSet
+    orchestrator: Orchestrator
+
+
+def build_runtime(
+    settings: ServingSettings,
+    args: argparse.Namespace,
+    progress: Progress,
+    build_engines: Callable[[ServingSettings], Any] | None = None,
+) -> Runtime:
+    """Engines (default: serving.engine.build_engines), weights on devices, the orchestrator."""
+    if build_engines is None:
+        from serving.engine import build_engines  # the model stack: imported only to serve
+
+    with progress.step("loading model and building engines"):
+        engines = build_engines(settings)
+    loaded_s = progress.elapsed
+    if settings.ignored:
+        progress("ignored settings (not applicable here): " + "; ".join(settings.ignored))
+    report = getattr(engines, "memory_report", "")
+    report = report() if callable(report) else report
+    if report:
+        progress("memory:\n" + str(report).rstrip())
+    with progress.step("placing weights on devices"):
+        prefill_params = engines.prefill_engine.load_params()
+        if engines.generate_engine is engines.prefill_engine:
+            generate_params = prefill_params
+        else:
+            generate_params = engines.generate_engine.load_params()
+    slots = engines.generate_engine.max_concurrent_decodes
+    metrics = ServerMetrics(model_name=settings.model_name)
+    metrics.startup(model_load_s=loaded_s, total_s=progress.elapsed)
+    orchestrator = Orchestrator(
+        tokenizer=engines.tokenizer,
+        prefill_engine=engines.prefill_engine,
+        generate_engine=engines.generate_engine,
+        prefill_params=prefill_params,
+        generate_params=generate_params,
+        metrics=metrics,
+        max_queued_requests=args.max_queued_requests or max(64, 2 * slots),
+    )
+    mode = "disaggregated" if orchestrator.disaggregated else "interleaved"
+    progress(
+        f"{mode} mode: {slots} slots, prompts up to {orchestrator.max_prefill_length} tokens, "
+        f"cache {orchestrator.max_target_length} tokens"
+    )
+    return Runtime(settings, engines, orchestrator)
+
+
+def serve(runtime: Runtime, args: argparse.Namespace, progress: Progress, stop: threading.Event) -> None:
+    """Front ends up first (health 500 while warming), then warm-up, then serve until `stop`."""
+    from serving.grpc_api import start_grpc_server
+    from serving.http_api import HttpServer, create_app
+
+    orchestrator = runtime.orchestrator
+    app = create_app(orchestrator, model_name=runtime.settings.model_name)
+    http = HttpServer(app, args.host, args.http_port, log_level=args.log_level).start()
+    grpc_server = start_grpc_server(orchestrator, args.host, args.grpc_port) if args.grpc_port else None
+    progress(f"HTTP on {args.host}:{args.http_port}" + (f", gRPC on {args.host}:{args.grpc_port}" if grpc_server else ""))
+    try:
+        warm = runtime.settings.enable_model_warmup
+        with progress.step("warming up (compiling every prefill bucket)" if warm else "starting"):
+            orchestrator.start(warmup=warm, progress=progress)
+        progress(
+            f"ready: curl -s localhost:{args.http_port}/generate "
+            """-d '{"prompt": "What is JAX?", "max_tokens": 32}'"""
+        )
+        while not stop.wait(0.5):
+            if not orchestrator.is_live:
+                progress("orchestrator is no longer live; /healthcheck reports 500")
+                stop.wait()
+    finally:
+        progress("shutting down")
+        http.stop()
+        if grpc_server is not None:
+            grpc_server.stop(grace=2).wait()
+        orchestrator.stop()
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_intermixed_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    progress = Progress()
+
+    def device_count() -> int:
+        import jax
+
+        return jax.device_count()
+
+    try:
+        settings = settings_from_args(args, device_count)
+    except SettingsError as exc:
+        parser.error(str(exc))
+    runtime = build_runtime(settings, args, progress)
+    serve(runtime, args, progress, _stop_on_signals())
+    return 0

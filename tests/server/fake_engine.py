@@ -1,0 +1,191 @@
+"""A hand-computable engine and tokenizer for orchestrator and front-end tests (no model, no JAX).
+
+Tokenizer: one token per UTF-8 byte (ids 0..255), plus EOS = 256 written "<eos>" in text, so
+multi-byte characters span several tokens exactly as with byte-level BPE.
+
+Engine ("echo"): the model repeats its prompt forever. For prompt tokens p[0..n-1] the first
+token (from prefill) is p[0] and decode step k gives p[k % n]; with sampling (temperature > 0)
+every non-EOS token is shifted by the request's seed, mod 256. So prompt "abc" greedily yields
+"abcabca...", and "hi<eos>" yields "hi" then stops. Slots keep their own prompt, so any mix-up
+between slots shows in the text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from typing import Sequence
+
+import numpy as np
+
+from serving.engine_api import Engine, SamplingParams
+
+EOS = 256
+_EOS_TEXT = "<eos>"
+
+
+class ByteTokenizer:
+    eos_ids = frozenset({EOS})
+    vocab_size = 257
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for i, part in enumerate(text.split(_EOS_TEXT)):
+            if i:
+                ids.append(EOS)
+            ids.extend(part.encode("utf-8"))
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        out = bytearray()
+        for token in ids:
+            out.extend(_EOS_TEXT.encode() if token == EOS else bytes([token]))
+        return out.decode("utf-8", errors="replace")
+
+    def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> str:
+        return "".join(f"[{m['role']}]{m['content']}\n" for m in messages) + "[assistant]"
+
+
+def echo_tokens(prompt: Sequence[int], count: int, seed_shift: int = 0) -> list[int]:
+    """What the fake model generates: the expected values for tests."""
+    out = [prompt[k % len(prompt)] for k in range(count)]
+    return [t if t == EOS else (t + seed_shift) % 256 for t in out]
+
+
+class HostTokens:
+    def __init__(self, values: np.ndarray, delay_s: float = 0.0):
+        self._values = values
+        self._delay_s = delay_s
+
+    def to_host(self) -> np.ndarray:
+        if self._delay_s:
+            time.sleep(self._delay_s)
+        return self._values.copy()
+
+
+@dataclasses.dataclass
+class EchoPrefix:
+    tokens: np.ndarray  # [n] the prompt
+    shift: int
+    mesh: str
+
+
+class EchoEngine(Engine):
+    """See the module docstring. Records its calls; raises if two threads call it at once."""
+
+    def __init__(
+        self,
+        *,
+        slots: int = 4,
+        max_prefill_length: int = 16,
+        max_target_length: int = 32,
+        step_delay_s: float = 0.0,
+        mesh: str = "mesh0",
+    ):
+        self._slots = slots
+        self._max_prefill = max_prefill_length
+        self._max_target = max_target_length
+        self.step_delay_s = step_delay_s
+        self.mesh = mesh
+        self.calls: list[tuple] = []
+        self.warmed = False
+        self._busy = threading.Lock()
+
+    @property
+    def max_concurrent_decodes(self) -> int:
+        return self._slots
+
+    @property
+    def max_prefill_length(self) -> int:
+        return self._max_prefill
+
+    @property
+    def max_target_length(self) -> int:
+        return self._max_target
+
+    @property
+    def prefill_buckets(self) -> tuple[int, ...]:
+        buckets, size = [], 1
+        while size < self._max_prefill:
+            buckets.append(size)
+            size *= 2
+        return tuple(buckets + [self._max_prefill])
+
+    def _enter(self, call: tuple) -> None:
+        if not self._busy.acquire(blocking=False):
+            raise AssertionError(f"concurrent engine call {call}")
+        self.calls.append(call)
+
+    def load_params(self):
+        return {"mesh": self.mesh}
+
+    def init_decode_state(self):
+        return {
+            "prompt": np.zeros((self._slots, self._max_target), np.int32),
+            "prompt_len": np.ones((self._slots,), np.int32),
+            "step": np.zeros((self._slots,), np.int32),
+            "shift": np.zeros((self._slots,), np.int32),
+        }
+
+    def prefill(self, *, params, tokens: Sequence[int], sampling: SamplingParams):
+        self._enter(("prefill", len(tokens)))
+        try:
+            assert params == {"mesh": self.mesh}, "prefill got another engine's params"
+            if not 0 < len(tokens) <= self._max_prefill:
+                raise ValueError(f"prompt length {len(tokens)} not in [1, {self._max_prefill}]")
+            shift = 0 if sampling.greedy else sampling.seed
+            prefix = EchoPrefix(np.asarray(tokens, np.int32), shift, self.mesh)
+            first = echo_tokens(tokens, 1, shift)
+            return prefix, HostTokens(np.asarray(first, np.int32))
+        finally:
+            self._busy.release()
+
+    def transfer(self, prefix: EchoPrefix) -> EchoPrefix:
+        self._enter(("transfer", prefix.mesh))
+        try:
+            return dataclasses.replace(prefix, mesh=self.mesh)
+        finally:
+            self._busy.release()
+
+    def insert(self, prefix: EchoPrefix, decode_state, slot: int):
+        self._enter(("insert", slot))
+        try:
+            assert prefix.mesh == self.mesh, "prefix was not transferred to this engine's mesh"
+            n = len(prefix.tokens)
+            decode_state["prompt"][slot, :n] = prefix.tokens
+            decode_state["prompt_len"][slot] = n
+            decode_state["step"][slot] = 1  # the first token came from prefill
+            decode_state["shift"][slot] = prefix.shift
+            return decode_state
+        finally:
+            self._busy.release()
+
+    def release(self, decode_state, slot: int):
+        """Optional engine method (JaxEngine has it): a freed slot stops decoding."""
+        self._enter(("release", slot))
+        try:
+            decode_state["prompt_len"][slot] = 1
+            decode_state["prompt"][slot, 0] = 0
+            return decode_state
+        finally:
+            self._busy.release()
+
+    def generate(self, *, params, decode_state):
+        self._enter(("generate",))
+        try:
+            assert params == {"mesh": self.mesh}, "generate got another engine's params"
+            if self.step_delay_s:
+                time.sleep(self.step_delay_s)
+            s = decode_state
+            idx = s["step"] % s["prompt_len"]
+            tokens = s["prompt"][np.arange(self._slots), idx]
+            tokens = np.where(tokens == EOS, EOS, (tokens + s["shift"]) % 256).astype(np.int32)
+            s["step"] = s["step"] + 1
+            return s, HostTokens(tokens)
+        finally:
+            self._busy.release()
+
+    def warmup(self, params) -> None:
+        super().warmup(params)
+        self.warmed = True

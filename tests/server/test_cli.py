@@ -1,0 +1,115 @@
+"""serving/cli.py: flag mapping, and build_runtime + serve wired to the echo engine in-process."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import threading
+import time
+
+import httpx
+import pytest
+from conftest import HOST, free_port
+from fake_engine import ByteTokenizer, EchoEngine
+
+from serving import cli
+from serving.settings import DISAGGREGATED_SERVER, SettingsError
+
+
+def settings(argv, devices=1):
+    return cli.settings_from_args(cli.build_parser().parse_intermixed_args(argv), lambda: devices)
+
+
+def test_flags_map_onto_settings_keys():
+    s = settings(
+        ["--model", "/m.gguf", "--max-prefill-length", "64", "--max-target-length", "128", "--dtype", "bfloat16"]
+    )
+    assert s.load_parameters_path == "/m.gguf"
+    assert (s.max_prefill_predict_length, s.max_target_length) == (64, 128)
+    assert (s.dtype, s.weight_dtype) == ("bfloat16", "bfloat16")
+    assert not settings(["--no-warmup"]).enable_model_warmup
+
+
+def test_key_values_follow_flags_and_win():
+    s = settings(["base.yml", "--http-port", "8001", "max_target_length=1500", "--max-target-length", "1200"])
+    assert s.max_target_length == 1500
+    assert s.ignored == ("base.yml",)
+
+
+def test_slots_divide_over_the_generate_mesh():
+    assert settings(["--slots", "8"], devices=4).per_device_batch_size == 2
+    disagg = settings(["--slots", "8", f"inference_server={DISAGGREGATED_SERVER}"], devices=8)
+    assert disagg.per_device_batch_size == 2  # 8 devices -> 4 prefill + 4 generate
+    with pytest.raises(SettingsError, match="--slots 3"):
+        settings(["--slots", "3"], devices=2)
+
+
+def test_unknown_key_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--http-port", "1", "not_a_key=1"])
+    assert info.value.code == 2
+    assert "not_a_key" in capsys.readouterr().err
+
+
+@dataclasses.dataclass
+class FakeEngineSet:
+    tokenizer: ByteTokenizer
+    prefill_engine: EchoEngine
+    generate_engine: EchoEngine
+    model_config: object = None
+    memory_report: str = "params: 0 bytes"
+
+
+class GatedWarmupEngine(EchoEngine):
+    """Warm-up waits for the test, so it can see the health check before the server is live."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.release = threading.Event()
+
+    def warmup(self, params):
+        assert self.release.wait(20), "test never released warm-up"
+        super().warmup(params)
+
+
+def test_serve_reports_progress_and_is_live_only_after_warmup():
+    engine = GatedWarmupEngine(slots=2, max_prefill_length=16, max_target_length=32)
+    http_port = free_port()
+    args = cli.build_parser().parse_intermixed_args(
+        ["--host", HOST, "--http-port", str(http_port), "--grpc-port", "0", "--slots", "2", "scan_layers=false"]
+    )
+    out = io.StringIO()
+    progress = cli.Progress(stream=out)
+    s = cli.settings_from_args(args, lambda: 1)
+    runtime = cli.build_runtime(
+        s, args, progress, build_engines=lambda _: FakeEngineSet(ByteTokenizer(), engine, engine)
+    )
+    stop = threading.Event()
+    server = threading.Thread(target=cli.serve, args=(runtime, args, progress, stop), daemon=True)
+    server.start()
+    url = f"http://{HOST}:{http_port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                health = httpx.get(url + "/healthcheck", timeout=5)
+                break
+            except httpx.ConnectError:
+                assert time.monotonic() < deadline, "HTTP server never came up"
+                time.sleep(0.05)
+        assert health.status_code == 500  # warming up
+        engine.release.set()
+        while httpx.get(url + "/healthcheck", timeout=5).status_code != 200:
+            assert time.monotonic() < deadline, "never became live"
+            time.sleep(0.05)
+        r = httpx.post(url + "/generate", json={"prompt": "hey", "max_tokens": 4}, timeout=10)
+        assert r.json() == {"response": "heyh"}
+    finally:
+        engine.release.set()
+        stop.set()
+        server.join(timeout=20)
+    assert not server.is_alive()
+    log = out.getvalue()
+    assert "ignored settings (not applicable here): scan_layers" in log
+    assert "params: 0 bytes" in log and "ready: curl" in log and "shutting down" in log
+    assert log.count("ignored settings") == 1

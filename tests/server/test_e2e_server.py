@@ -1,0 +1,216 @@
+"""End to end: `python -m serving` with the bundled SmolLM2-135M-Instruct, as a subprocess on free
+loopback ports, exercised over HTTP (JetStream + OpenAI) and gRPC.
+
+One server for the module (1 CPU device for deterministic numerics, 4 slots, prompts up to 128
+tokens, 256-token cache, at most 4 requests waiting). Outputs are greedy, so a prompt always gives
+the same text, alone or among concurrent requests.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from conftest import HOST, free_port
+
+from serving import proto
+
+pytestmark = pytest.mark.slow
+pytest.importorskip("serving.engine", reason="the real engine (serving/engine.py) is not built yet")
+
+ROOT = Path(__file__).resolve().parents[2]
+START_TIMEOUT_S = 300
+TIMEOUT = httpx.Timeout(60.0)
+SLOTS, MAX_QUEUED = 4, 4
+pb2, pb2_grpc = proto.load()
+
+
+def chat_prompt(question: str) -> str:
+    return f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+
+
+FRANCE = chat_prompt("What is the capital of France?")
+PROMPTS = [
+    chat_prompt("Name a primary color."),
+    chat_prompt("What is 2 + 2?"),
+    "The three laws of motion are",
+    chat_prompt("Say hello in Spanish."),
+    "def fibonacci(n):",
+]
+
+
+@pytest.fixture(scope="module")
+def server():
+    http_port, grpc_port = free_port(), free_port()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    cmd = [
+        sys.executable, "-m", "serving",
+        "--host", HOST, "--http-port", str(http_port), "--grpc-port", str(grpc_port),
+        "--max-prefill-length", "128", "--max-target-length", "256",
+        "--slots", str(SLOTS), "--max-queued-requests", str(MAX_QUEUED),
+    ]  # fmt: skip
+    log = open(ROOT / ".pytest_cache" / "e2e-server.log", "w") if (ROOT / ".pytest_cache").is_dir() else None
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"http://{HOST}:{http_port}"
+    deadline = time.monotonic() + START_TIMEOUT_S
+    try:
+        while True:
+            assert proc.poll() is None, f"server exited with {proc.returncode}"
+            assert time.monotonic() < deadline, "server did not become live in time"
+            try:
+                if httpx.get(url + "/healthcheck", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        yield {"url": url, "grpc": f"{HOST}:{grpc_port}", "proc": proc}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        if log:
+            log.close()
+
+
+def generate(server, prompt: str, max_tokens: int, **extra) -> httpx.Response:
+    body = {"prompt": prompt, "max_tokens": max_tokens, **extra}
+    return httpx.post(server["url"] + "/generate", json=body, timeout=TIMEOUT)
+
+
+def metric(server, name: str) -> float:
+    text = httpx.get(server["url"] + "/metrics", timeout=TIMEOUT).text
+    match = re.search(rf"^{name}{{[^}}]*}} (\S+)$", text, re.MULTILINE)
+    assert match, f"{name} not in /metrics"
+    return float(match.group(1))
+
+
+def wait_idle(server, timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while metric(server, "jetstream_slots_used_percentage") != 0.0:
+        assert time.monotonic() < deadline, "slots were not freed"
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def sequential(server):
+    """Greedy results one request at a time: the reference for the concurrent runs."""
+    return {p: generate(server, p, 12).json()["response"] for p in PROMPTS}
+
+
+def test_generate_is_coherent_and_deterministic(server):
+    first = generate(server, FRANCE, 24)
+    assert first.status_code == 200
+    assert "Paris" in first.json()["response"]
+    assert generate(server, FRANCE, 24).json() == first.json()
+
+
+def test_stream_equals_whole_response(server):
+    whole = generate(server, PROMPTS[2], 16).json()["response"]
+    body = {"prompt": PROMPTS[2], "max_tokens": 16, "stream": True}
+    with httpx.stream("POST", server["url"] + "/generate", json=body, timeout=TIMEOUT) as r:
+        pieces = [json.loads(line)["response"] for line in r.iter_lines() if line]
+    assert len(pieces) > 1 and "".join(pieces) == whole
+
+
+def test_openai_endpoints(server):
+    url = server["url"]
+    models = httpx.get(url + "/v1/models", timeout=TIMEOUT).json()
+    assert models["data"][0]["id"]
+    chat = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 24}
+    r = httpx.post(url + "/v1/chat/completions", json=chat, timeout=TIMEOUT).json()
+    assert "Paris" in r["choices"][0]["message"]["content"]
+    assert r["choices"][0]["finish_reason"] == "stop"  # ends at <|im_end|>
+    usage = r["usage"]
+    assert usage["prompt_tokens"] > 5 and 0 < usage["completion_tokens"] < 24
+    with httpx.stream("POST", url + "/v1/chat/completions", json={**chat, "stream": True}, timeout=TIMEOUT) as s:
+        events = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == r["choices"][0]["message"]["content"]
+    assert chunks[-1]["usage"] == usage
+    completion = {"prompt": PROMPTS[2], "max_tokens": 16}
+    c = httpx.post(url + "/v1/completions", json=completion, timeout=TIMEOUT).json()
+    assert c["choices"][0]["text"] == generate(server, PROMPTS[2], 16).json()["response"]
+    assert c["usage"]["completion_tokens"] == 16
+
+
+def test_grpc_decode_and_health(server):
+    with grpc.insecure_channel(server["grpc"]) as channel:
+        stub = pb2_grpc.OrchestratorStub(channel)
+        assert stub.HealthCheck(pb2.HealthCheckRequest(), timeout=30).is_live
+        request = pb2.DecodeRequest(
+            text_content=pb2.DecodeRequest.TextContent(text=PROMPTS[2]), max_tokens=16, priority=0
+        )
+        samples = [r.stream_content.samples[0] for r in stub.Decode(request, timeout=60)]
+        ids = [t for s in samples for t in s.token_ids]
+        assert "".join(s.text for s in samples) == generate(server, PROMPTS[2], 16).json()["response"]
+        assert len(ids) == 16
+        by_ids = pb2.DecodeRequest(token_content=pb2.DecodeRequest.TokenContent(token_ids=ids[:8]), max_tokens=4)
+        assert len([r for r in stub.Decode(by_ids, timeout=60)]) == 4
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.Decode(pb2.DecodeRequest(text_content=request.text_content, max_tokens=-1), timeout=30))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_concurrent_requests_equal_sequential_greedy(server, sequential):
+    with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
+        got = list(pool.map(lambda p: generate(server, p, 12), PROMPTS))
+    assert [r.status_code for r in got].count(200) + [r.status_code for r in got].count(503) == len(PROMPTS)
+    for prompt, response in zip(PROMPTS, got):
+        if response.status_code == 200:
+            assert response.json()["response"] == sequential[prompt]
+    assert sum(r.status_code == 200 for r in got) >= SLOTS
+
+
+def test_cancelled_stream_frees_its_slot(server):
+    body = {"prompt": PROMPTS[2], "max_tokens": 200, "stream": True}
+    started = time.monotonic()
+    with httpx.stream("POST", server["url"] + "/generate", json=body, timeout=TIMEOUT) as r:
+        next(r.iter_lines())
+    wait_idle(server)
+    assert time.monotonic() - started < 15, "the slot was held until all 200 tokens were generated"
+
+
+def test_overload_rejects_with_retry_after_and_loses_nothing(server, sequential):
+    prompt = PROMPTS[1]
+    n = SLOTS + MAX_QUEUED + 6
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        got = list(pool.map(lambda _: generate(server, prompt, 12), range(n)))
+    codes = [r.status_code for r in got]
+    assert set(codes) <= {200, 503} and codes.count(503) >= 1, codes
+    assert all(int(r.headers["retry-after"]) >= 1 for r in got if r.status_code == 503)
+    assert all(r.json()["response"] == sequential[prompt] for r in got if r.status_code == 200)
+    wait_idle(server)
+
+
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        (b"{oops", "body"),
+        ({"prompt": "hi", "max_tokens": -1}, "max_tokens"),
+        ({"prompt": "hi", "max_tokens": 10**9}, "max_tokens"),
+        ({"prompt": "hi", "max_tokens": "ten"}, "max_tokens"),
+        ({"prompt": "", "max_tokens": 4}, "prompt"),
+        ({"prompt": 42, "max_tokens": 4}, "prompt"),
+        ({"max_tokens": 4}, "prompt"),
+        ({"prompt": "word " * 300, "max_tokens": 4}, "prompt"),
+    ],
+)
+def test_bad_inputs_are_clear_4xx(server, body, param):
+    kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(server["url"] + "/generate", timeout=TIMEOUT, **kw)
+    assert 400 <= r.status_code < 500
+    assert r.json()["error"]["param"] == param
+    assert generate(server, FRANCE, 2).status_code == 200

@@ -1,0 +1,72 @@
+"""serving/settings.py: MaxText-style key=value arguments."""
+
+from __future__ import annotations
+
+import pytest
+
+from serving.settings import DISAGGREGATED_SERVER, SettingsError, ServingSettings, parse_settings
+
+
+def test_defaults():
+    s = parse_settings([])
+    assert s == ServingSettings()
+    assert (s.max_prefill_predict_length, s.max_target_length, s.ignored) == (1024, 2048, ())
+    assert not s.disaggregated
+
+
+def test_lws_argument_list_is_honoured():
+    s = parse_settings(
+        [
+            "MaxText/configs/base.yml",
+            "model_name=llama3.1-405b",
+            "max_prefill_predict_length=512",
+            "max_target_length=1024",
+            "per_device_batch_size=2",
+            "ici_tensor_parallelism=8",
+            "ici_autoregressive_parallelism=2",
+            "quantization=int8",
+            "quantize_kvcache=true",
+            "enable_model_warmup=false",
+            "weight_dtype=bfloat16",
+            f"inference_server={DISAGGREGATED_SERVER}",
+            "scan_layers=false",
+        ]
+    )
+    assert s.model_name == "llama3.1-405b"
+    assert (s.max_prefill_predict_length, s.max_target_length, s.per_device_batch_size) == (512, 1024, 2)
+    assert (s.ici_tensor_parallelism, s.ici_autoregressive_parallelism) == (8, 2)
+    assert s.quantization == "int8" and s.quantize_kvcache and not s.enable_model_warmup
+    assert s.weight_dtype == "bfloat16" and s.disaggregated
+    assert s.ignored[0] == "MaxText/configs/base.yml"
+    assert s.ignored[1].startswith("scan_layers")
+
+
+def test_later_keys_override_earlier():
+    assert parse_settings(["seed=1", "seed=7"]).seed == 7
+
+
+@pytest.mark.parametrize(
+    "args,named",
+    [
+        (["frobnicate=1"], "frobnicate"),
+        (["per_device_batch_size=two"], "per_device_batch_size"),
+        (["quantize_kvcache=maybe"], "quantize_kvcache"),
+        (["quantization=int4"], "quantization"),
+        (["dtype=float16"], "dtype"),
+        (["inference_server=Other"], "inference_server"),
+        (["ici_tensor_parallelism=0"], "ici_tensor_parallelism"),
+        (["ici_fsdp_parallelism=-2"], "ici_fsdp_parallelism"),
+        (["per_device_batch_size=0"], "per_device_batch_size"),
+        (["max_prefill_predict_length=0"], "max_prefill_predict_length"),
+        (["max_prefill_predict_length=256", "max_target_length=256"], "max_target_length"),
+        (["base.yml", "other.yml"], "other.yml"),
+        (["seed=1", "base.yml"], "base.yml"),
+    ],
+)
+def test_bad_arguments_name_the_key(args, named):
+    with pytest.raises(SettingsError, match=named):
+        parse_settings(args)
+
+
+def test_fill_in_parallelism_is_allowed():
+    assert parse_settings(["ici_tensor_parallelism=-1"]).ici_tensor_parallelism == -1
