@@ -30,8 +30,10 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
+from serving import multihost
 from serving.metrics import ServerMetrics
 from serving.orchestrator import Orchestrator
 from serving.settings import ServingSettings, SettingsError, parse_settings
@@ -96,12 +98,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-warmup", action="store_true", help="skip compiling ahead of serving")
     parser.add_argument("--log-level", default="warning", help="server log level (default %(default)s)")
+    group = parser.add_argument_group(
+        "multi-host (default: the LeaderWorkerSet environment LWS_LEADER_ADDRESS, LWS_GROUP_SIZE, "
+        "LWS_WORKER_INDEX, JAX_COORDINATOR_PORT)"
+    )
+    group.add_argument("--coordinator-address", help="HOST[:PORT] of process 0 (JAX coordinator)")
+    group.add_argument("--num-processes", type=int, help="processes in the group, one per host")
+    group.add_argument("--process-id", type=int, help="this process's index; 0 serves the front ends")
     parser.add_argument("settings", nargs="*", metavar="key=value", help="MaxText-style settings")
     return parser
 
 
-def settings_from_args(args: argparse.Namespace, device_count: Callable[[], int]) -> ServingSettings:
-    """Flags become key=value settings placed before the explicit ones (which therefore win)."""
+def settings_from_args(args: argparse.Namespace) -> ServingSettings:
+    """Flags become key=value settings placed before the explicit ones (which therefore win).
+
+    `--slots` needs the device count, so `with_slots` applies it once JAX is initialised.
+    """
     flags: list[str] = []
     for flag, keys in (
         ("model", ("load_parameters_path",)),
@@ -116,13 +128,12 @@ def settings_from_args(args: argparse.Namespace, device_count: Callable[[], int]
     if args.no_warmup:
         flags.append("enable_model_warmup=false")
     base = list(args.settings[:1]) if args.settings and "=" not in args.settings[0] else []
-    settings = parse_settings(base + flags + list(args.settings[len(base) :]))
-    if args.slots is not None:
-        settings = _with_slots(settings, args.slots, device_count())
-    return settings
+    return parse_settings(base + flags + list(args.settings[len(base) :]))
 
 
-def _with_slots(settings: ServingSettings, slots: int, devices: int) -> ServingSettings:
+def with_slots(settings: ServingSettings, slots: int | None, devices: int) -> ServingSettings:
+    if slots is None:
+        return settings
     generate_devices = devices // 2 if settings.disaggregated else devices
     if slots <= 0 or slots % generate_devices:
         raise SettingsError(
@@ -139,6 +150,7 @@ class Runtime:
     settings: ServingSettings
     engines: Any  # serving.engine.EngineSet
     orchestrator: Orchestrator
+    control: multihost.ControlServer | None = None  # process 0 of a multi-host group
 
 
 def build_runtime(
@@ -146,20 +158,21 @@ def build_runtime(
     args: argparse.Namespace,
     progress: Progress,
     build_engines: Callable[[ServingSettings], Any] | None = None,
+    group: multihost.ProcessGroup | None = None,
 ) -> Runtime:
-    """Engines (default: serving.engine.build_engines), weights on devices, the orchestrator."""
-    if build_engines is None:
-        from serving.engine import build_engines  # the model stack: imported only to serve
+    """Engines (default: serving.engine.build_engines), weights on devices, the orchestrator.
 
-    with progress.step("loading model and building engines"):
-        engines = build_engines(settings)
+    In a multi-host group (this is process 0) every engine call is broadcast to the workers first.
+    """
+    engines = _load_engines(settings, progress, build_engines)
     loaded_s = progress.elapsed
     if settings.ignored:
         progress("ignored settings (not applicable here): " + "; ".join(settings.ignored))
-    report = getattr(engines, "memory_report", "")
-    report = report() if callable(report) else report
-    if report:
-        progress("memory:\n" + str(report).rstrip())
+    progress("memory: " + engines.memory_report())
+    control = None
+    if group is not None:
+        control = _lead_group(group, progress)
+        engines = _broadcast_engines(engines, control)
     with progress.step("placing weights on devices"):
         prefill_params = engines.prefill_engine.load_params()
         if engines.generate_engine is engines.prefill_engine:
@@ -177,13 +190,77 @@ def build_runtime(
         generate_params=generate_params,
         metrics=metrics,
         max_queued_requests=args.max_queued_requests or max(64, 2 * slots),
+        healthy=(lambda: not control.problems) if control else (lambda: True),
     )
     mode = "disaggregated" if orchestrator.disaggregated else "interleaved"
     progress(
         f"{mode} mode: {slots} slots, prompts up to {orchestrator.max_prefill_length} tokens, "
         f"cache {orchestrator.max_target_length} tokens"
     )
-    return Runtime(settings, engines, orchestrator)
+    return Runtime(settings, engines, orchestrator, control)
+
+
+def _load_engines(settings: ServingSettings, progress: Progress, build_engines=None):
+    if build_engines is None:
+        from serving.engine import (
+            build_engines,  # the model stack: imported only to serve
+        )
+
+    with progress.step("loading model and building engines"):
+        return build_engines(settings)
+
+
+def _engine_roles(engines) -> dict[str, Any]:
+    return {"prefill": engines.prefill_engine, "generate": engines.generate_engine}
+
+
+def _lead_group(group: multihost.ProcessGroup, progress: Progress) -> multihost.ControlServer:
+    """Process 0: wait for every worker to connect to the control channel."""
+    control = multihost.ControlServer(group)
+    with progress.step(f"waiting for {group.num_processes - 1} worker(s) on port {group.control_port}"):
+        control.accept_workers()
+    return control
+
+
+def _broadcast_engines(engines, control: multihost.ControlServer):
+    """The same EngineSet, with every engine call replayed on the workers first."""
+    wrapped = multihost.wrap_engines(_engine_roles(engines), multihost.Broadcaster(control.send))
+    return dataclasses.replace(engines, prefill_engine=wrapped["prefill"], generate_engine=wrapped["generate"])
+
+
+def run_worker(settings: ServingSettings, group: multihost.ProcessGroup, progress: Progress) -> int:
+    """Processes 1..N-1: build the same engines, then replay process 0's engine calls."""
+    engines = _load_engines(settings, progress)
+    progress(f"worker {group.process_id}/{group.num_processes}: following the leader at {group.coordinator_host}")
+    multihost.run_worker(_engine_roles(engines), multihost.connect_to_leader(group))
+    progress("leader shut down the group")
+    return 0
+
+
+def process_group(args: argparse.Namespace) -> multihost.ProcessGroup | None:
+    """The multi-host group from the flags, else from the LeaderWorkerSet environment."""
+    if args.num_processes is None:
+        return multihost.group_from_env()
+    if args.coordinator_address is None or args.process_id is None:
+        raise SettingsError("--num-processes needs --coordinator-address and --process-id")
+    host, _, port = args.coordinator_address.partition(":")
+    return multihost.ProcessGroup(
+        coordinator_host=host,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+        coordinator_port=int(port or multihost.DEFAULT_COORDINATOR_PORT),
+    )
+
+
+def start_jax(settings: ServingSettings, group: multihost.ProcessGroup | None) -> int:
+    """Join Pathways or the multi-controller group before anything touches a device."""
+    if settings.enable_single_controller:
+        multihost.initialize_single_controller()
+    elif group is not None:
+        multihost.initialize_distributed(group)
+    import jax
+
+    return jax.device_count()
 
 
 def serve(runtime: Runtime, args: argparse.Namespace, progress: Progress, stop: threading.Event) -> None:
@@ -214,6 +291,8 @@ def serve(runtime: Runtime, args: argparse.Namespace, progress: Progress, stop: 
         if grpc_server is not None:
             grpc_server.stop(grace=2).wait()
         orchestrator.stop()
+        if runtime.control is not None:
+            runtime.control.close()
 
 
 def _stop_on_signals() -> threading.Event:
@@ -228,16 +307,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     progress = Progress()
-
-    def device_count() -> int:
-        import jax
-
-        return jax.device_count()
-
     try:
-        settings = settings_from_args(args, device_count)
-    except SettingsError as exc:
+        settings = settings_from_args(args)
+        group = process_group(args)
+        settings = with_slots(settings, args.slots, start_jax(settings, group))
+    except (SettingsError, ValueError) as exc:
         parser.error(str(exc))
-    runtime = build_runtime(settings, args, progress)
+    if group is not None and not group.is_leader:
+        return run_worker(settings, group, progress)
+    runtime = build_runtime(settings, args, progress, group=group)
     serve(runtime, args, progress, _stop_on_signals())
     return 0

@@ -35,7 +35,8 @@ import socket
 import threading
 import time
 import weakref
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from serving.engine_api import Engine, SamplingParams
 
@@ -162,7 +163,13 @@ class ControlServer:
             raise RuntimeError(f"multi-host group broken: {'; '.join(self._lost)}")
 
     def close(self) -> None:
+        """End the group cleanly: workers get a shutdown op, then see the channel close."""
         self._closing = True
+        for conn in self._workers:
+            try:
+                conn.sendall(b'{"op": "shutdown"}\n')
+            except OSError:
+                pass
         for conn in self._workers:
             try:
                 conn.shutdown(socket.SHUT_RDWR)  # the workers see the channel end and exit
@@ -192,7 +199,7 @@ def connect_to_leader(group: ProcessGroup, timeout_s: float = CONNECT_TIMEOUT_S)
 class _Handle:
     """The leader's stand-in for an opaque pytree that every process holds its own copy of."""
 
-    __slots__ = ("id", "value", "__weakref__")
+    __slots__ = ("__weakref__", "id", "value")
 
     def __init__(self, handle_id: int, value: Any):
         self.id = handle_id
@@ -202,7 +209,7 @@ class _Handle:
 class LeaderEngine(Engine):
     """Wraps an engine so that each call is replayed, in the same order, on every worker."""
 
-    def __init__(self, inner: Engine, role: str, broadcaster: "Broadcaster"):
+    def __init__(self, inner: Engine, role: str, broadcaster: Broadcaster):
         self._inner = inner
         self._role = role
         self._broadcaster = broadcaster
@@ -292,10 +299,16 @@ _HANDLE_ARGS = ("params", "prefix", "decode_state")
 
 
 def run_worker(engines: Mapping[str, Engine], ops) -> None:
-    """Replay the leader's engine calls until its channel closes (then raise: the group is broken)."""
+    """Replay the leader's engine calls until it shuts the group down.
+
+    A channel that closes without a shutdown op means the leader died: raise, so this process
+    exits non-zero and LeaderWorkerSet recreates the group.
+    """
     objects: dict[int, Any] = {}
     for line in ops:
         op = json.loads(line)
+        if op["op"] == "shutdown":
+            return
         if op["op"] not in _OPS:
             raise ValueError(f"unknown engine op {op['op']!r} from the leader")
         for handle_id in op["free"]:

@@ -16,8 +16,8 @@ Flow of one request:
   detokenize thread   <-------------------------------------------------------------+
                       to_host(); per request: stop on EOS / max_tokens / full cache /
                       cancellation; stream whole UTF-8 text. The generate thread sees
-                      the request finished, releases its slot in the engine (if it has
-                      `release`) and returns it to _free_slots
+                      the request finished, releases its slot in the engine and
+                      returns it to _free_slots
 
 Ownership rules that keep slots consistent without sharing engine state across threads:
 - Only the generate thread touches the DecodeState and assigns slots. Every decode step carries
@@ -338,13 +338,11 @@ class Orchestrator:
         engine = self._generate_engine
         lock = self._engine_locks[id(engine)]
         owners: list[_Request | None] = [None] * self.slots
-        release = getattr(engine, "release", None)  # optional: a freed slot stops costing attention
         while not self._stop.is_set():
             for slot, owner in enumerate(owners):  # free the slots of finished requests
                 if owner is not None and owner.finished:
-                    if release is not None:
-                        with lock:
-                            self._decode_state = release(self._decode_state, slot)
+                    with lock:  # a freed slot stops costing decode attention
+                        self._decode_state = engine.release(self._decode_state, slot)
                     owners[slot] = None
                     self._free_slots.put(slot)
             decoding = [o for o in owners if o is not None and self._needs_step(o)]

@@ -17,7 +17,8 @@ from serving.settings import DISAGGREGATED_SERVER, SettingsError
 
 
 def settings(argv, devices=1):
-    return cli.settings_from_args(cli.build_parser().parse_intermixed_args(argv), lambda: devices)
+    args = cli.build_parser().parse_intermixed_args(argv)
+    return cli.with_slots(cli.settings_from_args(args), args.slots, devices)
 
 
 def test_flags_map_onto_settings_keys():
@@ -57,7 +58,9 @@ class FakeEngineSet:
     prefill_engine: EchoEngine
     generate_engine: EchoEngine
     model_config: object = None
-    memory_report: str = "params: 0 bytes"
+
+    def memory_report(self) -> str:
+        return "params: 0 bytes"
 
 
 class GatedWarmupEngine(EchoEngine):
@@ -65,10 +68,10 @@ class GatedWarmupEngine(EchoEngine):
 
     def __init__(self, **kw):
         super().__init__(**kw)
-        self.release = threading.Event()
+        self.warmup_gate = threading.Event()
 
     def warmup(self, params):
-        assert self.release.wait(20), "test never released warm-up"
+        assert self.warmup_gate.wait(20), "test never opened the warm-up gate"
         super().warmup(params)
 
 
@@ -80,7 +83,7 @@ def test_serve_reports_progress_and_is_live_only_after_warmup():
     )
     out = io.StringIO()
     progress = cli.Progress(stream=out)
-    s = cli.settings_from_args(args, lambda: 1)
+    s = cli.with_slots(cli.settings_from_args(args), args.slots, 1)
     runtime = cli.build_runtime(
         s, args, progress, build_engines=lambda _: FakeEngineSet(ByteTokenizer(), engine, engine)
     )
@@ -98,14 +101,14 @@ def test_serve_reports_progress_and_is_live_only_after_warmup():
                 assert time.monotonic() < deadline, "HTTP server never came up"
                 time.sleep(0.05)
         assert health.status_code == 500  # warming up
-        engine.release.set()
+        engine.warmup_gate.set()
         while httpx.get(url + "/healthcheck", timeout=5).status_code != 200:
             assert time.monotonic() < deadline, "never became live"
             time.sleep(0.05)
         r = httpx.post(url + "/generate", json={"prompt": "hey", "max_tokens": 4}, timeout=10)
         assert r.json() == {"response": "heyh"}
     finally:
-        engine.release.set()
+        engine.warmup_gate.set()
         stop.set()
         server.join(timeout=20)
     assert not server.is_alive()

@@ -10,25 +10,19 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import re
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import grpc
 import httpx
 import pytest
+import server_process
 from conftest import HOST, free_port
 
 from serving import proto
 
 pytestmark = pytest.mark.slow
-pytest.importorskip("serving.engine", reason="the real engine (serving/engine.py) is not built yet")
 
-ROOT = Path(__file__).resolve().parents[2]
-START_TIMEOUT_S = 300
 TIMEOUT = httpx.Timeout(60.0)
 SLOTS, MAX_QUEUED = 4, 4
 pb2, pb2_grpc = proto.load()
@@ -51,37 +45,13 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def server():
     http_port, grpc_port = free_port(), free_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
-    cmd = [
-        sys.executable, "-m", "serving",
+    args = [
         "--host", HOST, "--http-port", str(http_port), "--grpc-port", str(grpc_port),
         "--max-prefill-length", "128", "--max-target-length", "256",
         "--slots", str(SLOTS), "--max-queued-requests", str(MAX_QUEUED),
     ]  # fmt: skip
-    log = open(ROOT / ".pytest_cache" / "e2e-server.log", "w") if (ROOT / ".pytest_cache").is_dir() else None
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    url = f"http://{HOST}:{http_port}"
-    deadline = time.monotonic() + START_TIMEOUT_S
-    try:
-        while True:
-            assert proc.poll() is None, f"server exited with {proc.returncode}"
-            assert time.monotonic() < deadline, "server did not become live in time"
-            try:
-                if httpx.get(url + "/healthcheck", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        yield {"url": url, "grpc": f"{HOST}:{grpc_port}", "proc": proc}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        if log:
-            log.close()
+    with server_process.running(args, server_process.server_env(devices=1), http_port, "e2e-server.log") as proc:
+        yield {"url": f"http://{HOST}:{http_port}", "grpc": f"{HOST}:{grpc_port}", "proc": proc}
 
 
 def generate(server, prompt: str, max_tokens: int, **extra) -> httpx.Response:

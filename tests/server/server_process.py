@@ -1,0 +1,73 @@
+"""`python -m serving` as a subprocess on free loopback ports, for end-to-end tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+START_TIMEOUT_S = 300
+HOST = "127.0.0.1"
+
+
+def server_env(devices: int, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "JAX_PLATFORMS": "cpu",
+        **extra,
+    }
+
+
+def spawn(args: Sequence[str], env: dict[str, str], log_name: str) -> subprocess.Popen:
+    """Start `python -m serving ARGS`; its output goes to .pytest_cache/<log_name> when it exists."""
+    cache = ROOT / ".pytest_cache"
+    log = open(cache / log_name, "w") if cache.is_dir() else subprocess.DEVNULL
+    return subprocess.Popen(
+        [sys.executable, "-m", "serving", *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+
+
+def wait_live(url: str, processes: Sequence[subprocess.Popen], timeout_s: float = START_TIMEOUT_S) -> None:
+    """Poll /healthcheck until 200; fail early if any of the processes exits."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for proc in processes:
+            assert proc.poll() is None, f"server process exited with {proc.returncode}"
+        assert time.monotonic() < deadline, "server did not become live in time"
+        try:
+            if httpx.get(url + "/healthcheck", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+
+
+def stop(processes: Sequence[subprocess.Popen]) -> None:
+    for proc in processes:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in processes:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def running(args: Sequence[str], env: dict[str, str], http_port: int, log_name: str) -> Iterator[subprocess.Popen]:
+    """One live server process for the duration of the block."""
+    proc = spawn(args, env, log_name)
+    try:
+        wait_live(f"http://{HOST}:{http_port}", [proc])
+        yield proc
+    finally:
+        stop([proc])

@@ -1,0 +1,87 @@
+"""Multi-host end to end: one logical server over 2 processes x 4 CPU devices (gloo collectives).
+
+Both processes get the same command line and a LeaderWorkerSet-style environment; process 0
+serves HTTP, process 1 replays its engine calls. Greedy output over the 8-device mesh
+(tensor 4 x autoregressive 2) must equal a single-process, single-device server's, and a worker
+that dies must turn the leader's health check off.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import httpx
+import pytest
+import server_process
+from conftest import HOST, free_port
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+    "The three laws of motion are",
+    "def fibonacci(n):",
+]
+MAX_TOKENS = 12
+COMMON = ["--host", HOST, "--grpc-port", "0", "--max-prefill-length", "32", "--max-target-length", "64"]
+
+
+def consecutive_free_ports() -> int:
+    """A port p with p and p + 1 free: the JAX coordinator and the control channel."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind((HOST, port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two consecutive free ports")
+
+
+def generate_all(url: str) -> dict[str, str]:
+    out = {}
+    for prompt in PROMPTS:
+        response = httpx.post(url + "/generate", json={"prompt": prompt, "max_tokens": MAX_TOKENS}, timeout=120)
+        assert response.status_code == 200, response.text
+        out[prompt] = response.json()["response"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def single_process_output() -> dict[str, str]:
+    http_port = free_port()
+    args = [*COMMON, "--http-port", str(http_port), "--slots", "1"]
+    with server_process.running(args, server_process.server_env(devices=1), http_port, "single.log"):
+        return generate_all(f"http://{HOST}:{http_port}")
+
+
+def test_two_processes_serve_the_single_process_output_and_fail_health_when_a_worker_dies(
+    single_process_output,
+):
+    http_port, coordinator_port = free_port(), consecutive_free_ports()
+    args = [*COMMON, "--http-port", str(http_port),
+            "ici_tensor_parallelism=4", "ici_autoregressive_parallelism=2", "per_device_batch_size=1"]  # fmt: skip
+    lws = {"LWS_LEADER_ADDRESS": HOST, "LWS_GROUP_SIZE": "2", "JAX_COORDINATOR_PORT": str(coordinator_port)}
+    leader, worker = (
+        server_process.spawn(args, server_process.server_env(4, **lws, LWS_WORKER_INDEX=str(i)), f"multihost-{i}.log")
+        for i in range(2)
+    )
+    url = f"http://{HOST}:{http_port}"
+    try:
+        server_process.wait_live(url, [leader, worker])
+        assert generate_all(url) == single_process_output
+
+        worker.kill()
+        deadline = time.monotonic() + 60
+        while leader.poll() is None:  # the leader may also be ended by JAX's own heartbeat check
+            try:
+                if httpx.get(url + "/healthcheck", timeout=5).status_code == 500:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "leader still reports healthy after its worker died"
+            time.sleep(0.2)
+    finally:
+        server_process.stop([leader, worker])
