@@ -74,7 +74,7 @@ class _Group:
     def _replay(self) -> None:
         try:
             run_worker(self.worker, self.worker_ops)
-        except BaseException as error:  # the channel closing ends the worker with ConnectionError
+        except BaseException as error:
             self.worker_error.append(error)
 
     def orchestrator(self) -> Orchestrator:
@@ -92,6 +92,7 @@ class _Group:
     def close(self) -> None:
         self.server.close()
         self.thread.join(TIMEOUT_S)
+        assert not self.thread.is_alive(), "worker did not stop after the leader shut the group down"
 
 
 @pytest.mark.parametrize("disaggregated", [False, True], ids=["interleaved", "disaggregated"])
@@ -113,7 +114,13 @@ def test_worker_replays_every_engine_call_in_order(disaggregated):
     for role in ("prefill", "generate"):
         assert group.worker[role].calls == group.leader[role].calls
         assert group.leader[role].calls, f"{role} engine was never called"
-    assert isinstance(group.worker_error[0], ConnectionError)
+    assert group.worker_error == []  # a clean shutdown op, not a lost leader
+
+
+def test_worker_whose_leader_vanishes_raises():
+    ops = iter(['{"op": "init_decode_state", "role": "generate", "args": {}, "out": 1, "consumes": [], "free": []}\n'])
+    with pytest.raises(ConnectionError, match="leader closed"):
+        run_worker({"generate": EchoEngine()}, ops)
 
 
 def test_lost_worker_is_reported_and_fails_the_next_call():
