@@ -1,7 +1,7 @@
 """Pulumi entry point: JetStream on GKE TPU v6e slices, from a model and a topology.
 
 Wiring only: read and validate the config (a bad one stops here, before any resource), build the
-components, export the outputs. See components/program.py and docs/stack.md.
+components, export the outputs. See components/program.py and README.md.
 """
 
 import pulumi
