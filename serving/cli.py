@@ -8,7 +8,6 @@ LeaderWorkerSet (see serving/settings.py). The convenience flags are shorthands 
 and are applied first, so an explicit `key=value` wins:
 
   --model PATH              load_parameters_path=PATH
-  --tokenizer PATH          tokenizer_path=PATH
   --max-prefill-length N    max_prefill_predict_length=N
   --max-target-length N     max_target_length=N
   --dtype D                 dtype=D weight_dtype=D
@@ -86,7 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--grpc-port", type=int, default=9000, help="gRPC port, 0 to disable (default %(default)s)"
     )
     parser.add_argument("--model", help="checkpoint path (default: the bundled SmolLM2-135M-Instruct GGUF)")
-    parser.add_argument("--tokenizer", help="tokenizer path (default: the checkpoint's)")
     parser.add_argument("--slots", type=int, help="decode slots (concurrent generations)")
     parser.add_argument("--max-prefill-length", type=int, help="longest prompt in tokens")
     parser.add_argument("--max-target-length", type=int, help="KV cache length: prompt + output")
@@ -117,7 +115,6 @@ def settings_from_args(args: argparse.Namespace) -> ServingSettings:
     flags: list[str] = []
     for flag, keys in (
         ("model", ("load_parameters_path",)),
-        ("tokenizer", ("tokenizer_path",)),
         ("max_prefill_length", ("max_prefill_predict_length",)),
         ("max_target_length", ("max_target_length",)),
         ("dtype", ("dtype", "weight_dtype")),
@@ -311,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = settings_from_args(args)
         group = process_group(args)
         settings = with_slots(settings, args.slots, start_jax(settings, group))
-    except (SettingsError, ValueError) as exc:
+    except (SettingsError, ValueError, RuntimeError) as exc:  # RuntimeError: Pathways unavailable
         parser.error(str(exc))
     if group is not None and not group.is_leader:
         return run_worker(settings, group, progress)

@@ -312,8 +312,14 @@ def create_app(orchestrator: Orchestrator, *, model_name: str) -> fastapi.FastAP
     async def chat_completions(body: ChatBody, request: fastapi.Request):
         messages = [{"role": m.role, "content": m.content} for m in body.messages]
         prompt = orchestrator.tokenizer.apply_chat_template(messages)
-        max_tokens = body.max_completion_tokens or body.max_tokens or orchestrator.max_tokens_limit
-        stream, error = submit(GenerateRequest(prompt, max_tokens, body.sampling()), {"prompt": "messages"})
+        rename = {"prompt": "messages"}
+        if body.max_completion_tokens is not None:  # OpenAI's newer name wins; errors name it
+            max_tokens, rename["max_tokens"] = body.max_completion_tokens, "max_completion_tokens"
+        elif body.max_tokens is not None:
+            max_tokens = body.max_tokens
+        else:
+            max_tokens = orchestrator.max_tokens_limit
+        stream, error = submit(GenerateRequest(prompt, max_tokens, body.sampling()), rename)
         return error or await _openai_response(CHAT, body, stream, request, model_name)
 
     return app

@@ -91,11 +91,9 @@ def group_from_env(environ: Mapping[str, str] = os.environ) -> ProcessGroup | No
 
 
 def initialize_distributed(group: ProcessGroup) -> None:
-    """Join the JAX process group. CPU collectives need gloo; GPU/TPU bring their own."""
+    """Join the JAX process group (CPU collectives: gloo, jax's default; GPU/TPU bring their own)."""
     import jax
 
-    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         coordinator_address=group.coordinator_address,
         num_processes=group.num_processes,

@@ -172,7 +172,7 @@ class Orchestrator:
             prefill_backlog=self._prefill_q.qsize,
             transfer_backlog=self._transfer_q.qsize,
             generate_backlog=self._generate_q.qsize,
-            slots_used_percentage=lambda: 100.0 * self.slots_used / self.slots,
+            slots_used_percentage=lambda: self.slots_used / self.slots,  # a fraction, as JetStream reports it
             requests_waiting=lambda: self._waiting,
             kv_cache_utilization=self._kv_cache_utilization,
         )

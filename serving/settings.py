@@ -29,6 +29,7 @@ IGNORED_KEYS = {
     "base_output_directory": "no run outputs",
     "run_name": "no run outputs",
     "attention": "attention kernel is chosen per backend",
+    "tokenizer_path": "the tokenizer is read from the checkpoint (GGUF / npz)",
 }
 
 
@@ -71,7 +72,6 @@ class ServingSettings:
 
     model_name: str = "smollm2-135m"  # informational unless it names a tiny test config
     load_parameters_path: str = ""  # checkpoint; empty = the bundled SmolLM2 GGUF
-    tokenizer_path: str = ""  # empty = the tokenizer inside the checkpoint
     max_prefill_predict_length: int = 1024
     max_target_length: int = 2048
     per_device_batch_size: int = 4
@@ -86,7 +86,7 @@ class ServingSettings:
     enable_model_warmup: bool = True
     enable_single_controller: bool = False  # Pathways (pathwaysutils)
     inference_server: str = INTERLEAVED_SERVER
-    seed: int = 0
+    seed: int = 0  # random weights of the tiny test configs
     ignored: tuple[str, ...] = ()  # keys accepted but not applicable, reported once at start
 
     @property
@@ -112,7 +112,6 @@ class ServingSettings:
 _PARSERS: dict[str, Callable[[str, str], object]] = {
     "model_name": _parse_str,
     "load_parameters_path": _parse_str,
-    "tokenizer_path": _parse_str,
     "max_prefill_predict_length": _parse_int,
     "max_target_length": _parse_int,
     "per_device_batch_size": _parse_int,

@@ -49,6 +49,22 @@ def generate_all(url: str) -> dict[str, str]:
     return out
 
 
+def leader_fails_health(url: str, leader, timeout_s: float = 60) -> bool:
+    """True once /healthcheck answers 500, or the leader exits non-zero (JAX's own heartbeat
+    check may end it first); False if it keeps answering 200 (or exits 0) for timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if leader.poll() is not None:
+            return leader.returncode != 0
+        try:
+            if httpx.get(url + "/healthcheck", timeout=5).status_code == 500:
+                return True
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
 @pytest.fixture(scope="module")
 def single_process_output() -> dict[str, str]:
     http_port = free_port()
@@ -74,14 +90,6 @@ def test_two_processes_serve_the_single_process_output_and_fail_health_when_a_wo
         assert generate_all(url) == single_process_output
 
         worker.kill()
-        deadline = time.monotonic() + 60
-        while leader.poll() is None:  # the leader may also be ended by JAX's own heartbeat check
-            try:
-                if httpx.get(url + "/healthcheck", timeout=5).status_code == 500:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "leader still reports healthy after its worker died"
-            time.sleep(0.2)
+        assert leader_fails_health(url, leader), "leader still reports healthy after its worker died"
     finally:
         server_process.stop([leader, worker])

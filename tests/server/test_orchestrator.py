@@ -242,7 +242,7 @@ def test_metrics_report_live_values():
         assert metric_value(orch, "jetstream_request_output_length_sum") == 10
         busy = orch.submit(GenerateRequest("long", 60))
         next(iter(busy.iter(TIMEOUT_S)))
-        wait_until(lambda: metric_value(orch, "jetstream_slots_used_percentage") == 25.0)
+        wait_until(lambda: metric_value(orch, "jetstream_slots_used_percentage") == 0.25)
         assert metric_value(orch, "kv_cache_utilization_perc") > 0
         busy.cancel()
         wait_until(lambda: metric_value(orch, "jetstream_slots_used_percentage") == 0.0)
