@@ -169,6 +169,12 @@ def test_openai_chat_stream(fake_server):
         ("/v1/chat/completions", {"messages": []}, "messages"),
         ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 40}]}, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0},
+            "max_completion_tokens",
+        ),
     ],
 )
 def test_bad_openai_inputs(fake_server, path, body, param):
