@@ -6,7 +6,7 @@ import dataclasses
 import socket
 
 import pytest
-from fake_engine import ByteTokenizer, EchoEngine
+from fake_engine import EchoEngine, echo_orchestrator
 
 from serving.grpc_api import start_grpc_server
 from serving.http_api import HttpServer, create_app
@@ -30,15 +30,7 @@ class FakeServer:
 
 
 def _serve(engine: EchoEngine, max_queued_requests: int):
-    orch = Orchestrator(
-        tokenizer=ByteTokenizer(),
-        prefill_engine=engine,
-        generate_engine=engine,
-        prefill_params=engine.load_params(),
-        generate_params=engine.load_params(),
-        max_queued_requests=max_queued_requests,
-    )
-    orch.start(warmup=False)
+    orch = echo_orchestrator(engine, max_queued_requests=max_queued_requests)
     http_port, grpc_port = free_port(), free_port()
     http = HttpServer(create_app(orch, model_name="echo"), HOST, http_port).start()
     grpc_server = start_grpc_server(orch, HOST, grpc_port)

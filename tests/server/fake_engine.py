@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from serving.engine_api import Engine, SamplingParams
+from serving.orchestrator import Orchestrator
 
 EOS = 256
 _EOS_TEXT = "<eos>"
@@ -189,3 +190,22 @@ class EchoEngine(Engine):
     def warmup(self, params) -> None:
         super().warmup(params)
         self.warmed = True
+
+
+def echo_orchestrator(
+    engine: Engine | None = None, prefill_engine: Engine | None = None, start: bool = True, **kw
+) -> Orchestrator:
+    """An orchestrator over echo engines (interleaved unless a separate prefill engine is given)."""
+    generate_engine = engine or EchoEngine()
+    prefill_engine = prefill_engine or generate_engine
+    orch = Orchestrator(
+        tokenizer=ByteTokenizer(),
+        prefill_engine=prefill_engine,
+        generate_engine=generate_engine,
+        prefill_params=prefill_engine.load_params(),
+        generate_params=generate_engine.load_params(),
+        **kw,
+    )
+    if start:
+        orch.start(warmup=False)
+    return orch

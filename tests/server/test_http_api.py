@@ -8,11 +8,10 @@ import time
 
 import httpx
 import pytest
-from fake_engine import ByteTokenizer, EchoEngine
+from fake_engine import ByteTokenizer, echo_orchestrator
 from fastapi.testclient import TestClient
 
 from serving.http_api import create_app
-from serving.orchestrator import Orchestrator
 
 TIMEOUT = httpx.Timeout(20.0)
 
@@ -65,14 +64,7 @@ def test_healthcheck(fake_server):
 
 
 def test_healthcheck_is_500_until_warm():
-    engine = EchoEngine()
-    orch = Orchestrator(
-        tokenizer=ByteTokenizer(),
-        prefill_engine=engine,
-        generate_engine=engine,
-        prefill_params=engine.load_params(),
-        generate_params=engine.load_params(),
-    )
+    orch = echo_orchestrator(start=False)
     client = TestClient(create_app(orch, model_name="echo"))
     r = client.get("/healthcheck")
     assert r.status_code == 500 and r.json() == {"response": {"is_live": False}}

@@ -6,7 +6,7 @@ import asyncio
 import time
 
 import pytest
-from fake_engine import EOS, ByteTokenizer, EchoEngine, echo_tokens
+from fake_engine import EOS, ByteTokenizer, EchoEngine, echo_orchestrator, echo_tokens
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving.engine_api import SamplingParams
@@ -16,25 +16,9 @@ from serving.requests import GenerateRequest, NotReady, Overloaded, RequestError
 TIMEOUT_S = 20
 
 
-def make(engine: EchoEngine | None = None, prefill_engine: EchoEngine | None = None, start=True, **kw):
-    generate_engine = engine or EchoEngine()
-    prefill_engine = prefill_engine or generate_engine
-    orch = Orchestrator(
-        tokenizer=ByteTokenizer(),
-        prefill_engine=prefill_engine,
-        generate_engine=generate_engine,
-        prefill_params=prefill_engine.load_params(),
-        generate_params=generate_engine.load_params(),
-        **kw,
-    )
-    if start:
-        orch.start(warmup=False)
-    return orch
-
-
 @pytest.fixture
 def orch():
-    o = make()
+    o = echo_orchestrator()
     yield o
     o.stop()
 
@@ -83,7 +67,7 @@ def test_eos_or_max_tokens_at_prefill_finish_without_holding_a_slot(orch):
 
 
 def test_cache_full_ends_request():
-    orch = make(EchoEngine(max_prefill_length=16, max_target_length=32))
+    orch = echo_orchestrator(EchoEngine(max_prefill_length=16, max_target_length=32))
     try:
         result = run(orch, "0123456789", 30)
         # prompt + generated must stay below max_target_length: 32 - 1 - 10 = 21 tokens
@@ -96,7 +80,7 @@ def test_cache_full_ends_request():
 
 def test_more_requests_than_slots_are_batched_continuously():
     engine = EchoEngine(slots=2)
-    orch = make(engine)
+    orch = echo_orchestrator(engine)
     try:
         prompts = [f"p{i}-" for i in range(7)]
         lengths = [3 + 2 * i for i in range(7)]
@@ -151,7 +135,7 @@ def test_token_id_prompts(orch):
 
 
 def test_cancel_frees_the_slot_and_later_requests_complete():
-    orch = make(EchoEngine(slots=1, max_target_length=64, step_delay_s=0.01))
+    orch = echo_orchestrator(EchoEngine(slots=1, max_target_length=64, step_delay_s=0.01))
     try:
         stream = orch.submit(GenerateRequest("abcdef", 60))
         first = next(iter(stream.iter(TIMEOUT_S)))
@@ -167,7 +151,7 @@ def test_cancel_frees_the_slot_and_later_requests_complete():
 
 
 def test_overload_rejects_beyond_the_queue_and_loses_nothing():
-    orch = make(EchoEngine(slots=1, max_target_length=64, step_delay_s=0.01), max_queued_requests=2)
+    orch = echo_orchestrator(EchoEngine(slots=1, max_target_length=64, step_delay_s=0.01), max_queued_requests=2)
     try:
         busy = orch.submit(GenerateRequest("long", 60))
         next(iter(busy.iter(TIMEOUT_S)))
@@ -204,7 +188,7 @@ def test_invalid_requests_name_the_field(orch, prompt, max_tokens, field):
 
 def test_not_live_before_start_and_warmup_compiles_every_bucket():
     engine = EchoEngine(max_prefill_length=16)
-    orch = make(engine, start=False)
+    orch = echo_orchestrator(engine, start=False)
     assert not orch.is_live
     with pytest.raises(NotReady):
         orch.submit(GenerateRequest("a", 1))
@@ -219,7 +203,7 @@ def test_not_live_before_start_and_warmup_compiles_every_bucket():
 
 def test_disaggregated_transfers_to_the_generate_mesh_with_same_outputs():
     prefill, generate = EchoEngine(mesh="prefill"), EchoEngine(mesh="generate")
-    orch = make(generate, prefill_engine=prefill)
+    orch = echo_orchestrator(generate, prefill_engine=prefill)
     try:
         streams = [orch.submit(GenerateRequest(p, 6)) for p in ("ab", "cde", "f")]
         assert [s.collect(timeout_s=TIMEOUT_S).text for s in streams] == ["ababab", "cdecde", "ffffff"]
@@ -232,7 +216,7 @@ def test_disaggregated_transfers_to_the_generate_mesh_with_same_outputs():
 
 
 def test_metrics_report_live_values():
-    orch = make(EchoEngine(slots=4, max_target_length=64, step_delay_s=0.01))
+    orch = echo_orchestrator(EchoEngine(slots=4, max_target_length=64, step_delay_s=0.01))
     try:
         for prompt in ("a", "bc"):
             run(orch, prompt, 5)
@@ -258,7 +242,7 @@ class FailingEngine(EchoEngine):
 
 
 def test_engine_failure_ends_requests_and_health():
-    orch = make(FailingEngine())
+    orch = echo_orchestrator(FailingEngine())
     try:
         result = run(orch, "abc", 5)
         assert result.finish.reason == "error" and "device lost" in result.finish.error
