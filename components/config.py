@@ -35,6 +35,10 @@ DEFAULT_IMAGES = {
     "pathwaysServerImage": "us-docker.pkg.dev/cloud-tpu-v2-images/pathways/server:jax-0.5.3",
     "pathwaysProxyImage": "us-docker.pkg.dev/cloud-tpu-v2-images/pathways/proxy_server:jax-0.5.3",
 }
+# serverRuntime=bundled: the init container that copies the checkpoint object from GCS to the pod
+# (`gcloud storage cp`). Google keeps these tags for a year; bump the pin with the release notes.
+DEFAULT_CHECKPOINT_COPY_IMAGE = "gcr.io/google.com/cloudsdktool/google-cloud-cli:573.0.0-stable"
+BUNDLED_CHECKPOINT_SUFFIXES = (".gguf", ".npz")  # what the bundled server's loaders read
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -56,7 +60,7 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
     ConfigKey(name="quantization", type="string", default="int8",
               description="Weight precision: int8 (checkpoint must be int8-quantized) or bf16."),
     ConfigKey(name="checkpointPath", type="string",
-              description="gs:// URI of the MaxText (Orbax) checkpoint; the serving identity gets read access to its bucket."),
+              description="gs:// URI of the MaxText (Orbax) checkpoint, or with serverRuntime=bundled of one .gguf or .npz object; the serving identity gets read access to its bucket."),
     # Serving.
     ConfigKey(name="quantizeKvCache", type="boolean", default=True, description="Store the KV cache in int8 (quantize_kvcache)."),
     ConfigKey(name="perDeviceBatchSize", type="integer", default=PRESET_DEFAULT, description="Sequences per chip (per_device_batch_size); 0 = model preset."),
@@ -74,6 +78,8 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
     ConfigKey(name="serverRuntime", type="string", default="jetstream",
               description="jetstream (upstream JetStream + MaxText images, the seed's layout) or bundled (this repository's server image)."),
     ConfigKey(name="bundledServerImage", type="string", default="", description="Image of this repository's server (required when serverRuntime=bundled); pinned tag or digest."),
+    ConfigKey(name="checkpointCopyImage", type="string", default=DEFAULT_CHECKPOINT_COPY_IMAGE,
+              description="serverRuntime=bundled: image of the init container that copies checkpointPath into the pod (gcloud storage cp); pinned tag or digest."),
     ConfigKey(name="jetstreamImage", type="string", default=DEFAULT_IMAGES["jetstreamImage"],
               description="jax-tpu container image (JetStream + MaxText server) when serverRuntime=jetstream; pinned tag or digest."),
     ConfigKey(name="jetstreamHttpImage", type="string", default=DEFAULT_IMAGES["jetstreamHttpImage"],
@@ -153,6 +159,16 @@ class StackConfig:
         return self.checkpoint_path.removeprefix("gs://").split("/", 1)[0]
 
     @property
+    def checkpoint_file(self) -> str:
+        """Object name of the checkpoint (the file the bundled server loads after the copy)."""
+        return self.checkpoint_path.rsplit("/", 1)[-1]
+
+    @property
+    def bundled(self) -> bool:
+        """This repository's server, multi-controller, instead of JetStream + Pathways."""
+        return self.server_runtime == "bundled"
+
+    @property
     def scratch_location(self) -> str:
         return f"gs://{self.scratch_bucket}/tmp"
 
@@ -165,6 +181,11 @@ class StackConfig:
         """GSA account id: 6-30 of [a-z0-9-], unique per stack within the project."""
         stack = re.sub(r"[^a-z0-9-]", "-", self.stack.lower())
         return f"jetstream-{stack}"[:30].rstrip("-").ljust(6, "0")
+
+    @property
+    def google_service_account_email(self) -> str:
+        """The GSA's email, as GCP derives it from the account id (ServingIdentity creates it)."""
+        return f"{self.google_service_account_id}@{self.project}.iam.gserviceaccount.com"
 
     @property
     def region(self) -> str:
@@ -305,7 +326,7 @@ def _flag_text(value) -> str:
 
 
 def _images(raw: Mapping[str, str], runtime: str) -> dict[str, str]:
-    names = [*DEFAULT_IMAGES, *(["bundledServerImage"] if runtime == "bundled" else [])]
+    names = [*DEFAULT_IMAGES, *(["bundledServerImage", "checkpointCopyImage"] if runtime == "bundled" else [])]
     images = {name: _text(raw, name) for name in names}
     if runtime == "bundled" and not images["bundledServerImage"]:
         raise ConfigError(("bundledServerImage", "serverRuntime"), "serverRuntime=bundled needs the image of this repository's server",
@@ -315,6 +336,31 @@ def _images(raw: Mapping[str, str], runtime: str) -> dict[str, str]:
             raise ConfigError(name, f"{image!r} is not pinned to an explicit tag or digest (imagePullPolicy is IfNotPresent)",
                               "use a release tag such as :v0.2.0 or an @sha256: digest")
     return images
+
+
+_CHECKPOINT_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _check_bundled(cfg: StackConfig) -> None:
+    """What the bundled server's multi-controller layout can run (see components/manifests.py)."""
+    if cfg.mode == "disaggregated":
+        raise ConfigError(("mode", "serverRuntime"),
+                          "serverRuntime=bundled cannot run mode=disaggregated: the bundled server splits one process group's "
+                          "devices in halves, which across two multi-host slices needs multi-slice (DCN) networking this layout does not set up",
+                          "use serverRuntime=jetstream for disaggregated serving, or mode=interleaved on a single slice")
+    name = cfg.checkpoint_file
+    if name == cfg.checkpoint_bucket or not name.endswith(BUNDLED_CHECKPOINT_SUFFIXES) or not _CHECKPOINT_FILE.match(name):
+        raise ConfigError(("checkpointPath", "serverRuntime"),
+                          f"serverRuntime=bundled loads one local .gguf or .npz file, copied from checkpointPath; "
+                          f"{cfg.checkpoint_path!r} is not a gs:// URI of a .gguf or .npz object (file name of letters, digits, '.', '_', '-')",
+                          "pulumi config set checkpointPath gs://my-bucket/models/llama3.1-8b-int8.npz, "
+                          "or serverRuntime=jetstream for a MaxText (Orbax) checkpoint")
+    single_controller = cfg.server_flags.get("enable_single_controller", "false").lower()
+    if single_controller not in ("false", "0", "no"):
+        raise ConfigError(("serverFlags", "serverRuntime"),
+                          f"enable_single_controller={single_controller} needs Pathways, which serverRuntime=bundled does not deploy "
+                          "(one server process per TPU host, multi-controller JAX)",
+                          "remove enable_single_controller from serverFlags, or use serverRuntime=jetstream")
 
 
 def _names(raw: Mapping[str, str]) -> dict[str, str]:
@@ -371,7 +417,7 @@ def parse_stack_config(raw: Mapping[str, str], *, project: str | None, stack: st
     zone, location = _zone(raw)
     names = _names(raw)
     existing = _text(raw, "existingClusterName")
-    return StackConfig(
+    cfg = StackConfig(
         project=project,
         stack=stack,
         model=preset,
@@ -408,6 +454,9 @@ def parse_stack_config(raw: Mapping[str, str], *, project: str | None, stack: st
         tpu_reservation=_reservation(raw, provisioning),
         scratch_bucket=_scratch_bucket(raw, project, stack),
     )
+    if cfg.bundled:
+        _check_bundled(cfg)
+    return cfg
 
 
 def _lws_version(raw: Mapping[str, str]) -> str:

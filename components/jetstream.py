@@ -15,8 +15,6 @@ from components import lws_model, manifests
 from components.config import StackConfig
 from components.planner import Plan
 
-GSA_ANNOTATION = "iam.gke.io/gcp-service-account"  # Workload Identity: KSA -> GSA
-
 
 def service_args(cfg: StackConfig) -> k8s.core.v1.ServiceInitArgs:
     """Typed Service arguments from the pure Service manifest."""
@@ -51,14 +49,14 @@ class JetStreamServer(pulumi.ComponentResource):
         super().__init__("jetstream:serving:JetStreamServer", name, None, opts)
         k8s_child = pulumi.ResourceOptions(parent=self, provider=provider)
         in_namespace = k8s_child
-        if cfg.namespace != "default":
-            namespace = k8s.core.v1.Namespace(f"{name}-ns", metadata=k8s.meta.v1.ObjectMetaArgs(name=cfg.namespace), opts=k8s_child)
+        namespace_manifest = manifests.namespace(cfg)  # None for `default`
+        if namespace_manifest is not None:
+            namespace = k8s.core.v1.Namespace(f"{name}-ns", metadata=k8s.meta.v1.ObjectMetaArgs(**namespace_manifest["metadata"]), opts=k8s_child)
             in_namespace = pulumi.ResourceOptions.merge(k8s_child, pulumi.ResourceOptions(depends_on=[namespace]))
+        # The created GSA's email (an Output), so the KSA also waits for the GSA.
+        ksa = manifests.service_account(cfg, service_account_email)
         self.service_account = k8s.core.v1.ServiceAccount(
-            f"{name}-ksa",
-            metadata=k8s.meta.v1.ObjectMetaArgs(name=cfg.kubernetes_service_account, namespace=cfg.namespace,
-                                                annotations={GSA_ANNOTATION: service_account_email}),
-            opts=in_namespace,
+            f"{name}-ksa", metadata=k8s.meta.v1.ObjectMetaArgs(**ksa["metadata"]), opts=in_namespace,
         )
         lws = manifests.leader_worker_set(cfg, plan)
         # Waits for the LWS CRD (controller), the TPU node pools and the identity: on destroy

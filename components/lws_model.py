@@ -4,7 +4,7 @@ Written from `leaderworkerset.x-k8s.io/v1` in the LWS v0.10.0 CRD (the pod templ
 core v1 PodSpec fields, which the CRD embeds). Frozen keyword-only dataclasses: a misspelled field
 is a TypeError at construction; a field placed on the wrong object does not exist there either.
 `to_dict` converts snake_case attributes to the CRD's camelCase names and drops unset (None)
-fields. `tests/stack/test_lws_model.py` checks every field below against the CRD's
+fields. `tests/stack/test_stack_manifests.py` checks every field below against the CRD's
 openAPIV3Schema (`components/lws_crd_schema.json`), so a field the CRD lacks fails a test.
 """
 
@@ -100,6 +100,13 @@ class SecurityContext(_Model):
 
 
 @model
+class VolumeMount(_Model):
+    name: str
+    mount_path: str
+    read_only: bool | None = None
+
+
+@model
 class Container(_Model):
     name: str
     image: str
@@ -113,6 +120,7 @@ class Container(_Model):
     startup_probe: Probe | None = None
     liveness_probe: Probe | None = None
     readiness_probe: Probe | None = None
+    volume_mounts: tuple[VolumeMount, ...] | None = None
 
 
 @model
@@ -123,11 +131,25 @@ class Toleration(_Model):
 
 
 @model
+class EmptyDirVolumeSource(_Model):
+    size_limit: str | None = None  # a quantity, e.g. "200Gi"; unset = no limit
+
+
+@model
+class Volume(_Model):
+    name: str
+    empty_dir: EmptyDirVolumeSource
+
+
+@model
 class PodSpec(_Model):
     node_selector: Mapping[str, str] | None = None
     tolerations: tuple[Toleration, ...] | None = None
     service_account_name: str | None = None
     containers: tuple[Container, ...] = ()
+    # After `containers`, so the seed layout (which sets neither) keeps its key order.
+    init_containers: tuple[Container, ...] | None = None
+    volumes: tuple[Volume, ...] | None = None
 
 
 @model

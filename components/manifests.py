@@ -1,11 +1,26 @@
 """Kubernetes manifests as pure functions: (config, plan) -> dict.
 
-The LeaderWorkerSet is built through the typed model in `lws_model` and follows the seed's
-reference YAMLs container for container: a leader pod with the Pathways proxy, the Pathways
-resource manager, the JetStream/MaxText server (`jax-tpu`) and the JetStream HTTP front end, and
-one Pathways worker per TPU host. The Service selects the leader through the same label set.
-`JetStreamServer` wraps these dicts; `components.render` prints them; the tests diff them against
-the reference YAMLs.
+The LeaderWorkerSet is built through the typed model in `lws_model`, in one of two layouts:
+
+* `serverRuntime=jetstream` (default) follows the seed's reference YAMLs container for container:
+  a leader pod with the Pathways proxy, the Pathways resource manager, the JetStream/MaxText server
+  (`jax-tpu`, single controller) and the JetStream HTTP front end, and one Pathways worker per TPU
+  host (`size = hosts + 1`). The tests diff it against the reference YAMLs.
+* `serverRuntime=bundled` is multi-controller JAX with this repository's server: one pod per TPU
+  host of the slice, the leader included (`size = hosts`), every pod running the same
+  `python -m serving ...` command with the host's chips. LWS gives each pod LWS_LEADER_ADDRESS,
+  LWS_GROUP_SIZE (= size = the number of server processes) and LWS_WORKER_INDEX, from which the
+  server joins `jax.distributed` at the leader on JAX_COORDINATOR_PORT (control channel on the
+  next port); process 0, the leader, serves HTTP and gRPC and carries the probes. Because the
+  leader requests TPUs, LWS also injects TPU_WORKER_HOSTNAMES / TPU_WORKER_ID with the leader as
+  TPU worker 0 (into the first container requesting `google.com/tpu`, the server). The server reads
+  a local checkpoint file, so an init container copies the `checkpointPath` object into an
+  emptyDir at /models first (the pod's Workload Identity can read the checkpoint bucket).
+
+The Service selects the leader pod only, through the `app` label that only the leader template
+carries (as in the reference). The Namespace and the Workload Identity ServiceAccount the pods
+run as are built here too, so `components.render` prints everything `kubectl apply -f -` needs and
+`JetStreamServer` wraps the same dicts.
 """
 
 from __future__ import annotations
@@ -24,11 +39,21 @@ HEALTH_PATH = "/healthcheck"
 PULL_POLICY = "IfNotPresent"  # images are pinned, so a node's cached copy is the right one
 LEADER_ADDRESS = "$(LWS_LEADER_ADDRESS)"  # expanded by Kubernetes from the env LWS injects
 NODE_POOL_LABEL = "cloud.google.com/gke-nodepool"
+# Equal to serving.settings.DISAGGREGATED_SERVER (components import nothing from serving;
+# tests/contract checks the two agree).
 DISAGGREGATED_SERVER = "ExperimentalMaxtextDisaggregatedServer_8"
+GSA_ANNOTATION = "iam.gke.io/gcp-service-account"  # Workload Identity: KSA -> GSA
 # The bundled server (serving/ in this repository) serves HTTP itself, so it replaces both
 # jax-tpu's JetStream command and the jetstream-http sidecar.
 BUNDLED_COMMAND = ("python", "-m", "serving", "--host", "0.0.0.0",
                    "--http-port", str(HTTP_PORT), "--grpc-port", str(GRPC_PORT))
+SERVER_CONTAINER = "jax-tpu"
+# Multi-controller JAX of the bundled server (serving/multihost.py): the coordinator listens on
+# the leader at COORDINATOR_PORT, the leader's control channel on the port after it.
+COORDINATOR_PORT = 8476
+CONTROL_PORT = COORDINATOR_PORT + 1
+MODELS_DIR = "/models"
+MODELS_VOLUME = "models"
 
 
 def app_labels(cfg: StackConfig) -> dict[str, str]:
@@ -44,7 +69,7 @@ def _derived_flags(cfg: StackConfig) -> dict[str, str]:
     flags = {
         "tokenizer_path": cfg.model.tokenizer_path,
         "model_name": cfg.model.maxtext_model_name,
-        "load_parameters_path": cfg.checkpoint_path,
+        "load_parameters_path": local_checkpoint(cfg) if cfg.bundled else cfg.checkpoint_path,
         "max_prefill_predict_length": str(cfg.max_prefill_length),
         "max_target_length": str(cfg.max_target_length),
         # Passed as configured (a -1 stays -1): MaxText fills it in exactly as the planner did.
@@ -56,12 +81,23 @@ def _derived_flags(cfg: StackConfig) -> dict[str, str]:
     }
     if cfg.quantization == "int8":
         flags |= {"quantization": "int8", "checkpoint_is_quantized": "true"}
+        if cfg.bundled and cfg.checkpoint_file.endswith(".gguf"):
+            # The bundled server dequantizes GGUF tensors on load, then quantizes them to int8.
+            flags["checkpoint_is_quantized"] = "false"
     return flags
+
+
+def local_checkpoint(cfg: StackConfig) -> str:
+    """Where the bundled server finds the checkpoint the init container copied."""
+    return f"{MODELS_DIR}/{cfg.checkpoint_file}"
 
 
 def _mode_flags(cfg: StackConfig) -> dict[str, str]:
     if cfg.mode == "disaggregated":
         return {"stack_prefill_result_cache": "True", "inference_server": DISAGGREGATED_SERVER, **cfg.model.disaggregated_flags}
+    if cfg.bundled:
+        # Multi-controller: one server process per TPU host, no Pathways.
+        return {"enable_single_controller": "false"}
     # Interleaved serving on Pathways: one JAX controller drives every host of the slice.
     return {"enable_single_controller": "true"}
 
@@ -89,8 +125,8 @@ def _scratch_arg(cfg: StackConfig) -> str:
     return f"--gcs_scratch_location={cfg.scratch_location}"
 
 
-def _port(number: int) -> tuple[lws.ContainerPort, ...]:
-    return (lws.ContainerPort(container_port=number),)
+def _port(number: int, name: str | None = None) -> tuple[lws.ContainerPort, ...]:
+    return (lws.ContainerPort(container_port=number, name=name),)
 
 
 def _health_probe(period: int, failures: int, delay: int | None = None) -> lws.Probe:
@@ -130,22 +166,61 @@ def pathways_resource_manager(cfg: StackConfig, plan: Plan) -> lws.Container:
     )
 
 
+def _server_probes(cfg: StackConfig) -> dict[str, lws.Probe]:
+    return {
+        "startup_probe": _health_probe(period=1, failures=10000, delay=cfg.startup_probe_delay_seconds),
+        "liveness_probe": _health_probe(period=60, failures=cfg.model.probe_failure_threshold),
+        "readiness_probe": _health_probe(period=60, failures=cfg.model.probe_failure_threshold),
+    }
+
+
 def jax_server(cfg: StackConfig) -> lws.Container:
+    """The seed's JetStream/MaxText server on the Pathways leader (serverRuntime=jetstream)."""
     disaggregated = cfg.mode == "disaggregated"
-    bundled = cfg.server_runtime == "bundled"
     return lws.Container(
-        name="jax-tpu",
-        image=cfg.images["bundledServerImage" if bundled else "jetstreamImage"],
-        command=BUNDLED_COMMAND if bundled else None,
+        name=SERVER_CONTAINER,
+        image=cfg.images["jetstreamImage"],
         args=maxtext_args(cfg),
         env=(lws.EnvVar(name="LOG_LEVEL", value="INFO"),) if disaggregated else None,
         image_pull_policy=PULL_POLICY,
         # The seed's disaggregated server runs with these capabilities (KV transfer between slices).
         security_context=lws.SecurityContext(capabilities=lws.Capabilities(add=("SYS_PTRACE", "NET_ADMIN", "SYS_TIME"))) if disaggregated else None,
-        ports=(*_port(GRPC_PORT), *(_port(HTTP_PORT) if bundled else ())),
-        startup_probe=_health_probe(period=1, failures=10000, delay=cfg.startup_probe_delay_seconds),
-        liveness_probe=_health_probe(period=60, failures=cfg.model.probe_failure_threshold),
-        readiness_probe=_health_probe(period=60, failures=cfg.model.probe_failure_threshold),
+        ports=_port(GRPC_PORT),
+        **_server_probes(cfg),
+    )
+
+
+def bundled_server(cfg: StackConfig, leader: bool) -> lws.Container:
+    """This repository's server, one per TPU host (serverRuntime=bundled).
+
+    Every pod runs the same command line; only the leader (process 0) binds HTTP and gRPC, so
+    only it declares those ports and carries the /healthcheck probes. A worker whose leader is
+    gone exits non-zero, and a leader that loses a worker fails /healthcheck: either way LWS
+    recreates the whole group.
+    """
+    front_ends = (*_port(HTTP_PORT, "http"), *_port(GRPC_PORT, "grpc")) if leader else ()
+    return lws.Container(
+        name=SERVER_CONTAINER,
+        image=cfg.images["bundledServerImage"],
+        command=BUNDLED_COMMAND,
+        args=maxtext_args(cfg),
+        env=(lws.EnvVar(name="JAX_COORDINATOR_PORT", value=str(COORDINATOR_PORT)),),
+        image_pull_policy=PULL_POLICY,
+        ports=(*front_ends, *_port(COORDINATOR_PORT, "jax-coordinator"), *_port(CONTROL_PORT, "jax-control")),
+        resources=lws.ResourceRequirements(limits={tpu.TPU_RESOURCE: cfg.tpu_slice.tpu_request}),
+        volume_mounts=(lws.VolumeMount(name=MODELS_VOLUME, mount_path=MODELS_DIR, read_only=True),),
+        **(_server_probes(cfg) if leader else {}),
+    )
+
+
+def checkpoint_copy(cfg: StackConfig) -> lws.Container:
+    """Init container: the checkpoint object from GCS into the pod's /models (Workload Identity)."""
+    return lws.Container(
+        name="fetch-checkpoint",
+        image=cfg.images["checkpointCopyImage"],
+        command=("gcloud", "storage", "cp", cfg.checkpoint_path, local_checkpoint(cfg)),
+        image_pull_policy=PULL_POLICY,
+        volume_mounts=(lws.VolumeMount(name=MODELS_VOLUME, mount_path=MODELS_DIR),),
     )
 
 
@@ -179,29 +254,47 @@ def _pod_spec(cfg: StackConfig, containers: tuple[lws.Container, ...]) -> lws.Po
     )
 
 
-def _leader_containers(cfg: StackConfig, plan: Plan) -> tuple[lws.Container, ...]:
-    pathways = (pathways_proxy(cfg), pathways_resource_manager(cfg, plan))
-    if cfg.server_runtime == "bundled":
-        return (*pathways, jax_server(cfg))
-    return (*pathways, jax_server(cfg), jetstream_http(cfg))
+def _bundled_pod_spec(cfg: StackConfig, leader: bool) -> lws.PodSpec:
+    return lws.PodSpec(
+        node_selector=cfg.tpu_slice.node_selector,
+        tolerations=(TPU_TOLERATION,),
+        service_account_name=cfg.kubernetes_service_account,  # Workload Identity -> GCS access
+        containers=(bundled_server(cfg, leader),),
+        init_containers=(checkpoint_copy(cfg),),
+        volumes=(lws.Volume(name=MODELS_VOLUME, empty_dir=lws.EmptyDirVolumeSource()),),
+    )
+
+
+def lws_size(cfg: StackConfig, plan: Plan) -> int:
+    """Pods per LWS group: Pathways adds a leader to the TPU hosts; the bundled leader is a TPU host."""
+    if cfg.bundled:
+        return plan.slices * plan.hosts_per_slice
+    return cfg.tpu_slice.lws_size(plan.slices)
+
+
+def _pod_templates(cfg: StackConfig, plan: Plan) -> tuple[lws.PodSpec, lws.PodSpec]:
+    """(leader, worker) pod specs of the runtime's layout."""
+    if cfg.bundled:
+        return _bundled_pod_spec(cfg, leader=True), _bundled_pod_spec(cfg, leader=False)
+    leader = (pathways_proxy(cfg), pathways_resource_manager(cfg, plan), jax_server(cfg), jetstream_http(cfg))
+    return _pod_spec(cfg, leader), _pod_spec(cfg, (pathways_worker(cfg),))
 
 
 def leader_worker_set_model(cfg: StackConfig, plan: Plan) -> lws.LeaderWorkerSet:
-    disaggregated = cfg.mode == "disaggregated"
+    disaggregated = cfg.mode == "disaggregated"  # config refuses it with serverRuntime=bundled
     # One LWS group per node pool (slice); in disaggregated mode one subgroup per slice.
     exclusivity = lws.SUBGROUP_EXCLUSIVE_TOPOLOGY if disaggregated else lws.EXCLUSIVE_TOPOLOGY
+    leader_spec, worker_spec = _pod_templates(cfg, plan)
     return lws.LeaderWorkerSet(
         metadata=lws.ObjectMeta(name=cfg.app_name, namespace=cfg.namespace, annotations={exclusivity: NODE_POOL_LABEL}),
         spec=lws.LeaderWorkerSetSpec(
             replicas=1,
             leader_worker_template=lws.LeaderWorkerTemplate(
                 sub_group_policy=lws.SubGroupPolicy(sub_group_size=plan.hosts_per_slice) if disaggregated else None,
-                leader_template=lws.PodTemplateSpec(
-                    metadata=lws.ObjectMeta(labels=app_labels(cfg)),
-                    spec=_pod_spec(cfg, _leader_containers(cfg, plan)),
-                ),
-                size=cfg.tpu_slice.lws_size(plan.slices),
-                worker_template=lws.PodTemplateSpec(spec=_pod_spec(cfg, (pathways_worker(cfg),))),
+                # The app label only on the leader: the Service reaches the leader pod only.
+                leader_template=lws.PodTemplateSpec(metadata=lws.ObjectMeta(labels=app_labels(cfg)), spec=leader_spec),
+                size=lws_size(cfg, plan),
+                worker_template=lws.PodTemplateSpec(spec=worker_spec),
             ),
         ),
     )
@@ -223,9 +316,36 @@ def service(cfg: StackConfig) -> dict:
     }
 
 
+def namespace(cfg: StackConfig) -> dict | None:
+    """The stack's Namespace, or None for `default` (which every cluster has)."""
+    if cfg.namespace == "default":
+        return None
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": cfg.namespace}}
+
+
+def service_account(cfg: StackConfig, gsa_email=None) -> dict:
+    """The Kubernetes service account of the pods, bound to the GSA through Workload Identity.
+
+    `gsa_email` defaults to the email GCP derives for the stack's GSA; `JetStreamServer` passes
+    the created account's email (a Pulumi Output, so the KSA waits for the GSA).
+    """
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": {"name": cfg.kubernetes_service_account, "namespace": cfg.namespace,
+                     "annotations": {GSA_ANNOTATION: cfg.google_service_account_email if gsa_email is None else gsa_email}},
+    }
+
+
 def serving_manifests(cfg: StackConfig, plan: Plan) -> list[dict]:
     """The workload objects, in apply order."""
     return [leader_worker_set(cfg, plan), service(cfg)]
+
+
+def all_manifests(cfg: StackConfig, plan: Plan) -> list[dict]:
+    """Everything a fresh cluster (with the LWS controller) needs, in apply order."""
+    prerequisites = [document for document in (namespace(cfg), service_account(cfg)) if document is not None]
+    return [*prerequisites, *serving_manifests(cfg, plan)]
 
 
 def head_pod(cfg: StackConfig) -> str:

@@ -1,9 +1,11 @@
 """Offline render: `python -m components.render --stack <name>`, like `helm template`.
 
 Reads `Pulumi.<stack>.yaml`, runs the same parsing and planning as `pulumi preview`, prints the
-plan summary (as YAML comments) and the LeaderWorkerSet + Service as multi-document YAML that
-`kubectl apply -f -` accepts. No cloud, no Pulumi CLI. A bad config prints the same error as
-preview on stderr and exits 2.
+plan summary (as YAML comments) and the Kubernetes objects as multi-document YAML that
+`kubectl apply -f -` accepts on a cluster with the LWS controller: the Namespace (unless
+`default`), the Workload Identity ServiceAccount, the LeaderWorkerSet and the Service, built by
+the same functions `JetStreamServer` uses. No cloud, no Pulumi CLI. A bad config prints the same
+error as preview on stderr and exits 2.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def render(stack: str, root: pathlib.Path = ROOT) -> str:
                "scratchLocation": cfg.scratch_location, "headPod": manifests.head_pod(cfg),
                "serviceUrl": manifests.service_url(cfg), "portForwardCommand": manifests.port_forward_command(cfg)}
     header = "\n".join(f"# {line}" for line in yaml.safe_dump({"plan": summary}, sort_keys=False).splitlines())
-    documents = yaml.safe_dump_all(manifests.serving_manifests(cfg, plan), sort_keys=False)
+    documents = yaml.safe_dump_all(manifests.all_manifests(cfg, plan), sort_keys=False)
     return f"{header}\n---\n{documents}"
 
 

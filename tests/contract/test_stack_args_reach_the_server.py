@@ -1,8 +1,10 @@
 """The stack and the bundled server agree: every argument list the stack renders for the server
-container is accepted by `python -m serving`'s own parser, and means the same thing there.
+containers is accepted by `python -m serving`'s own parser, and means the same thing there.
 
 This is the seam between the two halves of the project: a flag the stack adds that the server
-does not know would only show up as a crash-looping pod after a 15-minute deploy.
+does not know, or a process group the server cannot assemble (LWS_GROUP_SIZE counting pods that
+never run the server), would only show up as a crash-looping or hanging pod after a 15-minute
+deploy.
 """
 
 from __future__ import annotations
@@ -13,44 +15,122 @@ import pytest
 
 from components import manifests
 from components.config import parse_stack_config
+from components.errors import ConfigError
 from components.planner import plan_deployment
 from components.render import read_stack_file
-from serving import cli
+from serving import cli, multihost, settings as server_settings
 from serving.settings import ServingSettings
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 STACKS = sorted(path.name[len("Pulumi.") : -len(".yaml")] for path in ROOT.glob("Pulumi.*.yaml"))
-BUNDLED = {"serverRuntime": "bundled", "bundledServerImage": "registry.example/jetstream-jax:0.1.0"}
+IMAGE = "registry.example/jetstream-jax:0.1.0"
+CHECKPOINT_FILE = "model-int8.npz"
 
 
-def bundled_server_container(stack: str) -> tuple[dict, str]:
-    """The server container of the stack's LeaderWorkerSet, and the stack's mode."""
+def bundled_config(stack: str):
+    """The example stack with serverRuntime=bundled and a .npz checkpoint object in its bucket."""
     raw, project = read_stack_file(ROOT / f"Pulumi.{stack}.yaml")
-    cfg = parse_stack_config({**raw, **BUNDLED}, project=project, stack=stack)
+    bucket = raw["checkpointPath"].removeprefix("gs://").split("/", 1)[0]
+    overrides = {"serverRuntime": "bundled", "bundledServerImage": IMAGE, "checkpointPath": f"gs://{bucket}/{stack}/{CHECKPOINT_FILE}"}
+    return parse_stack_config({**raw, **overrides}, project=project, stack=stack)
+
+
+def is_disaggregated(stack: str) -> bool:
+    raw, _ = read_stack_file(ROOT / f"Pulumi.{stack}.yaml")
+    return raw.get("mode") == "disaggregated"
+
+
+BUNDLED_STACKS = [stack for stack in STACKS if not is_disaggregated(stack)]
+REFUSED_STACKS = [stack for stack in STACKS if is_disaggregated(stack)]
+
+
+def server_pods(cfg) -> tuple[dict, list[tuple[str, dict]]]:
+    """The LWS and every (role, container) running the bundled server, leader first."""
     lws = manifests.leader_worker_set(cfg, plan_deployment(cfg))
-    containers = lws["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["containers"]
-    (server,) = [c for c in containers if c["image"] == BUNDLED["bundledServerImage"]]
-    return server, cfg.mode
+    template = lws["spec"]["leaderWorkerTemplate"]
+    servers = [(role, container) for role in ("leaderTemplate", "workerTemplate")
+               for container in template[role]["spec"]["containers"] if container["image"] == IMAGE]
+    return lws, servers
+
+
+def parse_server_command(container: dict):
+    command = [*container.get("command", ()), *container.get("args", ())]
+    assert command[:3] == ["python", "-m", "serving"]
+    args = cli.build_parser().parse_intermixed_args(command[3:])
+    return args, cli.settings_from_args(args)  # raises on any key the server does not know
 
 
 def test_example_stacks_exist():
     assert {"llama3-405b-v6e16", "llama2-70b-disagg"} <= set(STACKS)
+    assert BUNDLED_STACKS and REFUSED_STACKS
 
 
-@pytest.mark.parametrize("stack", STACKS)
+def test_disaggregated_server_name_is_the_servers():
+    """components/ keeps its own copy (no serving imports in the stack); they must agree."""
+    assert manifests.DISAGGREGATED_SERVER == server_settings.DISAGGREGATED_SERVER
+    assert manifests.DISAGGREGATED_SERVER in server_settings.INFERENCE_SERVERS
+
+
+def test_multi_controller_ports_are_the_servers():
+    assert manifests.COORDINATOR_PORT == multihost.DEFAULT_COORDINATOR_PORT
+    group = multihost.ProcessGroup(coordinator_host="leader", num_processes=2, process_id=0, coordinator_port=manifests.COORDINATOR_PORT)
+    assert group.control_port == manifests.CONTROL_PORT
+
+
+@pytest.mark.parametrize("stack", BUNDLED_STACKS)
 def test_rendered_server_arguments_parse_as_server_settings(stack):
-    container, mode = bundled_server_container(stack)
-    command = [*container.get("command", ()), *container.get("args", ())]
-    assert command[:3] == ["python", "-m", "serving"]
-    args = cli.build_parser().parse_intermixed_args(command[3:])
-    settings = cli.settings_from_args(args)  # raises on any key the server does not know
+    cfg = bundled_config(stack)
+    lws, servers = server_pods(cfg)
+    roles = [role for role, _ in servers]
+    assert roles == ["leaderTemplate", "workerTemplate"]  # both templates run the server, once each
+    for _, container in servers:
+        args, settings = parse_server_command(container)
+        flags = dict(arg.split("=", 1) for arg in args.settings if "=" in arg)
+        assert isinstance(settings, ServingSettings)
+        assert settings.model_name == flags["model_name"]
+        assert settings.max_target_length == int(flags["max_target_length"])
+        assert settings.per_device_batch_size == int(flags["per_device_batch_size"])
+        assert settings.ici_tensor_parallelism == int(flags["ici_tensor_parallelism"])
+        assert settings.quantization == flags.get("quantization", "")
+        assert (args.http_port, args.grpc_port) == (8000, 9000)
+        assert settings.disaggregated is False
+        # Multi-controller: no Pathways, every process joins jax.distributed.
+        assert settings.enable_single_controller is False
+        # The file the init container copied, in the pod's /models volume.
+        assert settings.load_parameters_path == f"{manifests.MODELS_DIR}/{CHECKPOINT_FILE}"
+        (mount,) = [m for m in container["volumeMounts"] if settings.load_parameters_path.startswith(m["mountPath"] + "/")]
+        assert mount["name"] == manifests.MODELS_VOLUME
+        env = {item["name"]: item["value"] for item in container["env"]}
+        assert int(env["JAX_COORDINATOR_PORT"]) == multihost.DEFAULT_COORDINATOR_PORT
 
-    flags = dict(arg.split("=", 1) for arg in args.settings if "=" in arg)
-    assert isinstance(settings, ServingSettings)
-    assert settings.model_name == flags["model_name"]
-    assert settings.max_target_length == int(flags["max_target_length"])
-    assert settings.per_device_batch_size == int(flags["per_device_batch_size"])
-    assert settings.ici_tensor_parallelism == int(flags["ici_tensor_parallelism"])
-    assert settings.quantization == flags.get("quantization", "")
-    assert (args.http_port, args.grpc_port) == (8000, 9000)
-    assert settings.disaggregated == (mode == "disaggregated")
+
+@pytest.mark.parametrize("stack", BUNDLED_STACKS)
+def test_group_size_is_the_number_of_server_processes(stack):
+    """LWS_GROUP_SIZE (= LWS size) is the process count the server waits for: it must equal the
+    pods that run the server, and the hosts of the slice (one process per TPU host)."""
+    cfg = bundled_config(stack)
+    lws, servers = server_pods(cfg)
+    size = lws["spec"]["leaderWorkerTemplate"]["size"]
+    leader_runs_server = any(role == "leaderTemplate" for role, _ in servers)
+    worker_runs_server = any(role == "workerTemplate" for role, _ in servers)
+    pods_running_server = int(leader_runs_server) + (size - 1) * int(worker_runs_server)
+    assert size == cfg.tpu_slice.hosts == pods_running_server
+    # What every pod of the group computes from the LWS environment.
+    for index in range(size):
+        env = {"LWS_LEADER_ADDRESS": "leader.svc", "LWS_GROUP_SIZE": str(size), "LWS_WORKER_INDEX": str(index),
+               "JAX_COORDINATOR_PORT": str(manifests.COORDINATOR_PORT)}
+        group = multihost.group_from_env(env)
+        if size == 1:
+            assert group is None  # single host: one process, no jax.distributed
+        else:
+            assert group.num_processes == pods_running_server and group.is_leader == (index == 0)
+    # Each process drives its own host's chips: the devices add up to the slice.
+    for _, container in servers:
+        assert int(container["resources"]["limits"]["google.com/tpu"]) * size == cfg.tpu_slice.chips
+
+
+@pytest.mark.parametrize("stack", REFUSED_STACKS)
+def test_disaggregated_stacks_refuse_the_bundled_runtime(stack):
+    with pytest.raises(ConfigError) as refused:
+        bundled_config(stack)
+    assert {"mode", "serverRuntime"} <= set(refused.value.keys)

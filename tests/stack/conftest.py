@@ -20,7 +20,7 @@ from pulumi.runtime.mocks import MockMonitor
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 MAIN = ROOT / "__main__.py"
-PROJECT = "jetstream-tpu"  # must equal components.config.PROJECT (checked in test_config.py)
+PROJECT = "jetstream-tpu"  # must equal components.config.PROJECT (checked in test_stack_config.py)
 GCP_PROJECT = "test-project"
 EXAMPLE_STACKS = ("llama3-405b-v6e16", "llama2-70b-disagg", "llama3-8b-v6e8")
 

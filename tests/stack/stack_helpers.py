@@ -55,3 +55,23 @@ def lws_validator() -> jsonschema.protocols.Validator:
     validator_class = jsonschema.validators.validator_for(schema, default=jsonschema.Draft7Validator)
     validator_class.check_schema(schema)
     return validator_class(schema)
+
+
+# serverRuntime=bundled variants of the example stacks: this repository's server image and a
+# .npz checkpoint object in the stack's checkpoint bucket. Disaggregated stacks are refused.
+BUNDLED_IMAGE = "registry.example/jetstream-jax:0.1.0-tpu"
+BUNDLED_STACKS = ("llama3-405b-v6e16", "llama3-8b-v6e8")
+BUNDLED_REFUSED_STACKS = ("llama2-70b-disagg",)
+
+
+def bundled_raw(stack: str, checkpoint_file: str = "model.npz") -> tuple[dict[str, str], str | None]:
+    raw, project = read_stack_file(ROOT / f"Pulumi.{stack}.yaml")
+    bucket = raw["checkpointPath"].removeprefix("gs://").split("/", 1)[0]
+    return {**raw, "serverRuntime": "bundled", "bundledServerImage": BUNDLED_IMAGE,
+            "checkpointPath": f"gs://{bucket}/{stack}/{checkpoint_file}"}, project
+
+
+def bundled_example(stack: str, checkpoint_file: str = "model.npz") -> tuple[StackConfig, Plan]:
+    raw, project = bundled_raw(stack, checkpoint_file)
+    cfg = parse_stack_config(raw, project=project, stack=stack)
+    return cfg, plan_deployment(cfg)

@@ -63,6 +63,8 @@ def test_derived_names_are_valid():
     assert cfg.cluster_location == "us-east5" and cfg.checkpoint_bucket == "test-checkpoints"
 
 
+BUNDLED = {"serverRuntime": "bundled", "bundledServerImage": "registry.example/jetstream-jax:0.1.0", "checkpointPath": "gs://test-checkpoints/m/model.gguf"}
+
 # Bad configs: (change to the minimal valid config, key the message must name, message fragment).
 REFUSALS = {
     "unknown model": ({"model": "llama4-2t"}, "model", "unknown model preset"),
@@ -85,6 +87,16 @@ REFUSALS = {
     "bad namespace": ({"namespace": "Serving_NS"}, "namespace", "DNS-1123"),
     "bad lws version": ({"lwsVersion": "latest"}, "lwsVersion", "not a release tag"),
     "target <= prefill": ({"maxTargetLength": "512"}, "maxTargetLength", "must exceed"),
+    "bundled with an Orbax checkpoint": ({**BUNDLED, "checkpointPath": "gs://test-checkpoints/m/0/items"}, "checkpointPath",
+                                         "not a gs:// URI of a .gguf or .npz object"),
+    "bundled with a safetensors file": ({**BUNDLED, "checkpointPath": "gs://test-checkpoints/m/model.safetensors"}, "checkpointPath",
+                                        "not a gs:// URI of a .gguf or .npz object"),
+    "bundled with a bucket only": ({**BUNDLED, "checkpointPath": "gs://test-checkpoints.npz"}, "serverRuntime", "not a gs:// URI of a .gguf"),
+    "bundled disaggregated": ({**BUNDLED, "topology": "2x4", "mode": "disaggregated"}, "mode", "cannot run mode=disaggregated"),
+    "bundled disaggregated names the runtime": ({**BUNDLED, "topology": "2x4", "mode": "disaggregated"}, "serverRuntime", "use serverRuntime=jetstream"),
+    "bundled single controller": ({**BUNDLED, "serverFlags": '{"enable_single_controller": true}'}, "serverFlags", "needs Pathways"),
+    "bundled copy image latest": ({**BUNDLED, "checkpointCopyImage": "gcr.io/google.com/cloudsdktool/google-cloud-cli:latest"},
+                                  "checkpointCopyImage", "not pinned"),
 }
 
 

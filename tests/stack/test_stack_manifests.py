@@ -14,7 +14,7 @@ import yaml
 from components import lws_model, manifests
 from components.config import DEFAULT_IMAGES
 
-from stack_helpers import GOLDEN, config, example, lws_openapi_schema, lws_validator
+from stack_helpers import BUNDLED_IMAGE, BUNDLED_STACKS, GOLDEN, bundled_example, config, example, lws_openapi_schema, lws_validator
 
 GOLDEN_FILES = {
     "llama3-405b-v6e16": "seed-interleaved-llama3.1-405b-v6e-16.yaml",
@@ -107,8 +107,11 @@ def _with_plan(cfg):
     return cfg, plan_deployment(cfg)
 
 
-VARIANTS["bundled-bf16"] = lambda: _with_plan(config(serverRuntime="bundled", bundledServerImage="example.com/jetstream-tpu-server:0.1.0", quantization="bf16"))
+VARIANTS["bundled-bf16"] = lambda: _with_plan(config(serverRuntime="bundled", bundledServerImage="example.com/jetstream-tpu-server:0.1.0", quantization="bf16",
+                                                     checkpointPath="gs://test-checkpoints/m/smollm2.gguf"))
 VARIANTS["1x1"] = lambda: _with_plan(config(topology="1x1", namespace="default"))
+for _stack in BUNDLED_STACKS:
+    VARIANTS[f"bundled-{_stack}"] = lambda _stack=_stack: bundled_example(_stack)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -133,6 +136,27 @@ def test_core_objects_validate_with_kubernetes_validate(variant):
     for role in ("leaderTemplate", "workerTemplate"):
         pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"{cfg.app_name}-{role.lower()}"}, "spec": template[role]["spec"]}
         kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_namespace_and_service_account_validate_with_kubernetes_validate(variant):
+    cfg, plan = VARIANTS[variant]()
+    namespace, account = manifests.namespace(cfg), manifests.service_account(cfg)
+    if cfg.namespace == "default":
+        assert namespace is None
+    else:
+        assert namespace == {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": cfg.namespace}}
+        kubernetes_validate.validate(namespace, K8S_VERSION, strict=True)
+    kubernetes_validate.validate(account, K8S_VERSION, strict=True)
+    assert account["metadata"] == {"name": cfg.kubernetes_service_account, "namespace": cfg.namespace,
+                                   "annotations": {"iam.gke.io/gcp-service-account": f"{cfg.google_service_account_id}@{cfg.project}.iam.gserviceaccount.com"}}
+    # Every pod runs as that account, in that namespace.
+    lws = manifests.leader_worker_set(cfg, plan)
+    template = lws["spec"]["leaderWorkerTemplate"]
+    assert {template[role]["spec"]["serviceAccountName"] for role in ("leaderTemplate", "workerTemplate")} == {account["metadata"]["name"]}
+    assert lws["metadata"]["namespace"] == account["metadata"]["namespace"] == manifests.service(cfg)["metadata"]["namespace"]
+    kinds = [document["kind"] for document in manifests.all_manifests(cfg, plan)]
+    assert kinds == [*(["Namespace"] if namespace else []), "ServiceAccount", "LeaderWorkerSet", "Service"]
 
 
 def test_kubernetes_validate_catches_a_bad_service():
@@ -238,17 +262,107 @@ def test_disaggregated_mode_works_for_any_preset():
     assert lws["spec"]["leaderWorkerTemplate"]["size"] == 5
 
 
-def test_bundled_runtime_runs_this_repositorys_server():
-    image = "example.com/jetstream-tpu-server:0.1.0"
-    cfg, plan = _with_plan(config(serverRuntime="bundled", bundledServerImage=image))
-    leader = manifests.leader_worker_set(cfg, plan)["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]
-    names = [container["name"] for container in leader["containers"]]
-    assert names == ["pathways-proxy", "pathways-rm", "jax-tpu"]  # it serves HTTP itself
-    server = _jax_tpu(cfg, plan)
-    assert server["image"] == image
-    assert server["command"] == ["python", "-m", "serving", "--host", "0.0.0.0", "--http-port", "8000", "--grpc-port", "9000"]
-    assert {port["containerPort"] for port in server["ports"]} == {8000, 9000}
-    assert server["args"][0] == "MaxText/configs/base.yml" and "model_name=llama3.1-8b" in server["args"]
+# ---------------------------------------------------------------------------------------------
+# serverRuntime=bundled: multi-controller, one server process per TPU host, no Pathways.
+
+PATHWAYS_IMAGES = {DEFAULT_IMAGES[name] for name in ("pathwaysServerImage", "pathwaysProxyImage", "jetstreamImage", "jetstreamHttpImage")}
+
+
+def _templates(cfg, plan) -> tuple[dict, dict, dict]:
+    lws = manifests.leader_worker_set(cfg, plan)
+    template = lws["spec"]["leaderWorkerTemplate"]
+    return lws, template["leaderTemplate"], template["workerTemplate"]
+
+
+def _args(container) -> dict[str, str]:
+    return dict(arg.split("=", 1) for arg in container["args"] if "=" in arg)
+
+
+@pytest.mark.parametrize("stack", BUNDLED_STACKS)
+def test_bundled_leader_and_workers_each_run_the_server_on_their_hosts_chips(stack):
+    cfg, plan = bundled_example(stack)
+    lws, leader, worker = _templates(cfg, plan)
+    assert lws["spec"]["leaderWorkerTemplate"]["size"] == cfg.tpu_slice.hosts == plan.hosts_per_slice
+    assert "subGroupPolicy" not in lws["spec"]["leaderWorkerTemplate"]
+    assert lws["metadata"]["annotations"] == {"leaderworkerset.sigs.k8s.io/exclusive-topology": "cloud.google.com/gke-nodepool"}
+    for template in (leader, worker):
+        spec = template["spec"]
+        (server,) = spec["containers"]  # no Pathways proxy, resource manager, HTTP sidecar or worker
+        assert server["name"] == "jax-tpu" and server["image"] == BUNDLED_IMAGE
+        assert server["command"] == ["python", "-m", "serving", "--host", "0.0.0.0", "--http-port", "8000", "--grpc-port", "9000"]
+        assert server["resources"] == {"limits": {"google.com/tpu": str(cfg.tpu_slice.chips_per_host)}}
+        assert server["env"] == [{"name": "JAX_COORDINATOR_PORT", "value": "8476"}]
+        assert {8476, 8477} <= {port["containerPort"] for port in server["ports"]}
+        assert spec["nodeSelector"] == {"cloud.google.com/gke-tpu-accelerator": "tpu-v6e-slice", "cloud.google.com/gke-tpu-topology": cfg.tpu_slice.topology}
+        assert spec["tolerations"] == [{"key": "google.com/tpu", "operator": "Exists", "effect": "NoSchedule"}]
+        images = {container["image"] for container in (*spec["containers"], *spec["initContainers"])}
+        assert not images & PATHWAYS_IMAGES
+        assert not any("pathways" in container["name"] for container in spec["containers"])
+        flags = _args(server)
+        assert flags["enable_single_controller"] == "false"
+        assert flags["ici_tensor_parallelism"] == str(cfg.tensor_parallelism)
+        assert not any(arg.startswith("--gcs_scratch_location") for arg in server["args"])
+    # Same command line everywhere (multi-controller JAX); only the leader binds the front ends.
+    assert leader["spec"]["containers"][0]["args"] == worker["spec"]["containers"][0]["args"]
+    leader_server, worker_server = leader["spec"]["containers"][0], worker["spec"]["containers"][0]
+    assert {port["containerPort"] for port in leader_server["ports"]} == {8000, 9000, 8476, 8477}
+    assert {port["containerPort"] for port in worker_server["ports"]} == {8476, 8477}
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert leader_server[probe]["httpGet"] == {"path": "/healthcheck", "port": 8000, "scheme": "HTTP"}
+        assert probe not in worker_server  # workers serve no HTTP
+
+
+@pytest.mark.parametrize("stack", BUNDLED_STACKS)
+def test_bundled_pods_copy_the_exact_checkpoint_into_models(stack):
+    cfg, plan = bundled_example(stack)
+    _, leader, worker = _templates(cfg, plan)
+    for template in (leader, worker):
+        spec = template["spec"]
+        (copy_step,) = spec["initContainers"]
+        assert copy_step["image"] == "gcr.io/google.com/cloudsdktool/google-cloud-cli:573.0.0-stable"
+        assert copy_step["command"] == ["gcloud", "storage", "cp", cfg.checkpoint_path, "/models/model.npz"]
+        assert cfg.checkpoint_path == f"gs://my-gcp-project-checkpoints/{stack}/model.npz"
+        assert "resources" not in copy_step  # LWS injects the TPU env into the container requesting TPUs
+        assert copy_step["volumeMounts"] == [{"name": "models", "mountPath": "/models"}]
+        assert spec["volumes"] == [{"name": "models", "emptyDir": {}}]
+        (server,) = spec["containers"]
+        assert server["volumeMounts"] == [{"name": "models", "mountPath": "/models", "readOnly": True}]
+        assert _args(server)["load_parameters_path"] == "/models/model.npz"
+
+
+def test_bundled_service_reaches_the_leader_only():
+    cfg, plan = bundled_example("llama3-405b-v6e16")
+    _, leader, worker = _templates(cfg, plan)
+    selector = manifests.service(cfg)["spec"]["selector"]
+    assert selector.items() <= leader["metadata"]["labels"].items()
+    assert "metadata" not in worker  # workers carry only LWS's own labels
+    assert manifests.service(cfg)["spec"]["ports"][0]["targetPort"] == 8000
+
+
+def test_bundled_checkpoint_settings_follow_the_file_format():
+    npz, _ = bundled_example("llama3-405b-v6e16", "llama-int8.npz")
+    gguf, plan = bundled_example("llama3-405b-v6e16", "llama-q8.gguf")
+    assert _args(_templates(npz, plan)[1]["spec"]["containers"][0])["checkpoint_is_quantized"] == "true"
+    # GGUF tensors are dequantized on load, then quantized to int8 by the server.
+    flags = _args(_templates(gguf, plan)[1]["spec"]["containers"][0])
+    assert flags["quantization"] == "int8" and flags["checkpoint_is_quantized"] == "false"
+    assert flags["load_parameters_path"] == "/models/llama-q8.gguf"
+
+
+def test_bundled_single_host_is_a_group_of_one():
+    cfg, plan = bundled_example("llama3-8b-v6e8")
+    lws, leader, _ = _templates(cfg, plan)
+    assert lws["spec"]["leaderWorkerTemplate"]["size"] == 1  # no workers: LWS_GROUP_SIZE=1, one process
+    assert leader["spec"]["containers"][0]["resources"]["limits"] == {"google.com/tpu": "8"}
+    assert leader["spec"]["nodeSelector"]["cloud.google.com/gke-tpu-topology"] == "2x4"
+
+
+def test_jetstream_runtime_keeps_pathways_and_its_sizes():
+    cfg, plan = example("llama3-405b-v6e16")
+    lws, leader, worker = _templates(cfg, plan)
+    assert lws["spec"]["leaderWorkerTemplate"]["size"] == cfg.tpu_slice.hosts + 1
+    assert [container["name"] for container in leader["spec"]["containers"]] == ["pathways-proxy", "pathways-rm", "jax-tpu", "jetstream-http"]
+    assert "initContainers" not in leader["spec"] and "volumes" not in worker["spec"]
 
 
 def test_every_default_image_is_pinned():

@@ -9,7 +9,7 @@ from components import manifests, tpu
 from components.lws_controller import release_manifest_url
 
 from conftest import EXAMPLE_STACKS, GCP_PROJECT, qualified, run_stack, stack_file_config
-from stack_helpers import example
+from stack_helpers import bundled_example, bundled_raw, example
 
 NODE_POOL = "gcp:container/nodePool:NodePool"
 CLUSTER = "gcp:container/cluster:Cluster"
@@ -74,6 +74,28 @@ def test_lws_resource_is_the_rendered_manifest(recordings, stack):
     service = recordings[stack].one(SERVICE).inputs
     assert service["spec"] == {**manifests.service(cfg)["spec"]}
     assert service["metadata"]["name"] == cfg.service_name
+
+
+@pytest.mark.parametrize("stack", EXAMPLE_STACKS)
+def test_namespace_and_service_account_are_the_rendered_manifests(recordings, stack):
+    """JetStreamServer and the offline render build them with the same functions."""
+    cfg, _ = example(stack)
+    recording = recordings[stack]
+    (namespace,) = recording.of_type("kubernetes:core/v1:Namespace")
+    assert namespace.inputs["metadata"] == manifests.namespace(cfg)["metadata"]
+    ksa = recording.one("kubernetes:core/v1:ServiceAccount").inputs
+    email = recording.one("gcp:serviceaccount/account:Account").inputs["accountId"] + f"@{GCP_PROJECT}.iam.gserviceaccount.com"  # the mock's email
+    assert ksa["metadata"] == manifests.service_account(cfg, email)["metadata"]
+
+
+def test_bundled_stack_deploys_the_bundled_layout():
+    raw, _ = bundled_raw("llama3-405b-v6e16")
+    recording = run_stack({"gcp:project": "my-gcp-project", **qualified(raw)}, "llama3-405b-v6e16")
+    cfg, plan = bundled_example("llama3-405b-v6e16")
+    lws = recording.one(LWS).inputs
+    assert lws["spec"] == manifests.leader_worker_set(cfg, plan)["spec"]
+    assert lws["spec"]["leaderWorkerTemplate"]["size"] == 4
+    assert [pool.inputs["nodeCount"] for pool in recording.of_type(NODE_POOL) if pool.inputs["name"] != "system"] == [4]
 
 
 def test_disaggregated_stack_has_prefill_and_generate_pools(recordings):

@@ -12,22 +12,65 @@ import yaml
 from components import manifests, render
 
 from conftest import EXAMPLE_STACKS, ROOT
-from stack_helpers import example, lws_validator
+from stack_helpers import BUNDLED_STACKS, bundled_example, bundled_raw, example, lws_validator
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "components.render", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
 
 
+def _documents(text: str) -> list[dict]:
+    return [document for document in yaml.safe_load_all(text) if document is not None]
+
+
+def _validate_all(documents: list[dict], cfg) -> None:
+    """Everything kubectl would apply: the LWS against its CRD, the rest and the pod templates with kubernetes-validate."""
+    for document in documents:
+        if document["kind"] == "LeaderWorkerSet":
+            lws_validator().validate(document)
+            template = document["spec"]["leaderWorkerTemplate"]
+            for role in ("leaderTemplate", "workerTemplate"):
+                pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"{cfg.app_name}-{role.lower()}"}, "spec": template[role]["spec"]}
+                kubernetes_validate.validate(pod, "1.33.0", strict=True)
+        else:
+            kubernetes_validate.validate(document, "1.33.0", strict=True)
+
+
 @pytest.mark.parametrize("stack", EXAMPLE_STACKS)
 def test_render_prints_the_manifests_kubectl_would_apply(stack):
     result = _cli("--stack", stack)
     assert result.returncode == 0, result.stderr
-    documents = [document for document in yaml.safe_load_all(result.stdout) if document is not None]
+    documents = _documents(result.stdout)
     cfg, plan = example(stack)
-    assert documents == manifests.serving_manifests(cfg, plan)
-    lws_validator().validate(documents[0])
-    kubernetes_validate.validate(documents[1], "1.33.0", strict=True)
+    assert documents == manifests.all_manifests(cfg, plan)
+    # A fresh cluster (LWS controller installed) needs nothing else: the namespace and the
+    # Workload Identity service account the pods run as come first.
+    assert [document["kind"] for document in documents] == ["Namespace", "ServiceAccount", "LeaderWorkerSet", "Service"]
+    assert documents[0]["metadata"]["name"] == cfg.namespace
+    assert documents[1]["metadata"]["annotations"] == {"iam.gke.io/gcp-service-account": cfg.google_service_account_email}
+    assert documents[2:] == manifests.serving_manifests(cfg, plan)
+    _validate_all(documents, cfg)
+
+
+@pytest.mark.parametrize("stack", BUNDLED_STACKS)
+def test_render_of_a_bundled_stack(stack, tmp_path):
+    raw, project = bundled_raw(stack)
+    _write_stack(tmp_path, stack, raw, project)
+    result = _cli("--stack", stack, "--root", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    documents = _documents(result.stdout)
+    cfg, plan = bundled_example(stack)
+    assert documents == manifests.all_manifests(cfg, plan)
+    lws = next(document for document in documents if document["kind"] == "LeaderWorkerSet")
+    assert lws["spec"]["leaderWorkerTemplate"]["size"] == cfg.tpu_slice.hosts
+    _validate_all(documents, cfg)
+
+
+def test_render_in_the_default_namespace_creates_no_namespace(tmp_path):
+    _write_stack(tmp_path, "dflt", {"model": "llama3.1-8b", "topology": "2x2", "checkpointPath": "gs://test-ckpt/x", "namespace": "default"})
+    result = _cli("--stack", "dflt", "--root", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert [document["kind"] for document in _documents(result.stdout)] == ["ServiceAccount", "LeaderWorkerSet", "Service"]
 
 
 def test_render_prints_the_plan_summary_as_comments():
@@ -40,8 +83,8 @@ def test_render_prints_the_plan_summary_as_comments():
     assert plan["nodePoolSpecs"][0]["tpu_topology"] == "4x4" and plan["nodePoolSpecs"][0]["node_count"] == 4
 
 
-def _write_stack(tmp_path, name: str, values: dict[str, str]) -> None:
-    config = {"gcp:project": "test-project", **{f"jetstream-tpu:{key}": value for key, value in values.items()}}
+def _write_stack(tmp_path, name: str, values: dict[str, str], project: str = "test-project") -> None:
+    config = {"gcp:project": project, **{f"jetstream-tpu:{key}": value for key, value in values.items()}}
     (tmp_path / f"Pulumi.{name}.yaml").write_text(yaml.safe_dump({"config": config}))
 
 
@@ -50,6 +93,14 @@ def test_bad_config_prints_the_preview_error_and_exits_non_zero(tmp_path):
     result = _cli("--stack", "bad", "--root", str(tmp_path))
     assert result.returncode != 0 and result.stdout == ""
     assert "`quantization`" in result.stderr and "needs 52.2 GiB HBM per chip" in result.stderr and "Suggestion:" in result.stderr
+
+
+def test_bundled_disaggregated_is_refused_by_render(tmp_path):
+    _write_stack(tmp_path, "bd", {"model": "llama2-70b", "topology": "2x4", "mode": "disaggregated", "serverRuntime": "bundled",
+                                  "bundledServerImage": "registry.example/jetstream-jax:0.1.0", "checkpointPath": "gs://test-ckpt/m.npz"})
+    result = _cli("--stack", "bd", "--root", str(tmp_path))
+    assert result.returncode == 2 and result.stdout == ""
+    assert "`mode`, `serverRuntime`" in result.stderr and "Suggestion: use serverRuntime=jetstream" in result.stderr
 
 
 def test_unknown_topology_and_missing_stack_file_exit_non_zero(tmp_path):
