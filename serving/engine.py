@@ -136,6 +136,38 @@ class JaxEngine(engine_api.Engine):
             sampling=Sampling(rep, rep, rep, rep),
         )
 
+    def _abstract(self, infos, shardings):
+        """ShapeDtypeStructs carrying their shardings, for lowering without device arrays."""
+        return jax.tree.map(
+            lambda i, sh: jax.ShapeDtypeStruct(i.shape, i.dtype, sharding=sh), infos, shardings, is_leaf=model.is_info
+        )
+
+    def lower(self, bucket: int | None = None) -> dict[str, "jax.stages.Lowered"]:
+        """The jitted steps lowered on abstract inputs (prefill at `bucket`, default the smallest).
+
+        `.compile().as_text()` of each shows the partitioned HLO (collectives) without placing
+        any array on device.
+        """
+        bucket = self.prefill_buckets[0] if bucket is None else bucket
+        scalar = lambda dtype: ArrayInfo((), dtype, ())  # noqa: E731
+        params = self._abstract(self.param_infos, self.param_shardings)
+        state = self._abstract(self.state_infos, self.state_shardings)
+        prefix_infos = Prefix(
+            cache=model.cache_infos(self.cfg, 1, bucket, batch_axis="prefill_batch"),
+            length=scalar(jnp.int32),
+            token=scalar(jnp.int32),
+            sampling=Sampling(scalar(jnp.float32), scalar(jnp.int32), scalar(jnp.float32), scalar(jnp.uint32)),
+        )
+        prefix = self._abstract(prefix_infos, self.prefix_shardings(bucket))
+        rep = lambda info: self._abstract(info, self._replicated)  # noqa: E731
+        return {
+            "prefill": self._prefill_fns[bucket].lower(
+                params, rep(ArrayInfo((1, bucket), jnp.int32, (None, None))), prefix.length, prefix.sampling
+            ),
+            "insert": self._insert_fn.lower(prefix, state, prefix.length),
+            "generate": self._generate_fn.lower(params, state),
+        }
+
     def _put_replicated(self, host_tree):
         return sharding.put(host_tree, jax.tree.map(lambda _: self._replicated, host_tree))
 
@@ -144,9 +176,11 @@ class JaxEngine(engine_api.Engine):
     def _compile(self) -> None:
         cfg, rep = self.cfg, self._replicated
         samp_rep = Sampling(rep, rep, rep, rep)
+        prefill_shard = sharding.activation_sharder(self.mesh, self.rules, "prefill_batch")
+        decode_shard = sharding.activation_sharder(self.mesh, self.rules, "batch")
 
         def prefill_fn(params, tokens, length, samp: Sampling):
-            logits, cache = model.prefill(cfg, params, tokens, length)
+            logits, cache = model.prefill(cfg, params, tokens, length, prefill_shard)
             batched = jax.tree.map(lambda x: x[None], samp)
             token = sample(logits, batched, length[None])  # [1]
             return Prefix(cache, length, token[0], samp), token
@@ -172,7 +206,7 @@ class JaxEngine(engine_api.Engine):
 
         def generate_fn(params, state: DecodeState):
             positions = jnp.where(state.active, jnp.minimum(state.lengths, self.cache_length - 1), 0)
-            logits, cache = model.decode_step(cfg, params, state.cache, state.tokens, positions)
+            logits, cache = model.decode_step(cfg, params, state.cache, state.tokens, positions, decode_shard)
             tokens = sample(logits, state.sampling, positions + 1)
             lengths = jnp.where(state.active, jnp.minimum(state.lengths + 1, self.cache_length), 0)
             new_state = dataclasses.replace(state, cache=cache, lengths=lengths, tokens=tokens)

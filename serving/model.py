@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,21 @@ from serving import quant
 from serving.config import ModelConfig
 
 NEG_INF = -1e30
+
+# Activation sharding: `shard(x, logical_axes)` pins an activation to the mesh layout its logical
+# axes map to (sharding.activation_sharder builds it from ShardingRules); the identity off-mesh.
+# Without these pins XLA propagates two layouts into the residual stream on meshes where the
+# batch and the weights' d_model share the fsdp axis, and falls back to full rematerialization.
+Shard = Callable[[jax.Array, tuple], jax.Array]
+BTD = ("act_batch", None, "act_embed")  # residual stream [B, T, D]
+BTF = ("act_batch", None, "mlp")  # MLP hidden [B, T, F]
+BTH = ("act_batch", None, "q_heads", None)  # queries / attention output [B, T, H, E]
+BTK = ("act_batch", None, "kv_heads", None)  # keys, values [B, T, K, E]
+BV = ("act_batch", "vocab")  # logits [B, V]
+
+
+def no_shard(x: jax.Array, axes: tuple) -> jax.Array:
+    return x
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,48 +172,64 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return (normed * weight).astype(x.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
-    """Rotate x [B, T, N, E] at positions [B, T] (rotate_half layout: pairs (i, i + E/2))."""
-    half = x.shape[-1] // 2
-    inv_freq = 1.0 / (base ** (jnp.arange(half, dtype=jnp.float32) / half))  # [E/2]
+def rope_table(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [B, T, 1, E/2] at positions [B, T]; computed once per step, shared by all layers."""
+    half = cfg.head_dim // 2
+    inv_freq = 1.0 / (cfg.rope_base ** (jnp.arange(half, dtype=jnp.float32) / half))  # [E/2]
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, E/2]
-    cos = jnp.cos(angles)[:, :, None, :]  # [B, T, 1, E/2]
-    sin = jnp.sin(angles)[:, :, None, :]
+    return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+
+
+def rope(x: jax.Array, table: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotate x [B, T, N, E] by `rope_table` (rotate_half layout: pairs (i, i + E/2))."""
+    cos, sin = table
+    half = x.shape[-1] // 2
     x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return rotated.astype(x.dtype)
 
 
-def qkv(cfg: ModelConfig, layer: dict, x: jax.Array, positions: jax.Array):
-    """x [B, T, D] -> q [B, T, H, E], k, v [B, T, K, E] (q, k rotated)."""
+def qkv(cfg: ModelConfig, layer: dict, x: jax.Array, rope_tab, shard: Shard = no_shard):
+    """x [B, T, D] -> q [B, T, H, E], k, v [B, T, K, E] (q, k rotated by `rope_table`)."""
     h = rms_norm(x, layer["attn_norm"], cfg.norm_eps)
-    q = quant.einsum("btd,dhe->bthe", h, layer["wq"])
-    k = quant.einsum("btd,dke->btke", h, layer["wk"])
-    v = quant.einsum("btd,dke->btke", h, layer["wv"])
-    return rope(q, positions, cfg.rope_base), rope(k, positions, cfg.rope_base), v
+    q = shard(quant.einsum("btd,dhe->bthe", h, layer["wq"]), BTH)
+    k = shard(quant.einsum("btd,dke->btke", h, layer["wk"]), BTK)
+    v = shard(quant.einsum("btd,dke->btke", h, layer["wv"]), BTK)
+    return rope(q, rope_tab), rope(k, rope_tab), v
 
 
-def mlp_block(cfg: ModelConfig, layer: dict, x: jax.Array) -> jax.Array:
-    """SwiGLU: x [B, T, D] -> [B, T, D] (residual not included)."""
+def attn_out(layer: dict, x: jax.Array, attn: jax.Array, shard: Shard = no_shard) -> jax.Array:
+    """Residual plus the output projection of attention [B, T, H, E]."""
+    return shard(x + quant.einsum("bthe,hed->btd", shard(attn, BTH), layer["wo"]), BTD)
+
+
+def mlp_block(cfg: ModelConfig, layer: dict, x: jax.Array, shard: Shard = no_shard) -> jax.Array:
+    """SwiGLU with residual: x [B, T, D] -> x + mlp(x) [B, T, D]."""
     with jax.named_scope("mlp"):
         h = rms_norm(x, layer["mlp_norm"], cfg.norm_eps)
-        gate = quant.einsum("btd,df->btf", h, layer["w_gate"])
-        up = quant.einsum("btd,df->btf", h, layer["w_up"])
-        return quant.einsum("btf,fd->btd", jax.nn.silu(gate) * up, layer["w_down"])
+        gate = shard(quant.einsum("btd,df->btf", h, layer["w_gate"]), BTF)
+        up = shard(quant.einsum("btd,df->btf", h, layer["w_up"]), BTF)
+        return shard(x + quant.einsum("btf,fd->btd", jax.nn.silu(gate) * up, layer["w_down"]), BTD)
 
 
-def embed(cfg: ModelConfig, params: dict, tokens: jax.Array) -> jax.Array:
-    """tokens [B, T] -> [B, T, D]."""
-    return quant.take(params["embed"], tokens, cfg.act_dtype)
+def embed(cfg: ModelConfig, params: dict, tokens: jax.Array, shard: Shard = no_shard) -> jax.Array:
+    """tokens [B, T] -> [B, T, D].
+
+    The table's d_model is gathered (over fsdp) before the lookup: a lookup into a d_model-sharded
+    table yields rows sharded on D, which XLA cannot reshard to the batch-sharded residual stream
+    without replicating it.
+    """
+    table = jax.tree.map(lambda w: shard(w, ("vocab", "act_embed")), params["embed"])
+    return shard(quant.take(table, tokens, cfg.act_dtype), BTD)
 
 
-def logits(cfg: ModelConfig, params: dict, x: jax.Array) -> jax.Array:
+def logits(cfg: ModelConfig, params: dict, x: jax.Array, shard: Shard = no_shard) -> jax.Array:
     """x [B, D] -> f32 logits [B, V] (tied: the embedding table is the output projection)."""
     with jax.named_scope("logits"):
         h = rms_norm(x, params["final_norm"], cfg.norm_eps).astype(jnp.float32)
         if cfg.tie_embeddings:
-            return quant.einsum("bd,vd->bv", h, params["embed"])
-        return quant.einsum("bd,dv->bv", h, params["lm_head"])
+            return shard(quant.einsum("bd,vd->bv", h, params["embed"]), BV)
+        return shard(quant.einsum("bd,dv->bv", h, params["lm_head"]), BV)
 
 
 def _group(cfg: ModelConfig, q: jax.Array) -> jax.Array:
@@ -222,26 +253,26 @@ def prefill_attention(cfg: ModelConfig, q, k, v, length) -> jax.Array:
         return out.reshape(q.shape)
 
 
-def prefill(cfg: ModelConfig, params: dict, tokens: jax.Array, length: jax.Array):
+def prefill(cfg: ModelConfig, params: dict, tokens: jax.Array, length: jax.Array, shard: Shard = no_shard):
     """Run a padded prompt tokens [1, T] with `length` real tokens.
 
     Returns f32 logits [1, V] at position length-1 and the prompt's KVCache (B=1, S=T).
     """
-    positions = jnp.arange(tokens.shape[1])[None, :]  # [1, T]
-    x = embed(cfg, params, tokens)
+    rope_tab = rope_table(cfg, jnp.arange(tokens.shape[1])[None, :])  # positions [1, T]
+    x = embed(cfg, params, tokens, shard)
 
     def layer_step(x, layer):
         with jax.named_scope("decoder_layer"):
-            q, k, v = qkv(cfg, layer, x, positions)
+            q, k, v = qkv(cfg, layer, x, rope_tab, shard)
             attn = prefill_attention(cfg, q, k, v, length)
-            x = x + quant.einsum("bthe,hed->btd", attn, layer["wo"])
-            x = x + mlp_block(cfg, layer, x)
+            x = attn_out(layer, x, attn, shard)
+            x = mlp_block(cfg, layer, x, shard)
             return x, (k, v)
 
     x, (k, v) = jax.lax.scan(layer_step, x, params["layers"])  # k, v [L, B, T, K, E]
     last = jax.lax.dynamic_index_in_dim(x, length - 1, axis=1, keepdims=False)  # [1, D]
     k, v = k.transpose(0, 1, 3, 2, 4), v.transpose(0, 1, 3, 2, 4)  # [L, B, K, T, E]
-    return logits(cfg, params, last), _to_cache(cfg, k, v)
+    return logits(cfg, params, last, shard), _to_cache(cfg, k, v)
 
 
 def _to_cache(cfg: ModelConfig, k: jax.Array, v: jax.Array) -> KVCache:
@@ -308,7 +339,9 @@ def decode_attention(cfg: ModelConfig, q, cache: KVCache, layer_idx, lengths, n_
         return out.reshape(b, cfg.n_heads, cfg.head_dim).astype(q.dtype)
 
 
-def decode_step(cfg: ModelConfig, params: dict, cache: KVCache, tokens: jax.Array, positions: jax.Array):
+def decode_step(
+    cfg: ModelConfig, params: dict, cache: KVCache, tokens: jax.Array, positions: jax.Array, shard: Shard = no_shard
+):
     """One token per slot: tokens [B] at positions [B] (< cache length).
 
     Writes each slot's k, v at its position, attends to positions <= it, returns f32 logits [B, V]
@@ -316,19 +349,20 @@ def decode_step(cfg: ModelConfig, params: dict, cache: KVCache, tokens: jax.Arra
     """
     lengths = positions + 1
     n_blocks = (jnp.max(lengths) + cfg.kv_block - 1) // cfg.kv_block
-    x = embed(cfg, params, tokens[:, None])  # [B, 1, D]
+    x = embed(cfg, params, tokens[:, None], shard)  # [B, 1, D]
+    rope_tab = rope_table(cfg, positions[:, None])
 
     def layer_step(carry, layer_and_idx):
         x, cache = carry
         layer, idx = layer_and_idx
         with jax.named_scope("decoder_layer"):
-            q, k, v = qkv(cfg, layer, x, positions[:, None])
+            q, k, v = qkv(cfg, layer, x, rope_tab, shard)
             cache = _write_token(cfg, cache, idx, k[:, 0], v[:, 0], positions)
             attn = decode_attention(cfg, q[:, 0], cache, idx, lengths, n_blocks)  # [B, H, E]
-            x = x + quant.einsum("bthe,hed->btd", attn[:, None], layer["wo"])
-            x = x + mlp_block(cfg, layer, x)
+            x = attn_out(layer, x, attn[:, None], shard)
+            x = mlp_block(cfg, layer, x, shard)
             return (x, cache), None
 
     layer_ids = jnp.arange(cfg.n_layers)
     (x, cache), _ = jax.lax.scan(layer_step, (x, cache), (params["layers"], layer_ids))
-    return logits(cfg, params, x[:, 0]), cache
+    return logits(cfg, params, x[:, 0], shard), cache

@@ -8,6 +8,15 @@ logical axes to mesh axes:
   embed (d_model of weights) -> fsdp
   vocab, mlp            -> tensor
   q_heads, kv_heads     -> tensor when n_kv_heads is a multiple of the tensor degree, else None
+  act_embed (d_model of activations) -> None: weights are gathered over fsdp, the residual
+                           stream stays whole per batch shard
+
+Activations are pinned too (`activation_sharder`, used by every jitted step): the residual stream
+[B, T, D] is sharded on the batch only, MLP hidden / heads / logits over the tensor axis as their
+weights are. Without the pins, on meshes where fsdp > 1 and the batch is sharded (fsdp x
+autoregressive), XLA propagated the weights' d_model-over-fsdp layout into the residual stream on
+one side of a matmul and the batch-over-(fsdp, autoregressive) layout on the other, and resharded
+between them by replicating the tensor ("Involuntary full rematerialization").
 
 Attention with fewer KV heads than the tensor degree (SmolLM2: 9 q / 3 kv heads at TP=4 or 8):
 the attention weights (wq, wk, wv, wo) and the KV cache are *replicated over the tensor axis*
@@ -33,6 +42,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from serving.config import ModelConfig
+from serving import model
 from serving.model import ArrayInfo, is_info
 
 MESH_AXES = ("fsdp", "autoregressive", "tensor")
@@ -91,6 +101,7 @@ class ShardingRules:
     cache_seq: MeshAxes = None
     layers: MeshAxes = None
     norm: MeshAxes = None
+    act_embed: MeshAxes = None
 
     @classmethod
     def for_model(cls, cfg: ModelConfig, mesh: Mesh) -> "ShardingRules":
@@ -124,6 +135,20 @@ def named_sharding(mesh: Mesh, rules: ShardingRules, info: ArrayInfo) -> NamedSh
                 f"axes {physical} of size {_axis_size(mesh, physical)}"
             )
     return NamedSharding(mesh, spec)
+
+
+def activation_sharder(mesh: Mesh, rules: ShardingRules, batch_axis: str = "batch") -> model.Shard:
+    """`model.Shard` for one jitted step: activation logical axes -> with_sharding_constraint.
+
+    The activations' "act_batch" axis is the step's batch: "batch" (decode slots) or
+    "prefill_batch" (one prompt).
+    """
+
+    def shard(x: jax.Array, axes: tuple) -> jax.Array:
+        logical = tuple(batch_axis if a == "act_batch" else a for a in axes)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, rules.spec(logical)))
+
+    return shard
 
 
 def shardings(mesh: Mesh, rules: ShardingRules, infos):
