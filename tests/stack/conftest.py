@@ -7,6 +7,7 @@ parent URN, dependencies, provider reference and inputs, plus the exported stack
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import pathlib
 import runpy
@@ -119,6 +120,9 @@ def run_stack(config: dict[str, str], stack: str = "test", expect_error: bool = 
     """
     mocks = RecordingMocks()
     monitor = RecordingMonitor(mocks)
+    # Pulumi schedules on the thread's current event loop; an earlier test's asyncio.run() leaves
+    # none behind, so each program run gets its own.
+    asyncio.set_event_loop(asyncio.new_event_loop())
     pulumi.runtime.settings.ROOT.set(None)  # a fresh root Stack per program run
     pulumi.runtime.set_mocks(mocks, project=PROJECT, stack=stack, preview=False, monitor=monitor)
     pulumi.runtime.set_all_config(dict(config))
