@@ -176,8 +176,8 @@ def main(argv=None) -> None:
         print(f"{name}: done in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
         results.append(result)
     print(f"backend {jax.default_backend()}, {len(jax.devices())} devices; "
-          f"max_prefill={args.max_prefill} max_target={args.max_target} "
-          f"per_device_batch_size={args.per_device_batch_size}; medians of {args.reps} prefills / {args.steps} steps")
+          f"defaults (a configuration's own keys win): max_prefill={args.max_prefill} "
+          f"max_target={args.max_target} per_device_batch_size={args.per_device_batch_size}; medians of {args.reps} prefills / {args.steps} steps")
     print(table(results))
 
 
