@@ -198,10 +198,8 @@ def build_runtime(
 
 
 def _load_engines(settings: ServingSettings, progress: Progress, build_engines=None):
-    if build_engines is None:
-        from serving.engine import (
-            build_engines,  # the model stack: imported only to serve
-        )
+    if build_engines is None:  # the model stack (JAX) is imported only to serve
+        from serving.engine import build_engines
 
     with progress.step("loading model and building engines"):
         return build_engines(settings)

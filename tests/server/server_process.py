@@ -29,10 +29,11 @@ def server_env(devices: int, **extra: str) -> dict[str, str]:
 def spawn(args: Sequence[str], env: dict[str, str], log_name: str) -> subprocess.Popen:
     """Start `python -m serving ARGS`; its output goes to .pytest_cache/<log_name> when it exists."""
     cache = ROOT / ".pytest_cache"
-    log = open(cache / log_name, "w") if cache.is_dir() else subprocess.DEVNULL
-    return subprocess.Popen(
-        [sys.executable, "-m", "serving", *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-    )
+    command = [sys.executable, "-m", "serving", *args]
+    if not cache.is_dir():
+        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    with open(cache / log_name, "w") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def wait_live(url: str, processes: Sequence[subprocess.Popen], timeout_s: float = START_TIMEOUT_S) -> None:
