@@ -1,24 +1,21 @@
-"""Fixtures: in-process HTTP + gRPC servers over the echo engine, on free loopback ports."""
+"""Fixtures: in-process HTTP + gRPC servers over the echo engine, on free loopback ports.
+
+Test modules import helpers from server_process / fake_engine, never from `conftest`: with
+several test folders each having a conftest, `from conftest import` resolves to whichever was
+imported first.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import socket
 
 import pytest
 from fake_engine import EchoEngine, echo_orchestrator
+from server_process import HOST, free_port
 
 from serving.grpc_api import start_grpc_server
 from serving.http_api import HttpServer, create_app
 from serving.orchestrator import Orchestrator
-
-HOST = "127.0.0.1"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
 @dataclasses.dataclass

@@ -9,7 +9,7 @@ import time
 
 import httpx
 import pytest
-from conftest import HOST, free_port
+from server_process import HOST, free_port
 from fake_engine import ByteTokenizer, EchoEngine
 
 from serving import cli

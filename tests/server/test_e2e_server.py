@@ -17,7 +17,7 @@ import grpc
 import httpx
 import pytest
 import server_process
-from conftest import HOST, free_port
+from server_process import HOST, free_port
 
 from serving import proto
 

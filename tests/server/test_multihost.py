@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from conftest import free_port
+from server_process import free_port
 from fake_engine import ByteTokenizer, EchoEngine, echo_tokens
 
 from serving.engine_api import SamplingParams

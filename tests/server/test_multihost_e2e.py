@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 import server_process
-from conftest import HOST, free_port
+from server_process import HOST, free_port
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ import yaml
 from components import config as stack_config
 from components.errors import ConfigError
 
-from conftest import EXAMPLE_STACKS, GCP_PROJECT, PROJECT, ROOT, qualified, run_stack
+from pulumi_harness import EXAMPLE_STACKS, GCP_PROJECT, PROJECT, ROOT, qualified, run_stack
 from stack_helpers import config, example
 
 CONTRACT_KEYS = ("model", "topology", "mode", "quantization", "checkpointPath")

@@ -8,7 +8,7 @@ import yaml
 from components import manifests, tpu
 from components.lws_controller import release_manifest_url
 
-from conftest import EXAMPLE_STACKS, GCP_PROJECT, qualified, run_stack, stack_file_config
+from pulumi_harness import EXAMPLE_STACKS, GCP_PROJECT, qualified, run_stack, stack_file_config
 from stack_helpers import bundled_example, bundled_raw, example
 
 NODE_POOL = "gcp:container/nodePool:NodePool"

@@ -11,7 +11,7 @@ import yaml
 
 from components import manifests, render
 
-from conftest import EXAMPLE_STACKS, ROOT
+from pulumi_harness import EXAMPLE_STACKS, ROOT
 from stack_helpers import BUNDLED_STACKS, bundled_example, bundled_raw, example, lws_validator
 
 

@@ -1,0 +1,153 @@
+"""Pulumi unit-test harness for the stack: recording mocks, set before any component import.
+
+`run_stack(config, stack)` runs the real `__main__.py` under `pulumi.runtime.set_mocks` with the
+given stack config and returns a `Recording`: every registered resource with its type, name,
+parent URN, dependencies, provider reference and inputs, plus the exported stack outputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import pathlib
+import runpy
+from typing import Any
+
+import pulumi
+import pulumi.runtime.settings
+import yaml
+from pulumi.runtime.mocks import MockMonitor
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+MAIN = ROOT / "__main__.py"
+PROJECT = "jetstream-tpu"  # must equal components.config.PROJECT (checked in test_stack_config.py)
+GCP_PROJECT = "test-project"
+EXAMPLE_STACKS = ("llama3-405b-v6e16", "llama2-70b-disagg", "llama3-8b-v6e8")
+
+
+@dataclasses.dataclass
+class Registered:
+    type: str
+    name: str
+    urn: str
+    parent: str
+    dependencies: list[str]
+    provider: str
+    custom: bool
+    inputs: dict[str, Any]
+
+    @property
+    def parent_type(self) -> str:
+        """Type token of the parent resource ("pulumi:pulumi:Stack" for top-level ones)."""
+        qualified = self.parent.split("::")[2]
+        return qualified.split("$")[-1]
+
+
+class RecordingMocks(pulumi.runtime.Mocks):
+    """Echoes inputs and fills in the few outputs GCP would compute."""
+
+    def __init__(self):
+        self.inputs: dict[tuple[str, str], dict] = {}
+        self.calls: list[tuple[str, dict]] = []
+
+    def new_resource(self, args: pulumi.runtime.MockResourceArgs):
+        self.inputs[(args.typ, args.name)] = dict(args.inputs)
+        outputs = dict(args.inputs)
+        if args.typ == "gcp:container/cluster:Cluster":
+            outputs |= {"endpoint": "203.0.113.10", "masterAuth": {"clusterCaCertificate": "Q0EtREFUQQ=="}}
+        if args.typ == "gcp:serviceaccount/account:Account":
+            email = f"{args.inputs['accountId']}@{GCP_PROJECT}.iam.gserviceaccount.com"
+            outputs |= {"email": email, "name": f"projects/{GCP_PROJECT}/serviceAccounts/{email}"}
+        return [f"{args.name}-id", outputs]
+
+    def call(self, args: pulumi.runtime.MockCallArgs):
+        self.calls.append((args.token, dict(args.args)))
+        if args.token == "gcp:container/getCluster:getCluster":
+            return {"name": args.args["name"], "location": args.args["location"], "endpoint": "198.51.100.7",
+                    "masterAuths": [{"clusterCaCertificate": "RVhJU1RJTkc="}]}
+        return {}
+
+
+class RecordingMonitor(MockMonitor):
+    """Also records what the mocks' new_resource does not see: parent, dependencies, provider."""
+
+    def __init__(self, mocks: RecordingMocks):
+        super().__init__(mocks)
+        self.registered: list[Registered] = []
+
+    def RegisterResource(self, request):
+        response = super().RegisterResource(request)
+        if request.type != "pulumi:pulumi:Stack":
+            self.registered.append(Registered(
+                type=request.type, name=request.name, urn=response.urn, parent=request.parent,
+                dependencies=list(request.dependencies), provider=request.provider, custom=request.custom,
+                inputs=self.mocks.inputs[(request.type, request.name)],
+            ))
+        return response
+
+
+@dataclasses.dataclass
+class Recording:
+    resources: list[Registered]
+    outputs: dict[str, Any]
+    secret_outputs: set[str]
+    calls: list[tuple[str, dict]]
+    error: Exception | None = None
+
+    def of_type(self, type_: str) -> list[Registered]:
+        return [resource for resource in self.resources if resource.type == type_]
+
+    def one(self, type_: str) -> Registered:
+        found = self.of_type(type_)
+        assert len(found) == 1, f"expected one {type_}, got {[r.name for r in found]}"
+        return found[0]
+
+    def by_urn(self, urn: str) -> Registered:
+        return next(resource for resource in self.resources if resource.urn == urn)
+
+
+def stack_file_config(stack: str) -> dict[str, str]:
+    """The raw config of an example stack file, as Pulumi passes it (all strings)."""
+    values = yaml.safe_load((ROOT / f"Pulumi.{stack}.yaml").read_text())["config"]
+    return {key: str(value).lower() if isinstance(value, bool) else str(value) for key, value in values.items()}
+
+
+def run_stack(config: dict[str, str], stack: str = "test", expect_error: bool = False) -> Recording:
+    """Run __main__.py under recording mocks; config keys are fully qualified (`ns:key`).
+
+    With expect_error, a failing program returns its Recording with `error` set instead of raising.
+    """
+    mocks = RecordingMocks()
+    monitor = RecordingMonitor(mocks)
+    # Pulumi schedules on the thread's current event loop; an earlier test's asyncio.run() leaves
+    # none behind, so each program run gets its own.
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    pulumi.runtime.settings.ROOT.set(None)  # a fresh root Stack per program run
+    pulumi.runtime.set_mocks(mocks, project=PROJECT, stack=stack, preview=False, monitor=monitor)
+    pulumi.runtime.set_all_config(dict(config))
+    outputs: dict[str, Any] = {}
+    secret_outputs: set[str] = set()
+
+    async def find_secrets(exported: dict[str, Any]) -> None:
+        for name, value in exported.items():
+            if isinstance(value, pulumi.Output) and await value.is_secret():
+                secret_outputs.add(name)
+
+    @pulumi.runtime.test
+    def program():
+        runpy.run_path(str(MAIN), run_name="__main__")
+        exported = dict(pulumi.runtime.settings.get_root_resource().outputs)
+        return pulumi.Output.all(pulumi.Output.from_input(find_secrets(exported)), pulumi.Output.all(**exported).apply(outputs.update))
+
+    error = None
+    try:
+        program()
+    except Exception as raised:  # noqa: BLE001 - handed to the caller with what was registered
+        if not expect_error:
+            raise
+        error = raised
+    return Recording(resources=monitor.registered, outputs=outputs, secret_outputs=secret_outputs, calls=mocks.calls, error=error)
+
+
+def qualified(values: dict[str, str]) -> dict[str, str]:
+    return {f"{PROJECT}:{key}": value for key, value in values.items()}
