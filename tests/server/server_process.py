@@ -24,6 +24,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def consecutive_free_ports() -> int:
+    """A port p with p and p + 1 free: a multi-host group's JAX coordinator and its control channel."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind((HOST, port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two consecutive free ports")
+
+
 def server_env(devices: int, **extra: str) -> dict[str, str]:
     return {
         **os.environ,

@@ -2,7 +2,7 @@
 
 A leader orchestrator drives a LeaderEngine; a worker thread replays the broadcast ops on its own
 engine. Both engines record their calls, so the worker must have made exactly the leader's calls,
-in the same order. The real two-process JAX run is in tests/model/test_multihost_e2e.py.
+in the same order. The real two-process JAX run is in tests/server/test_multihost_e2e.py.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from server_process import free_port
+from server_process import consecutive_free_ports
 from fake_engine import ByteTokenizer, EchoEngine, echo_tokens
 
 from serving.engine_api import SamplingParams
@@ -55,7 +55,7 @@ class _Group:
     """A leader ControlServer with one worker thread replaying onto its own echo engine."""
 
     def __init__(self, disaggregated: bool):
-        self.group = ProcessGroup("127.0.0.1", num_processes=2, process_id=0, coordinator_port=free_port())
+        self.group = ProcessGroup("127.0.0.1", num_processes=2, process_id=0, coordinator_port=consecutive_free_ports())
         self.server = ControlServer(self.group, bind_host="127.0.0.1")
         self.leader = self._engines(disaggregated)
         self.worker = self._engines(disaggregated)
@@ -124,7 +124,7 @@ def test_worker_whose_leader_vanishes_raises():
 
 
 def test_lost_worker_is_reported_and_fails_the_next_call():
-    group = ProcessGroup("127.0.0.1", num_processes=2, process_id=0, coordinator_port=free_port())
+    group = ProcessGroup("127.0.0.1", num_processes=2, process_id=0, coordinator_port=consecutive_free_ports())
     server = ControlServer(group, bind_host="127.0.0.1")
     worker = connect_to_leader(group, timeout_s=TIMEOUT_S)
     server.accept_workers(timeout_s=TIMEOUT_S)

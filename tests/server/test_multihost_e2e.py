@@ -8,13 +8,12 @@ that dies must turn the leader's health check off.
 
 from __future__ import annotations
 
-import socket
 import time
 
 import httpx
 import pytest
 import server_process
-from server_process import HOST, free_port
+from server_process import HOST, consecutive_free_ports, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -25,19 +24,6 @@ PROMPTS = [
 ]
 MAX_TOKENS = 12
 COMMON = ["--host", HOST, "--grpc-port", "0", "--max-prefill-length", "32", "--max-target-length", "64"]
-
-
-def consecutive_free_ports() -> int:
-    """A port p with p and p + 1 free: the JAX coordinator and the control channel."""
-    for _ in range(50):
-        port = free_port()
-        with socket.socket() as probe:
-            try:
-                probe.bind((HOST, port + 1))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no two consecutive free ports")
 
 
 def generate_all(url: str) -> dict[str, str]:
