@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         "ici_tensor_parallelism=4 per_device_batch_size=2 quantization=int8.",
     )
     parser.add_argument("--host", default="0.0.0.0", help="address to bind (default %(default)s)")
-    parser.add_argument("--http-port", type=int, default=8000, help="HTTP port (default %(default)s)")
+    parser.add_argument("--http-port", type=int, default=8000, help="HTTP port, 0 for any free one (default %(default)s)")
     parser.add_argument(
         "--grpc-port", type=int, default=9000, help="gRPC port, 0 to disable (default %(default)s)"
     )
@@ -266,14 +266,16 @@ def serve(runtime: Runtime, args: argparse.Namespace, progress: Progress, stop: 
     orchestrator = runtime.orchestrator
     app = create_app(orchestrator, model_name=runtime.settings.model_name)
     http = HttpServer(app, args.host, args.http_port, log_level=args.log_level).start()
-    grpc_server = start_grpc_server(orchestrator, args.host, args.grpc_port) if args.grpc_port else None
-    progress(f"HTTP on {args.host}:{args.http_port}" + (f", gRPC on {args.host}:{args.grpc_port}" if grpc_server else ""))
+    grpc_server, grpc_port = None, 0
+    if args.grpc_port:  # 0 turns gRPC off
+        grpc_server, grpc_port = start_grpc_server(orchestrator, args.host, args.grpc_port)
+    progress(f"HTTP on {args.host}:{http.port}" + (f", gRPC on {args.host}:{grpc_port}" if grpc_server else ""))
     try:
         warm = runtime.settings.enable_model_warmup
         with progress.step("warming up (compiling every prefill bucket)" if warm else "starting"):
             orchestrator.start(warmup=warm, progress=progress)
         progress(
-            f"ready: curl -s localhost:{args.http_port}/generate "
+            f"ready: curl -s localhost:{http.port}/generate "
             """-d '{"prompt": "What is JAX?", "max_tokens": 32}'"""
         )
         while not stop.wait(0.5):

@@ -65,13 +65,20 @@ class OrchestratorServicer(pb2_grpc.OrchestratorServicer):
         return pb2.HealthCheckResponse(is_live=self._orchestrator.is_live)
 
 
-def start_grpc_server(orchestrator: Orchestrator, host: str, port: int, max_workers: int | None = None):
-    """Start serving in background threads; returns the grpc.Server (call .stop(grace))."""
+def start_grpc_server(
+    orchestrator: Orchestrator, host: str, port: int, max_workers: int | None = None
+) -> tuple[grpc.Server, int]:
+    """Start serving in background threads; returns the grpc.Server (call .stop(grace)) and the
+    port it bound, which is a free one when `port` is 0."""
     workers = max_workers or orchestrator.slots + orchestrator.max_queued_requests + 4
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"))
     pb2_grpc.add_OrchestratorServicer_to_server(OrchestratorServicer(orchestrator), server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    if server.add_insecure_port(address) == 0:
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as error:  # grpcio raises where older releases returned 0
+        raise OSError(f"gRPC: cannot bind {address}: {error}") from None
+    if bound == 0:
         raise OSError(f"gRPC: cannot bind {address}")
     server.start()
-    return server
+    return server, bound

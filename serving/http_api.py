@@ -342,6 +342,11 @@ class HttpServer:
             time.sleep(0.01)
         return self
 
+    @property
+    def port(self) -> int:
+        """The port bound once started: the one asked for, or a free one when that was 0."""
+        return self._server.servers[0].sockets[0].getsockname()[1]
+
     def stop(self, timeout_s: float = 10.0) -> None:
         self._server.should_exit = True
         self._thread.join(timeout=timeout_s)

@@ -11,7 +11,7 @@ import dataclasses
 
 import pytest
 from fake_engine import EchoEngine, echo_orchestrator
-from server_process import HOST, free_port
+from server_process import HOST
 
 from serving.grpc_api import start_grpc_server
 from serving.http_api import HttpServer, create_app
@@ -28,10 +28,9 @@ class FakeServer:
 
 def _serve(engine: EchoEngine, max_queued_requests: int):
     orch = echo_orchestrator(engine, max_queued_requests=max_queued_requests)
-    http_port, grpc_port = free_port(), free_port()
-    http = HttpServer(create_app(orch, model_name="echo"), HOST, http_port).start()
-    grpc_server = start_grpc_server(orch, HOST, grpc_port)
-    server = FakeServer(orch, engine, f"http://{HOST}:{http_port}", f"{HOST}:{grpc_port}")
+    http = HttpServer(create_app(orch, model_name="echo"), HOST, 0).start()  # port 0: no race for a port
+    grpc_server, grpc_port = start_grpc_server(orch, HOST, 0)
+    server = FakeServer(orch, engine, f"http://{HOST}:{http.port}", f"{HOST}:{grpc_port}")
     return server, lambda: (http.stop(), grpc_server.stop(grace=1).wait(), orch.stop())
 
 
@@ -45,8 +44,12 @@ def fake_server():
 
 @pytest.fixture(scope="module")
 def slow_server():
-    """One slot, one queued request, 20 ms per decode step: for overload and cancellation."""
-    engine = EchoEngine(slots=1, max_prefill_length=16, max_target_length=256, step_delay_s=0.02)
+    """One slot, one queued request, 20 ms per decode step: for overload and cancellation.
+
+    A request for the most tokens allowed (orchestrator.max_tokens_limit) holds the slot for 20 s,
+    far longer than any test needs it even on a loaded CI machine: only a cancellation frees it early.
+    """
+    engine = EchoEngine(slots=1, max_prefill_length=16, max_target_length=1024, step_delay_s=0.02)
     server, stop = _serve(engine, 1)
     yield server
     stop()

@@ -1,4 +1,4 @@
-"""`python -m serving` as a subprocess on free loopback ports, for end-to-end tests."""
+"""Test plumbing: free loopback ports, polling, and `python -m serving` as a subprocess."""
 
 from __future__ import annotations
 
@@ -35,6 +35,14 @@ def consecutive_free_ports() -> int:
                 continue
         return port
     raise RuntimeError("no two consecutive free ports")
+
+
+def wait_until(predicate, timeout_s: float = 10.0, what: str = "condition") -> None:
+    """Poll `predicate` every 10 ms; fail the test if it is not true within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} not reached in {timeout_s} s"
+        time.sleep(0.01)
 
 
 def server_env(devices: int, **extra: str) -> dict[str, str]:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import re
 import threading
 import time
 
 import httpx
 import pytest
-from server_process import HOST, free_port
 from fake_engine import ByteTokenizer, EchoEngine
+from server_process import HOST, wait_until
 
 from serving import cli
 from serving.settings import DISAGGREGATED_SERVER, SettingsError
@@ -77,9 +78,8 @@ class GatedWarmupEngine(EchoEngine):
 
 def test_serve_reports_progress_and_is_live_only_after_warmup():
     engine = GatedWarmupEngine(slots=2, max_prefill_length=16, max_target_length=32)
-    http_port = free_port()
-    args = cli.build_parser().parse_intermixed_args(
-        ["--host", HOST, "--http-port", str(http_port), "--grpc-port", "0", "--slots", "2", "scan_layers=false"]
+    args = cli.build_parser().parse_intermixed_args(  # HTTP port 0: the server picks and reports one
+        ["--host", HOST, "--http-port", "0", "--grpc-port", "0", "--slots", "2", "scan_layers=false"]
     )
     out = io.StringIO()
     progress = cli.Progress(stream=out)
@@ -90,16 +90,11 @@ def test_serve_reports_progress_and_is_live_only_after_warmup():
     stop = threading.Event()
     server = threading.Thread(target=cli.serve, args=(runtime, args, progress, stop), daemon=True)
     server.start()
-    url = f"http://{HOST}:{http_port}"
     try:
+        wait_until(lambda: "HTTP on" in out.getvalue(), 20, what="HTTP server up")
+        url = "http://" + re.search(r"HTTP on (\S+)", out.getvalue()).group(1)
         deadline = time.monotonic() + 20
-        while True:
-            try:
-                health = httpx.get(url + "/healthcheck", timeout=5)
-                break
-            except httpx.ConnectError:
-                assert time.monotonic() < deadline, "HTTP server never came up"
-                time.sleep(0.05)
+        health = httpx.get(url + "/healthcheck", timeout=5)
         assert health.status_code == 500  # warming up
         engine.warmup_gate.set()
         while httpx.get(url + "/healthcheck", timeout=5).status_code != 200:

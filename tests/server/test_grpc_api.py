@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import time
-
 import grpc
 import pytest
+from server_process import wait_until
 
 from serving import proto
 
@@ -79,19 +78,16 @@ def test_cancel_frees_slot_and_overload_is_resource_exhausted(slow_server):
     orch = slow_server.orchestrator
     with grpc.insecure_channel(slow_server.grpc_target) as channel:
         stub = pb2_grpc.OrchestratorStub(channel)
-        busy = stub.Decode(text_request("long", 200), timeout=TIMEOUT_S)
+        busy = stub.Decode(text_request("long", orch.max_tokens_limit), timeout=TIMEOUT_S)
         assert next(busy).stream_content.samples[0].text == "l"
+        # the first token streams before the request takes its slot: wait until it holds it
+        wait_until(lambda: orch.slots_used == 1 and orch._waiting == 0)
         queued = stub.Decode(text_request("q", 3), timeout=TIMEOUT_S)
-        deadline = time.monotonic() + 10
-        while orch._waiting < 1:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_until(lambda: orch._waiting == 1)
         with pytest.raises(grpc.RpcError) as info:
             list(stub.Decode(text_request("x", 3), timeout=TIMEOUT_S))
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         busy.cancel()
         assert "".join(r.stream_content.samples[0].text for r in queued) == "qqq"
-        deadline = time.monotonic() + 3
-        while orch.slots_used:
-            assert time.monotonic() < deadline, "cancelled request kept its slot"
-            time.sleep(0.01)
+        # well before the 20 s the request would run
+        wait_until(lambda: orch.slots_used == 0, what="slot freed by the cancelled request")

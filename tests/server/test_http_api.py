@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import httpx
 import pytest
 from fake_engine import ByteTokenizer, echo_orchestrator
 from fastapi.testclient import TestClient
+from server_process import wait_until
 
 from serving.http_api import create_app
 
@@ -28,13 +28,6 @@ def sse_events(response: httpx.Response) -> list:
             payload = line[len("data: ") :]
             events.append(payload if payload == "[DONE]" else json.loads(payload))
     return events
-
-
-def wait_until(predicate, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
 
 
 def test_generate(fake_server):
@@ -193,10 +186,12 @@ def test_models_and_metrics(fake_server):
 
 def test_disconnect_cancels_and_overload_is_503_with_retry_after(slow_server):
     url, orch = slow_server.http_url, slow_server.orchestrator
-    body = {"prompt": "long", "max_tokens": 200, "stream": True}
+    body = {"prompt": "long", "max_tokens": orch.max_tokens_limit, "stream": True}
     with httpx.stream("POST", url + "/generate", json=body, timeout=TIMEOUT) as r:
         lines = r.iter_lines()
-        assert json.loads(next(lines)) == {"response": "l"}  # holds the only slot now
+        assert json.loads(next(lines)) == {"response": "l"}
+        # the first token streams before the request takes its slot: wait until it holds it
+        wait_until(lambda: orch.slots_used == 1 and orch._waiting == 0)
         queued: dict = {}
         waiter = threading.Thread(
             target=lambda: queued.update(r=post(slow_server, "/generate", {"prompt": "q", "max_tokens": 3}))
@@ -208,14 +203,15 @@ def test_disconnect_cancels_and_overload_is_503_with_retry_after(slow_server):
         assert int(rejected.headers["retry-after"]) >= 1
     # the stream was closed after one line: the server must cancel it and free the slot
     waiter.join(timeout=10)
-    assert queued["r"].json() == {"response": "qqq"}  # nothing lost
+    assert queued["r"].json() == {"response": "qqq"}  # nothing lost, and the slot came back early
     wait_until(lambda: orch.slots_used == 0, timeout_s=3)
 
 
 def test_non_streaming_disconnect_cancels(slow_server):
     orch = slow_server.orchestrator
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(slow_server.http_url + "/generate", json={"prompt": "z", "max_tokens": 200}, timeout=0.5)
-    # 200 steps take 4 s; the cancelled request frees its slot well before that
-    wait_until(lambda: orch.slots_used == 0, timeout_s=2.5)
+        body = {"prompt": "z", "max_tokens": orch.max_tokens_limit}
+        httpx.post(slow_server.http_url + "/generate", json=body, timeout=0.5)
+    # the request would decode for 20 s; cancelled, it frees its slot well before that
+    wait_until(lambda: orch.slots_used == 0, timeout_s=10)
     assert post(slow_server, "/generate", {"prompt": "ok", "max_tokens": 2}).json() == {"response": "ok"}

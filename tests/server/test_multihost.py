@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 
 import pytest
-from server_process import consecutive_free_ports
+from server_process import consecutive_free_ports, wait_until
 from fake_engine import ByteTokenizer, EchoEngine, echo_tokens
 
 from serving.engine_api import SamplingParams
@@ -130,10 +129,7 @@ def test_lost_worker_is_reported_and_fails_the_next_call():
     server.accept_workers(timeout_s=TIMEOUT_S)
     assert server.problems == []
     worker.buffer.raw._sock.shutdown(socket.SHUT_RDWR)  # the worker process dies
-    deadline = time.monotonic() + TIMEOUT_S
-    while not server.problems:
-        assert time.monotonic() < deadline, "lost worker was not noticed"
-        time.sleep(0.01)
+    wait_until(lambda: server.problems, TIMEOUT_S, what="lost worker noticed")
     assert "disconnected" in server.problems[0]
     with pytest.raises(RuntimeError, match="multi-host group broken"):
         server.send({"op": "generate"})

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 from fake_engine import EOS, ByteTokenizer, EchoEngine, echo_orchestrator, echo_tokens
 from prometheus_client.parser import text_string_to_metric_families
+from server_process import wait_until
 
 from serving.engine_api import SamplingParams
 from serving.orchestrator import IncrementalDetokenizer, Orchestrator
@@ -26,13 +26,6 @@ def orch():
 def run(orch: Orchestrator, prompt, max_tokens: int, **sampling):
     req = GenerateRequest(prompt=prompt, max_tokens=max_tokens, sampling=SamplingParams(**sampling))
     return orch.submit(req).collect(timeout_s=TIMEOUT_S)
-
-
-def wait_until(predicate, timeout_s: float = TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.005)
 
 
 def metric_value(orch: Orchestrator, name: str) -> float:
