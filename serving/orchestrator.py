@@ -456,10 +456,7 @@ class Orchestrator:
             if tail:
                 item.stream.push(Delta(tail, ()))
         self._unwait(item)
-        item.stream.close(
-            Finish(reason, prompt_tokens=len(item.tokens), completion_tokens=item.generated, error=error)
-        )
-        if reason in ("stop", "length"):
+        if reason in ("stop", "length"):  # counted before the client can see the end
             now = time.perf_counter()
             submitted = item.stream.submitted_at
             wait = (item.prefill_started - submitted) + max(item.inserted_at - item.prefill_returned, 0.0)
@@ -469,6 +466,9 @@ class Orchestrator:
                 output_tokens=item.generated,
                 wait_s=wait,
             )
+        item.stream.close(
+            Finish(reason, prompt_tokens=len(item.tokens), completion_tokens=item.generated, error=error)
+        )
 
     def _finish_all(self, reason: FinishReason, error: str) -> None:
         with self._lock:

@@ -145,12 +145,13 @@ def test_concurrent_requests_equal_sequential_greedy(server, sequential):
 
 
 def test_cancelled_stream_frees_its_slot(server):
+    completed = metric(server, "jetstream_request_success_count_total")
     body = {"prompt": PROMPTS[2], "max_tokens": 200, "stream": True}
-    started = time.monotonic()
     with httpx.stream("POST", server["url"] + "/generate", json=body, timeout=TIMEOUT) as r:
         next(r.iter_lines())
     wait_idle(server)
-    assert time.monotonic() - started < 15, "the slot was held until all 200 tokens were generated"
+    # freed by the cancellation, not by running all 200 tokens to a successful end
+    assert metric(server, "jetstream_request_success_count_total") == completed
 
 
 def test_overload_rejects_with_retry_after_and_loses_nothing(server, sequential):
