@@ -37,12 +37,12 @@ def consecutive_free_ports() -> int:
     raise RuntimeError("no two consecutive free ports")
 
 
-def wait_until(predicate, timeout_s: float = 10.0, what: str = "condition") -> None:
-    """Poll `predicate` every 10 ms; fail the test if it is not true within `timeout_s`."""
+def wait_until(predicate, timeout_s: float = 10.0, what: str = "condition", every_s: float = 0.01) -> None:
+    """Poll `predicate` every `every_s`; fail the test if it is not true within `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while not predicate():
         assert time.monotonic() < deadline, f"{what} not reached in {timeout_s} s"
-        time.sleep(0.01)
+        time.sleep(every_s)
 
 
 def server_env(devices: int, **extra: str) -> dict[str, str]:

@@ -11,13 +11,12 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import re
-import time
 
 import grpc
 import httpx
 import pytest
 import server_process
-from server_process import HOST, free_port
+from server_process import HOST, free_port, wait_until
 
 from serving import proto
 
@@ -67,10 +66,9 @@ def metric(server, name: str) -> float:
 
 
 def wait_idle(server, timeout_s: float = 20) -> None:
-    deadline = time.monotonic() + timeout_s
-    while metric(server, "jetstream_slots_used_percentage") != 0.0:
-        assert time.monotonic() < deadline, "slots were not freed"
-        time.sleep(0.1)
+    wait_until(
+        lambda: metric(server, "jetstream_slots_used_percentage") == 0.0, timeout_s, "all slots freed", every_s=0.1
+    )
 
 
 @pytest.fixture(scope="module")
