@@ -31,10 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 
-from serving.engine import EngineSet, engines_from_params  # noqa: E402
+from serving.engine.jax_engine import EngineSet, engines_from_params  # noqa: E402
 from serving.engine_api import GREEDY  # noqa: E402
-from serving.loaders import LOADERS, prepare_params, runtime_config  # noqa: E402
-from serving.settings import parse_settings  # noqa: E402
+from serving.engine.loaders import LOADERS, prepare_params, runtime_config  # noqa: E402
+from serving.server.settings import parse_settings  # noqa: E402
 
 DEFAULT_CONFIGS = (
     "name=1dev-f32 devices=1",

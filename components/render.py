@@ -18,11 +18,11 @@ from typing import Any, Mapping
 
 import yaml
 
-from components import manifests
-from components.config import PROJECT, parse_stack_config
-from components.errors import ConfigError
-from components.node_pools import tpu_node_pools
-from components.planner import plan_deployment
+from components.core import manifests
+from components.core.config import PROJECT, parse_stack_config
+from components.core.errors import ConfigError
+from components.core.node_pools import tpu_node_pools
+from components.core.planner import plan_deployment
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

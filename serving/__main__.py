@@ -1,7 +1,7 @@
-"""`python -m serving`: see serving/cli.py."""
+"""`python -m serving`: see serving/server/cli.py."""
 
 import sys
 
-from serving.cli import main
+from serving.server.cli import main
 
 sys.exit(main())

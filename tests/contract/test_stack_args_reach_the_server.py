@@ -13,13 +13,13 @@ import pathlib
 
 import pytest
 
-from components import manifests
-from components.config import parse_stack_config
-from components.errors import ConfigError
-from components.planner import plan_deployment
+from components.core import manifests
+from components.core.config import parse_stack_config
+from components.core.errors import ConfigError
+from components.core.planner import plan_deployment
 from components.render import read_stack_file
-from serving import cli, multihost, settings as server_settings
-from serving.settings import ServingSettings
+from serving.server import cli, multihost, settings as server_settings
+from serving.server.settings import ServingSettings
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 STACKS = sorted(path.name[len("Pulumi.") : -len(".yaml")] for path in ROOT.glob("Pulumi.*.yaml"))

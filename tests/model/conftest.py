@@ -5,9 +5,9 @@ from __future__ import annotations
 import jax
 import pytest
 
-from serving.engine import EngineSet, engines_from_params
-from serving.loaders import gguf_loader, prepare_params, runtime_config
-from serving.settings import ServingSettings
+from serving.engine.jax_engine import EngineSet, engines_from_params
+from serving.engine.loaders import gguf_loader, prepare_params, runtime_config
+from serving.server.settings import ServingSettings
 
 @pytest.fixture(scope="session")
 def smollm_raw():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from serving.engine import EngineSet
+from serving.engine.jax_engine import EngineSet
 from serving.engine_api import GREEDY, SamplingParams
 
 # Short prompts in ChatML and plain text; the sharding, int8 and disaggregation tests share them.

@@ -12,11 +12,11 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from model_helpers import generate
-from serving import model, quant, sharding
-from serving.engine import build_engines, prefill_buckets
+from serving.engine import model, quant, sharding
+from serving.engine.jax_engine import build_engines, prefill_buckets
 from serving.engine_api import GREEDY, SamplingParams
-from serving.loaders import load_checkpoint, npz_loader
-from serving.settings import ServingSettings
+from serving.engine.loaders import load_checkpoint, npz_loader
+from serving.server.settings import ServingSettings
 
 TINY = dict(model_name="tiny", max_prefill_predict_length=32, max_target_length=48, per_device_batch_size=4)
 PROMPTS = [[5, 6, 7], list(range(10, 30)), [100] * 17]
@@ -101,7 +101,7 @@ def test_quantized_checkpoint_roundtrip(tmp_path, one_device):
     settings = ServingSettings(**TINY, quantization="int8")
     cfg, params, _ = load_checkpoint(settings)
     assert isinstance(params["layers"]["wq"], quant.QuantArray)
-    from serving.tokenizer import BPETokenizer
+    from serving.engine.tokenizer import BPETokenizer
     from tokenizers import Tokenizer, models
 
     tok = BPETokenizer(Tokenizer(models.BPE()), [2])

@@ -6,8 +6,8 @@ import dataclasses
 
 import numpy as np
 
-from serving.config import preset
-from serving.loaders import gguf_loader
+from serving.engine.config import preset
+from serving.engine.loaders import gguf_loader
 
 
 def test_config_matches_preset_and_params_have_declared_shapes(smollm_raw):

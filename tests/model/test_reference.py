@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from model_helpers import PROMPTS, generate
-from serving import model
-from serving.loaders import gguf_loader
+from serving.engine import model
+from serving.engine.loaders import gguf_loader
 
 pytestmark = pytest.mark.slow
 

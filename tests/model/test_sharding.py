@@ -1,7 +1,7 @@
 """SmolLM2-135M on 8 CPU devices: sharded, disaggregated and int8 engines against one device.
 
 SmolLM2 has 9 q / 3 kv heads, so at TP=4 and TP=8 attention weights and the KV cache are replicated
-over the tensor axis while MLP hidden and vocab are sharded (see serving/sharding.py).
+over the tensor axis while MLP hidden and vocab are sharded (see serving/engine/sharding.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from model_helpers import PROMPTS, generate
-from serving import sharding
+from serving.engine import sharding
 from serving.engine_api import GREEDY
 
 pytestmark = pytest.mark.slow

@@ -13,9 +13,9 @@ import pytest
 from fake_engine import EchoEngine, echo_orchestrator
 from server_process import HOST
 
-from serving.grpc_api import start_grpc_server
-from serving.http_api import HttpServer, create_app
-from serving.orchestrator import Orchestrator
+from serving.server.grpc_api import start_grpc_server
+from serving.server.http_api import HttpServer, create_app
+from serving.server.orchestrator import Orchestrator
 
 
 @dataclasses.dataclass

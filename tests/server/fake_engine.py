@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from serving.engine_api import Engine, SamplingParams
-from serving.orchestrator import Orchestrator
+from serving.server.orchestrator import Orchestrator
 
 EOS = 256
 _EOS_TEXT = "<eos>"

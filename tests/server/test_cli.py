@@ -1,4 +1,4 @@
-"""serving/cli.py: flag mapping, and build_runtime + serve wired to the echo engine in-process."""
+"""serving/server/cli.py: flag mapping, and build_runtime + serve wired to the echo engine in-process."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from fake_engine import ByteTokenizer, EchoEngine
 from server_process import HOST, wait_until
 
-from serving import cli
-from serving.settings import DISAGGREGATED_SERVER, SettingsError
+from serving.server import cli
+from serving.server.settings import DISAGGREGATED_SERVER, SettingsError
 
 
 def settings(argv, devices=1):

@@ -18,7 +18,7 @@ import pytest
 import server_process
 from server_process import HOST, free_port, wait_until
 
-from serving import proto
+from serving.server import proto
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ import grpc
 import pytest
 from server_process import wait_until
 
-from serving import proto
+from serving.server import proto
 
 pb2, pb2_grpc = proto.load()
 TIMEOUT_S = 20

@@ -11,7 +11,7 @@ from fake_engine import ByteTokenizer, echo_orchestrator
 from fastapi.testclient import TestClient
 from server_process import wait_until
 
-from serving.http_api import create_app
+from serving.server.http_api import create_app
 
 TIMEOUT = httpx.Timeout(20.0)
 

@@ -1,4 +1,4 @@
-"""Multi-host control channel (serving/multihost.py) over real sockets, with echo engines.
+"""Multi-host control channel (serving/server/multihost.py) over real sockets, with echo engines.
 
 A leader orchestrator drives a LeaderEngine; a worker thread replays the broadcast ops on its own
 engine. Both engines record their calls, so the worker must have made exactly the leader's calls,
@@ -15,7 +15,7 @@ from server_process import consecutive_free_ports, wait_until
 from fake_engine import ByteTokenizer, EchoEngine, echo_tokens
 
 from serving.engine_api import SamplingParams
-from serving.multihost import (
+from serving.server.multihost import (
     Broadcaster,
     ControlServer,
     ProcessGroup,
@@ -24,8 +24,8 @@ from serving.multihost import (
     run_worker,
     wrap_engines,
 )
-from serving.orchestrator import Orchestrator
-from serving.requests import GenerateRequest
+from serving.server.orchestrator import Orchestrator
+from serving.server.requests import GenerateRequest
 
 TIMEOUT_S = 20
 

@@ -10,8 +10,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from server_process import wait_until
 
 from serving.engine_api import SamplingParams
-from serving.orchestrator import IncrementalDetokenizer, Orchestrator
-from serving.requests import GenerateRequest, NotReady, Overloaded, RequestError
+from serving.server.orchestrator import IncrementalDetokenizer, Orchestrator
+from serving.server.requests import GenerateRequest, NotReady, Overloaded, RequestError
 
 TIMEOUT_S = 20
 

@@ -1,10 +1,10 @@
-"""serving/settings.py: MaxText-style key=value arguments."""
+"""serving/server/settings.py: MaxText-style key=value arguments."""
 
 from __future__ import annotations
 
 import pytest
 
-from serving.settings import DISAGGREGATED_SERVER, SettingsError, ServingSettings, parse_settings
+from serving.server.settings import DISAGGREGATED_SERVER, SettingsError, ServingSettings, parse_settings
 
 
 def test_defaults():

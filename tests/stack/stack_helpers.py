@@ -8,13 +8,13 @@ import pathlib
 
 import jsonschema
 
-from components.config import StackConfig, parse_stack_config
-from components.planner import Plan, plan_deployment
+from components.core.config import StackConfig, parse_stack_config
+from components.core.planner import Plan, plan_deployment
 from components.render import read_stack_file
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 GOLDEN = pathlib.Path(__file__).resolve().parent / "golden"
-CRD_SCHEMA = ROOT / "components" / "lws_crd_schema.json"
+CRD_SCHEMA = ROOT / "tests" / "stack" / "schemas" / "lws-crd-v0.10.0.schema.json"
 
 
 def example(stack: str) -> tuple[StackConfig, Plan]:

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from components import models, tpu
+from components.core import models, tpu
 
 # topology -> (chips, default machine type, hosts): the GKE v6e facts the contract fixes.
 EXPECTED = {

@@ -6,8 +6,8 @@ import pulumi
 import pytest
 import yaml
 
-from components import config as stack_config
-from components.errors import ConfigError
+from components.core import config as stack_config
+from components.core.errors import ConfigError
 
 from pulumi_harness import EXAMPLE_STACKS, GCP_PROJECT, PROJECT, ROOT, qualified, run_stack
 from stack_helpers import config, example
@@ -124,7 +124,7 @@ def test_bad_config_fails_at_preview_naming_the_key_and_creates_nothing(case):
 
 @pytest.mark.parametrize("case", REFUSALS)
 def test_refusals_come_from_the_pure_config_and_planner(case):
-    from components.planner import plan_deployment
+    from components.core.planner import plan_deployment
 
     change, key, fragment = REFUSALS[case]
     with pytest.raises(ConfigError) as refused:

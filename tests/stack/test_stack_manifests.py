@@ -11,8 +11,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from components import lws_model, manifests
-from components.config import DEFAULT_IMAGES
+from components.core import lws_model, manifests
+from components.core.config import DEFAULT_IMAGES
 
 from stack_helpers import BUNDLED_IMAGE, BUNDLED_STACKS, GOLDEN, bundled_example, config, example, lws_openapi_schema, lws_validator
 
@@ -103,7 +103,7 @@ VARIANTS = {
 
 
 def _with_plan(cfg):
-    from components.planner import plan_deployment
+    from components.core.planner import plan_deployment
     return cfg, plan_deployment(cfg)
 
 

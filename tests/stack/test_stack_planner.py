@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from components.errors import ConfigError
-from components.planner import GIB, plan_deployment
+from components.core.errors import ConfigError
+from components.core.planner import GIB, plan_deployment
 
 from stack_helpers import config
 

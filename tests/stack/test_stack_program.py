@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from components import manifests, tpu
-from components.lws_controller import release_manifest_url
+from components.core import manifests, tpu
+from components.resources.lws_controller import release_manifest_url
 
 from pulumi_harness import EXAMPLE_STACKS, GCP_PROJECT, qualified, run_stack, stack_file_config
 from stack_helpers import bundled_example, bundled_raw, example

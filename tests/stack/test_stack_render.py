@@ -9,7 +9,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from components import manifests, render
+from components.core import manifests
+from components import render
 
 from pulumi_harness import EXAMPLE_STACKS, ROOT
 from stack_helpers import BUNDLED_STACKS, bundled_example, bundled_raw, example, lws_validator

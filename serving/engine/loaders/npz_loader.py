@@ -3,7 +3,7 @@
 It is the target of the offline int8 converter, so a quantized checkpoint can be served with
 `quantization=int8 checkpoint_is_quantized=true load_parameters_path=model-int8.npz`:
 
-    python -m serving.loaders.npz_loader OUT.npz [key=value ...]   # e.g. quantization=int8
+    python -m serving.engine.loaders.npz_loader OUT.npz [key=value ...]   # e.g. quantization=int8
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import sys
 import jax
 import numpy as np
 
-from serving import model, quant
-from serving.config import ModelConfig
-from serving.tokenizer import BPETokenizer
+from serving.engine import model, quant
+from serving.engine.config import ModelConfig
+from serving.engine.tokenizer import BPETokenizer
 
 _ARCH_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim",
                 "rope_base", "norm_eps", "tie_embeddings", "bos_id", "eos_id", "kv_block")
@@ -54,8 +54,8 @@ def load_npz(path: str):
 
 
 def main(argv: list[str]) -> None:
-    from serving.loaders import load_checkpoint
-    from serving.settings import parse_settings
+    from serving.engine.loaders import load_checkpoint
+    from serving.server.settings import parse_settings
 
     out, settings = argv[0], parse_settings(argv[1:])
     cfg, params, tokenizer = load_checkpoint(settings)

@@ -25,10 +25,10 @@ run as are built here too, so `components.render` prints everything `kubectl app
 
 from __future__ import annotations
 
-from components import lws_model as lws
-from components import tpu
-from components.config import StackConfig
-from components.planner import Plan
+from components.core import lws_model as lws
+from components.core import tpu
+from components.core.config import StackConfig
+from components.core.planner import Plan
 
 PROXY_PORT = 38681
 RESOURCE_MANAGER_PORT = 38677
@@ -39,7 +39,7 @@ HEALTH_PATH = "/healthcheck"
 PULL_POLICY = "IfNotPresent"  # images are pinned, so a node's cached copy is the right one
 LEADER_ADDRESS = "$(LWS_LEADER_ADDRESS)"  # expanded by Kubernetes from the env LWS injects
 NODE_POOL_LABEL = "cloud.google.com/gke-nodepool"
-# Equal to serving.settings.DISAGGREGATED_SERVER (components import nothing from serving;
+# Equal to serving.server.settings.DISAGGREGATED_SERVER (components import nothing from serving;
 # tests/contract checks the two agree).
 DISAGGREGATED_SERVER = "ExperimentalMaxtextDisaggregatedServer_8"
 GSA_ANNOTATION = "iam.gke.io/gcp-service-account"  # Workload Identity: KSA -> GSA
@@ -48,7 +48,7 @@ GSA_ANNOTATION = "iam.gke.io/gcp-service-account"  # Workload Identity: KSA -> G
 BUNDLED_COMMAND = ("python", "-m", "serving", "--host", "0.0.0.0",
                    "--http-port", str(HTTP_PORT), "--grpc-port", str(GRPC_PORT))
 SERVER_CONTAINER = "jax-tpu"
-# Multi-controller JAX of the bundled server (serving/multihost.py): the coordinator listens on
+# Multi-controller JAX of the bundled server (serving/server/multihost.py): the coordinator listens on
 # the leader at COORDINATOR_PORT, the leader's control channel on the port after it.
 COORDINATOR_PORT = 8476
 CONTROL_PORT = COORDINATOR_PORT + 1

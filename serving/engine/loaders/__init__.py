@@ -16,11 +16,11 @@ from typing import Callable
 import jax
 import numpy as np
 
-from serving import model, quant
-from serving.config import PRESETS, ModelConfig
+from serving.engine import model, quant
+from serving.engine.config import PRESETS, ModelConfig
 from serving.engine_api import Tokenizer
-from serving.loaders import gguf_loader, npz_loader
-from serving.tokenizer import ByteTokenizer
+from serving.engine.loaders import gguf_loader, npz_loader
+from serving.engine.tokenizer import ByteTokenizer
 
 LoadResult = tuple[ModelConfig, dict, Tokenizer]
 

@@ -5,7 +5,7 @@ core v1 PodSpec fields, which the CRD embeds). Frozen keyword-only dataclasses: 
 is a TypeError at construction; a field placed on the wrong object does not exist there either.
 `to_dict` converts snake_case attributes to the CRD's camelCase names and drops unset (None)
 fields. `tests/stack/test_stack_manifests.py` checks every field below against the CRD's
-openAPIV3Schema (`components/lws_crd_schema.json`), so a field the CRD lacks fails a test.
+openAPIV3Schema (`tests/stack/schemas/lws-crd-v0.10.0.schema.json`, test data), so a field the CRD lacks fails a test.
 """
 
 from __future__ import annotations

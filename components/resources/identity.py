@@ -12,7 +12,7 @@ from __future__ import annotations
 import pulumi
 import pulumi_gcp as gcp
 
-from components.config import StackConfig
+from components.core.config import StackConfig
 
 SCRATCH_ROLE = "roles/storage.objectUser"  # create/read/delete objects, no bucket or IAM admin
 CHECKPOINT_ROLE = "roles/storage.objectViewer"

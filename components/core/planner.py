@@ -32,8 +32,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from components.config import StackConfig
-from components.errors import ConfigError
+from components.core.config import StackConfig
+from components.core.errors import ConfigError
 
 GIB = 1 << 30
 WEIGHT_BYTES = {"int8": 1, "bf16": 2}

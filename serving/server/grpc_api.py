@@ -18,9 +18,9 @@ from concurrent import futures
 
 import grpc
 
-from serving import proto
-from serving.orchestrator import Orchestrator
-from serving.requests import GenerateRequest, NotReady, Overloaded, RequestError
+from serving.server import proto
+from serving.server.orchestrator import Orchestrator
+from serving.server.requests import GenerateRequest, NotReady, Overloaded, RequestError
 
 pb2, pb2_grpc = proto.load()
 

@@ -41,9 +41,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from serving.config import ModelConfig
-from serving import model
-from serving.model import ArrayInfo, is_info
+from serving.engine.config import ModelConfig
+from serving.engine import model
+from serving.engine.model import ArrayInfo, is_info
 
 MESH_AXES = ("fsdp", "autoregressive", "tensor")
 SETTING_KEYS = {

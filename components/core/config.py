@@ -17,8 +17,8 @@ import json
 import re
 from typing import Mapping
 
-from components import models, tpu
-from components.errors import ConfigError
+from components.core import models, tpu
+from components.core.errors import ConfigError
 
 PROJECT = "jetstream-tpu"  # Pulumi project name: stack files namespace keys as jetstream-tpu:<key>
 MODES = ("interleaved", "disaggregated")
@@ -342,7 +342,7 @@ _CHECKPOINT_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def _check_bundled(cfg: StackConfig) -> None:
-    """What the bundled server's multi-controller layout can run (see components/manifests.py)."""
+    """What the bundled server's multi-controller layout can run (see components/core/manifests.py)."""
     if cfg.mode == "disaggregated":
         raise ConfigError(("mode", "serverRuntime"),
                           "serverRuntime=bundled cannot run mode=disaggregated: the bundled server splits one process group's "

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from components.config import StackConfig
-from components.planner import node_pool_name
+from components.core.config import StackConfig
+from components.core.planner import node_pool_name
 
 NO_RELEASE_CHANNEL = "UNSPECIFIED"
 

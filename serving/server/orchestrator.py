@@ -47,8 +47,8 @@ from typing import Any, Callable
 import jax
 
 from serving.engine_api import Engine, Params, Tokenizer
-from serving.metrics import ServerMetrics
-from serving.requests import (
+from serving.server.metrics import ServerMetrics
+from serving.server.requests import (
     Delta,
     Finish,
     FinishReason,

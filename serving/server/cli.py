@@ -4,7 +4,7 @@
                     [--max-prefill-length N] [--max-target-length N] [--dtype D] ... [key=value ...]
 
 The MaxText-style `key=value` arguments after the flags are the same list the stack puts in the
-LeaderWorkerSet (see serving/settings.py). The convenience flags are shorthands for settings keys
+LeaderWorkerSet (see serving/server/settings.py). The convenience flags are shorthands for settings keys
 and are applied first, so an explicit `key=value` wins:
 
   --model PATH              load_parameters_path=PATH
@@ -32,10 +32,10 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from serving import multihost
-from serving.metrics import ServerMetrics
-from serving.orchestrator import Orchestrator
-from serving.settings import ServingSettings, SettingsError, parse_settings
+from serving.server import multihost
+from serving.server.metrics import ServerMetrics
+from serving.server.orchestrator import Orchestrator
+from serving.server.settings import ServingSettings, SettingsError, parse_settings
 
 
 class Progress:
@@ -199,7 +199,7 @@ def build_runtime(
 
 def _load_engines(settings: ServingSettings, progress: Progress, build_engines=None):
     if build_engines is None:  # the model stack (JAX) is imported only to serve
-        from serving.engine import build_engines
+        from serving.engine.jax_engine import build_engines
 
     with progress.step("loading model and building engines"):
         return build_engines(settings)
@@ -260,8 +260,8 @@ def start_jax(settings: ServingSettings, group: multihost.ProcessGroup | None) -
 
 def serve(runtime: Runtime, args: argparse.Namespace, progress: Progress, stop: threading.Event) -> None:
     """Front ends up first (health 500 while warming), then warm-up, then serve until `stop`."""
-    from serving.grpc_api import start_grpc_server
-    from serving.http_api import HttpServer, create_app
+    from serving.server.grpc_api import start_grpc_server
+    from serving.server.http_api import HttpServer, create_app
 
     orchestrator = runtime.orchestrator
     app = create_app(orchestrator, model_name=runtime.settings.model_name)

@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from serving import quant
-from serving.config import ModelConfig
+from serving.engine import quant
+from serving.engine.config import ModelConfig
 
 NEG_INF = -1e30
 

@@ -11,9 +11,9 @@ from typing import Sequence
 import pulumi
 import pulumi_kubernetes as k8s
 
-from components import lws_model, manifests
-from components.config import StackConfig
-from components.planner import Plan
+from components.core import lws_model, manifests
+from components.core.config import StackConfig
+from components.core.planner import Plan
 
 
 def service_args(cfg: StackConfig) -> k8s.core.v1.ServiceInitArgs:

@@ -28,12 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from serving import engine_api, model, sharding
-from serving.config import ModelConfig
+from serving import engine_api
+from serving.engine import model, sharding
+from serving.engine.config import ModelConfig
 from serving.engine_api import SamplingParams
-from serving.loaders import load_checkpoint
-from serving.model import ArrayInfo, KVCache
-from serving.sampling import Sampling, sample
+from serving.engine.loaders import load_checkpoint
+from serving.engine.model import ArrayInfo, KVCache
+from serving.engine.sampling import Sampling, sample
 
 MIN_BUCKET = 16
 

@@ -5,7 +5,7 @@ The generated modules are not checked in: `load()` writes `jetstream_pb2.py` and
 cache directory), regenerating them whenever the .proto is newer, and imports them. Generation
 writes to a temporary directory and renames, so concurrent processes never see half a file.
 
-  pb2, pb2_grpc = serving.proto.load()
+  pb2, pb2_grpc = serving.server.proto.load()
 """
 
 from __future__ import annotations

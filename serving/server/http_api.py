@@ -32,8 +32,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from serving.engine_api import SamplingParams
-from serving.orchestrator import Orchestrator
-from serving.requests import (
+from serving.server.orchestrator import Orchestrator
+from serving.server.requests import (
     Completion,
     Finish,
     GenerateRequest,

@@ -9,8 +9,8 @@ import pulumi_gcp as gcp
 import pulumi_kubernetes as k8s
 import yaml
 
-from components.config import StackConfig
-from components.node_pools import NodePoolSpec, tpu_node_pools
+from components.core.config import StackConfig
+from components.core.node_pools import NodePoolSpec, tpu_node_pools
 
 CLOUD_PLATFORM_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 # Pods authenticate as their Kubernetes service account (Workload Identity), never as the node.

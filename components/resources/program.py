@@ -11,14 +11,14 @@ from typing import Any, Mapping
 
 import pulumi
 
-from components import manifests
-from components.config import PROJECT, StackConfig, parse_stack_config
-from components.errors import ConfigError
-from components.gke import GkeCluster
-from components.identity import ServingIdentity
-from components.jetstream import JetStreamServer
-from components.lws_controller import LeaderWorkerSetController
-from components.planner import Plan, plan_deployment
+from components.core import manifests
+from components.core.config import PROJECT, StackConfig, parse_stack_config
+from components.core.errors import ConfigError
+from components.resources.gke import GkeCluster
+from components.resources.identity import ServingIdentity
+from components.resources.jetstream import JetStreamServer
+from components.resources.lws_controller import LeaderWorkerSetController
+from components.core.planner import Plan, plan_deployment
 
 
 def project_config_values() -> dict[str, str]:
