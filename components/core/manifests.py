@@ -39,8 +39,8 @@ HEALTH_PATH = "/healthcheck"
 PULL_POLICY = "IfNotPresent"  # images are pinned, so a node's cached copy is the right one
 LEADER_ADDRESS = "$(LWS_LEADER_ADDRESS)"  # expanded by Kubernetes from the env LWS injects
 NODE_POOL_LABEL = "cloud.google.com/gke-nodepool"
-# Equal to serving.server.settings.DISAGGREGATED_SERVER (components import nothing from serving;
-# tests/contract checks the two agree).
+# Equal to serving.server.settings.DISAGGREGATED_SERVER (components import only the pure, JAX-free
+# serving.engine.parallelism from the server; tests/contract checks the two agree).
 DISAGGREGATED_SERVER = "ExperimentalMaxtextDisaggregatedServer_8"
 GSA_ANNOTATION = "iam.gke.io/gcp-service-account"  # Workload Identity: KSA -> GSA
 # The bundled server (serving/ in this repository) serves HTTP itself, so it replaces both

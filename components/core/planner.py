@@ -5,7 +5,8 @@ Pure arithmetic on the catalog rows and the parsed config; a plan that cannot sh
 
   chips          = chips of the topology (one slice; disaggregated runs two identical slices)
   parallelism    = fsdp x autoregressive x tensor == chips; one axis may be -1 and is filled in
-                   with chips / (product of the others), as MaxText does.
+                   with chips / (product of the others), as MaxText does (the same function as
+                   the bundled server's mesh: serving/engine/parallelism.py, pure Python).
   weights/chip   = params x bytes_per_weight / chips
                    MaxText shards every matmul weight over the fsdp, tensor and autoregressive
                    axes, so weights divide over all chips. int8 = 1 byte (per-channel scales are
@@ -34,10 +35,12 @@ import math
 
 from components.core.config import StackConfig
 from components.core.errors import ConfigError
+from serving.engine.parallelism import ParallelismError, resolve_axes
 
 GIB = 1 << 30
 WEIGHT_BYTES = {"int8": 1, "bf16": 2}
-PARALLELISM_KEYS = ("fsdpParallelism", "autoregressiveParallelism", "tensorParallelism")
+# The stack config key of each mesh axis.
+AXIS_KEYS = {"fsdp": "fsdpParallelism", "autoregressive": "autoregressiveParallelism", "tensor": "tensorParallelism"}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -99,25 +102,15 @@ class Plan:
 def resolve_parallelism(cfg: StackConfig) -> Parallelism:
     """Fill in a -1 axis and check fsdp x autoregressive x tensor == chips of the slice."""
     chips = cfg.tpu_slice.chips
-    axes = dict(zip(PARALLELISM_KEYS, (cfg.fsdp_parallelism, cfg.autoregressive_parallelism, cfg.tensor_parallelism)))
-    for key, value in axes.items():
-        if value == 0 or value < -1:
-            raise ConfigError(key, f"{value} is not a positive axis size or -1", f"pulumi config set {key} -1 to fill in the remaining chips")
-    fill_in = [key for key, value in axes.items() if value == -1]
-    if len(fill_in) > 1:
-        raise ConfigError(tuple(fill_in), "more than one parallelism axis is -1", "set all but one axis explicitly")
-    fixed = math.prod(value for value in axes.values() if value != -1)
-    if fill_in:
-        if chips % fixed:
-            raise ConfigError((fill_in[0], "topology"), f"cannot fill in: {chips} chips are not divisible by the other axes' product {fixed}",
-                              f"choose axes whose product divides {chips}")
-        axes[fill_in[0]] = chips // fixed
-    parallelism = Parallelism(fsdp=axes["fsdpParallelism"], autoregressive=axes["autoregressiveParallelism"], tensor=axes["tensorParallelism"])
-    if parallelism.product != chips:
-        raise ConfigError((*PARALLELISM_KEYS, "topology"),
-                          f"fsdp {parallelism.fsdp} x autoregressive {parallelism.autoregressive} x tensor {parallelism.tensor} = {parallelism.product}, "
-                          f"but topology {cfg.tpu_slice.topology} has {chips} chips",
-                          f"make the product {chips}, e.g. tensorParallelism=-1 to fill in")
+    configured = {"fsdp": cfg.fsdp_parallelism, "autoregressive": cfg.autoregressive_parallelism, "tensor": cfg.tensor_parallelism}
+    try:
+        axes = resolve_axes(configured, chips)
+    except ParallelismError as error:
+        described = " x ".join(f"{axis} {size}" for axis, size in configured.items())
+        raise ConfigError((*(AXIS_KEYS[axis] for axis in error.axes), "topology"),
+                          f"{described} does not fit: topology {cfg.tpu_slice.topology} has {chips} chips ({error})",
+                          "make the product of the parallelism axes the chip count, e.g. tensorParallelism=-1 to fill in") from None
+    parallelism = Parallelism(**axes)
     _check_heads_shard(cfg, parallelism)
     return parallelism
 

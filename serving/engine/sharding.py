@@ -44,8 +44,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from serving.engine.config import ModelConfig
 from serving.engine import model
 from serving.engine.model import ArrayInfo, is_info
+from serving.engine.parallelism import MESH_AXES, ParallelismError, resolve_axes
 
-MESH_AXES = ("fsdp", "autoregressive", "tensor")
 SETTING_KEYS = {
     "fsdp": "ici_fsdp_parallelism",
     "autoregressive": "ici_autoregressive_parallelism",
@@ -60,21 +60,12 @@ class MeshError(ValueError):
 def mesh_shape(settings, n_devices: int) -> dict[str, int]:
     """Mesh axis sizes from the ici_*_parallelism settings, with one -1 filled in."""
     sizes = {axis: getattr(settings, key) for axis, key in SETTING_KEYS.items()}
-    fill = [axis for axis, size in sizes.items() if size == -1]
-    described = ", ".join(f"{SETTING_KEYS[a]}={s}" for a, s in sizes.items())
-    if len(fill) > 1:
-        raise MeshError(f"only one of the ici_*_parallelism keys may be -1 ({described})")
-    known = math.prod(size for size in sizes.values() if size != -1)
-    if fill:
-        if n_devices % known:
-            raise MeshError(f"{described}: {n_devices} devices are not a multiple of {known}")
-        sizes[fill[0]] = n_devices // known
-    if math.prod(sizes.values()) != n_devices:
-        raise MeshError(
-            f"{described}: the product {math.prod(sizes.values())} must equal the number of "
-            f"devices ({n_devices}); set one key to -1 to fill in"
-        )
-    return sizes
+    try:
+        return resolve_axes(sizes, n_devices)
+    except ParallelismError as error:
+        described = ", ".join(f"{SETTING_KEYS[a]}={s}" for a, s in sizes.items())
+        keys = ", ".join(SETTING_KEYS[a] for a in error.axes)
+        raise MeshError(f"{described}: {keys}: {error}") from None
 
 
 def make_mesh(settings, devices: Sequence[jax.Device]) -> Mesh:

@@ -120,7 +120,7 @@ def test_mesh_shape_errors_name_the_keys():
     assert sharding.mesh_shape(s, 8) == {"fsdp": 1, "autoregressive": 2, "tensor": 4}
     with pytest.raises(sharding.MeshError, match="ici_tensor_parallelism=3"):
         sharding.mesh_shape(ServingSettings(ici_tensor_parallelism=3), 8)
-    with pytest.raises(sharding.MeshError, match="only one"):
+    with pytest.raises(sharding.MeshError, match="only one axis"):
         sharding.mesh_shape(ServingSettings(ici_fsdp_parallelism=-1, ici_tensor_parallelism=-1), 8)
 
 

@@ -76,9 +76,9 @@ def test_decode_step_lower_bound_reads_needed_bytes_at_hbm_bandwidth():
 @pytest.mark.parametrize(
     "raw, keys, fragment",
     [
-        (dict(model="llama3.1-405b", topology="4x8"), ("tensorParallelism", "topology"), "= 16, but topology 4x8 has 32 chips"),
-        (dict(tensorParallelism="-1", autoregressiveParallelism="-1"), ("autoregressiveParallelism", "tensorParallelism"), "more than one"),
-        (dict(tensorParallelism="3", autoregressiveParallelism="-1"), ("autoregressiveParallelism", "topology"), "not divisible"),
+        (dict(model="llama3.1-405b", topology="4x8"), ("tensorParallelism", "topology"), "topology 4x8 has 32 chips"),
+        (dict(tensorParallelism="-1", autoregressiveParallelism="-1"), ("autoregressiveParallelism", "tensorParallelism"), "only one axis may be -1"),
+        (dict(tensorParallelism="3", autoregressiveParallelism="-1"), ("autoregressiveParallelism", "topology"), "not a multiple"),
         (dict(model="gemma-7b", topology="4x8"), ("tensorParallelism", "topology"), "does not divide the 16 attention heads"),
         (dict(maxPrefillLength="4096", maxTargetLength="2048"), ("maxTargetLength", "maxPrefillLength"), "must exceed"),
         (dict(model="llama3.1-8b", topology="1x1", perDeviceBatchSize="512"), ("perDeviceBatchSize", "maxTargetLength"), "smaller perDeviceBatchSize"),
