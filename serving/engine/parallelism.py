@@ -1,14 +1,16 @@
-"""Mesh axis sizes from MaxText's ici_*_parallelism flags: the one home of the -1 fill-in.
+"""Mesh axis sizes from MaxText's ici_*_parallelism flags, and how the KV cache splits over them.
 
 Pure Python, no JAX: the server's mesh (`sharding.make_mesh`) and the stack's planner
 (`components/core/planner.py`) resolve the flags with the same function, so the chips a plan
-counts per axis are the devices the bundled server puts on that axis. Each caller turns a
-`ParallelismError` into its own message (settings keys for the server, config keys for the stack)
-through the axes the error names.
+counts per axis are the devices the bundled server puts on that axis; and the planner sizes the
+bundled server's KV cache with the same split the server's sharding rules use. Each caller turns
+a `ParallelismError` into its own message (settings keys for the server, config keys for the
+stack) through the axes the error names.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Mapping
 
@@ -42,3 +44,19 @@ def resolve_axes(sizes: Mapping[str, int], devices: int) -> dict[str, int]:
     if product != devices:
         raise ParallelismError(MESH_AXES, f"the axes' product {product} must equal the {devices} devices; set one axis to {FILL_IN} to fill in")
     return sizes
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheSplit:
+    """Ways the decode KV cache [L, B, K, S, E] is split over the mesh, per dimension."""
+
+    batch: int  # decode slots B
+    kv_heads: int  # K
+    seq: int = 1  # S
+
+
+def kv_cache_split(n_kv_heads: int, axes: Mapping[str, int]) -> CacheSplit:
+    """The bundled server's KV cache layout: slots over fsdp x autoregressive, and KV heads over
+    tensor when the tensor degree divides them (else every device holds all KV heads)."""
+    heads = axes["tensor"] if n_kv_heads % axes["tensor"] == 0 else 1
+    return CacheSplit(batch=axes["fsdp"] * axes["autoregressive"], kv_heads=heads)

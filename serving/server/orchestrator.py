@@ -423,7 +423,7 @@ class Orchestrator:
                 self._emit_locked(item, token)
 
     def _emit_locked(self, item: _Request, token: int) -> None:
-        if token in self._eos_ids:
+        if token in self._eos_ids and not item.request.ignore_eos:
             self._finish(item, "stop")
             return
         item.generated += 1

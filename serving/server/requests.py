@@ -52,6 +52,7 @@ class GenerateRequest:
     prompt: str | tuple[int, ...]
     max_tokens: int
     sampling: SamplingParams = GREEDY
+    ignore_eos: bool = False  # keep generating through end-of-sequence tokens, up to max_tokens
 
     def __post_init__(self):
         if isinstance(self.prompt, list):

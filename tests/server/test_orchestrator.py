@@ -52,6 +52,13 @@ def test_stops_at_eos_without_emitting_it(orch):
     assert (result.text, result.finish.reason, result.finish.completion_tokens) == ("hi", "stop", 2)
 
 
+def test_ignore_eos_generates_through_eos_up_to_max_tokens(orch):
+    request = GenerateRequest(prompt="hi<eos>", max_tokens=5, ignore_eos=True)
+    result = orch.submit(request).collect(timeout_s=TIMEOUT_S)
+    assert result.token_ids == (*b"hi", EOS, *b"hi")
+    assert (result.finish.reason, result.finish.completion_tokens) == ("length", 5)
+
+
 def test_eos_or_max_tokens_at_prefill_finish_without_holding_a_slot(orch):
     assert run(orch, "<eos>ab", 5).text == ""
     assert run(orch, "xyz", 1).text == "x"
