@@ -285,7 +285,10 @@ def slice_pools(scaling: Autoscaling, *, roles: tuple[str, ...], hosts_per_slice
 # It answers on every path; GKE's PodMonitoring for it scrapes "/".
 PROMETHEUS_PORT_FLAG = "prometheus_port"
 JETSTREAM_PROMETHEUS_PORT = 9090
-BUNDLED_METRICS_PATH = "/metrics"  # the bundled server's HTTP front end (serving/server/http_api.py)
+# The bundled server serves /metrics on its HTTP port (serving/server/http_api.py), 8000 as the
+# stack starts it (manifests.HTTP_PORT; equal, as tests/stack/test_autoscaling_manifests.py checks).
+BUNDLED_METRICS_PORT = 8000
+BUNDLED_METRICS_PATH = "/metrics"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -303,10 +306,10 @@ def jetstream_server_flags(scaling: Autoscaling) -> dict[str, str]:
     return {PROMETHEUS_PORT_FLAG: str(JETSTREAM_PROMETHEUS_PORT)} if scaling.enabled else {}
 
 
-def metrics_endpoint(*, bundled: bool, server_flags: Mapping[str, str], http_port: int) -> MetricsEndpoint:
-    """The port and path of the leader's metrics; ConfigError if serverFlags turned them off."""
+def metrics_endpoint(*, bundled: bool, server_flags: Mapping[str, str]) -> MetricsEndpoint:
+    """The port and path of the leaders' metrics; ConfigError if serverFlags turned them off."""
     if bundled:
-        return MetricsEndpoint(port=http_port, path=BUNDLED_METRICS_PATH)
+        return MetricsEndpoint(port=BUNDLED_METRICS_PORT, path=BUNDLED_METRICS_PATH)
     text = str(server_flags.get(PROMETHEUS_PORT_FLAG, JETSTREAM_PROMETHEUS_PORT))
     port = int(text) if text.isdigit() else 0
     if not 0 < port < 65536:

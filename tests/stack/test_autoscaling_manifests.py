@@ -38,7 +38,7 @@ def pod_monitoring_validator() -> jsonschema.protocols.Validator:
 
 def rendered(stack: str, raw: dict[str, str], bundled: bool = False) -> tuple[list[dict], object]:
     cfg, _ = bundled_example(stack) if bundled else example(stack)
-    endpoint = autoscaling.metrics_endpoint(bundled=cfg.bundled, server_flags=cfg.server_flags, http_port=manifests.HTTP_PORT)
+    endpoint = autoscaling.metrics_endpoint(bundled=cfg.bundled, server_flags=cfg.server_flags)
     documents = autoscaling_manifests(parse_autoscaling(raw), namespace=cfg.namespace, lws_name=cfg.app_name, endpoint=endpoint,
                                       startup_delay_seconds=cfg.startup_probe_delay_seconds)
     return documents, cfg
@@ -109,9 +109,10 @@ def test_pod_monitoring_scrapes_the_leaders_the_hpa_averages_over():
     assert pod_monitoring["spec"]["endpoints"] == [{"port": 9090, "path": "/", "interval": "15s"}]
 
 
-def test_bundled_server_is_scraped_on_its_http_port():
-    (pod_monitoring, _), _ = rendered("llama3-8b-v6e8", ON, bundled=True)
+def test_bundled_server_is_scraped_on_the_http_port_the_stack_starts_it_on():
+    (pod_monitoring, _), cfg = rendered("llama3-8b-v6e8", ON, bundled=True)
     assert pod_monitoring["spec"]["endpoints"] == [{"port": manifests.HTTP_PORT, "path": "/metrics", "interval": "15s"}]
+    assert ("--http-port", str(autoscaling.BUNDLED_METRICS_PORT)) in zip(manifests.BUNDLED_COMMAND, manifests.BUNDLED_COMMAND[1:])
     pod_monitoring_validator().validate(pod_monitoring)
 
 
@@ -120,13 +121,13 @@ def test_jetstream_gets_its_prometheus_flag_only_when_autoscaling():
 
 
 def test_a_prometheus_port_in_server_flags_is_the_one_scraped():
-    assert autoscaling.metrics_endpoint(bundled=False, server_flags={"prometheus_port": "9100"}, http_port=8000) == MetricsEndpoint(port=9100, path="/")
+    assert autoscaling.metrics_endpoint(bundled=False, server_flags={"prometheus_port": "9100"}) == MetricsEndpoint(port=9100, path="/")
 
 
 @pytest.mark.parametrize("port", ["0", "off", "70000"])
 def test_server_flags_that_turn_jetstream_metrics_off_are_refused(port):
     with pytest.raises(ConfigError) as raised:
-        autoscaling.metrics_endpoint(bundled=False, server_flags={"prometheus_port": port}, http_port=8000)
+        autoscaling.metrics_endpoint(bundled=False, server_flags={"prometheus_port": port})
     assert raised.value.keys == ("serverFlags", "maxReplicas")
 
 
