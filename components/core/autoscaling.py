@@ -180,7 +180,7 @@ def _target(raw: Mapping[str, str], metric: ScalingMetric) -> float:
         raise ConfigError(("autoscalingTarget", "autoscalingMetric"),
                           f"{metric.name} target {target:g} cannot be met: {metric.prometheus_name} is at most {metric.ceiling:g} "
                           f"({metric.meaning}) and the HPA scales up only above target x {1 + HPA_TOLERANCE:g} (its tolerance), "
-                          f"so targets must stay below {highest:.3f}",
+                          f"so targets must stay below {highest:.4g}",
                           f"pulumi config set autoscalingTarget {metric.default_target:g}")
     return target
 
