@@ -30,7 +30,6 @@ RELEASE_CHANNELS = ("UNSPECIFIED", "RAPID", "REGULAR", "STABLE", "EXTENDED")
 SERVER_RUNTIMES = ("jetstream", "bundled")
 PRESET_DEFAULT = 0  # integer sentinel: take the value from the model preset
 DERIVED = ""  # name sentinel: derive the name from the stack (`stack_scoped_name`)
-AXES = ("fsdp", "autoregressive", "tensor")
 AXIS_KEYS = {"fsdp": "fsdpParallelism", "autoregressive": "autoregressiveParallelism", "tensor": "tensorParallelism"}
 
 # Bounds of integer keys: sanity limits that turn a typo into a preview error; whether a value
@@ -49,6 +48,7 @@ SERVICE_ACCOUNT_ID_LIMIT = 30  # IAM service account ids: 6-30 characters
 BUCKET_NAME_LIMIT = 63  # Cloud Storage bucket names: 3-63 characters, globally unique
 DNS_LABEL_LIMIT = 63  # namespaces, label values, Artifact Registry repository ids
 APP_NAME_LIMIT = 40  # LWS pod names are <app>-<group>-<index>, and pod hostnames must stay labels
+NAME_HASH_DIGITS = 6  # hex digits of the stack name's hash that keep cut names apart (16.7M values)
 
 # Default images: the seed's images, with the Pathways `latest` tags replaced by a pinned release.
 DEFAULT_IMAGES = {
@@ -149,15 +149,15 @@ def stack_scoped_name(prefix: str, stack: str, limit: int) -> str:
     """`<prefix>-<stack>` as a lowercase DNS label of at most `limit` characters, one per stack.
 
     Characters outside [a-z0-9-] become '-'. When that changed the stack name, or the name is
-    too long (then as much of the stack as fits is kept), 6 hex digits of the stack name's
-    SHA-256 end the name, so stacks whose names differ only in case, punctuation or their tail
+    too long (then as much of the stack as fits is kept), NAME_HASH_DIGITS hex digits of the stack
+    name's SHA-256 end the name, so stacks whose names differ only in case, punctuation or their tail
     still get different names.
     """
     slug = re.sub(r"[^a-z0-9-]+", "-", stack.lower()).strip("-")
     name = f"{prefix}-{slug}".rstrip("-")
     if slug == stack and len(name) <= limit:
         return name
-    digest = hashlib.sha256(stack.encode()).hexdigest()[:6]
+    digest = hashlib.sha256(stack.encode()).hexdigest()[:NAME_HASH_DIGITS]
     return f"{name[: limit - len(digest) - 1].rstrip('-')}-{digest}"
 
 
