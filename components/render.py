@@ -1,11 +1,11 @@
 """Offline render: `python -m components.render --stack <name>`, like `helm template`.
 
-Reads `Pulumi.<stack>.yaml`, runs the same parsing and planning as `pulumi preview`, prints the
-plan summary (as YAML comments) and the Kubernetes objects as multi-document YAML that
-`kubectl apply -f -` accepts on a cluster with the LWS controller: the Namespace (unless
-`default`), the Workload Identity ServiceAccount, the LeaderWorkerSet and the Service, built by
-the same functions `JetStreamServer` uses. No cloud, no Pulumi CLI. A bad config prints the same
-error as preview on stderr and exits 2.
+Reads `Pulumi.<stack>.yaml`, runs the same parsing, planning and scheduling check as `pulumi
+preview`, prints the plan summary (as YAML comments) and the Kubernetes objects as multi-document
+YAML that `kubectl apply -f -` accepts on a cluster with the LWS controller: the Namespace (unless
+`default`), the ServiceAccount the pods run as, the LeaderWorkerSet and the Service, built by the
+same functions `JetStreamServer` uses. No cloud, no Pulumi CLI, no Pulumi SDK. A bad config prints
+the same error as preview on stderr and exits 2.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from components.core import manifests
+from components.core import manifests, scheduling
 from components.core.config import PROJECT, parse_stack_config
 from components.core.errors import ConfigError
 from components.core.node_pools import tpu_node_pools
@@ -51,6 +51,7 @@ def render(stack: str, root: pathlib.Path = ROOT) -> str:
     raw, project = read_stack_file(root / f"Pulumi.{stack}.yaml")
     cfg = parse_stack_config(raw, project=project, stack=stack)
     plan = plan_deployment(cfg)
+    scheduling.check_deployment(cfg, plan)
     summary = {**plan.summary(), "nodePoolSpecs": [vars(spec) for spec in tpu_node_pools(cfg)],
                "scratchLocation": cfg.scratch_location, "headPod": manifests.head_pod(cfg),
                "serviceUrl": manifests.service_url(cfg), "portForwardCommand": manifests.port_forward_command(cfg)}

@@ -5,14 +5,16 @@ them into typed values and refuses anything it cannot deploy with a `ConfigError
 It has no Pulumi imports: `__main__.py` and the offline renderer (`components.render`) call the
 same function, and `Pulumi.yaml`'s `config:` schema is checked against `CONFIG_KEYS` in the tests.
 
-Integer keys whose default comes from the model preset use 0 for "the preset's value", because a
-key declared in Pulumi.yaml without a default would be required by the Pulumi CLI.
+Pulumi applies a key's schema default before the program runs, and a key declared without one is
+required, so "take it from somewhere else" needs a sentinel default: integer keys use 0 for "the
+model preset's value", name keys use "" for "derived from the stack name" (`stack_scoped_name`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import json
 import re
 from typing import Mapping
@@ -27,6 +29,26 @@ PROVISIONING = ("on-demand", "spot", "reservation")
 RELEASE_CHANNELS = ("UNSPECIFIED", "RAPID", "REGULAR", "STABLE", "EXTENDED")
 SERVER_RUNTIMES = ("jetstream", "bundled")
 PRESET_DEFAULT = 0  # integer sentinel: take the value from the model preset
+DERIVED = ""  # name sentinel: derive the name from the stack (`stack_scoped_name`)
+AXIS_KEYS = {"fsdp": "fsdpParallelism", "autoregressive": "autoregressiveParallelism", "tensor": "tensorParallelism"}
+
+# Bounds of integer keys: sanity limits that turn a typo into a preview error; whether a value
+# fits the hardware is the planner's job.
+BATCH_RANGE = (1, 4096)  # sequences per chip; 4096 is far past any HBM fit on v6e
+PREFILL_RANGE = (1, 1 << 20)  # tokens; a 1M-token prompt is past every preset's context
+TARGET_RANGE = (2, 1 << 20)  # tokens; at least one prompt token and one generated token
+HBM_RESERVE_RANGE = (0, 90)  # percent; keeping more than 90% free leaves no room for weights
+STARTUP_DELAY_RANGE = (0, 7200)  # seconds; a restore slower than 2 h means a wrong checkpoint
+SYSTEM_NODES_RANGE = (1, 100)  # CPU nodes for kube-system and the LWS controller
+
+# Limits of the names derived from the stack.
+CLUSTER_NAME_LIMIT = 40  # GKE cluster names: 1-40 characters
+NODE_POOL_NAME_LIMIT = 40  # GKE node pool names: 1-40 characters
+SERVICE_ACCOUNT_ID_LIMIT = 30  # IAM service account ids: 6-30 characters
+BUCKET_NAME_LIMIT = 63  # Cloud Storage bucket names: 3-63 characters, globally unique
+DNS_LABEL_LIMIT = 63  # namespaces, label values, Artifact Registry repository ids
+APP_NAME_LIMIT = 40  # LWS pod names are <app>-<group>-<index>, and pod hostnames must stay labels
+NAME_HASH_DIGITS = 6  # hex digits of the stack name's hash that keep cut names apart (16.7M values)
 
 # Default images: the seed's images, with the Pathways `latest` tags replaced by a pinned release.
 DEFAULT_IMAGES = {
@@ -39,6 +61,10 @@ DEFAULT_IMAGES = {
 # (`gcloud storage cp`). Google keeps these tags for a year; bump the pin with the release notes.
 DEFAULT_CHECKPOINT_COPY_IMAGE = "gcr.io/google.com/cloudsdktool/google-cloud-cli:573.0.0-stable"
 BUNDLED_CHECKPOINT_SUFFIXES = (".gguf", ".npz")  # what the bundled server's loaders read
+# serverRuntime=bundled without bundledServerImage: the stack builds serving/Dockerfile into its
+# own Artifact Registry repository under this name and tag, and the pods run it by digest.
+BUNDLED_IMAGE_NAME = "jetstream-jax"
+BUNDLED_IMAGE_TAG = "stack-build"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -66,18 +92,24 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
     ConfigKey(name="perDeviceBatchSize", type="integer", default=PRESET_DEFAULT, description="Sequences per chip (per_device_batch_size); 0 = model preset."),
     ConfigKey(name="maxPrefillLength", type="integer", default=PRESET_DEFAULT, description="Longest prompt (max_prefill_predict_length); 0 = model preset."),
     ConfigKey(name="maxTargetLength", type="integer", default=PRESET_DEFAULT, description="Prompt + generated tokens (max_target_length); 0 = model preset."),
-    ConfigKey(name="tensorParallelism", type="integer", default=PRESET_DEFAULT, description="ici_tensor_parallelism; -1 fills in the remaining chips; 0 = model preset."),
-    ConfigKey(name="autoregressiveParallelism", type="integer", default=PRESET_DEFAULT, description="ici_autoregressive_parallelism; -1 fills in; 0 = model preset."),
-    ConfigKey(name="fsdpParallelism", type="integer", default=PRESET_DEFAULT, description="ici_fsdp_parallelism; -1 fills in; 0 = model preset."),
+    ConfigKey(name="tensorParallelism", type="integer", default=PRESET_DEFAULT,
+              description="ici_tensor_parallelism; -1 fills in the remaining chips; 0 = the preset's recipe fitted to the slice."),
+    ConfigKey(name="autoregressiveParallelism", type="integer", default=PRESET_DEFAULT,
+              description="ici_autoregressive_parallelism; -1 fills in; 0 = the preset's recipe fitted to the slice."),
+    ConfigKey(name="fsdpParallelism", type="integer", default=PRESET_DEFAULT,
+              description="ici_fsdp_parallelism; -1 fills in; 0 = the preset's recipe fitted to the slice."),
     ConfigKey(name="hbmReservePercent", type="integer", default=10,
               description="Percent of each chip's HBM kept free for XLA scratch, activations and compiled programs."),
     ConfigKey(name="serverFlags", type="string", default="{}",
               description='JSON object of MaxText flags that override or extend the preset recipe, e.g. {"enable_model_warmup": "false"}.'),
     ConfigKey(name="startupProbeDelaySeconds", type="integer", default=PRESET_DEFAULT, description="Startup probe initialDelaySeconds (checkpoint restore time); 0 = model preset."),
+    ConfigKey(name="waitForReady", type="boolean", default=False,
+              description="true: pulumi up ends only when the LeaderWorkerSet reports Available (timeout derived from the startup delay); false: it ends once the objects are applied."),
     # Server images and names.
     ConfigKey(name="serverRuntime", type="string", default="jetstream",
               description="jetstream (upstream JetStream + MaxText images, the seed's layout) or bundled (this repository's server image)."),
-    ConfigKey(name="bundledServerImage", type="string", default="", description="Image of this repository's server (required when serverRuntime=bundled); pinned tag or digest."),
+    ConfigKey(name="bundledServerImage", type="string", default="",
+              description="serverRuntime=bundled: image of this repository's server, pinned by tag or digest; empty = the stack builds serving/Dockerfile into its own Artifact Registry repository and runs it by digest."),
     ConfigKey(name="checkpointCopyImage", type="string", default=DEFAULT_CHECKPOINT_COPY_IMAGE,
               description="serverRuntime=bundled: image of the init container that copies checkpointPath into the pod (gcloud storage cp); pinned tag or digest."),
     ConfigKey(name="jetstreamImage", type="string", default=DEFAULT_IMAGES["jetstreamImage"],
@@ -90,10 +122,13 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
               description="Pathways proxy image (pathways-proxy on the leader); pinned tag or digest."),
     ConfigKey(name="appName", type="string", default="jetstream-pathways", description="LeaderWorkerSet name and `app` label."),
     ConfigKey(name="serviceName", type="string", default="jetstream-svc", description="ClusterIP Service name."),
-    ConfigKey(name="namespace", type="string", default="jetstream", description="Kubernetes namespace (created unless it is `default`)."),
+    ConfigKey(name="namespace", type="string", default=DERIVED,
+              description="Kubernetes namespace (created unless it is `default`); empty = jetstream-<stack>, so stacks sharing a cluster never collide."),
     ConfigKey(name="lwsVersion", type="string", default="v0.10.0", description="LeaderWorkerSet controller release to install."),
+    ConfigKey(name="installLwsController", type="boolean", default=True,
+              description="Install the cluster-wide LWS controller with this stack. Must be false with existingClusterName: a shared cluster's controller belongs to its owner, and destroying a stack that installed it deletes every LeaderWorkerSet of the cluster."),
     # Cluster and node pools.
-    ConfigKey(name="clusterName", type="string", default="jetstream-tpu", description="Name of the GKE cluster to create."),
+    ConfigKey(name="clusterName", type="string", default=DERIVED, description="Name of the GKE cluster to create; empty = jetstream-<stack>."),
     ConfigKey(name="existingClusterName", type="string", default="", description="Use this existing cluster (at clusterLocation) instead of creating one."),
     ConfigKey(name="zone", type="string", default="us-east5-b", description="Zone of the TPU node pools (a zone with v6e capacity)."),
     ConfigKey(name="clusterLocation", type="string", default="", description="Cluster region or zone; empty = the region of `zone`."),
@@ -105,9 +140,30 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
     ConfigKey(name="tpuMachineType", type="string", default="", description="Override the catalog's machine type (only 2x4: ct6e-standard-8t for one host)."),
     ConfigKey(name="tpuProvisioning", type="string", default="on-demand", description=f"TPU capacity: {', '.join(PROVISIONING)}."),
     ConfigKey(name="tpuReservation", type="string", default="", description="Reservation name (required when tpuProvisioning=reservation)."),
-    ConfigKey(name="scratchBucketName", type="string", default="", description="Pathways scratch bucket the stack creates; empty = <gcp project>-<stack>-pathways-scratch."),
+    ConfigKey(name="scratchBucketName", type="string", default=DERIVED, description="Pathways scratch bucket the stack creates; empty = <gcp project>-scratch-<stack>."),
 )
 KEYS_BY_NAME = {key.name: key for key in CONFIG_KEYS}
+
+
+def stack_scoped_name(prefix: str, stack: str, limit: int) -> str:
+    """`<prefix>-<stack>` as a lowercase DNS label of at most `limit` characters, one per stack.
+
+    Characters outside [a-z0-9-] become '-'. When that changed the stack name, or the name is
+    too long (then as much of the stack as fits is kept), NAME_HASH_DIGITS hex digits of the stack
+    name's SHA-256 end the name, so stacks whose names differ only in case, punctuation or their tail
+    still get different names.
+    """
+    slug = re.sub(r"[^a-z0-9-]+", "-", stack.lower()).strip("-")
+    name = f"{prefix}-{slug}".rstrip("-")
+    if slug == stack and len(name) <= limit:
+        return name
+    digest = hashlib.sha256(stack.encode()).hexdigest()[:NAME_HASH_DIGITS]
+    return f"{name[: limit - len(digest) - 1].rstrip('-')}-{digest}"
+
+
+def region_of(zone: str) -> str:
+    """The region of a GCP zone: us-east5-b -> us-east5."""
+    return zone.rsplit("-", 1)[0]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -125,18 +181,18 @@ class StackConfig:
     per_device_batch_size: int
     max_prefill_length: int
     max_target_length: int
-    tensor_parallelism: int
-    autoregressive_parallelism: int
-    fsdp_parallelism: int
+    parallelism: Mapping[str, int]  # mesh axis -> size, only the axes the user set (-1 = fill in)
     hbm_reserve_percent: int
     server_flags: Mapping[str, str]
     startup_probe_delay_seconds: int
+    wait_for_ready: bool
     server_runtime: str
     images: Mapping[str, str]  # config key -> image
     app_name: str
     service_name: str
     namespace: str
     lws_version: str
+    install_lws_controller: bool
     cluster_name: str
     existing_cluster: bool
     zone: str
@@ -169,27 +225,61 @@ class StackConfig:
         return self.server_runtime == "bundled"
 
     @property
+    def pathways(self) -> bool:
+        """The seed's layout: JetStream on Pathways (a single controller on the leader pod)."""
+        return not self.bundled
+
+    @property
+    def builds_server_image(self) -> bool:
+        """serverRuntime=bundled without an image: the stack builds and pushes serving/Dockerfile."""
+        return self.bundled and not self.images.get("bundledServerImage")
+
+    @property
     def scratch_location(self) -> str:
         return f"gs://{self.scratch_bucket}/tmp"
+
+    @property
+    def region(self) -> str:
+        return region_of(self.zone)
+
+    @property
+    def deployment_id(self) -> str:
+        """The label value that ties this stack's pods to this stack's TPU node pools."""
+        return stack_scoped_name("jetstream", self.stack, DNS_LABEL_LIMIT)
 
     @property
     def kubernetes_service_account(self) -> str:
         return self.app_name
 
     @property
-    def google_service_account_id(self) -> str:
-        """GSA account id: 6-30 of [a-z0-9-], unique per stack within the project."""
-        stack = re.sub(r"[^a-z0-9-]", "-", self.stack.lower())
-        return f"jetstream-{stack}"[:30].rstrip("-").ljust(6, "0")
+    def workload_service_account_id(self) -> str:
+        """GSA the bundled server's pods act as through Workload Identity (6-30 characters)."""
+        return stack_scoped_name("js-pods", self.stack, SERVICE_ACCOUNT_ID_LIMIT)
 
     @property
-    def google_service_account_email(self) -> str:
-        """The GSA's email, as GCP derives it from the account id (ServingIdentity creates it)."""
-        return f"{self.google_service_account_id}@{self.project}.iam.gserviceaccount.com"
+    def workload_service_account_email(self) -> str:
+        """The workload GSA's email, as GCP derives it from the account id."""
+        return f"{self.workload_service_account_id}@{self.project}.iam.gserviceaccount.com"
 
     @property
-    def region(self) -> str:
-        return self.zone.rsplit("-", 1)[0]
+    def node_service_account_id(self) -> str:
+        """The least-privilege GSA every node pool of the stack runs as (6-30 characters)."""
+        return stack_scoped_name("js-nodes", self.stack, SERVICE_ACCOUNT_ID_LIMIT)
+
+    @property
+    def artifact_repository_id(self) -> str:
+        return stack_scoped_name("jetstream", self.stack, DNS_LABEL_LIMIT)
+
+    @property
+    def bundled_image_repository(self) -> str:
+        """Where a stack-built server image lives: <region>-docker.pkg.dev/<project>/<repo>/<name>."""
+        return f"{self.region}-docker.pkg.dev/{self.project}/{self.artifact_repository_id}/{BUNDLED_IMAGE_NAME}"
+
+    @property
+    def pods_use_workload_identity(self) -> bool:
+        """The serving pods act as the workload GSA; Pathways pods act as the node service
+        account instead, because their TPU pools run without Workload Identity (node_pools.py)."""
+        return self.bundled
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,16 +327,26 @@ def _preset_int(raw: Mapping[str, str], name: str, preset_value: int) -> int:
     return preset_value if value == PRESET_DEFAULT else value
 
 
+def _bounded(name: str, value: int, bounds: tuple[int, int]) -> int:
+    low, high = bounds
+    if not low <= value <= high:
+        raise ConfigError(name, f"{value} is outside {low}..{high}", f"pulumi config set {name} {min(max(value, low), high)}")
+    return value
+
+
 # ---------------------------------------------------------------------------------------------
 # Cross-field checks.
 
 _GCS_URI = re.compile(r"^gs://[a-z0-9][a-z0-9._-]{1,61}[a-z0-9](/[^\s]*)?$")
 _IMAGE_PINNED = re.compile(r"^[\w.\-/:]+(:[\w][\w.\-]{0,127}|@sha256:[0-9a-f]{64})$")
-_DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+_DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9_-]{1,61}[a-z0-9]$")
+_ZONE = re.compile(r"[a-z]+-[a-z]+\d+-[a-z]")
 
 
-def _check_unknown_keys(raw: Mapping[str, str]) -> None:
+def check_unknown_keys(raw: Mapping[str, str]) -> None:
+    """Refuse a key this project does not declare (the offline render reads whole stack files;
+    under `pulumi`, the CLI refuses undeclared keys itself, from Pulumi.yaml's schema)."""
     for name in raw:
         if name not in KEYS_BY_NAME:
             raise ConfigError(name, "is not a key of this stack", _closest(name, KEYS_BY_NAME))
@@ -281,6 +381,11 @@ def _checkpoint_path(raw: Mapping[str, str]) -> str:
     return path.rstrip("/")
 
 
+def _parallelism(raw: Mapping[str, str]) -> dict[str, int]:
+    """The mesh axes the user set; the others come from the preset's recipe (planner.py)."""
+    return {axis: value for axis, key in AXIS_KEYS.items() if (value := _integer(raw, key)) != PRESET_DEFAULT}
+
+
 def _server_flags(raw: Mapping[str, str]) -> dict[str, str]:
     text = _text(raw, "serverFlags")
     try:
@@ -302,6 +407,8 @@ PLANNED_FLAGS = {
     "load_parameters_path": "checkpointPath",
     "quantization": "quantization",
     "checkpoint_is_quantized": "quantization",
+    "weight_dtype": "quantization",
+    "dtype": "quantization",
     "quantize_kvcache": "quantizeKvCache",
     "per_device_batch_size": "perDeviceBatchSize",
     "max_prefill_predict_length": "maxPrefillLength",
@@ -328,10 +435,9 @@ def _flag_text(value) -> str:
 def _images(raw: Mapping[str, str], runtime: str) -> dict[str, str]:
     names = [*DEFAULT_IMAGES, *(["bundledServerImage", "checkpointCopyImage"] if runtime == "bundled" else [])]
     images = {name: _text(raw, name) for name in names}
-    if runtime == "bundled" and not images["bundledServerImage"]:
-        raise ConfigError(("bundledServerImage", "serverRuntime"), "serverRuntime=bundled needs the image of this repository's server",
-                          "pulumi config set bundledServerImage <registry>/jetstream-tpu-server:<tag>")
     for name, image in images.items():
+        if name == "bundledServerImage" and not image:
+            continue  # the stack builds it (StackConfig.builds_server_image)
         if not _IMAGE_PINNED.match(image) or image.endswith(":latest"):
             raise ConfigError(name, f"{image!r} is not pinned to an explicit tag or digest (imagePullPolicy is IfNotPresent)",
                               "use a release tag such as :v0.2.0 or an @sha256: digest")
@@ -363,21 +469,28 @@ def _check_bundled(cfg: StackConfig) -> None:
                           "remove enable_single_controller from serverFlags, or use serverRuntime=jetstream")
 
 
-def _names(raw: Mapping[str, str]) -> dict[str, str]:
-    names = {name: _text(raw, name) for name in ("appName", "serviceName", "namespace", "clusterName")}
-    for name, value in names.items():
-        # LWS pod names (<app>-<group>-<index>) and node labels need short DNS-1123 labels.
-        if not _DNS_LABEL.match(value) or len(value) > 40:
-            raise ConfigError(name, f"{value!r} is not a DNS-1123 label of at most 40 characters",
-                              "use lowercase letters, digits and '-', starting with a letter")
-    return names
+def _label_name(raw: Mapping[str, str], name: str, limit: int, derived: str | None = None) -> str:
+    value = _text(raw, name) or derived
+    if not _DNS_LABEL.match(value) or len(value) > limit:
+        raise ConfigError(name, f"{value!r} is not a DNS-1123 label of at most {limit} characters",
+                          "use lowercase letters, digits and '-', starting with a letter")
+    return value
+
+
+def _names(raw: Mapping[str, str], stack: str) -> dict[str, str]:
+    return {
+        "appName": _label_name(raw, "appName", APP_NAME_LIMIT),
+        "serviceName": _label_name(raw, "serviceName", APP_NAME_LIMIT),
+        "namespace": _label_name(raw, "namespace", DNS_LABEL_LIMIT, stack_scoped_name("jetstream", stack, DNS_LABEL_LIMIT)),
+        "clusterName": _label_name(raw, "clusterName", CLUSTER_NAME_LIMIT, stack_scoped_name("jetstream", stack, CLUSTER_NAME_LIMIT)),
+    }
 
 
 def _zone(raw: Mapping[str, str]) -> tuple[str, str]:
     zone = _text(raw, "zone")
-    if not re.fullmatch(r"[a-z]+-[a-z]+\d+-[a-z]", zone):
+    if not _ZONE.fullmatch(zone):
         raise ConfigError("zone", f"{zone!r} is not a GCP zone", "e.g. us-east5-b (a zone with TPU v6e capacity)")
-    return zone, _text(raw, "clusterLocation") or zone.rsplit("-", 1)[0]
+    return zone, _text(raw, "clusterLocation") or region_of(zone)
 
 
 def _reservation(raw: Mapping[str, str], provisioning: str) -> str:
@@ -392,30 +505,41 @@ def _reservation(raw: Mapping[str, str], provisioning: str) -> str:
 
 
 def _scratch_bucket(raw: Mapping[str, str], project: str, stack: str) -> str:
-    derived = re.sub(r"[^a-z0-9-]", "-", f"{project}-{stack}-pathways-scratch".lower())[:63].strip("-")
-    bucket = _text(raw, "scratchBucketName") or derived
+    bucket = _text(raw, "scratchBucketName") or stack_scoped_name(f"{project}-scratch", stack, BUCKET_NAME_LIMIT)
     if not _BUCKET.match(bucket) or "goog" in bucket:
         raise ConfigError("scratchBucketName", f"{bucket!r} is not a valid bucket name", "set scratchBucketName to 3-63 lowercase letters, digits, '-' or '_'")
     return bucket
 
 
-def _bounded(raw: Mapping[str, str], name: str, low: int, high: int, value: int | None = None) -> int:
-    value = _integer(raw, name) if value is None else value
-    if not low <= value <= high:
-        raise ConfigError(name, f"{value} is outside {low}..{high}", f"pulumi config set {name} {min(max(value, low), high)}")
-    return value
+def _install_lws_controller(raw: Mapping[str, str], existing_cluster: str) -> bool:
+    install = _boolean(raw, "installLwsController")
+    if install and existing_cluster:
+        raise ConfigError(("installLwsController", "existingClusterName"),
+                          f"the LWS controller of the existing cluster {existing_cluster!r} is cluster-wide and belongs to whoever runs "
+                          "that cluster: a stack that installs it deletes the LeaderWorkerSet CRD, and with it every LeaderWorkerSet "
+                          "of the cluster, when it is destroyed",
+                          "pulumi config set installLwsController false (install LWS once per cluster, e.g. with "
+                          "kubectl apply --server-side -f <the release's manifests.yaml>)")
+    return install
+
+
+def _lws_version(raw: Mapping[str, str]) -> str:
+    version = _text(raw, "lwsVersion")
+    if not re.fullmatch(r"v\d+\.\d+\.\d+", version):
+        raise ConfigError("lwsVersion", f"{version!r} is not a release tag", "use a tag like v0.10.0")
+    return version
 
 
 def parse_stack_config(raw: Mapping[str, str], *, project: str | None, stack: str) -> StackConfig:
     """Typed, validated config from the project's raw string values (keys without namespace)."""
-    _check_unknown_keys(raw)
+    check_unknown_keys(raw)
     if not project:
         raise ConfigError("gcp:project", "the GCP project is not set", "pulumi config set gcp:project <project-id>")
     preset, tpu_slice = _model(raw), _tpu_slice(raw)
     runtime = _choice(raw, "serverRuntime", SERVER_RUNTIMES)
     provisioning = _choice(raw, "tpuProvisioning", PROVISIONING)
     zone, location = _zone(raw)
-    names = _names(raw)
+    names = _names(raw, stack)
     existing = _text(raw, "existingClusterName")
     cfg = StackConfig(
         project=project,
@@ -426,22 +550,22 @@ def parse_stack_config(raw: Mapping[str, str], *, project: str | None, stack: st
         quantization=_choice(raw, "quantization", QUANTIZATIONS),
         checkpoint_path=_checkpoint_path(raw),
         quantize_kv_cache=_boolean(raw, "quantizeKvCache"),
-        per_device_batch_size=_bounded(raw, "perDeviceBatchSize", 1, 4096, _preset_int(raw, "perDeviceBatchSize", preset.per_device_batch_size)),
-        max_prefill_length=_bounded(raw, "maxPrefillLength", 1, 1 << 20, _preset_int(raw, "maxPrefillLength", preset.max_prefill_length)),
-        max_target_length=_bounded(raw, "maxTargetLength", 2, 1 << 20, _preset_int(raw, "maxTargetLength", preset.max_target_length)),
-        tensor_parallelism=_preset_int(raw, "tensorParallelism", preset.tensor_parallelism),
-        autoregressive_parallelism=_preset_int(raw, "autoregressiveParallelism", preset.autoregressive_parallelism),
-        fsdp_parallelism=_preset_int(raw, "fsdpParallelism", preset.fsdp_parallelism),
-        hbm_reserve_percent=_bounded(raw, "hbmReservePercent", 0, 90),
+        per_device_batch_size=_bounded("perDeviceBatchSize", _preset_int(raw, "perDeviceBatchSize", preset.per_device_batch_size), BATCH_RANGE),
+        max_prefill_length=_bounded("maxPrefillLength", _preset_int(raw, "maxPrefillLength", preset.max_prefill_length), PREFILL_RANGE),
+        max_target_length=_bounded("maxTargetLength", _preset_int(raw, "maxTargetLength", preset.max_target_length), TARGET_RANGE),
+        parallelism=_parallelism(raw),
+        hbm_reserve_percent=_bounded("hbmReservePercent", _integer(raw, "hbmReservePercent"), HBM_RESERVE_RANGE),
         server_flags=_server_flags(raw),
-        startup_probe_delay_seconds=_bounded(raw, "startupProbeDelaySeconds", 0, 7200,
-                                             _preset_int(raw, "startupProbeDelaySeconds", preset.startup_probe_delay_seconds)),
+        startup_probe_delay_seconds=_bounded("startupProbeDelaySeconds",
+                                             _preset_int(raw, "startupProbeDelaySeconds", preset.startup_probe_delay_seconds), STARTUP_DELAY_RANGE),
+        wait_for_ready=_boolean(raw, "waitForReady"),
         server_runtime=runtime,
         images=_images(raw, runtime),
         app_name=names["appName"],
         service_name=names["serviceName"],
         namespace=names["namespace"],
         lws_version=_lws_version(raw),
+        install_lws_controller=_install_lws_controller(raw, existing),
         cluster_name=existing or names["clusterName"],
         existing_cluster=bool(existing),
         zone=zone,
@@ -449,7 +573,7 @@ def parse_stack_config(raw: Mapping[str, str], *, project: str | None, stack: st
         release_channel=_choice(raw, "releaseChannel", RELEASE_CHANNELS),
         deletion_protection=_boolean(raw, "deletionProtection"),
         system_machine_type=_text(raw, "systemMachineType"),
-        system_node_count=_bounded(raw, "systemNodeCount", 1, 100),
+        system_node_count=_bounded("systemNodeCount", _integer(raw, "systemNodeCount"), SYSTEM_NODES_RANGE),
         tpu_provisioning=provisioning,
         tpu_reservation=_reservation(raw, provisioning),
         scratch_bucket=_scratch_bucket(raw, project, stack),
@@ -457,10 +581,3 @@ def parse_stack_config(raw: Mapping[str, str], *, project: str | None, stack: st
     if cfg.bundled:
         _check_bundled(cfg)
     return cfg
-
-
-def _lws_version(raw: Mapping[str, str]) -> str:
-    version = _text(raw, "lwsVersion")
-    if not re.fullmatch(r"v\d+\.\d+\.\d+", version):
-        raise ConfigError("lwsVersion", f"{version!r} is not a release tag", "use a tag like v0.10.0")
-    return version

@@ -17,6 +17,14 @@ API_VERSION = "leaderworkerset.x-k8s.io/v1"
 KIND = "LeaderWorkerSet"
 EXCLUSIVE_TOPOLOGY = "leaderworkerset.sigs.k8s.io/exclusive-topology"
 SUBGROUP_EXCLUSIVE_TOPOLOGY = "leaderworkerset.sigs.k8s.io/subgroup-exclusive-topology"
+LEADER_EXCLUDED = "LeaderExcluded"  # the leader is in no subgroup; workers 1..n fill them
+AVAILABLE = "Available"  # the LeaderWorkerSet condition type once its groups are ready
+
+# Fields the v0.10.0 update webhook refuses to change in place (pkg/webhooks/
+# leaderworkerset_webhook.go, ValidateUpdate): subGroupPolicy cannot be added or removed and its
+# subGroupSize is immutable; networkConfig.subdomainPolicy cannot be set back to null. A change
+# under these paths must replace the LeaderWorkerSet (JetStreamServer: replace_on_changes).
+REPLACE_ON_CHANGES = ("spec.leaderWorkerTemplate.subGroupPolicy", "spec.networkConfig")
 
 
 def camel(name: str) -> str:
@@ -160,6 +168,7 @@ class PodTemplateSpec(_Model):
 
 @model
 class SubGroupPolicy(_Model):
+    sub_group_policy_type: str | None = None  # unset: LeaderWorker (the leader is in subgroup 0)
     sub_group_size: int
 
 

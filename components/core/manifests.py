@@ -17,17 +17,30 @@ The LeaderWorkerSet is built through the typed model in `lws_model`, in one of t
   a local checkpoint file, so an init container copies the `checkpointPath` object into an
   emptyDir at /models first (the pod's Workload Identity can read the checkpoint bucket).
 
+Both layouts share the pod placement (`_pod_spec`): the slice's node selector plus the stack's
+deployment label (its own TPU pools only), the TPU toleration, the service account.
+
+Disaggregated mode (Pathways only) puts each slice in its own LWS subgroup of `hosts` pods with
+`subgroup-exclusive-topology` on the node pool. The Pathways leader holds no TPU, so it is
+excluded from the subgroups (`subGroupPolicyType: LeaderExcluded`): with LWS's default policy
+the leader is subgroup 0 and, on single-host slices (subGroupSize 1), the two workers become
+subgroups 1 and 2, three exclusive subgroups for two node pools (components/core/scheduling.py
+proves placements like this before any resource exists).
+
 The Service selects the leader pod only, through the `app` label that only the leader template
-carries (as in the reference). The Namespace and the Workload Identity ServiceAccount the pods
-run as are built here too, so `components.render` prints everything `kubectl apply -f -` needs and
+carries (as in the reference). The Namespace and the ServiceAccount the pods run as are built
+here too, so `components.render` prints everything `kubectl apply -f -` needs and
 `JetStreamServer` wraps the same dicts.
 """
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 from components.core import lws_model as lws
 from components.core import tpu
-from components.core.config import StackConfig
+from components.core.config import BUNDLED_IMAGE_TAG, StackConfig
+from components.core.node_pools import DEPLOYMENT_LABEL, NODE_POOL_LABEL
 from components.core.planner import Plan
 
 PROXY_PORT = 38681
@@ -38,7 +51,6 @@ HTTP_PORT = 8000
 HEALTH_PATH = "/healthcheck"
 PULL_POLICY = "IfNotPresent"  # images are pinned, so a node's cached copy is the right one
 LEADER_ADDRESS = "$(LWS_LEADER_ADDRESS)"  # expanded by Kubernetes from the env LWS injects
-NODE_POOL_LABEL = "cloud.google.com/gke-nodepool"
 # Equal to serving.server.settings.DISAGGREGATED_SERVER (components import only the pure, JAX-free
 # serving.engine.parallelism from the server; tests/contract checks the two agree).
 DISAGGREGATED_SERVER = "ExperimentalMaxtextDisaggregatedServer_8"
@@ -54,6 +66,29 @@ COORDINATOR_PORT = 8476
 CONTROL_PORT = COORDINATOR_PORT + 1
 MODELS_DIR = "/models"
 MODELS_VOLUME = "models"
+# The dtype the bundled server computes and keeps its unquantized KV cache in; the planner
+# counts its size (planner.BUNDLED_ACTIVATION_BYTES), so the stack always passes it.
+BUNDLED_DTYPE = "bfloat16"
+
+# Probes of the server's /healthcheck (the seed's values). The startup probe polls every second
+# from the restore-time delay on and tolerates a restore up to STARTUP_FAILURE_THRESHOLD seconds
+# longer than the estimate; liveness and readiness then check once a minute and restart or
+# unready the pod after the preset's failure threshold (a busy server can miss a probe or two).
+STARTUP_PERIOD_SECONDS = 1
+STARTUP_FAILURE_THRESHOLD = 10000
+HEALTH_PERIOD_SECONDS = 60
+
+# pulumi-kubernetes await annotations. A Service's await waits up to 10 minutes for endpoints,
+# and the leader pod exists only once the TPU slice, the LWS controller and the LWS are up, so
+# the Service never waits; with waitForReady the LeaderWorkerSet waits for its Available
+# condition instead (provider/pkg/await: pulumi.com/skipAwait, pulumi.com/waitFor).
+SKIP_AWAIT = "pulumi.com/skipAwait"
+WAIT_FOR = "pulumi.com/waitFor"
+# waitForReady timeout: the slice's nodes joining, multi-GB image pulls and the LWS controller's
+# reconcile before the startup delay even starts, then the restore at up to twice the preset's
+# estimate.
+READY_MARGIN_SECONDS = 30 * 60
+READY_RESTORE_FACTOR = 2
 
 
 def app_labels(cfg: StackConfig) -> dict[str, str]:
@@ -61,30 +96,45 @@ def app_labels(cfg: StackConfig) -> dict[str, str]:
     return {"app": cfg.app_name}
 
 
+def ready_timeout_seconds(cfg: StackConfig) -> int:
+    """How long `pulumi up` waits for the LeaderWorkerSet to become Available (waitForReady)."""
+    return READY_MARGIN_SECONDS + READY_RESTORE_FACTOR * cfg.startup_probe_delay_seconds
+
+
 # ---------------------------------------------------------------------------------------------
 # Server command line.
 
 
-def _derived_flags(cfg: StackConfig) -> dict[str, str]:
+def _derived_flags(cfg: StackConfig, axis_flags: Mapping[str, int]) -> dict[str, str]:
     flags = {
         "tokenizer_path": cfg.model.tokenizer_path,
         "model_name": cfg.model.maxtext_model_name,
         "load_parameters_path": local_checkpoint(cfg) if cfg.bundled else cfg.checkpoint_path,
         "max_prefill_predict_length": str(cfg.max_prefill_length),
         "max_target_length": str(cfg.max_target_length),
-        # Passed as configured (a -1 stays -1): MaxText fills it in exactly as the planner did.
-        "ici_fsdp_parallelism": str(cfg.fsdp_parallelism),
-        "ici_autoregressive_parallelism": str(cfg.autoregressive_parallelism),
-        "ici_tensor_parallelism": str(cfg.tensor_parallelism),
+        # The axes the plan used (a -1 stays -1: the server fills it in exactly as the planner did).
+        **{f"ici_{axis}_parallelism": str(size) for axis, size in axis_flags.items()},
         "per_device_batch_size": str(cfg.per_device_batch_size),
         "quantize_kvcache": "true" if cfg.quantize_kv_cache else "false",
     }
     if cfg.quantization == "int8":
         flags |= {"quantization": "int8", "checkpoint_is_quantized": "true"}
-        if cfg.bundled and cfg.checkpoint_file.endswith(".gguf"):
-            # The bundled server dequantizes GGUF tensors on load, then quantizes them to int8.
-            flags["checkpoint_is_quantized"] = "false"
     return flags
+
+
+def _bundled_memory_flags(cfg: StackConfig) -> dict[str, str]:
+    """Every flag that decides the bundled server's memory, stated rather than left to its
+    defaults, so the planner's figures stay true when those defaults change."""
+    int8 = cfg.quantization == "int8"
+    # A .npz int8 checkpoint is the offline converter's output; GGUF tensors are dequantized on
+    # load and quantized to int8 by the server.
+    return {
+        "weight_dtype": BUNDLED_DTYPE,
+        "dtype": BUNDLED_DTYPE,
+        "quantization": "int8" if int8 else "",
+        "checkpoint_is_quantized": "true" if int8 and not cfg.checkpoint_file.endswith(".gguf") else "false",
+        "quantize_kvcache": "true" if cfg.quantize_kv_cache else "false",
+    }
 
 
 def local_checkpoint(cfg: StackConfig) -> str:
@@ -102,16 +152,17 @@ def _mode_flags(cfg: StackConfig) -> dict[str, str]:
     return {"enable_single_controller": "true"}
 
 
-def maxtext_args(cfg: StackConfig) -> tuple[str, ...]:
+def maxtext_args(cfg: StackConfig, axis_flags: Mapping[str, int]) -> tuple[str, ...]:
     """jax-tpu args: the base config, then key=value flags in the recipe's order.
 
-    Recipe flags come in `flag_order`; mode flags are always present; `serverFlags` overrides
-    replace a value in place or are appended.
+    `axis_flags` are the ici_* values the plan used (Plan.axis_flags). Recipe flags come in
+    `flag_order`; mode flags (and, for the bundled server, its memory flags) are always present;
+    `serverFlags` overrides replace a value in place or are appended.
     """
-    mode_flags = _mode_flags(cfg)
-    values = {**cfg.model.fixed_flags, **_derived_flags(cfg), **mode_flags}
+    always = {**_mode_flags(cfg), **(_bundled_memory_flags(cfg) if cfg.bundled else {})}
+    values = {**cfg.model.fixed_flags, **_derived_flags(cfg, axis_flags), **always}
     order = [key for key in cfg.model.flag_order if key in values]
-    order += [key for key in mode_flags if key not in order]
+    order += [key for key in always if key not in order]
     values |= cfg.server_flags
     order += [key for key in cfg.server_flags if key not in order]
     return (cfg.model.maxtext_config, *(f"{key}={values[key]}" for key in order))
@@ -167,20 +218,21 @@ def pathways_resource_manager(cfg: StackConfig, plan: Plan) -> lws.Container:
 
 
 def _server_probes(cfg: StackConfig) -> dict[str, lws.Probe]:
+    failures = cfg.model.probe_failure_threshold
     return {
-        "startup_probe": _health_probe(period=1, failures=10000, delay=cfg.startup_probe_delay_seconds),
-        "liveness_probe": _health_probe(period=60, failures=cfg.model.probe_failure_threshold),
-        "readiness_probe": _health_probe(period=60, failures=cfg.model.probe_failure_threshold),
+        "startup_probe": _health_probe(period=STARTUP_PERIOD_SECONDS, failures=STARTUP_FAILURE_THRESHOLD, delay=cfg.startup_probe_delay_seconds),
+        "liveness_probe": _health_probe(period=HEALTH_PERIOD_SECONDS, failures=failures),
+        "readiness_probe": _health_probe(period=HEALTH_PERIOD_SECONDS, failures=failures),
     }
 
 
-def jax_server(cfg: StackConfig) -> lws.Container:
+def jax_server(cfg: StackConfig, plan: Plan) -> lws.Container:
     """The seed's JetStream/MaxText server on the Pathways leader (serverRuntime=jetstream)."""
     disaggregated = cfg.mode == "disaggregated"
     return lws.Container(
         name=SERVER_CONTAINER,
         image=cfg.images["jetstreamImage"],
-        args=maxtext_args(cfg),
+        args=maxtext_args(cfg, plan.axis_flags),
         env=(lws.EnvVar(name="LOG_LEVEL", value="INFO"),) if disaggregated else None,
         image_pull_policy=PULL_POLICY,
         # The seed's disaggregated server runs with these capabilities (KV transfer between slices).
@@ -190,7 +242,7 @@ def jax_server(cfg: StackConfig) -> lws.Container:
     )
 
 
-def bundled_server(cfg: StackConfig, leader: bool) -> lws.Container:
+def bundled_server(cfg: StackConfig, plan: Plan, image: Any, leader: bool) -> lws.Container:
     """This repository's server, one per TPU host (serverRuntime=bundled).
 
     Every pod runs the same command line; only the leader (process 0) binds HTTP and gRPC, so
@@ -201,9 +253,9 @@ def bundled_server(cfg: StackConfig, leader: bool) -> lws.Container:
     front_ends = (*_port(HTTP_PORT, "http"), *_port(GRPC_PORT, "grpc")) if leader else ()
     return lws.Container(
         name=SERVER_CONTAINER,
-        image=cfg.images["bundledServerImage"],
+        image=image,
         command=BUNDLED_COMMAND,
-        args=maxtext_args(cfg),
+        args=maxtext_args(cfg, plan.axis_flags),
         env=(lws.EnvVar(name="JAX_COORDINATOR_PORT", value=str(COORDINATOR_PORT)),),
         image_pull_policy=PULL_POLICY,
         ports=(*front_ends, *_port(COORDINATOR_PORT, "jax-coordinator"), *_port(CONTROL_PORT, "jax-control")),
@@ -239,27 +291,37 @@ def pathways_worker(cfg: StackConfig) -> lws.Container:
     )
 
 
+def server_image(cfg: StackConfig) -> str:
+    """The bundled server's image: the configured one, or the tag the stack's own build pushes
+    (`pulumi up` runs that build by digest instead, see resources/server_image.py)."""
+    return cfg.images.get("bundledServerImage") or f"{cfg.bundled_image_repository}:{BUNDLED_IMAGE_TAG}"
+
+
 # ---------------------------------------------------------------------------------------------
 # Objects.
 
 TPU_TOLERATION = lws.Toleration(key=tpu.TPU_RESOURCE, operator="Exists", effect="NoSchedule")
 
 
-def _pod_spec(cfg: StackConfig, containers: tuple[lws.Container, ...]) -> lws.PodSpec:
+def node_selector(cfg: StackConfig) -> dict[str, str]:
+    """The slice's accelerator and topology, on this stack's own TPU pools only."""
+    return {**cfg.tpu_slice.node_selector, DEPLOYMENT_LABEL: cfg.deployment_id}
+
+
+def _pod_spec(cfg: StackConfig, containers: tuple[lws.Container, ...], **extra) -> lws.PodSpec:
+    """A pod on this stack's TPU nodes, running as the stack's Kubernetes service account."""
     return lws.PodSpec(
-        node_selector=cfg.tpu_slice.node_selector,
+        node_selector=node_selector(cfg),
         tolerations=(TPU_TOLERATION,),
-        service_account_name=cfg.kubernetes_service_account,  # Workload Identity -> GCS access
+        service_account_name=cfg.kubernetes_service_account,
         containers=containers,
+        **extra,
     )
 
 
-def _bundled_pod_spec(cfg: StackConfig, leader: bool) -> lws.PodSpec:
-    return lws.PodSpec(
-        node_selector=cfg.tpu_slice.node_selector,
-        tolerations=(TPU_TOLERATION,),
-        service_account_name=cfg.kubernetes_service_account,  # Workload Identity -> GCS access
-        containers=(bundled_server(cfg, leader),),
+def _bundled_pod_spec(cfg: StackConfig, plan: Plan, image: Any, leader: bool) -> lws.PodSpec:
+    return _pod_spec(
+        cfg, (bundled_server(cfg, plan, image, leader),),
         init_containers=(checkpoint_copy(cfg),),
         volumes=(lws.Volume(name=MODELS_VOLUME, empty_dir=lws.EmptyDirVolumeSource()),),
     )
@@ -272,25 +334,39 @@ def lws_size(cfg: StackConfig, plan: Plan) -> int:
     return cfg.tpu_slice.lws_size(plan.slices)
 
 
-def _pod_templates(cfg: StackConfig, plan: Plan) -> tuple[lws.PodSpec, lws.PodSpec]:
+def _pod_templates(cfg: StackConfig, plan: Plan, image: Any) -> tuple[lws.PodSpec, lws.PodSpec]:
     """(leader, worker) pod specs of the runtime's layout."""
     if cfg.bundled:
-        return _bundled_pod_spec(cfg, leader=True), _bundled_pod_spec(cfg, leader=False)
-    leader = (pathways_proxy(cfg), pathways_resource_manager(cfg, plan), jax_server(cfg), jetstream_http(cfg))
+        return _bundled_pod_spec(cfg, plan, image, leader=True), _bundled_pod_spec(cfg, plan, image, leader=False)
+    leader = (pathways_proxy(cfg), pathways_resource_manager(cfg, plan), jax_server(cfg, plan), jetstream_http(cfg))
     return _pod_spec(cfg, leader), _pod_spec(cfg, (pathways_worker(cfg),))
 
 
-def leader_worker_set_model(cfg: StackConfig, plan: Plan) -> lws.LeaderWorkerSet:
-    disaggregated = cfg.mode == "disaggregated"  # config refuses it with serverRuntime=bundled
+def _sub_group_policy(cfg: StackConfig, plan: Plan) -> lws.SubGroupPolicy | None:
+    """One subgroup per slice in disaggregated mode (Pathways only, config.py refuses it with the
+    bundled server); the leader holds no TPU, so it belongs to none of them."""
+    if cfg.mode != "disaggregated":
+        return None
+    return lws.SubGroupPolicy(sub_group_policy_type=lws.LEADER_EXCLUDED, sub_group_size=plan.hosts_per_slice)
+
+
+def _lws_annotations(cfg: StackConfig) -> dict[str, str]:
     # One LWS group per node pool (slice); in disaggregated mode one subgroup per slice.
-    exclusivity = lws.SUBGROUP_EXCLUSIVE_TOPOLOGY if disaggregated else lws.EXCLUSIVE_TOPOLOGY
-    leader_spec, worker_spec = _pod_templates(cfg, plan)
+    exclusivity = lws.SUBGROUP_EXCLUSIVE_TOPOLOGY if cfg.mode == "disaggregated" else lws.EXCLUSIVE_TOPOLOGY
+    await_available = {WAIT_FOR: f"condition={lws.AVAILABLE}"} if cfg.wait_for_ready else {}
+    return {exclusivity: NODE_POOL_LABEL, **await_available}
+
+
+def leader_worker_set_model(cfg: StackConfig, plan: Plan, image: Any = None) -> lws.LeaderWorkerSet:
+    """The LeaderWorkerSet; `image` replaces the bundled server's image (the stack's own build,
+    by digest, an Output under Pulumi)."""
+    leader_spec, worker_spec = _pod_templates(cfg, plan, server_image(cfg) if image is None else image)
     return lws.LeaderWorkerSet(
-        metadata=lws.ObjectMeta(name=cfg.app_name, namespace=cfg.namespace, annotations={exclusivity: NODE_POOL_LABEL}),
+        metadata=lws.ObjectMeta(name=cfg.app_name, namespace=cfg.namespace, annotations=_lws_annotations(cfg)),
         spec=lws.LeaderWorkerSetSpec(
             replicas=1,
             leader_worker_template=lws.LeaderWorkerTemplate(
-                sub_group_policy=lws.SubGroupPolicy(sub_group_size=plan.hosts_per_slice) if disaggregated else None,
+                sub_group_policy=_sub_group_policy(cfg, plan),
                 # The app label only on the leader: the Service reaches the leader pod only.
                 leader_template=lws.PodTemplateSpec(metadata=lws.ObjectMeta(labels=app_labels(cfg)), spec=leader_spec),
                 size=lws_size(cfg, plan),
@@ -300,15 +376,15 @@ def leader_worker_set_model(cfg: StackConfig, plan: Plan) -> lws.LeaderWorkerSet
     )
 
 
-def leader_worker_set(cfg: StackConfig, plan: Plan) -> dict:
-    return leader_worker_set_model(cfg, plan).to_dict()
+def leader_worker_set(cfg: StackConfig, plan: Plan, image: Any = None) -> dict:
+    return leader_worker_set_model(cfg, plan, image).to_dict()
 
 
 def service(cfg: StackConfig) -> dict:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {"name": cfg.service_name, "namespace": cfg.namespace},
+        "metadata": {"name": cfg.service_name, "namespace": cfg.namespace, "annotations": {SKIP_AWAIT: "true"}},
         "spec": {
             "selector": app_labels(cfg),
             "ports": [{"protocol": "TCP", "name": "jetstream-http", "port": HTTP_PORT, "targetPort": HTTP_PORT}],
@@ -323,18 +399,18 @@ def namespace(cfg: StackConfig) -> dict | None:
     return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": cfg.namespace}}
 
 
-def service_account(cfg: StackConfig, gsa_email=None) -> dict:
-    """The Kubernetes service account of the pods, bound to the GSA through Workload Identity.
+def service_account(cfg: StackConfig, gsa_email: Any = None) -> dict:
+    """The Kubernetes service account of the pods.
 
-    `gsa_email` defaults to the email GCP derives for the stack's GSA; `JetStreamServer` passes
-    the created account's email (a Pulumi Output, so the KSA waits for the GSA).
+    With Workload Identity (the bundled server) it is bound to the workload GSA: `gsa_email`
+    defaults to the email GCP derives for it; `JetStreamServer` passes the created account's email
+    (a Pulumi Output, so the KSA waits for the GSA). Pathways pods act as the node service account
+    (node_pools.py), so their KSA carries no binding.
     """
-    return {
-        "apiVersion": "v1",
-        "kind": "ServiceAccount",
-        "metadata": {"name": cfg.kubernetes_service_account, "namespace": cfg.namespace,
-                     "annotations": {GSA_ANNOTATION: cfg.google_service_account_email if gsa_email is None else gsa_email}},
-    }
+    metadata: dict[str, Any] = {"name": cfg.kubernetes_service_account, "namespace": cfg.namespace}
+    if cfg.pods_use_workload_identity:
+        metadata["annotations"] = {GSA_ANNOTATION: cfg.workload_service_account_email if gsa_email is None else gsa_email}
+    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": metadata}
 
 
 def serving_manifests(cfg: StackConfig, plan: Plan) -> list[dict]:

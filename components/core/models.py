@@ -59,9 +59,12 @@ class ModelPreset:
     kv_heads: int
     head_dim: int
     vocab: int
+    ffn_dim: int  # MLP hidden size (gate, up and down projections)
+    tie_embeddings: bool  # the output projection reuses the embedding table
     tokenizer_path: str  # MaxText tokenizer asset (emitted when the recipe lists tokenizer_path)
     maxtext_config: str = "MaxText/configs/base.yml"  # positional base config of the server
-    # Serving defaults (each overridable by a config key).
+    # Serving defaults (each overridable by a config key). The parallelism is a recipe, fitted
+    # to the slice by the planner (planner.preset_axes): tensor as given, one axis filling in.
     per_device_batch_size: int = 4
     max_prefill_length: int = 1024
     max_target_length: int = 2048
@@ -69,7 +72,7 @@ class ModelPreset:
     autoregressive_parallelism: int = 1
     fsdp_parallelism: int = 1
     startup_probe_delay_seconds: int = 120  # checkpoint restore time before the first probe
-    probe_failure_threshold: int = 10
+    probe_failure_threshold: int = 10  # liveness/readiness failures (one per probe period) before a restart
     # Recipe.
     flag_order: tuple[str, ...] = GENERIC_FLAG_ORDER
     fixed_flags: Mapping[str, str] = dataclasses.field(default_factory=lambda: GENERIC_FIXED_FLAGS)
@@ -83,13 +86,13 @@ PRESETS: dict[str, ModelPreset] = {
     for preset in (
         ModelPreset(
             name="llama2-7b", maxtext_model_name="llama2-7b", params=6.74e9, layers=32,
-            d_model=4096, heads=32, kv_heads=32, head_dim=128, vocab=32000,
+            d_model=4096, heads=32, kv_heads=32, head_dim=128, vocab=32000, ffn_dim=11008, tie_embeddings=False,
             tokenizer_path="assets/tokenizer.llama2", per_device_batch_size=8,
             startup_probe_delay_seconds=60,
         ),
         ModelPreset(
             name="llama2-70b", maxtext_model_name="llama2-70b", params=68.98e9, layers=80,
-            d_model=8192, heads=64, kv_heads=8, head_dim=128, vocab=32000,
+            d_model=8192, heads=64, kv_heads=8, head_dim=128, vocab=32000, ffn_dim=28672, tie_embeddings=False,
             tokenizer_path="assets/tokenizer.llama2",
             # Seed example 2 (disaggregated on 2 x v6e-8), flag for flag.
             per_device_batch_size=1, tensor_parallelism=-1,
@@ -113,22 +116,24 @@ PRESETS: dict[str, ModelPreset] = {
         ),
         ModelPreset(
             name="llama3.1-8b", maxtext_model_name="llama3.1-8b", params=8.03e9, layers=32,
-            d_model=4096, heads=32, kv_heads=8, head_dim=128, vocab=128256,
+            d_model=4096, heads=32, kv_heads=8, head_dim=128, vocab=128256, ffn_dim=14336, tie_embeddings=False,
             tokenizer_path="assets/tokenizer_llama3.tiktoken", per_device_batch_size=8,
             startup_probe_delay_seconds=60,
         ),
         ModelPreset(
             name="llama3.1-70b", maxtext_model_name="llama3.1-70b", params=70.55e9, layers=80,
-            d_model=8192, heads=64, kv_heads=8, head_dim=128, vocab=128256,
+            d_model=8192, heads=64, kv_heads=8, head_dim=128, vocab=128256, ffn_dim=28672, tie_embeddings=False,
             tokenizer_path="assets/tokenizer_llama3.tiktoken", per_device_batch_size=2,
             startup_probe_delay_seconds=240,
         ),
         ModelPreset(
             name="llama3.1-405b", maxtext_model_name="llama3.1-405b", params=405.85e9,
             layers=126, d_model=16384, heads=128, kv_heads=8, head_dim=128, vocab=128256,
+            ffn_dim=53248, tie_embeddings=False,
             tokenizer_path="assets/tokenizer_llama3.tiktoken",
             # Seed example 1 (interleaved on v6e-16), flag for flag. Its base config sets the
-            # tokenizer, so the recipe does not pass tokenizer_path.
+            # tokenizer, so the recipe does not pass tokenizer_path. On a slice other than 16 chips
+            # the planner keeps tensor 8 and lets autoregressive take the rest.
             maxtext_config="MaxText/configs/v5e/inference/llama3_405b_v5e-64.yml",
             per_device_batch_size=10, tensor_parallelism=8, autoregressive_parallelism=2,
             startup_probe_delay_seconds=900,
@@ -151,7 +156,7 @@ PRESETS: dict[str, ModelPreset] = {
         ),
         ModelPreset(
             name="gemma-7b", maxtext_model_name="gemma-7b", params=8.54e9, layers=28,
-            d_model=3072, heads=16, kv_heads=16, head_dim=256, vocab=256000,
+            d_model=3072, heads=16, kv_heads=16, head_dim=256, vocab=256000, ffn_dim=24576, tie_embeddings=True,
             tokenizer_path="assets/tokenizer.gemma", per_device_batch_size=8,
             startup_probe_delay_seconds=60,
         ),

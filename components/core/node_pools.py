@@ -1,36 +1,70 @@
-"""TPU node pool specs as plain data: one pool per slice, derived from the catalog row.
+"""Node pool specs as plain data: the CPU system pool and one TPU pool per slice.
 
-GKE rules encoded here (cloud.google.com/kubernetes-engine/docs/how-to/tpus):
+GKE rules encoded here (cloud.google.com/kubernetes-engine/docs/how-to/tpus,
+cloud.google.com/kubernetes-engine/docs/concepts/tpus):
   * a multi-host slice is one node pool of `hosts` nodes in one zone with a COMPACT placement
     policy carrying the TPU topology; GKE creates it atomically as one slice;
   * a single-host slice is one node of the slice's machine type, no placement policy;
+  * GKE labels every TPU node with its pool (cloud.google.com/gke-nodepool), accelerator and
+    topology, taints it google.com/tpu=present:NoSchedule, and offers its chips as the
+    google.com/tpu resource (`gke_node_labels`, `gke_node_taints`, which the scheduling check reads);
   * auto-upgrade recreates a multi-host slice (every host restarts), so it is off there, but GKE
     refuses auto_upgrade=false in a cluster enrolled in a release channel, so it is off only when
     the cluster has none (`releaseChannel=UNSPECIFIED`, the default).
+Every pool runs as the stack's node service account (identity.py), never the Compute Engine
+default account, which organisations often disable.
+
+Workload metadata: Google's tutorial "Serve LLMs using multi-host TPUs on GKE with JetStream and
+Pathways" (cloud.google.com/kubernetes-engine/docs/tutorials/serve-multihost-tpu-jetstream)
+creates the TPU pools with `--workload-metadata=GCE_METADATA` and notes: "Node pools that run
+Pathways with JetStream and MaxText should disable Workload Identity Federation for GKE". So with
+serverRuntime=jetstream the TPU pools use GCE_METADATA and the Pathways pods act as the node
+service account; the bundled server keeps Workload Identity (GKE_METADATA) everywhere.
+
+Names carry the stack (`stack_scoped_name`), and every TPU node carries the stack's deployment
+label, so two stacks on one cluster never share a pool name or each other's nodes.
 `GkeCluster` turns each spec into a `gcp.container.NodePool`; the renderer prints them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Mapping
 
-from components.core.config import StackConfig
-from components.core.planner import node_pool_name
+from components.core import tpu
+from components.core.config import NODE_POOL_NAME_LIMIT, StackConfig, stack_scoped_name
 
 NO_RELEASE_CHANNEL = "UNSPECIFIED"
+NODE_POOL_LABEL = "cloud.google.com/gke-nodepool"  # set by GKE on every node
+SLICE_ROLE_LABEL = "jetstream-tpu/slice-role"
+DEPLOYMENT_LABEL = "jetstream-tpu/deployment"  # ties a stack's pods to its own TPU pools
+TPU_TAINT = {"key": tpu.TPU_RESOURCE, "value": "present", "effect": "NoSchedule"}  # GKE's taint on TPU nodes
+WORKLOAD_IDENTITY = "GKE_METADATA"  # pods act as their Kubernetes service account's GSA
+NODE_IDENTITY = "GCE_METADATA"  # pods act as the node's service account (Pathways TPU pools)
+SYSTEM_POOL = "system"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class NodePoolSpec:
     name: str
-    role: str  # serving | prefill | generate
+    role: str  # system | serving | prefill | generate
     machine_type: str
     node_count: int
     zone: str
-    tpu_topology: str | None  # set (with COMPACT placement) on multi-host slices only
+    tpu_topology: str | None  # the slice's topology on TPU pools
+    compact_placement: bool  # multi-host slices: a COMPACT placement policy with tpu_topology
     auto_upgrade: bool
     spot: bool
     reservation: str | None
+    labels: Mapping[str, str]  # node labels the stack sets (GKE adds its own, see gke_node_labels)
+    workload_metadata: str  # GKE_METADATA | GCE_METADATA
+    tpu_chips_per_node: int  # google.com/tpu per node; 0 on CPU pools
+    tpu_accelerator: str | None = None  # cloud.google.com/gke-tpu-accelerator of TPU pools
+
+
+def node_pool_name(cfg: StackConfig, role: str) -> str:
+    """GKE node pool name of one slice, e.g. v6e-16-serving-<stack>."""
+    return stack_scoped_name(f"{cfg.tpu_slice.name}-{role}", cfg.stack, NODE_POOL_NAME_LIMIT)
 
 
 def tpu_node_pools(cfg: StackConfig) -> tuple[NodePoolSpec, ...]:
@@ -43,10 +77,46 @@ def tpu_node_pools(cfg: StackConfig) -> tuple[NodePoolSpec, ...]:
             machine_type=row.machine_type,
             node_count=row.hosts,
             zone=cfg.zone,
-            tpu_topology=row.topology if row.multi_host else None,
+            tpu_topology=row.topology,
+            compact_placement=row.multi_host,
             auto_upgrade=not row.multi_host or cfg.release_channel != NO_RELEASE_CHANNEL,
             spot=cfg.tpu_provisioning == "spot",
             reservation=cfg.tpu_reservation or None,
+            labels={SLICE_ROLE_LABEL: role, DEPLOYMENT_LABEL: cfg.deployment_id},
+            workload_metadata=WORKLOAD_IDENTITY if cfg.pods_use_workload_identity else NODE_IDENTITY,
+            tpu_chips_per_node=row.chips_per_host,
+            tpu_accelerator=tpu.ACCELERATOR_LABEL,
         )
         for role in cfg.slice_roles
     )
+
+
+def system_node_pool(cfg: StackConfig) -> NodePoolSpec:
+    """Small CPU pool for kube-system and the LWS controller (TPU nodes are tainted)."""
+    return NodePoolSpec(
+        name=SYSTEM_POOL,
+        role=SYSTEM_POOL,
+        machine_type=cfg.system_machine_type,
+        node_count=cfg.system_node_count,
+        zone=cfg.zone,
+        tpu_topology=None,
+        compact_placement=False,
+        auto_upgrade=True,
+        spot=False,
+        reservation=None,
+        labels={},
+        workload_metadata=WORKLOAD_IDENTITY,
+        tpu_chips_per_node=0,
+    )
+
+
+def gke_node_labels(spec: NodePoolSpec) -> dict[str, str]:
+    """The labels a node of this pool carries: GKE's own, then the pool's."""
+    labels = {NODE_POOL_LABEL: spec.name}
+    if spec.tpu_chips_per_node:
+        labels |= {tpu.ACCELERATOR_SELECTOR_KEY: spec.tpu_accelerator, tpu.TOPOLOGY_SELECTOR_KEY: spec.tpu_topology}
+    return {**labels, **spec.labels}
+
+
+def gke_node_taints(spec: NodePoolSpec) -> tuple[Mapping[str, str], ...]:
+    return (TPU_TAINT,) if spec.tpu_chips_per_node else ()

@@ -1,28 +1,42 @@
 """Pre-flight planning: does the model shard onto the slice, and does it fit in HBM?
 
 Pure arithmetic on the catalog rows and the parsed config; a plan that cannot shard or fit raises
-`ConfigError` before any resource exists. The memory model (per chip, one slice):
+`ConfigError` before any resource exists.
 
-  chips          = chips of the topology (one slice; disaggregated runs two identical slices)
-  parallelism    = fsdp x autoregressive x tensor == chips; one axis may be -1 and is filled in
-                   with chips / (product of the others), as MaxText does (the same function as
-                   the bundled server's mesh: serving/engine/parallelism.py, pure Python).
+Parallelism (fsdp x autoregressive x tensor == chips of one slice, one axis may be -1 and is
+filled in, `serving.engine.parallelism.resolve_axes`, the same function as the bundled server's
+mesh; tensor must divide the attention heads). Axes the user sets are used as given and checked
+strictly. With none set, the preset's recipe is fitted to the slice (`preset_axes`): as written
+when it fits, else tensor kept (reduced to divide the chips and the heads) and autoregressive
+taking the rest. The server gets the values the plan used.
+
+Memory per chip, for the runtime that will hold it:
+
+serverRuntime=jetstream (MaxText):
   weights/chip   = params x bytes_per_weight / chips
                    MaxText shards every matmul weight over the fsdp, tensor and autoregressive
-                   axes, so weights divide over all chips. int8 = 1 byte (per-channel scales are
-                   < 0.1% and ignored), bf16 = 2 bytes.
-  KV cache/chip  = sequences/chip x max_target_length x bytes/token/chip, where
-                   global batch     = per_device_batch_size x chips (MaxText's definition)
-                   sequences/chip   = global batch / (autoregressive x fsdp)   (cache batch axis)
-                   kv heads/chip    = kv_heads / gcd(tensor, kv_heads)          (cache heads axis;
-                                      with tensor > kv_heads the heads are replicated)
-                   bytes/token/chip = layers x 2 (K and V) x kv heads/chip x bytes/head
-                   bytes/head       = head_dim x 2 (bf16), or head_dim x 1 + 2 (int8 + bf16 scale)
-  needed/chip    = weights/chip + KV cache/chip
-  usable/chip    = 32 GiB x (1 - hbmReservePercent / 100); the reserve covers XLA scratch,
-                   activations and compiled programs.
-In disaggregated mode each slice holds all weights; the generate slice holds the full-length KV
-cache, so the check above is the binding one for both slices.
+                   axes; int8 = 1 byte (per-channel scales < 0.1% are ignored), bf16 = 2 bytes.
+  KV cache/chip  = sequences/chip x max_target_length x layers x 2 (K and V) x kv heads/chip x bytes/head
+                   sequences/chip = per_device_batch_size x chips / (autoregressive x fsdp)
+                   kv heads/chip  = kv_heads / gcd(tensor, kv_heads) (replicated past kv_heads)
+                   bytes/head     = head_dim x 2 (bf16), or head_dim + 2 (int8 + a bf16 scale)
+
+serverRuntime=bundled (this repository's server, serving/engine):
+  weights/chip   = embeddings and MLP over fsdp x tensor; attention over fsdp x tensor when the
+                   KV heads divide the tensor axis, else over fsdp only (the server replicates
+                   attention over tensor then); every weight is replicated over autoregressive.
+                   Norms and int8 scales (< 0.5%) are not counted.
+  KV cache/chip  = the cache [L, B, K, S, E] with B = per_device_batch_size x chips and S =
+                   max_target_length rounded up to the server's KV block, divided per dimension
+                   as the server splits it (`serving.engine.parallelism.kv_cache_split`), x 2
+                   (K and V) x bytes/element: the `dtype` flag's size (bfloat16 = 2), or int8 plus
+                   one float32 scale per (token, head). tests/contract checks this against the
+                   server's own memory report.
+
+  needed/chip = weights/chip + KV cache/chip <= usable/chip = 32 GiB x (1 - hbmReservePercent/100);
+  the reserve covers XLA scratch, activations and compiled programs. In disaggregated mode each
+  slice holds all weights and the generate slice the full-length KV cache, so the check above is
+  the binding one for both slices.
 
 The decode-step lower bound (needed bytes / HBM bandwidth) is reported as a sanity number: each
 generated token reads every weight and the whole live KV cache once.
@@ -32,15 +46,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Mapping
 
-from components.core.config import StackConfig
+from components.core.config import AXIS_KEYS, StackConfig
 from components.core.errors import ConfigError
-from serving.engine.parallelism import ParallelismError, resolve_axes
+from components.core.node_pools import node_pool_name
+from serving.engine.parallelism import FILL_IN, ParallelismError, kv_cache_split, resolve_axes
 
 GIB = 1 << 30
 WEIGHT_BYTES = {"int8": 1, "bf16": 2}
-# The stack config key of each mesh axis.
-AXIS_KEYS = {"fsdp": "fsdpParallelism", "autoregressive": "autoregressiveParallelism", "tensor": "tensorParallelism"}
+# The bundled server's memory layout (serving/engine; tests/contract holds the two together).
+BUNDLED_KV_BLOCK = 128  # ModelConfig.kv_block: the cache length is a multiple of it
+BUNDLED_KV_SCALE_BYTES = 4  # int8 KV cache: one float32 scale per (token, kv head)
+BUNDLED_ACTIVATION_BYTES = 2  # the dtype the stack passes (bfloat16): the unquantized KV cache's element
+MAXTEXT_KV_SCALE_BYTES = 2  # MaxText's int8 KV cache: one bf16 scale per (token, kv head)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -66,6 +85,7 @@ class Plan:
     machine_type: str
     node_pools: tuple[str, ...]
     parallelism: Parallelism
+    axis_flags: Mapping[str, int]  # ici_<axis>_parallelism values the server gets (-1 = it fills in)
     global_batch: int
     weights_gib_per_chip: float
     kv_cache_gib_per_chip: float
@@ -99,18 +119,48 @@ class Plan:
         }
 
 
-def resolve_parallelism(cfg: StackConfig) -> Parallelism:
+# ---------------------------------------------------------------------------------------------
+# Parallelism.
+
+
+def preset_axes(recipe: Mapping[str, int], chips: int, heads: int) -> dict[str, int]:
+    """The preset's recipe fitted to `chips`: as written when it covers them with a tensor axis
+    that divides the attention heads; else fsdp as written, tensor as written (or, for a recipe
+    that fills tensor in, as wide as possible) reduced to a divisor of the remaining chips and of
+    the heads, and autoregressive taking the rest."""
+    try:
+        as_written = resolve_axes(recipe, chips)
+        if heads % as_written["tensor"] == 0:
+            return dict(recipe)
+    except ParallelismError:
+        pass
+    fsdp = math.gcd(max(recipe["fsdp"], 1), chips)
+    widest = chips if recipe["tensor"] == FILL_IN else recipe["tensor"]
+    tensor = math.gcd(widest, chips // fsdp, heads)
+    return {"fsdp": fsdp, "autoregressive": chips // (fsdp * tensor), "tensor": tensor}
+
+
+def server_axes(cfg: StackConfig) -> dict[str, int]:
+    """The ici_* values the server gets: the user's axes as given, or the fitted preset recipe."""
+    recipe = {"fsdp": cfg.model.fsdp_parallelism, "autoregressive": cfg.model.autoregressive_parallelism,
+              "tensor": cfg.model.tensor_parallelism}
+    if not cfg.parallelism:
+        return preset_axes(recipe, cfg.tpu_slice.chips, cfg.model.heads)
+    return {**recipe, **cfg.parallelism}
+
+
+def resolve_parallelism(cfg: StackConfig, axes: Mapping[str, int]) -> Parallelism:
     """Fill in a -1 axis and check fsdp x autoregressive x tensor == chips of the slice."""
     chips = cfg.tpu_slice.chips
-    configured = {"fsdp": cfg.fsdp_parallelism, "autoregressive": cfg.autoregressive_parallelism, "tensor": cfg.tensor_parallelism}
     try:
-        axes = resolve_axes(configured, chips)
+        resolved = resolve_axes(axes, chips)
     except ParallelismError as error:
-        described = " x ".join(f"{axis} {size}" for axis, size in configured.items())
+        described = " x ".join(f"{axis} {size}" for axis, size in axes.items())
         raise ConfigError((*(AXIS_KEYS[axis] for axis in error.axes), "topology"),
                           f"{described} does not fit: topology {cfg.tpu_slice.topology} has {chips} chips ({error})",
-                          "make the product of the parallelism axes the chip count, e.g. tensorParallelism=-1 to fill in") from None
-    parallelism = Parallelism(**axes)
+                          "make the product of the parallelism axes the chip count, e.g. tensorParallelism=-1 to fill in, "
+                          "or set none of them to use the preset's recipe") from None
+    parallelism = Parallelism(**resolved)
     _check_heads_shard(cfg, parallelism)
     return parallelism
 
@@ -123,18 +173,61 @@ def _check_heads_shard(cfg: StackConfig, parallelism: Parallelism) -> None:
                           "use a tensor axis that divides the heads and put the rest of the chips on autoregressiveParallelism")
 
 
-def _weights_bytes_per_chip(cfg: StackConfig) -> float:
+# ---------------------------------------------------------------------------------------------
+# Memory per chip.
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPerChip:
+    weights_bytes: float
+    kv_cache_bytes: float
+
+
+def memory_per_chip(cfg: StackConfig, parallelism: Parallelism) -> MemoryPerChip:
+    """HBM one chip holds, as the configured runtime lays it out (see the module docstring)."""
+    if cfg.bundled:
+        return MemoryPerChip(_bundled_weights(cfg, parallelism), _bundled_kv(cfg, parallelism))
+    return MemoryPerChip(_maxtext_weights(cfg), _maxtext_kv(cfg, parallelism))
+
+
+def _maxtext_weights(cfg: StackConfig) -> float:
     return cfg.model.params * WEIGHT_BYTES[cfg.quantization] / cfg.tpu_slice.chips
 
 
-def _kv_bytes_per_chip(cfg: StackConfig, parallelism: Parallelism) -> float:
+def _maxtext_kv(cfg: StackConfig, parallelism: Parallelism) -> float:
     model = cfg.model
     global_batch = cfg.per_device_batch_size * cfg.tpu_slice.chips
     sequences_per_chip = math.ceil(global_batch / (parallelism.autoregressive * parallelism.fsdp))
     kv_heads_per_chip = model.kv_heads // math.gcd(parallelism.tensor, model.kv_heads)
-    bytes_per_head = model.head_dim + 2 if cfg.quantize_kv_cache else model.head_dim * 2
+    bytes_per_head = model.head_dim + MAXTEXT_KV_SCALE_BYTES if cfg.quantize_kv_cache else model.head_dim * 2
     bytes_per_token = model.layers * 2 * kv_heads_per_chip * bytes_per_head
     return sequences_per_chip * cfg.max_target_length * bytes_per_token
+
+
+def _bundled_weights(cfg: StackConfig, parallelism: Parallelism) -> float:
+    model = cfg.model
+    sharded = parallelism.fsdp * parallelism.tensor
+    attention_split = sharded if model.kv_heads % parallelism.tensor == 0 else parallelism.fsdp
+    embeddings = model.vocab * model.d_model * (1 if model.tie_embeddings else 2)
+    attention = model.layers * model.d_model * model.head_dim * (2 * model.heads + 2 * model.kv_heads)  # wq, wo, wk, wv
+    mlp = model.layers * 3 * model.d_model * model.ffn_dim  # gate, up, down
+    elements = (embeddings + mlp) / sharded + attention / attention_split
+    return elements * WEIGHT_BYTES[cfg.quantization]
+
+
+def _bundled_kv(cfg: StackConfig, parallelism: Parallelism) -> float:
+    model = cfg.model
+    split = kv_cache_split(model.kv_heads, dataclasses.asdict(parallelism))
+    slots = cfg.per_device_batch_size * cfg.tpu_slice.chips
+    cache_length = math.ceil(cfg.max_target_length / BUNDLED_KV_BLOCK) * BUNDLED_KV_BLOCK
+    bytes_per_element = 1 if cfg.quantize_kv_cache else BUNDLED_ACTIVATION_BYTES
+    scale_bytes = BUNDLED_KV_SCALE_BYTES if cfg.quantize_kv_cache else 0
+    tokens_per_chip = math.ceil(slots / split.batch) * math.ceil(model.kv_heads / split.kv_heads) * math.ceil(cache_length / split.seq)
+    return model.layers * 2 * tokens_per_chip * (model.head_dim * bytes_per_element + scale_bytes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks.
 
 
 def _check_lengths(cfg: StackConfig) -> None:
@@ -144,7 +237,7 @@ def _check_lengths(cfg: StackConfig) -> None:
                           f"pulumi config set maxTargetLength {cfg.max_prefill_length * 2}")
 
 
-def _check_fit(cfg: StackConfig, weights: float, kv: float, usable: float) -> None:
+def _check_fit(cfg: StackConfig, parallelism: Parallelism, weights: float, kv: float, usable: float) -> None:
     needed = weights + kv
     if needed <= usable:
         return
@@ -154,13 +247,16 @@ def _check_fit(cfg: StackConfig, weights: float, kv: float, usable: float) -> No
     raise ConfigError(keys,
                       f"{cfg.model.name} ({cfg.quantization}) does not fit topology {cfg.tpu_slice.topology}: needs {needed:.1f} GiB HBM per chip "
                       f"(weights {weights:.1f} + KV cache {kv:.1f}) but {usable:.1f} of {hbm} GiB are usable",
-                      _fit_suggestion(cfg, weights, usable))
+                      _fit_suggestion(cfg, parallelism, weights, usable))
 
 
-def _fit_suggestion(cfg: StackConfig, weights: float, usable: float) -> str:
+def _fit_suggestion(cfg: StackConfig, parallelism: Parallelism, weights: float, usable: float) -> str:
     hints = []
     if cfg.quantization == "bf16":
         hints.append("quantization=int8")
+    if cfg.bundled and parallelism.autoregressive > 1:
+        hints.append(f"fsdpParallelism={parallelism.autoregressive * parallelism.fsdp} with autoregressiveParallelism=1 "
+                     "(the bundled server keeps a full weight copy per autoregressive shard)")
     if weights > usable:
         hints.append("a bigger topology")
     else:
@@ -174,11 +270,12 @@ def _fit_suggestion(cfg: StackConfig, weights: float, usable: float) -> str:
 def plan_deployment(cfg: StackConfig) -> Plan:
     """The plan for a config, or ConfigError if it cannot shard or fit."""
     _check_lengths(cfg)
-    parallelism = resolve_parallelism(cfg)
-    weights = _weights_bytes_per_chip(cfg) / GIB
-    kv = _kv_bytes_per_chip(cfg, parallelism) / GIB
+    axes = server_axes(cfg)
+    parallelism = resolve_parallelism(cfg, axes)
+    memory = memory_per_chip(cfg, parallelism)
+    weights, kv = memory.weights_bytes / GIB, memory.kv_cache_bytes / GIB
     usable = cfg.tpu_slice.hbm_gib_per_chip * (1 - cfg.hbm_reserve_percent / 100)
-    _check_fit(cfg, weights, kv, usable)
+    _check_fit(cfg, parallelism, weights, kv, usable)
     step_ms = (weights + kv) * GIB / (cfg.tpu_slice.hbm_bandwidth_gbps * 1e9) * 1e3
     return Plan(
         model=cfg.model.name,
@@ -189,6 +286,7 @@ def plan_deployment(cfg: StackConfig) -> Plan:
         machine_type=cfg.tpu_slice.machine_type,
         node_pools=tuple(node_pool_name(cfg, role) for role in cfg.slice_roles),
         parallelism=parallelism,
+        axis_flags=axes,
         global_batch=cfg.per_device_batch_size * cfg.tpu_slice.chips,
         weights_gib_per_chip=weights,
         kv_cache_gib_per_chip=kv,
@@ -196,8 +294,3 @@ def plan_deployment(cfg: StackConfig) -> Plan:
         hbm_gib_per_chip=cfg.tpu_slice.hbm_gib_per_chip,
         decode_step_ms_lower_bound=step_ms,
     )
-
-
-def node_pool_name(cfg: StackConfig, role: str) -> str:
-    """GKE node pool name of one slice, e.g. v6e-16-serving or v6e-8-prefill."""
-    return f"{cfg.tpu_slice.name}-{role}"

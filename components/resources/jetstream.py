@@ -1,24 +1,39 @@
 """JetStreamServer: namespace, service account, the LeaderWorkerSet and the Service.
 
-A thin wrapper: the objects come from the pure builders in `components.manifests`, so what
-`pulumi up` applies is exactly what `python -m components.render` prints.
+A thin wrapper: the objects come from the pure builders in `components.core.manifests`, so what
+`pulumi up` applies is what `python -m components.render` prints. Pass the cluster's Kubernetes
+provider and what the LeaderWorkerSet waits for (the LWS controller, the TPU node pools, the
+identity) in `opts`.
+
+Updates: the LWS v0.10.0 webhook refuses in-place changes to subGroupPolicy (adding, removing,
+resizing it, e.g. when `mode` or the topology of a disaggregated stack changes), so changes under
+`lws_model.REPLACE_ON_CHANGES` replace the LeaderWorkerSet, deleting the old one first (its name
+is fixed). Readiness: the Service never awaits endpoints (`pulumi.com/skipAwait`); with
+waitForReady the LeaderWorkerSet awaits its Available condition for `ready_timeout_seconds`.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+from typing import Any, Mapping
 
 import pulumi
 import pulumi_kubernetes as k8s
 
-from components.core import lws_model, manifests
-from components.core.config import StackConfig
-from components.core.planner import Plan
+from components.core import lws_model
 
 
-def service_args(cfg: StackConfig) -> k8s.core.v1.ServiceInitArgs:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class JetStreamServerArgs:
+    namespace: Mapping[str, Any] | None  # None: the `default` namespace, which every cluster has
+    service_account: Mapping[str, Any]
+    leader_worker_set: Mapping[str, Any]  # may hold Outputs (the stack-built image's digest)
+    service: Mapping[str, Any]
+    ready_timeout_seconds: int | None  # waitForReady: how long the LeaderWorkerSet may take
+
+
+def service_args(manifest: Mapping[str, Any]) -> k8s.core.v1.ServiceInitArgs:
     """Typed Service arguments from the pure Service manifest."""
-    manifest = manifests.service(cfg)
     return k8s.core.v1.ServiceInitArgs(
         metadata=k8s.meta.v1.ObjectMetaArgs(**manifest["metadata"]),
         spec=k8s.core.v1.ServiceSpecArgs(
@@ -32,43 +47,49 @@ def service_args(cfg: StackConfig) -> k8s.core.v1.ServiceInitArgs:
 
 
 class JetStreamServer(pulumi.ComponentResource):
-    namespace: str
-    lws_name: str
-    service_name: str
+    namespace: pulumi.Output[str]
+    lws_name: pulumi.Output[str]
+    service_name: pulumi.Output[str]
 
-    def __init__(
-        self,
-        name: str,
-        cfg: StackConfig,
-        plan: Plan,
-        provider: k8s.Provider,
-        service_account_email: pulumi.Input[str],
-        depends_on: Sequence[pulumi.Resource],
-        opts: pulumi.ResourceOptions | None = None,
-    ):
+    def __init__(self, name: str, args: JetStreamServerArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("jetstream:serving:JetStreamServer", name, None, opts)
-        k8s_child = pulumi.ResourceOptions(parent=self, provider=provider)
-        in_namespace = k8s_child
-        namespace_manifest = manifests.namespace(cfg)  # None for `default`
-        if namespace_manifest is not None:
-            namespace = k8s.core.v1.Namespace(f"{name}-ns", metadata=k8s.meta.v1.ObjectMetaArgs(**namespace_manifest["metadata"]), opts=k8s_child)
-            in_namespace = pulumi.ResourceOptions.merge(k8s_child, pulumi.ResourceOptions(depends_on=[namespace]))
-        # The created GSA's email (an Output), so the KSA also waits for the GSA.
-        ksa = manifests.service_account(cfg, service_account_email)
-        self.service_account = k8s.core.v1.ServiceAccount(
-            f"{name}-ksa", metadata=k8s.meta.v1.ObjectMetaArgs(**ksa["metadata"]), opts=in_namespace,
+        child = pulumi.ResourceOptions(parent=self)
+        in_namespace = child
+        if args.namespace is not None:
+            namespace = k8s.core.v1.Namespace(f"{name}-ns", metadata=k8s.meta.v1.ObjectMetaArgs(**args.namespace["metadata"]), opts=child)
+            in_namespace = pulumi.ResourceOptions(parent=self, depends_on=[namespace])
+        service_account = k8s.core.v1.ServiceAccount(
+            f"{name}-ksa", metadata=k8s.meta.v1.ObjectMetaArgs(**args.service_account["metadata"]), opts=in_namespace,
         )
-        lws = manifests.leader_worker_set(cfg, plan)
-        # Waits for the LWS CRD (controller), the TPU node pools and the identity: on destroy
-        # the workload goes first.
-        self.leader_worker_set = k8s.apiextensions.CustomResource(
+        lws = args.leader_worker_set
+        leader_worker_set = k8s.apiextensions.CustomResource(
             f"{name}-lws",
             api_version=lws_model.API_VERSION,
             kind=lws_model.KIND,
             metadata=k8s.meta.v1.ObjectMetaArgs(**lws["metadata"]),
             spec=lws["spec"],
-            opts=pulumi.ResourceOptions.merge(in_namespace, pulumi.ResourceOptions(depends_on=[self.service_account, *depends_on])),
+            opts=pulumi.ResourceOptions.merge(in_namespace, self._lws_options(args, service_account, opts)),
         )
-        self.service = k8s.core.v1.Service(f"{name}-svc", service_args(cfg), opts=in_namespace)
-        self.namespace, self.lws_name, self.service_name = cfg.namespace, cfg.app_name, cfg.service_name
+        service = k8s.core.v1.Service(f"{name}-svc", service_args(args.service), opts=in_namespace)
+        self.namespace = pulumi.Output.from_input(lws["metadata"]["namespace"])
+        self.lws_name = leader_worker_set.metadata.apply(lambda metadata: metadata["name"])
+        self.service_name = service.metadata.apply(lambda metadata: metadata.name)
         self.register_outputs({"namespace": self.namespace, "lwsName": self.lws_name, "serviceName": self.service_name})
+
+    @staticmethod
+    def _lws_options(args: JetStreamServerArgs, service_account: pulumi.Resource, opts: pulumi.ResourceOptions | None) -> pulumi.ResourceOptions:
+        """Waits for the KSA and for the component's depends_on (controller, node pools, identity),
+        so on destroy the workload goes first; replaced, never patched, where the webhook refuses."""
+        timeout = f"{args.ready_timeout_seconds}s" if args.ready_timeout_seconds else None
+        return pulumi.ResourceOptions(
+            depends_on=[service_account, *_as_list(opts.depends_on if opts else None)],
+            replace_on_changes=list(lws_model.REPLACE_ON_CHANGES),
+            delete_before_replace=True,
+            custom_timeouts=pulumi.CustomTimeouts(create=timeout, update=timeout) if timeout else None,
+        )
+
+
+def _as_list(depends_on) -> list:
+    if depends_on is None:
+        return []
+    return list(depends_on) if isinstance(depends_on, (list, tuple)) else [depends_on]

@@ -15,6 +15,8 @@ registry round trip during preview for no gain here.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pulumi
 import pulumi_kubernetes as k8s
 
@@ -25,20 +27,25 @@ def release_manifest_url(version: str) -> str:
     return RELEASE_MANIFEST_URL.format(version=version)
 
 
-class LeaderWorkerSetController(pulumi.ComponentResource):
-    """The LWS controller; make LeaderWorkerSet resources `depends_on` this component."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LeaderWorkerSetControllerArgs:
+    version: str  # an LWS release tag, e.g. v0.10.0
 
-    version: str
-    manifest_url: str
+
+class LeaderWorkerSetController(pulumi.ComponentResource):
+    """The LWS controller; make LeaderWorkerSet resources `depends_on` this component.
+
+    Pass the cluster's Kubernetes provider in `opts.provider`. The install is cluster-wide: only
+    the stack that owns the cluster creates it (`installLwsController`).
+    """
+
+    version: pulumi.Output[str]
+    manifest_url: pulumi.Output[str]
     install: k8s.yaml.v2.ConfigFile
 
-    def __init__(self, name: str, version: str, provider: k8s.Provider, opts: pulumi.ResourceOptions | None = None):
+    def __init__(self, name: str, args: LeaderWorkerSetControllerArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("jetstream:lws:LeaderWorkerSetController", name, None, opts)
-        self.version = version
-        self.manifest_url = release_manifest_url(version)
-        self.install = k8s.yaml.v2.ConfigFile(
-            f"{name}-manifests",
-            file=self.manifest_url,
-            opts=pulumi.ResourceOptions(parent=self, provider=provider),
-        )
-        self.register_outputs({"version": version, "manifestUrl": self.manifest_url})
+        url = release_manifest_url(args.version)
+        self.install = k8s.yaml.v2.ConfigFile(f"{name}-manifests", file=url, opts=pulumi.ResourceOptions(parent=self))
+        self.version, self.manifest_url = pulumi.Output.from_input(args.version), pulumi.Output.from_input(url)
+        self.register_outputs({"version": self.version, "manifestUrl": self.manifest_url})

@@ -1,67 +1,145 @@
 """The stack program: config in, components wired, outputs out. `__main__.py` calls `load()` then `build()`.
 
-Order matters only through explicit dependencies: the LeaderWorkerSet depends on the LWS
-controller (CRD), the TPU node pools and the identity; everything Kubernetes goes through the
-cluster's explicit provider (no ambient kubeconfig).
+`load()` reads the config through `pulumi.Config`, parses, plans and proves the pods can be
+scheduled, all before any resource exists. `build()` builds each component's Args once, here,
+from the config and the plan. Order comes only from explicit dependencies, and everything
+Kubernetes goes through the cluster's explicit provider (no ambient kubeconfig):
+
+  node identity -> cluster and node pools -> serving identity (the Workload Identity binding
+  needs the cluster's identity pool) -> LWS controller -> the LeaderWorkerSet, which waits for the
+  controller, the TPU node pools, the identity and, with serverRuntime=bundled and no image, the
+  server image the stack builds.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
 
 import pulumi
 
-from components.core import manifests
-from components.core.config import PROJECT, StackConfig, parse_stack_config
+from components.core import manifests, scheduling
+from components.core.config import BUNDLED_IMAGE_TAG, CONFIG_KEYS, PROJECT, StackConfig, parse_stack_config
 from components.core.errors import ConfigError
-from components.resources.gke import GkeCluster
-from components.resources.identity import ServingIdentity
-from components.resources.jetstream import JetStreamServer
-from components.resources.lws_controller import LeaderWorkerSetController
+from components.core.node_pools import system_node_pool, tpu_node_pools
 from components.core.planner import Plan, plan_deployment
+from components.resources.gke import GkeCluster, GkeClusterArgs
+from components.resources.identity import NodeIdentity, NodeIdentityArgs, ServingIdentity, ServingIdentityArgs
+from components.resources.jetstream import JetStreamServer, JetStreamServerArgs
+from components.resources.lws_controller import LeaderWorkerSetController, LeaderWorkerSetControllerArgs
+from components.resources.server_image import BundledServerImage, BundledServerImageArgs
+
+# The bundled server's image, as the stack builds it (serving/Dockerfile documents the build).
+DOCKERFILE = "serving/Dockerfile"
+BUILD_CONTEXT = "."  # the repository root: the Dockerfile copies serving/ from there
+TPU_BUILD_ARGS = {"JAX_EXTRA": "tpu"}
+TPU_HOST_PLATFORM = "linux/amd64"  # TPU v6e hosts are x86-64 VMs
 
 
 def project_config_values() -> dict[str, str]:
-    """This project's config values with the `<project>:` namespace stripped."""
-    merged: Mapping[str, Any] = {**pulumi.runtime.config.get_config_env(), **pulumi.runtime.config.CONFIG.get()}
-    prefix = f"{PROJECT}:"
-    return {key.removeprefix(prefix): value for key, value in merged.items() if key.startswith(prefix)}
+    """This project's config values, by key. Pulumi's CLI refuses keys Pulumi.yaml does not
+    declare and fills in the declared defaults before the program runs."""
+    config = pulumi.Config(PROJECT)
+    return {key.name: value for key in CONFIG_KEYS if (value := config.get(key.name)) is not None}
 
 
 def load() -> tuple[StackConfig, Plan]:
-    """Parse and plan, before any resource exists; a bad config stops the program here."""
+    """Parse, plan and check scheduling before any resource exists; a bad config stops here."""
     try:
         cfg = parse_stack_config(project_config_values(), project=pulumi.Config("gcp").get("project"), stack=pulumi.get_stack())
-        return cfg, plan_deployment(cfg)
+        plan = plan_deployment(cfg)
+        scheduling.check_deployment(cfg, plan)
+        return cfg, plan
     except ConfigError as error:
         raise pulumi.RunError(str(error)) from None
 
 
 def build(cfg: StackConfig, plan: Plan) -> dict[str, Any]:
     """Create the components; return the stack outputs."""
-    identity = ServingIdentity("identity", cfg)
-    cluster = GkeCluster("gke", cfg)
-    controller = LeaderWorkerSetController("lws", cfg.lws_version, cluster.provider)
-    JetStreamServer(
-        "jetstream", cfg, plan,
-        provider=cluster.provider,
-        service_account_email=identity.service_account_email,
-        depends_on=[controller, *cluster.node_pools, identity],
-    )
+    nodes = NodeIdentity("nodes", NodeIdentityArgs(project=cfg.project, account_id=cfg.node_service_account_id, stack=cfg.stack))
+    cluster = GkeCluster("gke", _cluster_args(cfg, nodes.email), pulumi.ResourceOptions(depends_on=nodes.roles))
+    # The Workload Identity binding needs the pool, which exists once a cluster with Workload Identity does.
+    needs_pool = cfg.pods_use_workload_identity and cluster.cluster is not None
+    identity = ServingIdentity("identity", _identity_args(cfg, nodes.email), pulumi.ResourceOptions(depends_on=[cluster.cluster] if needs_pool else None))
+    lws_prerequisites: list[pulumi.Resource] = [*cluster.tpu_node_pools, identity]
+    if cfg.install_lws_controller:
+        lws_prerequisites.append(LeaderWorkerSetController("lws", LeaderWorkerSetControllerArgs(version=cfg.lws_version),
+                                                           pulumi.ResourceOptions(provider=cluster.provider)))
+    server_image = None
+    if cfg.builds_server_image:
+        image = BundledServerImage("server-image", _image_args(cfg))
+        server_image, lws_prerequisites = image.ref, [*lws_prerequisites, image]
+    server = JetStreamServer("jetstream", _server_args(cfg, plan, identity.service_account_email, server_image),
+                             pulumi.ResourceOptions(provider=cluster.provider, depends_on=lws_prerequisites))
     return {
         "clusterName": cluster.cluster_name,
         "clusterEndpoint": cluster.endpoint,
         "kubeconfig": cluster.kubeconfig,
-        "namespace": cfg.namespace,
-        "lwsName": cfg.app_name,
+        "namespace": server.namespace,
+        "lwsName": server.lws_name,
         "lwsVersion": cfg.lws_version,
         "headPod": manifests.head_pod(cfg),
-        "serviceName": cfg.service_name,
+        "serviceName": server.service_name,
         "serviceUrl": manifests.service_url(cfg),
         "portForwardCommand": manifests.port_forward_command(cfg),
         "curlExample": manifests.curl_example(),
-        "scratchBucket": identity.scratch_bucket.name,
+        "scratchBucket": identity.scratch_bucket_name,
         "serviceAccountEmail": identity.service_account_email,
         "plan": plan.summary(),
     }
 
+
+def _cluster_args(cfg: StackConfig, node_service_account: pulumi.Output[str]) -> GkeClusterArgs:
+    return GkeClusterArgs(
+        project=cfg.project,
+        location=cfg.cluster_location,
+        cluster_name=cfg.cluster_name,
+        create_cluster=not cfg.existing_cluster,
+        release_channel=cfg.release_channel,
+        deletion_protection=cfg.deletion_protection,
+        system_pool=system_node_pool(cfg),
+        tpu_pools=tpu_node_pools(cfg),
+        node_service_account=node_service_account,
+    )
+
+
+def _identity_args(cfg: StackConfig, node_service_account: pulumi.Output[str]) -> ServingIdentityArgs:
+    workload = cfg.pods_use_workload_identity
+    return ServingIdentityArgs(
+        project=cfg.project,
+        stack=cfg.stack,
+        scratch_bucket=cfg.scratch_bucket,
+        bucket_location=cfg.region.upper(),
+        checkpoint_bucket=cfg.checkpoint_bucket,
+        workload_account_id=cfg.workload_service_account_id if workload else None,
+        workload_identity_member=workload_identity_member(cfg) if workload else None,
+        node_service_account=None if workload else node_service_account,
+    )
+
+
+def workload_identity_member(cfg: StackConfig) -> str:
+    return f"serviceAccount:{cfg.project}.svc.id.goog[{cfg.namespace}/{cfg.kubernetes_service_account}]"
+
+
+def _image_args(cfg: StackConfig) -> BundledServerImageArgs:
+    return BundledServerImageArgs(
+        project=cfg.project,
+        location=cfg.region,
+        repository_id=cfg.artifact_repository_id,
+        image=cfg.bundled_image_repository,
+        tag=BUNDLED_IMAGE_TAG,
+        context=BUILD_CONTEXT,
+        dockerfile=DOCKERFILE,
+        build_args=TPU_BUILD_ARGS,
+        platform=TPU_HOST_PLATFORM,
+    )
+
+
+def _server_args(cfg: StackConfig, plan: Plan, pods_identity: pulumi.Output[str], server_image: pulumi.Output[str] | None) -> JetStreamServerArgs:
+    return JetStreamServerArgs(
+        namespace=manifests.namespace(cfg),
+        # The created GSA's email (an Output), so the KSA also waits for the GSA.
+        service_account=manifests.service_account(cfg, pods_identity),
+        leader_worker_set=manifests.leader_worker_set(cfg, plan, server_image),
+        service=manifests.service(cfg),
+        ready_timeout_seconds=manifests.ready_timeout_seconds(cfg) if cfg.wait_for_ready else None,
+    )

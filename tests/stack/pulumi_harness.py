@@ -2,13 +2,21 @@
 
 `run_stack(config, stack)` runs the real `__main__.py` under `pulumi.runtime.set_mocks` with the
 given stack config and returns a `Recording`: every registered resource with its type, name,
-parent URN, dependencies, provider reference and inputs, plus the exported stack outputs.
+parent URN, dependencies, provider reference, inputs and resource options that change how the
+engine updates it (replace_on_changes, delete_before_replace, custom timeouts), plus the exported
+stack outputs and the invokes.
+
+The mocks fill in what the cloud would compute: a cluster's endpoint, a service account's email,
+and a built image's digest, derived from the image's inputs (an unchanged build gives the same
+digest, as with a real build of an unchanged context).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
+import json
 import pathlib
 import runpy
 from typing import Any
@@ -35,6 +43,9 @@ class Registered:
     provider: str
     custom: bool
     inputs: dict[str, Any]
+    replace_on_changes: list[str] = dataclasses.field(default_factory=list)
+    delete_before_replace: bool = False
+    custom_timeouts: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def parent_type(self) -> str:
@@ -58,6 +69,8 @@ class RecordingMocks(pulumi.runtime.Mocks):
         if args.typ == "gcp:serviceaccount/account:Account":
             email = f"{args.inputs['accountId']}@{GCP_PROJECT}.iam.gserviceaccount.com"
             outputs |= {"email": email, "name": f"projects/{GCP_PROJECT}/serviceAccounts/{email}"}
+        if args.typ == IMAGE:
+            outputs["digest"] = image_digest(args.inputs)
         return [f"{args.name}-id", outputs]
 
     def call(self, args: pulumi.runtime.MockCallArgs):
@@ -65,7 +78,18 @@ class RecordingMocks(pulumi.runtime.Mocks):
         if args.token == "gcp:container/getCluster:getCluster":
             return {"name": args.args["name"], "location": args.args["location"], "endpoint": "198.51.100.7",
                     "masterAuths": [{"clusterCaCertificate": "RVhJU1RJTkc="}]}
+        if args.token == "gcp:organizations/getClientConfig:getClientConfig":
+            return {"accessToken": ACCESS_TOKEN, "project": GCP_PROJECT}
         return {}
+
+
+IMAGE = "docker-build:index:Image"
+ACCESS_TOKEN = "ya29.test-access-token"
+
+
+def image_digest(inputs: dict) -> str:
+    """What the mocked build of an image with these inputs pushes (a function of the inputs)."""
+    return "sha256:" + hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
 
 
 class RecordingMonitor(MockMonitor):
@@ -78,10 +102,13 @@ class RecordingMonitor(MockMonitor):
     def RegisterResource(self, request):
         response = super().RegisterResource(request)
         if request.type != "pulumi:pulumi:Stack":
+            timeouts = request.customTimeouts
             self.registered.append(Registered(
                 type=request.type, name=request.name, urn=response.urn, parent=request.parent,
                 dependencies=list(request.dependencies), provider=request.provider, custom=request.custom,
                 inputs=self.mocks.inputs[(request.type, request.name)],
+                replace_on_changes=list(request.replaceOnChanges), delete_before_replace=request.deleteBeforeReplace,
+                custom_timeouts={kind: getattr(timeouts, kind) for kind in ("create", "update", "delete") if getattr(timeouts, kind)},
             ))
         return response
 

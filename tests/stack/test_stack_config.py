@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import pulumi
 import pytest
 import yaml
 
 from components.core import config as stack_config
 from components.core.errors import ConfigError
+from components.core.planner import plan_deployment
 
 from pulumi_harness import EXAMPLE_STACKS, GCP_PROJECT, PROJECT, ROOT, qualified, run_stack
 from stack_helpers import config, example
@@ -30,6 +33,8 @@ def test_pulumi_yaml_declares_exactly_the_key_table():
 def test_contract_keys_exist_and_required_ones_have_no_default():
     for name in CONTRACT_KEYS:
         assert name in stack_config.KEYS_BY_NAME
+    for name in ("installLwsController", "waitForReady"):  # issue 8's contract: booleans
+        assert stack_config.KEYS_BY_NAME[name].type == "boolean"
     required = {key.name for key in stack_config.CONFIG_KEYS if key.default is None}
     assert required == {"model", "topology", "checkpointPath"}
 
@@ -38,7 +43,7 @@ def test_contract_keys_exist_and_required_ones_have_no_default():
 def test_example_stack_files_are_complete(stack):
     values = yaml.safe_load((ROOT / f"Pulumi.{stack}.yaml").read_text())["config"]
     assert "gcp:project" in values
-    for name in ("model", "topology", "mode", "quantization", "checkpointPath"):
+    for name in CONTRACT_KEYS:
         assert f"{PROJECT}:{name}" in values
     cfg, plan = example(stack)
     assert cfg.stack == stack and plan.chips_per_slice == cfg.tpu_slice.chips
@@ -56,11 +61,61 @@ def test_preset_defaults_apply_unless_overridden():
     assert config(model="llama3.1-405b", topology="4x4", perDeviceBatchSize="4").per_device_batch_size == 4
 
 
-def test_derived_names_are_valid():
-    cfg = config(stack="Prod_EU.1")
-    assert cfg.google_service_account_id == "jetstream-prod-eu-1"
-    assert cfg.scratch_bucket == "test-project-prod-eu-1-pathways-scratch"
+def test_derived_names_are_the_stack_name_where_it_is_a_valid_one():
+    cfg = config(stack="prod-eu")
+    assert (cfg.cluster_name, cfg.namespace, cfg.deployment_id) == ("jetstream-prod-eu",) * 3
+    assert (cfg.workload_service_account_id, cfg.node_service_account_id) == ("js-pods-prod-eu", "js-nodes-prod-eu")
+    assert cfg.scratch_bucket == "test-project-scratch-prod-eu" and cfg.artifact_repository_id == "jetstream-prod-eu"
     assert cfg.cluster_location == "us-east5" and cfg.checkpoint_bucket == "test-checkpoints"
+    assert cfg.bundled_image_repository == "us-east5-docker.pkg.dev/test-project/jetstream-prod-eu/jetstream-jax"
+
+
+NAME_RULES = {  # name -> (pattern, min length, max length): GKE, IAM, Cloud Storage and DNS rules
+    "cluster_name": (r"[a-z]([-a-z0-9]*[a-z0-9])?", 1, 40),
+    "namespace": (r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", 1, 63),
+    "deployment_id": (r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", 1, 63),
+    "workload_service_account_id": (r"[a-z]([-a-z0-9]*[a-z0-9])", 6, 30),
+    "node_service_account_id": (r"[a-z]([-a-z0-9]*[a-z0-9])", 6, 30),
+    "scratch_bucket": (r"[a-z0-9][-a-z0-9_]*[a-z0-9]", 3, 63),
+    "artifact_repository_id": (r"[a-z]([-a-z0-9]*[a-z0-9])?", 1, 63),
+}
+STACK_NAMES = ("dev", "Prod_EU.1", "prod-eu-1", "a" * 100, "a" * 99 + "b", "team.with.dots-and-a-very-long-name-for-production-us-east5")
+
+
+@pytest.mark.parametrize("stack", STACK_NAMES)
+def test_derived_names_follow_the_cloud_naming_rules(stack):
+    cfg = config(stack=stack)
+    for name, (pattern, shortest, longest) in NAME_RULES.items():
+        value = getattr(cfg, name)
+        assert re.fullmatch(pattern, value) and shortest <= len(value) <= longest, (name, value)
+    for pool in plan_deployment(cfg).node_pools:  # GKE node pool names: 1-40 characters
+        assert re.fullmatch(NAME_RULES["cluster_name"][0], pool) and len(pool) <= 40, pool
+
+
+def test_stacks_never_share_a_derived_name():
+    """Truncation and character replacement keep names apart: a hash of the stack name ends them."""
+    configs = [config(stack=stack) for stack in STACK_NAMES]
+    for name in NAME_RULES:
+        values = [getattr(cfg, name) for cfg in configs]
+        assert len(set(values)) == len(values), (name, values)
+
+
+def test_explicit_names_win_over_derived_ones():
+    cfg = config(stack="dev", clusterName="shared", namespace="serving", scratchBucketName="my-scratch")
+    assert (cfg.cluster_name, cfg.namespace, cfg.scratch_bucket) == ("shared", "serving", "my-scratch")
+
+
+def test_install_lws_controller_defaults_to_true_and_is_refused_on_an_existing_cluster():
+    assert config().install_lws_controller is True
+    assert config(installLwsController="false").install_lws_controller is False
+    assert config(existingClusterName="shared", installLwsController="false").install_lws_controller is False
+    with pytest.raises(ConfigError) as refused:
+        config(existingClusterName="shared")
+    assert refused.value.keys == ("installLwsController", "existingClusterName") and "every LeaderWorkerSet" in str(refused.value)
+
+
+def test_wait_for_ready_defaults_to_false():
+    assert config().wait_for_ready is False and config(waitForReady="true").wait_for_ready is True
 
 
 BUNDLED = {"serverRuntime": "bundled", "bundledServerImage": "registry.example/jetstream-jax:0.1.0", "checkpointPath": "gs://test-checkpoints/m/model.gguf"}
@@ -76,12 +131,15 @@ REFUSALS = {
     "missing checkpoint": ({"checkpointPath": None}, "checkpointPath", "is required"),
     "bad mode": ({"mode": "pipelined"}, "mode", "not one of interleaved, disaggregated"),
     "bad quantization": ({"quantization": "fp8"}, "quantization", "not one of int8, bf16"),
-    "unknown key": ({"tensorParalelism": "4"}, "tensorParalelism", "did you mean 'tensorParallelism'"),
     "not an integer": ({"perDeviceBatchSize": "lots"}, "perDeviceBatchSize", "expected an integer"),
     "8t machine for 4x4": ({"topology": "4x4", "tpuMachineType": "ct6e-standard-8t"}, "tpuMachineType", "cannot host a 4x4 slice"),
     "reservation without name": ({"tpuProvisioning": "reservation"}, "tpuReservation", "needs a reservation name"),
     "latest image": ({"jetstreamImage": "us-docker.pkg.dev/x/jetstream:latest"}, "jetstreamImage", "not pinned"),
-    "bundled without image": ({"serverRuntime": "bundled"}, "bundledServerImage", "needs the image"),
+    "shared cluster's LWS controller": ({"existingClusterName": "shared"}, "installLwsController", "every LeaderWorkerSet of the cluster"),
+    "not a boolean": ({"waitForReady": "sometimes"}, "waitForReady", "expected true or false"),
+    "bundled image latest": ({**{"serverRuntime": "bundled", "checkpointPath": "gs://test-checkpoints/m/model.gguf"},
+                              "bundledServerImage": "registry.example/jetstream-jax:latest"}, "bundledServerImage", "not pinned"),
+    "dtype in serverFlags": ({"serverFlags": '{"dtype": "float32"}'}, "quantization", "cannot be overridden"),
     "planned flag in serverFlags": ({"serverFlags": '{"per_device_batch_size": 64}'}, "perDeviceBatchSize", "cannot be overridden"),
     "serverFlags not JSON": ({"serverFlags": "{per_device: 1"}, "serverFlags", "not valid JSON"),
     "bad namespace": ({"namespace": "Serving_NS"}, "namespace", "DNS-1123"),
@@ -130,6 +188,14 @@ def test_refusals_come_from_the_pure_config_and_planner(case):
     with pytest.raises(ConfigError) as refused:
         plan_deployment(stack_config.parse_stack_config(_refused_raw(change), project=GCP_PROJECT, stack="test"))
     assert key in refused.value.keys and fragment in str(refused.value)
+
+
+def test_an_unknown_key_is_refused_with_a_suggestion():
+    """The offline render reads whole stack files; `pulumi` itself refuses keys Pulumi.yaml does
+    not declare, before the program runs (the program reads declared keys through pulumi.Config)."""
+    with pytest.raises(ConfigError) as refused:
+        stack_config.parse_stack_config(_refused_raw({"tensorParalelism": "4"}), project=GCP_PROJECT, stack="test")
+    assert refused.value.keys == ("tensorParalelism",) and "did you mean 'tensorParallelism'" in str(refused.value)
 
 
 def test_missing_gcp_project_is_refused():

@@ -35,6 +35,9 @@ INTENTIONAL_DIFFERENCES = (
     "imagePullPolicy: Always -> IfNotPresent, since every image is pinned",
     "--gcs_scratch_location: Google's shared staging bucket -> the stack's own scratch bucket",
     "disaggregated: the worker template carries the TPU toleration the leader has",
+    "nodeSelector: pods also select the stack's own TPU pools (label jetstream-tpu/deployment)",
+    "Service: annotated pulumi.com/skipAwait, so pulumi up never waits for the leader's endpoints",
+    "disaggregated: subGroupPolicyType LeaderExcluded, the Pathways leader holds no TPU (issue 8.8)",
 )
 
 
@@ -56,10 +59,12 @@ def apply_intentional_differences(reference: list[dict], cfg) -> list[dict]:
     lws, svc = copy.deepcopy(reference)
     for document in (lws, svc):
         document["metadata"]["namespace"] = cfg.namespace
+    svc["metadata"]["annotations"] = {"pulumi.com/skipAwait": "true"}
     template = lws["spec"]["leaderWorkerTemplate"]
     pods = (template["leaderTemplate"]["spec"], template["workerTemplate"]["spec"])
     for pod in pods:
         pod["serviceAccountName"] = cfg.kubernetes_service_account
+        pod["nodeSelector"]["jetstream-tpu/deployment"] = cfg.deployment_id
         for container in _containers(pod):
             container["image"] = SEED_LATEST.get(container["image"], container["image"])
             container["imagePullPolicy"] = "IfNotPresent"
@@ -68,6 +73,7 @@ def apply_intentional_differences(reference: list[dict], cfg) -> list[dict]:
                 del container["args"]
     if cfg.mode == "disaggregated":
         pods[1]["tolerations"] = pods[0]["tolerations"]
+        template["subGroupPolicy"] = {"subGroupPolicyType": "LeaderExcluded", **template["subGroupPolicy"]}
     return [lws, svc]
 
 
@@ -148,8 +154,9 @@ def test_namespace_and_service_account_validate_with_kubernetes_validate(variant
         assert namespace == {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": cfg.namespace}}
         kubernetes_validate.validate(namespace, K8S_VERSION, strict=True)
     kubernetes_validate.validate(account, K8S_VERSION, strict=True)
-    assert account["metadata"] == {"name": cfg.kubernetes_service_account, "namespace": cfg.namespace,
-                                   "annotations": {"iam.gke.io/gcp-service-account": f"{cfg.google_service_account_id}@{cfg.project}.iam.gserviceaccount.com"}}
+    binding = {"annotations": {"iam.gke.io/gcp-service-account": f"{cfg.workload_service_account_id}@{cfg.project}.iam.gserviceaccount.com"}}
+    # Workload Identity for the bundled server; Pathways pods act as the node account instead.
+    assert account["metadata"] == {"name": cfg.kubernetes_service_account, "namespace": cfg.namespace, **(binding if cfg.bundled else {})}
     # Every pod runs as that account, in that namespace.
     lws = manifests.leader_worker_set(cfg, plan)
     template = lws["spec"]["leaderWorkerTemplate"]
@@ -258,7 +265,7 @@ def test_disaggregated_mode_works_for_any_preset():
     cfg, plan = _with_plan(config(model="llama3.1-8b", topology="2x4", mode="disaggregated"))
     lws = manifests.leader_worker_set(cfg, plan)
     assert "inference_server=ExperimentalMaxtextDisaggregatedServer_8" in _jax_tpu(cfg, plan)["args"]
-    assert lws["spec"]["leaderWorkerTemplate"]["subGroupPolicy"] == {"subGroupSize": 2}
+    assert lws["spec"]["leaderWorkerTemplate"]["subGroupPolicy"] == {"subGroupPolicyType": "LeaderExcluded", "subGroupSize": 2}
     assert lws["spec"]["leaderWorkerTemplate"]["size"] == 5
 
 
@@ -293,14 +300,15 @@ def test_bundled_leader_and_workers_each_run_the_server_on_their_hosts_chips(sta
         assert server["resources"] == {"limits": {"google.com/tpu": str(cfg.tpu_slice.chips_per_host)}}
         assert server["env"] == [{"name": "JAX_COORDINATOR_PORT", "value": "8476"}]
         assert {8476, 8477} <= {port["containerPort"] for port in server["ports"]}
-        assert spec["nodeSelector"] == {"cloud.google.com/gke-tpu-accelerator": "tpu-v6e-slice", "cloud.google.com/gke-tpu-topology": cfg.tpu_slice.topology}
+        assert spec["nodeSelector"] == {"cloud.google.com/gke-tpu-accelerator": "tpu-v6e-slice", "cloud.google.com/gke-tpu-topology": cfg.tpu_slice.topology,
+                                        "jetstream-tpu/deployment": f"jetstream-{stack}"}
         assert spec["tolerations"] == [{"key": "google.com/tpu", "operator": "Exists", "effect": "NoSchedule"}]
         images = {container["image"] for container in (*spec["containers"], *spec["initContainers"])}
         assert not images & PATHWAYS_IMAGES
         assert not any("pathways" in container["name"] for container in spec["containers"])
         flags = _args(server)
         assert flags["enable_single_controller"] == "false"
-        assert flags["ici_tensor_parallelism"] == str(cfg.tensor_parallelism)
+        assert flags["ici_tensor_parallelism"] == str(plan.axis_flags["tensor"])
         assert not any(arg.startswith("--gcs_scratch_location") for arg in server["args"])
     # Same command line everywhere (multi-controller JAX); only the leader binds the front ends.
     assert leader["spec"]["containers"][0]["args"] == worker["spec"]["containers"][0]["args"]
@@ -368,3 +376,58 @@ def test_jetstream_runtime_keeps_pathways_and_its_sizes():
 def test_every_default_image_is_pinned():
     for image in DEFAULT_IMAGES.values():
         assert ":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest")
+
+
+def test_bundled_server_gets_every_memory_flag_explicitly():
+    """8.11: the planner sizes memory with these values; the server's defaults must not decide them."""
+    memory_flags = {"weight_dtype", "dtype", "quantization", "quantize_kvcache", "checkpoint_is_quantized"}
+    for raw, expected in (
+        ({"quantization": "int8", "quantizeKvCache": "true", "checkpointPath": "gs://test-checkpoints/m/model.npz"},
+         {"quantization": "int8", "quantize_kvcache": "true", "checkpoint_is_quantized": "true"}),
+        ({"quantization": "bf16", "quantizeKvCache": "false", "checkpointPath": "gs://test-checkpoints/m/model.npz"},
+         {"quantization": "", "quantize_kvcache": "false", "checkpoint_is_quantized": "false"}),
+    ):
+        cfg, plan = _with_plan(config(serverRuntime="bundled", bundledServerImage=BUNDLED_IMAGE, **raw))
+        flags = _args(_templates(cfg, plan)[1]["spec"]["containers"][0])
+        assert memory_flags <= set(flags)
+        assert {key: flags[key] for key in memory_flags} == {"weight_dtype": "bfloat16", "dtype": "bfloat16", **expected}
+
+
+# ---------------------------------------------------------------------------------------------
+# Updates the LWS v0.10.0 webhook refuses (issue 8.4).
+
+# Every field kubernetes-sigs/lws v0.10.0 refuses to change on update (pkg/webhooks/
+# leaderworkerset_webhook.go, LeaderWorkerSetWebhook.ValidateUpdate), with the webhook's message.
+WEBHOOK_IMMUTABLE_ON_UPDATE = {
+    "spec.leaderWorkerTemplate.subGroupPolicy": "cannot enable subGroupSize after the lws is already created / cannot remove subGroupSize after enabled",
+    "spec.leaderWorkerTemplate.subGroupPolicy.subGroupSize": "field is immutable",
+    "spec.networkConfig.subdomainPolicy": "cannot set subdomainPolicy as null",
+}
+
+
+def _covers(replace_path: str, path: str) -> bool:
+    """Pulumi's replaceOnChanges semantics: a listed property path covers itself and everything under it."""
+    return path == replace_path or path.startswith(replace_path + ".")
+
+
+def test_every_field_the_update_webhook_treats_as_immutable_replaces_the_lws():
+    for path in WEBHOOK_IMMUTABLE_ON_UPDATE:
+        assert any(_covers(replace, path) for replace in lws_model.REPLACE_ON_CHANGES), path
+    # Nothing else: every other field updates in place (a rolling update of the groups).
+    assert all(any(_covers(replace, path) for path in WEBHOOK_IMMUTABLE_ON_UPDATE) for replace in lws_model.REPLACE_ON_CHANGES)
+
+
+def _changed_paths(old, new, prefix: str = "") -> set[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return {path for key in old.keys() | new.keys() for path in _changed_paths(old.get(key), new.get(key), f"{prefix}.{key}".lstrip("."))}
+    return set() if old == new else {prefix}
+
+
+@pytest.mark.parametrize("change", ["mode", "topology"])
+def test_mode_and_disaggregated_topology_changes_hit_an_immutable_field_and_replace(change):
+    before = {"model": "llama2-70b", "topology": "2x4", "mode": "disaggregated"}
+    after = {**before, **({"mode": "interleaved"} if change == "mode" else {"topology": "4x4"})}
+    old, new = (manifests.leader_worker_set(*_with_plan(config(**raw))) for raw in (before, after))
+    immutable = {path for path in _changed_paths(old, new) if any(_covers(field, path) or _covers(path, field) for field in WEBHOOK_IMMUTABLE_ON_UPDATE)}
+    assert immutable, "the change must touch subGroupPolicy, or this test proves nothing"
+    assert all(any(_covers(replace, path) for replace in lws_model.REPLACE_ON_CHANGES) for path in immutable)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from pulumi.runtime import rpc
 
 from components.core import manifests, tpu
 from components.resources.lws_controller import release_manifest_url
 
-from pulumi_harness import EXAMPLE_STACKS, GCP_PROJECT, qualified, run_stack, stack_file_config
+from pulumi_harness import ACCESS_TOKEN, EXAMPLE_STACKS, GCP_PROJECT, image_digest, qualified, run_stack, stack_file_config
 from stack_helpers import bundled_example, bundled_raw, example
 
 NODE_POOL = "gcp:container/nodePool:NodePool"
@@ -17,27 +18,43 @@ LWS = "kubernetes:leaderworkerset.x-k8s.io/v1:LeaderWorkerSet"
 SERVICE = "kubernetes:core/v1:Service"
 CONFIG_FILE = "kubernetes:yaml/v2:ConfigFile"
 K8S_PROVIDER = "pulumi:providers:kubernetes"
+ACCOUNT = "gcp:serviceaccount/account:Account"
+PROJECT_MEMBER = "gcp:projects/iAMMember:IAMMember"
+ACCOUNT_MEMBER = "gcp:serviceaccount/iAMMember:IAMMember"
+BUCKET_MEMBER = "gcp:storage/bucketIAMMember:BucketIAMMember"
 
 EXPECTED_PARENTS = {
     CLUSTER: "jetstream:gke:GkeCluster",
     NODE_POOL: "jetstream:gke:GkeCluster",
     K8S_PROVIDER: "jetstream:gke:GkeCluster",
     "gcp:storage/bucket:Bucket": "jetstream:iam:ServingIdentity",
-    "gcp:serviceaccount/account:Account": "jetstream:iam:ServingIdentity",
-    "gcp:storage/bucketIAMMember:BucketIAMMember": "jetstream:iam:ServingIdentity",
-    "gcp:serviceaccount/iAMMember:IAMMember": "jetstream:iam:ServingIdentity",
+    ACCOUNT: ("jetstream:iam:ServingIdentity", "jetstream:iam:NodeIdentity"),
+    PROJECT_MEMBER: "jetstream:iam:NodeIdentity",
+    BUCKET_MEMBER: "jetstream:iam:ServingIdentity",
+    ACCOUNT_MEMBER: "jetstream:iam:ServingIdentity",
     CONFIG_FILE: "jetstream:lws:LeaderWorkerSetController",
     "kubernetes:core/v1:Namespace": "jetstream:serving:JetStreamServer",
     "kubernetes:core/v1:ServiceAccount": "jetstream:serving:JetStreamServer",
     LWS: "jetstream:serving:JetStreamServer",
     SERVICE: "jetstream:serving:JetStreamServer",
 }
-COMPONENTS = ("jetstream:gke:GkeCluster", "jetstream:iam:ServingIdentity", "jetstream:lws:LeaderWorkerSetController", "jetstream:serving:JetStreamServer")
+COMPONENTS = ("jetstream:iam:NodeIdentity", "jetstream:gke:GkeCluster", "jetstream:iam:ServingIdentity",
+              "jetstream:lws:LeaderWorkerSetController", "jetstream:serving:JetStreamServer")
+MINIMAL = {"model": "llama3.1-8b", "topology": "2x2", "checkpointPath": "gs://test-checkpoints/m/0/items"}
 
 
 @pytest.fixture(scope="module")
 def recordings():
     return {stack: run_stack(stack_file_config(stack), stack) for stack in EXAMPLE_STACKS}
+
+
+def _run(stack: str = "test", **raw: str):
+    return run_stack({"gcp:project": GCP_PROJECT, **qualified({**MINIMAL, **raw})}, stack)
+
+
+def _run_bundled(stack: str = "llama3-8b-v6e8", **overrides: str):
+    raw, _ = bundled_raw(stack)
+    return run_stack({"gcp:project": "my-gcp-project", **qualified({**raw, **overrides})}, stack)
 
 
 @pytest.mark.parametrize("stack", EXAMPLE_STACKS)
@@ -47,7 +64,7 @@ def test_every_resource_has_its_component_parent(recordings, stack):
         assert recording.one(component).parent_type == "pulumi:pulumi:Stack"
     for resource in recording.resources:
         if resource.type not in COMPONENTS:
-            assert resource.parent_type == EXPECTED_PARENTS[resource.type], resource.name
+            assert resource.parent_type in EXPECTED_PARENTS[resource.type], resource.name
 
 
 @pytest.mark.parametrize("stack", EXAMPLE_STACKS)
@@ -61,6 +78,7 @@ def test_example_stack_resources(recordings, stack):
     for name in plan.node_pools:
         assert pools[name]["nodeCount"] == cfg.tpu_slice.hosts
         assert pools[name]["nodeConfig"]["machineType"] == cfg.tpu_slice.machine_type
+        assert pools[name]["nodeConfig"]["labels"]["jetstream-tpu/deployment"] == f"jetstream-{stack}"
 
 
 @pytest.mark.parametrize("stack", EXAMPLE_STACKS)
@@ -72,8 +90,8 @@ def test_lws_resource_is_the_rendered_manifest(recordings, stack):
     assert lws["spec"] == expected["spec"]
     assert lws["metadata"] == expected["metadata"]
     service = recordings[stack].one(SERVICE).inputs
-    assert service["spec"] == {**manifests.service(cfg)["spec"]}
-    assert service["metadata"]["name"] == cfg.service_name
+    assert service["spec"] == manifests.service(cfg)["spec"]
+    assert service["metadata"] == manifests.service(cfg)["metadata"]
 
 
 @pytest.mark.parametrize("stack", EXAMPLE_STACKS)
@@ -84,13 +102,11 @@ def test_namespace_and_service_account_are_the_rendered_manifests(recordings, st
     (namespace,) = recording.of_type("kubernetes:core/v1:Namespace")
     assert namespace.inputs["metadata"] == manifests.namespace(cfg)["metadata"]
     ksa = recording.one("kubernetes:core/v1:ServiceAccount").inputs
-    email = recording.one("gcp:serviceaccount/account:Account").inputs["accountId"] + f"@{GCP_PROJECT}.iam.gserviceaccount.com"  # the mock's email
-    assert ksa["metadata"] == manifests.service_account(cfg, email)["metadata"]
+    assert ksa["metadata"] == manifests.service_account(cfg)["metadata"]
 
 
 def test_bundled_stack_deploys_the_bundled_layout():
-    raw, _ = bundled_raw("llama3-405b-v6e16")
-    recording = run_stack({"gcp:project": "my-gcp-project", **qualified(raw)}, "llama3-405b-v6e16")
+    recording = _run_bundled("llama3-405b-v6e16")
     cfg, plan = bundled_example("llama3-405b-v6e16")
     lws = recording.one(LWS).inputs
     assert lws["spec"] == manifests.leader_worker_set(cfg, plan)["spec"]
@@ -100,19 +116,22 @@ def test_bundled_stack_deploys_the_bundled_layout():
 
 def test_disaggregated_stack_has_prefill_and_generate_pools(recordings):
     pools = [pool.inputs for pool in recordings["llama2-70b-disagg"].of_type(NODE_POOL) if pool.inputs["name"] != "system"]
-    assert sorted(pool["name"] for pool in pools) == ["v6e-8-generate", "v6e-8-prefill"]
+    assert sorted(pool["name"] for pool in pools) == ["v6e-8-generate-llama2-70b-disagg", "v6e-8-prefill-llama2-70b-disagg"]
     for pool in pools:
         assert pool["nodeCount"] == 2 and pool["placementPolicy"] == {"type": "COMPACT", "tpuTopology": "2x4"}
+
+
+def _dependency_types(recording, resource) -> set[str]:
+    return {recording.by_urn(urn).type for urn in resource.dependencies}
 
 
 def test_lws_waits_for_controller_node_pools_and_identity(recordings):
     recording = recordings["llama3-405b-v6e16"]
     # Pulumi expands a component in depends_on into its children.
-    dependencies = {recording.by_urn(urn).type for urn in recording.one(LWS).dependencies}
-    assert {CONFIG_FILE, NODE_POOL, "gcp:serviceaccount/iAMMember:IAMMember", "gcp:storage/bucketIAMMember:BucketIAMMember",
-            "kubernetes:core/v1:ServiceAccount", "kubernetes:core/v1:Namespace"} <= dependencies
+    assert {CONFIG_FILE, NODE_POOL, BUCKET_MEMBER, "kubernetes:core/v1:ServiceAccount", "kubernetes:core/v1:Namespace"} <= _dependency_types(
+        recording, recording.one(LWS))
     pools = {recording.by_urn(urn).inputs["name"] for urn in recording.one(LWS).dependencies if recording.by_urn(urn).type == NODE_POOL}
-    assert "v6e-16-serving" in pools
+    assert pools == {"v6e-16-serving-llama3-405b-v6e16"}
 
 
 @pytest.mark.parametrize("stack", EXAMPLE_STACKS)
@@ -132,6 +151,7 @@ def test_lws_controller_installs_the_pinned_release(recordings):
 
 def test_new_cluster_settings(recordings):
     cluster = recordings["llama3-405b-v6e16"].one(CLUSTER).inputs
+    assert cluster["name"] == "jetstream-llama3-405b-v6e16"
     assert cluster["removeDefaultNodePool"] is True and cluster["deletionProtection"] is True
     assert cluster["workloadIdentityConfig"] == {"workloadPool": "my-gcp-project.svc.id.goog"}
     assert cluster["releaseChannel"] == {"channel": "UNSPECIFIED"}
@@ -140,28 +160,15 @@ def test_new_cluster_settings(recordings):
     assert small["deletionProtection"] is False
 
 
-def test_identity_is_least_privilege(recordings):
-    recording = recordings["llama3-405b-v6e16"]
-    cfg, _ = example("llama3-405b-v6e16")
-    grants = {(member.inputs["bucket"], member.inputs["role"]) for member in recording.of_type("gcp:storage/bucketIAMMember:BucketIAMMember")}
-    assert grants == {(cfg.scratch_bucket, "roles/storage.objectUser"), ("my-gcp-project-checkpoints", "roles/storage.objectViewer")}
-    binding = recording.one("gcp:serviceaccount/iAMMember:IAMMember").inputs
-    assert binding["role"] == "roles/iam.workloadIdentityUser"
-    assert binding["member"] == "serviceAccount:my-gcp-project.svc.id.goog[jetstream/jetstream-pathways]"
-    bucket = recording.one("gcp:storage/bucket:Bucket").inputs
-    assert bucket["name"] == cfg.scratch_bucket and bucket["publicAccessPrevention"] == "enforced"
-    ksa = recording.one("kubernetes:core/v1:ServiceAccount").inputs
-    assert ksa["metadata"]["annotations"]["iam.gke.io/gcp-service-account"].startswith(cfg.google_service_account_id + "@")
-
-
 def test_outputs(recordings):
     recording = recordings["llama3-405b-v6e16"]
     outputs = recording.outputs
     assert outputs["headPod"] == "jetstream-pathways-0" and outputs["lwsName"] == "jetstream-pathways"
-    assert outputs["serviceUrl"] == "http://jetstream-svc.jetstream.svc.cluster.local:8000"
-    assert outputs["portForwardCommand"] == "kubectl -n jetstream port-forward pod/jetstream-pathways-0 8000:8000"
+    assert outputs["namespace"] == "jetstream-llama3-405b-v6e16" and outputs["serviceName"] == "jetstream-svc"
+    assert outputs["serviceUrl"] == "http://jetstream-svc.jetstream-llama3-405b-v6e16.svc.cluster.local:8000"
+    assert outputs["portForwardCommand"] == "kubectl -n jetstream-llama3-405b-v6e16 port-forward pod/jetstream-pathways-0 8000:8000"
     assert "localhost:8000/generate" in outputs["curlExample"]
-    assert outputs["clusterName"] == "jetstream-tpu" and outputs["clusterEndpoint"] == "203.0.113.10"
+    assert outputs["clusterName"] == "jetstream-llama3-405b-v6e16" and outputs["clusterEndpoint"] == "203.0.113.10"
     assert outputs["plan"]["hbmGiBPerChip"]["needed"] < outputs["plan"]["hbmGiBPerChip"]["usable"]
     assert "kubeconfig" in recording.secret_outputs and "headPod" not in recording.secret_outputs
     kubeconfig = yaml.safe_load(outputs["kubeconfig"])
@@ -170,8 +177,7 @@ def test_outputs(recordings):
 
 
 def _tpu_pools(raw: dict[str, str]) -> list[dict]:
-    config = {"gcp:project": GCP_PROJECT, **qualified({"model": "llama2-7b", "checkpointPath": "gs://test-checkpoints/m/0/items", **raw})}
-    recording = run_stack(config)
+    recording = _run(**{"model": "llama2-7b", **raw})
     return [pool.inputs for pool in recording.of_type(NODE_POOL) if pool.inputs["name"] != "system"]
 
 
@@ -205,18 +211,174 @@ def test_release_channel_forces_auto_upgrade_on_multi_host_pools():
 
 
 def test_existing_cluster_is_looked_up_not_created():
-    config = {"gcp:project": GCP_PROJECT, **qualified({"model": "llama3.1-8b", "topology": "2x2", "checkpointPath": "gs://test-checkpoints/m/0/items",
-                                                        "existingClusterName": "shared-tpu", "clusterLocation": "us-east5"})}
-    recording = run_stack(config)
+    recording = _run(existingClusterName="shared-tpu", clusterLocation="us-east5", installLwsController="false")
     assert recording.of_type(CLUSTER) == []
-    assert [pool.inputs["name"] for pool in recording.of_type(NODE_POOL)] == ["v6e-4-serving"]
+    assert [pool.inputs["name"] for pool in recording.of_type(NODE_POOL)] == ["v6e-4-serving-test"]
     assert recording.of_type(NODE_POOL)[0].inputs["cluster"] == "shared-tpu"
     assert ("gcp:container/getCluster:getCluster", {"name": "shared-tpu", "location": "us-east5", "project": GCP_PROJECT}) in recording.calls
     assert recording.outputs["clusterEndpoint"] == "198.51.100.7"
 
 
 def test_default_namespace_is_not_created():
-    config = {"gcp:project": GCP_PROJECT, **qualified({"model": "llama3.1-8b", "topology": "2x2", "checkpointPath": "gs://test-checkpoints/m/0/items", "namespace": "default"})}
-    recording = run_stack(config)
+    recording = _run(namespace="default")
     assert recording.of_type("kubernetes:core/v1:Namespace") == []
     assert recording.one(LWS).inputs["metadata"]["namespace"] == "default"
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 8: the first and every later `pulumi up` on a real project.
+
+
+def test_workload_identity_binding_waits_for_the_cluster_that_creates_the_pool():
+    """8.1: the pool PROJECT.svc.id.goog exists once the first Workload Identity cluster does."""
+    recording = _run_bundled()
+    binding = recording.one(ACCOUNT_MEMBER)
+    assert binding.inputs["member"] == "serviceAccount:my-gcp-project.svc.id.goog[llama3-8b/jetstream-pathways]"
+    assert recording.one(CLUSTER).urn in binding.dependencies
+    # On an existing cluster the pool exists already: nothing to wait for, and no cluster to wait on.
+    existing = _run_bundled(existingClusterName="shared-tpu", clusterLocation="us-east5", installLwsController="false")
+    assert existing.of_type(CLUSTER) == [] and existing.one(ACCOUNT_MEMBER).inputs["role"] == "roles/iam.workloadIdentityUser"
+
+
+GLOBAL_NAMES = {  # resource type -> the input that must be unique per project (or globally)
+    CLUSTER: "name",
+    ACCOUNT: "accountId",
+    "gcp:storage/bucket:Bucket": "name",
+    "gcp:artifactregistry/repository:Repository": "repositoryId",
+    "kubernetes:core/v1:Namespace": "metadata",
+}
+
+
+def _project_wide_names(recording) -> set[tuple[str, str]]:
+    names = set()
+    for type_, field in GLOBAL_NAMES.items():
+        for resource in recording.of_type(type_):
+            value = resource.inputs[field]
+            names.add((type_, value["name"] if isinstance(value, dict) else value))
+    # Two stacks on one cluster: node pool names must differ too.
+    names |= {(NODE_POOL, pool.inputs["name"]) for pool in recording.of_type(NODE_POOL) if pool.inputs["name"] != "system"}
+    return names
+
+
+def test_two_stacks_in_one_project_share_no_name():
+    """8.2: every name that must be unique in a project (or a cluster) is derived from the stack."""
+    raw, _ = bundled_raw("llama3-8b-v6e8")
+    raw = {key: value for key, value in raw.items() if key != "namespace"} | {"bundledServerImage": ""}
+    first = run_stack({"gcp:project": GCP_PROJECT, **qualified(raw)}, "team-a")
+    second = run_stack({"gcp:project": GCP_PROJECT, **qualified(raw)}, "team-b")
+    first_names, second_names = _project_wide_names(first), _project_wide_names(second)
+    assert {type_ for type_, _ in first_names} == {*GLOBAL_NAMES, NODE_POOL}
+    assert first_names.isdisjoint(second_names)
+
+
+def test_lws_controller_is_installed_only_where_the_stack_owns_the_cluster():
+    """8.3: installLwsController (default true) installs the cluster-wide release; false does not,
+    and the LeaderWorkerSet then waits for the node pools and the identity only."""
+    assert len(_run().of_type(CONFIG_FILE)) == 1
+    without = _run(installLwsController="false")
+    assert without.of_type(CONFIG_FILE) == [] and without.of_type("jetstream:lws:LeaderWorkerSetController") == []
+    assert NODE_POOL in _dependency_types(without, without.one(LWS))
+
+
+def test_lws_is_replaced_not_patched_where_the_webhook_refuses_updates(recordings):
+    """8.4: changes under the immutable paths replace the LWS, deleting the old one first."""
+    for recording in recordings.values():
+        lws = recording.one(LWS)
+        assert set(lws.replace_on_changes) == {"spec.leaderWorkerTemplate.subGroupPolicy", "spec.networkConfig"}
+        assert lws.delete_before_replace is True
+
+
+def test_service_never_waits_for_endpoints_and_the_lws_waits_only_when_asked():
+    """8.5: the Service skips pulumi-kubernetes' 10-minute endpoint wait; waitForReady=true waits for
+    the LeaderWorkerSet's Available condition, with a timeout derived from the startup delay."""
+    default = _run()
+    assert default.one(SERVICE).inputs["metadata"]["annotations"] == {"pulumi.com/skipAwait": "true"}
+    assert "pulumi.com/waitFor" not in default.one(LWS).inputs["metadata"]["annotations"] and default.one(LWS).custom_timeouts == {}
+    waiting = _run(waitForReady="true", startupProbeDelaySeconds="600")
+    lws = waiting.one(LWS)
+    assert lws.inputs["metadata"]["annotations"]["pulumi.com/waitFor"] == "condition=Available"
+    # 30 minutes for nodes, pulls and reconcile, then twice the 600 s restore estimate.
+    assert lws.custom_timeouts == {"create": "3000s", "update": "3000s"}
+    assert waiting.one(SERVICE).inputs["metadata"]["annotations"] == {"pulumi.com/skipAwait": "true"}
+
+
+def test_every_node_pool_runs_as_the_least_privilege_node_account(recordings):
+    """8.6: no pool (nor the cluster's initial node) runs as the Compute Engine default account."""
+    recording = recordings["llama2-70b-disagg"]
+    accounts = {account.inputs["accountId"]: account for account in recording.of_type(ACCOUNT)}
+    email = f"js-nodes-llama2-70b-disagg@{GCP_PROJECT}.iam.gserviceaccount.com"
+    assert "js-nodes-llama2-70b-disagg" in accounts
+    roles = {member.inputs["role"]: member.inputs for member in recording.of_type(PROJECT_MEMBER)}
+    assert set(roles) == {"roles/logging.logWriter", "roles/monitoring.metricWriter", "roles/monitoring.viewer",
+                          "roles/stackdriver.resourceMetadata.writer", "roles/artifactregistry.reader"}
+    assert {(member["project"], member["member"]) for member in roles.values()} == {("my-gcp-project", f"serviceAccount:{email}")}
+    for pool in recording.of_type(NODE_POOL):
+        assert pool.inputs["nodeConfig"]["serviceAccount"] == email, pool.name
+        assert pool.inputs["nodeConfig"]["oauthScopes"] == ["https://www.googleapis.com/auth/cloud-platform"]
+        assert PROJECT_MEMBER in _dependency_types(recording, pool)  # roles before nodes
+    assert recording.one(CLUSTER).inputs["nodeConfig"]["serviceAccount"] == email
+
+
+def test_pathways_pools_run_without_workload_identity_and_their_identity_gets_exactly_the_bucket_grants(recordings):
+    """8.7: Pathways TPU pools use GCE_METADATA (Google's tutorial); the pods then act as the
+    node account, which gets scratch read/write and checkpoint read on those buckets only."""
+    recording = recordings["llama3-405b-v6e16"]
+    cfg, _ = example("llama3-405b-v6e16")
+    node_member = f"serviceAccount:js-nodes-llama3-405b-v6e16@{GCP_PROJECT}.iam.gserviceaccount.com"
+    modes = {pool.inputs["name"]: pool.inputs["nodeConfig"]["workloadMetadataConfig"]["mode"] for pool in recording.of_type(NODE_POOL)}
+    assert modes == {"system": "GKE_METADATA", "v6e-16-serving-llama3-405b-v6e16": "GCE_METADATA"}
+    grants = {(member.inputs["bucket"], member.inputs["role"], member.inputs["member"]) for member in recording.of_type(BUCKET_MEMBER)}
+    assert grants == {(cfg.scratch_bucket, "roles/storage.objectUser", node_member),
+                      ("my-gcp-project-checkpoints", "roles/storage.objectViewer", node_member)}
+    assert recording.of_type(ACCOUNT_MEMBER) == [] and len(recording.of_type(ACCOUNT)) == 1  # no workload GSA to bind
+    assert "annotations" not in recording.one("kubernetes:core/v1:ServiceAccount").inputs["metadata"]
+    assert recording.outputs["serviceAccountEmail"] == node_member.removeprefix("serviceAccount:")
+    bucket = recording.one("gcp:storage/bucket:Bucket").inputs
+    assert bucket["name"] == cfg.scratch_bucket and bucket["publicAccessPrevention"] == "enforced"
+
+
+def test_bundled_pods_keep_workload_identity_with_the_same_bucket_grants():
+    recording = _run_bundled()
+    workload_member = f"serviceAccount:js-pods-llama3-8b-v6e8@{GCP_PROJECT}.iam.gserviceaccount.com"
+    modes = {pool.inputs["nodeConfig"]["workloadMetadataConfig"]["mode"] for pool in recording.of_type(NODE_POOL)}
+    assert modes == {"GKE_METADATA"}
+    assert {member.inputs["member"] for member in recording.of_type(BUCKET_MEMBER)} == {workload_member}
+    ksa = recording.one("kubernetes:core/v1:ServiceAccount").inputs
+    assert ksa["metadata"]["annotations"] == {"iam.gke.io/gcp-service-account": workload_member.removeprefix("serviceAccount:")}
+
+
+IMAGE = "docker-build:index:Image"
+SECRET_SIGNATURE_KEY, SECRET_SIGNATURE = rpc._special_sig_key, rpc._special_secret_sig  # how a secret input travels
+REPOSITORY = "gcp:artifactregistry/repository:Repository"
+
+
+def test_bundled_server_image_is_built_pushed_and_run_by_digest():
+    """8.12: no bundledServerImage: the stack builds serving/Dockerfile into its own Artifact
+    Registry repository and the LeaderWorkerSet runs the pushed digest."""
+    recording = _run_bundled(bundledServerImage="")
+    repository = recording.one(REPOSITORY).inputs
+    assert (repository["repositoryId"], repository["location"], repository["format"]) == ("jetstream-llama3-8b-v6e8", "us-east5", "DOCKER")
+    image = recording.one(IMAGE)
+    built = "us-east5-docker.pkg.dev/my-gcp-project/jetstream-llama3-8b-v6e8/jetstream-jax"
+    assert image.inputs["dockerfile"] == {"location": "serving/Dockerfile"} and image.inputs["context"] == {"location": "."}
+    assert image.inputs["buildArgs"] == {"JAX_EXTRA": "tpu"} and image.inputs["platforms"] == ["linux/amd64"]
+    assert image.inputs["push"] is True and image.inputs["tags"] == [f"{built}:stack-build"]
+    registries = image.inputs["registries"]  # secret as a whole: it carries the access token
+    assert registries[SECRET_SIGNATURE_KEY] == SECRET_SIGNATURE
+    assert registries["value"] == [{"address": "us-east5-docker.pkg.dev", "username": "oauth2accesstoken", "password": ACCESS_TOKEN}]
+    assert recording.one(REPOSITORY).urn in image.dependencies
+    servers = [container for template in ("leaderTemplate", "workerTemplate")
+               for container in recording.one(LWS).inputs["spec"]["leaderWorkerTemplate"][template]["spec"]["containers"]]
+    assert {container["image"] for container in servers} == {f"{built}@{image_digest(image.inputs)}"}
+    assert IMAGE in _dependency_types(recording, recording.one(LWS))
+    # The nodes pull it with the node account's Artifact Registry reader role, project-wide.
+    assert "roles/artifactregistry.reader" in {member.inputs["role"] for member in recording.of_type(PROJECT_MEMBER)}
+
+
+def test_an_unchanged_tree_gives_the_same_lws_and_a_given_image_is_not_built():
+    first, second = _run_bundled(bundledServerImage=""), _run_bundled(bundledServerImage="")
+    assert first.one(LWS).inputs == second.one(LWS).inputs
+    given = _run_bundled()
+    assert given.of_type(IMAGE) == [] and given.of_type(REPOSITORY) == []
+    images = {container["image"] for container in given.one(LWS).inputs["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["containers"]}
+    assert images == {"registry.example/jetstream-jax:0.1.0-tpu"}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import subprocess
 import sys
 
@@ -9,8 +11,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from components.core import manifests
 from components import render
+from components.core import manifests
+from components.core.errors import ConfigError
 
 from pulumi_harness import EXAMPLE_STACKS, ROOT
 from stack_helpers import BUNDLED_STACKS, bundled_example, bundled_raw, example, lws_validator
@@ -48,7 +51,7 @@ def test_render_prints_the_manifests_kubectl_would_apply(stack):
     # Workload Identity service account the pods run as come first.
     assert [document["kind"] for document in documents] == ["Namespace", "ServiceAccount", "LeaderWorkerSet", "Service"]
     assert documents[0]["metadata"]["name"] == cfg.namespace
-    assert documents[1]["metadata"]["annotations"] == {"iam.gke.io/gcp-service-account": cfg.google_service_account_email}
+    assert "annotations" not in documents[1]["metadata"]  # Pathways pods act as the node account
     assert documents[2:] == manifests.serving_manifests(cfg, plan)
     _validate_all(documents, cfg)
 
@@ -64,7 +67,68 @@ def test_render_of_a_bundled_stack(stack, tmp_path):
     assert documents == manifests.all_manifests(cfg, plan)
     lws = next(document for document in documents if document["kind"] == "LeaderWorkerSet")
     assert lws["spec"]["leaderWorkerTemplate"]["size"] == cfg.tpu_slice.hosts
+    account = next(document for document in documents if document["kind"] == "ServiceAccount")
+    assert account["metadata"]["annotations"] == {"iam.gke.io/gcp-service-account": cfg.workload_service_account_email}
     _validate_all(documents, cfg)
+
+
+# Runs `python -m components.render` in a Python where every `pulumi*` import fails: the
+# planning core and the render must not need the Pulumi SDK.
+WITHOUT_PULUMI = """
+import importlib.abc, runpy, sys
+
+class NoPulumi(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0].startswith("pulumi"):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked: the render must not import Pulumi)")
+        return None
+
+sys.meta_path.insert(0, NoPulumi())
+import pkgutil, components.core
+for module in pkgutil.iter_modules(components.core.__path__):
+    __import__(f"components.core.{module.name}")
+sys.argv = ["components.render", *sys.argv[1:]]
+runpy.run_module("components.render", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("stack", EXAMPLE_STACKS)
+def test_render_and_the_planning_core_run_without_the_pulumi_sdk(stack):
+    assert importlib.util.find_spec("pulumi") is not None  # installed: the shim is what makes it unimportable
+    result = subprocess.run([sys.executable, "-c", WITHOUT_PULUMI, "--stack", stack], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert _documents(result.stdout) == _documents(_cli("--stack", stack).stdout)
+
+
+def test_the_shim_does_block_pulumi():
+    probe = WITHOUT_PULUMI.replace('runpy.run_module("components.render", run_name="__main__")', "import components.resources.program")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "blocked: the render must not import Pulumi" in result.stderr
+
+
+def test_render_of_a_bundled_stack_that_builds_its_image(tmp_path):
+    """No bundledServerImage: the render shows the tag the stack's build pushes (pulumi up pins the digest)."""
+    raw, project = bundled_raw("llama3-8b-v6e8")
+    _write_stack(tmp_path, "llama3-8b-v6e8", {**raw, "bundledServerImage": ""}, project)
+    result = _cli("--stack", "llama3-8b-v6e8", "--root", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    lws = next(document for document in _documents(result.stdout) if document["kind"] == "LeaderWorkerSet")
+    (server,) = lws["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["containers"]
+    assert server["image"] == "us-east5-docker.pkg.dev/my-gcp-project/jetstream-llama3-8b-v6e8/jetstream-jax:stack-build"
+
+
+def test_render_refuses_a_layout_that_cannot_be_scheduled(tmp_path, monkeypatch):
+    """The render runs preview's scheduling check too (components/core/scheduling.py)."""
+    from components.core import manifests as built
+
+    original = built._sub_group_policy
+    monkeypatch.setattr(built, "_sub_group_policy", lambda cfg, plan: None if original(cfg, plan) is None else
+                        dataclasses.replace(original(cfg, plan), sub_group_policy_type=None))
+    _write_stack(tmp_path, "single-host-disagg", {"model": "llama3.1-8b", "topology": "2x4", "tpuMachineType": "ct6e-standard-8t",
+                                                  "mode": "disaggregated", "checkpointPath": "gs://test-ckpt/x"})
+    with pytest.raises(ConfigError) as refused:
+        render.render("single-host-disagg", tmp_path)
+    assert "would stay Pending forever" in str(refused.value) and "`mode`" in str(refused.value)
 
 
 def test_render_in_the_default_namespace_creates_no_namespace(tmp_path):
