@@ -384,9 +384,11 @@ CHAT = _OpenAIFormat(
 async def _openai_response(
     fmt: _OpenAIFormat, body: _OpenAIBody, stream: ResultStream, request: fastapi.Request, model: str
 ):
-    """Whole, with usage; or streamed as server-sent events ending in [DONE], with, when
-    stream_options.include_usage asks for it (as OpenAI does), `"usage": null` on every chunk and
-    one more chunk before [DONE] with empty choices and the usage counts."""
+    """Whole, with usage; or streamed as server-sent events ending in [DONE]. Streamed usage:
+    with stream_options.include_usage, as OpenAI: `"usage": null` on every chunk, then one more
+    chunk before [DONE] with empty choices and the counts; without it, the counts ride on the
+    chunk with the finish_reason, as llama.cpp's server has long sent them (clients that never
+    ask for usage still count tokens)."""
     head = {"id": f"{fmt.id_prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
     text = _Text(stream, body.stop_strings)
     include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -401,9 +403,10 @@ async def _openai_response(
         async with contextlib.aclosing(text.pieces()) as pieces:
             async for piece in pieces:
                 yield chunk([fmt.chunk_choice(piece, None)])
-        yield chunk([fmt.chunk_choice("", _finish_reason(text.finish))])
+        usage = _usage(text.finish)
+        yield chunk([fmt.chunk_choice("", _finish_reason(text.finish))], **({} if include_usage else {"usage": usage}))
         if include_usage:
-            yield chunk([], usage=_usage(text.finish))
+            yield chunk([], usage=usage)
         yield _sse("[DONE]")
 
     if body.stream:

@@ -120,7 +120,9 @@ def test_openai_completion_stream(fake_server):
     chunks = events[:-1]
     assert "".join(c["choices"][0]["text"] for c in chunks) == "ababa"
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
-    assert not any("usage" in c for c in chunks)  # usage only when stream_options asks for it
+    # without stream_options.include_usage the counts ride on the finish chunk (as llama.cpp's server)
+    assert chunks[-1]["usage"] == {"prompt_tokens": 2, "completion_tokens": 5, "total_tokens": 7}
+    assert not any("usage" in c for c in chunks[:-1])
 
 
 def test_openai_chat_applies_template(fake_server):
