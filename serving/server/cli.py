@@ -37,12 +37,32 @@ from serving.server.metrics import ServerMetrics
 from serving.server.orchestrator import Orchestrator
 from serving.server.settings import ServingSettings, SettingsError, parse_settings
 
+# Local runs answer only this machine; a container or pod passes --host 0.0.0.0 (the Dockerfile's
+# ENTRYPOINT and the stack's LeaderWorkerSet do).
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_HTTP_PORT = 8000  # the ports the stack's Service and probes use
+DEFAULT_GRPC_PORT = 9000
+# The first request to try, shown by --help and once the server is ready ({port}: the HTTP port).
+QUICK_START_REQUEST = """curl -s localhost:{port}/generate -d '{{"prompt": "What is JAX?", "max_tokens": 32}}'"""
+# Requests allowed to wait for a slot: two per slot, so every slot has its next request queued
+# while the one before finishes, and at least 64, so a burst of clients (a benchmark's default
+# concurrency) queues instead of getting 503s on a small server.
+QUEUED_REQUESTS_PER_SLOT = 2
+MIN_QUEUED_REQUESTS = 64
+_HEARTBEAT_S = 10.0  # a long start-up step (loading, compiling) says it is still running this often
+_LIVENESS_POLL_S = 0.5  # how often `serve` checks that the orchestrator is still live
+_GRPC_STOP_GRACE_S = 2.0  # in-flight RPCs get this long to finish at shutdown, then are cancelled
+
+
+def default_max_queued_requests(slots: int) -> int:
+    return max(MIN_QUEUED_REQUESTS, QUEUED_REQUESTS_PER_SLOT * slots)
+
 
 class Progress:
     """Start-up progress on stderr: one line per step with elapsed time, and a heartbeat while a
     long step (loading, compiling) runs."""
 
-    def __init__(self, stream=sys.stderr, heartbeat_s: float = 10.0):
+    def __init__(self, stream=sys.stderr, heartbeat_s: float = _HEARTBEAT_S):
         self._stream = stream
         self._start = time.perf_counter()
         self._heartbeat_s = heartbeat_s
@@ -76,13 +96,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m serving",
         description="JetStream-compatible JAX LLM server (HTTP, OpenAI-compatible HTTP, gRPC).",
-        epilog="Trailing key=value arguments are MaxText/JetStream settings, e.g. "
-        "ici_tensor_parallelism=4 per_device_batch_size=2 quantization=int8.",
+        epilog="Trailing key=value arguments are MaxText/JetStream settings, e.g.\n"
+        "  ici_tensor_parallelism=4 per_device_batch_size=2 quantization=int8\n\n"
+        "Once it prints `ready`, from another shell:\n"
+        f"  {QUICK_START_REQUEST.format(port=DEFAULT_HTTP_PORT)}\n"
+        f"  (OpenAI clients: base URL http://localhost:{DEFAULT_HTTP_PORT}/v1)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--host", default="0.0.0.0", help="address to bind (default %(default)s)")
-    parser.add_argument("--http-port", type=int, default=8000, help="HTTP port, 0 for any free one (default %(default)s)")
     parser.add_argument(
-        "--grpc-port", type=int, default=9000, help="gRPC port, 0 to disable (default %(default)s)"
+        "--host", default=DEFAULT_HOST, help="address to bind (default %(default)s; 0.0.0.0 for every interface)"
+    )
+    parser.add_argument(
+        "--http-port", type=int, default=DEFAULT_HTTP_PORT, help="HTTP port, 0 for any free one (default %(default)s)"
+    )
+    parser.add_argument(
+        "--grpc-port", type=int, default=DEFAULT_GRPC_PORT, help="gRPC port, 0 to disable (default %(default)s)"
     )
     parser.add_argument("--model", help="checkpoint path (default: the bundled SmolLM2-135M-Instruct GGUF)")
     parser.add_argument("--slots", type=int, help="decode slots (concurrent generations)")
@@ -92,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-queued-requests",
         type=int,
-        help="requests waiting for a slot before new ones get 503 (default: max(64, 2 x slots))",
+        help="requests waiting for a slot before new ones get 503 "
+        f"(default: max({MIN_QUEUED_REQUESTS}, {QUEUED_REQUESTS_PER_SLOT} x slots))",
     )
     parser.add_argument("--no-warmup", action="store_true", help="skip compiling ahead of serving")
     parser.add_argument("--log-level", default="warning", help="server log level (default %(default)s)")
@@ -186,7 +215,7 @@ def build_runtime(
         prefill_params=prefill_params,
         generate_params=generate_params,
         metrics=metrics,
-        max_queued_requests=args.max_queued_requests or max(64, 2 * slots),
+        max_queued_requests=args.max_queued_requests or default_max_queued_requests(slots),
         healthy=(lambda: not control.problems) if control else (lambda: True),
     )
     mode = "disaggregated" if orchestrator.disaggregated else "interleaved"
@@ -274,11 +303,8 @@ def serve(runtime: Runtime, args: argparse.Namespace, progress: Progress, stop: 
         warm = runtime.settings.enable_model_warmup
         with progress.step("warming up (compiling every prefill bucket)" if warm else "starting"):
             orchestrator.start(warmup=warm, progress=progress)
-        progress(
-            f"ready: curl -s localhost:{http.port}/generate "
-            """-d '{"prompt": "What is JAX?", "max_tokens": 32}'"""
-        )
-        while not stop.wait(0.5):
+        progress("ready: " + QUICK_START_REQUEST.format(port=http.port))
+        while not stop.wait(_LIVENESS_POLL_S):
             if not orchestrator.is_live:
                 progress("orchestrator is no longer live; /healthcheck reports 500")
                 stop.wait()
@@ -286,7 +312,7 @@ def serve(runtime: Runtime, args: argparse.Namespace, progress: Progress, stop: 
         progress("shutting down")
         http.stop()
         if grpc_server is not None:
-            grpc_server.stop(grace=2).wait()
+            grpc_server.stop(grace=_GRPC_STOP_GRACE_S).wait()
         orchestrator.stop()
         if runtime.control is not None:
             runtime.control.close()

@@ -24,6 +24,12 @@ from serving.server.requests import GenerateRequest, NotReady, Overloaded, Reque
 
 pb2, pb2_grpc = proto.load()
 
+# Every Decode RPC holds a worker thread for its whole stream, so the pool has one per running
+# (slots) and waiting (queue) request, and a request beyond those reaches the orchestrator's
+# admission and gets RESOURCE_EXHAUSTED instead of waiting unseen for a thread; the spare workers
+# answer HealthCheck and those refusals while every other worker streams.
+SPARE_WORKERS = 4
+
 _FIELD_NAMES = {
     "text_content": {"prompt": "text_content.text"},
     "token_content": {"prompt": "token_content.token_ids"},
@@ -70,7 +76,7 @@ def start_grpc_server(
 ) -> tuple[grpc.Server, int]:
     """Start serving in background threads; returns the grpc.Server (call .stop(grace)) and the
     port it bound, which is a free one when `port` is 0."""
-    workers = max_workers or orchestrator.slots + orchestrator.max_queued_requests + 4
+    workers = max_workers or orchestrator.slots + orchestrator.max_queued_requests + SPARE_WORKERS
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"))
     pb2_grpc.add_OrchestratorServicer_to_server(OrchestratorServicer(orchestrator), server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

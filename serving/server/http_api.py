@@ -8,42 +8,56 @@
   GET  /v1/models             the served model
   GET  /metrics               Prometheus, JetStream's metric names
 
-Handlers only translate: strict pydantic bodies (unknown fields are a 400 naming them; the
-legacy fields listed in each model are accepted and ignored) -> GenerateRequest ->
-Orchestrator.submit -> wire format. Every error is JSON
-{"error": {"message", "type", "param"}} where `param` names the offending field. Generation is
-greedy unless the request asks for sampling (temperature > 0), on every endpoint.
+Handlers only translate: pydantic bodies -> GenerateRequest -> Orchestrator.submit -> wire format.
+Every error is JSON {"error": {"message", "type", "param"}} where `param` names the offending field.
+Generation is greedy unless the request asks for sampling (temperature > 0), on every endpoint.
+
+/generate is strict, as JetStream's: an unknown field is a 400 naming it (the legacy fields listed
+in GenerateBody are accepted and ignored). The OpenAI endpoints take what OpenAI clients send:
+unknown fields are ignored with a logged warning (as vLLM does), null means "not set", `stop`
+strings end the text early (the request is cancelled, which frees its slot), `ignore_eos`, `seed`,
+`stream_options.include_usage`; fields asking for what this server cannot do (n > 1, logprobs,
+penalties, logit_bias, echo, ...) are a 400 naming the field (see _UNSUPPORTED).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
+import logging
 import threading
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable, Literal
+from typing import Any, AsyncIterator, Callable, Literal, Sequence
 
 import fastapi
 import uvicorn
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from serving.engine_api import SamplingParams
 from serving.server.orchestrator import Orchestrator
 from serving.server.requests import (
-    Completion,
     Finish,
     GenerateRequest,
     NotReady,
     Overloaded,
     RequestError,
     ResultStream,
+    StopStrings,
 )
 
+log = logging.getLogger(__name__)
+
+# How often a non-streamed request checks whether its client went away (then it is cancelled and
+# its slot freed): short next to a generation, long next to the cost of the check.
 _DISCONNECT_POLL_S = 0.25
+# OpenAI documents up to 4 stop strings, vLLM takes any number; a bound keeps the per-piece search cheap.
+MAX_STOP_STRINGS = 16
 
 
 # -- request bodies ------------------------------------------------------------------------------
@@ -72,37 +86,146 @@ class GenerateBody(_Sampling):
     priority: int | None = None
 
 
-class _OpenAIBody(_Sampling):
-    """Fields OpenAI clients send that have one supported value are checked, not dropped.
-    Accepted and ignored: model (this server serves one), user."""
+class _OpenAIModel(BaseModel):
+    """OpenAI bodies: unknown fields are kept aside (`model_extra`, logged and ignored) and a null
+    field is an unset one, as OpenAI clients send them."""
 
-    model: str | None = None
-    user: str | None = None
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data: Any) -> Any:
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
+class _StreamOptions(_OpenAIModel):
+    include_usage: bool = False  # one more chunk before [DONE]: empty choices, the usage counts
+
+
+class _ResponseFormat(_OpenAIModel):
+    type: str
+
+
+class _OpenAIBody(_OpenAIModel, _Sampling):
+    """Accepted and ignored: model (this server serves one), user. The fields after `ignore_eos`
+    are OpenAI's, checked against _UNSUPPORTED rather than dropped."""
+
+    model_config = _OpenAIModel.model_config
+
+    model: str = ""
+    user: str = ""
     stream: bool = False
-    stream_options: dict[str, bool] | None = None
-    n: Literal[1] = 1
-    stop: None | Literal[""] | list[str] = Field(None, max_length=0)  # stop strings: unsupported
-    presence_penalty: Literal[0, 0.0] = 0.0
-    frequency_penalty: Literal[0, 0.0] = 0.0
-    logprobs: None | Literal[False] = None
+    stream_options: _StreamOptions | None = None
+    stop: str | list[str] = Field(default_factory=list)
+    ignore_eos: bool = False  # keep generating through end-of-sequence tokens, up to max_tokens
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings_are_few_and_not_empty(cls, stop: str | list[str]) -> str | list[str]:
+        stops = [stop] if isinstance(stop, str) else stop
+        if not all(stops):
+            raise PydanticCustomError("stop_empty", "stop strings must not be empty")
+        if len(stops) > MAX_STOP_STRINGS:
+            raise PydanticCustomError("stop_count", f"at most {MAX_STOP_STRINGS} stop strings")
+        return stop
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
 class CompletionBody(_OpenAIBody):
-    prompt: str | list[int]
-    max_tokens: int = 16
-    echo: Literal[False] = False
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int = 16  # OpenAI's default
+    echo: bool = False
+    best_of: int = 1
+    suffix: str = ""
+    logprobs: int | None = None  # completions: how many top log probabilities per token
+
+    def single_prompt(self) -> str | tuple[int, ...]:
+        """The one prompt: text, token ids, or a batch of one of either."""
+        prompt = self.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) > 1:
+                raise RequestError("prompt", "one prompt per request is supported; send one request per prompt")
+            prompt = prompt[0]
+        return prompt if isinstance(prompt, str) else tuple(prompt)
 
 
-class ChatMessage(_Body):
-    role: Literal["system", "user", "assistant"]
-    content: str
-    name: str | None = None  # accepted and ignored
+class _TextPart(_OpenAIModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_OpenAIModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[_TextPart]
+    name: str = ""  # accepted and ignored
+
+    def for_template(self) -> dict[str, str]:
+        role = "system" if self.role == "developer" else self.role  # OpenAI's newer name for system
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": role, "content": text}
 
 
 class ChatBody(_OpenAIBody):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
+    logprobs: bool = False  # chat: whether to return log probabilities
+    top_logprobs: int = 0
+    response_format: _ResponseFormat | None = None
+    tools: list[dict[str, Any]] = Field(default_factory=list)
+
+
+# OpenAI fields this server cannot honour, with the test a value passes when it asks for nothing;
+# any other value is a 400 naming the field, since ignoring it would answer another question.
+_UNSUPPORTED: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("n", lambda n: n == 1, "only n=1 is supported (one choice per request)"),
+    ("best_of", lambda v: v == 1, "only best_of=1 is supported"),
+    ("echo", lambda v: not v, "echo is not supported"),
+    ("suffix", lambda v: not v, "suffix is not supported"),
+    ("logprobs", lambda v: v is None or v is False, "log probabilities are not supported; leave logprobs out"),
+    ("top_logprobs", lambda v: v == 0, "log probabilities are not supported; leave top_logprobs out"),
+    ("presence_penalty", lambda v: v == 0, "presence_penalty is not supported; send 0 or leave it out"),
+    ("frequency_penalty", lambda v: v == 0, "frequency_penalty is not supported; send 0 or leave it out"),
+    ("logit_bias", lambda v: not v, "logit_bias is not supported"),
+    ("response_format", lambda v: v is None or v.type == "text", "only response_format type 'text' is supported"),
+    ("tools", lambda v: not v, "tool calling is not supported"),
+)
+
+
+def _check_supported(body: _OpenAIBody) -> None:
+    fields = type(body).model_fields
+    for name, asks_nothing, reason in _UNSUPPORTED:
+        if name in fields and not asks_nothing(getattr(body, name)):
+            raise RequestError(name, reason)
+    if body.stream_options is not None and not body.stream:
+        raise RequestError("stream_options", "only allowed when stream is true")
+
+
+def _ignored_fields(model: BaseModel, prefix: str = "") -> list[str]:
+    """Dotted names of the unknown fields in an OpenAI body, nested ones included."""
+    names = [prefix + name for name in model.model_extra or {}]
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        items = enumerate(value) if isinstance(value, list) else [(None, value)]
+        for index, item in items:
+            if isinstance(item, BaseModel) and item.model_config.get("extra") == "allow":
+                names += _ignored_fields(item, f"{prefix}{name}." + ("" if index is None else f"{index}."))
+    return names
+
+
+def _accept_openai(body: _OpenAIBody, path: str) -> None:
+    """Refuse what cannot be honoured (RequestError); log what is ignored."""
+    _check_supported(body)
+    ignored = _ignored_fields(body)
+    if ignored:
+        log.warning("%s: ignoring fields this server does not know: %s", path, ", ".join(ignored))
 
 
 # -- errors --------------------------------------------------------------------------------------
@@ -111,16 +234,24 @@ def _error(status: int, message: str, param: str | None, kind: str, headers=None
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def _is_field(part: str | int) -> bool:
+    """A pydantic error location part that names a field or an index, not a union member's type
+    (`str`, `list[int]`, ...), so errors name the field the client sent."""
+    return isinstance(part, int) or ("[" not in part and part not in ("str", "int", "float", "bool"))
+
+
 async def _validation_error(_: fastapi.Request, exc: RequestValidationError) -> JSONResponse:
-    first = exc.errors()[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    errors = exc.errors()
+    # a union field reports one error per member; the deepest names what is wrong inside it
+    field = errors[0].get("loc", ())[:2]
+    first = max((e for e in errors if e.get("loc", ())[:2] == field), key=lambda e: len(e.get("loc", ())))
+    loc = [p for p in first.get("loc", ()) if p != "body"]
     if first.get("type") in ("json_invalid", "model_attributes_type") or not loc:
         param, message = "body", "request body must be a JSON object"
         if first.get("type") == "missing":
             message = "request body is missing"
     else:
-        # a typed union reports its member (`prompt.str`); name the field the client sent
-        param = ".".join(p for p in loc if p not in ("str", "list[int]", "int"))
+        param = ".".join(str(p) for p in loc if _is_field(p))
         message = f"{param}: {first.get('msg', 'invalid value')}"
     return _error(400, message, param, "invalid_request_error")
 
@@ -136,32 +267,66 @@ def _submit_error(exc: Exception, rename: dict[str, str]) -> JSONResponse:
     return _error(503, str(exc), None, "unavailable")
 
 
-# -- streaming helpers ---------------------------------------------------------------------------
-async def _complete(request: fastapi.Request, stream: ResultStream) -> Completion | None:
-    """The whole result; None (and the request cancelled) if the client went away first."""
-    task = asyncio.ensure_future(stream.acollect())
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                return None
-    finally:
-        if not task.done():
-            stream.cancel()
-            task.cancel()
+# -- generated text ------------------------------------------------------------------------------
+class _Text:
+    """One request's text as its client sees it: cut at the first stop string, if any. A stop
+    string ends the request early through the orchestrator's cancellation path, which frees its
+    slot; so does a client that goes away (the generator closed). `finish` is set once `pieces()`
+    is exhausted; completion_tokens then counts the tokens behind the text up to the stop string."""
+
+    def __init__(self, stream: ResultStream, stops: Sequence[str] = ()):
+        self._stream = stream
+        self._stops = StopStrings(stops) if stops else None
+        self._tokens = 0
+        self.finish: Finish | None = None
+
+    async def pieces(self) -> AsyncIterator[str]:
+        """Non-empty pieces of text, in order."""
+        try:
+            async for delta in self._stream:
+                self._tokens += len(delta.token_ids)
+                text, stopped = self._stops.feed(delta.text) if self._stops else (delta.text, False)
+                if text:
+                    yield text
+                if stopped:
+                    self._stream.cancel()
+                    self.finish = Finish("stop", self._stream.prompt_tokens, self._tokens)
+                    return
+            held = self._stops.flush() if self._stops else ""
+            if held:
+                yield held
+            self.finish = self._stream.finish
+        finally:
+            if not self._stream.done:
+                self._stream.cancel()
+
+    async def whole(self, request: fastapi.Request) -> str | None:
+        """All of it; None (and the request cancelled) if the client went away first."""
+        async def join() -> str:
+            async with contextlib.aclosing(self.pieces()) as pieces:
+                return "".join([piece async for piece in pieces])
+
+        task = asyncio.ensure_future(join())
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
+                if done:
+                    return task.result()
+                if await request.is_disconnected():
+                    return None
+        finally:
+            if not task.done():
+                self._stream.cancel()
+                task.cancel()
 
 
-async def _deltas(stream: ResultStream) -> AsyncIterator[str]:
-    """Non-empty text pieces; a client disconnect (generator closed) cancels the request."""
-    try:
-        async for delta in stream:
-            if delta.text:
-                yield delta.text
-    finally:
-        if not stream.done:
-            stream.cancel()
+def _failed(text: str | None, finished: _Text) -> JSONResponse | None:
+    """The 500 for a non-streamed request that did not complete."""
+    if text is None:
+        return _error(500, "cancelled", None, "server_error")
+    if finished.finish.reason == "error":
+        return _error(500, finished.finish.error or "generation failed", None, "server_error")
+    return None
 
 
 def _usage(finish: Finish) -> dict[str, int]:
@@ -219,28 +384,39 @@ CHAT = _OpenAIFormat(
 async def _openai_response(
     fmt: _OpenAIFormat, body: _OpenAIBody, stream: ResultStream, request: fastapi.Request, model: str
 ):
-    """Streamed (SSE, usage on the final chunk, then [DONE]) or whole, with usage counts."""
+    """Whole, with usage; or streamed as server-sent events ending in [DONE]. Streamed usage:
+    with stream_options.include_usage, as OpenAI: `"usage": null` on every chunk, then one more
+    chunk before [DONE] with empty choices and the counts; without it, the counts ride on the
+    chunk with the finish_reason, as llama.cpp's server has long sent them (clients that never
+    ask for usage still count tokens)."""
     head = {"id": f"{fmt.id_prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
+    text = _Text(stream, body.stop_strings)
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
 
-    def chunk(choice: dict, **extra) -> str:
-        return _sse({**head, "object": fmt.chunk_object, "choices": [choice], **extra})
+    def chunk(choices: list[dict], **extra) -> str:
+        usage = {"usage": None} if include_usage else {}
+        return _sse({**head, "object": fmt.chunk_object, "choices": choices, **usage, **extra})
 
     async def events() -> AsyncIterator[str]:
         if fmt.opening_choice:
-            yield chunk(fmt.opening_choice)
-        async for piece in _deltas(stream):
-            yield chunk(fmt.chunk_choice(piece, None))
-        finish = stream.finish
-        yield chunk(fmt.chunk_choice("", _finish_reason(finish)), usage=_usage(finish))
+            yield chunk([fmt.opening_choice])
+        async with contextlib.aclosing(text.pieces()) as pieces:
+            async for piece in pieces:
+                yield chunk([fmt.chunk_choice(piece, None)])
+        usage = _usage(text.finish)
+        yield chunk([fmt.chunk_choice("", _finish_reason(text.finish))], **({} if include_usage else {"usage": usage}))
+        if include_usage:
+            yield chunk([], usage=usage)
         yield _sse("[DONE]")
 
     if body.stream:
         return StreamingResponse(events(), media_type="text/event-stream")
-    result = await _complete(request, stream)
-    if result is None or result.finish.reason == "error":
-        return _error(500, result.finish.error if result else "cancelled", None, "server_error")
-    choice = fmt.choice(result.text, _finish_reason(result.finish))
-    return {**head, "object": fmt.object, "choices": [choice], "usage": _usage(result.finish)}
+    whole = await text.whole(request)
+    failed = _failed(whole, text)
+    if failed:
+        return failed
+    choice = fmt.choice(whole, _finish_reason(text.finish))
+    return {**head, "object": fmt.object, "choices": [choice], "usage": _usage(text.finish)}
 
 
 class _JsonBodies:
@@ -294,24 +470,38 @@ def create_app(orchestrator: Orchestrator, *, model_name: str) -> fastapi.FastAP
         stream, error = submit(GenerateRequest(body.prompt, body.max_tokens, body.sampling()))
         if error:
             return error
+        text = _Text(stream)
+
+        async def lines() -> AsyncIterator[str]:
+            async with contextlib.aclosing(text.pieces()) as pieces:
+                async for piece in pieces:
+                    yield json.dumps({"response": piece}) + "\n"
+
         if body.stream:
-            lines = (json.dumps({"response": piece}) + "\n" async for piece in _deltas(stream))
-            return StreamingResponse(lines, media_type="application/x-ndjson")
-        result = await _complete(request, stream)
-        if result is None or result.finish.reason == "error":
-            return _error(500, result.finish.error if result else "cancelled", None, "server_error")
-        return {"response": result.text}
+            return StreamingResponse(lines(), media_type="application/x-ndjson")
+        whole = await text.whole(request)
+        return _failed(whole, text) or {"response": whole}
+
+    def submit_openai(body: _OpenAIBody, path: str, prompt, max_tokens: int, rename: dict[str, str]):
+        try:
+            _accept_openai(body, path)
+            request = GenerateRequest(prompt, max_tokens, body.sampling(), ignore_eos=body.ignore_eos)
+        except RequestError as exc:
+            return None, _submit_error(exc, rename)
+        return submit(request, rename)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: fastapi.Request):
-        prompt = body.prompt if isinstance(body.prompt, str) else tuple(body.prompt)
-        stream, error = submit(GenerateRequest(prompt, body.max_tokens, body.sampling()))
+        try:
+            prompt = body.single_prompt()
+        except RequestError as exc:
+            return _submit_error(exc, {})
+        stream, error = submit_openai(body, "/v1/completions", prompt, body.max_tokens, {})
         return error or await _openai_response(COMPLETION, body, stream, request, model_name)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, request: fastapi.Request):
-        messages = [{"role": m.role, "content": m.content} for m in body.messages]
-        prompt = orchestrator.tokenizer.apply_chat_template(messages)
+        prompt = orchestrator.tokenizer.apply_chat_template([m.for_template() for m in body.messages])
         rename = {"prompt": "messages"}
         if body.max_completion_tokens is not None:  # OpenAI's newer name wins; errors name it
             max_tokens, rename["max_tokens"] = body.max_completion_tokens, "max_completion_tokens"
@@ -319,27 +509,34 @@ def create_app(orchestrator: Orchestrator, *, model_name: str) -> fastapi.FastAP
             max_tokens = body.max_tokens
         else:
             max_tokens = orchestrator.max_tokens_limit
-        stream, error = submit(GenerateRequest(prompt, max_tokens, body.sampling()), rename)
+        stream, error = submit_openai(body, "/v1/chat/completions", prompt, max_tokens, rename)
         return error or await _openai_response(CHAT, body, stream, request, model_name)
 
     return app
 
 
+# uvicorn's start-up is a socket bind, well under this on any machine; past it something is wrong.
+_HTTP_START_TIMEOUT_S = 30.0
+_HTTP_START_POLL_S = 0.01
+# In-flight requests get this long to finish when the server stops (uvicorn drains connections).
+_HTTP_STOP_TIMEOUT_S = 10.0
+
+
 class HttpServer:
-    """uvicorn in a background thread: for tests and for running beside the gRPC server."""
+    """uvicorn in a background thread, beside the gRPC server (and in tests)."""
 
     def __init__(self, app: fastapi.FastAPI, host: str, port: int, log_level: str = "warning"):
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="http", daemon=True)
 
-    def start(self, timeout_s: float = 30.0) -> "HttpServer":
+    def start(self, timeout_s: float = _HTTP_START_TIMEOUT_S) -> "HttpServer":
         self._thread.start()
         deadline = time.monotonic() + timeout_s
         while not self._server.started:
             if not self._thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("HTTP server failed to start")
-            time.sleep(0.01)
+            time.sleep(_HTTP_START_POLL_S)
         return self
 
     @property
@@ -347,10 +544,6 @@ class HttpServer:
         """The port bound once started: the one asked for, or a free one when that was 0."""
         return self._server.servers[0].sockets[0].getsockname()[1]
 
-    def stop(self, timeout_s: float = 10.0) -> None:
+    def stop(self, timeout_s: float = _HTTP_STOP_TIMEOUT_S) -> None:
         self._server.should_exit = True
         self._thread.join(timeout=timeout_s)
-
-    def serve_forever(self) -> None:
-        """Run in the calling thread (handles SIGINT/SIGTERM) until shut down."""
-        self._server.run()

@@ -1,19 +1,26 @@
-"""Prometheus metrics under JetStream's names (jetstream/core/metrics/prometheus.py), so existing
-dashboards and the GKE autoscaling examples (which scale on jetstream_prefill_backlog_size and
-jetstream_slots_used_percentage) work against this server unchanged.
+"""Prometheus metrics under JetStream's names, types, labels and units
+(AI-Hypercomputer/JetStream jetstream/core/metrics/prometheus.py, set in jetstream/core/orchestrator.py),
+so existing dashboards and the GKE autoscaling examples (which scale on
+jetstream_prefill_backlog_size and jetstream_slots_used_percentage) work against this server unchanged.
 
-Gauges are read live at scrape time from callbacks the orchestrator registers; histograms and
-counters are recorded as requests progress. Each server owns its registry (no process globals), so
-tests can run several servers in one process. Label set as JetStream: `id` (the host name) and
-`model_name` when it is a valid label value; per-engine gauges add `idx`.
+Every metric is one row of `METRICS`. Gauges are read live at scrape time from callbacks the
+orchestrator registers (`ServerMetrics.watch`); histograms and counters are recorded as requests
+progress. Each server owns its registry (no process globals), so tests can run several servers in
+one process. Label set as JetStream: `id` (the host name) and `model_name` when it is a valid label
+value; per-engine metrics add `idx`.
+
+`hpa_desired_replicas` is the Horizontal Pod Autoscaler's decision for these metrics, so a test (and
+the stack's documentation) can show what the HPA does with the values a server reports.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import re
 import socket
-from typing import Callable
+from typing import Callable, Sequence
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -23,9 +30,86 @@ _TTFT = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 
 _TPOT = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 _PREFILL_TOKEN = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1)
 _REQUEST = (1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0)
-_INPUT_LENGTH = tuple(2**i for i in range(4, 16))
-_OUTPUT_LENGTH = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
+_INPUT_LENGTH = tuple(2**i for i in range(4, 16))  # JetStream's DEFAULT_PREFILL_BUCKETS, 16 .. 32768
+_OUTPUT_LENGTH = tuple(m * 10**e for e in range(7) for m in (1, 2, 5))[:20]  # 1, 2, 5, 10, ... 2000000
 _TRANSFER = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricSpec:
+    """One metric: JetStream's name and type, its help text, the unit of its value, its buckets."""
+
+    name: str
+    kind: type  # Gauge, Counter or Histogram
+    doc: str
+    unit: str  # what one unit of the value is; shown in the help text
+    per_engine: bool = False  # labelled `idx` (the engine's index), as JetStream does
+    buckets: tuple[float, ...] = ()  # histograms only
+
+    @property
+    def help(self) -> str:
+        return f"{self.doc} ({self.unit})"
+
+
+# The live gauges' keys are the keyword names of `ServerMetrics.watch`. Units are JetStream's: its
+# orchestrator sets jetstream_slots_used_percentage to 1 - free_slots / slots, a fraction despite the
+# name, and kv_cache_utilization_perc to used * 100 / total, a percent.
+METRICS: dict[str, MetricSpec] = {
+    spec_key: spec
+    for spec_key, spec in (
+        ("prefill_backlog", MetricSpec(
+            "jetstream_prefill_backlog_size", Gauge, "Size of prefill queue", "requests not yet prefilled")),
+        ("transfer_backlog", MetricSpec(
+            "jetstream_transfer_backlog_size", Gauge, "Size of transfer queue", "prefixes", per_engine=True)),
+        ("generate_backlog", MetricSpec(
+            "jetstream_generate_backlog_size", Gauge, "Size of generate queue", "prefixes awaiting a slot",
+            per_engine=True)),
+        ("slots_used_percentage", MetricSpec(
+            "jetstream_slots_used_percentage", Gauge, "The percentage of decode slots currently being used",
+            "fraction of slots, 0 to 1", per_engine=True)),
+        ("requests_waiting", MetricSpec(
+            "num_requests_waiting", Gauge, "Requests count waiting to be processed for inference",
+            "requests admitted and not yet in a slot")),
+        ("kv_cache_utilization", MetricSpec(
+            "kv_cache_utilization_perc", Gauge, "kv-cache utilization by the requests under processing",
+            "percent of the cache's token positions, 0 to 100")),
+        ("model_load_time", MetricSpec(
+            "jetstream_model_load_time", Gauge, "Total time taken to load the model", "seconds")),
+        ("startup_latency", MetricSpec(
+            "jetstream_server_startup_latency", Gauge, "Total time taken to start the Jetstream server", "seconds")),
+        ("queue_duration", MetricSpec(
+            "jetstream_queue_duration", Histogram, "The total time each request spends enqueued", "seconds",
+            buckets=_SECONDS_SHORT)),
+        ("input_length", MetricSpec(
+            "jetstream_request_input_length", Histogram, "Number of input tokens per request", "tokens",
+            buckets=_INPUT_LENGTH)),
+        ("output_length", MetricSpec(
+            "jetstream_request_output_length", Histogram, "Number of output tokens per request", "tokens",
+            buckets=_OUTPUT_LENGTH)),
+        ("success", MetricSpec(
+            "jetstream_request_success_count", Counter, "Number of requests successfully completed", "requests")),
+        ("ttft", MetricSpec(
+            "jetstream_time_to_first_token", Histogram, "Time to first token per request", "seconds",
+            buckets=_TTFT)),
+        ("tpot", MetricSpec(
+            "jetstream_time_per_output_token", Histogram, "Average time per output token per request", "seconds",
+            buckets=_TPOT)),
+        ("prefill_token", MetricSpec(
+            "jetstream_time_per_prefill_token", Histogram, "Prefill time per token per request", "seconds",
+            buckets=_PREFILL_TOKEN)),
+        ("time_per_request", MetricSpec(
+            "jetstream_time_per_request", Histogram, "End to end request latency", "seconds", buckets=_REQUEST)),
+        ("wait_time", MetricSpec(
+            "jetstream_wait_time_per_request", Histogram, "Time each request is not being prefilled or decoded",
+            "seconds", buckets=_SECONDS_SHORT)),
+        ("transfer_time", MetricSpec(
+            "jetstream_transfer_time", Histogram,
+            "Time to move one prefill result to the generate mesh (disaggregated mode)", "seconds",
+            buckets=_TRANSFER)),
+    )
+}  # fmt: skip
+
+_ENGINE_IDX = "0"  # one prefill and one generate engine per server
 
 
 def _labels(model_name: str) -> dict[str, str]:
@@ -36,87 +120,25 @@ def _labels(model_name: str) -> dict[str, str]:
     return labels
 
 
+def _build(spec: MetricSpec, label_names: list[str], registry: CollectorRegistry):
+    names = label_names + (["idx"] if spec.per_engine else [])
+    extra = {"buckets": spec.buckets} if spec.kind is Histogram else {}
+    return spec.kind(spec.name, spec.help, names, registry=registry, **extra)
+
+
 class ServerMetrics:
     """The server's metrics. Record with the methods below; expose with `exposition()`."""
 
     def __init__(self, model_name: str = "", registry: CollectorRegistry | None = None):
         self.registry = registry if registry is not None else CollectorRegistry()
         self._labels = _labels(model_name)
-        names = list(self._labels)
-        reg = self.registry
+        label_names = list(self._labels)
+        self._metrics = {key: _build(spec, label_names, self.registry) for key, spec in METRICS.items()}
 
-        def histogram(name: str, doc: str, buckets) -> Histogram:
-            return Histogram(name, doc, names, buckets=buckets, registry=reg)
-
-        self._prefill_backlog = Gauge(
-            "jetstream_prefill_backlog_size", "Size of prefill queue", names, registry=reg
-        )
-        self._transfer_backlog = Gauge(
-            "jetstream_transfer_backlog_size", "Size of transfer queue", names + ["idx"], registry=reg
-        )
-        self._generate_backlog = Gauge(
-            "jetstream_generate_backlog_size", "Size of generate queue", names + ["idx"], registry=reg
-        )
-        self._slots_used = Gauge(
-            "jetstream_slots_used_percentage",
-            "The percentage of decode slots currently being used",
-            names + ["idx"],
-            registry=reg,
-        )
-        self._requests_waiting = Gauge(
-            "num_requests_waiting", "Number of requests waiting to be processed", names, registry=reg
-        )
-        self._kv_cache_utilization = Gauge(
-            "kv_cache_utilization_perc",
-            "KV cache utilization % by the requests under processing",
-            names,
-            registry=reg,
-        )
-        self._model_load_time = Gauge(
-            "jetstream_model_load_time", "Total time taken to load the model", names, registry=reg
-        )
-        self._startup_latency = Gauge(
-            "jetstream_server_startup_latency",
-            "Total time taken to start the Jetstream server",
-            names,
-            registry=reg,
-        )
-        self._queue_duration = histogram(
-            "jetstream_queue_duration", "The total time each request spends enqueued in seconds", _SECONDS_SHORT
-        )
-        self._input_length = histogram(
-            "jetstream_request_input_length", "Number of input tokens per request", _INPUT_LENGTH
-        )
-        self._output_length = histogram(
-            "jetstream_request_output_length", "Number of output tokens per request", _OUTPUT_LENGTH
-        )
-        self._success = Counter(
-            "jetstream_request_success_count", "Number of requests successfully completed", names, registry=reg
-        )
-        self._ttft = histogram(
-            "jetstream_time_to_first_token", "Time to first token per request in seconds", _TTFT
-        )
-        self._tpot = histogram(
-            "jetstream_time_per_output_token",
-            "Average time per output token per request in seconds",
-            _TPOT,
-        )
-        self._prefill_token = histogram(
-            "jetstream_time_per_prefill_token", "Prefill time per token per request in seconds", _PREFILL_TOKEN
-        )
-        self._time_per_request = histogram(
-            "jetstream_time_per_request", "End to end request latency in seconds", _REQUEST
-        )
-        self._wait_time = histogram(
-            "jetstream_wait_time_per_request",
-            "Time each request is not being prefilled or decoded",
-            _SECONDS_SHORT,
-        )
-        self._transfer_time = histogram(
-            "jetstream_transfer_time",
-            "Time to move one prefill result to the generate mesh (disaggregated mode), seconds",
-            _TRANSFER,
-        )
+    def _series(self, key: str):
+        """The metric's one labelled series (JetStream's universal labels, plus idx per engine)."""
+        engine = {"idx": _ENGINE_IDX} if METRICS[key].per_engine else {}
+        return self._metrics[key].labels(**self._labels, **engine)
 
     # -- live gauges ------------------------------------------------------------------------------
     def watch(
@@ -129,40 +151,102 @@ class ServerMetrics:
         requests_waiting: Callable[[], float],
         kv_cache_utilization: Callable[[], float],
     ) -> None:
-        """Register callbacks read at every scrape (so values are live, not last-set)."""
-        self._prefill_backlog.labels(**self._labels).set_function(prefill_backlog)
-        self._transfer_backlog.labels(**self._labels, idx="0").set_function(transfer_backlog)
-        self._generate_backlog.labels(**self._labels, idx="0").set_function(generate_backlog)
-        self._slots_used.labels(**self._labels, idx="0").set_function(slots_used_percentage)
-        self._requests_waiting.labels(**self._labels).set_function(requests_waiting)
-        self._kv_cache_utilization.labels(**self._labels).set_function(kv_cache_utilization)
+        """Register callbacks read at every scrape (so values are live, not last-set), each in the
+        unit of its row in METRICS: slots_used_percentage a fraction 0..1, kv_cache_utilization a
+        percent 0..100, the backlogs counts."""
+        callbacks = {
+            "prefill_backlog": prefill_backlog,
+            "transfer_backlog": transfer_backlog,
+            "generate_backlog": generate_backlog,
+            "slots_used_percentage": slots_used_percentage,
+            "requests_waiting": requests_waiting,
+            "kv_cache_utilization": kv_cache_utilization,
+        }
+        for key, callback in callbacks.items():
+            self._series(key).set_function(callback)
 
     # -- events -----------------------------------------------------------------------------------
     def startup(self, *, model_load_s: float, total_s: float) -> None:
-        self._model_load_time.labels(**self._labels).set(model_load_s)
-        self._startup_latency.labels(**self._labels).set(total_s)
+        self._series("model_load_time").set(model_load_s)
+        self._series("startup_latency").set(total_s)
 
     def prefilled(self, *, queued_s: float, prefill_s: float, prompt_tokens: int) -> None:
-        self._queue_duration.labels(**self._labels).observe(queued_s)
-        self._input_length.labels(**self._labels).observe(prompt_tokens)
-        self._prefill_token.labels(**self._labels).observe(prefill_s / max(prompt_tokens, 1))
+        self._series("queue_duration").observe(queued_s)
+        self._series("input_length").observe(prompt_tokens)
+        self._series("prefill_token").observe(prefill_s / max(prompt_tokens, 1))
 
     def transferred(self, seconds: float) -> None:
-        self._transfer_time.labels(**self._labels).observe(seconds)
+        self._series("transfer_time").observe(seconds)
 
     def first_token(self, seconds: float) -> None:
-        self._ttft.labels(**self._labels).observe(seconds)
+        self._series("ttft").observe(seconds)
 
     def completed(self, *, total_s: float, ttft_s: float, output_tokens: int, wait_s: float) -> None:
         """A request finished normally (stop token, max_tokens or cache full)."""
-        self._success.labels(**self._labels).inc()
-        self._time_per_request.labels(**self._labels).observe(total_s)
-        self._output_length.labels(**self._labels).observe(output_tokens)
-        self._wait_time.labels(**self._labels).observe(wait_s)
+        self._series("success").inc()
+        self._series("time_per_request").observe(total_s)
+        self._series("output_length").observe(output_tokens)
+        self._series("wait_time").observe(wait_s)
         if output_tokens > 1:
-            self._tpot.labels(**self._labels).observe((total_s - ttft_s) / (output_tokens - 1))
+            self._series("tpot").observe((total_s - ttft_s) / (output_tokens - 1))
 
     def exposition(self) -> bytes:
         return prometheus_client.generate_latest(self.registry)
 
     content_type = prometheus_client.CONTENT_TYPE_LATEST
+
+
+# -- what the Horizontal Pod Autoscaler does with these metrics ----------------------------------
+# https://kubernetes.io/docs/tasks/run-application/horizontal-pod-autoscale/#algorithm-details and
+# kubernetes pkg/controller/podautoscaler/replica_calculator.go (calcPlainMetricReplicas).
+HPA_TOLERANCE = 0.1  # kube-controller-manager --horizontal-pod-autoscaler-tolerance default
+# The default scale-up behaviour: per period, add at most 100% of the current pods or 4 pods,
+# whichever is more (spec.behavior.scaleUp default policies, selectPolicy Max).
+HPA_SCALE_UP_PERCENT = 100
+HPA_SCALE_UP_PODS = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaleDecision:
+    """One HPA evaluation of a Pods metric with an AverageValue target."""
+
+    average: float  # the metric averaged over the pods that report it
+    ratio: float  # average / target
+    within_tolerance: bool  # |1 - ratio| <= tolerance: the HPA keeps the current count
+    desired: int  # replicas the HPA sets, after the tolerance, the scale-up limit and min/max
+
+
+def hpa_desired_replicas(
+    per_pod: Sequence[float],
+    target: float,
+    *,
+    min_replicas: int,
+    max_replicas: int,
+    tolerance: float = HPA_TOLERANCE,
+) -> ScaleDecision:
+    """desired = ceil(pods x average / target), as the HPA computes it for a `type: Pods` metric
+    with `target.averageValue` (also what an External metric with averageValue amounts to):
+
+    - the metric is averaged over the pods (here: one value per LeaderWorkerSet leader, the pods
+      the LWS scale subresource selects), and the current count is the number of pods reporting;
+    - within the tolerance of the target (|1 - average/target| <= 0.1) nothing changes;
+    - one step grows by at most max(100 %, 4 pods); the result is clamped to [min, max].
+
+    Not modelled: pods that are not ready or report no value (the HPA then assumes 0 on a
+    scale-up and the target on a scale-down), and the scale-down stabilization window (the HPA
+    uses the highest recommendation of the window, 300 s by default).
+    """
+    if not per_pod:
+        raise ValueError("per_pod: the HPA needs a value from at least one pod")
+    if not target > 0:
+        raise ValueError(f"target must be > 0, got {target}")
+    if not 1 <= min_replicas <= max_replicas:
+        raise ValueError(f"need 1 <= min_replicas ({min_replicas}) <= max_replicas ({max_replicas})")
+    current = len(per_pod)
+    average = sum(per_pod) / current
+    ratio = average / target
+    within = abs(1.0 - ratio) <= tolerance
+    desired = current if within else math.ceil(ratio * current)
+    scale_up_limit = max(current * (100 + HPA_SCALE_UP_PERCENT) // 100, current + HPA_SCALE_UP_PODS)
+    desired = min(desired, scale_up_limit)
+    return ScaleDecision(average, ratio, within, max(min_replicas, min(desired, max_replicas)))

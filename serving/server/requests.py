@@ -33,10 +33,15 @@ class RequestError(ValueError):
         self.message = message
 
 
+# A full queue drains at the speed of whole generations, so sooner than this a retry would
+# likely be refused again; HTTP's Retry-After counts whole seconds.
+DEFAULT_RETRY_AFTER_S = 1
+
+
 class Overloaded(RuntimeError):
     """Too many requests are waiting; the client should retry after `retry_after_s` seconds."""
 
-    def __init__(self, waiting: int, retry_after_s: int = 1):
+    def __init__(self, waiting: int, retry_after_s: int = DEFAULT_RETRY_AFTER_S):
         super().__init__(f"server overloaded: {waiting} requests already waiting; retry later")
         self.retry_after_s = retry_after_s
 
@@ -154,9 +159,10 @@ class ResultStream:
         while True:
             with self._lock:
                 while not self._deltas and self._finish is None:
-                    if deadline is not None and time.monotonic() > deadline:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
                         raise TimeoutError(f"request not finished within {timeout_s}s")
-                    self._ready.wait(timeout=0.5)
+                    self._ready.wait(timeout=left)  # push() and close() notify
                 deltas, finished = self._take()
             yield from deltas
             if finished:
@@ -198,3 +204,43 @@ def _join(deltas: Sequence[Delta], stream: ResultStream) -> Completion:
         token_ids=tuple(t for d in deltas for t in d.token_ids),
         finish=stream.finish,
     )
+
+
+class StopStrings:
+    """Cuts generated text at the first of some stop strings, for text that arrives in pieces.
+
+    `feed(piece)` returns the text that may be released now and whether a stop string was found;
+    on a match the text before it is released and the stop string and all after it are dropped.
+    A tail that could be the start of a stop string completed by a later piece is held back, so a
+    streaming client never sees part of a stop string; `flush()` releases it when generation ends
+    for another reason.
+    """
+
+    def __init__(self, stops: Sequence[str]):
+        if not all(stops):
+            raise ValueError("stop strings must not be empty")
+        self._stops = tuple(stops)
+        self._longest = max((len(s) for s in stops), default=0)
+        self._held = ""
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        text = self._held + piece  # no stop string starts in text released earlier (see _held)
+        found = [at for at in (text.find(stop) for stop in self._stops) if at >= 0]
+        if found:
+            self._held = ""
+            return text[: min(found)], True
+        keep = self._stop_prefix_length(text)
+        self._held = text[len(text) - keep :]
+        return text[: len(text) - keep], False
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return held
+
+    def _stop_prefix_length(self, text: str) -> int:
+        """Length of the longest tail of `text` that is the start of a stop string."""
+        for length in range(min(len(text), self._longest - 1), 0, -1):
+            tail = text[-length:]
+            if any(stop.startswith(tail) for stop in self._stops):
+                return length
+        return 0

@@ -1,8 +1,10 @@
-"""Test plumbing: free loopback ports, polling, and `python -m serving` as a subprocess."""
+"""Test plumbing: free loopback ports, polling, `python -m serving` as a subprocess, and reading its
+/metrics as Prometheus does."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import socket
 import subprocess
@@ -12,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 300
@@ -100,3 +103,40 @@ def running(args: Sequence[str], env: dict[str, str], http_port: int, log_name: 
         yield proc
     finally:
         stop([proc])
+
+
+# -- the tiny random-weight model as a real server: for plumbing (metrics, autoscaling) -----------
+TINY_PROMPT = "hello"  # 5 byte tokens; the tiny model's tokenizer is one token per byte
+
+
+def tiny_server_args(http_port: int, *, slots: int, max_target_length: int) -> list[str]:
+    """`python -m serving` on the `tiny` config: loads in no time, compiles in seconds."""
+    return [
+        "--host", HOST, "--http-port", str(http_port), "--grpc-port", "0", "--slots", str(slots),
+        "--max-prefill-length", "16", "--max-target-length", str(max_target_length), "model_name=tiny",
+    ]  # fmt: skip
+
+
+def long_completion(url: str, max_tokens: int, headers: dict[str, str] | None = None) -> dict:
+    """One greedy completion of exactly max_tokens tokens (the random model's EOS is ignored)."""
+    body = {"prompt": TINY_PROMPT, "max_tokens": max_tokens, "ignore_eos": True}
+    r = httpx.post(url + "/v1/completions", json=body, headers=headers or {}, timeout=START_TIMEOUT_S)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@dataclasses.dataclass(frozen=True)
+class Gauge:
+    value: float
+    labels: dict[str, str]
+
+
+def scrape_gauges(url: str) -> dict[str, Gauge]:
+    """A server's /metrics as Prometheus reads it: every gauge (one series each here) by name."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    gauges = {}
+    for family in text_string_to_metric_families(text):
+        if family.type == "gauge":
+            (sample,) = family.samples
+            gauges[family.name] = Gauge(sample.value, sample.labels)
+    return gauges

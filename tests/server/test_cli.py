@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import re
+import shlex
 import threading
 
 import httpx
 import pytest
 from fake_engine import ByteTokenizer, EchoEngine
-from server_process import HOST, wait_until
+from server_process import HOST, ROOT, wait_until
 
 from serving.server import cli
 from serving.server.settings import DISAGGREGATED_SERVER, SettingsError
@@ -43,6 +45,28 @@ def test_slots_divide_over_the_generate_mesh():
     assert disagg.per_device_batch_size == 2  # 8 devices -> 4 prefill + 4 generate
     with pytest.raises(SettingsError, match="--slots 3"):
         settings(["--slots", "3"], devices=2)
+
+
+def test_local_runs_bind_loopback_and_the_image_binds_every_interface():
+    assert cli.build_parser().parse_intermixed_args([]).host == "127.0.0.1"
+    entrypoint = re.search(r"^ENTRYPOINT (.+)$", (ROOT / "serving/Dockerfile").read_text(), re.MULTILINE)
+    command = json.loads(entrypoint.group(1))
+    assert command[command.index("--host") + 1] == "0.0.0.0"  # a pod is reached through its IP
+
+
+def test_help_shows_the_quick_start_request(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    help_text = capsys.readouterr().out
+    curl = next(line.strip() for line in help_text.splitlines() if line.strip().startswith("curl "))
+    words = shlex.split(curl)
+    assert words[-2] == "-d" and words[2] == "localhost:8000/generate"
+    assert set(json.loads(words[-1])) == {"prompt", "max_tokens"}
+
+
+def test_queue_limit_default():
+    assert cli.default_max_queued_requests(4) == 64  # a floor for small servers
+    assert cli.default_max_queued_requests(128) == 256  # two per slot
 
 
 def test_unknown_key_is_a_usage_error(capsys):

@@ -108,6 +108,12 @@ def test_openai_endpoints(server):
     chunks = [json.loads(e) for e in events[:-1]]
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == r["choices"][0]["message"]["content"]
     assert chunks[-1]["usage"] == usage
+    content = r["choices"][0]["message"]["content"]
+    stopped = httpx.post(url + "/v1/chat/completions", json={**chat, "stop": ["Paris"]}, timeout=TIMEOUT).json()
+    assert stopped["choices"][0] == {**r["choices"][0], "message": {
+        "role": "assistant", "content": content[: content.index("Paris")]}}  # fmt: skip
+    through = httpx.post(url + "/v1/chat/completions", json={**chat, "ignore_eos": True}, timeout=TIMEOUT).json()
+    assert through["choices"][0]["finish_reason"] == "length" and through["usage"]["completion_tokens"] == 24
     completion = {"prompt": PROMPTS[2], "max_tokens": 16}
     c = httpx.post(url + "/v1/completions", json=completion, timeout=TIMEOUT).json()
     assert c["choices"][0]["text"] == generate(server, PROMPTS[2], 16).json()["response"]

@@ -120,7 +120,9 @@ def test_openai_completion_stream(fake_server):
     chunks = events[:-1]
     assert "".join(c["choices"][0]["text"] for c in chunks) == "ababa"
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    # without stream_options.include_usage the counts ride on the finish chunk (as llama.cpp's server)
     assert chunks[-1]["usage"] == {"prompt_tokens": 2, "completion_tokens": 5, "total_tokens": 7}
+    assert not any("usage" in c for c in chunks[:-1])
 
 
 def test_openai_chat_applies_template(fake_server):
@@ -132,23 +134,32 @@ def test_openai_chat_applies_template(fake_server):
     assert r["usage"]["prompt_tokens"] == len(template.encode())
 
 
-def test_openai_chat_stream(fake_server):
-    body = {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 3, "stream": True}
+def test_openai_chat_stream_with_usage(fake_server):
+    body = {
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_completion_tokens": 3,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     with httpx.stream("POST", fake_server.http_url + "/v1/chat/completions", json=body, timeout=TIMEOUT) as r:
         events = sse_events(r)
     assert events[-1] == "[DONE]"
-    deltas = [c["choices"][0]["delta"] for c in events[:-1]]
+    *chunks, usage = events[:-1]
+    deltas = [c["choices"][0]["delta"] for c in chunks]
     assert deltas[0] == {"role": "assistant", "content": ""}
     assert "".join(d.get("content", "") for d in deltas) == "[us"
-    assert events[-2]["object"] == "chat.completion.chunk"
-    assert events[-2]["usage"]["completion_tokens"] == 3
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert all(c["object"] == "chat.completion.chunk" and c["usage"] is None for c in chunks)
+    # as OpenAI: one more chunk before [DONE], empty choices, the whole request's usage
+    assert usage["choices"] == [] and usage["object"] == "chat.completion.chunk"
+    assert usage["usage"]["completion_tokens"] == 3
+    assert usage["usage"]["total_tokens"] == usage["usage"]["prompt_tokens"] + 3
 
 
 @pytest.mark.parametrize(
     "path,body,param",
     [
         ("/v1/completions", {"prompt": "a", "n": 2}, "n"),
-        ("/v1/completions", {"prompt": "a", "stop": ["x"]}, "stop"),
         ("/v1/completions", {"prompt": "a", "max_tokens": -2}, "max_tokens"),
         ("/v1/completions", {"max_tokens": 2}, "prompt"),
         ("/v1/chat/completions", {"messages": []}, "messages"),
