@@ -22,6 +22,7 @@ def run_in_pack_venv(*args: str, stdin: str | None = None) -> subprocess.Complet
 
 def violations_of(resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every violation the pack reports for `resources` ({type, name, urn, inputs}), as the engine would."""
-    result = run_in_pack_venv("policy/tests/analyzer.py", stdin=json.dumps(resources))
+    # An input JSON cannot carry as it is (an asset, say) travels as its text; no policy reads one.
+    result = run_in_pack_venv("policy/tests/analyzer.py", stdin=json.dumps(resources, default=str))
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
