@@ -11,7 +11,10 @@ PACK_NAME = "jetstream-tpu-guardrails"
 
 def _validate(rule: Rule):
     def validate(args: ResourceValidationArgs, report_violation: ReportViolation) -> None:
-        for message in rule.check(Resource(type=args.resource_type, urn=args.urn, props=args.props)):
+        resource = Resource(type=args.resource_type, urn=args.urn, props=args.props)
+        if not rule.applies(resource):
+            args.not_applicable()
+        for message in rule.check(resource):
             report_violation(f"{args.name}: {message}", None)
     return validate
 

@@ -1,6 +1,7 @@
 """The guardrails as plain functions: one resource in, its violation messages out (empty = compliant).
 
-Every rule takes a `Resource` as Pulumi hands it to a policy: the type token, the URN (which carries
+Every rule says which resources it judges (`applies`) and what is wrong with one (`check`, called
+only where the rule applies). Both take a `Resource` as Pulumi hands it to a policy: the type token, the URN (which carries
 the stack name) and the resource's inputs with their camelCase wire names. Numbers arrive as floats
 and, inside a policy pack, mappings and lists arrive as read-only `Mapping` / `Sequence` proxies that
 raise on a value still unknown during preview, so the rules use only those protocols and read only
@@ -76,9 +77,13 @@ CONTAINER_LISTS = ("initContainers", "containers", "ephemeralContainers")
 DIGEST = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-fA-F0-9]{32,}")
 
 
+def is_workload(resource: Resource) -> bool:
+    return resource.kubernetes_kind in POD_SPEC_PATHS
+
+
 def pod_containers(resource: Resource) -> Iterator[tuple[str, Mapping[str, Any]]]:
     """(path, container) for every container of every pod template the workload declares."""
-    for spec_path in POD_SPEC_PATHS.get(resource.kubernetes_kind or "", ()):
+    for spec_path in POD_SPEC_PATHS[resource.kubernetes_kind]:
         pod_spec = _get(resource.props, *spec_path)
         for list_name in CONTAINER_LISTS:
             for index, container in enumerate(_items(_get(pod_spec, list_name))):
@@ -115,24 +120,30 @@ def check_images_pinned(resource: Resource) -> list[str]:
 
 PRIMITIVE_ROLES = frozenset({"roles/owner", "roles/editor", "roles/viewer"})
 PUBLIC_MEMBERS = frozenset({"allUsers", "allAuthenticatedUsers"})
+# pulumi-gcp names every IAM grant resource `...IamMember` (role, member), `...IamBinding` (role,
+# members) or `...IamPolicy` (policyData, JSON bindings), in any case: IAMMember, IamMember.
+IAM_GRANT_SUFFIXES = ("iammember", "iambinding", "iampolicy")
+
+
+def _gcp_kind(resource: Resource) -> str:
+    return resource.type.rpartition(":")[2].lower() if resource.type.startswith("gcp:") else ""
+
+
+def is_iam_grant(resource: Resource) -> bool:
+    return _gcp_kind(resource).endswith(IAM_GRANT_SUFFIXES)
 
 
 def iam_grants(resource: Resource) -> list[tuple[Any, Any]]:
-    """(role, member) pairs granted by a gcp IAM resource; pulumi-gcp names them all
-    `...IamMember` (role, member), `...IamBinding` (role, members) or `...IamPolicy` (policyData JSON)."""
-    if not resource.type.startswith("gcp:"):
-        return []
-    kind = resource.type.rpartition(":")[2].lower()
+    """(role, member) pairs an IAM grant resource grants."""
+    kind = _gcp_kind(resource)
     props = resource.props
     if kind.endswith("iammember"):
         return [(props.get("role"), props.get("member"))]
     if kind.endswith("iambinding"):
         return [(props.get("role"), member) for member in _items(props.get("members"))]
-    if kind.endswith("iampolicy"):
-        policy = json.loads(props.get("policyData") or "{}")
-        return [(binding.get("role"), member) for binding in policy.get("bindings", [])
-                for member in binding.get("members", [])]
-    return []
+    policy = json.loads(props.get("policyData") or "{}")
+    return [(binding.get("role"), member) for binding in policy.get("bindings", [])
+            for member in binding.get("members", [])]
 
 
 def check_no_primitive_roles(resource: Resource) -> list[str]:
@@ -151,11 +162,13 @@ def check_no_public_members(resource: Resource) -> list[str]:
 INTERNAL_LB_ANNOTATION = ("networking.gke.io/load-balancer-type", "Internal")
 
 
+def is_service(resource: Resource) -> bool:
+    return resource.kubernetes_kind == "Service"
+
+
 def check_load_balancer_internal(resource: Resource) -> list[str]:
-    if resource.kubernetes_kind != "Service" or _get(resource.props, "spec", "type") != "LoadBalancer":
-        return []
     key, value = INTERNAL_LB_ANNOTATION
-    if _get(resource.props, "metadata", "annotations", key) == value:
+    if _get(resource.props, "spec", "type") != "LoadBalancer" or _get(resource.props, "metadata", "annotations", key) == value:
         return []
     return [f"is a LoadBalancer without the annotation {key}: {value!r}, so GKE would give it a public IP; "
             f"add the annotation (internal passthrough load balancer) or use ClusterIP"]
@@ -168,11 +181,13 @@ CLUSTER = "gcp:container/cluster:Cluster"
 PRODUCTION_STACK_PREFIX = "prod"
 
 
+def is_cluster(resource: Resource) -> bool:
+    return resource.type == CLUSTER
+
+
 def check_prod_cluster_deletion_protection(resource: Resource) -> list[str]:
-    if resource.type != CLUSTER or not resource.stack.startswith(PRODUCTION_STACK_PREFIX):
-        return []
     # Absent means the provider default, which is true.
-    if resource.props.get("deletionProtection", True) is not False:
+    if not resource.stack.startswith(PRODUCTION_STACK_PREFIX) or resource.props.get("deletionProtection", True) is not False:
         return []
     return [f"turns deletionProtection off in the production stack {resource.stack!r}; keep it on "
             f"(turn it off in a separate, reviewed change right before a planned deletion)"]
@@ -185,12 +200,16 @@ NODE_POOL = "gcp:container/nodePool:NodePool"
 DEFAULT_COMPUTE_ACCOUNT = re.compile(r"\d+-compute@developer\.gserviceaccount\.com")
 
 
+def creates_nodes(resource: Resource) -> bool:
+    return resource.type in (NODE_POOL, CLUSTER)
+
+
 def node_pool_configs(resource: Resource) -> Iterator[tuple[str, Any]]:
     """(where, nodeConfig) for every pool of nodes the resource creates."""
     props = resource.props
     if resource.type == NODE_POOL:
         yield f"node pool {props.get('name')!r}", props.get("nodeConfig")
-    elif resource.type == CLUSTER:
+    else:
         if props.get("enableAutopilot") is True:
             yield "Autopilot's provisioned nodes", _get(props, "clusterAutoscaling", "autoProvisioningDefaults")
         elif props.get("removeDefaultNodePool") is not True:
@@ -218,19 +237,24 @@ TPU_MACHINE_TYPE = re.compile(r"(?:ct|tpu)[a-z0-9]*-[a-z]+-(\d+)t")
 TOPOLOGY = re.compile(r"\d+(?:x\d+)+")
 
 
+def _tpu_machine(resource: Resource) -> re.Match | None:
+    return TPU_MACHINE_TYPE.fullmatch(str(_get(resource.props, "nodeConfig", "machineType") or ""))
+
+
+def is_tpu_node_pool(resource: Resource) -> bool:
+    return resource.type == NODE_POOL and _tpu_machine(resource) is not None
+
+
 def check_multi_host_tpu_placement(resource: Resource) -> list[str]:
     """GKE makes a TPU pool one multi-host slice when its topology holds more chips than one VM;
     such a slice needs COMPACT placement. A TPU pool without a topology is single-host VMs."""
-    if resource.type != NODE_POOL:
-        return []
-    machine = TPU_MACHINE_TYPE.fullmatch(str(_get(resource.props, "nodeConfig", "machineType") or ""))
     topology = _get(resource.props, "placementPolicy", "tpuTopology")
-    if not machine or not topology:
+    if not topology:
         return []
     if not TOPOLOGY.fullmatch(str(topology)):
         return [f"has placementPolicy.tpuTopology {topology!r}, which is not a topology like 4x4 or 2x2x4"]
     chips = math.prod(int(side) for side in str(topology).split("x"))
-    chips_per_vm = int(machine.group(1))
+    chips_per_vm = int(_tpu_machine(resource).group(1))
     if chips <= chips_per_vm:
         return []
     placement = _get(resource.props, "placementPolicy", "type")
@@ -252,12 +276,14 @@ def serves(container: Mapping[str, Any]) -> bool:
     return "readinessProbe" in container or "livenessProbe" in container
 
 
+def is_leader_worker_set(resource: Resource) -> bool:
+    return resource.kubernetes_kind == "LeaderWorkerSet"
+
+
 def check_lws_startup_probes(resource: Resource) -> list[str]:
     """Without a startup probe, the readiness and liveness probes judge a serving container while its
     model is still loading, and liveness restarts it. The group is reached through its leader (the
     worker template when there is no leader template), so a container there must serve."""
-    if resource.kubernetes_kind != "LeaderWorkerSet":
-        return []
     templates = {name: _get(resource.props, "spec", "leaderWorkerTemplate", name) for name in LWS_TEMPLATES}
     containers = {name: _items(_get(template, "spec", "containers")) for name, template in templates.items()}
     problems = [f"container {container.get('name')!r} in {name} serves (it has a readiness or liveness probe) "
@@ -275,32 +301,33 @@ def check_lws_startup_probes(resource: Resource) -> list[str]:
 class Rule:
     name: str
     description: str
+    applies: Callable[[Resource], bool]
     check: Callable[[Resource], list[str]]
 
 
 RULES: tuple[Rule, ...] = (
     Rule("container-images-pinned",
          "Container images are pinned by a version tag or a digest, never :latest or untagged.",
-         check_images_pinned),
+         is_workload, check_images_pinned),
     Rule("no-primitive-iam-roles",
          "No IAM grant of the primitive roles owner, editor or viewer.",
-         check_no_primitive_roles),
+         is_iam_grant, check_no_primitive_roles),
     Rule("no-public-iam-members",
          "No IAM grant to allUsers or allAuthenticatedUsers.",
-         check_no_public_members),
+         is_iam_grant, check_no_public_members),
     Rule("load-balancers-internal",
          "A Service of type LoadBalancer carries GKE's internal load-balancer annotation.",
-         check_load_balancer_internal),
+         is_service, check_load_balancer_internal),
     Rule("prod-cluster-deletion-protection",
          "GKE clusters keep deletion protection in stacks whose name starts with 'prod'.",
-         check_prod_cluster_deletion_protection),
+         is_cluster, check_prod_cluster_deletion_protection),
     Rule("node-pools-not-default-service-account",
          "GKE nodes do not run as the Compute Engine default service account.",
-         check_node_pool_service_account),
+         creates_nodes, check_node_pool_service_account),
     Rule("multi-host-tpu-compact-placement",
          "Multi-host TPU slice node pools keep COMPACT placement with their TPU topology.",
-         check_multi_host_tpu_placement),
+         is_tpu_node_pool, check_multi_host_tpu_placement),
     Rule("lws-serving-startup-probe",
          "LeaderWorkerSet containers that serve have a startup probe.",
-         check_lws_startup_probes),
+         is_leader_worker_set, check_lws_startup_probes),
 )

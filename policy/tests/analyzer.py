@@ -33,33 +33,46 @@ class Violation:
     mandatory: bool
 
 
+@dataclasses.dataclass(frozen=True)
+class Analysis:
+    violations: list[Violation]
+    not_applicable: set[str]  # the policies that do not judge this resource
+
+    @property
+    def applicable(self) -> list[str]:
+        return [policy.name for policy in POLICIES if policy.name not in self.not_applicable]
+
+
 def urn_of(stack: str, type_: str, name: str, project: str = "jetstream-tpu") -> str:
     return f"urn:pulumi:{stack}::{project}::{type_}::{name}"
 
 
-def analyze_resource(type_: str, name: str, urn: str, props: Mapping[str, Any]) -> list[Violation]:
-    """The violations of every policy of the pack for one resource."""
+def analyze_resource(type_: str, name: str, urn: str, props: Mapping[str, Any]) -> Analysis:
+    """What every policy of the pack says about one resource."""
     properties = struct_pb2.Struct()
     properties.update(props)
     request = proto.AnalyzeRequest(type=type_, name=name, urn=urn, properties=properties)
     servicer = _PolicyAnalyzerServicer(PACK_NAME, "0.1.0", POLICIES, EnforcementLevel.ADVISORY)
     response = servicer.Analyze(request, None)
-    return [Violation(policy=diagnostic.policyName, message=diagnostic.message,
-                      mandatory=diagnostic.enforcementLevel == proto.MANDATORY)
-            for diagnostic in response.diagnostics]
+    violations = [Violation(policy=diagnostic.policyName, message=diagnostic.message,
+                            mandatory=diagnostic.enforcementLevel == proto.MANDATORY)
+                  for diagnostic in response.diagnostics]
+    return Analysis(violations, {entry.policy_name for entry in response.not_applicable})
 
 
 def analyze(type_: str, name: str, props: Mapping[str, Any], stack: str = "dev") -> list[Violation]:
-    return analyze_resource(type_, name, urn_of(stack, type_, name), props)
+    return analyze_resource(type_, name, urn_of(stack, type_, name), props).violations
 
 
 def main() -> None:
-    """`python policy/tests/analyzer.py` - stdin: a JSON list of {type, name, urn, inputs}; stdout: a JSON list of their violations."""
-    violations = []
+    """`python policy/tests/analyzer.py` - stdin: a JSON list of {type, name, urn, inputs}; stdout: the
+    pack's policies and, per resource, its violations and the policies that judge it."""
+    resources = []
     for resource in json.load(sys.stdin):
-        for violation in analyze_resource(resource["type"], resource["name"], resource["urn"], resource["inputs"]):
-            violations.append({"urn": resource["urn"], **dataclasses.asdict(violation)})
-    json.dump(violations, sys.stdout, indent=1)
+        analysis = analyze_resource(resource["type"], resource["name"], resource["urn"], resource["inputs"])
+        resources.append({"urn": resource["urn"], "applicable": analysis.applicable,
+                          "violations": [dataclasses.asdict(violation) for violation in analysis.violations]})
+    json.dump({"policies": [policy.name for policy in POLICIES], "resources": resources}, sys.stdout, indent=1)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import pathlib
 
 import pytest
 import yaml
-from analyzer import analyze
+from analyzer import analyze, analyze_resource, urn_of
 from pulumi.runtime.rpc import UNKNOWN
 
 from policies import POLICIES
@@ -119,6 +119,19 @@ def test_policy_passes_its_compliant_resource_and_catches_its_violating_one(poli
 
 def test_every_policy_has_a_compliant_and_a_violating_case():
     assert {case[0] for case in CASES} == {policy.name for policy in POLICIES}
+
+
+def applicable(type_: str, props: dict, stack: str = "dev") -> list[str]:
+    return analyze_resource(type_, "resource", urn_of(stack, type_, "resource"), props).applicable
+
+
+def test_each_policy_reports_the_resources_it_does_not_judge_as_not_applicable():
+    for policy, type_, compliant, _, stack in CASES:
+        assert policy in applicable(type_, compliant, stack)
+    assert applicable("gcp:storage/bucket:Bucket", {"name": "scratch", "uniformBucketLevelAccess": True}) == []
+    assert applicable("kubernetes:core/v1:ConfigMap", {"data": {"image": "x:latest"}}) == []
+    cpu_pool = node_pool(drop=("placementPolicy",), nodeConfig={"machineType": "e2-standard-4", "serviceAccount": NODE_ACCOUNT})
+    assert applicable(NODE_POOL, cpu_pool) == ["node-pools-not-default-service-account"]
 
 
 def test_deletion_protection_is_only_required_in_prod_stacks():

@@ -20,9 +20,15 @@ def run_in_pack_venv(*args: str, stdin: str | None = None) -> subprocess.Complet
                           timeout=300, check=False)
 
 
-def violations_of(resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every violation the pack reports for `resources` ({type, name, urn, inputs}), as the engine would."""
+def analysis_of(resources: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the pack says about `resources` ({type, name, urn, inputs}), as the engine would send them:
+    {"policies": [names], "resources": [{"urn", "applicable": [policies judging it], "violations": [...]}]}."""
     # An input JSON cannot carry as it is (an asset, say) travels as its text; no policy reads one.
     result = run_in_pack_venv("policy/tests/analyzer.py", stdin=json.dumps(resources, default=str))
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
+
+
+def violations_of(resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"urn": resource["urn"], **violation} for resource in analysis_of(resources)["resources"]
+            for violation in resource["violations"]]
