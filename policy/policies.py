@@ -13,7 +13,7 @@ def _validate(rule: Rule):
     def validate(args: ResourceValidationArgs, report_violation: ReportViolation) -> None:
         resource = Resource(type=args.resource_type, urn=args.urn, props=args.props)
         if not rule.applies(resource):
-            args.not_applicable()
+            args.not_applicable()  # raises: the engine records this policy as not judging the resource
         for message in rule.check(resource):
             report_violation(f"{args.name}: {message}", None)
     return validate

@@ -52,7 +52,7 @@ def test_the_pack_catches_a_stack_resource_made_non_compliant():
     resources = copy.deepcopy(as_sent_to_the_pack(recording(stack)))
     lws = next(resource for resource in resources if resource["type"] == LWS)
     leader = lws["inputs"]["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["containers"][0]
-    leader["image"] = leader["image"].rsplit(":", 1)[0] + ":latest"
+    leader["image"] = "us-docker.pkg.dev/cloud-tpu-images/inference/jetstream-pathways:latest"
     pool = next(resource for resource in resources if resource["type"] == NODE_POOL)
     pool["inputs"]["nodeConfig"]["serviceAccount"] = "123456789012-compute@developer.gserviceaccount.com"
     caught = {(violation["policy"], violation["urn"]) for violation in violations_of(resources)}
