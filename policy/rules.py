@@ -1,0 +1,333 @@
+"""The guardrails as plain functions: one resource in, its violation messages out (empty = compliant).
+
+Every rule says which resources it judges (`applies`) and what is wrong with one (`check`, called
+only where the rule applies). Both take a `Resource` as Pulumi hands it to a policy: the type token, the URN (which carries
+the stack name) and the resource's inputs with their camelCase wire names. Numbers arrive as floats
+and, inside a policy pack, mappings and lists arrive as read-only `Mapping` / `Sequence` proxies that
+raise on a value still unknown during preview, so the rules use only those protocols and read only
+the fields they judge (an unknown field elsewhere in the resource must not stop the check).
+
+No Pulumi import here: `policies.py` wraps each rule in a `ResourceValidationPolicy`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Resource:
+    type: str
+    urn: str
+    props: Mapping[str, Any]
+
+    @property
+    def stack(self) -> str:
+        """The stack name: `urn:pulumi:<stack>::<project>::<type>::<name>`."""
+        return self.urn.split("::", 1)[0].removeprefix("urn:pulumi:")
+
+    @property
+    def kubernetes_kind(self) -> str | None:
+        """`Deployment` for `kubernetes:apps/v1:Deployment`; None for anything not a Kubernetes object."""
+        provider, _, kind = self.type.rpartition(":")
+        return kind if provider.startswith("kubernetes:") and "/" in provider else None
+
+
+def _get(props: Any, *path: str) -> Any:
+    """The value at `path`, or None where a step is missing or not a mapping."""
+    value = props
+    for key in path:
+        if not isinstance(value, Mapping) or key not in value:
+            return None
+        value = value[key]
+    return value
+
+
+def _items(value: Any) -> Sequence[Any]:
+    """A list input's items; nothing where the input is absent or not a list."""
+    return value if isinstance(value, Sequence) and not isinstance(value, str) else ()
+
+
+# ---------------------------------------------------------------------------------------------
+# Container images: pinned by tag or digest on every workload kind.
+
+# Where each workload kind keeps its pod specs (LeaderWorkerSet: the leader and the worker template).
+POD_SPEC_PATHS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "Pod": (("spec",),),
+    "PodTemplate": (("template", "spec"),),
+    "ReplicationController": (("spec", "template", "spec"),),
+    "ReplicaSet": (("spec", "template", "spec"),),
+    "Deployment": (("spec", "template", "spec"),),
+    "StatefulSet": (("spec", "template", "spec"),),
+    "DaemonSet": (("spec", "template", "spec"),),
+    "Job": (("spec", "template", "spec"),),
+    "CronJob": (("spec", "jobTemplate", "spec", "template", "spec"),),
+    "LeaderWorkerSet": (
+        ("spec", "leaderWorkerTemplate", "leaderTemplate", "spec"),
+        ("spec", "leaderWorkerTemplate", "workerTemplate", "spec"),
+    ),
+}
+CONTAINER_LISTS = ("initContainers", "containers", "ephemeralContainers")
+# OCI image-spec digest: algorithm ":" encoded (sha256 = 64 hex digits).
+DIGEST = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-fA-F0-9]{32,}")
+
+
+def is_workload(resource: Resource) -> bool:
+    return resource.kubernetes_kind in POD_SPEC_PATHS
+
+
+def pod_containers(resource: Resource) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """(path, container) for every container of every pod template the workload declares."""
+    for spec_path in POD_SPEC_PATHS[resource.kubernetes_kind]:
+        pod_spec = _get(resource.props, *spec_path)
+        for list_name in CONTAINER_LISTS:
+            for index, container in enumerate(_items(_get(pod_spec, list_name))):
+                yield f"{'.'.join(spec_path)}.{list_name}[{index}]", container
+
+
+def image_pin_problem(image: Any) -> str | None:
+    """Why `image` is not pinned, or None when it names a version tag or a digest."""
+    if not isinstance(image, str) or not image:
+        return "has no image"
+    name, has_digest, digest = image.partition("@")
+    if has_digest:
+        return None if DIGEST.fullmatch(digest) else f"image {image!r} has a malformed digest"
+    repository_tail = name.rsplit("/", 1)[-1]  # a registry host may carry a :port
+    _, has_tag, tag = repository_tail.partition(":")
+    if not has_tag or not tag:
+        return f"image {image!r} has no tag, so it pulls :latest"
+    if tag == "latest":
+        return f"image {image!r} uses the moving tag :latest"
+    return None
+
+
+def check_images_pinned(resource: Resource) -> list[str]:
+    problems = []
+    for path, container in pod_containers(resource):
+        problem = image_pin_problem(container.get("image"))
+        if problem:
+            problems.append(f"container {container.get('name')!r} ({path}) {problem}; pin a version tag or an @sha256 digest")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# IAM: no primitive roles, no public members, on every IAM member / binding / policy resource.
+
+PRIMITIVE_ROLES = frozenset({"roles/owner", "roles/editor", "roles/viewer"})
+PUBLIC_MEMBERS = frozenset({"allUsers", "allAuthenticatedUsers"})
+# pulumi-gcp names every IAM grant resource `...IamMember` (role, member), `...IamBinding` (role,
+# members) or `...IamPolicy` (policyData, JSON bindings), in any case: IAMMember, IamMember.
+IAM_GRANT_SUFFIXES = ("iammember", "iambinding", "iampolicy")
+
+
+def _gcp_kind(resource: Resource) -> str:
+    return resource.type.rpartition(":")[2].lower() if resource.type.startswith("gcp:") else ""
+
+
+def is_iam_grant(resource: Resource) -> bool:
+    return _gcp_kind(resource).endswith(IAM_GRANT_SUFFIXES)
+
+
+def iam_grants(resource: Resource) -> list[tuple[Any, Any]]:
+    """(role, member) pairs an IAM grant resource grants."""
+    kind = _gcp_kind(resource)
+    props = resource.props
+    if kind.endswith("iammember"):
+        return [(props.get("role"), props.get("member"))]
+    if kind.endswith("iambinding"):
+        return [(props.get("role"), member) for member in _items(props.get("members"))]
+    policy = json.loads(props.get("policyData") or "{}")
+    return [(binding.get("role"), member) for binding in policy.get("bindings", [])
+            for member in binding.get("members", [])]
+
+
+def check_no_primitive_roles(resource: Resource) -> list[str]:
+    return [f"grants the primitive role {role!r} to {member!r}; grant a predefined or custom role with only the permissions needed"
+            for role, member in iam_grants(resource) if role in PRIMITIVE_ROLES]
+
+
+def check_no_public_members(resource: Resource) -> list[str]:
+    return [f"grants {role!r} to {member!r}, which is anyone on the internet; grant it to named principals"
+            for role, member in iam_grants(resource) if member in PUBLIC_MEMBERS]
+
+
+# ---------------------------------------------------------------------------------------------
+# Services: a LoadBalancer is internal (GKE's internal passthrough Network Load Balancer).
+
+INTERNAL_LB_ANNOTATION = ("networking.gke.io/load-balancer-type", "Internal")
+
+
+def is_service(resource: Resource) -> bool:
+    return resource.kubernetes_kind == "Service"
+
+
+def check_load_balancer_internal(resource: Resource) -> list[str]:
+    key, value = INTERNAL_LB_ANNOTATION
+    if _get(resource.props, "spec", "type") != "LoadBalancer" or _get(resource.props, "metadata", "annotations", key) == value:
+        return []
+    return [f"is a LoadBalancer without the annotation {key}: {value!r}, so GKE would give it a public IP; "
+            f"add the annotation (internal passthrough load balancer) or use ClusterIP"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Clusters keep deletion protection in production stacks.
+
+CLUSTER = "gcp:container/cluster:Cluster"
+PRODUCTION_STACK_PREFIX = "prod"
+
+
+def is_cluster(resource: Resource) -> bool:
+    return resource.type == CLUSTER
+
+
+def check_prod_cluster_deletion_protection(resource: Resource) -> list[str]:
+    # Absent means the provider default, which is true.
+    if not resource.stack.startswith(PRODUCTION_STACK_PREFIX) or resource.props.get("deletionProtection", True) is not False:
+        return []
+    return [f"turns deletionProtection off in the production stack {resource.stack!r}; keep it on "
+            f"(turn it off in a separate, reviewed change right before a planned deletion)"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Node pools do not run as the Compute Engine default service account.
+
+NODE_POOL = "gcp:container/nodePool:NodePool"
+DEFAULT_COMPUTE_ACCOUNT = re.compile(r"\d+-compute@developer\.gserviceaccount\.com")
+
+
+def creates_nodes(resource: Resource) -> bool:
+    return resource.type in (NODE_POOL, CLUSTER)
+
+
+def node_pool_configs(resource: Resource) -> Iterator[tuple[str, Any]]:
+    """(where, nodeConfig) for every pool of nodes the resource creates."""
+    props = resource.props
+    if resource.type == NODE_POOL:
+        yield f"node pool {props.get('name')!r}", props.get("nodeConfig")
+    else:
+        if props.get("enableAutopilot") is True:
+            yield "Autopilot's provisioned nodes", _get(props, "clusterAutoscaling", "autoProvisioningDefaults")
+        elif props.get("removeDefaultNodePool") is not True:
+            yield "the default node pool", props.get("nodeConfig")
+        for index, pool in enumerate(_items(props.get("nodePools"))):
+            yield f"inline node pool {pool.get('name', index)!r}", pool.get("nodeConfig")
+
+
+def runs_as_default_account(node_config: Any) -> bool:
+    account = _get(node_config, "serviceAccount")
+    return not account or account == "default" or bool(DEFAULT_COMPUTE_ACCOUNT.fullmatch(str(account)))
+
+
+def check_node_pool_service_account(resource: Resource) -> list[str]:
+    return [f"{where} runs as the Compute Engine default service account (serviceAccount unset or the "
+            f"default one), which by default holds the project-wide Editor role; set a dedicated, least-privilege account"
+            for where, node_config in node_pool_configs(resource) if runs_as_default_account(node_config)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-host TPU slices keep COMPACT placement with their topology.
+
+# TPU machine types end in the chips per VM: ct6e-standard-4t, ct5lp-hightpu-8t, tpu7x-standard-4t.
+TPU_MACHINE_TYPE = re.compile(r"(?:ct|tpu)[a-z0-9]*-[a-z]+-(\d+)t")
+TOPOLOGY = re.compile(r"\d+(?:x\d+)+")
+
+
+def _tpu_machine(resource: Resource) -> re.Match | None:
+    return TPU_MACHINE_TYPE.fullmatch(str(_get(resource.props, "nodeConfig", "machineType") or ""))
+
+
+def is_tpu_node_pool(resource: Resource) -> bool:
+    return resource.type == NODE_POOL and _tpu_machine(resource) is not None
+
+
+def check_multi_host_tpu_placement(resource: Resource) -> list[str]:
+    """GKE makes a TPU pool one multi-host slice when its topology holds more chips than one VM;
+    such a slice needs COMPACT placement. A TPU pool without a topology is single-host VMs."""
+    topology = _get(resource.props, "placementPolicy", "tpuTopology")
+    if not topology:
+        return []
+    if not TOPOLOGY.fullmatch(str(topology)):
+        return [f"has placementPolicy.tpuTopology {topology!r}, which is not a topology like 4x4 or 2x2x4"]
+    chips = math.prod(int(side) for side in str(topology).split("x"))
+    chips_per_vm = int(_tpu_machine(resource).group(1))
+    if chips <= chips_per_vm:
+        return []
+    placement = _get(resource.props, "placementPolicy", "type")
+    if placement == "COMPACT":
+        return []
+    return [f"is a multi-host TPU slice ({topology} = {chips} chips over {chips // chips_per_vm} VMs of "
+            f"{chips_per_vm}) with placementPolicy.type {placement!r}; it must be 'COMPACT' so the VMs share one ICI domain"]
+
+
+# ---------------------------------------------------------------------------------------------
+# LeaderWorkerSet containers that serve have a startup probe.
+
+LWS_TEMPLATES = ("leaderTemplate", "workerTemplate")
+
+
+def serves(container: Mapping[str, Any]) -> bool:
+    """Kubernetes routes traffic by the readiness probe and restarts by the liveness probe: a
+    container with either is one that serves."""
+    return "readinessProbe" in container or "livenessProbe" in container
+
+
+def is_leader_worker_set(resource: Resource) -> bool:
+    return resource.kubernetes_kind == "LeaderWorkerSet"
+
+
+def check_lws_startup_probes(resource: Resource) -> list[str]:
+    """Without a startup probe, the readiness and liveness probes judge a serving container while its
+    model is still loading, and liveness restarts it. The group is reached through its leader (the
+    worker template when there is no leader template), so a container there must serve."""
+    templates = {name: _get(resource.props, "spec", "leaderWorkerTemplate", name) for name in LWS_TEMPLATES}
+    containers = {name: _items(_get(template, "spec", "containers")) for name, template in templates.items()}
+    problems = [f"container {container.get('name')!r} in {name} serves (it has a readiness or liveness probe) "
+                f"without a startupProbe, so it is judged and restarted while the model loads; add a startupProbe"
+                for name in LWS_TEMPLATES for container in containers[name]
+                if serves(container) and "startupProbe" not in container]
+    entry = "leaderTemplate" if templates["leaderTemplate"] is not None else "workerTemplate"
+    if not any(serves(container) for container in containers[entry]):
+        problems.append(f"no container in {entry} serves (none has a readiness or liveness probe), so traffic reaches "
+                        f"the group before the model is loaded; probe the serving container, with a startupProbe")
+    return problems
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    name: str
+    description: str
+    applies: Callable[[Resource], bool]
+    check: Callable[[Resource], list[str]]
+
+
+RULES: tuple[Rule, ...] = (
+    Rule("container-images-pinned",
+         "Container images are pinned by a version tag or a digest, never :latest or untagged.",
+         is_workload, check_images_pinned),
+    Rule("no-primitive-iam-roles",
+         "No IAM grant of the primitive roles owner, editor or viewer.",
+         is_iam_grant, check_no_primitive_roles),
+    Rule("no-public-iam-members",
+         "No IAM grant to allUsers or allAuthenticatedUsers.",
+         is_iam_grant, check_no_public_members),
+    Rule("load-balancers-internal",
+         "A Service of type LoadBalancer carries GKE's internal load-balancer annotation.",
+         is_service, check_load_balancer_internal),
+    Rule("prod-cluster-deletion-protection",
+         "GKE clusters keep deletion protection in stacks whose name starts with 'prod'.",
+         is_cluster, check_prod_cluster_deletion_protection),
+    Rule("node-pools-not-default-service-account",
+         "GKE nodes do not run as the Compute Engine default service account.",
+         creates_nodes, check_node_pool_service_account),
+    Rule("multi-host-tpu-compact-placement",
+         "Multi-host TPU slice node pools keep COMPACT placement with their TPU topology.",
+         is_tpu_node_pool, check_multi_host_tpu_placement),
+    Rule("lws-serving-startup-probe",
+         "LeaderWorkerSet containers that serve have a startup probe.",
+         is_leader_worker_set, check_lws_startup_probes),
+)

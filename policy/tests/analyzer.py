@@ -1,0 +1,79 @@
+"""Resources through the pack's policies the way the Pulumi engine sends them.
+
+Constructing `PolicyPack` serves it over gRPC and never returns, so this drives the analyzer servicer
+the pack serves (pulumi-policy's `_PolicyAnalyzerServicer`, pinned in requirements.txt) with the
+engine's `AnalyzeRequest`: the inputs travel as a protobuf Struct (numbers become floats), are
+deserialized and wrapped in the unknown-checking proxies, and every violation comes back as an
+`AnalyzeDiagnostic` of its policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from google.protobuf import struct_pb2
+from pulumi.runtime import proto
+from pulumi_policy import EnforcementLevel
+from pulumi_policy.policy import _PolicyAnalyzerServicer
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the pack's directory, as Pulumi runs it
+
+from policies import PACK_NAME, POLICIES  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Violation:
+    policy: str
+    message: str
+    mandatory: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Analysis:
+    violations: list[Violation]
+    not_applicable: set[str]  # the policies that do not judge this resource
+
+    @property
+    def applicable(self) -> list[str]:
+        return [policy.name for policy in POLICIES if policy.name not in self.not_applicable]
+
+
+def urn_of(stack: str, type_: str, name: str, project: str = "jetstream-tpu") -> str:
+    return f"urn:pulumi:{stack}::{project}::{type_}::{name}"
+
+
+def analyze_resource(type_: str, name: str, urn: str, props: Mapping[str, Any]) -> Analysis:
+    """What every policy of the pack says about one resource."""
+    properties = struct_pb2.Struct()
+    properties.update(props)
+    request = proto.AnalyzeRequest(type=type_, name=name, urn=urn, properties=properties)
+    servicer = _PolicyAnalyzerServicer(PACK_NAME, "0.1.0", POLICIES, EnforcementLevel.ADVISORY)
+    response = servicer.Analyze(request, None)
+    violations = [Violation(policy=diagnostic.policyName, message=diagnostic.message,
+                            mandatory=diagnostic.enforcementLevel == proto.MANDATORY)
+                  for diagnostic in response.diagnostics]
+    return Analysis(violations, {entry.policy_name for entry in response.not_applicable})
+
+
+def analyze(type_: str, name: str, props: Mapping[str, Any], stack: str = "dev") -> list[Violation]:
+    return analyze_resource(type_, name, urn_of(stack, type_, name), props).violations
+
+
+def main() -> None:
+    """`python policy/tests/analyzer.py` - stdin: a JSON list of {type, name, urn, inputs}; stdout: the
+    pack's policies and, per resource, its violations and the policies that judge it."""
+    resources = []
+    for resource in json.load(sys.stdin):
+        analysis = analyze_resource(resource["type"], resource["name"], resource["urn"], resource["inputs"])
+        resources.append({"urn": resource["urn"], "applicable": analysis.applicable,
+                          "violations": [dataclasses.asdict(violation) for violation in analysis.violations]})
+    json.dump({"policies": [policy.name for policy in POLICIES], "resources": resources}, sys.stdout, indent=1)
+
+
+if __name__ == "__main__":
+    main()

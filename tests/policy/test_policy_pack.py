@@ -1,0 +1,60 @@
+"""The policy pack from the main suite: its own tests in its virtualenv, and every policy on every
+example stack's own resources, recorded under Pulumi mocks (tests/stack/pulumi_harness.py)."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import pathlib
+import sys
+
+import pytest
+from pack_runner import analysis_of, run_in_pack_venv, violations_of
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "stack"))
+from pulumi_harness import EXAMPLE_STACKS, Recording, run_stack, stack_file_config  # noqa: E402
+
+LWS = "kubernetes:leaderworkerset.x-k8s.io/v1:LeaderWorkerSet"
+NODE_POOL = "gcp:container/nodePool:NodePool"
+
+
+def test_the_packs_own_tests_pass_in_its_virtualenv():
+    result = run_in_pack_venv("-m", "pytest", "-q", "-p", "no:cacheprovider", "policy/tests")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@functools.cache
+def recording(stack: str) -> Recording:
+    return run_stack(stack_file_config(stack), stack)
+
+
+def as_sent_to_the_pack(recorded: Recording) -> list[dict]:
+    return [{"type": resource.type, "name": resource.name, "urn": resource.urn, "inputs": resource.inputs}
+            for resource in recorded.resources]
+
+
+@pytest.mark.parametrize("stack", EXAMPLE_STACKS)
+def test_every_policy_passes_on_the_example_stacks_own_resources(stack):
+    violations = violations_of(as_sent_to_the_pack(recording(stack)))
+    assert violations == [], "\n".join(f"{v['policy']}: {v['urn']}\n  {v['message']}" for v in violations)
+
+
+def test_every_policy_judges_some_resource_of_the_example_stacks():
+    """Else the test above would pass for that policy without checking anything."""
+    resources = [resource for stack in EXAMPLE_STACKS for resource in as_sent_to_the_pack(recording(stack))]
+    analysis = analysis_of(resources)
+    judged = {policy for resource in analysis["resources"] for policy in resource["applicable"]}
+    assert judged == set(analysis["policies"])
+
+
+def test_the_pack_catches_a_stack_resource_made_non_compliant():
+    stack = EXAMPLE_STACKS[0]
+    resources = copy.deepcopy(as_sent_to_the_pack(recording(stack)))
+    lws = next(resource for resource in resources if resource["type"] == LWS)
+    leader = lws["inputs"]["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["containers"][0]
+    leader["image"] = "us-docker.pkg.dev/cloud-tpu-images/inference/jetstream-pathways:latest"
+    pool = next(resource for resource in resources if resource["type"] == NODE_POOL)
+    pool["inputs"]["nodeConfig"]["serviceAccount"] = "123456789012-compute@developer.gserviceaccount.com"
+    caught = {(violation["policy"], violation["urn"]) for violation in violations_of(resources)}
+    assert ("container-images-pinned", lws["urn"]) in caught
+    assert ("node-pools-not-default-service-account", pool["urn"]) in caught
