@@ -19,7 +19,9 @@ import json
 import re
 from typing import Mapping
 
-from components.core import models, tpu
+from components.core import autoscaling, models, tpu
+from components.core.autoscaling import Autoscaling, metrics_endpoint, parse_autoscaling
+from components.core.config_keys import ConfigKey, read_integer, read_text
 from components.core.errors import ConfigError
 
 PROJECT = "jetstream-tpu"  # Pulumi project name: stack files namespace keys as jetstream-tpu:<key>
@@ -67,16 +69,6 @@ BUNDLED_IMAGE_NAME = "jetstream-jax"
 BUNDLED_IMAGE_TAG = "stack-build"
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class ConfigKey:
-    """One config key as Pulumi.yaml declares it and the docs describe it."""
-
-    name: str
-    type: str  # Pulumi project config type: string | integer | boolean
-    description: str
-    default: str | int | bool | None = None  # None: required
-
-
 CONFIG_KEYS: tuple[ConfigKey, ...] = (
     # Contract keys.
     ConfigKey(name="model", type="string", description=f"Model preset: {', '.join(models.PRESETS)}."),
@@ -105,6 +97,8 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
     ConfigKey(name="startupProbeDelaySeconds", type="integer", default=PRESET_DEFAULT, description="Startup probe initialDelaySeconds (checkpoint restore time); 0 = model preset."),
     ConfigKey(name="waitForReady", type="boolean", default=False,
               description="true: pulumi up ends only when the LeaderWorkerSet reports Available (timeout derived from the startup delay); false: it ends once the objects are applied."),
+    # Replicas and autoscaling (components/core/autoscaling.py).
+    *autoscaling.CONFIG_KEYS,
     # Server images and names.
     ConfigKey(name="serverRuntime", type="string", default="jetstream",
               description="jetstream (upstream JetStream + MaxText images, the seed's layout) or bundled (this repository's server image)."),
@@ -204,6 +198,7 @@ class StackConfig:
     tpu_provisioning: str
     tpu_reservation: str
     scratch_bucket: str
+    scaling: Autoscaling  # LWS replicas and the HPA's bounds, metric and target
 
     @property
     def slice_roles(self) -> tuple[str, ...]:
@@ -287,20 +282,11 @@ class StackConfig:
 
 
 def _text(raw: Mapping[str, str], name: str) -> str:
-    key = KEYS_BY_NAME[name]
-    if name in raw:
-        return str(raw[name]).strip()
-    if key.default is None:
-        raise ConfigError(name, "is required and not set", f"pulumi config set {name} <value>")
-    return str(key.default).lower() if isinstance(key.default, bool) else str(key.default)
+    return read_text(raw, KEYS_BY_NAME[name])
 
 
 def _integer(raw: Mapping[str, str], name: str) -> int:
-    text = _text(raw, name)
-    try:
-        return int(text)
-    except ValueError:
-        raise ConfigError(name, f"expected an integer, got {text!r}", f"pulumi config set {name} 4") from None
+    return read_integer(raw, KEYS_BY_NAME[name])
 
 
 def _boolean(raw: Mapping[str, str], name: str) -> bool:
@@ -577,7 +563,10 @@ def parse_stack_config(raw: Mapping[str, str], *, project: str | None, stack: st
         tpu_provisioning=provisioning,
         tpu_reservation=_reservation(raw, provisioning),
         scratch_bucket=_scratch_bucket(raw, project, stack),
+        scaling=parse_autoscaling(raw),
     )
     if cfg.bundled:
         _check_bundled(cfg)
+    if cfg.scaling.enabled:
+        metrics_endpoint(bundled=cfg.bundled, server_flags=cfg.server_flags)  # refuses a prometheus_port that turns them off
     return cfg

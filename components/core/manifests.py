@@ -27,8 +27,10 @@ the leader is subgroup 0 and, on single-host slices (subGroupSize 1), the two wo
 subgroups 1 and 2, three exclusive subgroups for two node pools (components/core/scheduling.py
 proves placements like this before any resource exists).
 
-The Service selects the leader pod only, through the `app` label that only the leader template
-carries (as in the reference). The Namespace and the ServiceAccount the pods run as are built
+The Service selects the leader pods only, through the `app` label that only the leader template
+carries (as in the reference): one leader per LeaderWorkerSet replica (`replicas`), so it balances
+over every replica. With autoscaling on, the PodMonitoring and the HPA
+(components/core/autoscaling.py) come after the workload. The Namespace and the ServiceAccount the pods run as are built
 here too, so `components.render` prints everything `kubectl apply -f -` needs and
 `JetStreamServer` wraps the same dicts.
 """
@@ -39,6 +41,7 @@ from typing import Any, Mapping
 
 from components.core import lws_model as lws
 from components.core import tpu
+from components.core.autoscaling import autoscaling_manifests, jetstream_server_flags, metrics_endpoint
 from components.core.config import BUNDLED_IMAGE_TAG, StackConfig
 from components.core.node_pools import DEPLOYMENT_LABEL, NODE_POOL_LABEL
 from components.core.planner import Plan
@@ -156,10 +159,12 @@ def maxtext_args(cfg: StackConfig, axis_flags: Mapping[str, int]) -> tuple[str, 
     """jax-tpu args: the base config, then key=value flags in the recipe's order.
 
     `axis_flags` are the ici_* values the plan used (Plan.axis_flags). Recipe flags come in
-    `flag_order`; mode flags (and, for the bundled server, its memory flags) are always present;
-    `serverFlags` overrides replace a value in place or are appended.
+    `flag_order`; mode flags (and, for the bundled server, its memory flags; for JetStream with
+    autoscaling, its Prometheus port) are always present; `serverFlags` overrides replace a value
+    in place or are appended.
     """
-    always = {**_mode_flags(cfg), **(_bundled_memory_flags(cfg) if cfg.bundled else {})}
+    runtime_flags = _bundled_memory_flags(cfg) if cfg.bundled else jetstream_server_flags(cfg.scaling)
+    always = {**_mode_flags(cfg), **runtime_flags}
     values = {**cfg.model.fixed_flags, **_derived_flags(cfg, axis_flags), **always}
     order = [key for key in cfg.model.flag_order if key in values]
     order += [key for key in always if key not in order]
@@ -364,7 +369,7 @@ def leader_worker_set_model(cfg: StackConfig, plan: Plan, image: Any = None) -> 
     return lws.LeaderWorkerSet(
         metadata=lws.ObjectMeta(name=cfg.app_name, namespace=cfg.namespace, annotations=_lws_annotations(cfg)),
         spec=lws.LeaderWorkerSetSpec(
-            replicas=1,
+            replicas=cfg.scaling.replicas,  # the HPA changes it when autoscaling (JetStreamServer ignores that drift)
             leader_worker_template=lws.LeaderWorkerTemplate(
                 sub_group_policy=_sub_group_policy(cfg, plan),
                 # The app label only on the leader: the Service reaches the leader pod only.
@@ -418,14 +423,24 @@ def serving_manifests(cfg: StackConfig, plan: Plan) -> list[dict]:
     return [leader_worker_set(cfg, plan), service(cfg)]
 
 
+def scaling_manifests(cfg: StackConfig) -> list[dict]:
+    """The PodMonitoring and the HPA of the LeaderWorkerSet; nothing unless autoscaling."""
+    if not cfg.scaling.enabled:
+        return []
+    return autoscaling_manifests(cfg.scaling, namespace=cfg.namespace, lws_name=cfg.app_name,
+                                 endpoint=metrics_endpoint(bundled=cfg.bundled, server_flags=cfg.server_flags),
+                                 startup_delay_seconds=cfg.startup_probe_delay_seconds)
+
+
 def all_manifests(cfg: StackConfig, plan: Plan) -> list[dict]:
-    """Everything a fresh cluster (with the LWS controller) needs, in apply order."""
+    """Everything a fresh cluster (with the LWS controller) needs, in apply order (the metrics
+    adapter that autoscaling also needs is installed from its own manifest, see autoscaling.py)."""
     prerequisites = [document for document in (namespace(cfg), service_account(cfg)) if document is not None]
-    return [*prerequisites, *serving_manifests(cfg, plan)]
+    return [*prerequisites, *serving_manifests(cfg, plan), *scaling_manifests(cfg)]
 
 
 def head_pod(cfg: StackConfig) -> str:
-    """Name of the leader pod of the first (only) LWS group."""
+    """Name of the leader pod of the first LWS group (replica 0)."""
     return f"{cfg.app_name}-0"
 
 
