@@ -3,8 +3,9 @@
 Reads `Pulumi.<stack>.yaml`, runs the same parsing, planning and scheduling check as `pulumi
 preview`, prints the plan summary (as YAML comments) and the Kubernetes objects as multi-document
 YAML that `kubectl apply -f -` accepts on a cluster with the LWS controller: the Namespace (unless
-`default`), the ServiceAccount the pods run as, the LeaderWorkerSet and the Service, built by the
-same functions `JetStreamServer` uses. No cloud, no Pulumi CLI, no Pulumi SDK. A bad config prints
+`default`), the ServiceAccount the pods run as, the LeaderWorkerSet and the Service, and with
+autoscaling the PodMonitoring and the HorizontalPodAutoscaler, built by the same functions the
+components use. No cloud, no Pulumi CLI, no Pulumi SDK. A bad config prints
 the same error as preview on stderr and exits 2.
 """
 
@@ -21,7 +22,7 @@ import yaml
 from components.core import manifests, scheduling
 from components.core.config import PROJECT, parse_stack_config
 from components.core.errors import ConfigError
-from components.core.node_pools import tpu_node_pools
+from components.core.node_pools import node_pool_summary, tpu_node_pools
 from components.core.planner import plan_deployment
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -52,7 +53,7 @@ def render(stack: str, root: pathlib.Path = ROOT) -> str:
     cfg = parse_stack_config(raw, project=project, stack=stack)
     plan = plan_deployment(cfg)
     scheduling.check_deployment(cfg, plan)
-    summary = {**plan.summary(), "nodePoolSpecs": [vars(spec) for spec in tpu_node_pools(cfg)],
+    summary = {**plan.summary(), "nodePoolSpecs": [node_pool_summary(spec) for spec in tpu_node_pools(cfg)],
                "scratchLocation": cfg.scratch_location, "headPod": manifests.head_pod(cfg),
                "serviceUrl": manifests.service_url(cfg), "portForwardCommand": manifests.port_forward_command(cfg)}
     header = "\n".join(f"# {line}" for line in yaml.safe_dump({"plan": summary}, sort_keys=False).splitlines())

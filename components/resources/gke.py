@@ -55,6 +55,18 @@ def _reservation_affinity(spec: NodePoolSpec) -> gcp.container.NodePoolNodeConfi
     )
 
 
+def _size(spec: NodePoolSpec) -> dict:
+    """A fixed node_count, or an autoscaled pool created with initial_node_count nodes (0): GKE's
+    cluster autoscaler then owns the size (node_count would fight it on every update), and grows
+    a multi-host slice pool from 0 to all its hosts at once."""
+    if spec.autoscaling is None:
+        return {"node_count": spec.node_count}
+    return {
+        "initial_node_count": spec.node_count,
+        "autoscaling": gcp.container.NodePoolAutoscalingArgs(min_node_count=spec.autoscaling.min_nodes, max_node_count=spec.autoscaling.max_nodes),
+    }
+
+
 def node_pool_args(spec: NodePoolSpec, args: GkeClusterArgs, cluster: pulumi.Input[str]) -> gcp.container.NodePoolArgs:
     """NodePoolArgs of one pool; multi-host slices get a COMPACT placement with the topology."""
     placement = gcp.container.NodePoolPlacementPolicyArgs(type="COMPACT", tpu_topology=spec.tpu_topology) if spec.compact_placement else None
@@ -63,7 +75,7 @@ def node_pool_args(spec: NodePoolSpec, args: GkeClusterArgs, cluster: pulumi.Inp
         cluster=cluster,
         location=args.location,
         project=args.project,
-        node_count=spec.node_count,
+        **_size(spec),
         node_locations=[spec.zone],
         placement_policy=placement,
         management=gcp.container.NodePoolManagementArgs(auto_repair=True, auto_upgrade=spec.auto_upgrade),

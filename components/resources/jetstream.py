@@ -10,6 +10,10 @@ resizing it, e.g. when `mode` or the topology of a disaggregated stack changes),
 `lws_model.REPLACE_ON_CHANGES` replace the LeaderWorkerSet, deleting the old one first (its name
 is fixed). Readiness: the Service never awaits endpoints (`pulumi.com/skipAwait`); with
 waitForReady the LeaderWorkerSet awaits its Available condition for `ready_timeout_seconds`.
+Autoscaling: the HPA owns `spec.replicas` through the scale subresource, so the LeaderWorkerSet
+ignores changes there (`ignore_changes`): Pulumi sets the replicas when it creates the object and
+leaves the field out of later server-side applies, which would otherwise undo the HPA's decisions
+or fail with a field-manager conflict (pulumi/pulumi-kubernetes#2491).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import pulumi_kubernetes as k8s
 
 from components.core import lws_model
 
+SCALED_FIELD = "spec.replicas"  # what the HPA changes, through the LWS scale subresource
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class JetStreamServerArgs:
@@ -30,6 +36,7 @@ class JetStreamServerArgs:
     leader_worker_set: Mapping[str, Any]  # may hold Outputs (the stack-built image's digest)
     service: Mapping[str, Any]
     ready_timeout_seconds: int | None  # waitForReady: how long the LeaderWorkerSet may take
+    autoscaled: bool = False  # an HPA owns spec.replicas after creation
 
 
 def service_args(manifest: Mapping[str, Any]) -> k8s.core.v1.ServiceInitArgs:
@@ -85,6 +92,7 @@ class JetStreamServer(pulumi.ComponentResource):
             depends_on=[service_account, *_as_list(opts.depends_on if opts else None)],
             replace_on_changes=list(lws_model.REPLACE_ON_CHANGES),
             delete_before_replace=True,
+            ignore_changes=[SCALED_FIELD] if args.autoscaled else None,
             custom_timeouts=pulumi.CustomTimeouts(create=timeout, update=timeout) if timeout else None,
         )
 

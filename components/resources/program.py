@@ -8,7 +8,8 @@ Kubernetes goes through the cluster's explicit provider (no ambient kubeconfig):
   node identity -> cluster and node pools -> serving identity (the Workload Identity binding
   needs the cluster's identity pool) -> LWS controller -> the LeaderWorkerSet, which waits for the
   controller, the TPU node pools, the identity and, with serverRuntime=bundled and no image, the
-  server image the stack builds.
+  server image the stack builds -> with autoscaling, the metrics adapter, the PodMonitoring and
+  the HPA of the LeaderWorkerSet.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from components.core.config import BUNDLED_IMAGE_TAG, CONFIG_KEYS, PROJECT, Stac
 from components.core.errors import ConfigError
 from components.core.node_pools import system_node_pool, tpu_node_pools
 from components.core.planner import Plan, plan_deployment
+from components.resources.autoscaling import LeaderWorkerSetAutoscaler, LeaderWorkerSetAutoscalerArgs, MetricsAdapter, MetricsAdapterArgs
 from components.resources.gke import GkeCluster, GkeClusterArgs
 from components.resources.identity import NodeIdentity, NodeIdentityArgs, ServingIdentity, ServingIdentityArgs
 from components.resources.jetstream import JetStreamServer, JetStreamServerArgs
@@ -70,6 +72,11 @@ def build(cfg: StackConfig, plan: Plan) -> dict[str, Any]:
         server_image, lws_prerequisites = image.ref, [*lws_prerequisites, image]
     server = JetStreamServer("jetstream", _server_args(cfg, plan, identity.service_account_email, server_image),
                              pulumi.ResourceOptions(provider=cluster.provider, depends_on=lws_prerequisites))
+    if cfg.scaling.enabled:
+        adapter = MetricsAdapter("metrics-adapter", MetricsAdapterArgs(project=cfg.project), pulumi.ResourceOptions(provider=cluster.provider))
+        pod_monitoring, hpa = manifests.scaling_manifests(cfg)
+        LeaderWorkerSetAutoscaler("autoscaling", LeaderWorkerSetAutoscalerArgs(pod_monitoring=pod_monitoring, horizontal_pod_autoscaler=hpa),
+                                  pulumi.ResourceOptions(provider=cluster.provider, depends_on=[server, adapter]))
     return {
         "clusterName": cluster.cluster_name,
         "clusterEndpoint": cluster.endpoint,
@@ -142,4 +149,6 @@ def _server_args(cfg: StackConfig, plan: Plan, pods_identity: pulumi.Output[str]
         leader_worker_set=manifests.leader_worker_set(cfg, plan, server_image),
         service=manifests.service(cfg),
         ready_timeout_seconds=manifests.ready_timeout_seconds(cfg) if cfg.wait_for_ready else None,
+        autoscaled=cfg.scaling.enabled,
     )
+
