@@ -3,12 +3,12 @@
 `run_stack(config, stack)` runs the real `__main__.py` under `pulumi.runtime.set_mocks` with the
 given stack config and returns a `Recording`: every registered resource with its type, name,
 parent URN, dependencies, provider reference, inputs and resource options that change how the
-engine updates it (replace_on_changes, delete_before_replace, custom timeouts), plus the exported
-stack outputs and the invokes.
+engine updates it (replace_on_changes, delete_before_replace, custom timeouts, ignore_changes),
+plus the exported stack outputs and the invokes.
 
 The mocks fill in what the cloud would compute: a cluster's endpoint, a service account's email,
-and a built image's digest, derived from the image's inputs (an unchanged build gives the same
-digest, as with a real build of an unchanged context).
+a built image's digest, derived from the image's inputs (an unchanged build gives the same
+digest, as with a real build of an unchanged context), and a project's number.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 MAIN = ROOT / "__main__.py"
 PROJECT = "jetstream-tpu"  # must equal components.config.PROJECT (checked in test_stack_config.py)
 GCP_PROJECT = "test-project"
-EXAMPLE_STACKS = ("llama3-405b-v6e16", "llama2-70b-disagg", "llama3-8b-v6e8")
+EXAMPLE_STACKS = ("llama3-405b-v6e16", "llama2-70b-disagg", "llama3-8b-v6e8", "llama3-8b-autoscale")
+PROJECT_NUMBER = "123456789012"  # what gcp.organizations.get_project answers for GCP projects
 
 
 @dataclasses.dataclass
@@ -46,6 +47,7 @@ class Registered:
     replace_on_changes: list[str] = dataclasses.field(default_factory=list)
     delete_before_replace: bool = False
     custom_timeouts: dict[str, str] = dataclasses.field(default_factory=dict)
+    ignore_changes: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def parent_type(self) -> str:
@@ -80,6 +82,8 @@ class RecordingMocks(pulumi.runtime.Mocks):
                     "masterAuths": [{"clusterCaCertificate": "RVhJU1RJTkc="}]}
         if args.token == "gcp:organizations/getClientConfig:getClientConfig":
             return {"accessToken": ACCESS_TOKEN, "project": GCP_PROJECT}
+        if args.token == "gcp:organizations/getProject:getProject":
+            return {"projectId": args.args["projectId"], "number": PROJECT_NUMBER}
         return {}
 
 
@@ -109,6 +113,7 @@ class RecordingMonitor(MockMonitor):
                 inputs=self.mocks.inputs[(request.type, request.name)],
                 replace_on_changes=list(request.replaceOnChanges), delete_before_replace=request.deleteBeforeReplace,
                 custom_timeouts={kind: getattr(timeouts, kind) for kind in ("create", "update", "delete") if getattr(timeouts, kind)},
+                ignore_changes=list(request.ignoreChanges),
             ))
         return response
 
@@ -139,8 +144,17 @@ def stack_file_config(stack: str) -> dict[str, str]:
     return {key: str(value).lower() if isinstance(value, bool) else str(value) for key, value in values.items()}
 
 
+def schema_defaults() -> dict[str, str]:
+    """Pulumi.yaml's declared defaults, fully qualified and as strings: the CLI hands the program
+    every declared key, with its default where the stack sets none."""
+    declared = yaml.safe_load((ROOT / "Pulumi.yaml").read_text())["config"]
+    return {f"{PROJECT}:{key}": str(entry["default"]).lower() if isinstance(entry["default"], bool) else str(entry["default"])
+            for key, entry in declared.items() if "default" in entry}
+
+
 def run_stack(config: dict[str, str], stack: str = "test", expect_error: bool = False) -> Recording:
-    """Run __main__.py under recording mocks; config keys are fully qualified (`ns:key`).
+    """Run __main__.py under recording mocks; config keys are fully qualified (`ns:key`), and
+    declared keys the config leaves out get Pulumi.yaml's defaults, as under the CLI.
 
     With expect_error, a failing program returns its Recording with `error` set instead of raising.
     """
@@ -151,7 +165,7 @@ def run_stack(config: dict[str, str], stack: str = "test", expect_error: bool = 
     asyncio.set_event_loop(asyncio.new_event_loop())
     pulumi.runtime.settings.ROOT.set(None)  # a fresh root Stack per program run
     pulumi.runtime.set_mocks(mocks, project=PROJECT, stack=stack, preview=False, monitor=monitor)
-    pulumi.runtime.set_all_config(dict(config))
+    pulumi.runtime.set_all_config({**schema_defaults(), **config})
     outputs: dict[str, Any] = {}
     secret_outputs: set[str] = set()
 

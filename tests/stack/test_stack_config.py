@@ -155,6 +155,11 @@ REFUSALS = {
     "bundled single controller": ({**BUNDLED, "serverFlags": '{"enable_single_controller": true}'}, "serverFlags", "needs Pathways"),
     "bundled copy image latest": ({**BUNDLED, "checkpointCopyImage": "gcr.io/google.com/cloudsdktool/google-cloud-cli:latest"},
                                   "checkpointCopyImage", "not pinned"),
+    "maxReplicas below replicas": ({"replicas": "3", "maxReplicas": "2"}, "maxReplicas", "smaller than replicas 3"),
+    "unreachable slots-used target": ({"maxReplicas": "2", "autoscalingMetric": "slots-used", "autoscalingTarget": "1.2"},
+                                      "autoscalingTarget", "cannot be met"),
+    "autoscaling without its metrics": ({"maxReplicas": "2", "serverFlags": '{"prometheus_port": 0}'}, "serverFlags", "Prometheus server off"),
+    "target without autoscaling": ({"autoscalingTarget": "5"}, "maxReplicas", "autoscaling is off"),
 }
 
 
