@@ -42,7 +42,7 @@ from typing import Any, Mapping
 from components.core import lws_model as lws
 from components.core import tpu
 from components.core.autoscaling import autoscaling_manifests, jetstream_server_flags, metrics_endpoint
-from components.core.config import BUNDLED_IMAGE_TAG, StackConfig
+from components.core.config import BUNDLED_IMAGE_TAG, INTERNAL_LOAD_BALANCER, StackConfig
 from components.core.node_pools import DEPLOYMENT_LABEL, NODE_POOL_LABEL
 from components.core.planner import Plan
 
@@ -83,10 +83,20 @@ HEALTH_PERIOD_SECONDS = 60
 
 # pulumi-kubernetes await annotations. A Service's await waits up to 10 minutes for endpoints,
 # and the leader pod exists only once the TPU slice, the LWS controller and the LWS are up, so
-# the Service never waits; with waitForReady the LeaderWorkerSet waits for its Available
+# the Service never waits for them; with waitForReady the LeaderWorkerSet waits for its Available
 # condition instead (provider/pkg/await: pulumi.com/skipAwait, pulumi.com/waitFor).
 SKIP_AWAIT = "pulumi.com/skipAwait"
 WAIT_FOR = "pulumi.com/waitFor"
+# serviceType=InternalLoadBalancer: a LoadBalancer Service with GKE's internal annotation gets an
+# internal passthrough Network Load Balancer (an IP in the VPC, never a public one). Its IP is what
+# clients need, so instead of skipping the await the Service waits for that IP only: a waitFor
+# annotation replaces the Service's default await (pulumi-kubernetes >= 4.18.4), so `pulumi up`
+# waits the minute or two GKE takes to create the forwarding rule, not for the pods.
+INTERNAL_LB_ANNOTATION = "networking.gke.io/load-balancer-type"
+LOAD_BALANCER_IP_PATH = "{.status.loadBalancer.ingress[0].ip}"
+HTTP_PORT_NAME = "jetstream-http"
+GRPC_PORT_NAME = "jetstream-grpc"
+OPENAI_PATH = "/v1"
 # waitForReady timeout: the slice's nodes joining, multi-GB image pulls and the LWS controller's
 # reconcile before the startup delay even starts, then the restore at up to twice the preset's
 # estimate.
@@ -386,15 +396,44 @@ def leader_worker_set(cfg: StackConfig, plan: Plan, image: Any = None) -> dict:
 
 
 def service(cfg: StackConfig) -> dict:
+    """HTTP (JetStream's /generate and the bundled server's OpenAI API) and gRPC (JetStream's
+    Orchestrator service) of every replica's leader. The gRPC target port is 9000 in both runtimes:
+    MaxText's maxengine_server starts JetStream's gRPC server on 9000 in jax-tpu, and the bundled
+    server is started with --grpc-port 9000 (BUNDLED_COMMAND)."""
+    internal = cfg.service_type == INTERNAL_LOAD_BALANCER
+    annotations = {WAIT_FOR: f"jsonpath={LOAD_BALANCER_IP_PATH}", INTERNAL_LB_ANNOTATION: "Internal"} if internal else {SKIP_AWAIT: "true"}
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {"name": cfg.service_name, "namespace": cfg.namespace, "annotations": {SKIP_AWAIT: "true"}},
+        "metadata": {"name": cfg.service_name, "namespace": cfg.namespace, "annotations": annotations},
         "spec": {
+            "type": "LoadBalancer" if internal else "ClusterIP",
             "selector": app_labels(cfg),
-            "ports": [{"protocol": "TCP", "name": "jetstream-http", "port": HTTP_PORT, "targetPort": HTTP_PORT}],
+            "ports": [
+                {"protocol": "TCP", "name": HTTP_PORT_NAME, "port": HTTP_PORT, "targetPort": HTTP_PORT},
+                {"protocol": "TCP", "name": GRPC_PORT_NAME, "port": GRPC_PORT, "targetPort": GRPC_PORT},
+            ],
         },
     }
+
+
+def service_host(*, service_type: str, name: str, namespace: str, load_balancer_ip: str | None) -> str:
+    """Where clients reach the live Service: the internal load balancer's IP, or the cluster DNS name."""
+    if service_type == "LoadBalancer":
+        if not load_balancer_ip:
+            raise ValueError(f"Service {namespace}/{name} has no load balancer IP yet (status.loadBalancer.ingress is empty)")
+        return load_balancer_ip
+    return f"{name}.{namespace}.svc.cluster.local"
+
+
+def client_endpoints(host: str, ports: Mapping[str, int], *, openai: bool) -> dict[str, str]:
+    """The stack outputs clients use, from the live Service's host and its ports by name.
+
+    `openai`: the server behind the HTTP port serves the OpenAI API (the bundled server does;
+    JetStream's jetstream-http front end serves /generate only, so its openaiBaseUrl is "").
+    """
+    http = f"http://{host}:{ports[HTTP_PORT_NAME]}"
+    return {"httpUrl": http, "grpcTarget": f"{host}:{ports[GRPC_PORT_NAME]}", "openaiBaseUrl": f"{http}{OPENAI_PATH}" if openai else ""}
 
 
 def namespace(cfg: StackConfig) -> dict | None:

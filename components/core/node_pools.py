@@ -38,7 +38,7 @@ from typing import Mapping
 
 from components.core import tpu
 from components.core.autoscaling import NodeRange, slice_pools
-from components.core.config import NODE_POOL_NAME_LIMIT, StackConfig, stack_scoped_name
+from components.core.config import NODE_POOL_NAME_LIMIT, PlatformConfig, StackConfig, stack_scoped_name
 
 NO_RELEASE_CHANNEL = "UNSPECIFIED"
 NODE_POOL_LABEL = "cloud.google.com/gke-nodepool"  # set by GKE on every node
@@ -113,7 +113,7 @@ def node_pool_summary(spec: NodePoolSpec) -> dict:
     return summary
 
 
-def system_node_pool(cfg: StackConfig) -> NodePoolSpec:
+def system_node_pool(cfg: StackConfig | PlatformConfig) -> NodePoolSpec:
     """Small CPU pool for kube-system and the LWS controller (TPU nodes are tainted)."""
     return NodePoolSpec(
         name=SYSTEM_POOL,
