@@ -9,7 +9,8 @@ from pulumi.runtime import rpc
 from components.core import manifests, tpu
 from components.resources.lws_controller import release_manifest_url
 
-from pulumi_harness import ACCESS_TOKEN, EXAMPLE_STACKS, GCP_PROJECT, image_digest, qualified, run_stack, stack_file_config
+from pulumi_harness import (ACCESS_TOKEN, EXAMPLE_STACKS, GCP_PROJECT, WORKLOAD_STACKS, image_digest, qualified, run_stack,
+                            stack_file_config, stack_role)
 from stack_helpers import bundled_example, bundled_raw, example
 
 NODE_POOL = "gcp:container/nodePool:NodePool"
@@ -21,6 +22,7 @@ HPA = "kubernetes:autoscaling/v2:HorizontalPodAutoscaler"
 POD_MONITORING = "kubernetes:monitoring.googleapis.com/v1:PodMonitoring"
 ADAPTER = "jetstream:autoscaling:MetricsAdapter"
 AUTOSCALER = "jetstream:autoscaling:LeaderWorkerSetAutoscaler"
+IMAGE_COMPONENT = "jetstream:images:BundledServerImage"  # serverRuntime=bundled without bundledServerImage
 K8S_PROVIDER = "pulumi:providers:kubernetes"
 ACCOUNT = "gcp:serviceaccount/account:Account"
 PROJECT_MEMBER = "gcp:projects/iAMMember:IAMMember"
@@ -39,14 +41,21 @@ EXPECTED_PARENTS = {
     CONFIG_FILE: ("jetstream:lws:LeaderWorkerSetController", ADAPTER),
     POD_MONITORING: AUTOSCALER,
     HPA: AUTOSCALER,
+    "docker-build:index:Image": IMAGE_COMPONENT,
+    "gcp:artifactregistry/repository:Repository": IMAGE_COMPONENT,
     "kubernetes:core/v1:Namespace": "jetstream:serving:JetStreamServer",
     "kubernetes:core/v1:ServiceAccount": "jetstream:serving:JetStreamServer",
     LWS: "jetstream:serving:JetStreamServer",
     SERVICE: "jetstream:serving:JetStreamServer",
 }
-COMPONENTS = ("jetstream:iam:NodeIdentity", "jetstream:gke:GkeCluster", "jetstream:iam:ServingIdentity",
-              "jetstream:lws:LeaderWorkerSetController", "jetstream:serving:JetStreamServer")
-SCALING_COMPONENTS = (ADAPTER, AUTOSCALER)  # only where maxReplicas > replicas
+STACK_REFERENCE_OWNER = "jetstream:platform:PlatformReference"
+COMPONENTS = {  # per role; plus SCALING_COMPONENTS where maxReplicas > replicas
+    "all": ("jetstream:iam:NodeIdentity", "jetstream:gke:GkeCluster", "jetstream:iam:ServingIdentity",
+            "jetstream:lws:LeaderWorkerSetController", "jetstream:serving:JetStreamServer"),
+    "platform": ("jetstream:iam:NodeIdentity", "jetstream:gke:GkeCluster", "jetstream:lws:LeaderWorkerSetController", ADAPTER),
+    "serving": (STACK_REFERENCE_OWNER, "jetstream:gke:GkeCluster", "jetstream:iam:ServingIdentity", "jetstream:serving:JetStreamServer"),
+}
+SCALING_COMPONENTS = (ADAPTER, AUTOSCALER)
 MINIMAL = {"model": "llama3.1-8b", "topology": "2x2", "checkpointPath": "gs://test-checkpoints/m/0/items"}
 
 
@@ -67,8 +76,12 @@ def _run_bundled(stack: str = "llama3-8b-v6e8", **overrides: str):
 @pytest.mark.parametrize("stack", EXAMPLE_STACKS)
 def test_every_resource_has_its_component_parent(recordings, stack):
     recording = recordings[stack]
-    cfg, _ = example(stack)
-    components = (*COMPONENTS, *(SCALING_COMPONENTS if cfg.scaling.enabled else ()))
+    role = stack_role(stack)
+    scaled = role != "platform" and example(stack)[0].scaling.enabled
+    # A serving stack's HPA reads its metrics through the platform's adapter.
+    scaling = (AUTOSCALER,) if scaled and role == "serving" else SCALING_COMPONENTS if scaled else ()
+    image = (IMAGE_COMPONENT,) if role != "platform" and example(stack)[0].builds_server_image else ()
+    components = tuple(dict.fromkeys((*COMPONENTS[role], *scaling, *image)))
     for component in components:
         assert recording.one(component).parent_type == "pulumi:pulumi:Stack"
     assert all(recording.of_type(component) == [] for component in set(SCALING_COMPONENTS) - set(components))
@@ -77,16 +90,17 @@ def test_every_resource_has_its_component_parent(recordings, stack):
             assert resource.parent_type in EXPECTED_PARENTS[resource.type], resource.name
 
 
-@pytest.mark.parametrize("stack", EXAMPLE_STACKS)
+@pytest.mark.parametrize("stack", WORKLOAD_STACKS)
 def test_example_stack_resources(recordings, stack):
     recording = recordings[stack]
     cfg, plan = example(stack)
-    scaled = cfg.scaling.enabled
+    scaled, owns_cluster = cfg.scaling.enabled, not cfg.serving_role
     counts = {type_: len(recording.of_type(type_)) for type_ in (CLUSTER, NODE_POOL, LWS, SERVICE, CONFIG_FILE, HPA, POD_MONITORING)}
-    assert counts == {CLUSTER: 1, NODE_POOL: 1 + len(cfg.slice_roles) * cfg.scaling.max_replicas, LWS: 1, SERVICE: 1,
-                      CONFIG_FILE: 2 if scaled else 1, HPA: int(scaled), POD_MONITORING: int(scaled)}
+    # The LWS release and the metrics adapter are cluster-wide: only the stack that owns the cluster installs them.
+    assert counts == {CLUSTER: int(owns_cluster), NODE_POOL: int(owns_cluster) + len(cfg.slice_roles) * cfg.scaling.max_replicas,
+                      LWS: 1, SERVICE: 1, CONFIG_FILE: int(owns_cluster) * (2 if scaled else 1), HPA: int(scaled), POD_MONITORING: int(scaled)}
     pools = {pool.inputs["name"]: pool.inputs for pool in recording.of_type(NODE_POOL)}
-    assert set(pools) == {"system", *plan.node_pools}
+    assert set(pools) == {*(["system"] if owns_cluster else []), *plan.node_pools}
     fixed = set(plan.node_pools[: len(cfg.slice_roles) * cfg.scaling.replicas])  # replicas that always run
     for name in plan.node_pools:
         if name in fixed:
@@ -98,7 +112,8 @@ def test_example_stack_resources(recordings, stack):
         assert pools[name]["nodeConfig"]["labels"]["jetstream-tpu/deployment"] == f"jetstream-{stack}"
 
 
-@pytest.mark.parametrize("stack", EXAMPLE_STACKS)
+# The LWS of a stack that builds its image runs the pushed digest: test_bundled_server_image_is_built_pushed_and_run_by_digest.
+@pytest.mark.parametrize("stack", [stack for stack in WORKLOAD_STACKS if not example(stack)[0].builds_server_image])
 def test_lws_resource_is_the_rendered_manifest(recordings, stack):
     cfg, plan = example(stack)
     expected = manifests.leader_worker_set(cfg, plan)
@@ -111,7 +126,7 @@ def test_lws_resource_is_the_rendered_manifest(recordings, stack):
     assert service["metadata"] == manifests.service(cfg)["metadata"]
 
 
-@pytest.mark.parametrize("stack", EXAMPLE_STACKS)
+@pytest.mark.parametrize("stack", WORKLOAD_STACKS)
 def test_namespace_and_service_account_are_the_rendered_manifests(recordings, stack):
     """JetStreamServer and the offline render build them with the same functions."""
     cfg, _ = example(stack)
@@ -119,7 +134,8 @@ def test_namespace_and_service_account_are_the_rendered_manifests(recordings, st
     (namespace,) = recording.of_type("kubernetes:core/v1:Namespace")
     assert namespace.inputs["metadata"] == manifests.namespace(cfg)["metadata"]
     ksa = recording.one("kubernetes:core/v1:ServiceAccount").inputs
-    assert ksa["metadata"] == manifests.service_account(cfg)["metadata"]
+    # Bound (bundled server) to the Google account the stack created, whose email GCP (here the mocks) assigns.
+    assert ksa["metadata"] == manifests.service_account(cfg, recording.outputs["serviceAccountEmail"])["metadata"]
 
 
 def test_bundled_stack_deploys_the_bundled_layout():
@@ -182,7 +198,7 @@ def test_outputs(recordings):
     outputs = recording.outputs
     assert outputs["headPod"] == "jetstream-pathways-0" and outputs["lwsName"] == "jetstream-pathways"
     assert outputs["namespace"] == "jetstream-llama3-405b-v6e16" and outputs["serviceName"] == "jetstream-svc"
-    assert outputs["serviceUrl"] == "http://jetstream-svc.jetstream-llama3-405b-v6e16.svc.cluster.local:8000"
+    assert outputs["httpUrl"] == "http://jetstream-svc.jetstream-llama3-405b-v6e16.svc.cluster.local:8000"
     assert outputs["portForwardCommand"] == "kubectl -n jetstream-llama3-405b-v6e16 port-forward pod/jetstream-pathways-0 8000:8000"
     assert "localhost:8000/generate" in outputs["curlExample"]
     assert outputs["clusterName"] == "jetstream-llama3-405b-v6e16" and outputs["clusterEndpoint"] == "203.0.113.10"
@@ -299,8 +315,8 @@ def test_lws_controller_is_installed_only_where_the_stack_owns_the_cluster():
 
 def test_lws_is_replaced_not_patched_where_the_webhook_refuses_updates(recordings):
     """8.4: changes under the immutable paths replace the LWS, deleting the old one first."""
-    for recording in recordings.values():
-        lws = recording.one(LWS)
+    for stack in WORKLOAD_STACKS:
+        lws = recordings[stack].one(LWS)
         assert set(lws.replace_on_changes) == {"spec.leaderWorkerTemplate.subGroupPolicy", "spec.networkConfig"}
         assert lws.delete_before_replace is True
 

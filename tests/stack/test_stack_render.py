@@ -15,7 +15,7 @@ from components import render
 from components.core import manifests
 from components.core.errors import ConfigError
 
-from pulumi_harness import EXAMPLE_STACKS, ROOT
+from pulumi_harness import EXAMPLE_STACKS, ROOT, WORKLOAD_STACKS
 from stack_helpers import BUNDLED_STACKS, bundled_example, bundled_raw, example, lws_validator, pod_monitoring_validator
 
 
@@ -43,7 +43,7 @@ def _validate_all(documents: list[dict], cfg) -> None:
             kubernetes_validate.validate(document, "1.33.0", strict=True)
 
 
-@pytest.mark.parametrize("stack", EXAMPLE_STACKS)
+@pytest.mark.parametrize("stack", WORKLOAD_STACKS)
 def test_render_prints_the_manifests_kubectl_would_apply(stack):
     result = _cli("--stack", stack)
     assert result.returncode == 0, result.stderr
@@ -56,7 +56,9 @@ def test_render_prints_the_manifests_kubectl_would_apply(stack):
     scaling = ["PodMonitoring", "HorizontalPodAutoscaler"] if cfg.scaling.enabled else []
     assert [document["kind"] for document in documents] == ["Namespace", "ServiceAccount", "LeaderWorkerSet", "Service", *scaling]
     assert documents[0]["metadata"]["name"] == cfg.namespace
-    assert "annotations" not in documents[1]["metadata"]  # Pathways pods act as the node account
+    # Pathways pods act as the node account; the bundled server's through Workload Identity as its own GSA.
+    annotations = {"iam.gke.io/gcp-service-account": cfg.workload_service_account_email} if cfg.bundled else None
+    assert documents[1]["metadata"].get("annotations") == annotations
     assert documents[2:4] == manifests.serving_manifests(cfg, plan)
     _validate_all(documents, cfg)
 
