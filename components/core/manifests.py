@@ -97,6 +97,7 @@ LOAD_BALANCER_IP_PATH = "{.status.loadBalancer.ingress[0].ip}"
 HTTP_PORT_NAME = "jetstream-http"
 GRPC_PORT_NAME = "jetstream-grpc"
 OPENAI_PATH = "/v1"
+CLIENT_OUTPUTS = ("httpUrl", "grpcTarget", "openaiBaseUrl")  # the stack outputs of client_endpoints
 # waitForReady timeout: the slice's nodes joining, multi-GB image pulls and the LWS controller's
 # reconcile before the startup delay even starts, then the restore at up to twice the preset's
 # estimate.
@@ -433,7 +434,7 @@ def client_endpoints(host: str, ports: Mapping[str, int], *, openai: bool) -> di
     JetStream's jetstream-http front end serves /generate only, so its openaiBaseUrl is "").
     """
     http = f"http://{host}:{ports[HTTP_PORT_NAME]}"
-    return {"httpUrl": http, "grpcTarget": f"{host}:{ports[GRPC_PORT_NAME]}", "openaiBaseUrl": f"{http}{OPENAI_PATH}" if openai else ""}
+    return dict(zip(CLIENT_OUTPUTS, (http, f"{host}:{ports[GRPC_PORT_NAME]}", f"{http}{OPENAI_PATH}" if openai else "")))
 
 
 def namespace(cfg: StackConfig) -> dict | None:

@@ -27,7 +27,7 @@ from components.core import manifests, scheduling
 from components.core.config import (BUNDLED_IMAGE_TAG, CONFIG_KEYS, PLATFORM_OUTPUTS, PROJECT, PlatformConfig, StackConfig,
                                     parse_stack_config)
 from components.core.errors import ConfigError
-from components.core.node_pools import system_node_pool, tpu_node_pools
+from components.core.node_pools import NodePoolSpec, system_node_pool, tpu_node_pools
 from components.core.planner import Plan, plan_deployment
 from components.resources.autoscaling import LeaderWorkerSetAutoscaler, LeaderWorkerSetAutoscalerArgs, MetricsAdapter, MetricsAdapterArgs
 from components.resources.gke import ATTACH, CREATE, LOOKUP, GkeCluster, GkeClusterArgs
@@ -42,7 +42,6 @@ DOCKERFILE = "serving/Dockerfile"
 BUILD_CONTEXT = "."  # the repository root: the Dockerfile copies serving/ from there
 TPU_BUILD_ARGS = {"JAX_EXTRA": "tpu"}
 TPU_HOST_PLATFORM = "linux/amd64"  # TPU v6e hosts are x86-64 VMs
-CLIENT_OUTPUTS = ("httpUrl", "grpcTarget", "openaiBaseUrl")  # manifests.client_endpoints
 
 
 def project_config_values() -> dict[str, str]:
@@ -104,7 +103,7 @@ def build_serving(cfg: StackConfig, plan: Plan) -> dict[str, Any]:
         LeaderWorkerSetAutoscaler("autoscaling", LeaderWorkerSetAutoscalerArgs(pod_monitoring=pod_monitoring, horizontal_pod_autoscaler=hpa),
                                   pulumi.ResourceOptions(provider=cluster.provider, depends_on=[server, *adapter]))
     outputs = {
-        **{name: server.client_endpoints.apply(lambda endpoints, name=name: endpoints[name]) for name in CLIENT_OUTPUTS},
+        **{name: server.client_endpoints.apply(lambda endpoints, name=name: endpoints[name]) for name in manifests.CLIENT_OUTPUTS},
         "clusterName": cluster.cluster_name,
         "namespace": server.namespace,
         "lwsName": server.lws_name,
@@ -143,7 +142,8 @@ def _cluster(cfg: StackConfig) -> tuple[GkeCluster, pulumi.Output[str]]:
     return cluster, nodes.email
 
 
-def _owned_cluster_args(cfg: StackConfig | PlatformConfig, node_service_account: pulumi.Output[str], tpu_pools) -> GkeClusterArgs:
+def _owned_cluster_args(cfg: StackConfig | PlatformConfig, node_service_account: pulumi.Output[str],
+                        tpu_pools: tuple[NodePoolSpec, ...]) -> GkeClusterArgs:
     """A cluster a role=all or platform stack creates (or, role=all, looks up)."""
     return GkeClusterArgs(
         project=cfg.project,
