@@ -3,9 +3,15 @@
 Reads `Pulumi.<stack>.yaml`, runs the same parsing, planning and scheduling check as `pulumi
 preview`, prints the plan summary (as YAML comments) and the Kubernetes objects as multi-document
 YAML that `kubectl apply -f -` accepts on a cluster with the LWS controller: the Namespace (unless
-`default`), the ServiceAccount the pods run as, the LeaderWorkerSet and the Service, built by the
-same functions `JetStreamServer` uses. No cloud, no Pulumi CLI, no Pulumi SDK. A bad config prints
+`default`), the ServiceAccount the pods run as, the LeaderWorkerSet and the Service, and with
+autoscaling the PodMonitoring and the HorizontalPodAutoscaler, built by the same functions the
+components use. No cloud, no Pulumi CLI, no Pulumi SDK. A bad config prints
 the same error as preview on stderr and exits 2.
+
+Roles: a platform stack (role=platform) has no workload: the render prints its plan only (the
+cluster, the system pool, the node service account, the cluster-wide installs and the outputs it
+exports). A serving stack (role=serving) renders like any stack; its cluster is the platform's,
+which only a StackReference can read, so the plan names it as a placeholder.
 """
 
 from __future__ import annotations
@@ -19,9 +25,10 @@ from typing import Any, Mapping
 import yaml
 
 from components.core import manifests, scheduling
-from components.core.config import PROJECT, parse_stack_config
+from components.core.autoscaling import ADAPTER_MANIFEST_URL
+from components.core.config import PLATFORM_OUTPUTS, PROJECT, PlatformConfig, StackConfig, parse_stack_config
 from components.core.errors import ConfigError
-from components.core.node_pools import tpu_node_pools
+from components.core.node_pools import node_pool_summary, system_node_pool, tpu_node_pools
 from components.core.planner import plan_deployment
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -46,18 +53,45 @@ def read_stack_file(path: pathlib.Path) -> tuple[dict[str, str], str | None]:
     return raw, None if project is None else str(project)
 
 
+def _as_comments(summary: dict) -> str:
+    return "\n".join(f"# {line}" for line in yaml.safe_dump({"plan": summary}, sort_keys=False).splitlines())
+
+
+def platform_summary(cfg: PlatformConfig) -> dict:
+    """What a platform stack creates and exports (it has no workload to render)."""
+    return {
+        "role": cfg.role,
+        "clusterName": cfg.cluster_name,
+        "clusterLocation": cfg.cluster_location,
+        "releaseChannel": cfg.release_channel,
+        "deletionProtection": cfg.deletion_protection,
+        "nodeServiceAccount": f"{cfg.node_service_account_id}@{cfg.project}.iam.gserviceaccount.com",
+        "systemPool": node_pool_summary(system_node_pool(cfg)),
+        "lwsController": cfg.lws_version if cfg.install_lws_controller else "not installed (installLwsController=false)",
+        "metricsAdapter": ADAPTER_MANIFEST_URL,
+        "outputs": list(PLATFORM_OUTPUTS),
+    }
+
+
+def serving_summary(cfg: StackConfig, plan) -> dict:
+    summary = {**plan.summary(), "nodePoolSpecs": [node_pool_summary(spec) for spec in tpu_node_pools(cfg)],
+               "scratchLocation": cfg.scratch_location, "headPod": manifests.head_pod(cfg),
+               "serviceUrl": manifests.service_url(cfg), "portForwardCommand": manifests.port_forward_command(cfg)}
+    if cfg.serving_role:  # read through a StackReference at deploy time; offline, a placeholder
+        summary |= {"clusterStack": cfg.cluster_stack, "cluster": f"<clusterName output of stack {cfg.cluster_stack}>"}
+    return summary
+
+
 def render(stack: str, root: pathlib.Path = ROOT) -> str:
     """The YAML text for a stack; raises ConfigError on a bad config."""
     raw, project = read_stack_file(root / f"Pulumi.{stack}.yaml")
     cfg = parse_stack_config(raw, project=project, stack=stack)
+    if isinstance(cfg, PlatformConfig):
+        return f"{_as_comments(platform_summary(cfg))}\n"
     plan = plan_deployment(cfg)
     scheduling.check_deployment(cfg, plan)
-    summary = {**plan.summary(), "nodePoolSpecs": [vars(spec) for spec in tpu_node_pools(cfg)],
-               "scratchLocation": cfg.scratch_location, "headPod": manifests.head_pod(cfg),
-               "serviceUrl": manifests.service_url(cfg), "portForwardCommand": manifests.port_forward_command(cfg)}
-    header = "\n".join(f"# {line}" for line in yaml.safe_dump({"plan": summary}, sort_keys=False).splitlines())
     documents = yaml.safe_dump_all(manifests.all_manifests(cfg, plan), sort_keys=False)
-    return f"{header}\n---\n{documents}"
+    return f"{_as_comments(serving_summary(cfg, plan))}\n---\n{documents}"
 
 
 def main(argv: list[str] | None = None) -> int:

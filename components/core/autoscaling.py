@@ -27,19 +27,25 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from components.core import tpu
-from components.core.config import ConfigKey
+from components.core.config_keys import ConfigKey, read_integer, read_text
 from components.core.errors import ConfigError
 
 # ---------------------------------------------------------------------------------------------
 # The metrics. Both are gauges of JetStream's orchestrator (jetstream/core/metrics/prometheus.py),
 # and the bundled server exports them under the same names and units (serving/server/metrics.py).
 
-# Kubernetes skips a scaling step while |1 - average/target| <= 0.1 (kube-controller-manager
+# The HPA, as this stack models it (https://kubernetes.io/docs/tasks/run-application/horizontal-pod-autoscale/
+# #algorithm-details; kubernetes pkg/controller/podautoscaler/replica_calculator.go, calcPlainMetricReplicas).
+# It skips a scaling step while |1 - average/target| <= 0.1 (kube-controller-manager
 # --horizontal-pod-autoscaler-tolerance, default 0.1; per-HPA tolerance is an alpha feature).
 HPA_TOLERANCE = 0.1
+# The default scale-up behaviour: per period, add at most 100% of the current pods or 4 pods,
+# whichever is more (spec.behavior.scaleUp default policies, selectPolicy Max).
+HPA_SCALE_UP_PERCENT = 100
+HPA_SCALE_UP_PODS = 4
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -127,25 +133,15 @@ class Autoscaling:
         return str(milli // 1000) if milli % 1000 == 0 else f"{milli}m"
 
 
-def _text(raw: Mapping[str, str], name: str) -> str:
-    default = next(key.default for key in CONFIG_KEYS if key.name == name)
-    return str(raw.get(name, default)).strip()
-
-
-def _whole(raw: Mapping[str, str], name: str) -> int:
-    text = _text(raw, name)
-    try:
-        return int(text)
-    except ValueError:
-        raise ConfigError(name, f"expected a whole number, got {text!r}", f"pulumi config set {name} 2") from None
+KEYS_BY_NAME = {key.name: key for key in CONFIG_KEYS}
 
 
 def _replica_bounds(raw: Mapping[str, str]) -> tuple[int, int]:
-    replicas = _whole(raw, "replicas")
+    replicas = read_integer(raw, KEYS_BY_NAME["replicas"])
     if not 1 <= replicas <= MAX_REPLICAS_LIMIT:
         raise ConfigError("replicas", f"{replicas} is outside 1..{MAX_REPLICAS_LIMIT} (each replica is a whole TPU slice per role)",
                           "pulumi config set replicas 1")
-    maximum = _whole(raw, "maxReplicas")
+    maximum = read_integer(raw, KEYS_BY_NAME["maxReplicas"])
     maximum = replicas if maximum == SAME_AS_REPLICAS else maximum
     if maximum < replicas:
         raise ConfigError(("maxReplicas", "replicas"), f"maxReplicas {maximum} is smaller than replicas {replicas}",
@@ -157,7 +153,7 @@ def _replica_bounds(raw: Mapping[str, str]) -> tuple[int, int]:
 
 
 def _metric(raw: Mapping[str, str]) -> ScalingMetric:
-    name = _text(raw, "autoscalingMetric")
+    name = read_text(raw, KEYS_BY_NAME["autoscalingMetric"])
     if name not in METRICS:
         raise ConfigError("autoscalingMetric", f"{name!r} is not one of {', '.join(METRICS)}",
                           "pulumi config set autoscalingMetric prefill-backlog (latency and throughput) or slots-used (capacity)")
@@ -165,7 +161,7 @@ def _metric(raw: Mapping[str, str]) -> ScalingMetric:
 
 
 def _target(raw: Mapping[str, str], metric: ScalingMetric) -> float:
-    text = _text(raw, "autoscalingTarget")
+    text = read_text(raw, KEYS_BY_NAME["autoscalingTarget"])
     if not text:
         return metric.default_target
     try:
@@ -186,9 +182,13 @@ def _target(raw: Mapping[str, str], metric: ScalingMetric) -> float:
 
 
 def _check_used(raw: Mapping[str, str], replicas: int) -> None:
-    """A metric or target without maxReplicas is a forgotten maxReplicas, not a no-op."""
+    """A metric or target without maxReplicas is a forgotten maxReplicas, not a no-op.
+
+    Only a value other than the default counts as set: Pulumi hands the program every declared
+    key, with the schema's default where the stack sets none.
+    """
     for name in ("autoscalingMetric", "autoscalingTarget"):
-        if name in raw:
+        if read_text(raw, KEYS_BY_NAME[name]) != KEYS_BY_NAME[name].default_text:
             raise ConfigError((name, "maxReplicas"), f"is set but autoscaling is off (maxReplicas = replicas = {replicas})",
                               f"pulumi config set maxReplicas {replicas + 1} or more to autoscale, or remove {name}")
 
@@ -240,8 +240,7 @@ class SlicePool:
     """The TPU node pool of one role of one LWS replica (node_pools.py turns it into a NodePoolSpec)."""
 
     role: str  # serving | prefill | generate
-    replica: int
-    name_suffix: str  # appended to the role's pool name: "" for replica 0 (as before), "-r<i>" after
+    replica: int  # node_pools.node_pool_name: replica 0 keeps the role's pool name, others add -r<i>
     node_count: int  # the size it is created with: the slice's hosts if fixed, 0 if autoscaled
     autoscaling: NodeRange | None  # None: fixed size
 
@@ -268,13 +267,56 @@ def slice_pools(scaling: Autoscaling, *, roles: tuple[str, ...], hosts_per_slice
         SlicePool(
             role=role,
             replica=replica,
-            name_suffix=f"-r{replica}" if replica else "",
             node_count=hosts_per_slice if replica < scaling.replicas else 0,
             autoscaling=None if replica < scaling.replicas else NodeRange(min_nodes=0, max_nodes=hosts_per_slice),
         )
         for replica in range(scaling.max_replicas)
         for role in roles
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# What the HPA decides.
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaleDecision:
+    """One HPA evaluation of a Pods metric with an AverageValue target."""
+
+    average: float  # the metric averaged over the pods that report it
+    ratio: float  # average / target
+    within_tolerance: bool  # |1 - ratio| <= tolerance: the HPA keeps the current count
+    desired: int  # replicas the HPA sets, after the tolerance, the scale-up limit and min/max
+
+
+def hpa_desired_replicas(per_pod: Sequence[float], target: float, *, min_replicas: int, max_replicas: int,
+                         tolerance: float = HPA_TOLERANCE) -> ScaleDecision:
+    """desired = ceil(pods x average / target), as the HPA computes it for a `type: Pods` metric
+    with `target.averageValue` (the metric of `horizontal_pod_autoscaler`):
+
+    - the metric is averaged over the pods (here: one value per LeaderWorkerSet leader, the pods
+      the LWS scale subresource selects), and the current count is the number of pods reporting;
+    - within the tolerance of the target (|1 - average/target| <= 0.1) nothing changes;
+    - one step grows by at most max(100 %, 4 pods); the result is clamped to [min, max].
+
+    Not modelled: pods that are not ready or report no value (the HPA then assumes 0 on a
+    scale-up and the target on a scale-down), and the scale-down stabilization window (the HPA
+    uses the highest recommendation of the window, `scale_down_stabilization_seconds`).
+    """
+    if not per_pod:
+        raise ValueError("per_pod: the HPA needs a value from at least one pod")
+    if not target > 0:
+        raise ValueError(f"target must be > 0, got {target}")
+    if not 1 <= min_replicas <= max_replicas:
+        raise ValueError(f"need 1 <= min_replicas ({min_replicas}) <= max_replicas ({max_replicas})")
+    current = len(per_pod)
+    average = sum(per_pod) / current
+    ratio = average / target
+    within = abs(1.0 - ratio) <= tolerance
+    desired = current if within else math.ceil(ratio * current)
+    scale_up_limit = max(current * (100 + HPA_SCALE_UP_PERCENT) // 100, current + HPA_SCALE_UP_PODS)
+    desired = min(desired, scale_up_limit)
+    return ScaleDecision(average, ratio, within, max(min_replicas, min(desired, max_replicas)))
 
 
 # ---------------------------------------------------------------------------------------------

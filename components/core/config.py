@@ -8,6 +8,13 @@ same function, and `Pulumi.yaml`'s `config:` schema is checked against `CONFIG_K
 Pulumi applies a key's schema default before the program runs, and a key declared without one is
 required, so "take it from somewhere else" needs a sentinel default: integer keys use 0 for "the
 model preset's value", name keys use "" for "derived from the stack name" (`stack_scoped_name`).
+For the same reason a key counts as set only when its value differs from its default.
+
+Roles (`role`): `all` is one stack with the cluster and the model server; `platform` owns the
+cluster, its system pool, the node service account and the cluster-wide controllers, and exports
+`PLATFORM_OUTPUTS`; `serving` puts its TPU pools and model server on the cluster of the platform
+stack named by `clusterStack`. `parse_stack_config` returns a `PlatformConfig` for a platform
+stack and a `StackConfig` otherwise, and refuses a key the role does not use (`_check_role_keys`).
 """
 
 from __future__ import annotations
@@ -19,7 +26,9 @@ import json
 import re
 from typing import Mapping
 
-from components.core import models, tpu
+from components.core import autoscaling, models, tpu
+from components.core.autoscaling import Autoscaling, metrics_endpoint, parse_autoscaling
+from components.core.config_keys import ConfigKey, read_integer, read_text
 from components.core.errors import ConfigError
 
 PROJECT = "jetstream-tpu"  # Pulumi project name: stack files namespace keys as jetstream-tpu:<key>
@@ -28,6 +37,14 @@ QUANTIZATIONS = ("int8", "bf16")
 PROVISIONING = ("on-demand", "spot", "reservation")
 RELEASE_CHANNELS = ("UNSPECIFIED", "RAPID", "REGULAR", "STABLE", "EXTENDED")
 SERVER_RUNTIMES = ("jetstream", "bundled")
+ROLES = ("all", "platform", "serving")
+PLATFORM, SERVING = "platform", "serving"
+SERVICE_TYPES = ("ClusterIP", "InternalLoadBalancer")
+INTERNAL_LOAD_BALANCER = "InternalLoadBalancer"
+# What a platform stack exports, exactly, and a serving stack reads through a StackReference.
+PLATFORM_OUTPUTS = ("clusterName", "clusterLocation", "project", "kubeconfig")
+# Keys a serving stack cannot do without (Pulumi.yaml gives them "" so a platform stack needs none).
+REQUIRED_TO_SERVE = ("model", "topology", "checkpointPath")
 PRESET_DEFAULT = 0  # integer sentinel: take the value from the model preset
 DERIVED = ""  # name sentinel: derive the name from the stack (`stack_scoped_name`)
 AXIS_KEYS = {"fsdp": "fsdpParallelism", "autoregressive": "autoregressiveParallelism", "tensor": "tensorParallelism"}
@@ -67,26 +84,16 @@ BUNDLED_IMAGE_NAME = "jetstream-jax"
 BUNDLED_IMAGE_TAG = "stack-build"
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class ConfigKey:
-    """One config key as Pulumi.yaml declares it and the docs describe it."""
-
-    name: str
-    type: str  # Pulumi project config type: string | integer | boolean
-    description: str
-    default: str | int | bool | None = None  # None: required
-
-
 CONFIG_KEYS: tuple[ConfigKey, ...] = (
     # Contract keys.
-    ConfigKey(name="model", type="string", description=f"Model preset: {', '.join(models.PRESETS)}."),
-    ConfigKey(name="topology", type="string", description=f"TPU v6e slice topology: {', '.join(tpu.TOPOLOGIES)}."),
+    ConfigKey(name="model", type="string", default="", description=f"Model preset: {', '.join(models.PRESETS)}. Required unless role=platform."),
+    ConfigKey(name="topology", type="string", default="", description=f"TPU v6e slice topology: {', '.join(tpu.TOPOLOGIES)}. Required unless role=platform."),
     ConfigKey(name="mode", type="string", default="interleaved",
               description="interleaved (one slice, prefill and generate interleaved) or disaggregated (a prefill slice and a generate slice)."),
     ConfigKey(name="quantization", type="string", default="int8",
               description="Weight precision: int8 (checkpoint must be int8-quantized) or bf16."),
-    ConfigKey(name="checkpointPath", type="string",
-              description="gs:// URI of the MaxText (Orbax) checkpoint, or with serverRuntime=bundled of one .gguf or .npz object; the serving identity gets read access to its bucket."),
+    ConfigKey(name="checkpointPath", type="string", default="",
+              description="gs:// URI of the MaxText (Orbax) checkpoint, or with serverRuntime=bundled of one .gguf or .npz object; the serving identity gets read access to its bucket. Required unless role=platform."),
     # Serving.
     ConfigKey(name="quantizeKvCache", type="boolean", default=True, description="Store the KV cache in int8 (quantize_kvcache)."),
     ConfigKey(name="perDeviceBatchSize", type="integer", default=PRESET_DEFAULT, description="Sequences per chip (per_device_batch_size); 0 = model preset."),
@@ -105,6 +112,8 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
     ConfigKey(name="startupProbeDelaySeconds", type="integer", default=PRESET_DEFAULT, description="Startup probe initialDelaySeconds (checkpoint restore time); 0 = model preset."),
     ConfigKey(name="waitForReady", type="boolean", default=False,
               description="true: pulumi up ends only when the LeaderWorkerSet reports Available (timeout derived from the startup delay); false: it ends once the objects are applied."),
+    # Replicas and autoscaling (components/core/autoscaling.py).
+    *autoscaling.CONFIG_KEYS,
     # Server images and names.
     ConfigKey(name="serverRuntime", type="string", default="jetstream",
               description="jetstream (upstream JetStream + MaxText images, the seed's layout) or bundled (this repository's server image)."),
@@ -121,19 +130,26 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
     ConfigKey(name="pathwaysProxyImage", type="string", default=DEFAULT_IMAGES["pathwaysProxyImage"],
               description="Pathways proxy image (pathways-proxy on the leader); pinned tag or digest."),
     ConfigKey(name="appName", type="string", default="jetstream-pathways", description="LeaderWorkerSet name and `app` label."),
-    ConfigKey(name="serviceName", type="string", default="jetstream-svc", description="ClusterIP Service name."),
+    ConfigKey(name="serviceName", type="string", default="jetstream-svc", description="Service name."),
+    ConfigKey(name="serviceType", type="string", default="ClusterIP",
+              description="ClusterIP (reachable inside the cluster) or InternalLoadBalancer (a GKE internal passthrough Network Load Balancer, reachable from the VPC; never a public one)."),
     ConfigKey(name="namespace", type="string", default=DERIVED,
               description="Kubernetes namespace (created unless it is `default`); empty = jetstream-<stack>, so stacks sharing a cluster never collide."),
     ConfigKey(name="lwsVersion", type="string", default="v0.10.0", description="LeaderWorkerSet controller release to install."),
     ConfigKey(name="installLwsController", type="boolean", default=True,
               description="Install the cluster-wide LWS controller with this stack. Must be false with existingClusterName: a shared cluster's controller belongs to its owner, and destroying a stack that installed it deletes every LeaderWorkerSet of the cluster."),
+    # Environments.
+    ConfigKey(name="role", type="string", default="all",
+              description="all (the cluster and the model server in one stack), platform (the cluster, its system pool, node service account, LWS controller and metrics adapter; exports clusterName, clusterLocation, project, kubeconfig) or serving (TPU pools and the model server on the cluster of clusterStack)."),
+    ConfigKey(name="clusterStack", type="string", default="",
+              description="role=serving: the platform stack whose cluster to use, fully qualified: <organization>/jetstream-tpu/<stack>."),
     # Cluster and node pools.
     ConfigKey(name="clusterName", type="string", default=DERIVED, description="Name of the GKE cluster to create; empty = jetstream-<stack>."),
     ConfigKey(name="existingClusterName", type="string", default="", description="Use this existing cluster (at clusterLocation) instead of creating one."),
     ConfigKey(name="zone", type="string", default="us-east5-b", description="Zone of the TPU node pools (a zone with v6e capacity)."),
     ConfigKey(name="clusterLocation", type="string", default="", description="Cluster region or zone; empty = the region of `zone`."),
     ConfigKey(name="releaseChannel", type="string", default="UNSPECIFIED",
-              description=f"GKE release channel of a created cluster: {', '.join(RELEASE_CHANNELS)}. UNSPECIFIED (no channel) lets multi-host TPU pools keep auto-upgrade off; GKE forces it on in a channel."),
+              description=f"GKE release channel of a created cluster (role=serving: the platform cluster's, for the TPU pools' auto-upgrade): {', '.join(RELEASE_CHANNELS)}. UNSPECIFIED (no channel) lets multi-host TPU pools keep auto-upgrade off; GKE forces it on in a channel."),
     ConfigKey(name="deletionProtection", type="boolean", default=True, description="GKE deletion protection of a created cluster."),
     ConfigKey(name="systemMachineType", type="string", default="e2-standard-4", description="Machine type of the CPU system pool."),
     ConfigKey(name="systemNodeCount", type="integer", default=1, description="Nodes in the CPU system pool."),
@@ -166,12 +182,48 @@ def region_of(zone: str) -> str:
     return zone.rsplit("-", 1)[0]
 
 
+def node_service_account_id(owner_stack: str) -> str:
+    """The least-privilege GSA the node pools run as (6-30 characters), created by the stack that
+    owns the cluster: a role=all or platform stack, whose name is `owner_stack`."""
+    return stack_scoped_name("js-nodes", owner_stack, SERVICE_ACCOUNT_ID_LIMIT)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PlatformConfig:
+    """A role=platform stack: the cluster and what every serving stack on it shares."""
+
+    project: str
+    stack: str
+    cluster_name: str
+    zone: str
+    cluster_location: str
+    release_channel: str
+    deletion_protection: bool
+    system_machine_type: str
+    system_node_count: int
+    lws_version: str
+    install_lws_controller: bool
+    role: str = PLATFORM
+
+    @property
+    def existing_cluster(self) -> bool:
+        """Never: a platform stack creates its cluster (existingClusterName is refused)."""
+        return False
+
+    @property
+    def node_service_account_id(self) -> str:
+        return node_service_account_id(self.stack)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class StackConfig:
-    """Every setting the stack uses, typed and validated; presets already applied."""
+    """Every setting a stack that serves (role=all or serving) uses, typed and validated; presets already applied."""
 
     project: str  # GCP project id (gcp:project)
     stack: str
+    role: str  # all | serving
+    cluster_stack: str  # role=serving: the platform stack, <organization>/<project>/<stack>; "" otherwise
+    service_type: str  # ClusterIP | InternalLoadBalancer
     model: models.ModelPreset
     tpu_slice: tpu.TpuSlice
     mode: str
@@ -193,10 +245,10 @@ class StackConfig:
     namespace: str
     lws_version: str
     install_lws_controller: bool
-    cluster_name: str
+    cluster_name: str  # "" for role=serving: the cluster is the platform's (PlatformReference)
     existing_cluster: bool
     zone: str
-    cluster_location: str
+    cluster_location: str  # "" for role=serving, as cluster_name
     release_channel: str
     deletion_protection: bool
     system_machine_type: str
@@ -204,6 +256,7 @@ class StackConfig:
     tpu_provisioning: str
     tpu_reservation: str
     scratch_bucket: str
+    scaling: Autoscaling  # LWS replicas and the HPA's bounds, metric and target
 
     @property
     def slice_roles(self) -> tuple[str, ...]:
@@ -262,9 +315,19 @@ class StackConfig:
         return f"{self.workload_service_account_id}@{self.project}.iam.gserviceaccount.com"
 
     @property
+    def serving_role(self) -> bool:
+        """On the cluster of another (platform) stack."""
+        return self.role == SERVING
+
+    @property
+    def platform_stack(self) -> str:
+        """role=serving: the platform stack's name (the last part of clusterStack)."""
+        return self.cluster_stack.rsplit("/", 1)[-1]
+
+    @property
     def node_service_account_id(self) -> str:
-        """The least-privilege GSA every node pool of the stack runs as (6-30 characters)."""
-        return stack_scoped_name("js-nodes", self.stack, SERVICE_ACCOUNT_ID_LIMIT)
+        """The GSA every TPU pool runs as: this stack's own, or in a serving stack the platform's."""
+        return node_service_account_id(self.platform_stack if self.serving_role else self.stack)
 
     @property
     def artifact_repository_id(self) -> str:
@@ -287,20 +350,11 @@ class StackConfig:
 
 
 def _text(raw: Mapping[str, str], name: str) -> str:
-    key = KEYS_BY_NAME[name]
-    if name in raw:
-        return str(raw[name]).strip()
-    if key.default is None:
-        raise ConfigError(name, "is required and not set", f"pulumi config set {name} <value>")
-    return str(key.default).lower() if isinstance(key.default, bool) else str(key.default)
+    return read_text(raw, KEYS_BY_NAME[name])
 
 
 def _integer(raw: Mapping[str, str], name: str) -> int:
-    text = _text(raw, name)
-    try:
-        return int(text)
-    except ValueError:
-        raise ConfigError(name, f"expected an integer, got {text!r}", f"pulumi config set {name} 4") from None
+    return read_integer(raw, KEYS_BY_NAME[name])
 
 
 def _boolean(raw: Mapping[str, str], name: str) -> bool:
@@ -352,15 +406,24 @@ def check_unknown_keys(raw: Mapping[str, str]) -> None:
             raise ConfigError(name, "is not a key of this stack", _closest(name, KEYS_BY_NAME))
 
 
+def _required(raw: Mapping[str, str], name: str) -> str:
+    """A key a stack that serves cannot do without (REQUIRED_TO_SERVE)."""
+    value = _text(raw, name)
+    if not value:
+        raise ConfigError(name, "is required and not set (a stack that serves needs a model, a topology and a checkpoint)",
+                          f"pulumi config set {name} <value>")
+    return value
+
+
 def _model(raw: Mapping[str, str]) -> models.ModelPreset:
-    name = _text(raw, "model")
+    name = _required(raw, "model")
     if name not in models.PRESETS:
         raise ConfigError("model", f"unknown model preset {name!r} (known: {', '.join(models.PRESETS)})", _closest(name, models.PRESETS))
     return models.PRESETS[name]
 
 
 def _tpu_slice(raw: Mapping[str, str]) -> tpu.TpuSlice:
-    topology = _text(raw, "topology")
+    topology = _required(raw, "topology")
     if topology not in tpu.TOPOLOGIES:
         raise ConfigError("topology", f"{topology!r} is not a TPU v6e slice shape (v6e shapes: {', '.join(tpu.TOPOLOGIES)})",
                           "pick the next larger v6e shape, e.g. 4x4 for 16 chips")
@@ -374,7 +437,7 @@ def _tpu_slice(raw: Mapping[str, str]) -> tpu.TpuSlice:
 
 
 def _checkpoint_path(raw: Mapping[str, str]) -> str:
-    path = _text(raw, "checkpointPath")
+    path = _required(raw, "checkpointPath")
     if not _GCS_URI.match(path):
         raise ConfigError("checkpointPath", f"{path!r} is not a gs:// URI of a bucket path",
                           "pulumi config set checkpointPath gs://my-bucket/llama/checkpoints/0/items")
@@ -482,7 +545,6 @@ def _names(raw: Mapping[str, str], stack: str) -> dict[str, str]:
         "appName": _label_name(raw, "appName", APP_NAME_LIMIT),
         "serviceName": _label_name(raw, "serviceName", APP_NAME_LIMIT),
         "namespace": _label_name(raw, "namespace", DNS_LABEL_LIMIT, stack_scoped_name("jetstream", stack, DNS_LABEL_LIMIT)),
-        "clusterName": _label_name(raw, "clusterName", CLUSTER_NAME_LIMIT, stack_scoped_name("jetstream", stack, CLUSTER_NAME_LIMIT)),
     }
 
 
@@ -530,20 +592,120 @@ def _lws_version(raw: Mapping[str, str]) -> str:
     return version
 
 
-def parse_stack_config(raw: Mapping[str, str], *, project: str | None, stack: str) -> StackConfig:
-    """Typed, validated config from the project's raw string values (keys without namespace)."""
+# ---------------------------------------------------------------------------------------------
+# Roles.
+
+# Keys only the stack that owns the cluster uses (role=all or platform). releaseChannel is not one:
+# a serving stack's TPU pools follow the cluster's channel (node_pools.py, auto-upgrade).
+CLUSTER_KEYS = ("clusterName", "existingClusterName", "clusterLocation", "deletionProtection", "systemMachineType",
+                "systemNodeCount", "lwsVersion", "installLwsController")
+# What a platform stack uses; it creates its cluster, so existingClusterName is not among them.
+PLATFORM_KEYS = ("role", "zone", "releaseChannel", *(key for key in CLUSTER_KEYS if key != "existingClusterName"))
+_STACK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def _is_set(raw: Mapping[str, str], name: str) -> bool:
+    """Set to something other than its default (Pulumi hands the program every key, defaults filled in)."""
+    key = KEYS_BY_NAME[name]
+    value = _text(raw, name)
+    return (value.lower() if key.type == "boolean" else value) != key.default_text
+
+
+def _unused_keys(role: str) -> tuple[tuple[str, ...], str, str]:
+    """(keys a stack of this role does not use, why, what to do instead)."""
+    if role == PLATFORM:
+        return (tuple(name for name in KEYS_BY_NAME if name not in PLATFORM_KEYS),
+                "a platform stack creates the cluster and what serving stacks share on it (no TPU pool, no workload, no existing cluster)",
+                "set it in a role=serving stack that names this one in clusterStack (existingClusterName: use role=all)")
+    if role == SERVING:
+        return (tuple(name for name in CLUSTER_KEYS if name != "installLwsController"),
+                "a serving stack puts its TPU pools and workload on the cluster of clusterStack and creates no cluster",
+                "set it in the platform stack, and remove it here")
+    return ("clusterStack",), "only a role=serving stack uses another stack's cluster", "pulumi config set role serving, or remove clusterStack"
+
+
+def _check_role_keys(raw: Mapping[str, str], role: str) -> None:
+    """Refuse a key the role does not use, and the serving stack's must-haves."""
+    unused, why, suggestion = _unused_keys(role)
+    for name in unused:
+        if _is_set(raw, name):
+            raise ConfigError((name, "role"), f"{name} is set, but a role={role} stack does not use it: {why}", suggestion)
+    if role == SERVING and _boolean(raw, "installLwsController"):
+        raise ConfigError(("installLwsController", "role"),
+                          "a serving stack never installs the LWS controller: it is cluster-wide and the platform stack installs it "
+                          "(Pulumi fills in this key's default, true, so a serving stack sets false explicitly)",
+                          "pulumi config set installLwsController false")
+
+
+def _cluster_stack(raw: Mapping[str, str], role: str, stack: str) -> str:
+    name = _text(raw, "clusterStack")
+    if role != SERVING:
+        return ""
+    if not name:
+        raise ConfigError(("clusterStack", "role"), "role=serving needs the platform stack whose cluster it uses",
+                          f"pulumi config set clusterStack <organization>/{PROJECT}/platform (the names: pulumi stack ls --all)")
+    if not _STACK_NAME.fullmatch(name):
+        raise ConfigError("clusterStack", f"{name!r} is not a fully qualified stack name",
+                          f"use <organization>/<project>/<stack>, e.g. my-org/{PROJECT}/platform (self-managed backends: organization/{PROJECT}/platform)")
+    _, referenced_project, referenced_stack = name.split("/")
+    if (referenced_project, referenced_stack) == (PROJECT, stack):
+        raise ConfigError("clusterStack", f"{name!r} is this stack itself", "name the platform stack (role=platform) whose cluster to use")
+    return name
+
+
+def _cluster(raw: Mapping[str, str], stack: str) -> dict:
+    """The settings of the cluster a role=all or platform stack creates (or, role=all, looks up)."""
+    existing = _text(raw, "existingClusterName")
+    zone, location = _zone(raw)
+    return {
+        "cluster_name": existing or _label_name(raw, "clusterName", CLUSTER_NAME_LIMIT, stack_scoped_name("jetstream", stack, CLUSTER_NAME_LIMIT)),
+        "existing_cluster": bool(existing),
+        "zone": zone,
+        "cluster_location": location,
+        "release_channel": _choice(raw, "releaseChannel", RELEASE_CHANNELS),
+        "deletion_protection": _boolean(raw, "deletionProtection"),
+        "system_machine_type": _text(raw, "systemMachineType"),
+        "system_node_count": _bounded("systemNodeCount", _integer(raw, "systemNodeCount"), SYSTEM_NODES_RANGE),
+        "lws_version": _lws_version(raw),
+        "install_lws_controller": _install_lws_controller(raw, existing),
+    }
+
+
+def check_same_project(project: str, platform_project: str, cluster_stack: str) -> str:
+    """A serving stack deploys into its platform's project (the cluster's Workload Identity pool
+    and the node service account live there); the platform's project, or ConfigError."""
+    if project != platform_project:
+        raise ConfigError(("gcp:project", "clusterStack"),
+                          f"gcp:project is {project!r} but the platform stack {cluster_stack} runs its cluster in {platform_project!r}",
+                          f"pulumi config set gcp:project {platform_project}")
+    return platform_project
+
+
+def parse_stack_config(raw: Mapping[str, str], *, project: str | None, stack: str) -> StackConfig | PlatformConfig:
+    """Typed, validated config from the project's raw string values (keys without namespace):
+    a PlatformConfig for role=platform, else a StackConfig."""
     check_unknown_keys(raw)
     if not project:
         raise ConfigError("gcp:project", "the GCP project is not set", "pulumi config set gcp:project <project-id>")
+    role = _choice(raw, "role", ROLES)
+    _check_role_keys(raw, role)
+    cluster_stack = _cluster_stack(raw, role, stack)
+    cluster = _cluster(raw, stack)
+    if role == PLATFORM:
+        del cluster["existing_cluster"]  # refused above: a platform creates its cluster
+        return PlatformConfig(project=project, stack=stack, **cluster)
+    if role == SERVING:  # the platform's cluster, read at deploy time (PlatformReference)
+        cluster |= {"cluster_name": "", "cluster_location": ""}
     preset, tpu_slice = _model(raw), _tpu_slice(raw)
     runtime = _choice(raw, "serverRuntime", SERVER_RUNTIMES)
     provisioning = _choice(raw, "tpuProvisioning", PROVISIONING)
-    zone, location = _zone(raw)
     names = _names(raw, stack)
-    existing = _text(raw, "existingClusterName")
     cfg = StackConfig(
         project=project,
         stack=stack,
+        role=role,
+        cluster_stack=cluster_stack,
+        service_type=_choice(raw, "serviceType", SERVICE_TYPES),
         model=preset,
         tpu_slice=tpu_slice,
         mode=_choice(raw, "mode", MODES),
@@ -564,20 +726,14 @@ def parse_stack_config(raw: Mapping[str, str], *, project: str | None, stack: st
         app_name=names["appName"],
         service_name=names["serviceName"],
         namespace=names["namespace"],
-        lws_version=_lws_version(raw),
-        install_lws_controller=_install_lws_controller(raw, existing),
-        cluster_name=existing or names["clusterName"],
-        existing_cluster=bool(existing),
-        zone=zone,
-        cluster_location=location,
-        release_channel=_choice(raw, "releaseChannel", RELEASE_CHANNELS),
-        deletion_protection=_boolean(raw, "deletionProtection"),
-        system_machine_type=_text(raw, "systemMachineType"),
-        system_node_count=_bounded("systemNodeCount", _integer(raw, "systemNodeCount"), SYSTEM_NODES_RANGE),
         tpu_provisioning=provisioning,
         tpu_reservation=_reservation(raw, provisioning),
         scratch_bucket=_scratch_bucket(raw, project, stack),
+        scaling=parse_autoscaling(raw),
+        **cluster,
     )
     if cfg.bundled:
         _check_bundled(cfg)
+    if cfg.scaling.enabled:
+        metrics_endpoint(bundled=cfg.bundled, server_flags=cfg.server_flags)  # refuses a prometheus_port that turns them off
     return cfg

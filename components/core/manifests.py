@@ -27,8 +27,10 @@ the leader is subgroup 0 and, on single-host slices (subGroupSize 1), the two wo
 subgroups 1 and 2, three exclusive subgroups for two node pools (components/core/scheduling.py
 proves placements like this before any resource exists).
 
-The Service selects the leader pod only, through the `app` label that only the leader template
-carries (as in the reference). The Namespace and the ServiceAccount the pods run as are built
+The Service selects the leader pods only, through the `app` label that only the leader template
+carries (as in the reference): one leader per LeaderWorkerSet replica (`replicas`), so it balances
+over every replica. With autoscaling on, the PodMonitoring and the HPA
+(components/core/autoscaling.py) come after the workload. The Namespace and the ServiceAccount the pods run as are built
 here too, so `components.render` prints everything `kubectl apply -f -` needs and
 `JetStreamServer` wraps the same dicts.
 """
@@ -39,7 +41,8 @@ from typing import Any, Mapping
 
 from components.core import lws_model as lws
 from components.core import tpu
-from components.core.config import BUNDLED_IMAGE_TAG, StackConfig
+from components.core.autoscaling import autoscaling_manifests, jetstream_server_flags, metrics_endpoint
+from components.core.config import BUNDLED_IMAGE_TAG, INTERNAL_LOAD_BALANCER, StackConfig
 from components.core.node_pools import DEPLOYMENT_LABEL, NODE_POOL_LABEL
 from components.core.planner import Plan
 
@@ -80,10 +83,21 @@ HEALTH_PERIOD_SECONDS = 60
 
 # pulumi-kubernetes await annotations. A Service's await waits up to 10 minutes for endpoints,
 # and the leader pod exists only once the TPU slice, the LWS controller and the LWS are up, so
-# the Service never waits; with waitForReady the LeaderWorkerSet waits for its Available
+# the Service never waits for them; with waitForReady the LeaderWorkerSet waits for its Available
 # condition instead (provider/pkg/await: pulumi.com/skipAwait, pulumi.com/waitFor).
 SKIP_AWAIT = "pulumi.com/skipAwait"
 WAIT_FOR = "pulumi.com/waitFor"
+# serviceType=InternalLoadBalancer: a LoadBalancer Service with GKE's internal annotation gets an
+# internal passthrough Network Load Balancer (an IP in the VPC, never a public one). Its IP is what
+# clients need, so instead of skipping the await the Service waits for that IP only: a waitFor
+# annotation replaces the Service's default await (pulumi-kubernetes >= 4.18.4), so `pulumi up`
+# waits the minute or two GKE takes to create the forwarding rule, not for the pods.
+INTERNAL_LB_ANNOTATION = "networking.gke.io/load-balancer-type"
+LOAD_BALANCER_IP_PATH = "{.status.loadBalancer.ingress[0].ip}"
+HTTP_PORT_NAME = "jetstream-http"
+GRPC_PORT_NAME = "jetstream-grpc"
+OPENAI_PATH = "/v1"
+CLIENT_OUTPUTS = ("httpUrl", "grpcTarget", "openaiBaseUrl")  # the stack outputs of client_endpoints
 # waitForReady timeout: the slice's nodes joining, multi-GB image pulls and the LWS controller's
 # reconcile before the startup delay even starts, then the restore at up to twice the preset's
 # estimate.
@@ -156,10 +170,12 @@ def maxtext_args(cfg: StackConfig, axis_flags: Mapping[str, int]) -> tuple[str, 
     """jax-tpu args: the base config, then key=value flags in the recipe's order.
 
     `axis_flags` are the ici_* values the plan used (Plan.axis_flags). Recipe flags come in
-    `flag_order`; mode flags (and, for the bundled server, its memory flags) are always present;
-    `serverFlags` overrides replace a value in place or are appended.
+    `flag_order`; mode flags (and, for the bundled server, its memory flags; for JetStream with
+    autoscaling, its Prometheus port) are always present; `serverFlags` overrides replace a value
+    in place or are appended.
     """
-    always = {**_mode_flags(cfg), **(_bundled_memory_flags(cfg) if cfg.bundled else {})}
+    runtime_flags = _bundled_memory_flags(cfg) if cfg.bundled else jetstream_server_flags(cfg.scaling)
+    always = {**_mode_flags(cfg), **runtime_flags}
     values = {**cfg.model.fixed_flags, **_derived_flags(cfg, axis_flags), **always}
     order = [key for key in cfg.model.flag_order if key in values]
     order += [key for key in always if key not in order]
@@ -364,7 +380,7 @@ def leader_worker_set_model(cfg: StackConfig, plan: Plan, image: Any = None) -> 
     return lws.LeaderWorkerSet(
         metadata=lws.ObjectMeta(name=cfg.app_name, namespace=cfg.namespace, annotations=_lws_annotations(cfg)),
         spec=lws.LeaderWorkerSetSpec(
-            replicas=1,
+            replicas=cfg.scaling.replicas,  # the HPA changes it when autoscaling (JetStreamServer ignores that drift)
             leader_worker_template=lws.LeaderWorkerTemplate(
                 sub_group_policy=_sub_group_policy(cfg, plan),
                 # The app label only on the leader: the Service reaches the leader pod only.
@@ -381,15 +397,44 @@ def leader_worker_set(cfg: StackConfig, plan: Plan, image: Any = None) -> dict:
 
 
 def service(cfg: StackConfig) -> dict:
+    """HTTP (JetStream's /generate and the bundled server's OpenAI API) and gRPC (JetStream's
+    Orchestrator service) of every replica's leader. The gRPC target port is 9000 in both runtimes:
+    MaxText's maxengine_server starts JetStream's gRPC server on 9000 in jax-tpu, and the bundled
+    server is started with --grpc-port 9000 (BUNDLED_COMMAND)."""
+    internal = cfg.service_type == INTERNAL_LOAD_BALANCER
+    annotations = {WAIT_FOR: f"jsonpath={LOAD_BALANCER_IP_PATH}", INTERNAL_LB_ANNOTATION: "Internal"} if internal else {SKIP_AWAIT: "true"}
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {"name": cfg.service_name, "namespace": cfg.namespace, "annotations": {SKIP_AWAIT: "true"}},
+        "metadata": {"name": cfg.service_name, "namespace": cfg.namespace, "annotations": annotations},
         "spec": {
+            "type": "LoadBalancer" if internal else "ClusterIP",
             "selector": app_labels(cfg),
-            "ports": [{"protocol": "TCP", "name": "jetstream-http", "port": HTTP_PORT, "targetPort": HTTP_PORT}],
+            "ports": [
+                {"protocol": "TCP", "name": HTTP_PORT_NAME, "port": HTTP_PORT, "targetPort": HTTP_PORT},
+                {"protocol": "TCP", "name": GRPC_PORT_NAME, "port": GRPC_PORT, "targetPort": GRPC_PORT},
+            ],
         },
     }
+
+
+def service_host(*, service_type: str, name: str, namespace: str, load_balancer_ip: str | None) -> str:
+    """Where clients reach the live Service: the internal load balancer's IP, or the cluster DNS name."""
+    if service_type == "LoadBalancer":
+        if not load_balancer_ip:
+            raise ValueError(f"Service {namespace}/{name} has no load balancer IP yet (status.loadBalancer.ingress is empty)")
+        return load_balancer_ip
+    return f"{name}.{namespace}.svc.cluster.local"
+
+
+def client_endpoints(host: str, ports: Mapping[str, int], *, openai: bool) -> dict[str, str]:
+    """The stack outputs clients use, from the live Service's host and its ports by name.
+
+    `openai`: the server behind the HTTP port serves the OpenAI API (the bundled server does;
+    JetStream's jetstream-http front end serves /generate only, so its openaiBaseUrl is "").
+    """
+    http = f"http://{host}:{ports[HTTP_PORT_NAME]}"
+    return dict(zip(CLIENT_OUTPUTS, (http, f"{host}:{ports[GRPC_PORT_NAME]}", f"{http}{OPENAI_PATH}" if openai else "")))
 
 
 def namespace(cfg: StackConfig) -> dict | None:
@@ -418,14 +463,24 @@ def serving_manifests(cfg: StackConfig, plan: Plan) -> list[dict]:
     return [leader_worker_set(cfg, plan), service(cfg)]
 
 
+def scaling_manifests(cfg: StackConfig) -> list[dict]:
+    """The PodMonitoring and the HPA of the LeaderWorkerSet; nothing unless autoscaling."""
+    if not cfg.scaling.enabled:
+        return []
+    return autoscaling_manifests(cfg.scaling, namespace=cfg.namespace, lws_name=cfg.app_name,
+                                 endpoint=metrics_endpoint(bundled=cfg.bundled, server_flags=cfg.server_flags),
+                                 startup_delay_seconds=cfg.startup_probe_delay_seconds)
+
+
 def all_manifests(cfg: StackConfig, plan: Plan) -> list[dict]:
-    """Everything a fresh cluster (with the LWS controller) needs, in apply order."""
+    """Everything a fresh cluster (with the LWS controller) needs, in apply order (the metrics
+    adapter that autoscaling also needs is installed from its own manifest, see autoscaling.py)."""
     prerequisites = [document for document in (namespace(cfg), service_account(cfg)) if document is not None]
-    return [*prerequisites, *serving_manifests(cfg, plan)]
+    return [*prerequisites, *serving_manifests(cfg, plan), *scaling_manifests(cfg)]
 
 
 def head_pod(cfg: StackConfig) -> str:
-    """Name of the leader pod of the first (only) LWS group."""
+    """Name of the leader pod of the first LWS group (replica 0)."""
     return f"{cfg.app_name}-0"
 
 

@@ -21,6 +21,11 @@ Pathways with JetStream and MaxText should disable Workload Identity Federation 
 serverRuntime=jetstream the TPU pools use GCE_METADATA and the Pathways pods act as the node
 service account; the bundled server keeps Workload Identity (GKE_METADATA) everywhere.
 
+Replicas (components/core/autoscaling.py, `slice_pools`): one pool per slice role per LeaderWorkerSet
+replica, since each LWS group takes a pool exclusively. Replica 0 keeps the role's pool name; the
+pools of replicas that only the HPA adds are created empty and autoscale between 0 and the
+slice's hosts (`NodePoolSpec.autoscaling`), so an unused slice costs nothing.
+
 Names carry the stack (`stack_scoped_name`), and every TPU node carries the stack's deployment
 label, so two stacks on one cluster never share a pool name or each other's nodes.
 `GkeCluster` turns each spec into a `gcp.container.NodePool`; the renderer prints them.
@@ -32,7 +37,8 @@ import dataclasses
 from typing import Mapping
 
 from components.core import tpu
-from components.core.config import NODE_POOL_NAME_LIMIT, StackConfig, stack_scoped_name
+from components.core.autoscaling import NodeRange, slice_pools
+from components.core.config import NODE_POOL_NAME_LIMIT, PlatformConfig, StackConfig, stack_scoped_name
 
 NO_RELEASE_CHANNEL = "UNSPECIFIED"
 NODE_POOL_LABEL = "cloud.google.com/gke-nodepool"  # set by GKE on every node
@@ -60,38 +66,54 @@ class NodePoolSpec:
     workload_metadata: str  # GKE_METADATA | GCE_METADATA
     tpu_chips_per_node: int  # google.com/tpu per node; 0 on CPU pools
     tpu_accelerator: str | None = None  # cloud.google.com/gke-tpu-accelerator of TPU pools
+    autoscaling: NodeRange | None = None  # None: a fixed size of node_count; else created with node_count (0) nodes
 
 
-def node_pool_name(cfg: StackConfig, role: str) -> str:
-    """GKE node pool name of one slice, e.g. v6e-16-serving-<stack>."""
-    return stack_scoped_name(f"{cfg.tpu_slice.name}-{role}", cfg.stack, NODE_POOL_NAME_LIMIT)
+def node_pool_name(cfg: StackConfig, role: str, replica: int = 0) -> str:
+    """GKE node pool name of one slice, e.g. v6e-16-serving-<stack>, v6e-16-serving-r1-<stack>."""
+    replica_part = f"-r{replica}" if replica else ""
+    return stack_scoped_name(f"{cfg.tpu_slice.name}-{role}{replica_part}", cfg.stack, NODE_POOL_NAME_LIMIT)
 
 
 def tpu_node_pools(cfg: StackConfig) -> tuple[NodePoolSpec, ...]:
-    """One pool per slice role: ("serving",) interleaved, ("prefill", "generate") disaggregated."""
+    """One pool per slice role ("serving" interleaved, "prefill" and "generate" disaggregated) per replica."""
     row = cfg.tpu_slice
     return tuple(
         NodePoolSpec(
-            name=node_pool_name(cfg, role),
-            role=role,
+            name=node_pool_name(cfg, pool.role, pool.replica),
+            role=pool.role,
             machine_type=row.machine_type,
-            node_count=row.hosts,
+            node_count=pool.node_count,
             zone=cfg.zone,
             tpu_topology=row.topology,
             compact_placement=row.multi_host,
             auto_upgrade=not row.multi_host or cfg.release_channel != NO_RELEASE_CHANNEL,
             spot=cfg.tpu_provisioning == "spot",
             reservation=cfg.tpu_reservation or None,
-            labels={SLICE_ROLE_LABEL: role, DEPLOYMENT_LABEL: cfg.deployment_id},
+            labels={SLICE_ROLE_LABEL: pool.role, DEPLOYMENT_LABEL: cfg.deployment_id},
             workload_metadata=WORKLOAD_IDENTITY if cfg.pods_use_workload_identity else NODE_IDENTITY,
             tpu_chips_per_node=row.chips_per_host,
             tpu_accelerator=tpu.ACCELERATOR_LABEL,
+            autoscaling=pool.autoscaling,
         )
-        for role in cfg.slice_roles
+        for pool in slice_pools(cfg.scaling, roles=cfg.slice_roles, hosts_per_slice=row.hosts)
     )
 
 
-def system_node_pool(cfg: StackConfig) -> NodePoolSpec:
+def at_full_size(spec: NodePoolSpec) -> NodePoolSpec:
+    """The pool once the cluster autoscaler has grown it to its maximum (itself if fixed)."""
+    return spec if spec.autoscaling is None else dataclasses.replace(spec, node_count=spec.autoscaling.max_nodes)
+
+
+def node_pool_summary(spec: NodePoolSpec) -> dict:
+    """The spec as plain data for the plan output; `autoscaling` only on autoscaled pools."""
+    summary = dataclasses.asdict(spec)
+    if spec.autoscaling is None:
+        del summary["autoscaling"]
+    return summary
+
+
+def system_node_pool(cfg: StackConfig | PlatformConfig) -> NodePoolSpec:
     """Small CPU pool for kube-system and the LWS controller (TPU nodes are tainted)."""
     return NodePoolSpec(
         name=SYSTEM_POOL,

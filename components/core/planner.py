@@ -48,9 +48,10 @@ import dataclasses
 import math
 from typing import Mapping
 
+from components.core.autoscaling import replica_summary
 from components.core.config import AXIS_KEYS, StackConfig
 from components.core.errors import ConfigError
-from components.core.node_pools import node_pool_name
+from components.core.node_pools import tpu_node_pools
 from serving.engine.parallelism import FILL_IN, ParallelismError, kv_cache_split, resolve_axes
 
 GIB = 1 << 30
@@ -79,7 +80,7 @@ class Plan:
 
     model: str
     topology: str
-    slices: int
+    slices: int  # per LeaderWorkerSet replica: one per slice role
     chips_per_slice: int
     hosts_per_slice: int
     machine_type: str
@@ -92,6 +93,7 @@ class Plan:
     usable_gib_per_chip: float
     hbm_gib_per_chip: int
     decode_step_ms_lower_bound: float
+    replicas: Mapping | None  # chips and hosts at min and max replicas; None for one fixed replica
 
     @property
     def needed_gib_per_chip(self) -> float:
@@ -116,6 +118,7 @@ class Plan:
                 "physical": self.hbm_gib_per_chip,
             },
             "decodeStepMsLowerBound": round(self.decode_step_ms_lower_bound, 2),
+            **({"replicas": self.replicas} if self.replicas is not None else {}),
         }
 
 
@@ -284,7 +287,7 @@ def plan_deployment(cfg: StackConfig) -> Plan:
         chips_per_slice=cfg.tpu_slice.chips,
         hosts_per_slice=cfg.tpu_slice.hosts,
         machine_type=cfg.tpu_slice.machine_type,
-        node_pools=tuple(node_pool_name(cfg, role) for role in cfg.slice_roles),
+        node_pools=tuple(spec.name for spec in tpu_node_pools(cfg)),
         parallelism=parallelism,
         axis_flags=axes,
         global_batch=cfg.per_device_batch_size * cfg.tpu_slice.chips,
@@ -293,4 +296,6 @@ def plan_deployment(cfg: StackConfig) -> Plan:
         usable_gib_per_chip=usable,
         hbm_gib_per_chip=cfg.tpu_slice.hbm_gib_per_chip,
         decode_step_ms_lower_bound=step_ms,
+        replicas=replica_summary(cfg.scaling, tpu_slice=cfg.tpu_slice, roles=cfg.slice_roles,
+                                 startup_delay_seconds=cfg.startup_probe_delay_seconds),
     )

@@ -34,7 +34,7 @@ from typing import Any, Iterator, Mapping, Sequence
 from components.core import lws_model, manifests, tpu
 from components.core.config import StackConfig
 from components.core.errors import ConfigError
-from components.core.node_pools import NodePoolSpec, gke_node_labels, gke_node_taints, system_node_pool, tpu_node_pools
+from components.core.node_pools import NodePoolSpec, at_full_size, gke_node_labels, gke_node_taints, system_node_pool, tpu_node_pools
 from components.core.planner import Plan
 
 # Placements tried before the search gives up (and refuses with the deepest pod it could not
@@ -298,5 +298,16 @@ def _refusal(pod: Pod, reasons: Mapping[str, tuple[str, str]]) -> SchedulingErro
 
 
 def check_deployment(cfg: StackConfig, plan: Plan) -> dict[str, str]:
-    """The placement of the stack's LeaderWorkerSet on its own node pools, or SchedulingError."""
-    return place(manifests.leader_worker_set(cfg, plan), (system_node_pool(cfg), *tpu_node_pools(cfg)))
+    """The placement of the stack's LeaderWorkerSet on its own node pools, or SchedulingError.
+
+    Checked at `replicas`, on the pools as created (the autoscaled ones empty), and, with
+    autoscaling, at `maxReplicas` with every pool grown to its full size: what the HPA and the
+    cluster autoscaler can reach. Returns the placement at `maxReplicas`.
+    """
+    lws = manifests.leader_worker_set(cfg, plan)
+    system, pools = system_node_pool(cfg), tpu_node_pools(cfg)
+    placement = place(lws, (system, *pools))
+    if cfg.scaling.enabled:
+        at_max = {**lws, "spec": {**lws["spec"], "replicas": cfg.scaling.max_replicas}}
+        placement = place(at_max, (system, *(at_full_size(spec) for spec in pools)))
+    return placement

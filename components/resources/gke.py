@@ -1,4 +1,11 @@
-"""GkeCluster: a new (or existing) GKE cluster, its node pools and a Kubernetes provider."""
+"""GkeCluster: a GKE cluster (created, looked up, or a platform stack's), node pools and a Kubernetes provider.
+
+Where the cluster comes from (`GkeClusterArgs.source`):
+  * CREATE (role=all, role=platform): the stack creates the cluster and its CPU system pool;
+  * LOOKUP (role=all with existingClusterName): an existing cluster, read by name;
+  * ATTACH (role=serving): the cluster of the platform stack, whose name, location, project and
+    kubeconfig come from a StackReference (resources/platform.py); nothing but the TPU pools is created.
+"""
 
 from __future__ import annotations
 
@@ -32,17 +39,21 @@ def kubeconfig(cluster_name: str, endpoint: str, ca_certificate: str) -> str:
     }, sort_keys=False)
 
 
+CREATE, LOOKUP, ATTACH = "create", "lookup", "attach"
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GkeClusterArgs:
-    project: str
-    location: str  # the cluster's region or zone
-    cluster_name: str
-    create_cluster: bool  # False: look up an existing cluster of that name
+    project: pulumi.Input[str]
+    location: pulumi.Input[str]  # the cluster's region or zone
+    cluster_name: pulumi.Input[str]
+    source: str  # CREATE | LOOKUP | ATTACH
     release_channel: str
     deletion_protection: bool
-    system_pool: NodePoolSpec  # created with the cluster only
+    system_pool: NodePoolSpec | None  # created with the cluster only (CREATE)
     tpu_pools: tuple[NodePoolSpec, ...]
     node_service_account: pulumi.Input[str]  # every node runs as it
+    kubeconfig: pulumi.Input[str] | None = None  # ATTACH: the platform stack's (a secret)
 
 
 def _reservation_affinity(spec: NodePoolSpec) -> gcp.container.NodePoolNodeConfigReservationAffinityArgs | None:
@@ -55,6 +66,18 @@ def _reservation_affinity(spec: NodePoolSpec) -> gcp.container.NodePoolNodeConfi
     )
 
 
+def _size(spec: NodePoolSpec) -> dict:
+    """A fixed node_count, or an autoscaled pool created with initial_node_count nodes (0): GKE's
+    cluster autoscaler then owns the size (node_count would fight it on every update), and grows
+    a multi-host slice pool from 0 to all its hosts at once."""
+    if spec.autoscaling is None:
+        return {"node_count": spec.node_count}
+    return {
+        "initial_node_count": spec.node_count,
+        "autoscaling": gcp.container.NodePoolAutoscalingArgs(min_node_count=spec.autoscaling.min_nodes, max_node_count=spec.autoscaling.max_nodes),
+    }
+
+
 def node_pool_args(spec: NodePoolSpec, args: GkeClusterArgs, cluster: pulumi.Input[str]) -> gcp.container.NodePoolArgs:
     """NodePoolArgs of one pool; multi-host slices get a COMPACT placement with the topology."""
     placement = gcp.container.NodePoolPlacementPolicyArgs(type="COMPACT", tpu_topology=spec.tpu_topology) if spec.compact_placement else None
@@ -63,7 +86,7 @@ def node_pool_args(spec: NodePoolSpec, args: GkeClusterArgs, cluster: pulumi.Inp
         cluster=cluster,
         location=args.location,
         project=args.project,
-        node_count=spec.node_count,
+        **_size(spec),
         node_locations=[spec.zone],
         placement_policy=placement,
         management=gcp.container.NodePoolManagementArgs(auto_repair=True, auto_upgrade=spec.auto_upgrade),
@@ -80,43 +103,51 @@ def node_pool_args(spec: NodePoolSpec, args: GkeClusterArgs, cluster: pulumi.Inp
 
 
 class GkeCluster(pulumi.ComponentResource):
-    """The cluster (created, or looked up by name), its node pools, kubeconfig and provider."""
+    """The cluster, its node pools, kubeconfig and provider."""
 
     cluster_name: pulumi.Output[str]
-    endpoint: pulumi.Output[str]
+    location: pulumi.Output[str]
+    project: pulumi.Output[str]
+    endpoint: pulumi.Output[str] | None  # None for a platform stack's cluster (ATTACH)
     kubeconfig: pulumi.Output[str]  # secret
     provider: k8s.Provider
-    cluster: gcp.container.Cluster | None  # None for an existing cluster
+    cluster: gcp.container.Cluster | None  # None unless the stack creates it
     tpu_node_pools: list[gcp.container.NodePool]
 
     def __init__(self, name: str, args: GkeClusterArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("jetstream:gke:GkeCluster", name, None, opts)
         # Nodes start once the component's depends_on (the node account's roles) exist.
         child = pulumi.ResourceOptions(parent=self, depends_on=opts.depends_on if opts else None)
-        if args.create_cluster:
+        self.cluster, self.endpoint, system_pools = None, None, []
+        self.location, self.project = pulumi.Output.from_input(args.location), pulumi.Output.from_input(args.project)
+        if args.source == CREATE:
             self.cluster = self._create_cluster(name, args, child)
             self.cluster_name, self.endpoint = self.cluster.name, self.cluster.endpoint
+            self.location, self.project = self.cluster.location, self.cluster.project
             ca_certificate = self.cluster.master_auth.cluster_ca_certificate
             system_pools = [gcp.container.NodePool(f"{name}-{args.system_pool.name}", node_pool_args(args.system_pool, args, self.cluster.name), opts=child)]
-        else:
-            self.cluster = None
+        elif args.source == LOOKUP:
             found = gcp.container.get_cluster_output(name=args.cluster_name, location=args.location, project=args.project,
                                                      opts=pulumi.InvokeOptions(parent=self))
             self.cluster_name, self.endpoint = found.name, found.endpoint
             ca_certificate = found.master_auths.apply(lambda auths: auths[0].cluster_ca_certificate)
-            system_pools = []
+        else:
+            self.cluster_name = pulumi.Output.from_input(args.cluster_name)
         self.tpu_node_pools = [
             gcp.container.NodePool(f"{name}-{spec.name}", node_pool_args(spec, args, self.cluster_name), opts=child)
             for spec in args.tpu_pools
         ]
-        self.kubeconfig = pulumi.Output.secret(pulumi.Output.all(self.cluster_name, self.endpoint, ca_certificate).apply(lambda parts: kubeconfig(*parts)))
+        if args.source == ATTACH:
+            self.kubeconfig = pulumi.Output.secret(args.kubeconfig)
+        else:
+            self.kubeconfig = pulumi.Output.secret(pulumi.Output.all(self.cluster_name, self.endpoint, ca_certificate).apply(lambda parts: kubeconfig(*parts)))
         self.provider = k8s.Provider(
             f"{name}-k8s",
             # Server-side apply: the LWS CRD is too large for client-side apply's annotation.
             k8s.ProviderArgs(kubeconfig=self.kubeconfig, enable_server_side_apply=True),
             opts=pulumi.ResourceOptions(parent=self, depends_on=system_pools),
         )
-        self.register_outputs({"clusterName": self.cluster_name, "endpoint": self.endpoint, "kubeconfig": self.kubeconfig})
+        self.register_outputs({"clusterName": self.cluster_name, "location": self.location, "endpoint": self.endpoint, "kubeconfig": self.kubeconfig})
 
     @staticmethod
     def _create_cluster(name: str, args: GkeClusterArgs, child: pulumi.ResourceOptions) -> gcp.container.Cluster:

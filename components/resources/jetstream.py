@@ -8,8 +8,15 @@ identity) in `opts`.
 Updates: the LWS v0.10.0 webhook refuses in-place changes to subGroupPolicy (adding, removing,
 resizing it, e.g. when `mode` or the topology of a disaggregated stack changes), so changes under
 `lws_model.REPLACE_ON_CHANGES` replace the LeaderWorkerSet, deleting the old one first (its name
-is fixed). Readiness: the Service never awaits endpoints (`pulumi.com/skipAwait`); with
-waitForReady the LeaderWorkerSet awaits its Available condition for `ready_timeout_seconds`.
+is fixed). Readiness: the Service never awaits endpoints (a ClusterIP Service skips the await,
+an internal load balancer awaits only its IP, see manifests.service); with waitForReady the
+LeaderWorkerSet awaits its Available condition for `ready_timeout_seconds`.
+Client endpoints (`client_endpoints`: httpUrl, grpcTarget, openaiBaseUrl) come from the live
+Service: its name and namespace (cluster DNS) or its load balancer IP, and its ports by name.
+Autoscaling: the HPA owns `spec.replicas` through the scale subresource, so the LeaderWorkerSet
+ignores changes there (`ignore_changes`): Pulumi sets the replicas when it creates the object and
+leaves the field out of later server-side applies, which would otherwise undo the HPA's decisions
+or fail with a field-manager conflict (pulumi/pulumi-kubernetes#2491).
 """
 
 from __future__ import annotations
@@ -20,7 +27,9 @@ from typing import Any, Mapping
 import pulumi
 import pulumi_kubernetes as k8s
 
-from components.core import lws_model
+from components.core import lws_model, manifests
+
+SCALED_FIELD = "spec.replicas"  # what the HPA changes, through the LWS scale subresource
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -30,6 +39,8 @@ class JetStreamServerArgs:
     leader_worker_set: Mapping[str, Any]  # may hold Outputs (the stack-built image's digest)
     service: Mapping[str, Any]
     ready_timeout_seconds: int | None  # waitForReady: how long the LeaderWorkerSet may take
+    serves_openai: bool  # the server behind the HTTP port has the OpenAI API (manifests.client_endpoints)
+    autoscaled: bool = False  # an HPA owns spec.replicas after creation
 
 
 def service_args(manifest: Mapping[str, Any]) -> k8s.core.v1.ServiceInitArgs:
@@ -37,6 +48,7 @@ def service_args(manifest: Mapping[str, Any]) -> k8s.core.v1.ServiceInitArgs:
     return k8s.core.v1.ServiceInitArgs(
         metadata=k8s.meta.v1.ObjectMetaArgs(**manifest["metadata"]),
         spec=k8s.core.v1.ServiceSpecArgs(
+            type=manifest["spec"]["type"],
             selector=manifest["spec"]["selector"],
             ports=[
                 k8s.core.v1.ServicePortArgs(protocol=port["protocol"], name=port["name"], port=port["port"], target_port=port["targetPort"])
@@ -46,10 +58,27 @@ def service_args(manifest: Mapping[str, Any]) -> k8s.core.v1.ServiceInitArgs:
     )
 
 
+def load_balancer_ip(status) -> str | None:
+    """The first ingress IP of a live Service's status, if it has one."""
+    ingress = status.load_balancer.ingress if status is not None and status.load_balancer is not None else None
+    return ingress[0].ip if ingress else None
+
+
+def live_client_endpoints(service: k8s.core.v1.Service, serves_openai: bool) -> pulumi.Output[dict]:
+    """manifests.client_endpoints of the Service as the cluster reports it. Each typed output is
+    read on its own: Output.all would hand them over as untyped dicts."""
+    host = pulumi.Output.all(service.spec.apply(lambda spec: spec.type), service.metadata.apply(lambda metadata: metadata.name),
+                             service.metadata.apply(lambda metadata: metadata.namespace), service.status.apply(load_balancer_ip)).apply(
+        lambda parts: manifests.service_host(service_type=parts[0], name=parts[1], namespace=parts[2], load_balancer_ip=parts[3]))
+    ports = service.spec.apply(lambda spec: {port.name: port.port for port in spec.ports})
+    return pulumi.Output.all(host, ports).apply(lambda parts: manifests.client_endpoints(parts[0], parts[1], openai=serves_openai))
+
+
 class JetStreamServer(pulumi.ComponentResource):
     namespace: pulumi.Output[str]
     lws_name: pulumi.Output[str]
     service_name: pulumi.Output[str]
+    client_endpoints: pulumi.Output[dict]  # httpUrl, grpcTarget, openaiBaseUrl from the live Service
 
     def __init__(self, name: str, args: JetStreamServerArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("jetstream:serving:JetStreamServer", name, None, opts)
@@ -74,7 +103,9 @@ class JetStreamServer(pulumi.ComponentResource):
         self.namespace = pulumi.Output.from_input(lws["metadata"]["namespace"])
         self.lws_name = leader_worker_set.metadata.apply(lambda metadata: metadata["name"])
         self.service_name = service.metadata.apply(lambda metadata: metadata.name)
-        self.register_outputs({"namespace": self.namespace, "lwsName": self.lws_name, "serviceName": self.service_name})
+        self.client_endpoints = live_client_endpoints(service, args.serves_openai)
+        self.register_outputs({"namespace": self.namespace, "lwsName": self.lws_name, "serviceName": self.service_name,
+                               "clientEndpoints": self.client_endpoints})
 
     @staticmethod
     def _lws_options(args: JetStreamServerArgs, service_account: pulumi.Resource, opts: pulumi.ResourceOptions | None) -> pulumi.ResourceOptions:
@@ -85,6 +116,7 @@ class JetStreamServer(pulumi.ComponentResource):
             depends_on=[service_account, *_as_list(opts.depends_on if opts else None)],
             replace_on_changes=list(lws_model.REPLACE_ON_CHANGES),
             delete_before_replace=True,
+            ignore_changes=[SCALED_FIELD] if args.autoscaled else None,
             custom_timeouts=pulumi.CustomTimeouts(create=timeout, update=timeout) if timeout else None,
         )
 

@@ -3,12 +3,18 @@
 `load()` reads the config through `pulumi.Config`, parses, plans and proves the pods can be
 scheduled, all before any resource exists. `build()` builds each component's Args once, here,
 from the config and the plan. Order comes only from explicit dependencies, and everything
-Kubernetes goes through the cluster's explicit provider (no ambient kubeconfig):
+Kubernetes goes through the cluster's explicit provider (no ambient kubeconfig).
 
+role=all (one stack):
   node identity -> cluster and node pools -> serving identity (the Workload Identity binding
   needs the cluster's identity pool) -> LWS controller -> the LeaderWorkerSet, which waits for the
   controller, the TPU node pools, the identity and, with serverRuntime=bundled and no image, the
-  server image the stack builds.
+  server image the stack builds -> with autoscaling, the metrics adapter, the PodMonitoring and
+  the HPA of the LeaderWorkerSet.
+role=platform: node identity -> cluster and system pool -> LWS controller and metrics adapter
+  (cluster-wide, shared by the serving stacks); exports exactly PLATFORM_OUTPUTS.
+role=serving: the platform's outputs (PlatformReference) -> TPU node pools on its cluster ->
+  serving identity -> the LeaderWorkerSet (and PodMonitoring and HPA); no cluster, no LWS install.
 """
 
 from __future__ import annotations
@@ -18,14 +24,17 @@ from typing import Any
 import pulumi
 
 from components.core import manifests, scheduling
-from components.core.config import BUNDLED_IMAGE_TAG, CONFIG_KEYS, PROJECT, StackConfig, parse_stack_config
+from components.core.config import (BUNDLED_IMAGE_TAG, CONFIG_KEYS, PLATFORM_OUTPUTS, PROJECT, PlatformConfig, StackConfig,
+                                    parse_stack_config)
 from components.core.errors import ConfigError
-from components.core.node_pools import system_node_pool, tpu_node_pools
+from components.core.node_pools import NodePoolSpec, system_node_pool, tpu_node_pools
 from components.core.planner import Plan, plan_deployment
-from components.resources.gke import GkeCluster, GkeClusterArgs
+from components.resources.autoscaling import LeaderWorkerSetAutoscaler, LeaderWorkerSetAutoscalerArgs, MetricsAdapter, MetricsAdapterArgs
+from components.resources.gke import ATTACH, CREATE, LOOKUP, GkeCluster, GkeClusterArgs
 from components.resources.identity import NodeIdentity, NodeIdentityArgs, ServingIdentity, ServingIdentityArgs
 from components.resources.jetstream import JetStreamServer, JetStreamServerArgs
 from components.resources.lws_controller import LeaderWorkerSetController, LeaderWorkerSetControllerArgs
+from components.resources.platform import PlatformReference, PlatformReferenceArgs
 from components.resources.server_image import BundledServerImage, BundledServerImageArgs
 
 # The bundled server's image, as the stack builds it (serving/Dockerfile documents the build).
@@ -42,10 +51,13 @@ def project_config_values() -> dict[str, str]:
     return {key.name: value for key in CONFIG_KEYS if (value := config.get(key.name)) is not None}
 
 
-def load() -> tuple[StackConfig, Plan]:
-    """Parse, plan and check scheduling before any resource exists; a bad config stops here."""
+def load() -> tuple[StackConfig | PlatformConfig, Plan | None]:
+    """Parse, plan and check scheduling before any resource exists; a bad config stops here.
+    A platform stack has no workload, so no plan."""
     try:
         cfg = parse_stack_config(project_config_values(), project=pulumi.Config("gcp").get("project"), stack=pulumi.get_stack())
+        if isinstance(cfg, PlatformConfig):
+            return cfg, None
         plan = plan_deployment(cfg)
         scheduling.check_deployment(cfg, plan)
         return cfg, plan
@@ -53,53 +65,108 @@ def load() -> tuple[StackConfig, Plan]:
         raise pulumi.RunError(str(error)) from None
 
 
-def build(cfg: StackConfig, plan: Plan) -> dict[str, Any]:
+def build(cfg: StackConfig | PlatformConfig, plan: Plan | None) -> dict[str, Any]:
     """Create the components; return the stack outputs."""
+    if isinstance(cfg, PlatformConfig):
+        return build_platform(cfg)
+    return build_serving(cfg, plan)
+
+
+def build_platform(cfg: PlatformConfig) -> dict[str, Any]:
+    """The cluster and what every serving stack on it shares; exactly PLATFORM_OUTPUTS."""
     nodes = NodeIdentity("nodes", NodeIdentityArgs(project=cfg.project, account_id=cfg.node_service_account_id, stack=cfg.stack))
-    cluster = GkeCluster("gke", _cluster_args(cfg, nodes.email), pulumi.ResourceOptions(depends_on=nodes.roles))
+    cluster = GkeCluster("gke", _owned_cluster_args(cfg, nodes.email, tpu_pools=()), pulumi.ResourceOptions(depends_on=nodes.roles))
+    _lws_controller(cfg, cluster.provider)
+    # Cluster-wide like the LWS controller, so the platform owns it and any serving stack can autoscale.
+    _metrics_adapter(cfg, cluster.provider)
+    return dict(zip(PLATFORM_OUTPUTS, (cluster.cluster_name, cluster.location, cluster.project, cluster.kubeconfig)))
+
+
+def build_serving(cfg: StackConfig, plan: Plan) -> dict[str, Any]:
+    """The model server, on a cluster of its own (role=all) or the platform's (role=serving)."""
+    cluster, node_service_account = _cluster(cfg)
     # The Workload Identity binding needs the pool, which exists once a cluster with Workload Identity does.
     needs_pool = cfg.pods_use_workload_identity and cluster.cluster is not None
-    identity = ServingIdentity("identity", _identity_args(cfg, nodes.email), pulumi.ResourceOptions(depends_on=[cluster.cluster] if needs_pool else None))
-    lws_prerequisites: list[pulumi.Resource] = [*cluster.tpu_node_pools, identity]
-    if cfg.install_lws_controller:
-        lws_prerequisites.append(LeaderWorkerSetController("lws", LeaderWorkerSetControllerArgs(version=cfg.lws_version),
-                                                           pulumi.ResourceOptions(provider=cluster.provider)))
+    identity = ServingIdentity("identity", _identity_args(cfg, node_service_account),
+                               pulumi.ResourceOptions(depends_on=[cluster.cluster] if needs_pool else None))
+    lws_prerequisites: list[pulumi.Resource] = [*cluster.tpu_node_pools, identity, *_lws_controller(cfg, cluster.provider)]
     server_image = None
     if cfg.builds_server_image:
         image = BundledServerImage("server-image", _image_args(cfg))
         server_image, lws_prerequisites = image.ref, [*lws_prerequisites, image]
     server = JetStreamServer("jetstream", _server_args(cfg, plan, identity.service_account_email, server_image),
                              pulumi.ResourceOptions(provider=cluster.provider, depends_on=lws_prerequisites))
-    return {
+    if cfg.scaling.enabled:
+        # A serving stack's HPA reads the metrics through the platform's adapter.
+        adapter = [] if cfg.serving_role else [_metrics_adapter(cfg, cluster.provider)]
+        pod_monitoring, hpa = manifests.scaling_manifests(cfg)
+        LeaderWorkerSetAutoscaler("autoscaling", LeaderWorkerSetAutoscalerArgs(pod_monitoring=pod_monitoring, horizontal_pod_autoscaler=hpa),
+                                  pulumi.ResourceOptions(provider=cluster.provider, depends_on=[server, *adapter]))
+    outputs = {
+        **{name: server.client_endpoints.apply(lambda endpoints, name=name: endpoints[name]) for name in manifests.CLIENT_OUTPUTS},
         "clusterName": cluster.cluster_name,
-        "clusterEndpoint": cluster.endpoint,
-        "kubeconfig": cluster.kubeconfig,
         "namespace": server.namespace,
         "lwsName": server.lws_name,
-        "lwsVersion": cfg.lws_version,
         "headPod": manifests.head_pod(cfg),
         "serviceName": server.service_name,
-        "serviceUrl": manifests.service_url(cfg),
         "portForwardCommand": manifests.port_forward_command(cfg),
         "curlExample": manifests.curl_example(),
         "scratchBucket": identity.scratch_bucket_name,
         "serviceAccountEmail": identity.service_account_email,
         "plan": plan.summary(),
     }
+    if not cfg.serving_role:  # the cluster's own outputs; a serving stack's come from the platform stack
+        outputs |= {"clusterEndpoint": cluster.endpoint, "kubeconfig": cluster.kubeconfig, "lwsVersion": cfg.lws_version}
+    return outputs
 
 
-def _cluster_args(cfg: StackConfig, node_service_account: pulumi.Output[str]) -> GkeClusterArgs:
+def _cluster(cfg: StackConfig) -> tuple[GkeCluster, pulumi.Output[str]]:
+    """The cluster with this stack's TPU pools, and the service account the pools run as."""
+    if cfg.serving_role:
+        platform = PlatformReference("platform", PlatformReferenceArgs(cluster_stack=cfg.cluster_stack, project=cfg.project,
+                                                                       node_service_account_id=cfg.node_service_account_id))
+        return GkeCluster("gke", GkeClusterArgs(
+            project=platform.project,
+            location=platform.cluster_location,
+            cluster_name=platform.cluster_name,
+            source=ATTACH,
+            kubeconfig=platform.kubeconfig,
+            release_channel=cfg.release_channel,
+            deletion_protection=cfg.deletion_protection,
+            system_pool=None,
+            tpu_pools=tpu_node_pools(cfg),
+            node_service_account=platform.node_service_account,
+        )), platform.node_service_account
+    nodes = NodeIdentity("nodes", NodeIdentityArgs(project=cfg.project, account_id=cfg.node_service_account_id, stack=cfg.stack))
+    cluster = GkeCluster("gke", _owned_cluster_args(cfg, nodes.email, tpu_pools=tpu_node_pools(cfg)), pulumi.ResourceOptions(depends_on=nodes.roles))
+    return cluster, nodes.email
+
+
+def _owned_cluster_args(cfg: StackConfig | PlatformConfig, node_service_account: pulumi.Output[str],
+                        tpu_pools: tuple[NodePoolSpec, ...]) -> GkeClusterArgs:
+    """A cluster a role=all or platform stack creates (or, role=all, looks up)."""
     return GkeClusterArgs(
         project=cfg.project,
         location=cfg.cluster_location,
         cluster_name=cfg.cluster_name,
-        create_cluster=not cfg.existing_cluster,
+        source=LOOKUP if cfg.existing_cluster else CREATE,
         release_channel=cfg.release_channel,
         deletion_protection=cfg.deletion_protection,
         system_pool=system_node_pool(cfg),
-        tpu_pools=tpu_node_pools(cfg),
+        tpu_pools=tpu_pools,
         node_service_account=node_service_account,
     )
+
+
+def _lws_controller(cfg: StackConfig | PlatformConfig, provider: pulumi.ProviderResource) -> list[pulumi.Resource]:
+    """The cluster-wide LWS controller, where this stack installs it (installLwsController)."""
+    if not cfg.install_lws_controller:
+        return []
+    return [LeaderWorkerSetController("lws", LeaderWorkerSetControllerArgs(version=cfg.lws_version), pulumi.ResourceOptions(provider=provider))]
+
+
+def _metrics_adapter(cfg: StackConfig | PlatformConfig, provider: pulumi.ProviderResource) -> MetricsAdapter:
+    return MetricsAdapter("metrics-adapter", MetricsAdapterArgs(project=cfg.project), pulumi.ResourceOptions(provider=provider))
 
 
 def _identity_args(cfg: StackConfig, node_service_account: pulumi.Output[str]) -> ServingIdentityArgs:
@@ -142,4 +209,7 @@ def _server_args(cfg: StackConfig, plan: Plan, pods_identity: pulumi.Output[str]
         leader_worker_set=manifests.leader_worker_set(cfg, plan, server_image),
         service=manifests.service(cfg),
         ready_timeout_seconds=manifests.ready_timeout_seconds(cfg) if cfg.wait_for_ready else None,
+        serves_openai=cfg.bundled,
+        autoscaled=cfg.scaling.enabled,
     )
+

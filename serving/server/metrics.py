@@ -9,18 +9,18 @@ progress. Each server owns its registry (no process globals), so tests can run s
 one process. Label set as JetStream: `id` (the host name) and `model_name` when it is a valid label
 value; per-engine metrics add `idx`.
 
-`hpa_desired_replicas` is the Horizontal Pod Autoscaler's decision for these metrics, so a test (and
-the stack's documentation) can show what the HPA does with the values a server reports.
+What a Horizontal Pod Autoscaler decides from these values is the stack's model of it,
+`components.core.autoscaling.hpa_desired_replicas` (tests/server/test_autoscaling_loop.py feeds it
+the values real servers report).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 import socket
-from typing import Callable, Sequence
+from typing import Callable
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -194,59 +194,3 @@ class ServerMetrics:
         return prometheus_client.generate_latest(self.registry)
 
     content_type = prometheus_client.CONTENT_TYPE_LATEST
-
-
-# -- what the Horizontal Pod Autoscaler does with these metrics ----------------------------------
-# https://kubernetes.io/docs/tasks/run-application/horizontal-pod-autoscale/#algorithm-details and
-# kubernetes pkg/controller/podautoscaler/replica_calculator.go (calcPlainMetricReplicas).
-HPA_TOLERANCE = 0.1  # kube-controller-manager --horizontal-pod-autoscaler-tolerance default
-# The default scale-up behaviour: per period, add at most 100% of the current pods or 4 pods,
-# whichever is more (spec.behavior.scaleUp default policies, selectPolicy Max).
-HPA_SCALE_UP_PERCENT = 100
-HPA_SCALE_UP_PODS = 4
-
-
-@dataclasses.dataclass(frozen=True)
-class ScaleDecision:
-    """One HPA evaluation of a Pods metric with an AverageValue target."""
-
-    average: float  # the metric averaged over the pods that report it
-    ratio: float  # average / target
-    within_tolerance: bool  # |1 - ratio| <= tolerance: the HPA keeps the current count
-    desired: int  # replicas the HPA sets, after the tolerance, the scale-up limit and min/max
-
-
-def hpa_desired_replicas(
-    per_pod: Sequence[float],
-    target: float,
-    *,
-    min_replicas: int,
-    max_replicas: int,
-    tolerance: float = HPA_TOLERANCE,
-) -> ScaleDecision:
-    """desired = ceil(pods x average / target), as the HPA computes it for a `type: Pods` metric
-    with `target.averageValue` (also what an External metric with averageValue amounts to):
-
-    - the metric is averaged over the pods (here: one value per LeaderWorkerSet leader, the pods
-      the LWS scale subresource selects), and the current count is the number of pods reporting;
-    - within the tolerance of the target (|1 - average/target| <= 0.1) nothing changes;
-    - one step grows by at most max(100 %, 4 pods); the result is clamped to [min, max].
-
-    Not modelled: pods that are not ready or report no value (the HPA then assumes 0 on a
-    scale-up and the target on a scale-down), and the scale-down stabilization window (the HPA
-    uses the highest recommendation of the window, 300 s by default).
-    """
-    if not per_pod:
-        raise ValueError("per_pod: the HPA needs a value from at least one pod")
-    if not target > 0:
-        raise ValueError(f"target must be > 0, got {target}")
-    if not 1 <= min_replicas <= max_replicas:
-        raise ValueError(f"need 1 <= min_replicas ({min_replicas}) <= max_replicas ({max_replicas})")
-    current = len(per_pod)
-    average = sum(per_pod) / current
-    ratio = average / target
-    within = abs(1.0 - ratio) <= tolerance
-    desired = current if within else math.ceil(ratio * current)
-    scale_up_limit = max(current * (100 + HPA_SCALE_UP_PERCENT) // 100, current + HPA_SCALE_UP_PODS)
-    desired = min(desired, scale_up_limit)
-    return ScaleDecision(average, ratio, within, max(min_replicas, min(desired, max_replicas)))

@@ -27,7 +27,13 @@ from serving.server import cli, multihost, settings as server_settings
 from serving.server.settings import ServingSettings
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-STACKS = sorted(path.name[len("Pulumi.") : -len(".yaml")] for path in ROOT.glob("Pulumi.*.yaml"))
+def serves_a_model(stack: str) -> bool:
+    """Every example stack but a platform stack (role=platform), which has no workload."""
+    raw, _ = read_stack_file(ROOT / f"Pulumi.{stack}.yaml")
+    return raw.get("role", "all") != "platform"
+
+
+STACKS = sorted(stack for path in ROOT.glob("Pulumi.*.yaml") if serves_a_model(stack := path.name[len("Pulumi.") : -len(".yaml")]))
 IMAGE = "registry.example/jetstream-jax:0.1.0"
 CHECKPOINT_FILE = "model-int8.npz"
 

@@ -3,8 +3,8 @@
 Two real `python -m serving` replicas (the tiny random-weight config) on loopback behind a small
 load balancer; a burst from one client session fills one replica's prefill backlog; both
 replicas' /metrics are scraped as Google Managed Prometheus scrapes each pod, and the values go
-through the Horizontal Pod Autoscaler's formula (serving.server.metrics.hpa_desired_replicas) to
-the decision the HPA would take. The numbers are printed (run with -s to see them).
+through the Horizontal Pod Autoscaler's formula (components.core.autoscaling.hpa_desired_replicas,
+the stack's model of the HPA) to the decision the HPA would take. The numbers are printed (run with -s to see them).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pytest
 import server_process
 from server_process import HOST, free_port, long_completion, scrape_gauges, tiny_server_args, wait_until
 
-from serving.server.metrics import hpa_desired_replicas
+from components.core.autoscaling import HPA_TOLERANCE, hpa_desired_replicas
 
 SLOTS = 2  # per replica
 BURST = 16  # requests of one session: SLOTS decode on its replica, the rest wait there
@@ -160,7 +160,7 @@ def report(phase: str, scraped: Sequence[dict]) -> None:
     for metric, target in ((BACKLOG, BACKLOG_TARGET), (SLOTS_USED, SLOTS_TARGET)):
         d = decide(scraped, metric, target)
         if d.within_tolerance:
-            outcome = "within the 10 % tolerance: no change"
+            outcome = f"within the {HPA_TOLERANCE:.0%} tolerance: no change"
         elif d.desired < len(scraped):
             outcome = "scale down, once the stabilization window has passed"
         else:

@@ -3,12 +3,14 @@
 `run_stack(config, stack)` runs the real `__main__.py` under `pulumi.runtime.set_mocks` with the
 given stack config and returns a `Recording`: every registered resource with its type, name,
 parent URN, dependencies, provider reference, inputs and resource options that change how the
-engine updates it (replace_on_changes, delete_before_replace, custom timeouts), plus the exported
-stack outputs and the invokes.
+engine updates it (replace_on_changes, delete_before_replace, custom timeouts, ignore_changes),
+plus the exported stack outputs and the invokes.
 
 The mocks fill in what the cloud would compute: a cluster's endpoint, a service account's email,
-and a built image's digest, derived from the image's inputs (an unchanged build gives the same
-digest, as with a real build of an unchanged context).
+a built image's digest, derived from the image's inputs (an unchanged build gives the same
+digest, as with a real build of an unchanged context), a project's number, an internal load
+balancer's IP, and the outputs of a referenced platform stack (`platform_outputs`, or what the
+test passes in `stack_outputs`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 MAIN = ROOT / "__main__.py"
 PROJECT = "jetstream-tpu"  # must equal components.config.PROJECT (checked in test_stack_config.py)
 GCP_PROJECT = "test-project"
-EXAMPLE_STACKS = ("llama3-405b-v6e16", "llama2-70b-disagg", "llama3-8b-v6e8")
+# Every example stack file: the seed's two, the small and the autoscaled one (role=all), and the
+# environments (issue 9): the platform stack and the dev and prod serving stacks on its cluster.
+EXAMPLE_STACKS = ("llama3-405b-v6e16", "llama2-70b-disagg", "llama3-8b-v6e8", "llama3-8b-autoscale", "platform", "dev", "prod")
+PROJECT_NUMBER = "123456789012"  # what gcp.organizations.get_project answers for GCP projects
+LOAD_BALANCER_IP = "10.128.0.42"  # what GKE assigns an internal load balancer (a VPC address)
+STACK_REFERENCE = "pulumi:pulumi:StackReference"
+PLATFORM_KUBECONFIG = "apiVersion: v1\nkind: Config\n# the platform stack's kubeconfig\n"
 
 
 @dataclasses.dataclass
@@ -46,6 +54,7 @@ class Registered:
     replace_on_changes: list[str] = dataclasses.field(default_factory=list)
     delete_before_replace: bool = False
     custom_timeouts: dict[str, str] = dataclasses.field(default_factory=dict)
+    ignore_changes: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def parent_type(self) -> str:
@@ -54,16 +63,32 @@ class Registered:
         return qualified.split("$")[-1]
 
 
-class RecordingMocks(pulumi.runtime.Mocks):
-    """Echoes inputs and fills in the few outputs GCP would compute."""
+def platform_outputs(cluster_stack: str, project: str = GCP_PROJECT) -> dict[str, str]:
+    """What a platform stack named by `cluster_stack` (<organization>/<project>/<stack>) exports."""
+    return {"clusterName": f"jetstream-{cluster_stack.rsplit('/', 1)[-1]}", "clusterLocation": "us-east5", "project": project,
+            "kubeconfig": PLATFORM_KUBECONFIG}
 
-    def __init__(self):
+
+class RecordingMocks(pulumi.runtime.Mocks):
+    """Echoes inputs and fills in the few outputs GCP, GKE and the Pulumi service would compute."""
+
+    def __init__(self, project: str = GCP_PROJECT, stack_outputs: dict[str, dict] | None = None):
         self.inputs: dict[tuple[str, str], dict] = {}
         self.calls: list[tuple[str, dict]] = []
+        self.stack_references: list[str] = []
+        self.project = project
+        self.stack_outputs = stack_outputs or {}
 
     def new_resource(self, args: pulumi.runtime.MockResourceArgs):
         self.inputs[(args.typ, args.name)] = dict(args.inputs)
         outputs = dict(args.inputs)
+        if args.typ == STACK_REFERENCE:  # read, not registered: recorded here
+            name = args.inputs["name"]
+            self.stack_references.append(name)
+            referenced = self.stack_outputs.get(name, platform_outputs(name, self.project))
+            return [name, {"name": name, "outputs": referenced, "secretOutputNames": ["kubeconfig"]}]
+        if args.typ == "kubernetes:core/v1:Service" and args.inputs.get("spec", {}).get("type") == "LoadBalancer":
+            outputs["status"] = {"loadBalancer": {"ingress": [{"ip": LOAD_BALANCER_IP, "ipMode": "VIP"}]}}
         if args.typ == "gcp:container/cluster:Cluster":
             outputs |= {"endpoint": "203.0.113.10", "masterAuth": {"clusterCaCertificate": "Q0EtREFUQQ=="}}
         if args.typ == "gcp:serviceaccount/account:Account":
@@ -80,6 +105,8 @@ class RecordingMocks(pulumi.runtime.Mocks):
                     "masterAuths": [{"clusterCaCertificate": "RVhJU1RJTkc="}]}
         if args.token == "gcp:organizations/getClientConfig:getClientConfig":
             return {"accessToken": ACCESS_TOKEN, "project": GCP_PROJECT}
+        if args.token == "gcp:organizations/getProject:getProject":
+            return {"projectId": args.args["projectId"], "number": PROJECT_NUMBER}
         return {}
 
 
@@ -109,6 +136,7 @@ class RecordingMonitor(MockMonitor):
                 inputs=self.mocks.inputs[(request.type, request.name)],
                 replace_on_changes=list(request.replaceOnChanges), delete_before_replace=request.deleteBeforeReplace,
                 custom_timeouts={kind: getattr(timeouts, kind) for kind in ("create", "update", "delete") if getattr(timeouts, kind)},
+                ignore_changes=list(request.ignoreChanges),
             ))
         return response
 
@@ -120,6 +148,7 @@ class Recording:
     secret_outputs: set[str]
     calls: list[tuple[str, dict]]
     error: Exception | None = None
+    stack_references: list[str] = dataclasses.field(default_factory=list)  # the stacks read through StackReference
 
     def of_type(self, type_: str) -> list[Registered]:
         return [resource for resource in self.resources if resource.type == type_]
@@ -139,19 +168,40 @@ def stack_file_config(stack: str) -> dict[str, str]:
     return {key: str(value).lower() if isinstance(value, bool) else str(value) for key, value in values.items()}
 
 
-def run_stack(config: dict[str, str], stack: str = "test", expect_error: bool = False) -> Recording:
-    """Run __main__.py under recording mocks; config keys are fully qualified (`ns:key`).
+def stack_role(stack: str) -> str:
+    """The example stack's role (all, platform or serving)."""
+    return stack_file_config(stack).get(f"{PROJECT}:role", "all")
 
-    With expect_error, a failing program returns its Recording with `error` set instead of raising.
+
+PLATFORM_STACKS = tuple(stack for stack in EXAMPLE_STACKS if stack_role(stack) == "platform")
+WORKLOAD_STACKS = tuple(stack for stack in EXAMPLE_STACKS if stack not in PLATFORM_STACKS)  # the ones that serve a model
+
+
+def schema_defaults() -> dict[str, str]:
+    """Pulumi.yaml's declared defaults, fully qualified and as strings: the CLI hands the program
+    every declared key, with its default where the stack sets none."""
+    declared = yaml.safe_load((ROOT / "Pulumi.yaml").read_text())["config"]
+    return {f"{PROJECT}:{key}": str(entry["default"]).lower() if isinstance(entry["default"], bool) else str(entry["default"])
+            for key, entry in declared.items() if "default" in entry}
+
+
+def run_stack(config: dict[str, str], stack: str = "test", expect_error: bool = False,
+              stack_outputs: dict[str, dict] | None = None) -> Recording:
+    """Run __main__.py under recording mocks; config keys are fully qualified (`ns:key`), and
+    declared keys the config leaves out get Pulumi.yaml's defaults, as under the CLI.
+
+    A StackReference reads `stack_outputs[<fully qualified name>]`, by default `platform_outputs`
+    in the config's gcp:project. With expect_error, a failing program returns its Recording with
+    `error` set instead of raising.
     """
-    mocks = RecordingMocks()
+    mocks = RecordingMocks(project=config.get("gcp:project", GCP_PROJECT), stack_outputs=stack_outputs)
     monitor = RecordingMonitor(mocks)
     # Pulumi schedules on the thread's current event loop; an earlier test's asyncio.run() leaves
     # none behind, so each program run gets its own.
     asyncio.set_event_loop(asyncio.new_event_loop())
     pulumi.runtime.settings.ROOT.set(None)  # a fresh root Stack per program run
     pulumi.runtime.set_mocks(mocks, project=PROJECT, stack=stack, preview=False, monitor=monitor)
-    pulumi.runtime.set_all_config(dict(config))
+    pulumi.runtime.set_all_config({**schema_defaults(), **config})
     outputs: dict[str, Any] = {}
     secret_outputs: set[str] = set()
 
@@ -172,8 +222,12 @@ def run_stack(config: dict[str, str], stack: str = "test", expect_error: bool = 
     except Exception as raised:  # noqa: BLE001 - handed to the caller with what was registered
         if not expect_error:
             raise
-        error = raised
-    return Recording(resources=monitor.registered, outputs=outputs, secret_outputs=secret_outputs, calls=mocks.calls, error=error)
+        # An error raised inside an apply reaches every output that waits on it, and Python chains
+        # those re-raises into a cycle (__context__ pointing back at itself): cut it, the message is what counts.
+        raised.__cause__ = raised.__context__ = None
+        error = raised.with_traceback(None)
+    return Recording(resources=monitor.registered, outputs=outputs, secret_outputs=secret_outputs, calls=mocks.calls, error=error,
+                     stack_references=mocks.stack_references)
 
 
 def qualified(values: dict[str, str]) -> dict[str, str]:

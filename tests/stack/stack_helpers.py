@@ -15,6 +15,7 @@ from components.render import read_stack_file
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 GOLDEN = pathlib.Path(__file__).resolve().parent / "golden"
 CRD_SCHEMA = ROOT / "tests" / "stack" / "schemas" / "lws-crd-v0.10.0.schema.json"
+POD_MONITORING_SCHEMA = ROOT / "tests" / "stack" / "schemas" / "podmonitoring-crd-v0.17.2.schema.json"
 
 
 def example(stack: str) -> tuple[StackConfig, Plan]:
@@ -48,13 +49,23 @@ def strict(schema):
     return tightened
 
 
-@functools.lru_cache(maxsize=1)
-def lws_validator() -> jsonschema.protocols.Validator:
-    """A validator for the strict CRD schema, built (and checked) once per test session."""
-    schema = strict(lws_openapi_schema())
+def _validator(openapi_schema: dict) -> jsonschema.protocols.Validator:
+    schema = strict(openapi_schema)
     validator_class = jsonschema.validators.validator_for(schema, default=jsonschema.Draft7Validator)
     validator_class.check_schema(schema)
     return validator_class(schema)
+
+
+@functools.lru_cache(maxsize=1)
+def lws_validator() -> jsonschema.protocols.Validator:
+    """A validator for the strict CRD schema, built (and checked) once per test session."""
+    return _validator(lws_openapi_schema())
+
+
+@functools.lru_cache(maxsize=1)
+def pod_monitoring_validator() -> jsonschema.protocols.Validator:
+    """The PodMonitoring CRD schema (prometheus-engine v0.17.2) as the API server applies it, unknown fields refused."""
+    return _validator(json.loads(POD_MONITORING_SCHEMA.read_text())["openAPIV3Schema"])
 
 
 # serverRuntime=bundled variants of the example stacks: this repository's server image and a

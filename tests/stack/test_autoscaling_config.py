@@ -6,10 +6,9 @@ import pytest
 
 from components.core import autoscaling
 from components.core.autoscaling import METRICS, parse_autoscaling, replica_summary, slice_pools
-from components.core.config import ConfigKey, KEYS_BY_NAME
+from components.core.config import CONFIG_KEYS, ConfigKey
 from components.core.errors import ConfigError
-from components.core.node_pools import tpu_node_pools
-from components.core.planner import node_pool_name
+from components.core.node_pools import node_pool_name, tpu_node_pools
 
 from stack_helpers import example
 
@@ -21,10 +20,11 @@ def test_defaults_are_one_fixed_replica_on_the_backlog_metric():
     assert scaling.target == 10
 
 
-def test_keys_are_the_contract_names_and_new_to_the_stack():
+def test_keys_are_the_contract_names_and_in_the_stacks_table_once():
     assert [key.name for key in autoscaling.CONFIG_KEYS] == ["replicas", "maxReplicas", "autoscalingMetric", "autoscalingTarget"]
     assert all(isinstance(key, ConfigKey) and key.default is not None for key in autoscaling.CONFIG_KEYS)
-    assert not set(KEYS_BY_NAME) & {key.name for key in autoscaling.CONFIG_KEYS}
+    names = [key.name for key in CONFIG_KEYS]
+    assert all(names.count(key.name) == 1 for key in autoscaling.CONFIG_KEYS)
 
 
 def test_max_replicas_defaults_to_replicas():
@@ -50,8 +50,8 @@ def test_targets_default_per_metric_and_render_as_quantities(metric, target, qua
 
 REFUSALS = [
     ({"replicas": "0"}, ("replicas",), "outside 1..100"),
-    ({"replicas": "two"}, ("replicas",), "whole number"),
-    ({"replicas": "1.5"}, ("replicas",), "whole number"),
+    ({"replicas": "two"}, ("replicas",), "expected an integer"),
+    ({"replicas": "1.5"}, ("replicas",), "expected an integer"),
     ({"replicas": "3", "maxReplicas": "2"}, ("maxReplicas", "replicas"), "smaller than replicas 3"),
     ({"maxReplicas": "101"}, ("maxReplicas",), "above 100"),
     ({"maxReplicas": "3", "autoscalingMetric": "cpu"}, ("autoscalingMetric",), "not one of prefill-backlog, slots-used"),
@@ -65,6 +65,13 @@ REFUSALS = [
     ({"autoscalingTarget": "5"}, ("autoscalingTarget", "maxReplicas"), "autoscaling is off"),
     ({"replicas": "2", "autoscalingMetric": "slots-used"}, ("autoscalingMetric", "maxReplicas"), "maxReplicas = replicas = 2"),
 ]
+
+
+def test_the_defaults_pulumi_fills_in_are_not_taken_as_set():
+    """Pulumi hands the program every declared key, defaults included: only other values count."""
+    defaults = {key.name: key.default_text for key in autoscaling.CONFIG_KEYS}
+    assert parse_autoscaling(defaults).enabled is False
+    assert parse_autoscaling({**defaults, "maxReplicas": "2", "autoscalingTarget": "4"}).target == 4
 
 
 @pytest.mark.parametrize(("raw", "keys", "problem"), REFUSALS)
@@ -143,26 +150,33 @@ def pools(stack: str, raw: dict[str, str]):
     return cfg, slice_pools(parse_autoscaling(raw), roles=cfg.slice_roles, hosts_per_slice=plan.hosts_per_slice)
 
 
-@pytest.mark.parametrize("stack", ["llama3-405b-v6e16", "llama2-70b-disagg", "llama3-8b-v6e8"])
+# The pool names of the example stacks before replicas existed: a default stack keeps them.
+TODAYS_POOLS = {
+    "llama3-405b-v6e16": ["v6e-16-serving-llama3-405b-v6e16"],
+    "llama2-70b-disagg": ["v6e-8-prefill-llama2-70b-disagg", "v6e-8-generate-llama2-70b-disagg"],
+    "llama3-8b-v6e8": ["v6e-8-serving-llama3-8b-v6e8"],
+}
+
+
+@pytest.mark.parametrize("stack", list(TODAYS_POOLS))
 def test_default_pools_are_todays_pools(stack):
     cfg, planned = pools(stack, {})
-    today = tpu_node_pools(cfg)
-    assert [(node_pool_name(cfg, pool.role) + pool.name_suffix, pool.role, pool.node_count, pool.autoscaling) for pool in planned] == \
-           [(spec.name, spec.role, spec.node_count, None) for spec in today]
+    assert [node_pool_name(cfg, pool.role, pool.replica) for pool in planned] == [spec.name for spec in tpu_node_pools(cfg)] == TODAYS_POOLS[stack]
+    assert [(pool.node_count, pool.autoscaling) for pool in planned] == [(cfg.tpu_slice.hosts, None)] * len(planned)
 
 
 def test_multi_host_replicas_above_the_minimum_scale_their_whole_slice_from_zero():
     cfg, planned = pools("llama3-405b-v6e16", {"replicas": "1", "maxReplicas": "3"})
-    assert [(node_pool_name(cfg, pool.role) + pool.name_suffix, pool.replica, pool.node_count, pool.autoscaling) for pool in planned] == [
-        ("v6e-16-serving", 0, 4, None),
-        ("v6e-16-serving-r1", 1, 0, autoscaling.NodeRange(min_nodes=0, max_nodes=4)),
-        ("v6e-16-serving-r2", 2, 0, autoscaling.NodeRange(min_nodes=0, max_nodes=4)),
+    assert [(node_pool_name(cfg, pool.role, pool.replica), pool.replica, pool.node_count, pool.autoscaling) for pool in planned] == [
+        ("v6e-16-serving-llama3-405b-v6e16", 0, 4, None),
+        ("v6e-16-serving-r1-llama3-405b-v6e16", 1, 0, autoscaling.NodeRange(min_nodes=0, max_nodes=4)),
+        ("v6e-16-serving-r2-llama3-405b-v6e16", 2, 0, autoscaling.NodeRange(min_nodes=0, max_nodes=4)),
     ]
 
 
 def test_disaggregated_replicas_get_a_pool_per_role():
     cfg, planned = pools("llama2-70b-disagg", {"replicas": "2", "maxReplicas": "3"})
-    names = [node_pool_name(cfg, pool.role) + pool.name_suffix for pool in planned]
+    names = [node_pool_name(cfg, pool.role, pool.replica).removesuffix("-llama2-70b-disagg") for pool in planned]
     assert names == ["v6e-8-prefill", "v6e-8-generate", "v6e-8-prefill-r1", "v6e-8-generate-r1", "v6e-8-prefill-r2", "v6e-8-generate-r2"]
     assert [pool.autoscaling is None for pool in planned] == [True, True, True, True, False, False]
     assert {pool.node_count for pool in planned if pool.autoscaling is None} == {2}

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
-import json
-import pathlib
 
 import jsonschema
 import kubernetes_validate
@@ -19,21 +16,11 @@ from components.core.autoscaling import METRICS, MetricsEndpoint, autoscaling_ma
 from components.core.errors import ConfigError
 from serving.server.metrics import ServerMetrics
 
-from stack_helpers import bundled_example, example, lws_validator, strict
+from stack_helpers import bundled_example, example, lws_validator, pod_monitoring_validator
 
 K8S_VERSION = "1.33.0"
-POD_MONITORING_SCHEMA = pathlib.Path(__file__).resolve().parent / "schemas" / "podmonitoring-crd-v0.17.2.schema.json"
 STACKS = ("llama3-405b-v6e16", "llama2-70b-disagg", "llama3-8b-v6e8")
 ON = {"replicas": "1", "maxReplicas": "3"}
-
-
-@functools.lru_cache(maxsize=1)
-def pod_monitoring_validator() -> jsonschema.protocols.Validator:
-    """The CRD schema as the API server applies it, unknown fields refused (see stack_helpers.strict)."""
-    schema = strict(json.loads(POD_MONITORING_SCHEMA.read_text())["openAPIV3Schema"])
-    validator_class = jsonschema.validators.validator_for(schema, default=jsonschema.Draft7Validator)
-    validator_class.check_schema(schema)
-    return validator_class(schema)
 
 
 def rendered(stack: str, raw: dict[str, str], bundled: bool = False) -> tuple[list[dict], object]:
@@ -134,9 +121,8 @@ def test_server_flags_that_turn_jetstream_metrics_off_are_refused(port):
 @pytest.mark.parametrize("stack", STACKS)
 def test_leader_worker_set_with_several_replicas_validates_against_the_crd(stack):
     cfg, plan = example(stack)
-    scaling = parse_autoscaling({"replicas": "3", "maxReplicas": "6"})
-    model = manifests.leader_worker_set_model(cfg, plan)
-    replicated = dataclasses.replace(model, spec=dataclasses.replace(model.spec, replicas=scaling.replicas)).to_dict()
+    scaled = dataclasses.replace(cfg, scaling=parse_autoscaling({"replicas": "3", "maxReplicas": "6"}))
+    replicated = manifests.leader_worker_set(scaled, plan)
     assert replicated["spec"]["replicas"] == 3
     lws_validator().validate(replicated)
 

@@ -12,7 +12,7 @@ from components.core import config as stack_config
 from components.core.errors import ConfigError
 from components.core.planner import plan_deployment
 
-from pulumi_harness import EXAMPLE_STACKS, GCP_PROJECT, PROJECT, ROOT, qualified, run_stack
+from pulumi_harness import GCP_PROJECT, PLATFORM_STACKS, PROJECT, ROOT, WORKLOAD_STACKS, qualified, run_stack
 from stack_helpers import config, example
 
 CONTRACT_KEYS = ("model", "topology", "mode", "quantization", "checkpointPath")
@@ -30,27 +30,39 @@ def test_pulumi_yaml_declares_exactly_the_key_table():
         assert entry.get("default") == key.default, key.name
 
 
-def test_contract_keys_exist_and_required_ones_have_no_default():
-    for name in CONTRACT_KEYS:
+def test_contract_keys_exist_and_the_ones_a_stack_that_serves_needs_are_refused_when_missing():
+    for name in (*CONTRACT_KEYS, "role", "clusterStack", "serviceType"):  # issues 8 and 9 name them
         assert name in stack_config.KEYS_BY_NAME
     for name in ("installLwsController", "waitForReady"):  # issue 8's contract: booleans
         assert stack_config.KEYS_BY_NAME[name].type == "boolean"
-    required = {key.name for key in stack_config.CONFIG_KEYS if key.default is None}
-    assert required == {"model", "topology", "checkpointPath"}
+    # Pulumi requires a key declared without a default, also in a platform stack, which has no model.
+    assert [key.name for key in stack_config.CONFIG_KEYS if key.default is None] == []
+    assert stack_config.REQUIRED_TO_SERVE == ("model", "topology", "checkpointPath")
+    for name in stack_config.REQUIRED_TO_SERVE:
+        with pytest.raises(ConfigError) as refused:
+            config(**{name: ""})
+        assert refused.value.keys == (name,) and "is required" in refused.value.problem
 
 
-@pytest.mark.parametrize("stack", EXAMPLE_STACKS)
+@pytest.mark.parametrize("stack", WORKLOAD_STACKS)
 def test_example_stack_files_are_complete(stack):
     values = yaml.safe_load((ROOT / f"Pulumi.{stack}.yaml").read_text())["config"]
     assert "gcp:project" in values
-    for name in CONTRACT_KEYS:
+    for name in stack_config.REQUIRED_TO_SERVE:
         assert f"{PROJECT}:{name}" in values
     cfg, plan = example(stack)
     assert cfg.stack == stack and plan.chips_per_slice == cfg.tpu_slice.chips
 
 
+@pytest.mark.parametrize("stack", PLATFORM_STACKS)
+def test_platform_stack_files_set_no_workload_key(stack):
+    values = yaml.safe_load((ROOT / f"Pulumi.{stack}.yaml").read_text())["config"]
+    assert "gcp:project" in values and values[f"{PROJECT}:role"] == "platform"
+    assert not {f"{PROJECT}:{name}" for name in stack_config.REQUIRED_TO_SERVE} & set(values)
+
+
 def test_example_stacks_cover_both_modes_and_a_single_host():
-    configs = {stack: example(stack)[0] for stack in EXAMPLE_STACKS}
+    configs = {stack: example(stack)[0] for stack in WORKLOAD_STACKS}
     assert configs["llama3-405b-v6e16"].mode == "interleaved" and configs["llama3-405b-v6e16"].tpu_slice.topology == "4x4"
     assert configs["llama2-70b-disagg"].mode == "disaggregated" and configs["llama2-70b-disagg"].tpu_slice.hosts == 2
     assert not configs["llama3-8b-v6e8"].tpu_slice.multi_host
@@ -120,6 +132,9 @@ def test_wait_for_ready_defaults_to_false():
 
 BUNDLED = {"serverRuntime": "bundled", "bundledServerImage": "registry.example/jetstream-jax:0.1.0", "checkpointPath": "gs://test-checkpoints/m/model.gguf"}
 
+PLATFORM_STACK = "my-org/jetstream-tpu/platform"
+SERVING = {"role": "serving", "clusterStack": PLATFORM_STACK, "installLwsController": "false"}  # a valid serving stack's keys
+
 # Bad configs: (change to the minimal valid config, key the message must name, message fragment).
 REFUSALS = {
     "unknown model": ({"model": "llama4-2t"}, "model", "unknown model preset"),
@@ -155,6 +170,21 @@ REFUSALS = {
     "bundled single controller": ({**BUNDLED, "serverFlags": '{"enable_single_controller": true}'}, "serverFlags", "needs Pathways"),
     "bundled copy image latest": ({**BUNDLED, "checkpointCopyImage": "gcr.io/google.com/cloudsdktool/google-cloud-cli:latest"},
                                   "checkpointCopyImage", "not pinned"),
+    "maxReplicas below replicas": ({"replicas": "3", "maxReplicas": "2"}, "maxReplicas", "smaller than replicas 3"),
+    "unreachable slots-used target": ({"maxReplicas": "2", "autoscalingMetric": "slots-used", "autoscalingTarget": "1.2"},
+                                      "autoscalingTarget", "cannot be met"),
+    "autoscaling without its metrics": ({"maxReplicas": "2", "serverFlags": '{"prometheus_port": 0}'}, "serverFlags", "Prometheus server off"),
+    "target without autoscaling": ({"autoscalingTarget": "5"}, "maxReplicas", "autoscaling is off"),
+    "bad role": ({"role": "prod"}, "role", "not one of all, platform, serving"),
+    "bad serviceType": ({"serviceType": "LoadBalancer"}, "serviceType", "not one of ClusterIP, InternalLoadBalancer"),
+    "serving without clusterStack": ({**SERVING, "clusterStack": None}, "clusterStack", "needs the platform stack"),
+    "clusterStack with role=all": ({"clusterStack": PLATFORM_STACK}, "clusterStack", "role=all stack does not use it"),
+    "clusterStack not qualified": ({**SERVING, "clusterStack": "platform"}, "clusterStack", "not a fully qualified stack name"),
+    "clusterStack is itself": ({**SERVING, "clusterStack": "my-org/jetstream-tpu/test"}, "clusterStack", "is this stack itself"),
+    "serving installs LWS": ({**SERVING, "installLwsController": None}, "installLwsController", "never installs the LWS controller"),
+    "serving on an existing cluster": ({**SERVING, "existingClusterName": "shared"}, "existingClusterName", "creates no cluster"),
+    "serving names a cluster": ({**SERVING, "clusterName": "mine"}, "clusterName", "role=serving stack does not use it"),
+    "platform with a model": ({"role": "platform"}, "model", "no TPU pool, no workload"),
 }
 
 
@@ -162,7 +192,7 @@ def _refused_raw(change: dict) -> dict[str, str]:
     raw = {"model": "llama3.1-8b", "topology": "2x2", "checkpointPath": "gs://test-checkpoints/m/0/items"}
     for key, value in change.items():
         if value is None:
-            raw.pop(key)
+            raw.pop(key, None)
         else:
             raw[key] = value
     return raw
@@ -202,3 +232,50 @@ def test_missing_gcp_project_is_refused():
     with pytest.raises(ConfigError) as refused:
         stack_config.parse_stack_config(_refused_raw({}), project=None, stack="test")
     assert refused.value.keys == ("gcp:project",)
+
+
+# ---------------------------------------------------------------------------------------------
+# Roles (issue 9).
+
+PLATFORM = {"role": "platform"}
+
+
+def test_a_platform_stack_needs_no_model_and_takes_the_cluster_keys():
+    cfg = stack_config.parse_stack_config({**PLATFORM, "clusterName": "shared-tpu", "releaseChannel": "REGULAR", "systemNodeCount": "2"},
+                                          project=GCP_PROJECT, stack="platform")
+    assert isinstance(cfg, stack_config.PlatformConfig)
+    assert (cfg.cluster_name, cfg.release_channel, cfg.system_node_count, cfg.existing_cluster) == ("shared-tpu", "REGULAR", 2, False)
+
+
+@pytest.mark.parametrize(("change", "key"), [
+    ({"existingClusterName": "shared", "installLwsController": "false"}, "existingClusterName"),
+    ({"clusterStack": PLATFORM_STACK}, "clusterStack"),
+    ({"serviceType": "InternalLoadBalancer"}, "serviceType"),
+    ({"replicas": "2"}, "replicas"),
+])
+def test_a_platform_stack_refuses_what_it_does_not_create(change, key):
+    with pytest.raises(ConfigError) as refused:
+        stack_config.parse_stack_config({**PLATFORM, **change}, project=GCP_PROJECT, stack="platform")
+    assert refused.value.keys == (key, "role")
+
+
+def test_the_defaults_pulumi_fills_in_never_count_as_set():
+    """Pulumi hands a platform stack every key, model "" and mode interleaved included."""
+    defaults = {key.name: key.default_text for key in stack_config.CONFIG_KEYS}
+    cfg = stack_config.parse_stack_config({**defaults, **PLATFORM}, project=GCP_PROJECT, stack="platform")
+    assert isinstance(cfg, stack_config.PlatformConfig) and cfg.install_lws_controller is True
+    serving = stack_config.parse_stack_config({**defaults, **_refused_raw(SERVING)}, project=GCP_PROJECT, stack="dev")
+    assert (serving.role, serving.cluster_name, serving.cluster_location, serving.install_lws_controller) == ("serving", "", "", False)
+
+
+def test_a_serving_stacks_pools_run_as_its_platforms_node_account():
+    serving = stack_config.parse_stack_config(_refused_raw(SERVING), project=GCP_PROJECT, stack="dev")
+    assert serving.node_service_account_id == stack_config.node_service_account_id("platform") == "js-nodes-platform"
+    assert config(stack="dev").node_service_account_id == "js-nodes-dev"
+
+
+def test_a_serving_stack_deploys_into_its_platforms_project():
+    assert stack_config.check_same_project("p", "p", PLATFORM_STACK) == "p"
+    with pytest.raises(ConfigError) as refused:
+        stack_config.check_same_project("p", "q", PLATFORM_STACK)
+    assert refused.value.keys == ("gcp:project", "clusterStack") and "pulumi config set gcp:project q" in str(refused.value)

@@ -38,6 +38,7 @@ INTENTIONAL_DIFFERENCES = (
     "nodeSelector: pods also select the stack's own TPU pools (label jetstream-tpu/deployment)",
     "Service: annotated pulumi.com/skipAwait, so pulumi up never waits for the leader's endpoints",
     "disaggregated: subGroupPolicyType LeaderExcluded, the Pathways leader holds no TPU (issue 8.8)",
+    "Service: its type stated (serviceType, ClusterIP by default) and a second port jetstream-grpc 9000 -> 9000 (issue 9)",
 )
 
 
@@ -60,6 +61,8 @@ def apply_intentional_differences(reference: list[dict], cfg) -> list[dict]:
     for document in (lws, svc):
         document["metadata"]["namespace"] = cfg.namespace
     svc["metadata"]["annotations"] = {"pulumi.com/skipAwait": "true"}
+    svc["spec"] = {"type": "ClusterIP", **svc["spec"]}
+    svc["spec"]["ports"].append({"protocol": "TCP", "name": "jetstream-grpc", "port": 9000, "targetPort": 9000})
     template = lws["spec"]["leaderWorkerTemplate"]
     pods = (template["leaderTemplate"]["spec"], template["workerTemplate"]["spec"])
     for pod in pods:

@@ -9,7 +9,8 @@ from pulumi.runtime import rpc
 from components.core import manifests, tpu
 from components.resources.lws_controller import release_manifest_url
 
-from pulumi_harness import ACCESS_TOKEN, EXAMPLE_STACKS, GCP_PROJECT, image_digest, qualified, run_stack, stack_file_config
+from pulumi_harness import (ACCESS_TOKEN, EXAMPLE_STACKS, GCP_PROJECT, WORKLOAD_STACKS, image_digest, qualified, run_stack,
+                            stack_file_config, stack_role)
 from stack_helpers import bundled_example, bundled_raw, example
 
 NODE_POOL = "gcp:container/nodePool:NodePool"
@@ -17,6 +18,11 @@ CLUSTER = "gcp:container/cluster:Cluster"
 LWS = "kubernetes:leaderworkerset.x-k8s.io/v1:LeaderWorkerSet"
 SERVICE = "kubernetes:core/v1:Service"
 CONFIG_FILE = "kubernetes:yaml/v2:ConfigFile"
+HPA = "kubernetes:autoscaling/v2:HorizontalPodAutoscaler"
+POD_MONITORING = "kubernetes:monitoring.googleapis.com/v1:PodMonitoring"
+ADAPTER = "jetstream:autoscaling:MetricsAdapter"
+AUTOSCALER = "jetstream:autoscaling:LeaderWorkerSetAutoscaler"
+IMAGE_COMPONENT = "jetstream:images:BundledServerImage"  # serverRuntime=bundled without bundledServerImage
 K8S_PROVIDER = "pulumi:providers:kubernetes"
 ACCOUNT = "gcp:serviceaccount/account:Account"
 PROJECT_MEMBER = "gcp:projects/iAMMember:IAMMember"
@@ -29,17 +35,27 @@ EXPECTED_PARENTS = {
     K8S_PROVIDER: "jetstream:gke:GkeCluster",
     "gcp:storage/bucket:Bucket": "jetstream:iam:ServingIdentity",
     ACCOUNT: ("jetstream:iam:ServingIdentity", "jetstream:iam:NodeIdentity"),
-    PROJECT_MEMBER: "jetstream:iam:NodeIdentity",
+    PROJECT_MEMBER: ("jetstream:iam:NodeIdentity", ADAPTER),
     BUCKET_MEMBER: "jetstream:iam:ServingIdentity",
     ACCOUNT_MEMBER: "jetstream:iam:ServingIdentity",
-    CONFIG_FILE: "jetstream:lws:LeaderWorkerSetController",
+    CONFIG_FILE: ("jetstream:lws:LeaderWorkerSetController", ADAPTER),
+    POD_MONITORING: AUTOSCALER,
+    HPA: AUTOSCALER,
+    "docker-build:index:Image": IMAGE_COMPONENT,
+    "gcp:artifactregistry/repository:Repository": IMAGE_COMPONENT,
     "kubernetes:core/v1:Namespace": "jetstream:serving:JetStreamServer",
     "kubernetes:core/v1:ServiceAccount": "jetstream:serving:JetStreamServer",
     LWS: "jetstream:serving:JetStreamServer",
     SERVICE: "jetstream:serving:JetStreamServer",
 }
-COMPONENTS = ("jetstream:iam:NodeIdentity", "jetstream:gke:GkeCluster", "jetstream:iam:ServingIdentity",
-              "jetstream:lws:LeaderWorkerSetController", "jetstream:serving:JetStreamServer")
+STACK_REFERENCE_OWNER = "jetstream:platform:PlatformReference"
+COMPONENTS = {  # per role; plus SCALING_COMPONENTS where maxReplicas > replicas
+    "all": ("jetstream:iam:NodeIdentity", "jetstream:gke:GkeCluster", "jetstream:iam:ServingIdentity",
+            "jetstream:lws:LeaderWorkerSetController", "jetstream:serving:JetStreamServer"),
+    "platform": ("jetstream:iam:NodeIdentity", "jetstream:gke:GkeCluster", "jetstream:lws:LeaderWorkerSetController", ADAPTER),
+    "serving": (STACK_REFERENCE_OWNER, "jetstream:gke:GkeCluster", "jetstream:iam:ServingIdentity", "jetstream:serving:JetStreamServer"),
+}
+SCALING_COMPONENTS = (ADAPTER, AUTOSCALER)
 MINIMAL = {"model": "llama3.1-8b", "topology": "2x2", "checkpointPath": "gs://test-checkpoints/m/0/items"}
 
 
@@ -60,28 +76,44 @@ def _run_bundled(stack: str = "llama3-8b-v6e8", **overrides: str):
 @pytest.mark.parametrize("stack", EXAMPLE_STACKS)
 def test_every_resource_has_its_component_parent(recordings, stack):
     recording = recordings[stack]
-    for component in COMPONENTS:
+    role = stack_role(stack)
+    scaled = role != "platform" and example(stack)[0].scaling.enabled
+    # A serving stack's HPA reads its metrics through the platform's adapter.
+    scaling = (AUTOSCALER,) if scaled and role == "serving" else SCALING_COMPONENTS if scaled else ()
+    image = (IMAGE_COMPONENT,) if role != "platform" and example(stack)[0].builds_server_image else ()
+    components = tuple(dict.fromkeys((*COMPONENTS[role], *scaling, *image)))
+    for component in components:
         assert recording.one(component).parent_type == "pulumi:pulumi:Stack"
+    assert all(recording.of_type(component) == [] for component in set(SCALING_COMPONENTS) - set(components))
     for resource in recording.resources:
-        if resource.type not in COMPONENTS:
+        if resource.type not in components:
             assert resource.parent_type in EXPECTED_PARENTS[resource.type], resource.name
 
 
-@pytest.mark.parametrize("stack", EXAMPLE_STACKS)
+@pytest.mark.parametrize("stack", WORKLOAD_STACKS)
 def test_example_stack_resources(recordings, stack):
     recording = recordings[stack]
     cfg, plan = example(stack)
-    counts = {type_: len(recording.of_type(type_)) for type_ in (CLUSTER, NODE_POOL, LWS, SERVICE, CONFIG_FILE)}
-    assert counts == {CLUSTER: 1, NODE_POOL: 1 + len(cfg.slice_roles), LWS: 1, SERVICE: 1, CONFIG_FILE: 1}
+    scaled, owns_cluster = cfg.scaling.enabled, not cfg.serving_role
+    counts = {type_: len(recording.of_type(type_)) for type_ in (CLUSTER, NODE_POOL, LWS, SERVICE, CONFIG_FILE, HPA, POD_MONITORING)}
+    # The LWS release and the metrics adapter are cluster-wide: only the stack that owns the cluster installs them.
+    assert counts == {CLUSTER: int(owns_cluster), NODE_POOL: int(owns_cluster) + len(cfg.slice_roles) * cfg.scaling.max_replicas,
+                      LWS: 1, SERVICE: 1, CONFIG_FILE: int(owns_cluster) * (2 if scaled else 1), HPA: int(scaled), POD_MONITORING: int(scaled)}
     pools = {pool.inputs["name"]: pool.inputs for pool in recording.of_type(NODE_POOL)}
-    assert set(pools) == {"system", *plan.node_pools}
+    assert set(pools) == {*(["system"] if owns_cluster else []), *plan.node_pools}
+    fixed = set(plan.node_pools[: len(cfg.slice_roles) * cfg.scaling.replicas])  # replicas that always run
     for name in plan.node_pools:
-        assert pools[name]["nodeCount"] == cfg.tpu_slice.hosts
+        if name in fixed:
+            assert pools[name]["nodeCount"] == cfg.tpu_slice.hosts and "autoscaling" not in pools[name]
+        else:  # created empty; the cluster autoscaler grows the whole slice when the HPA adds a replica
+            assert "nodeCount" not in pools[name] and pools[name]["initialNodeCount"] == 0
+            assert pools[name]["autoscaling"] == {"minNodeCount": 0, "maxNodeCount": cfg.tpu_slice.hosts}
         assert pools[name]["nodeConfig"]["machineType"] == cfg.tpu_slice.machine_type
         assert pools[name]["nodeConfig"]["labels"]["jetstream-tpu/deployment"] == f"jetstream-{stack}"
 
 
-@pytest.mark.parametrize("stack", EXAMPLE_STACKS)
+# The LWS of a stack that builds its image runs the pushed digest: test_bundled_server_image_is_built_pushed_and_run_by_digest.
+@pytest.mark.parametrize("stack", [stack for stack in WORKLOAD_STACKS if not example(stack)[0].builds_server_image])
 def test_lws_resource_is_the_rendered_manifest(recordings, stack):
     cfg, plan = example(stack)
     expected = manifests.leader_worker_set(cfg, plan)
@@ -94,7 +126,7 @@ def test_lws_resource_is_the_rendered_manifest(recordings, stack):
     assert service["metadata"] == manifests.service(cfg)["metadata"]
 
 
-@pytest.mark.parametrize("stack", EXAMPLE_STACKS)
+@pytest.mark.parametrize("stack", WORKLOAD_STACKS)
 def test_namespace_and_service_account_are_the_rendered_manifests(recordings, stack):
     """JetStreamServer and the offline render build them with the same functions."""
     cfg, _ = example(stack)
@@ -102,7 +134,8 @@ def test_namespace_and_service_account_are_the_rendered_manifests(recordings, st
     (namespace,) = recording.of_type("kubernetes:core/v1:Namespace")
     assert namespace.inputs["metadata"] == manifests.namespace(cfg)["metadata"]
     ksa = recording.one("kubernetes:core/v1:ServiceAccount").inputs
-    assert ksa["metadata"] == manifests.service_account(cfg)["metadata"]
+    # Bound (bundled server) to the Google account the stack created, whose email GCP (here the mocks) assigns.
+    assert ksa["metadata"] == manifests.service_account(cfg, recording.outputs["serviceAccountEmail"])["metadata"]
 
 
 def test_bundled_stack_deploys_the_bundled_layout():
@@ -165,7 +198,7 @@ def test_outputs(recordings):
     outputs = recording.outputs
     assert outputs["headPod"] == "jetstream-pathways-0" and outputs["lwsName"] == "jetstream-pathways"
     assert outputs["namespace"] == "jetstream-llama3-405b-v6e16" and outputs["serviceName"] == "jetstream-svc"
-    assert outputs["serviceUrl"] == "http://jetstream-svc.jetstream-llama3-405b-v6e16.svc.cluster.local:8000"
+    assert outputs["httpUrl"] == "http://jetstream-svc.jetstream-llama3-405b-v6e16.svc.cluster.local:8000"
     assert outputs["portForwardCommand"] == "kubectl -n jetstream-llama3-405b-v6e16 port-forward pod/jetstream-pathways-0 8000:8000"
     assert "localhost:8000/generate" in outputs["curlExample"]
     assert outputs["clusterName"] == "jetstream-llama3-405b-v6e16" and outputs["clusterEndpoint"] == "203.0.113.10"
@@ -282,8 +315,8 @@ def test_lws_controller_is_installed_only_where_the_stack_owns_the_cluster():
 
 def test_lws_is_replaced_not_patched_where_the_webhook_refuses_updates(recordings):
     """8.4: changes under the immutable paths replace the LWS, deleting the old one first."""
-    for recording in recordings.values():
-        lws = recording.one(LWS)
+    for stack in WORKLOAD_STACKS:
+        lws = recordings[stack].one(LWS)
         assert set(lws.replace_on_changes) == {"spec.leaderWorkerTemplate.subGroupPolicy", "spec.networkConfig"}
         assert lws.delete_before_replace is True
 
@@ -382,3 +415,60 @@ def test_an_unchanged_tree_gives_the_same_lws_and_a_given_image_is_not_built():
     assert given.of_type(IMAGE) == [] and given.of_type(REPOSITORY) == []
     images = {container["image"] for container in given.one(LWS).inputs["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["containers"]}
     assert images == {"registry.example/jetstream-jax:0.1.0-tpu"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 10: replicas and autoscaling.
+
+
+def test_an_autoscaled_stack_has_exactly_one_hpa_targeting_the_lws_by_name(recordings):
+    recording = recordings["llama3-8b-autoscale"]
+    lws, hpa = recording.one(LWS), recording.one(HPA)
+    assert hpa.inputs["spec"]["scaleTargetRef"] == {"apiVersion": lws.inputs["apiVersion"], "kind": lws.inputs["kind"],
+                                                    "name": lws.inputs["metadata"]["name"]}
+    assert hpa.inputs["metadata"]["namespace"] == lws.inputs["metadata"]["namespace"] == "llama3-8b-autoscale"
+    assert (hpa.inputs["spec"]["minReplicas"], hpa.inputs["spec"]["maxReplicas"], lws.inputs["spec"]["replicas"]) == (1, 3, 1)
+    assert recordings["llama3-405b-v6e16"].of_type(HPA) == [] and recordings["llama3-405b-v6e16"].of_type(POD_MONITORING) == []
+
+
+def test_the_hpa_owns_the_replicas_once_the_lws_exists(recordings):
+    """Server-side apply would hand spec.replicas back to Pulumi on every update (or conflict with the HPA)."""
+    assert recordings["llama3-8b-autoscale"].one(LWS).ignore_changes == ["spec.replicas"]
+    for stack in ("llama3-405b-v6e16", "llama2-70b-disagg", "llama3-8b-v6e8"):
+        assert recordings[stack].one(LWS).ignore_changes == [], stack
+
+
+def test_the_hpa_and_pod_monitoring_wait_for_the_workload_and_the_metrics_adapter(recordings):
+    recording = recordings["llama3-8b-autoscale"]
+    adapter = recording.one(ADAPTER)
+    adapter_install = next(config for config in recording.of_type(CONFIG_FILE) if config.parent == adapter.urn)
+    adapter_access = next(member for member in recording.of_type(PROJECT_MEMBER) if member.parent == adapter.urn)
+    for type_ in (HPA, POD_MONITORING):
+        dependencies = set(recording.one(type_).dependencies)
+        assert {recording.one(LWS).urn, adapter_install.urn, adapter_access.urn} <= dependencies, type_
+    assert adapter_access.inputs["role"] == "roles/monitoring.viewer"
+    assert ("gcp:organizations/getProject:getProject", {"projectId": "my-gcp-project"}) in recording.calls
+
+
+def test_jetstream_serves_the_metrics_the_pod_monitoring_scrapes(recordings):
+    recording = recordings["llama3-8b-autoscale"]
+    leader = recording.one(LWS).inputs["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]
+    server = next(container for container in leader["containers"] if container["name"] == "jax-tpu")
+    assert "prometheus_port=9090" in server["args"]
+    assert recording.one(POD_MONITORING).inputs["spec"]["endpoints"] == [{"port": 9090, "path": "/", "interval": "15s"}]
+    unscaled = recordings["llama3-8b-v6e8"].one(LWS).inputs["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]
+    assert not any(arg.startswith("prometheus_port") for container in unscaled["containers"] for arg in container.get("args", []))
+
+
+def test_fixed_replicas_get_a_slice_each_and_the_service_balances_over_their_leaders():
+    recording = _run(replicas="3", topology="4x4", model="llama2-7b", tensorParallelism="-1")
+    pools = sorted(pool.inputs["name"] for pool in recording.of_type(NODE_POOL) if pool.inputs["name"] != "system")
+    assert pools == ["v6e-16-serving-r1-test", "v6e-16-serving-r2-test", "v6e-16-serving-test"]
+    assert all(pool.inputs["nodeCount"] == 4 for pool in recording.of_type(NODE_POOL) if pool.inputs["name"] != "system")
+    lws = recording.one(LWS)
+    assert lws.inputs["spec"]["replicas"] == 3 and lws.ignore_changes == [] and recording.of_type(HPA) == []
+    # The Service selects the app label, which every group's leader carries and no worker does.
+    template = lws.inputs["spec"]["leaderWorkerTemplate"]
+    selector = recording.one(SERVICE).inputs["spec"]["selector"]
+    assert selector.items() <= template["leaderTemplate"]["metadata"]["labels"].items()
+    assert "metadata" not in template["workerTemplate"]

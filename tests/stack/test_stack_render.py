@@ -15,8 +15,8 @@ from components import render
 from components.core import manifests
 from components.core.errors import ConfigError
 
-from pulumi_harness import EXAMPLE_STACKS, ROOT
-from stack_helpers import BUNDLED_STACKS, bundled_example, bundled_raw, example, lws_validator
+from pulumi_harness import EXAMPLE_STACKS, ROOT, WORKLOAD_STACKS
+from stack_helpers import BUNDLED_STACKS, bundled_example, bundled_raw, example, lws_validator, pod_monitoring_validator
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -28,9 +28,12 @@ def _documents(text: str) -> list[dict]:
 
 
 def _validate_all(documents: list[dict], cfg) -> None:
-    """Everything kubectl would apply: the LWS against its CRD, the rest and the pod templates with kubernetes-validate."""
+    """Everything kubectl would apply: the LWS and the PodMonitoring against their CRDs, the rest and
+    the pod templates with kubernetes-validate."""
     for document in documents:
-        if document["kind"] == "LeaderWorkerSet":
+        if document["kind"] == "PodMonitoring":
+            pod_monitoring_validator().validate(document)
+        elif document["kind"] == "LeaderWorkerSet":
             lws_validator().validate(document)
             template = document["spec"]["leaderWorkerTemplate"]
             for role in ("leaderTemplate", "workerTemplate"):
@@ -40,7 +43,7 @@ def _validate_all(documents: list[dict], cfg) -> None:
             kubernetes_validate.validate(document, "1.33.0", strict=True)
 
 
-@pytest.mark.parametrize("stack", EXAMPLE_STACKS)
+@pytest.mark.parametrize("stack", WORKLOAD_STACKS)
 def test_render_prints_the_manifests_kubectl_would_apply(stack):
     result = _cli("--stack", stack)
     assert result.returncode == 0, result.stderr
@@ -48,11 +51,15 @@ def test_render_prints_the_manifests_kubectl_would_apply(stack):
     cfg, plan = example(stack)
     assert documents == manifests.all_manifests(cfg, plan)
     # A fresh cluster (LWS controller installed) needs nothing else: the namespace and the
-    # Workload Identity service account the pods run as come first.
-    assert [document["kind"] for document in documents] == ["Namespace", "ServiceAccount", "LeaderWorkerSet", "Service"]
+    # Workload Identity service account the pods run as come first; with autoscaling, the
+    # PodMonitoring and the HPA (the metrics adapter comes from its own manifest) last.
+    scaling = ["PodMonitoring", "HorizontalPodAutoscaler"] if cfg.scaling.enabled else []
+    assert [document["kind"] for document in documents] == ["Namespace", "ServiceAccount", "LeaderWorkerSet", "Service", *scaling]
     assert documents[0]["metadata"]["name"] == cfg.namespace
-    assert "annotations" not in documents[1]["metadata"]  # Pathways pods act as the node account
-    assert documents[2:] == manifests.serving_manifests(cfg, plan)
+    # Pathways pods act as the node account; the bundled server's through Workload Identity as its own GSA.
+    annotations = {"iam.gke.io/gcp-service-account": cfg.workload_service_account_email} if cfg.bundled else None
+    assert documents[1]["metadata"].get("annotations") == annotations
+    assert documents[2:4] == manifests.serving_manifests(cfg, plan)
     _validate_all(documents, cfg)
 
 
@@ -184,3 +191,15 @@ def test_stack_file_values_are_read_as_pulumi_passes_them(tmp_path):
     assert project == "test-project"
     assert raw == {"model": "llama3.1-8b", "topology": "2x2", "checkpointPath": "gs://test-ckpt/x", "quantizeKvCache": "false",
                    "perDeviceBatchSize": "2", "serverFlags": '{"attention": "dot_product"}'}
+
+
+@pytest.mark.parametrize("stack", ["llama3-405b-v6e16", "llama2-70b-disagg", "llama3-8b-v6e8"])
+def test_replica_keys_at_their_defaults_change_nothing(stack, tmp_path):
+    """Issue 10's contract: a stack that does not set the four keys previews as before; Pulumi
+    hands the program their defaults, which must render exactly what leaving them out renders."""
+    raw, project = render.read_stack_file(ROOT / f"Pulumi.{stack}.yaml")
+    defaults = {"replicas": "1", "maxReplicas": "0", "autoscalingMetric": "prefill-backlog", "autoscalingTarget": ""}
+    _write_stack(tmp_path, stack, {**raw, **defaults}, project)
+    assert render.render(stack, tmp_path) == render.render(stack)
+    text = render.render(stack)
+    assert "replicas: 1\n" in text and "PodMonitoring" not in text and "prometheus_port" not in text and "-r1-" not in text

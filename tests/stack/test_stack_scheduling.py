@@ -161,3 +161,22 @@ def test_each_replica_needs_its_own_slice():
     placement = scheduling.place(two, [*pools, second_slice])
     groups = {node.rsplit("-", 1)[0] for name, node in placement.items() if name.startswith("jetstream-pathways-1")}
     assert len(groups) == 1 and groups != {node.rsplit("-", 1)[0] for name, node in placement.items() if name.startswith("jetstream-pathways-0")}
+
+
+@pytest.mark.parametrize("mode, topology", [("interleaved", "4x4"), ("disaggregated", "2x4")])
+def test_autoscaling_is_checked_at_min_and_at_max_replicas(mode, topology):
+    """At maxReplicas every group lands on its own slice, once the cluster autoscaler has grown the
+    empty pools: the check places all groups on the pools at full size."""
+    cfg = config(model="llama2-70b", topology=topology, mode=mode, replicas="2", maxReplicas="3", tensorParallelism="-1")
+    plan = plan_deployment(cfg)
+    placement = scheduling.check_deployment(cfg, plan)
+    size = manifests.leader_worker_set(cfg, plan)["spec"]["leaderWorkerTemplate"]["size"]
+    assert len(placement) == 3 * size
+    # The TPU workers of different groups never share a pool (the Pathways leader holds no TPU).
+    pools_by_group = {group: {node.rsplit("-", 1)[0] for name, node in placement.items() if name.startswith(f"jetstream-pathways-{group}-")}
+                      for group in range(3)}
+    assert all(pools_by_group[a].isdisjoint(pools_by_group[b]) for a, b in itertools.combinations(range(3), 2))
+    # The third group only fits once its empty pools have grown: as created, there is no slice for it.
+    lws = manifests.leader_worker_set(cfg, plan)
+    with pytest.raises(scheduling.SchedulingError):
+        scheduling.place({**lws, "spec": {**lws["spec"], "replicas": 3}}, [system_node_pool(cfg), *tpu_node_pools(cfg)])

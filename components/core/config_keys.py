@@ -1,0 +1,44 @@
+"""A config key as Pulumi.yaml declares it, and how its raw value is read.
+
+Its own module so that `config.py`, which holds the stack's key table, and the modules that
+declare keys of their own (`autoscaling.py`) share it without importing each other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+from components.core.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ConfigKey:
+    """One config key as Pulumi.yaml declares it and the docs describe it."""
+
+    name: str
+    type: str  # Pulumi project config type: string | integer | boolean
+    description: str
+    default: str | int | bool | None = None  # None: required
+
+    @property
+    def default_text(self) -> str:
+        """The default as Pulumi hands it to the program (booleans lowercase)."""
+        return str(self.default).lower() if isinstance(self.default, bool) else str(self.default)
+
+
+def read_text(raw: Mapping[str, str], key: ConfigKey) -> str:
+    """The key's value, stripped, or its default; ConfigError if it is required and not set."""
+    if key.name in raw:
+        return str(raw[key.name]).strip()
+    if key.default is None:
+        raise ConfigError(key.name, "is required and not set", f"pulumi config set {key.name} <value>")
+    return key.default_text
+
+
+def read_integer(raw: Mapping[str, str], key: ConfigKey) -> int:
+    text = read_text(raw, key)
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(key.name, f"expected an integer, got {text!r}", f"pulumi config set {key.name} 4") from None
