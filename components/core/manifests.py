@@ -45,12 +45,11 @@ from components.core.autoscaling import autoscaling_manifests, jetstream_server_
 from components.core.config import BUNDLED_IMAGE_TAG, INTERNAL_LOAD_BALANCER, StackConfig
 from components.core.node_pools import DEPLOYMENT_LABEL, NODE_POOL_LABEL
 from components.core.planner import Plan
+from components.core.ports import GRPC_PORT, HTTP_PORT
 
 PROXY_PORT = 38681
 RESOURCE_MANAGER_PORT = 38677
 WORKER_PORT = 38679
-GRPC_PORT = 9000
-HTTP_PORT = 8000
 HEALTH_PATH = "/healthcheck"
 PULL_POLICY = "IfNotPresent"  # images are pinned, so a node's cached copy is the right one
 LEADER_ADDRESS = "$(LWS_LEADER_ADDRESS)"  # expanded by Kubernetes from the env LWS injects
