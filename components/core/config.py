@@ -320,6 +320,19 @@ class StackConfig:
         return self.role == SERVING
 
     @property
+    def creates_cluster(self) -> bool:
+        """role=all without existingClusterName: the stack owns its cluster, and so what is cluster-wide on it."""
+        return not self.serving_role and not self.existing_cluster
+
+    @property
+    def installs_metrics_adapter(self) -> bool:
+        """The custom metrics adapter is cluster-wide, so an autoscaled stack installs it only on a
+        cluster it creates; a platform stack installs it for its serving stacks, and on an existing
+        cluster it is its owner's (destroying a stack that installed it would break every
+        custom-metrics HPA of the cluster)."""
+        return self.scaling.enabled and self.creates_cluster
+
+    @property
     def platform_stack(self) -> str:
         """role=serving: the platform stack's name (the last part of clusterStack)."""
         return self.cluster_stack.rsplit("/", 1)[-1]

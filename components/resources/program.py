@@ -9,7 +9,8 @@ role=all (one stack):
   node identity -> cluster and node pools -> serving identity (the Workload Identity binding
   needs the cluster's identity pool) -> LWS controller -> the LeaderWorkerSet, which waits for the
   controller, the TPU node pools, the identity and, with serverRuntime=bundled and no image, the
-  server image the stack builds -> with autoscaling, the metrics adapter, the PodMonitoring and
+  server image the stack builds -> with autoscaling, the metrics adapter (only on a cluster the
+  stack creates; its Workload Identity binding waits for the cluster too), the PodMonitoring and
   the HPA of the LeaderWorkerSet.
 role=platform: node identity -> cluster and system pool -> LWS controller and metrics adapter
   (cluster-wide, shared by the serving stacks); exports exactly PLATFORM_OUTPUTS.
@@ -78,7 +79,7 @@ def build_platform(cfg: PlatformConfig) -> dict[str, Any]:
     cluster = GkeCluster("gke", _owned_cluster_args(cfg, nodes.email, tpu_pools=()), pulumi.ResourceOptions(depends_on=nodes.roles))
     _lws_controller(cfg, cluster.provider)
     # Cluster-wide like the LWS controller, so the platform owns it and any serving stack can autoscale.
-    _metrics_adapter(cfg, cluster.provider)
+    _metrics_adapter(cfg, cluster)
     return dict(zip(PLATFORM_OUTPUTS, (cluster.cluster_name, cluster.location, cluster.project, cluster.kubeconfig)))
 
 
@@ -97,8 +98,9 @@ def build_serving(cfg: StackConfig, plan: Plan) -> dict[str, Any]:
     server = JetStreamServer("jetstream", _server_args(cfg, plan, identity.service_account_email, server_image),
                              pulumi.ResourceOptions(provider=cluster.provider, depends_on=lws_prerequisites))
     if cfg.scaling.enabled:
-        # A serving stack's HPA reads the metrics through the platform's adapter.
-        adapter = [] if cfg.serving_role else [_metrics_adapter(cfg, cluster.provider)]
+        # The HPA reads the metrics through the cluster's one adapter: this stack's on a cluster it
+        # creates; otherwise the platform's (role=serving) or the existing cluster owner's.
+        adapter = [_metrics_adapter(cfg, cluster)] if cfg.installs_metrics_adapter else []
         pod_monitoring, hpa = manifests.scaling_manifests(cfg)
         LeaderWorkerSetAutoscaler("autoscaling", LeaderWorkerSetAutoscalerArgs(pod_monitoring=pod_monitoring, horizontal_pod_autoscaler=hpa),
                                   pulumi.ResourceOptions(provider=cluster.provider, depends_on=[server, *adapter]))
@@ -165,8 +167,11 @@ def _lws_controller(cfg: StackConfig | PlatformConfig, provider: pulumi.Provider
     return [LeaderWorkerSetController("lws", LeaderWorkerSetControllerArgs(version=cfg.lws_version), pulumi.ResourceOptions(provider=provider))]
 
 
-def _metrics_adapter(cfg: StackConfig | PlatformConfig, provider: pulumi.ProviderResource) -> MetricsAdapter:
-    return MetricsAdapter("metrics-adapter", MetricsAdapterArgs(project=cfg.project), pulumi.ResourceOptions(provider=provider))
+def _metrics_adapter(cfg: StackConfig | PlatformConfig, cluster: GkeCluster) -> MetricsAdapter:
+    """The adapter, on a cluster the stack creates: its identity's binding names the cluster's
+    Workload Identity pool, which exists once that cluster does."""
+    return MetricsAdapter("metrics-adapter", MetricsAdapterArgs(project=cfg.project),
+                          pulumi.ResourceOptions(provider=cluster.provider, depends_on=[cluster.cluster]))
 
 
 def _identity_args(cfg: StackConfig, node_service_account: pulumi.Output[str]) -> ServingIdentityArgs:

@@ -126,6 +126,15 @@ def test_install_lws_controller_defaults_to_true_and_is_refused_on_an_existing_c
     assert refused.value.keys == ("installLwsController", "existingClusterName") and "every LeaderWorkerSet" in str(refused.value)
 
 
+def test_only_a_stack_that_creates_its_cluster_installs_the_metrics_adapter():
+    assert config(maxReplicas="2").installs_metrics_adapter is True
+    assert config().installs_metrics_adapter is False  # no autoscaling, no adapter
+    shared = config(maxReplicas="2", existingClusterName="shared", installLwsController="false")
+    assert (shared.creates_cluster, shared.installs_metrics_adapter) == (False, False)
+    serving = stack_config.parse_stack_config({**_refused_raw(SERVING), "maxReplicas": "2"}, project=GCP_PROJECT, stack="dev")
+    assert (serving.creates_cluster, serving.installs_metrics_adapter) == (False, False)
+
+
 def test_wait_for_ready_defaults_to_false():
     assert config().wait_for_ready is False and config(waitForReady="true").wait_for_ready is True
 

@@ -273,6 +273,16 @@ def test_workload_identity_binding_waits_for_the_cluster_that_creates_the_pool()
     assert existing.of_type(CLUSTER) == [] and existing.one(ACCOUNT_MEMBER).inputs["role"] == "roles/iam.workloadIdentityUser"
 
 
+def test_the_metrics_adapters_binding_waits_for_the_cluster_that_creates_the_pool(recordings):
+    """8.1 for the adapter: its principal names the same pool PROJECT.svc.id.goog."""
+    for stack in ("llama3-8b-autoscale", "platform"):
+        recording = recordings[stack]
+        adapter = recording.one(ADAPTER)
+        access = next(member for member in recording.of_type(PROJECT_MEMBER) if member.parent == adapter.urn)
+        assert "/workloadIdentityPools/my-gcp-project.svc.id.goog/subject/ns/custom-metrics/" in access.inputs["member"]
+        assert recording.one(CLUSTER).urn in access.dependencies, stack
+
+
 GLOBAL_NAMES = {  # resource type -> the input that must be unique per project (or globally)
     CLUSTER: "name",
     ACCOUNT: "accountId",
@@ -458,6 +468,18 @@ def test_jetstream_serves_the_metrics_the_pod_monitoring_scrapes(recordings):
     assert recording.one(POD_MONITORING).inputs["spec"]["endpoints"] == [{"port": 9090, "path": "/", "interval": "15s"}]
     unscaled = recordings["llama3-8b-v6e8"].one(LWS).inputs["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]
     assert not any(arg.startswith("prometheus_port") for container in unscaled["containers"] for arg in container.get("args", []))
+
+
+def test_a_stack_on_an_existing_cluster_autoscales_through_the_adapter_of_the_clusters_owner():
+    """The adapter is cluster-wide (its namespace, APIServices, ClusterRoles): destroying a stack that
+    installed it on a shared cluster would break every custom-metrics HPA there."""
+    recording = _run(existingClusterName="shared-tpu", clusterLocation="us-east5", installLwsController="false", maxReplicas="2")
+    assert recording.of_type(ADAPTER) == [] and recording.of_type(CONFIG_FILE) == []
+    assert not any(member.inputs["role"] == "roles/monitoring.viewer" and member.inputs["member"].startswith("principal://")
+                   for member in recording.of_type(PROJECT_MEMBER))
+    hpa = recording.one(HPA)
+    assert recording.one(LWS).urn in hpa.dependencies and hpa.inputs["spec"]["maxReplicas"] == 2
+    assert len(_run(maxReplicas="2").of_type(ADAPTER)) == 1  # on a cluster the stack creates, it installs it
 
 
 def test_fixed_replicas_get_a_slice_each_and_the_service_balances_over_their_leaders():
