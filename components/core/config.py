@@ -137,7 +137,7 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
               description="Kubernetes namespace (created unless it is `default`); empty = jetstream-<stack>, so stacks sharing a cluster never collide."),
     ConfigKey(name="lwsVersion", type="string", default="v0.10.0", description="LeaderWorkerSet controller release to install."),
     ConfigKey(name="installLwsController", type="boolean", default=True,
-              description="Install the cluster-wide LWS controller with this stack. Must be false with existingClusterName: a shared cluster's controller belongs to its owner, and destroying a stack that installed it deletes every LeaderWorkerSet of the cluster."),
+              description="Install the cluster-wide LWS controller on a cluster this stack creates (role=all without existingClusterName, role=platform); false skips it. An existing cluster's, or a serving stack's platform cluster's, controller is its owner's: the stack never installs it there (destroying a stack that installed it would delete every LeaderWorkerSet of the cluster)."),
     # Environments.
     ConfigKey(name="role", type="string", default="all",
               description="all (the cluster and the model server in one stack), platform (the cluster, its system pool, node service account, LWS controller and metrics adapter; exports clusterName, clusterLocation, project, kubeconfig) or serving (TPU pools and the model server on the cluster of clusterStack)."),
@@ -202,7 +202,7 @@ class PlatformConfig:
     system_machine_type: str
     system_node_count: int
     lws_version: str
-    install_lws_controller: bool
+    install_lws_controller: bool  # installLwsController (a platform creates its cluster)
     role: str = PLATFORM
 
     @property
@@ -244,7 +244,7 @@ class StackConfig:
     service_name: str
     namespace: str
     lws_version: str
-    install_lws_controller: bool
+    install_lws_controller: bool  # installLwsController on a cluster the stack creates; False on any other
     cluster_name: str  # "" for role=serving: the cluster is the platform's (PlatformReference)
     existing_cluster: bool
     zone: str
@@ -586,16 +586,13 @@ def _scratch_bucket(raw: Mapping[str, str], project: str, stack: str) -> str:
     return bucket
 
 
-def _install_lws_controller(raw: Mapping[str, str], existing_cluster: str) -> bool:
-    install = _boolean(raw, "installLwsController")
-    if install and existing_cluster:
-        raise ConfigError(("installLwsController", "existingClusterName"),
-                          f"the LWS controller of the existing cluster {existing_cluster!r} is cluster-wide and belongs to whoever runs "
-                          "that cluster: a stack that installs it deletes the LeaderWorkerSet CRD, and with it every LeaderWorkerSet "
-                          "of the cluster, when it is destroyed",
-                          "pulumi config set installLwsController false (install LWS once per cluster, e.g. with "
-                          "kubectl apply --server-side -f <the release's manifests.yaml>)")
-    return install
+def _install_lws_controller(raw: Mapping[str, str], creates_cluster: bool) -> bool:
+    """Whether the stack installs the LWS controller: only on a cluster it creates, and there unless
+    installLwsController is false. The controller is cluster-wide, so on an existing cluster (or a
+    platform's) it is its owner's: a stack that installed it would delete the LeaderWorkerSet CRD,
+    and with it every LeaderWorkerSet of the cluster, when destroyed. Pulumi fills in the key's
+    default (true), so true cannot be told from "unset", and is read as "where the stack may"."""
+    return _boolean(raw, "installLwsController") and creates_cluster
 
 
 def _lws_version(raw: Mapping[str, str]) -> str:
@@ -631,6 +628,8 @@ def _unused_keys(role: str) -> tuple[tuple[str, ...], str, str]:
                 "a platform stack creates the cluster and what serving stacks share on it (no TPU pool, no workload, no existing cluster)",
                 "set it in a role=serving stack that names this one in clusterStack (existingClusterName: use role=all)")
     if role == SERVING:
+        # installLwsController=false stays accepted: it is what a serving stack installs (nothing),
+        # and serving stacks had to set it before true came to mean "where the stack creates the cluster".
         return (tuple(name for name in CLUSTER_KEYS if name != "installLwsController"),
                 "a serving stack puts its TPU pools and workload on the cluster of clusterStack and creates no cluster",
                 "set it in the platform stack, and remove it here")
@@ -638,16 +637,11 @@ def _unused_keys(role: str) -> tuple[tuple[str, ...], str, str]:
 
 
 def _check_role_keys(raw: Mapping[str, str], role: str) -> None:
-    """Refuse a key the role does not use, and the serving stack's must-haves."""
+    """Refuse a key the role does not use."""
     unused, why, suggestion = _unused_keys(role)
     for name in unused:
         if _is_set(raw, name):
             raise ConfigError((name, "role"), f"{name} is set, but a role={role} stack does not use it: {why}", suggestion)
-    if role == SERVING and _boolean(raw, "installLwsController"):
-        raise ConfigError(("installLwsController", "role"),
-                          "a serving stack never installs the LWS controller: it is cluster-wide and the platform stack installs it "
-                          "(Pulumi fills in this key's default, true, so a serving stack sets false explicitly)",
-                          "pulumi config set installLwsController false")
 
 
 def _cluster_stack(raw: Mapping[str, str], role: str, stack: str) -> str:
@@ -666,7 +660,7 @@ def _cluster_stack(raw: Mapping[str, str], role: str, stack: str) -> str:
     return name
 
 
-def _cluster(raw: Mapping[str, str], stack: str) -> dict:
+def _cluster(raw: Mapping[str, str], stack: str, role: str) -> dict:
     """The settings of the cluster a role=all or platform stack creates (or, role=all, looks up)."""
     existing = _text(raw, "existingClusterName")
     zone, location = _zone(raw)
@@ -680,7 +674,7 @@ def _cluster(raw: Mapping[str, str], stack: str) -> dict:
         "system_machine_type": _text(raw, "systemMachineType"),
         "system_node_count": _bounded("systemNodeCount", _integer(raw, "systemNodeCount"), SYSTEM_NODES_RANGE),
         "lws_version": _lws_version(raw),
-        "install_lws_controller": _install_lws_controller(raw, existing),
+        "install_lws_controller": _install_lws_controller(raw, creates_cluster=role != SERVING and not existing),
     }
 
 
@@ -703,7 +697,7 @@ def parse_stack_config(raw: Mapping[str, str], *, project: str | None, stack: st
     role = _choice(raw, "role", ROLES)
     _check_role_keys(raw, role)
     cluster_stack = _cluster_stack(raw, role, stack)
-    cluster = _cluster(raw, stack)
+    cluster = _cluster(raw, stack, role)
     if role == PLATFORM:
         del cluster["existing_cluster"]  # refused above: a platform creates its cluster
         return PlatformConfig(project=project, stack=stack, **cluster)

@@ -244,7 +244,7 @@ def test_release_channel_forces_auto_upgrade_on_multi_host_pools():
 
 
 def test_existing_cluster_is_looked_up_not_created():
-    recording = _run(existingClusterName="shared-tpu", clusterLocation="us-east5", installLwsController="false")
+    recording = _run(existingClusterName="shared-tpu", clusterLocation="us-east5")
     assert recording.of_type(CLUSTER) == []
     assert [pool.inputs["name"] for pool in recording.of_type(NODE_POOL)] == ["v6e-4-serving-test"]
     assert recording.of_type(NODE_POOL)[0].inputs["cluster"] == "shared-tpu"
@@ -315,12 +315,13 @@ def test_two_stacks_in_one_project_share_no_name():
 
 
 def test_lws_controller_is_installed_only_where_the_stack_owns_the_cluster():
-    """8.3: installLwsController (default true) installs the cluster-wide release; false does not,
-    and the LeaderWorkerSet then waits for the node pools and the identity only."""
+    """8.3: installLwsController (default true) installs the cluster-wide release on a cluster the
+    stack creates; false does not, and neither does the default on an existing cluster (its owner's).
+    The LeaderWorkerSet then waits for the node pools and the identity only."""
     assert len(_run().of_type(CONFIG_FILE)) == 1
-    without = _run(installLwsController="false")
-    assert without.of_type(CONFIG_FILE) == [] and without.of_type("jetstream:lws:LeaderWorkerSetController") == []
-    assert NODE_POOL in _dependency_types(without, without.one(LWS))
+    for without in (_run(installLwsController="false"), _run(existingClusterName="shared-tpu", clusterLocation="us-east5")):
+        assert without.of_type(CONFIG_FILE) == [] and without.of_type("jetstream:lws:LeaderWorkerSetController") == []
+        assert NODE_POOL in _dependency_types(without, without.one(LWS))
 
 
 def test_lws_is_replaced_not_patched_where_the_webhook_refuses_updates(recordings):
