@@ -182,10 +182,11 @@ def region_of(zone: str) -> str:
     return zone.rsplit("-", 1)[0]
 
 
-def node_service_account_id(owner_stack: str) -> str:
-    """The least-privilege GSA the node pools run as (6-30 characters), created by the stack that
-    owns the cluster: a role=all or platform stack, whose name is `owner_stack`."""
-    return stack_scoped_name("js-nodes", owner_stack, SERVICE_ACCOUNT_ID_LIMIT)
+def node_service_account_id(stack: str) -> str:
+    """The least-privilege GSA a stack's node pools run as (6-30 characters), one per stack: a
+    role=all or platform stack's for the cluster's pools, a serving stack's for its own TPU pools
+    (whose Pathways pods act as it, so stacks never share bucket grants)."""
+    return stack_scoped_name("js-nodes", stack, SERVICE_ACCOUNT_ID_LIMIT)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -333,14 +334,9 @@ class StackConfig:
         return self.scaling.enabled and self.creates_cluster
 
     @property
-    def platform_stack(self) -> str:
-        """role=serving: the platform stack's name (the last part of clusterStack)."""
-        return self.cluster_stack.rsplit("/", 1)[-1]
-
-    @property
     def node_service_account_id(self) -> str:
-        """The GSA every TPU pool runs as: this stack's own, or in a serving stack the platform's."""
-        return node_service_account_id(self.platform_stack if self.serving_role else self.stack)
+        """The GSA this stack creates and its TPU pools run as (also in a serving stack: its own)."""
+        return node_service_account_id(self.stack)
 
     @property
     def artifact_repository_id(self) -> str:

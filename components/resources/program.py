@@ -14,8 +14,9 @@ role=all (one stack):
   the HPA of the LeaderWorkerSet.
 role=platform: node identity -> cluster and system pool -> LWS controller and metrics adapter
   (cluster-wide, shared by the serving stacks); exports exactly PLATFORM_OUTPUTS.
-role=serving: the platform's outputs (PlatformReference) -> TPU node pools on its cluster ->
-  serving identity -> the LeaderWorkerSet (and PodMonitoring and HPA); no cluster, no LWS install.
+role=serving: the platform's outputs (PlatformReference) and the stack's own node identity ->
+  TPU node pools on the platform's cluster, running as that identity -> serving identity -> the
+  LeaderWorkerSet (and PodMonitoring and HPA); no cluster, no LWS install, no adapter.
 """
 
 from __future__ import annotations
@@ -123,10 +124,13 @@ def build_serving(cfg: StackConfig, plan: Plan) -> dict[str, Any]:
 
 
 def _cluster(cfg: StackConfig) -> tuple[GkeCluster, pulumi.Output[str]]:
-    """The cluster with this stack's TPU pools, and the service account the pools run as."""
+    """The cluster with this stack's TPU pools, and the service account the pools run as: the
+    stack's own, also on a platform's cluster (its Pathways pods act as it: no stack reads
+    another's buckets, and no two stacks declare the same bucket grants)."""
+    nodes = NodeIdentity("nodes", NodeIdentityArgs(project=cfg.project, account_id=cfg.node_service_account_id, stack=cfg.stack))
+    after_roles = pulumi.ResourceOptions(depends_on=nodes.roles)
     if cfg.serving_role:
-        platform = PlatformReference("platform", PlatformReferenceArgs(cluster_stack=cfg.cluster_stack, project=cfg.project,
-                                                                       node_service_account_id=cfg.node_service_account_id))
+        platform = PlatformReference("platform", PlatformReferenceArgs(cluster_stack=cfg.cluster_stack, project=cfg.project))
         return GkeCluster("gke", GkeClusterArgs(
             project=platform.project,
             location=platform.cluster_location,
@@ -137,11 +141,9 @@ def _cluster(cfg: StackConfig) -> tuple[GkeCluster, pulumi.Output[str]]:
             deletion_protection=cfg.deletion_protection,
             system_pool=None,
             tpu_pools=tpu_node_pools(cfg),
-            node_service_account=platform.node_service_account,
-        )), platform.node_service_account
-    nodes = NodeIdentity("nodes", NodeIdentityArgs(project=cfg.project, account_id=cfg.node_service_account_id, stack=cfg.stack))
-    cluster = GkeCluster("gke", _owned_cluster_args(cfg, nodes.email, tpu_pools=tpu_node_pools(cfg)), pulumi.ResourceOptions(depends_on=nodes.roles))
-    return cluster, nodes.email
+            node_service_account=nodes.email,
+        ), after_roles), nodes.email
+    return GkeCluster("gke", _owned_cluster_args(cfg, nodes.email, tpu_pools=tpu_node_pools(cfg)), after_roles), nodes.email
 
 
 def _owned_cluster_args(cfg: StackConfig | PlatformConfig, node_service_account: pulumi.Output[str],

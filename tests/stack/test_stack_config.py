@@ -282,9 +282,9 @@ def test_the_defaults_pulumi_fills_in_never_count_as_set():
     assert (serving.role, serving.cluster_name, serving.cluster_location, serving.install_lws_controller) == ("serving", "", "", False)
 
 
-def test_a_serving_stacks_pools_run_as_its_platforms_node_account():
+def test_a_serving_stacks_pools_run_as_a_node_account_of_its_own():
     serving = stack_config.parse_stack_config(_refused_raw(SERVING), project=GCP_PROJECT, stack="dev")
-    assert serving.node_service_account_id == stack_config.node_service_account_id("platform") == "js-nodes-platform"
+    assert serving.node_service_account_id == stack_config.node_service_account_id("dev") == "js-nodes-dev"
     assert config(stack="dev").node_service_account_id == "js-nodes-dev"
 
 

@@ -53,7 +53,8 @@ COMPONENTS = {  # per role; plus SCALING_COMPONENTS where maxReplicas > replicas
     "all": ("jetstream:iam:NodeIdentity", "jetstream:gke:GkeCluster", "jetstream:iam:ServingIdentity",
             "jetstream:lws:LeaderWorkerSetController", "jetstream:serving:JetStreamServer"),
     "platform": ("jetstream:iam:NodeIdentity", "jetstream:gke:GkeCluster", "jetstream:lws:LeaderWorkerSetController", ADAPTER),
-    "serving": (STACK_REFERENCE_OWNER, "jetstream:gke:GkeCluster", "jetstream:iam:ServingIdentity", "jetstream:serving:JetStreamServer"),
+    "serving": (STACK_REFERENCE_OWNER, "jetstream:iam:NodeIdentity", "jetstream:gke:GkeCluster", "jetstream:iam:ServingIdentity",
+                "jetstream:serving:JetStreamServer"),
 }
 SCALING_COMPONENTS = (ADAPTER, AUTOSCALER)
 MINIMAL = {"model": "llama3.1-8b", "topology": "2x2", "checkpointPath": "gs://test-checkpoints/m/0/items"}
