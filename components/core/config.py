@@ -146,10 +146,10 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
     # Cluster and node pools.
     ConfigKey(name="clusterName", type="string", default=DERIVED, description="Name of the GKE cluster to create; empty = jetstream-<stack>."),
     ConfigKey(name="existingClusterName", type="string", default="", description="Use this existing cluster (at clusterLocation) instead of creating one."),
-    ConfigKey(name="zone", type="string", default="us-east5-b", description="Zone of the TPU node pools (a zone with v6e capacity)."),
+    ConfigKey(name="zone", type="string", default="us-east5-b", description="Zone of the TPU node pools (a zone with v6e capacity), in the cluster's region: refused at preview otherwise."),
     ConfigKey(name="clusterLocation", type="string", default="", description="Cluster region or zone; empty = the region of `zone`."),
     ConfigKey(name="releaseChannel", type="string", default="UNSPECIFIED",
-              description=f"GKE release channel of a created cluster (role=serving: the platform cluster's, for the TPU pools' auto-upgrade): {', '.join(RELEASE_CHANNELS)}. UNSPECIFIED (no channel) lets multi-host TPU pools keep auto-upgrade off; GKE forces it on in a channel."),
+              description=f"GKE release channel of a created cluster: {', '.join(RELEASE_CHANNELS)}. UNSPECIFIED (no channel) lets multi-host TPU pools keep auto-upgrade off; GKE forces it on in a channel. On an existing cluster or a platform's (role=serving) the pools follow that cluster's live channel."),
     ConfigKey(name="deletionProtection", type="boolean", default=True, description="GKE deletion protection of a created cluster."),
     ConfigKey(name="systemMachineType", type="string", default="e2-standard-4", description="Machine type of the CPU system pool."),
     ConfigKey(name="systemNodeCount", type="integer", default=1, description="Nodes in the CPU system pool."),
@@ -561,7 +561,26 @@ def _zone(raw: Mapping[str, str]) -> tuple[str, str]:
     zone = _text(raw, "zone")
     if not _ZONE.fullmatch(zone):
         raise ConfigError("zone", f"{zone!r} is not a GCP zone", "e.g. us-east5-b (a zone with TPU v6e capacity)")
-    return zone, _text(raw, "clusterLocation") or region_of(zone)
+    location = _text(raw, "clusterLocation") or region_of(zone)
+    check_zone_in_location(zone, location, cluster="the cluster's location", keys=("zone", "clusterLocation"))
+    return zone, location
+
+
+def _location_region(location: str) -> str:
+    """The region of a cluster location, which is a region or a zone."""
+    return region_of(location) if _ZONE.fullmatch(location) else location
+
+
+def check_zone_in_location(zone: str, location: str, *, cluster: str, keys: tuple[str, ...] = ("zone",)) -> str:
+    """`location`, or ConfigError when node pools in `zone` cannot join a cluster at `location` (GKE
+    puts a cluster's node pools in zones of its region only, and would refuse them at apply).
+    `cluster` names the cluster in the message."""
+    region = _location_region(location)
+    if region_of(zone) != region:
+        raise ConfigError(keys, f"zone {zone} is outside {cluster} ({location}): GKE creates a cluster's node pools only in "
+                                f"zones of its region, {region}",
+                          f"pulumi config set zone <a zone of {region} with TPU v6e capacity>")
+    return location
 
 
 def _reservation(raw: Mapping[str, str], provisioning: str) -> str:
@@ -601,12 +620,12 @@ def _lws_version(raw: Mapping[str, str]) -> str:
 # ---------------------------------------------------------------------------------------------
 # Roles.
 
-# Keys only the stack that owns the cluster uses (role=all or platform). releaseChannel is not one:
-# a serving stack's TPU pools follow the cluster's channel (node_pools.py, auto-upgrade).
-CLUSTER_KEYS = ("clusterName", "existingClusterName", "clusterLocation", "deletionProtection", "systemMachineType",
-                "systemNodeCount", "lwsVersion", "installLwsController")
+# Keys only the stack that owns the cluster uses (role=all or platform). A serving stack's TPU pools
+# follow the release channel of the live cluster, read at deploy time (resources/gke.py).
+CLUSTER_KEYS = ("clusterName", "existingClusterName", "clusterLocation", "releaseChannel", "deletionProtection",
+                "systemMachineType", "systemNodeCount", "lwsVersion", "installLwsController")
 # What a platform stack uses; it creates its cluster, so existingClusterName is not among them.
-PLATFORM_KEYS = ("role", "zone", "releaseChannel", *(key for key in CLUSTER_KEYS if key != "existingClusterName"))
+PLATFORM_KEYS = ("role", "zone", *(key for key in CLUSTER_KEYS if key != "existingClusterName"))
 _STACK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 

@@ -137,7 +137,7 @@ def _cluster(cfg: StackConfig) -> tuple[GkeCluster, pulumi.Output[str]]:
             cluster_name=platform.cluster_name,
             source=ATTACH,
             kubeconfig=platform.kubeconfig,
-            release_channel=cfg.release_channel,
+            release_channel=None,  # the pools follow the live cluster's (GkeCluster reads it)
             deletion_protection=cfg.deletion_protection,
             system_pool=None,
             tpu_pools=tpu_node_pools(cfg),
@@ -154,7 +154,7 @@ def _owned_cluster_args(cfg: StackConfig | PlatformConfig, node_service_account:
         location=cfg.cluster_location,
         cluster_name=cfg.cluster_name,
         source=LOOKUP if cfg.existing_cluster else CREATE,
-        release_channel=cfg.release_channel,
+        release_channel=None if cfg.existing_cluster else cfg.release_channel,
         deletion_protection=cfg.deletion_protection,
         system_pool=system_node_pool(cfg),
         tpu_pools=tpu_pools,

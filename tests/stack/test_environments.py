@@ -10,6 +10,7 @@ from pulumi.runtime import rpc
 from components.core import manifests
 from components.core.config import PLATFORM_OUTPUTS, PlatformConfig, check_same_project, parse_stack_config
 from components.core.errors import ConfigError
+from components.core.node_pools import node_pool_summary, tpu_node_pools
 from components.render import read_stack_file, render
 
 from pulumi_harness import (GCP_PROJECT, LOAD_BALANCER_IP, PLATFORM_KUBECONFIG, ROOT, WORKLOAD_STACKS, platform_outputs,
@@ -163,6 +164,39 @@ def test_a_serving_stack_in_another_project_than_its_platform_is_refused():
     message = str(recording.error)
     assert "`gcp:project`, `clusterStack`" in message and "platform-project" in message
     assert check_same_project("p", "p", PLATFORM_STACK) == "p"
+
+
+GET_CLUSTER = "gcp:container/getCluster:getCluster"
+
+
+@pytest.mark.parametrize(("channel", "auto_upgrade"), [("UNSPECIFIED", False), ("REGULAR", True), ("STABLE", True)])
+def test_a_serving_stacks_multi_host_pools_follow_the_live_clusters_release_channel(channel, auto_upgrade):
+    """GKE refuses auto_upgrade=false on a multi-host pool of a cluster enrolled in a channel, and
+    only the live cluster knows its channel: the serving stack reads it at preview."""
+    recording = run_stack(stack_file_config("prod"), "prod", release_channel=channel)
+    assert (GET_CLUSTER, {"name": "jetstream-platform", "location": "us-east5", "project": EXAMPLE_PROJECT}) in recording.calls
+    pools = _tpu_pools(recording)
+    assert len(pools) == 2 and all(pool["management"] == {"autoRepair": True, "autoUpgrade": auto_upgrade} for pool in pools)
+
+
+def test_a_serving_stack_in_a_zone_outside_the_platforms_cluster_is_refused_before_any_pool():
+    values = {**stack_file_config("dev"), "jetstream-tpu:zone": "us-central1-a"}
+    recording = run_stack(values, "dev", expect_error=True)
+    assert recording.error is not None
+    message = str(recording.error)
+    assert "`zone`" in message and "the cluster jetstream-platform (us-east5)" in message and "a zone of us-east5" in message
+    assert recording.of_type(NODE_POOL) == []
+    # A zonal platform cluster takes pools in every zone of its region.
+    zonal = {PLATFORM_STACK: {**platform_outputs(PLATFORM_STACK, EXAMPLE_PROJECT), "clusterLocation": "us-east5-a"}}
+    assert [pool["nodeLocations"] for pool in _tpu_pools(run_stack(stack_file_config("dev"), "dev", stack_outputs=zonal))] == [["us-east5-b"]]
+
+
+def test_a_serving_stack_takes_the_release_channel_from_its_cluster_not_from_config():
+    with pytest.raises(ConfigError) as refused:
+        parse_stack_config({**read_stack_file(ROOT / "Pulumi.dev.yaml")[0], "releaseChannel": "REGULAR"}, project=EXAMPLE_PROJECT, stack="dev")
+    assert refused.value.keys == ("releaseChannel", "role")
+    cfg, _ = example("prod")
+    assert {node_pool_summary(spec)["auto_upgrade"] for spec in tpu_node_pools(cfg)} == {"the cluster's release channel decides at deploy time"}
 
 
 def test_a_serving_stacks_hpa_uses_the_platforms_metrics_adapter():

@@ -198,6 +198,8 @@ REFUSALS = {
     "clusterStack is itself": ({**SERVING, "clusterStack": "my-org/jetstream-tpu/test"}, "clusterStack", "is this stack itself"),
     "serving on an existing cluster": ({**SERVING, "existingClusterName": "shared"}, "existingClusterName", "creates no cluster"),
     "serving names a cluster": ({**SERVING, "clusterName": "mine"}, "clusterName", "role=serving stack does not use it"),
+    "serving sets a release channel": ({**SERVING, "releaseChannel": "REGULAR"}, "releaseChannel", "role=serving stack does not use it"),
+    "zone outside clusterLocation": ({"clusterLocation": "us-central1"}, "zone", "outside the cluster's location (us-central1)"),
     "platform with a model": ({"role": "platform"}, "model", "no TPU pool, no workload"),
 }
 

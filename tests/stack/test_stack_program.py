@@ -244,6 +244,14 @@ def test_release_channel_forces_auto_upgrade_on_multi_host_pools():
     assert pool["management"]["autoUpgrade"] is True
 
 
+@pytest.mark.parametrize(("channel", "auto_upgrade"), [("UNSPECIFIED", False), ("RAPID", True)])
+def test_pools_on_an_existing_cluster_follow_its_live_release_channel(channel, auto_upgrade):
+    values = {**MINIMAL, "model": "llama2-7b", "topology": "4x4", "tensorParallelism": "-1", "existingClusterName": "shared-tpu"}
+    recording = run_stack({"gcp:project": GCP_PROJECT, **qualified(values)}, release_channel=channel)
+    (pool,) = recording.of_type(NODE_POOL)
+    assert pool.inputs["management"]["autoUpgrade"] is auto_upgrade and pool.inputs["location"] == "us-east5"
+
+
 def test_existing_cluster_is_looked_up_not_created():
     recording = _run(existingClusterName="shared-tpu", clusterLocation="us-east5")
     assert recording.of_type(CLUSTER) == []
