@@ -165,8 +165,12 @@ class GkeCluster(pulumi.ComponentResource):
             if args.source == LOOKUP:
                 self.endpoint = found.endpoint
                 ca_certificate = found.master_auths.apply(lambda auths: auths[0].cluster_ca_certificate)
+        # A TPU pool's name carries its slice (v6e-<chips>), so a topology change replaces it; the old
+        # slice goes first, since both at once need twice the TPU capacity (a reservation or a tight
+        # quota refuses the new one). Its workload stops with it and comes back on the new slice.
+        tpu_pool = pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(delete_before_replace=True))
         self.tpu_node_pools = [
-            gcp.container.NodePool(f"{name}-{spec.name}", node_pool_args(spec, args, self.cluster_name, pools_location, release_channel), opts=child)
+            gcp.container.NodePool(f"{name}-{spec.name}", node_pool_args(spec, args, self.cluster_name, pools_location, release_channel), opts=tpu_pool)
             for spec in args.tpu_pools
         ]
         if args.source == ATTACH:

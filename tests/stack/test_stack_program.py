@@ -341,6 +341,16 @@ def test_lws_is_replaced_not_patched_where_the_webhook_refuses_updates(recording
         assert lws.delete_before_replace is True
 
 
+@pytest.mark.parametrize("stack", WORKLOAD_STACKS)
+def test_a_replaced_tpu_pool_is_deleted_before_its_successor_is_created(recordings, stack):
+    """A topology change renames (so replaces) the TPU pools; creating the new slice before deleting
+    the old one would need twice the TPU capacity, which a reservation or a tight quota refuses."""
+    recording = recordings[stack]
+    tpu_pools = [pool for pool in recording.of_type(NODE_POOL) if pool.inputs["name"] != "system"]
+    assert tpu_pools and all(pool.delete_before_replace for pool in tpu_pools)
+    assert all(not pool.delete_before_replace for pool in recording.of_type(NODE_POOL) if pool.inputs["name"] == "system")
+
+
 def test_service_never_waits_for_endpoints_and_the_lws_waits_only_when_asked():
     """8.5: the Service skips pulumi-kubernetes' 10-minute endpoint wait; waitForReady=true waits for
     the LeaderWorkerSet's Available condition, with a timeout derived from the startup delay."""
