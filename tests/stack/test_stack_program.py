@@ -468,6 +468,21 @@ def test_the_hpa_owns_the_replicas_once_the_lws_exists(recordings):
         assert recordings[stack].one(LWS).ignore_changes == [], stack
 
 
+def test_turning_autoscaling_off_applies_the_replicas_with_force():
+    """maxReplicas back to replicas: ignoreChanges goes, so spec.replicas is applied again while the
+    HPA's field manager (kube-controller-manager, scale subresource) still owns it; without force
+    that apply fails with a field conflict. Force is on either way: while autoscaling, ignoreChanges
+    keeps spec.replicas out of the apply, so it never undoes the HPA."""
+    scaled = stack_file_config("llama3-8b-autoscale")
+    unscaled = {key: value for key, value in scaled.items() if key not in ("jetstream-tpu:autoscalingMetric", "jetstream-tpu:autoscalingTarget")}
+    off = run_stack({**unscaled, "jetstream-tpu:maxReplicas": "1"}, "llama3-8b-autoscale")
+    on = run_stack(scaled, "llama3-8b-autoscale")
+    assert off.of_type(HPA) == [] and off.one(LWS).ignore_changes == [] and off.one(LWS).inputs["spec"]["replicas"] == 1
+    for recording in (on, off):
+        assert recording.one(LWS).inputs["metadata"]["annotations"]["pulumi.com/patchForce"] == "true"
+    assert on.one(LWS).ignore_changes == ["spec.replicas"]
+
+
 def test_the_hpa_and_pod_monitoring_wait_for_the_workload_and_the_metrics_adapter(recordings):
     recording = recordings["llama3-8b-autoscale"]
     adapter = recording.one(ADAPTER)
