@@ -12,8 +12,8 @@ cloud.google.com/kubernetes-engine/docs/concepts/tpus):
     refuses auto_upgrade=false in a cluster enrolled in a release channel, so it is off only when
     the cluster has none (`upgrades_automatically`). A cluster the stack creates has the channel
     `releaseChannel` (default UNSPECIFIED); on a cluster it does not create (existingClusterName,
-    a serving stack's platform cluster) the spec leaves auto_upgrade open (None) and GkeCluster
-    decides from the live cluster's channel at deploy time.
+    a serving stack's platform cluster) a multi-host spec leaves auto_upgrade open (None) and
+    GkeCluster decides from the live cluster's channel at deploy time.
 Every pool runs as the stack's node service account (identity.py), never the Compute Engine
 default account, which organisations often disable.
 
@@ -62,7 +62,7 @@ class NodePoolSpec:
     zone: str
     tpu_topology: str | None  # the slice's topology on TPU pools
     compact_placement: bool  # multi-host slices: a COMPACT placement policy with tpu_topology
-    auto_upgrade: bool | None  # None: decided by the live cluster's release channel (a cluster the stack does not create)
+    auto_upgrade: bool | None  # None: a multi-host slice on a cluster the stack does not create (its live release channel decides)
     spot: bool
     reservation: str | None
     labels: Mapping[str, str]  # node labels the stack sets (GKE adds its own, see gke_node_labels)
@@ -72,10 +72,13 @@ class NodePoolSpec:
     autoscaling: NodeRange | None = None  # None: a fixed size of node_count; else created with node_count (0) nodes
 
 
-def upgrades_automatically(multi_host: bool, release_channel: str) -> bool:
+def upgrades_automatically(multi_host: bool, release_channel: str | None) -> bool | None:
     """Auto-upgrade of a pool in a cluster enrolled in `release_channel`: off only for multi-host
-    slices (an upgrade recreates every host) in a cluster without a channel, where GKE allows it."""
-    return not multi_host or release_channel != NO_RELEASE_CHANNEL
+    slices (an upgrade recreates every host) in a cluster without a channel, where GKE allows it.
+    None for a multi-host slice while the channel is unknown (None: read from the live cluster at deploy time)."""
+    if not multi_host:
+        return True
+    return None if release_channel is None else release_channel != NO_RELEASE_CHANNEL
 
 
 def node_pool_name(cfg: StackConfig, role: str, replica: int = 0) -> str:
@@ -96,7 +99,7 @@ def tpu_node_pools(cfg: StackConfig) -> tuple[NodePoolSpec, ...]:
             zone=cfg.zone,
             tpu_topology=row.topology,
             compact_placement=row.multi_host,
-            auto_upgrade=upgrades_automatically(row.multi_host, cfg.release_channel) if cfg.creates_cluster else None,
+            auto_upgrade=upgrades_automatically(row.multi_host, cfg.release_channel if cfg.creates_cluster else None),
             spot=cfg.tpu_provisioning == "spot",
             reservation=cfg.tpu_reservation or None,
             labels={SLICE_ROLE_LABEL: pool.role, DEPLOYMENT_LABEL: cfg.deployment_id},

@@ -96,8 +96,8 @@ def node_pool_args(spec: NodePoolSpec, args: GkeClusterArgs, cluster: pulumi.Inp
     that leaves auto-upgrade open takes it from `release_channel`, the live cluster's."""
     placement = gcp.container.NodePoolPlacementPolicyArgs(type="COMPACT", tpu_topology=spec.tpu_topology) if spec.compact_placement else None
     auto_upgrade = spec.auto_upgrade
-    if auto_upgrade is None:  # compact placement is exactly the multi-host slices (node_pools.tpu_node_pools)
-        auto_upgrade = release_channel.apply(lambda channel: upgrades_automatically(spec.compact_placement, channel))
+    if auto_upgrade is None:  # a multi-host slice (node_pools.upgrades_automatically)
+        auto_upgrade = release_channel.apply(lambda channel: upgrades_automatically(True, channel))
     return gcp.container.NodePoolArgs(
         name=spec.name,
         cluster=cluster,

@@ -197,6 +197,9 @@ def test_a_serving_stack_takes_the_release_channel_from_its_cluster_not_from_con
     assert refused.value.keys == ("releaseChannel", "role")
     cfg, _ = example("prod")
     assert {node_pool_summary(spec)["auto_upgrade"] for spec in tpu_node_pools(cfg)} == {"the cluster's release channel decides at deploy time"}
+    single_host, _ = example("dev")  # auto-upgrade stays on for single-host slices in any channel
+    assert [spec.auto_upgrade for spec in tpu_node_pools(single_host)] == [True]
+    assert all(pool["management"]["autoUpgrade"] is True for pool in _tpu_pools(run_stack(stack_file_config("dev"), "dev")))
 
 
 def test_a_serving_stacks_hpa_uses_the_platforms_metrics_adapter():
