@@ -6,7 +6,8 @@ YAML that `kubectl apply -f -` accepts on a cluster with the LWS controller: the
 `default`), the ServiceAccount the pods run as, the LeaderWorkerSet and the Service, and with
 autoscaling the PodMonitoring and the HorizontalPodAutoscaler, built by the same functions the
 components use. No cloud, no Pulumi CLI, no Pulumi SDK. A bad config prints
-the same error as preview on stderr and exits 2.
+the same error as preview on stderr and exits 2. The plan says whether the stack installs the
+cluster-wide pieces (`lwsController`, and with autoscaling `metricsAdapter`) or who does.
 
 Roles: a platform stack (role=platform) has no workload: the render prints its plan only (the
 cluster, the system pool, the node service account, the cluster-wide installs and the outputs it
@@ -67,16 +68,39 @@ def platform_summary(cfg: PlatformConfig) -> dict:
         "deletionProtection": cfg.deletion_protection,
         "nodeServiceAccount": f"{cfg.node_service_account_id}@{cfg.project}.iam.gserviceaccount.com",
         "systemPool": node_pool_summary(system_node_pool(cfg)),
-        "lwsController": cfg.lws_version if cfg.install_lws_controller else "not installed (installLwsController=false)",
+        "lwsController": lws_controller_summary(cfg),
         "metricsAdapter": ADAPTER_MANIFEST_URL,
         "outputs": list(PLATFORM_OUTPUTS),
     }
 
 
+def lws_controller_summary(cfg: StackConfig | PlatformConfig) -> str:
+    """The LWS release the stack installs, or why it installs none (a cluster-wide install is the cluster owner's)."""
+    if cfg.install_lws_controller:
+        return cfg.lws_version
+    if isinstance(cfg, StackConfig) and cfg.serving_role:
+        return f"not installed: the platform stack {cfg.cluster_stack} installs it"
+    if cfg.existing_cluster:
+        return "not installed: the existing cluster's owner installs it"
+    return "not installed (installLwsController=false)"
+
+
+def metrics_adapter_summary(cfg: StackConfig) -> str:
+    """The adapter an autoscaled stack installs, or who provides it."""
+    if cfg.installs_metrics_adapter:
+        return ADAPTER_MANIFEST_URL
+    if cfg.serving_role:
+        return f"not installed: the platform stack {cfg.cluster_stack} installs it"
+    return "not installed: the existing cluster's owner installs it"
+
+
 def serving_summary(cfg: StackConfig, plan) -> dict:
     summary = {**plan.summary(), "nodePoolSpecs": [node_pool_summary(spec) for spec in tpu_node_pools(cfg)],
                "scratchLocation": cfg.scratch_location, "headPod": manifests.head_pod(cfg),
-               "serviceUrl": manifests.service_url(cfg), "portForwardCommand": manifests.port_forward_command(cfg)}
+               "serviceUrl": manifests.service_url(cfg), "portForwardCommand": manifests.port_forward_command(cfg),
+               "lwsController": lws_controller_summary(cfg)}
+    if cfg.scaling.enabled:
+        summary["metricsAdapter"] = metrics_adapter_summary(cfg)
     if cfg.serving_role:  # read through a StackReference at deploy time; offline, a placeholder
         summary |= {"clusterStack": cfg.cluster_stack, "cluster": f"<clusterName output of stack {cfg.cluster_stack}>"}
     return summary

@@ -1,7 +1,9 @@
 """The guardrails as plain functions: one resource in, its violation messages out (empty = compliant).
 
 Every rule says which resources it judges (`applies`) and what is wrong with one (`check`, called
-only where the rule applies). Both take a `Resource` as Pulumi hands it to a policy: the type token, the URN (which carries
+only where the rule applies). A rule with settings declares them as JSON-schema properties with a
+default (`config`); the pack's configuration (`pulumi preview --policy-pack-config`) overrides them,
+and its check gets them as a mapping (`Rule.violations`). Both take a `Resource` as Pulumi hands it to a policy: the type token, the URN (which carries
 the stack name) and the resource's inputs with their camelCase wire names. Numbers arrive as floats
 and, inside a policy pack, mappings and lists arrive as read-only `Mapping` / `Sequence` proxies that
 raise on a value still unknown during preview, so the rules use only those protocols and read only
@@ -178,19 +180,32 @@ def check_load_balancer_internal(resource: Resource) -> list[str]:
 # Clusters keep deletion protection in production stacks.
 
 CLUSTER = "gcp:container/cluster:Cluster"
-PRODUCTION_STACK_PREFIX = "prod"
+# Stacks whose names start with one of these are production. "platform" because in the shipped
+# layout the only cluster is the platform stack's, and every environment (prod included) runs on it.
+PRODUCTION_STACK_PREFIXES_KEY = "productionStackPrefixes"
+PRODUCTION_STACK_PREFIXES = ("prod", "platform")
+PRODUCTION_STACKS_CONFIG = {
+    PRODUCTION_STACK_PREFIXES_KEY: {
+        "type": "array",
+        "items": {"type": "string", "minLength": 1},
+        "default": list(PRODUCTION_STACK_PREFIXES),
+        "description": "Stack-name prefixes of production stacks, whose clusters keep deletion protection.",
+    },
+}
 
 
 def is_cluster(resource: Resource) -> bool:
     return resource.type == CLUSTER
 
 
-def check_prod_cluster_deletion_protection(resource: Resource) -> list[str]:
+def check_prod_cluster_deletion_protection(resource: Resource, settings: Mapping[str, Any]) -> list[str]:
+    prefixes = tuple(settings[PRODUCTION_STACK_PREFIXES_KEY])
     # Absent means the provider default, which is true.
-    if not resource.stack.startswith(PRODUCTION_STACK_PREFIX) or resource.props.get("deletionProtection", True) is not False:
+    if not resource.stack.startswith(prefixes) or resource.props.get("deletionProtection", True) is not False:
         return []
-    return [f"turns deletionProtection off in the production stack {resource.stack!r}; keep it on "
-            f"(turn it off in a separate, reviewed change right before a planned deletion)"]
+    return [f"turns deletionProtection off in the production stack {resource.stack!r} (a name starting with "
+            f"{' or '.join(repr(prefix) for prefix in prefixes)}); keep it on. Before a planned deletion, turn it off "
+            f"in a separate, reviewed `pulumi up` run without this policy pack (README, Environments: tear down)"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,7 +317,17 @@ class Rule:
     name: str
     description: str
     applies: Callable[[Resource], bool]
-    check: Callable[[Resource], list[str]]
+    check: Callable[..., list[str]]  # (resource) -> messages, or (resource, settings) for a rule with `config`
+    config: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)  # setting -> JSON schema with a default
+
+    def settings(self, given: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Each declared setting: the pack configuration's value, else its schema default."""
+        given = given or {}
+        return {key: given.get(key, schema["default"]) for key, schema in self.config.items()}
+
+    def violations(self, resource: Resource, given: Mapping[str, Any] | None = None) -> list[str]:
+        """What `check` finds, with the settings of `given` (the policy's configuration) where the rule has any."""
+        return self.check(resource, self.settings(given)) if self.config else self.check(resource)
 
 
 RULES: tuple[Rule, ...] = (
@@ -319,8 +344,9 @@ RULES: tuple[Rule, ...] = (
          "A Service of type LoadBalancer carries GKE's internal load-balancer annotation.",
          is_service, check_load_balancer_internal),
     Rule("prod-cluster-deletion-protection",
-         "GKE clusters keep deletion protection in stacks whose name starts with 'prod'.",
-         is_cluster, check_prod_cluster_deletion_protection),
+         "GKE clusters keep deletion protection in production stacks: names starting with a configured prefix "
+         f"({PRODUCTION_STACK_PREFIXES_KEY}, default {', '.join(PRODUCTION_STACK_PREFIXES)}).",
+         is_cluster, check_prod_cluster_deletion_protection, config=PRODUCTION_STACKS_CONFIG),
     Rule("node-pools-not-default-service-account",
          "GKE nodes do not run as the Compute Engine default service account.",
          creates_nodes, check_node_pool_service_account),

@@ -29,9 +29,10 @@ import dataclasses
 import math
 from typing import Mapping, Sequence
 
-from components.core import tpu
+from components.core import lws_model, tpu
 from components.core.config_keys import ConfigKey, read_integer, read_text
 from components.core.errors import ConfigError
+from components.core.ports import HTTP_PORT
 
 # ---------------------------------------------------------------------------------------------
 # The metrics. Both are gauges of JetStream's orchestrator (jetstream/core/metrics/prometheus.py),
@@ -327,9 +328,8 @@ def hpa_desired_replicas(per_pod: Sequence[float], target: float, *, min_replica
 # It answers on every path; GKE's PodMonitoring for it scrapes "/".
 PROMETHEUS_PORT_FLAG = "prometheus_port"
 JETSTREAM_PROMETHEUS_PORT = 9090
-# The bundled server serves /metrics on its HTTP port (serving/server/http_api.py), 8000 as the
-# stack starts it (manifests.HTTP_PORT; equal, as tests/stack/test_autoscaling_manifests.py checks).
-BUNDLED_METRICS_PORT = 8000
+# The bundled server serves /metrics on its HTTP port (serving/server/http_api.py), ports.HTTP_PORT
+# as the stack starts it (manifests.BUNDLED_COMMAND).
 BUNDLED_METRICS_PATH = "/metrics"
 
 
@@ -351,7 +351,7 @@ def jetstream_server_flags(scaling: Autoscaling) -> dict[str, str]:
 def metrics_endpoint(*, bundled: bool, server_flags: Mapping[str, str]) -> MetricsEndpoint:
     """The port and path of the leaders' metrics; ConfigError if serverFlags turned them off."""
     if bundled:
-        return MetricsEndpoint(port=BUNDLED_METRICS_PORT, path=BUNDLED_METRICS_PATH)
+        return MetricsEndpoint(port=HTTP_PORT, path=BUNDLED_METRICS_PATH)
     text = str(server_flags.get(PROMETHEUS_PORT_FLAG, JETSTREAM_PROMETHEUS_PORT))
     port = int(text) if text.isdigit() else 0
     if not 0 < port < 65536:
@@ -385,8 +385,6 @@ def adapter_principal(project_id: str, project_number: str) -> str:
 
 POD_MONITORING_API_VERSION = "monitoring.googleapis.com/v1"
 SCRAPE_INTERVAL = "15s"  # GKE's JetStream example; also the HPA's default sync period
-LWS_API_VERSION = "leaderworkerset.x-k8s.io/v1"
-LWS_KIND = "LeaderWorkerSet"
 LWS_NAME_LABEL = "leaderworkerset.sigs.k8s.io/name"
 LWS_WORKER_INDEX_LABEL = "leaderworkerset.sigs.k8s.io/worker-index"
 # Kubernetes' default scale-down window, and the most autoscaling/v2 allows.
@@ -432,7 +430,7 @@ def horizontal_pod_autoscaler(scaling: Autoscaling, *, namespace: str, lws_name:
         "kind": "HorizontalPodAutoscaler",
         "metadata": {"name": lws_name, "namespace": namespace},
         "spec": {
-            "scaleTargetRef": {"apiVersion": LWS_API_VERSION, "kind": LWS_KIND, "name": lws_name},
+            "scaleTargetRef": {"apiVersion": lws_model.API_VERSION, "kind": lws_model.KIND, "name": lws_name},
             "minReplicas": scaling.replicas,
             "maxReplicas": scaling.max_replicas,
             "metrics": [{

@@ -137,7 +137,7 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
               description="Kubernetes namespace (created unless it is `default`); empty = jetstream-<stack>, so stacks sharing a cluster never collide."),
     ConfigKey(name="lwsVersion", type="string", default="v0.10.0", description="LeaderWorkerSet controller release to install."),
     ConfigKey(name="installLwsController", type="boolean", default=True,
-              description="Install the cluster-wide LWS controller with this stack. Must be false with existingClusterName: a shared cluster's controller belongs to its owner, and destroying a stack that installed it deletes every LeaderWorkerSet of the cluster."),
+              description="Install the cluster-wide LWS controller on a cluster this stack creates (role=all without existingClusterName, role=platform); false skips it. An existing cluster's, or a serving stack's platform cluster's, controller is its owner's: the stack never installs it there (destroying a stack that installed it would delete every LeaderWorkerSet of the cluster)."),
     # Environments.
     ConfigKey(name="role", type="string", default="all",
               description="all (the cluster and the model server in one stack), platform (the cluster, its system pool, node service account, LWS controller and metrics adapter; exports clusterName, clusterLocation, project, kubeconfig) or serving (TPU pools and the model server on the cluster of clusterStack)."),
@@ -146,10 +146,10 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
     # Cluster and node pools.
     ConfigKey(name="clusterName", type="string", default=DERIVED, description="Name of the GKE cluster to create; empty = jetstream-<stack>."),
     ConfigKey(name="existingClusterName", type="string", default="", description="Use this existing cluster (at clusterLocation) instead of creating one."),
-    ConfigKey(name="zone", type="string", default="us-east5-b", description="Zone of the TPU node pools (a zone with v6e capacity)."),
+    ConfigKey(name="zone", type="string", default="us-east5-b", description="Zone of the TPU node pools (a zone with v6e capacity), in the cluster's region: refused at preview otherwise."),
     ConfigKey(name="clusterLocation", type="string", default="", description="Cluster region or zone; empty = the region of `zone`."),
     ConfigKey(name="releaseChannel", type="string", default="UNSPECIFIED",
-              description=f"GKE release channel of a created cluster (role=serving: the platform cluster's, for the TPU pools' auto-upgrade): {', '.join(RELEASE_CHANNELS)}. UNSPECIFIED (no channel) lets multi-host TPU pools keep auto-upgrade off; GKE forces it on in a channel."),
+              description=f"GKE release channel of a created cluster: {', '.join(RELEASE_CHANNELS)}. UNSPECIFIED (no channel) lets multi-host TPU pools keep auto-upgrade off; GKE forces it on in a channel. On an existing cluster or a platform's (role=serving) the pools follow that cluster's live channel."),
     ConfigKey(name="deletionProtection", type="boolean", default=True, description="GKE deletion protection of a created cluster."),
     ConfigKey(name="systemMachineType", type="string", default="e2-standard-4", description="Machine type of the CPU system pool."),
     ConfigKey(name="systemNodeCount", type="integer", default=1, description="Nodes in the CPU system pool."),
@@ -182,10 +182,11 @@ def region_of(zone: str) -> str:
     return zone.rsplit("-", 1)[0]
 
 
-def node_service_account_id(owner_stack: str) -> str:
-    """The least-privilege GSA the node pools run as (6-30 characters), created by the stack that
-    owns the cluster: a role=all or platform stack, whose name is `owner_stack`."""
-    return stack_scoped_name("js-nodes", owner_stack, SERVICE_ACCOUNT_ID_LIMIT)
+def node_service_account_id(stack: str) -> str:
+    """The least-privilege GSA a stack's node pools run as (6-30 characters), one per stack: a
+    role=all or platform stack's for the cluster's pools, a serving stack's for its own TPU pools
+    (whose Pathways pods act as it, so stacks never share bucket grants)."""
+    return stack_scoped_name("js-nodes", stack, SERVICE_ACCOUNT_ID_LIMIT)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -202,7 +203,7 @@ class PlatformConfig:
     system_machine_type: str
     system_node_count: int
     lws_version: str
-    install_lws_controller: bool
+    install_lws_controller: bool  # installLwsController (a platform creates its cluster)
     role: str = PLATFORM
 
     @property
@@ -244,7 +245,7 @@ class StackConfig:
     service_name: str
     namespace: str
     lws_version: str
-    install_lws_controller: bool
+    install_lws_controller: bool  # installLwsController on a cluster the stack creates; False on any other
     cluster_name: str  # "" for role=serving: the cluster is the platform's (PlatformReference)
     existing_cluster: bool
     zone: str
@@ -320,14 +321,22 @@ class StackConfig:
         return self.role == SERVING
 
     @property
-    def platform_stack(self) -> str:
-        """role=serving: the platform stack's name (the last part of clusterStack)."""
-        return self.cluster_stack.rsplit("/", 1)[-1]
+    def creates_cluster(self) -> bool:
+        """role=all without existingClusterName: the stack owns its cluster, and so what is cluster-wide on it."""
+        return not self.serving_role and not self.existing_cluster
+
+    @property
+    def installs_metrics_adapter(self) -> bool:
+        """The custom metrics adapter is cluster-wide, so an autoscaled stack installs it only on a
+        cluster it creates; a platform stack installs it for its serving stacks, and on an existing
+        cluster it is its owner's (destroying a stack that installed it would break every
+        custom-metrics HPA of the cluster)."""
+        return self.scaling.enabled and self.creates_cluster
 
     @property
     def node_service_account_id(self) -> str:
-        """The GSA every TPU pool runs as: this stack's own, or in a serving stack the platform's."""
-        return node_service_account_id(self.platform_stack if self.serving_role else self.stack)
+        """The GSA this stack creates and its TPU pools run as (also in a serving stack: its own)."""
+        return node_service_account_id(self.stack)
 
     @property
     def artifact_repository_id(self) -> str:
@@ -552,7 +561,26 @@ def _zone(raw: Mapping[str, str]) -> tuple[str, str]:
     zone = _text(raw, "zone")
     if not _ZONE.fullmatch(zone):
         raise ConfigError("zone", f"{zone!r} is not a GCP zone", "e.g. us-east5-b (a zone with TPU v6e capacity)")
-    return zone, _text(raw, "clusterLocation") or region_of(zone)
+    location = _text(raw, "clusterLocation") or region_of(zone)
+    check_zone_in_location(zone, location, cluster="the cluster's location", keys=("zone", "clusterLocation"))
+    return zone, location
+
+
+def _location_region(location: str) -> str:
+    """The region of a cluster location, which is a region or a zone."""
+    return region_of(location) if _ZONE.fullmatch(location) else location
+
+
+def check_zone_in_location(zone: str, location: str, *, cluster: str, keys: tuple[str, ...] = ("zone",)) -> str:
+    """`location`, or ConfigError when node pools in `zone` cannot join a cluster at `location` (GKE
+    puts a cluster's node pools in zones of its region only, and would refuse them at apply).
+    `cluster` names the cluster in the message."""
+    region = _location_region(location)
+    if region_of(zone) != region:
+        raise ConfigError(keys, f"zone {zone} is outside {cluster} ({location}): GKE creates a cluster's node pools only in "
+                                f"zones of its region, {region}",
+                          f"pulumi config set zone <a zone of {region} with TPU v6e capacity>")
+    return location
 
 
 def _reservation(raw: Mapping[str, str], provisioning: str) -> str:
@@ -573,16 +601,13 @@ def _scratch_bucket(raw: Mapping[str, str], project: str, stack: str) -> str:
     return bucket
 
 
-def _install_lws_controller(raw: Mapping[str, str], existing_cluster: str) -> bool:
-    install = _boolean(raw, "installLwsController")
-    if install and existing_cluster:
-        raise ConfigError(("installLwsController", "existingClusterName"),
-                          f"the LWS controller of the existing cluster {existing_cluster!r} is cluster-wide and belongs to whoever runs "
-                          "that cluster: a stack that installs it deletes the LeaderWorkerSet CRD, and with it every LeaderWorkerSet "
-                          "of the cluster, when it is destroyed",
-                          "pulumi config set installLwsController false (install LWS once per cluster, e.g. with "
-                          "kubectl apply --server-side -f <the release's manifests.yaml>)")
-    return install
+def _install_lws_controller(raw: Mapping[str, str], creates_cluster: bool) -> bool:
+    """Whether the stack installs the LWS controller: only on a cluster it creates, and there unless
+    installLwsController is false. The controller is cluster-wide, so on an existing cluster (or a
+    platform's) it is its owner's: a stack that installed it would delete the LeaderWorkerSet CRD,
+    and with it every LeaderWorkerSet of the cluster, when destroyed. Pulumi fills in the key's
+    default (true), so true cannot be told from "unset", and is read as "where the stack may"."""
+    return _boolean(raw, "installLwsController") and creates_cluster
 
 
 def _lws_version(raw: Mapping[str, str]) -> str:
@@ -595,12 +620,12 @@ def _lws_version(raw: Mapping[str, str]) -> str:
 # ---------------------------------------------------------------------------------------------
 # Roles.
 
-# Keys only the stack that owns the cluster uses (role=all or platform). releaseChannel is not one:
-# a serving stack's TPU pools follow the cluster's channel (node_pools.py, auto-upgrade).
-CLUSTER_KEYS = ("clusterName", "existingClusterName", "clusterLocation", "deletionProtection", "systemMachineType",
-                "systemNodeCount", "lwsVersion", "installLwsController")
+# Keys only the stack that owns the cluster uses (role=all or platform). A serving stack's TPU pools
+# follow the release channel of the live cluster, read at deploy time (resources/gke.py).
+CLUSTER_KEYS = ("clusterName", "existingClusterName", "clusterLocation", "releaseChannel", "deletionProtection",
+                "systemMachineType", "systemNodeCount", "lwsVersion", "installLwsController")
 # What a platform stack uses; it creates its cluster, so existingClusterName is not among them.
-PLATFORM_KEYS = ("role", "zone", "releaseChannel", *(key for key in CLUSTER_KEYS if key != "existingClusterName"))
+PLATFORM_KEYS = ("role", "zone", *(key for key in CLUSTER_KEYS if key != "existingClusterName"))
 _STACK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
@@ -618,6 +643,8 @@ def _unused_keys(role: str) -> tuple[tuple[str, ...], str, str]:
                 "a platform stack creates the cluster and what serving stacks share on it (no TPU pool, no workload, no existing cluster)",
                 "set it in a role=serving stack that names this one in clusterStack (existingClusterName: use role=all)")
     if role == SERVING:
+        # installLwsController=false stays accepted: it is what a serving stack installs (nothing),
+        # and serving stacks had to set it before true came to mean "where the stack creates the cluster".
         return (tuple(name for name in CLUSTER_KEYS if name != "installLwsController"),
                 "a serving stack puts its TPU pools and workload on the cluster of clusterStack and creates no cluster",
                 "set it in the platform stack, and remove it here")
@@ -625,16 +652,11 @@ def _unused_keys(role: str) -> tuple[tuple[str, ...], str, str]:
 
 
 def _check_role_keys(raw: Mapping[str, str], role: str) -> None:
-    """Refuse a key the role does not use, and the serving stack's must-haves."""
+    """Refuse a key the role does not use."""
     unused, why, suggestion = _unused_keys(role)
     for name in unused:
         if _is_set(raw, name):
             raise ConfigError((name, "role"), f"{name} is set, but a role={role} stack does not use it: {why}", suggestion)
-    if role == SERVING and _boolean(raw, "installLwsController"):
-        raise ConfigError(("installLwsController", "role"),
-                          "a serving stack never installs the LWS controller: it is cluster-wide and the platform stack installs it "
-                          "(Pulumi fills in this key's default, true, so a serving stack sets false explicitly)",
-                          "pulumi config set installLwsController false")
 
 
 def _cluster_stack(raw: Mapping[str, str], role: str, stack: str) -> str:
@@ -653,7 +675,7 @@ def _cluster_stack(raw: Mapping[str, str], role: str, stack: str) -> str:
     return name
 
 
-def _cluster(raw: Mapping[str, str], stack: str) -> dict:
+def _cluster(raw: Mapping[str, str], stack: str, role: str) -> dict:
     """The settings of the cluster a role=all or platform stack creates (or, role=all, looks up)."""
     existing = _text(raw, "existingClusterName")
     zone, location = _zone(raw)
@@ -667,7 +689,7 @@ def _cluster(raw: Mapping[str, str], stack: str) -> dict:
         "system_machine_type": _text(raw, "systemMachineType"),
         "system_node_count": _bounded("systemNodeCount", _integer(raw, "systemNodeCount"), SYSTEM_NODES_RANGE),
         "lws_version": _lws_version(raw),
-        "install_lws_controller": _install_lws_controller(raw, existing),
+        "install_lws_controller": _install_lws_controller(raw, creates_cluster=role != SERVING and not existing),
     }
 
 
@@ -690,7 +712,7 @@ def parse_stack_config(raw: Mapping[str, str], *, project: str | None, stack: st
     role = _choice(raw, "role", ROLES)
     _check_role_keys(raw, role)
     cluster_stack = _cluster_stack(raw, role, stack)
-    cluster = _cluster(raw, stack)
+    cluster = _cluster(raw, stack, role)
     if role == PLATFORM:
         del cluster["existing_cluster"]  # refused above: a platform creates its cluster
         return PlatformConfig(project=project, stack=stack, **cluster)

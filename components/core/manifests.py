@@ -45,12 +45,11 @@ from components.core.autoscaling import autoscaling_manifests, jetstream_server_
 from components.core.config import BUNDLED_IMAGE_TAG, INTERNAL_LOAD_BALANCER, StackConfig
 from components.core.node_pools import DEPLOYMENT_LABEL, NODE_POOL_LABEL
 from components.core.planner import Plan
+from components.core.ports import GRPC_PORT, HTTP_PORT
 
 PROXY_PORT = 38681
 RESOURCE_MANAGER_PORT = 38677
 WORKER_PORT = 38679
-GRPC_PORT = 9000
-HTTP_PORT = 8000
 HEALTH_PATH = "/healthcheck"
 PULL_POLICY = "IfNotPresent"  # images are pinned, so a node's cached copy is the right one
 LEADER_ADDRESS = "$(LWS_LEADER_ADDRESS)"  # expanded by Kubernetes from the env LWS injects
@@ -87,6 +86,15 @@ HEALTH_PERIOD_SECONDS = 60
 # condition instead (provider/pkg/await: pulumi.com/skipAwait, pulumi.com/waitFor).
 SKIP_AWAIT = "pulumi.com/skipAwait"
 WAIT_FOR = "pulumi.com/waitFor"
+# pulumi-kubernetes applies server-side; with this annotation an apply that meets another field
+# manager's field takes it instead of failing. The LeaderWorkerSet needs it for spec.replicas: an
+# HPA writes it through the scale subresource (field manager kube-controller-manager), so once
+# autoscaling is turned off (maxReplicas back to replicas, ignoreChanges on spec.replicas gone) the
+# next apply of spec.replicas would otherwise fail with a field conflict. While autoscaling is on,
+# ignoreChanges keeps spec.replicas out of the apply (the provider drops an ignored field another
+# manager owns; provider/pkg/await/await.go, handleSSAIgnoreFields), so forcing never undoes the
+# HPA. Always set: the stack cannot know whether an earlier update had autoscaling on.
+PATCH_FORCE = "pulumi.com/patchForce"
 # serviceType=InternalLoadBalancer: a LoadBalancer Service with GKE's internal annotation gets an
 # internal passthrough Network Load Balancer (an IP in the VPC, never a public one). Its IP is what
 # clients need, so instead of skipping the await the Service waits for that IP only: a waitFor
@@ -370,7 +378,7 @@ def _lws_annotations(cfg: StackConfig) -> dict[str, str]:
     # One LWS group per node pool (slice); in disaggregated mode one subgroup per slice.
     exclusivity = lws.SUBGROUP_EXCLUSIVE_TOPOLOGY if cfg.mode == "disaggregated" else lws.EXCLUSIVE_TOPOLOGY
     await_available = {WAIT_FOR: f"condition={lws.AVAILABLE}"} if cfg.wait_for_ready else {}
-    return {exclusivity: NODE_POOL_LABEL, **await_available}
+    return {exclusivity: NODE_POOL_LABEL, PATCH_FORCE: "true", **await_available}
 
 
 def leader_worker_set_model(cfg: StackConfig, plan: Plan, image: Any = None) -> lws.LeaderWorkerSet:

@@ -10,7 +10,10 @@ cloud.google.com/kubernetes-engine/docs/concepts/tpus):
     google.com/tpu resource (`gke_node_labels`, `gke_node_taints`, which the scheduling check reads);
   * auto-upgrade recreates a multi-host slice (every host restarts), so it is off there, but GKE
     refuses auto_upgrade=false in a cluster enrolled in a release channel, so it is off only when
-    the cluster has none (`releaseChannel=UNSPECIFIED`, the default).
+    the cluster has none (`upgrades_automatically`). A cluster the stack creates has the channel
+    `releaseChannel` (default UNSPECIFIED); on a cluster it does not create (existingClusterName,
+    a serving stack's platform cluster) a multi-host spec leaves auto_upgrade open (None) and
+    GkeCluster decides from the live cluster's channel at deploy time.
 Every pool runs as the stack's node service account (identity.py), never the Compute Engine
 default account, which organisations often disable.
 
@@ -59,7 +62,7 @@ class NodePoolSpec:
     zone: str
     tpu_topology: str | None  # the slice's topology on TPU pools
     compact_placement: bool  # multi-host slices: a COMPACT placement policy with tpu_topology
-    auto_upgrade: bool
+    auto_upgrade: bool | None  # None: a multi-host slice on a cluster the stack does not create (its live release channel decides)
     spot: bool
     reservation: str | None
     labels: Mapping[str, str]  # node labels the stack sets (GKE adds its own, see gke_node_labels)
@@ -67,6 +70,15 @@ class NodePoolSpec:
     tpu_chips_per_node: int  # google.com/tpu per node; 0 on CPU pools
     tpu_accelerator: str | None = None  # cloud.google.com/gke-tpu-accelerator of TPU pools
     autoscaling: NodeRange | None = None  # None: a fixed size of node_count; else created with node_count (0) nodes
+
+
+def upgrades_automatically(multi_host: bool, release_channel: str | None) -> bool | None:
+    """Auto-upgrade of a pool in a cluster enrolled in `release_channel`: off only for multi-host
+    slices (an upgrade recreates every host) in a cluster without a channel, where GKE allows it.
+    None for a multi-host slice while the channel is unknown (None: read from the live cluster at deploy time)."""
+    if not multi_host:
+        return True
+    return None if release_channel is None else release_channel != NO_RELEASE_CHANNEL
 
 
 def node_pool_name(cfg: StackConfig, role: str, replica: int = 0) -> str:
@@ -87,7 +99,7 @@ def tpu_node_pools(cfg: StackConfig) -> tuple[NodePoolSpec, ...]:
             zone=cfg.zone,
             tpu_topology=row.topology,
             compact_placement=row.multi_host,
-            auto_upgrade=not row.multi_host or cfg.release_channel != NO_RELEASE_CHANNEL,
+            auto_upgrade=upgrades_automatically(row.multi_host, cfg.release_channel if cfg.creates_cluster else None),
             spot=cfg.tpu_provisioning == "spot",
             reservation=cfg.tpu_reservation or None,
             labels={SLICE_ROLE_LABEL: pool.role, DEPLOYMENT_LABEL: cfg.deployment_id},
@@ -105,11 +117,16 @@ def at_full_size(spec: NodePoolSpec) -> NodePoolSpec:
     return spec if spec.autoscaling is None else dataclasses.replace(spec, node_count=spec.autoscaling.max_nodes)
 
 
+LIVE_RELEASE_CHANNEL = "the cluster's release channel decides at deploy time"
+
+
 def node_pool_summary(spec: NodePoolSpec) -> dict:
     """The spec as plain data for the plan output; `autoscaling` only on autoscaled pools."""
     summary = dataclasses.asdict(spec)
     if spec.autoscaling is None:
         del summary["autoscaling"]
+    if spec.auto_upgrade is None:
+        summary["auto_upgrade"] = LIVE_RELEASE_CHANNEL
     return summary
 
 

@@ -7,6 +7,9 @@ MetricsAdapter, once per cluster (it serves the custom metrics API of the whole 
     manifest pinned to a commit (namespace custom-metrics, KSA custom-metrics-stackdriver-adapter);
   * its identity: one `gcp.projects.IAMMember` granting `roles/monitoring.viewer` (read-only,
     the least Cloud Monitoring offers) to that KSA's Workload Identity principal, no key and no GSA.
+    The principal names the pool PROJECT.svc.id.goog, which exists only once the project's first
+    Workload Identity cluster does, so the binding waits for what the component's `depends_on`
+    names (program.py: the cluster the stack creates); otherwise IAM refuses it on a first apply.
 
 LeaderWorkerSetAutoscaler, per workload, from the manifests `components.core.manifests.scaling_manifests`
 builds (the ones the offline render prints):
@@ -32,7 +35,8 @@ class MetricsAdapterArgs:
 
 
 class MetricsAdapter(pulumi.ComponentResource):
-    """The custom metrics API the HPA reads JetStream's metrics from; pass the cluster's provider in `opts`."""
+    """The custom metrics API the HPA reads JetStream's metrics from; pass the cluster's provider and, in
+    `opts.depends_on`, the cluster the stack creates (its Workload Identity binding waits for it)."""
 
     install: k8s.yaml.v2.ConfigFile
     access: gcp.projects.IAMMember
@@ -40,17 +44,19 @@ class MetricsAdapter(pulumi.ComponentResource):
     def __init__(self, name: str, args: MetricsAdapterArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("jetstream:autoscaling:MetricsAdapter", name, None, opts)
         self.install = k8s.yaml.v2.ConfigFile(f"{name}-manifests", file=autoscaling.ADAPTER_MANIFEST_URL, opts=pulumi.ResourceOptions(parent=self))
-        self.access = self._access(name, args.project)
+        # The component's depends_on (the cluster that creates the identity pool), recorded on the
+        # binding itself so the engine orders it.
+        self.access = self._access(name, args.project, pulumi.ResourceOptions(parent=self, depends_on=opts.depends_on if opts else None))
         self.register_outputs({"manifestUrl": autoscaling.ADAPTER_MANIFEST_URL})
 
-    def _access(self, name: str, project: str) -> gcp.projects.IAMMember:
+    def _access(self, name: str, project: str, after_pool: pulumi.ResourceOptions) -> gcp.projects.IAMMember:
         """roles/monitoring.viewer for the adapter's KSA, through its Workload Identity principal."""
         number = gcp.organizations.get_project_output(project_id=project, opts=pulumi.InvokeOptions(parent=self)).number
         return gcp.projects.IAMMember(
             f"{name}-monitoring-viewer",
             gcp.projects.IAMMemberArgs(project=project, role=autoscaling.ADAPTER_ROLE,
                                        member=number.apply(lambda project_number: autoscaling.adapter_principal(project, project_number))),
-            opts=pulumi.ResourceOptions(parent=self),
+            opts=after_pool,
         )
 
 

@@ -5,6 +5,11 @@ Where the cluster comes from (`GkeClusterArgs.source`):
   * LOOKUP (role=all with existingClusterName): an existing cluster, read by name;
   * ATTACH (role=serving): the cluster of the platform stack, whose name, location, project and
     kubeconfig come from a StackReference (resources/platform.py); nothing but the TPU pools is created.
+On a cluster the stack does not create (LOOKUP, ATTACH) it reads the live cluster
+(`gcp.container.get_cluster_output`) before any pool: the pools' zone must be in the cluster's
+region (refused at preview otherwise, as GKE would refuse the pools at apply), and pools whose
+spec leaves auto-upgrade open take it from the cluster's release channel (GKE refuses
+auto_upgrade=false on multi-host pools of a cluster enrolled in a channel).
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ import pulumi_gcp as gcp
 import pulumi_kubernetes as k8s
 import yaml
 
-from components.core.node_pools import WORKLOAD_IDENTITY, NodePoolSpec
+from components.core.config import check_zone_in_location
+from components.core.errors import ConfigError
+from components.core.node_pools import NO_RELEASE_CHANNEL, WORKLOAD_IDENTITY, NodePoolSpec, upgrades_automatically
 
 CLOUD_PLATFORM_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 
@@ -48,7 +55,7 @@ class GkeClusterArgs:
     location: pulumi.Input[str]  # the cluster's region or zone
     cluster_name: pulumi.Input[str]
     source: str  # CREATE | LOOKUP | ATTACH
-    release_channel: str
+    release_channel: str | None  # CREATE: the new cluster's; otherwise the live cluster's is read
     deletion_protection: bool
     system_pool: NodePoolSpec | None  # created with the cluster only (CREATE)
     tpu_pools: tuple[NodePoolSpec, ...]
@@ -78,18 +85,28 @@ def _size(spec: NodePoolSpec) -> dict:
     }
 
 
-def node_pool_args(spec: NodePoolSpec, args: GkeClusterArgs, cluster: pulumi.Input[str]) -> gcp.container.NodePoolArgs:
-    """NodePoolArgs of one pool; multi-host slices get a COMPACT placement with the topology."""
+def live_release_channel(channels) -> str:
+    """The channel of a cluster as `get_cluster` reports it (no entry, or no channel: none)."""
+    return (channels[0].channel if channels else None) or NO_RELEASE_CHANNEL
+
+
+def node_pool_args(spec: NodePoolSpec, args: GkeClusterArgs, cluster: pulumi.Input[str], location: pulumi.Input[str],
+                   release_channel: pulumi.Output[str] | None = None) -> gcp.container.NodePoolArgs:
+    """NodePoolArgs of one pool; multi-host slices get a COMPACT placement with the topology. A spec
+    that leaves auto-upgrade open takes it from `release_channel`, the live cluster's."""
     placement = gcp.container.NodePoolPlacementPolicyArgs(type="COMPACT", tpu_topology=spec.tpu_topology) if spec.compact_placement else None
+    auto_upgrade = spec.auto_upgrade
+    if auto_upgrade is None:  # a multi-host slice (node_pools.upgrades_automatically)
+        auto_upgrade = release_channel.apply(lambda channel: upgrades_automatically(True, channel))
     return gcp.container.NodePoolArgs(
         name=spec.name,
         cluster=cluster,
-        location=args.location,
+        location=location,
         project=args.project,
         **_size(spec),
         node_locations=[spec.zone],
         placement_policy=placement,
-        management=gcp.container.NodePoolManagementArgs(auto_repair=True, auto_upgrade=spec.auto_upgrade),
+        management=gcp.container.NodePoolManagementArgs(auto_repair=True, auto_upgrade=auto_upgrade),
         node_config=gcp.container.NodePoolNodeConfigArgs(
             machine_type=spec.machine_type,
             spot=spec.spot or None,
@@ -100,6 +117,17 @@ def node_pool_args(spec: NodePoolSpec, args: GkeClusterArgs, cluster: pulumi.Inp
             labels=dict(spec.labels) or None,
         ),
     )
+
+
+def _location_of_pools(pools: tuple[NodePoolSpec, ...], cluster_name: str, location: str) -> str:
+    """The live cluster's location, once every pool's zone is known to be in its region; a zone
+    outside it stops the program at preview, before any pool (as check_same_project does)."""
+    try:
+        for zone in sorted({spec.zone for spec in pools}):
+            check_zone_in_location(zone, location, cluster=f"the cluster {cluster_name}")
+    except ConfigError as error:
+        raise pulumi.RunError(str(error)) from None
+    return location
 
 
 class GkeCluster(pulumi.ComponentResource):
@@ -120,21 +148,29 @@ class GkeCluster(pulumi.ComponentResource):
         child = pulumi.ResourceOptions(parent=self, depends_on=opts.depends_on if opts else None)
         self.cluster, self.endpoint, system_pools = None, None, []
         self.location, self.project = pulumi.Output.from_input(args.location), pulumi.Output.from_input(args.project)
+        pools_location, release_channel = args.location, None
         if args.source == CREATE:
             self.cluster = self._create_cluster(name, args, child)
             self.cluster_name, self.endpoint = self.cluster.name, self.cluster.endpoint
             self.location, self.project = self.cluster.location, self.cluster.project
             ca_certificate = self.cluster.master_auth.cluster_ca_certificate
-            system_pools = [gcp.container.NodePool(f"{name}-{args.system_pool.name}", node_pool_args(args.system_pool, args, self.cluster.name), opts=child)]
-        elif args.source == LOOKUP:
+            system_pools = [gcp.container.NodePool(f"{name}-{args.system_pool.name}",
+                                                   node_pool_args(args.system_pool, args, self.cluster.name, args.location), opts=child)]
+        else:
             found = gcp.container.get_cluster_output(name=args.cluster_name, location=args.location, project=args.project,
                                                      opts=pulumi.InvokeOptions(parent=self))
-            self.cluster_name, self.endpoint = found.name, found.endpoint
-            ca_certificate = found.master_auths.apply(lambda auths: auths[0].cluster_ca_certificate)
-        else:
-            self.cluster_name = pulumi.Output.from_input(args.cluster_name)
+            self.cluster_name = found.name if args.source == LOOKUP else pulumi.Output.from_input(args.cluster_name)
+            pools_location = pulumi.Output.all(found.name, found.location).apply(lambda live: _location_of_pools(args.tpu_pools, *live))
+            release_channel = found.release_channels.apply(live_release_channel)
+            if args.source == LOOKUP:
+                self.endpoint = found.endpoint
+                ca_certificate = found.master_auths.apply(lambda auths: auths[0].cluster_ca_certificate)
+        # A TPU pool's name carries its slice (v6e-<chips>), so a topology change replaces it; the old
+        # slice goes first, since both at once need twice the TPU capacity (a reservation or a tight
+        # quota refuses the new one). Its workload stops with it and comes back on the new slice.
+        tpu_pool = pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(delete_before_replace=True))
         self.tpu_node_pools = [
-            gcp.container.NodePool(f"{name}-{spec.name}", node_pool_args(spec, args, self.cluster_name), opts=child)
+            gcp.container.NodePool(f"{name}-{spec.name}", node_pool_args(spec, args, self.cluster_name, pools_location, release_channel), opts=tpu_pool)
             for spec in args.tpu_pools
         ]
         if args.source == ATTACH:

@@ -16,7 +16,9 @@ Service: its name and namespace (cluster DNS) or its load balancer IP, and its p
 Autoscaling: the HPA owns `spec.replicas` through the scale subresource, so the LeaderWorkerSet
 ignores changes there (`ignore_changes`): Pulumi sets the replicas when it creates the object and
 leaves the field out of later server-side applies, which would otherwise undo the HPA's decisions
-or fail with a field-manager conflict (pulumi/pulumi-kubernetes#2491).
+or fail with a field-manager conflict (pulumi/pulumi-kubernetes#2491). When autoscaling is turned
+off, the field is applied again while the HPA's field manager still owns it; the LeaderWorkerSet's
+`pulumi.com/patchForce` annotation (manifests.PATCH_FORCE) makes that apply take it back.
 """
 
 from __future__ import annotations

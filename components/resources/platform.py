@@ -4,13 +4,11 @@ The platform stack (role=platform) exports exactly `config.PLATFORM_OUTPUTS`: cl
 clusterLocation, project and kubeconfig (a secret). A `pulumi.StackReference` to `clusterStack`
 reads them, so a serving stack needs nothing else from the platform's config.
 
-The serving stack's TPU pools run as the platform's node service account, which the platform
-does not export (its outputs are fixed). A serving stack derives it instead, exactly as the
-platform names it (`config.node_service_account_id` of the platform stack's name, in the
-platform's project), so its pools run as the account the platform created and granted the node
-roles; a platform that was never deployed fails the StackReference at preview, before any pool.
-The serving stack deploys into the platform's project: its own gcp:project must be the same
-(`config.check_same_project`, refused while the reference is read, i.e. at preview).
+A platform that was never deployed fails the StackReference at preview, before any pool. The
+serving stack deploys into the platform's project (the cluster's Workload Identity pool lives
+there): its own gcp:project must be the same (`config.check_same_project`, refused while the
+reference is read, i.e. at preview). Its TPU pools run as a node service account of its own
+(program.py), never the platform's, so no two stacks' pods act as one identity.
 """
 
 from __future__ import annotations
@@ -27,7 +25,6 @@ from components.core.errors import ConfigError
 class PlatformReferenceArgs:
     cluster_stack: str  # the platform stack, <organization>/<project>/<stack>
     project: str  # the serving stack's gcp:project (must be the platform's)
-    node_service_account_id: str  # the platform's node account id, derived from its stack name
 
 
 class PlatformReference(pulumi.ComponentResource):
@@ -35,7 +32,6 @@ class PlatformReference(pulumi.ComponentResource):
     cluster_location: pulumi.Output[str]
     project: pulumi.Output[str]
     kubeconfig: pulumi.Output[str]  # secret, as the platform exports it
-    node_service_account: pulumi.Output[str]  # email of the platform's node service account
 
     def __init__(self, name: str, args: PlatformReferenceArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("jetstream:platform:PlatformReference", name, None, opts)
@@ -44,7 +40,6 @@ class PlatformReference(pulumi.ComponentResource):
         self.cluster_name, self.cluster_location = outputs["clusterName"], outputs["clusterLocation"]
         self.kubeconfig = pulumi.Output.secret(outputs["kubeconfig"])
         self.project = outputs["project"].apply(lambda platform_project: _same_project(args, platform_project))
-        self.node_service_account = pulumi.Output.concat(args.node_service_account_id, "@", self.project, ".iam.gserviceaccount.com")
         self.register_outputs({"clusterName": self.cluster_name, "clusterLocation": self.cluster_location, "project": self.project})
 
 

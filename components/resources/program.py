@@ -9,12 +9,14 @@ role=all (one stack):
   node identity -> cluster and node pools -> serving identity (the Workload Identity binding
   needs the cluster's identity pool) -> LWS controller -> the LeaderWorkerSet, which waits for the
   controller, the TPU node pools, the identity and, with serverRuntime=bundled and no image, the
-  server image the stack builds -> with autoscaling, the metrics adapter, the PodMonitoring and
+  server image the stack builds -> with autoscaling, the metrics adapter (only on a cluster the
+  stack creates; its Workload Identity binding waits for the cluster too), the PodMonitoring and
   the HPA of the LeaderWorkerSet.
 role=platform: node identity -> cluster and system pool -> LWS controller and metrics adapter
   (cluster-wide, shared by the serving stacks); exports exactly PLATFORM_OUTPUTS.
-role=serving: the platform's outputs (PlatformReference) -> TPU node pools on its cluster ->
-  serving identity -> the LeaderWorkerSet (and PodMonitoring and HPA); no cluster, no LWS install.
+role=serving: the platform's outputs (PlatformReference) and the stack's own node identity ->
+  TPU node pools on the platform's cluster, running as that identity -> serving identity -> the
+  LeaderWorkerSet (and PodMonitoring and HPA); no cluster, no LWS install, no adapter.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def build_platform(cfg: PlatformConfig) -> dict[str, Any]:
     cluster = GkeCluster("gke", _owned_cluster_args(cfg, nodes.email, tpu_pools=()), pulumi.ResourceOptions(depends_on=nodes.roles))
     _lws_controller(cfg, cluster.provider)
     # Cluster-wide like the LWS controller, so the platform owns it and any serving stack can autoscale.
-    _metrics_adapter(cfg, cluster.provider)
+    _metrics_adapter(cfg, cluster)
     return dict(zip(PLATFORM_OUTPUTS, (cluster.cluster_name, cluster.location, cluster.project, cluster.kubeconfig)))
 
 
@@ -97,8 +99,9 @@ def build_serving(cfg: StackConfig, plan: Plan) -> dict[str, Any]:
     server = JetStreamServer("jetstream", _server_args(cfg, plan, identity.service_account_email, server_image),
                              pulumi.ResourceOptions(provider=cluster.provider, depends_on=lws_prerequisites))
     if cfg.scaling.enabled:
-        # A serving stack's HPA reads the metrics through the platform's adapter.
-        adapter = [] if cfg.serving_role else [_metrics_adapter(cfg, cluster.provider)]
+        # The HPA reads the metrics through the cluster's one adapter: this stack's on a cluster it
+        # creates; otherwise the platform's (role=serving) or the existing cluster owner's.
+        adapter = [_metrics_adapter(cfg, cluster)] if cfg.installs_metrics_adapter else []
         pod_monitoring, hpa = manifests.scaling_manifests(cfg)
         LeaderWorkerSetAutoscaler("autoscaling", LeaderWorkerSetAutoscalerArgs(pod_monitoring=pod_monitoring, horizontal_pod_autoscaler=hpa),
                                   pulumi.ResourceOptions(provider=cluster.provider, depends_on=[server, *adapter]))
@@ -121,25 +124,26 @@ def build_serving(cfg: StackConfig, plan: Plan) -> dict[str, Any]:
 
 
 def _cluster(cfg: StackConfig) -> tuple[GkeCluster, pulumi.Output[str]]:
-    """The cluster with this stack's TPU pools, and the service account the pools run as."""
+    """The cluster with this stack's TPU pools, and the service account the pools run as: the
+    stack's own, also on a platform's cluster (its Pathways pods act as it: no stack reads
+    another's buckets, and no two stacks declare the same bucket grants)."""
+    nodes = NodeIdentity("nodes", NodeIdentityArgs(project=cfg.project, account_id=cfg.node_service_account_id, stack=cfg.stack))
+    after_roles = pulumi.ResourceOptions(depends_on=nodes.roles)
     if cfg.serving_role:
-        platform = PlatformReference("platform", PlatformReferenceArgs(cluster_stack=cfg.cluster_stack, project=cfg.project,
-                                                                       node_service_account_id=cfg.node_service_account_id))
+        platform = PlatformReference("platform", PlatformReferenceArgs(cluster_stack=cfg.cluster_stack, project=cfg.project))
         return GkeCluster("gke", GkeClusterArgs(
             project=platform.project,
             location=platform.cluster_location,
             cluster_name=platform.cluster_name,
             source=ATTACH,
             kubeconfig=platform.kubeconfig,
-            release_channel=cfg.release_channel,
+            release_channel=None,  # the pools follow the live cluster's (GkeCluster reads it)
             deletion_protection=cfg.deletion_protection,
             system_pool=None,
             tpu_pools=tpu_node_pools(cfg),
-            node_service_account=platform.node_service_account,
-        )), platform.node_service_account
-    nodes = NodeIdentity("nodes", NodeIdentityArgs(project=cfg.project, account_id=cfg.node_service_account_id, stack=cfg.stack))
-    cluster = GkeCluster("gke", _owned_cluster_args(cfg, nodes.email, tpu_pools=tpu_node_pools(cfg)), pulumi.ResourceOptions(depends_on=nodes.roles))
-    return cluster, nodes.email
+            node_service_account=nodes.email,
+        ), after_roles), nodes.email
+    return GkeCluster("gke", _owned_cluster_args(cfg, nodes.email, tpu_pools=tpu_node_pools(cfg)), after_roles), nodes.email
 
 
 def _owned_cluster_args(cfg: StackConfig | PlatformConfig, node_service_account: pulumi.Output[str],
@@ -150,7 +154,7 @@ def _owned_cluster_args(cfg: StackConfig | PlatformConfig, node_service_account:
         location=cfg.cluster_location,
         cluster_name=cfg.cluster_name,
         source=LOOKUP if cfg.existing_cluster else CREATE,
-        release_channel=cfg.release_channel,
+        release_channel=None if cfg.existing_cluster else cfg.release_channel,
         deletion_protection=cfg.deletion_protection,
         system_pool=system_node_pool(cfg),
         tpu_pools=tpu_pools,
@@ -165,8 +169,11 @@ def _lws_controller(cfg: StackConfig | PlatformConfig, provider: pulumi.Provider
     return [LeaderWorkerSetController("lws", LeaderWorkerSetControllerArgs(version=cfg.lws_version), pulumi.ResourceOptions(provider=provider))]
 
 
-def _metrics_adapter(cfg: StackConfig | PlatformConfig, provider: pulumi.ProviderResource) -> MetricsAdapter:
-    return MetricsAdapter("metrics-adapter", MetricsAdapterArgs(project=cfg.project), pulumi.ResourceOptions(provider=provider))
+def _metrics_adapter(cfg: StackConfig | PlatformConfig, cluster: GkeCluster) -> MetricsAdapter:
+    """The adapter, on a cluster the stack creates: its identity's binding names the cluster's
+    Workload Identity pool, which exists once that cluster does."""
+    return MetricsAdapter("metrics-adapter", MetricsAdapterArgs(project=cfg.project),
+                          pulumi.ResourceOptions(provider=cluster.provider, depends_on=[cluster.cluster]))
 
 
 def _identity_args(cfg: StackConfig, node_service_account: pulumi.Output[str]) -> ServingIdentityArgs:

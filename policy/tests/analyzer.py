@@ -4,7 +4,8 @@ Constructing `PolicyPack` serves it over gRPC and never returns, so this drives 
 the pack serves (pulumi-policy's `_PolicyAnalyzerServicer`, pinned in requirements.txt) with the
 engine's `AnalyzeRequest`: the inputs travel as a protobuf Struct (numbers become floats), are
 deserialized and wrapped in the unknown-checking proxies, and every violation comes back as an
-`AnalyzeDiagnostic` of its policy.
+`AnalyzeDiagnostic` of its policy. A policy's configuration reaches the servicer as the engine sends
+it, through `Configure` (what `--policy-pack-config` holds, per policy name).
 """
 
 from __future__ import annotations
@@ -47,12 +48,21 @@ def urn_of(stack: str, type_: str, name: str, project: str = "jetstream-tpu") ->
     return f"urn:pulumi:{stack}::{project}::{type_}::{name}"
 
 
-def analyze_resource(type_: str, name: str, urn: str, props: Mapping[str, Any]) -> Analysis:
-    """What every policy of the pack says about one resource."""
-    properties = struct_pb2.Struct()
-    properties.update(props)
-    request = proto.AnalyzeRequest(type=type_, name=name, urn=urn, properties=properties)
+def _struct(values: Mapping[str, Any]) -> struct_pb2.Struct:
+    struct = struct_pb2.Struct()
+    struct.update(values)
+    return struct
+
+
+def analyze_resource(type_: str, name: str, urn: str, props: Mapping[str, Any],
+                     config: Mapping[str, Mapping[str, Any]] | None = None) -> Analysis:
+    """What every policy of the pack says about one resource; `config`: settings per policy name."""
+    request = proto.AnalyzeRequest(type=type_, name=name, urn=urn, properties=_struct(props))
     servicer = _PolicyAnalyzerServicer(PACK_NAME, "0.1.0", POLICIES, EnforcementLevel.ADVISORY)
+    if config:  # with each policy's own level (every policy of the pack is mandatory), as the engine sends it
+        servicer.Configure(proto.ConfigureAnalyzerRequest(policyConfig={
+            policy: proto.PolicyConfig(enforcementLevel=proto.MANDATORY, properties=_struct(settings))
+            for policy, settings in config.items()}), None)
     response = servicer.Analyze(request, None)
     violations = [Violation(policy=diagnostic.policyName, message=diagnostic.message,
                             mandatory=diagnostic.enforcementLevel == proto.MANDATORY)
@@ -60,8 +70,9 @@ def analyze_resource(type_: str, name: str, urn: str, props: Mapping[str, Any]) 
     return Analysis(violations, {entry.policy_name for entry in response.not_applicable})
 
 
-def analyze(type_: str, name: str, props: Mapping[str, Any], stack: str = "dev") -> list[Violation]:
-    return analyze_resource(type_, name, urn_of(stack, type_, name), props).violations
+def analyze(type_: str, name: str, props: Mapping[str, Any], stack: str = "dev",
+            config: Mapping[str, Mapping[str, Any]] | None = None) -> list[Violation]:
+    return analyze_resource(type_, name, urn_of(stack, type_, name), props, config).violations
 
 
 def main() -> None:

@@ -63,8 +63,8 @@ def service(service_type: str = "ClusterIP", annotations: dict | None = None) ->
                      "ports": [{"name": "jetstream-http", "port": 8000.0, "targetPort": 8000.0}]}}
 
 
-def policies_violated(type_: str, props: dict, stack: str = "dev") -> set[str]:
-    violations = analyze(type_, "resource", props, stack=stack)
+def policies_violated(type_: str, props: dict, stack: str = "dev", config: dict | None = None) -> set[str]:
+    violations = analyze(type_, "resource", props, stack=stack, config=config)
     assert all(violation.mandatory for violation in violations)
     return {violation.policy for violation in violations}
 
@@ -95,6 +95,10 @@ CASES = [
     ("prod-cluster-deletion-protection", CLUSTER,
      {"name": "jetstream", "deletionProtection": True, "removeDefaultNodePool": True},
      {"name": "jetstream", "deletionProtection": False, "removeDefaultNodePool": True}, "prod"),
+    # The shipped layout's only cluster is the platform stack's, which every environment runs on.
+    ("prod-cluster-deletion-protection", CLUSTER,
+     {"name": "jetstream-platform", "deletionProtection": True, "removeDefaultNodePool": True},
+     {"name": "jetstream-platform", "deletionProtection": False, "removeDefaultNodePool": True}, "platform"),
     ("node-pools-not-default-service-account", NODE_POOL, node_pool(),
      node_pool(nodeConfig={"machineType": "ct6e-standard-4t"}), "dev"),
     ("node-pools-not-default-service-account", NODE_POOL, node_pool(),
@@ -134,12 +138,28 @@ def test_each_policy_reports_the_resources_it_does_not_judge_as_not_applicable()
     assert applicable(NODE_POOL, cpu_pool) == ["node-pools-not-default-service-account"]
 
 
-def test_deletion_protection_is_only_required_in_prod_stacks():
+def test_deletion_protection_is_only_required_in_production_stacks():
     unprotected = {"name": "jetstream", "deletionProtection": False, "removeDefaultNodePool": True}
     assert policies_violated(CLUSTER, unprotected, stack="dev") == set()
     assert policies_violated(CLUSTER, unprotected, stack="prod-europe") == {"prod-cluster-deletion-protection"}
+    assert policies_violated(CLUSTER, unprotected, stack="platform") == {"prod-cluster-deletion-protection"}
     # Unset is the provider's default, true.
     assert policies_violated(CLUSTER, {"name": "jetstream", "removeDefaultNodePool": True}, stack="prod") == set()
+
+
+def test_the_production_stack_prefixes_are_pack_configuration():
+    unprotected = {"name": "jetstream", "deletionProtection": False, "removeDefaultNodePool": True}
+    live_only = {"prod-cluster-deletion-protection": {"productionStackPrefixes": ["live"]}}
+    assert policies_violated(CLUSTER, unprotected, stack="live-eu", config=live_only) == {"prod-cluster-deletion-protection"}
+    assert policies_violated(CLUSTER, unprotected, stack="prod", config=live_only) == set()
+    assert policies_violated(CLUSTER, unprotected, stack="platform", config=live_only) == set()
+    # A configuration that sets other policies' levels only keeps the defaults.
+    assert policies_violated(CLUSTER, unprotected, stack="platform", config={"load-balancers-internal": {"x": 1}}) == {
+        "prod-cluster-deletion-protection"}
+    [policy] = [policy for policy in POLICIES if policy.name == "prod-cluster-deletion-protection"]
+    schema = policy.config_schema.properties["productionStackPrefixes"]
+    assert schema["type"] == "array" and schema["default"] == ["prod", "platform"]
+    assert all(other.config_schema is None for other in POLICIES if other is not policy)
 
 
 def test_single_host_tpu_pools_need_no_compact_placement():

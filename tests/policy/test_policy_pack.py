@@ -16,6 +16,7 @@ from pulumi_harness import EXAMPLE_STACKS, Recording, run_stack, stack_file_conf
 
 LWS = "kubernetes:leaderworkerset.x-k8s.io/v1:LeaderWorkerSet"
 NODE_POOL = "gcp:container/nodePool:NodePool"
+CLUSTER = "gcp:container/cluster:Cluster"
 
 
 def test_the_packs_own_tests_pass_in_its_virtualenv():
@@ -58,3 +59,13 @@ def test_the_pack_catches_a_stack_resource_made_non_compliant():
     caught = {(violation["policy"], violation["urn"]) for violation in violations_of(resources)}
     assert ("container-images-pinned", lws["urn"]) in caught
     assert ("node-pools-not-default-service-account", pool["urn"]) in caught
+
+
+def test_the_platform_stacks_cluster_keeps_deletion_protection():
+    """In the shipped layout the only cluster is the platform stack's: every environment runs on it."""
+    resources = copy.deepcopy(as_sent_to_the_pack(recording("platform")))
+    cluster = next(resource for resource in resources if resource["type"] == CLUSTER)
+    assert cluster["inputs"]["deletionProtection"] is True
+    cluster["inputs"]["deletionProtection"] = False
+    caught = [(violation["policy"], violation["urn"], violation["mandatory"]) for violation in violations_of(resources)]
+    assert caught == [("prod-cluster-deletion-protection", cluster["urn"], True)]

@@ -9,8 +9,9 @@ plus the exported stack outputs and the invokes.
 The mocks fill in what the cloud would compute: a cluster's endpoint, a service account's email,
 a built image's digest, derived from the image's inputs (an unchanged build gives the same
 digest, as with a real build of an unchanged context), a project's number, an internal load
-balancer's IP, and the outputs of a referenced platform stack (`platform_outputs`, or what the
-test passes in `stack_outputs`).
+balancer's IP, the outputs of a referenced platform stack (`platform_outputs`, or what the
+test passes in `stack_outputs`), and an existing cluster as `gcp.container.getCluster` reads it
+(at the location asked for, in the release channel the test passes, by default none).
 """
 
 from __future__ import annotations
@@ -72,12 +73,13 @@ def platform_outputs(cluster_stack: str, project: str = GCP_PROJECT) -> dict[str
 class RecordingMocks(pulumi.runtime.Mocks):
     """Echoes inputs and fills in the few outputs GCP, GKE and the Pulumi service would compute."""
 
-    def __init__(self, project: str = GCP_PROJECT, stack_outputs: dict[str, dict] | None = None):
+    def __init__(self, project: str = GCP_PROJECT, stack_outputs: dict[str, dict] | None = None, release_channel: str = "UNSPECIFIED"):
         self.inputs: dict[tuple[str, str], dict] = {}
         self.calls: list[tuple[str, dict]] = []
         self.stack_references: list[str] = []
         self.project = project
         self.stack_outputs = stack_outputs or {}
+        self.release_channel = release_channel  # of every cluster getCluster reads
 
     def new_resource(self, args: pulumi.runtime.MockResourceArgs):
         self.inputs[(args.typ, args.name)] = dict(args.inputs)
@@ -102,7 +104,7 @@ class RecordingMocks(pulumi.runtime.Mocks):
         self.calls.append((args.token, dict(args.args)))
         if args.token == "gcp:container/getCluster:getCluster":
             return {"name": args.args["name"], "location": args.args["location"], "endpoint": "198.51.100.7",
-                    "masterAuths": [{"clusterCaCertificate": "RVhJU1RJTkc="}]}
+                    "masterAuths": [{"clusterCaCertificate": "RVhJU1RJTkc="}], "releaseChannels": [{"channel": self.release_channel}]}
         if args.token == "gcp:organizations/getClientConfig:getClientConfig":
             return {"accessToken": ACCESS_TOKEN, "project": GCP_PROJECT}
         if args.token == "gcp:organizations/getProject:getProject":
@@ -186,15 +188,15 @@ def schema_defaults() -> dict[str, str]:
 
 
 def run_stack(config: dict[str, str], stack: str = "test", expect_error: bool = False,
-              stack_outputs: dict[str, dict] | None = None) -> Recording:
+              stack_outputs: dict[str, dict] | None = None, release_channel: str = "UNSPECIFIED") -> Recording:
     """Run __main__.py under recording mocks; config keys are fully qualified (`ns:key`), and
     declared keys the config leaves out get Pulumi.yaml's defaults, as under the CLI.
 
     A StackReference reads `stack_outputs[<fully qualified name>]`, by default `platform_outputs`
-    in the config's gcp:project. With expect_error, a failing program returns its Recording with
-    `error` set instead of raising.
+    in the config's gcp:project; an existing or platform cluster is in `release_channel`. With
+    expect_error, a failing program returns its Recording with `error` set instead of raising.
     """
-    mocks = RecordingMocks(project=config.get("gcp:project", GCP_PROJECT), stack_outputs=stack_outputs)
+    mocks = RecordingMocks(project=config.get("gcp:project", GCP_PROJECT), stack_outputs=stack_outputs, release_channel=release_channel)
     monitor = RecordingMonitor(mocks)
     # Pulumi schedules on the thread's current event loop; an earlier test's asyncio.run() leaves
     # none behind, so each program run gets its own.

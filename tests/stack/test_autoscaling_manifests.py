@@ -98,8 +98,9 @@ def test_pod_monitoring_scrapes_the_leaders_the_hpa_averages_over():
 
 def test_bundled_server_is_scraped_on_the_http_port_the_stack_starts_it_on():
     (pod_monitoring, _), cfg = rendered("llama3-8b-v6e8", ON, bundled=True)
-    assert pod_monitoring["spec"]["endpoints"] == [{"port": manifests.HTTP_PORT, "path": "/metrics", "interval": "15s"}]
-    assert ("--http-port", str(autoscaling.BUNDLED_METRICS_PORT)) in zip(manifests.BUNDLED_COMMAND, manifests.BUNDLED_COMMAND[1:])
+    [endpoint] = pod_monitoring["spec"]["endpoints"]
+    assert endpoint == {"port": 8000, "path": "/metrics", "interval": "15s"}
+    assert ("--http-port", str(endpoint["port"])) in zip(manifests.BUNDLED_COMMAND, manifests.BUNDLED_COMMAND[1:])
     pod_monitoring_validator().validate(pod_monitoring)
 
 
@@ -136,7 +137,9 @@ def test_the_crd_schema_rejects_a_non_integer_replica_count():
 
 
 def test_scale_target_is_the_lws_api():
-    assert (autoscaling.LWS_API_VERSION, autoscaling.LWS_KIND) == (lws_model.API_VERSION, lws_model.KIND)
+    (_, hpa), _ = rendered("llama3-405b-v6e16", ON)
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["apiVersion"], target["kind"]) == (lws_model.API_VERSION, lws_model.KIND) == ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet")
 
 
 def test_both_metrics_are_gauges_of_the_bundled_server():

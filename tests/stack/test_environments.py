@@ -10,15 +10,18 @@ from pulumi.runtime import rpc
 from components.core import manifests
 from components.core.config import PLATFORM_OUTPUTS, PlatformConfig, check_same_project, parse_stack_config
 from components.core.errors import ConfigError
+from components.core.node_pools import node_pool_summary, tpu_node_pools
 from components.render import read_stack_file, render
 
-from pulumi_harness import (LOAD_BALANCER_IP, PLATFORM_KUBECONFIG, ROOT, WORKLOAD_STACKS, platform_outputs,
+from pulumi_harness import (GCP_PROJECT, LOAD_BALANCER_IP, PLATFORM_KUBECONFIG, ROOT, WORKLOAD_STACKS, platform_outputs,
                             run_stack, stack_file_config, stack_role)
 from stack_helpers import config, example
 
 CLUSTER = "gcp:container/cluster:Cluster"
 NODE_POOL = "gcp:container/nodePool:NodePool"
 ACCOUNT = "gcp:serviceaccount/account:Account"
+PROJECT_MEMBER = "gcp:projects/iAMMember:IAMMember"
+BUCKET_MEMBER = "gcp:storage/bucketIAMMember:BucketIAMMember"
 LWS = "kubernetes:leaderworkerset.x-k8s.io/v1:LeaderWorkerSet"
 SERVICE = "kubernetes:core/v1:Service"
 CONFIG_FILE = "kubernetes:yaml/v2:ConfigFile"
@@ -92,23 +95,38 @@ def test_a_serving_stack_creates_no_cluster_and_never_installs_lws(recordings, s
     assert recording.stack_references == [PLATFORM_STACK]
     assert recording.of_type(CLUSTER) == [] and recording.of_type(LWS_CONTROLLER) == [] and recording.of_type(ADAPTER) == []
     assert recording.of_type(CONFIG_FILE) == []  # neither the LWS release nor any other cluster-wide install
-    # No node account of its own (nor its project roles): the pools run as the platform's.
-    assert not any(account.inputs["accountId"].startswith("js-nodes") for account in recording.of_type(ACCOUNT))
-    assert recording.of_type("gcp:projects/iAMMember:IAMMember") == []
     # The LeaderWorkerSet waits for the stack's own TPU pools on that cluster.
     pools = {pool.urn for pool in recording.of_type(NODE_POOL)}
     assert pools and pools <= set(recording.one(LWS).dependencies)
 
 
 @pytest.mark.parametrize("stack", ["dev", "prod"])
-def test_a_serving_stacks_tpu_pools_are_on_the_referenced_cluster_and_run_as_its_node_account(recordings, stack):
-    pools = _tpu_pools(recordings[stack])
+def test_a_serving_stacks_tpu_pools_are_on_the_referenced_cluster_and_run_as_its_own_node_account(recordings, stack):
+    recording = recordings[stack]
+    pools = _tpu_pools(recording)
     cfg, plan = example(stack)
     assert sorted(pool["name"] for pool in pools) == sorted(plan.node_pools) and pools
-    node_account = f"js-nodes-platform@{EXAMPLE_PROJECT}.iam.gserviceaccount.com"  # the platform's, derived from its name
-    for pool in pools:
-        assert (pool["cluster"], pool["location"], pool["project"]) == ("jetstream-platform", "us-east5", EXAMPLE_PROJECT)
-        assert pool["nodeConfig"]["serviceAccount"] == node_account
+    node_account = f"js-nodes-{stack}@{GCP_PROJECT}.iam.gserviceaccount.com"  # the stack's own (email as the mocks make it)
+    roles = {member.inputs["role"] for member in recording.of_type(PROJECT_MEMBER) if member.inputs["member"] == f"serviceAccount:{node_account}"}
+    assert roles == {"roles/logging.logWriter", "roles/monitoring.metricWriter", "roles/monitoring.viewer",
+                     "roles/stackdriver.resourceMetadata.writer", "roles/artifactregistry.reader"}
+    for pool in recording.of_type(NODE_POOL):
+        assert (pool.inputs["cluster"], pool.inputs["location"], pool.inputs["project"]) == ("jetstream-platform", "us-east5", EXAMPLE_PROJECT)
+        assert pool.inputs["nodeConfig"]["serviceAccount"] == node_account
+        assert {member.urn for member in recording.of_type(PROJECT_MEMBER)} <= set(pool.dependencies)  # roles before nodes
+    assert not any("js-nodes-platform" in str(resource.inputs) for resource in recording.resources)
+
+
+def test_pathways_pods_of_a_serving_stack_act_as_its_own_node_account_with_only_its_buckets(recordings):
+    """serverRuntime=jetstream: Pathways pools run without Workload Identity, so the pods act as the
+    pools' account, which gets this stack's scratch bucket and its checkpoint bucket only."""
+    prod = recordings["prod"]
+    cfg, _ = example("prod")
+    member = f"serviceAccount:js-nodes-prod@{GCP_PROJECT}.iam.gserviceaccount.com"
+    grants = {(grant.inputs["bucket"], grant.inputs["role"], grant.inputs["member"]) for grant in prod.of_type(BUCKET_MEMBER)}
+    assert grants == {(cfg.scratch_bucket, "roles/storage.objectUser", member),
+                      (cfg.checkpoint_bucket, "roles/storage.objectViewer", member)}
+    assert prod.outputs["serviceAccountEmail"] == member.removeprefix("serviceAccount:")
 
 
 def test_a_serving_stack_talks_to_the_cluster_with_the_platforms_kubeconfig(recordings):
@@ -128,7 +146,11 @@ def test_dev_and_prod_share_no_pool_and_no_kubernetes_object(recordings):
                       for resource in recording.resources if resource.type.startswith("kubernetes:")}
         labels = {("label", pool["nodeConfig"]["labels"]["jetstream-tpu/deployment"]) for pool in _tpu_pools(recording)}
         buckets = {("bucket", bucket.inputs["name"]) for bucket in recording.of_type("gcp:storage/bucket:Bucket")}
-        return pools | namespaced | labels | buckets
+        accounts = {("account", account.inputs["accountId"]) for account in recording.of_type(ACCOUNT)}
+        # Identical grants in two stacks would collide: the first destroy would remove both.
+        grants = {("grant", (grant.type, grant.inputs.get("bucket") or grant.inputs.get("project"), grant.inputs["role"], grant.inputs["member"]))
+                  for grant in recording.of_type(PROJECT_MEMBER) + recording.of_type(BUCKET_MEMBER)}
+        return pools | namespaced | labels | buckets | accounts | grants
 
     dev, prod = names(recordings["dev"]), names(recordings["prod"])
     assert dev and prod and dev.isdisjoint(prod)
@@ -142,6 +164,42 @@ def test_a_serving_stack_in_another_project_than_its_platform_is_refused():
     message = str(recording.error)
     assert "`gcp:project`, `clusterStack`" in message and "platform-project" in message
     assert check_same_project("p", "p", PLATFORM_STACK) == "p"
+
+
+GET_CLUSTER = "gcp:container/getCluster:getCluster"
+
+
+@pytest.mark.parametrize(("channel", "auto_upgrade"), [("UNSPECIFIED", False), ("REGULAR", True), ("STABLE", True)])
+def test_a_serving_stacks_multi_host_pools_follow_the_live_clusters_release_channel(channel, auto_upgrade):
+    """GKE refuses auto_upgrade=false on a multi-host pool of a cluster enrolled in a channel, and
+    only the live cluster knows its channel: the serving stack reads it at preview."""
+    recording = run_stack(stack_file_config("prod"), "prod", release_channel=channel)
+    assert (GET_CLUSTER, {"name": "jetstream-platform", "location": "us-east5", "project": EXAMPLE_PROJECT}) in recording.calls
+    pools = _tpu_pools(recording)
+    assert len(pools) == 2 and all(pool["management"] == {"autoRepair": True, "autoUpgrade": auto_upgrade} for pool in pools)
+
+
+def test_a_serving_stack_in_a_zone_outside_the_platforms_cluster_is_refused_before_any_pool():
+    values = {**stack_file_config("dev"), "jetstream-tpu:zone": "us-central1-a"}
+    recording = run_stack(values, "dev", expect_error=True)
+    assert recording.error is not None
+    message = str(recording.error)
+    assert "`zone`" in message and "the cluster jetstream-platform (us-east5)" in message and "a zone of us-east5" in message
+    assert recording.of_type(NODE_POOL) == []
+    # A zonal platform cluster takes pools in every zone of its region.
+    zonal = {PLATFORM_STACK: {**platform_outputs(PLATFORM_STACK, EXAMPLE_PROJECT), "clusterLocation": "us-east5-a"}}
+    assert [pool["nodeLocations"] for pool in _tpu_pools(run_stack(stack_file_config("dev"), "dev", stack_outputs=zonal))] == [["us-east5-b"]]
+
+
+def test_a_serving_stack_takes_the_release_channel_from_its_cluster_not_from_config():
+    with pytest.raises(ConfigError) as refused:
+        parse_stack_config({**read_stack_file(ROOT / "Pulumi.dev.yaml")[0], "releaseChannel": "REGULAR"}, project=EXAMPLE_PROJECT, stack="dev")
+    assert refused.value.keys == ("releaseChannel", "role")
+    cfg, _ = example("prod")
+    assert {node_pool_summary(spec)["auto_upgrade"] for spec in tpu_node_pools(cfg)} == {"the cluster's release channel decides at deploy time"}
+    single_host, _ = example("dev")  # auto-upgrade stays on for single-host slices in any channel
+    assert [spec.auto_upgrade for spec in tpu_node_pools(single_host)] == [True]
+    assert all(pool["management"]["autoUpgrade"] is True for pool in _tpu_pools(run_stack(stack_file_config("dev"), "dev")))
 
 
 def test_a_serving_stacks_hpa_uses_the_platforms_metrics_adapter():

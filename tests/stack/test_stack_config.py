@@ -117,13 +117,29 @@ def test_explicit_names_win_over_derived_ones():
     assert (cfg.cluster_name, cfg.namespace, cfg.scratch_bucket) == ("shared", "serving", "my-scratch")
 
 
-def test_install_lws_controller_defaults_to_true_and_is_refused_on_an_existing_cluster():
+def test_lws_is_installed_on_a_cluster_the_stack_creates_unless_installLwsController_is_false():
+    """Pulumi fills in the default (true), so true means "where the stack may": on its own cluster only."""
     assert config().install_lws_controller is True
     assert config(installLwsController="false").install_lws_controller is False
+    # An existing cluster's controller is its owner's: never installed there, and nothing to set.
+    assert config(existingClusterName="shared").install_lws_controller is False
     assert config(existingClusterName="shared", installLwsController="false").install_lws_controller is False
-    with pytest.raises(ConfigError) as refused:
-        config(existingClusterName="shared")
-    assert refused.value.keys == ("installLwsController", "existingClusterName") and "every LeaderWorkerSet" in str(refused.value)
+    for value in ("true", "false"):  # a serving stack's cluster is its platform's
+        serving = stack_config.parse_stack_config({**_refused_raw(SERVING), "installLwsController": value}, project=GCP_PROJECT, stack="dev")
+        assert serving.install_lws_controller is False
+    platform = stack_config.parse_stack_config({"role": "platform"}, project=GCP_PROJECT, stack="platform")
+    assert platform.install_lws_controller is True
+    assert stack_config.parse_stack_config({"role": "platform", "installLwsController": "false"}, project=GCP_PROJECT,
+                                           stack="platform").install_lws_controller is False
+
+
+def test_only_a_stack_that_creates_its_cluster_installs_the_metrics_adapter():
+    assert config(maxReplicas="2").installs_metrics_adapter is True
+    assert config().installs_metrics_adapter is False  # no autoscaling, no adapter
+    shared = config(maxReplicas="2", existingClusterName="shared", installLwsController="false")
+    assert (shared.creates_cluster, shared.installs_metrics_adapter) == (False, False)
+    serving = stack_config.parse_stack_config({**_refused_raw(SERVING), "maxReplicas": "2"}, project=GCP_PROJECT, stack="dev")
+    assert (serving.creates_cluster, serving.installs_metrics_adapter) == (False, False)
 
 
 def test_wait_for_ready_defaults_to_false():
@@ -133,7 +149,7 @@ def test_wait_for_ready_defaults_to_false():
 BUNDLED = {"serverRuntime": "bundled", "bundledServerImage": "registry.example/jetstream-jax:0.1.0", "checkpointPath": "gs://test-checkpoints/m/model.gguf"}
 
 PLATFORM_STACK = "my-org/jetstream-tpu/platform"
-SERVING = {"role": "serving", "clusterStack": PLATFORM_STACK, "installLwsController": "false"}  # a valid serving stack's keys
+SERVING = {"role": "serving", "clusterStack": PLATFORM_STACK}  # a valid serving stack's keys
 
 # Bad configs: (change to the minimal valid config, key the message must name, message fragment).
 REFUSALS = {
@@ -150,7 +166,6 @@ REFUSALS = {
     "8t machine for 4x4": ({"topology": "4x4", "tpuMachineType": "ct6e-standard-8t"}, "tpuMachineType", "cannot host a 4x4 slice"),
     "reservation without name": ({"tpuProvisioning": "reservation"}, "tpuReservation", "needs a reservation name"),
     "latest image": ({"jetstreamImage": "us-docker.pkg.dev/x/jetstream:latest"}, "jetstreamImage", "not pinned"),
-    "shared cluster's LWS controller": ({"existingClusterName": "shared"}, "installLwsController", "every LeaderWorkerSet of the cluster"),
     "not a boolean": ({"waitForReady": "sometimes"}, "waitForReady", "expected true or false"),
     "bundled image latest": ({**{"serverRuntime": "bundled", "checkpointPath": "gs://test-checkpoints/m/model.gguf"},
                               "bundledServerImage": "registry.example/jetstream-jax:latest"}, "bundledServerImage", "not pinned"),
@@ -181,9 +196,10 @@ REFUSALS = {
     "clusterStack with role=all": ({"clusterStack": PLATFORM_STACK}, "clusterStack", "role=all stack does not use it"),
     "clusterStack not qualified": ({**SERVING, "clusterStack": "platform"}, "clusterStack", "not a fully qualified stack name"),
     "clusterStack is itself": ({**SERVING, "clusterStack": "my-org/jetstream-tpu/test"}, "clusterStack", "is this stack itself"),
-    "serving installs LWS": ({**SERVING, "installLwsController": None}, "installLwsController", "never installs the LWS controller"),
     "serving on an existing cluster": ({**SERVING, "existingClusterName": "shared"}, "existingClusterName", "creates no cluster"),
     "serving names a cluster": ({**SERVING, "clusterName": "mine"}, "clusterName", "role=serving stack does not use it"),
+    "serving sets a release channel": ({**SERVING, "releaseChannel": "REGULAR"}, "releaseChannel", "role=serving stack does not use it"),
+    "zone outside clusterLocation": ({"clusterLocation": "us-central1"}, "zone", "outside the cluster's location (us-central1)"),
     "platform with a model": ({"role": "platform"}, "model", "no TPU pool, no workload"),
 }
 
@@ -248,7 +264,7 @@ def test_a_platform_stack_needs_no_model_and_takes_the_cluster_keys():
 
 
 @pytest.mark.parametrize(("change", "key"), [
-    ({"existingClusterName": "shared", "installLwsController": "false"}, "existingClusterName"),
+    ({"existingClusterName": "shared"}, "existingClusterName"),
     ({"clusterStack": PLATFORM_STACK}, "clusterStack"),
     ({"serviceType": "InternalLoadBalancer"}, "serviceType"),
     ({"replicas": "2"}, "replicas"),
@@ -268,9 +284,9 @@ def test_the_defaults_pulumi_fills_in_never_count_as_set():
     assert (serving.role, serving.cluster_name, serving.cluster_location, serving.install_lws_controller) == ("serving", "", "", False)
 
 
-def test_a_serving_stacks_pools_run_as_its_platforms_node_account():
+def test_a_serving_stacks_pools_run_as_a_node_account_of_its_own():
     serving = stack_config.parse_stack_config(_refused_raw(SERVING), project=GCP_PROJECT, stack="dev")
-    assert serving.node_service_account_id == stack_config.node_service_account_id("platform") == "js-nodes-platform"
+    assert serving.node_service_account_id == stack_config.node_service_account_id("dev") == "js-nodes-dev"
     assert config(stack="dev").node_service_account_id == "js-nodes-dev"
 
 

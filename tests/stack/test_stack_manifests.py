@@ -38,6 +38,7 @@ INTENTIONAL_DIFFERENCES = (
     "nodeSelector: pods also select the stack's own TPU pools (label jetstream-tpu/deployment)",
     "Service: annotated pulumi.com/skipAwait, so pulumi up never waits for the leader's endpoints",
     "disaggregated: subGroupPolicyType LeaderExcluded, the Pathways leader holds no TPU (issue 8.8)",
+    "LWS: annotated pulumi.com/patchForce, so an apply takes spec.replicas back from a removed HPA",
     "Service: its type stated (serviceType, ClusterIP by default) and a second port jetstream-grpc 9000 -> 9000 (issue 9)",
 )
 
@@ -61,6 +62,7 @@ def apply_intentional_differences(reference: list[dict], cfg) -> list[dict]:
     for document in (lws, svc):
         document["metadata"]["namespace"] = cfg.namespace
     svc["metadata"]["annotations"] = {"pulumi.com/skipAwait": "true"}
+    lws["metadata"]["annotations"]["pulumi.com/patchForce"] = "true"
     svc["spec"] = {"type": "ClusterIP", **svc["spec"]}
     svc["spec"]["ports"].append({"protocol": "TCP", "name": "jetstream-grpc", "port": 9000, "targetPort": 9000})
     template = lws["spec"]["leaderWorkerTemplate"]
@@ -294,7 +296,8 @@ def test_bundled_leader_and_workers_each_run_the_server_on_their_hosts_chips(sta
     lws, leader, worker = _templates(cfg, plan)
     assert lws["spec"]["leaderWorkerTemplate"]["size"] == cfg.tpu_slice.hosts == plan.hosts_per_slice
     assert "subGroupPolicy" not in lws["spec"]["leaderWorkerTemplate"]
-    assert lws["metadata"]["annotations"] == {"leaderworkerset.sigs.k8s.io/exclusive-topology": "cloud.google.com/gke-nodepool"}
+    assert lws["metadata"]["annotations"] == {"leaderworkerset.sigs.k8s.io/exclusive-topology": "cloud.google.com/gke-nodepool",
+                                              "pulumi.com/patchForce": "true"}
     for template in (leader, worker):
         spec = template["spec"]
         (server,) = spec["containers"]  # no Pathways proxy, resource manager, HTTP sidecar or worker

@@ -53,7 +53,8 @@ COMPONENTS = {  # per role; plus SCALING_COMPONENTS where maxReplicas > replicas
     "all": ("jetstream:iam:NodeIdentity", "jetstream:gke:GkeCluster", "jetstream:iam:ServingIdentity",
             "jetstream:lws:LeaderWorkerSetController", "jetstream:serving:JetStreamServer"),
     "platform": ("jetstream:iam:NodeIdentity", "jetstream:gke:GkeCluster", "jetstream:lws:LeaderWorkerSetController", ADAPTER),
-    "serving": (STACK_REFERENCE_OWNER, "jetstream:gke:GkeCluster", "jetstream:iam:ServingIdentity", "jetstream:serving:JetStreamServer"),
+    "serving": (STACK_REFERENCE_OWNER, "jetstream:iam:NodeIdentity", "jetstream:gke:GkeCluster", "jetstream:iam:ServingIdentity",
+                "jetstream:serving:JetStreamServer"),
 }
 SCALING_COMPONENTS = (ADAPTER, AUTOSCALER)
 MINIMAL = {"model": "llama3.1-8b", "topology": "2x2", "checkpointPath": "gs://test-checkpoints/m/0/items"}
@@ -243,8 +244,16 @@ def test_release_channel_forces_auto_upgrade_on_multi_host_pools():
     assert pool["management"]["autoUpgrade"] is True
 
 
+@pytest.mark.parametrize(("channel", "auto_upgrade"), [("UNSPECIFIED", False), ("RAPID", True)])
+def test_pools_on_an_existing_cluster_follow_its_live_release_channel(channel, auto_upgrade):
+    values = {**MINIMAL, "model": "llama2-7b", "topology": "4x4", "tensorParallelism": "-1", "existingClusterName": "shared-tpu"}
+    recording = run_stack({"gcp:project": GCP_PROJECT, **qualified(values)}, release_channel=channel)
+    (pool,) = recording.of_type(NODE_POOL)
+    assert pool.inputs["management"]["autoUpgrade"] is auto_upgrade and pool.inputs["location"] == "us-east5"
+
+
 def test_existing_cluster_is_looked_up_not_created():
-    recording = _run(existingClusterName="shared-tpu", clusterLocation="us-east5", installLwsController="false")
+    recording = _run(existingClusterName="shared-tpu", clusterLocation="us-east5")
     assert recording.of_type(CLUSTER) == []
     assert [pool.inputs["name"] for pool in recording.of_type(NODE_POOL)] == ["v6e-4-serving-test"]
     assert recording.of_type(NODE_POOL)[0].inputs["cluster"] == "shared-tpu"
@@ -271,6 +280,16 @@ def test_workload_identity_binding_waits_for_the_cluster_that_creates_the_pool()
     # On an existing cluster the pool exists already: nothing to wait for, and no cluster to wait on.
     existing = _run_bundled(existingClusterName="shared-tpu", clusterLocation="us-east5", installLwsController="false")
     assert existing.of_type(CLUSTER) == [] and existing.one(ACCOUNT_MEMBER).inputs["role"] == "roles/iam.workloadIdentityUser"
+
+
+def test_the_metrics_adapters_binding_waits_for_the_cluster_that_creates_the_pool(recordings):
+    """8.1 for the adapter: its principal names the same pool PROJECT.svc.id.goog."""
+    for stack in ("llama3-8b-autoscale", "platform"):
+        recording = recordings[stack]
+        adapter = recording.one(ADAPTER)
+        access = next(member for member in recording.of_type(PROJECT_MEMBER) if member.parent == adapter.urn)
+        assert "/workloadIdentityPools/my-gcp-project.svc.id.goog/subject/ns/custom-metrics/" in access.inputs["member"]
+        assert recording.one(CLUSTER).urn in access.dependencies, stack
 
 
 GLOBAL_NAMES = {  # resource type -> the input that must be unique per project (or globally)
@@ -305,12 +324,13 @@ def test_two_stacks_in_one_project_share_no_name():
 
 
 def test_lws_controller_is_installed_only_where_the_stack_owns_the_cluster():
-    """8.3: installLwsController (default true) installs the cluster-wide release; false does not,
-    and the LeaderWorkerSet then waits for the node pools and the identity only."""
+    """8.3: installLwsController (default true) installs the cluster-wide release on a cluster the
+    stack creates; false does not, and neither does the default on an existing cluster (its owner's).
+    The LeaderWorkerSet then waits for the node pools and the identity only."""
     assert len(_run().of_type(CONFIG_FILE)) == 1
-    without = _run(installLwsController="false")
-    assert without.of_type(CONFIG_FILE) == [] and without.of_type("jetstream:lws:LeaderWorkerSetController") == []
-    assert NODE_POOL in _dependency_types(without, without.one(LWS))
+    for without in (_run(installLwsController="false"), _run(existingClusterName="shared-tpu", clusterLocation="us-east5")):
+        assert without.of_type(CONFIG_FILE) == [] and without.of_type("jetstream:lws:LeaderWorkerSetController") == []
+        assert NODE_POOL in _dependency_types(without, without.one(LWS))
 
 
 def test_lws_is_replaced_not_patched_where_the_webhook_refuses_updates(recordings):
@@ -319,6 +339,16 @@ def test_lws_is_replaced_not_patched_where_the_webhook_refuses_updates(recording
         lws = recordings[stack].one(LWS)
         assert set(lws.replace_on_changes) == {"spec.leaderWorkerTemplate.subGroupPolicy", "spec.networkConfig"}
         assert lws.delete_before_replace is True
+
+
+@pytest.mark.parametrize("stack", WORKLOAD_STACKS)
+def test_a_replaced_tpu_pool_is_deleted_before_its_successor_is_created(recordings, stack):
+    """A topology change renames (so replaces) the TPU pools; creating the new slice before deleting
+    the old one would need twice the TPU capacity, which a reservation or a tight quota refuses."""
+    recording = recordings[stack]
+    tpu_pools = [pool for pool in recording.of_type(NODE_POOL) if pool.inputs["name"] != "system"]
+    assert tpu_pools and all(pool.delete_before_replace for pool in tpu_pools)
+    assert all(not pool.delete_before_replace for pool in recording.of_type(NODE_POOL) if pool.inputs["name"] == "system")
 
 
 def test_service_never_waits_for_endpoints_and_the_lws_waits_only_when_asked():
@@ -438,6 +468,21 @@ def test_the_hpa_owns_the_replicas_once_the_lws_exists(recordings):
         assert recordings[stack].one(LWS).ignore_changes == [], stack
 
 
+def test_turning_autoscaling_off_applies_the_replicas_with_force():
+    """maxReplicas back to replicas: ignoreChanges goes, so spec.replicas is applied again while the
+    HPA's field manager (kube-controller-manager, scale subresource) still owns it; without force
+    that apply fails with a field conflict. Force is on either way: while autoscaling, ignoreChanges
+    keeps spec.replicas out of the apply, so it never undoes the HPA."""
+    scaled = stack_file_config("llama3-8b-autoscale")
+    unscaled = {key: value for key, value in scaled.items() if key not in ("jetstream-tpu:autoscalingMetric", "jetstream-tpu:autoscalingTarget")}
+    off = run_stack({**unscaled, "jetstream-tpu:maxReplicas": "1"}, "llama3-8b-autoscale")
+    on = run_stack(scaled, "llama3-8b-autoscale")
+    assert off.of_type(HPA) == [] and off.one(LWS).ignore_changes == [] and off.one(LWS).inputs["spec"]["replicas"] == 1
+    for recording in (on, off):
+        assert recording.one(LWS).inputs["metadata"]["annotations"]["pulumi.com/patchForce"] == "true"
+    assert on.one(LWS).ignore_changes == ["spec.replicas"]
+
+
 def test_the_hpa_and_pod_monitoring_wait_for_the_workload_and_the_metrics_adapter(recordings):
     recording = recordings["llama3-8b-autoscale"]
     adapter = recording.one(ADAPTER)
@@ -458,6 +503,18 @@ def test_jetstream_serves_the_metrics_the_pod_monitoring_scrapes(recordings):
     assert recording.one(POD_MONITORING).inputs["spec"]["endpoints"] == [{"port": 9090, "path": "/", "interval": "15s"}]
     unscaled = recordings["llama3-8b-v6e8"].one(LWS).inputs["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]
     assert not any(arg.startswith("prometheus_port") for container in unscaled["containers"] for arg in container.get("args", []))
+
+
+def test_a_stack_on_an_existing_cluster_autoscales_through_the_adapter_of_the_clusters_owner():
+    """The adapter is cluster-wide (its namespace, APIServices, ClusterRoles): destroying a stack that
+    installed it on a shared cluster would break every custom-metrics HPA there."""
+    recording = _run(existingClusterName="shared-tpu", clusterLocation="us-east5", installLwsController="false", maxReplicas="2")
+    assert recording.of_type(ADAPTER) == [] and recording.of_type(CONFIG_FILE) == []
+    assert not any(member.inputs["role"] == "roles/monitoring.viewer" and member.inputs["member"].startswith("principal://")
+                   for member in recording.of_type(PROJECT_MEMBER))
+    hpa = recording.one(HPA)
+    assert recording.one(LWS).urn in hpa.dependencies and hpa.inputs["spec"]["maxReplicas"] == 2
+    assert len(_run(maxReplicas="2").of_type(ADAPTER)) == 1  # on a cluster the stack creates, it installs it
 
 
 def test_fixed_replicas_get_a_slice_each_and_the_service_balances_over_their_leaders():

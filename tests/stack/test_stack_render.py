@@ -153,6 +153,28 @@ def test_render_prints_the_plan_summary_as_comments():
     assert plan["parallelism"] == {"fsdp": 1, "autoregressive": 2, "tensor": 8}
     assert plan["hbmGiBPerChip"]["needed"] <= plan["hbmGiBPerChip"]["usable"]
     assert plan["nodePoolSpecs"][0]["tpu_topology"] == "4x4" and plan["nodePoolSpecs"][0]["node_count"] == 4
+    assert plan["lwsController"] == "v0.10.0" and "metricsAdapter" not in plan  # installed by the stack; no autoscaling
+
+
+@pytest.mark.parametrize(("stack", "values", "lws", "adapter"), [
+    ("own", {}, "v0.10.0", None),
+    ("skip", {"installLwsController": "false"}, "not installed (installLwsController=false)", None),
+    ("shared", {"existingClusterName": "shared-tpu", "maxReplicas": "2"}, "not installed: the existing cluster's owner installs it",
+     "not installed: the existing cluster's owner installs it"),
+    ("scaled", {"maxReplicas": "2"}, "v0.10.0", "https://raw.githubusercontent.com/GoogleCloudPlatform/k8s-stackdriver/"),
+    ("serving", {"role": "serving", "clusterStack": "my-org/jetstream-tpu/platform", "maxReplicas": "2"},
+     "not installed: the platform stack my-org/jetstream-tpu/platform installs it",
+     "not installed: the platform stack my-org/jetstream-tpu/platform installs it"),
+])
+def test_the_plan_says_whether_the_stack_installs_the_cluster_wide_pieces(tmp_path, stack, values, lws, adapter):
+    _write_stack(tmp_path, stack, {"model": "llama3.1-8b", "topology": "2x2", "checkpointPath": "gs://test-ckpt/x", **values})
+    text = render.render(stack, tmp_path)
+    plan = yaml.safe_load("\n".join(line[2:] for line in text.split("\n---\n", 1)[0].splitlines()))["plan"]
+    assert plan["lwsController"] == lws
+    if adapter is None:
+        assert "metricsAdapter" not in plan
+    else:
+        assert plan["metricsAdapter"].startswith(adapter)
 
 
 def _write_stack(tmp_path, name: str, values: dict[str, str], project: str = "test-project") -> None:
