@@ -48,6 +48,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"  # its sdist vendors the llama.cpp the numbers were taken with
+# -march=native turns on ggml's AMX kernels where the CPU lists AMX, but using AMX tiles needs a
+# permission from the kernel that VMs and sandboxes often do not grant (llama-server then dies with
+# SIGSEGV at its first decode); the AVX-512 / VNNI paths stay on.
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jetstream-tpu"
 START_TIMEOUT_S = 900.0  # ours compiles every prefill bucket before /healthcheck turns 200
 REQUEST_TIMEOUT_S = 900.0
@@ -84,7 +88,7 @@ def llama_server_binary(cache_dir: Path) -> Path:
     _run([
         "cmake", "-S", str(llama_cpp), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF",
         "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON",
-        "-DGGML_NATIVE=ON",
+        "-DGGML_NATIVE=ON", f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}",
     ])  # fmt: skip
     _run(["cmake", "--build", str(build), "--target", "llama-server", "-j2"])
     built = next(build.rglob("llama-server"))
