@@ -42,6 +42,7 @@ BTF = ("act_batch", None, "mlp")  # MLP hidden [B, T, F]
 BTH = ("act_batch", None, "q_heads", None)  # queries / attention output [B, T, H, E]
 BTK = ("act_batch", None, "kv_heads", None)  # keys, values [B, T, K, E]
 BV = ("act_batch", "vocab")  # logits [B, V]
+CACHE_BH = ("cache_batch", "q_heads", None)  # decode attention's queries and output [B, H, E]
 
 
 def no_shard(x: jax.Array, axes: tuple) -> jax.Array:
@@ -133,7 +134,7 @@ class KVCache:
         return self.k.shape[3]
 
 
-def cache_infos(cfg: ModelConfig, batch: int, length: int, batch_axis: str = "batch") -> KVCache:
+def cache_infos(cfg: ModelConfig, batch: int, length: int, batch_axis: str = "cache_batch") -> KVCache:
     """KV cache declaration. Prefixes use batch=1 with batch_axis="prefill_batch" (unsharded)."""
     shape = (cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_dim)
     axes = ("layers", batch_axis, "kv_heads", "cache_seq", "head_dim")
@@ -199,8 +200,15 @@ def qkv(cfg: ModelConfig, layer: dict, x: jax.Array, rope_tab, shard: Shard = no
 
 
 def attn_out(layer: dict, x: jax.Array, attn: jax.Array, shard: Shard = no_shard) -> jax.Array:
-    """Residual plus the output projection of attention [B, T, H, E]."""
-    return shard(x + quant.einsum("bthe,hed->btd", shard(attn, BTH), layer["wo"]), BTD)
+    """Residual plus the output projection of attention [B, T, H, E].
+
+    Heads and head_dim are merged first ([B, T, H*E] x [H*E, D], free reshapes of contiguous
+    dims): contracting two axes made XLA transpose wo on every call.
+    """
+    b, t, h, e = attn.shape
+    flat = shard(attn, BTH).reshape(b, t, h * e)
+    wo = jax.tree.map(lambda w: w.reshape(-1, w.shape[-1]), layer["wo"])  # [H*E, D]; int8 scale [1, D]
+    return shard(x + quant.einsum("btf,fd->btd", flat, wo), BTD)
 
 
 def mlp_block(cfg: ModelConfig, layer: dict, x: jax.Array, shard: Shard = no_shard) -> jax.Array:
@@ -296,24 +304,30 @@ def _write_token(cfg: ModelConfig, cache: KVCache, layer_idx, k, v, positions) -
     return dataclasses.replace(cache, **updated)
 
 
-def _cache_block(cfg: ModelConfig, cache: KVCache, name: str, layer_idx, start) -> jax.Array:
-    """Dequantized block [B, K, blk, E] of cache field `name` at layer `layer_idx`, from `start`."""
+def _cache_block(cfg: ModelConfig, cache: KVCache, name: str, layer_idx, start, rows: int) -> jax.Array:
+    """Dequantized block [rows, K, blk, E] of cache field `name` (its first `rows` slots) at layer
+    `layer_idx`, from position `start`."""
     values = getattr(cache, name)
-    b, k, _, e = values.shape[1:]
-    block = jax.lax.dynamic_slice(values, (layer_idx, 0, 0, start, 0), (1, b, k, cfg.kv_block, e))[0]
+    k, e = values.shape[2], values.shape[4]
+    block = jax.lax.dynamic_slice(values, (layer_idx, 0, 0, start, 0), (1, rows, k, cfg.kv_block, e))[0]
     scales = getattr(cache, name + "_scale")
     if scales is not None:
-        scales = jax.lax.dynamic_slice(scales, (layer_idx, 0, 0, start), (1, b, k, cfg.kv_block))[0]
+        scales = jax.lax.dynamic_slice(scales, (layer_idx, 0, 0, start), (1, rows, k, cfg.kv_block))[0]
     return quant.dequantize_kv(block, scales, cfg.act_dtype)
 
 
-def decode_attention(cfg: ModelConfig, q, cache: KVCache, layer_idx, lengths, n_blocks) -> jax.Array:
-    """One query per slot q [B, H, E] over cache positions < lengths [B], block by block.
+def decode_attention(
+    cfg: ModelConfig, q, cache: KVCache, layer_idx, lengths, n_blocks, shard: Shard = no_shard
+) -> jax.Array:
+    """One query per slot q [B, H, E] over cache positions < lengths [B], block by block; B may
+    be fewer than the cache's slots (its first B are read).
 
     Online softmax over `n_blocks` blocks (traced), so the work follows the longest live slot.
+    Runs with the slots laid out as the cache's ("cache_batch"), so no cache data moves.
     """
     with jax.named_scope("attention"):
         b = q.shape[0]
+        q = shard(q, CACHE_BH)
         qg = _group(cfg, q[:, None])[:, 0].astype(jnp.float32)  # [B, K, G, E]
         qg = qg / math.sqrt(cfg.head_dim)
         shape = (b, cfg.n_kv_heads, cfg.q_per_kv)
@@ -322,27 +336,31 @@ def decode_attention(cfg: ModelConfig, q, cache: KVCache, layer_idx, lengths, n_
         def block_step(j, carry):
             m, l, acc = carry
             start = j * cfg.kv_block
-            kb = _cache_block(cfg, cache, "k", layer_idx, start).astype(jnp.float32)  # [B, K, blk, E]
-            vb = _cache_block(cfg, cache, "v", layer_idx, start).astype(jnp.float32)
-            s = jnp.einsum("bkge,bkse->bkgs", qg, kb)
+            kb = _cache_block(cfg, cache, "k", layer_idx, start, b).astype(jnp.float32)  # [B, K, blk, E]
+            vb = _cache_block(cfg, cache, "v", layer_idx, start, b).astype(jnp.float32)
+            # multiply-and-reduce, not einsum: each (slot, head) pair is a tiny [G, E] x [E, blk]
+            # product, which XLA:CPU runs as many small dot calls on a copied block; as a reduction
+            # it fuses the block's slice (and int8 dequantization) into one pass over the cache.
+            s = jnp.sum(qg[:, :, :, None, :] * kb[:, :, None, :, :], axis=-1)  # [B, K, G, blk]
             live = (start + jnp.arange(cfg.kv_block))[None, :] < lengths[:, None]  # [B, blk]
             s = jnp.where(live[:, None, None, :], s, NEG_INF)
             m_new = jnp.maximum(m, s.max(-1))
             p = jnp.exp(s - m_new[..., None])
             correction = jnp.exp(m - m_new)
             l = l * correction + p.sum(-1)
-            acc = acc * correction[..., None] + jnp.einsum("bkgs,bkse->bkge", p, vb)
+            acc = acc * correction[..., None] + jnp.sum(p[..., None] * vb[:, :, None, :, :], axis=3)
             return m_new, l, acc
 
         _, l, acc = jax.lax.fori_loop(0, n_blocks, block_step, init)
         out = acc / l[..., None]  # [B, K, G, E]
-        return out.reshape(b, cfg.n_heads, cfg.head_dim).astype(q.dtype)
+        return shard(out.reshape(b, cfg.n_heads, cfg.head_dim).astype(q.dtype), CACHE_BH)
 
 
 def decode_step(
     cfg: ModelConfig, params: dict, cache: KVCache, tokens: jax.Array, positions: jax.Array, shard: Shard = no_shard
 ):
-    """One token per slot: tokens [B] at positions [B] (< cache length).
+    """One token per slot: tokens [B] at positions [B] (< cache length), for the cache's first B
+    slots (the engine runs only as many as are live; the others are left as they are).
 
     Writes each slot's k, v at its position, attends to positions <= it, returns f32 logits [B, V]
     and the updated cache.
@@ -358,7 +376,7 @@ def decode_step(
         with jax.named_scope("decoder_layer"):
             q, k, v = qkv(cfg, layer, x, rope_tab, shard)
             cache = _write_token(cfg, cache, idx, k[:, 0], v[:, 0], positions)
-            attn = decode_attention(cfg, q[:, 0], cache, idx, lengths, n_blocks)  # [B, H, E]
+            attn = decode_attention(cfg, q[:, 0], cache, idx, lengths, n_blocks, shard)  # [B, H, E]
             x = attn_out(layer, x, attn[:, None], shard)
             x = mlp_block(cfg, layer, x, shard)
             return (x, cache), None
