@@ -26,7 +26,6 @@ class ModelConfig:
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
-    bos_id: int = 1
     eos_id: int = 2
     # How it runs.
     dtype: str = "float32"  # activations and KV cache (when not int8)
