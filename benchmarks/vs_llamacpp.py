@@ -264,8 +264,8 @@ def table(rows: list[dict]) -> str:
     lines = [head]
     for r in rows:
         line = [str(r["clients"]), f"{r['llama']:.1f}", f"{r['ours']:.1f}", f"{r['ours'] / r['llama']:.2f}"]
-        if "slots1" in r:
-            line.append(f"{r['slots1']:.1f}")
+        if len(head) == 5:
+            line.append(f"{r['slots1']:.1f}" if "slots1" in r else "-")
         lines.append(line)
     widths = [max(len(row[i]) if i < len(row) else 0 for row in lines) for i in range(len(head))]
     out = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in lines]
