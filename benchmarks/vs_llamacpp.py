@@ -233,7 +233,8 @@ def our_weight_bytes(server_args: list[str]) -> tuple[str, int]:
     from serving.engine.loaders import gguf_loader, runtime_config
     from serving.server.settings import parse_settings
 
-    settings = parse_settings([a for a in server_args if "=" in a])
+    backend = os.environ.get("JAX_PLATFORMS", "cpu").split(",")[0]  # what start_ours runs on
+    settings = parse_settings([a for a in server_args if "=" in a]).for_backend(backend)
     arch = gguf_loader.read_config(gguf_loader.gguf.GGUFReader(str(gguf_loader.bundled_gguf_path())))
     cfg = runtime_config(arch, settings)
     infos = model.param_infos(cfg)
@@ -263,7 +264,9 @@ def table(rows: list[dict]) -> str:
         head.append("ours --slots 1 tok/s")
     lines = [head]
     for r in rows:
-        line = [str(r["clients"]), f"{r['llama']:.1f}", f"{r['ours']:.1f}", f"{r['ours'] / r['llama']:.2f}"]
+        llama = r.get("llama")
+        line = [str(r["clients"]), "-" if llama is None else f"{llama:.1f}", f"{r['ours']:.1f}",
+                "-" if llama is None else f"{r['ours'] / llama:.2f}"]
         if len(head) == 5:
             line.append(f"{r['slots1']:.1f}" if "slots1" in r else "-")
         lines.append(line)
@@ -288,11 +291,12 @@ def main(argv=None) -> int:
     p.add_argument("--llama-server", type=Path, help="a llama-server binary to use instead of building one")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help=f"where llama-server is built (default {DEFAULT_CACHE})")
     p.add_argument("--build-only", action="store_true", help="build llama-server and exit")
+    p.add_argument("--ours-only", action="store_true", help="measure only our server (no llama.cpp, no ratios)")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
     args.levels = [int(c) for c in args.levels.split(",")]
 
-    binary = args.llama_server or llama_server_binary(args.cache_dir)
+    binary = None if args.ours_only else args.llama_server or llama_server_binary(args.cache_dir)
     if args.build_only:
         print(binary)
         return 0
@@ -302,11 +306,11 @@ def main(argv=None) -> int:
     bandwidth = read_bandwidth()
     servers = []
     try:
-        llama = start_llama(binary, gguf, args.slots, args.context, args.threads)
-        servers.append(llama)
-        ours = start_ours("ours", args.slots, args)
-        servers.append(ours)
-        ignore_eos = accepts_ignore_eos(ours.url) and accepts_ignore_eos(llama.url)
+        if not args.ours_only:  # each server joins `servers` at once, so `finally` stops it
+            servers.append(start_llama(binary, gguf, args.slots, args.context, args.threads))
+        servers.append(start_ours("ours", args.slots, args))
+        llama, ours = (None if args.ours_only else servers[0]), servers[-1]
+        ignore_eos = all(accepts_ignore_eos(server.url) for server in servers)
         if not ignore_eos:
             print("note: a server rejects ignore_eos; requests may stop early at EOS", file=sys.stderr)
         for server in servers:  # one untimed request each: first-request costs out of the numbers
@@ -315,6 +319,8 @@ def main(argv=None) -> int:
         for clients in args.levels:
             row = {"clients": clients}
             for key, server in (("llama", llama), ("ours", ours)):
+                if server is None:
+                    continue
                 level = run_level(server.url, clients, args.rounds, args.max_tokens, ignore_eos)
                 row[key] = level.tok_s
                 row[key + "_tokens"] = level.tokens
@@ -343,7 +349,7 @@ def main(argv=None) -> int:
     for key, name, fmt, nbytes in (("ours", "ours", our_format, our_bytes), ("llama", "llama.cpp", llama_format, llama_bytes)):
         roofline = bandwidth / nbytes
         line = f"{name}: weights {fmt} {nbytes / 1e6:.0f} MB/token -> roofline {roofline:.0f} tok/s"
-        if one is not None:
+        if one is not None and key in one:
             line += f"; batch 1 at {one[key] / roofline:.0%} of it"
             summary[key + "_roofline_ratio"] = one[key] / roofline
         print(line)
