@@ -154,7 +154,10 @@ class JaxEngine(engine_api.Engine):
         self.state_shardings = sharding.shardings(self.mesh, self.rules, self.state_infos)
         self._replicated = sharding.replicated(self.mesh)
         slots_split = max(sharding.axis_size(self.mesh, getattr(self.rules, a)) for a in ("batch", "cache_batch"))
-        self.decode_buckets = decode_buckets(self._batch) if slots_split == 1 else (self._batch,)
+        # slots on one device: generate runs only the live rows, each slot's attention on its own
+        # (model.decode_attention's per_slot), so a token never depends on the rows beside it
+        self.slots_on_one_device = slots_split == 1
+        self.decode_buckets = decode_buckets(self._batch) if self.slots_on_one_device else (self._batch,)
         self._compile()
 
     # ---- placement --------------------------------------------------------------------------
@@ -207,7 +210,7 @@ class JaxEngine(engine_api.Engine):
     # ---- jitted steps -----------------------------------------------------------------------
 
     def _compile(self) -> None:
-        cfg, rep = self.cfg, self._replicated
+        cfg, rep, bucketed = self.cfg, self._replicated, self.slots_on_one_device
         samp_rep = Sampling(rep, rep, rep, rep)
         prefill_shard = sharding.activation_sharder(self.mesh, self.rules, "prefill_batch")
         decode_shard = sharding.activation_sharder(self.mesh, self.rules, "batch")
@@ -241,7 +244,9 @@ class JaxEngine(engine_api.Engine):
             """One token for each of the first `rows` slots; tokens [B] (stale beyond `rows`)."""
             lengths, active = state.lengths[:rows], state.active[:rows]
             positions = jnp.where(active, jnp.minimum(lengths, self.cache_length - 1), 0)
-            logits, cache = model.decode_step(cfg, params, state.cache, state.tokens[:rows], positions, decode_shard)
+            logits, cache = model.decode_step(
+                cfg, params, state.cache, state.tokens[:rows], positions, decode_shard, per_slot_attention=bucketed
+            )
             new = sample(logits, jax.tree.map(lambda a: a[:rows], state.sampling), positions + 1)
             lengths = jnp.where(active, jnp.minimum(lengths + 1, self.cache_length), 0)
             tokens = state.tokens.at[:rows].set(new)

@@ -8,7 +8,7 @@ An int8 weight meets int8 activations: `einsum` quantizes the activations per ro
 token over the contracted axes), multiplies int8 x int8 with int32 accumulation, and applies both
 scales to the int32 result. The matmul reads a quarter of the f32 bytes and runs on integer units
 (the TPU MXU natively; XLA:CPU through its int8 GEMM kernels, which run at batch >= 2 only: a
-single-row product takes a slow generic loop there, so one row is padded to two).
+single-row product takes a slow generic loop there, so one row is padded to two, see `einsum`).
 
 The KV cache (`quantize_kv`) stores int8 values with one f32 scale per (token, kv head):
 `quantize_kv` / `dequantize_kv` are the only two functions that know it.
@@ -53,22 +53,30 @@ def einsum(eq: str, x: jax.Array, w: jax.Array | QuantArray) -> jax.Array:
 
     x's axes come first in the output (as in every einsum of the model), so the per-row
     activation scale and the per-channel weight scale broadcast onto the result in that order.
+    A single row is padded to two: XLA:CPU runs a one-row product through other kernels (a slow
+    generic loop for int8; a matrix-vector product for float, whose different summation order
+    would make a request's tokens depend on how many slots decode beside it).
     """
-    if not isinstance(w, QuantArray):
-        return jnp.einsum(eq, x, w.astype(x.dtype))
     inputs, out = eq.split("->")
     x_letters, w_letters = inputs.split(",")
     x_contracted = tuple(i for i, letter in enumerate(x_letters) if letter not in out)
+    rows = math.prod(x.shape) // math.prod(x.shape[i] for i in x_contracted)
+    padded = jnp.concatenate([x, jnp.zeros_like(x)], axis=0) if rows == 1 else x
+    if isinstance(w, QuantArray):
+        y = _int8_einsum(eq, padded, w, x_letters, w_letters, x_contracted)
+    else:
+        y = jnp.einsum(eq, padded, w.astype(x.dtype))
+    return y[: x.shape[0]]
+
+
+def _int8_einsum(eq: str, x: jax.Array, w: QuantArray, x_letters: str, w_letters: str, x_contracted) -> jax.Array:
+    out = eq.split("->")[1]
     w_kept = tuple(i for i, letter in enumerate(w_letters) if letter in out)
-    if out != "".join(x_letters[i] for i in range(len(x_letters)) if i not in x_contracted) + "".join(
-        w_letters[i] for i in w_kept
-    ):
+    kept_letters = "".join(x_letters[i] for i in range(len(x_letters)) if i not in x_contracted)
+    if out != kept_letters + "".join(w_letters[i] for i in w_kept):
         raise ValueError(f"einsum {eq!r}: the output must list x's kept axes, then w's")
     xq, x_scale = quantize_rows(x, x_contracted)
-    rows = math.prod(xq.shape) // math.prod(xq.shape[i] for i in x_contracted)
-    if rows == 1:  # see the module docstring: a second (zero) row keeps XLA:CPU on its int8 GEMM
-        xq = jnp.concatenate([xq, jnp.zeros_like(xq)], axis=0)
-    acc = jnp.einsum(eq, xq, w.values, preferred_element_type=jnp.int32)[: x.shape[0]]
+    acc = jnp.einsum(eq, xq, w.values, preferred_element_type=jnp.int32)
     x_scale = jnp.squeeze(x_scale, axis=x_contracted)  # [x's kept axes]
     w_scale = jnp.squeeze(w.scale, axis=tuple(i for i in range(len(w_letters)) if i not in w_kept))
     scale = x_scale.reshape(x_scale.shape + (1,) * w_scale.ndim) * w_scale
