@@ -114,10 +114,10 @@ def decode_buckets(slots: int) -> tuple[int, ...]:
     return tuple(buckets) + (slots,)
 
 
-def _initial_host_value(info: ArrayInfo) -> np.ndarray:
+def _initial_value(info: ArrayInfo) -> jax.Array:
     """An array filled as its declaration's `init` says (zeros, or ones for scales and top_p)."""
     fill = {"zeros": 0, "ones": 1}[info.init]
-    return np.full(info.shape, fill, dtype=info.dtype)
+    return jnp.full(info.shape, fill, dtype=info.dtype)
 
 
 def _nbytes(infos, per_device: bool = False, shardings=None) -> int:
@@ -264,6 +264,9 @@ class JaxEngine(engine_api.Engine):
         self._insert_fn = jax.jit(
             insert_fn, out_shardings=self.state_shardings, donate_argnums=(1,)
         )
+        self._init_fn = jax.jit(
+            lambda: jax.tree.map(_initial_value, self.state_infos, is_leaf=model.is_info), out_shardings=self.state_shardings
+        )
         self._release_fn = jax.jit(release_fn, out_shardings=self.state_shardings, donate_argnums=(0,))
         self._generate_fns = {
             rows: jax.jit(
@@ -297,8 +300,9 @@ class JaxEngine(engine_api.Engine):
         return sharding.put(self._host_params, self.param_shardings)
 
     def init_decode_state(self) -> DecodeState:
-        host = jax.tree.map(_initial_host_value, self.state_infos, is_leaf=model.is_info)
-        return DecodeState(sharding.put(host, self.state_shardings))
+        """Filled on the devices, shard by shard: a host copy of the whole cache would need its
+        global size in every process (2.8 GiB for SmolLM2's default float32 cache)."""
+        return DecodeState(self._init_fn())
 
     def bucket_for(self, n_tokens: int) -> int:
         if n_tokens <= 0:
