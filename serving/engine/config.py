@@ -32,6 +32,11 @@ class ModelConfig:
     weight_dtype: str = "float32"  # unquantized weights
     quantize_weights: bool = False  # int8 per-channel weights (quant.QuantArray leaves)
     quantize_kv: bool = False  # int8 KV cache with per-token/per-head scales
+    # False keeps wo (attention output projection) float under int8 weights: int8 activations at
+    # the attention output, with int8 everywhere else, flipped SmolLM2's answers ("What is the
+    # capital of France?" lost "Paris"); wo is the smallest weight whose float product restores
+    # them (7% of the weights).
+    quantize_attention_output: bool = True
     kv_block: int = 128  # decode attention walks the cache in blocks of this many positions
 
     def __post_init__(self):

@@ -85,10 +85,10 @@ def _float_param_infos(cfg: ModelConfig) -> dict:
         "wq": ArrayInfo((L, D, H, E), w, ("layers", "embed", "q_heads", "head_dim"), (1,)),
         "wk": ArrayInfo((L, D, K, E), w, ("layers", "embed", "kv_heads", "head_dim"), (1,)),
         "wv": ArrayInfo((L, D, K, E), w, ("layers", "embed", "kv_heads", "head_dim"), (1,)),
-        # wo stays float under int8: int8 activations at the attention output, added to int8
-        # everywhere else, flipped SmolLM2's answers (e.g. "What is the capital of France?" lost
-        # "Paris"); wo is the smallest weight whose float product restores them (7% of the bytes).
-        "wo": ArrayInfo((L, H, E, D), w, ("layers", "q_heads", "head_dim", "embed"), (1, 2), float_under_int8=True),
+        "wo": ArrayInfo(
+            (L, H, E, D), w, ("layers", "q_heads", "head_dim", "embed"), (1, 2),
+            float_under_int8=not cfg.quantize_attention_output,
+        ),
         "mlp_norm": ArrayInfo((L, D), jnp.float32, ("layers", "norm"), init="ones"),
         "w_gate": ArrayInfo((L, D, F), w, ("layers", "embed", "mlp"), (1,)),
         "w_up": ArrayInfo((L, D, F), w, ("layers", "embed", "mlp"), (1,)),

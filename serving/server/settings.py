@@ -21,9 +21,12 @@ DEFAULT_DECODE_SLOTS = 32
 # int8 weights with int8 x int8 matmuls and an int8 KV cache beat float32 at every client count
 # (benchmarks/vs_llamacpp.py; README "Speed"). Each default: (value, keys any of which, given,
 # leave the field as the arguments say). Other backends keep MaxText's defaults.
+WEIGHT_FORMAT_KEYS = frozenset({"quantization", "weight_dtype", "checkpoint_is_quantized", "quantize_attention_output"})
 BACKEND_DEFAULTS: dict[str, dict[str, tuple[object, frozenset[str]]]] = {
     "cpu": {
-        "quantization": ("int8", frozenset({"quantization", "weight_dtype", "checkpoint_is_quantized"})),
+        "quantization": ("int8", WEIGHT_FORMAT_KEYS),
+        # int8 with wo float: all-int8 lost answers of the bundled SmolLM2 (ModelConfig)
+        "quantize_attention_output": (False, WEIGHT_FORMAT_KEYS),
         "quantize_kvcache": (True, frozenset({"quantize_kvcache", "dtype"})),
     },
 }
@@ -98,6 +101,7 @@ class ServingSettings:
     dtype: str = "float32"  # activations
     quantization: str = ""  # "" or "int8"
     quantize_kvcache: bool = False
+    quantize_attention_output: bool = True  # false: wo stays float under int8 (ModelConfig)
     checkpoint_is_quantized: bool = False
     enable_model_warmup: bool = True
     enable_single_controller: bool = False  # Pathways (pathwaysutils)
@@ -154,6 +158,7 @@ _PARSERS: dict[str, Callable[[str, str], object]] = {
     "dtype": _parse_choice("float32", "bfloat16"),
     "quantization": _parse_choice("", "int8"),
     "quantize_kvcache": _parse_bool,
+    "quantize_attention_output": _parse_bool,
     "checkpoint_is_quantized": _parse_bool,
     "enable_model_warmup": _parse_bool,
     "enable_single_controller": _parse_bool,

@@ -140,7 +140,7 @@ def test_every_array_has_its_intended_sharding(tp, heads_sharded):
     expected = {
         "wq": (layers["wq"].values, P(None, "fsdp", heads, None)),
         "wq.scale": (layers["wq"].scale, P(None, None, heads, None)),
-        "wo": (layers["wo"], P(None, heads, None, "fsdp")),  # float under int8 (model.param_infos)
+        "wo": (layers["wo"].values, P(None, heads, None, "fsdp")),
         "w_up": (layers["w_up"].values, P(None, "fsdp", "tensor")),
         "w_down": (layers["w_down"].values, P(None, "tensor", "fsdp")),
         "embed": (params["embed"].values, P("tensor", "fsdp")),

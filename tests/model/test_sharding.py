@@ -28,7 +28,7 @@ def prompts(smollm_raw):
     return [smollm_raw[2].encode(p) for p in PROMPTS]
 
 
-INT8 = dict(quantization="int8", quantize_kvcache=True)
+INT8 = dict(quantization="int8", quantize_kvcache=True, quantize_attention_output=False)  # the CPU default
 BATCH = ("fsdp", "autoregressive")
 CACHE_BATCH = BATCH + ("tensor",)  # 3 kv heads do not divide TP=4 or 8: the cache splits its slots
 
@@ -136,7 +136,7 @@ def int8_tp4xar2_specs(params, state) -> dict:
         "final_norm": (params["final_norm"], P(None)),
         "attn_norm": (layers["attn_norm"], P(None, None)),
         "mlp_norm": (layers["mlp_norm"], P(None, None)),
-        "wo": (layers["wo"], P(None, None, None, "fsdp")),  # float under int8 (model.param_infos)
+        "wo": (layers["wo"], P(None, None, None, "fsdp")),  # float: quantize_attention_output=false
         "w_down": (layers["w_down"].values, P(None, "tensor", "fsdp")),
         "w_down.scale": (layers["w_down"].scale, P(None, None, "fsdp")),
         "cache.k_scale": (state.cache.k_scale, P(None, CACHE_BATCH, None, None)),

@@ -29,7 +29,9 @@ def test_slots_default_spreads_over_the_devices():
 
 def test_cpu_defaults_apply_only_to_what_the_arguments_left_unset():
     cpu = parse_settings([]).for_backend("cpu")
-    assert (cpu.quantization, cpu.quantize_kvcache) == ("int8", True)
+    assert (cpu.quantization, cpu.quantize_kvcache, cpu.quantize_attention_output) == ("int8", True, False)
+    # MaxText's int8 (the stack's): every matmul weight int8, as its planner counts them
+    assert parse_settings(["quantization=int8"]).for_backend("cpu").quantize_attention_output
     assert parse_settings([]).for_backend("tpu") == parse_settings([])
     chosen = parse_settings(["weight_dtype=float32", "dtype=float32"]).for_backend("cpu")
     assert (chosen.quantization, chosen.quantize_kvcache) == ("", False)

@@ -62,6 +62,7 @@ def runtime_config(arch: ModelConfig, settings) -> ModelConfig:
         weight_dtype=settings.weight_dtype,
         quantize_weights=settings.quantization == "int8",
         quantize_kv=settings.quantize_kvcache,
+        quantize_attention_output=settings.quantize_attention_output,
     )
 
 
