@@ -148,7 +148,9 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def generate(self, *, params: Params, decode_state: DecodeState) -> tuple[DecodeState, StepTokens]:
-        """Advance every slot by one token (donating decode_state)."""
+        """Advance every live slot by one token (donating decode_state). Free slots' tokens are
+        stale; an engine may skip the free slots above the highest live one, so callers fill the
+        lowest free slot first."""
 
     def warmup(self, params: Params) -> None:
         """Compile every prefill bucket, insert and generate, so the first request is not slow."""

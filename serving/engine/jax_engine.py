@@ -5,12 +5,17 @@ Three jitted steps, each compiled once per shape (prefill once per bucket):
   prefill   tokens [1, T] (padded to a power-of-two bucket) -> Prefix (KV [L, 1, K, T, E], length,
             first token, sampling) and the first token, replicated for the host
   insert    Prefix -> slot `slot` of the DecodeState (slot is a traced scalar: no recompiles)
-  generate  one token for every slot; per-slot sampling arrays; tokens [B] replicated for the host
+  generate  one token for each of the first `rows` slots, once per decode bucket `rows` (powers
+            of two up to the slot count); per-slot sampling arrays; tokens [B] replicated
 
-insert and generate donate the DecodeState, so the KV cache [L, B, K, S, E] is updated in place.
-Decode attention walks the cache in `kv_block` blocks up to the longest *active* slot (see
-`model.decode_attention`); free slots (never filled, or given back with `release`) sit at
-position 0 and neither grow nor lengthen the loop. A slot that keeps running past the cache end
+insert and generate donate the DecodeState's arrays, so the KV cache [L, B, K, S, E] is updated in
+place. The DecodeState also knows, on the host, which slots are live (insert adds, release
+removes), and generate runs the smallest bucket that covers the highest live slot: one live
+request costs a one-row step, not a step over every slot (the orchestrator hands out the lowest
+free slot, so live slots stay packed low). Buckets apply where the slots are not split over
+devices; a mesh that splits them always runs every slot. Decode attention walks the cache in
+`kv_block` blocks up to the longest *active* slot (see `model.decode_attention`); free slots sit
+at position 0 and neither grow nor lengthen the loop. A slot that keeps running past the cache end
 is clamped to the last position, so generate is always safe to call.
 
 `build_engines(settings)` loads the checkpoint once and returns the engines: one engine on all
@@ -21,6 +26,7 @@ devices (interleaved), or a prefill engine and a generate engine on the two halv
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Sequence
 
@@ -52,14 +58,28 @@ class Prefix:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
-class DecodeState:
-    """All slots: cache [L, B, K, S, E]; lengths (tokens in cache), tokens (last), active, sampling [B]."""
+class SlotArrays:
+    """All slots on device: cache [L, B, K, S, E]; lengths (tokens in cache), tokens (last),
+    active, sampling [B]."""
 
     cache: KVCache
     lengths: jax.Array
     tokens: jax.Array
     active: jax.Array
     sampling: Sampling
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+    """engine_api.DecodeState: the slots' device arrays, and on the host which slots are live."""
+
+    arrays: SlotArrays
+    live: frozenset[int] = frozenset()
+
+    def rows(self, buckets: Sequence[int]) -> int:
+        """The smallest decode bucket that covers every live slot."""
+        needed = max(self.live, default=-1) + 1
+        return next(b for b in buckets if b >= needed)
 
 
 def _slot_infos(batch: int) -> tuple[ArrayInfo, ...]:
@@ -71,9 +91,9 @@ def _slot_infos(batch: int) -> tuple[ArrayInfo, ...]:
     )
 
 
-def decode_state_infos(cfg: ModelConfig, batch: int, cache_length: int) -> DecodeState:
+def slot_array_infos(cfg: ModelConfig, batch: int, cache_length: int) -> SlotArrays:
     lengths, tokens, active, samp = _slot_infos(batch)
-    return DecodeState(model.cache_infos(cfg, batch, cache_length), lengths, tokens, active, samp)
+    return SlotArrays(model.cache_infos(cfg, batch, cache_length), lengths, tokens, active, samp)
 
 
 def prefill_buckets(max_prefill_length: int) -> tuple[int, ...]:
@@ -85,9 +105,19 @@ def prefill_buckets(max_prefill_length: int) -> tuple[int, ...]:
     return tuple(buckets) + (max_prefill_length,)
 
 
-def _zeros_like_info(info: ArrayInfo) -> np.ndarray:
+def decode_buckets(slots: int) -> tuple[int, ...]:
+    """Row counts generate compiles for: powers of two below `slots`, and `slots`."""
+    buckets, b = [], 1
+    while b < slots:
+        buckets.append(b)
+        b *= 2
+    return tuple(buckets) + (slots,)
+
+
+def _initial_value(info: ArrayInfo) -> jax.Array:
+    """An array filled as its declaration's `init` says (zeros, or ones for scales and top_p)."""
     fill = {"zeros": 0, "ones": 1}[info.init]
-    return np.full(info.shape, fill, dtype=info.dtype)
+    return jnp.full(info.shape, fill, dtype=info.dtype)
 
 
 def _nbytes(infos, per_device: bool = False, shardings=None) -> int:
@@ -116,13 +146,18 @@ class JaxEngine(engine_api.Engine):
         self._host_params = host_params
         self._max_prefill = settings.max_prefill_predict_length
         self._max_target = settings.max_target_length
-        self._batch = settings.per_device_batch_size * len(devices)
+        self._batch = settings.slots_per_device(len(devices)) * len(devices)
         self.cache_length = -(-settings.max_target_length // cfg.kv_block) * cfg.kv_block
         self.param_infos = model.param_infos(cfg)
-        self.state_infos = decode_state_infos(cfg, self._batch, self.cache_length)
+        self.state_infos = slot_array_infos(cfg, self._batch, self.cache_length)
         self.param_shardings = sharding.shardings(self.mesh, self.rules, self.param_infos)
         self.state_shardings = sharding.shardings(self.mesh, self.rules, self.state_infos)
         self._replicated = sharding.replicated(self.mesh)
+        slots_split = max(sharding.axis_size(self.mesh, getattr(self.rules, a)) for a in ("batch", "cache_batch"))
+        # slots on one device: generate runs only the live rows, each slot's attention on its own
+        # (model.decode_attention's per_slot), so a token never depends on the rows beside it
+        self.slots_on_one_device = slots_split == 1
+        self.decode_buckets = decode_buckets(self._batch) if self.slots_on_one_device else (self._batch,)
         self._compile()
 
     # ---- placement --------------------------------------------------------------------------
@@ -166,7 +201,7 @@ class JaxEngine(engine_api.Engine):
                 params, rep(ArrayInfo((1, bucket), jnp.int32, (None, None))), prefix.length, prefix.sampling
             ),
             "insert": self._insert_fn.lower(prefix, state, prefix.length),
-            "generate": self._generate_fn.lower(params, state),
+            "generate": self._generate_fns[self._batch].lower(params, state),
         }
 
     def _put_replicated(self, host_tree):
@@ -175,7 +210,7 @@ class JaxEngine(engine_api.Engine):
     # ---- jitted steps -----------------------------------------------------------------------
 
     def _compile(self) -> None:
-        cfg, rep = self.cfg, self._replicated
+        cfg, rep, bucketed = self.cfg, self._replicated, self.slots_on_one_device
         samp_rep = Sampling(rep, rep, rep, rep)
         prefill_shard = sharding.activation_sharder(self.mesh, self.rules, "prefill_batch")
         decode_shard = sharding.activation_sharder(self.mesh, self.rules, "batch")
@@ -186,13 +221,13 @@ class JaxEngine(engine_api.Engine):
             token = sample(logits, batched, length[None])  # [1]
             return Prefix(cache, length, token[0], samp), token
 
-        def insert_fn(prefix: Prefix, state: DecodeState, slot):
+        def insert_fn(prefix: Prefix, state: SlotArrays, slot):
             start = (0, slot, 0, 0, 0)
             cache = jax.tree.map(
                 lambda dst, src: jax.lax.dynamic_update_slice(dst, src, start[: dst.ndim]), state.cache, prefix.cache
             )
             put = lambda arr, value: arr.at[slot].set(value)  # noqa: E731
-            return DecodeState(
+            return SlotArrays(
                 cache=cache,
                 lengths=put(state.lengths, prefix.length),
                 tokens=put(state.tokens, prefix.token),
@@ -200,17 +235,22 @@ class JaxEngine(engine_api.Engine):
                 sampling=jax.tree.map(put, state.sampling, prefix.sampling),
             )
 
-        def release_fn(state: DecodeState, slot):
+        def release_fn(state: SlotArrays, slot):
             return dataclasses.replace(
                 state, lengths=state.lengths.at[slot].set(0), active=state.active.at[slot].set(False)
             )
 
-        def generate_fn(params, state: DecodeState):
-            positions = jnp.where(state.active, jnp.minimum(state.lengths, self.cache_length - 1), 0)
-            logits, cache = model.decode_step(cfg, params, state.cache, state.tokens, positions, decode_shard)
-            tokens = sample(logits, state.sampling, positions + 1)
-            lengths = jnp.where(state.active, jnp.minimum(state.lengths + 1, self.cache_length), 0)
-            new_state = dataclasses.replace(state, cache=cache, lengths=lengths, tokens=tokens)
+        def generate_fn(params, state: SlotArrays, rows: int):
+            """One token for each of the first `rows` slots; tokens [B] (stale beyond `rows`)."""
+            lengths, active = state.lengths[:rows], state.active[:rows]
+            positions = jnp.where(active, jnp.minimum(lengths, self.cache_length - 1), 0)
+            logits, cache = model.decode_step(
+                cfg, params, state.cache, state.tokens[:rows], positions, decode_shard, per_slot_attention=bucketed
+            )
+            new = sample(logits, jax.tree.map(lambda a: a[:rows], state.sampling), positions + 1)
+            lengths = jnp.where(active, jnp.minimum(lengths + 1, self.cache_length), 0)
+            tokens = state.tokens.at[:rows].set(new)
+            new_state = dataclasses.replace(state, cache=cache, lengths=state.lengths.at[:rows].set(lengths), tokens=tokens)
             return new_state, tokens
 
         self._prefill_fns = {
@@ -224,13 +264,19 @@ class JaxEngine(engine_api.Engine):
         self._insert_fn = jax.jit(
             insert_fn, out_shardings=self.state_shardings, donate_argnums=(1,)
         )
-        self._release_fn = jax.jit(release_fn, out_shardings=self.state_shardings, donate_argnums=(0,))
-        self._generate_fn = jax.jit(
-            generate_fn,
-            in_shardings=(self.param_shardings, self.state_shardings),
-            out_shardings=(self.state_shardings, rep),
-            donate_argnums=(1,),
+        self._init_fn = jax.jit(
+            lambda: jax.tree.map(_initial_value, self.state_infos, is_leaf=model.is_info), out_shardings=self.state_shardings
         )
+        self._release_fn = jax.jit(release_fn, out_shardings=self.state_shardings, donate_argnums=(0,))
+        self._generate_fns = {
+            rows: jax.jit(
+                functools.partial(generate_fn, rows=rows),
+                in_shardings=(self.param_shardings, self.state_shardings),
+                out_shardings=(self.state_shardings, rep),
+                donate_argnums=(1,),
+            )
+            for rows in self.decode_buckets
+        }
 
     # ---- engine_api.Engine --------------------------------------------------------------------
 
@@ -254,8 +300,9 @@ class JaxEngine(engine_api.Engine):
         return sharding.put(self._host_params, self.param_shardings)
 
     def init_decode_state(self) -> DecodeState:
-        host = jax.tree.map(_zeros_like_info, self.state_infos, is_leaf=model.is_info)
-        return sharding.put(host, self.state_shardings)
+        """Filled on the devices, shard by shard: a host copy of the whole cache would need its
+        global size in every process (2.8 GiB for SmolLM2's default float32 cache)."""
+        return DecodeState(self._init_fn())
 
     def bucket_for(self, n_tokens: int) -> int:
         if n_tokens <= 0:
@@ -282,15 +329,26 @@ class JaxEngine(engine_api.Engine):
         return self._put_replicated(np.int32(slot))
 
     def insert(self, prefix: Prefix, decode_state: DecodeState, slot: int) -> DecodeState:
-        return self._insert_fn(prefix, decode_state, self._slot(slot))
+        arrays = self._insert_fn(prefix, decode_state.arrays, self._slot(slot))
+        return DecodeState(arrays, decode_state.live | {slot})
 
     def release(self, decode_state: DecodeState, slot: int) -> DecodeState:
-        """Mark a finished slot free, so it no longer lengthens decode attention (donates state)."""
-        return self._release_fn(decode_state, self._slot(slot))
+        """Mark a finished slot free, so it no longer costs decode work (donates state)."""
+        arrays = self._release_fn(decode_state.arrays, self._slot(slot))
+        return DecodeState(arrays, decode_state.live - {slot})
 
     def generate(self, *, params, decode_state: DecodeState):
-        state, tokens = self._generate_fn(params, decode_state)
-        return state, DeviceTokens(tokens)
+        rows = decode_state.rows(self.decode_buckets)
+        arrays, tokens = self._generate_fns[rows](params, decode_state.arrays)
+        return DecodeState(arrays, decode_state.live), DeviceTokens(tokens)
+
+    def warmup(self, params) -> None:
+        """Compile every prefill bucket and insert (base class), then every decode bucket."""
+        super().warmup(params)
+        arrays = self.init_decode_state().arrays
+        for rows in self.decode_buckets:
+            arrays, tokens = self._generate_fns[rows](params, arrays)
+            DeviceTokens(tokens).to_host()
 
     # ---- reporting ---------------------------------------------------------------------------
 
@@ -337,10 +395,8 @@ class EngineSet:
     def memory_report(self) -> str:
         """Human-readable bytes of params and KV cache per engine (printed at server start)."""
         cfg = self.model_config
-        head = (
-            f"weights {'int8' if cfg.quantize_weights else cfg.weight_dtype}, "
-            f"KV cache {'int8' if cfg.quantize_kv else cfg.dtype}"
-        )
+        weights = "int8 (int8 x int8 matmuls)" if cfg.quantize_weights else cfg.weight_dtype
+        head = f"dtype: weights {weights}, activations {cfg.dtype}, KV cache {'int8' if cfg.quantize_kv else cfg.dtype}"
         if not self.disaggregated:
             return f"{head}; {self.generate_engine.memory().describe('engine')}"
         return "; ".join(
@@ -349,7 +405,9 @@ class EngineSet:
 
 
 def build_engines(settings, devices: Sequence[jax.Device] | None = None) -> EngineSet:
-    """Load the checkpoint once and build the engines on `devices` (default: all devices)."""
+    """Load the checkpoint once and build the engines on `devices` (default: all devices), with
+    the backend's defaults for what the arguments left unset (ServingSettings.for_backend)."""
+    settings = settings.for_backend(jax.default_backend())
     cfg, host_params, tokenizer = load_checkpoint(settings)
     return engines_from_params(settings, cfg, host_params, tokenizer, devices)
 

@@ -42,6 +42,7 @@ BTF = ("act_batch", None, "mlp")  # MLP hidden [B, T, F]
 BTH = ("act_batch", None, "q_heads", None)  # queries / attention output [B, T, H, E]
 BTK = ("act_batch", None, "kv_heads", None)  # keys, values [B, T, K, E]
 BV = ("act_batch", "vocab")  # logits [B, V]
+CACHE_BH = ("cache_batch", "q_heads", None)  # decode attention's queries and output [B, H, E]
 
 
 def no_shard(x: jax.Array, axes: tuple) -> jax.Array:
@@ -52,8 +53,9 @@ def no_shard(x: jax.Array, axes: tuple) -> jax.Array:
 class ArrayInfo:
     """One array: shape, dtype, logical axis per dim, and the axes a matmul contracts over.
 
-    `contract` empty means the array is never quantized (norms, caches). `init` is the random-init
-    rule for test weights ("normal" scaled by 1/sqrt(fan in), "ones", "zeros").
+    `contract` empty means the array is never quantized (norms, caches); `float_under_int8` keeps
+    a matmul weight in its float dtype when the others are int8. `init` is the random-init rule
+    for test weights ("normal" scaled by 1/sqrt(fan in), "ones", "zeros").
     """
 
     shape: tuple[int, ...]
@@ -61,6 +63,7 @@ class ArrayInfo:
     axes: tuple[str | None, ...]
     contract: tuple[int, ...] = ()
     init: str = "normal"
+    float_under_int8: bool = False
 
     def __post_init__(self):
         if len(self.shape) != len(self.axes):
@@ -82,7 +85,10 @@ def _float_param_infos(cfg: ModelConfig) -> dict:
         "wq": ArrayInfo((L, D, H, E), w, ("layers", "embed", "q_heads", "head_dim"), (1,)),
         "wk": ArrayInfo((L, D, K, E), w, ("layers", "embed", "kv_heads", "head_dim"), (1,)),
         "wv": ArrayInfo((L, D, K, E), w, ("layers", "embed", "kv_heads", "head_dim"), (1,)),
-        "wo": ArrayInfo((L, H, E, D), w, ("layers", "q_heads", "head_dim", "embed"), (1, 2)),
+        "wo": ArrayInfo(
+            (L, H, E, D), w, ("layers", "q_heads", "head_dim", "embed"), (1, 2),
+            float_under_int8=not cfg.quantize_attention_output,
+        ),
         "mlp_norm": ArrayInfo((L, D), jnp.float32, ("layers", "norm"), init="ones"),
         "w_gate": ArrayInfo((L, D, F), w, ("layers", "embed", "mlp"), (1,)),
         "w_up": ArrayInfo((L, D, F), w, ("layers", "embed", "mlp"), (1,)),
@@ -99,8 +105,13 @@ def _float_param_infos(cfg: ModelConfig) -> dict:
     return infos
 
 
+def quantized(info: ArrayInfo) -> bool:
+    """Whether int8 weights make this array a QuantArray."""
+    return bool(info.contract) and not info.float_under_int8
+
+
 def _quantized_info(info: ArrayInfo) -> ArrayInfo | quant.QuantArray:
-    if not info.contract:
+    if not quantized(info):
         return info
     scale_shape = tuple(1 if i in info.contract else n for i, n in enumerate(info.shape))
     scale_axes = tuple(None if i in info.contract else a for i, a in enumerate(info.axes))
@@ -133,7 +144,7 @@ class KVCache:
         return self.k.shape[3]
 
 
-def cache_infos(cfg: ModelConfig, batch: int, length: int, batch_axis: str = "batch") -> KVCache:
+def cache_infos(cfg: ModelConfig, batch: int, length: int, batch_axis: str = "cache_batch") -> KVCache:
     """KV cache declaration. Prefixes use batch=1 with batch_axis="prefill_batch" (unsharded)."""
     shape = (cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_dim)
     axes = ("layers", batch_axis, "kv_heads", "cache_seq", "head_dim")
@@ -199,8 +210,15 @@ def qkv(cfg: ModelConfig, layer: dict, x: jax.Array, rope_tab, shard: Shard = no
 
 
 def attn_out(layer: dict, x: jax.Array, attn: jax.Array, shard: Shard = no_shard) -> jax.Array:
-    """Residual plus the output projection of attention [B, T, H, E]."""
-    return shard(x + quant.einsum("bthe,hed->btd", shard(attn, BTH), layer["wo"]), BTD)
+    """Residual plus the output projection of attention [B, T, H, E].
+
+    Heads and head_dim are merged first ([B, T, H*E] x [H*E, D], free reshapes of contiguous
+    dims): contracting two axes made XLA transpose wo on every call.
+    """
+    b, t, h, e = attn.shape
+    flat = shard(attn, BTH).reshape(b, t, h * e)
+    wo = jax.tree.map(lambda w: w.reshape(-1, w.shape[-1]), layer["wo"])  # [H*E, D]; int8 scale [1, D]
+    return shard(x + quant.einsum("btf,fd->btd", flat, wo), BTD)
 
 
 def mlp_block(cfg: ModelConfig, layer: dict, x: jax.Array, shard: Shard = no_shard) -> jax.Array:
@@ -296,59 +314,93 @@ def _write_token(cfg: ModelConfig, cache: KVCache, layer_idx, k, v, positions) -
     return dataclasses.replace(cache, **updated)
 
 
-def _cache_block(cfg: ModelConfig, cache: KVCache, name: str, layer_idx, start) -> jax.Array:
-    """Dequantized block [B, K, blk, E] of cache field `name` at layer `layer_idx`, from `start`."""
+def _cache_block(cfg: ModelConfig, cache: KVCache, name: str, layer_idx, slot, start, rows: int) -> jax.Array:
+    """Dequantized block [rows, K, blk, E] of cache field `name`: slots slot..slot+rows-1 of
+    layer `layer_idx`, positions from `start`."""
     values = getattr(cache, name)
-    b, k, _, e = values.shape[1:]
-    block = jax.lax.dynamic_slice(values, (layer_idx, 0, 0, start, 0), (1, b, k, cfg.kv_block, e))[0]
+    k, e = values.shape[2], values.shape[4]
+    block = jax.lax.dynamic_slice(values, (layer_idx, slot, 0, start, 0), (1, rows, k, cfg.kv_block, e))[0]
     scales = getattr(cache, name + "_scale")
     if scales is not None:
-        scales = jax.lax.dynamic_slice(scales, (layer_idx, 0, 0, start), (1, b, k, cfg.kv_block))[0]
+        scales = jax.lax.dynamic_slice(scales, (layer_idx, slot, 0, start), (1, rows, k, cfg.kv_block))[0]
     return quant.dequantize_kv(block, scales, cfg.act_dtype)
 
 
-def decode_attention(cfg: ModelConfig, q, cache: KVCache, layer_idx, lengths, n_blocks) -> jax.Array:
-    """One query per slot q [B, H, E] over cache positions < lengths [B], block by block.
+def _attend(cfg: ModelConfig, qg, cache: KVCache, layer_idx, slot, lengths, n_blocks) -> jax.Array:
+    """Online softmax of scaled queries qg [R, K, G, E] of slots slot..slot+R-1 over the first
+    `n_blocks` (traced) cache blocks, positions < lengths [R] -> [R, K, G, E]."""
+    rows = qg.shape[0]
+    shape = (rows, cfg.n_kv_heads, cfg.q_per_kv)
+    init = (jnp.full(shape, NEG_INF), jnp.zeros(shape), jnp.zeros(shape + (cfg.head_dim,)))
 
-    Online softmax over `n_blocks` blocks (traced), so the work follows the longest live slot.
+    def block_step(j, carry):
+        m, l, acc = carry
+        start = j * cfg.kv_block
+        kb = _cache_block(cfg, cache, "k", layer_idx, slot, start, rows).astype(jnp.float32)  # [R, K, blk, E]
+        vb = _cache_block(cfg, cache, "v", layer_idx, slot, start, rows).astype(jnp.float32)
+        s = jnp.einsum("bkge,bkse->bkgs", qg, kb)
+        live = (start + jnp.arange(cfg.kv_block))[None, :] < lengths[:, None]  # [R, blk]
+        s = jnp.where(live[:, None, None, :], s, NEG_INF)
+        m_new = jnp.maximum(m, s.max(-1))
+        p = jnp.exp(s - m_new[..., None])
+        correction = jnp.exp(m - m_new)
+        l = l * correction + p.sum(-1)
+        acc = acc * correction[..., None] + jnp.einsum("bkgs,bkse->bkge", p, vb)
+        return m_new, l, acc
+
+    _, l, acc = jax.lax.fori_loop(0, n_blocks, block_step, init)
+    return acc / l[..., None]
+
+
+def _blocks(cfg: ModelConfig, lengths) -> jax.Array:
+    return (jnp.max(lengths) + cfg.kv_block - 1) // cfg.kv_block
+
+
+def decode_attention(
+    cfg: ModelConfig, q, cache: KVCache, layer_idx, lengths, shard: Shard = no_shard, per_slot: bool = False
+) -> jax.Array:
+    """One query per slot q [B, H, E] over cache positions < lengths [B], block by block; B may
+    be fewer than the cache's slots (its first B are read).
+
+    Online softmax over ceil(length / block) blocks, so the work follows the live lengths, not
+    the cache size. Batched (`per_slot` False), all slots walk the longest slot's blocks, with
+    the slots laid out as the cache's ("cache_batch"), so no cache data moves on a mesh.
+    `per_slot` loops over the slots instead, each walking only its own blocks, and computes a
+    slot's attention with the same program whatever B is: XLA:CPU's batched kernels sum in an
+    order that depends on B, which would make a request's tokens depend on how many slots run
+    beside it. Only for slots that are not split over devices (a loop would gather them).
     """
     with jax.named_scope("attention"):
         b = q.shape[0]
-        qg = _group(cfg, q[:, None])[:, 0].astype(jnp.float32)  # [B, K, G, E]
-        qg = qg / math.sqrt(cfg.head_dim)
-        shape = (b, cfg.n_kv_heads, cfg.q_per_kv)
-        init = (jnp.full(shape, NEG_INF), jnp.zeros(shape), jnp.zeros(shape + (cfg.head_dim,)))
+        q = shard(q, CACHE_BH)
+        qg = _group(cfg, q[:, None])[:, 0].astype(jnp.float32) / math.sqrt(cfg.head_dim)  # [B, K, G, E]
+        if per_slot:
+            def one_slot(args):
+                slot, q_slot, length = args
+                return _attend(cfg, q_slot[None], cache, layer_idx, slot, length[None], _blocks(cfg, length))[0]
 
-        def block_step(j, carry):
-            m, l, acc = carry
-            start = j * cfg.kv_block
-            kb = _cache_block(cfg, cache, "k", layer_idx, start).astype(jnp.float32)  # [B, K, blk, E]
-            vb = _cache_block(cfg, cache, "v", layer_idx, start).astype(jnp.float32)
-            s = jnp.einsum("bkge,bkse->bkgs", qg, kb)
-            live = (start + jnp.arange(cfg.kv_block))[None, :] < lengths[:, None]  # [B, blk]
-            s = jnp.where(live[:, None, None, :], s, NEG_INF)
-            m_new = jnp.maximum(m, s.max(-1))
-            p = jnp.exp(s - m_new[..., None])
-            correction = jnp.exp(m - m_new)
-            l = l * correction + p.sum(-1)
-            acc = acc * correction[..., None] + jnp.einsum("bkgs,bkse->bkge", p, vb)
-            return m_new, l, acc
-
-        _, l, acc = jax.lax.fori_loop(0, n_blocks, block_step, init)
-        out = acc / l[..., None]  # [B, K, G, E]
-        return out.reshape(b, cfg.n_heads, cfg.head_dim).astype(q.dtype)
+            out = jax.lax.map(one_slot, (jnp.arange(b), qg, lengths))
+        else:
+            out = _attend(cfg, qg, cache, layer_idx, 0, lengths, _blocks(cfg, lengths))
+        return shard(out.reshape(b, cfg.n_heads, cfg.head_dim).astype(q.dtype), CACHE_BH)
 
 
 def decode_step(
-    cfg: ModelConfig, params: dict, cache: KVCache, tokens: jax.Array, positions: jax.Array, shard: Shard = no_shard
+    cfg: ModelConfig,
+    params: dict,
+    cache: KVCache,
+    tokens: jax.Array,
+    positions: jax.Array,
+    shard: Shard = no_shard,
+    per_slot_attention: bool = False,
 ):
-    """One token per slot: tokens [B] at positions [B] (< cache length).
+    """One token per slot: tokens [B] at positions [B] (< cache length), for the cache's first B
+    slots (the engine runs only as many as are live; the others are left as they are).
 
-    Writes each slot's k, v at its position, attends to positions <= it, returns f32 logits [B, V]
-    and the updated cache.
+    Writes each slot's k, v at its position, attends to positions <= it (`decode_attention`,
+    `per_slot_attention` as its `per_slot`), returns f32 logits [B, V] and the updated cache.
     """
     lengths = positions + 1
-    n_blocks = (jnp.max(lengths) + cfg.kv_block - 1) // cfg.kv_block
     x = embed(cfg, params, tokens[:, None], shard)  # [B, 1, D]
     rope_tab = rope_table(cfg, positions[:, None])
 
@@ -358,7 +410,7 @@ def decode_step(
         with jax.named_scope("decoder_layer"):
             q, k, v = qkv(cfg, layer, x, rope_tab, shard)
             cache = _write_token(cfg, cache, idx, k[:, 0], v[:, 0], positions)
-            attn = decode_attention(cfg, q[:, 0], cache, idx, lengths, n_blocks)  # [B, H, E]
+            attn = decode_attention(cfg, q[:, 0], cache, idx, lengths, shard, per_slot_attention)  # [B, H, E]
             x = attn_out(layer, x, attn[:, None], shard)
             x = mlp_block(cfg, layer, x, shard)
             return (x, cache), None

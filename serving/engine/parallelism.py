@@ -3,7 +3,8 @@
 Pure Python, no JAX: the server's mesh (`sharding.make_mesh`) and the stack's planner
 (`components/core/planner.py`) resolve the flags with the same function, so the chips a plan
 counts per axis are the devices the bundled server puts on that axis; and the planner sizes the
-bundled server's KV cache with the same split the server's sharding rules use. Each caller turns
+bundled server's KV cache with the same split the server's sharding rules derive theirs from
+(`sharding.ShardingRules.for_model`). Each caller turns
 a `ParallelismError` into its own message (settings keys for the server, config keys for the
 stack) through the axes the error names.
 """
@@ -56,7 +57,15 @@ class CacheSplit:
 
 
 def kv_cache_split(n_kv_heads: int, axes: Mapping[str, int]) -> CacheSplit:
-    """The bundled server's KV cache layout: slots over fsdp x autoregressive, and KV heads over
-    tensor when the tensor degree divides them (else every device holds all KV heads)."""
-    heads = axes["tensor"] if n_kv_heads % axes["tensor"] == 0 else 1
-    return CacheSplit(batch=axes["fsdp"] * axes["autoregressive"], kv_heads=heads)
+    """The bundled server's decode KV cache layout over mesh axis sizes `axes`.
+
+    Slots always split over fsdp x autoregressive. The tensor axis splits the KV heads when its
+    size divides them; otherwise (SmolLM2's 3 KV heads on 4 or 8 devices) it splits the slots
+    too: attention runs data-parallel over the slots while the MLP stays tensor-parallel, so no
+    device holds a replica of the cache. Slots are per_device_batch_size x devices, so the batch
+    split (at most every device) always divides them.
+    """
+    tensor, batch = axes["tensor"], axes["fsdp"] * axes["autoregressive"]
+    if n_kv_heads % tensor == 0:
+        return CacheSplit(batch=batch, kv_heads=tensor)
+    return CacheSplit(batch=batch * tensor, kv_heads=1)

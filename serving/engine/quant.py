@@ -1,9 +1,14 @@
 """int8 as a leaf swap: a weight is either an array or a `QuantArray` (int8 values + f32 scales).
 
-The model never branches on quantization: every weight contraction goes through `einsum`, which
-applies the per-channel scale after the int8 matmul, and the embedding lookup goes through `take`.
-Scales keep the weight's rank with size-1 contracted axes, so they share the weight's logical axes
-(and shardings) one for one.
+The model never branches on quantization: every weight contraction goes through `einsum` and the
+embedding lookup through `take`. Scales keep the weight's rank with size-1 contracted axes, so they
+share the weight's logical axes (and shardings) one for one.
+
+An int8 weight meets int8 activations: `einsum` quantizes the activations per row (one scale per
+token over the contracted axes), multiplies int8 x int8 with int32 accumulation, and applies both
+scales to the int32 result. The matmul reads a quarter of the f32 bytes and runs on integer units
+(the TPU MXU natively; XLA:CPU through its int8 GEMM kernels, which run at batch >= 2 only: a
+single-row product takes a slow generic loop there, so one row is padded to two, see `einsum`).
 
 The KV cache (`quantize_kv`) stores int8 values with one f32 scale per (token, kv head):
 `quantize_kv` / `dequantize_kv` are the only two functions that know it.
@@ -12,6 +17,7 @@ The KV cache (`quantize_kv`) stores int8 values with one f32 scale per (token, k
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Sequence
 
 import jax
@@ -42,22 +48,47 @@ def quantize(w: np.ndarray | jax.Array, contract_axes: Sequence[int]) -> QuantAr
     return QuantArray(values=values, scale=scale)
 
 
-def dequantize(q: QuantArray, dtype=jnp.float32) -> jax.Array:
-    return q.values.astype(dtype) * q.scale.astype(dtype)
-
-
 def einsum(eq: str, x: jax.Array, w: jax.Array | QuantArray) -> jax.Array:
-    """`jnp.einsum(eq, x, w)` for a plain or int8 weight (scale applied to the output channels)."""
-    if not isinstance(w, QuantArray):
-        return jnp.einsum(eq, x, w.astype(x.dtype))
+    """`jnp.einsum(eq, x, w)` for a plain weight, or int8 x int8 -> int32 for an int8 weight.
+
+    x's axes come first in the output (as in every einsum of the model), so the per-row
+    activation scale and the per-channel weight scale broadcast onto the result in that order.
+    A single row is padded to two: XLA:CPU runs a one-row product through other kernels (a slow
+    generic loop for int8; a matrix-vector product for float, whose different summation order
+    would make a request's tokens depend on how many slots decode beside it).
+    """
     inputs, out = eq.split("->")
-    _, w_letters = inputs.split(",")
-    y = jnp.einsum(eq, x, w.values.astype(x.dtype))
-    kept = [i for i, letter in enumerate(w_letters) if letter in out]
-    contracted = tuple(i for i in range(len(w_letters)) if i not in kept)
-    scale = jnp.squeeze(w.scale, axis=contracted).astype(x.dtype)
-    scale_letters = "".join(w_letters[i] for i in kept)
-    return jnp.einsum(f"{out},{scale_letters}->{out}", y, scale)
+    x_letters, w_letters = inputs.split(",")
+    x_contracted = tuple(i for i, letter in enumerate(x_letters) if letter not in out)
+    rows = math.prod(x.shape) // math.prod(x.shape[i] for i in x_contracted)
+    padded = jnp.concatenate([x, jnp.zeros_like(x)], axis=0) if rows == 1 else x
+    if isinstance(w, QuantArray):
+        y = _int8_einsum(eq, padded, w, x_letters, w_letters, x_contracted)
+    else:
+        y = jnp.einsum(eq, padded, w.astype(x.dtype))
+    return y[: x.shape[0]]
+
+
+def _int8_einsum(eq: str, x: jax.Array, w: QuantArray, x_letters: str, w_letters: str, x_contracted) -> jax.Array:
+    out = eq.split("->")[1]
+    w_kept = tuple(i for i, letter in enumerate(w_letters) if letter in out)
+    kept_letters = "".join(x_letters[i] for i in range(len(x_letters)) if i not in x_contracted)
+    if out != kept_letters + "".join(w_letters[i] for i in w_kept):
+        raise ValueError(f"einsum {eq!r}: the output must list x's kept axes, then w's")
+    xq, x_scale = quantize_rows(x, x_contracted)
+    acc = jnp.einsum(eq, xq, w.values, preferred_element_type=jnp.int32)
+    x_scale = jnp.squeeze(x_scale, axis=x_contracted)  # [x's kept axes]
+    w_scale = jnp.squeeze(w.scale, axis=tuple(i for i in range(len(w_letters)) if i not in w_kept))
+    scale = x_scale.reshape(x_scale.shape + (1,) * w_scale.ndim) * w_scale
+    return (acc.astype(jnp.float32) * scale).astype(x.dtype)
+
+
+def quantize_rows(x: jax.Array, contract_axes: Sequence[int]) -> tuple[jax.Array, jax.Array]:
+    """Activations -> int8 values and f32 scales (max |x| over `contract_axes`, kept as size 1)."""
+    x32 = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(x32), axis=tuple(contract_axes), keepdims=True)
+    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+    return jnp.clip(jnp.round(x32 / scale), -127, 127).astype(jnp.int8), scale
 
 
 def take(table: jax.Array | QuantArray, ids: jax.Array, dtype) -> jax.Array:

@@ -8,8 +8,13 @@ logical axes to mesh axes:
   embed (d_model of weights) -> fsdp
   vocab, mlp            -> tensor
   q_heads, kv_heads     -> tensor when n_kv_heads is a multiple of the tensor degree, else None
+  cache_batch (slots of the KV cache and of decode attention) -> fsdp x autoregressive, and
+                           tensor too when the KV heads are not split over it
   act_embed (d_model of activations) -> None: weights are gathered over fsdp, the residual
                            stream stays whole per batch shard
+
+The KV cache's layout is derived from `parallelism.kv_cache_split`, the rule the stack's planner
+sizes the cache with, so the two cannot drift apart.
 
 Activations are pinned too (`activation_sharder`, used by every jitted step): the residual stream
 [B, T, D] is sharded on the batch only, MLP hidden / heads / logits over the tensor axis as their
@@ -19,11 +24,12 @@ one side of a matmul and the batch-over-(fsdp, autoregressive) layout on the oth
 between them by replicating the tensor ("Involuntary full rematerialization").
 
 Attention with fewer KV heads than the tensor degree (SmolLM2: 9 q / 3 kv heads at TP=4 or 8):
-the attention weights (wq, wk, wv, wo) and the KV cache are *replicated over the tensor axis*
-(the cache stays sharded over the decode batch), while the MLP hidden dim and the vocab (embedding
-and logits) are sharded over it. Padding heads to a multiple of TP would cost 4/3x (TP=4) or
-8/3x (TP=8) more KV cache and attention FLOPs on zero heads; replicating the small attention
-weights costs neither and keeps the math identical. Models whose KV heads divide the tensor
+the attention weights (wq, wk, wv, wo) are replicated over the tensor axis, and the KV cache is
+split over the slots along it instead of the heads: each device attends for its share of the
+slots, then the attention output [B, H*E] is gathered for the output projection, while the MLP
+hidden dim and the vocab (embedding and logits) stay sharded over tensor. Padding heads to a
+multiple of TP would cost 4/3x (TP=4) or 8/3x (TP=8) more KV cache and attention FLOPs on zero
+heads; replicating the cache would cost TPx its memory. Models whose KV heads divide the tensor
 degree (e.g. Llama3 405B: 8 kv heads, TP=8) shard heads and cache over it as usual.
 
 Every host -> device input goes through `put` (jax.make_array_from_callback, so each process
@@ -44,7 +50,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from serving.engine.config import ModelConfig
 from serving.engine import model
 from serving.engine.model import ArrayInfo, is_info
-from serving.engine.parallelism import MESH_AXES, ParallelismError, resolve_axes
+from serving.engine.parallelism import MESH_AXES, ParallelismError, kv_cache_split, resolve_axes
 
 SETTING_KEYS = {
     "fsdp": "ici_fsdp_parallelism",
@@ -75,13 +81,15 @@ def make_mesh(settings, devices: Sequence[jax.Device]) -> Mesh:
 
 
 MeshAxes = str | tuple[str, ...] | None
+BATCH_AXES = ("fsdp", "autoregressive")  # decode slots
 
 
 @dataclasses.dataclass(frozen=True)
 class ShardingRules:
     """Logical axis -> mesh axis (or axes, or None = replicated)."""
 
-    batch: MeshAxes = ("fsdp", "autoregressive")
+    batch: MeshAxes = BATCH_AXES
+    cache_batch: MeshAxes = BATCH_AXES
     prefill_batch: MeshAxes = None
     embed: MeshAxes = "fsdp"
     vocab: MeshAxes = "tensor"
@@ -96,10 +104,12 @@ class ShardingRules:
 
     @classmethod
     def for_model(cls, cfg: ModelConfig, mesh: Mesh) -> "ShardingRules":
-        """Default rules; attention heads go replicated when kv heads don't divide the tensor axis."""
-        if cfg.n_kv_heads % mesh.shape["tensor"]:
-            return cls(q_heads=None, kv_heads=None)
-        return cls()
+        """Default rules, with the KV cache laid out as `parallelism.kv_cache_split` says."""
+        split = kv_cache_split(cfg.n_kv_heads, dict(mesh.shape))
+        if split.kv_heads == mesh.shape["tensor"]:
+            return cls()
+        # the tensor axis splits the cache's slots: attention heads (weights too) stay whole
+        return cls(q_heads=None, kv_heads=None, cache_batch=BATCH_AXES + ("tensor",))
 
     def spec(self, axes: Sequence[str | None]) -> PartitionSpec:
         """PartitionSpec for logical axes; a mesh axis used twice is an error."""
@@ -110,7 +120,8 @@ class ShardingRules:
         return PartitionSpec(*physical)
 
 
-def _axis_size(mesh: Mesh, physical: MeshAxes) -> int:
+def axis_size(mesh: Mesh, physical: MeshAxes) -> int:
+    """Devices that a logical axis mapped to `physical` is split over."""
     if physical is None:
         return 1
     names = (physical,) if isinstance(physical, str) else physical
@@ -120,10 +131,10 @@ def _axis_size(mesh: Mesh, physical: MeshAxes) -> int:
 def named_sharding(mesh: Mesh, rules: ShardingRules, info: ArrayInfo) -> NamedSharding:
     spec = rules.spec(info.axes)
     for dim, logical, physical in zip(info.shape, info.axes, spec):
-        if dim % _axis_size(mesh, physical):
+        if dim % axis_size(mesh, physical):
             raise ValueError(
                 f"dimension {logical}={dim} of an array {info.shape} does not divide over mesh "
-                f"axes {physical} of size {_axis_size(mesh, physical)}"
+                f"axes {physical} of size {axis_size(mesh, physical)}"
             )
     return NamedSharding(mesh, spec)
 

@@ -95,9 +95,6 @@ class BPETokenizer:
         """Text of `ids`, special tokens included (callers drop stop tokens before decoding)."""
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
-    def token_to_id(self, token: str) -> int | None:
-        return self._tok.token_to_id(token)
-
     def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> str:
         return self._chat.render(messages)
 

@@ -241,10 +241,14 @@ class LeaderEngine(Engine):
     def generate(self, *, params, decode_state):
         return self._call("generate", ("decode_state",), params=params, decode_state=decode_state)
 
+    def warmup(self, params):
+        """The inner engine's own warm-up (it may compile more than the base class's calls do)."""
+        self._call("warmup", params=params)
+
 
 # Ops whose result is (opaque pytree, StepTokens): only the pytree gets a handle.
 _RETURNS_STEP_TOKENS = ("prefill", "generate")
-_OPS = ("load_params", "init_decode_state", "prefill", "transfer", "insert", "release", "generate")
+_OPS = ("load_params", "init_decode_state", "prefill", "transfer", "insert", "release", "generate", "warmup")
 
 
 class Broadcaster:

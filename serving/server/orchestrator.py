@@ -62,6 +62,17 @@ from serving.server.requests import (
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.05  # how often blocked threads look at the stop flag
+# The generate thread with no slot decoding: while slots are still held (their requests finished,
+# awaiting release), a new prefix should be inserted at once, so it waits only this long per look.
+_RELEASE_WAIT_S = 0.005
+# Every slot finished but not yet released: the detokenize thread is on their last tokens; yield
+# the GIL to it rather than spin.
+_DRAIN_SLEEP_S = 0.001
+STOP_JOIN_TIMEOUT_S = 5.0  # a stage thread blocked in a device call gets this long to return
+# Decode steps that may be in flight ahead of the detokenize thread's host copies: enough to keep
+# the device busy while the host reads, few enough that a finished request wastes little work.
+DECODE_LOOKAHEAD = 4
+DEFAULT_MAX_QUEUED_REQUESTS = 64
 
 
 class IncrementalDetokenizer:
@@ -129,8 +140,8 @@ class Orchestrator:
         prefill_params: Params,
         generate_params: Params,
         metrics: ServerMetrics | None = None,
-        max_queued_requests: int = 64,
-        decode_lookahead: int = 4,
+        max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS,
+        decode_lookahead: int = DECODE_LOOKAHEAD,
         healthy: Callable[[], bool] = lambda: True,
     ):
         if max_queued_requests < 1:
@@ -154,7 +165,9 @@ class Orchestrator:
         self._transfer_q: queue.Queue[tuple[_Request, Any]] = queue.Queue(maxsize=self.slots)
         self._generate_q: queue.Queue[tuple[_Request, Any]] = queue.Queue(maxsize=self.slots)
         self._detokenize_q: queue.Queue[tuple] = queue.Queue(maxsize=decode_lookahead)
-        self._free_slots: queue.Queue[int] = queue.Queue()
+        # lowest free slot first: live slots stay packed low, so an engine can run only the rows
+        # up to the highest live one (engine_api.Engine.generate)
+        self._free_slots: queue.PriorityQueue[int] = queue.PriorityQueue()
         for slot in range(self.slots):
             self._free_slots.put(slot)
 
@@ -196,7 +209,7 @@ class Orchestrator:
             self._threads.append(thread)
         self._live = True
 
-    def stop(self, timeout_s: float = 5.0) -> None:
+    def stop(self, timeout_s: float = STOP_JOIN_TIMEOUT_S) -> None:
         self._live = False
         self._stop.set()
         for thread in self._threads:
@@ -348,7 +361,7 @@ class Orchestrator:
             decoding = [o for o in owners if o is not None and self._needs_step(o)]
             while not self._free_slots.empty():
                 # nothing to decode: wait a little for work (briefly if slots await release)
-                wait = 0.0 if decoding else (_POLL_S if self.slots_used == 0 else 0.005)
+                wait = 0.0 if decoding else (_POLL_S if self.slots_used == 0 else _RELEASE_WAIT_S)
                 try:
                     item, prefix = self._generate_q.get(timeout=wait) if wait else self._generate_q.get_nowait()
                 except queue.Empty:
@@ -365,7 +378,7 @@ class Orchestrator:
                 self._unwait(item)
             if not decoding:
                 if self.slots_used == self.slots:
-                    time.sleep(0.001)  # all slots finished, awaiting their last tokens' detokenization
+                    time.sleep(_DRAIN_SLEEP_S)
                 continue
             with lock:
                 self._decode_state, step = engine.generate(

@@ -12,6 +12,25 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Sequence
 
+# Decode slots when per_device_batch_size is not given (0): spread over the generate mesh's devices.
+# 32 serves 32 concurrent clients at once; idle slots cost nothing (the engine runs only the
+# rows up to the highest live slot).
+DEFAULT_DECODE_SLOTS = 32
+
+# Per JAX backend, what the server runs when the arguments name no weight / KV format. On CPU,
+# int8 weights with int8 x int8 matmuls and an int8 KV cache beat float32 at every client count
+# (benchmarks/vs_llamacpp.py; README "Speed"). Each default: (value, keys any of which, given,
+# leave the field as the arguments say). Other backends keep MaxText's defaults.
+WEIGHT_FORMAT_KEYS = frozenset({"quantization", "weight_dtype", "checkpoint_is_quantized", "quantize_attention_output"})
+BACKEND_DEFAULTS: dict[str, dict[str, tuple[object, frozenset[str]]]] = {
+    "cpu": {
+        "quantization": ("int8", WEIGHT_FORMAT_KEYS),
+        # int8 with wo float: all-int8 lost answers of the bundled SmolLM2 (ModelConfig)
+        "quantize_attention_output": (False, WEIGHT_FORMAT_KEYS),
+        "quantize_kvcache": (True, frozenset({"quantize_kvcache", "dtype"})),
+    },
+}
+
 INTERLEAVED_SERVER = "MaxtextInterleavedServer"
 DISAGGREGATED_SERVER = "ExperimentalMaxtextDisaggregatedServer_8"
 INFERENCE_SERVERS = (INTERLEAVED_SERVER, DISAGGREGATED_SERVER)
@@ -20,7 +39,7 @@ INFERENCE_SERVERS = (INTERLEAVED_SERVER, DISAGGREGATED_SERVER)
 IGNORED_KEYS = {
     "async_checkpointing": "training only",
     "steps": "training only",
-    "scan_layers": "layers are always unrolled at load",
+    "scan_layers": "layers are always stacked and scanned",
     "compute_axis_order": "TPU kernel layout; XLA picks layouts here",
     "ar_cache_axis_order": "TPU kernel layout; XLA picks layouts here",
     "prefill_cache_axis_order": "TPU kernel layout; XLA picks layouts here",
@@ -74,7 +93,7 @@ class ServingSettings:
     load_parameters_path: str = ""  # checkpoint; empty = the bundled SmolLM2 GGUF
     max_prefill_predict_length: int = 1024
     max_target_length: int = 2048
-    per_device_batch_size: int = 4
+    per_device_batch_size: int = 0  # 0: DEFAULT_DECODE_SLOTS over the generate mesh
     ici_fsdp_parallelism: int = 1
     ici_autoregressive_parallelism: int = 1
     ici_tensor_parallelism: int = -1  # -1: all remaining devices
@@ -82,16 +101,33 @@ class ServingSettings:
     dtype: str = "float32"  # activations
     quantization: str = ""  # "" or "int8"
     quantize_kvcache: bool = False
+    quantize_attention_output: bool = True  # false: wo stays float under int8 (ModelConfig)
     checkpoint_is_quantized: bool = False
     enable_model_warmup: bool = True
     enable_single_controller: bool = False  # Pathways (pathwaysutils)
     inference_server: str = INTERLEAVED_SERVER
     seed: int = 0  # random weights of the tiny test configs
     ignored: tuple[str, ...] = ()  # keys accepted but not applicable, reported once at start
+    given: frozenset[str] | None = None  # keys the arguments set; None: every field as constructed
 
     @property
     def disaggregated(self) -> bool:
         return self.inference_server == DISAGGREGATED_SERVER
+
+    def slots_per_device(self, devices: int) -> int:
+        """per_device_batch_size, or DEFAULT_DECODE_SLOTS over `devices` (rounded up) when unset."""
+        return self.per_device_batch_size or -(-DEFAULT_DECODE_SLOTS // devices)
+
+    def for_backend(self, backend: str) -> "ServingSettings":
+        """These settings with `backend`'s BACKEND_DEFAULTS for the fields the arguments left unset."""
+        if self.given is None:
+            return self
+        chosen = {
+            field: value
+            for field, (value, deciding_keys) in BACKEND_DEFAULTS.get(backend, {}).items()
+            if not deciding_keys & self.given
+        }
+        return dataclasses.replace(self, **chosen)
 
     def __post_init__(self):
         if self.max_prefill_predict_length <= 0:
@@ -101,8 +137,8 @@ class ServingSettings:
                 f"max_target_length ({self.max_target_length}) must exceed "
                 f"max_prefill_predict_length ({self.max_prefill_predict_length})"
             )
-        if self.per_device_batch_size <= 0:
-            raise SettingsError("per_device_batch_size must be > 0")
+        if self.per_device_batch_size < 0:
+            raise SettingsError("per_device_batch_size must be > 0, or 0 for the default slot count")
         for key in ("ici_fsdp_parallelism", "ici_autoregressive_parallelism", "ici_tensor_parallelism"):
             value = getattr(self, key)
             if value == 0 or value < -1:
@@ -122,6 +158,7 @@ _PARSERS: dict[str, Callable[[str, str], object]] = {
     "dtype": _parse_choice("float32", "bfloat16"),
     "quantization": _parse_choice("", "int8"),
     "quantize_kvcache": _parse_bool,
+    "quantize_attention_output": _parse_bool,
     "checkpoint_is_quantized": _parse_bool,
     "enable_model_warmup": _parse_bool,
     "enable_single_controller": _parse_bool,
@@ -152,4 +189,4 @@ def parse_settings(args: Sequence[str]) -> ServingSettings:
         else:
             known = ", ".join(sorted(_PARSERS))
             raise SettingsError(f"unknown key {key!r}; known keys: {known}")
-    return ServingSettings(**values, ignored=tuple(ignored))
+    return ServingSettings(**values, ignored=tuple(ignored), given=frozenset(values))

@@ -12,8 +12,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from model_helpers import generate
-from serving.engine import model, quant, sharding
-from serving.engine.jax_engine import build_engines, prefill_buckets
+from serving.engine import model, parallelism, quant, sharding
+from serving.engine.config import PRESETS
+from serving.engine.jax_engine import JaxEngine, build_engines, prefill_buckets
 from serving.engine_api import GREEDY, SamplingParams
 from serving.engine.loaders import load_checkpoint, npz_loader
 from serving.server.settings import ServingSettings
@@ -64,11 +65,11 @@ def test_generate_is_safe_past_cache_end_and_release_frees(tiny):
     state = engine.insert(prefix, state, slot=3)
     for _ in range(engine.cache_length + 5):
         state, step = engine.generate(params=params, decode_state=state)
-    assert int(sharding.to_host(jax.device_put(state.lengths, engine._replicated))[3]) == engine.cache_length
+    assert int(sharding.to_host(jax.device_put(state.arrays.lengths, engine._replicated))[3]) == engine.cache_length
     assert np.all((step.to_host() >= 0) & (step.to_host() < 256))
     state = engine.release(state, slot=3)
-    lengths = np.asarray(jax.device_get(state.lengths))
-    assert lengths[3] == 0 and not np.asarray(jax.device_get(state.active)).any()
+    lengths = np.asarray(jax.device_get(state.arrays.lengths))
+    assert lengths[3] == 0 and not np.asarray(jax.device_get(state.arrays.active)).any()
 
 
 def test_sampling_seeded_reproducible_and_slot_independent(tiny):
@@ -126,13 +127,15 @@ def test_mesh_shape_errors_name_the_keys():
 
 @pytest.mark.parametrize("tp,heads_sharded", [(2, True), (4, False)])
 def test_every_array_has_its_intended_sharding(tp, heads_sharded):
-    """tiny has 2 kv heads: TP=2 shards attention heads and the cache, TP=4 replicates them."""
+    """tiny has 2 kv heads: TP=2 shards attention heads and the cache's heads; TP=4 replicates the
+    attention heads and splits the cache's slots over tensor instead."""
     settings = ServingSettings(**TINY, ici_tensor_parallelism=tp, ici_autoregressive_parallelism=-1, quantization="int8", quantize_kvcache=True)
     engines = build_engines(settings, devices=jax.devices())
     engine = engines.generate_engine
     params, state = engine.load_params(), engine.init_decode_state()
     heads = "tensor" if heads_sharded else None
     batch = ("fsdp", "autoregressive")
+    cache_batch = batch if heads_sharded else batch + ("tensor",)
     layers = params["layers"]
     expected = {
         "wq": (layers["wq"].values, P(None, "fsdp", heads, None)),
@@ -142,14 +145,14 @@ def test_every_array_has_its_intended_sharding(tp, heads_sharded):
         "w_down": (layers["w_down"].values, P(None, "tensor", "fsdp")),
         "embed": (params["embed"].values, P("tensor", "fsdp")),
         "attn_norm": (layers["attn_norm"], P(None, None)),
-        "cache.k": (state.cache.k, P(None, batch, heads, None, None)),
-        "cache.k_scale": (state.cache.k_scale, P(None, batch, heads, None)),
-        "lengths": (state.lengths, P(batch)),
+        "cache.k": (state.arrays.cache.k, P(None, cache_batch, heads, None, None)),
+        "cache.k_scale": (state.arrays.cache.k_scale, P(None, cache_batch, heads, None)),
+        "lengths": (state.arrays.lengths, P(batch)),
     }
     for name, (array, spec) in expected.items():
         assert array.sharding.spec == spec, name
     # Every leaf carries exactly the sharding derived from its declaration.
-    for arrays, wanted in ((params, engine.param_shardings), (state, engine.state_shardings)):
+    for arrays, wanted in ((params, engine.param_shardings), (state.arrays, engine.state_shardings)):
         for array, target in zip(jax.tree.leaves(arrays), jax.tree.leaves(wanted)):
             assert array.sharding == target
     prefix, first = engine.prefill(params=params, tokens=[1, 2, 3], sampling=GREEDY)
@@ -163,3 +166,34 @@ def test_untied_preset_runs(one_device):
     assert generate(engines, [PROMPTS[0]], 3)[0] == reference_greedy(
         engines.model_config, engines.generate_engine.load_params(), PROMPTS[0], 3
     )
+
+
+@pytest.mark.parametrize(
+    "model_name,mesh",
+    [
+        ("smollm2-135m", dict(ici_tensor_parallelism=8)),  # 3 kv heads: slots over all 8 devices
+        ("smollm2-135m", dict(ici_tensor_parallelism=4, ici_autoregressive_parallelism=2)),
+        ("smollm2-135m", dict(ici_fsdp_parallelism=2, ici_tensor_parallelism=4)),
+        ("tiny", dict(ici_tensor_parallelism=2, ici_autoregressive_parallelism=4)),  # 2 kv heads over TP=2
+    ],
+)
+def test_kv_cache_bytes_per_device_are_what_kv_cache_split_says(model_name, mesh):
+    """The memory report's per-device KV bytes equal the total over parallelism.kv_cache_split's
+    ways, the rule the stack's planner sizes the cache with. No weights are placed."""
+    cfg = PRESETS[model_name]
+    settings = ServingSettings(max_prefill_predict_length=16, max_target_length=2048, per_device_batch_size=4, **mesh)
+    engine = JaxEngine(settings, cfg, None, jax.devices())
+    split = parallelism.kv_cache_split(cfg.n_kv_heads, dict(engine.mesh.shape))
+    report = engine.memory()
+    assert report.kv_cache_bytes_per_device * split.batch * split.kv_heads * split.seq == report.kv_cache_bytes
+
+
+def test_tp8_holds_an_eighth_of_the_single_device_kv_cache():
+    """SmolLM2 (3 kv heads) at TP=8: the cache splits its 32 slots over the 8 devices instead of
+    replicating all of them on each (the issue's bound: at most a quarter)."""
+    cfg = PRESETS["smollm2-135m"]
+    common = dict(max_prefill_predict_length=16, max_target_length=2048)
+    single = JaxEngine(ServingSettings(**common, per_device_batch_size=32), cfg, None, jax.devices()[:1]).memory()
+    tp8 = JaxEngine(ServingSettings(**common, per_device_batch_size=4, ici_tensor_parallelism=8), cfg, None, jax.devices())
+    assert tp8.max_concurrent_decodes == 32
+    assert tp8.memory().kv_cache_bytes_per_device * 8 == single.kv_cache_bytes_per_device

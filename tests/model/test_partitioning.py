@@ -48,7 +48,9 @@ def test_compiled_steps_do_not_rematerialize_or_move_the_cache(smollm_engines, c
     hlo = {name: lowered.compile().as_text() for name, lowered in engine.lower().items()}
     err = capfd.readouterr().err
     assert "Involuntary full rematerialization" not in err, err[-2000:]
-    assert "collective-permute" in hlo["generate"] or "all-reduce" in hlo["generate"]  # really partitioned
+    # really partitioned: w_down contracts the MLP hidden dim, split over tensor (>= 2 here), so its
+    # partial sums meet in an all-reduce
+    assert re.search(r"\ball-reduce(-start)?\(", hlo["generate"])
     for name, text in hlo.items():
         moved = [s for s in collective_shapes(text) if moves_cache(s, engine.cache_length, cfg.head_dim, cfg.kv_block)]
         assert not moved, f"{name} moves KV-cache data: {moved}"

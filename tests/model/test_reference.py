@@ -32,9 +32,10 @@ TEXTS = PROMPTS + ["Numbers 12345 and 3.14, émojis 😀 and\ttabs  double  spac
 
 @pytest.fixture(scope="module")
 def hf():
+    """The HF tokenizer and model. transformers and torch are test requirements: a missing one is
+    an error of every test here, never a skip."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("torch")
+    import transformers
     path = gguf_loader.bundled_gguf_path()
     kwargs = dict(gguf_file=path.name)
     tok = transformers.AutoTokenizer.from_pretrained(path.parent, **kwargs)

@@ -1,7 +1,8 @@
 """SmolLM2-135M on 8 CPU devices: sharded, disaggregated and int8 engines against one device.
 
 SmolLM2 has 9 q / 3 kv heads, so at TP=4 and TP=8 attention weights and the KV cache are replicated
-over the tensor axis while MLP hidden and vocab are sharded (see serving/engine/sharding.py).
+over the tensor axis and the KV cache's slots are split over it, while MLP hidden and vocab are
+sharded over it (see serving/engine/sharding.py).
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ def prompts(smollm_raw):
     return [smollm_raw[2].encode(p) for p in PROMPTS]
 
 
-INT8 = dict(quantization="int8", quantize_kvcache=True)
+INT8 = dict(quantization="int8", quantize_kvcache=True, quantize_attention_output=False)  # the CPU default
 BATCH = ("fsdp", "autoregressive")
+CACHE_BATCH = BATCH + ("tensor",)  # 3 kv heads do not divide TP=4 or 8: the cache splits its slots
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +62,8 @@ def test_sharded_greedy_equals_single_device(smollm_engines, prompts, single, me
     assert params["layers"]["w_gate"].sharding.spec == P(None, "fsdp", "tensor")
     assert params["layers"]["wk"].sharding.spec == P(None, "fsdp", None, None)  # 3 kv heads: replicated
     assert params["embed"].sharding.spec == P("tensor", "fsdp")
-    assert state.cache.k.sharding.spec == P(None, ("fsdp", "autoregressive"), None, None, None)
-    for array, target in zip(jax.tree.leaves((params, state)), jax.tree.leaves((engine.param_shardings, engine.state_shardings))):
+    assert state.arrays.cache.k.sharding.spec == P(None, CACHE_BATCH, None, None, None)
+    for array, target in zip(jax.tree.leaves((params, state.arrays)), jax.tree.leaves((engine.param_shardings, engine.state_shardings))):
         assert array.sharding == target
     assert generate(engines, prompts, N_TOKENS) == single
 
@@ -91,20 +93,21 @@ def teacher_forced_agreement(engines, prompts, reference) -> float:
     for i in range(1, len(reference[0])):
         forced = np.zeros(engine.max_concurrent_decodes, np.int32)
         forced[: len(reference)] = [ref[i - 1] for ref in reference]
-        state = dataclasses.replace(state, tokens=sharding.put(forced, engine.state_shardings.tokens))
+        arrays = dataclasses.replace(state.arrays, tokens=sharding.put(forced, engine.state_shardings.tokens))
+        state = dataclasses.replace(state, arrays=arrays)
         state, step = engine.generate(params=params, decode_state=state)
         hits += [int(t) == ref[i] for t, ref in zip(step.to_host(), reference)]
     return float(np.mean(hits))
 
 
 def test_int8_weights_and_kv_agree_with_f32(smollm_engines, prompts, single, int8_single, one_device):
-    """int8 weights + int8 KV cache vs f32, PROMPTS x 12 greedy tokens.
+    """int8 weights (int8 x int8 matmuls, wo float) + int8 KV cache vs f32, PROMPTS x 12 greedy tokens.
 
-    Measured: teacher-forced agreement (same previous tokens) 93.8% (45/48); free-running greedy text
-    equal position by position 54% (one early near-tie flip changes the rest of a continuation,
-    e.g. "the primary colors: red, blue, and yellow" vs "the primary colors of the RGB color
-    model"). Memory: params 513.1 -> 129.2 MiB (3.97x smaller); KV cache 22.5 -> 6.0 MiB.
-    Asserted: teacher-forced agreement >= 90%, params and cache < 30% of f32.
+    Measured: teacher-forced agreement (same previous tokens) 89.6% (43/48); free-running greedy
+    text equal position by position 52% (one early near-tie flip changes the rest of a
+    continuation). Whole answers stay right (the e2e test asks for "Paris"). Memory: params 513.1
+    -> 157.6 MiB (3.26x smaller: wo stays float); KV cache 22.5 -> 6.0 MiB.
+    Asserted: teacher-forced agreement >= 85%, params < 32% and cache < 30% of f32.
     """
     engines, free = int8_single
     forced = teacher_forced_agreement(engines, prompts, single)
@@ -115,16 +118,16 @@ def test_int8_weights_and_kv_agree_with_f32(smollm_engines, prompts, single, int
         f"int8 agreement: teacher-forced {forced:.1%}, free-running {positional:.1%}; params "
         f"{f32.params_bytes} -> {int8.params_bytes} bytes; KV {f32.kv_cache_bytes} -> {int8.kv_cache_bytes} bytes"
     )
-    assert forced >= 0.9
-    assert int8.params_bytes < 0.3 * f32.params_bytes
+    assert forced >= 0.85
+    assert int8.params_bytes < 0.32 * f32.params_bytes
     assert int8.kv_cache_bytes < 0.3 * f32.kv_cache_bytes
 
 
 def int8_tp4xar2_specs(params, state) -> dict:
     """Intended PartitionSpec of every int8 param leaf (values and scales) and decode-state leaf on
     TP=4 x AR=2: 3 kv heads don't divide 4, so attention weights (and their scales) and the cache
-    replicate over the tensor axis; MLP hidden and vocab shard over it; d_model over fsdp; cache,
-    its scales and slot arrays over the decode batch."""
+    replicate over the tensor axis; MLP hidden and vocab shard over it; d_model over fsdp; cache
+    and its scales over the decode batch and tensor; slot arrays over the decode batch."""
     layers = params["layers"]
     attn_in, attn_in_scale = P(None, "fsdp", None, None), P(None, None, None, None)
     specs = {
@@ -133,12 +136,11 @@ def int8_tp4xar2_specs(params, state) -> dict:
         "final_norm": (params["final_norm"], P(None)),
         "attn_norm": (layers["attn_norm"], P(None, None)),
         "mlp_norm": (layers["mlp_norm"], P(None, None)),
-        "wo": (layers["wo"].values, P(None, None, None, "fsdp")),
-        "wo.scale": (layers["wo"].scale, P(None, None, None, "fsdp")),
+        "wo": (layers["wo"], P(None, None, None, "fsdp")),  # float: quantize_attention_output=false
         "w_down": (layers["w_down"].values, P(None, "tensor", "fsdp")),
         "w_down.scale": (layers["w_down"].scale, P(None, None, "fsdp")),
-        "cache.k_scale": (state.cache.k_scale, P(None, BATCH, None, None)),
-        "cache.v_scale": (state.cache.v_scale, P(None, BATCH, None, None)),
+        "cache.k_scale": (state.cache.k_scale, P(None, CACHE_BATCH, None, None)),
+        "cache.v_scale": (state.cache.v_scale, P(None, CACHE_BATCH, None, None)),
     }
     for name in ("wq", "wk", "wv"):
         specs[name] = (layers[name].values, attn_in)
@@ -147,7 +149,7 @@ def int8_tp4xar2_specs(params, state) -> dict:
         specs[name] = (layers[name].values, P(None, "fsdp", "tensor"))
         specs[name + ".scale"] = (layers[name].scale, P(None, None, "tensor"))
     for name in ("k", "v"):
-        specs["cache." + name] = (getattr(state.cache, name), P(None, BATCH, None, None, None))
+        specs["cache." + name] = (getattr(state.cache, name), P(None, CACHE_BATCH, None, None, None))
     for name in ("lengths", "tokens", "active"):
         specs[name] = (getattr(state, name), P(BATCH))
     for name, leaf in zip(("temperature", "top_k", "top_p", "seed"), jax.tree.leaves(state.sampling)):
@@ -161,17 +163,21 @@ def test_int8_tp4xar2_shardings_and_tokens_equal_int8_single_device(smollm_engin
     )
     engine = engines.generate_engine
     params, state = engine.load_params(), engine.init_decode_state()
-    specs = int8_tp4xar2_specs(params, state)
-    assert len(specs) == len(jax.tree.leaves((params, state)))  # every leaf is listed
-    assert state.cache.k.dtype == state.cache.v.dtype == params["layers"]["wq"].values.dtype == np.int8
+    specs = int8_tp4xar2_specs(params, state.arrays)
+    assert len(specs) == len(jax.tree.leaves((params, state.arrays)))  # every leaf is listed
+    assert state.arrays.cache.k.dtype == state.arrays.cache.v.dtype == params["layers"]["wq"].values.dtype == np.int8
     for name, (array, spec) in specs.items():
         assert array.sharding.spec == spec, name
     prefix, _ = engine.prefill(params=params, tokens=prompts[0], sampling=GREEDY)
     state = engine.insert(prefix, state, slot=1)
     state, _ = engine.generate(params=params, decode_state=state)
-    for name, (array, spec) in int8_tp4xar2_specs(params, state).items():
+    for name, (array, spec) in int8_tp4xar2_specs(params, state.arrays).items():
         assert array.sharding.spec == spec, f"{name} after insert + generate"
-    assert generate(engines, prompts, N_TOKENS) == int8_single[1]
+    # int8 activations round per token, so a last-bit float difference of the sharded sums can
+    # flip one rounding and, at a near tie, one greedy token; teacher forcing keeps one flip from
+    # changing every later position. Measured free-running: 47 of 48 tokens equal (the last one of
+    # one prompt flipped at a near tie).
+    assert teacher_forced_agreement(engines, prompts, int8_single[1]) >= 0.95
 
 
 def test_bf16_agreement_and_memory(smollm_engines, prompts, single, int8_single, one_device):

@@ -4,14 +4,41 @@ from __future__ import annotations
 
 import pytest
 
-from serving.server.settings import DISAGGREGATED_SERVER, SettingsError, ServingSettings, parse_settings
+from serving.server.settings import (
+    DEFAULT_DECODE_SLOTS,
+    DISAGGREGATED_SERVER,
+    SettingsError,
+    ServingSettings,
+    parse_settings,
+)
 
 
 def test_defaults():
     s = parse_settings([])
-    assert s == ServingSettings()
+    assert s == ServingSettings(given=frozenset())
     assert (s.max_prefill_predict_length, s.max_target_length, s.ignored) == (1024, 2048, ())
     assert not s.disaggregated
+    assert (s.quantization, s.quantize_kvcache) == ("", False)  # MaxText's, on every backend but CPU
+
+
+def test_slots_default_spreads_over_the_devices():
+    assert DEFAULT_DECODE_SLOTS == 32
+    assert [ServingSettings().slots_per_device(n) for n in (1, 3, 8, 64)] == [32, 11, 4, 1]
+    assert ServingSettings(per_device_batch_size=2).slots_per_device(8) == 2
+
+
+def test_cpu_defaults_apply_only_to_what_the_arguments_left_unset():
+    cpu = parse_settings([]).for_backend("cpu")
+    assert (cpu.quantization, cpu.quantize_kvcache, cpu.quantize_attention_output) == ("int8", True, False)
+    # MaxText's int8 (the stack's): every matmul weight int8, as its planner counts them
+    assert parse_settings(["quantization=int8"]).for_backend("cpu").quantize_attention_output
+    assert parse_settings([]).for_backend("tpu") == parse_settings([])
+    chosen = parse_settings(["weight_dtype=float32", "dtype=float32"]).for_backend("cpu")
+    assert (chosen.quantization, chosen.quantize_kvcache) == ("", False)
+    kv_only = parse_settings(["quantize_kvcache=false"]).for_backend("cpu")
+    assert (kv_only.quantization, kv_only.quantize_kvcache) == ("int8", False)
+    # settings built in code (not parsed) mean exactly what they say
+    assert ServingSettings().for_backend("cpu") == ServingSettings()
 
 
 def test_lws_argument_list_is_honoured():
@@ -56,7 +83,7 @@ def test_later_keys_override_earlier():
         (["inference_server=Other"], "inference_server"),
         (["ici_tensor_parallelism=0"], "ici_tensor_parallelism"),
         (["ici_fsdp_parallelism=-2"], "ici_fsdp_parallelism"),
-        (["per_device_batch_size=0"], "per_device_batch_size"),
+        (["per_device_batch_size=-1"], "per_device_batch_size"),
         (["max_prefill_predict_length=0"], "max_prefill_predict_length"),
         (["max_prefill_predict_length=256", "max_target_length=256"], "max_target_length"),
         (["base.yml", "other.yml"], "other.yml"),

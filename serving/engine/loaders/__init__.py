@@ -62,6 +62,7 @@ def runtime_config(arch: ModelConfig, settings) -> ModelConfig:
         weight_dtype=settings.weight_dtype,
         quantize_weights=settings.quantization == "int8",
         quantize_kv=settings.quantize_kvcache,
+        quantize_attention_output=settings.quantize_attention_output,
     )
 
 
@@ -85,7 +86,7 @@ def prepare_params(cfg: ModelConfig, params: dict, already_quantized: bool) -> d
             _check_shape(value.values, info, path)
             return value
         _check_shape(value, info, path)
-        if cfg.quantize_weights and info.contract:
+        if cfg.quantize_weights and model.quantized(info):
             return quant.quantize(np.asarray(value, np.float32), info.contract)
         return np.asarray(value).astype(info.dtype)
 

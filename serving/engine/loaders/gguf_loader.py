@@ -59,7 +59,6 @@ def read_config(reader: gguf.GGUFReader) -> ModelConfig:
         rope_base=float(_field(reader, "llama.rope.freq_base", 10000.0)),
         norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon")),
         tie_embeddings="output.weight" not in names,
-        bos_id=int(_field(reader, "tokenizer.ggml.bos_token_id", 1)),
         eos_id=int(_field(reader, "tokenizer.ggml.eos_token_id", 2)),
     )
 

@@ -20,7 +20,7 @@ from serving.engine.config import ModelConfig
 from serving.engine.tokenizer import BPETokenizer
 
 _ARCH_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim",
-                "rope_base", "norm_eps", "tie_embeddings", "bos_id", "eos_id", "kv_block")
+                "rope_base", "norm_eps", "tie_embeddings", "eos_id", "kv_block")
 
 
 def _key(path) -> str:
@@ -46,7 +46,7 @@ def load_npz(path: str):
     """(ModelConfig, host params, tokenizer) from a file written by `save_npz`."""
     with np.load(path) as data:
         meta = json.loads(data["__meta__"].tobytes())
-        cfg = ModelConfig(**meta["config"])
+        cfg = ModelConfig(**{f: meta["config"][f] for f in _ARCH_FIELDS})  # files may carry retired fields
         template = model.param_infos(dataclasses.replace(cfg, quantize_weights=meta["quantized"]))
         params = jax.tree_util.tree_map_with_path(lambda p, _: data[_key(p)], template, is_leaf=model.is_info)
         tokenizer = BPETokenizer.from_json(data["__tokenizer__"].tobytes().decode(), meta["eos_ids"], meta["chat_template"])

@@ -1,0 +1,362 @@
+"""Our server against llama.cpp's `llama-server` on the same GGUF, same slots, same prompts.
+
+  python benchmarks/vs_llamacpp.py                       # 1, 8, 32 clients; both servers 32 slots
+  python benchmarks/vs_llamacpp.py --levels 1,8 --rounds 1 --max-tokens 32    # a short run
+  python benchmarks/vs_llamacpp.py --server-arg quantization=int8             # another config of ours
+
+What it does, in one run on one machine (CPU by default):
+1. `llama-server` (llama.cpp's OpenAI-compatible server): taken from --llama-server, or built once
+   from the `llama-cpp-python` source distribution (it vendors llama.cpp) into --cache-dir, outside
+   the repository: `pip download --no-binary :all: --no-deps`, then cmake for the llama-server
+   target only. Benchmark-only: the project never depends on it.
+2. Starts both servers on 127.0.0.1 on the bundled SmolLM2-135M GGUF (the file `python -m serving`
+   loads by default; llama.cpp reads it as stored, Q4_1), with the same number of slots, then
+   `python -m serving --slots 1` when --slots1-baseline is on (the configuration every other one
+   must beat at one client).
+3. For each client count: every client sends --rounds greedy `/v1/completions` requests back to
+   back, --max-tokens output tokens each (`ignore_eos`, so every request generates them all; if a
+   server rejects `ignore_eos`, both run without it and the output says so). The two servers are
+   measured one after the other at each level, so both see the same machine load. Aggregate output
+   tok/s = all completion tokens (from `usage`) / the level's wall time.
+4. Measures the machine's memory read bandwidth (numpy reductions over a buffer much larger than
+   the caches, one thread per core) and, at one client, the ratio of each server's tok/s to its
+   memory roofline: bandwidth / bytes of weights read per token (ours: the weight format of the
+   configuration benchmarked, from the model's own declarations; llama.cpp: the GGUF's tensors).
+5. Prints one table with the ratios ours / llama.cpp, and optionally writes it as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"  # its sdist vendors the llama.cpp the numbers were taken with
+# -march=native turns on ggml's AMX kernels where the CPU lists AMX, but using AMX tiles needs a
+# permission from the kernel that VMs and sandboxes often do not grant (llama-server then dies with
+# SIGSEGV at its first decode); the AVX-512 / VNNI paths stay on.
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jetstream-tpu"
+START_TIMEOUT_S = 900.0  # ours compiles every prefill bucket before /healthcheck turns 200
+REQUEST_TIMEOUT_S = 900.0
+BANDWIDTH_BUFFER_BYTES = 1 << 30  # far beyond any CPU cache, so reads come from DRAM
+PROMPTS = [
+    "Once upon a time, in a small village by the sea, there lived an old fisherman who",
+    "The history of computing began with mechanical calculators. In the nineteenth century,",
+    "Here is a detailed recipe for a simple tomato soup. First,",
+    "The three most important ideas in physics are",
+    "Dear diary, today I finally visited the mountains and",
+    "A beginner's guide to gardening: the first thing to know is that",
+    "The ocean covers most of the Earth's surface. Scientists believe that",
+    "In this lecture we will explain how a compiler turns source code into",
+]
+
+
+# ---- llama.cpp ------------------------------------------------------------------------------------
+
+def llama_server_binary(cache_dir: Path) -> Path:
+    """`llama-server` under cache_dir, built from the llama-cpp-python sdist if absent."""
+    binary = cache_dir / "llama-server"
+    if binary.exists():
+        return binary
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    sdists = sorted(cache_dir.glob("llama_cpp_python-*.tar.gz"))
+    if not sdists:
+        _run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "-d", str(cache_dir), LLAMA_CPP_PYTHON])
+        sdists = sorted(cache_dir.glob("llama_cpp_python-*.tar.gz"))
+    source = cache_dir / sdists[-1].name.removesuffix(".tar.gz")
+    if not source.exists():
+        with tarfile.open(sdists[-1]) as archive:
+            archive.extractall(cache_dir, filter="data")
+    llama_cpp, build = source / "vendor" / "llama.cpp", cache_dir / "build"
+    _run([
+        "cmake", "-S", str(llama_cpp), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF",
+        "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON",
+        "-DGGML_NATIVE=ON", f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}",
+    ])  # fmt: skip
+    _run(["cmake", "--build", str(build), "--target", "llama-server", "-j2"])
+    built = next(build.rglob("llama-server"))
+    shutil.copy2(built, binary)
+    return binary
+
+
+def _run(cmd: list[str]) -> None:
+    print("+", " ".join(cmd), file=sys.stderr, flush=True)
+    subprocess.run(cmd, check=True)
+
+
+# ---- servers --------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Server:
+    name: str
+    process: subprocess.Popen
+    url: str
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start(name: str, cmd: list[str], port: int, health: str, env=None) -> Server:
+    print(f"starting {name}:", " ".join(cmd), file=sys.stderr, flush=True)
+    process = subprocess.Popen(cmd, cwd=ROOT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"{name} exited with {process.returncode}")
+        try:
+            if httpx.get(url + health, timeout=5).status_code == 200:
+                print(f"{name} ready after {START_TIMEOUT_S - (deadline - time.monotonic()):.0f} s", file=sys.stderr)
+                return Server(name, process, url)
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    process.terminate()
+    raise SystemExit(f"{name} did not become ready in {START_TIMEOUT_S:.0f} s")
+
+
+def start_llama(binary: Path, gguf: Path, slots: int, context: int, threads: int) -> Server:
+    port = _free_port()
+    cmd = [
+        str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-np", str(slots),
+        "-c", str(slots * context), "-t", str(threads), "-tb", str(threads), "--no-webui",
+    ]  # fmt: skip
+    return _start("llama.cpp", cmd, port, "/health")
+
+
+def start_ours(name: str, slots: int, args) -> Server:
+    port = _free_port()
+    env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+    cmd = [
+        sys.executable, "-m", "serving", "--host", "127.0.0.1", "--http-port", str(port), "--grpc-port", "0",
+        "--slots", str(slots), "--max-prefill-length", str(args.max_prefill_length),
+        "--max-target-length", str(args.context), "--max-queued-requests", str(max(64, 2 * max(args.levels))),
+        *args.server_arg,
+    ]  # fmt: skip
+    return _start(name, cmd, port, "/healthcheck", env)
+
+
+# ---- load -----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Level:
+    clients: int
+    tokens: int
+    requests: int
+    wall_s: float
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.wall_s
+
+
+def _complete(client: httpx.Client, url: str, prompt: str, max_tokens: int, ignore_eos: bool) -> httpx.Response:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0}
+    if ignore_eos:
+        body["ignore_eos"] = True
+    return client.post(url + "/v1/completions", json=body)
+
+
+def accepts_ignore_eos(url: str) -> bool:
+    with httpx.Client(timeout=REQUEST_TIMEOUT_S) as client:
+        response = _complete(client, url, PROMPTS[0], 2, ignore_eos=True)
+    if response.status_code == 400 and "ignore_eos" in response.text:
+        return False
+    response.raise_for_status()
+    return True
+
+
+def run_level(url: str, clients: int, rounds: int, max_tokens: int, ignore_eos: bool) -> Level:
+    def client_loop(index: int) -> int:
+        tokens = 0
+        with httpx.Client(timeout=REQUEST_TIMEOUT_S) as client:
+            for r in range(rounds):
+                response = _complete(client, url, PROMPTS[(index + r) % len(PROMPTS)], max_tokens, ignore_eos)
+                response.raise_for_status()
+                tokens += response.json()["usage"]["completion_tokens"]
+        return tokens
+
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        tokens = sum(pool.map(client_loop, range(clients)))
+    return Level(clients, tokens, clients * rounds, time.perf_counter() - started)
+
+
+# ---- rooflines ------------------------------------------------------------------------------------
+
+def read_bandwidth(reps: int = 5) -> float:
+    """Bytes/s the cores read from DRAM together: the best of `reps` passes, one thread per core
+    summing its own slice of a 1 GiB buffer (numpy releases the GIL inside the reduction)."""
+    workers = os.cpu_count() or 1
+    buffer = np.ones(BANDWIDTH_BUFFER_BYTES // 4, np.float32)
+    slices = np.array_split(buffer, workers)
+    best = 0.0
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        for _ in range(reps):
+            started = time.perf_counter()
+            list(pool.map(np.sum, slices))
+            best = max(best, buffer.nbytes / (time.perf_counter() - started))
+    return best
+
+
+def our_weight_bytes(server_args: list[str]) -> tuple[str, int]:
+    """(format name, bytes of weights one decode step reads) for our server under these settings."""
+    from serving.engine import model
+    from serving.engine.loaders import gguf_loader, runtime_config
+    from serving.server.settings import parse_settings
+
+    backend = os.environ.get("JAX_PLATFORMS", "cpu").split(",")[0]  # what start_ours runs on
+    settings = parse_settings([a for a in server_args if "=" in a]).for_backend(backend)
+    arch = gguf_loader.read_config(gguf_loader.gguf.GGUFReader(str(gguf_loader.bundled_gguf_path())))
+    cfg = runtime_config(arch, settings)
+    infos = model.param_infos(cfg)
+    leaves = model.jax.tree.leaves(infos, is_leaf=model.is_info)
+    total = sum(math.prod(i.shape) * np.dtype(i.dtype).itemsize for i in leaves)
+    # a decode step reads one embedding row per token, not the table, unless the table is the lm head
+    embed = infos["embed"]
+    embed_leaves = model.jax.tree.leaves(embed, is_leaf=model.is_info)
+    if not cfg.tie_embeddings:
+        total -= sum(math.prod(i.shape) * np.dtype(i.dtype).itemsize for i in embed_leaves)
+    return ("int8" if cfg.quantize_weights else cfg.weight_dtype), total
+
+
+def gguf_weight_bytes(path: Path) -> tuple[str, int]:
+    from serving.engine.loaders import gguf_loader
+
+    reader = gguf_loader.gguf.GGUFReader(str(path))
+    kinds = sorted({t.tensor_type.name for t in reader.tensors})
+    return "/".join(kinds), sum(int(t.n_bytes) for t in reader.tensors)
+
+
+# ---- report ---------------------------------------------------------------------------------------
+
+def table(rows: list[dict]) -> str:
+    head = ["clients", "llama.cpp tok/s", "ours tok/s", "ours / llama.cpp"]
+    if any("slots1" in r for r in rows):
+        head.append("ours --slots 1 tok/s")
+    lines = [head]
+    for r in rows:
+        llama = r.get("llama")
+        line = [str(r["clients"]), "-" if llama is None else f"{llama:.1f}", f"{r['ours']:.1f}",
+                "-" if llama is None else f"{r['ours'] / llama:.2f}"]
+        if len(head) == 5:
+            line.append(f"{r['slots1']:.1f}" if "slots1" in r else "-")
+        lines.append(line)
+    widths = [max(len(row[i]) if i < len(row) else 0 for row in lines) for i in range(len(head))]
+    out = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in lines]
+    out.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--levels", default="1,8,32", help="comma-separated concurrent client counts (default 1,8,32)")
+    p.add_argument("--slots", type=int, default=32, help="decode slots of both servers (llama.cpp -np)")
+    p.add_argument("--rounds", type=int, default=2, help="requests per client per level (default 2)")
+    p.add_argument("--max-tokens", type=int, default=128, help="output tokens per request (default 128)")
+    p.add_argument("--context", type=int, default=512, help="KV cache tokens per slot on both servers")
+    p.add_argument("--max-prefill-length", type=int, default=128, help="ours: longest prompt (prefill buckets)")
+    p.add_argument("--server-arg", action="append", default=[], help="extra argument for ours, e.g. quantization=int8")
+    p.add_argument("--slots1-baseline", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run ours with --slots 1 at one client (default on)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp threads (default: all cores)")
+    p.add_argument("--llama-server", type=Path, help="a llama-server binary to use instead of building one")
+    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help=f"where llama-server is built (default {DEFAULT_CACHE})")
+    p.add_argument("--build-only", action="store_true", help="build llama-server and exit")
+    p.add_argument("--ours-only", action="store_true", help="measure only our server (no llama.cpp, no ratios)")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    args = p.parse_args(argv)
+    args.levels = [int(c) for c in args.levels.split(",")]
+
+    binary = None if args.ours_only else args.llama_server or llama_server_binary(args.cache_dir)
+    if args.build_only:
+        print(binary)
+        return 0
+    from serving.engine.loaders import gguf_loader
+
+    gguf = gguf_loader.bundled_gguf_path()
+    bandwidth = read_bandwidth()
+    servers = []
+    try:
+        if not args.ours_only:  # each server joins `servers` at once, so `finally` stops it
+            servers.append(start_llama(binary, gguf, args.slots, args.context, args.threads))
+        servers.append(start_ours("ours", args.slots, args))
+        llama, ours = (None if args.ours_only else servers[0]), servers[-1]
+        ignore_eos = all(accepts_ignore_eos(server.url) for server in servers)
+        if not ignore_eos:
+            print("note: a server rejects ignore_eos; requests may stop early at EOS", file=sys.stderr)
+        for server in servers:  # one untimed request each: first-request costs out of the numbers
+            run_level(server.url, 1, 1, args.max_tokens, ignore_eos)
+        rows = []
+        for clients in args.levels:
+            row = {"clients": clients}
+            for key, server in (("llama", llama), ("ours", ours)):
+                if server is None:
+                    continue
+                level = run_level(server.url, clients, args.rounds, args.max_tokens, ignore_eos)
+                row[key] = level.tok_s
+                row[key + "_tokens"] = level.tokens
+                print(f"{server.name} @ {clients} clients: {level.tokens} tokens in {level.wall_s:.1f} s = {level.tok_s:.1f} tok/s", file=sys.stderr, flush=True)
+            rows.append(row)
+        ours.stop()
+        servers.remove(ours)
+        if args.slots1_baseline and 1 in args.levels:
+            single = start_ours("ours --slots 1", 1, args)
+            servers.append(single)
+            run_level(single.url, 1, 1, args.max_tokens, ignore_eos)
+            level = run_level(single.url, 1, args.rounds, args.max_tokens, ignore_eos)
+            next(r for r in rows if r["clients"] == 1)["slots1"] = level.tok_s
+    finally:
+        for server in servers:
+            server.stop()
+
+    our_format, our_bytes = our_weight_bytes(args.server_arg)
+    llama_format, llama_bytes = gguf_weight_bytes(gguf)
+    print(f"\nvs_llamacpp: {args.slots} slots each, {args.max_tokens} output tokens/request, {args.rounds} requests/client, "
+          f"greedy{', ignore_eos' if ignore_eos else ' (EOS may end requests early)'}; ours: {' '.join(args.server_arg) or 'defaults'}")
+    print(table(rows))
+    print(f"\nread bandwidth {bandwidth / 1e9:.1f} GB/s ({os.cpu_count()} threads)")
+    summary = {"bandwidth_gb_s": bandwidth / 1e9, "rows": rows, "server_args": args.server_arg}
+    one = next((r for r in rows if r["clients"] == 1), None)
+    for key, name, fmt, nbytes in (("ours", "ours", our_format, our_bytes), ("llama", "llama.cpp", llama_format, llama_bytes)):
+        roofline = bandwidth / nbytes
+        line = f"{name}: weights {fmt} {nbytes / 1e6:.0f} MB/token -> roofline {roofline:.0f} tok/s"
+        if one is not None and key in one:
+            line += f"; batch 1 at {one[key] / roofline:.0%} of it"
+            summary[key + "_roofline_ratio"] = one[key] / roofline
+        print(line)
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
