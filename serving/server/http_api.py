@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import secrets
 import threading
 import time
 import uuid
@@ -65,14 +66,26 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+# Above this a softmax over logits/temperature is uniform to float32 precision: a larger value is a
+# client mistake, not a sharper request.
+MAX_TEMPERATURE = 100.0
+# vLLM's (and older OpenAI-compatible servers') way of saying "no top-k filter"; ours is 0.
+TOP_K_OFF_ALIASES = (-1,)
+SEED_RANGE = 2**31
+
+
 class _Sampling(_Body):
-    temperature: float = Field(0.0, ge=0.0, le=100.0)
-    top_k: int = Field(0, ge=0)
+    temperature: float = Field(0.0, ge=0.0, le=MAX_TEMPERATURE)
+    top_k: int = Field(0, ge=min(TOP_K_OFF_ALIASES))
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int = Field(0, ge=0, lt=2**31)
+    # Any integer (OpenAI's is int64), reduced to SEED_RANGE so any engine can hold it in an int32.
+    # Unset: a fresh random seed per request, so unseeded sampled requests draw independent tokens.
+    seed: int | None = None
 
     def sampling(self) -> SamplingParams:
-        return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed)
+        top_k = 0 if self.top_k in TOP_K_OFF_ALIASES else self.top_k
+        seed = secrets.randbelow(SEED_RANGE) if self.seed is None else self.seed % SEED_RANGE
+        return SamplingParams(temperature=self.temperature, top_k=top_k, top_p=self.top_p, seed=seed)
 
 
 class GenerateBody(_Sampling):

@@ -53,7 +53,9 @@ class MetricSpec:
 
 # The live gauges' keys are the keyword names of `ServerMetrics.watch`. Units are JetStream's: its
 # orchestrator sets jetstream_slots_used_percentage to 1 - free_slots / slots, a fraction despite the
-# name, and kv_cache_utilization_perc to used * 100 / total, a percent.
+# name, and kv_cache_utilization_perc to occupied slots * 100 / slots, a percent. Ours counts the
+# cache's token positions in use instead of whole slots (the same unit, a finer measure: a slot
+# holding a short request is mostly free cache).
 METRICS: dict[str, MetricSpec] = {
     spec_key: spec
     for spec_key, spec in (

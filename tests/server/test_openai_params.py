@@ -12,7 +12,7 @@ import pytest
 from fake_engine import EOS, ByteTokenizer
 from server_process import wait_until
 
-from serving.server.http_api import MAX_STOP_STRINGS
+from serving.server.http_api import MAX_STOP_STRINGS, CompletionBody
 from serving.server.requests import StopStrings
 
 TIMEOUT = httpx.Timeout(20.0)
@@ -110,6 +110,18 @@ def test_seed_and_sampling(fake_server):
     # with sampling, the echo model shifts every byte by the seed
     assert complete(fake_server, prompt="abc", max_tokens=4, temperature=0.5, seed=1)["choices"][0]["text"] == "bcdb"
     assert complete(fake_server, prompt="abc", max_tokens=4, temperature=1, seed=2)["choices"][0]["text"] == "cdec"
+    # any integer: reduced modulo 2**31 (the echo model shifts by the seed mod 256)
+    assert complete(fake_server, prompt="abc", max_tokens=2, temperature=1, seed=2**40 + 1)["choices"][0]["text"] == "bc"
+    assert complete(fake_server, prompt="abc", max_tokens=2, temperature=1, seed=-1)["choices"][0]["text"] == "`a"
+
+
+def test_unseeded_requests_draw_their_own_random_seeds():
+    seeds = {CompletionBody(prompt="a", temperature=1.0).sampling().seed for _ in range(8)}
+    assert len(seeds) == 8  # 8 independent 31-bit draws: a collision is a 2**-26 event
+
+
+def test_top_k_minus_one_means_no_filter():
+    assert CompletionBody(prompt="a", top_k=-1).sampling().top_k == 0
 
 
 def test_null_means_unset(fake_server):
@@ -182,7 +194,7 @@ def test_generate_stays_strict(fake_server):
         ("/v1/completions", {"stop": ["a", ""]}, "stop", "must not be empty"),
         ("/v1/completions", {"stop": ["s"] * (MAX_STOP_STRINGS + 1)}, "stop", f"at most {MAX_STOP_STRINGS}"),
         ("/v1/completions", {"stop": 5}, "stop", "valid string"),
-        ("/v1/completions", {"seed": -1}, "seed", "greater than or equal to 0"),
+        ("/v1/completions", {"top_k": -2}, "top_k", "greater than or equal to -1"),
         ("/v1/completions", {"prompt": ["a", "b"]}, "prompt", "one prompt per request"),
         ("/v1/completions", {"ignore_eos": "yes"}, "ignore_eos", "valid boolean"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
