@@ -15,7 +15,7 @@ Generation is greedy unless the request asks for sampling (temperature > 0), on 
 /generate is strict, as JetStream's: an unknown field is a 400 naming it (the legacy fields listed
 in GenerateBody are accepted and ignored). The OpenAI endpoints take what OpenAI clients send:
 unknown fields are ignored with a logged warning (as vLLM does), null means "not set", `stop`
-strings end the text early (the request is cancelled, which frees its slot), `ignore_eos`, `seed`,
+strings end the text early (the request completes there and frees its slot), `ignore_eos`, `seed`,
 `stream_options.include_usage`; fields asking for what this server cannot do (n > 1, logprobs,
 penalties, logit_bias, echo, ...) are a 400 naming the field (see _UNSUPPORTED).
 """
@@ -283,9 +283,10 @@ def _submit_error(exc: Exception, rename: dict[str, str]) -> JSONResponse:
 # -- generated text ------------------------------------------------------------------------------
 class _Text:
     """One request's text as its client sees it: cut at the first stop string, if any. A stop
-    string ends the request early through the orchestrator's cancellation path, which frees its
-    slot; so does a client that goes away (the generator closed). `finish` is set once `pieces()`
-    is exhausted; completion_tokens then counts the tokens behind the text up to the stop string."""
+    string ends the request early (`ResultStream.stop`: its slot is freed and it counts as
+    completed, reason "stop"); a client that goes away (the generator closed) cancels it.
+    `finish` is set once `pieces()` is exhausted; completion_tokens then counts the tokens behind
+    the text up to the stop string."""
 
     def __init__(self, stream: ResultStream, stops: Sequence[str] = ()):
         self._stream = stream
@@ -302,7 +303,7 @@ class _Text:
                 if text:
                     yield text
                 if stopped:
-                    self._stream.cancel()
+                    self._stream.stop()
                     self.finish = Finish("stop", self._stream.prompt_tokens, self._tokens)
                     return
             held = self._stops.flush() if self._stops else ""

@@ -136,6 +136,8 @@ class ServerMetrics:
         self._labels = _labels(model_name)
         label_names = list(self._labels)
         self._metrics = {key: _build(spec, label_names, self.registry) for key, spec in METRICS.items()}
+        for key in METRICS:  # every series exported from the start: a counter's first rate() needs its 0
+            self._series(key)
 
     def _series(self, key: str):
         """The metric's one labelled series (JetStream's universal labels, plus idx per engine)."""

@@ -315,7 +315,7 @@ class Orchestrator:
             if item is None:
                 continue
             if item.stream.cancelled:
-                self._finish(item, "cancelled")
+                self._finish(item, item.stream.cancel_reason)
                 continue
             item.prefill_started = time.perf_counter()
             try:
@@ -415,7 +415,7 @@ class Orchestrator:
                     prompt_tokens=len(item.tokens),
                 )
                 if item.stream.cancelled:
-                    self._finish(item, "cancelled")
+                    self._finish(item, item.stream.cancel_reason)
                 elif not item.finished:
                     self._emit(item, token)
                 continue
@@ -425,7 +425,7 @@ class Orchestrator:
                 if owner is None or owner.finished:
                     continue  # a free slot, or a request that ended while this step ran
                 if owner.stream.cancelled:
-                    self._finish(owner, "cancelled")
+                    self._finish(owner, owner.stream.cancel_reason)
                 else:
                     self._emit(owner, int(tokens[slot]))
 
@@ -448,7 +448,7 @@ class Orchestrator:
     def _drop(self, item: _Request) -> None:
         """A request leaves the pipeline before getting a slot."""
         if item.stream.cancelled:
-            self._finish(item, "cancelled")
+            self._finish(item, item.stream.cancel_reason)
         self._unwait(item)
 
     def _unwait(self, item: _Request) -> None:

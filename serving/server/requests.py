@@ -95,8 +95,9 @@ class ResultStream:
     """The consumer's end of one request: Deltas in order, then `finish` is set.
 
     Written by the orchestrator's detokenize thread, read either by a thread (`__iter__`, gRPC) or
-    by an asyncio task (`__aiter__`, HTTP). `cancel()` asks the orchestrator to stop the request
-    and free its slot (a disconnected client); the stream then ends with reason "cancelled".
+    by an asyncio task (`__aiter__`, HTTP). `cancel()` (a disconnected client) and `stop()` (the
+    front end matched a stop string) ask the orchestrator to end the request and free its slot;
+    the stream then ends with reason "cancelled" or "stop", whichever was asked first.
     """
 
     def __init__(self, prompt_tokens: int):
@@ -106,7 +107,7 @@ class ResultStream:
         self._ready = threading.Condition(self._lock)
         self._deltas: collections.deque[Delta] = collections.deque()
         self._finish: Finish | None = None
-        self._cancelled = False
+        self._cancel_reason: FinishReason | None = None
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
 
     # -- producer side (orchestrator) ------------------------------------------------------------
@@ -132,7 +133,13 @@ class ResultStream:
     # -- consumer side (front ends) --------------------------------------------------------------
     @property
     def cancelled(self) -> bool:
-        return self._cancelled
+        """The consumer asked for the request to end (`cancel` or `stop`)."""
+        return self._cancel_reason is not None
+
+    @property
+    def cancel_reason(self) -> FinishReason | None:
+        """How a request the consumer ended finishes: "cancelled", "stop", or None if not asked."""
+        return self._cancel_reason
 
     @property
     def done(self) -> bool:
@@ -143,7 +150,16 @@ class ResultStream:
         return self._finish
 
     def cancel(self) -> None:
-        self._cancelled = True
+        self._ask_end("cancelled")
+
+    def stop(self) -> None:
+        """A stop string ended the text: the request completed, as with a stop token."""
+        self._ask_end("stop")
+
+    def _ask_end(self, reason: FinishReason) -> None:
+        with self._lock:
+            if self._cancel_reason is None:
+                self._cancel_reason = reason
 
     def _take(self) -> tuple[list[Delta], bool]:
         deltas = list(self._deltas)

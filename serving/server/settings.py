@@ -21,12 +21,13 @@ DEFAULT_DECODE_SLOTS = 32
 # int8 weights with int8 x int8 matmuls and an int8 KV cache beat float32 at every client count
 # (benchmarks/vs_llamacpp.py; README "Speed"). Each default: (value, keys any of which, given,
 # leave the field as the arguments say). Other backends keep MaxText's defaults.
-WEIGHT_FORMAT_KEYS = frozenset({"quantization", "weight_dtype", "checkpoint_is_quantized", "quantize_attention_output"})
+# quantize_attention_output alone does not decide the weight format: it only says what int8 means.
+WEIGHT_FORMAT_KEYS = frozenset({"quantization", "weight_dtype", "checkpoint_is_quantized"})
 BACKEND_DEFAULTS: dict[str, dict[str, tuple[object, frozenset[str]]]] = {
     "cpu": {
         "quantization": ("int8", WEIGHT_FORMAT_KEYS),
         # int8 with wo float: all-int8 lost answers of the bundled SmolLM2 (ModelConfig)
-        "quantize_attention_output": (False, WEIGHT_FORMAT_KEYS),
+        "quantize_attention_output": (False, WEIGHT_FORMAT_KEYS | {"quantize_attention_output"}),
         "quantize_kvcache": (True, frozenset({"quantize_kvcache", "dtype"})),
     },
 }

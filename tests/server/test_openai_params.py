@@ -10,6 +10,7 @@ import logging
 import httpx
 import pytest
 from fake_engine import EOS, ByteTokenizer
+from prometheus_client.parser import text_string_to_metric_families
 from server_process import wait_until
 
 from serving.server.http_api import MAX_STOP_STRINGS, CompletionBody
@@ -86,14 +87,25 @@ def test_chat_stop_string(fake_server):
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
 
 
-def test_stop_string_cancels_the_request_and_frees_its_slot(slow_server):
+def success_count(server) -> float:
+    r = httpx.get(server.http_url + "/metrics", timeout=TIMEOUT)
+    for family in text_string_to_metric_families(r.text):
+        for sample in family.samples:
+            if sample.name == "jetstream_request_success_count_total":
+                return sample.value
+    raise KeyError("jetstream_request_success_count_total")
+
+
+def test_stop_string_completes_the_request_and_frees_its_slot(slow_server):
     """One slot, 20 ms per step: the request asks for the most tokens (20 s); its stop string
-    ends it after a few steps, and the slot is free for the next request well before."""
+    ends it after a few steps, it counts as a success, and the slot is free well before."""
     orch = slow_server.orchestrator
+    succeeded = success_count(slow_server)
     body = {"prompt": "abcd", "max_tokens": orch.max_tokens_limit, "stop": "da"}
     r = httpx.post(slow_server.http_url + "/v1/completions", json=body, timeout=5)
     assert r.json()["choices"][0]["text"] == "abc"
     wait_until(lambda: orch.slots_used == 0, timeout_s=3, what="slot freed")
+    wait_until(lambda: success_count(slow_server) == succeeded + 1, timeout_s=3, what="success counted")
     assert complete(slow_server, prompt="ok", max_tokens=2)["choices"][0]["text"] == "ok"
 
 

@@ -231,6 +231,13 @@ def test_metrics_report_live_values():
         busy.cancel()
         wait_until(lambda: metric_value(orch, "jetstream_slots_used_percentage") == 0.0)
         assert metric_value(orch, "jetstream_request_success_count_total") == 2  # cancelled ≠ success
+        stopped = orch.submit(GenerateRequest("long", 60))  # a front end's stop string matched
+        next(iter(stopped.iter(TIMEOUT_S)))
+        stopped.stop()
+        stopped.cancel()  # the first ask decides how it ends
+        list(stopped.iter(TIMEOUT_S))
+        assert stopped.finish.reason == "stop"
+        assert metric_value(orch, "jetstream_request_success_count_total") == 3  # a stop is a success
         assert metric_value(orch, "jetstream_prefill_backlog_size") == 0
     finally:
         orch.stop()

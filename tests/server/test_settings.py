@@ -37,6 +37,9 @@ def test_cpu_defaults_apply_only_to_what_the_arguments_left_unset():
     assert (chosen.quantization, chosen.quantize_kvcache) == ("", False)
     kv_only = parse_settings(["quantize_kvcache=false"]).for_backend("cpu")
     assert (kv_only.quantization, kv_only.quantize_kvcache) == ("int8", False)
+    # quantize_attention_output says what int8 covers; alone it keeps the CPU's int8 default
+    all_int8 = parse_settings(["quantize_attention_output=true"]).for_backend("cpu")
+    assert (all_int8.quantization, all_int8.quantize_attention_output) == ("int8", True)
     # settings built in code (not parsed) mean exactly what they say
     assert ServingSettings().for_backend("cpu") == ServingSettings()
 
