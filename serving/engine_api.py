@@ -135,7 +135,8 @@ class Engine(abc.ABC):
         """
 
     def transfer(self, prefix: Prefix) -> Prefix:
-        """Move a Prefix made by another engine onto this engine's mesh (disaggregated mode)."""
+        """Move a Prefix made by another engine onto this engine's mesh (disaggregated mode);
+        returns once the copy has landed, so the caller can time it."""
         return prefix
 
     @abc.abstractmethod

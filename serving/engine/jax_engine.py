@@ -321,7 +321,7 @@ class JaxEngine(engine_api.Engine):
 
     def transfer(self, prefix: Prefix) -> Prefix:
         bucket = prefix.cache.length
-        return jax.device_put(prefix, self.prefix_shardings(bucket))
+        return jax.block_until_ready(jax.device_put(prefix, self.prefix_shardings(bucket)))
 
     def _slot(self, slot: int) -> jax.Array:
         if not 0 <= slot < self._batch:
@@ -405,9 +405,8 @@ class EngineSet:
 
 
 def build_engines(settings, devices: Sequence[jax.Device] | None = None) -> EngineSet:
-    """Load the checkpoint once and build the engines on `devices` (default: all devices), with
-    the backend's defaults for what the arguments left unset (ServingSettings.for_backend)."""
-    settings = settings.for_backend(jax.default_backend())
+    """Load the checkpoint once and build the engines on `devices` (default: all devices), exactly
+    as `settings` say (the server fills in its per-backend defaults before)."""
     cfg, host_params, tokenizer = load_checkpoint(settings)
     return engines_from_params(settings, cfg, host_params, tokenizer, devices)
 

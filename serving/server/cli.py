@@ -276,15 +276,16 @@ def process_group(args: argparse.Namespace) -> multihost.ProcessGroup | None:
     )
 
 
-def start_jax(settings: ServingSettings, group: multihost.ProcessGroup | None) -> int:
-    """Join Pathways or the multi-controller group before anything touches a device."""
+def start_jax(settings: ServingSettings, group: multihost.ProcessGroup | None) -> tuple[str, int]:
+    """Join Pathways or the multi-controller group before anything touches a device; then JAX's
+    backend ("cpu", "gpu", "tpu") and the number of devices over every process."""
     if settings.enable_single_controller:
         multihost.initialize_single_controller()
     elif group is not None:
         multihost.initialize_distributed(group)
     import jax
 
-    return jax.device_count()
+    return jax.default_backend(), jax.device_count()
 
 
 def serve(runtime: Runtime, args: argparse.Namespace, progress: Progress, stop: threading.Event) -> None:
@@ -333,7 +334,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = settings_from_args(args)
         group = process_group(args)
-        settings = with_slots(settings, args.slots, start_jax(settings, group))
+        backend, devices = start_jax(settings, group)
+        settings = with_slots(settings.for_backend(backend), args.slots, devices)
     except (SettingsError, ValueError, RuntimeError) as exc:  # RuntimeError: Pathways unavailable
         parser.error(str(exc))
     if group is not None and not group.is_leader:

@@ -44,8 +44,6 @@ import threading
 import time
 from typing import Any, Callable
 
-import jax
-
 from serving.engine_api import Engine, Params, Tokenizer
 from serving.server.metrics import ServerMetrics
 from serving.server.requests import (
@@ -343,7 +341,6 @@ class Orchestrator:
             started = time.perf_counter()
             with self._engine_locks[id(engine)]:
                 prefix = engine.transfer(prefix)
-            jax.block_until_ready(prefix)
             self.metrics.transferred(time.perf_counter() - started)
             self._put(self._generate_q, (item, prefix))
 

@@ -1,16 +1,13 @@
 """This server's own numpy checkpoint: one .npz with the params (optionally int8), config and tokenizer.
 
-It is the target of the offline int8 converter, so a quantized checkpoint can be served with
-`quantization=int8 checkpoint_is_quantized=true load_parameters_path=model-int8.npz`:
-
-    python -m serving.engine.loaders.npz_loader OUT.npz [key=value ...]   # e.g. quantization=int8
+It is the target of the offline converter (`python -m serving.convert`), so a quantized checkpoint
+can be served with `quantization=int8 checkpoint_is_quantized=true load_parameters_path=model-int8.npz`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 
 import jax
 import numpy as np
@@ -52,16 +49,3 @@ def load_npz(path: str):
         tokenizer = BPETokenizer.from_json(data["__tokenizer__"].tobytes().decode(), meta["eos_ids"], meta["chat_template"])
     return cfg, params, tokenizer
 
-
-def main(argv: list[str]) -> None:
-    from serving.engine.loaders import load_checkpoint
-    from serving.server.settings import parse_settings
-
-    out, settings = argv[0], parse_settings(argv[1:])
-    cfg, params, tokenizer = load_checkpoint(settings)
-    save_npz(out, cfg, params, tokenizer)
-    print(f"wrote {out} (int8 weights: {cfg.quantize_weights})")
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -1,0 +1,74 @@
+"""The seams of the codebase hold: each layer imports only the layers below it.
+
+Read from the source (every import statement, including those inside functions), so a shortcut
+across a seam fails here rather than in review:
+
+  serving/engine_api.py            the contract; imports no engine, no server, no JAX
+  serving/engine/**                the model, its math and its engine; never the server
+  serving/engine/{model,quant,sampling,config,parallelism}.py   pure math: no engine or loader
+  serving/server/{orchestrator,requests,http_api,grpc_api,metrics,settings}.py
+                                   talk to engines only through engine_api: no JAX, no serving.engine
+  components/core/**               the pure planning core: no Pulumi, no components.resources
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module an `import` or `from ... import` in the file names (absolute imports)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def files(pattern: str) -> list[Path]:
+    found = sorted(ROOT.glob(pattern))
+    assert found, f"no files match {pattern}"
+    return found
+
+
+def crosses(module: str, forbidden: tuple[str, ...]) -> bool:
+    return any(module == f or module.startswith(f + ".") for f in forbidden)
+
+
+PURE_MATH = ("model", "quant", "sampling", "config", "parallelism")
+ENGINE_AGNOSTIC_SERVER = ("orchestrator", "requests", "http_api", "grpc_api", "metrics", "settings")
+RULES = [
+    (["serving/engine_api.py"], ("serving.engine", "serving.server", "jax")),
+    (["serving/engine/**/*.py"], ("serving.server",)),
+    ([f"serving/engine/{m}.py" for m in PURE_MATH], ("serving.engine.jax_engine", "serving.engine.loaders",
+                                                     "serving.engine.sharding")),
+    ([f"serving/server/{m}.py" for m in ENGINE_AGNOSTIC_SERVER], ("jax", "serving.engine")),
+    (["components/core/**/*.py"], ("pulumi", "pulumi_gcp", "pulumi_kubernetes", "components.resources")),
+]
+
+
+@pytest.mark.parametrize("patterns,forbidden", RULES, ids=lambda v: v[0] if isinstance(v, list) else None)
+def test_no_import_crosses_a_seam(patterns, forbidden):
+    offences = [
+        f"{path.relative_to(ROOT)} imports {module}"
+        for pattern in patterns
+        for path in files(pattern)
+        for module in sorted(imported_modules(path))
+        if crosses(module, forbidden)
+    ]
+    assert not offences, "\n".join(offences)
+
+
+def test_the_check_sees_imports_inside_functions(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text("def f():\n    from serving.server.settings import parse_settings\n    import jax.numpy\n")
+    assert {"serving.server.settings", "jax.numpy"} <= imported_modules(source)
+    assert crosses("jax.numpy", ("jax",)) and not crosses("jaxlib_x", ("jax",))
