@@ -153,12 +153,27 @@ class Engine(abc.ABC):
         stale; an engine may skip the free slots above the highest live one, so callers fill the
         lowest free slot first."""
 
-    def warmup(self, params: Params) -> None:
-        """Compile every prefill bucket, insert and generate, so the first request is not slow."""
-        state = self.init_decode_state()
+    def warmup_prefill(self, params: Params) -> dict[int, Prefix]:
+        """Run (compile) every prefill bucket once; the prefixes by bucket."""
+        prefixes = {}
         for bucket in self.prefill_buckets:
             prefix, first = self.prefill(params=params, tokens=[0] * bucket, sampling=GREEDY)
             first.to_host()
-            state = self.insert(self.transfer(prefix), state, slot=0)
+            prefixes[bucket] = prefix
+        return prefixes
+
+    def warmup(self, params: Params, *, prefill: bool = True, generate: bool = True) -> None:
+        """Compile what this engine's role runs, so the first request is not slow: every prefill
+        bucket (`prefill`), insert, release and generate (`generate`). A disaggregated server
+        warms its prefill engine with generate=False and its generate engine with prefill=False;
+        this generic version can then not warm insert (it has no prefix), engines that can make
+        one override it."""
+        prefixes = self.warmup_prefill(params) if prefill else {}
+        if not generate:
+            return
+        state = self.init_decode_state()
+        for prefix in prefixes.values():
+            state = self.insert(prefix, state, slot=0)
         state, step = self.generate(params=params, decode_state=state)
         step.to_host()
+        self.release(state, slot=0)

@@ -154,9 +154,12 @@ class JaxEngine(engine_api.Engine):
         self.state_shardings = sharding.shardings(self.mesh, self.rules, self.state_infos)
         self._replicated = sharding.replicated(self.mesh)
         slots_split = max(sharding.axis_size(self.mesh, getattr(self.rules, a)) for a in ("batch", "cache_batch"))
-        # slots on one device: generate runs only the live rows, each slot's attention on its own
-        # (model.decode_attention's per_slot), so a token never depends on the rows beside it
+        # slots on one device: generate runs only the live rows (a loop over slots split across
+        # devices would gather them). On a CPU each slot also attends on its own (decode_attention's
+        # per_slot): faster there at 32 slots, and a token never depends on the rows beside it;
+        # accelerators keep the batched attention their kernels are built for.
         self.slots_on_one_device = slots_split == 1
+        self.per_slot_attention = self.slots_on_one_device and devices[0].platform == "cpu"
         self.decode_buckets = decode_buckets(self._batch) if self.slots_on_one_device else (self._batch,)
         self._compile()
 
@@ -172,6 +175,15 @@ class JaxEngine(engine_api.Engine):
             sampling=Sampling(rep, rep, rep, rep),
         )
 
+    def prefix_infos(self, bucket: int) -> Prefix:
+        scalar = lambda dtype: ArrayInfo((), dtype, (), init="zeros")  # noqa: E731
+        return Prefix(
+            cache=model.cache_infos(self.cfg, 1, bucket, batch_axis="prefill_batch"),
+            length=scalar(jnp.int32),
+            token=scalar(jnp.int32),
+            sampling=Sampling(scalar(jnp.float32), scalar(jnp.int32), scalar(jnp.float32), scalar(jnp.uint32)),
+        )
+
     def _abstract(self, infos, shardings):
         """ShapeDtypeStructs carrying their shardings, for lowering without device arrays."""
         return jax.tree.map(
@@ -185,16 +197,9 @@ class JaxEngine(engine_api.Engine):
         any array on device.
         """
         bucket = self.prefill_buckets[0] if bucket is None else bucket
-        scalar = lambda dtype: ArrayInfo((), dtype, ())  # noqa: E731
         params = self._abstract(self.param_infos, self.param_shardings)
         state = self._abstract(self.state_infos, self.state_shardings)
-        prefix_infos = Prefix(
-            cache=model.cache_infos(self.cfg, 1, bucket, batch_axis="prefill_batch"),
-            length=scalar(jnp.int32),
-            token=scalar(jnp.int32),
-            sampling=Sampling(scalar(jnp.float32), scalar(jnp.int32), scalar(jnp.float32), scalar(jnp.uint32)),
-        )
-        prefix = self._abstract(prefix_infos, self.prefix_shardings(bucket))
+        prefix = self._abstract(self.prefix_infos(bucket), self.prefix_shardings(bucket))
         rep = lambda info: self._abstract(info, self._replicated)  # noqa: E731
         return {
             "prefill": self._prefill_fns[bucket].lower(
@@ -210,7 +215,7 @@ class JaxEngine(engine_api.Engine):
     # ---- jitted steps -----------------------------------------------------------------------
 
     def _compile(self) -> None:
-        cfg, rep, bucketed = self.cfg, self._replicated, self.slots_on_one_device
+        cfg, rep, per_slot = self.cfg, self._replicated, self.per_slot_attention
         samp_rep = Sampling(rep, rep, rep, rep)
         prefill_shard = sharding.activation_sharder(self.mesh, self.rules, "prefill_batch")
         decode_shard = sharding.activation_sharder(self.mesh, self.rules, "batch")
@@ -245,9 +250,13 @@ class JaxEngine(engine_api.Engine):
             lengths, active = state.lengths[:rows], state.active[:rows]
             positions = jnp.where(active, jnp.minimum(lengths, self.cache_length - 1), 0)
             logits, cache = model.decode_step(
-                cfg, params, state.cache, state.tokens[:rows], positions, decode_shard, per_slot_attention=bucketed
+                cfg, params, state.cache, state.tokens[:rows], positions, decode_shard, per_slot_attention=per_slot
             )
-            new = sample(logits, jax.tree.map(lambda a: a[:rows], state.sampling), positions + 1)
+            sampling = jax.tree.map(lambda a: a[:rows], state.sampling)
+            # freed rows sample greedily: a finished request's temperature would send every row
+            # through the stochastic path (a sort over the vocabulary per row)
+            sampling = dataclasses.replace(sampling, temperature=jnp.where(active, sampling.temperature, 0.0))
+            new = sample(logits, sampling, positions + 1)
             lengths = jnp.where(active, jnp.minimum(lengths + 1, self.cache_length), 0)
             tokens = state.tokens.at[:rows].set(new)
             new_state = dataclasses.replace(state, cache=cache, lengths=state.lengths.at[:rows].set(lengths), tokens=tokens)
@@ -342,13 +351,28 @@ class JaxEngine(engine_api.Engine):
         arrays, tokens = self._generate_fns[rows](params, decode_state.arrays)
         return DecodeState(arrays, decode_state.live), DeviceTokens(tokens)
 
-    def warmup(self, params) -> None:
-        """Compile every prefill bucket and insert (base class), then every decode bucket."""
-        super().warmup(params)
-        arrays = self.init_decode_state().arrays
+    def warmup(self, params, *, prefill: bool = True, generate: bool = True) -> None:
+        """Compile every prefill bucket (`prefill`); insert of each bucket's prefix, release and
+        every decode bucket (`generate`). A generate-only engine inserts empty prefixes made on
+        its own mesh, laid out as `transfer` lands them."""
+        prefixes = self.warmup_prefill(params) if prefill else {}
+        if not generate:
+            return
+        state = self.init_decode_state()
+        for bucket in self.prefill_buckets:
+            prefix = prefixes.get(bucket) or self._empty_prefix(bucket)
+            state = self.release(self.insert(prefix, state, slot=0), slot=0)
+        arrays = state.arrays
         for rows in self.decode_buckets:
             arrays, tokens = self._generate_fns[rows](params, arrays)
             DeviceTokens(tokens).to_host()
+
+    def _empty_prefix(self, bucket: int) -> Prefix:
+        fill = jax.jit(
+            lambda: jax.tree.map(_initial_value, self.prefix_infos(bucket), is_leaf=model.is_info),
+            out_shardings=self.prefix_shardings(bucket),
+        )
+        return fill()
 
     # ---- reporting ---------------------------------------------------------------------------
 
@@ -395,7 +419,10 @@ class EngineSet:
     def memory_report(self) -> str:
         """Human-readable bytes of params and KV cache per engine (printed at server start)."""
         cfg = self.model_config
-        weights = "int8 (int8 x int8 matmuls)" if cfg.quantize_weights else cfg.weight_dtype
+        weights = cfg.weight_dtype
+        if cfg.quantize_weights:
+            kept = "" if cfg.quantize_attention_output else f", attention output {cfg.weight_dtype}"
+            weights = f"int8 (int8 x int8 matmuls{kept})"
         head = f"dtype: weights {weights}, activations {cfg.dtype}, KV cache {'int8' if cfg.quantize_kv else cfg.dtype}"
         if not self.disaggregated:
             return f"{head}; {self.generate_engine.memory().describe('engine')}"

@@ -177,9 +177,20 @@ def init_params(cfg: ModelConfig, seed: int) -> dict:
 
 # ---- blocks ---------------------------------------------------------------------------------
 
+# XLA:CPU sums a row reduction in one order for few rows and another once it vectorizes across
+# rows (from 8 rows up here); the norms pad fewer rows to this many, so every row count takes the
+# second path and a slot's tokens do not depend on how many rows decode beside it.
+MIN_REDUCTION_ROWS = 16
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    squares = (x32 * x32).reshape(-1, x.shape[-1])
+    rows = squares.shape[0]
+    if rows < MIN_REDUCTION_ROWS:
+        squares = jnp.pad(squares, ((0, MIN_REDUCTION_ROWS - rows), (0, 0)))
+    mean_sq = jnp.mean(squares, axis=-1)[:rows].reshape(x.shape[:-1] + (1,))
+    normed = x32 * jax.lax.rsqrt(mean_sq + eps)
     return (normed * weight).astype(x.dtype)
 
 

@@ -241,9 +241,9 @@ class LeaderEngine(Engine):
     def generate(self, *, params, decode_state):
         return self._call("generate", ("decode_state",), params=params, decode_state=decode_state)
 
-    def warmup(self, params):
+    def warmup(self, params, *, prefill=True, generate=True):
         """The inner engine's own warm-up (it may compile more than the base class's calls do)."""
-        self._call("warmup", params=params)
+        self._call("warmup", params=params, prefill=prefill, generate=generate)
 
 
 # Ops whose result is (opaque pytree, StepTokens): only the pytree gets a handle.

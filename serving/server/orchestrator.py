@@ -192,10 +192,11 @@ class Orchestrator:
     def start(self, *, warmup: bool = True, progress: Callable[[str], None] = lambda _: None) -> None:
         """Compile (warm up) every engine, start the stage threads, then report live."""
         if warmup:
-            for engine, params in self._engines_with_params():
-                progress(f"warming up {type(engine).__name__} (buckets {list(engine.prefill_buckets)})")
+            for role, engine, params in self._warmup_roles():
+                buckets = f" (prefill buckets {list(engine.prefill_buckets)})" if role != "generate" else ""
+                progress(f"warming up the {role} engine{buckets}")
                 with self._engine_locks[id(engine)]:
-                    engine.warmup(params)
+                    engine.warmup(params, prefill=role != "generate", generate=role != "prefill")
         self._decode_state = self._generate_engine.init_decode_state()
         stages = [("prefill", self._prefill_loop), ("generate", self._generate_loop)]
         stages.append(("detokenize", self._detokenize_loop))
@@ -228,10 +229,13 @@ class Orchestrator:
         """The largest max_tokens any request could reach (an empty cache minus one prompt token)."""
         return self.max_target_length - 2
 
-    def _engines_with_params(self):
-        yield self._prefill_engine, self._prefill_params
-        if self.disaggregated:
-            yield self._generate_engine, self._generate_params
+    def _warmup_roles(self):
+        """(role, engine, params): one engine that does both, or each engine for its own part."""
+        if not self.disaggregated:
+            yield "interleaved", self._generate_engine, self._generate_params
+            return
+        yield "prefill", self._prefill_engine, self._prefill_params
+        yield "generate", self._generate_engine, self._generate_params
 
     # -- admission --------------------------------------------------------------------------------
     def submit(self, request: GenerateRequest) -> ResultStream:

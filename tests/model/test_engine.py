@@ -17,7 +17,7 @@ from serving.engine.config import PRESETS
 from serving.engine.jax_engine import JaxEngine, build_engines, prefill_buckets
 from serving.engine_api import GREEDY, SamplingParams
 from serving.engine.loaders import load_checkpoint, npz_loader
-from serving.server.settings import ServingSettings
+from serving.server.settings import DISAGGREGATED_SERVER, ServingSettings
 
 TINY = dict(model_name="tiny", max_prefill_predict_length=32, max_target_length=48, per_device_batch_size=4)
 PROMPTS = [[5, 6, 7], list(range(10, 30)), [100] * 17]
@@ -46,6 +46,42 @@ def test_engine_greedy_matches_cacheless_reference(tiny):
         assert out == reference_greedy(engines.model_config, params, prompt, 8)
 
 
+def test_warmup_by_role_compiles_what_a_request_then_runs():
+    """Disaggregated: the prefill engine compiles only its prefill buckets; the generate engine,
+    without a prefix of its own, still compiles insert for every bucket's transferred prefix,
+    release and every decode bucket, so a request through the pipeline compiles nothing more."""
+    compiles = []
+
+    def count_compiles(event, _secs, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(count_compiles)
+    try:
+        _run_warmup_by_role(compiles)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count_compiles)
+
+
+def _run_warmup_by_role(compiles: list) -> None:
+    disaggregated = ServingSettings(**TINY, inference_server=DISAGGREGATED_SERVER)
+    engines = build_engines(disaggregated, devices=jax.devices()[:2])
+    pre, gen = engines.prefill_engine, engines.generate_engine
+    pre_params, gen_params = pre.load_params(), gen.load_params()
+    compiles.clear()
+    pre.warmup(pre_params, generate=False)
+    assert len(compiles) == len(pre.prefill_buckets)
+    gen.warmup(gen_params, prefill=False)
+    compiles.clear()
+    for n_tokens in (3, 20):  # both prefill buckets
+        prefix, _ = pre.prefill(params=pre_params, tokens=list(range(1, n_tokens + 1)), sampling=GREEDY)
+        state = gen.insert(gen.transfer(prefix), gen.init_decode_state(), slot=n_tokens % 4)
+        state, step = gen.generate(params=gen_params, decode_state=state)
+        step.to_host()
+        gen.release(state, slot=n_tokens % 4)
+    assert compiles == []
+
+
 def test_prefill_buckets_and_limits(tiny):
     engine = tiny[0].generate_engine
     assert prefill_buckets(32) == (16, 32) and prefill_buckets(100) == (16, 32, 64, 100)
@@ -70,6 +106,24 @@ def test_generate_is_safe_past_cache_end_and_release_frees(tiny):
     state = engine.release(state, slot=3)
     lengths = np.asarray(jax.device_get(state.arrays.lengths))
     assert lengths[3] == 0 and not np.asarray(jax.device_get(state.arrays.active)).any()
+
+
+def test_generate_runs_the_smallest_bucket_covering_the_highest_live_slot(tiny, monkeypatch):
+    engines, params = tiny
+    engine = engines.generate_engine
+    assert engine.decode_buckets == (1, 2, 4)
+    ran = []
+    monkeypatch.setattr(engine, "_generate_fns", {
+        rows: lambda p, arrays, rows=rows, fn=fn: ran.append(rows) or fn(p, arrays)
+        for rows, fn in engine._generate_fns.items()
+    })  # fmt: skip
+    prefix, _ = engine.prefill(params=params, tokens=[5, 6, 7], sampling=GREEDY)
+    state = engine.init_decode_state()
+    for op, slot in (("insert", 0), ("insert", 2), ("release", 2), ("insert", 1), ("release", 0), ("release", 1)):
+        state = engine.insert(prefix, state, slot) if op == "insert" else engine.release(state, slot)
+        state, step = engine.generate(params=params, decode_state=state)
+        step.to_host()
+    assert ran == [1, 4, 1, 2, 2, 1]  # no live slot: the one-row bucket
 
 
 def test_sampling_seeded_reproducible_and_slot_independent(tiny):

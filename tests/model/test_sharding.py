@@ -1,8 +1,8 @@
 """SmolLM2-135M on 8 CPU devices: sharded, disaggregated and int8 engines against one device.
 
-SmolLM2 has 9 q / 3 kv heads, so at TP=4 and TP=8 attention weights and the KV cache are replicated
-over the tensor axis and the KV cache's slots are split over it, while MLP hidden and vocab are
-sharded over it (see serving/engine/sharding.py).
+SmolLM2 has 9 q / 3 kv heads, so at TP=4 and TP=8 the attention weights are replicated over the
+tensor axis and the KV cache's slots (not its heads) are split over it: no device holds a replica
+of the cache. MLP hidden and vocab are sharded over it (see serving/engine/sharding.py).
 """
 
 from __future__ import annotations
@@ -98,6 +98,15 @@ def teacher_forced_agreement(engines, prompts, reference) -> float:
         state, step = engine.generate(params=params, decode_state=state)
         hits += [int(t) == ref[i] for t, ref in zip(step.to_host(), reference)]
     return float(np.mean(hits))
+
+
+def test_tokens_do_not_depend_on_the_rows_beside_them(smollm_engines, prompts, int8_single, one_device):
+    """The CPU default (int8, per-slot attention) at 32 slots: a prompt's greedy tokens are the
+    same alone (the one-row bucket), among 4 live slots (int8_single) and among 32."""
+    engines = smollm_engines(one_device, per_device_batch_size=32, **INT8)
+    expected = int8_single[1]
+    assert generate(engines, prompts * 8, N_TOKENS) == expected * 8
+    assert generate(engines, prompts[:1], N_TOKENS) == expected[:1]
 
 
 def test_int8_weights_and_kv_agree_with_f32(smollm_engines, prompts, single, int8_single, one_device):

@@ -90,7 +90,7 @@ class EchoEngine(Engine):
         self.step_delay_s = step_delay_s
         self.mesh = mesh
         self.calls: list[tuple] = []
-        self.warmed = False
+        self.warmed: tuple[bool, bool] | None = None  # (prefill, generate) of the last warm-up
         self._busy = threading.Lock()
 
     @property
@@ -187,9 +187,9 @@ class EchoEngine(Engine):
         finally:
             self._busy.release()
 
-    def warmup(self, params) -> None:
-        super().warmup(params)
-        self.warmed = True
+    def warmup(self, params, *, prefill=True, generate=True) -> None:
+        super().warmup(params, prefill=prefill, generate=generate)
+        self.warmed = (prefill, generate)
 
 
 def echo_orchestrator(

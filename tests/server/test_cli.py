@@ -94,9 +94,9 @@ class GatedWarmupEngine(EchoEngine):
         super().__init__(**kw)
         self.warmup_gate = threading.Event()
 
-    def warmup(self, params):
+    def warmup(self, params, **roles):
         assert self.warmup_gate.wait(20), "test never opened the warm-up gate"
-        super().warmup(params)
+        super().warmup(params, **roles)
 
 
 def test_serve_reports_progress_and_is_live_only_after_warmup():

@@ -150,6 +150,28 @@ def test_cancel_frees_the_slot_and_later_requests_complete():
         orch.stop()
 
 
+def test_a_new_request_takes_the_lowest_free_slot():
+    """Live slots stay packed low, so the engine's decode bucket follows the live count."""
+    engine = EchoEngine(slots=4, max_target_length=64, step_delay_s=0.01)
+    orch = echo_orchestrator(engine)
+    inserted = lambda: [c[1] for c in engine.calls if c[0] == "insert"]  # noqa: E731
+    try:
+        streams = []
+        for prompt in ("a", "b", "c"):
+            streams.append(orch.submit(GenerateRequest(prompt, 60)))
+            wait_until(lambda: len(inserted()) == len(streams))
+        assert inserted() == [0, 1, 2]
+        streams[1].cancel()  # slot 1 frees; 3 was never used
+        wait_until(lambda: orch.slots_used == 2)
+        later = orch.submit(GenerateRequest("d", 60))
+        wait_until(lambda: len(inserted()) == 4)
+        assert inserted() == [0, 1, 2, 1]
+        for stream in (streams[0], streams[2], later):
+            stream.cancel()
+    finally:
+        orch.stop()
+
+
 def test_overload_rejects_beyond_the_queue_and_loses_nothing():
     orch = echo_orchestrator(EchoEngine(slots=1, max_target_length=64, step_delay_s=0.01), max_queued_requests=2)
     try:
@@ -194,11 +216,23 @@ def test_not_live_before_start_and_warmup_compiles_every_bucket():
         orch.submit(GenerateRequest("a", 1))
     orch.start(warmup=True)
     try:
-        assert engine.warmed and orch.is_live
+        assert engine.warmed == (True, True) and orch.is_live
         assert [c[1] for c in engine.calls if c[0] == "prefill"] == [1, 2, 4, 8, 16]
     finally:
         orch.stop()
     assert not orch.is_live
+
+
+def test_disaggregated_warmup_compiles_each_engine_for_its_own_role():
+    prefill, generate = EchoEngine(mesh="prefill"), EchoEngine(mesh="generate")
+    orch = echo_orchestrator(generate, prefill_engine=prefill, start=False)
+    orch.start(warmup=True)
+    try:
+        assert (prefill.warmed, generate.warmed) == ((True, False), (False, True))
+        assert {c[0] for c in prefill.calls} == {"prefill"}
+        assert {c[0] for c in generate.calls} == {"generate", "release"}  # no prefix to insert here
+    finally:
+        orch.stop()
 
 
 def test_disaggregated_transfers_to_the_generate_mesh_with_same_outputs():
