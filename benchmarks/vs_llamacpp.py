@@ -47,6 +47,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from serving.server.cli import default_max_queued_requests  # noqa: E402
+from serving.server.settings import ServingSettings  # noqa: E402
+
+SHIPPED = ServingSettings()  # what `python -m serving` runs with no flags
+
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"  # its sdist vendors the llama.cpp the numbers were taken with
 # -march=native turns on ggml's AMX kernels where the CPU lists AMX, but using AMX tiles needs a
 # permission from the kernel that VMs and sandboxes often do not grant (llama-server then dies with
@@ -158,7 +163,9 @@ def start_ours(name: str, slots: int, args) -> Server:
     cmd = [
         sys.executable, "-m", "serving", "--host", "127.0.0.1", "--http-port", str(port), "--grpc-port", "0",
         "--slots", str(slots), "--max-prefill-length", str(args.max_prefill_length),
-        "--max-target-length", str(args.context), "--max-queued-requests", str(max(64, 2 * max(args.levels))),
+        "--max-target-length", str(args.context),
+        # the server's own queue bound, raised only if one level has more clients than it admits
+        "--max-queued-requests", str(max(default_max_queued_requests(slots), max(args.levels))),
         *args.server_arg,
     ]  # fmt: skip
     return _start(name, cmd, port, "/healthcheck", env)
@@ -282,8 +289,10 @@ def main(argv=None) -> int:
     p.add_argument("--slots", type=int, default=32, help="decode slots of both servers (llama.cpp -np)")
     p.add_argument("--rounds", type=int, default=2, help="requests per client per level (default 2)")
     p.add_argument("--max-tokens", type=int, default=128, help="output tokens per request (default 128)")
-    p.add_argument("--context", type=int, default=512, help="KV cache tokens per slot on both servers")
-    p.add_argument("--max-prefill-length", type=int, default=128, help="ours: longest prompt (prefill buckets)")
+    p.add_argument("--context", type=int, default=SHIPPED.max_target_length,
+                   help=f"KV cache tokens per slot on both servers (default {SHIPPED.max_target_length}, ours' default)")
+    p.add_argument("--max-prefill-length", type=int, default=SHIPPED.max_prefill_predict_length,
+                   help=f"ours: longest prompt (default {SHIPPED.max_prefill_predict_length}, the shipped default)")
     p.add_argument("--server-arg", action="append", default=[], help="extra argument for ours, e.g. quantization=int8")
     p.add_argument("--slots1-baseline", action=argparse.BooleanOptionalAction, default=True,
                    help="also run ours with --slots 1 at one client (default on)")
