@@ -360,7 +360,7 @@ class JaxEngine(engine_api.Engine):
             return
         state = self.init_decode_state()
         for bucket in self.prefill_buckets:
-            prefix = prefixes.get(bucket) or self._empty_prefix(bucket)
+            prefix = prefixes[bucket] if bucket in prefixes else self._empty_prefix(bucket)
             state = self.release(self.insert(prefix, state, slot=0), slot=0)
         arrays = state.arrays
         for rows in self.decode_buckets:

@@ -302,7 +302,7 @@ def serve(runtime: Runtime, args: argparse.Namespace, progress: Progress, stop: 
     progress(f"HTTP on {args.host}:{http.port}" + (f", gRPC on {args.host}:{grpc_port}" if grpc_server else ""))
     try:
         warm = runtime.settings.enable_model_warmup
-        with progress.step("warming up (compiling every prefill bucket)" if warm else "starting"):
+        with progress.step("warming up (compiling every prefill and decode bucket)" if warm else "starting"):
             orchestrator.start(warmup=warm, progress=progress)
         progress("ready: " + QUICK_START_REQUEST.format(port=http.port))
         while not stop.wait(_LIVENESS_POLL_S):
