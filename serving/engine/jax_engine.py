@@ -96,28 +96,35 @@ def slot_array_infos(cfg: ModelConfig, batch: int, cache_length: int) -> SlotArr
     return SlotArrays(model.cache_infos(cfg, batch, cache_length), lengths, tokens, active, samp)
 
 
-def prefill_buckets(max_prefill_length: int) -> tuple[int, ...]:
-    """Powers of two from MIN_BUCKET up to, and always including, max_prefill_length."""
-    buckets, b = [], MIN_BUCKET
-    while b < max_prefill_length:
+def _powers_of_two_up_to(smallest: int, largest: int) -> tuple[int, ...]:
+    """Powers of two from `smallest` below `largest`, then `largest` itself."""
+    buckets, b = [], smallest
+    while b < largest:
         buckets.append(b)
         b *= 2
-    return tuple(buckets) + (max_prefill_length,)
+    return tuple(buckets) + (largest,)
+
+
+def prefill_buckets(max_prefill_length: int) -> tuple[int, ...]:
+    """Prompt lengths prefill compiles for: powers of two from MIN_BUCKET, and max_prefill_length."""
+    return _powers_of_two_up_to(MIN_BUCKET, max_prefill_length)
 
 
 def decode_buckets(slots: int) -> tuple[int, ...]:
     """Row counts generate compiles for: powers of two below `slots`, and `slots`."""
-    buckets, b = [], 1
-    while b < slots:
-        buckets.append(b)
-        b *= 2
-    return tuple(buckets) + (slots,)
+    return _powers_of_two_up_to(1, slots)
 
 
 def _initial_value(info: ArrayInfo) -> jax.Array:
     """An array filled as its declaration's `init` says (zeros, or ones for scales and top_p)."""
     fill = {"zeros": 0, "ones": 1}[info.init]
     return jnp.full(info.shape, fill, dtype=info.dtype)
+
+
+def _filler(infos, shardings):
+    """A jitted function that makes the declared arrays on the devices, each shard where it lives
+    (no host copy of the whole), filled as `_initial_value` says."""
+    return jax.jit(lambda: jax.tree.map(_initial_value, infos, is_leaf=model.is_info), out_shardings=shardings)
 
 
 def _nbytes(infos, per_device: bool = False, shardings=None) -> int:
@@ -273,9 +280,7 @@ class JaxEngine(engine_api.Engine):
         self._insert_fn = jax.jit(
             insert_fn, out_shardings=self.state_shardings, donate_argnums=(1,)
         )
-        self._init_fn = jax.jit(
-            lambda: jax.tree.map(_initial_value, self.state_infos, is_leaf=model.is_info), out_shardings=self.state_shardings
-        )
+        self._init_fn = _filler(self.state_infos, self.state_shardings)
         self._release_fn = jax.jit(release_fn, out_shardings=self.state_shardings, donate_argnums=(0,))
         self._generate_fns = {
             rows: jax.jit(
@@ -368,11 +373,7 @@ class JaxEngine(engine_api.Engine):
             DeviceTokens(tokens).to_host()
 
     def _empty_prefix(self, bucket: int) -> Prefix:
-        fill = jax.jit(
-            lambda: jax.tree.map(_initial_value, self.prefix_infos(bucket), is_leaf=model.is_info),
-            out_shardings=self.prefix_shardings(bucket),
-        )
-        return fill()
+        return _filler(self.prefix_infos(bucket), self.prefix_shardings(bucket))()
 
     # ---- reporting ---------------------------------------------------------------------------
 
