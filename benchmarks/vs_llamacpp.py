@@ -47,7 +47,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from serving.server.cli import default_max_queued_requests  # noqa: E402
+from serving.server.orchestrator import default_max_queued_requests  # noqa: E402
 from serving.server.settings import ServingSettings  # noqa: E402
 
 SHIPPED = ServingSettings()  # what `python -m serving` runs with no flags

@@ -34,7 +34,7 @@ from typing import Any
 
 from serving.server import multihost
 from serving.server.metrics import ServerMetrics
-from serving.server.orchestrator import Orchestrator
+from serving.server.orchestrator import MIN_QUEUED_REQUESTS, QUEUED_REQUESTS_PER_SLOT, Orchestrator
 from serving.server.settings import ServingSettings, SettingsError, parse_settings
 
 # Local runs answer only this machine; a container or pod passes --host 0.0.0.0 (the Dockerfile's
@@ -44,18 +44,9 @@ DEFAULT_HTTP_PORT = 8000  # the ports the stack's Service and probes use
 DEFAULT_GRPC_PORT = 9000
 # The first request to try, shown by --help and once the server is ready ({port}: the HTTP port).
 QUICK_START_REQUEST = """curl -s localhost:{port}/generate -d '{{"prompt": "What is JAX?", "max_tokens": 32}}'"""
-# Requests allowed to wait for a slot: two per slot, so every slot has its next request queued
-# while the one before finishes, and at least 64, so a burst of clients (a benchmark's default
-# concurrency) queues instead of getting 503s on a small server.
-QUEUED_REQUESTS_PER_SLOT = 2
-MIN_QUEUED_REQUESTS = 64
 _HEARTBEAT_S = 10.0  # a long start-up step (loading, compiling) says it is still running this often
 _LIVENESS_POLL_S = 0.5  # how often `serve` checks that the orchestrator is still live
 _GRPC_STOP_GRACE_S = 2.0  # in-flight RPCs get this long to finish at shutdown, then are cancelled
-
-
-def default_max_queued_requests(slots: int) -> int:
-    return max(MIN_QUEUED_REQUESTS, QUEUED_REQUESTS_PER_SLOT * slots)
 
 
 class Progress:
@@ -205,7 +196,6 @@ def build_runtime(
             generate_params = prefill_params
         else:
             generate_params = engines.generate_engine.load_params()
-    slots = engines.generate_engine.max_concurrent_decodes
     metrics = ServerMetrics(model_name=settings.model_name)
     metrics.startup(model_load_s=loaded_s, total_s=progress.elapsed)
     orchestrator = Orchestrator(
@@ -215,12 +205,12 @@ def build_runtime(
         prefill_params=prefill_params,
         generate_params=generate_params,
         metrics=metrics,
-        max_queued_requests=args.max_queued_requests or default_max_queued_requests(slots),
+        max_queued_requests=args.max_queued_requests or None,  # None: the orchestrator's default
         healthy=(lambda: not control.problems) if control else (lambda: True),
     )
     mode = "disaggregated" if orchestrator.disaggregated else "interleaved"
     progress(
-        f"{mode} mode: {slots} slots, prompts up to {orchestrator.max_prefill_length} tokens, "
+        f"{mode} mode: {orchestrator.slots} slots, prompts up to {orchestrator.max_prefill_length} tokens, "
         f"cache {orchestrator.max_target_length} tokens"
     )
     return Runtime(settings, engines, orchestrator, control)

@@ -122,10 +122,11 @@ def _labels(model_name: str) -> dict[str, str]:
     return labels
 
 
-def _build(spec: MetricSpec, label_names: list[str], registry: CollectorRegistry):
-    names = label_names + (["idx"] if spec.per_engine else [])
+def _series(spec: MetricSpec, labels: dict[str, str], registry: CollectorRegistry):
+    """The metric's one labelled series: JetStream's universal labels, plus idx per engine."""
+    labels = {**labels, **({"idx": _ENGINE_IDX} if spec.per_engine else {})}
     extra = {"buckets": spec.buckets} if spec.kind is Histogram else {}
-    return spec.kind(spec.name, spec.help, names, registry=registry, **extra)
+    return spec.kind(spec.name, spec.help, list(labels), registry=registry, **extra).labels(**labels)
 
 
 class ServerMetrics:
@@ -133,16 +134,9 @@ class ServerMetrics:
 
     def __init__(self, model_name: str = "", registry: CollectorRegistry | None = None):
         self.registry = registry if registry is not None else CollectorRegistry()
-        self._labels = _labels(model_name)
-        label_names = list(self._labels)
-        self._metrics = {key: _build(spec, label_names, self.registry) for key, spec in METRICS.items()}
-        for key in METRICS:  # every series exported from the start: a counter's first rate() needs its 0
-            self._series(key)
-
-    def _series(self, key: str):
-        """The metric's one labelled series (JetStream's universal labels, plus idx per engine)."""
-        engine = {"idx": _ENGINE_IDX} if METRICS[key].per_engine else {}
-        return self._metrics[key].labels(**self._labels, **engine)
+        labels = _labels(model_name)
+        # Every series is made here, so each is exported from the start: a counter's first rate() needs its 0.
+        self._series = {key: _series(spec, labels, self.registry) for key, spec in METRICS.items()}
 
     # -- live gauges ------------------------------------------------------------------------------
     def watch(
@@ -167,32 +161,32 @@ class ServerMetrics:
             "kv_cache_utilization": kv_cache_utilization,
         }
         for key, callback in callbacks.items():
-            self._series(key).set_function(callback)
+            self._series[key].set_function(callback)
 
     # -- events -----------------------------------------------------------------------------------
     def startup(self, *, model_load_s: float, total_s: float) -> None:
-        self._series("model_load_time").set(model_load_s)
-        self._series("startup_latency").set(total_s)
+        self._series["model_load_time"].set(model_load_s)
+        self._series["startup_latency"].set(total_s)
 
     def prefilled(self, *, queued_s: float, prefill_s: float, prompt_tokens: int) -> None:
-        self._series("queue_duration").observe(queued_s)
-        self._series("input_length").observe(prompt_tokens)
-        self._series("prefill_token").observe(prefill_s / max(prompt_tokens, 1))
+        self._series["queue_duration"].observe(queued_s)
+        self._series["input_length"].observe(prompt_tokens)
+        self._series["prefill_token"].observe(prefill_s / max(prompt_tokens, 1))
 
     def transferred(self, seconds: float) -> None:
-        self._series("transfer_time").observe(seconds)
+        self._series["transfer_time"].observe(seconds)
 
     def first_token(self, seconds: float) -> None:
-        self._series("ttft").observe(seconds)
+        self._series["ttft"].observe(seconds)
 
     def completed(self, *, total_s: float, ttft_s: float, output_tokens: int, wait_s: float) -> None:
-        """A request finished normally (stop token, max_tokens or cache full)."""
-        self._series("success").inc()
-        self._series("time_per_request").observe(total_s)
-        self._series("output_length").observe(output_tokens)
-        self._series("wait_time").observe(wait_s)
+        """A request finished normally (stop token or string, max_tokens or cache full)."""
+        self._series["success"].inc()
+        self._series["time_per_request"].observe(total_s)
+        self._series["output_length"].observe(output_tokens)
+        self._series["wait_time"].observe(wait_s)
         if output_tokens > 1:
-            self._series("tpot").observe((total_s - ttft_s) / (output_tokens - 1))
+            self._series["tpot"].observe((total_s - ttft_s) / (output_tokens - 1))
 
     def exposition(self) -> bytes:
         return prometheus_client.generate_latest(self.registry)

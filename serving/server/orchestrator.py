@@ -70,7 +70,15 @@ STOP_JOIN_TIMEOUT_S = 5.0  # a stage thread blocked in a device call gets this l
 # Decode steps that may be in flight ahead of the detokenize thread's host copies: enough to keep
 # the device busy while the host reads, few enough that a finished request wastes little work.
 DECODE_LOOKAHEAD = 4
-DEFAULT_MAX_QUEUED_REQUESTS = 64
+# Requests allowed to wait for a slot unless told otherwise: two per slot, so every slot has its
+# next request queued while the one before finishes, and at least 64, so a burst of clients (a
+# benchmark's default concurrency) queues instead of getting 503s on a small server.
+QUEUED_REQUESTS_PER_SLOT = 2
+MIN_QUEUED_REQUESTS = 64
+
+
+def default_max_queued_requests(slots: int) -> int:
+    return max(MIN_QUEUED_REQUESTS, QUEUED_REQUESTS_PER_SLOT * slots)
 
 
 class IncrementalDetokenizer:
@@ -138,10 +146,12 @@ class Orchestrator:
         prefill_params: Params,
         generate_params: Params,
         metrics: ServerMetrics | None = None,
-        max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS,
+        max_queued_requests: int | None = None,  # None: default_max_queued_requests(slots)
         decode_lookahead: int = DECODE_LOOKAHEAD,
         healthy: Callable[[], bool] = lambda: True,
     ):
+        if max_queued_requests is None:
+            max_queued_requests = default_max_queued_requests(generate_engine.max_concurrent_decodes)
         if max_queued_requests < 1:
             raise ValueError("max_queued_requests must be >= 1")
         self.tokenizer = tokenizer

@@ -15,6 +15,7 @@ from fake_engine import ByteTokenizer, EchoEngine
 from server_process import HOST, ROOT, wait_until
 
 from serving.server import cli
+from serving.server.orchestrator import default_max_queued_requests
 from serving.server.settings import DISAGGREGATED_SERVER, SettingsError
 
 
@@ -65,8 +66,8 @@ def test_help_shows_the_quick_start_request(capsys):
 
 
 def test_queue_limit_default():
-    assert cli.default_max_queued_requests(4) == 64  # a floor for small servers
-    assert cli.default_max_queued_requests(128) == 256  # two per slot
+    assert default_max_queued_requests(4) == 64  # a floor for small servers
+    assert default_max_queued_requests(128) == 256  # two per slot
 
 
 def test_unknown_key_is_a_usage_error(capsys):
