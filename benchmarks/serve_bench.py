@@ -19,10 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -31,6 +28,12 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import servers  # noqa: E402
+from serving.server.orchestrator import default_max_queued_requests  # noqa: E402
+from serving.server.settings import DEFAULT_DECODE_SLOTS  # noqa: E402
+
 PROMPTS = [
     "Write a short story about a robot learning to paint.",
     "Explain how a transformer language model generates text, step by step.",
@@ -50,41 +53,17 @@ class Result:
     tokens: int = 0
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(args) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
-    if args.devices:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
-    cmd = [
-        sys.executable, "-m", "serving", "--host", "127.0.0.1", "--http-port", str(port), "--grpc-port", "0",
+def start_server(args) -> servers.Server:
+    port = servers.free_port()
+    devices = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={args.devices}"} if args.devices else {}
+    slots = ["--slots", str(args.slots)] if args.slots else []
+    cmd = servers.serving_command(port, [
         "--max-prefill-length", str(args.max_prefill_length), "--max-target-length", str(args.max_target_length),
-        "--max-queued-requests", str(max(64, 2 * max(args.levels))),
-    ]  # fmt: skip
-    if args.slots:
-        cmd += ["--slots", str(args.slots)]
-    cmd += args.server_arg
-    print("starting:", " ".join(cmd[1:]), file=sys.stderr)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + args.start_timeout_s
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        if time.monotonic() > deadline:
-            proc.terminate()
-            raise SystemExit("server did not become live in time")
-        try:
-            if httpx.get(url + "/healthcheck", timeout=5).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
+        # the server's own queue bound (for the slots it gets), raised only if a level has more clients
+        "--max-queued-requests", str(max(default_max_queued_requests(args.slots or DEFAULT_DECODE_SLOTS), max(args.levels))),
+        *slots, *args.server_arg,
+    ])  # fmt: skip
+    return servers.start("serving", cmd, port, "/healthcheck", args.start_timeout_s, servers.cpu_env(**devices))
 
 
 def one_request(client: httpx.Client, url: str, prompt: str, max_tokens: int) -> Result:
@@ -184,10 +163,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.levels = [int(c) for c in args.concurrency.split(",")]
 
-    proc = None
+    server = None
     url = args.url
     if url is None:
-        proc, url = start_server(args)
+        server = start_server(args)
+        url = server.url
     try:
         with httpx.Client(timeout=httpx.Timeout(600.0)) as client:
             for i in range(args.warmup_requests):
@@ -202,9 +182,8 @@ def main(argv=None) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=2))
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=60)
+        if server is not None:
+            server.stop()
     return 0
 
 

@@ -34,7 +34,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
@@ -47,6 +46,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import servers  # noqa: E402
 from serving.server.orchestrator import default_max_queued_requests  # noqa: E402
 from serving.server.settings import ServingSettings  # noqa: E402
 
@@ -108,67 +108,25 @@ def _run(cmd: list[str]) -> None:
 
 # ---- servers --------------------------------------------------------------------------------------
 
-@dataclasses.dataclass
-class Server:
-    name: str
-    process: subprocess.Popen
-    url: str
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _start(name: str, cmd: list[str], port: int, health: str, env=None) -> Server:
-    print(f"starting {name}:", " ".join(cmd), file=sys.stderr, flush=True)
-    process = subprocess.Popen(cmd, cwd=ROOT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"{name} exited with {process.returncode}")
-        try:
-            if httpx.get(url + health, timeout=5).status_code == 200:
-                print(f"{name} ready after {START_TIMEOUT_S - (deadline - time.monotonic()):.0f} s", file=sys.stderr)
-                return Server(name, process, url)
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    process.terminate()
-    raise SystemExit(f"{name} did not become ready in {START_TIMEOUT_S:.0f} s")
-
-
-def start_llama(binary: Path, gguf: Path, slots: int, context: int, threads: int) -> Server:
-    port = _free_port()
+def start_llama(binary: Path, gguf: Path, slots: int, context: int, threads: int) -> servers.Server:
+    port = servers.free_port()
     cmd = [
-        str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-np", str(slots),
+        str(binary), "-m", str(gguf), "--host", servers.HOST, "--port", str(port), "-np", str(slots),
         "-c", str(slots * context), "-t", str(threads), "-tb", str(threads), "--no-webui",
     ]  # fmt: skip
-    return _start("llama.cpp", cmd, port, "/health")
+    return servers.start("llama.cpp", cmd, port, "/health", START_TIMEOUT_S)
 
 
-def start_ours(name: str, slots: int, args) -> Server:
-    port = _free_port()
-    env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
-    cmd = [
-        sys.executable, "-m", "serving", "--host", "127.0.0.1", "--http-port", str(port), "--grpc-port", "0",
+def start_ours(name: str, slots: int, args) -> servers.Server:
+    port = servers.free_port()
+    cmd = servers.serving_command(port, [
         "--slots", str(slots), "--max-prefill-length", str(args.max_prefill_length),
         "--max-target-length", str(args.context),
         # the server's own queue bound, raised only if one level has more clients than it admits
         "--max-queued-requests", str(max(default_max_queued_requests(slots), max(args.levels))),
         *args.server_arg,
-    ]  # fmt: skip
-    return _start(name, cmd, port, "/healthcheck", env)
+    ])  # fmt: skip
+    return servers.start(name, cmd, port, "/healthcheck", START_TIMEOUT_S, servers.cpu_env())
 
 
 # ---- load -----------------------------------------------------------------------------------------
@@ -313,16 +271,16 @@ def main(argv=None) -> int:
 
     gguf = gguf_loader.bundled_gguf_path()
     bandwidth = read_bandwidth()
-    servers = []
+    running = []
     try:
-        if not args.ours_only:  # each server joins `servers` at once, so `finally` stops it
-            servers.append(start_llama(binary, gguf, args.slots, args.context, args.threads))
-        servers.append(start_ours("ours", args.slots, args))
-        llama, ours = (None if args.ours_only else servers[0]), servers[-1]
-        ignore_eos = all(accepts_ignore_eos(server.url) for server in servers)
+        if not args.ours_only:  # each server joins `running` at once, so `finally` stops it
+            running.append(start_llama(binary, gguf, args.slots, args.context, args.threads))
+        running.append(start_ours("ours", args.slots, args))
+        llama, ours = (None if args.ours_only else running[0]), running[-1]
+        ignore_eos = all(accepts_ignore_eos(server.url) for server in running)
         if not ignore_eos:
             print("note: a server rejects ignore_eos; requests may stop early at EOS", file=sys.stderr)
-        for server in servers:  # one untimed request each: first-request costs out of the numbers
+        for server in running:  # one untimed request each: first-request costs out of the numbers
             run_level(server.url, 1, 1, args.max_tokens, ignore_eos)
         rows = []
         for clients in args.levels:
@@ -336,15 +294,15 @@ def main(argv=None) -> int:
                 print(f"{server.name} @ {clients} clients: {level.tokens} tokens in {level.wall_s:.1f} s = {level.tok_s:.1f} tok/s", file=sys.stderr, flush=True)
             rows.append(row)
         ours.stop()
-        servers.remove(ours)
+        running.remove(ours)
         if args.slots1_baseline and 1 in args.levels:
             single = start_ours("ours --slots 1", 1, args)
-            servers.append(single)
+            running.append(single)
             run_level(single.url, 1, 1, args.max_tokens, ignore_eos)
             level = run_level(single.url, 1, args.rounds, args.max_tokens, ignore_eos)
             next(r for r in rows if r["clients"] == 1)["slots1"] = level.tok_s
     finally:
-        for server in servers:
+        for server in running:
             server.stop()
 
     our_format, our_bytes = our_weight_bytes(args.server_arg)
