@@ -74,24 +74,25 @@ def platform_summary(cfg: PlatformConfig) -> dict:
     }
 
 
-def lws_controller_summary(cfg: StackConfig | PlatformConfig) -> str:
-    """The LWS release the stack installs, or why it installs none (a cluster-wide install is the cluster owner's)."""
-    if cfg.install_lws_controller:
-        return cfg.lws_version
+def _owner_installs(cfg: StackConfig | PlatformConfig) -> str | None:
+    """Who installs a cluster-wide piece on a cluster the stack does not own; None if it owns it."""
     if isinstance(cfg, StackConfig) and cfg.serving_role:
         return f"not installed: the platform stack {cfg.cluster_stack} installs it"
     if cfg.existing_cluster:
         return "not installed: the existing cluster's owner installs it"
-    return "not installed (installLwsController=false)"
+    return None
+
+
+def lws_controller_summary(cfg: StackConfig | PlatformConfig) -> str:
+    """The LWS release the stack installs, or why it installs none (a cluster-wide install is the cluster owner's)."""
+    if cfg.install_lws_controller:
+        return cfg.lws_version
+    return _owner_installs(cfg) or "not installed (installLwsController=false)"
 
 
 def metrics_adapter_summary(cfg: StackConfig) -> str:
-    """The adapter an autoscaled stack installs, or who provides it."""
-    if cfg.installs_metrics_adapter:
-        return ADAPTER_MANIFEST_URL
-    if cfg.serving_role:
-        return f"not installed: the platform stack {cfg.cluster_stack} installs it"
-    return "not installed: the existing cluster's owner installs it"
+    """The adapter an autoscaled stack installs (only on a cluster it creates), or who provides it."""
+    return ADAPTER_MANIFEST_URL if cfg.installs_metrics_adapter else _owner_installs(cfg)
 
 
 def serving_summary(cfg: StackConfig, plan) -> dict:

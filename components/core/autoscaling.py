@@ -30,7 +30,7 @@ import math
 from typing import Mapping, Sequence
 
 from components.core import lws_model, tpu
-from components.core.config_keys import ConfigKey, read_integer, read_text
+from components.core.config_keys import ConfigKey, is_set, read_integer, read_text
 from components.core.errors import ConfigError
 from components.core.ports import HTTP_PORT
 
@@ -183,13 +183,9 @@ def _target(raw: Mapping[str, str], metric: ScalingMetric) -> float:
 
 
 def _check_used(raw: Mapping[str, str], replicas: int) -> None:
-    """A metric or target without maxReplicas is a forgotten maxReplicas, not a no-op.
-
-    Only a value other than the default counts as set: Pulumi hands the program every declared
-    key, with the schema's default where the stack sets none.
-    """
+    """A metric or target without maxReplicas is a forgotten maxReplicas, not a no-op."""
     for name in ("autoscalingMetric", "autoscalingTarget"):
-        if read_text(raw, KEYS_BY_NAME[name]) != KEYS_BY_NAME[name].default_text:
+        if is_set(raw, KEYS_BY_NAME[name]):
             raise ConfigError((name, "maxReplicas"), f"is set but autoscaling is off (maxReplicas = replicas = {replicas})",
                               f"pulumi config set maxReplicas {replicas + 1} or more to autoscale, or remove {name}")
 

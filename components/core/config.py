@@ -28,7 +28,7 @@ from typing import Mapping
 
 from components.core import autoscaling, models, tpu
 from components.core.autoscaling import Autoscaling, metrics_endpoint, parse_autoscaling
-from components.core.config_keys import ConfigKey, read_integer, read_text
+from components.core.config_keys import ConfigKey, is_set, read_integer, read_text
 from components.core.errors import ConfigError
 
 PROJECT = "jetstream-tpu"  # Pulumi project name: stack files namespace keys as jetstream-tpu:<key>
@@ -629,13 +629,6 @@ PLATFORM_KEYS = ("role", "zone", *(key for key in CLUSTER_KEYS if key != "existi
 _STACK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
-def _is_set(raw: Mapping[str, str], name: str) -> bool:
-    """Set to something other than its default (Pulumi hands the program every key, defaults filled in)."""
-    key = KEYS_BY_NAME[name]
-    value = _text(raw, name)
-    return (value.lower() if key.type == "boolean" else value) != key.default_text
-
-
 def _unused_keys(role: str) -> tuple[tuple[str, ...], str, str]:
     """(keys a stack of this role does not use, why, what to do instead)."""
     if role == PLATFORM:
@@ -655,7 +648,7 @@ def _check_role_keys(raw: Mapping[str, str], role: str) -> None:
     """Refuse a key the role does not use."""
     unused, why, suggestion = _unused_keys(role)
     for name in unused:
-        if _is_set(raw, name):
+        if is_set(raw, KEYS_BY_NAME[name]):
             raise ConfigError((name, "role"), f"{name} is set, but a role={role} stack does not use it: {why}", suggestion)
 
 

@@ -36,6 +36,13 @@ def read_text(raw: Mapping[str, str], key: ConfigKey) -> str:
     return key.default_text
 
 
+def is_set(raw: Mapping[str, str], key: ConfigKey) -> bool:
+    """Set to something other than its default. Pulumi hands the program every declared key, with
+    the schema's default where the stack sets none, so "given" cannot mean "present"."""
+    value = read_text(raw, key)
+    return (value.lower() if key.type == "boolean" else value) != key.default_text
+
+
 def read_integer(raw: Mapping[str, str], key: ConfigKey) -> int:
     text = read_text(raw, key)
     try:
