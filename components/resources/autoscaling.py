@@ -27,6 +27,7 @@ import pulumi_gcp as gcp
 import pulumi_kubernetes as k8s
 
 from components.core import autoscaling
+from components.resources.options import child_after
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -44,9 +45,8 @@ class MetricsAdapter(pulumi.ComponentResource):
     def __init__(self, name: str, args: MetricsAdapterArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("jetstream:autoscaling:MetricsAdapter", name, None, opts)
         self.install = k8s.yaml.v2.ConfigFile(f"{name}-manifests", file=autoscaling.ADAPTER_MANIFEST_URL, opts=pulumi.ResourceOptions(parent=self))
-        # The component's depends_on (the cluster that creates the identity pool), recorded on the
-        # binding itself so the engine orders it.
-        self.access = self._access(name, args.project, pulumi.ResourceOptions(parent=self, depends_on=opts.depends_on if opts else None))
+        # after the component's depends_on: the cluster that creates the identity pool
+        self.access = self._access(name, args.project, child_after(self, opts))
         self.register_outputs({"manifestUrl": autoscaling.ADAPTER_MANIFEST_URL})
 
     def _access(self, name: str, project: str, after_pool: pulumi.ResourceOptions) -> gcp.projects.IAMMember:
@@ -78,8 +78,7 @@ class LeaderWorkerSetAutoscaler(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: LeaderWorkerSetAutoscalerArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("jetstream:autoscaling:LeaderWorkerSetAutoscaler", name, None, opts)
-        # The component's depends_on, recorded on the children themselves so the engine orders them.
-        child = pulumi.ResourceOptions(parent=self, depends_on=opts.depends_on if opts else None)
+        child = child_after(self, opts)
         monitoring = args.pod_monitoring
         self.pod_monitoring = k8s.apiextensions.CustomResource(
             f"{name}-podmonitoring", api_version=monitoring["apiVersion"], kind=monitoring["kind"],

@@ -24,6 +24,7 @@ import yaml
 from components.core.config import check_zone_in_location
 from components.core.errors import ConfigError
 from components.core.node_pools import NO_RELEASE_CHANNEL, WORKLOAD_IDENTITY, NodePoolSpec, upgrades_automatically
+from components.resources.options import child_after
 
 CLOUD_PLATFORM_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 
@@ -145,7 +146,7 @@ class GkeCluster(pulumi.ComponentResource):
     def __init__(self, name: str, args: GkeClusterArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("jetstream:gke:GkeCluster", name, None, opts)
         # Nodes start once the component's depends_on (the node account's roles) exist.
-        child = pulumi.ResourceOptions(parent=self, depends_on=opts.depends_on if opts else None)
+        child = child_after(self, opts)
         self.cluster, self.endpoint, system_pools = None, None, []
         self.location, self.project = pulumi.Output.from_input(args.location), pulumi.Output.from_input(args.project)
         pools_location, release_channel = args.location, None

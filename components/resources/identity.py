@@ -25,6 +25,8 @@ import dataclasses
 import pulumi
 import pulumi_gcp as gcp
 
+from components.resources.options import child_after
+
 NODE_ROLES = (
     "roles/logging.logWriter",
     "roles/monitoring.metricWriter",
@@ -104,9 +106,7 @@ class ServingIdentity(pulumi.ComponentResource):
                                                display_name=f"JetStream serving ({args.stack})"),
                 opts=child,
             )
-            # The component's depends_on (the cluster that creates the identity pool), recorded on
-            # the binding itself so the engine orders it.
-            after_pool = pulumi.ResourceOptions(parent=self, depends_on=opts.depends_on if opts else None)
+            after_pool = child_after(self, opts)  # the component's depends_on: the cluster that creates the pool
             gcp.serviceaccount.IAMMember(f"{name}-workload-identity",
                                          gcp.serviceaccount.IAMMemberArgs(service_account_id=account.name, role=WORKLOAD_IDENTITY_ROLE,
                                                                           member=args.workload_identity_member), opts=after_pool)

@@ -30,6 +30,7 @@ import pulumi
 import pulumi_kubernetes as k8s
 
 from components.core import lws_model, manifests
+from components.resources.options import component_dependencies
 
 SCALED_FIELD = "spec.replicas"  # what the HPA changes, through the LWS scale subresource
 
@@ -115,15 +116,9 @@ class JetStreamServer(pulumi.ComponentResource):
         so on destroy the workload goes first; replaced, never patched, where the webhook refuses."""
         timeout = f"{args.ready_timeout_seconds}s" if args.ready_timeout_seconds else None
         return pulumi.ResourceOptions(
-            depends_on=[service_account, *_as_list(opts.depends_on if opts else None)],
+            depends_on=[service_account, *component_dependencies(opts)],
             replace_on_changes=list(lws_model.REPLACE_ON_CHANGES),
             delete_before_replace=True,
             ignore_changes=[SCALED_FIELD] if args.autoscaled else None,
             custom_timeouts=pulumi.CustomTimeouts(create=timeout, update=timeout) if timeout else None,
         )
-
-
-def _as_list(depends_on) -> list:
-    if depends_on is None:
-        return []
-    return list(depends_on) if isinstance(depends_on, (list, tuple)) else [depends_on]

@@ -76,7 +76,7 @@ def build(cfg: StackConfig | PlatformConfig, plan: Plan | None) -> dict[str, Any
 
 def build_platform(cfg: PlatformConfig) -> dict[str, Any]:
     """The cluster and what every serving stack on it shares; exactly PLATFORM_OUTPUTS."""
-    nodes = NodeIdentity("nodes", NodeIdentityArgs(project=cfg.project, account_id=cfg.node_service_account_id, stack=cfg.stack))
+    nodes = _node_identity(cfg)
     cluster = GkeCluster("gke", _owned_cluster_args(cfg, nodes.email, tpu_pools=()), pulumi.ResourceOptions(depends_on=nodes.roles))
     _lws_controller(cfg, cluster.provider)
     # Cluster-wide like the LWS controller, so the platform owns it and any serving stack can autoscale.
@@ -127,7 +127,7 @@ def _cluster(cfg: StackConfig) -> tuple[GkeCluster, pulumi.Output[str]]:
     """The cluster with this stack's TPU pools, and the service account the pools run as: the
     stack's own, also on a platform's cluster (its Pathways pods act as it: no stack reads
     another's buckets, and no two stacks declare the same bucket grants)."""
-    nodes = NodeIdentity("nodes", NodeIdentityArgs(project=cfg.project, account_id=cfg.node_service_account_id, stack=cfg.stack))
+    nodes = _node_identity(cfg)
     after_roles = pulumi.ResourceOptions(depends_on=nodes.roles)
     if cfg.serving_role:
         platform = PlatformReference("platform", PlatformReferenceArgs(cluster_stack=cfg.cluster_stack, project=cfg.project))
@@ -144,6 +144,11 @@ def _cluster(cfg: StackConfig) -> tuple[GkeCluster, pulumi.Output[str]]:
             node_service_account=nodes.email,
         ), after_roles), nodes.email
     return GkeCluster("gke", _owned_cluster_args(cfg, nodes.email, tpu_pools=tpu_node_pools(cfg)), after_roles), nodes.email
+
+
+def _node_identity(cfg: StackConfig | PlatformConfig) -> NodeIdentity:
+    """The service account this stack's node pools run as (its own in every role)."""
+    return NodeIdentity("nodes", NodeIdentityArgs(project=cfg.project, account_id=cfg.node_service_account_id, stack=cfg.stack))
 
 
 def _owned_cluster_args(cfg: StackConfig | PlatformConfig, node_service_account: pulumi.Output[str],
