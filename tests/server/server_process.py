@@ -131,6 +131,20 @@ class Gauge:
     labels: dict[str, str]
 
 
+def metric_sample(text: str, name: str) -> float:
+    """The value of sample `name` in Prometheus exposition text (one series per metric here)."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                return sample.value
+    raise KeyError(f"{name} not in the metrics")
+
+
+def scrape_sample(url: str, name: str) -> float:
+    """Sample `name` of a server's /metrics."""
+    return metric_sample(httpx.get(url + "/metrics", timeout=10).text, name)
+
+
 def scrape_gauges(url: str) -> dict[str, Gauge]:
     """A server's /metrics as Prometheus reads it: every gauge (one series each here) by name."""
     text = httpx.get(url + "/metrics", timeout=10).text

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import re
 
 import grpc
 import httpx
 import pytest
 import server_process
-from server_process import HOST, free_port, wait_until
+from server_process import HOST, free_port, scrape_sample, wait_until
 
 from serving.server import proto
 
@@ -59,10 +58,7 @@ def generate(server, prompt: str, max_tokens: int, **extra) -> httpx.Response:
 
 
 def metric(server, name: str) -> float:
-    text = httpx.get(server["url"] + "/metrics", timeout=TIMEOUT).text
-    match = re.search(rf"^{name}{{[^}}]*}} (\S+)$", text, re.MULTILINE)
-    assert match, f"{name} not in /metrics"
-    return float(match.group(1))
+    return scrape_sample(server["url"], name)
 
 
 def wait_idle(server, timeout_s: float = 20) -> None:

@@ -10,8 +10,7 @@ import logging
 import httpx
 import pytest
 from fake_engine import EOS, ByteTokenizer
-from prometheus_client.parser import text_string_to_metric_families
-from server_process import wait_until
+from server_process import scrape_sample, wait_until
 
 from serving.server.http_api import MAX_STOP_STRINGS, CompletionBody
 from serving.server.requests import StopStrings
@@ -88,12 +87,7 @@ def test_chat_stop_string(fake_server):
 
 
 def success_count(server) -> float:
-    r = httpx.get(server.http_url + "/metrics", timeout=TIMEOUT)
-    for family in text_string_to_metric_families(r.text):
-        for sample in family.samples:
-            if sample.name == "jetstream_request_success_count_total":
-                return sample.value
-    raise KeyError("jetstream_request_success_count_total")
+    return scrape_sample(server.http_url, "jetstream_request_success_count_total")
 
 
 def test_stop_string_completes_the_request_and_frees_its_slot(slow_server):

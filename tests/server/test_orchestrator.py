@@ -6,8 +6,7 @@ import asyncio
 
 import pytest
 from fake_engine import EOS, ByteTokenizer, EchoEngine, echo_orchestrator, echo_tokens
-from prometheus_client.parser import text_string_to_metric_families
-from server_process import wait_until
+from server_process import metric_sample, wait_until
 
 from serving.engine_api import SamplingParams
 from serving.server.orchestrator import IncrementalDetokenizer, Orchestrator
@@ -29,11 +28,7 @@ def run(orch: Orchestrator, prompt, max_tokens: int, **sampling):
 
 
 def metric_value(orch: Orchestrator, name: str) -> float:
-    for family in text_string_to_metric_families(orch.metrics.exposition().decode()):
-        for sample in family.samples:
-            if sample.name == name:
-                return sample.value
-    raise KeyError(name)
+    return metric_sample(orch.metrics.exposition().decode(), name)
 
 
 def test_greedy_echo_until_max_tokens(orch):
