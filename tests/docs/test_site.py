@@ -33,3 +33,25 @@ def test_readme_links_point_at_files_in_the_repository():
 
 def test_readme_stays_a_front_page():
     assert len((ROOT / "README.md").read_text().splitlines()) <= README_MAX_LINES
+
+
+def heading_levels(markdown: str) -> list[int]:
+    """The `#` count of every heading outside fenced code blocks."""
+    prose = re.sub(r"^```.*?^```", "", markdown, flags=re.S | re.M)
+    return [len(marks) for marks in re.findall(r"^(#+) ", prose, flags=re.M)]
+
+
+def test_every_page_has_one_title_and_no_heading_skips_a_level():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    skipping = {
+        str(page.relative_to(ROOT)): levels
+        for page in pages
+        if (levels := heading_levels(page.read_text()))[:1] != [1]
+        or levels.count(1) != 1
+        or any(later - earlier > 1 for earlier, later in zip(levels, levels[1:], strict=False))
+    }
+    assert skipping == {}
+
+
+def test_heading_levels_skip_code_blocks():
+    assert heading_levels("# Title\n```bash\n# a comment\n```\n## Section\n") == [1, 2]
