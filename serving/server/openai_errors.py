@@ -43,7 +43,7 @@ async def http_exception(request: Request, exc: HTTPException) -> JSONResponse:
     if exc.status_code == 404:
         message, code = f"no route {request.method} {request.url.path}", "unknown_url"
     elif exc.status_code == 405:
-        allowed = (exc.headers or {}).get("allow", "")
+        allowed = next((v for k, v in (exc.headers or {}).items() if k.lower() == "allow"), "")
         message, code = f"{request.url.path} does not take {request.method} (allowed: {allowed})", "method_not_allowed"
     else:
         message, code = str(exc.detail), None
