@@ -1,20 +1,15 @@
 """The API key (HTTP, the OpenAI client, gRPC) and CORS, over the echo server with a key
-(`keyed_server` in conftest.py); and that the key never shows in the start-up log."""
+(`keyed_server` in conftest.py). The start-up log's part: test_cli.py."""
 
 from __future__ import annotations
-
-import io
-import re
-import threading
 
 import grpc
 import httpx
 import openai
 import pytest
-from fake_engine import ByteTokenizer, EchoEngine
-from server_process import ALLOWED_ORIGIN, API_KEY, HOST, wait_until
+from server_process import ALLOWED_ORIGIN, API_KEY
 
-from serving.server import cli, proto
+from serving.server import proto
 from serving.server.auth import ApiKey, api_key_from
 
 pb2, pb2_grpc = proto.load()
@@ -138,40 +133,3 @@ def test_the_key_comes_from_the_flag_or_the_variable_it_names():
     with pytest.raises(ValueError, match="give one of them"):
         api_key_from(key, "SERVING_TEST_KEY", {"SERVING_TEST_KEY": "k2"})
     assert "k1" not in repr(key)
-
-
-def test_an_empty_key_is_a_usage_error_that_does_not_echo_it(capsys):
-    with pytest.raises(SystemExit):
-        cli.build_parser().parse_intermixed_args(["--api-key", "  "])
-    assert "must not be empty" in capsys.readouterr().err
-
-
-class _Engines:
-    def __init__(self, engine: EchoEngine):
-        self.tokenizer, self.prefill_engine, self.generate_engine = ByteTokenizer(), engine, engine
-
-    def memory_report(self) -> str:
-        return "params: 0 bytes"
-
-
-def test_the_start_up_log_never_shows_the_key(caplog):
-    argv = ["--host", HOST, "--http-port", "0", "--grpc-port", "0", "--no-warmup", "--api-key", API_KEY]
-    args = cli.build_parser().parse_intermixed_args([*argv, "--allowed-origins", f"{ALLOWED_ORIGIN}, *"])
-    assert args.allowed_origins == (ALLOWED_ORIGIN, "*") and API_KEY not in repr(args)
-    out = io.StringIO()
-    progress = cli.Progress(stream=out)
-    engine = EchoEngine(slots=2, max_prefill_length=16, max_target_length=32)
-    runtime = cli.build_runtime(cli.settings_from_args(args), args, progress, build_engines=lambda _: _Engines(engine))
-    stop = threading.Event()
-    server = threading.Thread(target=cli.serve, args=(runtime, args, progress, stop), daemon=True)
-    server.start()
-    try:
-        wait_until(lambda: "ready" in out.getvalue(), 20, what="server ready")
-        url = "http://" + re.search(r"HTTP on (\S+)", out.getvalue()).group(1)
-        assert httpx.post(url + "/generate", json=COMPLETION, timeout=10).status_code == 401
-        assert httpx.post(url + "/generate", json=COMPLETION, headers=BEARER, timeout=10).status_code == 200
-    finally:
-        stop.set()
-        server.join(timeout=20)
-    assert "API key required" in out.getvalue() and ALLOWED_ORIGIN in out.getvalue()
-    assert API_KEY not in out.getvalue() and API_KEY not in caplog.text

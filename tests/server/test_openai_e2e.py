@@ -54,6 +54,6 @@ def test_responses_api_answers_streamed_and_not(client):
 
 
 def test_without_the_key_401(client):
-    with openai.OpenAI(base_url=str(client.base_url), api_key="wrong", max_retries=0) as stranger:
-        with pytest.raises(openai.AuthenticationError):
-            stranger.models.list()
+    stranger = openai.OpenAI(base_url=str(client.base_url), api_key="wrong", max_retries=0)
+    with stranger, pytest.raises(openai.AuthenticationError):
+        stranger.models.list()
