@@ -27,7 +27,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import fastapi
 from fastapi.responses import StreamingResponse
@@ -76,7 +76,7 @@ class ResponsesBody(_OpenAIModel, _Sampling):
     model_config = _OpenAIModel.model_config
 
     model: str = ""
-    input: str | list[InputMessage]
+    input: str | Annotated[list[InputMessage], Field(min_length=1)]
     instructions: str = ""
     max_output_tokens: int | None = None
     stream: bool = False

@@ -47,7 +47,8 @@ def add_routes(app: fastapi.FastAPI, orchestrator: Orchestrator) -> None:
         else:
             text = tokenizer.apply_chat_template([m.for_template() for m in body.messages])
         tokens = list(tokenizer.encode(text))
-        return {"tokens": tokens, "count": len(tokens), "max_model_len": orchestrator.context_length, "token_strs": None}
+        count, context = len(tokens), orchestrator.context_length
+        return {"tokens": tokens, "count": count, "max_model_len": context, "token_strs": None}
 
     @app.post("/detokenize")
     def detokenize(body: DetokenizeBody):

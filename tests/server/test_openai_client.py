@@ -92,7 +92,9 @@ def test_responses_stream_sends_the_documented_events_in_order(client):
         events = list(stream)
     kinds = [e.type for e in events]
     head = ["response.created", "response.in_progress", "response.output_item.added", "response.content_part.added"]
-    tail = ["response.output_text.done", "response.content_part.done", "response.output_item.done", "response.completed"]
+    tail = [
+        "response.output_text.done", "response.content_part.done", "response.output_item.done", "response.completed"
+    ]  # fmt: skip
     assert kinds[:4] == head and kinds[-4:] == tail
     assert set(kinds[4:-4]) == {"response.output_text.delta"}
     assert [e.sequence_number for e in events] == list(range(len(events)))
