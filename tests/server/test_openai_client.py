@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import openai
 import pytest
-from fake_engine import ByteTokenizer
+from fake_engine import ByteTokenizer, EchoEngine, echo_orchestrator
+from fastapi.testclient import TestClient
+from server_process import wait_until
+
+from serving.server.http_api import create_app
+from serving.server.requests import GenerateRequest
 
 TEMPLATE = ByteTokenizer().apply_chat_template
 
@@ -154,3 +159,24 @@ def test_over_the_context_is_context_length_exceeded(client, call, param):
 def test_chat_without_max_tokens_fills_the_context(client):
     r = client.chat.completions.create(model="echo", messages=HI)
     assert r.usage.total_tokens == 95 and r.choices[0].finish_reason == "length"
+
+
+def test_a_refused_choice_cancels_the_choices_already_taken():
+    """Both slots busy and room for one waiting request: of n=2 choices the first waits and the
+    second is refused (503); the first is then cancelled, not left waiting for nobody."""
+    engine = EchoEngine(slots=2, max_prefill_length=16, max_target_length=1024, step_delay_s=0.02)
+    orch = echo_orchestrator(engine, max_queued_requests=1)
+    fillers = []
+    try:
+        for _ in range(2):  # one at a time: the queue holds one
+            fillers.append(orch.submit(GenerateRequest("busy", orch.max_tokens_limit - 8)))
+            wait_until(lambda: orch._waiting == 0, 5, what="a filler in its slot")
+        body = {"prompt": "ab", "n": 2, "max_tokens": 4}
+        r = TestClient(create_app(orch, model_name="echo")).post("/v1/completions", json=body)
+        assert r.status_code == 503 and "retry-after" in r.headers
+        wait_until(lambda: len(orch._inflight) == len(fillers), 3, what="the waiting choice cancelled")
+        assert orch._waiting == 0
+    finally:
+        for filler in fillers:
+            filler.cancel()
+        orch.stop()
