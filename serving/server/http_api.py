@@ -7,6 +7,8 @@
   POST /v1/chat/completions   the same over the model's chat template
   GET  /v1/models             the served model
   GET  /v1/models/{id}        its card; 404 for any other id
+  POST /v1/responses          OpenAI's Responses API, stateless (responses_api.py)
+  POST /tokenize, /detokenize vLLM's token counting (tokenize_api.py)
   GET  /metrics               Prometheus, JetStream's metric names
 
 Handlers only translate: pydantic bodies -> GenerateRequest -> Orchestrator.submit -> wire format.

@@ -5,13 +5,16 @@ text is computed by hand."""
 
 from __future__ import annotations
 
+import json
+
+import httpx
 import openai
 import pytest
 from fake_engine import ByteTokenizer, EchoEngine, echo_orchestrator
 from fastapi.testclient import TestClient
-from server_process import wait_until
+from server_process import HOST, wait_until
 
-from serving.server.http_api import create_app
+from serving.server.http_api import HttpServer, create_app
 from serving.server.requests import GenerateRequest
 
 TEMPLATE = ByteTokenizer().apply_chat_template
@@ -179,4 +182,23 @@ def test_a_refused_choice_cancels_the_choices_already_taken():
     finally:
         for filler in fillers:
             filler.cancel()
+        orch.stop()
+
+
+def test_a_client_leaving_a_stream_of_choices_cancels_them_all():
+    engine = EchoEngine(slots=2, max_prefill_length=16, max_target_length=1024, step_delay_s=0.02)
+    orch = echo_orchestrator(engine)
+    http = HttpServer(create_app(orch, model_name="echo"), HOST, 0).start()
+    try:
+        body = {"prompt": "ab", "n": 2, "max_tokens": orch.context_length - 2, "stream": True}  # 20 s each
+        with httpx.stream("POST", f"http://{HOST}:{http.port}/v1/completions", json=body, timeout=20) as r:
+            seen = set()
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    seen.update(choice["index"] for choice in json.loads(line[len("data: ") :])["choices"])
+                if seen == {0, 1}:
+                    break
+        wait_until(lambda: not orch._inflight and orch.slots_used == 0, 5, what="both choices cancelled")
+    finally:
+        http.stop()
         orch.stop()
