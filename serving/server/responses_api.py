@@ -48,7 +48,7 @@ from serving.server.requests import Finish, GenerateRequest, NotReady, Overloade
 log = logging.getLogger(__name__)
 
 PATH = "/v1/responses"
-# The engine's names for fields, as this API names them in errors.
+# The orchestrator's names for request fields, as this API names them in errors.
 _RENAME = {"prompt": "input", "max_tokens": "max_output_tokens"}
 
 
@@ -101,6 +101,7 @@ def _check_text_format(body: ResponsesBody) -> None:
 
 
 def _check_stateless(body: ResponsesBody) -> None:
+    """Nothing is stored and no tools are called: refuse what depends on either."""
     if body.previous_response_id:
         raise RequestError(
             "previous_response_id", "responses are not stored here; send the whole conversation in input instead"
@@ -144,7 +145,7 @@ class _Response:
 
     def message(self, text: str | None, finish: Finish | None) -> dict[str, Any]:
         """The output message: no content yet (None), or its text so far."""
-        status = "in_progress" if finish is None else ("incomplete" if finish.reason == "length" else "completed")
+        status = "in_progress" if finish is None else ("completed" if finish.reason == "stop" else "incomplete")
         content = [] if text is None else [_text_part(text)]
         return {"id": self.message_id, "type": "message", "role": "assistant", "status": status, "content": content}
 
