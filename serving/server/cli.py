@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from serving.server import multihost
+from serving.server.auth import api_key_arg, api_key_from, parse_origins
 from serving.server.metrics import ServerMetrics
 from serving.server.orchestrator import MIN_QUEUED_REQUESTS, QUEUED_REQUESTS_PER_SLOT, Orchestrator
 from serving.server.settings import ServingSettings, SettingsError, parse_settings
@@ -116,6 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-warmup", action="store_true", help="skip compiling ahead of serving")
     parser.add_argument("--log-level", default="warning", help="server log level (default %(default)s)")
+    group = parser.add_argument_group(
+        "access (HTTP and gRPC; /healthcheck, /metrics and gRPC HealthCheck stay open)"
+    )
+    group.add_argument(
+        "--api-key", type=api_key_arg, metavar="KEY", help="require Authorization: Bearer KEY (default: no key)"
+    )
+    group.add_argument("--api-key-env", metavar="NAME", help="the same, the key read from environment variable NAME")
+    group.add_argument(
+        "--allowed-origins",
+        type=parse_origins,
+        default=(),
+        metavar="ORIGINS",
+        help="comma-separated origins browsers may call from (CORS), * for any (default: none)",
+    )
     group = parser.add_argument_group(
         "multi-host (default: the LeaderWorkerSet environment LWS_LEADER_ADDRESS, LWS_GROUP_SIZE, "
         "LWS_WORKER_INDEX, JAX_COORDINATOR_PORT)"
@@ -284,12 +299,21 @@ def serve(runtime: Runtime, args: argparse.Namespace, progress: Progress, stop: 
     from serving.server.http_api import HttpServer, create_app
 
     orchestrator = runtime.orchestrator
-    app = create_app(orchestrator, model_name=runtime.settings.model_name)
+    app = create_app(
+        orchestrator,
+        model_name=runtime.settings.model_name,
+        api_key=args.api_key,
+        allowed_origins=args.allowed_origins,
+    )
     http = HttpServer(app, args.host, args.http_port, log_level=args.log_level).start()
     grpc_server, grpc_port = None, 0
     if args.grpc_port:  # 0 turns gRPC off
-        grpc_server, grpc_port = start_grpc_server(orchestrator, args.host, args.grpc_port)
+        grpc_server, grpc_port = start_grpc_server(orchestrator, args.host, args.grpc_port, api_key=args.api_key)
     progress(f"HTTP on {args.host}:{http.port}" + (f", gRPC on {args.host}:{grpc_port}" if grpc_server else ""))
+    progress(
+        ("API key required" if args.api_key else "no API key: anyone who reaches the ports may call")
+        + (f"; CORS origins: {', '.join(args.allowed_origins)}" if args.allowed_origins else "")
+    )
     try:
         warm = runtime.settings.enable_model_warmup
         with progress.step("warming up (compiling every prefill and decode bucket)" if warm else "starting"):
@@ -322,6 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     progress = Progress()
     try:
+        args.api_key = api_key_from(args.api_key, args.api_key_env)
         settings = settings_from_args(args)
         group = process_group(args)
         backend, devices = start_jax(settings, group)

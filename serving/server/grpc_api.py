@@ -9,7 +9,8 @@
 
 Errors: INVALID_ARGUMENT naming the field, RESOURCE_EXHAUSTED when the queue is full,
 UNAVAILABLE before warm-up, INTERNAL if the engine fails mid-request. A client that cancels
-(or disconnects) cancels the request, which frees its decode slot.
+(or disconnects) cancels the request, which frees its decode slot. With an API key, every method
+but HealthCheck needs the metadata `authorization: Bearer <key>`, else UNAUTHENTICATED (auth.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from concurrent import futures
 import grpc
 
 from serving.server import proto
+from serving.server.auth import ApiKey, GrpcApiKey
 from serving.server.orchestrator import Orchestrator
 from serving.server.requests import GenerateRequest, NotReady, Overloaded, RequestError
 
@@ -72,12 +74,14 @@ class OrchestratorServicer(pb2_grpc.OrchestratorServicer):
 
 
 def start_grpc_server(
-    orchestrator: Orchestrator, host: str, port: int, max_workers: int | None = None
+    orchestrator: Orchestrator, host: str, port: int, max_workers: int | None = None, api_key: ApiKey | None = None
 ) -> tuple[grpc.Server, int]:
     """Start serving in background threads; returns the grpc.Server (call .stop(grace)) and the
     port it bound, which is a free one when `port` is 0."""
     workers = max_workers or orchestrator.slots + orchestrator.max_queued_requests + SPARE_WORKERS
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"))
+    interceptors = [GrpcApiKey(api_key)] if api_key is not None else []
+    executor = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc")
+    server = grpc.server(executor, interceptors=interceptors)
     pb2_grpc.add_OrchestratorServicer_to_server(OrchestratorServicer(orchestrator), server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:

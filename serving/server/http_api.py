@@ -6,18 +6,27 @@
   POST /v1/completions        OpenAI completions (stream: server-sent events), with usage
   POST /v1/chat/completions   the same over the model's chat template
   GET  /v1/models             the served model
+  GET  /v1/models/{id}        its card; 404 for any other id
+  POST /v1/responses          OpenAI's Responses API, stateless (responses_api.py)
+  POST /tokenize, /detokenize vLLM's token counting (tokenize_api.py)
   GET  /metrics               Prometheus, JetStream's metric names
 
 Handlers only translate: pydantic bodies -> GenerateRequest -> Orchestrator.submit -> wire format.
-Every error is JSON {"error": {"message", "type", "param"}} where `param` names the offending field.
+Every error is JSON {"error": {"message", "type", "param", "code"}} where `param` names the offending
+field (openai_errors.py): FastAPI's 404, 405 and validation errors too.
 Generation is greedy unless the request asks for sampling (temperature > 0), on every endpoint.
 
 /generate is strict, as JetStream's: an unknown field is a 400 naming it (the legacy fields listed
 in GenerateBody are accepted and ignored). The OpenAI endpoints take what OpenAI clients send:
 unknown fields are ignored with a logged warning (as vLLM does), null means "not set", `stop`
 strings end the text early (the request completes there and frees its slot), `ignore_eos`, `seed`,
-`stream_options.include_usage`; fields asking for what this server cannot do (n > 1, logprobs,
-penalties, logit_bias, echo, ...) are a 400 naming the field (see _UNSUPPORTED).
+`stream_options.include_usage`, `n` choices (each its own request in its own slot; with a seed,
+choice i samples with seed + i, as vLLM); fields asking for what this server cannot do (best_of,
+logprobs, penalties, logit_bias, echo, ...) are a 400 naming the field (see _UNSUPPORTED). A prompt
+over the context, or a prompt plus max_tokens over it, is a 400 with code context_length_exceeded.
+
+With an API key every route but /healthcheck and /metrics needs it, and `allowed_origins` turns on
+CORS (auth.py).
 """
 
 from __future__ import annotations
@@ -39,8 +48,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
+from starlette.exceptions import HTTPException
 
 from serving.engine_api import SamplingParams
+from serving.server import openai_errors
+from serving.server.auth import ApiKey, protect_app
 from serving.server.orchestrator import Orchestrator
 from serving.server.requests import (
     Finish,
@@ -82,9 +94,10 @@ class _Sampling(_Body):
     # Unset: a fresh random seed per request, so unseeded sampled requests draw independent tokens.
     seed: int | None = None
 
-    def sampling(self) -> SamplingParams:
+    def sampling(self, choice: int = 0) -> SamplingParams:
+        """The sampling of choice `choice` of n: its own seed, seed + choice when one is given."""
         top_k = 0 if self.top_k in TOP_K_OFF_ALIASES else self.top_k
-        seed = secrets.randbelow(SEED_RANGE) if self.seed is None else self.seed % SEED_RANGE
+        seed = secrets.randbelow(SEED_RANGE) if self.seed is None else (self.seed + choice) % SEED_RANGE
         return SamplingParams(temperature=self.temperature, top_k=top_k, top_p=self.top_p, seed=seed)
 
 
@@ -198,8 +211,7 @@ class ChatBody(_OpenAIBody):
 # OpenAI fields this server cannot honour, with the test a value passes when it asks for nothing;
 # any other value is a 400 naming the field, since ignoring it would answer another question.
 _UNSUPPORTED: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
-    ("n", lambda n: n == 1, "only n=1 is supported (one choice per request)"),
-    ("best_of", lambda v: v == 1, "only best_of=1 is supported"),
+    ("best_of", lambda v: v == 1, "only best_of=1 is supported; ask for n choices instead"),
     ("echo", lambda v: not v, "echo is not supported"),
     ("suffix", lambda v: not v, "suffix is not supported"),
     ("logprobs", lambda v: v is None or v is False, "log probabilities are not supported; leave logprobs out"),
@@ -212,7 +224,9 @@ _UNSUPPORTED: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
 )
 
 
-def _check_supported(body: _OpenAIBody) -> None:
+def _check_supported(body: _OpenAIBody, slots: int) -> None:
+    if not 1 <= body.n <= slots:
+        raise RequestError("n", f"must be between 1 and {slots} (each choice takes one of the server's decode slots)")
     fields = type(body).model_fields
     for name, asks_nothing, reason in _UNSUPPORTED:
         if name in fields and not asks_nothing(getattr(body, name)):
@@ -233,18 +247,20 @@ def _ignored_fields(model: BaseModel, prefix: str = "") -> list[str]:
     return names
 
 
-def _accept_openai(body: _OpenAIBody, path: str) -> None:
-    """Refuse what cannot be honoured (RequestError); log what is ignored."""
-    _check_supported(body)
+def _warn_ignored(body: BaseModel, path: str) -> None:
     ignored = _ignored_fields(body)
     if ignored:
         log.warning("%s: ignoring fields this server does not know: %s", path, ", ".join(ignored))
 
 
+def _accept_openai(body: _OpenAIBody, path: str, slots: int) -> None:
+    """Refuse what cannot be honoured (RequestError); log what is ignored."""
+    _check_supported(body, slots)
+    _warn_ignored(body, path)
+
+
 # -- errors --------------------------------------------------------------------------------------
-def _error(status: int, message: str, param: str | None, kind: str, headers=None) -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": param}}
-    return JSONResponse(body, status_code=status, headers=headers)
+_error = openai_errors.error_response
 
 
 def _is_field(part: str | int) -> bool:
@@ -259,20 +275,21 @@ async def _validation_error(_: fastapi.Request, exc: RequestValidationError) -> 
     field = errors[0].get("loc", ())[:2]
     first = max((e for e in errors if e.get("loc", ())[:2] == field), key=lambda e: len(e.get("loc", ())))
     loc = [p for p in first.get("loc", ()) if p != "body"]
+    code = openai_errors.validation_code(first.get("type", ""))
     if first.get("type") in ("json_invalid", "model_attributes_type") or not loc:
-        param, message = "body", "request body must be a JSON object"
+        param, message, code = "body", "request body must be a JSON object", "invalid_json"
         if first.get("type") == "missing":
             message = "request body is missing"
     else:
         param = ".".join(str(p) for p in loc if _is_field(p))
         message = f"{param}: {first.get('msg', 'invalid value')}"
-    return _error(400, message, param, "invalid_request_error")
+    return _error(400, message, param, openai_errors.INVALID_REQUEST, code)
 
 
 def _submit_error(exc: Exception, rename: dict[str, str]) -> JSONResponse:
     if isinstance(exc, RequestError):
         field = rename.get(exc.field, exc.field)
-        return _error(400, f"{field}: {exc.message}", field, "invalid_request_error")
+        return _error(400, f"{field}: {exc.message}", field, openai_errors.INVALID_REQUEST, exc.code)
     if isinstance(exc, Overloaded):
         return _error(
             503, str(exc), None, "overloaded", headers={"Retry-After": str(exc.retry_after_s)}
@@ -343,12 +360,11 @@ def _failed(text: str | None, finished: _Text) -> JSONResponse | None:
     return None
 
 
-def _usage(finish: Finish) -> dict[str, int]:
-    return {
-        "prompt_tokens": finish.prompt_tokens,
-        "completion_tokens": finish.completion_tokens,
-        "total_tokens": finish.prompt_tokens + finish.completion_tokens,
-    }
+def _usage(*finishes: Finish) -> dict[str, int]:
+    """The counts of one request's choices: the prompt once, every choice's completion tokens."""
+    prompt = finishes[0].prompt_tokens
+    completion = sum(finish.completion_tokens for finish in finishes)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _finish_reason(finish: Finish) -> str:
@@ -395,16 +411,48 @@ CHAT = _OpenAIFormat(
 )
 
 
+def _indexed(choice: dict, index: int) -> dict:
+    """A format's choice as choice `index` of n."""
+    return {**choice, "index": index}
+
+
+async def _interleaved(texts: Sequence[_Text]) -> AsyncIterator[tuple[int, str | None]]:
+    """(choice index, piece) as each choice's text arrives, and (index, None) when it ends.
+    Closing this generator (the client went away) cancels every choice still running."""
+    arrivals: asyncio.Queue[tuple[int, str | None]] = asyncio.Queue()
+
+    async def drain(index: int, text: _Text) -> None:
+        try:
+            async with contextlib.aclosing(text.pieces()) as pieces:
+                async for piece in pieces:
+                    await arrivals.put((index, piece))
+        finally:
+            arrivals.put_nowait((index, None))
+
+    tasks = [asyncio.ensure_future(drain(index, text)) for index, text in enumerate(texts)]
+    try:
+        running = len(tasks)
+        while running:
+            index, piece = await arrivals.get()
+            running -= piece is None
+            yield index, piece
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
 async def _openai_response(
-    fmt: _OpenAIFormat, body: _OpenAIBody, stream: ResultStream, request: fastapi.Request, model: str
+    fmt: _OpenAIFormat, body: _OpenAIBody, streams: Sequence[ResultStream], request: fastapi.Request, model: str
 ):
-    """Whole, with usage; or streamed as server-sent events ending in [DONE]. Streamed usage:
-    with stream_options.include_usage, as OpenAI: `"usage": null` on every chunk, then one more
-    chunk before [DONE] with empty choices and the counts; without it, the counts ride on the
-    chunk with the finish_reason, as llama.cpp's server has long sent them (clients that never
-    ask for usage still count tokens)."""
+    """Whole, with usage; or streamed as server-sent events ending in [DONE]. One choice per
+    stream (`n`), each with its `index`; streamed, each chunk carries one choice. Usage counts the
+    prompt once and every choice's completion tokens. Streamed usage: with
+    stream_options.include_usage, as OpenAI: `"usage": null` on every chunk, then one more chunk
+    before [DONE] with empty choices and the counts; without it, the counts ride on the last
+    chunk with a finish_reason, as llama.cpp's server has long sent them (clients that never ask
+    for usage still count tokens)."""
     head = {"id": f"{fmt.id_prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
-    text = _Text(stream, body.stop_strings)
+    texts = [_Text(stream, body.stop_strings) for stream in streams]
     include_usage = body.stream_options is not None and body.stream_options.include_usage
 
     def chunk(choices: list[dict], **extra) -> str:
@@ -413,24 +461,33 @@ async def _openai_response(
 
     async def events() -> AsyncIterator[str]:
         if fmt.opening_choice:
-            yield chunk([fmt.opening_choice])
-        async with contextlib.aclosing(text.pieces()) as pieces:
-            async for piece in pieces:
-                yield chunk([fmt.chunk_choice(piece, None)])
-        usage = _usage(text.finish)
-        yield chunk([fmt.chunk_choice("", _finish_reason(text.finish))], **({} if include_usage else {"usage": usage}))
+            for index in range(len(texts)):
+                yield chunk([_indexed(fmt.opening_choice, index)])
+        finished = 0
+        async with contextlib.aclosing(_interleaved(texts)) as arrivals:
+            async for index, piece in arrivals:
+                if piece is not None:
+                    yield chunk([_indexed(fmt.chunk_choice(piece, None), index)])
+                    continue
+                finished += 1
+                last = finished == len(texts) and not include_usage
+                extra = {"usage": _usage(*(t.finish for t in texts))} if last else {}
+                yield chunk([_indexed(fmt.chunk_choice("", _finish_reason(texts[index].finish)), index)], **extra)
         if include_usage:
-            yield chunk([], usage=usage)
+            yield chunk([], usage=_usage(*(t.finish for t in texts)))
         yield _sse("[DONE]")
 
     if body.stream:
         return StreamingResponse(events(), media_type="text/event-stream")
-    whole = await text.whole(request)
-    failed = _failed(whole, text)
+    wholes = await asyncio.gather(*(text.whole(request) for text in texts))
+    failed = next(filter(None, (_failed(whole, text) for whole, text in zip(wholes, texts))), None)
     if failed:
         return failed
-    choice = fmt.choice(whole, _finish_reason(text.finish))
-    return {**head, "object": fmt.object, "choices": [choice], "usage": _usage(text.finish)}
+    choices = [
+        _indexed(fmt.choice(whole, _finish_reason(text.finish)), index)
+        for index, (whole, text) in enumerate(zip(wholes, texts))
+    ]
+    return {**head, "object": fmt.object, "choices": choices, "usage": _usage(*(t.finish for t in texts))}
 
 
 class _JsonBodies:
@@ -453,10 +510,23 @@ class _JsonBodies:
 
 
 # -- the app -------------------------------------------------------------------------------------
-def create_app(orchestrator: Orchestrator, *, model_name: str) -> fastapi.FastAPI:
+def create_app(
+    orchestrator: Orchestrator,
+    *,
+    model_name: str,
+    api_key: ApiKey | None = None,
+    allowed_origins: Sequence[str] = (),
+) -> fastapi.FastAPI:
+    """The routes above; with `api_key` every route but /healthcheck and /metrics needs it, and
+    `allowed_origins` (none by default) may call from a browser (CORS)."""
+    # the Responses API and tokenize routes are built from this module's helpers
+    from serving.server import responses_api, tokenize_api
+
     app = fastapi.FastAPI(title="serving", docs_url=None, redoc_url=None)
     app.add_middleware(_JsonBodies)
+    protect_app(app, api_key, allowed_origins)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, openai_errors.http_exception)
     created = int(time.time())
 
     def submit(request: GenerateRequest, rename: dict[str, str] | None = None):
@@ -474,10 +544,18 @@ def create_app(orchestrator: Orchestrator, *, model_name: str) -> fastapi.FastAP
     def metrics():
         return Response(orchestrator.metrics.exposition(), media_type=orchestrator.metrics.content_type)
 
+    card = {"id": model_name, "object": "model", "created": created, "owned_by": "serving"}
+
     @app.get("/v1/models")
     def models():
-        card = {"id": model_name, "object": "model", "created": created, "owned_by": "serving"}
         return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model_id:path}")  # ids may hold a slash (org/name)
+    def model(model_id: str):
+        if model_id != model_name:
+            message = f"the model {model_id!r} does not exist; this server serves {model_name!r}"
+            return _error(404, message, "model", openai_errors.INVALID_REQUEST, "model_not_found")
+        return card
 
     @app.post("/generate")
     async def generate(body: GenerateBody, request: fastapi.Request):
@@ -496,13 +574,23 @@ def create_app(orchestrator: Orchestrator, *, model_name: str) -> fastapi.FastAP
         whole = await text.whole(request)
         return _failed(whole, text) or {"response": whole}
 
-    def submit_openai(body: _OpenAIBody, path: str, prompt, max_tokens: int, rename: dict[str, str]):
+    def submit_openai(body: _OpenAIBody, path: str, prompt, max_tokens: int | None, rename: dict[str, str]):
+        """One request per choice; all of them or none (the ones taken are cancelled)."""
         try:
-            _accept_openai(body, path)
-            request = GenerateRequest(prompt, max_tokens, body.sampling(), ignore_eos=body.ignore_eos)
+            _accept_openai(body, path, orchestrator.slots)
         except RequestError as exc:
             return None, _submit_error(exc, rename)
-        return submit(request, rename)
+        streams = []
+        for choice in range(body.n):
+            sampling = body.sampling(choice)
+            request = GenerateRequest(prompt, max_tokens, sampling, ignore_eos=body.ignore_eos, fit_context=True)
+            stream, error = submit(request, rename)
+            if error:
+                for taken in streams:
+                    taken.cancel()
+                return None, error
+            streams.append(stream)
+        return streams, None
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: fastapi.Request):
@@ -510,8 +598,8 @@ def create_app(orchestrator: Orchestrator, *, model_name: str) -> fastapi.FastAP
             prompt = body.single_prompt()
         except RequestError as exc:
             return _submit_error(exc, {})
-        stream, error = submit_openai(body, "/v1/completions", prompt, body.max_tokens, {})
-        return error or await _openai_response(COMPLETION, body, stream, request, model_name)
+        streams, error = submit_openai(body, "/v1/completions", prompt, body.max_tokens, {})
+        return error or await _openai_response(COMPLETION, body, streams, request, model_name)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, request: fastapi.Request):
@@ -519,13 +607,13 @@ def create_app(orchestrator: Orchestrator, *, model_name: str) -> fastapi.FastAP
         rename = {"prompt": "messages"}
         if body.max_completion_tokens is not None:  # OpenAI's newer name wins; errors name it
             max_tokens, rename["max_tokens"] = body.max_completion_tokens, "max_completion_tokens"
-        elif body.max_tokens is not None:
-            max_tokens = body.max_tokens
         else:
-            max_tokens = orchestrator.max_tokens_limit
-        stream, error = submit_openai(body, "/v1/chat/completions", prompt, max_tokens, rename)
-        return error or await _openai_response(CHAT, body, stream, request, model_name)
+            max_tokens = body.max_tokens  # None: as many as the context holds after the prompt
+        streams, error = submit_openai(body, "/v1/chat/completions", prompt, max_tokens, rename)
+        return error or await _openai_response(CHAT, body, streams, request, model_name)
 
+    responses_api.add_routes(app, orchestrator, model_name)
+    tokenize_api.add_routes(app, orchestrator)
     return app
 
 

@@ -47,6 +47,7 @@ from typing import Any, Callable
 from serving.engine_api import Engine, Params, Tokenizer
 from serving.server.metrics import ServerMetrics
 from serving.server.requests import (
+    CONTEXT_LENGTH_EXCEEDED,
     Delta,
     Finish,
     FinishReason,
@@ -235,9 +236,14 @@ class Orchestrator:
         return self.slots - self._free_slots.qsize()
 
     @property
+    def context_length(self) -> int:
+        """Prompt plus generated tokens one request can hold (the cache's last row is never read)."""
+        return self.max_target_length - 1
+
+    @property
     def max_tokens_limit(self) -> int:
-        """The largest max_tokens any request could reach (an empty cache minus one prompt token)."""
-        return self.max_target_length - 2
+        """The largest max_tokens any request could reach (the context minus one prompt token)."""
+        return self.context_length - 1
 
     def _warmup_roles(self):
         """(role, engine, params): one engine that does both, or each engine for its own part."""
@@ -256,15 +262,12 @@ class Orchestrator:
         if not self.is_live:
             raise NotReady("server is not live" if self._failure is None else f"engine failed: {self._failure}")
         tokens = self._prompt_tokens(request.prompt)
-        if isinstance(request.max_tokens, bool) or not isinstance(request.max_tokens, int):
-            raise RequestError("max_tokens", "must be an integer")
-        if not 1 <= request.max_tokens <= self.max_tokens_limit:
-            raise RequestError("max_tokens", f"must be between 1 and {self.max_tokens_limit}")
+        max_tokens = self._max_tokens(request, len(tokens))
         stream = ResultStream(prompt_tokens=len(tokens))
         item = _Request(
             stream=stream,
             tokens=tokens,
-            max_tokens=request.max_tokens,
+            max_tokens=max_tokens,
             request=request,
             detokenizer=IncrementalDetokenizer(self.tokenizer),
         )
@@ -275,6 +278,25 @@ class Orchestrator:
             self._inflight.add(item)
         self._prefill_q.put(item)
         return stream
+
+    def _max_tokens(self, request: GenerateRequest, prompt_tokens: int) -> int:
+        room = self.context_length - prompt_tokens
+        if request.max_tokens is None:
+            return room
+        max_tokens = request.max_tokens
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
+            raise RequestError("max_tokens", "must be an integer")
+        if not 1 <= max_tokens <= self.max_tokens_limit:
+            raise RequestError("max_tokens", f"must be between 1 and {self.max_tokens_limit}")
+        if request.fit_context and max_tokens > room:
+            raise RequestError(
+                "prompt",
+                f"the context is {self.context_length} tokens, but {prompt_tokens + max_tokens} were requested "
+                f"({prompt_tokens} in the prompt, {max_tokens} for the completion); shorten the prompt or "
+                "lower max_tokens",
+                code=CONTEXT_LENGTH_EXCEEDED,
+            )
+        return max_tokens
 
     def _prompt_tokens(self, prompt: str | tuple[int, ...]) -> list[int]:
         if isinstance(prompt, str):
@@ -289,7 +311,9 @@ class Orchestrator:
             raise RequestError("prompt", "must not be empty")
         if len(tokens) > self.max_prefill_length:
             raise RequestError(
-                "prompt", f"is {len(tokens)} tokens; the maximum is {self.max_prefill_length}"
+                "prompt",
+                f"is {len(tokens)} tokens; the maximum is {self.max_prefill_length}",
+                code=CONTEXT_LENGTH_EXCEEDED,
             )
         return tokens
 

@@ -5,7 +5,8 @@ HTTP (`http_api.py`) and gRPC (`grpc_api.py`) validate their own wire formats, t
   GenerateRequest  -> Orchestrator.submit() -> ResultStream  (Delta ... Delta, then .finish)
 
 Errors a front end must map to its protocol:
-  RequestError  a bad field (HTTP 4xx / gRPC INVALID_ARGUMENT); `.field` names it
+  RequestError  a bad field (HTTP 4xx / gRPC INVALID_ARGUMENT); `.field` names it, `.code` says
+                what kind of problem it is when a client may act on it (CONTEXT_LENGTH_EXCEEDED)
   Overloaded    the request queue is full (HTTP 503 + Retry-After / gRPC RESOURCE_EXHAUSTED)
   NotReady      still loading or warming up, or the engine failed (HTTP 503 / gRPC UNAVAILABLE)
 """
@@ -24,13 +25,19 @@ from serving.engine_api import GREEDY, SamplingParams
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
 
+# OpenAI's error code for a prompt (or prompt plus max_tokens) that does not fit the context;
+# LangChain and LiteLLM look for it to trim a conversation and retry.
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+
+
 class RequestError(ValueError):
     """A request field is invalid. `field` is the request's own name for it (e.g. "prompt")."""
 
-    def __init__(self, field: str, message: str):
+    def __init__(self, field: str, message: str, code: str | None = None):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+        self.code = code
 
 
 # A full queue drains at the speed of whole generations, so sooner than this a retry would
@@ -52,12 +59,17 @@ class NotReady(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class GenerateRequest:
-    """One generation: a prompt (text as given, or token ids), a token budget and sampling."""
+    """One generation: a prompt (text as given, or token ids), a token budget and sampling.
+
+    `max_tokens` None: as many as the context holds after the prompt. `fit_context`: a prompt plus
+    max_tokens over the context is a RequestError (as OpenAI and vLLM answer) instead of a text
+    cut short where the cache ends (as JetStream does)."""
 
     prompt: str | tuple[int, ...]
-    max_tokens: int
+    max_tokens: int | None
     sampling: SamplingParams = GREEDY
     ignore_eos: bool = False  # keep generating through end-of-sequence tokens, up to max_tokens
+    fit_context: bool = False
 
     def __post_init__(self):
         if isinstance(self.prompt, list):

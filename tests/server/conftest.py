@@ -11,8 +11,9 @@ import dataclasses
 
 import pytest
 from fake_engine import EchoEngine, echo_orchestrator
-from server_process import HOST
+from server_process import ALLOWED_ORIGIN, API_KEY, HOST
 
+from serving.server.auth import ApiKey
 from serving.server.grpc_api import start_grpc_server
 from serving.server.http_api import HttpServer, create_app
 from serving.server.orchestrator import Orchestrator
@@ -26,10 +27,11 @@ class FakeServer:
     grpc_target: str
 
 
-def _serve(engine: EchoEngine, max_queued_requests: int):
+def _serve(engine: EchoEngine, max_queued_requests: int, api_key: ApiKey | None = None, allowed_origins=()):
     orch = echo_orchestrator(engine, max_queued_requests=max_queued_requests)
-    http = HttpServer(create_app(orch, model_name="echo"), HOST, 0).start()  # port 0: no race for a port
-    grpc_server, grpc_port = start_grpc_server(orch, HOST, 0)
+    app = create_app(orch, model_name="echo", api_key=api_key, allowed_origins=allowed_origins)
+    http = HttpServer(app, HOST, 0).start()  # port 0: no race for a port
+    grpc_server, grpc_port = start_grpc_server(orch, HOST, 0, api_key=api_key)
     server = FakeServer(orch, engine, f"http://{HOST}:{http.port}", f"{HOST}:{grpc_port}")
     return server, lambda: (http.stop(), grpc_server.stop(grace=1).wait(), orch.stop())
 
@@ -51,5 +53,14 @@ def slow_server():
     """
     engine = EchoEngine(slots=1, max_prefill_length=16, max_target_length=1024, step_delay_s=0.02)
     server, stop = _serve(engine, 1)
+    yield server
+    stop()
+
+
+@pytest.fixture(scope="module")
+def keyed_server():
+    """The fast echo server with an API key (API_KEY) and CORS for ALLOWED_ORIGIN."""
+    engine = EchoEngine(slots=4, max_prefill_length=32, max_target_length=96)
+    server, stop = _serve(engine, 16, api_key=ApiKey(API_KEY), allowed_origins=(ALLOWED_ORIGIN,))
     yield server
     stop()

@@ -19,6 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 300
 HOST = "127.0.0.1"
+# The API key and the browser origin of the keyed_server fixture (conftest.py).
+API_KEY = "test-key-0123456789"
+ALLOWED_ORIGIN = "https://chat.example.com"
 
 
 def free_port() -> int:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
 import re
 import shlex
 import threading
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -100,10 +102,11 @@ class GatedWarmupEngine(EchoEngine):
         super().warmup(params, **roles)
 
 
-def test_serve_reports_progress_and_is_live_only_after_warmup():
-    engine = GatedWarmupEngine(slots=2, max_prefill_length=16, max_target_length=32)
+@contextlib.contextmanager
+def serving(argv: list[str], engine: EchoEngine) -> Iterator[tuple[str, io.StringIO]]:
+    """build_runtime + serve on the echo engine in a thread: (its URL, its progress log), then stop."""
     args = cli.build_parser().parse_intermixed_args(  # HTTP port 0: the server picks and reports one
-        ["--host", HOST, "--http-port", "0", "--grpc-port", "0", "--slots", "2", "scan_layers=false"]
+        ["--host", HOST, "--http-port", "0", "--grpc-port", "0", *argv]
     )
     out = io.StringIO()
     progress = cli.Progress(stream=out)
@@ -116,19 +119,47 @@ def test_serve_reports_progress_and_is_live_only_after_warmup():
     server.start()
     try:
         wait_until(lambda: "HTTP on" in out.getvalue(), 20, what="HTTP server up")
-        url = "http://" + re.search(r"HTTP on (\S+)", out.getvalue()).group(1)
-        health = httpx.get(url + "/healthcheck", timeout=5)
-        assert health.status_code == 500  # warming up
-        engine.warmup_gate.set()
-        wait_until(lambda: httpx.get(url + "/healthcheck", timeout=5).status_code == 200, 20, what="live")
-        r = httpx.post(url + "/generate", json={"prompt": "hey", "max_tokens": 4}, timeout=10)
-        assert r.json() == {"response": "heyh"}
+        yield "http://" + re.search(r"HTTP on (\S+)", out.getvalue()).group(1), out
     finally:
-        engine.warmup_gate.set()
         stop.set()
         server.join(timeout=20)
     assert not server.is_alive()
+
+
+def test_serve_reports_progress_and_is_live_only_after_warmup():
+    engine = GatedWarmupEngine(slots=2, max_prefill_length=16, max_target_length=32)
+    with serving(["--slots", "2", "scan_layers=false"], engine) as (url, out):
+        try:
+            health = httpx.get(url + "/healthcheck", timeout=5)
+            assert health.status_code == 500  # warming up
+            engine.warmup_gate.set()
+            wait_until(lambda: httpx.get(url + "/healthcheck", timeout=5).status_code == 200, 20, what="live")
+            r = httpx.post(url + "/generate", json={"prompt": "hey", "max_tokens": 4}, timeout=10)
+            assert r.json() == {"response": "heyh"}
+        finally:
+            engine.warmup_gate.set()
     log = out.getvalue()
     assert "ignored settings (not applicable here): scan_layers" in log
     assert "params: 0 bytes" in log and "ready: curl" in log and "shutting down" in log
     assert log.count("ignored settings") == 1
+
+
+def test_the_start_up_log_says_a_key_is_required_and_never_shows_it(caplog):
+    key, origin = "start-up-log-key-0123", "https://chat.example.com"
+    argv = ["--no-warmup", "--api-key", key, "--allowed-origins", f"{origin}, *"]
+    assert cli.build_parser().parse_intermixed_args(argv).allowed_origins == (origin, "*")
+    assert key not in repr(cli.build_parser().parse_intermixed_args(argv))
+    with serving(argv, EchoEngine(slots=2, max_prefill_length=16, max_target_length=32)) as (url, out):
+        wait_until(lambda: "ready" in out.getvalue(), 20, what="server ready")
+        body = {"prompt": "hey", "max_tokens": 2}
+        assert httpx.post(url + "/generate", json=body, timeout=10).status_code == 401
+        authorized = httpx.post(url + "/generate", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=10)
+        assert authorized.json() == {"response": "he"}
+    assert "API key required" in out.getvalue() and origin in out.getvalue()
+    assert key not in out.getvalue() and key not in caplog.text
+
+
+def test_an_empty_api_key_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_intermixed_args(["--api-key", "  "])
+    assert "must not be empty" in capsys.readouterr().err

@@ -159,7 +159,8 @@ def test_openai_chat_stream_with_usage(fake_server):
 @pytest.mark.parametrize(
     "path,body,param",
     [
-        ("/v1/completions", {"prompt": "a", "n": 2}, "n"),
+        ("/v1/completions", {"prompt": "a", "n": 5}, "n"),  # more choices than the 4 slots
+        ("/v1/completions", {"prompt": "a", "best_of": 2}, "best_of"),
         ("/v1/completions", {"prompt": "a", "max_tokens": -2}, "max_tokens"),
         ("/v1/completions", {"max_tokens": 2}, "prompt"),
         ("/v1/chat/completions", {"messages": []}, "messages"),

@@ -95,7 +95,7 @@ def test_stop_string_completes_the_request_and_frees_its_slot(slow_server):
     ends it after a few steps, it counts as a success, and the slot is free well before."""
     orch = slow_server.orchestrator
     succeeded = success_count(slow_server)
-    body = {"prompt": "abcd", "max_tokens": orch.max_tokens_limit, "stop": "da"}
+    body = {"prompt": "abcd", "max_tokens": orch.context_length - len("abcd"), "stop": "da"}
     r = httpx.post(slow_server.http_url + "/v1/completions", json=body, timeout=5)
     assert r.json()["choices"][0]["text"] == "abc"
     wait_until(lambda: orch.slots_used == 0, timeout_s=3, what="slot freed")
@@ -182,7 +182,8 @@ def test_generate_stays_strict(fake_server):
 @pytest.mark.parametrize(
     "path,fields,param,says",
     [
-        ("/v1/completions", {"n": 2}, "n", "only n=1"),
+        ("/v1/completions", {"n": 5}, "n", "between 1 and 4"),  # the fake server has 4 slots
+        ("/v1/completions", {"n": 0}, "n", "between 1 and 4"),
         ("/v1/completions", {"logprobs": 0}, "logprobs", "not supported"),
         ("/v1/completions", {"logprobs": 5}, "logprobs", "not supported"),
         ("/v1/chat/completions", {"logprobs": True}, "logprobs", "not supported"),

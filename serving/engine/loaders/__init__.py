@@ -33,7 +33,9 @@ class Loader:
 
 
 def _is_random_preset(settings) -> bool:
-    return settings.model_name.startswith("tiny") and not settings.load_parameters_path
+    """Exactly a tiny preset's name (`tiny`, `tiny-untied`); any other model_name is informational."""
+    name = settings.model_name
+    return name in PRESETS and name.startswith("tiny") and not settings.load_parameters_path
 
 
 def _load_random(settings) -> LoadResult:
