@@ -70,6 +70,14 @@ class NodePoolSpec:
     tpu_chips_per_node: int  # google.com/tpu per node; 0 on CPU pools
     tpu_accelerator: str | None = None  # cloud.google.com/gke-tpu-accelerator of TPU pools
     autoscaling: NodeRange | None = None  # None: a fixed size of node_count; else created with node_count (0) nodes
+    replica: int = 0  # the LeaderWorkerSet replica whose group the pool hosts (TPU pools)
+    former_names: tuple[str, ...] = ()  # GKE names the pool may have had under another slice (`former_pool_names`)
+
+    @property
+    def resource_key(self) -> str:
+        """The pool's stable part of its Pulumi resource name: role and replica, never the slice, so a
+        topology change is an update of the same resource (a replace, old slice first), not a rename."""
+        return f"{self.role}-r{self.replica}" if self.replica else self.role
 
 
 def upgrades_automatically(multi_host: bool, release_channel: str | None) -> bool | None:
@@ -81,10 +89,19 @@ def upgrades_automatically(multi_host: bool, release_channel: str | None) -> boo
     return None if release_channel is None else release_channel != NO_RELEASE_CHANNEL
 
 
-def node_pool_name(cfg: StackConfig, role: str, replica: int = 0) -> str:
-    """GKE node pool name of one slice, e.g. v6e-16-serving-<stack>, v6e-16-serving-r1-<stack>."""
+def node_pool_name(cfg: StackConfig, role: str, replica: int = 0, slice_name: str | None = None) -> str:
+    """GKE node pool name of one slice, e.g. v6e-16-serving-<stack>, v6e-16-serving-r1-<stack>
+    (of the stack's slice, or of `slice_name`)."""
     replica_part = f"-r{replica}" if replica else ""
-    return stack_scoped_name(f"{cfg.tpu_slice.name}-{role}{replica_part}", cfg.stack, NODE_POOL_NAME_LIMIT)
+    return stack_scoped_name(f"{slice_name or cfg.tpu_slice.name}-{role}{replica_part}", cfg.stack, NODE_POOL_NAME_LIMIT)
+
+
+def former_pool_names(cfg: StackConfig, role: str, replica: int) -> tuple[str, ...]:
+    """Every GKE name the pool of this role and replica had under any catalog slice: the
+    Pulumi resources of pools deployed before the names became stable were named after them,
+    and the pool's aliases carry them over whatever slice they ran."""
+    slice_names = dict.fromkeys(row.name for row in tpu.SLICES)
+    return tuple(node_pool_name(cfg, role, replica, slice_name) for slice_name in slice_names)
 
 
 def tpu_node_pools(cfg: StackConfig) -> tuple[NodePoolSpec, ...]:
@@ -107,6 +124,8 @@ def tpu_node_pools(cfg: StackConfig) -> tuple[NodePoolSpec, ...]:
             tpu_chips_per_node=row.chips_per_host,
             tpu_accelerator=tpu.ACCELERATOR_LABEL,
             autoscaling=pool.autoscaling,
+            replica=pool.replica,
+            former_names=former_pool_names(cfg, pool.role, pool.replica),
         )
         for pool in slice_pools(cfg.scaling, roles=cfg.slice_roles, hosts_per_slice=row.hosts)
     )
@@ -123,6 +142,7 @@ LIVE_RELEASE_CHANNEL = "the cluster's release channel decides at deploy time"
 def node_pool_summary(spec: NodePoolSpec) -> dict:
     """The spec as plain data for the plan output; `autoscaling` only on autoscaled pools."""
     summary = dataclasses.asdict(spec)
+    del summary["former_names"]  # Pulumi aliases, not part of the pool
     if spec.autoscaling is None:
         del summary["autoscaling"]
     if spec.auto_upgrade is None:

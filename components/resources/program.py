@@ -24,9 +24,10 @@ from __future__ import annotations
 from typing import Any
 
 import pulumi
+import pulumi.runtime.config
 
 from components.core import manifests, scheduling
-from components.core.config import (BUNDLED_IMAGE_TAG, CONFIG_KEYS, PLATFORM_OUTPUTS, PROJECT, PlatformConfig, StackConfig,
+from components.core.config import (BUNDLED_IMAGE_TAG, PLATFORM_OUTPUTS, PROJECT, PlatformConfig, StackConfig,
                                     parse_stack_config)
 from components.core.errors import ConfigError
 from components.core.node_pools import NodePoolSpec, system_node_pool, tpu_node_pools
@@ -47,10 +48,12 @@ TPU_HOST_PLATFORM = "linux/amd64"  # TPU v6e hosts are x86-64 VMs
 
 
 def project_config_values() -> dict[str, str]:
-    """This project's config values, by key. Pulumi's CLI refuses keys Pulumi.yaml does not
-    declare and fills in the declared defaults before the program runs."""
-    config = pulumi.Config(PROJECT)
-    return {key.name: value for key in CONFIG_KEYS if (value := config.get(key.name)) is not None}
+    """Every value of this project's namespace the program was given, declared or not, by key.
+    The CLI no longer refuses keys Pulumi.yaml does not declare, so reading only the declared
+    ones would let a typo fall back to the default; parse_stack_config refuses unknown keys."""
+    given = {**pulumi.runtime.config.get_config_env(), **pulumi.runtime.config.CONFIG.get()}
+    prefix = f"{PROJECT}:"
+    return {name.removeprefix(prefix): str(value) for name, value in given.items() if name.startswith(prefix)}
 
 
 def load() -> tuple[StackConfig | PlatformConfig, Plan | None]:
@@ -164,6 +167,8 @@ def _owned_cluster_args(cfg: StackConfig | PlatformConfig, node_service_account:
         system_pool=system_node_pool(cfg),
         tpu_pools=tpu_pools,
         node_service_account=node_service_account,
+        private_endpoint=cfg.private_endpoint,
+        authorized_networks=cfg.authorized_networks,
     )
 
 
@@ -171,7 +176,8 @@ def _lws_controller(cfg: StackConfig | PlatformConfig, provider: pulumi.Provider
     """The cluster-wide LWS controller, where this stack installs it (installLwsController)."""
     if not cfg.install_lws_controller:
         return []
-    return [LeaderWorkerSetController("lws", LeaderWorkerSetControllerArgs(version=cfg.lws_version), pulumi.ResourceOptions(provider=provider))]
+    return [LeaderWorkerSetController("lws", LeaderWorkerSetControllerArgs(version=cfg.lws_version, keep_on_destroy=cfg.keep_lws_controller),
+                                      pulumi.ResourceOptions(provider=provider))]
 
 
 def _metrics_adapter(cfg: StackConfig | PlatformConfig, cluster: GkeCluster) -> MetricsAdapter:
