@@ -15,7 +15,7 @@ from components.core import config as stack_config
 from components.core.errors import ConfigError
 from components.resources import lws_controller
 
-from pulumi_harness import GCP_PROJECT, qualified, run_stack, stack_file_config
+from pulumi_harness import GCP_PROJECT, ROOT, qualified, run_stack, stack_file_config
 from stack_helpers import config
 
 CLUSTER = "gcp:container/cluster:Cluster"
@@ -170,3 +170,83 @@ def test_a_serving_stack_leaves_the_control_plane_to_its_platform():
     values = {key.split(":", 1)[1]: value for key, value in raw.items() if key.startswith(f"{stack_config.PROJECT}:")}
     with pytest.raises(ConfigError, match="authorizedNetworks is set, but a role=serving stack does not use it"):
         stack_config.parse_stack_config(values, project=GCP_PROJECT, stack="dev")
+
+
+# --- the updates table (docs/stack/updates.md) ---------------------------------------------------
+
+UPDATES_DOC = ROOT / "docs" / "stack" / "updates.md"
+UPDATES_BASE = "llama3-405b-v6e16"
+LWS = "kubernetes:leaderworkerset.x-k8s.io/v1:LeaderWorkerSet"
+POOLS_REPLACED = "replaced, each old slice deleted before its successor is created"
+POOLS_ADDED = "one pool added per new replica; running slices untouched"
+POOLS_IN_PLACE = "updated in place"
+FREED_SLICE = "updated in place (the freed slice is left to the cluster autoscaler)"
+ROLLING = "rolling update: every group's pods are recreated"
+LWS_REPLACED = "deleted and created again: every pod restarts"
+UNTOUCHED = "untouched"
+
+
+def _path(values: dict, dotted: str):
+    for key in dotted.split("."):
+        values = (values or {}).get(key)
+    return values
+
+
+def pools_effect(before, after) -> str:
+    old, new = _pools_by_urn(before), _pools_by_urn(after)
+    if any(replaced_by(old[urn], new[urn]) for urn in set(old) & set(new)):
+        return POOLS_REPLACED
+    if set(new) - set(old):
+        return POOLS_ADDED
+    changed = any(old[urn].inputs != new[urn].inputs for urn in set(old) & set(new))
+    if changed and set(old) == set(new) and any("autoscaling" in new[urn].inputs and "autoscaling" not in old[urn].inputs for urn in new):
+        return FREED_SLICE
+    return POOLS_IN_PLACE if changed else UNTOUCHED
+
+
+def lws_effect(before, after) -> str:
+    old, new = before.one(LWS), after.one(LWS)
+    if any(_path(old.inputs, path) != _path(new.inputs, path) for path in new.replace_on_changes):
+        return LWS_REPLACED
+    if _path(old.inputs, "spec.leaderWorkerTemplate") != _path(new.inputs, "spec.leaderWorkerTemplate"):
+        return ROLLING
+    replicas = (_path(old.inputs, "spec.replicas"), _path(new.inputs, "spec.replicas"))
+    if replicas[0] != replicas[1]:
+        return "groups added; running groups untouched" if replicas[1] > replicas[0] else "groups removed; the other groups untouched"
+    return UNTOUCHED
+
+
+def cluster_effect(before, after) -> str:
+    old, new = before.one(CLUSTER), after.one(CLUSTER)
+    assert old.urn == new.urn
+    return POOLS_IN_PLACE if old.inputs != new.inputs else UNTOUCHED
+
+
+def _settings(cell: str) -> dict[str, str]:
+    """`key=value key=value` as the table writes it; an elided image (…) is the default image's repository."""
+    settings = dict(item.split("=", 1) for item in cell.strip("` ").split())
+    return {key: value.replace("…", stack_config.DEFAULT_IMAGES[key].rsplit(":", 1)[0]) if "…" in value else value
+            for key, value in settings.items()}
+
+
+def update_rows() -> list[tuple[str, dict, dict, tuple[str, str, str]]]:
+    rows = [line.strip("|").split("|") for line in UPDATES_DOC.read_text().splitlines() if line.startswith("| ")]
+    parsed = []
+    for cells in rows[1:]:  # the header
+        change, example, pools, lws, cluster = (cell.strip() for cell in cells)
+        before, after = example.split("→")
+        parsed.append((change, _settings(before), _settings(after), (pools, lws, cluster)))
+    return parsed
+
+
+@pytest.mark.parametrize(("change", "before", "after", "documented"), update_rows(), ids=[row[0] for row in update_rows()])
+def test_the_updates_table_says_what_the_program_does(change, before, after, documented):
+    base = stack_file_config(UPDATES_BASE)
+    first = run_stack({**base, **qualified(before)}, UPDATES_BASE)
+    second = run_stack({**base, **qualified(after)}, UPDATES_BASE)
+    assert (pools_effect(first, second), lws_effect(first, second), cluster_effect(first, second)) == documented
+
+
+def test_the_updates_table_covers_the_kinds_of_change_the_stack_has():
+    effects = {effect for *_, documented in update_rows() for effect in documented}
+    assert {POOLS_REPLACED, POOLS_ADDED, FREED_SLICE, ROLLING, UNTOUCHED, POOLS_IN_PLACE} <= effects
