@@ -27,6 +27,7 @@ from components.core.node_pools import NO_RELEASE_CHANNEL, WORKLOAD_IDENTITY, No
 from components.resources.options import child_after
 
 CLOUD_PLATFORM_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
+GKE_TAINT_EFFECTS = {"NoSchedule": "NO_SCHEDULE", "PreferNoSchedule": "PREFER_NO_SCHEDULE", "NoExecute": "NO_EXECUTE"}
 
 
 def kubeconfig(cluster_name: str, endpoint: str, ca_certificate: str) -> str:
@@ -118,6 +119,8 @@ def node_pool_args(spec: NodePoolSpec, args: GkeClusterArgs, cluster: pulumi.Inp
             oauth_scopes=[CLOUD_PLATFORM_SCOPE],
             workload_metadata_config=gcp.container.NodePoolNodeConfigWorkloadMetadataConfigArgs(mode=spec.workload_metadata),
             labels=dict(spec.labels) or None,
+            taints=[gcp.container.NodePoolNodeConfigTaintArgs(key=taint["key"], value=taint["value"], effect=GKE_TAINT_EFFECTS[taint["effect"]])
+                    for taint in spec.taints] or None,
         ),
     )
 

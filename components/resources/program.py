@@ -11,7 +11,7 @@ role=all (one stack):
   controller, the TPU node pools, the identity and, with serverRuntime=bundled and no image, the
   server image the stack builds -> with autoscaling, the metrics adapter (only on a cluster the
   stack creates; its Workload Identity binding waits for the cluster too), the PodMonitoring and
-  the HPA of the LeaderWorkerSet.
+  the HPA of the LeaderWorkerSet; the admission policy that reserves the stack's TPU nodes to its namespace.
 role=platform: node identity -> cluster and system pool -> LWS controller and metrics adapter
   (cluster-wide, shared by the serving stacks); exports exactly PLATFORM_OUTPUTS.
 role=serving: the platform's outputs (PlatformReference) and the stack's own node identity ->
@@ -26,12 +26,13 @@ from typing import Any
 import pulumi
 import pulumi.runtime.config
 
-from components.core import manifests, scheduling
+from components.core import admission, manifests, scheduling
 from components.core.config import (BUNDLED_IMAGE_TAG, PLATFORM_OUTPUTS, PROJECT, PlatformConfig, StackConfig,
                                     parse_stack_config)
 from components.core.errors import ConfigError
 from components.core.node_pools import NodePoolSpec, system_node_pool, tpu_node_pools
 from components.core.planner import Plan, plan_deployment
+from components.resources.admission import StackIsolation, StackIsolationArgs
 from components.resources.autoscaling import LeaderWorkerSetAutoscaler, LeaderWorkerSetAutoscalerArgs, MetricsAdapter, MetricsAdapterArgs
 from components.resources.gke import ATTACH, CREATE, LOOKUP, GkeCluster, GkeClusterArgs
 from components.resources.identity import NodeIdentity, NodeIdentityArgs, ServingIdentity, ServingIdentityArgs
@@ -90,6 +91,9 @@ def build_platform(cfg: PlatformConfig) -> dict[str, Any]:
 def build_serving(cfg: StackConfig, plan: Plan) -> dict[str, Any]:
     """The model server, on a cluster of its own (role=all) or the platform's (role=serving)."""
     cluster, node_service_account = _cluster(cfg)
+    # Only this stack's namespace may use its TPU nodes (components/core/admission.py).
+    StackIsolation("isolation", StackIsolationArgs(policy=admission.isolation_policy(cfg), binding=admission.isolation_binding(cfg)),
+                   pulumi.ResourceOptions(provider=cluster.provider))
     # The Workload Identity binding needs the pool, which exists once a cluster with Workload Identity does.
     needs_pool = cfg.pods_use_workload_identity and cluster.cluster is not None
     identity = ServingIdentity("identity", _identity_args(cfg, node_service_account),

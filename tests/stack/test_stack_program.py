@@ -47,14 +47,16 @@ EXPECTED_PARENTS = {
     "kubernetes:core/v1:ServiceAccount": "jetstream:serving:JetStreamServer",
     LWS: "jetstream:serving:JetStreamServer",
     SERVICE: "jetstream:serving:JetStreamServer",
+    "kubernetes:admissionregistration.k8s.io/v1:ValidatingAdmissionPolicy": "jetstream:admission:StackIsolation",
+    "kubernetes:admissionregistration.k8s.io/v1:ValidatingAdmissionPolicyBinding": "jetstream:admission:StackIsolation",
 }
 STACK_REFERENCE_OWNER = "jetstream:platform:PlatformReference"
 COMPONENTS = {  # per role; plus SCALING_COMPONENTS where maxReplicas > replicas
-    "all": ("jetstream:iam:NodeIdentity", "jetstream:gke:GkeCluster", "jetstream:iam:ServingIdentity",
+    "all": ("jetstream:iam:NodeIdentity", "jetstream:gke:GkeCluster", "jetstream:admission:StackIsolation", "jetstream:iam:ServingIdentity",
             "jetstream:lws:LeaderWorkerSetController", "jetstream:serving:JetStreamServer"),
     "platform": ("jetstream:iam:NodeIdentity", "jetstream:gke:GkeCluster", "jetstream:lws:LeaderWorkerSetController", ADAPTER),
-    "serving": (STACK_REFERENCE_OWNER, "jetstream:iam:NodeIdentity", "jetstream:gke:GkeCluster", "jetstream:iam:ServingIdentity",
-                "jetstream:serving:JetStreamServer"),
+    "serving": (STACK_REFERENCE_OWNER, "jetstream:iam:NodeIdentity", "jetstream:gke:GkeCluster", "jetstream:admission:StackIsolation",
+                "jetstream:iam:ServingIdentity", "jetstream:serving:JetStreamServer"),
 }
 SCALING_COMPONENTS = (ADAPTER, AUTOSCALER)
 MINIMAL = {"model": "llama3.1-8b", "topology": "2x2", "checkpointPath": "gs://test-checkpoints/m/0/items"}
