@@ -176,11 +176,12 @@ def is_service(resource: Resource) -> bool:
 def check_load_balancer_internal(resource: Resource) -> list[str]:
     key, value = INTERNAL_LB_ANNOTATION
     annotations = _get(resource.props, "metadata", "annotations")
-    internal = any(_get(annotations, name) == wanted for name, wanted in (INTERNAL_LB_ANNOTATION, LEGACY_INTERNAL_LB_ANNOTATION))
+    internal = any(_get(annotations, name) == wanted
+                   for name, wanted in (INTERNAL_LB_ANNOTATION, LEGACY_INTERNAL_LB_ANNOTATION))
     if _get(resource.props, "spec", "type") != "LoadBalancer" or internal:
         return []
-    return [f"is a LoadBalancer without the annotation {key}: {value!r}, so GKE would give it a public IP; "
-            f"add the annotation (internal passthrough load balancer) or use ClusterIP"]
+    return [(f"is a LoadBalancer without the annotation {key}: {value!r}, so GKE would give it a public IP; "
+             f"add the annotation (internal passthrough load balancer) or use ClusterIP")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,7 +270,8 @@ def is_tpu_node_pool(resource: Resource) -> bool:
 # GKE joins VMs of 4 chips into multi-host slices (ct5lp-hightpu-4t, ct5p-hightpu-4t, ct6e-standard-4t,
 # tpu7x-standard-4t); VMs of 1 or 8 chips are single-host slices only.
 MULTI_HOST_CHIPS_PER_VM = 4
-NODE_COUNT_PATHS = (("nodeCount",), ("initialNodeCount",), ("autoscaling", "maxNodeCount"), ("autoscaling", "totalMaxNodeCount"))
+NODE_COUNT_PATHS = (("nodeCount",), ("initialNodeCount",),
+                    ("autoscaling", "maxNodeCount"), ("autoscaling", "totalMaxNodeCount"))
 
 
 def _most_nodes(resource: Resource) -> int:
@@ -288,9 +290,9 @@ def check_multi_host_tpu_placement(resource: Resource) -> list[str]:
     if chips_per_vm != MULTI_HOST_CHIPS_PER_VM or nodes <= 1 or _get(resource.props, "placementPolicy", "tpuTopology"):
         return []
     machine_type = _get(resource.props, "nodeConfig", "machineType")
-    return [f"has up to {nodes} VMs of the multi-host machine type {machine_type} and no placementPolicy.tpuTopology, so GKE "
-            f"makes {nodes} single-host slices of {chips_per_vm} chips instead of one slice; set placementPolicy "
-            f"{{type: COMPACT, tpuTopology: <the slice's topology, e.g. 4x4>}}"]
+    return [(f"has up to {nodes} VMs of the multi-host machine type {machine_type} and no "
+             f"placementPolicy.tpuTopology, so GKE makes {nodes} single-host slices of {chips_per_vm} chips instead of one slice; set placementPolicy "
+             f"{{type: COMPACT, tpuTopology: <the slice's topology, e.g. 4x4>}}")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,7 +348,8 @@ class Rule:
 
 RULES: tuple[Rule, ...] = (
     Rule("container-images-pinned",
-         "Container images are pinned by a version tag or a digest, never untagged or a moving tag (:latest, :main, :stable).",
+         "Container images are pinned by a version tag or a digest, "
+         "never untagged or a moving tag (:latest, :main, :stable).",
          is_workload, check_images_pinned),
     Rule("no-primitive-iam-roles",
          "No IAM grant of the primitive roles owner, editor or viewer.",
@@ -355,7 +358,8 @@ RULES: tuple[Rule, ...] = (
          "No IAM grant to allUsers or allAuthenticatedUsers.",
          is_iam_grant, check_no_public_members),
     Rule("load-balancers-internal",
-         "A Service of type LoadBalancer carries GKE's internal load-balancer annotation (or its legacy cloud.google.com form).",
+         "A Service of type LoadBalancer carries GKE's internal load-balancer annotation "
+         "(or its legacy cloud.google.com form).",
          is_service, check_load_balancer_internal),
     Rule("prod-cluster-deletion-protection",
          "GKE clusters keep deletion protection in production stacks: names starting with a configured prefix "
@@ -365,7 +369,8 @@ RULES: tuple[Rule, ...] = (
          "GKE nodes do not run as the Compute Engine default service account.",
          creates_nodes, check_node_pool_service_account),
     Rule("multi-host-tpu-compact-placement",
-         "A TPU node pool of several multi-host-capable VMs declares its slice's tpuTopology (else each VM is its own slice).",
+         "A TPU node pool of several multi-host-capable VMs declares its slice's tpuTopology "
+         "(else each VM is its own slice).",
          is_tpu_node_pool, check_multi_host_tpu_placement),
     Rule("lws-serving-startup-probe",
          "LeaderWorkerSet containers that serve have a startup probe.",

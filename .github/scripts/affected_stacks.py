@@ -63,7 +63,8 @@ NO_COMMIT = "0" * 40  # github.event.before of a push that created the branch
 def known_commit(sha: str, root: pathlib.Path = ROOT) -> bool:
     if not sha or sha == NO_COMMIT:
         return False
-    return subprocess.run(["git", "cat-file", "-e", f"{sha}^{{commit}}"], cwd=root, capture_output=True, check=False).returncode == 0
+    found = subprocess.run(["git", "cat-file", "-e", f"{sha}^{{commit}}"], cwd=root, capture_output=True, check=False)
+    return found.returncode == 0
 
 
 def pushed_stacks(before: str, present: list[str], root: pathlib.Path = ROOT) -> list[str]:

@@ -39,41 +39,55 @@ def _quoted(text: str) -> str:
     return f"'{text}'"
 
 
+REQUIRED_NODE_TERMS = "object.spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
+
+
 def _validations(cfg: StackConfig) -> list[dict[str, str]]:
     key, value, label = _quoted(STACK_TAINT_KEY), _quoted(cfg.deployment_id), _quoted(DEPLOYMENT_LABEL)
     tolerates_taint = (f"variables.tolerations.exists(t, has(t.key) && t.key == {key} && "
                        f"((has(t.operator) && t.operator == 'Exists') || (has(t.value) && t.value == {value})))")
-    tolerates_all = "variables.tolerations.exists(t, (!has(t.key) || t.key == '') && has(t.operator) && t.operator == 'Exists')"
-    selects = f"has(object.spec.nodeSelector) && {label} in object.spec.nodeSelector && object.spec.nodeSelector[{label}] == {value}"
+    tolerates_all = ("variables.tolerations.exists(t, (!has(t.key) || t.key == '') && "
+                     "has(t.operator) && t.operator == 'Exists')")
+    selects = (f"has(object.spec.nodeSelector) && {label} in object.spec.nodeSelector && "
+               f"object.spec.nodeSelector[{label}] == {value}")
     affinity = ("has(object.spec.affinity) && has(object.spec.affinity.nodeAffinity) && "
-                "has(object.spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution) && "
-                "object.spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms.exists(term, "
-                f"has(term.matchExpressions) && term.matchExpressions.exists(e, e.key == {label} && has(e.values) && {value} in e.values))")
+                f"has({REQUIRED_NODE_TERMS}) && {REQUIRED_NODE_TERMS}.nodeSelectorTerms.exists(term, "
+                "has(term.matchExpressions) && term.matchExpressions.exists(e, "
+                f"e.key == {label} && has(e.values) && {value} in e.values))")
     owner = f"the TPU nodes of stack {cfg.stack} are reserved to namespace {cfg.namespace}"
     return [
-        {"expression": f"!({tolerates_taint})", "message": f"{owner}: no other pod may tolerate the taint {STACK_TAINT_KEY}={cfg.deployment_id}"},
+        {"expression": f"!({tolerates_taint})",
+         "message": f"{owner}: no other pod may tolerate the taint {STACK_TAINT_KEY}={cfg.deployment_id}"},
         {"expression": f"!({tolerates_all})", "message": f"{owner}: a pod outside it may not tolerate every taint"},
-        {"expression": f"!({selects}) && !({affinity})", "message": f"{owner}: no other pod may select {DEPLOYMENT_LABEL}={cfg.deployment_id}"},
+        {"expression": f"!({selects}) && !({affinity})",
+         "message": f"{owner}: no other pod may select {DEPLOYMENT_LABEL}={cfg.deployment_id}"},
+    ]
+
+
+def _match_conditions(cfg: StackConfig) -> list[dict[str, str]]:
+    """Pods of the stack's own namespace and of the cluster's own namespaces are not judged."""
+    system = ", ".join(_quoted(name) for name in SYSTEM_NAMESPACES)
+    return [
+        {"name": "outside-the-stacks-namespace", "expression": f"request.namespace != {_quoted(cfg.namespace)}"},
+        {"name": "outside-the-clusters-own-namespaces",
+         "expression": (f"!(request.namespace in [{system}] || "
+                        f"request.namespace.startsWith({_quoted(SYSTEM_NAMESPACE_PREFIX)}))")},
     ]
 
 
 def isolation_policy(cfg: StackConfig) -> dict[str, Any]:
     """The ValidatingAdmissionPolicy guarding the stack's TPU nodes."""
-    system = ", ".join(_quoted(name) for name in SYSTEM_NAMESPACES)
+    pods = {"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE"], "resources": ["pods"]}
     return {
         "apiVersion": API_VERSION,
         "kind": "ValidatingAdmissionPolicy",
         "metadata": {"name": policy_name(cfg)},
         "spec": {
             "failurePolicy": "Fail",
-            "matchConstraints": {"resourceRules": [
-                {"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE"], "resources": ["pods"]}]},
-            "matchConditions": [
-                {"name": "outside-the-stacks-namespace", "expression": f"request.namespace != {_quoted(cfg.namespace)}"},
-                {"name": "outside-the-clusters-own-namespaces",
-                 "expression": f"!(request.namespace in [{system}] || request.namespace.startsWith({_quoted(SYSTEM_NAMESPACE_PREFIX)}))"},
-            ],
-            "variables": [{"name": "tolerations", "expression": "has(object.spec.tolerations) ? object.spec.tolerations : []"}],
+            "matchConstraints": {"resourceRules": [pods]},
+            "matchConditions": _match_conditions(cfg),
+            "variables": [{"name": "tolerations",
+                           "expression": "has(object.spec.tolerations) ? object.spec.tolerations : []"}],
             "validations": _validations(cfg),
         },
     }

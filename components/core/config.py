@@ -255,7 +255,7 @@ class StackConfig:
     service_name: str
     namespace: str
     lws_version: str
-    install_lws_controller: bool  # installLwsController: auto on a cluster the stack creates, always on any but a platform's
+    install_lws_controller: bool  # installLwsController: auto on a cluster the stack creates, always on any
     keep_lws_controller: bool  # installed into an existing cluster: kept when the stack is destroyed
     private_endpoint: bool  # privateEndpoint of a cluster the stack creates
     authorized_networks: tuple[str, ...]  # authorizedNetworks of a cluster the stack creates
@@ -627,8 +627,9 @@ def _install_lws_controller(raw: Mapping[str, str], role: str, creates_cluster: 
                           "pulumi config set installLwsController never (was false) or auto (was true)")
     choice = _choice(raw, "installLwsController", LWS_INSTALLS)
     if role == SERVING and choice == LWS_ALWAYS:
-        raise ConfigError(("installLwsController", "role"), "a role=serving stack never installs the LWS controller: its platform stack does",
-                          "pulumi config set installLwsController auto (or never) here, and install it from the platform stack")
+        raise ConfigError(("installLwsController", "role"),
+                          "a role=serving stack never installs the LWS controller: its platform stack does",
+                          "pulumi config set installLwsController auto (or never) here; the platform stack installs it")
     install = choice == LWS_ALWAYS or choice == LWS_AUTO and creates_cluster
     return {"install_lws_controller": install, "keep_lws_controller": install and not creates_cluster}
 
@@ -728,7 +729,9 @@ def _control_plane_access(raw: Mapping[str, str], existing: bool) -> dict:
     access = {"private_endpoint": _boolean(raw, "privateEndpoint"), "authorized_networks": _authorized_networks(raw)}
     if existing and (access["private_endpoint"] or access["authorized_networks"]):
         key = "privateEndpoint" if access["private_endpoint"] else "authorizedNetworks"
-        raise ConfigError((key, "existingClusterName"), f"{key} shapes the control plane of a cluster the stack creates, not of {_text(raw, 'existingClusterName')!r}",
+        existing_name = _text(raw, "existingClusterName")
+        raise ConfigError((key, "existingClusterName"),
+                          f"{key} shapes the control plane of a cluster the stack creates, not of {existing_name!r}",
                           "set it on the existing cluster with gcloud container clusters update, and remove it here")
     return access
 

@@ -111,7 +111,8 @@ def node_pool_name(cfg: StackConfig, role: str, replica: int = 0, slice_name: st
     """GKE node pool name of one slice, e.g. v6e-16-serving-<stack>, v6e-16-serving-r1-<stack>
     (of the stack's slice, or of `slice_name`)."""
     replica_part = f"-r{replica}" if replica else ""
-    return stack_scoped_name(f"{slice_name or cfg.tpu_slice.name}-{role}{replica_part}", cfg.stack, NODE_POOL_NAME_LIMIT)
+    prefix = f"{slice_name or cfg.tpu_slice.name}-{role}{replica_part}"
+    return stack_scoped_name(prefix, cfg.stack, NODE_POOL_NAME_LIMIT)
 
 
 def former_pool_names(cfg: StackConfig, role: str, replica: int) -> tuple[str, ...]:

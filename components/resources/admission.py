@@ -27,10 +27,12 @@ class StackIsolation(pulumi.ComponentResource):
     def __init__(self, name: str, args: StackIsolationArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("jetstream:admission:StackIsolation", name, None, opts)
         child = child_after(self, opts)
-        self.policy = k8s.admissionregistration.v1.ValidatingAdmissionPolicy(
-            f"{name}-policy", metadata=k8s.meta.v1.ObjectMetaArgs(**args.policy["metadata"]), spec=args.policy["spec"], opts=child)
+        admission = k8s.admissionregistration.v1
+        self.policy = admission.ValidatingAdmissionPolicy(
+            f"{name}-policy", metadata=k8s.meta.v1.ObjectMetaArgs(**args.policy["metadata"]),
+            spec=args.policy["spec"], opts=child)
         # The binding names the policy: it is created after it and deleted before it.
-        self.binding = k8s.admissionregistration.v1.ValidatingAdmissionPolicyBinding(
-            f"{name}-binding", metadata=k8s.meta.v1.ObjectMetaArgs(**args.binding["metadata"]), spec=args.binding["spec"],
-            opts=pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=[self.policy])))
+        self.binding = admission.ValidatingAdmissionPolicyBinding(
+            f"{name}-binding", metadata=k8s.meta.v1.ObjectMetaArgs(**args.binding["metadata"]),
+            spec=args.binding["spec"], opts=pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=[self.policy])))
         self.register_outputs({"policyName": args.policy["metadata"]["name"]})

@@ -119,7 +119,8 @@ def node_pool_args(spec: NodePoolSpec, args: GkeClusterArgs, cluster: pulumi.Inp
             oauth_scopes=[CLOUD_PLATFORM_SCOPE],
             workload_metadata_config=gcp.container.NodePoolNodeConfigWorkloadMetadataConfigArgs(mode=spec.workload_metadata),
             labels=dict(spec.labels) or None,
-            taints=[gcp.container.NodePoolNodeConfigTaintArgs(key=taint["key"], value=taint["value"], effect=GKE_TAINT_EFFECTS[taint["effect"]])
+            taints=[gcp.container.NodePoolNodeConfigTaintArgs(key=taint["key"], value=taint["value"],
+                                                              effect=GKE_TAINT_EFFECTS[taint["effect"]])
                     for taint in spec.taints] or None,
         ),
     )
@@ -193,7 +194,8 @@ class GkeCluster(pulumi.ComponentResource):
                 self.endpoint = found.endpoint
                 ca_certificate = found.master_auths.apply(lambda auths: auths[0].cluster_ca_certificate)
         self.tpu_node_pools = [
-            gcp.container.NodePool(f"{name}-{spec.resource_key}", node_pool_args(spec, args, self.cluster_name, pools_location, release_channel),
+            gcp.container.NodePool(f"{name}-{spec.resource_key}",
+                                   node_pool_args(spec, args, self.cluster_name, pools_location, release_channel),
                                    opts=pulumi.ResourceOptions.merge(child, tpu_pool_options(name, spec)))
             for spec in args.tpu_pools
         ]
@@ -245,8 +247,10 @@ def _control_plane_access(args: GkeClusterArgs) -> dict:
     """privateEndpoint (which needs private nodes) and authorizedNetworks of a created cluster."""
     access = {}
     if args.private_endpoint:
-        access["private_cluster_config"] = gcp.container.ClusterPrivateClusterConfigArgs(enable_private_nodes=True, enable_private_endpoint=True)
+        access["private_cluster_config"] = gcp.container.ClusterPrivateClusterConfigArgs(
+            enable_private_nodes=True, enable_private_endpoint=True)
     if args.authorized_networks:
         access["master_authorized_networks_config"] = gcp.container.ClusterMasterAuthorizedNetworksConfigArgs(
-            cidr_blocks=[gcp.container.ClusterMasterAuthorizedNetworksConfigCidrBlockArgs(cidr_block=block) for block in args.authorized_networks])
+            cidr_blocks=[gcp.container.ClusterMasterAuthorizedNetworksConfigCidrBlockArgs(cidr_block=block)
+                         for block in args.authorized_networks])
     return access

@@ -56,7 +56,8 @@ def wait_for_ca_bundle(args: pulumi.ResourceTransformArgs) -> pulumi.ResourceTra
 
 def retain(args: pulumi.ResourceTransformArgs) -> pulumi.ResourceTransformResult:
     """Keep the object when the stack is destroyed."""
-    return pulumi.ResourceTransformResult(props=args.props, opts=pulumi.ResourceOptions.merge(args.opts, pulumi.ResourceOptions(retain_on_delete=True)))
+    kept = pulumi.ResourceOptions.merge(args.opts, pulumi.ResourceOptions(retain_on_delete=True))
+    return pulumi.ResourceTransformResult(props=args.props, opts=kept)
 
 
 def install_transforms(keep_on_destroy: bool) -> list:
@@ -78,7 +79,8 @@ class LeaderWorkerSetController(pulumi.ComponentResource):
     def __init__(self, name: str, args: LeaderWorkerSetControllerArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("jetstream:lws:LeaderWorkerSetController", name, None, opts)
         url = release_manifest_url(args.version)
-        self.install = k8s.yaml.v2.ConfigFile(f"{name}-manifests", file=url, opts=pulumi.ResourceOptions(
-            parent=self, transforms=install_transforms(args.keep_on_destroy), retain_on_delete=args.keep_on_destroy or None))
+        install = pulumi.ResourceOptions(parent=self, transforms=install_transforms(args.keep_on_destroy),
+                                         retain_on_delete=args.keep_on_destroy or None)
+        self.install = k8s.yaml.v2.ConfigFile(f"{name}-manifests", file=url, opts=install)
         self.version, self.manifest_url = pulumi.Output.from_input(args.version), pulumi.Output.from_input(url)
         self.register_outputs({"version": self.version, "manifestUrl": self.manifest_url})

@@ -92,8 +92,8 @@ def build_serving(cfg: StackConfig, plan: Plan) -> dict[str, Any]:
     """The model server, on a cluster of its own (role=all) or the platform's (role=serving)."""
     cluster, node_service_account = _cluster(cfg)
     # Only this stack's namespace may use its TPU nodes (components/core/admission.py).
-    StackIsolation("isolation", StackIsolationArgs(policy=admission.isolation_policy(cfg), binding=admission.isolation_binding(cfg)),
-                   pulumi.ResourceOptions(provider=cluster.provider))
+    isolation = StackIsolationArgs(policy=admission.isolation_policy(cfg), binding=admission.isolation_binding(cfg))
+    StackIsolation("isolation", isolation, pulumi.ResourceOptions(provider=cluster.provider))
     # The Workload Identity binding needs the pool, which exists once a cluster with Workload Identity does.
     needs_pool = cfg.pods_use_workload_identity and cluster.cluster is not None
     identity = ServingIdentity("identity", _identity_args(cfg, node_service_account),
@@ -180,8 +180,8 @@ def _lws_controller(cfg: StackConfig | PlatformConfig, provider: pulumi.Provider
     """The cluster-wide LWS controller, where this stack installs it (installLwsController)."""
     if not cfg.install_lws_controller:
         return []
-    return [LeaderWorkerSetController("lws", LeaderWorkerSetControllerArgs(version=cfg.lws_version, keep_on_destroy=cfg.keep_lws_controller),
-                                      pulumi.ResourceOptions(provider=provider))]
+    controller = LeaderWorkerSetControllerArgs(version=cfg.lws_version, keep_on_destroy=cfg.keep_lws_controller)
+    return [LeaderWorkerSetController("lws", controller, pulumi.ResourceOptions(provider=provider))]
 
 
 def _metrics_adapter(cfg: StackConfig | PlatformConfig, cluster: GkeCluster) -> MetricsAdapter:

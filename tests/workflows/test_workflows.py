@@ -321,7 +321,7 @@ def test_the_preview_job_previews_each_affected_stack_and_posts_its_output_whate
     assert "command" not in install["with"], "pulumi/actions throws before it comments: it only installs the CLI"
     steps = {step.get("id") or step.get("name"): step for step in preview["steps"]}
     run = steps["preview"]["run"]
-    assert run.startswith("set +e\n") and "pulumi preview --stack \"$STACK\" --diff --policy-pack policy" in run
+    assert run.startswith("set +e\n") and 'pulumi preview --stack "$STACK" --diff --policy-pack policy' in run
     assert 'echo "exit-code=$?" >> "$GITHUB_OUTPUT"' in run
     post = steps["Post the preview and its policy violations on the pull request, whatever the outcome"]
     fail = steps["Fail when the preview failed"]
