@@ -31,7 +31,7 @@ def comment(stack: str, exit_code: int, output: str, limit: int = COMMENT_LIMIT)
     header = f"### `pulumi preview` of `{stack}`: {outcome(exit_code, output)}\n\n"
     cut_note = "(output cut: the beginning is in the job log)\n"
     frame = len(header) + len(cut_note) + 2 * len(FENCE) + len("text\n\n\n")
-    body = output if len(output) + frame <= limit else cut_note + output[len(output) - (limit - frame):]
+    body = output if len(output) + frame <= limit else cut_note + output[len(output) - (limit - frame) :]
     return f"{header}{FENCE}text\n{body.rstrip()}\n{FENCE}\n"
 
 

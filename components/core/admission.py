@@ -44,23 +44,34 @@ REQUIRED_NODE_TERMS = "object.spec.affinity.nodeAffinity.requiredDuringSchedulin
 
 def _validations(cfg: StackConfig) -> list[dict[str, str]]:
     key, value, label = _quoted(STACK_TAINT_KEY), _quoted(cfg.deployment_id), _quoted(DEPLOYMENT_LABEL)
-    tolerates_taint = (f"variables.tolerations.exists(t, has(t.key) && t.key == {key} && "
-                       f"((has(t.operator) && t.operator == 'Exists') || (has(t.value) && t.value == {value})))")
-    tolerates_all = ("variables.tolerations.exists(t, (!has(t.key) || t.key == '') && "
-                     "has(t.operator) && t.operator == 'Exists')")
-    selects = (f"has(object.spec.nodeSelector) && {label} in object.spec.nodeSelector && "
-               f"object.spec.nodeSelector[{label}] == {value}")
-    affinity = ("has(object.spec.affinity) && has(object.spec.affinity.nodeAffinity) && "
-                f"has({REQUIRED_NODE_TERMS}) && {REQUIRED_NODE_TERMS}.nodeSelectorTerms.exists(term, "
-                "has(term.matchExpressions) && term.matchExpressions.exists(e, "
-                f"e.key == {label} && has(e.values) && {value} in e.values))")
+    tolerates_taint = (
+        f"variables.tolerations.exists(t, has(t.key) && t.key == {key} && "
+        f"((has(t.operator) && t.operator == 'Exists') || (has(t.value) && t.value == {value})))"
+    )
+    tolerates_all = (
+        "variables.tolerations.exists(t, (!has(t.key) || t.key == '') && has(t.operator) && t.operator == 'Exists')"
+    )
+    selects = (
+        f"has(object.spec.nodeSelector) && {label} in object.spec.nodeSelector && "
+        f"object.spec.nodeSelector[{label}] == {value}"
+    )
+    affinity = (
+        "has(object.spec.affinity) && has(object.spec.affinity.nodeAffinity) && "
+        f"has({REQUIRED_NODE_TERMS}) && {REQUIRED_NODE_TERMS}.nodeSelectorTerms.exists(term, "
+        "has(term.matchExpressions) && term.matchExpressions.exists(e, "
+        f"e.key == {label} && has(e.values) && {value} in e.values))"
+    )
     owner = f"the TPU nodes of stack {cfg.stack} are reserved to namespace {cfg.namespace}"
     return [
-        {"expression": f"!({tolerates_taint})",
-         "message": f"{owner}: no other pod may tolerate the taint {STACK_TAINT_KEY}={cfg.deployment_id}"},
+        {
+            "expression": f"!({tolerates_taint})",
+            "message": f"{owner}: no other pod may tolerate the taint {STACK_TAINT_KEY}={cfg.deployment_id}",
+        },
         {"expression": f"!({tolerates_all})", "message": f"{owner}: a pod outside it may not tolerate every taint"},
-        {"expression": f"!({selects}) && !({affinity})",
-         "message": f"{owner}: no other pod may select {DEPLOYMENT_LABEL}={cfg.deployment_id}"},
+        {
+            "expression": f"!({selects}) && !({affinity})",
+            "message": f"{owner}: no other pod may select {DEPLOYMENT_LABEL}={cfg.deployment_id}",
+        },
     ]
 
 
@@ -69,9 +80,13 @@ def _match_conditions(cfg: StackConfig) -> list[dict[str, str]]:
     system = ", ".join(_quoted(name) for name in SYSTEM_NAMESPACES)
     return [
         {"name": "outside-the-stacks-namespace", "expression": f"request.namespace != {_quoted(cfg.namespace)}"},
-        {"name": "outside-the-clusters-own-namespaces",
-         "expression": (f"!(request.namespace in [{system}] || "
-                        f"request.namespace.startsWith({_quoted(SYSTEM_NAMESPACE_PREFIX)}))")},
+        {
+            "name": "outside-the-clusters-own-namespaces",
+            "expression": (
+                f"!(request.namespace in [{system}] || "
+                f"request.namespace.startsWith({_quoted(SYSTEM_NAMESPACE_PREFIX)}))"
+            ),
+        },
     ]
 
 
@@ -86,8 +101,9 @@ def isolation_policy(cfg: StackConfig) -> dict[str, Any]:
             "failurePolicy": "Fail",
             "matchConstraints": {"resourceRules": [pods]},
             "matchConditions": _match_conditions(cfg),
-            "variables": [{"name": "tolerations",
-                           "expression": "has(object.spec.tolerations) ? object.spec.tolerations : []"}],
+            "variables": [
+                {"name": "tolerations", "expression": "has(object.spec.tolerations) ? object.spec.tolerations : []"}
+            ],
             "validations": _validations(cfg),
         },
     }

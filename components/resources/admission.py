@@ -29,10 +29,16 @@ class StackIsolation(pulumi.ComponentResource):
         child = child_after(self, opts)
         admission = k8s.admissionregistration.v1
         self.policy = admission.ValidatingAdmissionPolicy(
-            f"{name}-policy", metadata=k8s.meta.v1.ObjectMetaArgs(**args.policy["metadata"]),
-            spec=args.policy["spec"], opts=child)
+            f"{name}-policy",
+            metadata=k8s.meta.v1.ObjectMetaArgs(**args.policy["metadata"]),
+            spec=args.policy["spec"],
+            opts=child,
+        )
         # The binding names the policy: it is created after it and deleted before it.
         self.binding = admission.ValidatingAdmissionPolicyBinding(
-            f"{name}-binding", metadata=k8s.meta.v1.ObjectMetaArgs(**args.binding["metadata"]),
-            spec=args.binding["spec"], opts=pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=[self.policy])))
+            f"{name}-binding",
+            metadata=k8s.meta.v1.ObjectMetaArgs(**args.binding["metadata"]),
+            spec=args.binding["spec"],
+            opts=pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=[self.policy])),
+        )
         self.register_outputs({"policyName": args.policy["metadata"]["name"]})

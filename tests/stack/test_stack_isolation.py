@@ -32,14 +32,22 @@ def _evaluate(expression: str, activation: dict):
 
 def refusals(policy: dict, namespace: str, pod_spec: dict) -> list[str]:
     """The messages the policy denies a pod with with `pod_spec` in `namespace` (empty: admitted)."""
-    activation = {"request": celpy.json_to_cel({"namespace": namespace, "operation": "CREATE"}),
-                  "object": celpy.json_to_cel({"metadata": {"namespace": namespace}, "spec": pod_spec})}
+    activation = {
+        "request": celpy.json_to_cel({"namespace": namespace, "operation": "CREATE"}),
+        "object": celpy.json_to_cel({"metadata": {"namespace": namespace}, "spec": pod_spec}),
+    }
     spec = policy["spec"]
     if not all(_evaluate(condition["expression"], activation) for condition in spec["matchConditions"]):
         return []
     variables = {variable["name"]: _evaluate(variable["expression"], activation) for variable in spec["variables"]}
-    activation["variables"] = celpy.celtypes.MapType({celpy.celtypes.StringType(name): value for name, value in variables.items()})
-    return [validation["message"] for validation in spec["validations"] if not _evaluate(validation["expression"], activation)]
+    activation["variables"] = celpy.celtypes.MapType(
+        {celpy.celtypes.StringType(name): value for name, value in variables.items()}
+    )
+    return [
+        validation["message"]
+        for validation in spec["validations"]
+        if not _evaluate(validation["expression"], activation)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +58,7 @@ def prod():
 def _stack_pod(cfg) -> dict:
     """The pod spec the stack's own LeaderWorkerSet leader runs."""
     from components.core import manifests
+
     lws = manifests.leader_worker_set(cfg, plan_deployment(cfg), None)
     return lws["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]
 
@@ -62,17 +71,26 @@ def test_every_tpu_node_of_a_stack_carries_its_own_taint_and_only_its_pods_toler
     # The scheduling check (taints and tolerations as the scheduler reads them) still places each stack's pods.
     scheduling.check_deployment(prod, plan_deployment(prod))
     tolerations = _stack_pod(prod)["tolerations"]
-    assert {"key": STACK_TAINT_KEY, "operator": "Equal", "value": prod.deployment_id, "effect": "NoSchedule"} in tolerations
+    assert {
+        "key": STACK_TAINT_KEY,
+        "operator": "Equal",
+        "value": prod.deployment_id,
+        "effect": "NoSchedule",
+    } in tolerations
     assert not any(toleration.get("value") == dev.deployment_id for toleration in tolerations)
 
 
 def test_the_node_pools_are_tainted_through_the_provider():
     recording = run_stack(stack_file_config("prod"), "prod")
     for pool in recording.of_type(NODE_POOL):
-        assert pool.inputs["nodeConfig"]["taints"] == [{"key": STACK_TAINT_KEY, "value": "jetstream-prod", "effect": "NO_SCHEDULE"}]
+        assert pool.inputs["nodeConfig"]["taints"] == [
+            {"key": STACK_TAINT_KEY, "value": "jetstream-prod", "effect": "NO_SCHEDULE"}
+        ]
     policy, binding = recording.one(POLICY), recording.one(BINDING)
     assert policy.parent_type == binding.parent_type == "jetstream:admission:StackIsolation"
-    assert policy.urn in binding.dependencies and binding.inputs["spec"]["policyName"] == policy.inputs["metadata"]["name"]
+    assert (
+        policy.urn in binding.dependencies and binding.inputs["spec"]["policyName"] == policy.inputs["metadata"]["name"]
+    )
 
 
 def test_the_policy_and_binding_are_valid_admissionregistration_v1_objects(prod):
@@ -92,20 +110,54 @@ def test_the_stacks_own_pods_and_unrelated_pods_are_admitted(prod):
         assert refusals(policy, system, {"tolerations": [{"operator": "Exists"}]}) == []
 
 
-@pytest.mark.parametrize(("what", "pod_spec"), [
-    ("its taint by value", {"tolerations": [{"key": STACK_TAINT_KEY, "operator": "Equal", "value": "jetstream-prod", "effect": "NoSchedule"}]}),
-    ("its taint key with Exists", {"tolerations": [{"key": STACK_TAINT_KEY, "operator": "Exists"}]}),
-    ("every taint", {"tolerations": [{"operator": "Exists"}]}),
-    ("its nodes by label", {"nodeSelector": {"jetstream-tpu/deployment": "jetstream-prod"}}),
-    ("its nodes by affinity", {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
-        {"matchExpressions": [{"key": "jetstream-tpu/deployment", "operator": "In", "values": ["jetstream-prod"]}]}]}}}}),
-])
+@pytest.mark.parametrize(
+    ("what", "pod_spec"),
+    [
+        (
+            "its taint by value",
+            {
+                "tolerations": [
+                    {"key": STACK_TAINT_KEY, "operator": "Equal", "value": "jetstream-prod", "effect": "NoSchedule"}
+                ]
+            },
+        ),
+        ("its taint key with Exists", {"tolerations": [{"key": STACK_TAINT_KEY, "operator": "Exists"}]}),
+        ("every taint", {"tolerations": [{"operator": "Exists"}]}),
+        ("its nodes by label", {"nodeSelector": {"jetstream-tpu/deployment": "jetstream-prod"}}),
+        (
+            "its nodes by affinity",
+            {
+                "affinity": {
+                    "nodeAffinity": {
+                        "requiredDuringSchedulingIgnoredDuringExecution": {
+                            "nodeSelectorTerms": [
+                                {
+                                    "matchExpressions": [
+                                        {
+                                            "key": "jetstream-tpu/deployment",
+                                            "operator": "In",
+                                            "values": ["jetstream-prod"],
+                                        }
+                                    ]
+                                }
+                            ]
+                        }
+                    }
+                }
+            },
+        ),
+    ],
+)
 def test_a_pod_of_another_namespace_that_tolerates_or_selects_the_stacks_nodes_is_refused(prod, what, pod_spec):
     [message] = refusals(admission.isolation_policy(prod), "jetstream-dev", pod_spec)
     assert "reserved to namespace jetstream-prod" in message
 
 
 def test_each_stack_has_its_own_policy():
-    names = {admission.policy_name(config(stack=stack, model="llama3.1-8b", topology="2x2",
-                                          checkpointPath="gs://test-checkpoints/m/0/items")) for stack in ("dev", "prod")}
+    names = {
+        admission.policy_name(
+            config(stack=stack, model="llama3.1-8b", topology="2x2", checkpointPath="gs://test-checkpoints/m/0/items")
+        )
+        for stack in ("dev", "prod")
+    }
     assert names == {"tpu-nodes-jetstream-dev", "tpu-nodes-jetstream-prod"}

@@ -43,7 +43,11 @@ def replaced_by(before, after) -> set[str]:
     """The ForceNew inputs whose change would replace `after` (same URN), ignored inputs excepted."""
     changed = {key for key in {*before.inputs, *after.inputs} if before.inputs.get(key) != after.inputs.get(key)}
     node_config_before, node_config_after = before.inputs.get("nodeConfig", {}), after.inputs.get("nodeConfig", {})
-    changed |= {f"nodeConfig.{key}" for key in NODE_CONFIG_FORCE_NEW if node_config_before.get(key) != node_config_after.get(key)}
+    changed |= {
+        f"nodeConfig.{key}"
+        for key in NODE_CONFIG_FORCE_NEW
+        if node_config_before.get(key) != node_config_after.get(key)
+    }
     force_new = {*NODE_POOL_FORCE_NEW, *(f"nodeConfig.{key}" for key in NODE_CONFIG_FORCE_NEW)}
     return (changed & force_new) - set(after.ignore_changes)
 
@@ -72,8 +76,10 @@ def test_a_topology_change_replaces_each_slice_in_place_old_slice_first():
     before, after = _pools_by_urn(_prod()), _pools_by_urn(_prod(topology="4x8"))
     assert set(before) == set(after) and len(after) == 2
     for urn, pool in after.items():
-        assert (before[urn].inputs["name"], pool.inputs["name"]) in {("v6e-16-serving-prod", "v6e-32-serving-prod"),
-                                                                     ("v6e-16-serving-r1-prod", "v6e-32-serving-r1-prod")}
+        assert (before[urn].inputs["name"], pool.inputs["name"]) in {
+            ("v6e-16-serving-prod", "v6e-32-serving-prod"),
+            ("v6e-16-serving-r1-prod", "v6e-32-serving-r1-prod"),
+        }
         assert "name" in replaced_by(before[urn], pool) and pool.delete_before_replace
 
 
@@ -82,7 +88,9 @@ def test_pools_deployed_under_slice_named_resources_are_carried_over_by_aliases(
     keep their state: an alias names each former name, whatever slice they ran."""
     pools = {pool.name: pool for pool in _prod().of_type(NODE_POOL)}
     assert set(pools) == {"gke-serving", "gke-serving-r1"}
-    assert {"gke-v6e-16-serving-prod", "gke-v6e-4-serving-prod", "gke-v6e-256-serving-prod"} <= set(pools["gke-serving"].aliases)
+    assert {"gke-v6e-16-serving-prod", "gke-v6e-4-serving-prod", "gke-v6e-256-serving-prod"} <= set(
+        pools["gke-serving"].aliases
+    )
     assert "gke-v6e-16-serving-r1-prod" in pools["gke-serving-r1"].aliases
     assert not set(pools["gke-serving"].aliases) & set(pools["gke-serving-r1"].aliases)
 
@@ -91,7 +99,9 @@ def test_lowering_replicas_below_max_replicas_resizes_the_serving_slice_instead_
     """replicas 2 -> 1 with maxReplicas 3: replica 1's pool turns from a fixed size into an autoscaled
     pool created with 0 nodes, and initial_node_count (ForceNew) is only read at creation."""
     before = _pools_by_urn(_prod(maxReplicas="3", autoscalingMetric="prefill-backlog", autoscalingTarget="10"))
-    after = _pools_by_urn(_prod(replicas="1", maxReplicas="3", autoscalingMetric="prefill-backlog", autoscalingTarget="10"))
+    after = _pools_by_urn(
+        _prod(replicas="1", maxReplicas="3", autoscalingMetric="prefill-backlog", autoscalingTarget="10")
+    )
     changed = [urn for urn in after if before[urn].inputs != after[urn].inputs]
     assert len(changed) == 1 and "initialNodeCount" in after[changed[0]].inputs
     assert all(replaced_by(before[urn], after[urn]) == set() for urn in after)
@@ -104,7 +114,11 @@ def test_every_stack_that_installs_the_metrics_adapter_keeps_the_shared_project_
     installs an adapter declares the same binding; destroying one must not remove it for the others."""
     scaled = {"maxReplicas": "2", "autoscalingMetric": "prefill-backlog", "autoscalingTarget": "10"}
     bindings = []
-    for recording in (_run("team-a", **scaled), _run("team-b", **scaled), run_stack(stack_file_config("platform"), "platform")):
+    for recording in (
+        _run("team-a", **scaled),
+        _run("team-b", **scaled),
+        run_stack(stack_file_config("platform"), "platform"),
+    ):
         [binding] = [member for member in recording.of_type(PROJECT_MEMBER) if member.parent_type == ADAPTER]
         bindings.append(binding)
     assert len({(binding.inputs["role"], binding.inputs["member"]) for binding in bindings[:2]}) == 1
@@ -113,15 +127,21 @@ def test_every_stack_that_installs_the_metrics_adapter_keeps_the_shared_project_
 
 def test_a_misspelt_key_stops_pulumi_up_naming_it_and_the_nearest_key():
     """The CLI hands the program undeclared keys without complaint; the program refuses them."""
-    recording = run_stack({"gcp:project": GCP_PROJECT, **qualified({**MINIMAL, "tpuReservaton": "mine"})}, expect_error=True)
+    recording = run_stack(
+        {"gcp:project": GCP_PROJECT, **qualified({**MINIMAL, "tpuReservaton": "mine"})}, expect_error=True
+    )
     assert "tpuReservaton" in str(recording.error) and "did you mean 'tpuReservation'" in str(recording.error)
     assert recording.resources == []
 
 
 def _webhook_transform(type_: str):
-    args = pulumi.ResourceTransformArgs(custom=True, type_=type_, name="lws-manifests:lws-validating-webhook-configuration",
-                                        props={"metadata": {"name": "lws-validating-webhook-configuration"}, "webhooks": []},
-                                        opts=pulumi.ResourceOptions())
+    args = pulumi.ResourceTransformArgs(
+        custom=True,
+        type_=type_,
+        name="lws-manifests:lws-validating-webhook-configuration",
+        props={"metadata": {"name": "lws-validating-webhook-configuration"}, "webhooks": []},
+        opts=pulumi.ResourceOptions(),
+    )
     return lws_controller.wait_for_ca_bundle(args)
 
 
@@ -148,17 +168,30 @@ def test_installLwsController_always_installs_into_an_existing_cluster_and_keeps
 def test_private_endpoint_and_authorized_networks_shape_the_created_control_plane():
     cluster = _run(privateEndpoint="true", authorizedNetworks="10.0.0.0/8, 203.0.113.0/24").one(CLUSTER)
     assert cluster.inputs["privateClusterConfig"] == {"enablePrivateEndpoint": True, "enablePrivateNodes": True}
-    assert cluster.inputs["masterAuthorizedNetworksConfig"] == {"cidrBlocks": [{"cidrBlock": "10.0.0.0/8"}, {"cidrBlock": "203.0.113.0/24"}]}
+    assert cluster.inputs["masterAuthorizedNetworksConfig"] == {
+        "cidrBlocks": [{"cidrBlock": "10.0.0.0/8"}, {"cidrBlock": "203.0.113.0/24"}]
+    }
     default = _run().one(CLUSTER)
     assert "privateClusterConfig" not in default.inputs and "masterAuthorizedNetworksConfig" not in default.inputs
 
 
-@pytest.mark.parametrize(("raw", "keys", "fragment"), [
-    ({"authorizedNetworks": "10.0.0.1/8"}, ("authorizedNetworks",), "'10.0.0.1/8' is not an IPv4 CIDR block"),
-    ({"authorizedNetworks": "office"}, ("authorizedNetworks",), "'office' is not an IPv4 CIDR block"),
-    ({"privateEndpoint": "true", "existingClusterName": "shared"}, ("privateEndpoint", "existingClusterName"), "a cluster the stack creates"),
-    ({"authorizedNetworks": "10.0.0.0/8", "existingClusterName": "shared"}, ("authorizedNetworks", "existingClusterName"), "not of 'shared'"),
-])
+@pytest.mark.parametrize(
+    ("raw", "keys", "fragment"),
+    [
+        ({"authorizedNetworks": "10.0.0.1/8"}, ("authorizedNetworks",), "'10.0.0.1/8' is not an IPv4 CIDR block"),
+        ({"authorizedNetworks": "office"}, ("authorizedNetworks",), "'office' is not an IPv4 CIDR block"),
+        (
+            {"privateEndpoint": "true", "existingClusterName": "shared"},
+            ("privateEndpoint", "existingClusterName"),
+            "a cluster the stack creates",
+        ),
+        (
+            {"authorizedNetworks": "10.0.0.0/8", "existingClusterName": "shared"},
+            ("authorizedNetworks", "existingClusterName"),
+            "not of 'shared'",
+        ),
+    ],
+)
 def test_control_plane_keys_are_refused_where_they_cannot_apply(raw, keys, fragment):
     with pytest.raises(ConfigError) as refused:
         config(**raw)
@@ -199,7 +232,11 @@ def pools_effect(before, after) -> str:
     if set(new) - set(old):
         return POOLS_ADDED
     changed = any(old[urn].inputs != new[urn].inputs for urn in set(old) & set(new))
-    if changed and set(old) == set(new) and any("autoscaling" in new[urn].inputs and "autoscaling" not in old[urn].inputs for urn in new):
+    if (
+        changed
+        and set(old) == set(new)
+        and any("autoscaling" in new[urn].inputs and "autoscaling" not in old[urn].inputs for urn in new)
+    ):
         return FREED_SLICE
     return POOLS_IN_PLACE if changed else UNTOUCHED
 
@@ -212,7 +249,11 @@ def lws_effect(before, after) -> str:
         return ROLLING
     replicas = (_path(old.inputs, "spec.replicas"), _path(new.inputs, "spec.replicas"))
     if replicas[0] != replicas[1]:
-        return "groups added; running groups untouched" if replicas[1] > replicas[0] else "groups removed; the other groups untouched"
+        return (
+            "groups added; running groups untouched"
+            if replicas[1] > replicas[0]
+            else "groups removed; the other groups untouched"
+        )
     return UNTOUCHED
 
 
@@ -225,8 +266,10 @@ def cluster_effect(before, after) -> str:
 def _settings(cell: str) -> dict[str, str]:
     """`key=value key=value` as the table writes it; an elided image (…) is the default image's repository."""
     settings = dict(item.split("=", 1) for item in cell.strip("` ").split())
-    return {key: value.replace("…", stack_config.DEFAULT_IMAGES[key].rsplit(":", 1)[0]) if "…" in value else value
-            for key, value in settings.items()}
+    return {
+        key: value.replace("…", stack_config.DEFAULT_IMAGES[key].rsplit(":", 1)[0]) if "…" in value else value
+        for key, value in settings.items()
+    }
 
 
 def update_rows() -> list[tuple[str, dict, dict, tuple[str, str, str]]]:
@@ -239,7 +282,9 @@ def update_rows() -> list[tuple[str, dict, dict, tuple[str, str, str]]]:
     return parsed
 
 
-@pytest.mark.parametrize(("change", "before", "after", "documented"), update_rows(), ids=[row[0] for row in update_rows()])
+@pytest.mark.parametrize(
+    ("change", "before", "after", "documented"), update_rows(), ids=[row[0] for row in update_rows()]
+)
 def test_the_updates_table_says_what_the_program_does(change, before, after, documented):
     base = stack_file_config(UPDATES_BASE)
     first = run_stack({**base, **qualified(before)}, UPDATES_BASE)

@@ -99,7 +99,8 @@ def check_jsonschema(schema: str, *files: pathlib.Path) -> subprocess.CompletedP
 # --- schema ---------------------------------------------------------------------------------------
 
 def test_the_workflows_and_actions_exist():
-    assert {path.name for path in WORKFLOWS} == {"pull-request.yml", "deploy.yml", "pulumi-up.yml", "render-comment.yml"}
+    names = {path.name for path in WORKFLOWS}
+    assert names == {"pull-request.yml", "deploy.yml", "pulumi-up.yml", "render-comment.yml"}
     assert [path.parent.name for path in ACTIONS] == ["pulumi-cloud-setup"]
 
 
@@ -159,7 +160,8 @@ def test_each_job_has_least_privilege(file, name, job):
     assert (permissions.get("id-token") == "write") == uses_wif, "id-token: write exactly where WIF is used"
     assert (permissions.get("pull-requests") == "write") == comments, "pull-requests: write exactly where commenting"
     others = {scope: level for scope, level in permissions.items() if scope not in ("id-token", "pull-requests")}
-    assert others == {**({"contents": "read"} if reads_code else {}), **({"actions": "read"} if reads_other_runs else {})}
+    expected = {**({"contents": "read"} if reads_code else {}), **({"actions": "read"} if reads_other_runs else {})}
+    assert others == expected
 
 
 def test_google_cloud_credentials_come_only_from_workload_identity_federation():
@@ -174,8 +176,8 @@ def test_google_cloud_credentials_come_only_from_workload_identity_federation():
 
 def pulumi_commands(job: dict) -> list[str]:
     """Each `pulumi preview|up` the job runs: through pulumi/actions' command, or a run step."""
-    commands = [f"pulumi {step['with']['command']} --stack {step['with']['stack-name']} --policy-pack {step['with'].get('policyPacks')}"
-                for step in steps_using(job, PULUMI) if "command" in step.get("with", {})]
+    given = [step["with"] for step in steps_using(job, PULUMI) if "command" in step.get("with", {})]
+    commands = [f"pulumi {w['command']} --stack {w['stack-name']} --policy-pack {w.get('policyPacks')}" for w in given]
     return commands + [line.strip() for step in job_steps(job) for line in step.get("run", "").splitlines()
                        if re.match(r"\s*pulumi (preview|up)\b", line)]
 
@@ -197,16 +199,20 @@ def test_every_pulumi_job_authenticates_installs_the_gke_auth_plugin_and_applies
 
 def test_every_stack_name_is_qualified_by_the_pulumi_organisation_variable():
     """A token whose default organisation differs would otherwise find no stack."""
-    stacks = [step["with"]["stack-name"] for _, _, job in all_jobs() for step in steps_using(job, PULUMI) if "stack-name" in step["with"]]
-    stacks += [job["env"]["STACK"] for _, _, job in all_jobs() if any("pulumi preview" in c for c in pulumi_commands(job))]
-    assert set(stacks) == {"${{ vars.PULUMI_ORG }}/jetstream-tpu/${{ inputs.stack }}", "${{ vars.PULUMI_ORG }}/jetstream-tpu/${{ matrix.stack }}"}
+    jobs = [job for _, _, job in all_jobs()]
+    stacks = [step["with"]["stack-name"] for job in jobs for step in steps_using(job, PULUMI)
+              if "stack-name" in step["with"]]
+    stacks += [job["env"]["STACK"] for job in jobs if any("pulumi preview" in c for c in pulumi_commands(job))]
+    organisation = "${{ vars.PULUMI_ORG }}/jetstream-tpu/"
+    assert set(stacks) == {f"{organisation}${{{{ inputs.stack }}}}", f"{organisation}${{{{ matrix.stack }}}}"}
 
 
 # --- which job, on which trigger, can obtain which credential ------------------------------------
 
 def callers(workflow_file: str) -> list[tuple[str, str]]:
     """(workflow, job) pairs that call the reusable workflow `workflow_file`."""
-    return [(file, name) for file, name, job in all_jobs() if job.get("uses") == f"{SELF}.github/workflows/{workflow_file}"]
+    called = f"{SELF}.github/workflows/{workflow_file}"
+    return [(file, name) for file, name, job in all_jobs() if job.get("uses") == called]
 
 
 def reach(file: str, name: str, job: dict) -> dict:
@@ -219,8 +225,10 @@ def reach(file: str, name: str, job: dict) -> dict:
     text = json.dumps([called_job for _, _, called_job in runs_in]) + json.dumps(job_steps(job))
     [environment] = {called_job.get("environment") for _, _, called_job in runs_in}
     # The Google identity is what the job hands the auth action, directly or through the local set-up action.
-    identities = {step["with"]["service_account"] for _, _, called_job in runs_in for step in called_job.get("steps", [])
-                  if action_name(step.get("uses", "")) == AUTH or step.get("uses", "").startswith(f"{SELF}.github/actions/")}
+    steps = [step for _, _, called_job in runs_in for step in called_job.get("steps", [])]
+    local_action = f"{SELF}.github/actions/"
+    identities = {step["with"]["service_account"] for step in steps
+                  if action_name(step.get("uses", "")) == AUTH or step.get("uses", "").startswith(local_action)}
     return {"triggers": set(triggers(workflow(file))), "environment": environment, "secrets": set(SECRET.findall(text)),
             "variables": set(VARIABLE.findall(text)), "identities": identities}
 
@@ -246,19 +254,22 @@ def test_pull_request_code_never_obtains_credentials_that_can_change_a_stack():
         assert can["environment"] in (None, PREVIEW_ENVIRONMENT)
         assert can["identities"] <= {"${{ vars.GCP_PREVIEW_SERVICE_ACCOUNT }}"}
         assert "GCP_DEPLOY_SERVICE_ACCOUNT" not in can["variables"]
-    assert REACH[("pull-request.yml", "offline")]["secrets"] == set() == REACH[("pull-request.yml", "offline")]["identities"]
+    offline = REACH[("pull-request.yml", "offline")]
+    assert offline["secrets"] == set() == offline["identities"]
     assert REACH[("pull-request.yml", "preview")]["environment"] == PREVIEW_ENVIRONMENT
 
 
 def test_deployment_environments_and_the_deploy_identity_are_reached_only_from_a_push_to_main():
     called_by = callers("pulumi-up.yml")
-    assert {file for file, _ in called_by} == {"deploy.yml"} and triggers(workflow("deploy.yml")) == {"push": {"branches": ["main"]}}
+    assert {file for file, _ in called_by} == {"deploy.yml"}
+    assert triggers(workflow("deploy.yml")) == {"push": {"branches": ["main"]}}
     assert set(triggers(workflow("pulumi-up.yml"))) == {"workflow_call"}
     for (file, name), can in REACH.items():
         deploys = "${{ vars.GCP_DEPLOY_SERVICE_ACCOUNT }}" in can["identities"]
         assert deploys == (can["environment"] == "${{ inputs.stack }}"), f"{file}:{name}"
         if deploys:
-            assert can["triggers"] <= {"push", "workflow_call"} and (file, name) in {*called_by, ("pulumi-up.yml", "up")}
+            assert can["triggers"] <= {"push", "workflow_call"}
+            assert (file, name) in {*called_by, ("pulumi-up.yml", "up")}
 
 
 def test_the_render_comment_workflow_holds_no_credential_and_runs_no_pull_request_code():
@@ -270,7 +281,8 @@ def test_the_render_comment_workflow_holds_no_credential_and_runs_no_pull_reques
     assert job["permissions"] == {"actions": "read", "pull-requests": "write"}
     assert not any(action_name(step.get("uses", "")) == "actions/checkout" for step in job["steps"])
     [download] = steps_using(job, DOWNLOAD)
-    assert download["with"]["name"] == "rendered-manifests" and download["with"]["run-id"] == "${{ github.event.workflow_run.id }}"
+    assert download["with"]["name"] == "rendered-manifests"
+    assert download["with"]["run-id"] == "${{ github.event.workflow_run.id }}"
     script = job["steps"][-1]["run"]
     assert '[[ "$number" =~ ^[0-9]+$ ]]' in script and '"$head" != "$HEAD_SHA"' in script
 
@@ -315,7 +327,8 @@ def test_the_preview_job_previews_each_affected_stack_and_posts_its_output_whate
     assert jobs["affected"]["if"] == FORK_GUARD, "forks get no OIDC token or secrets: no cloud preview"
     assert "affected_stacks.py --base" in jobs["affected"]["steps"][-1]["run"]
     preview = jobs["preview"]
-    assert preview["needs"] == "affected" and preview["if"].startswith("${{ !cancelled() && needs.affected.result == 'success'")
+    assert preview["needs"] == "affected"
+    assert preview["if"].startswith("${{ !cancelled() && needs.affected.result == 'success'")
     assert preview["strategy"]["matrix"]["stack"] == "${{ fromJSON(needs.affected.outputs.stacks) }}"
     [install] = steps_using(preview, PULUMI)
     assert "command" not in install["with"], "pulumi/actions throws before it comments: it only installs the CLI"
@@ -327,7 +340,8 @@ def test_the_preview_job_previews_each_affected_stack_and_posts_its_output_whate
     fail = steps["Fail when the preview failed"]
     assert post["if"] == "${{ !cancelled() && steps.preview.outputs.exit-code != '' }}"
     assert "preview_comment.py" in post["run"] and "gh pr comment" in post["run"]
-    assert fail["if"] == "${{ !cancelled() && steps.preview.outputs.exit-code != '0' }}" and fail["run"].rstrip().endswith("exit 1")
+    assert fail["if"] == "${{ !cancelled() && steps.preview.outputs.exit-code != '0' }}"
+    assert fail["run"].rstrip().endswith("exit 1")
     names = list(steps)
     assert names.index("preview") < names.index(post["name"]) < names.index(fail["name"])
 
@@ -467,7 +481,8 @@ def test_a_push_applies_what_it_changes_since_the_commit_main_was_at(tmp_path):
 
 @pytest.mark.parametrize(("exit_code", "output", "outcome"), [
     (0, "Previewing update (org/jetstream-tpu/dev)\n  ~ 1 to update\n", "passed"),
-    (255, "Policy Violations:\n    [mandatory]  jetstream-tpu-guardrails  container-images-pinned\n", "failed: policy violations (exit code 255)"),
+    (255, "Policy Violations:\n    [mandatory]  jetstream-tpu-guardrails  container-images-pinned\n",
+     "failed: policy violations (exit code 255)"),
     (255, "error: could not read plugin\n", "failed (exit code 255)"),
 ])
 def test_the_preview_comment_says_the_outcome_and_shows_the_output(exit_code, output, outcome):
