@@ -156,7 +156,8 @@ def test_each_job_has_least_privilege(file, name, job):
     uses_wif = bool(steps_using(job, AUTH))
     comments = any("gh pr comment" in step.get("run", "") for step in steps)
     reads_code = any(action_name(step.get("uses", "")) == "actions/checkout" for step in steps)
-    reads_other_runs = any("run-id" in step.get("with", {}) for step in steps_using(job, DOWNLOAD))
+    reads_other_runs = (any("run-id" in step.get("with", {}) for step in steps_using(job, DOWNLOAD))
+                        or any("gh run list" in step.get("run", "") for step in steps))
     assert (permissions.get("id-token") == "write") == uses_wif, "id-token: write exactly where WIF is used"
     assert (permissions.get("pull-requests") == "write") == comments, "pull-requests: write exactly where commenting"
     others = {scope: level for scope, level in permissions.items() if scope not in ("id-token", "pull-requests")}
@@ -351,8 +352,11 @@ def test_the_preview_job_previews_each_affected_stack_and_posts_its_output_whate
 def test_a_push_to_main_applies_the_affected_stacks_platform_then_dev_then_prod():
     deploy = workflow("deploy.yml")
     assert triggers(deploy) == {"push": {"branches": ["main"]}}
-    assert 'affected_stacks.py --pushed "$BEFORE"' in deploy["jobs"]["affected"]["steps"][-1]["run"]
-    assert deploy["jobs"]["affected"]["steps"][-1]["env"] == {"BEFORE": "${{ github.event.before }}"}
+    # Compared with the last successful deploy: a failed or replaced run leaves its changes to the next.
+    affected = deploy["jobs"]["affected"]["steps"][-1]["run"]
+    assert "gh run list --repo \"$GITHUB_REPOSITORY\" --workflow deploy.yml --branch main --status success" in affected
+    assert 'affected_stacks.py --since "$last"' in affected
+    assert deploy["concurrency"] == {"group": "deploy-main", "cancel-in-progress": False}
     environments = load_script("affected_stacks").ENVIRONMENTS
     assert environments == DEPLOYMENT_ENVIRONMENTS
     for index, stack in enumerate(environments):
@@ -460,23 +464,24 @@ def git(tree: pathlib.Path, *args: str) -> str:
                           capture_output=True, text=True, check=True).stdout.strip()
 
 
-def test_a_push_applies_what_it_changes_since_the_commit_main_was_at(tmp_path):
+def test_main_applies_what_changed_since_its_last_successful_deploy(tmp_path):
     script = load_script("affected_stacks")
     git(tmp_path, "init", "-q")
     (tmp_path / "README.md").write_text("a\n")
     git(tmp_path, "add", "-A")
-    git(tmp_path, "commit", "-qm", "first")
-    before = git(tmp_path, "rev-parse", "HEAD")
-    (tmp_path / "README.md").write_text("b\n")
+    git(tmp_path, "commit", "-qm", "deployed")
+    deployed = git(tmp_path, "rev-parse", "HEAD")
     (tmp_path / "Pulumi.dev.yaml").write_text("config: {}\n")
     git(tmp_path, "add", "-A")
-    git(tmp_path, "commit", "-qm", "second")
+    git(tmp_path, "commit", "-qm", "a dev change whose run was replaced")
+    (tmp_path / "README.md").write_text("b\n")
+    git(tmp_path, "commit", "-qam", "a docs change")
     present = ["platform", "dev", "prod"]
-    assert script.pushed_stacks(before, present, tmp_path) == ["dev"]
-    assert script.pushed_stacks(git(tmp_path, "rev-parse", "HEAD"), present, tmp_path) == []
-    # The first push of a branch (all zeros) or a base a force push removed: every environment.
-    assert script.pushed_stacks(script.NO_COMMIT, present, tmp_path) == present
-    assert script.pushed_stacks("1" * 40, present, tmp_path) == present
+    assert script.stacks_since(deployed, present, tmp_path) == ["dev"]  # the replaced run's change too
+    assert script.stacks_since(git(tmp_path, "rev-parse", "HEAD"), present, tmp_path) == []
+    # No successful deploy yet, or one a force push removed from the history: every environment.
+    assert script.stacks_since("", present, tmp_path) == present
+    assert script.stacks_since("1" * 40, present, tmp_path) == present
 
 
 @pytest.mark.parametrize(("exit_code", "output", "outcome"), [
