@@ -17,6 +17,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "stack"))
 from pulumi_harness import EXAMPLE_STACKS, Recording, run_stack, stack_file_config  # noqa: E402
 
 from components.core import autoscaling  # noqa: E402
+from components.core.config import KEYS_BY_NAME  # noqa: E402
 
 LWS = "kubernetes:leaderworkerset.x-k8s.io/v1:LeaderWorkerSet"
 NODE_POOL = "gcp:container/nodePool:NodePool"
@@ -95,13 +96,31 @@ def test_the_pinned_metrics_adapter_manifest_passes_the_pack():
     """The ConfigFile's children are resources the pack judges too: the pinned adapter release's
     Deployment (its image) and Service (never a public load balancer)."""
     [manifest] = MANIFESTS.glob("custom-metrics-stackdriver-adapter-*.yaml")
-    assert manifest.stem.rsplit("-", 1)[1] == autoscaling.ADAPTER_COMMIT and autoscaling.ADAPTER_COMMIT in autoscaling.ADAPTER_MANIFEST_URL
+    assert manifest.stem.rsplit("-", 1)[1] == autoscaling.ADAPTER_COMMIT in autoscaling.ADAPTER_MANIFEST_URL
     children = config_file_children(manifest, "metrics-adapter-manifests")
-    analysis = analysis_of(children)
-    judged = {(resource["urn"].rsplit("::", 1)[1], policy) for resource in analysis["resources"] for policy in resource["applicable"]}
-    assert {("metrics-adapter-manifests:custom-metrics-stackdriver-adapter", "container-images-pinned"),
-            ("metrics-adapter-manifests:custom-metrics-stackdriver-adapter", "load-balancers-internal")} <= judged
-    assert violations_of(children) == []
+    assert_judged_and_compliant(children, "metrics-adapter-manifests:custom-metrics-stackdriver-adapter")
     deployment = next(child for child in children if child["inputs"]["kind"] == "Deployment")
-    deployment["inputs"]["spec"]["template"]["spec"]["containers"][0]["image"] = "gcr.io/gke-release/custom-metrics-stackdriver-adapter:main"
+    container = deployment["inputs"]["spec"]["template"]["spec"]["containers"][0]
+    container["image"] = "gcr.io/gke-release/custom-metrics-stackdriver-adapter:main"
     assert [violation["policy"] for violation in violations_of(children)] == ["container-images-pinned"]
+
+
+def test_the_lws_release_manifest_passes_the_pack():
+    """The LWS controller's children (the default lwsVersion's release): its Deployment and Services."""
+    manifest = MANIFESTS / f"lws-{KEYS_BY_NAME['lwsVersion'].default}-without-crds.yaml"
+    children = config_file_children(manifest, "lws-manifests")
+    assert_judged_and_compliant(children, "lws-manifests:lws-controller-manager")
+    services = [child for child in children if child["inputs"]["kind"] == "Service"]
+    assert len(services) == 2
+    services[0]["inputs"]["spec"]["type"] = "LoadBalancer"
+    assert [violation["policy"] for violation in violations_of(children)] == ["load-balancers-internal"]
+
+
+def assert_judged_and_compliant(children: list[dict], deployment: str) -> None:
+    """The pack judges the release's Deployment and finds no violation among its objects."""
+    analysis = analysis_of(children)
+    judged = {(resource["urn"].rsplit("::", 1)[1], policy) for resource in analysis["resources"]
+              for policy in resource["applicable"]}
+    assert (deployment, "container-images-pinned") in judged
+    assert any(policy == "load-balancers-internal" for _, policy in judged)
+    assert violations_of(children) == []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pulumi
 import pytest
+import yaml
 
 from components.core import config as stack_config
 from components.core.errors import ConfigError
@@ -134,24 +135,24 @@ def test_a_misspelt_key_stops_pulumi_up_naming_it_and_the_nearest_key():
     assert recording.resources == []
 
 
-def _webhook_transform(type_: str):
-    args = pulumi.ResourceTransformArgs(
-        custom=True,
-        type_=type_,
-        name="lws-manifests:lws-validating-webhook-configuration",
-        props={"metadata": {"name": "lws-validating-webhook-configuration"}, "webhooks": []},
-        opts=pulumi.ResourceOptions(),
-    )
-    return lws_controller.wait_for_ca_bundle(args)
+LWS_RELEASE = ROOT / "tests" / "policy" / "manifests" / "lws-v0.10.0-without-crds.yaml"
 
 
 def test_the_first_leader_worker_set_waits_for_the_lws_webhooks_ca_bundle():
     """LWS reports ready before its certificate controller fills in the webhooks' CA bundle, and the
-    webhooks fail closed: the webhook configurations wait for it (pulumi.com/waitFor)."""
-    for type_ in lws_controller.WEBHOOK_CONFIGURATION_TYPES:
-        annotations = _webhook_transform(type_).props["metadata"]["annotations"]
-        assert annotations == {"pulumi.com/waitFor": "jsonpath={.webhooks[0].clientConfig.caBundle}"}
-    assert _webhook_transform("kubernetes:apps/v1:Deployment") is None
+    webhooks fail closed: the release's two webhook configurations wait for it (pulumi.com/waitFor)."""
+    annotated = {}
+    for document in yaml.safe_load_all(LWS_RELEASE.read_text()):
+        group_version = document["apiVersion"] if "/" in document["apiVersion"] else f"core/{document['apiVersion']}"
+        args = pulumi.ResourceTransformArgs(custom=True, type_=f"kubernetes:{group_version}:{document['kind']}",
+                                            name=document["metadata"]["name"], props=document, opts=pulumi.ResourceOptions())
+        result = lws_controller.wait_for_ca_bundle(args)
+        if result is not None:
+            annotated[document["metadata"]["name"]] = result.props["metadata"]["annotations"]
+            assert all(webhook["clientConfig"] for webhook in document["webhooks"])  # the path the wait reads
+    assert set(annotated) == {"lws-mutating-webhook-configuration", "lws-validating-webhook-configuration"}
+    for annotations in annotated.values():
+        assert annotations["pulumi.com/waitFor"] == "jsonpath={.webhooks[0].clientConfig.caBundle}"
     assert _run().one(CONFIG_FILE).transforms == 1
 
 
