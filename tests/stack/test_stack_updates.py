@@ -145,14 +145,15 @@ def test_the_first_leader_worker_set_waits_for_the_lws_webhooks_ca_bundle():
     for document in yaml.safe_load_all(LWS_RELEASE.read_text()):
         group_version = document["apiVersion"] if "/" in document["apiVersion"] else f"core/{document['apiVersion']}"
         args = pulumi.ResourceTransformArgs(custom=True, type_=f"kubernetes:{group_version}:{document['kind']}",
-                                            name=document["metadata"]["name"], props=document, opts=pulumi.ResourceOptions())
+                                            name=document["metadata"]["name"], props=document,
+                                            opts=pulumi.ResourceOptions())
         result = lws_controller.wait_for_ca_bundle(args)
         if result is not None:
             annotated[document["metadata"]["name"]] = result.props["metadata"]["annotations"]
             assert all(webhook["clientConfig"] for webhook in document["webhooks"])  # the path the wait reads
     assert set(annotated) == {"lws-mutating-webhook-configuration", "lws-validating-webhook-configuration"}
-    for annotations in annotated.values():
-        assert annotations["pulumi.com/waitFor"] == "jsonpath={.webhooks[0].clientConfig.caBundle}"
+    for added in annotated.values():
+        assert added["pulumi.com/waitFor"] == "jsonpath={.webhooks[0].clientConfig.caBundle}"
     assert _run().one(CONFIG_FILE).transforms == 1
 
 
