@@ -87,7 +87,7 @@ def lws_controller_summary(cfg: StackConfig | PlatformConfig) -> str:
     """The LWS release the stack installs, or why it installs none (a cluster-wide install is the cluster owner's)."""
     if cfg.install_lws_controller:
         return cfg.lws_version
-    return _owner_installs(cfg) or "not installed (installLwsController=false)"
+    return _owner_installs(cfg) or "not installed (installLwsController=never)"
 
 
 def metrics_adapter_summary(cfg: StackConfig) -> str:

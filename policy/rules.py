@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -77,6 +76,9 @@ POD_SPEC_PATHS: dict[str, tuple[tuple[str, ...], ...]] = {
 CONTAINER_LISTS = ("initContainers", "containers", "ephemeralContainers")
 # OCI image-spec digest: algorithm ":" encoded (sha256 = 64 hex digits).
 DIGEST = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-fA-F0-9]{32,}")
+# A tag that names a release: a dotted version, optionally after a word and before a suffix
+# (v0.10.0, jax-0.5.3, 573.0.0-stable, v0.16.9-gke.0). Moving tags (main, stable, nightly, latest, v1) are not.
+VERSION_TAG = re.compile(r"(?:[A-Za-z][\w]*[-_])?v?\d+(?:\.\d+)+(?:[-+.][\w.-]+)?")
 
 
 def is_workload(resource: Resource) -> bool:
@@ -103,8 +105,8 @@ def image_pin_problem(image: Any) -> str | None:
     _, has_tag, tag = repository_tail.partition(":")
     if not has_tag or not tag:
         return f"image {image!r} has no tag, so it pulls :latest"
-    if tag == "latest":
-        return f"image {image!r} uses the moving tag :latest"
+    if not VERSION_TAG.fullmatch(tag):
+        return f"image {image!r} uses the tag :{tag}, which is not a version and can move"
     return None
 
 
@@ -162,6 +164,9 @@ def check_no_public_members(resource: Resource) -> list[str]:
 # Services: a LoadBalancer is internal (GKE's internal passthrough Network Load Balancer).
 
 INTERNAL_LB_ANNOTATION = ("networking.gke.io/load-balancer-type", "Internal")
+# GKE still honours the older annotation for the same internal passthrough load balancer
+# (cloud.google.com/kubernetes-engine/docs/how-to/internal-load-balancing).
+LEGACY_INTERNAL_LB_ANNOTATION = ("cloud.google.com/load-balancer-type", "Internal")
 
 
 def is_service(resource: Resource) -> bool:
@@ -170,10 +175,13 @@ def is_service(resource: Resource) -> bool:
 
 def check_load_balancer_internal(resource: Resource) -> list[str]:
     key, value = INTERNAL_LB_ANNOTATION
-    if _get(resource.props, "spec", "type") != "LoadBalancer" or _get(resource.props, "metadata", "annotations", key) == value:
+    annotations = _get(resource.props, "metadata", "annotations")
+    internal = any(_get(annotations, name) == wanted
+                   for name, wanted in (INTERNAL_LB_ANNOTATION, LEGACY_INTERNAL_LB_ANNOTATION))
+    if _get(resource.props, "spec", "type") != "LoadBalancer" or internal:
         return []
-    return [f"is a LoadBalancer without the annotation {key}: {value!r}, so GKE would give it a public IP; "
-            f"add the annotation (internal passthrough load balancer) or use ClusterIP"]
+    return [(f"is a LoadBalancer without the annotation {key}: {value!r}, so GKE would give it a public IP; "
+             f"add the annotation (internal passthrough load balancer) or use ClusterIP")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +257,6 @@ def check_node_pool_service_account(resource: Resource) -> list[str]:
 
 # TPU machine types end in the chips per VM: ct6e-standard-4t, ct5lp-hightpu-8t, tpu7x-standard-4t.
 TPU_MACHINE_TYPE = re.compile(r"(?:ct|tpu)[a-z0-9]*-[a-z]+-(\d+)t")
-TOPOLOGY = re.compile(r"\d+(?:x\d+)+")
 
 
 def _tpu_machine(resource: Resource) -> re.Match | None:
@@ -260,23 +267,32 @@ def is_tpu_node_pool(resource: Resource) -> bool:
     return resource.type == NODE_POOL and _tpu_machine(resource) is not None
 
 
+# GKE joins VMs of 4 chips into multi-host slices (ct5lp-hightpu-4t, ct5p-hightpu-4t, ct6e-standard-4t,
+# tpu7x-standard-4t); VMs of 1 or 8 chips are single-host slices only.
+MULTI_HOST_CHIPS_PER_VM = 4
+NODE_COUNT_PATHS = (("nodeCount",), ("initialNodeCount",),
+                    ("autoscaling", "maxNodeCount"), ("autoscaling", "totalMaxNodeCount"))
+
+
+def _most_nodes(resource: Resource) -> int:
+    """The most nodes the pool may have: its fixed, initial or autoscaled maximum size."""
+    counts = (_get(resource.props, *path) for path in NODE_COUNT_PATHS)
+    return int(max((count for count in counts if isinstance(count, (int, float))), default=0))
+
+
 def check_multi_host_tpu_placement(resource: Resource) -> list[str]:
-    """GKE makes a TPU pool one multi-host slice when its topology holds more chips than one VM;
-    such a slice needs COMPACT placement. A TPU pool without a topology is single-host VMs."""
-    topology = _get(resource.props, "placementPolicy", "tpuTopology")
-    if not topology:
-        return []
-    if not TOPOLOGY.fullmatch(str(topology)):
-        return [f"has placementPolicy.tpuTopology {topology!r}, which is not a topology like 4x4 or 2x2x4"]
-    chips = math.prod(int(side) for side in str(topology).split("x"))
+    """A pool of several multi-host-capable TPU VMs is one slice only with a COMPACT placement
+    carrying its tpuTopology. Without one, GKE accepts it and makes each VM a single-host slice,
+    which the provider and GKE cannot tell from a mistake: the workload waiting for one slice of
+    all the chips never schedules (a malformed topology, or one without COMPACT, GKE refuses itself)."""
     chips_per_vm = int(_tpu_machine(resource).group(1))
-    if chips <= chips_per_vm:
+    nodes = _most_nodes(resource)
+    if chips_per_vm != MULTI_HOST_CHIPS_PER_VM or nodes <= 1 or _get(resource.props, "placementPolicy", "tpuTopology"):
         return []
-    placement = _get(resource.props, "placementPolicy", "type")
-    if placement == "COMPACT":
-        return []
-    return [f"is a multi-host TPU slice ({topology} = {chips} chips over {chips // chips_per_vm} VMs of "
-            f"{chips_per_vm}) with placementPolicy.type {placement!r}; it must be 'COMPACT' so the VMs share one ICI domain"]
+    machine_type = _get(resource.props, "nodeConfig", "machineType")
+    return [(f"has up to {nodes} VMs of the multi-host machine type {machine_type} and no "
+             f"placementPolicy.tpuTopology, so GKE makes {nodes} single-host slices of {chips_per_vm} chips instead of one slice; set placementPolicy "
+             f"{{type: COMPACT, tpuTopology: <the slice's topology, e.g. 4x4>}}")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,7 +348,8 @@ class Rule:
 
 RULES: tuple[Rule, ...] = (
     Rule("container-images-pinned",
-         "Container images are pinned by a version tag or a digest, never :latest or untagged.",
+         "Container images are pinned by a version tag or a digest, "
+         "never untagged or a moving tag (:latest, :main, :stable).",
          is_workload, check_images_pinned),
     Rule("no-primitive-iam-roles",
          "No IAM grant of the primitive roles owner, editor or viewer.",
@@ -341,7 +358,8 @@ RULES: tuple[Rule, ...] = (
          "No IAM grant to allUsers or allAuthenticatedUsers.",
          is_iam_grant, check_no_public_members),
     Rule("load-balancers-internal",
-         "A Service of type LoadBalancer carries GKE's internal load-balancer annotation.",
+         "A Service of type LoadBalancer carries GKE's internal load-balancer annotation "
+         "(or its legacy cloud.google.com form).",
          is_service, check_load_balancer_internal),
     Rule("prod-cluster-deletion-protection",
          "GKE clusters keep deletion protection in production stacks: names starting with a configured prefix "
@@ -351,7 +369,8 @@ RULES: tuple[Rule, ...] = (
          "GKE nodes do not run as the Compute Engine default service account.",
          creates_nodes, check_node_pool_service_account),
     Rule("multi-host-tpu-compact-placement",
-         "Multi-host TPU slice node pools keep COMPACT placement with their TPU topology.",
+         "A TPU node pool of several multi-host-capable VMs declares its slice's tpuTopology "
+         "(else each VM is its own slice).",
          is_tpu_node_pool, check_multi_host_tpu_placement),
     Rule("lws-serving-startup-probe",
          "LeaderWorkerSet containers that serve have a startup probe.",

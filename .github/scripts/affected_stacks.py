@@ -1,7 +1,8 @@
 """The environment stacks a change affects, in apply order, as a JSON list for a job matrix.
 
-    python3 .github/scripts/affected_stacks.py --base SHA   # a pull request: what SHA..HEAD changes
-    python3 .github/scripts/affected_stacks.py --all        # every environment (the apply on main)
+    python3 .github/scripts/affected_stacks.py --base SHA     # a pull request: what SHA..HEAD changes
+    python3 .github/scripts/affected_stacks.py --since SHA    # main: what changed since its last deploy at SHA
+    python3 .github/scripts/affected_stacks.py --all          # every environment
 
 Prints `stacks=<JSON list>`, a line for $GITHUB_OUTPUT. What a change affects:
 - a stack file, Pulumi.<stack>.yaml, affects its stack. The serving stacks read the platform stack's
@@ -12,6 +13,9 @@ Prints `stacks=<JSON list>`, a line for $GITHUB_OUTPUT. What a change affects:
 - anything else (README.md, tests/, benchmarks/) affects none.
 Only environments whose stack file exists are listed. The example stacks are not environments: the
 pull-request workflow renders them offline and never previews them against the cloud.
+On main, HEAD is compared with the commit of the last successful deploy, by the same rules as a
+pull request; where there is none (the first deploy), or it is no longer in the history (a force
+push), every environment is applied.
 """
 
 from __future__ import annotations
@@ -53,14 +57,32 @@ def changed_paths(base: str, root: pathlib.Path = ROOT) -> list[str]:
     return diff.stdout.split()
 
 
+def known_commit(sha: str, root: pathlib.Path = ROOT) -> bool:
+    if not sha:
+        return False
+    found = subprocess.run(["git", "cat-file", "-e", f"{sha}^{{commit}}"], cwd=root, capture_output=True, check=False)
+    return found.returncode == 0
+
+
+def stacks_since(deployed: str, present: list[str], root: pathlib.Path = ROOT) -> list[str]:
+    """The environments main's changes since the `deployed` commit affect; all where it is unknown."""
+    return affected_stacks(changed_paths(deployed, root), present) if known_commit(deployed, root) else present
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--base", help="the commit the change is compared with (a pull request's base)")
+    which.add_argument("--since", metavar="DEPLOYED", help="the commit of main's last successful deploy (empty: none)")
     which.add_argument("--all", action="store_true", help="every environment whose stack file exists")
     args = parser.parse_args()
     present = present_environments()
-    stacks = present if args.all else affected_stacks(changed_paths(args.base), present)
+    if args.all:
+        stacks = present
+    elif args.since is not None:
+        stacks = stacks_since(args.since, present)
+    else:
+        stacks = affected_stacks(changed_paths(args.base), present)
     print(f"stacks={json.dumps(stacks)}")
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import ipaddress
 import json
 import re
 from typing import Mapping
@@ -37,6 +38,8 @@ QUANTIZATIONS = ("int8", "bf16")
 PROVISIONING = ("on-demand", "spot", "reservation")
 RELEASE_CHANNELS = ("UNSPECIFIED", "RAPID", "REGULAR", "STABLE", "EXTENDED")
 SERVER_RUNTIMES = ("jetstream", "bundled")
+LWS_AUTO, LWS_ALWAYS, LWS_NEVER = "auto", "always", "never"
+LWS_INSTALLS = (LWS_AUTO, LWS_ALWAYS, LWS_NEVER)
 ROLES = ("all", "platform", "serving")
 PLATFORM, SERVING = "platform", "serving"
 SERVICE_TYPES = ("ClusterIP", "InternalLoadBalancer")
@@ -136,8 +139,8 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
     ConfigKey(name="namespace", type="string", default=DERIVED,
               description="Kubernetes namespace (created unless it is `default`); empty = jetstream-<stack>, so stacks sharing a cluster never collide."),
     ConfigKey(name="lwsVersion", type="string", default="v0.10.0", description="LeaderWorkerSet controller release to install."),
-    ConfigKey(name="installLwsController", type="boolean", default=True,
-              description="Install the cluster-wide LWS controller on a cluster this stack creates (role=all without existingClusterName, role=platform); false skips it. An existing cluster's, or a serving stack's platform cluster's, controller is its owner's: the stack never installs it there (destroying a stack that installed it would delete every LeaderWorkerSet of the cluster)."),
+    ConfigKey(name="installLwsController", type="string", default="auto",
+              description=f"Who installs the cluster-wide LWS controller: {', '.join(LWS_INSTALLS)}. auto installs it only on a cluster this stack creates (role=all without existingClusterName, role=platform); always also installs it into an existing cluster (existingClusterName), where it is kept when the stack is destroyed so other stacks' LeaderWorkerSets keep their CRD; never leaves it to whoever owns the cluster. A serving stack never installs it (its platform stack does)."),
     # Environments.
     ConfigKey(name="role", type="string", default="all",
               description="all (the cluster and the model server in one stack), platform (the cluster, its system pool, node service account, LWS controller and metrics adapter; exports clusterName, clusterLocation, project, kubeconfig) or serving (TPU pools and the model server on the cluster of clusterStack)."),
@@ -151,6 +154,10 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
     ConfigKey(name="releaseChannel", type="string", default="UNSPECIFIED",
               description=f"GKE release channel of a created cluster: {', '.join(RELEASE_CHANNELS)}. UNSPECIFIED (no channel) lets multi-host TPU pools keep auto-upgrade off; GKE forces it on in a channel. On an existing cluster or a platform's (role=serving) the pools follow that cluster's live channel."),
     ConfigKey(name="deletionProtection", type="boolean", default=True, description="GKE deletion protection of a created cluster."),
+    ConfigKey(name="privateEndpoint", type="boolean", default=False,
+              description="A created cluster's control plane only on its private endpoint (private nodes too: no node has an external IP); kubectl, pulumi and CI runners then need a route into the VPC."),
+    ConfigKey(name="authorizedNetworks", type="string", default="",
+              description="Comma-separated IPv4 CIDR blocks allowed to reach a created cluster's control plane (master authorized networks); empty = no restriction by source address."),
     ConfigKey(name="systemMachineType", type="string", default="e2-standard-4", description="Machine type of the CPU system pool."),
     ConfigKey(name="systemNodeCount", type="integer", default=1, description="Nodes in the CPU system pool."),
     ConfigKey(name="tpuMachineType", type="string", default="", description="Override the catalog's machine type (only 2x4: ct6e-standard-8t for one host)."),
@@ -204,6 +211,9 @@ class PlatformConfig:
     system_node_count: int
     lws_version: str
     install_lws_controller: bool  # installLwsController (a platform creates its cluster)
+    keep_lws_controller: bool  # never: the platform creates the cluster it installs into
+    private_endpoint: bool  # privateEndpoint
+    authorized_networks: tuple[str, ...]  # authorizedNetworks
     role: str = PLATFORM
 
     @property
@@ -245,7 +255,10 @@ class StackConfig:
     service_name: str
     namespace: str
     lws_version: str
-    install_lws_controller: bool  # installLwsController on a cluster the stack creates; False on any other
+    install_lws_controller: bool  # installLwsController: auto on a cluster the stack creates, always on any
+    keep_lws_controller: bool  # installed into an existing cluster: kept when the stack is destroyed
+    private_endpoint: bool  # privateEndpoint of a cluster the stack creates
+    authorized_networks: tuple[str, ...]  # authorizedNetworks of a cluster the stack creates
     cluster_name: str  # "" for role=serving: the cluster is the platform's (PlatformReference)
     existing_cluster: bool
     zone: str
@@ -408,8 +421,8 @@ _ZONE = re.compile(r"[a-z]+-[a-z]+\d+-[a-z]")
 
 
 def check_unknown_keys(raw: Mapping[str, str]) -> None:
-    """Refuse a key this project does not declare (the offline render reads whole stack files;
-    under `pulumi`, the CLI refuses undeclared keys itself, from Pulumi.yaml's schema)."""
+    """Refuse a key this project does not declare, naming the nearest declared one. The CLI no
+    longer refuses undeclared keys, and the program is handed every key of its namespace."""
     for name in raw:
         if name not in KEYS_BY_NAME:
             raise ConfigError(name, "is not a key of this stack", _closest(name, KEYS_BY_NAME))
@@ -601,13 +614,36 @@ def _scratch_bucket(raw: Mapping[str, str], project: str, stack: str) -> str:
     return bucket
 
 
-def _install_lws_controller(raw: Mapping[str, str], creates_cluster: bool) -> bool:
-    """Whether the stack installs the LWS controller: only on a cluster it creates, and there unless
-    installLwsController is false. The controller is cluster-wide, so on an existing cluster (or a
-    platform's) it is its owner's: a stack that installed it would delete the LeaderWorkerSet CRD,
-    and with it every LeaderWorkerSet of the cluster, when destroyed. Pulumi fills in the key's
-    default (true), so true cannot be told from "unset", and is read as "where the stack may"."""
-    return _boolean(raw, "installLwsController") and creates_cluster
+def _install_lws_controller(raw: Mapping[str, str], role: str, creates_cluster: bool) -> dict[str, bool]:
+    """Whether the stack installs the cluster-wide LWS controller, and keeps it when destroyed.
+
+    A string, not a boolean: Pulumi fills in a key's schema default before the program runs, so a
+    boolean's "unset" cannot be told from true. auto installs where the stack creates the cluster;
+    always also into an existing cluster, where the install outlives the stack (`keep_lws_controller`:
+    deleting the CRD would delete every LeaderWorkerSet of the cluster, other stacks' too); never
+    leaves it to the cluster's owner. A serving stack's platform installs it."""
+    if _text(raw, "installLwsController").lower() in ("true", "false"):
+        raise ConfigError("installLwsController", f"is now one of {', '.join(LWS_INSTALLS)}, not a boolean",
+                          "pulumi config set installLwsController never (was false) or auto (was true)")
+    choice = _choice(raw, "installLwsController", LWS_INSTALLS)
+    if role == SERVING and choice == LWS_ALWAYS:
+        raise ConfigError(("installLwsController", "role"),
+                          "a role=serving stack never installs the LWS controller: its platform stack does",
+                          "pulumi config set installLwsController auto (or never) here; the platform stack installs it")
+    install = choice == LWS_ALWAYS or choice == LWS_AUTO and creates_cluster
+    return {"install_lws_controller": install, "keep_lws_controller": install and not creates_cluster}
+
+
+def _authorized_networks(raw: Mapping[str, str]) -> tuple[str, ...]:
+    """authorizedNetworks: comma-separated IPv4 CIDR blocks allowed to reach the control plane."""
+    blocks = tuple(block.strip() for block in _text(raw, "authorizedNetworks").split(",") if block.strip())
+    for block in blocks:
+        try:
+            ipaddress.IPv4Network(block)
+        except ValueError:
+            raise ConfigError("authorizedNetworks", f"{block!r} is not an IPv4 CIDR block (host bits must be zero)",
+                              "pulumi config set authorizedNetworks 10.0.0.0/8,203.0.113.0/24") from None
+    return blocks
 
 
 def _lws_version(raw: Mapping[str, str]) -> str:
@@ -623,7 +659,8 @@ def _lws_version(raw: Mapping[str, str]) -> str:
 # Keys only the stack that owns the cluster uses (role=all or platform). A serving stack's TPU pools
 # follow the release channel of the live cluster, read at deploy time (resources/gke.py).
 CLUSTER_KEYS = ("clusterName", "existingClusterName", "clusterLocation", "releaseChannel", "deletionProtection",
-                "systemMachineType", "systemNodeCount", "lwsVersion", "installLwsController")
+                "systemMachineType", "systemNodeCount", "lwsVersion", "installLwsController", "privateEndpoint",
+                "authorizedNetworks")
 # What a platform stack uses; it creates its cluster, so existingClusterName is not among them.
 PLATFORM_KEYS = ("role", "zone", *(key for key in CLUSTER_KEYS if key != "existingClusterName"))
 _STACK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -636,8 +673,8 @@ def _unused_keys(role: str) -> tuple[tuple[str, ...], str, str]:
                 "a platform stack creates the cluster and what serving stacks share on it (no TPU pool, no workload, no existing cluster)",
                 "set it in a role=serving stack that names this one in clusterStack (existingClusterName: use role=all)")
     if role == SERVING:
-        # installLwsController=false stays accepted: it is what a serving stack installs (nothing),
-        # and serving stacks had to set it before true came to mean "where the stack creates the cluster".
+        # installLwsController=never stays accepted: it is what a serving stack installs (nothing);
+        # always is refused with its own reason (_install_lws_controller).
         return (tuple(name for name in CLUSTER_KEYS if name != "installLwsController"),
                 "a serving stack puts its TPU pools and workload on the cluster of clusterStack and creates no cluster",
                 "set it in the platform stack, and remove it here")
@@ -682,8 +719,21 @@ def _cluster(raw: Mapping[str, str], stack: str, role: str) -> dict:
         "system_machine_type": _text(raw, "systemMachineType"),
         "system_node_count": _bounded("systemNodeCount", _integer(raw, "systemNodeCount"), SYSTEM_NODES_RANGE),
         "lws_version": _lws_version(raw),
-        "install_lws_controller": _install_lws_controller(raw, creates_cluster=role != SERVING and not existing),
+        **_install_lws_controller(raw, role, creates_cluster=role != SERVING and not existing),
+        **_control_plane_access(raw, existing),
     }
+
+
+def _control_plane_access(raw: Mapping[str, str], existing: bool) -> dict:
+    """privateEndpoint and authorizedNetworks, which only a cluster the stack creates takes."""
+    access = {"private_endpoint": _boolean(raw, "privateEndpoint"), "authorized_networks": _authorized_networks(raw)}
+    if existing and (access["private_endpoint"] or access["authorized_networks"]):
+        key = "privateEndpoint" if access["private_endpoint"] else "authorizedNetworks"
+        existing_name = _text(raw, "existingClusterName")
+        raise ConfigError((key, "existingClusterName"),
+                          f"{key} shapes the control plane of a cluster the stack creates, not of {existing_name!r}",
+                          "set it on the existing cluster with gcloud container clusters update, and remove it here")
+    return access
 
 
 def check_same_project(project: str, platform_project: str, cluster_stack: str) -> str:

@@ -136,6 +136,7 @@ class Toleration(_Model):
     key: str
     operator: str
     effect: str
+    value: str | None = None  # operator Equal
 
 
 @model

@@ -43,7 +43,7 @@ from components.core import lws_model as lws
 from components.core import tpu
 from components.core.autoscaling import autoscaling_manifests, jetstream_server_flags, metrics_endpoint
 from components.core.config import BUNDLED_IMAGE_TAG, INTERNAL_LOAD_BALANCER, StackConfig
-from components.core.node_pools import DEPLOYMENT_LABEL, NODE_POOL_LABEL
+from components.core.node_pools import DEPLOYMENT_LABEL, NODE_POOL_LABEL, stack_toleration
 from components.core.planner import Plan
 from components.core.ports import GRPC_PORT, HTTP_PORT
 
@@ -336,7 +336,7 @@ def _pod_spec(cfg: StackConfig, containers: tuple[lws.Container, ...], **extra) 
     """A pod on this stack's TPU nodes, running as the stack's Kubernetes service account."""
     return lws.PodSpec(
         node_selector=node_selector(cfg),
-        tolerations=(TPU_TOLERATION,),
+        tolerations=(TPU_TOLERATION, stack_toleration(cfg.deployment_id)),
         service_account_name=cfg.kubernetes_service_account,
         containers=containers,
         **extra,

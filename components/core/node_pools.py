@@ -30,7 +30,12 @@ pools of replicas that only the HPA adds are created empty and autoscale between
 slice's hosts (`NodePoolSpec.autoscaling`), so an unused slice costs nothing.
 
 Names carry the stack (`stack_scoped_name`), and every TPU node carries the stack's deployment
-label, so two stacks on one cluster never share a pool name or each other's nodes.
+label, so two stacks on one cluster never share a pool name or each other's nodes. A label only
+attracts; on a shared cluster any pod that tolerates google.com/tpu could still select another
+stack's nodes and, on its node-metadata (GCE_METADATA) pools, act as that stack's node account. So
+every TPU pool also carries the stack's own NoSchedule taint (`stack_taint`), only the stack's pods
+tolerate it (`stack_toleration`), and admission.py's ValidatingAdmissionPolicy refuses any other
+namespace's pod that tolerates it or selects those nodes.
 `GkeCluster` turns each spec into a `gcp.container.NodePool`; the renderer prints them.
 """
 
@@ -39,7 +44,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping
 
-from components.core import tpu
+from components.core import lws_model, tpu
 from components.core.autoscaling import NodeRange, slice_pools
 from components.core.config import NODE_POOL_NAME_LIMIT, PlatformConfig, StackConfig, stack_scoped_name
 
@@ -50,6 +55,7 @@ DEPLOYMENT_LABEL = "jetstream-tpu/deployment"  # ties a stack's pods to its own 
 TPU_TAINT = {"key": tpu.TPU_RESOURCE, "value": "present", "effect": "NoSchedule"}  # GKE's taint on TPU nodes
 WORKLOAD_IDENTITY = "GKE_METADATA"  # pods act as their Kubernetes service account's GSA
 NODE_IDENTITY = "GCE_METADATA"  # pods act as the node's service account (Pathways TPU pools)
+STACK_TAINT_KEY = "jetstream-tpu/stack"  # its value: the stack's deployment id
 SYSTEM_POOL = "system"
 
 
@@ -70,6 +76,26 @@ class NodePoolSpec:
     tpu_chips_per_node: int  # google.com/tpu per node; 0 on CPU pools
     tpu_accelerator: str | None = None  # cloud.google.com/gke-tpu-accelerator of TPU pools
     autoscaling: NodeRange | None = None  # None: a fixed size of node_count; else created with node_count (0) nodes
+    replica: int = 0  # the LeaderWorkerSet replica whose group the pool hosts (TPU pools)
+    former_names: tuple[str, ...] = ()  # GKE names the pool may have had under another slice (`former_pool_names`)
+    taints: tuple[Mapping[str, str], ...] = ()  # the stack's own taints (GKE adds its own, see gke_node_taints)
+
+    @property
+    def resource_key(self) -> str:
+        """The pool's stable part of its Pulumi resource name: role and replica, never the slice, so a
+        topology change is an update of the same resource (a replace, old slice first), not a rename."""
+        return f"{self.role}-r{self.replica}" if self.replica else self.role
+
+
+def stack_taint(deployment_id: str) -> Mapping[str, str]:
+    """The NoSchedule taint on every TPU node of one stack."""
+    return {"key": STACK_TAINT_KEY, "value": deployment_id, "effect": "NoSchedule"}
+
+
+def stack_toleration(deployment_id: str) -> lws_model.Toleration:
+    """What the stack's own pods tolerate: its taint, by value, so no other stack's taint."""
+    taint = stack_taint(deployment_id)
+    return lws_model.Toleration(key=taint["key"], operator="Equal", value=taint["value"], effect=taint["effect"])
 
 
 def upgrades_automatically(multi_host: bool, release_channel: str | None) -> bool | None:
@@ -81,10 +107,20 @@ def upgrades_automatically(multi_host: bool, release_channel: str | None) -> boo
     return None if release_channel is None else release_channel != NO_RELEASE_CHANNEL
 
 
-def node_pool_name(cfg: StackConfig, role: str, replica: int = 0) -> str:
-    """GKE node pool name of one slice, e.g. v6e-16-serving-<stack>, v6e-16-serving-r1-<stack>."""
+def node_pool_name(cfg: StackConfig, role: str, replica: int = 0, slice_name: str | None = None) -> str:
+    """GKE node pool name of one slice, e.g. v6e-16-serving-<stack>, v6e-16-serving-r1-<stack>
+    (of the stack's slice, or of `slice_name`)."""
     replica_part = f"-r{replica}" if replica else ""
-    return stack_scoped_name(f"{cfg.tpu_slice.name}-{role}{replica_part}", cfg.stack, NODE_POOL_NAME_LIMIT)
+    prefix = f"{slice_name or cfg.tpu_slice.name}-{role}{replica_part}"
+    return stack_scoped_name(prefix, cfg.stack, NODE_POOL_NAME_LIMIT)
+
+
+def former_pool_names(cfg: StackConfig, role: str, replica: int) -> tuple[str, ...]:
+    """Every GKE name the pool of this role and replica had under any catalog slice: the
+    Pulumi resources of pools deployed before the names became stable were named after them,
+    and the pool's aliases carry them over whatever slice they ran."""
+    slice_names = dict.fromkeys(row.name for row in tpu.SLICES)
+    return tuple(node_pool_name(cfg, role, replica, slice_name) for slice_name in slice_names)
 
 
 def tpu_node_pools(cfg: StackConfig) -> tuple[NodePoolSpec, ...]:
@@ -107,6 +143,9 @@ def tpu_node_pools(cfg: StackConfig) -> tuple[NodePoolSpec, ...]:
             tpu_chips_per_node=row.chips_per_host,
             tpu_accelerator=tpu.ACCELERATOR_LABEL,
             autoscaling=pool.autoscaling,
+            replica=pool.replica,
+            former_names=former_pool_names(cfg, pool.role, pool.replica),
+            taints=(stack_taint(cfg.deployment_id),),
         )
         for pool in slice_pools(cfg.scaling, roles=cfg.slice_roles, hosts_per_slice=row.hosts)
     )
@@ -123,6 +162,7 @@ LIVE_RELEASE_CHANNEL = "the cluster's release channel decides at deploy time"
 def node_pool_summary(spec: NodePoolSpec) -> dict:
     """The spec as plain data for the plan output; `autoscaling` only on autoscaled pools."""
     summary = dataclasses.asdict(spec)
+    del summary["former_names"]  # Pulumi aliases, not part of the pool
     if spec.autoscaling is None:
         del summary["autoscaling"]
     if spec.auto_upgrade is None:
@@ -158,4 +198,5 @@ def gke_node_labels(spec: NodePoolSpec) -> dict[str, str]:
 
 
 def gke_node_taints(spec: NodePoolSpec) -> tuple[Mapping[str, str], ...]:
-    return (TPU_TAINT,) if spec.tpu_chips_per_node else ()
+    """The taints a node of this pool carries: GKE's TPU taint, then the pool's."""
+    return ((TPU_TAINT,) if spec.tpu_chips_per_node else ()) + spec.taints

@@ -10,6 +10,9 @@ MetricsAdapter, once per cluster (it serves the custom metrics API of the whole 
     The principal names the pool PROJECT.svc.id.goog, which exists only once the project's first
     Workload Identity cluster does, so the binding waits for what the component's `depends_on`
     names (program.py: the cluster the stack creates); otherwise IAM refuses it on a first apply.
+    The principal is the same for every cluster of the project (one pool per project), so every
+    stack that installs an adapter declares the same binding: it is kept when a stack is destroyed
+    (`retain_on_delete`), or destroying one stack would stop every other stack's HPA.
 
 LeaderWorkerSetAutoscaler, per workload, from the manifests `components.core.manifests.scaling_manifests`
 builds (the ones the offline render prints):
@@ -56,7 +59,7 @@ class MetricsAdapter(pulumi.ComponentResource):
             f"{name}-monitoring-viewer",
             gcp.projects.IAMMemberArgs(project=project, role=autoscaling.ADAPTER_ROLE,
                                        member=number.apply(lambda project_number: autoscaling.adapter_principal(project, project_number))),
-            opts=after_pool,
+            opts=pulumi.ResourceOptions.merge(after_pool, pulumi.ResourceOptions(retain_on_delete=True)),
         )
 
 

@@ -27,6 +27,7 @@ from components.core.node_pools import NO_RELEASE_CHANNEL, WORKLOAD_IDENTITY, No
 from components.resources.options import child_after
 
 CLOUD_PLATFORM_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
+GKE_TAINT_EFFECTS = {"NoSchedule": "NO_SCHEDULE", "PreferNoSchedule": "PREFER_NO_SCHEDULE", "NoExecute": "NO_EXECUTE"}
 
 
 def kubeconfig(cluster_name: str, endpoint: str, ca_certificate: str) -> str:
@@ -62,6 +63,8 @@ class GkeClusterArgs:
     tpu_pools: tuple[NodePoolSpec, ...]
     node_service_account: pulumi.Input[str]  # every node runs as it
     kubeconfig: pulumi.Input[str] | None = None  # ATTACH: the platform stack's (a secret)
+    private_endpoint: bool = False  # CREATE: the control plane only on its private endpoint
+    authorized_networks: tuple[str, ...] = ()  # CREATE: CIDR blocks allowed to reach the control plane
 
 
 def _reservation_affinity(spec: NodePoolSpec) -> gcp.container.NodePoolNodeConfigReservationAffinityArgs | None:
@@ -116,7 +119,31 @@ def node_pool_args(spec: NodePoolSpec, args: GkeClusterArgs, cluster: pulumi.Inp
             oauth_scopes=[CLOUD_PLATFORM_SCOPE],
             workload_metadata_config=gcp.container.NodePoolNodeConfigWorkloadMetadataConfigArgs(mode=spec.workload_metadata),
             labels=dict(spec.labels) or None,
+            taints=[gcp.container.NodePoolNodeConfigTaintArgs(key=taint["key"], value=taint["value"],
+                                                              effect=GKE_TAINT_EFFECTS[taint["effect"]])
+                    for taint in spec.taints] or None,
         ),
+    )
+
+
+def tpu_pool_options(component: str, spec: NodePoolSpec) -> pulumi.ResourceOptions:
+    """How a TPU pool is updated without ever holding two slices of one role and replica at once.
+
+    * Its resource name is stable (`resource_key`: role and replica), and aliases carry over the
+      pools deployed under the older, slice-carrying names (`former_names`). A topology change is
+      then a change of the pool's GKE name, which the provider can only do as a replace, and a
+      replace deletes the old slice first (both at once need twice the TPU capacity, which a
+      reservation or a tight quota refuses); its workload stops and comes back on the new slice.
+      A rename of the resource would instead create the new slice before deleting the old one.
+    * initial_node_count only matters at creation and the provider replaces the pool when it
+      changes; it changes when `replicas` drops below a replica that keeps a pool up to
+      maxReplicas (fixed size -> autoscaled from 0), so it is ignored after creation and the
+      serving slice is resized in place instead (the cluster autoscaler then owns its size).
+    """
+    return pulumi.ResourceOptions(
+        delete_before_replace=True,
+        aliases=[pulumi.Alias(name=f"{component}-{former}") for former in spec.former_names],
+        ignore_changes=["initialNodeCount"],
     )
 
 
@@ -166,12 +193,10 @@ class GkeCluster(pulumi.ComponentResource):
             if args.source == LOOKUP:
                 self.endpoint = found.endpoint
                 ca_certificate = found.master_auths.apply(lambda auths: auths[0].cluster_ca_certificate)
-        # A TPU pool's name carries its slice (v6e-<chips>), so a topology change replaces it; the old
-        # slice goes first, since both at once need twice the TPU capacity (a reservation or a tight
-        # quota refuses the new one). Its workload stops with it and comes back on the new slice.
-        tpu_pool = pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(delete_before_replace=True))
         self.tpu_node_pools = [
-            gcp.container.NodePool(f"{name}-{spec.name}", node_pool_args(spec, args, self.cluster_name, pools_location, release_channel), opts=tpu_pool)
+            gcp.container.NodePool(f"{name}-{spec.resource_key}",
+                                   node_pool_args(spec, args, self.cluster_name, pools_location, release_channel),
+                                   opts=pulumi.ResourceOptions.merge(child, tpu_pool_options(name, spec)))
             for spec in args.tpu_pools
         ]
         if args.source == ATTACH:
@@ -206,6 +231,26 @@ class GkeCluster(pulumi.ComponentResource):
                 workload_identity_config=gcp.container.ClusterWorkloadIdentityConfigArgs(workload_pool=f"{args.project}.svc.id.goog"),
                 release_channel=gcp.container.ClusterReleaseChannelArgs(channel=args.release_channel),
                 deletion_protection=args.deletion_protection,
+                # Explicit, not GKE's default: the HPA's metrics reach Cloud Monitoring through it.
+                monitoring_config=gcp.container.ClusterMonitoringConfigArgs(
+                    managed_prometheus=gcp.container.ClusterMonitoringConfigManagedPrometheusArgs(enabled=True)),
+                **_control_plane_access(args),
             ),
-            opts=child,
+            # node_config is the default pool's, which GKE removes: the API then reports another
+            # pool's config or none, and the provider (where the whole block is ForceNew) would
+            # replace the cluster on the next update. Only its creation matters.
+            opts=pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(ignore_changes=["nodeConfig"])),
         )
+
+
+def _control_plane_access(args: GkeClusterArgs) -> dict:
+    """privateEndpoint (which needs private nodes) and authorizedNetworks of a created cluster."""
+    access = {}
+    if args.private_endpoint:
+        access["private_cluster_config"] = gcp.container.ClusterPrivateClusterConfigArgs(
+            enable_private_nodes=True, enable_private_endpoint=True)
+    if args.authorized_networks:
+        access["master_authorized_networks_config"] = gcp.container.ClusterMasterAuthorizedNetworksConfigArgs(
+            cidr_blocks=[gcp.container.ClusterMasterAuthorizedNetworksConfigCidrBlockArgs(cidr_block=block)
+                         for block in args.authorized_networks])
+    return access

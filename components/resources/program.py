@@ -11,7 +11,7 @@ role=all (one stack):
   controller, the TPU node pools, the identity and, with serverRuntime=bundled and no image, the
   server image the stack builds -> with autoscaling, the metrics adapter (only on a cluster the
   stack creates; its Workload Identity binding waits for the cluster too), the PodMonitoring and
-  the HPA of the LeaderWorkerSet.
+  the HPA of the LeaderWorkerSet; the admission policy that reserves the stack's TPU nodes to its namespace.
 role=platform: node identity -> cluster and system pool -> LWS controller and metrics adapter
   (cluster-wide, shared by the serving stacks); exports exactly PLATFORM_OUTPUTS.
 role=serving: the platform's outputs (PlatformReference) and the stack's own node identity ->
@@ -24,13 +24,15 @@ from __future__ import annotations
 from typing import Any
 
 import pulumi
+import pulumi.runtime.config
 
-from components.core import manifests, scheduling
-from components.core.config import (BUNDLED_IMAGE_TAG, CONFIG_KEYS, PLATFORM_OUTPUTS, PROJECT, PlatformConfig, StackConfig,
+from components.core import admission, manifests, scheduling
+from components.core.config import (BUNDLED_IMAGE_TAG, PLATFORM_OUTPUTS, PROJECT, PlatformConfig, StackConfig,
                                     parse_stack_config)
 from components.core.errors import ConfigError
 from components.core.node_pools import NodePoolSpec, system_node_pool, tpu_node_pools
 from components.core.planner import Plan, plan_deployment
+from components.resources.admission import StackIsolation, StackIsolationArgs
 from components.resources.autoscaling import LeaderWorkerSetAutoscaler, LeaderWorkerSetAutoscalerArgs, MetricsAdapter, MetricsAdapterArgs
 from components.resources.gke import ATTACH, CREATE, LOOKUP, GkeCluster, GkeClusterArgs
 from components.resources.identity import NodeIdentity, NodeIdentityArgs, ServingIdentity, ServingIdentityArgs
@@ -47,10 +49,12 @@ TPU_HOST_PLATFORM = "linux/amd64"  # TPU v6e hosts are x86-64 VMs
 
 
 def project_config_values() -> dict[str, str]:
-    """This project's config values, by key. Pulumi's CLI refuses keys Pulumi.yaml does not
-    declare and fills in the declared defaults before the program runs."""
-    config = pulumi.Config(PROJECT)
-    return {key.name: value for key in CONFIG_KEYS if (value := config.get(key.name)) is not None}
+    """Every value of this project's namespace the program was given, declared or not, by key.
+    The CLI no longer refuses keys Pulumi.yaml does not declare, so reading only the declared
+    ones would let a typo fall back to the default; parse_stack_config refuses unknown keys."""
+    given = {**pulumi.runtime.config.get_config_env(), **pulumi.runtime.config.CONFIG.get()}
+    prefix = f"{PROJECT}:"
+    return {name.removeprefix(prefix): str(value) for name, value in given.items() if name.startswith(prefix)}
 
 
 def load() -> tuple[StackConfig | PlatformConfig, Plan | None]:
@@ -87,6 +91,9 @@ def build_platform(cfg: PlatformConfig) -> dict[str, Any]:
 def build_serving(cfg: StackConfig, plan: Plan) -> dict[str, Any]:
     """The model server, on a cluster of its own (role=all) or the platform's (role=serving)."""
     cluster, node_service_account = _cluster(cfg)
+    # Only this stack's namespace may use its TPU nodes (components/core/admission.py).
+    isolation = StackIsolationArgs(policy=admission.isolation_policy(cfg), binding=admission.isolation_binding(cfg))
+    StackIsolation("isolation", isolation, pulumi.ResourceOptions(provider=cluster.provider))
     # The Workload Identity binding needs the pool, which exists once a cluster with Workload Identity does.
     needs_pool = cfg.pods_use_workload_identity and cluster.cluster is not None
     identity = ServingIdentity("identity", _identity_args(cfg, node_service_account),
@@ -164,6 +171,8 @@ def _owned_cluster_args(cfg: StackConfig | PlatformConfig, node_service_account:
         system_pool=system_node_pool(cfg),
         tpu_pools=tpu_pools,
         node_service_account=node_service_account,
+        private_endpoint=cfg.private_endpoint,
+        authorized_networks=cfg.authorized_networks,
     )
 
 
@@ -171,7 +180,8 @@ def _lws_controller(cfg: StackConfig | PlatformConfig, provider: pulumi.Provider
     """The cluster-wide LWS controller, where this stack installs it (installLwsController)."""
     if not cfg.install_lws_controller:
         return []
-    return [LeaderWorkerSetController("lws", LeaderWorkerSetControllerArgs(version=cfg.lws_version), pulumi.ResourceOptions(provider=provider))]
+    controller = LeaderWorkerSetControllerArgs(version=cfg.lws_version, keep_on_destroy=cfg.keep_lws_controller)
+    return [LeaderWorkerSetController("lws", controller, pulumi.ResourceOptions(provider=provider))]
 
 
 def _metrics_adapter(cfg: StackConfig | PlatformConfig, cluster: GkeCluster) -> MetricsAdapter:

@@ -78,6 +78,8 @@ CASES = [
      lws(init_containers=[{"name": "fetch-checkpoint", "image": "gcr.io/google.com/cloudsdktool/google-cloud-cli"}]), "dev"),
     ("container-images-pinned", "kubernetes:apps/v1:Deployment",
      deployment("registry.k8s.io/lws/lws@sha256:" + "0" * 64), deployment("registry.k8s.io/lws/lws:latest"), "dev"),
+    *(("container-images-pinned", "kubernetes:apps/v1:Deployment", deployment("registry.k8s.io/lws/lws:v0.10.0"),
+       deployment(f"registry.k8s.io/lws/lws:{moving}"), "dev") for moving in ("main", "stable", "nightly", "v1")),
     ("no-primitive-iam-roles", "gcp:projects/iAMMember:IAMMember",
      {"project": "p", "role": "roles/container.nodeServiceAccount", "member": f"serviceAccount:{NODE_ACCOUNT}"},
      {"project": "p", "role": "roles/editor", "member": f"serviceAccount:{NODE_ACCOUNT}"}, "dev"),
@@ -92,6 +94,9 @@ CASES = [
      {"bucket": "b", "policyData": '{"bindings": [{"role": "roles/storage.objectViewer", "members": ["allAuthenticatedUsers"]}]}'}, "dev"),
     ("load-balancers-internal", SERVICE,
      service("LoadBalancer", {"networking.gke.io/load-balancer-type": "Internal"}), service("LoadBalancer"), "dev"),
+    ("load-balancers-internal", SERVICE,  # GKE's legacy annotation: the same internal load balancer
+     service("LoadBalancer", {"cloud.google.com/load-balancer-type": "Internal"}),
+     service("LoadBalancer", {"cloud.google.com/load-balancer-type": "External"}), "dev"),
     ("prod-cluster-deletion-protection", CLUSTER,
      {"name": "jetstream", "deletionProtection": True, "removeDefaultNodePool": True},
      {"name": "jetstream", "deletionProtection": False, "removeDefaultNodePool": True}, "prod"),
@@ -106,8 +111,9 @@ CASES = [
     ("node-pools-not-default-service-account", CLUSTER,
      {"name": "jetstream", "removeDefaultNodePool": True},
      {"name": "jetstream", "initialNodeCount": 1.0}, "dev"),
-    ("multi-host-tpu-compact-placement", NODE_POOL, node_pool(), node_pool(placementPolicy={"tpuTopology": "4x4"}), "dev"),
-    ("multi-host-tpu-compact-placement", NODE_POOL, node_pool(), node_pool(placementPolicy={"type": "COMPACT", "tpuTopology": "four-by-four"}), "dev"),
+    ("multi-host-tpu-compact-placement", NODE_POOL, node_pool(), node_pool(drop=("placementPolicy",)), "dev"),
+    ("multi-host-tpu-compact-placement", NODE_POOL, node_pool(drop=("nodeCount",), initialNodeCount=0.0, autoscaling={"minNodeCount": 0.0, "maxNodeCount": 4.0}),
+     node_pool(drop=("nodeCount", "placementPolicy"), initialNodeCount=0.0, autoscaling={"minNodeCount": 0.0, "maxNodeCount": 4.0}), "dev"),
     ("lws-serving-startup-probe", LWS, lws(), lws(leader_containers=[serving_container(drop=("startupProbe",))]), "dev"),
     ("lws-serving-startup-probe", LWS, lws(),
      lws(leader_containers=[{"name": "jax-tpu", "image": "jetstream:v0.2.0", "ports": [{"containerPort": 9000.0}]}]), "dev"),
@@ -162,12 +168,12 @@ def test_the_production_stack_prefixes_are_pack_configuration():
     assert all(other.config_schema is None for other in POLICIES if other is not policy)
 
 
-def test_single_host_tpu_pools_need_no_compact_placement():
+def test_single_host_tpu_pools_need_no_topology():
     one_vm = {**node_pool()["nodeConfig"], "machineType": "ct6e-standard-8t"}
-    assert policies_violated(NODE_POOL, node_pool(drop=("placementPolicy",), nodeCount=1.0, nodeConfig=one_vm)) == set()
-    # 2x4 on ct6e-standard-8t is one VM; 2x4 on ct6e-standard-4t is two.
-    assert policies_violated(NODE_POOL, node_pool(placementPolicy={"tpuTopology": "2x4"}, nodeConfig=one_vm)) == set()
-    assert policies_violated(NODE_POOL, node_pool(placementPolicy={"tpuTopology": "2x4"})) == {"multi-host-tpu-compact-placement"}
+    # 8-chip VMs are single-host slices only, however many; one 4-chip VM is a 2x2 slice by itself.
+    assert policies_violated(NODE_POOL, node_pool(drop=("placementPolicy",), nodeCount=3.0, nodeConfig=one_vm)) == set()
+    assert policies_violated(NODE_POOL, node_pool(drop=("placementPolicy",), nodeCount=1.0)) == set()
+    assert policies_violated(NODE_POOL, node_pool(drop=("placementPolicy",), nodeCount=2.0)) == {"multi-host-tpu-compact-placement"}
 
 
 def test_a_load_balancer_annotated_external_or_a_cluster_ip_service():

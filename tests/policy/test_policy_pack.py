@@ -1,5 +1,6 @@
-"""The policy pack from the main suite: its own tests in its virtualenv, and every policy on every
-example stack's own resources, recorded under Pulumi mocks (tests/stack/pulumi_harness.py)."""
+"""The policy pack from the main suite: its own tests in its virtualenv, every policy on every
+example stack's own resources, recorded under Pulumi mocks (tests/stack/pulumi_harness.py), and on
+the children of the pinned manifests the stack applies through ConfigFiles (tests/policy/manifests)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,14 @@ import pathlib
 import sys
 
 import pytest
+import yaml
 from pack_runner import analysis_of, run_in_pack_venv, violations_of
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "stack"))
 from pulumi_harness import EXAMPLE_STACKS, Recording, run_stack, stack_file_config  # noqa: E402
+
+from components.core import autoscaling  # noqa: E402
+from components.core.config import KEYS_BY_NAME  # noqa: E402
 
 LWS = "kubernetes:leaderworkerset.x-k8s.io/v1:LeaderWorkerSet"
 NODE_POOL = "gcp:container/nodePool:NodePool"
@@ -69,3 +74,53 @@ def test_the_platform_stacks_cluster_keeps_deletion_protection():
     cluster["inputs"]["deletionProtection"] = False
     caught = [(violation["policy"], violation["urn"], violation["mandatory"]) for violation in violations_of(resources)]
     assert caught == [("prod-cluster-deletion-protection", cluster["urn"], True)]
+
+
+MANIFESTS = pathlib.Path(__file__).resolve().parent / "manifests"
+
+
+def config_file_children(manifest: pathlib.Path, component: str) -> list[dict]:
+    """The objects a `kubernetes.yaml.v2.ConfigFile` of `manifest` creates, as the engine sends them to the pack."""
+    children = []
+    for document in yaml.safe_load_all(manifest.read_text()):
+        if not document:
+            continue
+        group_version, kind, name = document["apiVersion"], document["kind"], document["metadata"]["name"]
+        type_ = f"kubernetes:{group_version if '/' in group_version else 'core/' + group_version}:{kind}"
+        children.append({"type": type_, "name": f"{component}:{name}", "inputs": document,
+                         "urn": f"urn:pulumi:platform::jetstream-tpu::{component}${type_}::{component}:{name}"})
+    return children
+
+
+def test_the_pinned_metrics_adapter_manifest_passes_the_pack():
+    """The ConfigFile's children are resources the pack judges too: the pinned adapter release's
+    Deployment (its image) and Service (never a public load balancer)."""
+    [manifest] = MANIFESTS.glob("custom-metrics-stackdriver-adapter-*.yaml")
+    assert manifest.stem.rsplit("-", 1)[1] == autoscaling.ADAPTER_COMMIT in autoscaling.ADAPTER_MANIFEST_URL
+    children = config_file_children(manifest, "metrics-adapter-manifests")
+    assert_judged_and_compliant(children, "metrics-adapter-manifests:custom-metrics-stackdriver-adapter")
+    deployment = next(child for child in children if child["inputs"]["kind"] == "Deployment")
+    container = deployment["inputs"]["spec"]["template"]["spec"]["containers"][0]
+    container["image"] = "gcr.io/gke-release/custom-metrics-stackdriver-adapter:main"
+    assert [violation["policy"] for violation in violations_of(children)] == ["container-images-pinned"]
+
+
+def test_the_lws_release_manifest_passes_the_pack():
+    """The LWS controller's children (the default lwsVersion's release): its Deployment and Services."""
+    manifest = MANIFESTS / f"lws-{KEYS_BY_NAME['lwsVersion'].default}-without-crds.yaml"
+    children = config_file_children(manifest, "lws-manifests")
+    assert_judged_and_compliant(children, "lws-manifests:lws-controller-manager")
+    services = [child for child in children if child["inputs"]["kind"] == "Service"]
+    assert len(services) == 2
+    services[0]["inputs"]["spec"]["type"] = "LoadBalancer"
+    assert [violation["policy"] for violation in violations_of(children)] == ["load-balancers-internal"]
+
+
+def assert_judged_and_compliant(children: list[dict], deployment: str) -> None:
+    """The pack judges the release's Deployment and finds no violation among its objects."""
+    analysis = analysis_of(children)
+    judged = {(resource["urn"].rsplit("::", 1)[1], policy) for resource in analysis["resources"]
+              for policy in resource["applicable"]}
+    assert (deployment, "container-images-pinned") in judged
+    assert any(policy == "load-balancers-internal" for _, policy in judged)
+    assert violations_of(children) == []

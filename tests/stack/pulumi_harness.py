@@ -3,7 +3,8 @@
 `run_stack(config, stack)` runs the real `__main__.py` under `pulumi.runtime.set_mocks` with the
 given stack config and returns a `Recording`: every registered resource with its type, name,
 parent URN, dependencies, provider reference, inputs and resource options that change how the
-engine updates it (replace_on_changes, delete_before_replace, custom timeouts, ignore_changes),
+engine updates it (replace_on_changes, delete_before_replace, custom timeouts, ignore_changes,
+aliases, retain_on_delete, how many transforms it passes to its children),
 plus the exported stack outputs and the invokes.
 
 The mocks fill in what the cloud would compute: a cluster's endpoint, a service account's email,
@@ -56,6 +57,9 @@ class Registered:
     delete_before_replace: bool = False
     custom_timeouts: dict[str, str] = dataclasses.field(default_factory=dict)
     ignore_changes: list[str] = dataclasses.field(default_factory=list)
+    aliases: list[str] = dataclasses.field(default_factory=list)  # the names of name-only aliases
+    retain_on_delete: bool = False
+    transforms: int = 0  # how many resource transforms apply to its children
 
     @property
     def parent_type(self) -> str:
@@ -139,6 +143,8 @@ class RecordingMonitor(MockMonitor):
                 replace_on_changes=list(request.replaceOnChanges), delete_before_replace=request.deleteBeforeReplace,
                 custom_timeouts={kind: getattr(timeouts, kind) for kind in ("create", "update", "delete") if getattr(timeouts, kind)},
                 ignore_changes=list(request.ignoreChanges),
+                aliases=[alias.spec.name for alias in request.aliases if alias.HasField("spec")],
+                retain_on_delete=request.retainOnDelete, transforms=len(request.transforms),
             ))
         return response
 

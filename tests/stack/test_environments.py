@@ -154,7 +154,10 @@ def test_dev_and_prod_share_no_pool_and_no_kubernetes_object(recordings):
 
     dev, prod = names(recordings["dev"]), names(recordings["prod"])
     assert dev and prod and dev.isdisjoint(prod)
-    assert {namespace for type_, namespace in dev if type_.startswith("kubernetes:")} == {"jetstream-dev"}
+    # Namespaced objects live in the stack's namespace; its cluster-scoped admission policy carries the stack's name.
+    cluster_scoped = ("kubernetes:admissionregistration.k8s.io/",)
+    assert {namespace for type_, namespace in dev if type_.startswith("kubernetes:") and not type_.startswith(cluster_scoped)} == {"jetstream-dev"}
+    assert {name for type_, name in dev if type_.startswith(cluster_scoped)} == {"tpu-nodes-jetstream-dev"}
 
 
 def test_a_serving_stack_in_another_project_than_its_platform_is_refused():

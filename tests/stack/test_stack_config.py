@@ -33,8 +33,10 @@ def test_pulumi_yaml_declares_exactly_the_key_table():
 def test_contract_keys_exist_and_the_ones_a_stack_that_serves_needs_are_refused_when_missing():
     for name in (*CONTRACT_KEYS, "role", "clusterStack", "serviceType"):  # issues 8 and 9 name them
         assert name in stack_config.KEYS_BY_NAME
-    for name in ("installLwsController", "waitForReady"):  # issue 8's contract: booleans
-        assert stack_config.KEYS_BY_NAME[name].type == "boolean"
+    assert stack_config.KEYS_BY_NAME["waitForReady"].type == "boolean"
+    # A string: Pulumi merges a boolean's default into config, so its "unset" could not be told from true.
+    lws_install = stack_config.KEYS_BY_NAME["installLwsController"]
+    assert (lws_install.type, lws_install.default, stack_config.LWS_INSTALLS) == ("string", "auto", ("auto", "always", "never"))
     # Pulumi requires a key declared without a default, also in a platform stack, which has no model.
     assert [key.name for key in stack_config.CONFIG_KEYS if key.default is None] == []
     assert stack_config.REQUIRED_TO_SERVE == ("model", "topology", "checkpointPath")
@@ -117,26 +119,34 @@ def test_explicit_names_win_over_derived_ones():
     assert (cfg.cluster_name, cfg.namespace, cfg.scratch_bucket) == ("shared", "serving", "my-scratch")
 
 
-def test_lws_is_installed_on_a_cluster_the_stack_creates_unless_installLwsController_is_false():
-    """Pulumi fills in the default (true), so true means "where the stack may": on its own cluster only."""
-    assert config().install_lws_controller is True
-    assert config(installLwsController="false").install_lws_controller is False
-    # An existing cluster's controller is its owner's: never installed there, and nothing to set.
-    assert config(existingClusterName="shared").install_lws_controller is False
-    assert config(existingClusterName="shared", installLwsController="false").install_lws_controller is False
-    for value in ("true", "false"):  # a serving stack's cluster is its platform's
+def test_installLwsController_auto_installs_on_a_created_cluster_always_also_on_an_existing_one_and_keeps_it_there():
+    """auto (the default) installs where the stack creates the cluster; always also into an existing
+    cluster, where the install outlives the stack; never leaves it to the cluster's owner."""
+    installs = {(existing, choice): (cfg.install_lws_controller, cfg.keep_lws_controller)
+                for existing in ("", "shared") for choice in stack_config.LWS_INSTALLS
+                for cfg in [config(existingClusterName=existing, installLwsController=choice)]}
+    assert installs == {("", "auto"): (True, False), ("", "always"): (True, False), ("", "never"): (False, False),
+                        ("shared", "auto"): (False, False), ("shared", "always"): (True, True), ("shared", "never"): (False, False)}
+    for value in ("auto", "never"):  # a serving stack's cluster is its platform's
         serving = stack_config.parse_stack_config({**_refused_raw(SERVING), "installLwsController": value}, project=GCP_PROJECT, stack="dev")
         assert serving.install_lws_controller is False
+    with pytest.raises(ConfigError, match="installLwsController.*platform stack does"):
+        stack_config.parse_stack_config({**_refused_raw(SERVING), "installLwsController": "always"}, project=GCP_PROJECT, stack="dev")
+    for legacy, replacement in (("false", "never"), ("true", "auto")):  # the boolean it was: a clear way over
+        with pytest.raises(ConfigError, match=f"installLwsController.*not a boolean.*{replacement} \\(was {legacy}\\)"):
+            config(installLwsController=legacy)
+    with pytest.raises(ConfigError, match="installLwsController.*did you mean 'always'"):
+        config(installLwsController="alway")
     platform = stack_config.parse_stack_config({"role": "platform"}, project=GCP_PROJECT, stack="platform")
     assert platform.install_lws_controller is True
-    assert stack_config.parse_stack_config({"role": "platform", "installLwsController": "false"}, project=GCP_PROJECT,
+    assert stack_config.parse_stack_config({"role": "platform", "installLwsController": "never"}, project=GCP_PROJECT,
                                            stack="platform").install_lws_controller is False
 
 
 def test_only_a_stack_that_creates_its_cluster_installs_the_metrics_adapter():
     assert config(maxReplicas="2").installs_metrics_adapter is True
     assert config().installs_metrics_adapter is False  # no autoscaling, no adapter
-    shared = config(maxReplicas="2", existingClusterName="shared", installLwsController="false")
+    shared = config(maxReplicas="2", existingClusterName="shared", installLwsController="never")
     assert (shared.creates_cluster, shared.installs_metrics_adapter) == (False, False)
     serving = stack_config.parse_stack_config({**_refused_raw(SERVING), "maxReplicas": "2"}, project=GCP_PROJECT, stack="dev")
     assert (serving.creates_cluster, serving.installs_metrics_adapter) == (False, False)

@@ -26,6 +26,7 @@ SEED_LATEST = {
     "us-docker.pkg.dev/cloud-tpu-v2-images/pathways/server:latest": DEFAULT_IMAGES["pathwaysServerImage"],
 }
 K8S_VERSION = "1.33.0"
+STACK_TOLERATION = {"key": "jetstream-tpu/stack", "operator": "Equal", "effect": "NoSchedule"}  # and the stack's value
 
 # Every way the stack's output differs from the seed's YAML on purpose; nothing else may differ.
 INTENTIONAL_DIFFERENCES = (
@@ -36,6 +37,7 @@ INTENTIONAL_DIFFERENCES = (
     "--gcs_scratch_location: Google's shared staging bucket -> the stack's own scratch bucket",
     "disaggregated: the worker template carries the TPU toleration the leader has",
     "nodeSelector: pods also select the stack's own TPU pools (label jetstream-tpu/deployment)",
+    "tolerations: pods also tolerate the stack's own taint on its TPU pools (jetstream-tpu/stack=<deployment id>)",
     "Service: annotated pulumi.com/skipAwait, so pulumi up never waits for the leader's endpoints",
     "disaggregated: subGroupPolicyType LeaderExcluded, the Pathways leader holds no TPU (issue 8.8)",
     "LWS: annotated pulumi.com/patchForce, so an apply takes spec.replicas back from a removed HPA",
@@ -79,6 +81,8 @@ def apply_intentional_differences(reference: list[dict], cfg) -> list[dict]:
     if cfg.mode == "disaggregated":
         pods[1]["tolerations"] = pods[0]["tolerations"]
         template["subGroupPolicy"] = {"subGroupPolicyType": "LeaderExcluded", **template["subGroupPolicy"]}
+    for pod in pods:
+        pod["tolerations"] = [*pod["tolerations"], STACK_TOLERATION | {"value": cfg.deployment_id}]
     return [lws, svc]
 
 
@@ -308,7 +312,8 @@ def test_bundled_leader_and_workers_each_run_the_server_on_their_hosts_chips(sta
         assert {8476, 8477} <= {port["containerPort"] for port in server["ports"]}
         assert spec["nodeSelector"] == {"cloud.google.com/gke-tpu-accelerator": "tpu-v6e-slice", "cloud.google.com/gke-tpu-topology": cfg.tpu_slice.topology,
                                         "jetstream-tpu/deployment": f"jetstream-{stack}"}
-        assert spec["tolerations"] == [{"key": "google.com/tpu", "operator": "Exists", "effect": "NoSchedule"}]
+        assert spec["tolerations"] == [{"key": "google.com/tpu", "operator": "Exists", "effect": "NoSchedule"},
+                                       STACK_TOLERATION | {"value": f"jetstream-{stack}"}]
         images = {container["image"] for container in (*spec["containers"], *spec["initContainers"])}
         assert not images & PATHWAYS_IMAGES
         assert not any("pathways" in container["name"] for container in spec["containers"])

@@ -47,14 +47,16 @@ EXPECTED_PARENTS = {
     "kubernetes:core/v1:ServiceAccount": "jetstream:serving:JetStreamServer",
     LWS: "jetstream:serving:JetStreamServer",
     SERVICE: "jetstream:serving:JetStreamServer",
+    "kubernetes:admissionregistration.k8s.io/v1:ValidatingAdmissionPolicy": "jetstream:admission:StackIsolation",
+    "kubernetes:admissionregistration.k8s.io/v1:ValidatingAdmissionPolicyBinding": "jetstream:admission:StackIsolation",
 }
 STACK_REFERENCE_OWNER = "jetstream:platform:PlatformReference"
 COMPONENTS = {  # per role; plus SCALING_COMPONENTS where maxReplicas > replicas
-    "all": ("jetstream:iam:NodeIdentity", "jetstream:gke:GkeCluster", "jetstream:iam:ServingIdentity",
+    "all": ("jetstream:iam:NodeIdentity", "jetstream:gke:GkeCluster", "jetstream:admission:StackIsolation", "jetstream:iam:ServingIdentity",
             "jetstream:lws:LeaderWorkerSetController", "jetstream:serving:JetStreamServer"),
     "platform": ("jetstream:iam:NodeIdentity", "jetstream:gke:GkeCluster", "jetstream:lws:LeaderWorkerSetController", ADAPTER),
-    "serving": (STACK_REFERENCE_OWNER, "jetstream:iam:NodeIdentity", "jetstream:gke:GkeCluster", "jetstream:iam:ServingIdentity",
-                "jetstream:serving:JetStreamServer"),
+    "serving": (STACK_REFERENCE_OWNER, "jetstream:iam:NodeIdentity", "jetstream:gke:GkeCluster", "jetstream:admission:StackIsolation",
+                "jetstream:iam:ServingIdentity", "jetstream:serving:JetStreamServer"),
 }
 SCALING_COMPONENTS = (ADAPTER, AUTOSCALER)
 MINIMAL = {"model": "llama3.1-8b", "topology": "2x2", "checkpointPath": "gs://test-checkpoints/m/0/items"}
@@ -278,7 +280,7 @@ def test_workload_identity_binding_waits_for_the_cluster_that_creates_the_pool()
     assert binding.inputs["member"] == "serviceAccount:my-gcp-project.svc.id.goog[llama3-8b/jetstream-pathways]"
     assert recording.one(CLUSTER).urn in binding.dependencies
     # On an existing cluster the pool exists already: nothing to wait for, and no cluster to wait on.
-    existing = _run_bundled(existingClusterName="shared-tpu", clusterLocation="us-east5", installLwsController="false")
+    existing = _run_bundled(existingClusterName="shared-tpu", clusterLocation="us-east5", installLwsController="never")
     assert existing.of_type(CLUSTER) == [] and existing.one(ACCOUNT_MEMBER).inputs["role"] == "roles/iam.workloadIdentityUser"
 
 
@@ -324,11 +326,11 @@ def test_two_stacks_in_one_project_share_no_name():
 
 
 def test_lws_controller_is_installed_only_where_the_stack_owns_the_cluster():
-    """8.3: installLwsController (default true) installs the cluster-wide release on a cluster the
-    stack creates; false does not, and neither does the default on an existing cluster (its owner's).
+    """8.3: installLwsController (default auto) installs the cluster-wide release on a cluster the
+    stack creates; never does not, and neither does the default on an existing cluster (its owner's).
     The LeaderWorkerSet then waits for the node pools and the identity only."""
     assert len(_run().of_type(CONFIG_FILE)) == 1
-    for without in (_run(installLwsController="false"), _run(existingClusterName="shared-tpu", clusterLocation="us-east5")):
+    for without in (_run(installLwsController="never"), _run(existingClusterName="shared-tpu", clusterLocation="us-east5")):
         assert without.of_type(CONFIG_FILE) == [] and without.of_type("jetstream:lws:LeaderWorkerSetController") == []
         assert NODE_POOL in _dependency_types(without, without.one(LWS))
 
@@ -343,8 +345,8 @@ def test_lws_is_replaced_not_patched_where_the_webhook_refuses_updates(recording
 
 @pytest.mark.parametrize("stack", WORKLOAD_STACKS)
 def test_a_replaced_tpu_pool_is_deleted_before_its_successor_is_created(recordings, stack):
-    """A topology change renames (so replaces) the TPU pools; creating the new slice before deleting
-    the old one would need twice the TPU capacity, which a reservation or a tight quota refuses."""
+    """A topology change changes the TPU pools' GKE names (so replaces them); creating the new slice
+    before deleting the old one would need twice the TPU capacity, which a reservation or a tight quota refuses."""
     recording = recordings[stack]
     tpu_pools = [pool for pool in recording.of_type(NODE_POOL) if pool.inputs["name"] != "system"]
     assert tpu_pools and all(pool.delete_before_replace for pool in tpu_pools)
@@ -508,7 +510,7 @@ def test_jetstream_serves_the_metrics_the_pod_monitoring_scrapes(recordings):
 def test_a_stack_on_an_existing_cluster_autoscales_through_the_adapter_of_the_clusters_owner():
     """The adapter is cluster-wide (its namespace, APIServices, ClusterRoles): destroying a stack that
     installed it on a shared cluster would break every custom-metrics HPA there."""
-    recording = _run(existingClusterName="shared-tpu", clusterLocation="us-east5", installLwsController="false", maxReplicas="2")
+    recording = _run(existingClusterName="shared-tpu", clusterLocation="us-east5", installLwsController="never", maxReplicas="2")
     assert recording.of_type(ADAPTER) == [] and recording.of_type(CONFIG_FILE) == []
     assert not any(member.inputs["role"] == "roles/monitoring.viewer" and member.inputs["member"].startswith("principal://")
                    for member in recording.of_type(PROJECT_MEMBER))

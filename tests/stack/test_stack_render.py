@@ -158,7 +158,7 @@ def test_render_prints_the_plan_summary_as_comments():
 
 @pytest.mark.parametrize(("stack", "values", "lws", "adapter"), [
     ("own", {}, "v0.10.0", None),
-    ("skip", {"installLwsController": "false"}, "not installed (installLwsController=false)", None),
+    ("skip", {"installLwsController": "never"}, "not installed (installLwsController=never)", None),
     ("shared", {"existingClusterName": "shared-tpu", "maxReplicas": "2"}, "not installed: the existing cluster's owner installs it",
      "not installed: the existing cluster's owner installs it"),
     ("scaled", {"maxReplicas": "2"}, "v0.10.0", "https://raw.githubusercontent.com/GoogleCloudPlatform/k8s-stackdriver/"),
