@@ -83,6 +83,15 @@ class Tokenizer(Protocol):
     @property
     def vocab_size(self) -> int: ...
 
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Control tokens (EOS, chat markers): never part of generated text a grammar constrains."""
+        ...
+
+    def token_bytes(self) -> list[bytes]:
+        """The bytes each id stands for, by id (a special token: its own name), for grammar engines."""
+        ...
+
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` as given: no BOS added, no chat template."""
         ...
