@@ -16,8 +16,9 @@ Generation is greedy unless the request asks for sampling (temperature > 0), on 
 in GenerateBody are accepted and ignored). The OpenAI endpoints take what OpenAI clients send:
 unknown fields are ignored with a logged warning (as vLLM does), null means "not set", `stop`
 strings end the text early (the request completes there and frees its slot), `ignore_eos`, `seed`,
-`stream_options.include_usage`; fields asking for what this server cannot do (n > 1, logprobs,
-penalties, logit_bias, echo, ...) are a 400 naming the field (see _UNSUPPORTED).
+`stream_options.include_usage`, `response_format` (json_object, json_schema: see structured.py);
+fields asking for what this server cannot do (n > 1, logprobs, penalties, logit_bias, echo, ...)
+are a 400 naming the field (see _UNSUPPORTED).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from serving.server.requests import (
     ResultStream,
     StopStrings,
 )
+from serving.server.structured import parse_response_format
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +117,6 @@ class _StreamOptions(_OpenAIModel):
     include_usage: bool = False  # one more chunk before [DONE]: empty choices, the usage counts
 
 
-class _ResponseFormat(_OpenAIModel):
-    type: str
-
-
 class _OpenAIBody(_OpenAIModel, _Sampling):
     """Accepted and ignored: model (this server serves one), user. The fields after `ignore_eos`
     are OpenAI's, checked against _UNSUPPORTED rather than dropped."""
@@ -135,6 +133,8 @@ class _OpenAIBody(_OpenAIModel, _Sampling):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] = Field(default_factory=dict)
+    # structured outputs, validated by structured.parse_response_format (json_object, json_schema)
+    response_format: dict[str, Any] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -191,7 +191,6 @@ class ChatBody(_OpenAIBody):
     max_completion_tokens: int | None = None
     logprobs: bool = False  # chat: whether to return log probabilities
     top_logprobs: int = 0
-    response_format: _ResponseFormat | None = None
     tools: list[dict[str, Any]] = Field(default_factory=list)
 
 
@@ -207,7 +206,6 @@ _UNSUPPORTED: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("presence_penalty", lambda v: v == 0, "presence_penalty is not supported; send 0 or leave it out"),
     ("frequency_penalty", lambda v: v == 0, "frequency_penalty is not supported; send 0 or leave it out"),
     ("logit_bias", lambda v: not v, "logit_bias is not supported"),
-    ("response_format", lambda v: v is None or v.type == "text", "only response_format type 'text' is supported"),
     ("tools", lambda v: not v, "tool calling is not supported"),
 )
 
@@ -499,7 +497,13 @@ def create_app(orchestrator: Orchestrator, *, model_name: str) -> fastapi.FastAP
     def submit_openai(body: _OpenAIBody, path: str, prompt, max_tokens: int, rename: dict[str, str]):
         try:
             _accept_openai(body, path)
-            request = GenerateRequest(prompt, max_tokens, body.sampling(), ignore_eos=body.ignore_eos)
+            request = GenerateRequest(
+                prompt,
+                max_tokens,
+                body.sampling(),
+                ignore_eos=body.ignore_eos,
+                response_format=parse_response_format(body.response_format),
+            )
         except RequestError as exc:
             return None, _submit_error(exc, rename)
         return submit(request, rename)
