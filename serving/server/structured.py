@@ -80,7 +80,9 @@ def parse_response_format(obj: Mapping[str, Any] | None) -> ResponseFormat | Non
     return _compiled("json_schema", schema, name=name, strict=bool(strict), where=where)
 
 
-def _compiled(kind, schema: Mapping[str, Any], *, name: str = "", strict: bool = False, where: str = "") -> ResponseFormat:
+def _compiled(
+    kind, schema: Mapping[str, Any], *, name: str = "", strict: bool = False, where: str = ""
+) -> ResponseFormat:
     try:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(dict(schema), defaults=_JSON_STYLE)
     except ValueError as exc:

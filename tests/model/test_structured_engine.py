@@ -50,7 +50,8 @@ def masked_generate(engines, params, allowed: list[set[int] | None], n_tokens: i
     state = engine.init_decode_state()
     outputs = []
     for slot, tokens in enumerate(PROMPTS):
-        prefix, first = engine.prefill(params=params, tokens=tokens, sampling=sampling, token_mask=rows[slot : slot + 1])
+        row = rows[slot : slot + 1]
+        prefix, first = engine.prefill(params=params, tokens=tokens, sampling=sampling, token_mask=row)
         state = engine.insert(prefix, state, slot=slot)
         outputs.append([int(first.to_host()[0])])
     for _ in range(n_tokens - 1):

@@ -36,7 +36,8 @@ def test_text_is_unconstrained_and_both_json_schema_shapes_give_one_grammar():
         ({"type": "json_schema", "json_schema": {"name": "x"}}, "json_schema.schema must be a JSON Schema object"),
         ({"type": "json_schema", "name": 3, "schema": {}}, "name must be a string"),
         ({"type": "json_schema", "schema": {}, "strict": "yes"}, "strict must be a boolean"),
-        ({"type": "json_schema", "schema": {"type": "object", "not": {"type": "string"}}}, 'Unimplemented keys: ["not"]'),
+        ({"type": "json_schema", "schema": {"type": "object", "not": {"type": "string"}}},
+         'Unimplemented keys: ["not"]'),
         ({"type": "json_schema", "schema": {"$ref": "#/$defs/missing"}}, "/$defs/missing"),
         ({"type": "json_schema", "schema": {"type": "frog"}}, "frog"),
     ],
@@ -129,7 +130,8 @@ SCHEMAS = [
 def test_http_outputs_validate_against_their_schema(fake_server, path, schema):
     base = {"prompt": "abc"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "abc"}]}
     fmt = {"type": "json_schema", "json_schema": {"name": "t", "schema": schema, "strict": True}}
-    r = httpx.post(fake_server.http_url + path, json={**base, "max_tokens": 40, "response_format": fmt}, timeout=TIMEOUT)
+    body = {**base, "max_tokens": 40, "response_format": fmt}
+    r = httpx.post(fake_server.http_url + path, json=body, timeout=TIMEOUT)
     assert r.status_code == 200, r.text
     choice = r.json()["choices"][0]
     text = choice["text"] if path == "/v1/completions" else choice["message"]["content"]
