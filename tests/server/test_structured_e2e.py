@@ -102,8 +102,8 @@ def test_every_schema_validates_beside_an_unchanged_plain_request(server, sampli
 
 
 def test_json_object_on_completions_streamed(server):
-    body = {"prompt": "A JSON object describing a cat:\n", "max_tokens": MAX_TOKENS, "stream": True,
-            "response_format": {"type": "json_object"}}  # fmt: skip
+    prompt = "<|im_start|>user\nDescribe a cat in JSON: its name and colour.<|im_end|>\n<|im_start|>assistant\n"
+    body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "stream": True, "response_format": {"type": "json_object"}}
     with httpx.stream("POST", server + "/v1/completions", json=body, timeout=TIMEOUT) as r:
         events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     text = "".join(e["choices"][0]["text"] for e in events)
