@@ -3,7 +3,7 @@ mask time, on SmolLM2's 49k vocabulary (the bundled GGUF) and a Llama-3 128k voc
 holding only the vocabulary, e.g. llama.cpp's models/ggml-vocab-llama-bpe.gguf).
 
 For each engine, vocabulary and schema: compile the schema (tokenizer set-up excluded, it is paid
-once per server), then walk the tokens of a valid instance, computing the allowed-token mask before
+once per server; llguidance through the server's own structured.py), then walk the tokens of a valid instance, computing the allowed-token mask before
 each token and advancing the matcher with it, as the server does once per decode step.
 
   python benchmarks/grammar_engines.py --llama3-vocab path/to/ggml-vocab-llama-bpe.gguf
@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from serving.engine.loaders.gguf_loader import bundled_gguf_path, read_config, read_tokenizer  # noqa: E402
+from serving.server.structured import GrammarCompiler, parse_response_format, unconstrained_bitmask  # noqa: E402
 
 SCHEMAS = {
     "person": (
@@ -70,28 +71,27 @@ def load_vocab(path: Path):
 
 
 class LLGuidance:
+    """The server's own code path (serving/server/structured.py)."""
+
     name = "llguidance"
 
     def __init__(self, tok):
-        import llguidance
-
-        self.ll = llguidance
-        self.tokenizer = llguidance.LLTokenizer(tok.to_json(), n_vocab=tok.vocab_size, eos_token=sorted(tok.eos_ids))
+        self.compiler = GrammarCompiler(tok)
+        self.compiler.matcher(parse_response_format({"type": "json_object"}))  # builds the vocabulary
 
     def compile(self, schema):
-        grammar = self.ll.LLMatcher.grammar_from_json_schema(schema)
-        return lambda: self.ll.LLMatcher(self.tokenizer, grammar)
+        fmt = parse_response_format({"type": "json_schema", "json_schema": {"name": "bench", "schema": schema}})
+        return lambda: self.compiler.matcher(fmt)
 
     def walk(self, matcher, tokens, vocab):
-        from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
-
-        mask = allocate_token_bitmask(1, vocab)
+        row = unconstrained_bitmask(1, vocab)[0]
         times = []
         for token in tokens:
             start = time.perf_counter()
-            fill_next_token_bitmask(matcher, mask)
+            matcher.fill(row)
             times.append(time.perf_counter() - start)
-            assert matcher.consume_token(token), matcher.get_error()
+            matcher.advance(token)
+            assert not matcher.error, matcher.error
         return times
 
 
