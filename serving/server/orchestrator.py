@@ -218,6 +218,7 @@ class Orchestrator:
                 progress(f"warming up the {role} engine{buckets}")
                 with self._engine_locks[id(engine)]:
                     engine.warmup(params, prefill=role != "generate", generate=role != "prefill")
+        self._grammars.prepare()  # structured outputs' vocabulary, before the first request needs it
         self._decode_state = self._generate_engine.init_decode_state()
         stages = [("prefill", self._prefill_loop), ("generate", self._generate_loop)]
         stages.append(("detokenize", self._detokenize_loop))

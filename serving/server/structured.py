@@ -81,7 +81,7 @@ def parse_response_format(obj: Mapping[str, Any] | None) -> ResponseFormat | Non
 
 
 def _compiled(
-    kind, schema: Mapping[str, Any], *, name: str = "", strict: bool = False, where: str = ""
+    kind: Literal["json_object", "json_schema"], schema: Mapping[str, Any], *, name: str = "", strict: bool = False, where: str = ""
 ) -> ResponseFormat:
     try:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(dict(schema), defaults=_JSON_STYLE)
@@ -145,8 +145,9 @@ class TokenMatcher:
 
 
 class GrammarCompiler:
-    """A tokenizer's grammar vocabulary (built on first use: about a second for 128k tokens) and
-    a cache of compiled grammars. Safe to call from any thread."""
+    """A tokenizer's grammar vocabulary and a cache of compiled grammars. Safe to call from any
+    thread. `prepare()` builds the vocabulary (about a second for 128k tokens) so that the first
+    structured request does not wait for it; otherwise that request builds it."""
 
     def __init__(self, tokenizer: Tokenizer, cache_size: int = GRAMMAR_CACHE_SIZE):
         self._source = tokenizer
@@ -154,6 +155,10 @@ class GrammarCompiler:
         self._compiled: collections.OrderedDict[str, llguidance.LLMatcher] = collections.OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
+
+    def prepare(self) -> None:
+        with self._lock:
+            self._vocabulary()
 
     def matcher(self, fmt: ResponseFormat) -> TokenMatcher:
         with self._lock:
@@ -163,13 +168,16 @@ class GrammarCompiler:
                 self._compiled.popitem(last=False)
         return TokenMatcher(prototype.deep_copy(), self._source.eos_ids)
 
-    def _compile(self, fmt: ResponseFormat) -> llguidance.LLMatcher:
+    def _vocabulary(self) -> llguidance.LLTokenizer:
         if self._tokenizer is None:
             vocab = _Vocabulary(self._source)
             self._tokenizer = llguidance.LLTokenizer(
                 llguidance.TokenizerWrapper(vocab), n_vocab=len(vocab.tokens), eos_token=sorted(self._source.eos_ids)
             )
-        matcher = llguidance.LLMatcher(self._tokenizer, fmt.grammar, log_level=0)
+        return self._tokenizer
+
+    def _compile(self, fmt: ResponseFormat) -> llguidance.LLMatcher:
+        matcher = llguidance.LLMatcher(self._vocabulary(), fmt.grammar, log_level=0)
         if matcher.is_error():
             raise RequestError(FIELD, f"schema is not supported: {matcher.get_error()}")
         return matcher

@@ -38,6 +38,7 @@ def test_text_is_unconstrained_and_both_json_schema_shapes_give_one_grammar():
         ({"type": "json_schema", "schema": {}, "strict": "yes"}, "strict must be a boolean"),
         ({"type": "json_schema", "schema": {"type": "object", "not": {"type": "string"}}},
          'Unimplemented keys: ["not"]'),
+        ({"type": "json_schema", "schema": {"type": "array", "uniqueItems": True}}, '["uniqueItems"]'),
         ({"type": "json_schema", "schema": {"$ref": "#/$defs/missing"}}, "/$defs/missing"),
         ({"type": "json_schema", "schema": {"type": "frog"}}, "frog"),
     ],
@@ -61,6 +62,14 @@ def test_matcher_masks_are_exact_and_allow_eos_only_where_the_grammar_ends():
     seen.append(list(allowed_ids(row)))
     assert seen == [[ord('"')], [ord("n"), ord("y")], [ord("o")], [ord('"')], [EOS]]
     assert matcher.error == ""
+
+
+def test_a_token_outside_the_grammar_leaves_only_eos():
+    matcher = GrammarCompiler(ByteTokenizer()).matcher(parse_response_format(YES_NO))
+    matcher.advance(ord("x"))  # never sampled under the mask; an engine bug must still end the text
+    row = np.zeros(bitmask_words(257), np.int32)
+    matcher.fill(row)
+    assert matcher.error and list(allowed_ids(row)) == [EOS]
 
 
 def run(orch, prompt: str, max_tokens: int, fmt=None, **kw):
