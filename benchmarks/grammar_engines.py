@@ -3,9 +3,11 @@ mask time, on SmolLM2's 49k vocabulary (the bundled GGUF) and a Llama-3 128k voc
 holding only the vocabulary, e.g. llama.cpp's models/ggml-vocab-llama-bpe.gguf).
 
 For each engine, vocabulary and schema: compile the schema (tokenizer set-up excluded, it is paid
-once per server; llguidance through the server's own structured.py), then walk the tokens of a valid instance, computing the allowed-token mask before
-each token and advancing the matcher with it, as the server does once per decode step.
+once per server; llguidance through the server's own structured.py), then walk the tokens of a
+valid instance, computing the allowed-token mask before each token and advancing the matcher with
+it, as the server does once per decode step.
 
+  pip install xgrammar outlines-core   # the alternatives (the server needs only llguidance)
   python benchmarks/grammar_engines.py --llama3-vocab path/to/ggml-vocab-llama-bpe.gguf
 """
 

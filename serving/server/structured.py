@@ -81,7 +81,12 @@ def parse_response_format(obj: Mapping[str, Any] | None) -> ResponseFormat | Non
 
 
 def _compiled(
-    kind: Literal["json_object", "json_schema"], schema: Mapping[str, Any], *, name: str = "", strict: bool = False, where: str = ""
+    kind: Literal["json_object", "json_schema"],
+    schema: Mapping[str, Any],
+    *,
+    name: str = "",
+    strict: bool = False,
+    where: str = "",
 ) -> ResponseFormat:
     try:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(dict(schema), defaults=_JSON_STYLE)

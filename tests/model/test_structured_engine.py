@@ -4,6 +4,7 @@ sampled; an all-ones row changes nothing, token for token."""
 
 from __future__ import annotations
 
+import gguf
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -11,6 +12,8 @@ import pytest
 from model_helpers import generate
 from serving.engine.constraints import allowed_tokens, apply_token_bitmask
 from serving.engine.jax_engine import build_engines
+from serving.engine.loaders.gguf_loader import bundled_gguf_path, read_config, read_tokenizer
+from serving.engine.tokenizer import IM_END
 from serving.engine_api import GREEDY, SamplingParams
 from serving.server.settings import ServingSettings
 
@@ -75,3 +78,16 @@ def test_masked_slots_draw_only_allowed_tokens_and_free_rows_are_unchanged(tiny,
 def test_an_all_ones_mask_everywhere_is_the_unmasked_run(tiny):
     engines, params = tiny
     assert masked_generate(engines, params, [None] * 4, 8, GREEDY) == generate(engines, PROMPTS, 8)
+
+
+def test_smollm_token_bytes_spell_the_text_and_mark_the_control_tokens():
+    """What the grammar engine reads of the tokenizer: each id's bytes (byte-level BPE undone)."""
+    reader = gguf.GGUFReader(str(bundled_gguf_path()))
+    tokenizer = read_tokenizer(reader, read_config(reader).eos_id)
+    spelled = tokenizer.token_bytes()
+    assert len(spelled) == tokenizer.vocab_size
+    text = 'Héllo wörld ✓ 123\n\t{"a": [1, 2]}'
+    assert b"".join(spelled[i] for i in tokenizer.encode(text)) == text.encode()
+    im_end = tokenizer.encode(IM_END)
+    assert len(im_end) == 1 and im_end[0] in tokenizer.special_ids and spelled[im_end[0]] == IM_END.encode()
+    assert tokenizer.eos_ids <= tokenizer.special_ids
