@@ -12,6 +12,11 @@ token count from the response's usage; throughput is all output tokens over the 
   python benchmarks/serve_bench.py --devices 8 \\
       --server-arg inference_server=ExperimentalMaxtextDisaggregatedServer_8
   python benchmarks/serve_bench.py --url http://host:8000 --concurrency 8
+  python benchmarks/serve_bench.py --concurrency 8 --slots 8 --json-schema-fraction 0.5
+
+--json-schema-fraction F: that share of each level's clients ask for structured output
+(response_format json_schema, FACTS_FORMAT: long enough that they too run to --max-tokens), the
+others plain text; compare with the same level at 0 for the cost of the grammar.
 """
 
 from __future__ import annotations
@@ -44,6 +49,26 @@ PROMPTS = [
 ]
 
 
+# Eight facts of up to 80 characters: more than --max-tokens' default, so constrained requests end
+# at the token budget as the plain ones mostly do, and tok/s compares per-token costs.
+FACTS_FORMAT = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "facts",
+        "strict": True,
+        "schema": {
+            "type": "object",
+            "properties": {
+                "topic": {"type": "string", "maxLength": 40},
+                "facts": {"type": "array", "items": {"type": "string", "maxLength": 80}, "minItems": 8, "maxItems": 8},
+            },
+            "required": ["topic", "facts"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
 @dataclasses.dataclass
 class Result:
     ok: bool
@@ -66,9 +91,13 @@ def start_server(args) -> servers.Server:
     return servers.start("serving", cmd, port, "/healthcheck", args.start_timeout_s, servers.cpu_env(**devices))
 
 
-def one_request(client: httpx.Client, url: str, prompt: str, max_tokens: int) -> Result:
+def one_request(
+    client: httpx.Client, url: str, prompt: str, max_tokens: int, response_format: dict | None = None
+) -> Result:
     messages = [{"role": "user", "content": prompt}]
     body = {"messages": messages, "max_tokens": max_tokens, "stream": True}
+    if response_format is not None:
+        body["response_format"] = response_format
     start = time.perf_counter()
     first = last = None
     tokens = 0
@@ -92,13 +121,17 @@ def one_request(client: httpx.Client, url: str, prompt: str, max_tokens: int) ->
     return Result(True, 200, first - start, tpot, tokens)
 
 
-def run_level(url: str, concurrency: int, requests: int, duration_s: float, max_tokens: int) -> dict:
+def run_level(
+    url: str, concurrency: int, requests: int, duration_s: float, max_tokens: int, json_schema_fraction: float = 0.0
+) -> dict:
+    constrained_clients = round(json_schema_fraction * concurrency)
     results: list[Result] = []
     lock = threading.Lock()
     issued = [0]
     deadline = time.monotonic() + duration_s
 
     def client_loop(index: int) -> None:
+        response_format = FACTS_FORMAT if index < constrained_clients else None
         with httpx.Client(timeout=httpx.Timeout(600.0)) as client:
             while time.monotonic() < deadline:
                 with lock:
@@ -106,7 +139,7 @@ def run_level(url: str, concurrency: int, requests: int, duration_s: float, max_
                         return
                     issued[0] += 1
                     n = issued[0]
-                result = one_request(client, url, PROMPTS[(index + n) % len(PROMPTS)], max_tokens)
+                result = one_request(client, url, PROMPTS[(index + n) % len(PROMPTS)], max_tokens, response_format)
                 with lock:
                     results.append(result)
 
@@ -122,6 +155,7 @@ def run_level(url: str, concurrency: int, requests: int, duration_s: float, max_
     tpot = [r.tpot_s for r in ok if r.tpot_s is not None]
     return {
         "concurrency": concurrency,
+        "constrained_clients": constrained_clients,
         "requests": len(results),
         "ok": len(ok),
         "rejected": sum(r.status == 503 for r in results),
@@ -160,6 +194,8 @@ def main(argv=None) -> int:
     p.add_argument("--server-arg", action="append", default=[], help="extra server arg, e.g. ici_tensor_parallelism=8")
     p.add_argument("--start-timeout-s", type=float, default=600.0)
     p.add_argument("--json", help="also write the rows to this JSON file")
+    p.add_argument("--json-schema-fraction", type=float, default=0.0,
+                   help="share of each level's clients asking for structured output (0..1)")
     args = p.parse_args(argv)
     args.levels = [int(c) for c in args.concurrency.split(",")]
 
@@ -175,9 +211,12 @@ def main(argv=None) -> int:
         rows = []
         for level in args.levels:
             count = args.requests or max(8, 4 * level)
-            rows.append(run_level(url, level, count, args.duration_s, args.max_tokens))
+            rows.append(run_level(url, level, count, args.duration_s, args.max_tokens, args.json_schema_fraction))
             print_table(rows[-1:], f"concurrency {level} done")
-        title = f"serve_bench: {url}, max_tokens={args.max_tokens}, server args: {' '.join(args.server_arg) or '-'}"
+        title = (
+            f"serve_bench: {url}, max_tokens={args.max_tokens}, json_schema_fraction={args.json_schema_fraction}, "
+            f"server args: {' '.join(args.server_arg) or '-'}"
+        )
         print_table(rows, title)
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=2))

@@ -83,6 +83,15 @@ class Tokenizer(Protocol):
     @property
     def vocab_size(self) -> int: ...
 
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Control tokens (EOS, chat markers): never part of generated text a grammar constrains."""
+        ...
+
+    def token_bytes(self) -> list[bytes]:
+        """The bytes each id stands for, by id (a special token: its own name), for grammar engines."""
+        ...
+
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` as given: no BOS added, no chat template."""
         ...
@@ -127,10 +136,12 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def prefill(
-        self, *, params: Params, tokens: Sequence[int], sampling: SamplingParams
+        self, *, params: Params, tokens: Sequence[int], sampling: SamplingParams, token_mask: np.ndarray | None = None
     ) -> tuple[Prefix, StepTokens]:
         """Run the prompt (padded to the next bucket); return its Prefix and the first token.
 
+        `token_mask` (structured outputs): int32 [1, ceil(vocab / 32)], bit j of word w allows
+        token 32 * w + j; the first token is sampled among the allowed ones only.
         Raises ValueError if len(tokens) is 0 or exceeds max_prefill_length.
         """
 
@@ -148,10 +159,13 @@ class Engine(abc.ABC):
         return decode_state
 
     @abc.abstractmethod
-    def generate(self, *, params: Params, decode_state: DecodeState) -> tuple[DecodeState, StepTokens]:
+    def generate(
+        self, *, params: Params, decode_state: DecodeState, token_mask: np.ndarray | None = None
+    ) -> tuple[DecodeState, StepTokens]:
         """Advance every live slot by one token (donating decode_state). Free slots' tokens are
         stale; an engine may skip the free slots above the highest live one, so callers fill the
-        lowest free slot first."""
+        lowest free slot first. `token_mask`: int32 [max_concurrent_decodes, ceil(vocab / 32)], one
+        packed row per slot as in `prefill` (all ones: unconstrained); None costs nothing extra."""
 
     def warmup_prefill(self, params: Params) -> dict[int, Prefix]:
         """Run (compile) every prefill bucket once; the prefixes by bucket."""

@@ -8,6 +8,10 @@ Three jitted steps, each compiled once per shape (prefill once per bucket):
   generate  one token for each of the first `rows` slots, once per decode bucket `rows` (powers
             of two up to the slot count); per-slot sampling arrays; tokens [B] replicated
 
+prefill and generate each have a second variant taking a packed allowed-token mask (structured
+outputs, `constraints.apply_token_bitmask` before sampling); a step without one neither uploads
+nor applies a mask.
+
 insert and generate donate the DecodeState's arrays, so the KV cache [L, B, K, S, E] is updated in
 place. The DecodeState also knows, on the host, which slots are live (insert adds, release
 removes), and generate runs the smallest bucket that covers the highest live slot: one live
@@ -37,6 +41,7 @@ import numpy as np
 from serving import engine_api
 from serving.engine import model, sharding
 from serving.engine.config import ModelConfig
+from serving.engine.constraints import apply_token_bitmask
 from serving.engine_api import SamplingParams
 from serving.engine.loaders import load_checkpoint
 from serving.engine.model import ArrayInfo, KVCache
@@ -227,8 +232,10 @@ class JaxEngine(engine_api.Engine):
         prefill_shard = sharding.activation_sharder(self.mesh, self.rules, "prefill_batch")
         decode_shard = sharding.activation_sharder(self.mesh, self.rules, "batch")
 
-        def prefill_fn(params, tokens, length, samp: Sampling):
+        def prefill_fn(params, tokens, length, samp: Sampling, token_mask=None):
             logits, cache = model.prefill(cfg, params, tokens, length, prefill_shard)
+            if token_mask is not None:
+                logits = apply_token_bitmask(logits, token_mask)
             batched = jax.tree.map(lambda x: x[None], samp)
             token = sample(logits, batched, length[None])  # [1]
             return Prefix(cache, length, token[0], samp), token
@@ -252,7 +259,7 @@ class JaxEngine(engine_api.Engine):
                 state, lengths=state.lengths.at[slot].set(0), active=state.active.at[slot].set(False)
             )
 
-        def generate_fn(params, state: SlotArrays, rows: int):
+        def generate_fn(params, state: SlotArrays, token_mask=None, *, rows: int):
             """One token for each of the first `rows` slots; tokens [B] (stale beyond `rows`)."""
             lengths, active = state.lengths[:rows], state.active[:rows]
             positions = jnp.where(active, jnp.minimum(lengths, self.cache_length - 1), 0)
@@ -263,6 +270,8 @@ class JaxEngine(engine_api.Engine):
             # freed rows sample greedily: a finished request's temperature would send every row
             # through the stochastic path (a sort over the vocabulary per row)
             sampling = dataclasses.replace(sampling, temperature=jnp.where(active, sampling.temperature, 0.0))
+            if token_mask is not None:
+                logits = apply_token_bitmask(logits, token_mask[:rows])
             new = sample(logits, sampling, positions + 1)
             lengths = jnp.where(active, jnp.minimum(lengths + 1, self.cache_length), 0)
             tokens = state.tokens.at[:rows].set(new)
@@ -277,6 +286,14 @@ class JaxEngine(engine_api.Engine):
             )
             for bucket in self.prefill_buckets
         }
+        self._masked_prefill_fns = {
+            bucket: jax.jit(
+                prefill_fn,
+                in_shardings=(self.param_shardings, rep, rep, samp_rep, rep),
+                out_shardings=(self.prefix_shardings(bucket), rep),
+            )
+            for bucket in self.prefill_buckets
+        }
         self._insert_fn = jax.jit(
             insert_fn, out_shardings=self.state_shardings, donate_argnums=(1,)
         )
@@ -286,6 +303,15 @@ class JaxEngine(engine_api.Engine):
             rows: jax.jit(
                 functools.partial(generate_fn, rows=rows),
                 in_shardings=(self.param_shardings, self.state_shardings),
+                out_shardings=(self.state_shardings, rep),
+                donate_argnums=(1,),
+            )
+            for rows in self.decode_buckets
+        }
+        self._masked_generate_fns = {
+            rows: jax.jit(
+                functools.partial(generate_fn, rows=rows),
+                in_shardings=(self.param_shardings, self.state_shardings, rep),
                 out_shardings=(self.state_shardings, rep),
                 donate_argnums=(1,),
             )
@@ -325,12 +351,16 @@ class JaxEngine(engine_api.Engine):
             raise ValueError(f"prompt has {n_tokens} tokens; the maximum is {self._max_prefill}")
         return next(b for b in self.prefill_buckets if b >= n_tokens)
 
-    def prefill(self, *, params, tokens: Sequence[int], sampling: SamplingParams):
+    def prefill(self, *, params, tokens: Sequence[int], sampling: SamplingParams, token_mask=None):
         bucket = self.bucket_for(len(tokens))
         padded = np.zeros((1, bucket), np.int32)
         padded[0, : len(tokens)] = tokens
-        inputs = self._put_replicated((padded, np.int32(len(tokens)), Sampling.host(sampling)))
-        prefix, token = self._prefill_fns[bucket](params, *inputs)
+        inputs = (padded, np.int32(len(tokens)), Sampling.host(sampling))
+        if token_mask is None:
+            prefix, token = self._prefill_fns[bucket](params, *self._put_replicated(inputs))
+        else:
+            inputs = self._put_replicated((*inputs, np.asarray(token_mask, np.int32)))
+            prefix, token = self._masked_prefill_fns[bucket](params, *inputs)
         return prefix, DeviceTokens(token)
 
     def transfer(self, prefix: Prefix) -> Prefix:
@@ -351,9 +381,13 @@ class JaxEngine(engine_api.Engine):
         arrays = self._release_fn(decode_state.arrays, self._slot(slot))
         return DecodeState(arrays, decode_state.live - {slot})
 
-    def generate(self, *, params, decode_state: DecodeState):
+    def generate(self, *, params, decode_state: DecodeState, token_mask=None):
         rows = decode_state.rows(self.decode_buckets)
-        arrays, tokens = self._generate_fns[rows](params, decode_state.arrays)
+        if token_mask is None:
+            arrays, tokens = self._generate_fns[rows](params, decode_state.arrays)
+        else:
+            mask = self._put_replicated(np.asarray(token_mask, np.int32))
+            arrays, tokens = self._masked_generate_fns[rows](params, decode_state.arrays, mask)
         return DecodeState(arrays, decode_state.live), DeviceTokens(tokens)
 
     def warmup(self, params, *, prefill: bool = True, generate: bool = True) -> None:
@@ -361,6 +395,11 @@ class JaxEngine(engine_api.Engine):
         every decode bucket (`generate`). A generate-only engine inserts empty prefixes made on
         its own mesh, laid out as `transfer` lands them."""
         prefixes = self.warmup_prefill(params) if prefill else {}
+        if prefill:  # the masked variants too, so a first structured request is not slow
+            for bucket in self.prefill_buckets:
+                _, first = self.prefill(params=params, tokens=[0] * bucket, sampling=engine_api.GREEDY,
+                                        token_mask=self._all_allowed(1))
+                first.to_host()
         if not generate:
             return
         state = self.init_decode_state()
@@ -368,9 +407,15 @@ class JaxEngine(engine_api.Engine):
             prefix = prefixes[bucket] if bucket in prefixes else self._empty_prefix(bucket)
             state = self.release(self.insert(prefix, state, slot=0), slot=0)
         arrays = state.arrays
+        mask = self._put_replicated(self._all_allowed(self._batch))
         for rows in self.decode_buckets:
             arrays, tokens = self._generate_fns[rows](params, arrays)
-            DeviceTokens(tokens).to_host()
+            arrays, masked_tokens = self._masked_generate_fns[rows](params, arrays, mask)
+            DeviceTokens(tokens).to_host(), DeviceTokens(masked_tokens).to_host()
+
+    def _all_allowed(self, rows: int) -> np.ndarray:
+        """A token mask allowing every token, [rows, ceil(vocab / 32)] (engine_api.Engine.generate)."""
+        return np.full((rows, -(-self.cfg.vocab_size // 32)), -1, np.int32)
 
     def _empty_prefix(self, bucket: int) -> Prefix:
         return _filler(self.prefix_infos(bucket), self.prefix_shardings(bucket))()

@@ -16,6 +16,18 @@ IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 END_OF_TEXT = "<|endoftext|>"
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE writes each byte as one printable character; the character -> byte.
+
+    Printable Latin-1 bytes stand for themselves, the other 68 are shifted to U+0100 and up."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    shifted = [b for b in range(256) if b not in kept]
+    return {chr(b): b for b in kept} | {chr(256 + i): b for i, b in enumerate(shifted)}
+
+
+_BYTE_OF_CHAR = _byte_level_alphabet()
+
+
 class ChatML:
     """ChatML turns `<|im_start|>{role}\\n{content}<|im_end|>\\n`, then `<|im_start|>assistant\\n`.
 
@@ -88,6 +100,19 @@ class BPETokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    @property
+    def special_ids(self) -> frozenset[int]:
+        return frozenset(i for i, added in self._tok.get_added_tokens_decoder().items() if added.special)
+
+    def token_bytes(self) -> list[bytes]:
+        """The bytes of each id, from its byte-level spelling; a special token's own name."""
+        special = self.special_ids
+        spelled = (self._tok.id_to_token(i) for i in range(self.vocab_size))
+        return [
+            token.encode() if i in special else bytes(_BYTE_OF_CHAR[c] for c in token)
+            for i, token in enumerate(spelled)
+        ]
+
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
@@ -113,6 +138,13 @@ class ByteTokenizer:
     @property
     def vocab_size(self) -> int:
         return 256
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        return frozenset()
+
+    def token_bytes(self) -> list[bytes]:
+        return [bytes([i]) for i in range(256)]
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))

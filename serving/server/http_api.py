@@ -20,10 +20,11 @@ Generation is greedy unless the request asks for sampling (temperature > 0), on 
 in GenerateBody are accepted and ignored). The OpenAI endpoints take what OpenAI clients send:
 unknown fields are ignored with a logged warning (as vLLM does), null means "not set", `stop`
 strings end the text early (the request completes there and frees its slot), `ignore_eos`, `seed`,
-`stream_options.include_usage`, `n` choices (each its own request in its own slot; with a seed,
-choice i samples with seed + i, as vLLM); fields asking for what this server cannot do (best_of,
-logprobs, penalties, logit_bias, echo, ...) are a 400 naming the field (see _UNSUPPORTED). A prompt
-over the context, or a prompt plus max_tokens over it, is a 400 with code context_length_exceeded.
+`stream_options.include_usage`, `response_format` (json_object, json_schema: see structured.py),
+`n` choices (each its own request in its own slot; with a seed, choice i samples with seed + i, as
+vLLM); fields asking for what this server cannot do (best_of, logprobs, penalties, logit_bias, echo,
+...) are a 400 naming the field (see _UNSUPPORTED). A prompt over the context, or a prompt plus
+max_tokens over it, is a 400 with code context_length_exceeded.
 
 With an API key every route but /healthcheck and /metrics needs it, and `allowed_origins` turns on
 CORS (auth.py).
@@ -63,6 +64,7 @@ from serving.server.requests import (
     ResultStream,
     StopStrings,
 )
+from serving.server.structured import parse_response_format
 
 log = logging.getLogger(__name__)
 
@@ -128,10 +130,6 @@ class _StreamOptions(_OpenAIModel):
     include_usage: bool = False  # one more chunk before [DONE]: empty choices, the usage counts
 
 
-class _ResponseFormat(_OpenAIModel):
-    type: str
-
-
 class _OpenAIBody(_OpenAIModel, _Sampling):
     """Accepted and ignored: model (this server serves one), user. The fields after `ignore_eos`
     are OpenAI's, checked against _UNSUPPORTED rather than dropped."""
@@ -148,6 +146,8 @@ class _OpenAIBody(_OpenAIModel, _Sampling):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] = Field(default_factory=dict)
+    # structured outputs, validated by structured.parse_response_format (json_object, json_schema)
+    response_format: dict[str, Any] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -204,7 +204,6 @@ class ChatBody(_OpenAIBody):
     max_completion_tokens: int | None = None
     logprobs: bool = False  # chat: whether to return log probabilities
     top_logprobs: int = 0
-    response_format: _ResponseFormat | None = None
     tools: list[dict[str, Any]] = Field(default_factory=list)
 
 
@@ -219,7 +218,6 @@ _UNSUPPORTED: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("presence_penalty", lambda v: v == 0, "presence_penalty is not supported; send 0 or leave it out"),
     ("frequency_penalty", lambda v: v == 0, "frequency_penalty is not supported; send 0 or leave it out"),
     ("logit_bias", lambda v: not v, "logit_bias is not supported"),
-    ("response_format", lambda v: v is None or v.type == "text", "only response_format type 'text' is supported"),
     ("tools", lambda v: not v, "tool calling is not supported"),
 )
 
@@ -578,12 +576,20 @@ def create_app(
         """One request per choice; all of them or none (the ones taken are cancelled)."""
         try:
             _accept_openai(body, path, orchestrator.slots)
+            response_format = parse_response_format(body.response_format)
         except RequestError as exc:
             return None, _submit_error(exc, rename)
         streams = []
         for choice in range(body.n):
             sampling = body.sampling(choice)
-            request = GenerateRequest(prompt, max_tokens, sampling, ignore_eos=body.ignore_eos, fit_context=True)
+            request = GenerateRequest(
+                prompt,
+                max_tokens,
+                sampling,
+                ignore_eos=body.ignore_eos,
+                fit_context=True,
+                response_format=response_format,
+            )
             stream, error = submit(request, rename)
             if error:
                 for taken in streams:

@@ -38,6 +38,8 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from serving.engine_api import Engine, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -226,8 +228,9 @@ class LeaderEngine(Engine):
     def init_decode_state(self):
         return self._call("init_decode_state")
 
-    def prefill(self, *, params, tokens, sampling):
-        return self._call("prefill", params=params, tokens=[int(t) for t in tokens], sampling=sampling)
+    def prefill(self, *, params, tokens, sampling, token_mask=None):
+        tokens = [int(t) for t in tokens]
+        return self._call("prefill", params=params, tokens=tokens, sampling=sampling, token_mask=token_mask)
 
     def transfer(self, prefix):
         return self._call("transfer", ("prefix",), prefix=prefix)
@@ -238,8 +241,10 @@ class LeaderEngine(Engine):
     def release(self, decode_state, slot):
         return self._call("release", ("decode_state",), decode_state=decode_state, slot=slot)
 
-    def generate(self, *, params, decode_state):
-        return self._call("generate", ("decode_state",), params=params, decode_state=decode_state)
+    def generate(self, *, params, decode_state, token_mask=None):
+        return self._call(
+            "generate", ("decode_state",), params=params, decode_state=decode_state, token_mask=token_mask
+        )
 
     def warmup(self, params, *, prefill=True, generate=True):
         """The inner engine's own warm-up (it may compile more than the base class's calls do)."""
@@ -285,6 +290,8 @@ def _to_wire(value: Any) -> Any:
         return value.id
     if isinstance(value, SamplingParams):
         return dataclasses.asdict(value)
+    if isinstance(value, np.ndarray):  # a token mask
+        return value.tolist()
     return value
 
 
@@ -328,4 +335,6 @@ def _from_wire(key: str, value: Any, objects: Mapping[int, Any]) -> Any:
         return objects[value]
     if key == "sampling":
         return SamplingParams(**value)
+    if key == "token_mask" and value is not None:
+        return np.asarray(value, np.int32)
     return value

@@ -30,6 +30,11 @@ Ownership rules that keep slots consistent without sharing engine state across t
   run, so a finished slot does not keep the device busy while its last tokens are detokenized.
 - The first token of a request is queued for detokenization before its prefix moves on, so it
   is always processed before any decode step of that request.
+- Structured outputs (a request with a response_format): its TokenMatcher fills the first token's
+  mask in the prefill thread, then belongs to the generate thread, which advances it with every
+  token of that request (the first one at insert) and fills the slot's mask row before each step.
+  A step with a constrained slot therefore waits for the previous step's tokens on the host; a
+  step with none uploads no mask and keeps running ahead of the host copies.
 - Calls into one engine are serialised by a lock (interleaved mode shares one engine between
   the prefill and generate threads); JAX dispatch is asynchronous, so the lock is held only
   while work is enqueued and prefill and decode still overlap on the device.
@@ -44,7 +49,9 @@ import threading
 import time
 from typing import Any, Callable
 
-from serving.engine_api import Engine, Params, Tokenizer
+import numpy as np
+
+from serving.engine_api import Engine, Params, StepTokens, Tokenizer
 from serving.server.metrics import ServerMetrics
 from serving.server.requests import (
     CONTEXT_LENGTH_EXCEEDED,
@@ -57,6 +64,7 @@ from serving.server.requests import (
     RequestError,
     ResultStream,
 )
+from serving.server.structured import GrammarCompiler, TokenMatcher, unconstrained_bitmask
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +132,8 @@ class _Request:
     max_tokens: int
     request: GenerateRequest
     detokenizer: IncrementalDetokenizer
+    matcher: TokenMatcher | None = None  # structured outputs: the request's grammar position
+    first: StepTokens | None = None  # the first token, from prefill
     generated: int = 0
     waiting: bool = True  # counted against the queue limit until inserted or finished
     finished: bool = False
@@ -164,6 +174,7 @@ class Orchestrator:
         self.max_queued_requests = max_queued_requests
         self._healthy = healthy  # extra liveness condition, e.g. every multi-host worker connected
         self._eos_ids = frozenset(tokenizer.eos_ids)
+        self._grammars = GrammarCompiler(tokenizer)
 
         self.slots = generate_engine.max_concurrent_decodes
         self.max_prefill_length = prefill_engine.max_prefill_length
@@ -208,6 +219,7 @@ class Orchestrator:
                 progress(f"warming up the {role} engine{buckets}")
                 with self._engine_locks[id(engine)]:
                     engine.warmup(params, prefill=role != "generate", generate=role != "prefill")
+        self._grammars.prepare()  # structured outputs' vocabulary, before the first request needs it
         self._decode_state = self._generate_engine.init_decode_state()
         stages = [("prefill", self._prefill_loop), ("generate", self._generate_loop)]
         stages.append(("detokenize", self._detokenize_loop))
@@ -263,6 +275,11 @@ class Orchestrator:
             raise NotReady("server is not live" if self._failure is None else f"engine failed: {self._failure}")
         tokens = self._prompt_tokens(request.prompt)
         max_tokens = self._max_tokens(request, len(tokens))
+        matcher = None
+        if request.response_format is not None:
+            if request.ignore_eos:
+                raise RequestError("ignore_eos", "cannot be combined with response_format: the grammar ends the text")
+            matcher = self._grammars.matcher(request.response_format)
         stream = ResultStream(prompt_tokens=len(tokens))
         item = _Request(
             stream=stream,
@@ -270,6 +287,7 @@ class Orchestrator:
             max_tokens=max_tokens,
             request=request,
             detokenizer=IncrementalDetokenizer(self.tokenizer),
+            matcher=matcher,
         )
         with self._lock:
             if self._waiting >= self.max_queued_requests:
@@ -354,14 +372,22 @@ class Orchestrator:
                 self._finish(item, item.stream.cancel_reason)
                 continue
             item.prefill_started = time.perf_counter()
+            token_mask = None
+            if item.matcher is not None:
+                token_mask = unconstrained_bitmask(1, self.tokenizer.vocab_size)
+                item.matcher.fill(token_mask[0])
             try:
                 with self._engine_locks[id(engine)]:
                     prefix, first = engine.prefill(
-                        params=self._prefill_params, tokens=item.tokens, sampling=item.request.sampling
+                        params=self._prefill_params,
+                        tokens=item.tokens,
+                        sampling=item.request.sampling,
+                        token_mask=token_mask,
                     )
             except ValueError as exc:  # this request's input; the engine itself is fine
                 self._finish(item, "error", str(exc))
                 continue
+            item.first = first
             item.prefill_returned = time.perf_counter()
             if self._put(self._detokenize_q, ("first", item, first)):
                 self._put(next_q, (item, prefix))
@@ -386,6 +412,7 @@ class Orchestrator:
         engine = self._generate_engine
         lock = self._engine_locks[id(engine)]
         owners: list[_Request | None] = [None] * self.slots
+        constrained_step: tuple[StepTokens, tuple] | None = None  # the last step a matcher awaits
         while not self._stop.is_set():
             for slot, owner in enumerate(owners):  # free the slots of finished requests
                 if owner is not None and owner.finished:
@@ -408,6 +435,8 @@ class Orchestrator:
                 with lock:
                     self._decode_state = engine.insert(prefix, self._decode_state, slot)
                 item.inserted_at = time.perf_counter()
+                if item.matcher is not None:
+                    item.matcher.advance(int(item.first.to_host()[0]))
                 owners[slot] = item
                 decoding.append(item)
                 self._unwait(item)
@@ -415,13 +444,35 @@ class Orchestrator:
                 if self.slots_used == self.slots:
                     time.sleep(_DRAIN_SLEEP_S)
                 continue
+            if constrained_step is not None:
+                self._advance_matchers(*constrained_step)
+            token_mask = self._token_mask(decoding, owners)
             with lock:
                 self._decode_state, step = engine.generate(
-                    params=self._generate_params, decode_state=self._decode_state
+                    params=self._generate_params, decode_state=self._decode_state, token_mask=token_mask
                 )
             for owner in decoding:
                 owner.steps_dispatched += 1
+            constrained_step = None if token_mask is None else (step, tuple(owners))
             self._put(self._detokenize_q, ("step", step, tuple(owners)))
+
+    @staticmethod
+    def _advance_matchers(step: StepTokens, owners: tuple) -> None:
+        """Advance each constrained request of a step with its token (waits for the host copy)."""
+        tokens = step.to_host()
+        for slot, owner in enumerate(owners):
+            if owner is not None and owner.matcher is not None and not owner.finished:
+                owner.matcher.advance(int(tokens[slot]))
+
+    def _token_mask(self, decoding: list[_Request], owners: list[_Request | None]) -> np.ndarray | None:
+        """The step's packed allowed-token mask [slots, words]; None when no slot is constrained."""
+        if not any(item.matcher is not None for item in decoding):
+            return None
+        mask = unconstrained_bitmask(self.slots, self.tokenizer.vocab_size)
+        for slot, owner in enumerate(owners):
+            if owner is not None and owner.matcher is not None and owner in decoding:
+                owner.matcher.fill(mask[slot])
+        return mask
 
     def _needs_step(self, item: _Request) -> bool:
         """Whether another decode step can produce a token this request will use. Steps past

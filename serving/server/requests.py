@@ -18,9 +18,12 @@ import collections
 import dataclasses
 import threading
 import time
-from typing import AsyncIterator, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, AsyncIterator, Iterator, Literal, Sequence
 
 from serving.engine_api import GREEDY, SamplingParams
+
+if TYPE_CHECKING:  # structured.py raises RequestError from here
+    from serving.server.structured import ResponseFormat
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
@@ -70,6 +73,7 @@ class GenerateRequest:
     sampling: SamplingParams = GREEDY
     ignore_eos: bool = False  # keep generating through end-of-sequence tokens, up to max_tokens
     fit_context: bool = False
+    response_format: ResponseFormat | None = None  # structured outputs: the text follows its grammar
 
     def __post_init__(self):
         if isinstance(self.prompt, list):

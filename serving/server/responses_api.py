@@ -11,7 +11,7 @@
                        response.content_part.done, response.output_item.done, then
                        response.completed (or response.incomplete when max_output_tokens cut it,
                        response.failed when generation failed)
-  text.format          {"type": "text"}; other formats: see _check_text_format
+  text.format          text, json_object or json_schema (structured outputs, see structured.py)
 
 Nothing is stored: the response always says `"store": false` (a request with store true is served
 and the flag ignored, with a logged warning, since OpenAI's clients may send it by default), and
@@ -44,6 +44,7 @@ from serving.server.http_api import (
 )
 from serving.server.orchestrator import Orchestrator
 from serving.server.requests import Finish, GenerateRequest, NotReady, Overloaded, RequestError
+from serving.server.structured import ResponseFormat, parse_response_format
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +65,9 @@ class InputMessage(ChatMessage):
     content: str | list[_ContentPart]
 
 
-class _TextFormat(_OpenAIModel):
-    type: str
-
-
 class _TextConfig(_OpenAIModel):
-    format: _TextFormat | None = None
+    # structured outputs in the Responses API's flat shape, validated by structured.parse_response_format
+    format: dict[str, Any] | None = None
 
 
 class ResponsesBody(_OpenAIModel, _Sampling):
@@ -93,11 +91,13 @@ class ResponsesBody(_OpenAIModel, _Sampling):
         return system + [turn.for_template() for turn in turns]
 
 
-def _check_text_format(body: ResponsesBody) -> None:
-    """The one place that decides which text.format types are served."""
+def _text_format(body: ResponsesBody) -> ResponseFormat | None:
+    """The grammar `text.format` asks for (None for plain text); errors name text.format."""
     fmt = body.text.format if body.text is not None else None
-    if fmt is not None and fmt.type != "text":
-        raise RequestError("text.format", f"type {fmt.type!r} is not supported yet; use 'text'")
+    try:
+        return parse_response_format(fmt)
+    except RequestError as exc:
+        raise RequestError("text.format", exc.message) from None
 
 
 def _check_stateless(body: ResponsesBody) -> None:
@@ -216,10 +216,12 @@ def add_routes(app: fastapi.FastAPI, orchestrator: Orchestrator, model_name: str
     async def responses(body: ResponsesBody, request: fastapi.Request):
         try:
             _check_stateless(body)
-            _check_text_format(body)
+            response_format = _text_format(body)
             _warn_ignored(body, PATH)
             prompt = orchestrator.tokenizer.apply_chat_template(body.messages())
-            generate = GenerateRequest(prompt, body.max_output_tokens, body.sampling(), fit_context=True)
+            generate = GenerateRequest(
+                prompt, body.max_output_tokens, body.sampling(), fit_context=True, response_format=response_format
+            )
             stream = orchestrator.submit(generate)
         except (RequestError, Overloaded, NotReady) as exc:
             return _submit_error(exc, _RENAME)

@@ -70,13 +70,17 @@ def _run_warmup_by_role(compiles: list) -> None:
     pre_params, gen_params = pre.load_params(), gen.load_params()
     compiles.clear()
     pre.warmup(pre_params, generate=False)
-    assert len(compiles) == len(pre.prefill_buckets)
+    assert len(compiles) == 2 * len(pre.prefill_buckets)  # with and without a token mask
     gen.warmup(gen_params, prefill=False)
     compiles.clear()
-    for n_tokens in (3, 20):  # both prefill buckets
-        prefix, _ = pre.prefill(params=pre_params, tokens=list(range(1, n_tokens + 1)), sampling=GREEDY)
+    words = engines.model_config.vocab_size // 32
+    for n_tokens, masked in ((3, False), (20, False), (3, True), (20, True)):  # both prefill buckets
+        masks = (np.full((1, words), -1, np.int32), np.full((4, words), -1, np.int32)) if masked else (None, None)
+        prefix, _ = pre.prefill(
+            params=pre_params, tokens=list(range(1, n_tokens + 1)), sampling=GREEDY, token_mask=masks[0]
+        )
         state = gen.insert(gen.transfer(prefix), gen.init_decode_state(), slot=n_tokens % 4)
-        state, step = gen.generate(params=gen_params, decode_state=state)
+        state, step = gen.generate(params=gen_params, decode_state=state, token_mask=masks[1])
         step.to_host()
         gen.release(state, slot=n_tokens % 4)
     assert compiles == []

@@ -7,7 +7,8 @@ Engine ("echo"): the model repeats its prompt forever. For prompt tokens p[0..n-
 token (from prefill) is p[0] and decode step k gives p[k % n]; with sampling (temperature > 0)
 every non-EOS token is shifted by the request's seed, mod 256. So prompt "abc" greedily yields
 "abcabca...", and "hi<eos>" yields "hi" then stops. Slots keep their own prompt, so any mix-up
-between slots shows in the text.
+between slots shows in the text. Under a token mask (structured outputs) a token the mask does not
+allow becomes the lowest allowed id (`masked_token`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,11 @@ _EOS_TEXT = "<eos>"
 
 class ByteTokenizer:
     eos_ids = frozenset({EOS})
+    special_ids = frozenset({EOS})
     vocab_size = 257
+
+    def token_bytes(self) -> list[bytes]:
+        return [bytes([i]) for i in range(256)] + [_EOS_TEXT.encode()]
 
     def encode(self, text: str) -> list[int]:
         ids: list[int] = []
@@ -52,6 +57,19 @@ def echo_tokens(prompt: Sequence[int], count: int, seed_shift: int = 0) -> list[
     """What the fake model generates: the expected values for tests."""
     out = [prompt[k % len(prompt)] for k in range(count)]
     return [t if t == EOS else (t + seed_shift) % 256 for t in out]
+
+
+def allowed_ids(mask_row: np.ndarray) -> np.ndarray:
+    """The token ids a packed mask row (int32 words, bit j of word w = id 32 w + j) allows."""
+    return np.nonzero(np.unpackbits(mask_row.view(np.uint8), bitorder="little"))[0]
+
+
+def masked_token(token: int, mask_row: np.ndarray | None) -> int:
+    """The echo token if the mask allows it (or there is no mask), else the lowest allowed id."""
+    if mask_row is None:
+        return token
+    allowed = allowed_ids(mask_row)
+    return token if token in allowed else int(allowed[0])
 
 
 class HostTokens:
@@ -90,6 +108,7 @@ class EchoEngine(Engine):
         self.step_delay_s = step_delay_s
         self.mesh = mesh
         self.calls: list[tuple] = []
+        self.masks: list[np.ndarray | None] = []  # the token_mask of each prefill and generate call
         self.warmed: tuple[bool, bool] | None = None  # (prefill, generate) of the last warm-up
         self._busy = threading.Lock()
 
@@ -129,7 +148,7 @@ class EchoEngine(Engine):
             "shift": np.zeros((self._slots,), np.int32),
         }
 
-    def prefill(self, *, params, tokens: Sequence[int], sampling: SamplingParams):
+    def prefill(self, *, params, tokens: Sequence[int], sampling: SamplingParams, token_mask=None):
         self._enter(("prefill", len(tokens)))
         try:
             assert params == {"mesh": self.mesh}, "prefill got another engine's params"
@@ -137,8 +156,9 @@ class EchoEngine(Engine):
                 raise ValueError(f"prompt length {len(tokens)} not in [1, {self._max_prefill}]")
             shift = 0 if sampling.greedy else sampling.seed
             prefix = EchoPrefix(np.asarray(tokens, np.int32), shift, self.mesh)
-            first = echo_tokens(tokens, 1, shift)
-            return prefix, HostTokens(np.asarray(first, np.int32))
+            first = masked_token(echo_tokens(tokens, 1, shift)[0], None if token_mask is None else token_mask[0])
+            self.masks.append(token_mask)
+            return prefix, HostTokens(np.asarray([first], np.int32))
         finally:
             self._busy.release()
 
@@ -172,7 +192,7 @@ class EchoEngine(Engine):
         finally:
             self._busy.release()
 
-    def generate(self, *, params, decode_state):
+    def generate(self, *, params, decode_state, token_mask=None):
         self._enter(("generate",))
         try:
             assert params == {"mesh": self.mesh}, "generate got another engine's params"
@@ -182,6 +202,9 @@ class EchoEngine(Engine):
             idx = s["step"] % s["prompt_len"]
             tokens = s["prompt"][np.arange(self._slots), idx]
             tokens = np.where(tokens == EOS, EOS, (tokens + s["shift"]) % 256).astype(np.int32)
+            if token_mask is not None:
+                tokens = np.array([masked_token(t, row) for t, row in zip(tokens, token_mask)], np.int32)
+            self.masks.append(token_mask)
             s["step"] = s["step"] + 1
             return s, HostTokens(tokens)
         finally:

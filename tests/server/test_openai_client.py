@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import httpx
+import jsonschema
 import openai
 import pytest
 from fake_engine import ByteTokenizer, EchoEngine, echo_orchestrator
@@ -116,7 +117,7 @@ def test_responses_stream_sends_the_documented_events_in_order(client):
     [
         ({"previous_response_id": "resp_1"}, "previous_response_id", "not stored"),
         ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools", "not supported"),
-        ({"text": {"format": {"type": "json_object"}}}, "text.format", "not supported yet"),
+        ({"text": {"format": {"type": "xml"}}}, "text.format", "'json_schema'"),
         ({"input": "x" * 40}, "input", "maximum is 32"),
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "u"}]}]},
          "input.0.content.0.type", "input_text"),
@@ -126,6 +127,30 @@ def test_responses_refusals_say_why(client, fields, param, says):
     with pytest.raises(openai.BadRequestError) as info:
         client.responses.create(**{"model": "echo", "input": "hi", **fields})
     assert info.value.body["param"] == param and says in info.value.body["message"], info.value.body
+
+
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
+
+
+def test_chat_json_schema_through_the_client_validates_in_every_choice(client):
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA, "strict": True}}
+    r = client.chat.completions.create(model="echo", messages=HI, n=2, max_tokens=30, response_format=fmt)
+    for choice in r.choices:
+        assert choice.finish_reason == "stop", choice.message.content
+        jsonschema.validate(json.loads(choice.message.content), SCHEMA)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_responses_text_format_json_schema_validates(client, stream):
+    fmt = {"type": "json_schema", "name": "answer", "schema": SCHEMA, "strict": True}
+    kwargs = {"model": "echo", "input": "hi", "max_output_tokens": 30, "text": {"format": fmt}}
+    if stream:
+        with client.responses.stream(**kwargs) as events:
+            final = events.get_final_response()
+    else:
+        final = client.responses.create(**kwargs)
+    assert final.status == "completed", final.output_text
+    jsonschema.validate(json.loads(final.output_text), SCHEMA)
 
 
 def test_responses_store_is_false_even_when_asked(client):

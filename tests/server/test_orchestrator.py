@@ -274,7 +274,7 @@ def test_metrics_report_live_values():
 
 
 class FailingEngine(EchoEngine):
-    def generate(self, *, params, decode_state):
+    def generate(self, *, params, decode_state, token_mask=None):
         raise RuntimeError("device lost")
 
 
