@@ -26,16 +26,36 @@ from typing import Any
 import pulumi
 
 from components.core import manifests, scheduling
-from components.core.config import (BUNDLED_IMAGE_TAG, CONFIG_KEYS, PLATFORM_OUTPUTS, PROJECT, PlatformConfig, StackConfig,
-                                    parse_stack_config)
+from components.core.config import (
+    CONFIG_KEYS,
+    PLATFORM_OUTPUTS,
+    PROJECT,
+    PlatformConfig,
+    StackConfig,
+    parse_stack_config,
+)
 from components.core.errors import ConfigError
 from components.core.node_pools import NodePoolSpec, system_node_pool, tpu_node_pools
 from components.core.planner import Plan, plan_deployment
-from components.resources.autoscaling import LeaderWorkerSetAutoscaler, LeaderWorkerSetAutoscalerArgs, MetricsAdapter, MetricsAdapterArgs
+from components.core.runtimes.bundled import IMAGE_TAG as BUNDLED_IMAGE_TAG
+from components.resources.autoscaling import (
+    LeaderWorkerSetAutoscaler,
+    LeaderWorkerSetAutoscalerArgs,
+    MetricsAdapter,
+    MetricsAdapterArgs,
+)
 from components.resources.gke import ATTACH, CREATE, LOOKUP, GkeCluster, GkeClusterArgs
-from components.resources.identity import NodeIdentity, NodeIdentityArgs, ServingIdentity, ServingIdentityArgs
+from components.resources.identity import (
+    NodeIdentity,
+    NodeIdentityArgs,
+    ServingIdentity,
+    ServingIdentityArgs,
+)
 from components.resources.jetstream import JetStreamServer, JetStreamServerArgs
-from components.resources.lws_controller import LeaderWorkerSetController, LeaderWorkerSetControllerArgs
+from components.resources.lws_controller import (
+    LeaderWorkerSetController,
+    LeaderWorkerSetControllerArgs,
+)
 from components.resources.platform import PlatformReference, PlatformReferenceArgs
 from components.resources.server_image import BundledServerImage, BundledServerImageArgs
 
@@ -113,7 +133,7 @@ def build_serving(cfg: StackConfig, plan: Plan) -> dict[str, Any]:
         "headPod": manifests.head_pod(cfg),
         "serviceName": server.service_name,
         "portForwardCommand": manifests.port_forward_command(cfg),
-        "curlExample": manifests.curl_example(),
+        "curlExample": manifests.curl_example(cfg),
         "scratchBucket": identity.scratch_bucket_name,
         "serviceAccountEmail": identity.service_account_email,
         "plan": plan.summary(),
@@ -221,7 +241,7 @@ def _server_args(cfg: StackConfig, plan: Plan, pods_identity: pulumi.Output[str]
         leader_worker_set=manifests.leader_worker_set(cfg, plan, server_image),
         service=manifests.service(cfg),
         ready_timeout_seconds=manifests.ready_timeout_seconds(cfg) if cfg.wait_for_ready else None,
-        serves_openai=cfg.bundled,
+        serves_openai=cfg.runtime.serves_openai,
         autoscaled=cfg.scaling.enabled,
     )
 

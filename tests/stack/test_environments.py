@@ -295,6 +295,6 @@ def test_a_serving_stack_renders_offline_with_the_cluster_as_a_placeholder(stack
 def test_the_examples_serve_in_two_runtimes_and_two_capacities():
     dev, _ = example("dev")
     prod, prod_plan = example("prod")
-    assert (dev.tpu_slice.multi_host, dev.tpu_provisioning, dev.bundled) == (False, "spot", True)
+    assert (dev.tpu_slice.multi_host, dev.tpu_provisioning, dev.runtime.name) == (False, "spot", "bundled")
     assert (prod.tpu_slice.multi_host, prod.tpu_provisioning, prod.service_type) == (True, "reservation", "InternalLoadBalancer")
     assert prod_plan.node_pools == ("v6e-16-serving-prod", "v6e-16-serving-r1-prod")

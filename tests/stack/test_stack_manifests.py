@@ -161,7 +161,7 @@ def test_namespace_and_service_account_validate_with_kubernetes_validate(variant
     kubernetes_validate.validate(account, K8S_VERSION, strict=True)
     binding = {"annotations": {"iam.gke.io/gcp-service-account": f"{cfg.workload_service_account_id}@{cfg.project}.iam.gserviceaccount.com"}}
     # Workload Identity for the bundled server; Pathways pods act as the node account instead.
-    assert account["metadata"] == {"name": cfg.kubernetes_service_account, "namespace": cfg.namespace, **(binding if cfg.bundled else {})}
+    assert account["metadata"] == {"name": cfg.kubernetes_service_account, "namespace": cfg.namespace, **(binding if cfg.pods_use_workload_identity else {})}
     # Every pod runs as that account, in that namespace.
     lws = manifests.leader_worker_set(cfg, plan)
     template = lws["spec"]["leaderWorkerTemplate"]
