@@ -31,6 +31,7 @@ from components.core.config import PLATFORM_OUTPUTS, PROJECT, PlatformConfig, St
 from components.core.errors import ConfigError
 from components.core.node_pools import node_pool_summary, system_node_pool, tpu_node_pools
 from components.core.planner import plan_deployment
+from components.core.runtimes import vllm
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -102,6 +103,8 @@ def serving_summary(cfg: StackConfig, plan) -> dict:
                "lwsController": lws_controller_summary(cfg)}
     if cfg.scaling.enabled:
         summary["metricsAdapter"] = metrics_adapter_summary(cfg)
+    if cfg.hf_token_secret:  # read from Secret Manager at deploy time; offline, where it comes from
+        summary["hfToken"] = vllm.hf_token_summary(cfg)
     if cfg.serving_role:  # read through a StackReference at deploy time; offline, a placeholder
         summary |= {"clusterStack": cfg.cluster_stack, "cluster": f"<clusterName output of stack {cfg.cluster_stack}>"}
     return summary

@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 import pulumi
+import pulumi_gcp as gcp
 
 from components.core import manifests, scheduling
 from components.core.config import (
@@ -37,6 +38,7 @@ from components.core.config import (
 from components.core.errors import ConfigError
 from components.core.node_pools import NodePoolSpec, system_node_pool, tpu_node_pools
 from components.core.planner import Plan, plan_deployment
+from components.core.runtimes import vllm
 from components.core.runtimes.bundled import IMAGE_TAG as BUNDLED_IMAGE_TAG
 from components.resources.autoscaling import (
     LeaderWorkerSetAutoscaler,
@@ -240,8 +242,17 @@ def _server_args(cfg: StackConfig, plan: Plan, pods_identity: pulumi.Output[str]
         service_account=manifests.service_account(cfg, pods_identity),
         leader_worker_set=manifests.leader_worker_set(cfg, plan, server_image),
         service=manifests.service(cfg),
+        secrets=_secrets(cfg),
         ready_timeout_seconds=manifests.ready_timeout_seconds(cfg) if cfg.wait_for_ready else None,
         serves_openai=cfg.runtime.serves_openai,
         autoscaled=cfg.scaling.enabled,
     )
 
+
+def _secrets(cfg: StackConfig) -> tuple[dict, ...]:
+    """Kubernetes Secrets the server reads: the Hugging Face token (hfTokenSecret), read from Secret
+    Manager at deploy time with the deployer's credentials, so it is never in the stack's config."""
+    if not cfg.hf_token_secret:
+        return ()
+    version = gcp.secretmanager.get_secret_version_output(secret=cfg.hf_token_secret, project=cfg.project)
+    return (vllm.hf_token_secret(cfg, pulumi.Output.secret(version.secret_data)),)

@@ -61,7 +61,13 @@ def is_disaggregated(stack: str) -> bool:
     return raw.get("mode") == "disaggregated"
 
 
-BUNDLED_STACKS = [stack for stack in STACKS if not is_disaggregated(stack)]
+def runs_vllm(stack: str) -> bool:
+    """A vLLM example: its keys (hfTokenSecret) belong to vLLM, so it has no bundled variant."""
+    raw, _ = read_stack_file(ROOT / f"Pulumi.{stack}.yaml")
+    return raw.get("serverRuntime") == "vllm"
+
+
+BUNDLED_STACKS = [stack for stack in STACKS if not is_disaggregated(stack) and not runs_vllm(stack)]
 REFUSED_STACKS = [stack for stack in STACKS if is_disaggregated(stack)]
 
 

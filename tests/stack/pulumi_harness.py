@@ -107,6 +107,8 @@ class RecordingMocks(pulumi.runtime.Mocks):
                     "masterAuths": [{"clusterCaCertificate": "RVhJU1RJTkc="}], "releaseChannels": [{"channel": self.release_channel}]}
         if args.token == "gcp:organizations/getClientConfig:getClientConfig":
             return {"accessToken": ACCESS_TOKEN, "project": GCP_PROJECT}
+        if args.token == "gcp:secretmanager/getSecretVersion:getSecretVersion":
+            return {"secret": args.args["secret"], "project": args.args["project"], "secretData": HF_TOKEN}
         if args.token == "gcp:organizations/getProject:getProject":
             return {"projectId": args.args["projectId"], "number": PROJECT_NUMBER}
         return {}
@@ -114,6 +116,7 @@ class RecordingMocks(pulumi.runtime.Mocks):
 
 IMAGE = "docker-build:index:Image"
 ACCESS_TOKEN = "ya29.test-access-token"
+HF_TOKEN = "hf_test-token"  # the value of every Secret Manager secret under the mocks
 
 
 def image_digest(inputs: dict) -> str:

@@ -22,12 +22,15 @@ lists each with its reason):
 
 Multi-host slices are refused: vLLM spans hosts only through Ray, which this layout does not start.
 
-Memory per chip (every chip on the tensor axis, bf16):
+Memory per chip (every chip on the tensor axis, bf16), as vLLM allocates it:
+  usable/chip    = 32 GiB x --gpu-memory-utilization (= 1 - hbmReservePercent/100)
   weights/chip   = params x 2 / chips
-  KV cache/chip  = max-num-seqs x max-model-len x layers x 2 (K and V) x kv heads/chip x head_dim x 2
+  KV/sequence    = max-model-len x layers x 2 (K and V) x kv heads/chip x head_dim x 2
                    kv heads/chip = ceil(kv_heads / chips) (vLLM replicates KV heads past kv_heads)
-  needed/chip   <= 32 GiB x --gpu-memory-utilization (= 1 - hbmReservePercent/100): the planner
-  counts a full batch at full length, which vLLM's paged cache never needs more than.
+  KV cache/chip  = vLLM's paged cache takes what the weights leave of usable/chip, but never more
+                   than max-num-seqs sequences at max-model-len need; it must hold at least one
+                   sequence at max-model-len, or vLLM refuses to start (and the planner refuses).
+  Past that, vLLM queues or preempts sequences instead of running out of memory.
 """
 
 from __future__ import annotations
@@ -97,6 +100,7 @@ FUSE_ANNOTATIONS = {
     "gke-gcsfuse/ephemeral-storage-limit": "0",
 }
 BF16_BYTES = 2
+GIB = 1 << 30
 
 # serverFlags are vLLM flags written with '_' (vLLM's parser reads either); these come from keys.
 PLANNED_FLAGS = {
@@ -144,6 +148,21 @@ def memory_fraction(cfg: StackConfig) -> float:
 def hf_token_secret_name(cfg: StackConfig) -> str:
     """The Kubernetes Secret holding the Hugging Face token (made from hfTokenSecret)."""
     return f"{cfg.app_name}-hf-token"
+
+
+def hf_token_secret(cfg: StackConfig, token: Any) -> dict:
+    """The Kubernetes Secret the server reads the Hugging Face token from. `token` is the value of
+    the Secret Manager secret hfTokenSecret, read at deploy time (a Pulumi secret Output)."""
+    metadata = {"name": hf_token_secret_name(cfg), "namespace": cfg.namespace}
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": metadata, "type": "Opaque", "stringData": {HF_TOKEN_KEY: token}}
+
+
+def hf_token_summary(cfg: StackConfig) -> str:
+    """Where the token comes from, for the plan (the offline render cannot read Secret Manager)."""
+    return (f"Secret {cfg.namespace}/{hf_token_secret_name(cfg)}, key {HF_TOKEN_KEY}, from Secret Manager secret "
+            f"{cfg.hf_token_secret} (pulumi up creates it; by hand: kubectl -n {cfg.namespace} create secret generic "
+            f"{hf_token_secret_name(cfg)} --from-literal={HF_TOKEN_KEY}=$(gcloud secrets versions access latest "
+            f"--secret={cfg.hf_token_secret}))")
 
 
 def _weights_from_hub(cfg: StackConfig) -> bool:
@@ -278,10 +297,11 @@ class VllmRuntime(ServerRuntime):
 
     def memory_per_chip(self, cfg: StackConfig, parallelism: Parallelism) -> MemoryPerChip:
         model, chips = cfg.model, cfg.tpu_slice.chips
-        sequences = cfg.per_device_batch_size * chips
-        kv_heads_per_chip = math.ceil(model.kv_heads / chips)
-        kv = sequences * cfg.max_target_length * model.layers * 2 * kv_heads_per_chip * model.head_dim * BF16_BYTES
-        return MemoryPerChip(model.params * BF16_BYTES / chips, kv)
+        weights = model.params * BF16_BYTES / chips
+        sequence = cfg.max_target_length * model.layers * 2 * math.ceil(model.kv_heads / chips) * model.head_dim * BF16_BYTES
+        usable = cfg.tpu_slice.hbm_gib_per_chip * GIB * memory_fraction(cfg)
+        full_batch = sequence * cfg.per_device_batch_size * chips
+        return MemoryPerChip(weights, min(full_batch, max(usable - weights, sequence)))
 
     def check_parallelism(self, cfg: StackConfig, parallelism: Parallelism) -> None:
         chips = cfg.tpu_slice.chips
