@@ -254,7 +254,9 @@ def test_the_service_exposes_http_and_grpc_on_ports_the_leader_serves(stack):
     cfg, plan = example(stack)
     service = manifests.service(cfg)
     ports = {port["name"]: (port["port"], port["targetPort"]) for port in service["spec"]["ports"]}
-    assert ports == {"jetstream-http": (8000, 8000), "jetstream-grpc": (9000, 9000)}
+    # gRPC where the runtime serves JetStream's Orchestrator service (not vLLM): no port to nothing.
+    grpc = {"jetstream-grpc": (9000, 9000)} if cfg.runtime.serves_grpc else {}
+    assert ports == {"jetstream-http": (8000, 8000), **grpc}
     leader = manifests.leader_worker_set(cfg, plan)["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["containers"]
     served = {port["containerPort"] for container in leader for port in container.get("ports", [])}
     assert {target for _, target in ports.values()} <= served
