@@ -4,12 +4,14 @@ the planner's memory, the Service, autoscaling, scheduling and the program's Sec
 from __future__ import annotations
 
 import copy
+import importlib
 import json
+import sys
 
 import pytest
 import yaml
 from pulumi_harness import HF_TOKEN, run_stack, stack_file_config
-from stack_helpers import GOLDEN, example
+from stack_helpers import GOLDEN, ROOT, example
 
 from components.core import manifests, scheduling
 from components.core.config import parse_stack_config
@@ -17,6 +19,7 @@ from components.core.errors import ConfigError
 from components.core.node_pools import DEPLOYMENT_LABEL
 from components.core.planner import GIB, plan_deployment
 from components.core.runtimes import vllm
+from components.render import read_stack_file, render
 
 # The tutorial's setup as stack config: Llama 3.1 70B from the Hugging Face Hub on one 2x4 host,
 # 128 sequences (16 per chip) of 4096 tokens, with its names and its extra vLLM flag.
@@ -236,7 +239,7 @@ def test_what_does_not_fit_or_shard_is_refused(overrides, keys):
 
 
 # ---------------------------------------------------------------------------------------------
-# The example stack: scheduling and the program.
+# The example stack: scheduling, environments, the program and the policy pack.
 
 
 def test_the_example_stack_can_be_scheduled_at_its_maximum_replicas():
@@ -247,9 +250,23 @@ def test_the_example_stack_can_be_scheduled_at_its_maximum_replicas():
     assert len(set(placement.values())) == 3  # a v6e-8 host each
 
 
-def test_the_program_makes_the_token_secret_from_secret_manager_before_the_workload():
-    stack = "llama3-8b-vllm"
-    recording = run_stack(stack_file_config(stack), stack)
+def test_a_serving_stack_runs_vllm_on_its_platforms_cluster(tmp_path):
+    raw, project = read_stack_file(ROOT / "Pulumi.llama3-8b-vllm.yaml")
+    serving = {**raw, "role": "serving", "clusterStack": "my-org/jetstream-tpu/platform", "deletionProtection": "true"}
+    (tmp_path / "Pulumi.vllm-dev.yaml").write_text(yaml.safe_dump({"config": {
+        "gcp:project": project, **{f"jetstream-tpu:{key}": value for key, value in serving.items()}}}))
+    text = render("vllm-dev", tmp_path)
+    kinds = [document["kind"] for document in yaml.safe_load_all(text.split("\n---\n", 1)[1])]
+    assert kinds == ["Namespace", "ServiceAccount", "LeaderWorkerSet", "Service", "PodMonitoring", "HorizontalPodAutoscaler"]
+    assert "my-org/jetstream-tpu/platform" in text and "vllm-tpu-hf-token" in text
+
+
+@pytest.fixture(scope="module")
+def recording():
+    return run_stack(stack_file_config("llama3-8b-vllm"), "llama3-8b-vllm")
+
+
+def test_the_program_makes_the_token_secret_from_secret_manager_before_the_workload(recording):
     assert ("gcp:secretmanager/getSecretVersion:getSecretVersion", {"project": "my-gcp-project", "secret": "hf-token"}) in recording.calls
     secret = recording.one("kubernetes:core/v1:Secret")
     assert secret.inputs["metadata"] == {"name": "vllm-tpu-hf-token", "namespace": "llama3-8b-vllm"}
@@ -260,3 +277,13 @@ def test_the_program_makes_the_token_secret_from_secret_manager_before_the_workl
     outputs = recording.outputs
     assert outputs["openaiBaseUrl"].endswith(":8000/v1") and outputs["grpcTarget"] == ""
     assert "/v1/completions" in outputs["curlExample"]
+
+
+def test_the_policy_pack_passes_every_resource_of_the_example(recording):
+    sys.path.insert(0, str(ROOT / "policy"))  # the pack's directory, as Pulumi runs it
+    rules = importlib.import_module("rules")
+    judged = [(rule, rules.Resource(type=resource.type, urn=resource.urn, props=resource.inputs))
+              for resource in recording.resources for rule in rules.RULES]
+    judged = [(rule, resource) for rule, resource in judged if rule.applies(resource)]
+    assert {rule.name for rule, _ in judged} >= {"container-images-pinned", "lws-serving-startup-probe"}
+    assert [(rule.name, resource.type, rule.violations(resource)) for rule, resource in judged if rule.violations(resource)] == []
