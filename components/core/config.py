@@ -44,8 +44,7 @@ from components.core.naming import (
     stack_scoped_name,
 )
 from components.core.runtimes import RUNTIMES, ServerRuntime
-from components.core.runtimes.base import GCS_SCHEME
-from components.core.runtimes.bundled import DEFAULT_CHECKPOINT_COPY_IMAGE
+from components.core.runtimes.gcs_fuse import GCS_SCHEME, bucket_and_directory
 from components.core.runtimes.bundled import IMAGE_NAME as BUNDLED_IMAGE_NAME
 from components.core.runtimes.pathways import DEFAULT_IMAGES
 from components.core.runtimes.vllm import DEFAULT_IMAGE as DEFAULT_VLLM_IMAGE
@@ -88,7 +87,7 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
     ConfigKey(name="quantization", type="string", default="int8",
               description="Weight precision: int8 (checkpoint must be int8-quantized) or bf16."),
     ConfigKey(name="checkpointPath", type="string", default="",
-              description="gs:// URI of the MaxText (Orbax) checkpoint; with serverRuntime=bundled of one .gguf or .npz object; with serverRuntime=vllm of a directory holding a Hugging Face checkpoint, or hf://<org>/<model> to download from the Hugging Face Hub. The serving identity gets read access to its bucket. Required unless role=platform."),
+              description="gs:// URI of the MaxText (Orbax) checkpoint; with serverRuntime=bundled or vllm of a directory holding a Hugging Face checkpoint (bundled: or of one .gguf or .npz object), mounted read-only through the Cloud Storage FUSE CSI driver; with serverRuntime=vllm also hf://<org>/<model> to download from the Hugging Face Hub. The serving identity gets read access to its bucket. Required unless role=platform."),
     # Serving.
     ConfigKey(name="quantizeKvCache", type="boolean", default=True, description="Store the KV cache in int8 (quantize_kvcache)."),
     ConfigKey(name="perDeviceBatchSize", type="integer", default=PRESET_DEFAULT, description="Sequences per chip (per_device_batch_size); 0 = model preset."),
@@ -114,8 +113,6 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
               description="jetstream (upstream JetStream + MaxText on Pathways, the reference YAMLs' layout), bundled (this repository's server image) or vllm (vLLM's TPU backend, single-host slices)."),
     ConfigKey(name="bundledServerImage", type="string", default="",
               description="serverRuntime=bundled: image of this repository's server, pinned by tag or digest; empty = the stack builds serving/Dockerfile into its own Artifact Registry repository and runs it by digest."),
-    ConfigKey(name="checkpointCopyImage", type="string", default=DEFAULT_CHECKPOINT_COPY_IMAGE,
-              description="serverRuntime=bundled: image of the init container that copies checkpointPath into the pod (gcloud storage cp); pinned tag or digest."),
     ConfigKey(name="vllmImage", type="string", default=DEFAULT_VLLM_IMAGE,
               description="serverRuntime=vllm: vLLM's TPU image (vllm/vllm-tpu); pinned tag or digest."),
     ConfigKey(name="hfTokenSecret", type="string", default="",
@@ -242,7 +239,7 @@ class StackConfig:
         Hugging Face Hub (hf://) the scratch bucket they are downloaded into."""
         if not self.checkpoint_path.startswith(GCS_SCHEME):
             return self.scratch_bucket
-        return self.checkpoint_path.removeprefix(GCS_SCHEME).split("/", 1)[0]
+        return bucket_and_directory(self.checkpoint_path)[0]
 
     @property
     def checkpoint_file(self) -> str:

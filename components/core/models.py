@@ -63,6 +63,7 @@ class ModelPreset:
     tie_embeddings: bool  # the output projection reuses the embedding table
     tokenizer_path: str  # MaxText tokenizer asset (emitted when the recipe lists tokenizer_path)
     hf_model_id: str  # the model on the Hugging Face Hub (vLLM's --model and --served-model-name)
+    family: str = "llama"  # the architecture (GGUF's general.architecture): which servers can run it
     maxtext_config: str = "MaxText/configs/base.yml"  # positional base config of the server
     # Serving defaults (each overridable by a config key). The parallelism is a recipe, fitted
     # to the slice by the planner (planner.preset_axes): tensor as given, one axis filling in.
@@ -156,7 +157,7 @@ PRESETS: dict[str, ModelPreset] = {
             ),
         ),
         ModelPreset(
-            name="gemma-7b", maxtext_model_name="gemma-7b", hf_model_id="google/gemma-7b", params=8.54e9, layers=28,
+            name="gemma-7b", maxtext_model_name="gemma-7b", hf_model_id="google/gemma-7b", family="gemma", params=8.54e9, layers=28,
             d_model=3072, heads=16, kv_heads=16, head_dim=256, vocab=256000, ffn_dim=24576, tie_embeddings=True,
             tokenizer_path="assets/tokenizer.gemma", per_device_batch_size=8,
             startup_probe_delay_seconds=60,

@@ -27,37 +27,19 @@ import pulumi
 import pulumi_gcp as gcp
 
 from components.core import manifests, scheduling
-from components.core.config import (
-    CONFIG_KEYS,
-    PLATFORM_OUTPUTS,
-    PROJECT,
-    PlatformConfig,
-    StackConfig,
-    parse_stack_config,
-)
+from components.core.config import (CONFIG_KEYS, PLATFORM_OUTPUTS, PROJECT, PlatformConfig, StackConfig,
+                                    parse_stack_config)
 from components.core.errors import ConfigError
 from components.core.node_pools import NodePoolSpec, system_node_pool, tpu_node_pools
 from components.core.planner import Plan, plan_deployment
 from components.core.runtimes import vllm
 from components.core.runtimes.bundled import IMAGE_TAG as BUNDLED_IMAGE_TAG
-from components.resources.autoscaling import (
-    LeaderWorkerSetAutoscaler,
-    LeaderWorkerSetAutoscalerArgs,
-    MetricsAdapter,
-    MetricsAdapterArgs,
-)
+from components.resources.autoscaling import (LeaderWorkerSetAutoscaler, LeaderWorkerSetAutoscalerArgs, MetricsAdapter,
+                                              MetricsAdapterArgs)
 from components.resources.gke import ATTACH, CREATE, LOOKUP, GkeCluster, GkeClusterArgs
-from components.resources.identity import (
-    NodeIdentity,
-    NodeIdentityArgs,
-    ServingIdentity,
-    ServingIdentityArgs,
-)
+from components.resources.identity import NodeIdentity, NodeIdentityArgs, ServingIdentity, ServingIdentityArgs
 from components.resources.jetstream import JetStreamServer, JetStreamServerArgs
-from components.resources.lws_controller import (
-    LeaderWorkerSetController,
-    LeaderWorkerSetControllerArgs,
-)
+from components.resources.lws_controller import LeaderWorkerSetController, LeaderWorkerSetControllerArgs
 from components.resources.platform import PlatformReference, PlatformReferenceArgs
 from components.resources.server_image import BundledServerImage, BundledServerImageArgs
 

@@ -18,7 +18,7 @@ from components.core.config import parse_stack_config
 from components.core.errors import ConfigError
 from components.core.node_pools import DEPLOYMENT_LABEL
 from components.core.planner import GIB, plan_deployment
-from components.core.runtimes import vllm
+from components.core.runtimes import gcs_fuse, vllm
 from components.render import read_stack_file, render
 
 # The tutorial's setup as stack config: Llama 3.1 70B from the Hugging Face Hub on one 2x4 host,
@@ -159,7 +159,7 @@ def test_a_gs_checkpoint_is_mounted_read_only_and_served_under_the_presets_name(
     (volume,) = [volume for volume in template["spec"]["volumes"] if volume["name"] == "checkpoint"]
     attributes = volume["csi"]["volumeAttributes"]
     assert volume["csi"]["readOnly"] is True and attributes["bucketName"] == "my-weights"
-    assert attributes["mountOptions"].startswith(vllm.FUSE_MOUNT_OPTIONS)
+    assert attributes["mountOptions"].startswith(gcs_fuse.MOUNT_OPTIONS)
     assert attributes["mountOptions"].endswith(f",only-dir={directory}") == bool(directory)
     assert cfg.checkpoint_bucket == "my-weights"
 

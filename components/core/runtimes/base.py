@@ -24,12 +24,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from components.core import lws_model as lws
 from components.core.autoscaling import MetricsEndpoint, ScalingMetric
+from components.core.runtimes.gcs_fuse import GCS_SCHEME
 
 if TYPE_CHECKING:  # the config and the planner import this module; these names are types only
     from components.core.config import StackConfig
     from components.core.planner import Parallelism, Plan
-
-GCS_SCHEME = "gs://"
 
 
 @dataclasses.dataclass(frozen=True)

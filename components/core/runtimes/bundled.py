@@ -6,9 +6,11 @@ LWS_GROUP_SIZE (= size = the number of server processes) and LWS_WORKER_INDEX, f
 server joins `jax.distributed` at the leader on COORDINATOR_PORT (control channel on the next
 port); process 0, the leader, serves HTTP and gRPC and carries the probes. Because the leader
 requests TPUs, LWS also injects TPU_WORKER_HOSTNAMES / TPU_WORKER_ID with the leader as TPU worker
-0 (into the first container requesting `google.com/tpu`, the server). The server reads a local
-checkpoint file, so an init container copies the `checkpointPath` object into an emptyDir at
-/models first (the pod's Workload Identity can read the checkpoint bucket).
+0 (into the first container requesting `google.com/tpu`, the server). The server reads the
+checkpoint from the `checkpointPath` bucket, mounted read-only at /models through the Cloud Storage
+FUSE CSI driver (`gcs_fuse.py`) as the pod's Workload Identity: a `.gguf` or `.npz` object (its
+directory is mounted) or a directory holding a Hugging Face checkpoint. Nothing is copied to the
+node's boot disk. The server runs the Llama architecture only (`SERVED_FAMILIES`).
 
 Memory per chip (serving/engine):
   weights/chip   = embeddings and MLP over fsdp x tensor; attention over fsdp x tensor when the
@@ -34,43 +36,25 @@ from typing import TYPE_CHECKING, Any
 from components.core import lws_model as lws
 from components.core.autoscaling import METRICS, MetricsEndpoint
 from components.core.errors import ConfigError
-from components.core.runtimes import maxtext
-from components.core.runtimes.base import (
-    MemoryPerChip,
-    PodContent,
-    PodLayout,
-    ServerRuntime,
-)
-from components.core.runtimes.containers import (
-    PULL_POLICY,
-    SERVER_CONTAINER,
-    generate_request,
-    port,
-    server_probes,
-    tpu_limits,
-)
+from components.core.runtimes import gcs_fuse, maxtext
+from components.core.runtimes.base import MemoryPerChip, PodContent, PodLayout, ServerRuntime
+from components.core.runtimes.containers import (PULL_POLICY, SERVER_CONTAINER, generate_request, port, server_probes,
+                                                 tpu_limits)
 from components.core.runtimes.pathways import WEIGHT_BYTES
 from serving.engine.parallelism import kv_cache_split
-from serving.protocol import (
-    CONTROL_PORT,
-    COORDINATOR_PORT,
-    COORDINATOR_PORT_ENV,
-    GRPC_PORT,
-    HEALTH_PATH,
-    HTTP_PORT,
-    KV_BLOCK,
-    METRICS_PATH,
-)
+from serving.protocol import (CONTROL_PORT, COORDINATOR_PORT, COORDINATOR_PORT_ENV, GRPC_PORT, HEALTH_PATH, HTTP_PORT,
+                              KV_BLOCK, METRICS_PATH)
 
 if TYPE_CHECKING:
     from components.core.config import StackConfig
     from components.core.planner import Parallelism, Plan
 
-# The init container that copies the checkpoint object from GCS to the pod (`gcloud storage cp`).
-# Google keeps these tags for a year; bump the pin with the release notes.
-DEFAULT_CHECKPOINT_COPY_IMAGE = "gcr.io/google.com/cloudsdktool/google-cloud-cli:573.0.0-stable"
-CHECKPOINT_SUFFIXES = (".gguf", ".npz")  # what the bundled server's loaders read
+CHECKPOINT_SUFFIXES = (".gguf", ".npz")  # the single-file formats the server's loaders read; else a directory
+# Paths that are surely no checkpoint the server reads: a file of a Hugging Face checkpoint (the
+# server reads its directory), or MaxText's Orbax layout (<run>/checkpoints/<step>/items).
+_NOT_READ = re.compile(r"(\.(safetensors|bin|pt|pth|json)|/items)$")
 _CHECKPOINT_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+SERVED_FAMILIES = ("llama",)  # the architectures the server's model implements
 # Without bundledServerImage the stack builds serving/Dockerfile into its own Artifact Registry
 # repository under this name and tag, and the pods run it by digest.
 IMAGE_NAME = "jetstream-jax"
@@ -87,22 +71,34 @@ ACTIVATION_BYTES = 2  # DTYPE's size: the unquantized KV cache's element
 KV_SCALE_BYTES = 4  # int8 KV cache: one float32 scale per (token, kv head)
 
 
+def _single_file(cfg: StackConfig) -> bool:
+    return cfg.checkpoint_path.endswith(CHECKPOINT_SUFFIXES)
+
+
 def local_checkpoint(cfg: StackConfig) -> str:
-    """Where the server finds the checkpoint the init container copied."""
-    return f"{MODELS_DIR}/{cfg.checkpoint_file}"
+    """Where the server finds the checkpoint: the object in its mounted directory, or the directory."""
+    return f"{MODELS_DIR}/{cfg.checkpoint_file}" if _single_file(cfg) else MODELS_DIR
+
+
+def _checkpoint_volume(cfg: StackConfig) -> lws.Volume:
+    """The checkpoint's directory (a single file's parent), read-only."""
+    bucket, directory = gcs_fuse.bucket_and_directory(cfg.checkpoint_path)
+    if _single_file(cfg):
+        directory = directory.rpartition("/")[0]
+    return gcs_fuse.bucket_volume(MODELS_VOLUME, bucket, directory, read_only=True)
 
 
 def _memory_flags(cfg: StackConfig) -> dict[str, str]:
     """Every flag that decides the server's memory, stated rather than left to its defaults, so
     the planner's figures stay true when those defaults change."""
     int8 = cfg.quantization == "int8"
-    # A .npz int8 checkpoint is the offline converter's output; GGUF tensors are dequantized on
-    # load and quantized to int8 by the server.
+    # A .npz int8 checkpoint is the offline converter's output; GGUF tensors and a Hugging Face
+    # checkpoint's are dequantized or read in bf16 on load and quantized to int8 by the server.
     return {
         "weight_dtype": DTYPE,
         "dtype": DTYPE,
         "quantization": "int8" if int8 else "",
-        "checkpoint_is_quantized": "true" if int8 and not cfg.checkpoint_file.endswith(".gguf") else "false",
+        "checkpoint_is_quantized": "true" if int8 and cfg.checkpoint_path.endswith(".npz") else "false",
         "quantize_kvcache": "true" if cfg.quantize_kv_cache else "false",
     }
 
@@ -142,23 +138,9 @@ def server(cfg: StackConfig, plan: Plan, image: Any, leader: bool) -> lws.Contai
     )
 
 
-def checkpoint_copy(cfg: StackConfig) -> lws.Container:
-    """Init container: the checkpoint object from GCS into the pod's /models (Workload Identity)."""
-    return lws.Container(
-        name="fetch-checkpoint",
-        image=cfg.images["checkpointCopyImage"],
-        command=("gcloud", "storage", "cp", cfg.checkpoint_path, local_checkpoint(cfg)),
-        image_pull_policy=PULL_POLICY,
-        volume_mounts=(lws.VolumeMount(name=MODELS_VOLUME, mount_path=MODELS_DIR),),
-    )
-
-
 def _pod(cfg: StackConfig, plan: Plan, image: Any, leader: bool) -> PodContent:
-    return PodContent(
-        containers=(server(cfg, plan, image, leader),),
-        init_containers=(checkpoint_copy(cfg),),
-        volumes=(lws.Volume(name=MODELS_VOLUME, empty_dir=lws.EmptyDirVolumeSource()),),
-    )
+    return PodContent(containers=(server(cfg, plan, image, leader),), volumes=(gcs_fuse.cache_volume(), _checkpoint_volume(cfg)),
+                      annotations=gcs_fuse.ANNOTATIONS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,14 +181,24 @@ def _check_mode(cfg: StackConfig) -> None:
                           "use serverRuntime=jetstream for disaggregated serving, or mode=interleaved on a single slice")
 
 
+def _check_model(cfg: StackConfig) -> None:
+    if cfg.model.family not in SERVED_FAMILIES:
+        raise ConfigError(("model", "serverRuntime"),
+                          f"serverRuntime=bundled runs the {', '.join(SERVED_FAMILIES)} architecture; {cfg.model.name} is {cfg.model.family}",
+                          "serverRuntime=jetstream or serverRuntime=vllm serve it, or pick a Llama preset")
+
+
 def _check_checkpoint(cfg: StackConfig) -> None:
     name = cfg.checkpoint_file
-    if name == cfg.checkpoint_bucket or not name.endswith(CHECKPOINT_SUFFIXES) or not _CHECKPOINT_FILE.match(name):
+    bad_file = _single_file(cfg) and (name == cfg.checkpoint_bucket or not _CHECKPOINT_FILE.match(name))
+    if bad_file or _NOT_READ.search(cfg.checkpoint_path):
         raise ConfigError(("checkpointPath", "serverRuntime"),
-                          f"serverRuntime=bundled loads one local .gguf or .npz file, copied from checkpointPath; "
-                          f"{cfg.checkpoint_path!r} is not a gs:// URI of a .gguf or .npz object (file name of letters, digits, '.', '_', '-')",
+                          f"serverRuntime=bundled reads one .gguf or .npz object, or a directory holding a Hugging Face "
+                          f"checkpoint; {cfg.checkpoint_path!r} is neither a gs:// URI of a .gguf or .npz object in a bucket "
+                          "(file name of letters, digits, '.', '_', '-') nor such a directory (a MaxText Orbax checkpoint "
+                          "ends in /items; a Hugging Face file's directory is the checkpoint)",
                           "pulumi config set checkpointPath gs://my-bucket/models/llama3.1-8b-int8.npz, "
-                          "or serverRuntime=jetstream for a MaxText (Orbax) checkpoint")
+                          "or gs://my-bucket/models/Llama-3.1-8B (a Hugging Face checkpoint directory)")
 
 
 def _check_multi_controller(cfg: StackConfig) -> None:
@@ -220,7 +212,7 @@ def _check_multi_controller(cfg: StackConfig) -> None:
 
 class BundledRuntime(ServerRuntime):
     name = "bundled"
-    image_keys = ("bundledServerImage", "checkpointCopyImage")
+    image_keys = ("bundledServerImage",)
     built_image_key = "bundledServerImage"
     planned_flags = maxtext.PLANNED_FLAGS
     pods_use_workload_identity = True
@@ -229,6 +221,7 @@ class BundledRuntime(ServerRuntime):
     scaling_metrics = METRICS  # the server exports JetStream's gauges under the same names (serving/server/metrics.py)
 
     def validate(self, cfg: StackConfig) -> None:
+        _check_model(cfg)
         _check_mode(cfg)
         _check_checkpoint(cfg)
         _check_multi_controller(cfg)

@@ -28,21 +28,9 @@ from components.core import lws_model as lws
 from components.core.autoscaling import METRICS, MetricsEndpoint
 from components.core.errors import ConfigError
 from components.core.runtimes import maxtext
-from components.core.runtimes.base import (
-    MemoryPerChip,
-    PodContent,
-    PodLayout,
-    ServerRuntime,
-)
-from components.core.runtimes.containers import (
-    LEADER_ADDRESS,
-    PULL_POLICY,
-    SERVER_CONTAINER,
-    generate_request,
-    port,
-    server_probes,
-    tpu_limits,
-)
+from components.core.runtimes.base import MemoryPerChip, PodContent, PodLayout, ServerRuntime
+from components.core.runtimes.containers import (LEADER_ADDRESS, PULL_POLICY, SERVER_CONTAINER, generate_request, port,
+                                                 server_probes, tpu_limits)
 from serving.protocol import DISAGGREGATED_SERVER, GRPC_PORT, HEALTH_PATH, HTTP_PORT
 
 if TYPE_CHECKING:

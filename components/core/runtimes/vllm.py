@@ -42,19 +42,9 @@ from typing import TYPE_CHECKING, Any
 from components.core import lws_model as lws
 from components.core.autoscaling import MetricsEndpoint, ScalingMetric
 from components.core.errors import ConfigError
-from components.core.runtimes.base import (
-    GCS_SCHEME,
-    MemoryPerChip,
-    PodContent,
-    PodLayout,
-    ServerRuntime,
-)
-from components.core.runtimes.containers import (
-    PULL_POLICY,
-    port,
-    server_probes,
-    tpu_limits,
-)
+from components.core.runtimes import gcs_fuse
+from components.core.runtimes.base import MemoryPerChip, PodContent, PodLayout, ServerRuntime
+from components.core.runtimes.containers import PULL_POLICY, port, server_probes, tpu_limits
 from serving.protocol import HTTP_PORT, METRICS_PATH
 
 if TYPE_CHECKING:
@@ -86,19 +76,6 @@ XLA_CACHE_DIR = f"{DATA_DIR}/xla-cache"
 MODELS_DIR = "/models"
 MODELS_VOLUME = "checkpoint"
 SHM_VOLUME, SHM_DIR = "dshm", "/dev/shm"
-# The FUSE sidecar's file cache: a volume of this name replaces its default (an emptyDir on disk).
-FUSE_CACHE_VOLUME = "gke-gcsfuse-cache"
-FUSE_DRIVER = "gcsfuse.csi.storage.gke.io"
-# The tutorial's mount options: parallel downloads into an unbounded file cache, for large weights.
-FUSE_MOUNT_OPTIONS = ("implicit-dirs,file-cache:enable-parallel-downloads:true,file-cache:parallel-downloads-per-file:100,"
-                      "file-cache:max-parallel-downloads:-1,file-cache:download-chunk-size-mb:10,file-cache:max-size-mb:-1")
-# The sidecar injection and the tutorial's "no limits" for the sidecar (it caches whole weight files).
-FUSE_ANNOTATIONS = {
-    "gke-gcsfuse/volumes": "true",
-    "gke-gcsfuse/cpu-limit": "0",
-    "gke-gcsfuse/memory-limit": "0",
-    "gke-gcsfuse/ephemeral-storage-limit": "0",
-}
 BF16_BYTES = 2
 GIB = 1 << 30
 
@@ -221,21 +198,13 @@ def server(cfg: StackConfig) -> lws.Container:
     )
 
 
-def _fuse_volume(name: str, bucket: str, read_only: bool = False, directory: str = "") -> lws.Volume:
-    options = f"{FUSE_MOUNT_OPTIONS},only-dir={directory}" if directory else FUSE_MOUNT_OPTIONS
-    source = lws.CSIVolumeSource(driver=FUSE_DRIVER, read_only=read_only or None,
-                                 volume_attributes={"bucketName": bucket, "mountOptions": options})
-    return lws.Volume(name=name, csi=source)
-
-
 def _volumes(cfg: StackConfig) -> tuple[lws.Volume, ...]:
-    memory = lws.EmptyDirVolumeSource(medium="Memory")
     checkpoint = ()
     if not _weights_from_hub(cfg):
-        directory = cfg.checkpoint_path.removeprefix(f"{GCS_SCHEME}{cfg.checkpoint_bucket}").strip("/")
-        checkpoint = (_fuse_volume(MODELS_VOLUME, cfg.checkpoint_bucket, read_only=True, directory=directory),)
-    return (lws.Volume(name=FUSE_CACHE_VOLUME, empty_dir=memory), lws.Volume(name=SHM_VOLUME, empty_dir=memory),
-            _fuse_volume(DATA_VOLUME, cfg.scratch_bucket), *checkpoint)
+        bucket, directory = gcs_fuse.bucket_and_directory(cfg.checkpoint_path)
+        checkpoint = (gcs_fuse.bucket_volume(MODELS_VOLUME, bucket, directory, read_only=True),)
+    shm = lws.Volume(name=SHM_VOLUME, empty_dir=lws.EmptyDirVolumeSource(medium="Memory"))
+    return (gcs_fuse.cache_volume(), shm, gcs_fuse.bucket_volume(DATA_VOLUME, cfg.scratch_bucket), *checkpoint)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,8 +248,8 @@ class VllmRuntime(ServerRuntime):
     image_keys = ("vllmImage",)
     other_keys = ("hfTokenSecret",)
     planned_flags = PLANNED_FLAGS
-    checkpoint_schemes = (GCS_SCHEME, HF_SCHEME)
-    pods_use_workload_identity = True  # the GCS FUSE CSI driver mounts buckets as the pod's identity
+    checkpoint_schemes = (gcs_fuse.GCS_SCHEME, HF_SCHEME)
+    pods_use_workload_identity = True  # the Cloud Storage FUSE CSI driver mounts buckets as the pod's identity
     serves_grpc = False
     serves_openai = True
     scaling_metrics = METRICS
@@ -291,7 +260,7 @@ class VllmRuntime(ServerRuntime):
         _check_checkpoint(cfg)
 
     def pod_layout(self, cfg: StackConfig, plan: Plan, image: Any = None) -> PodLayout:
-        pod = PodContent(containers=(server(cfg),), volumes=_volumes(cfg), annotations=FUSE_ANNOTATIONS)
+        pod = PodContent(containers=(server(cfg),), volumes=_volumes(cfg), annotations=gcs_fuse.ANNOTATIONS)
         # A group of one: the leader is the slice's only host, so the worker template is never used.
         return PodLayout(leader=pod, worker=pod, size=1)
 
