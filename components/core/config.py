@@ -45,6 +45,7 @@ from components.core.naming import (
 )
 from components.core.runtimes import RUNTIMES, ServerRuntime
 from components.core.runtimes.gcs_fuse import GCS_SCHEME, bucket_and_directory
+from components.core.server_secrets import secret_id
 from components.core.runtimes.bundled import IMAGE_NAME as BUNDLED_IMAGE_NAME
 from components.core.runtimes.pathways import DEFAULT_IMAGES
 from components.core.runtimes.vllm import DEFAULT_IMAGE as DEFAULT_VLLM_IMAGE
@@ -117,6 +118,8 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
               description="serverRuntime=vllm: vLLM's TPU image (vllm/vllm-tpu); pinned tag or digest."),
     ConfigKey(name="hfTokenSecret", type="string", default="",
               description="serverRuntime=vllm: Secret Manager secret (in gcp:project) holding a Hugging Face token; pulumi up copies it into a Kubernetes Secret the server reads. Needed for gated models (Llama, Gemma) from hf://; empty = no token."),
+    ConfigKey(name="apiKeySecret", type="string", default="",
+              description="Secret Manager secret (in gcp:project) holding the API key clients must send (Authorization: Bearer <key>); pulumi up copies it into a Kubernetes Secret the server reads from its environment. serverRuntime=bundled or vllm; empty = no key."),
     ConfigKey(name="jetstreamImage", type="string", default=DEFAULT_IMAGES["jetstreamImage"],
               description="jax-tpu container image (JetStream + MaxText server) when serverRuntime=jetstream; pinned tag or digest."),
     ConfigKey(name="jetstreamHttpImage", type="string", default=DEFAULT_IMAGES["jetstreamHttpImage"],
@@ -210,6 +213,7 @@ class StackConfig:
     runtime: ServerRuntime  # serverRuntime, chosen once here: everything that differs between servers asks it
     images: Mapping[str, str]  # config key -> image, the runtime's image keys
     hf_token_secret: str  # Secret Manager secret of the Hugging Face token (serverRuntime=vllm); "" = none
+    api_key_secret: str  # Secret Manager secret of the API key clients must send; "" = none
     app_name: str
     service_name: str
     namespace: str
@@ -472,6 +476,15 @@ def _check_runtime_keys(raw: Mapping[str, str], runtime: ServerRuntime) -> None:
                                   f"remove {name}, or pulumi config set serverRuntime {other.name}")
 
 
+def _api_key_secret(raw: Mapping[str, str], runtime: ServerRuntime) -> str:
+    name = secret_id(_text(raw, "apiKeySecret"), "apiKeySecret")
+    if name and runtime.api_key_env is None:
+        servers = " or ".join(f"serverRuntime={other.name}" for other in RUNTIMES.values() if other.api_key_env)
+        raise ConfigError(("apiKeySecret", "serverRuntime"), f"serverRuntime={runtime.name} has no API key check (JetStream's front ends take none)",
+                          f"use {servers}, or remove apiKeySecret")
+    return name
+
+
 def _label_name(raw: Mapping[str, str], name: str, limit: int, derived: str | None = None) -> str:
     value = _text(raw, name) or derived
     if not _DNS_LABEL.match(value) or len(value) > limit:
@@ -670,7 +683,8 @@ def parse_stack_config(raw: Mapping[str, str], *, project: str | None, stack: st
         wait_for_ready=_boolean(raw, "waitForReady"),
         runtime=runtime,
         images=_images(raw, runtime),
-        hf_token_secret=_text(raw, "hfTokenSecret"),
+        hf_token_secret=secret_id(_text(raw, "hfTokenSecret"), "hfTokenSecret"),
+        api_key_secret=_api_key_secret(raw, runtime),
         app_name=names["appName"],
         service_name=names["serviceName"],
         namespace=names["namespace"],

@@ -26,13 +26,12 @@ from typing import Any
 import pulumi
 import pulumi_gcp as gcp
 
-from components.core import manifests, scheduling
+from components.core import manifests, scheduling, server_secrets
 from components.core.config import (CONFIG_KEYS, PLATFORM_OUTPUTS, PROJECT, PlatformConfig, StackConfig,
                                     parse_stack_config)
 from components.core.errors import ConfigError
 from components.core.node_pools import NodePoolSpec, system_node_pool, tpu_node_pools
 from components.core.planner import Plan, plan_deployment
-from components.core.runtimes import vllm
 from components.core.runtimes.bundled import IMAGE_TAG as BUNDLED_IMAGE_TAG
 from components.resources.autoscaling import (LeaderWorkerSetAutoscaler, LeaderWorkerSetAutoscalerArgs, MetricsAdapter,
                                               MetricsAdapterArgs)
@@ -232,9 +231,10 @@ def _server_args(cfg: StackConfig, plan: Plan, pods_identity: pulumi.Output[str]
 
 
 def _secrets(cfg: StackConfig) -> tuple[dict, ...]:
-    """Kubernetes Secrets the server reads: the Hugging Face token (hfTokenSecret), read from Secret
-    Manager at deploy time with the deployer's credentials, so it is never in the stack's config."""
-    if not cfg.hf_token_secret:
-        return ()
-    version = gcp.secretmanager.get_secret_version_output(secret=cfg.hf_token_secret, project=cfg.project)
-    return (vllm.hf_token_secret(cfg, pulumi.Output.secret(version.secret_data)),)
+    """The Kubernetes Secrets the server reads (server_secrets.py): each from its Secret Manager secret,
+    read at deploy time with the deployer's credentials, so no value is ever in the stack's config."""
+    return tuple(
+        server_secrets.kubernetes_secret(secret, cfg.namespace, pulumi.Output.secret(
+            gcp.secretmanager.get_secret_version_output(secret=secret.secret_id, project=cfg.project).secret_data))
+        for secret in cfg.runtime.secret_envs(cfg)
+    )

@@ -9,6 +9,7 @@ planner, autoscaling, the scheduling check) asks the runtime instead of branchin
   the memory a plan needs per chip       `memory_per_chip`, `check_parallelism`, `fit_hints`
   metrics and autoscaling                `metrics_endpoint`, `scaling_metrics`
   what the Service exposes               `serves_grpc`, `serves_openai`, `example_request`
+  secrets in the server's environment    `api_key_env`, `secret_envs`
   identity, images, checkpoint           `pods_use_workload_identity`, `image_keys`, `builds_server_image`
 
 A runtime fills in the pods' containers, volumes and annotations; the placement every runtime
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from components.core import lws_model as lws
 from components.core.autoscaling import MetricsEndpoint, ScalingMetric
 from components.core.runtimes.gcs_fuse import GCS_SCHEME
+from components.core.server_secrets import SecretEnv
 
 if TYPE_CHECKING:  # the config and the planner import this module; these names are types only
     from components.core.config import StackConfig
@@ -68,6 +70,7 @@ class ServerRuntime(abc.ABC):
     pods_use_workload_identity: ClassVar[bool]  # pods act as the workload GSA (else as the node's)
     serves_grpc: ClassVar[bool]  # JetStream's gRPC Orchestrator service on ports.GRPC_PORT
     serves_openai: ClassVar[bool]  # the OpenAI API under /v1 on the HTTP port
+    api_key_env: ClassVar[str | None] = None  # where the server reads the key clients must send; None: it has none
     scaling_metrics: ClassVar[Mapping[str, ScalingMetric]]  # autoscalingMetric value -> its gauge
 
     @property
@@ -77,6 +80,13 @@ class ServerRuntime(abc.ABC):
 
     def validate(self, cfg: StackConfig) -> None:
         """ConfigError for a config this runtime cannot serve (after the keys parsed one by one)."""
+
+    def secret_envs(self, cfg: StackConfig) -> tuple[SecretEnv, ...]:
+        """The server's environment from Secret Manager (apiKeySecret, where the server checks a key)."""
+        if not cfg.api_key_secret:
+            return ()
+        return (SecretEnv(env=self.api_key_env, config_key="apiKeySecret", secret_id=cfg.api_key_secret,
+                          name=f"{cfg.app_name}-api-key", data_key="api-key"),)
 
     @abc.abstractmethod
     def pod_layout(self, cfg: StackConfig, plan: Plan, image: Any = None) -> PodLayout:

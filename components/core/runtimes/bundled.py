@@ -36,13 +36,14 @@ from typing import TYPE_CHECKING, Any
 from components.core import lws_model as lws
 from components.core.autoscaling import METRICS, MetricsEndpoint
 from components.core.errors import ConfigError
+from components.core import server_secrets
 from components.core.runtimes import gcs_fuse, maxtext
 from components.core.runtimes.base import MemoryPerChip, PodContent, PodLayout, ServerRuntime
 from components.core.runtimes.containers import (PULL_POLICY, SERVER_CONTAINER, generate_request, port, server_probes,
                                                  tpu_limits)
 from components.core.runtimes.pathways import WEIGHT_BYTES
 from serving.engine.parallelism import kv_cache_split
-from serving.protocol import (CONTROL_PORT, COORDINATOR_PORT, COORDINATOR_PORT_ENV, GRPC_PORT, HEALTH_PATH, HTTP_PORT,
+from serving.protocol import (API_KEY_ENV, CONTROL_PORT, COORDINATOR_PORT, COORDINATOR_PORT_ENV, GRPC_PORT, HEALTH_PATH, HTTP_PORT,
                               KV_BLOCK, METRICS_PATH)
 
 if TYPE_CHECKING:
@@ -129,7 +130,7 @@ def server(cfg: StackConfig, plan: Plan, image: Any, leader: bool) -> lws.Contai
         image=image,
         command=COMMAND,
         args=server_args(cfg, plan.axis_flags),
-        env=(lws.EnvVar(name=COORDINATOR_PORT_ENV, value=str(COORDINATOR_PORT)),),
+        env=(*server_secrets.env_vars(cfg.runtime.secret_envs(cfg)), lws.EnvVar(name=COORDINATOR_PORT_ENV, value=str(COORDINATOR_PORT))),
         image_pull_policy=PULL_POLICY,
         ports=(*front_ends, *port(COORDINATOR_PORT, "jax-coordinator"), *port(CONTROL_PORT, "jax-control")),
         resources=tpu_limits(cfg),
@@ -218,6 +219,7 @@ class BundledRuntime(ServerRuntime):
     pods_use_workload_identity = True
     serves_grpc = True
     serves_openai = True
+    api_key_env = API_KEY_ENV  # the server's --api-key, from its environment
     scaling_metrics = METRICS  # the server exports JetStream's gauges under the same names (serving/server/metrics.py)
 
     def validate(self, cfg: StackConfig) -> None:

@@ -40,11 +40,13 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from components.core import lws_model as lws
+from components.core import server_secrets
 from components.core.autoscaling import MetricsEndpoint, ScalingMetric
 from components.core.errors import ConfigError
 from components.core.runtimes import gcs_fuse
 from components.core.runtimes.base import MemoryPerChip, PodContent, PodLayout, ServerRuntime
 from components.core.runtimes.containers import PULL_POLICY, port, server_probes, tpu_limits
+from components.core.server_secrets import SecretEnv
 from serving.protocol import HTTP_PORT, METRICS_PATH
 
 if TYPE_CHECKING:
@@ -60,10 +62,9 @@ READINESS_PERIOD_SECONDS = 10  # the tutorial's readiness period
 HF_SCHEME = "hf://"
 _HF_MODEL = re.compile(r"^hf://[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # The Hugging Face token: the tutorial's env var and Secret key; the stack makes the Secret from
-# Secret Manager (hfTokenSecret), so the token is never in the stack's config.
+# Secret Manager (hfTokenSecret, see server_secrets.py), so the token is never in the stack's config.
 HF_TOKEN_ENV = "HUGGING_FACE_HUB_TOKEN"
 HF_TOKEN_KEY = "hf_api_token"
-_SECRET_ID = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
 XLA_CACHE_ENV = "VLLM_XLA_CACHE_PATH"
 POD_NAME_ENV = "POD_NAME"
 
@@ -122,26 +123,6 @@ def memory_fraction(cfg: StackConfig) -> float:
     return round(1 - cfg.hbm_reserve_percent / 100, 2)
 
 
-def hf_token_secret_name(cfg: StackConfig) -> str:
-    """The Kubernetes Secret holding the Hugging Face token (made from hfTokenSecret)."""
-    return f"{cfg.app_name}-hf-token"
-
-
-def hf_token_secret(cfg: StackConfig, token: Any) -> dict:
-    """The Kubernetes Secret the server reads the Hugging Face token from. `token` is the value of
-    the Secret Manager secret hfTokenSecret, read at deploy time (a Pulumi secret Output)."""
-    metadata = {"name": hf_token_secret_name(cfg), "namespace": cfg.namespace}
-    return {"apiVersion": "v1", "kind": "Secret", "metadata": metadata, "type": "Opaque", "stringData": {HF_TOKEN_KEY: token}}
-
-
-def hf_token_summary(cfg: StackConfig) -> str:
-    """Where the token comes from, for the plan (the offline render cannot read Secret Manager)."""
-    return (f"Secret {cfg.namespace}/{hf_token_secret_name(cfg)}, key {HF_TOKEN_KEY}, from Secret Manager secret "
-            f"{cfg.hf_token_secret} (pulumi up creates it; by hand: kubectl -n {cfg.namespace} create secret generic "
-            f"{hf_token_secret_name(cfg)} --from-literal={HF_TOKEN_KEY}=$(gcloud secrets versions access latest "
-            f"--secret={cfg.hf_token_secret}))")
-
-
 def _weights_from_hub(cfg: StackConfig) -> bool:
     return cfg.checkpoint_path.startswith(HF_SCHEME)
 
@@ -168,14 +149,11 @@ def server_args(cfg: StackConfig) -> tuple[str, ...]:
 
 
 def _env(cfg: StackConfig) -> tuple[lws.EnvVar, ...]:
-    token = ()
-    if cfg.hf_token_secret:
-        selector = lws.SecretKeySelector(name=hf_token_secret_name(cfg), key=HF_TOKEN_KEY)
-        token = (lws.EnvVar(name=HF_TOKEN_ENV, value_from=lws.EnvVarSource(secret_key_ref=selector)),)
+    secrets = server_secrets.env_vars(cfg.runtime.secret_envs(cfg))
     pod_name = lws.EnvVar(name=POD_NAME_ENV, value_from=lws.EnvVarSource(field_ref=lws.ObjectFieldSelector(field_path="metadata.name")))
     # One cache per pod: LWS leader pods keep their names (<lws>-<group>) across restarts.
     cache = lws.EnvVar(name=XLA_CACHE_ENV, value=f"{XLA_CACHE_DIR}/$({POD_NAME_ENV})")
-    return (*token, pod_name, cache)
+    return (*secrets, pod_name, cache)
 
 
 def _mounts(cfg: StackConfig) -> tuple[lws.VolumeMount, ...]:
@@ -238,9 +216,6 @@ def _check_checkpoint(cfg: StackConfig) -> None:
     if _weights_from_hub(cfg) and not _HF_MODEL.match(cfg.checkpoint_path):
         raise ConfigError("checkpointPath", f"{cfg.checkpoint_path!r} is not hf://<organization>/<model>",
                           f"pulumi config set checkpointPath hf://{cfg.model.hf_model_id}")
-    if cfg.hf_token_secret and not _SECRET_ID.match(cfg.hf_token_secret):
-        raise ConfigError("hfTokenSecret", f"{cfg.hf_token_secret!r} is not a Secret Manager secret id",
-                          "the secret's name in the stack's project: letters, digits, '_' and '-'")
 
 
 class VllmRuntime(ServerRuntime):
@@ -252,12 +227,20 @@ class VllmRuntime(ServerRuntime):
     pods_use_workload_identity = True  # the Cloud Storage FUSE CSI driver mounts buckets as the pod's identity
     serves_grpc = False
     serves_openai = True
+    api_key_env = "VLLM_API_KEY"  # vLLM's api_server checks it when --api-key is not given
     scaling_metrics = METRICS
 
     def validate(self, cfg: StackConfig) -> None:
         _refuse_multi_host(cfg)
         _refuse_unsupported(cfg)
         _check_checkpoint(cfg)
+
+    def secret_envs(self, cfg: StackConfig) -> tuple[SecretEnv, ...]:
+        token = ()
+        if cfg.hf_token_secret:
+            token = (SecretEnv(env=HF_TOKEN_ENV, config_key="hfTokenSecret", secret_id=cfg.hf_token_secret,
+                               name=f"{cfg.app_name}-hf-token", data_key=HF_TOKEN_KEY),)
+        return (*token, *super().secret_envs(cfg))
 
     def pod_layout(self, cfg: StackConfig, plan: Plan, image: Any = None) -> PodLayout:
         pod = PodContent(containers=(server(cfg),), volumes=_volumes(cfg), annotations=gcs_fuse.ANNOTATIONS)
