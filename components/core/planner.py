@@ -175,10 +175,7 @@ def _check_fit(cfg: StackConfig, parallelism: Parallelism, weights: float, kv: f
 
 
 def _fit_suggestion(cfg: StackConfig, parallelism: Parallelism, weights: float, usable: float) -> str:
-    hints = []
-    if cfg.quantization == "bf16":
-        hints.append("quantization=int8")
-    hints.extend(cfg.runtime.fit_hints(cfg, parallelism))
+    hints = list(cfg.runtime.fit_hints(cfg, parallelism))
     if weights > usable:
         hints.append("a bigger topology")
     else:

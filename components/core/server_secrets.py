@@ -34,25 +34,42 @@ class SecretEnv:
 def secret_id(value: str, key: str) -> str:
     """`value` if it is a Secret Manager secret id, else ConfigError naming `key`."""
     if value and not _SECRET_ID.match(value):
-        raise ConfigError(key, f"{value!r} is not a Secret Manager secret id",
-                          "the secret's name in gcp:project (letters, digits, '_' and '-'), not its resource path")
+        raise ConfigError(
+            key,
+            f"{value!r} is not a Secret Manager secret id",
+            "the secret's name in gcp:project (letters, digits, '_' and '-'), not its resource path",
+        )
     return value
 
 
 def env_vars(secrets: tuple[SecretEnv, ...]) -> tuple[lws.EnvVar, ...]:
-    return tuple(lws.EnvVar(name=secret.env, value_from=lws.EnvVarSource(
-        secret_key_ref=lws.SecretKeySelector(name=secret.name, key=secret.data_key))) for secret in secrets)
+    return tuple(
+        lws.EnvVar(
+            name=secret.env,
+            value_from=lws.EnvVarSource(secret_key_ref=lws.SecretKeySelector(name=secret.name, key=secret.data_key)),
+        )
+        for secret in secrets
+    )
 
 
 def kubernetes_secret(secret: SecretEnv, namespace: str, value: Any) -> dict:
     """The Kubernetes Secret; `value` is the Secret Manager secret's, read at deploy time (a Pulumi secret Output)."""
-    return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": secret.name, "namespace": namespace}, "type": "Opaque",
-            "stringData": {secret.data_key: value}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": secret.name, "namespace": namespace},
+        "type": "Opaque",
+        "stringData": {secret.data_key: value},
+    }
 
 
 def summary(secret: SecretEnv, namespace: str) -> str:
     """Where the Secret comes from, for the plan."""
-    by_hand = (f"kubectl -n {namespace} create secret generic {secret.name} --from-literal={secret.data_key}="
-               f"$(gcloud secrets versions access latest --secret={secret.secret_id})")
-    return (f"{secret.env} from Secret {namespace}/{secret.name} (key {secret.data_key}), made from Secret Manager secret "
-            f"{secret.secret_id} by pulumi up; by hand: {by_hand}")
+    by_hand = (
+        f"kubectl -n {namespace} create secret generic {secret.name} --from-literal={secret.data_key}="
+        f"$(gcloud secrets versions access latest --secret={secret.secret_id})"
+    )
+    return (
+        f"{secret.env} from Secret {namespace}/{secret.name} (key {secret.data_key}), made from Secret Manager secret "
+        f"{secret.secret_id} by pulumi up; by hand: {by_hand}"
+    )

@@ -14,9 +14,19 @@ from components.core.errors import ConfigError
 from components.core.planner import plan_deployment
 from serving import protocol
 
-BUNDLED = {"serverRuntime": "bundled", "bundledServerImage": BUNDLED_IMAGE, "checkpointPath": "gs://test-checkpoints/m/model.npz"}
-VLLM = {"serverRuntime": "vllm", "topology": "2x4", "tpuMachineType": "ct6e-standard-8t", "quantization": "bf16",
-        "quantizeKvCache": "false", "checkpointPath": "hf://meta-llama/Llama-3.1-8B"}
+BUNDLED = {
+    "serverRuntime": "bundled",
+    "bundledServerImage": BUNDLED_IMAGE,
+    "checkpointPath": "gs://test-checkpoints/m/model.npz",
+}
+VLLM = {
+    "serverRuntime": "vllm",
+    "topology": "2x4",
+    "tpuMachineType": "ct6e-standard-8t",
+    "quantization": "bf16",
+    "quantizeKvCache": "false",
+    "checkpointPath": "hf://meta-llama/Llama-3.1-8B",
+}
 
 
 def _server_env(cfg) -> list[dict]:
@@ -55,21 +65,33 @@ def test_a_secret_resource_path_is_refused_naming_the_key(key):
 
 
 def test_the_kubernetes_secret_and_its_summary():
-    secret = server_secrets.SecretEnv(env="API_KEY", config_key="apiKeySecret", secret_id="k", name="app-api-key", data_key="api-key")
+    secret = server_secrets.SecretEnv(
+        env="API_KEY", config_key="apiKeySecret", secret_id="k", name="app-api-key", data_key="api-key"
+    )
     assert server_secrets.kubernetes_secret(secret, "ns", "value") == {
-        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "app-api-key", "namespace": "ns"}, "type": "Opaque",
-        "stringData": {"api-key": "value"}}
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "app-api-key", "namespace": "ns"},
+        "type": "Opaque",
+        "stringData": {"api-key": "value"},
+    }
     assert "gcloud secrets versions access latest --secret=k" in server_secrets.summary(secret, "ns")
 
 
 def test_the_program_reads_both_secrets_from_secret_manager_and_keeps_them_secret():
     raw = {"model": "llama3.1-8b", **VLLM, "hfTokenSecret": "hf-token", "apiKeySecret": "serving-api-key"}
     recording = run_stack({"gcp:project": "test-project", **qualified(raw)})
-    read = {call["secret"] for token, call in recording.calls if token == "gcp:secretmanager/getSecretVersion:getSecretVersion"}
+    read = {
+        call["secret"]
+        for token, call in recording.calls
+        if token == "gcp:secretmanager/getSecretVersion:getSecretVersion"
+    }
     assert read == {"hf-token", "serving-api-key"}
     secrets = {secret.inputs["metadata"]["name"]: secret for secret in recording.of_type("kubernetes:core/v1:Secret")}
     assert set(secrets) == {"jetstream-pathways-hf-token", "jetstream-pathways-api-key"}
-    assert secrets["jetstream-pathways-api-key"].inputs["stringData"]["value"] == {"api-key": HF_TOKEN}  # wrapped: a Pulumi secret
+    assert secrets["jetstream-pathways-api-key"].inputs["stringData"]["value"] == {
+        "api-key": HF_TOKEN
+    }  # wrapped: a Pulumi secret
     lws = recording.one("kubernetes:leaderworkerset.x-k8s.io/v1:LeaderWorkerSet")
     assert {secret.urn for secret in secrets.values()} <= set(lws.dependencies)
     assert HF_TOKEN not in json.dumps(lws.inputs)

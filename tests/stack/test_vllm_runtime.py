@@ -13,7 +13,7 @@ import yaml
 from pulumi_harness import HF_TOKEN, run_stack, stack_file_config
 from stack_helpers import GOLDEN, ROOT, example
 
-from components.core import manifests, scheduling
+from components.core import manifests, models, scheduling, tpu
 from components.core.config import parse_stack_config
 from components.core.errors import ConfigError
 from components.core.node_pools import DEPLOYMENT_LABEL
@@ -24,10 +24,19 @@ from components.render import read_stack_file, render
 # The tutorial's setup as stack config: Llama 3.1 70B from the Hugging Face Hub on one 2x4 host,
 # 128 sequences (16 per chip) of 4096 tokens, with its names and its extra vLLM flag.
 TUTORIAL_CONFIG = {
-    "model": "llama3.1-70b", "topology": "2x4", "tpuMachineType": "ct6e-standard-8t", "serverRuntime": "vllm",
-    "quantization": "bf16", "quantizeKvCache": "false", "checkpointPath": "hf://meta-llama/Llama-3.1-70B",
-    "hfTokenSecret": "hf-token", "maxTargetLength": "4096", "perDeviceBatchSize": "16", "appName": "vllm-tpu",
-    "serviceName": "vllm-service", "serverFlags": json.dumps({"max_num_batched_tokens": "512"}),
+    "model": "llama3.1-70b",
+    "topology": "2x4",
+    "tpuMachineType": "ct6e-standard-8t",
+    "serverRuntime": "vllm",
+    "quantization": "bf16",
+    "quantizeKvCache": "false",
+    "checkpointPath": "hf://meta-llama/Llama-3.1-70B",
+    "hfTokenSecret": "hf-token",
+    "maxTargetLength": "4096",
+    "perDeviceBatchSize": "16",
+    "appName": "vllm-tpu",
+    "serviceName": "vllm-service",
+    "serverFlags": json.dumps({"max_num_batched_tokens": "512"}),
 }
 # Every way our LeaderWorkerSet leader template differs from the tutorial's Deployment pod
 # template; docs/stack/runtimes.md gives each its reason. Nothing else may differ.
@@ -37,7 +46,7 @@ TUTORIAL_DIFFERENCES = (
     "tolerations: the TPU taint's toleration, stated as for every runtime",
     "image: docker.io/vllm/vllm-tpu pinned to a release tag instead of :latest; imagePullPolicy IfNotPresent",
     "args: --download-dir=/data/huggingface, a prefix of the scratch bucket beside the XLA caches",
-    "args: --served-model-name (the preset's Hugging Face id) and --gpu-memory-utilization (the planner's fraction) stated",
+    "args: --served-model-name (the preset's Hugging Face id), --gpu-memory-utilization (the planned fraction)",
     "args: --max-num-batched-tokens comes from serverFlags, after the planned flags",
     "env: the token's Secret is the stack's (<app>-hf-token, made from Secret Manager), same key",
     "env: VLLM_XLA_CACHE_PATH is one directory per pod (POD_NAME from the downward API)",
@@ -73,18 +82,29 @@ def apply_tutorial_differences(template: dict, cfg) -> dict:
     (container,) = spec["containers"]
     container |= {"image": cfg.images["vllmImage"], "imagePullPolicy": "IfNotPresent"}
     args = _args_by_flag(container["args"])
-    args |= {"download-dir": "/data/huggingface", "served-model-name": "meta-llama/Llama-3.1-70B", "gpu-memory-utilization": "0.9"}
+    args |= {
+        "download-dir": "/data/huggingface",
+        "served-model-name": "meta-llama/Llama-3.1-70B",
+        "gpu-memory-utilization": "0.9",
+    }
     container["args"] = args
     token, _cache, _v1 = container["env"]
     token["valueFrom"]["secretKeyRef"]["name"] = "vllm-tpu-hf-token"
-    container["env"] = [token, {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-                        {"name": "VLLM_XLA_CACHE_PATH", "value": "/data/xla-cache/$(POD_NAME)"}]
+    container["env"] = [
+        token,
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "VLLM_XLA_CACHE_PATH", "value": "/data/xla-cache/$(POD_NAME)"},
+    ]
     container["ports"][0]["name"] = "http"
     container["resources"]["limits"]["google.com/tpu"] = str(container["resources"]["limits"]["google.com/tpu"])
     health = {"path": "/health", "port": 8000, "scheme": "HTTP"}
     failures = cfg.model.probe_failure_threshold
-    container["startupProbe"] = {"httpGet": health, "periodSeconds": 1, "initialDelaySeconds": cfg.startup_probe_delay_seconds,
-                                 "failureThreshold": 10000}
+    container["startupProbe"] = {
+        "httpGet": health,
+        "periodSeconds": 1,
+        "initialDelaySeconds": cfg.startup_probe_delay_seconds,
+        "failureThreshold": 10000,
+    }
     container["livenessProbe"] = {"httpGet": health, "periodSeconds": 60, "failureThreshold": failures}
     container["readinessProbe"] = {"httpGet": health, "periodSeconds": 10, "failureThreshold": failures}
     spec["volumes"][2]["csi"]["volumeAttributes"]["bucketName"] = cfg.scratch_bucket
@@ -123,13 +143,19 @@ def test_the_tutorials_autoscaling_is_ours():
     cfg = tutorial_cfg(maxReplicas="2")
     pod_monitoring, hpa = manifests.scaling_manifests(cfg)
     (theirs,), (ours,) = tutorial["HorizontalPodAutoscaler"]["spec"]["metrics"], hpa["spec"]["metrics"]
-    assert ours["pods"]["metric"] == theirs["pods"]["metric"]  # prometheus.googleapis.com|vllm:num_requests_waiting|gauge
-    assert ours["pods"]["target"] == {**theirs["pods"]["target"], "averageValue": str(theirs["pods"]["target"]["averageValue"])}
+    assert (
+        ours["pods"]["metric"] == theirs["pods"]["metric"]
+    )  # prometheus.googleapis.com|vllm:num_requests_waiting|gauge
+    assert ours["pods"]["target"] == {
+        **theirs["pods"]["target"],
+        "averageValue": str(theirs["pods"]["target"]["averageValue"]),
+    }
     assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (1, 2)
     assert pod_monitoring["spec"]["endpoints"] == tutorial["PodMonitoring"]["spec"]["endpoints"]
     latency = tutorial_cfg(maxReplicas="2", autoscalingMetric="slots-used")
     assert manifests.scaling_manifests(latency)[1]["spec"]["metrics"][0]["pods"]["metric"]["name"] == (
-        "prometheus.googleapis.com|vllm:kv_cache_usage_perc|gauge")
+        "prometheus.googleapis.com|vllm:kv_cache_usage_perc|gauge"
+    )
 
 
 def test_the_service_serves_http_and_the_openai_api_only():
@@ -137,25 +163,40 @@ def test_the_service_serves_http_and_the_openai_api_only():
     cfg = tutorial_cfg()
     service = manifests.service(cfg)
     (port,) = service["spec"]["ports"]
-    assert (port["port"], port["targetPort"]) == (tutorial["spec"]["ports"][0]["port"], tutorial["spec"]["ports"][0]["targetPort"])
+    assert (port["port"], port["targetPort"]) == (
+        tutorial["spec"]["ports"][0]["port"],
+        tutorial["spec"]["ports"][0]["targetPort"],
+    )
     assert service["spec"]["selector"] == tutorial["spec"]["selector"]
-    endpoints = manifests.client_endpoints("vllm-service.ns.svc.cluster.local", {port["name"]: port["port"]}, openai=cfg.runtime.serves_openai)
-    assert endpoints == {"httpUrl": "http://vllm-service.ns.svc.cluster.local:8000", "grpcTarget": "",
-                         "openaiBaseUrl": "http://vllm-service.ns.svc.cluster.local:8000/v1"}
+    endpoints = manifests.client_endpoints(
+        "vllm-service.ns.svc.cluster.local", {port["name"]: port["port"]}, openai=cfg.runtime.serves_openai
+    )
+    assert endpoints == {
+        "httpUrl": "http://vllm-service.ns.svc.cluster.local:8000",
+        "grpcTarget": "",
+        "openaiBaseUrl": "http://vllm-service.ns.svc.cluster.local:8000/v1",
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # Weights from a gs:// directory.
 
 
-@pytest.mark.parametrize("path, directory", [("gs://my-weights/llama/3.1-70b/hf", "llama/3.1-70b/hf"), ("gs://my-weights", "")])
+@pytest.mark.parametrize(
+    "path, directory", [("gs://my-weights/llama/3.1-70b/hf", "llama/3.1-70b/hf"), ("gs://my-weights", "")]
+)
 def test_a_gs_checkpoint_is_mounted_read_only_and_served_under_the_presets_name(path, directory):
     cfg = tutorial_cfg(checkpointPath=path, hfTokenSecret="")
     template = leader_template(cfg)
     (container,) = template["spec"]["containers"]
-    assert container["args"]["model"] == "/models" and container["args"]["served-model-name"] == "meta-llama/Llama-3.1-70B"
+    assert (
+        container["args"]["model"] == "/models" and container["args"]["served-model-name"] == "meta-llama/Llama-3.1-70B"
+    )
     assert {"name": "checkpoint", "mountPath": "/models", "readOnly": True} in container["volumeMounts"]
-    assert [item["name"] for item in container["env"]] == ["POD_NAME", "VLLM_XLA_CACHE_PATH"]  # no token without hfTokenSecret
+    assert [item["name"] for item in container["env"]] == [
+        "POD_NAME",
+        "VLLM_XLA_CACHE_PATH",
+    ]  # no token without hfTokenSecret
     (volume,) = [volume for volume in template["spec"]["volumes"] if volume["name"] == "checkpoint"]
     attributes = volume["csi"]["volumeAttributes"]
     assert volume["csi"]["readOnly"] is True and attributes["bucketName"] == "my-weights"
@@ -204,7 +245,12 @@ def test_multi_host_refusal_names_the_runtimes_that_serve_it():
 
 
 def test_vllm_keys_are_refused_by_the_other_runtimes():
-    raw = {"model": "llama3.1-8b", "topology": "2x2", "checkpointPath": "gs://test-checkpoints/m/0/items", "hfTokenSecret": "hf-token"}
+    raw = {
+        "model": "llama3.1-8b",
+        "topology": "2x2",
+        "checkpointPath": "gs://test-checkpoints/m/0/items",
+        "hfTokenSecret": "hf-token",
+    }
     with pytest.raises(ConfigError) as refused:
         parse_stack_config(raw, project="p", stack="s")
     assert refused.value.keys == ("hfTokenSecret", "serverRuntime") and "serverRuntime=vllm" in refused.value.problem
@@ -221,21 +267,30 @@ def test_the_planner_sizes_weights_and_the_paged_cache_within_vllms_memory_fract
     weights = 70.55e9 * 2 / 8 / GIB
     assert plan.parallelism.tensor == 8 and plan.weights_gib_per_chip == pytest.approx(weights)
     # 128 sequences of 4096 tokens would need 20 GiB per chip: vLLM's cache takes what the weights leave.
-    assert plan.kv_cache_gib_per_chip == pytest.approx(usable - weights) and plan.needed_gib_per_chip == pytest.approx(usable)
+    assert plan.kv_cache_gib_per_chip == pytest.approx(usable - weights) and plan.needed_gib_per_chip == pytest.approx(
+        usable
+    )
     small = plan_deployment(tutorial_cfg(perDeviceBatchSize="1"))  # 8 sequences: the full batch fits
     assert small.kv_cache_gib_per_chip == pytest.approx(8 * 4096 * 80 * 2 * 1 * 128 * 2 / GIB)
     assert f"--gpu-memory-utilization={0.8:g}" in vllm.server_args(tutorial_cfg(hbmReservePercent="20"))
 
 
-@pytest.mark.parametrize("overrides, keys", [
-    ({"model": "llama3.1-405b"}, ("model", "topology", "quantization")),
-    ({"maxTargetLength": "1000000"}, ("topology", "perDeviceBatchSize", "maxTargetLength")),
-    ({"tensorParallelism": "4", "autoregressiveParallelism": "2"}, ("tensorParallelism", "autoregressiveParallelism", "fsdpParallelism", "topology")),
-])
+@pytest.mark.parametrize(
+    "overrides, keys",
+    [
+        ({"model": "llama3.1-405b"}, ("model", "topology", "quantization")),
+        ({"maxTargetLength": "1000000"}, ("topology", "perDeviceBatchSize", "maxTargetLength")),
+        (
+            {"tensorParallelism": "4", "autoregressiveParallelism": "2"},
+            ("tensorParallelism", "autoregressiveParallelism", "fsdpParallelism", "topology"),
+        ),
+    ],
+)
 def test_what_does_not_fit_or_shard_is_refused(overrides, keys):
     with pytest.raises(ConfigError) as refused:
         plan_deployment(tutorial_cfg(**overrides))
     assert refused.value.keys == keys
+    assert "int8" not in refused.value.suggestion  # vLLM serves bf16 only: not a way out here
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,7 +299,12 @@ def test_what_does_not_fit_or_shard_is_refused(overrides, keys):
 
 def test_the_example_stack_can_be_scheduled_at_its_maximum_replicas():
     cfg, plan = example("llama3-8b-vllm")
-    assert (cfg.runtime.name, cfg.scaling.replicas, cfg.scaling.max_replicas, cfg.tpu_slice.topology) == ("vllm", 1, 3, "2x4")
+    assert (cfg.runtime.name, cfg.scaling.replicas, cfg.scaling.max_replicas, cfg.tpu_slice.topology) == (
+        "vllm",
+        1,
+        3,
+        "2x4",
+    )
     placement = scheduling.check_deployment(cfg, plan)
     assert sorted(placement) == ["vllm-tpu-0", "vllm-tpu-1", "vllm-tpu-2"]
     assert len(set(placement.values())) == 3  # a v6e-8 host each
@@ -253,11 +313,21 @@ def test_the_example_stack_can_be_scheduled_at_its_maximum_replicas():
 def test_a_serving_stack_runs_vllm_on_its_platforms_cluster(tmp_path):
     raw, project = read_stack_file(ROOT / "Pulumi.llama3-8b-vllm.yaml")
     serving = {**raw, "role": "serving", "clusterStack": "my-org/jetstream-tpu/platform", "deletionProtection": "true"}
-    (tmp_path / "Pulumi.vllm-dev.yaml").write_text(yaml.safe_dump({"config": {
-        "gcp:project": project, **{f"jetstream-tpu:{key}": value for key, value in serving.items()}}}))
+    (tmp_path / "Pulumi.vllm-dev.yaml").write_text(
+        yaml.safe_dump(
+            {"config": {"gcp:project": project, **{f"jetstream-tpu:{key}": value for key, value in serving.items()}}}
+        )
+    )
     text = render("vllm-dev", tmp_path)
     kinds = [document["kind"] for document in yaml.safe_load_all(text.split("\n---\n", 1)[1])]
-    assert kinds == ["Namespace", "ServiceAccount", "LeaderWorkerSet", "Service", "PodMonitoring", "HorizontalPodAutoscaler"]
+    assert kinds == [
+        "Namespace",
+        "ServiceAccount",
+        "LeaderWorkerSet",
+        "Service",
+        "PodMonitoring",
+        "HorizontalPodAutoscaler",
+    ]
     assert "my-org/jetstream-tpu/platform" in text and "vllm-tpu-hf-token" in text
 
 
@@ -267,7 +337,10 @@ def recording():
 
 
 def test_the_program_makes_the_token_secret_from_secret_manager_before_the_workload(recording):
-    assert ("gcp:secretmanager/getSecretVersion:getSecretVersion", {"project": "my-gcp-project", "secret": "hf-token"}) in recording.calls
+    assert (
+        "gcp:secretmanager/getSecretVersion:getSecretVersion",
+        {"project": "my-gcp-project", "secret": "hf-token"},
+    ) in recording.calls
     secret = recording.one("kubernetes:core/v1:Secret")
     assert secret.inputs["metadata"] == {"name": "vllm-tpu-hf-token", "namespace": "llama3-8b-vllm"}
     assert secret.inputs["stringData"]["value"] == {"hf_api_token": HF_TOKEN}  # wrapped: a Pulumi secret
@@ -282,8 +355,41 @@ def test_the_program_makes_the_token_secret_from_secret_manager_before_the_workl
 def test_the_policy_pack_passes_every_resource_of_the_example(recording):
     sys.path.insert(0, str(ROOT / "policy"))  # the pack's directory, as Pulumi runs it
     rules = importlib.import_module("rules")
-    judged = [(rule, rules.Resource(type=resource.type, urn=resource.urn, props=resource.inputs))
-              for resource in recording.resources for rule in rules.RULES]
+    judged = [
+        (rule, rules.Resource(type=resource.type, urn=resource.urn, props=resource.inputs))
+        for resource in recording.resources
+        for rule in rules.RULES
+    ]
     judged = [(rule, resource) for rule, resource in judged if rule.applies(resource)]
     assert {rule.name for rule, _ in judged} >= {"container-images-pinned", "lws-serving-startup-probe"}
-    assert [(rule.name, resource.type, rule.violations(resource)) for rule, resource in judged if rule.violations(resource)] == []
+    assert [
+        (rule.name, resource.type, rule.violations(resource)) for rule, resource in judged if rule.violations(resource)
+    ] == []
+
+
+SINGLE_HOST = [row for row in tpu.SLICES if not row.multi_host]
+
+
+@pytest.mark.parametrize("model", models.PRESETS)
+@pytest.mark.parametrize("row", SINGLE_HOST, ids=lambda row: f"{row.topology}-{row.machine_type}")
+def test_every_single_host_plan_vllm_accepts_can_be_scheduled(model, row):
+    raw = {
+        **TUTORIAL_CONFIG,
+        "model": model,
+        "topology": row.topology,
+        "tpuMachineType": row.machine_type,
+        "checkpointPath": f"hf://{models.PRESETS[model].hf_model_id}",
+        "maxTargetLength": "2048",
+        "perDeviceBatchSize": "4",
+    }
+    cfg = parse_stack_config(raw, project="my-gcp-project", stack="vllm")
+    try:
+        plan = plan_deployment(cfg)
+    except ConfigError as refused:  # weights that do not fit one host: named, never a silent pass
+        assert "model" in refused.keys and plan_weights_exceed(cfg), refused
+        return
+    assert len(scheduling.check_deployment(cfg, plan)) == 1
+
+
+def plan_weights_exceed(cfg) -> bool:
+    return cfg.model.params * 2 / cfg.tpu_slice.chips > cfg.tpu_slice.hbm_gib_per_chip * GIB * 0.9

@@ -7,4 +7,6 @@ from components.core.runtimes.bundled import BundledRuntime
 from components.core.runtimes.pathways import PathwaysRuntime
 from components.core.runtimes.vllm import VllmRuntime
 
-RUNTIMES: dict[str, ServerRuntime] = {runtime.name: runtime for runtime in (PathwaysRuntime(), BundledRuntime(), VllmRuntime())}
+RUNTIMES: dict[str, ServerRuntime] = {
+    runtime.name: runtime for runtime in (PathwaysRuntime(), BundledRuntime(), VllmRuntime())
+}

@@ -85,8 +85,15 @@ class ServerRuntime(abc.ABC):
         """The server's environment from Secret Manager (apiKeySecret, where the server checks a key)."""
         if not cfg.api_key_secret:
             return ()
-        return (SecretEnv(env=self.api_key_env, config_key="apiKeySecret", secret_id=cfg.api_key_secret,
-                          name=f"{cfg.app_name}-api-key", data_key="api-key"),)
+        return (
+            SecretEnv(
+                env=self.api_key_env,
+                config_key="apiKeySecret",
+                secret_id=cfg.api_key_secret,
+                name=f"{cfg.app_name}-api-key",
+                data_key="api-key",
+            ),
+        )
 
     @abc.abstractmethod
     def pod_layout(self, cfg: StackConfig, plan: Plan, image: Any = None) -> PodLayout:
@@ -100,8 +107,8 @@ class ServerRuntime(abc.ABC):
         """ConfigError for mesh axes this runtime cannot use."""
 
     def fit_hints(self, cfg: StackConfig, parallelism: Parallelism) -> tuple[str, ...]:
-        """Runtime-specific ways out of a plan that does not fit (the planner adds the general ones)."""
-        return ()
+        """This runtime's ways out of a plan that does not fit (the planner adds batch, length and topology)."""
+        return ("quantization=int8",) if cfg.quantization == "bf16" else ()
 
     @abc.abstractmethod
     def metrics_endpoint(self, cfg: StackConfig) -> MetricsEndpoint:

@@ -34,17 +34,32 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from components.core import lws_model as lws
+from components.core import server_secrets
 from components.core.autoscaling import METRICS, MetricsEndpoint
 from components.core.errors import ConfigError
-from components.core import server_secrets
 from components.core.runtimes import gcs_fuse, maxtext
 from components.core.runtimes.base import MemoryPerChip, PodContent, PodLayout, ServerRuntime
-from components.core.runtimes.containers import (PULL_POLICY, SERVER_CONTAINER, generate_request, port, server_probes,
-                                                 tpu_limits)
+from components.core.runtimes.containers import (
+    PULL_POLICY,
+    SERVER_CONTAINER,
+    generate_request,
+    port,
+    server_probes,
+    tpu_limits,
+)
 from components.core.runtimes.pathways import WEIGHT_BYTES
 from serving.engine.parallelism import kv_cache_split
-from serving.protocol import (API_KEY_ENV, CONTROL_PORT, COORDINATOR_PORT, COORDINATOR_PORT_ENV, GRPC_PORT, HEALTH_PATH, HTTP_PORT,
-                              KV_BLOCK, METRICS_PATH)
+from serving.protocol import (
+    API_KEY_ENV,
+    CONTROL_PORT,
+    COORDINATOR_PORT,
+    COORDINATOR_PORT_ENV,
+    GRPC_PORT,
+    HEALTH_PATH,
+    HTTP_PORT,
+    KV_BLOCK,
+    METRICS_PATH,
+)
 
 if TYPE_CHECKING:
     from components.core.config import StackConfig
@@ -130,7 +145,10 @@ def server(cfg: StackConfig, plan: Plan, image: Any, leader: bool) -> lws.Contai
         image=image,
         command=COMMAND,
         args=server_args(cfg, plan.axis_flags),
-        env=(*server_secrets.env_vars(cfg.runtime.secret_envs(cfg)), lws.EnvVar(name=COORDINATOR_PORT_ENV, value=str(COORDINATOR_PORT))),
+        env=(
+            *server_secrets.env_vars(cfg.runtime.secret_envs(cfg)),
+            lws.EnvVar(name=COORDINATOR_PORT_ENV, value=str(COORDINATOR_PORT)),
+        ),
         image_pull_policy=PULL_POLICY,
         ports=(*front_ends, *port(COORDINATOR_PORT, "jax-coordinator"), *port(CONTROL_PORT, "jax-control")),
         resources=tpu_limits(cfg),
@@ -140,8 +158,11 @@ def server(cfg: StackConfig, plan: Plan, image: Any, leader: bool) -> lws.Contai
 
 
 def _pod(cfg: StackConfig, plan: Plan, image: Any, leader: bool) -> PodContent:
-    return PodContent(containers=(server(cfg, plan, image, leader),), volumes=(gcs_fuse.cache_volume(), _checkpoint_volume(cfg)),
-                      annotations=gcs_fuse.ANNOTATIONS)
+    return PodContent(
+        containers=(server(cfg, plan, image, leader),),
+        volumes=(gcs_fuse.cache_volume(), _checkpoint_volume(cfg)),
+        annotations=gcs_fuse.ANNOTATIONS,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,7 +187,11 @@ def kv_cache_per_chip(cfg: StackConfig, parallelism: Parallelism) -> float:
     cache_length = math.ceil(cfg.max_target_length / KV_BLOCK) * KV_BLOCK
     bytes_per_element = 1 if cfg.quantize_kv_cache else ACTIVATION_BYTES
     scale_bytes = KV_SCALE_BYTES if cfg.quantize_kv_cache else 0
-    tokens_per_chip = math.ceil(slots / split.batch) * math.ceil(model.kv_heads / split.kv_heads) * math.ceil(cache_length / split.seq)
+    tokens_per_chip = (
+        math.ceil(slots / split.batch)
+        * math.ceil(model.kv_heads / split.kv_heads)
+        * math.ceil(cache_length / split.seq)
+    )
     return model.layers * 2 * tokens_per_chip * (model.head_dim * bytes_per_element + scale_bytes)
 
 
@@ -176,39 +201,49 @@ def kv_cache_per_chip(cfg: StackConfig, parallelism: Parallelism) -> float:
 
 def _check_mode(cfg: StackConfig) -> None:
     if cfg.mode == "disaggregated":
-        raise ConfigError(("mode", "serverRuntime"),
-                          "serverRuntime=bundled cannot run mode=disaggregated: the bundled server splits one process group's "
-                          "devices in halves, which across two multi-host slices needs multi-slice (DCN) networking this layout does not set up",
-                          "use serverRuntime=jetstream for disaggregated serving, or mode=interleaved on a single slice")
+        raise ConfigError(
+            ("mode", "serverRuntime"),
+            "serverRuntime=bundled cannot run mode=disaggregated: the bundled server splits one process group's "
+            "devices in halves, which across two multi-host slices needs multi-slice (DCN) networking "
+            "this layout does not set up",
+            "use serverRuntime=jetstream for disaggregated serving, or mode=interleaved on a single slice",
+        )
 
 
 def _check_model(cfg: StackConfig) -> None:
     if cfg.model.family not in SERVED_FAMILIES:
-        raise ConfigError(("model", "serverRuntime"),
-                          f"serverRuntime=bundled runs the {', '.join(SERVED_FAMILIES)} architecture; {cfg.model.name} is {cfg.model.family}",
-                          "serverRuntime=jetstream or serverRuntime=vllm serve it, or pick a Llama preset")
+        raise ConfigError(
+            ("model", "serverRuntime"),
+            f"serverRuntime=bundled runs the {', '.join(SERVED_FAMILIES)} architecture; "
+            f"{cfg.model.name} is {cfg.model.family}",
+            "serverRuntime=jetstream or serverRuntime=vllm serve it, or pick a Llama preset",
+        )
 
 
 def _check_checkpoint(cfg: StackConfig) -> None:
     name = cfg.checkpoint_file
     bad_file = _single_file(cfg) and (name == cfg.checkpoint_bucket or not _CHECKPOINT_FILE.match(name))
     if bad_file or _NOT_READ.search(cfg.checkpoint_path):
-        raise ConfigError(("checkpointPath", "serverRuntime"),
-                          f"serverRuntime=bundled reads one .gguf or .npz object, or a directory holding a Hugging Face "
-                          f"checkpoint; {cfg.checkpoint_path!r} is neither a gs:// URI of a .gguf or .npz object in a bucket "
-                          "(file name of letters, digits, '.', '_', '-') nor such a directory (a MaxText Orbax checkpoint "
-                          "ends in /items; a Hugging Face file's directory is the checkpoint)",
-                          "pulumi config set checkpointPath gs://my-bucket/models/llama3.1-8b-int8.npz, "
-                          "or gs://my-bucket/models/Llama-3.1-8B (a Hugging Face checkpoint directory)")
+        raise ConfigError(
+            ("checkpointPath", "serverRuntime"),
+            f"serverRuntime=bundled reads one .gguf or .npz object, or a directory holding a Hugging Face "
+            f"checkpoint; {cfg.checkpoint_path!r} is neither a gs:// URI of a .gguf or .npz object in a bucket "
+            "(file name of letters, digits, '.', '_', '-') nor such a directory (a MaxText Orbax checkpoint "
+            "ends in /items; a Hugging Face file's directory is the checkpoint)",
+            "pulumi config set checkpointPath gs://my-bucket/models/llama3.1-8b-int8.npz, "
+            "or gs://my-bucket/models/Llama-3.1-8B (a Hugging Face checkpoint directory)",
+        )
 
 
 def _check_multi_controller(cfg: StackConfig) -> None:
     single_controller = cfg.server_flags.get("enable_single_controller", "false").lower()
     if single_controller not in ("false", "0", "no"):
-        raise ConfigError(("serverFlags", "serverRuntime"),
-                          f"enable_single_controller={single_controller} needs Pathways, which serverRuntime=bundled does not deploy "
-                          "(one server process per TPU host, multi-controller JAX)",
-                          "remove enable_single_controller from serverFlags, or use serverRuntime=jetstream")
+        raise ConfigError(
+            ("serverFlags", "serverRuntime"),
+            f"enable_single_controller={single_controller} needs Pathways, which serverRuntime=bundled does not deploy "
+            "(one server process per TPU host, multi-controller JAX)",
+            "remove enable_single_controller from serverFlags, or use serverRuntime=jetstream",
+        )
 
 
 class BundledRuntime(ServerRuntime):
@@ -231,18 +266,23 @@ class BundledRuntime(ServerRuntime):
     def pod_layout(self, cfg: StackConfig, plan: Plan, image: Any = None) -> PodLayout:
         image = server_image(cfg) if image is None else image
         # The leader is a TPU host like the workers: one server process per host.
-        return PodLayout(leader=_pod(cfg, plan, image, leader=True), worker=_pod(cfg, plan, image, leader=False),
-                         size=plan.slices * plan.hosts_per_slice)
+        return PodLayout(
+            leader=_pod(cfg, plan, image, leader=True),
+            worker=_pod(cfg, plan, image, leader=False),
+            size=plan.slices * plan.hosts_per_slice,
+        )
 
     def memory_per_chip(self, cfg: StackConfig, parallelism: Parallelism) -> MemoryPerChip:
         return MemoryPerChip(weights_per_chip(cfg, parallelism), kv_cache_per_chip(cfg, parallelism))
 
     def fit_hints(self, cfg: StackConfig, parallelism: Parallelism) -> tuple[str, ...]:
         if parallelism.autoregressive == 1:
-            return ()
-        hint = (f"fsdpParallelism={parallelism.autoregressive * parallelism.fsdp} with autoregressiveParallelism=1 "
-                "(the bundled server keeps a full weight copy per autoregressive shard)")
-        return (hint,)
+            return super().fit_hints(cfg, parallelism)
+        hint = (
+            f"fsdpParallelism={parallelism.autoregressive * parallelism.fsdp} with autoregressiveParallelism=1 "
+            "(the bundled server keeps a full weight copy per autoregressive shard)"
+        )
+        return (*super().fit_hints(cfg, parallelism), hint)
 
     def metrics_endpoint(self, cfg: StackConfig) -> MetricsEndpoint:
         return MetricsEndpoint(port=HTTP_PORT, path=METRICS_PATH)

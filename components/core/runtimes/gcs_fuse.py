@@ -13,8 +13,10 @@ from components.core import lws_model as lws
 
 DRIVER = "gcsfuse.csi.storage.gke.io"
 GCS_SCHEME = "gs://"
-MOUNT_OPTIONS = ("implicit-dirs,file-cache:enable-parallel-downloads:true,file-cache:parallel-downloads-per-file:100,"
-                 "file-cache:max-parallel-downloads:-1,file-cache:download-chunk-size-mb:10,file-cache:max-size-mb:-1")
+MOUNT_OPTIONS = (
+    "implicit-dirs,file-cache:enable-parallel-downloads:true,file-cache:parallel-downloads-per-file:100,"
+    "file-cache:max-parallel-downloads:-1,file-cache:download-chunk-size-mb:10,file-cache:max-size-mb:-1"
+)
 # The sidecar injection, and no limits for the sidecar: it caches whole weight files.
 ANNOTATIONS = {
     "gke-gcsfuse/volumes": "true",
@@ -35,7 +37,9 @@ def bucket_and_directory(uri: str) -> tuple[str, str]:
 def bucket_volume(name: str, bucket: str, directory: str = "", read_only: bool = False) -> lws.Volume:
     """The bucket (only `directory` of it, when given) as a volume."""
     options = f"{MOUNT_OPTIONS},only-dir={directory}" if directory else MOUNT_OPTIONS
-    source = lws.CSIVolumeSource(driver=DRIVER, read_only=read_only or None, volume_attributes={"bucketName": bucket, "mountOptions": options})
+    source = lws.CSIVolumeSource(
+        driver=DRIVER, read_only=read_only or None, volume_attributes={"bucketName": bucket, "mountOptions": options}
+    )
     return lws.Volume(name=name, csi=source)
 
 

@@ -45,7 +45,9 @@ def _derived_flags(cfg: StackConfig, axis_flags: Mapping[str, int], load_path: s
     return flags
 
 
-def maxtext_args(cfg: StackConfig, axis_flags: Mapping[str, int], *, load_path: str, always: Mapping[str, str]) -> tuple[str, ...]:
+def maxtext_args(
+    cfg: StackConfig, axis_flags: Mapping[str, int], *, load_path: str, always: Mapping[str, str]
+) -> tuple[str, ...]:
     """The server's args: the base config, then key=value flags in the recipe's order.
 
     `axis_flags` are the ici_* values the plan used (Plan.axis_flags). Recipe flags come in

@@ -29,8 +29,15 @@ from components.core.autoscaling import METRICS, MetricsEndpoint
 from components.core.errors import ConfigError
 from components.core.runtimes import maxtext
 from components.core.runtimes.base import MemoryPerChip, PodContent, PodLayout, ServerRuntime
-from components.core.runtimes.containers import (LEADER_ADDRESS, PULL_POLICY, SERVER_CONTAINER, generate_request, port,
-                                                 server_probes, tpu_limits)
+from components.core.runtimes.containers import (
+    LEADER_ADDRESS,
+    PULL_POLICY,
+    SERVER_CONTAINER,
+    generate_request,
+    port,
+    server_probes,
+    tpu_limits,
+)
 from serving.protocol import DISAGGREGATED_SERVER, GRPC_PORT, HEALTH_PATH, HTTP_PORT
 
 if TYPE_CHECKING:
@@ -65,7 +72,11 @@ def jetstream_server_flags(cfg: StackConfig) -> dict[str, str]:
 
 def _mode_flags(cfg: StackConfig) -> dict[str, str]:
     if cfg.mode == "disaggregated":
-        return {"stack_prefill_result_cache": "True", "inference_server": DISAGGREGATED_SERVER, **cfg.model.disaggregated_flags}
+        return {
+            "stack_prefill_result_cache": "True",
+            "inference_server": DISAGGREGATED_SERVER,
+            **cfg.model.disaggregated_flags,
+        }
     # Interleaved serving on Pathways: one JAX controller drives every host of the slice.
     return {"enable_single_controller": "true"}
 
@@ -87,7 +98,11 @@ def pathways_proxy(cfg: StackConfig) -> lws.Container:
     return lws.Container(
         name="pathways-proxy",
         image=cfg.images["pathwaysProxyImage"],
-        args=(f"--resource_manager_address={LEADER_ADDRESS}:{RESOURCE_MANAGER_PORT}", f"--server_port={PROXY_PORT}", _scratch_arg(cfg)),
+        args=(
+            f"--resource_manager_address={LEADER_ADDRESS}:{RESOURCE_MANAGER_PORT}",
+            f"--server_port={PROXY_PORT}",
+            _scratch_arg(cfg),
+        ),
         image_pull_policy=PULL_POLICY,
         ports=port(PROXY_PORT),
     )
@@ -96,7 +111,10 @@ def pathways_proxy(cfg: StackConfig) -> lws.Container:
 def pathways_resource_manager(cfg: StackConfig, plan: Plan) -> lws.Container:
     return lws.Container(
         name="pathways-rm",
-        env=(lws.EnvVar(name="HOST_ADDRESS", value=LEADER_ADDRESS), lws.EnvVar(name="TPU_SKIP_MDS_QUERY", value="true")),
+        env=(
+            lws.EnvVar(name="HOST_ADDRESS", value=LEADER_ADDRESS),
+            lws.EnvVar(name="TPU_SKIP_MDS_QUERY", value="true"),
+        ),
         image=cfg.images["pathwaysServerImage"],
         args=(
             f"--server_port={RESOURCE_MANAGER_PORT}",
@@ -129,13 +147,22 @@ def jax_server(cfg: StackConfig, plan: Plan) -> lws.Container:
 
 
 def jetstream_http(cfg: StackConfig) -> lws.Container:
-    return lws.Container(name="jetstream-http", image=cfg.images["jetstreamHttpImage"], image_pull_policy=PULL_POLICY, ports=port(HTTP_PORT))
+    return lws.Container(
+        name="jetstream-http",
+        image=cfg.images["jetstreamHttpImage"],
+        image_pull_policy=PULL_POLICY,
+        ports=port(HTTP_PORT),
+    )
 
 
 def pathways_worker(cfg: StackConfig) -> lws.Container:
     return lws.Container(
         name="worker",
-        args=(f"--server_port={WORKER_PORT}", f"--resource_manager_address={LEADER_ADDRESS}:{RESOURCE_MANAGER_PORT}", _scratch_arg(cfg)),
+        args=(
+            f"--server_port={WORKER_PORT}",
+            f"--resource_manager_address={LEADER_ADDRESS}:{RESOURCE_MANAGER_PORT}",
+            _scratch_arg(cfg),
+        ),
         image=cfg.images["pathwaysServerImage"],
         image_pull_policy=PULL_POLICY,
         ports=port(WORKER_PORT),
@@ -173,8 +200,11 @@ class PathwaysRuntime(ServerRuntime):
     def pod_layout(self, cfg: StackConfig, plan: Plan, image: Any = None) -> PodLayout:
         leader = (pathways_proxy(cfg), pathways_resource_manager(cfg, plan), jax_server(cfg, plan), jetstream_http(cfg))
         # Pathways adds a leader (no TPU) to the TPU hosts of every slice.
-        return PodLayout(leader=PodContent(containers=leader), worker=PodContent(containers=(pathways_worker(cfg),)),
-                         size=cfg.tpu_slice.lws_size(plan.slices))
+        return PodLayout(
+            leader=PodContent(containers=leader),
+            worker=PodContent(containers=(pathways_worker(cfg),)),
+            size=cfg.tpu_slice.lws_size(plan.slices),
+        )
 
     def memory_per_chip(self, cfg: StackConfig, parallelism: Parallelism) -> MemoryPerChip:
         return MemoryPerChip(maxtext_weights(cfg), maxtext_kv(cfg, parallelism))
@@ -183,9 +213,13 @@ class PathwaysRuntime(ServerRuntime):
         text = str(cfg.server_flags.get(PROMETHEUS_PORT_FLAG, JETSTREAM_PROMETHEUS_PORT))
         number = int(text) if text.isdigit() else 0
         if not 0 < number < 65536:
-            raise ConfigError(("serverFlags", "maxReplicas"),
-                              f"{PROMETHEUS_PORT_FLAG}={text} leaves JetStream's Prometheus server off, but autoscaling scales on its metrics",
-                              f"remove {PROMETHEUS_PORT_FLAG} from serverFlags (autoscaling sets {JETSTREAM_PROMETHEUS_PORT}), or set a port")
+            raise ConfigError(
+                ("serverFlags", "maxReplicas"),
+                f"{PROMETHEUS_PORT_FLAG}={text} leaves JetStream's Prometheus server off, "
+                "but autoscaling scales on its metrics",
+                f"remove {PROMETHEUS_PORT_FLAG} from serverFlags (autoscaling sets {JETSTREAM_PROMETHEUS_PORT}), "
+                "or set a port",
+            )
         return MetricsEndpoint(port=number, path="/")
 
     def example_request(self, cfg: StackConfig, http_port: int) -> str:

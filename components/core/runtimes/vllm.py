@@ -35,6 +35,7 @@ Memory per chip (every chip on the tensor axis, bf16), as vLLM allocates it:
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from typing import TYPE_CHECKING, Any
@@ -150,15 +151,23 @@ def server_args(cfg: StackConfig) -> tuple[str, ...]:
 
 def _env(cfg: StackConfig) -> tuple[lws.EnvVar, ...]:
     secrets = server_secrets.env_vars(cfg.runtime.secret_envs(cfg))
-    pod_name = lws.EnvVar(name=POD_NAME_ENV, value_from=lws.EnvVarSource(field_ref=lws.ObjectFieldSelector(field_path="metadata.name")))
+    pod_name = lws.EnvVar(
+        name=POD_NAME_ENV, value_from=lws.EnvVarSource(field_ref=lws.ObjectFieldSelector(field_path="metadata.name"))
+    )
     # One cache per pod: LWS leader pods keep their names (<lws>-<group>) across restarts.
     cache = lws.EnvVar(name=XLA_CACHE_ENV, value=f"{XLA_CACHE_DIR}/$({POD_NAME_ENV})")
     return (*secrets, pod_name, cache)
 
 
 def _mounts(cfg: StackConfig) -> tuple[lws.VolumeMount, ...]:
-    checkpoint = () if _weights_from_hub(cfg) else (lws.VolumeMount(name=MODELS_VOLUME, mount_path=MODELS_DIR, read_only=True),)
-    return (lws.VolumeMount(name=DATA_VOLUME, mount_path=DATA_DIR), *checkpoint, lws.VolumeMount(name=SHM_VOLUME, mount_path=SHM_DIR))
+    checkpoint = (
+        () if _weights_from_hub(cfg) else (lws.VolumeMount(name=MODELS_VOLUME, mount_path=MODELS_DIR, read_only=True),)
+    )
+    return (
+        lws.VolumeMount(name=DATA_VOLUME, mount_path=DATA_DIR),
+        *checkpoint,
+        lws.VolumeMount(name=SHM_VOLUME, mount_path=SHM_DIR),
+    )
 
 
 def server(cfg: StackConfig) -> lws.Container:
@@ -191,31 +200,45 @@ def _volumes(cfg: StackConfig) -> tuple[lws.Volume, ...]:
 
 def _refuse_multi_host(cfg: StackConfig) -> None:
     if cfg.tpu_slice.multi_host:
-        raise ConfigError(("topology", "tpuMachineType", "serverRuntime"),
-                          f"serverRuntime=vllm serves single-host slices only; topology {cfg.tpu_slice.topology} on "
-                          f"{cfg.tpu_slice.machine_type} is {cfg.tpu_slice.hosts} hosts (vLLM spans hosts only through Ray, "
-                          "which this layout does not start)",
-                          "serverRuntime=jetstream or serverRuntime=bundled serve multi-host slices; or a single-host slice: "
-                          "topology 1x1, 2x2, or 2x4 with tpuMachineType=ct6e-standard-8t")
+        raise ConfigError(
+            ("topology", "tpuMachineType", "serverRuntime"),
+            f"serverRuntime=vllm serves single-host slices only; topology {cfg.tpu_slice.topology} on "
+            f"{cfg.tpu_slice.machine_type} is {cfg.tpu_slice.hosts} hosts (vLLM spans hosts only through Ray, "
+            "which this layout does not start)",
+            "serverRuntime=jetstream or serverRuntime=bundled serve multi-host slices; or a single-host slice: "
+            "topology 1x1, 2x2, or 2x4 with tpuMachineType=ct6e-standard-8t",
+        )
 
 
 def _refuse_unsupported(cfg: StackConfig) -> None:
     if cfg.mode == "disaggregated":
-        raise ConfigError(("mode", "serverRuntime"), "serverRuntime=vllm serves one slice (mode=interleaved)",
-                          "use serverRuntime=jetstream for disaggregated serving, or mode=interleaved")
+        raise ConfigError(
+            ("mode", "serverRuntime"),
+            "serverRuntime=vllm serves one slice (mode=interleaved)",
+            "use serverRuntime=jetstream for disaggregated serving, or mode=interleaved",
+        )
     if cfg.quantization != "bf16":
-        raise ConfigError(("quantization", "serverRuntime"),
-                          f"serverRuntime=vllm serves the checkpoint's bf16 weights, and the planner sizes them so; quantization={cfg.quantization}",
-                          "pulumi config set quantization bf16")
+        raise ConfigError(
+            ("quantization", "serverRuntime"),
+            "serverRuntime=vllm serves the checkpoint's bf16 weights, and the planner sizes them so; "
+            f"quantization={cfg.quantization}",
+            "pulumi config set quantization bf16",
+        )
     if cfg.quantize_kv_cache:
-        raise ConfigError(("quantizeKvCache", "serverRuntime"), "serverRuntime=vllm keeps its KV cache in bf16, as the planner sizes it",
-                          "pulumi config set quantizeKvCache false")
+        raise ConfigError(
+            ("quantizeKvCache", "serverRuntime"),
+            "serverRuntime=vllm keeps its KV cache in bf16, as the planner sizes it",
+            "pulumi config set quantizeKvCache false",
+        )
 
 
 def _check_checkpoint(cfg: StackConfig) -> None:
     if _weights_from_hub(cfg) and not _HF_MODEL.match(cfg.checkpoint_path):
-        raise ConfigError("checkpointPath", f"{cfg.checkpoint_path!r} is not hf://<organization>/<model>",
-                          f"pulumi config set checkpointPath hf://{cfg.model.hf_model_id}")
+        raise ConfigError(
+            "checkpointPath",
+            f"{cfg.checkpoint_path!r} is not hf://<organization>/<model>",
+            f"pulumi config set checkpointPath hf://{cfg.model.hf_model_id}",
+        )
 
 
 class VllmRuntime(ServerRuntime):
@@ -238,8 +261,15 @@ class VllmRuntime(ServerRuntime):
     def secret_envs(self, cfg: StackConfig) -> tuple[SecretEnv, ...]:
         token = ()
         if cfg.hf_token_secret:
-            token = (SecretEnv(env=HF_TOKEN_ENV, config_key="hfTokenSecret", secret_id=cfg.hf_token_secret,
-                               name=f"{cfg.app_name}-hf-token", data_key=HF_TOKEN_KEY),)
+            token = (
+                SecretEnv(
+                    env=HF_TOKEN_ENV,
+                    config_key="hfTokenSecret",
+                    secret_id=cfg.hf_token_secret,
+                    name=f"{cfg.app_name}-hf-token",
+                    data_key=HF_TOKEN_KEY,
+                ),
+            )
         return (*token, *super().secret_envs(cfg))
 
     def pod_layout(self, cfg: StackConfig, plan: Plan, image: Any = None) -> PodLayout:
@@ -250,7 +280,9 @@ class VllmRuntime(ServerRuntime):
     def memory_per_chip(self, cfg: StackConfig, parallelism: Parallelism) -> MemoryPerChip:
         model, chips = cfg.model, cfg.tpu_slice.chips
         weights = model.params * BF16_BYTES / chips
-        sequence = cfg.max_target_length * model.layers * 2 * math.ceil(model.kv_heads / chips) * model.head_dim * BF16_BYTES
+        sequence = (
+            cfg.max_target_length * model.layers * 2 * math.ceil(model.kv_heads / chips) * model.head_dim * BF16_BYTES
+        )
         usable = cfg.tpu_slice.hbm_gib_per_chip * GIB * memory_fraction(cfg)
         full_batch = sequence * cfg.per_device_batch_size * chips
         return MemoryPerChip(weights, min(full_batch, max(usable - weights, sequence)))
@@ -258,15 +290,22 @@ class VllmRuntime(ServerRuntime):
     def check_parallelism(self, cfg: StackConfig, parallelism: Parallelism) -> None:
         chips = cfg.tpu_slice.chips
         if parallelism.tensor != chips:
-            raise ConfigError(("tensorParallelism", "autoregressiveParallelism", "fsdpParallelism", "topology"),
-                              f"serverRuntime=vllm puts every chip on the tensor axis (--tensor-parallel-size={chips}), "
-                              f"but the plan has tensor {parallelism.tensor} (the {cfg.model.heads} attention heads of "
-                              f"{cfg.model.name} need a tensor axis that divides them)",
-                              "leave the parallelism keys unset, or pick a topology whose chip count divides the heads")
+            raise ConfigError(
+                ("tensorParallelism", "autoregressiveParallelism", "fsdpParallelism", "topology"),
+                f"serverRuntime=vllm puts every chip on the tensor axis (--tensor-parallel-size={chips}), "
+                f"but the plan has tensor {parallelism.tensor} (the {cfg.model.heads} attention heads of "
+                f"{cfg.model.name} need a tensor axis that divides them)",
+                "leave the parallelism keys unset, or pick a topology whose chip count divides the heads",
+            )
+
+    def fit_hints(self, cfg: StackConfig, parallelism: Parallelism) -> tuple[str, ...]:
+        return ()  # bf16 only: no quantization to try
 
     def metrics_endpoint(self, cfg: StackConfig) -> MetricsEndpoint:
         return MetricsEndpoint(port=HTTP_PORT, path=METRICS_PATH)
 
     def example_request(self, cfg: StackConfig, http_port: int) -> str:
-        body = f'{{"model": "{cfg.model.hf_model_id}", "prompt": "What are the top 5 programming languages", "max_tokens": 200}}'
+        body = json.dumps(
+            {"model": cfg.model.hf_model_id, "prompt": "What are the top 5 programming languages", "max_tokens": 200}
+        )
         return f"curl -X POST localhost:{http_port}/v1/completions -H 'Content-type: application/json' -d '{body}'"
