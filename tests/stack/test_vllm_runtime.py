@@ -210,6 +210,13 @@ def test_weights_from_the_hub_are_read_from_the_scratch_bucket_they_are_download
     assert cfg.checkpoint_bucket == cfg.scratch_bucket  # the serving identity's read grant
 
 
+def test_a_hub_variant_of_the_preset_is_served_under_its_own_name():
+    cfg = tutorial_cfg(checkpointPath="hf://meta-llama/Llama-3.1-70B-Instruct")
+    args = leader_template(cfg)["spec"]["containers"][0]["args"]
+    assert args["model"] == args["served-model-name"] == "meta-llama/Llama-3.1-70B-Instruct"
+    assert '"model": "meta-llama/Llama-3.1-70B-Instruct"' in manifests.curl_example(cfg)
+
+
 # ---------------------------------------------------------------------------------------------
 # Refusals.
 

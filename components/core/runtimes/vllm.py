@@ -17,8 +17,8 @@ lists each with its reason):
     their names, so each replica reuses its own cache, and replicas never write one path;
   * probes on vLLM's /health, a startup probe from the preset's delay;
   * --max-num-seqs, --max-model-len and --gpu-memory-utilization come from the keys the planner
-    checks (batch, maxTargetLength, hbmReservePercent), and --served-model-name is the preset's
-    Hugging Face id whatever the weights' path.
+    checks (batch, maxTargetLength, hbmReservePercent), and --served-model-name is the Hub model's
+    id (for weights in a bucket, the preset's) whatever the weights' path.
 
 Multi-host slices are refused: vLLM spans hosts only through Ray, which this layout does not start.
 
@@ -128,6 +128,11 @@ def _weights_from_hub(cfg: StackConfig) -> bool:
     return cfg.checkpoint_path.startswith(HF_SCHEME)
 
 
+def served_model_name(cfg: StackConfig) -> str:
+    """The name clients ask for: the Hub model downloaded, or the preset's Hub id for weights in a bucket."""
+    return _model_arg(cfg) if _weights_from_hub(cfg) else cfg.model.hf_model_id
+
+
 def _model_arg(cfg: StackConfig) -> str:
     return cfg.checkpoint_path.removeprefix(HF_SCHEME) if _weights_from_hub(cfg) else MODELS_DIR
 
@@ -142,7 +147,7 @@ def server_args(cfg: StackConfig) -> tuple[str, ...]:
         "model": _model_arg(cfg),
         "download-dir": DOWNLOAD_DIR,
         "max-num-seqs": str(cfg.per_device_batch_size * cfg.tpu_slice.chips),
-        "served-model-name": cfg.model.hf_model_id,
+        "served-model-name": served_model_name(cfg),
         "gpu-memory-utilization": f"{memory_fraction(cfg):g}",
         **{flag.replace("_", "-"): value for flag, value in cfg.server_flags.items()},
     }
@@ -306,6 +311,6 @@ class VllmRuntime(ServerRuntime):
 
     def example_request(self, cfg: StackConfig, http_port: int) -> str:
         body = json.dumps(
-            {"model": cfg.model.hf_model_id, "prompt": "What are the top 5 programming languages", "max_tokens": 200}
+            {"model": served_model_name(cfg), "prompt": "What are the top 5 programming languages", "max_tokens": 200}
         )
         return f"curl -X POST localhost:{http_port}/v1/completions -H 'Content-type: application/json' -d '{body}'"
