@@ -4,9 +4,7 @@ the planner's memory, the Service, autoscaling, scheduling and the program's Sec
 from __future__ import annotations
 
 import copy
-import importlib
 import json
-import sys
 
 import pytest
 import yaml
@@ -301,7 +299,7 @@ def test_what_does_not_fit_or_shard_is_refused(overrides, keys):
 
 
 # ---------------------------------------------------------------------------------------------
-# The example stack: scheduling, environments, the program and the policy pack.
+# The example stack: scheduling, environments and the program (tests/policy runs the pack over it).
 
 
 def test_the_example_stack_can_be_scheduled_at_its_maximum_replicas():
@@ -357,21 +355,6 @@ def test_the_program_makes_the_token_secret_from_secret_manager_before_the_workl
     outputs = recording.outputs
     assert outputs["openaiBaseUrl"].endswith(":8000/v1") and outputs["grpcTarget"] == ""
     assert "/v1/completions" in outputs["curlExample"]
-
-
-def test_the_policy_pack_passes_every_resource_of_the_example(recording):
-    sys.path.insert(0, str(ROOT / "policy"))  # the pack's directory, as Pulumi runs it
-    rules = importlib.import_module("rules")
-    judged = [
-        (rule, rules.Resource(type=resource.type, urn=resource.urn, props=resource.inputs))
-        for resource in recording.resources
-        for rule in rules.RULES
-    ]
-    judged = [(rule, resource) for rule, resource in judged if rule.applies(resource)]
-    assert {rule.name for rule, _ in judged} >= {"container-images-pinned", "lws-serving-startup-probe"}
-    assert [
-        (rule.name, resource.type, rule.violations(resource)) for rule, resource in judged if rule.violations(resource)
-    ] == []
 
 
 SINGLE_HOST = [row for row in tpu.SLICES if not row.multi_host]
