@@ -16,6 +16,7 @@ across a seam fails here rather than in review:
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,19 @@ def test_the_stack_imports_only_the_shared_and_pure_parts_of_the_server():
         if module != "serving" and crosses(module, ("serving",)) and not crosses(module, SERVING_FOR_THE_STACK)
     ]
     assert not offences, "\n".join(offences)
+
+
+RUNTIME_BRANCH = re.compile(r"\.bundled\b|\bruntime\.name\s*[!=]=|[!=]=\s*\"(jetstream|bundled|vllm)\"")
+
+
+def test_no_shared_module_branches_on_the_server_runtime():
+    """The runtime is chosen once (components/core/runtimes/); everything else asks it."""
+    offences = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for path in files("components/**/*.py")
+        if "runtimes" not in path.relative_to(ROOT).parts
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if RUNTIME_BRANCH.search(line)
+    ]
+    assert not offences, "\n".join(offences)
+    assert RUNTIME_BRANCH.search('if cfg.runtime.name == "vllm":') and RUNTIME_BRANCH.search("cfg.bundled")

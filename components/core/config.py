@@ -43,10 +43,9 @@ from components.core.naming import (
     region_of,
     stack_scoped_name,
 )
-from components.core.runtimes import RUNTIMES, ServerRuntime
+from components.core.runtimes import RUNTIMES, ServerRuntime, bundled
 from components.core.runtimes.gcs_fuse import GCS_SCHEME, bucket_and_directory
 from components.core.server_secrets import secret_id
-from components.core.runtimes.bundled import IMAGE_NAME as BUNDLED_IMAGE_NAME
 from components.core.runtimes.pathways import DEFAULT_IMAGES
 from components.core.runtimes.vllm import DEFAULT_IMAGE as DEFAULT_VLLM_IMAGE
 
@@ -312,7 +311,7 @@ class StackConfig:
     @property
     def bundled_image_repository(self) -> str:
         """Where a stack-built server image lives: <region>-docker.pkg.dev/<project>/<repo>/<name>."""
-        return f"{self.region}-docker.pkg.dev/{self.project}/{self.artifact_repository_id}/{BUNDLED_IMAGE_NAME}"
+        return f"{self.region}-docker.pkg.dev/{self.project}/{self.artifact_repository_id}/{bundled.IMAGE_NAME}"
 
     @property
     def pods_use_workload_identity(self) -> bool:

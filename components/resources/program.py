@@ -32,7 +32,7 @@ from components.core.config import (CONFIG_KEYS, PLATFORM_OUTPUTS, PROJECT, Plat
 from components.core.errors import ConfigError
 from components.core.node_pools import NodePoolSpec, system_node_pool, tpu_node_pools
 from components.core.planner import Plan, plan_deployment
-from components.core.runtimes.bundled import IMAGE_TAG as BUNDLED_IMAGE_TAG
+from components.core.runtimes import bundled
 from components.resources.autoscaling import (LeaderWorkerSetAutoscaler, LeaderWorkerSetAutoscalerArgs, MetricsAdapter,
                                               MetricsAdapterArgs)
 from components.resources.gke import ATTACH, CREATE, LOOKUP, GkeCluster, GkeClusterArgs
@@ -208,7 +208,7 @@ def _image_args(cfg: StackConfig) -> BundledServerImageArgs:
         location=cfg.region,
         repository_id=cfg.artifact_repository_id,
         image=cfg.bundled_image_repository,
-        tag=BUNDLED_IMAGE_TAG,
+        tag=bundled.IMAGE_TAG,
         context=BUILD_CONTEXT,
         dockerfile=DOCKERFILE,
         build_args=TPU_BUILD_ARGS,
