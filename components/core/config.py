@@ -435,7 +435,8 @@ def _server_flags(raw: Mapping[str, str], planned: Mapping[str, str]) -> dict[st
         raise ConfigError("serverFlags", f"not valid JSON ({error.msg} at character {error.pos})",
                           'use a JSON object, e.g. {"enable_model_warmup": "false"}') from None
     if not isinstance(flags, dict) or not all(isinstance(key, str) and re.fullmatch(r"[a-z_][a-z0-9_]*", key) for key in flags):
-        raise ConfigError("serverFlags", "must be a JSON object whose keys are the server's flag names (lowercase, '_')",
+        raise ConfigError("serverFlags",
+                          "must be a JSON object whose keys are the server's flag names (lowercase, '_')",
                           'e.g. {"enable_model_warmup": "false"}')
     _check_not_planned(flags, planned)
     return {key: _flag_text(value) for key, value in flags.items()}
@@ -470,8 +471,8 @@ def _check_runtime_keys(raw: Mapping[str, str], runtime: ServerRuntime) -> None:
     for other in RUNTIMES.values():
         for name in set(other.keys) - set(runtime.keys):
             if is_set(raw, KEYS_BY_NAME[name]):
-                raise ConfigError((name, "serverRuntime"), f"{name} is set, but serverRuntime={runtime.name} does not use it "
-                                                           f"(serverRuntime={other.name} does)",
+                raise ConfigError((name, "serverRuntime"),
+                                  f"{name} is set, but serverRuntime={runtime.name} does not use it (serverRuntime={other.name} does)",
                                   f"remove {name}, or pulumi config set serverRuntime {other.name}")
 
 
@@ -479,7 +480,8 @@ def _api_key_secret(raw: Mapping[str, str], runtime: ServerRuntime) -> str:
     name = secret_id(_text(raw, "apiKeySecret"), "apiKeySecret")
     if name and runtime.api_key_env is None:
         servers = " or ".join(f"serverRuntime={other.name}" for other in RUNTIMES.values() if other.api_key_env)
-        raise ConfigError(("apiKeySecret", "serverRuntime"), f"serverRuntime={runtime.name} has no API key check (JetStream's front ends take none)",
+        raise ConfigError(("apiKeySecret", "serverRuntime"),
+                          f"serverRuntime={runtime.name} has no API key check (JetStream's front ends take none)",
                           f"use {servers}, or remove apiKeySecret")
     return name
 

@@ -115,11 +115,12 @@ class JetStreamServer(pulumi.ComponentResource):
     @staticmethod
     def _secret(name: str, manifest: Mapping[str, Any], opts: pulumi.ResourceOptions) -> k8s.core.v1.Secret:
         metadata = manifest["metadata"]
-        return k8s.core.v1.Secret(f"{name}-{metadata['name']}", metadata=k8s.meta.v1.ObjectMetaArgs(**metadata), type=manifest["type"],
-                                  string_data=manifest["stringData"], opts=opts)
+        return k8s.core.v1.Secret(f"{name}-{metadata['name']}", metadata=k8s.meta.v1.ObjectMetaArgs(**metadata),
+                                  type=manifest["type"], string_data=manifest["stringData"], opts=opts)
 
     @staticmethod
-    def _lws_options(args: JetStreamServerArgs, pod_inputs: list[pulumi.Resource], opts: pulumi.ResourceOptions | None) -> pulumi.ResourceOptions:
+    def _lws_options(args: JetStreamServerArgs, pod_inputs: list[pulumi.Resource],
+                     opts: pulumi.ResourceOptions | None) -> pulumi.ResourceOptions:
         """Waits for what the pods read (the KSA, Secrets) and for the component's depends_on
         (controller, node pools, identity), so on destroy the workload goes first; replaced, never
         patched, where the webhook refuses."""

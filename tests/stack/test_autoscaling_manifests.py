@@ -11,7 +11,7 @@ import kubernetes_validate
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from components.core import autoscaling, lws_model, manifests
+from components.core import lws_model, manifests
 from components.core.runtimes import bundled, pathways
 from components.core.autoscaling import METRICS, MetricsEndpoint, autoscaling_manifests, parse_autoscaling
 from components.core.errors import ConfigError
