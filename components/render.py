@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from components.core import manifests, scheduling
+from components.core import manifests, scheduling, server_secrets
 from components.core.autoscaling import ADAPTER_MANIFEST_URL
 from components.core.config import PLATFORM_OUTPUTS, PROJECT, PlatformConfig, StackConfig, parse_stack_config
 from components.core.errors import ConfigError
@@ -102,6 +102,9 @@ def serving_summary(cfg: StackConfig, plan) -> dict:
                "lwsController": lws_controller_summary(cfg)}
     if cfg.scaling.enabled:
         summary["metricsAdapter"] = metrics_adapter_summary(cfg)
+    secrets = cfg.runtime.secret_envs(cfg)  # read from Secret Manager at deploy time; offline, where they come from
+    if secrets:
+        summary["secrets"] = [server_secrets.summary(secret, cfg.namespace) for secret in secrets]
     if cfg.serving_role:  # read through a StackReference at deploy time; offline, a placeholder
         summary |= {"clusterStack": cfg.cluster_stack, "cluster": f"<clusterName output of stack {cfg.cluster_stack}>"}
     return summary

@@ -9,11 +9,14 @@ across a seam fails here rather than in review:
   serving/server/{orchestrator,requests,http_api,grpc_api,metrics,settings}.py
                                    talk to engines only through engine_api: no JAX, no serving.engine
   components/core/**               the pure planning core: no Pulumi, no components.resources
+  serving/protocol.py              what both halves share (ports, names): imports nothing of the project
+  components/**                    from serving, only serving.protocol and the pure serving.engine.parallelism
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -52,7 +55,9 @@ RULES = [
                                                      "serving.engine.sharding")),
     ([f"serving/server/{m}.py" for m in ENGINE_AGNOSTIC_SERVER], ("jax", "serving.engine")),
     (["components/core/**/*.py"], ("pulumi", "pulumi_gcp", "pulumi_kubernetes", "components.resources")),
+    (["serving/protocol.py"], ("serving", "components", "jax")),
 ]
+SERVING_FOR_THE_STACK = ("serving.protocol", "serving.engine.parallelism")
 
 
 @pytest.mark.parametrize("patterns,forbidden", RULES, ids=lambda v: v[0] if isinstance(v, list) else None)
@@ -72,3 +77,29 @@ def test_the_check_sees_imports_inside_functions(tmp_path):
     source.write_text("def f():\n    from serving.server.settings import parse_settings\n    import jax.numpy\n")
     assert {"serving.server.settings", "jax.numpy"} <= imported_modules(source)
     assert crosses("jax.numpy", ("jax",)) and not crosses("jaxlib_x", ("jax",))
+
+
+def test_the_stack_imports_only_the_shared_and_pure_parts_of_the_server():
+    offences = [
+        f"{path.relative_to(ROOT)} imports {module}"
+        for path in files("components/**/*.py")
+        for module in sorted(imported_modules(path))
+        if module != "serving" and crosses(module, ("serving",)) and not crosses(module, SERVING_FOR_THE_STACK)
+    ]
+    assert not offences, "\n".join(offences)
+
+
+RUNTIME_BRANCH = re.compile(r"\.bundled\b|\bruntime\.name\s*[!=]=|[!=]=\s*\"(jetstream|bundled|vllm)\"")
+
+
+def test_no_shared_module_branches_on_the_server_runtime():
+    """The runtime is chosen once (components/core/runtimes/); everything else asks it."""
+    offences = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for path in files("components/**/*.py")
+        if "runtimes" not in path.relative_to(ROOT).parts
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if RUNTIME_BRANCH.search(line)
+    ]
+    assert not offences, "\n".join(offences)
+    assert RUNTIME_BRANCH.search('if cfg.runtime.name == "vllm":') and RUNTIME_BRANCH.search("cfg.bundled")

@@ -1,4 +1,4 @@
-"""Replicas and autoscaling on JetStream's own metrics: config keys, capacity, manifests as data.
+"""Replicas and autoscaling on the server's own metrics: config keys, capacity, manifests as data.
 
 Pure, no Pulumi: `parse_autoscaling` reads the four config keys, `replica_summary` and
 `slice_pools` plan the TPU capacity of every replica, and `autoscaling_manifests` builds the
@@ -27,16 +27,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from components.core import lws_model, tpu
 from components.core.config_keys import ConfigKey, is_set, read_integer, read_text
 from components.core.errors import ConfigError
-from components.core.ports import HTTP_PORT
 
 # ---------------------------------------------------------------------------------------------
-# The metrics. Both are gauges of JetStream's orchestrator (jetstream/core/metrics/prometheus.py),
-# and the bundled server exports them under the same names and units (serving/server/metrics.py).
+# The metrics. `autoscalingMetric` names what a gauge counts; each runtime maps the name to its
+# server's gauge (`ServerRuntime.scaling_metrics`). METRICS are JetStream's orchestrator gauges
+# (jetstream/core/metrics/prometheus.py), which the bundled server exports under the same names and
+# units (serving/server/metrics.py); vLLM's are in components/core/runtimes/vllm.py.
 
 # The HPA, as this stack models it (https://kubernetes.io/docs/tasks/run-application/horizontal-pod-autoscale/
 # #algorithm-details; kubernetes pkg/controller/podautoscaler/replica_calculator.go, calcPlainMetricReplicas).
@@ -108,7 +109,7 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
     ConfigKey(name="maxReplicas", type="integer", default=SAME_AS_REPLICAS,
               description="Upper bound for autoscaling; larger than replicas turns the HPA on; 0 = replicas (no autoscaling)."),
     ConfigKey(name="autoscalingMetric", type="string", default=DEFAULT_METRIC,
-              description=f"Metric the HPA scales on: {', '.join(METRICS)} (JetStream's jetstream_prefill_backlog_size or jetstream_slots_used_percentage)."),
+              description=f"Metric the HPA scales on: {', '.join(METRICS)} (requests waiting: JetStream's jetstream_prefill_backlog_size, vLLM's vllm:num_requests_waiting; or the share of decode capacity in use: jetstream_slots_used_percentage, vllm:kv_cache_usage_perc)."),
     ConfigKey(name="autoscalingTarget", type="string", default="",
               description="Per-replica target of autoscalingMetric; empty = the metric's default (prefill-backlog 10 requests, slots-used 0.8)."),
 )
@@ -153,12 +154,12 @@ def _replica_bounds(raw: Mapping[str, str]) -> tuple[int, int]:
     return replicas, maximum
 
 
-def _metric(raw: Mapping[str, str]) -> ScalingMetric:
+def _metric(raw: Mapping[str, str], metrics: Mapping[str, ScalingMetric]) -> ScalingMetric:
     name = read_text(raw, KEYS_BY_NAME["autoscalingMetric"])
-    if name not in METRICS:
-        raise ConfigError("autoscalingMetric", f"{name!r} is not one of {', '.join(METRICS)}",
+    if name not in metrics:
+        raise ConfigError("autoscalingMetric", f"{name!r} is not one of {', '.join(metrics)}",
                           "pulumi config set autoscalingMetric prefill-backlog (latency and throughput) or slots-used (capacity)")
-    return METRICS[name]
+    return metrics[name]
 
 
 def _target(raw: Mapping[str, str], metric: ScalingMetric) -> float:
@@ -190,10 +191,11 @@ def _check_used(raw: Mapping[str, str], replicas: int) -> None:
                               f"pulumi config set maxReplicas {replicas + 1} or more to autoscale, or remove {name}")
 
 
-def parse_autoscaling(raw: Mapping[str, str]) -> Autoscaling:
-    """The typed replica and autoscaling settings from the raw config (other keys are ignored)."""
+def parse_autoscaling(raw: Mapping[str, str], metrics: Mapping[str, ScalingMetric] = METRICS) -> Autoscaling:
+    """The typed replica and autoscaling settings from the raw config (other keys are ignored);
+    `metrics` are the server runtime's gauges by autoscalingMetric value."""
     replicas, maximum = _replica_bounds(raw)
-    metric = _metric(raw)
+    metric = _metric(raw, metrics)
     scaling = Autoscaling(replicas=replicas, max_replicas=maximum, metric=metric, target=_target(raw, metric))
     if not scaling.enabled:
         _check_used(raw, replicas)
@@ -319,42 +321,13 @@ def hpa_desired_replicas(per_pod: Sequence[float], target: float, *, min_replica
 # ---------------------------------------------------------------------------------------------
 # Where the metrics come from.
 
-# The upstream JetStream server (MaxText's maxengine_server.py) starts its Prometheus server only
-# when `prometheus_port` is non-zero (MaxText base.yml default 0); GKE's JetStream tutorials use 9090.
-# It answers on every path; GKE's PodMonitoring for it scrapes "/".
-PROMETHEUS_PORT_FLAG = "prometheus_port"
-JETSTREAM_PROMETHEUS_PORT = 9090
-# The bundled server serves /metrics on its HTTP port (serving/server/http_api.py), ports.HTTP_PORT
-# as the stack starts it (manifests.BUNDLED_COMMAND).
-BUNDLED_METRICS_PATH = "/metrics"
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MetricsEndpoint:
+    """Where a runtime's leaders serve their gauges (`ServerRuntime.metrics_endpoint`)."""
+
     port: int
     path: str
-
-
-def jetstream_server_flags(scaling: Autoscaling) -> dict[str, str]:
-    """MaxText flags the upstream server needs so the PodMonitoring has something to scrape.
-
-    Only for serverRuntime=jetstream (the bundled server refuses unknown keys and serves /metrics
-    on its HTTP port anyway); a `prometheus_port` in serverFlags overrides this value in place.
-    """
-    return {PROMETHEUS_PORT_FLAG: str(JETSTREAM_PROMETHEUS_PORT)} if scaling.enabled else {}
-
-
-def metrics_endpoint(*, bundled: bool, server_flags: Mapping[str, str]) -> MetricsEndpoint:
-    """The port and path of the leaders' metrics; ConfigError if serverFlags turned them off."""
-    if bundled:
-        return MetricsEndpoint(port=HTTP_PORT, path=BUNDLED_METRICS_PATH)
-    text = str(server_flags.get(PROMETHEUS_PORT_FLAG, JETSTREAM_PROMETHEUS_PORT))
-    port = int(text) if text.isdigit() else 0
-    if not 0 < port < 65536:
-        raise ConfigError(("serverFlags", "maxReplicas"),
-                          f"{PROMETHEUS_PORT_FLAG}={text} leaves JetStream's Prometheus server off, but autoscaling scales on its metrics",
-                          f"remove {PROMETHEUS_PORT_FLAG} from serverFlags (autoscaling sets {JETSTREAM_PROMETHEUS_PORT}), or set a port")
-    return MetricsEndpoint(port=port, path="/")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,10 @@ cluster, its system pool, the node service account and the cluster-wide controll
 `PLATFORM_OUTPUTS`; `serving` puts its TPU pools and model server on the cluster of the platform
 stack named by `clusterStack`. `parse_stack_config` returns a `PlatformConfig` for a platform
 stack and a `StackConfig` otherwise, and refuses a key the role does not use (`_check_role_keys`).
+
+Runtimes (`serverRuntime`): `parse_stack_config` picks the `ServerRuntime` (components/core/runtimes/)
+once; `StackConfig.runtime` answers everything that differs between servers, and the runtime
+validates the config it is given. Names derived from the stack are in `naming.py`.
 """
 
 from __future__ import annotations
@@ -25,19 +29,34 @@ import hashlib
 import ipaddress
 import json
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 from components.core import autoscaling, models, tpu
-from components.core.autoscaling import Autoscaling, metrics_endpoint, parse_autoscaling
+from components.core.autoscaling import Autoscaling, parse_autoscaling
 from components.core.config_keys import ConfigKey, is_set, read_integer, read_text
 from components.core.errors import ConfigError
+from components.core.naming import (
+    BUCKET_NAME_LIMIT,
+    CLUSTER_NAME_LIMIT,
+    DNS_LABEL_LIMIT,
+    NODE_POOL_NAME_LIMIT,  # noqa: F401 (node_pools.py reads it from here)
+    SERVICE_ACCOUNT_ID_LIMIT,
+    node_service_account_id,
+    region_of,
+    stack_scoped_name,
+)
+from components.core.runtimes import RUNTIMES, ServerRuntime, bundled
+from components.core.runtimes.gcs_fuse import GCS_SCHEME, bucket_and_directory
+from components.core.server_secrets import secret_id
+from components.core.runtimes.pathways import DEFAULT_IMAGES
+from components.core.runtimes.vllm import DEFAULT_IMAGE as DEFAULT_VLLM_IMAGE
 
 PROJECT = "jetstream-tpu"  # Pulumi project name: stack files namespace keys as jetstream-tpu:<key>
 MODES = ("interleaved", "disaggregated")
 QUANTIZATIONS = ("int8", "bf16")
 PROVISIONING = ("on-demand", "spot", "reservation")
 RELEASE_CHANNELS = ("UNSPECIFIED", "RAPID", "REGULAR", "STABLE", "EXTENDED")
-SERVER_RUNTIMES = ("jetstream", "bundled")
+SERVER_RUNTIMES = tuple(RUNTIMES)
 LWS_AUTO, LWS_ALWAYS, LWS_NEVER = "auto", "always", "never"
 LWS_INSTALLS = (LWS_AUTO, LWS_ALWAYS, LWS_NEVER)
 ROLES = ("all", "platform", "serving")
@@ -61,31 +80,7 @@ HBM_RESERVE_RANGE = (0, 90)  # percent; keeping more than 90% free leaves no roo
 STARTUP_DELAY_RANGE = (0, 7200)  # seconds; a restore slower than 2 h means a wrong checkpoint
 SYSTEM_NODES_RANGE = (1, 100)  # CPU nodes for kube-system and the LWS controller
 
-# Limits of the names derived from the stack.
-CLUSTER_NAME_LIMIT = 40  # GKE cluster names: 1-40 characters
-NODE_POOL_NAME_LIMIT = 40  # GKE node pool names: 1-40 characters
-SERVICE_ACCOUNT_ID_LIMIT = 30  # IAM service account ids: 6-30 characters
-BUCKET_NAME_LIMIT = 63  # Cloud Storage bucket names: 3-63 characters, globally unique
-DNS_LABEL_LIMIT = 63  # namespaces, label values, Artifact Registry repository ids
 APP_NAME_LIMIT = 40  # LWS pod names are <app>-<group>-<index>, and pod hostnames must stay labels
-NAME_HASH_DIGITS = 6  # hex digits of the stack name's hash that keep cut names apart (16.7M values)
-
-# Default images: the seed's images, with the Pathways `latest` tags replaced by a pinned release.
-DEFAULT_IMAGES = {
-    "jetstreamImage": "us-docker.pkg.dev/cloud-tpu-images/inference/jetstream-pathways:v0.2.0",
-    "jetstreamHttpImage": "us-docker.pkg.dev/cloud-tpu-images/inference/jetstream-http:v0.2.3",
-    "pathwaysServerImage": "us-docker.pkg.dev/cloud-tpu-v2-images/pathways/server:jax-0.5.3",
-    "pathwaysProxyImage": "us-docker.pkg.dev/cloud-tpu-v2-images/pathways/proxy_server:jax-0.5.3",
-}
-# serverRuntime=bundled: the init container that copies the checkpoint object from GCS to the pod
-# (`gcloud storage cp`). Google keeps these tags for a year; bump the pin with the release notes.
-DEFAULT_CHECKPOINT_COPY_IMAGE = "gcr.io/google.com/cloudsdktool/google-cloud-cli:573.0.0-stable"
-BUNDLED_CHECKPOINT_SUFFIXES = (".gguf", ".npz")  # what the bundled server's loaders read
-# serverRuntime=bundled without bundledServerImage: the stack builds serving/Dockerfile into its
-# own Artifact Registry repository under this name and tag, and the pods run it by digest.
-BUNDLED_IMAGE_NAME = "jetstream-jax"
-BUNDLED_IMAGE_TAG = "stack-build"
-
 
 CONFIG_KEYS: tuple[ConfigKey, ...] = (
     # Contract keys.
@@ -96,7 +91,7 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
     ConfigKey(name="quantization", type="string", default="int8",
               description="Weight precision: int8 (checkpoint must be int8-quantized) or bf16."),
     ConfigKey(name="checkpointPath", type="string", default="",
-              description="gs:// URI of the MaxText (Orbax) checkpoint, or with serverRuntime=bundled of one .gguf or .npz object; the serving identity gets read access to its bucket. Required unless role=platform."),
+              description="gs:// URI of the MaxText (Orbax) checkpoint; with serverRuntime=bundled or vllm of a directory holding a Hugging Face checkpoint (bundled: or of one .gguf or .npz object), mounted read-only through the Cloud Storage FUSE CSI driver; with serverRuntime=vllm also hf://<org>/<model> to download from the Hugging Face Hub. The serving identity gets read access to its bucket. Required unless role=platform."),
     # Serving.
     ConfigKey(name="quantizeKvCache", type="boolean", default=True, description="Store the KV cache in int8 (quantize_kvcache)."),
     ConfigKey(name="perDeviceBatchSize", type="integer", default=PRESET_DEFAULT, description="Sequences per chip (per_device_batch_size); 0 = model preset."),
@@ -119,11 +114,15 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
     *autoscaling.CONFIG_KEYS,
     # Server images and names.
     ConfigKey(name="serverRuntime", type="string", default="jetstream",
-              description="jetstream (upstream JetStream + MaxText images, the seed's layout) or bundled (this repository's server image)."),
+              description="jetstream (upstream JetStream + MaxText on Pathways, the reference YAMLs' layout), bundled (this repository's server image) or vllm (vLLM's TPU backend, single-host slices)."),
     ConfigKey(name="bundledServerImage", type="string", default="",
               description="serverRuntime=bundled: image of this repository's server, pinned by tag or digest; empty = the stack builds serving/Dockerfile into its own Artifact Registry repository and runs it by digest."),
-    ConfigKey(name="checkpointCopyImage", type="string", default=DEFAULT_CHECKPOINT_COPY_IMAGE,
-              description="serverRuntime=bundled: image of the init container that copies checkpointPath into the pod (gcloud storage cp); pinned tag or digest."),
+    ConfigKey(name="vllmImage", type="string", default=DEFAULT_VLLM_IMAGE,
+              description="serverRuntime=vllm: vLLM's TPU image (vllm/vllm-tpu); pinned tag or digest."),
+    ConfigKey(name="hfTokenSecret", type="string", default="",
+              description="serverRuntime=vllm: Secret Manager secret (in gcp:project) holding a Hugging Face token; pulumi up copies it into a Kubernetes Secret the server reads. Needed for gated models (Llama, Gemma) from hf://; empty = no token."),
+    ConfigKey(name="apiKeySecret", type="string", default="",
+              description="Secret Manager secret (in gcp:project) holding the API key clients must send (Authorization: Bearer <key>); pulumi up copies it into a Kubernetes Secret the server reads from its environment. serverRuntime=bundled or vllm; empty = no key."),
     ConfigKey(name="jetstreamImage", type="string", default=DEFAULT_IMAGES["jetstreamImage"],
               description="jax-tpu container image (JetStream + MaxText server) when serverRuntime=jetstream; pinned tag or digest."),
     ConfigKey(name="jetstreamHttpImage", type="string", default=DEFAULT_IMAGES["jetstreamHttpImage"],
@@ -166,34 +165,6 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
     ConfigKey(name="scratchBucketName", type="string", default=DERIVED, description="Pathways scratch bucket the stack creates; empty = <gcp project>-scratch-<stack>."),
 )
 KEYS_BY_NAME = {key.name: key for key in CONFIG_KEYS}
-
-
-def stack_scoped_name(prefix: str, stack: str, limit: int) -> str:
-    """`<prefix>-<stack>` as a lowercase DNS label of at most `limit` characters, one per stack.
-
-    Characters outside [a-z0-9-] become '-'. When that changed the stack name, or the name is
-    too long (then as much of the stack as fits is kept), NAME_HASH_DIGITS hex digits of the stack
-    name's SHA-256 end the name, so stacks whose names differ only in case, punctuation or their tail
-    still get different names.
-    """
-    slug = re.sub(r"[^a-z0-9-]+", "-", stack.lower()).strip("-")
-    name = f"{prefix}-{slug}".rstrip("-")
-    if slug == stack and len(name) <= limit:
-        return name
-    digest = hashlib.sha256(stack.encode()).hexdigest()[:NAME_HASH_DIGITS]
-    return f"{name[: limit - len(digest) - 1].rstrip('-')}-{digest}"
-
-
-def region_of(zone: str) -> str:
-    """The region of a GCP zone: us-east5-b -> us-east5."""
-    return zone.rsplit("-", 1)[0]
-
-
-def node_service_account_id(stack: str) -> str:
-    """The least-privilege GSA a stack's node pools run as (6-30 characters), one per stack: a
-    role=all or platform stack's for the cluster's pools, a serving stack's for its own TPU pools
-    (whose Pathways pods act as it, so stacks never share bucket grants)."""
-    return stack_scoped_name("js-nodes", stack, SERVICE_ACCOUNT_ID_LIMIT)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -249,8 +220,10 @@ class StackConfig:
     server_flags: Mapping[str, str]
     startup_probe_delay_seconds: int
     wait_for_ready: bool
-    server_runtime: str
-    images: Mapping[str, str]  # config key -> image
+    runtime: ServerRuntime  # serverRuntime, chosen once here: everything that differs between servers asks it
+    images: Mapping[str, str]  # config key -> image, the runtime's image keys
+    hf_token_secret: str  # Secret Manager secret of the Hugging Face token (serverRuntime=vllm); "" = none
+    api_key_secret: str  # Secret Manager secret of the API key clients must send; "" = none
     app_name: str
     service_name: str
     namespace: str
@@ -279,7 +252,11 @@ class StackConfig:
 
     @property
     def checkpoint_bucket(self) -> str:
-        return self.checkpoint_path.removeprefix("gs://").split("/", 1)[0]
+        """The bucket the weights are read from: checkpointPath's, or for weights downloaded from the
+        Hugging Face Hub (hf://) the scratch bucket they are downloaded into."""
+        if not self.checkpoint_path.startswith(GCS_SCHEME):
+            return self.scratch_bucket
+        return bucket_and_directory(self.checkpoint_path)[0]
 
     @property
     def checkpoint_file(self) -> str:
@@ -287,19 +264,9 @@ class StackConfig:
         return self.checkpoint_path.rsplit("/", 1)[-1]
 
     @property
-    def bundled(self) -> bool:
-        """This repository's server, multi-controller, instead of JetStream + Pathways."""
-        return self.server_runtime == "bundled"
-
-    @property
-    def pathways(self) -> bool:
-        """The seed's layout: JetStream on Pathways (a single controller on the leader pod)."""
-        return not self.bundled
-
-    @property
     def builds_server_image(self) -> bool:
-        """serverRuntime=bundled without an image: the stack builds and pushes serving/Dockerfile."""
-        return self.bundled and not self.images.get("bundledServerImage")
+        """The stack builds and pushes serving/Dockerfile (serverRuntime=bundled without an image)."""
+        return self.runtime.builds_server_image(self.images)
 
     @property
     def scratch_location(self) -> str:
@@ -358,13 +325,13 @@ class StackConfig:
     @property
     def bundled_image_repository(self) -> str:
         """Where a stack-built server image lives: <region>-docker.pkg.dev/<project>/<repo>/<name>."""
-        return f"{self.region}-docker.pkg.dev/{self.project}/{self.artifact_repository_id}/{BUNDLED_IMAGE_NAME}"
+        return f"{self.region}-docker.pkg.dev/{self.project}/{self.artifact_repository_id}/{bundled.IMAGE_NAME}"
 
     @property
     def pods_use_workload_identity(self) -> bool:
         """The serving pods act as the workload GSA; Pathways pods act as the node service
         account instead, because their TPU pools run without Workload Identity (node_pools.py)."""
-        return self.bundled
+        return self.runtime.pods_use_workload_identity
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,10 +425,13 @@ def _tpu_slice(raw: Mapping[str, str]) -> tpu.TpuSlice:
                           "leave tpuMachineType empty to use the catalog's machine type") from None
 
 
-def _checkpoint_path(raw: Mapping[str, str]) -> str:
+def _checkpoint_path(raw: Mapping[str, str], runtime: ServerRuntime) -> str:
+    """A gs:// path, or another scheme the runtime reads (the runtime checks the rest)."""
     path = _required(raw, "checkpointPath")
-    if not _GCS_URI.match(path):
-        raise ConfigError("checkpointPath", f"{path!r} is not a gs:// URI of a bucket path",
+    other_schemes = [scheme for scheme in runtime.checkpoint_schemes if scheme != GCS_SCHEME]
+    if not _GCS_URI.match(path) and not path.startswith(tuple(other_schemes)):
+        also = "".join(f" or a {scheme} URI" for scheme in other_schemes)
+        raise ConfigError("checkpointPath", f"{path!r} is not a gs:// URI of a bucket path{also}",
                           "pulumi config set checkpointPath gs://my-bucket/llama/checkpoints/0/items")
     return path.rstrip("/")
 
@@ -471,7 +441,7 @@ def _parallelism(raw: Mapping[str, str]) -> dict[str, int]:
     return {axis: value for axis, key in AXIS_KEYS.items() if (value := _integer(raw, key)) != PRESET_DEFAULT}
 
 
-def _server_flags(raw: Mapping[str, str]) -> dict[str, str]:
+def _server_flags(raw: Mapping[str, str], planned: Mapping[str, str]) -> dict[str, str]:
     text = _text(raw, "serverFlags")
     try:
         flags = json.loads(text)
@@ -479,36 +449,18 @@ def _server_flags(raw: Mapping[str, str]) -> dict[str, str]:
         raise ConfigError("serverFlags", f"not valid JSON ({error.msg} at character {error.pos})",
                           'use a JSON object, e.g. {"enable_model_warmup": "false"}') from None
     if not isinstance(flags, dict) or not all(isinstance(key, str) and re.fullmatch(r"[a-z_][a-z0-9_]*", key) for key in flags):
-        raise ConfigError("serverFlags", "must be a JSON object whose keys are MaxText flag names",
-                          'e.g. {"per_device_batch_size": 4}')
-    _check_not_planned(flags)
+        raise ConfigError("serverFlags",
+                          "must be a JSON object whose keys are the server's flag names (lowercase, '_')",
+                          'e.g. {"enable_model_warmup": "false"}')
+    _check_not_planned(flags, planned)
     return {key: _flag_text(value) for key, value in flags.items()}
 
 
-# MaxText flags the planner derives from config keys: overriding them through serverFlags would
-# bypass the HBM and sharding checks, so they must be set through their own key.
-PLANNED_FLAGS = {
-    "model_name": "model",
-    "load_parameters_path": "checkpointPath",
-    "quantization": "quantization",
-    "checkpoint_is_quantized": "quantization",
-    "weight_dtype": "quantization",
-    "dtype": "quantization",
-    "quantize_kvcache": "quantizeKvCache",
-    "per_device_batch_size": "perDeviceBatchSize",
-    "max_prefill_predict_length": "maxPrefillLength",
-    "max_target_length": "maxTargetLength",
-    "ici_tensor_parallelism": "tensorParallelism",
-    "ici_autoregressive_parallelism": "autoregressiveParallelism",
-    "ici_fsdp_parallelism": "fsdpParallelism",
-    "inference_server": "mode",
-}
-
-
-def _check_not_planned(flags: Mapping[str, str]) -> None:
+def _check_not_planned(flags: Mapping[str, str], planned: Mapping[str, str]) -> None:
+    """Refuse a flag the stack derives from a key: it would bypass the planner's checks."""
     for flag in flags:
-        if flag in PLANNED_FLAGS:
-            key = PLANNED_FLAGS[flag]
+        if flag in planned:
+            key = planned[flag]
             raise ConfigError(("serverFlags", key), f"{flag} is planned from `{key}` and cannot be overridden here",
                               f"pulumi config set {key} <value> and remove {flag} from serverFlags")
 
@@ -517,11 +469,10 @@ def _flag_text(value) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def _images(raw: Mapping[str, str], runtime: str) -> dict[str, str]:
-    names = [*DEFAULT_IMAGES, *(["bundledServerImage", "checkpointCopyImage"] if runtime == "bundled" else [])]
-    images = {name: _text(raw, name) for name in names}
+def _images(raw: Mapping[str, str], runtime: ServerRuntime) -> dict[str, str]:
+    images = {name: _text(raw, name) for name in runtime.image_keys}
     for name, image in images.items():
-        if name == "bundledServerImage" and not image:
+        if name == runtime.built_image_key and not image:
             continue  # the stack builds it (StackConfig.builds_server_image)
         if not _IMAGE_PINNED.match(image) or image.endswith(":latest"):
             raise ConfigError(name, f"{image!r} is not pinned to an explicit tag or digest (imagePullPolicy is IfNotPresent)",
@@ -529,29 +480,24 @@ def _images(raw: Mapping[str, str], runtime: str) -> dict[str, str]:
     return images
 
 
-_CHECKPOINT_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+def _check_runtime_keys(raw: Mapping[str, str], runtime: ServerRuntime) -> None:
+    """Refuse a key only another runtime reads (its images, the Hugging Face token)."""
+    for other in RUNTIMES.values():
+        for name in set(other.keys) - set(runtime.keys):
+            if is_set(raw, KEYS_BY_NAME[name]):
+                raise ConfigError((name, "serverRuntime"),
+                                  f"{name} is set, but serverRuntime={runtime.name} does not use it (serverRuntime={other.name} does)",
+                                  f"remove {name}, or pulumi config set serverRuntime {other.name}")
 
 
-def _check_bundled(cfg: StackConfig) -> None:
-    """What the bundled server's multi-controller layout can run (see components/core/manifests.py)."""
-    if cfg.mode == "disaggregated":
-        raise ConfigError(("mode", "serverRuntime"),
-                          "serverRuntime=bundled cannot run mode=disaggregated: the bundled server splits one process group's "
-                          "devices in halves, which across two multi-host slices needs multi-slice (DCN) networking this layout does not set up",
-                          "use serverRuntime=jetstream for disaggregated serving, or mode=interleaved on a single slice")
-    name = cfg.checkpoint_file
-    if name == cfg.checkpoint_bucket or not name.endswith(BUNDLED_CHECKPOINT_SUFFIXES) or not _CHECKPOINT_FILE.match(name):
-        raise ConfigError(("checkpointPath", "serverRuntime"),
-                          f"serverRuntime=bundled loads one local .gguf or .npz file, copied from checkpointPath; "
-                          f"{cfg.checkpoint_path!r} is not a gs:// URI of a .gguf or .npz object (file name of letters, digits, '.', '_', '-')",
-                          "pulumi config set checkpointPath gs://my-bucket/models/llama3.1-8b-int8.npz, "
-                          "or serverRuntime=jetstream for a MaxText (Orbax) checkpoint")
-    single_controller = cfg.server_flags.get("enable_single_controller", "false").lower()
-    if single_controller not in ("false", "0", "no"):
-        raise ConfigError(("serverFlags", "serverRuntime"),
-                          f"enable_single_controller={single_controller} needs Pathways, which serverRuntime=bundled does not deploy "
-                          "(one server process per TPU host, multi-controller JAX)",
-                          "remove enable_single_controller from serverFlags, or use serverRuntime=jetstream")
+def _api_key_secret(raw: Mapping[str, str], runtime: ServerRuntime) -> str:
+    name = secret_id(_text(raw, "apiKeySecret"), "apiKeySecret")
+    if name and runtime.api_key_env is None:
+        servers = " or ".join(f"serverRuntime={other.name}" for other in RUNTIMES.values() if other.api_key_env)
+        raise ConfigError(("apiKeySecret", "serverRuntime"),
+                          f"serverRuntime={runtime.name} has no API key check (JetStream's front ends take none)",
+                          f"use {servers}, or remove apiKeySecret")
+    return name
 
 
 def _label_name(raw: Mapping[str, str], name: str, limit: int, derived: str | None = None) -> str:
@@ -762,7 +708,8 @@ def parse_stack_config(raw: Mapping[str, str], *, project: str | None, stack: st
     if role == SERVING:  # the platform's cluster, read at deploy time (PlatformReference)
         cluster |= {"cluster_name": "", "cluster_location": ""}
     preset, tpu_slice = _model(raw), _tpu_slice(raw)
-    runtime = _choice(raw, "serverRuntime", SERVER_RUNTIMES)
+    runtime = RUNTIMES[_choice(raw, "serverRuntime", SERVER_RUNTIMES)]
+    _check_runtime_keys(raw, runtime)
     provisioning = _choice(raw, "tpuProvisioning", PROVISIONING)
     names = _names(raw, stack)
     cfg = StackConfig(
@@ -775,30 +722,31 @@ def parse_stack_config(raw: Mapping[str, str], *, project: str | None, stack: st
         tpu_slice=tpu_slice,
         mode=_choice(raw, "mode", MODES),
         quantization=_choice(raw, "quantization", QUANTIZATIONS),
-        checkpoint_path=_checkpoint_path(raw),
+        checkpoint_path=_checkpoint_path(raw, runtime),
         quantize_kv_cache=_boolean(raw, "quantizeKvCache"),
         per_device_batch_size=_bounded("perDeviceBatchSize", _preset_int(raw, "perDeviceBatchSize", preset.per_device_batch_size), BATCH_RANGE),
         max_prefill_length=_bounded("maxPrefillLength", _preset_int(raw, "maxPrefillLength", preset.max_prefill_length), PREFILL_RANGE),
         max_target_length=_bounded("maxTargetLength", _preset_int(raw, "maxTargetLength", preset.max_target_length), TARGET_RANGE),
         parallelism=_parallelism(raw),
         hbm_reserve_percent=_bounded("hbmReservePercent", _integer(raw, "hbmReservePercent"), HBM_RESERVE_RANGE),
-        server_flags=_server_flags(raw),
+        server_flags=_server_flags(raw, runtime.planned_flags),
         startup_probe_delay_seconds=_bounded("startupProbeDelaySeconds",
                                              _preset_int(raw, "startupProbeDelaySeconds", preset.startup_probe_delay_seconds), STARTUP_DELAY_RANGE),
         wait_for_ready=_boolean(raw, "waitForReady"),
-        server_runtime=runtime,
+        runtime=runtime,
         images=_images(raw, runtime),
+        hf_token_secret=secret_id(_text(raw, "hfTokenSecret"), "hfTokenSecret"),
+        api_key_secret=_api_key_secret(raw, runtime),
         app_name=names["appName"],
         service_name=names["serviceName"],
         namespace=names["namespace"],
         tpu_provisioning=provisioning,
         tpu_reservation=_reservation(raw, provisioning),
         scratch_bucket=_scratch_bucket(raw, project, stack),
-        scaling=parse_autoscaling(raw),
+        scaling=parse_autoscaling(raw, runtime.scaling_metrics),
         **cluster,
     )
-    if cfg.bundled:
-        _check_bundled(cfg)
+    runtime.validate(cfg)
     if cfg.scaling.enabled:
-        metrics_endpoint(bundled=cfg.bundled, server_flags=cfg.server_flags)  # refuses a prometheus_port that turns them off
+        runtime.metrics_endpoint(cfg)  # refuses a config that turns the metrics off
     return cfg

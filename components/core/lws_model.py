@@ -11,7 +11,8 @@ openAPIV3Schema (`tests/stack/schemas/lws-crd-v0.10.0.schema.json`, test data), 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 API_VERSION = "leaderworkerset.x-k8s.io/v1"
 KIND = "LeaderWorkerSet"
@@ -64,9 +65,27 @@ class ObjectMeta(_Model):
 
 
 @model
+class ObjectFieldSelector(_Model):
+    field_path: str  # e.g. metadata.name (the downward API)
+
+
+@model
+class SecretKeySelector(_Model):
+    name: str
+    key: str
+
+
+@model
+class EnvVarSource(_Model):
+    field_ref: ObjectFieldSelector | None = None
+    secret_key_ref: SecretKeySelector | None = None
+
+
+@model
 class EnvVar(_Model):
     name: str
-    value: str
+    value: str | None = None
+    value_from: EnvVarSource | None = None
 
 
 @model
@@ -141,13 +160,24 @@ class Toleration(_Model):
 
 @model
 class EmptyDirVolumeSource(_Model):
+    medium: str | None = None  # "Memory": a tmpfs; unset = the node's disk
     size_limit: str | None = None  # a quantity, e.g. "200Gi"; unset = no limit
 
 
 @model
+class CSIVolumeSource(_Model):
+    driver: str
+    read_only: bool | None = None
+    volume_attributes: Mapping[str, str] | None = None
+
+
+@model
 class Volume(_Model):
+    """One of its sources is set."""
+
     name: str
-    empty_dir: EmptyDirVolumeSource
+    empty_dir: EmptyDirVolumeSource | None = None
+    csi: CSIVolumeSource | None = None
 
 
 @model

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
-from typing import Mapping
+from collections.abc import Mapping
 
 # The flag order of a recipe. Derived flags are emitted only when the recipe lists them, so a
 # recipe can leave e.g. tokenizer_path to its base config file.
@@ -62,6 +62,8 @@ class ModelPreset:
     ffn_dim: int  # MLP hidden size (gate, up and down projections)
     tie_embeddings: bool  # the output projection reuses the embedding table
     tokenizer_path: str  # MaxText tokenizer asset (emitted when the recipe lists tokenizer_path)
+    hf_model_id: str  # the model on the Hugging Face Hub (vLLM's --model and --served-model-name)
+    family: str = "llama"  # the architecture (GGUF's general.architecture): which servers can run it
     maxtext_config: str = "MaxText/configs/base.yml"  # positional base config of the server
     # Serving defaults (each overridable by a config key). The parallelism is a recipe, fitted
     # to the slice by the planner (planner.preset_axes): tensor as given, one axis filling in.
@@ -85,13 +87,13 @@ PRESETS: dict[str, ModelPreset] = {
     preset.name: preset
     for preset in (
         ModelPreset(
-            name="llama2-7b", maxtext_model_name="llama2-7b", params=6.74e9, layers=32,
+            name="llama2-7b", maxtext_model_name="llama2-7b", hf_model_id="meta-llama/Llama-2-7b-hf", params=6.74e9, layers=32,
             d_model=4096, heads=32, kv_heads=32, head_dim=128, vocab=32000, ffn_dim=11008, tie_embeddings=False,
             tokenizer_path="assets/tokenizer.llama2", per_device_batch_size=8,
             startup_probe_delay_seconds=60,
         ),
         ModelPreset(
-            name="llama2-70b", maxtext_model_name="llama2-70b", params=68.98e9, layers=80,
+            name="llama2-70b", maxtext_model_name="llama2-70b", hf_model_id="meta-llama/Llama-2-70b-hf", params=68.98e9, layers=80,
             d_model=8192, heads=64, kv_heads=8, head_dim=128, vocab=32000, ffn_dim=28672, tie_embeddings=False,
             tokenizer_path="assets/tokenizer.llama2",
             # Seed example 2 (disaggregated on 2 x v6e-8), flag for flag.
@@ -115,19 +117,19 @@ PRESETS: dict[str, ModelPreset] = {
             disaggregated_flags=types.MappingProxyType({"inference_benchmark_test": "True"}),
         ),
         ModelPreset(
-            name="llama3.1-8b", maxtext_model_name="llama3.1-8b", params=8.03e9, layers=32,
+            name="llama3.1-8b", maxtext_model_name="llama3.1-8b", hf_model_id="meta-llama/Llama-3.1-8B", params=8.03e9, layers=32,
             d_model=4096, heads=32, kv_heads=8, head_dim=128, vocab=128256, ffn_dim=14336, tie_embeddings=False,
             tokenizer_path="assets/tokenizer_llama3.tiktoken", per_device_batch_size=8,
             startup_probe_delay_seconds=60,
         ),
         ModelPreset(
-            name="llama3.1-70b", maxtext_model_name="llama3.1-70b", params=70.55e9, layers=80,
+            name="llama3.1-70b", maxtext_model_name="llama3.1-70b", hf_model_id="meta-llama/Llama-3.1-70B", params=70.55e9, layers=80,
             d_model=8192, heads=64, kv_heads=8, head_dim=128, vocab=128256, ffn_dim=28672, tie_embeddings=False,
             tokenizer_path="assets/tokenizer_llama3.tiktoken", per_device_batch_size=2,
             startup_probe_delay_seconds=240,
         ),
         ModelPreset(
-            name="llama3.1-405b", maxtext_model_name="llama3.1-405b", params=405.85e9,
+            name="llama3.1-405b", maxtext_model_name="llama3.1-405b", hf_model_id="meta-llama/Llama-3.1-405B", params=405.85e9,
             layers=126, d_model=16384, heads=128, kv_heads=8, head_dim=128, vocab=128256,
             ffn_dim=53248, tie_embeddings=False,
             tokenizer_path="assets/tokenizer_llama3.tiktoken",
@@ -155,7 +157,7 @@ PRESETS: dict[str, ModelPreset] = {
             ),
         ),
         ModelPreset(
-            name="gemma-7b", maxtext_model_name="gemma-7b", params=8.54e9, layers=28,
+            name="gemma-7b", maxtext_model_name="gemma-7b", hf_model_id="google/gemma-7b", family="gemma", params=8.54e9, layers=28,
             d_model=3072, heads=16, kv_heads=16, head_dim=256, vocab=256000, ffn_dim=24576, tie_embeddings=True,
             tokenizer_path="assets/tokenizer.gemma", per_device_batch_size=8,
             startup_probe_delay_seconds=60,

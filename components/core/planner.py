@@ -10,28 +10,8 @@ strictly. With none set, the preset's recipe is fitted to the slice (`preset_axe
 when it fits, else tensor kept (reduced to divide the chips and the heads) and autoregressive
 taking the rest. The server gets the values the plan used.
 
-Memory per chip, for the runtime that will hold it:
-
-serverRuntime=jetstream (MaxText):
-  weights/chip   = params x bytes_per_weight / chips
-                   MaxText shards every matmul weight over the fsdp, tensor and autoregressive
-                   axes; int8 = 1 byte (per-channel scales < 0.1% are ignored), bf16 = 2 bytes.
-  KV cache/chip  = sequences/chip x max_target_length x layers x 2 (K and V) x kv heads/chip x bytes/head
-                   sequences/chip = per_device_batch_size x chips / (autoregressive x fsdp)
-                   kv heads/chip  = kv_heads / gcd(tensor, kv_heads) (replicated past kv_heads)
-                   bytes/head     = head_dim x 2 (bf16), or head_dim + 2 (int8 + a bf16 scale)
-
-serverRuntime=bundled (this repository's server, serving/engine):
-  weights/chip   = embeddings and MLP over fsdp x tensor; attention over fsdp x tensor when the
-                   KV heads divide the tensor axis, else over fsdp only (the server replicates
-                   attention over tensor then); every weight is replicated over autoregressive.
-                   Norms and int8 scales (< 0.5%) are not counted.
-  KV cache/chip  = the cache [L, B, K, S, E] with B = per_device_batch_size x chips and S =
-                   max_target_length rounded up to the server's KV block, divided per dimension
-                   as the server splits it (`serving.engine.parallelism.kv_cache_split`), x 2
-                   (K and V) x bytes/element: the `dtype` flag's size (bfloat16 = 2), or int8 plus
-                   one float32 scale per (token, head). tests/contract checks this against the
-                   server's own memory report.
+Memory per chip, for the runtime that will hold it (`cfg.runtime.memory_per_chip`; each runtime's
+module in components/core/runtimes/ documents its formulas):
 
   needed/chip = weights/chip + KV cache/chip <= usable/chip = 32 GiB x (1 - hbmReservePercent/100);
   the reserve covers XLA scratch, activations and compiled programs. In disaggregated mode each
@@ -46,21 +26,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 from components.core.autoscaling import replica_summary
 from components.core.config import AXIS_KEYS, StackConfig
 from components.core.errors import ConfigError
 from components.core.node_pools import tpu_node_pools
-from serving.engine.parallelism import FILL_IN, ParallelismError, kv_cache_split, resolve_axes
+from serving.engine.parallelism import FILL_IN, ParallelismError, resolve_axes
 
 GIB = 1 << 30
-WEIGHT_BYTES = {"int8": 1, "bf16": 2}
-# The bundled server's memory layout (serving/engine; tests/contract holds the two together).
-BUNDLED_KV_BLOCK = 128  # ModelConfig.kv_block: the cache length is a multiple of it
-BUNDLED_KV_SCALE_BYTES = 4  # int8 KV cache: one float32 scale per (token, kv head)
-BUNDLED_ACTIVATION_BYTES = 2  # the dtype the stack passes (bfloat16): the unquantized KV cache's element
-MAXTEXT_KV_SCALE_BYTES = 2  # MaxText's int8 KV cache: one bf16 scale per (token, kv head)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -177,59 +151,6 @@ def _check_heads_shard(cfg: StackConfig, parallelism: Parallelism) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Memory per chip.
-
-
-@dataclasses.dataclass(frozen=True)
-class MemoryPerChip:
-    weights_bytes: float
-    kv_cache_bytes: float
-
-
-def memory_per_chip(cfg: StackConfig, parallelism: Parallelism) -> MemoryPerChip:
-    """HBM one chip holds, as the configured runtime lays it out (see the module docstring)."""
-    if cfg.bundled:
-        return MemoryPerChip(_bundled_weights(cfg, parallelism), _bundled_kv(cfg, parallelism))
-    return MemoryPerChip(_maxtext_weights(cfg), _maxtext_kv(cfg, parallelism))
-
-
-def _maxtext_weights(cfg: StackConfig) -> float:
-    return cfg.model.params * WEIGHT_BYTES[cfg.quantization] / cfg.tpu_slice.chips
-
-
-def _maxtext_kv(cfg: StackConfig, parallelism: Parallelism) -> float:
-    model = cfg.model
-    global_batch = cfg.per_device_batch_size * cfg.tpu_slice.chips
-    sequences_per_chip = math.ceil(global_batch / (parallelism.autoregressive * parallelism.fsdp))
-    kv_heads_per_chip = model.kv_heads // math.gcd(parallelism.tensor, model.kv_heads)
-    bytes_per_head = model.head_dim + MAXTEXT_KV_SCALE_BYTES if cfg.quantize_kv_cache else model.head_dim * 2
-    bytes_per_token = model.layers * 2 * kv_heads_per_chip * bytes_per_head
-    return sequences_per_chip * cfg.max_target_length * bytes_per_token
-
-
-def _bundled_weights(cfg: StackConfig, parallelism: Parallelism) -> float:
-    model = cfg.model
-    sharded = parallelism.fsdp * parallelism.tensor
-    attention_split = sharded if model.kv_heads % parallelism.tensor == 0 else parallelism.fsdp
-    embeddings = model.vocab * model.d_model * (1 if model.tie_embeddings else 2)
-    attention = model.layers * model.d_model * model.head_dim * (2 * model.heads + 2 * model.kv_heads)  # wq, wo, wk, wv
-    mlp = model.layers * 3 * model.d_model * model.ffn_dim  # gate, up, down
-    elements = (embeddings + mlp) / sharded + attention / attention_split
-    return elements * WEIGHT_BYTES[cfg.quantization]
-
-
-def _bundled_kv(cfg: StackConfig, parallelism: Parallelism) -> float:
-    model = cfg.model
-    split = kv_cache_split(model.kv_heads, dataclasses.asdict(parallelism))
-    slots = cfg.per_device_batch_size * cfg.tpu_slice.chips
-    cache_length = math.ceil(cfg.max_target_length / BUNDLED_KV_BLOCK) * BUNDLED_KV_BLOCK
-    bytes_per_element = 1 if cfg.quantize_kv_cache else BUNDLED_ACTIVATION_BYTES
-    scale_bytes = BUNDLED_KV_SCALE_BYTES if cfg.quantize_kv_cache else 0
-    tokens_per_chip = math.ceil(slots / split.batch) * math.ceil(model.kv_heads / split.kv_heads) * math.ceil(cache_length / split.seq)
-    return model.layers * 2 * tokens_per_chip * (model.head_dim * bytes_per_element + scale_bytes)
-
-
-# ---------------------------------------------------------------------------------------------
 # Checks.
 
 
@@ -254,12 +175,7 @@ def _check_fit(cfg: StackConfig, parallelism: Parallelism, weights: float, kv: f
 
 
 def _fit_suggestion(cfg: StackConfig, parallelism: Parallelism, weights: float, usable: float) -> str:
-    hints = []
-    if cfg.quantization == "bf16":
-        hints.append("quantization=int8")
-    if cfg.bundled and parallelism.autoregressive > 1:
-        hints.append(f"fsdpParallelism={parallelism.autoregressive * parallelism.fsdp} with autoregressiveParallelism=1 "
-                     "(the bundled server keeps a full weight copy per autoregressive shard)")
+    hints = list(cfg.runtime.fit_hints(cfg, parallelism))
     if weights > usable:
         hints.append("a bigger topology")
     else:
@@ -275,7 +191,8 @@ def plan_deployment(cfg: StackConfig) -> Plan:
     _check_lengths(cfg)
     axes = server_axes(cfg)
     parallelism = resolve_parallelism(cfg, axes)
-    memory = memory_per_chip(cfg, parallelism)
+    cfg.runtime.check_parallelism(cfg, parallelism)
+    memory = cfg.runtime.memory_per_chip(cfg, parallelism)
     weights, kv = memory.weights_bytes / GIB, memory.kv_cache_bytes / GIB
     usable = cfg.tpu_slice.hbm_gib_per_chip * (1 - cfg.hbm_reserve_percent / 100)
     _check_fit(cfg, parallelism, weights, kv, usable)

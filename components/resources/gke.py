@@ -234,6 +234,9 @@ class GkeCluster(pulumi.ComponentResource):
                 # Explicit, not GKE's default: the HPA's metrics reach Cloud Monitoring through it.
                 monitoring_config=gcp.container.ClusterMonitoringConfigArgs(
                     managed_prometheus=gcp.container.ClusterMonitoringConfigManagedPrometheusArgs(enabled=True)),
+                # The bundled and vLLM runtimes mount checkpoints and caches from buckets through it.
+                addons_config=gcp.container.ClusterAddonsConfigArgs(
+                    gcs_fuse_csi_driver_config=gcp.container.ClusterAddonsConfigGcsFuseCsiDriverConfigArgs(enabled=True)),
                 **_control_plane_access(args),
             ),
             # node_config is the default pool's, which GKE removes: the API then reports another

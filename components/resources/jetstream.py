@@ -1,4 +1,4 @@
-"""JetStreamServer: namespace, service account, the LeaderWorkerSet and the Service.
+"""JetStreamServer: namespace, service account, the Secrets the pods read, the LeaderWorkerSet and the Service.
 
 A thin wrapper: the objects come from the pure builders in `components.core.manifests`, so what
 `pulumi up` applies is what `python -m components.render` prints. Pass the cluster's Kubernetes
@@ -41,6 +41,7 @@ class JetStreamServerArgs:
     service_account: Mapping[str, Any]
     leader_worker_set: Mapping[str, Any]  # may hold Outputs (the stack-built image's digest)
     service: Mapping[str, Any]
+    secrets: tuple[Mapping[str, Any], ...]  # Secrets the pods read (values are Pulumi secret Outputs), before the LWS
     ready_timeout_seconds: int | None  # waitForReady: how long the LeaderWorkerSet may take
     serves_openai: bool  # the server behind the HTTP port has the OpenAI API (manifests.client_endpoints)
     autoscaled: bool = False  # an HPA owns spec.replicas after creation
@@ -93,6 +94,7 @@ class JetStreamServer(pulumi.ComponentResource):
         service_account = k8s.core.v1.ServiceAccount(
             f"{name}-ksa", metadata=k8s.meta.v1.ObjectMetaArgs(**args.service_account["metadata"]), opts=in_namespace,
         )
+        secrets = [self._secret(name, secret, in_namespace) for secret in args.secrets]
         lws = args.leader_worker_set
         leader_worker_set = k8s.apiextensions.CustomResource(
             f"{name}-lws",
@@ -100,7 +102,7 @@ class JetStreamServer(pulumi.ComponentResource):
             kind=lws_model.KIND,
             metadata=k8s.meta.v1.ObjectMetaArgs(**lws["metadata"]),
             spec=lws["spec"],
-            opts=pulumi.ResourceOptions.merge(in_namespace, self._lws_options(args, service_account, opts)),
+            opts=pulumi.ResourceOptions.merge(in_namespace, self._lws_options(args, [service_account, *secrets], opts)),
         )
         service = k8s.core.v1.Service(f"{name}-svc", service_args(args.service), opts=in_namespace)
         self.namespace = pulumi.Output.from_input(lws["metadata"]["namespace"])
@@ -111,12 +113,20 @@ class JetStreamServer(pulumi.ComponentResource):
                                "clientEndpoints": self.client_endpoints})
 
     @staticmethod
-    def _lws_options(args: JetStreamServerArgs, service_account: pulumi.Resource, opts: pulumi.ResourceOptions | None) -> pulumi.ResourceOptions:
-        """Waits for the KSA and for the component's depends_on (controller, node pools, identity),
-        so on destroy the workload goes first; replaced, never patched, where the webhook refuses."""
+    def _secret(name: str, manifest: Mapping[str, Any], opts: pulumi.ResourceOptions) -> k8s.core.v1.Secret:
+        metadata = manifest["metadata"]
+        return k8s.core.v1.Secret(f"{name}-{metadata['name']}", metadata=k8s.meta.v1.ObjectMetaArgs(**metadata),
+                                  type=manifest["type"], string_data=manifest["stringData"], opts=opts)
+
+    @staticmethod
+    def _lws_options(args: JetStreamServerArgs, pod_inputs: list[pulumi.Resource],
+                     opts: pulumi.ResourceOptions | None) -> pulumi.ResourceOptions:
+        """Waits for what the pods read (the KSA, Secrets) and for the component's depends_on
+        (controller, node pools, identity), so on destroy the workload goes first; replaced, never
+        patched, where the webhook refuses."""
         timeout = f"{args.ready_timeout_seconds}s" if args.ready_timeout_seconds else None
         return pulumi.ResourceOptions(
-            depends_on=[service_account, *component_dependencies(opts)],
+            depends_on=[*pod_inputs, *component_dependencies(opts)],
             replace_on_changes=list(lws_model.REPLACE_ON_CHANGES),
             delete_before_replace=True,
             ignore_changes=[SCALED_FIELD] if args.autoscaled else None,

@@ -25,15 +25,18 @@ from typing import Any
 
 import pulumi
 import pulumi.runtime.config
+import pulumi_gcp as gcp
 
-from components.core import admission, manifests, scheduling
-from components.core.config import (BUNDLED_IMAGE_TAG, PLATFORM_OUTPUTS, PROJECT, PlatformConfig, StackConfig,
+from components.core import admission, manifests, scheduling, server_secrets
+from components.core.config import (CONFIG_KEYS, PLATFORM_OUTPUTS, PROJECT, PlatformConfig, StackConfig,
                                     parse_stack_config)
 from components.core.errors import ConfigError
 from components.core.node_pools import NodePoolSpec, system_node_pool, tpu_node_pools
 from components.core.planner import Plan, plan_deployment
+from components.core.runtimes import bundled
 from components.resources.admission import StackIsolation, StackIsolationArgs
-from components.resources.autoscaling import LeaderWorkerSetAutoscaler, LeaderWorkerSetAutoscalerArgs, MetricsAdapter, MetricsAdapterArgs
+from components.resources.autoscaling import (LeaderWorkerSetAutoscaler, LeaderWorkerSetAutoscalerArgs, MetricsAdapter,
+                                              MetricsAdapterArgs)
 from components.resources.gke import ATTACH, CREATE, LOOKUP, GkeCluster, GkeClusterArgs
 from components.resources.identity import NodeIdentity, NodeIdentityArgs, ServingIdentity, ServingIdentityArgs
 from components.resources.jetstream import JetStreamServer, JetStreamServerArgs
@@ -120,7 +123,7 @@ def build_serving(cfg: StackConfig, plan: Plan) -> dict[str, Any]:
         "headPod": manifests.head_pod(cfg),
         "serviceName": server.service_name,
         "portForwardCommand": manifests.port_forward_command(cfg),
-        "curlExample": manifests.curl_example(),
+        "curlExample": manifests.curl_example(cfg),
         "scratchBucket": identity.scratch_bucket_name,
         "serviceAccountEmail": identity.service_account_email,
         "plan": plan.summary(),
@@ -215,7 +218,7 @@ def _image_args(cfg: StackConfig) -> BundledServerImageArgs:
         location=cfg.region,
         repository_id=cfg.artifact_repository_id,
         image=cfg.bundled_image_repository,
-        tag=BUNDLED_IMAGE_TAG,
+        tag=bundled.IMAGE_TAG,
         context=BUILD_CONTEXT,
         dockerfile=DOCKERFILE,
         build_args=TPU_BUILD_ARGS,
@@ -230,8 +233,18 @@ def _server_args(cfg: StackConfig, plan: Plan, pods_identity: pulumi.Output[str]
         service_account=manifests.service_account(cfg, pods_identity),
         leader_worker_set=manifests.leader_worker_set(cfg, plan, server_image),
         service=manifests.service(cfg),
+        secrets=_secrets(cfg),
         ready_timeout_seconds=manifests.ready_timeout_seconds(cfg) if cfg.wait_for_ready else None,
-        serves_openai=cfg.bundled,
+        serves_openai=cfg.runtime.serves_openai,
         autoscaled=cfg.scaling.enabled,
     )
 
+
+def _secrets(cfg: StackConfig) -> tuple[dict, ...]:
+    """The Kubernetes Secrets the server reads (server_secrets.py): each from its Secret Manager secret,
+    read at deploy time with the deployer's credentials, so no value is ever in the stack's config."""
+    return tuple(
+        server_secrets.kubernetes_secret(secret, cfg.namespace, pulumi.Output.secret(
+            gcp.secretmanager.get_secret_version_output(secret=secret.secret_id, project=cfg.project).secret_data))
+        for secret in cfg.runtime.secret_envs(cfg)
+    )

@@ -11,6 +11,8 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from serving.protocol import KV_BLOCK
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -37,7 +39,7 @@ class ModelConfig:
     # capital of France?" lost "Paris"); wo is the smallest weight whose float product restores
     # them (7% of the weights).
     quantize_attention_output: bool = True
-    kv_block: int = 128  # decode attention walks the cache in blocks of this many positions
+    kv_block: int = KV_BLOCK  # decode attention walks the cache in blocks of this many positions
 
     def __post_init__(self):
         if self.n_heads % self.n_kv_heads:

@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from serving.protocol import GRPC_PORT, HTTP_PORT
 from serving.server import multihost
 from serving.server.auth import api_key_arg, api_key_from, parse_origins
 from serving.server.metrics import ServerMetrics
@@ -41,8 +42,8 @@ from serving.server.settings import ServingSettings, SettingsError, parse_settin
 # Local runs answer only this machine; a container or pod passes --host 0.0.0.0 (the Dockerfile's
 # ENTRYPOINT and the stack's LeaderWorkerSet do).
 DEFAULT_HOST = "127.0.0.1"
-DEFAULT_HTTP_PORT = 8000  # the ports the stack's Service and probes use
-DEFAULT_GRPC_PORT = 9000
+DEFAULT_HTTP_PORT = HTTP_PORT  # the ports the stack's Service and probes use
+DEFAULT_GRPC_PORT = GRPC_PORT
 # The first request to try, shown by --help and once the server is ready ({port}: the HTTP port).
 QUICK_START_REQUEST = """curl -s localhost:{port}/generate -d '{{"prompt": "What is JAX?", "max_tokens": 32}}'"""
 _HEARTBEAT_S = 10.0  # a long start-up step (loading, compiling) says it is still running this often

@@ -41,10 +41,11 @@ from typing import Any
 import numpy as np
 
 from serving.engine_api import Engine, SamplingParams
+from serving.protocol import CONTROL_PORT, COORDINATOR_PORT, COORDINATOR_PORT_ENV
 
 log = logging.getLogger(__name__)
 
-DEFAULT_COORDINATOR_PORT = 8476
+DEFAULT_COORDINATOR_PORT = COORDINATOR_PORT
 CONNECT_TIMEOUT_S = 300.0
 
 
@@ -73,7 +74,7 @@ class ProcessGroup:
 
     @property
     def control_port(self) -> int:
-        return self.coordinator_port + 1
+        return self.coordinator_port + (CONTROL_PORT - COORDINATOR_PORT)
 
 
 def group_from_env(environ: Mapping[str, str] = os.environ) -> ProcessGroup | None:
@@ -88,7 +89,7 @@ def group_from_env(environ: Mapping[str, str] = os.environ) -> ProcessGroup | No
         coordinator_host=environ["LWS_LEADER_ADDRESS"],
         num_processes=int(size),
         process_id=int(environ["LWS_WORKER_INDEX"]),
-        coordinator_port=int(environ.get("JAX_COORDINATOR_PORT", DEFAULT_COORDINATOR_PORT)),
+        coordinator_port=int(environ.get(COORDINATOR_PORT_ENV, DEFAULT_COORDINATOR_PORT)),
     )
 
 

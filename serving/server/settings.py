@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Sequence
 
+from serving.protocol import DISAGGREGATED_SERVER, INTERLEAVED_SERVER
+
 # Decode slots when per_device_batch_size is not given (0): spread over the generate mesh's devices.
 # 32 serves 32 concurrent clients at once; idle slots cost nothing (the engine runs only the
 # rows up to the highest live slot).
@@ -32,8 +34,6 @@ BACKEND_DEFAULTS: dict[str, dict[str, tuple[object, frozenset[str]]]] = {
     },
 }
 
-INTERLEAVED_SERVER = "MaxtextInterleavedServer"
-DISAGGREGATED_SERVER = "ExperimentalMaxtextDisaggregatedServer_8"
 INFERENCE_SERVERS = (INTERLEAVED_SERVER, DISAGGREGATED_SERVER)
 
 # MaxText keys that do not change what this server computes. Each maps to why.

@@ -9,6 +9,7 @@ deploy; a planner that counts less memory than the server allocates, as an out-o
 
 from __future__ import annotations
 
+import ast
 import itertools
 import pathlib
 
@@ -19,11 +20,14 @@ from components.core import manifests, models, planner
 from components.core.config import parse_stack_config
 from components.core.errors import ConfigError
 from components.core.planner import plan_deployment
+from components.core.runtimes import bundled
 from components.render import read_stack_file
+from serving import protocol
 from serving.engine.config import ModelConfig
 from serving.engine.jax_engine import JaxEngine
 from serving.engine.loaders import runtime_config
-from serving.server import cli, multihost, settings as server_settings
+from serving.server import cli, multihost
+from serving.server import settings as server_settings
 from serving.server.settings import ServingSettings
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -57,7 +61,13 @@ def is_disaggregated(stack: str) -> bool:
     return raw.get("mode") == "disaggregated"
 
 
-BUNDLED_STACKS = [stack for stack in STACKS if not is_disaggregated(stack)]
+def runs_vllm(stack: str) -> bool:
+    """A vLLM example: its keys (hfTokenSecret) belong to vLLM, so it has no bundled variant."""
+    raw, _ = read_stack_file(ROOT / f"Pulumi.{stack}.yaml")
+    return raw.get("serverRuntime") == "vllm"
+
+
+BUNDLED_STACKS = [stack for stack in STACKS if not is_disaggregated(stack) and not runs_vllm(stack)]
 REFUSED_STACKS = [stack for stack in STACKS if is_disaggregated(stack)]
 
 
@@ -82,22 +92,48 @@ def test_example_stacks_exist():
     assert BUNDLED_STACKS and REFUSED_STACKS
 
 
-def test_disaggregated_server_name_is_the_servers():
-    """components/ keeps its own copy (no serving imports in the stack); they must agree."""
-    assert manifests.DISAGGREGATED_SERVER == server_settings.DISAGGREGATED_SERVER
-    assert manifests.DISAGGREGATED_SERVER in server_settings.INFERENCE_SERVERS
+# The values both halves share, which serving/protocol.py alone may write down.
+SHARED_VALUES = {protocol.HTTP_PORT, protocol.GRPC_PORT, protocol.COORDINATOR_PORT, protocol.CONTROL_PORT,
+                 protocol.INTERLEAVED_SERVER, protocol.DISAGGREGATED_SERVER, protocol.COORDINATOR_PORT_ENV}
 
 
-def test_multi_controller_ports_are_the_servers():
-    assert manifests.COORDINATOR_PORT == multihost.DEFAULT_COORDINATOR_PORT
-    group = multihost.ProcessGroup(coordinator_host="leader", num_processes=2, process_id=0, coordinator_port=manifests.COORDINATOR_PORT)
-    assert group.control_port == manifests.CONTROL_PORT
+def assigned_constants(path: pathlib.Path) -> list[tuple[int, object]]:
+    """(line, value) of every name, field or keyword set to a literal in the file."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        value = node.value if isinstance(node, (ast.Assign, ast.AnnAssign, ast.keyword)) else None
+        if isinstance(value, ast.Constant):
+            found.append((value.lineno, value.value))
+    return found
+
+
+def test_shared_constants_are_written_only_in_the_protocol_module():
+    """Ports, the coordinator port and the server names have one home both halves import."""
+    sources = [path for pattern in ("components/**/*.py", "serving/**/*.py") for path in ROOT.glob(pattern)
+               if path != ROOT / "serving" / "protocol.py"]
+    copies = [f"{path.relative_to(ROOT)}:{line} sets {value!r}"
+              for path in sources for line, value in assigned_constants(path)
+              if isinstance(value, (int, str)) and not isinstance(value, bool) and value in SHARED_VALUES]
+    assert copies == []
+
+
+def test_the_copy_check_sees_a_copy(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text(f"PORT = {protocol.COORDINATOR_PORT}\ndef f():\n    g(server={protocol.DISAGGREGATED_SERVER!r})\n")
+    found = {value for _, value in assigned_constants(source)}
+    assert found >= {protocol.COORDINATOR_PORT, protocol.DISAGGREGATED_SERVER}
+
+
+def test_the_servers_own_names_are_the_shared_ones():
+    assert protocol.DISAGGREGATED_SERVER in server_settings.INFERENCE_SERVERS
+    group = multihost.ProcessGroup(coordinator_host="leader", num_processes=2, process_id=0)
+    assert (group.coordinator_port, group.control_port) == (protocol.COORDINATOR_PORT, protocol.CONTROL_PORT)
 
 
 @pytest.mark.parametrize("stack", BUNDLED_STACKS)
 def test_rendered_server_arguments_parse_as_server_settings(stack):
     cfg = bundled_config(stack)
-    lws, servers = server_pods(cfg)
+    _, servers = server_pods(cfg)
     roles = [role for role, _ in servers]
     assert roles == ["leaderTemplate", "workerTemplate"]  # both templates run the server, once each
     for _, container in servers:
@@ -114,9 +150,9 @@ def test_rendered_server_arguments_parse_as_server_settings(stack):
         # Multi-controller: no Pathways, every process joins jax.distributed.
         assert settings.enable_single_controller is False
         # The file the init container copied, in the pod's /models volume.
-        assert settings.load_parameters_path == f"{manifests.MODELS_DIR}/{CHECKPOINT_FILE}"
+        assert settings.load_parameters_path == f"{bundled.MODELS_DIR}/{CHECKPOINT_FILE}"
         (mount,) = [m for m in container["volumeMounts"] if settings.load_parameters_path.startswith(m["mountPath"] + "/")]
-        assert mount["name"] == manifests.MODELS_VOLUME
+        assert mount["name"] == bundled.MODELS_VOLUME
         env = {item["name"]: item["value"] for item in container["env"]}
         assert int(env["JAX_COORDINATOR_PORT"]) == multihost.DEFAULT_COORDINATOR_PORT
 
@@ -135,7 +171,7 @@ def test_group_size_is_the_number_of_server_processes(stack):
     # What every pod of the group computes from the LWS environment.
     for index in range(size):
         env = {"LWS_LEADER_ADDRESS": "leader.svc", "LWS_GROUP_SIZE": str(size), "LWS_WORKER_INDEX": str(index),
-               "JAX_COORDINATOR_PORT": str(manifests.COORDINATOR_PORT)}
+               "JAX_COORDINATOR_PORT": str(protocol.COORDINATOR_PORT)}
         group = multihost.group_from_env(env)
         if size == 1:
             assert group is None  # single host: one process, no jax.distributed
@@ -164,7 +200,8 @@ WEIGHTS_TOLERANCE = 0.01  # the planner leaves out norms and int8 scales (planne
 
 
 def _memory_cases():
-    for model, mesh, precision in itertools.product(models.PRESETS, MESHES, PRECISIONS):
+    served = [name for name, preset in models.PRESETS.items() if preset.family in bundled.SERVED_FAMILIES]
+    for model, mesh, precision in itertools.product(served, MESHES, PRECISIONS):
         axes = {"fsdpParallelism": "1", "autoregressiveParallelism": "1", **mesh}
         yield pytest.param(model, {**axes, **precision}, id=f"{model}-{'x'.join(f'{k[:1]}{v}' for k, v in mesh.items())}-{precision['quantization']}")
 
@@ -181,9 +218,9 @@ def test_planner_memory_is_the_bundled_servers_own_report(model, raw):
                               "bundledServerImage": IMAGE, "checkpointPath": f"gs://test-checkpoints/{CHECKPOINT_FILE}", **raw},
                              project="test-project", stack="test")
     axes = planner.server_axes(cfg)
-    planned = planner.memory_per_chip(cfg, planner.resolve_parallelism(cfg, axes))  # before the fit check: 405B may not fit 8 chips
+    planned = cfg.runtime.memory_per_chip(cfg, planner.resolve_parallelism(cfg, axes))  # before the fit check: 405B may not fit 8 chips
     # The server as the stack starts it: settings from the rendered arguments, no weights loaded.
-    settings = server_settings.parse_settings(manifests.maxtext_args(cfg, axes))
+    settings = server_settings.parse_settings(bundled.server_args(cfg, axes))
     engine = JaxEngine(settings, runtime_config(_architecture(cfg.model), settings), host_params=None, devices=jax.devices()[:DEVICES])
     report = engine.memory()
     assert report.kv_cache_bytes_per_device == planned.kv_cache_bytes

@@ -34,9 +34,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 MAIN = ROOT / "__main__.py"
 PROJECT = "jetstream-tpu"  # must equal components.config.PROJECT (checked in test_stack_config.py)
 GCP_PROJECT = "test-project"
-# Every example stack file: the seed's two, the small and the autoscaled one (role=all), and the
+# Every example stack file: the seed's two, the small and the autoscaled one (role=all), vLLM's, and the
 # environments (issue 9): the platform stack and the dev and prod serving stacks on its cluster.
-EXAMPLE_STACKS = ("llama3-405b-v6e16", "llama2-70b-disagg", "llama3-8b-v6e8", "llama3-8b-autoscale", "platform", "dev", "prod")
+EXAMPLE_STACKS = ("llama3-405b-v6e16", "llama2-70b-disagg", "llama3-8b-v6e8", "llama3-8b-autoscale", "llama3-8b-vllm", "platform", "dev",
+                  "prod")
 PROJECT_NUMBER = "123456789012"  # what gcp.organizations.get_project answers for GCP projects
 LOAD_BALANCER_IP = "10.128.0.42"  # what GKE assigns an internal load balancer (a VPC address)
 STACK_REFERENCE = "pulumi:pulumi:StackReference"
@@ -111,6 +112,8 @@ class RecordingMocks(pulumi.runtime.Mocks):
                     "masterAuths": [{"clusterCaCertificate": "RVhJU1RJTkc="}], "releaseChannels": [{"channel": self.release_channel}]}
         if args.token == "gcp:organizations/getClientConfig:getClientConfig":
             return {"accessToken": ACCESS_TOKEN, "project": GCP_PROJECT}
+        if args.token == "gcp:secretmanager/getSecretVersion:getSecretVersion":
+            return {"secret": args.args["secret"], "project": args.args["project"], "secretData": HF_TOKEN}
         if args.token == "gcp:organizations/getProject:getProject":
             return {"projectId": args.args["projectId"], "number": PROJECT_NUMBER}
         return {}
@@ -118,6 +121,7 @@ class RecordingMocks(pulumi.runtime.Mocks):
 
 IMAGE = "docker-build:index:Image"
 ACCESS_TOKEN = "ya29.test-access-token"
+HF_TOKEN = "hf_test-token"  # the value of every Secret Manager secret under the mocks
 
 
 def image_digest(inputs: dict) -> str:

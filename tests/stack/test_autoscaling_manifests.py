@@ -11,7 +11,8 @@ import kubernetes_validate
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from components.core import autoscaling, lws_model, manifests
+from components.core import lws_model, manifests
+from components.core.runtimes import bundled, pathways
 from components.core.autoscaling import METRICS, MetricsEndpoint, autoscaling_manifests, parse_autoscaling
 from components.core.errors import ConfigError
 from serving.server.metrics import ServerMetrics
@@ -25,7 +26,7 @@ ON = {"replicas": "1", "maxReplicas": "3"}
 
 def rendered(stack: str, raw: dict[str, str], bundled: bool = False) -> tuple[list[dict], object]:
     cfg, _ = bundled_example(stack) if bundled else example(stack)
-    endpoint = autoscaling.metrics_endpoint(bundled=cfg.bundled, server_flags=cfg.server_flags)
+    endpoint = cfg.runtime.metrics_endpoint(cfg)
     documents = autoscaling_manifests(parse_autoscaling(raw), namespace=cfg.namespace, lws_name=cfg.app_name, endpoint=endpoint,
                                       startup_delay_seconds=cfg.startup_probe_delay_seconds)
     return documents, cfg
@@ -34,8 +35,9 @@ def rendered(stack: str, raw: dict[str, str], bundled: bool = False) -> tuple[li
 @pytest.mark.parametrize("stack", STACKS)
 def test_nothing_is_rendered_when_autoscaling_is_off(stack):
     for raw in ({}, {"replicas": "2"}, {"replicas": "3", "maxReplicas": "3"}):
-        assert rendered(stack, raw)[0] == []
-        assert autoscaling.jetstream_server_flags(parse_autoscaling(raw)) == {}
+        documents, cfg = rendered(stack, raw)
+        assert documents == []
+        assert pathways.jetstream_server_flags(dataclasses.replace(cfg, scaling=parse_autoscaling(raw))) == {}
 
 
 @pytest.mark.parametrize("stack", STACKS)
@@ -100,22 +102,30 @@ def test_bundled_server_is_scraped_on_the_http_port_the_stack_starts_it_on():
     (pod_monitoring, _), cfg = rendered("llama3-8b-v6e8", ON, bundled=True)
     [endpoint] = pod_monitoring["spec"]["endpoints"]
     assert endpoint == {"port": 8000, "path": "/metrics", "interval": "15s"}
-    assert ("--http-port", str(endpoint["port"])) in zip(manifests.BUNDLED_COMMAND, manifests.BUNDLED_COMMAND[1:])
+    assert ("--http-port", str(endpoint["port"])) in zip(bundled.COMMAND, bundled.COMMAND[1:])
     pod_monitoring_validator().validate(pod_monitoring)
 
 
+def _with_server_flags(flags: dict[str, str]):
+    cfg, _ = example("llama3-405b-v6e16")
+    return dataclasses.replace(cfg, server_flags=flags)
+
+
 def test_jetstream_gets_its_prometheus_flag_only_when_autoscaling():
-    assert autoscaling.jetstream_server_flags(parse_autoscaling(ON)) == {"prometheus_port": "9090"}
+    cfg, _ = example("llama3-405b-v6e16")
+    assert pathways.jetstream_server_flags(dataclasses.replace(cfg, scaling=parse_autoscaling(ON))) == {"prometheus_port": "9090"}
 
 
 def test_a_prometheus_port_in_server_flags_is_the_one_scraped():
-    assert autoscaling.metrics_endpoint(bundled=False, server_flags={"prometheus_port": "9100"}) == MetricsEndpoint(port=9100, path="/")
+    cfg = _with_server_flags({"prometheus_port": "9100"})
+    assert cfg.runtime.metrics_endpoint(cfg) == MetricsEndpoint(port=9100, path="/")
 
 
 @pytest.mark.parametrize("port", ["0", "off", "70000"])
 def test_server_flags_that_turn_jetstream_metrics_off_are_refused(port):
+    cfg = _with_server_flags({"prometheus_port": port})
     with pytest.raises(ConfigError) as raised:
-        autoscaling.metrics_endpoint(bundled=False, server_flags={"prometheus_port": port})
+        cfg.runtime.metrics_endpoint(cfg)
     assert raised.value.keys == ("serverFlags", "maxReplicas")
 
 

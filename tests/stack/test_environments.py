@@ -257,7 +257,9 @@ def test_the_service_exposes_http_and_grpc_on_ports_the_leader_serves(stack):
     cfg, plan = example(stack)
     service = manifests.service(cfg)
     ports = {port["name"]: (port["port"], port["targetPort"]) for port in service["spec"]["ports"]}
-    assert ports == {"jetstream-http": (8000, 8000), "jetstream-grpc": (9000, 9000)}
+    # gRPC where the runtime serves JetStream's Orchestrator service (not vLLM): no port to nothing.
+    grpc = {"jetstream-grpc": (9000, 9000)} if cfg.runtime.serves_grpc else {}
+    assert ports == {"jetstream-http": (8000, 8000), **grpc}
     leader = manifests.leader_worker_set(cfg, plan)["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["containers"]
     served = {port["containerPort"] for container in leader for port in container.get("ports", [])}
     assert {target for _, target in ports.values()} <= served
@@ -298,6 +300,6 @@ def test_a_serving_stack_renders_offline_with_the_cluster_as_a_placeholder(stack
 def test_the_examples_serve_in_two_runtimes_and_two_capacities():
     dev, _ = example("dev")
     prod, prod_plan = example("prod")
-    assert (dev.tpu_slice.multi_host, dev.tpu_provisioning, dev.bundled) == (False, "spot", True)
+    assert (dev.tpu_slice.multi_host, dev.tpu_provisioning, dev.runtime.name) == (False, "spot", "bundled")
     assert (prod.tpu_slice.multi_host, prod.tpu_provisioning, prod.service_type) == (True, "reservation", "InternalLoadBalancer")
     assert prod_plan.node_pools == ("v6e-16-serving-prod", "v6e-16-serving-r1-prod")

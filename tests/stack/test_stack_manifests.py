@@ -13,6 +13,8 @@ import yaml
 
 from components.core import lws_model, manifests
 from components.core.config import DEFAULT_IMAGES
+from components.core.errors import ConfigError
+from components.core.runtimes import gcs_fuse
 
 from stack_helpers import BUNDLED_IMAGE, BUNDLED_STACKS, GOLDEN, bundled_example, config, example, lws_openapi_schema, lws_validator
 
@@ -165,7 +167,7 @@ def test_namespace_and_service_account_validate_with_kubernetes_validate(variant
     kubernetes_validate.validate(account, K8S_VERSION, strict=True)
     binding = {"annotations": {"iam.gke.io/gcp-service-account": f"{cfg.workload_service_account_id}@{cfg.project}.iam.gserviceaccount.com"}}
     # Workload Identity for the bundled server; Pathways pods act as the node account instead.
-    assert account["metadata"] == {"name": cfg.kubernetes_service_account, "namespace": cfg.namespace, **(binding if cfg.bundled else {})}
+    assert account["metadata"] == {"name": cfg.kubernetes_service_account, "namespace": cfg.namespace, **(binding if cfg.pods_use_workload_identity else {})}
     # Every pod runs as that account, in that namespace.
     lws = manifests.leader_worker_set(cfg, plan)
     template = lws["spec"]["leaderWorkerTemplate"]
@@ -314,7 +316,8 @@ def test_bundled_leader_and_workers_each_run_the_server_on_their_hosts_chips(sta
                                         "jetstream-tpu/deployment": f"jetstream-{stack}"}
         assert spec["tolerations"] == [{"key": "google.com/tpu", "operator": "Exists", "effect": "NoSchedule"},
                                        STACK_TOLERATION | {"value": f"jetstream-{stack}"}]
-        images = {container["image"] for container in (*spec["containers"], *spec["initContainers"])}
+        images = {container["image"] for container in spec["containers"]}
+        assert "initContainers" not in spec  # the checkpoint is mounted, not copied
         assert not images & PATHWAYS_IMAGES
         assert not any("pathways" in container["name"] for container in spec["containers"])
         flags = _args(server)
@@ -331,22 +334,47 @@ def test_bundled_leader_and_workers_each_run_the_server_on_their_hosts_chips(sta
         assert probe not in worker_server  # workers serve no HTTP
 
 
+def _fuse_volume(bucket: str, directory: str) -> dict:
+    options = gcs_fuse.MOUNT_OPTIONS + (f",only-dir={directory}" if directory else "")
+    return {"name": "models", "csi": {"driver": "gcsfuse.csi.storage.gke.io", "readOnly": True,
+                                      "volumeAttributes": {"bucketName": bucket, "mountOptions": options}}}
+
+
 @pytest.mark.parametrize("stack", BUNDLED_STACKS)
-def test_bundled_pods_copy_the_exact_checkpoint_into_models(stack):
+def test_bundled_pods_mount_the_checkpoints_directory_read_only_through_gcs_fuse(stack):
     cfg, plan = bundled_example(stack)
     _, leader, worker = _templates(cfg, plan)
+    assert cfg.checkpoint_path == f"gs://my-gcp-project-checkpoints/{stack}/model.npz"
     for template in (leader, worker):
         spec = template["spec"]
-        (copy_step,) = spec["initContainers"]
-        assert copy_step["image"] == "gcr.io/google.com/cloudsdktool/google-cloud-cli:573.0.0-stable"
-        assert copy_step["command"] == ["gcloud", "storage", "cp", cfg.checkpoint_path, "/models/model.npz"]
-        assert cfg.checkpoint_path == f"gs://my-gcp-project-checkpoints/{stack}/model.npz"
-        assert "resources" not in copy_step  # LWS injects the TPU env into the container requesting TPUs
-        assert copy_step["volumeMounts"] == [{"name": "models", "mountPath": "/models"}]
-        assert spec["volumes"] == [{"name": "models", "emptyDir": {}}]
+        assert template["metadata"]["annotations"] == gcs_fuse.ANNOTATIONS  # the driver's sidecar
+        assert spec["volumes"] == [{"name": "gke-gcsfuse-cache", "emptyDir": {"medium": "Memory"}},
+                                   _fuse_volume("my-gcp-project-checkpoints", stack)]
         (server,) = spec["containers"]
         assert server["volumeMounts"] == [{"name": "models", "mountPath": "/models", "readOnly": True}]
         assert _args(server)["load_parameters_path"] == "/models/model.npz"
+
+
+@pytest.mark.parametrize("path, volume, load_path", [
+    ("gs://weights/hf/Llama-3.1-8B", _fuse_volume("weights", "hf/Llama-3.1-8B"), "/models"),
+    ("gs://weights/Llama-3.1-8B/", _fuse_volume("weights", "Llama-3.1-8B"), "/models"),
+    ("gs://weights", _fuse_volume("weights", ""), "/models"),
+    ("gs://weights/llama-q8.gguf", _fuse_volume("weights", ""), "/models/llama-q8.gguf"),
+])
+def test_bundled_reads_a_hugging_face_directory_or_one_object(path, volume, load_path):
+    cfg, plan = _with_plan(config(serverRuntime="bundled", bundledServerImage=BUNDLED_IMAGE, checkpointPath=path))
+    _, leader, _ = _templates(cfg, plan)
+    assert leader["spec"]["volumes"][1] == volume
+    flags = _args(leader["spec"]["containers"][0])
+    assert flags["load_parameters_path"] == load_path
+    # A Hugging Face checkpoint is bf16 on disk: int8 is the server's quantization on load.
+    assert flags["checkpoint_is_quantized"] == "false" and flags["quantization"] == "int8"
+
+
+def test_bundled_refuses_a_preset_its_server_cannot_run():
+    with pytest.raises(ConfigError) as refused:
+        config(model="gemma-7b", serverRuntime="bundled", bundledServerImage=BUNDLED_IMAGE, checkpointPath="gs://weights/gemma-7b")
+    assert refused.value.keys == ("model", "serverRuntime") and "gemma" in refused.value.problem
 
 
 def test_bundled_service_reaches_the_leader_only():
@@ -354,7 +382,7 @@ def test_bundled_service_reaches_the_leader_only():
     _, leader, worker = _templates(cfg, plan)
     selector = manifests.service(cfg)["spec"]["selector"]
     assert selector.items() <= leader["metadata"]["labels"].items()
-    assert "metadata" not in worker  # workers carry only LWS's own labels
+    assert "labels" not in worker["metadata"]  # workers carry only LWS's own labels
     assert manifests.service(cfg)["spec"]["ports"][0]["targetPort"] == 8000
 
 

@@ -45,6 +45,7 @@ EXPECTED_PARENTS = {
     "gcp:artifactregistry/repository:Repository": IMAGE_COMPONENT,
     "kubernetes:core/v1:Namespace": "jetstream:serving:JetStreamServer",
     "kubernetes:core/v1:ServiceAccount": "jetstream:serving:JetStreamServer",
+    "kubernetes:core/v1:Secret": "jetstream:serving:JetStreamServer",
     LWS: "jetstream:serving:JetStreamServer",
     SERVICE: "jetstream:serving:JetStreamServer",
     "kubernetes:admissionregistration.k8s.io/v1:ValidatingAdmissionPolicy": "jetstream:admission:StackIsolation",

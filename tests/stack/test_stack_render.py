@@ -57,7 +57,7 @@ def test_render_prints_the_manifests_kubectl_would_apply(stack):
     assert [document["kind"] for document in documents] == ["Namespace", "ServiceAccount", "LeaderWorkerSet", "Service", *scaling]
     assert documents[0]["metadata"]["name"] == cfg.namespace
     # Pathways pods act as the node account; the bundled server's through Workload Identity as its own GSA.
-    annotations = {"iam.gke.io/gcp-service-account": cfg.workload_service_account_email} if cfg.bundled else None
+    annotations = {"iam.gke.io/gcp-service-account": cfg.workload_service_account_email} if cfg.pods_use_workload_identity else None
     assert documents[1]["metadata"].get("annotations") == annotations
     assert documents[2:4] == manifests.serving_manifests(cfg, plan)
     _validate_all(documents, cfg)

@@ -71,6 +71,11 @@ def test_the_cluster_enables_managed_prometheus_itself():
     assert _run().one(CLUSTER).inputs["monitoringConfig"] == {"managedPrometheus": {"enabled": True}}
 
 
+def test_the_cluster_enables_the_cloud_storage_fuse_driver_the_pods_mount_buckets_with():
+    """The bundled and vLLM runtimes mount checkpointPath and their caches through the GCS FUSE CSI driver."""
+    assert _run().one(CLUSTER).inputs["addonsConfig"] == {"gcsFuseCsiDriverConfig": {"enabled": True}}
+
+
 def test_a_topology_change_replaces_each_slice_in_place_old_slice_first():
     """Same URN (role and replica), a new GKE name: one replace per pool, deleting the old slice
     first; a rename would create the new slice before deleting the old one."""
