@@ -26,10 +26,11 @@ import json
 import re
 from typing import Mapping
 
-from components.core import autoscaling, models, tpu
+from components.core import autoscaling, gateway, models, tpu
 from components.core.autoscaling import Autoscaling, metrics_endpoint, parse_autoscaling
 from components.core.config_keys import ConfigKey, is_set, read_integer, read_text
 from components.core.errors import ConfigError
+from components.core.gateway import GatewaySettings, parse_gateway
 
 PROJECT = "jetstream-tpu"  # Pulumi project name: stack files namespace keys as jetstream-tpu:<key>
 MODES = ("interleaved", "disaggregated")
@@ -114,6 +115,8 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
               description="true: pulumi up ends only when the LeaderWorkerSet reports Available (timeout derived from the startup delay); false: it ends once the objects are applied."),
     # Replicas and autoscaling (components/core/autoscaling.py).
     *autoscaling.CONFIG_KEYS,
+    # GKE Inference Gateway (components/core/gateway.py).
+    *gateway.CONFIG_KEYS,
     # Server images and names.
     ConfigKey(name="serverRuntime", type="string", default="jetstream",
               description="jetstream (upstream JetStream + MaxText images, the seed's layout) or bundled (this repository's server image)."),
@@ -182,6 +185,11 @@ def region_of(zone: str) -> str:
     return zone.rsplit("-", 1)[0]
 
 
+def proxy_subnet_name(stack: str) -> str:
+    """The proxy-only subnet a stack that creates its cluster creates for regional gateways."""
+    return stack_scoped_name("jetstream-proxy", stack, DNS_LABEL_LIMIT)
+
+
 def node_service_account_id(stack: str) -> str:
     """The least-privilege GSA a stack's node pools run as (6-30 characters), one per stack: a
     role=all or platform stack's for the cluster's pools, a serving stack's for its own TPU pools
@@ -204,6 +212,7 @@ class PlatformConfig:
     system_node_count: int
     lws_version: str
     install_lws_controller: bool  # installLwsController (a platform creates its cluster)
+    gateway: GatewaySettings  # enabled: the cluster-wide parts serving stacks' gateways need
     role: str = PLATFORM
 
     @property
@@ -258,6 +267,7 @@ class StackConfig:
     tpu_reservation: str
     scratch_bucket: str
     scaling: Autoscaling  # LWS replicas and the HPA's bounds, metric and target
+    gateway: GatewaySettings  # GKE Inference Gateway in front of the replicas, or off
 
     @property
     def slice_roles(self) -> tuple[str, ...]:
@@ -623,9 +633,9 @@ def _lws_version(raw: Mapping[str, str]) -> str:
 # Keys only the stack that owns the cluster uses (role=all or platform). A serving stack's TPU pools
 # follow the release channel of the live cluster, read at deploy time (resources/gke.py).
 CLUSTER_KEYS = ("clusterName", "existingClusterName", "clusterLocation", "releaseChannel", "deletionProtection",
-                "systemMachineType", "systemNodeCount", "lwsVersion", "installLwsController")
+                "systemMachineType", "systemNodeCount", "lwsVersion", "installLwsController", "gatewayProxySubnetRange")
 # What a platform stack uses; it creates its cluster, so existingClusterName is not among them.
-PLATFORM_KEYS = ("role", "zone", *(key for key in CLUSTER_KEYS if key != "existingClusterName"))
+PLATFORM_KEYS = ("role", "zone", "gateway", *(key for key in CLUSTER_KEYS if key != "existingClusterName"))
 _STACK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
@@ -708,7 +718,7 @@ def parse_stack_config(raw: Mapping[str, str], *, project: str | None, stack: st
     cluster = _cluster(raw, stack, role)
     if role == PLATFORM:
         del cluster["existing_cluster"]  # refused above: a platform creates its cluster
-        return PlatformConfig(project=project, stack=stack, **cluster)
+        return PlatformConfig(project=project, stack=stack, gateway=parse_gateway(raw, server_runtime=None), **cluster)
     if role == SERVING:  # the platform's cluster, read at deploy time (PlatformReference)
         cluster |= {"cluster_name": "", "cluster_location": ""}
     preset, tpu_slice = _model(raw), _tpu_slice(raw)
@@ -745,6 +755,7 @@ def parse_stack_config(raw: Mapping[str, str], *, project: str | None, stack: st
         tpu_reservation=_reservation(raw, provisioning),
         scratch_bucket=_scratch_bucket(raw, project, stack),
         scaling=parse_autoscaling(raw),
+        gateway=parse_gateway(raw, server_runtime=runtime),
         **cluster,
     )
     if cfg.bundled:
