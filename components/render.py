@@ -91,7 +91,8 @@ def gateway_cluster_summary(cfg: StackConfig | PlatformConfig) -> dict | str:
         return f"{owner} (proxy-only subnet, Gateway API, InferencePool CRD)"
     subnet = (f"{proxy_subnet_name(cfg.stack)} {cfg.gateway.proxy_subnet_range}" if cfg.gateway.creates_proxy_subnet
               else "the VPC's existing one")
-    return {"proxyOnlySubnet": subnet, "gatewayApi": "CHANNEL_STANDARD", "inferencePoolCrd": gateway.CRD_MANIFEST_URL}
+    return {"proxyOnlySubnet": subnet, "gatewayApi": gateway.GATEWAY_API_CHANNEL,
+            "inferencePoolCrd": gateway.CRD_MANIFEST_URL}
 
 
 def _owner_installs(cfg: StackConfig | PlatformConfig) -> str | None:

@@ -43,6 +43,7 @@ MODES = (NONE, INTERNAL, EXTERNAL)
 # GKE's GatewayClasses of the regional Application Load Balancers (both use the proxy-only subnet).
 GATEWAY_CLASSES = {INTERNAL: "gke-l7-rilb", EXTERNAL: "gke-l7-regional-external-managed"}
 LISTENER_PORT = 80
+GATEWAY_API_CHANNEL = "CHANNEL_STANDARD"  # GKE's Gateway API install on the cluster (gcloud --gateway-api=standard)
 
 # The extension release whose chart, picker image and CRDs this module follows.
 EXTENSION_VERSION = "v1.3.0"
