@@ -203,9 +203,9 @@ def check_gateway_internal(resource: Resource, settings: Mapping[str, Any]) -> l
     gateway_class = _get(resource.props, "spec", "gatewayClassName")
     if gateway_class in INTERNAL_GATEWAY_CLASSES or resource.stack in tuple(settings[EXTERNAL_GATEWAY_STACKS_KEY]):
         return []
-    return [f"is a Gateway of class {gateway_class!r}, not an internal one ({', '.join(sorted(INTERNAL_GATEWAY_CLASSES))}), "
-            f"so it may take an address outside the VPC; use `gateway: internal`, or allow this stack an external gateway by "
-            f"adding {resource.stack!r} to the pack's {EXTERNAL_GATEWAY_STACKS_KEY} setting (policy gateways-internal)"]
+    internal = ", ".join(sorted(INTERNAL_GATEWAY_CLASSES))
+    return [f"is a Gateway of class {gateway_class!r}, not an internal one ({internal}), so it may take an address "
+            f"outside the VPC; use `gateway: internal`, or allow this stack an external gateway by adding {resource.stack!r} to the pack's {EXTERNAL_GATEWAY_STACKS_KEY} setting (policy gateways-internal)"]
 
 
 # ---------------------------------------------------------------------------------------------

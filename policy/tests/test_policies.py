@@ -66,7 +66,8 @@ def service(service_type: str = "ClusterIP", annotations: dict | None = None) ->
 
 def gateway(gateway_class: str) -> dict:
     return {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway", "metadata": {"name": "jetstream"},
-            "spec": {"gatewayClassName": gateway_class, "listeners": [{"name": "http", "protocol": "HTTP", "port": 80.0}]}}
+            "spec": {"gatewayClassName": gateway_class,
+                     "listeners": [{"name": "http", "protocol": "HTTP", "port": 80.0}]}}
 
 
 def policies_violated(type_: str, props: dict, stack: str = "dev", config: dict | None = None) -> set[str]:

@@ -13,7 +13,7 @@ from components.core.errors import ConfigError
 from components.core.node_pools import node_pool_summary, tpu_node_pools
 from components.render import read_stack_file, render
 
-from pulumi_harness import (GATEWAY_IP, GCP_PROJECT, LOAD_BALANCER_IP, PLATFORM_KUBECONFIG, ROOT, WORKLOAD_STACKS, platform_outputs,
+from pulumi_harness import (GCP_PROJECT, LOAD_BALANCER_IP, PLATFORM_KUBECONFIG, ROOT, WORKLOAD_STACKS, platform_outputs,
                             run_stack, stack_file_config, stack_role)
 from stack_helpers import config, example
 
@@ -33,7 +33,6 @@ PLATFORM_STACK = "my-org/jetstream-tpu/platform"  # what the example serving sta
 EXAMPLE_PROJECT = "my-gcp-project"  # gcp:project of the example stacks (the mocked platform answers the same)
 SECRET_SIGNATURE_KEY, SECRET_SIGNATURE = rpc._special_sig_key, rpc._special_secret_sig  # how a secret input travels
 CLIENT_OUTPUTS = {"httpUrl", "grpcTarget", "openaiBaseUrl"}
-GATEWAY_URL = f"http://{GATEWAY_IP}"
 SERVING_OUTPUTS = CLIENT_OUTPUTS | {"clusterName", "namespace", "lwsName", "headPod", "serviceName", "portForwardCommand", "curlExample",
                                    "scratchBucket", "serviceAccountEmail", "plan"}
 ALL_OUTPUTS = SERVING_OUTPUTS | {"clusterEndpoint", "kubeconfig", "lwsVersion"}  # role=all also owns its cluster
@@ -217,18 +216,14 @@ def test_a_serving_stacks_hpa_uses_the_platforms_metrics_adapter():
 @pytest.mark.parametrize("stack", ["dev", "prod", "llama3-8b-v6e8"])
 def test_outputs_of_a_stack_that_serves_are_exactly_these(recordings, stack):
     recording = recordings[stack]
-    routed = {"gatewayUrl"} if stack_file_config(stack).get("jetstream-tpu:gateway", "none") != "none" else set()
-    assert set(recording.outputs) == (SERVING_OUTPUTS if stack_role(stack) == "serving" else ALL_OUTPUTS) | routed
+    assert set(recording.outputs) == (SERVING_OUTPUTS if stack_role(stack) == "serving" else ALL_OUTPUTS)
     assert recording.outputs["clusterName"] == ("jetstream-platform" if stack_role(stack) == "serving" else "jetstream-llama3-8b-v6e8")
 
 
 def test_cluster_ip_outputs_are_the_live_services_dns_name(recordings):
     dev = recordings["dev"].outputs
     host = "jetstream-svc.jetstream-dev.svc.cluster.local"
-    # dev routes HTTP through its gateway (tests/stack/test_gateway_component.py); gRPC stays on the Service
-    assert (dev["httpUrl"], dev["grpcTarget"], dev["openaiBaseUrl"]) == (GATEWAY_URL, f"{host}:9000", f"{GATEWAY_URL}/v1")
-    unrouted = run_stack({**stack_file_config("dev"), "jetstream-tpu:gateway": "none"}, "dev").outputs
-    assert (unrouted["httpUrl"], unrouted["openaiBaseUrl"]) == (f"http://{host}:8000", f"http://{host}:8000/v1")
+    assert (dev["httpUrl"], dev["grpcTarget"], dev["openaiBaseUrl"]) == (f"http://{host}:8000", f"{host}:9000", f"http://{host}:8000/v1")
     jetstream = recordings["llama3-8b-v6e8"].outputs
     # JetStream's jetstream-http front end serves /generate only: no OpenAI API behind the Service.
     assert jetstream["httpUrl"] == "http://jetstream-svc.llama3-8b.svc.cluster.local:8000" and jetstream["openaiBaseUrl"] == ""
@@ -245,7 +240,7 @@ def test_internal_load_balancer_outputs_are_its_assigned_ip(recordings):
 
 def test_the_outputs_follow_the_live_service_not_the_config():
     """The endpoints are read from the Service the cluster reports (its status, name and ports)."""
-    bundled = {**stack_file_config("dev"), "jetstream-tpu:serviceType": "InternalLoadBalancer", "jetstream-tpu:gateway": "none"}
+    bundled = {**stack_file_config("dev"), "jetstream-tpu:serviceType": "InternalLoadBalancer"}
     recording = run_stack(bundled, "dev")
     assert recording.outputs["openaiBaseUrl"] == f"http://{LOAD_BALANCER_IP}:8000/v1"
     with pytest.raises(ValueError, match="no load balancer IP yet"):
@@ -294,8 +289,7 @@ def test_a_serving_stack_renders_offline_with_the_cluster_as_a_placeholder(stack
     header = yaml.safe_load("\n".join(line[2:] for line in text.split("\n---\n", 1)[0].splitlines()))["plan"]
     assert header["clusterStack"] == PLATFORM_STACK and PLATFORM_STACK in header["cluster"]
     kinds = [document["kind"] for document in yaml.safe_load_all(text.split("\n---\n", 1)[1])]
-    routed = [document["kind"] for document in manifests.gateway_manifests(example(stack)[0])]
-    assert kinds == ["Namespace", "ServiceAccount", "LeaderWorkerSet", "Service", *routed]
+    assert kinds == ["Namespace", "ServiceAccount", "LeaderWorkerSet", "Service"]
 
 
 def test_the_examples_serve_in_two_runtimes_and_two_capacities():

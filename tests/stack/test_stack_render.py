@@ -16,8 +16,7 @@ from components.core import manifests
 from components.core.errors import ConfigError
 
 from pulumi_harness import EXAMPLE_STACKS, ROOT, WORKLOAD_STACKS
-from stack_helpers import (BUNDLED_STACKS, GATEWAY_SCHEMAS, bundled_example, bundled_raw, crd_validator, example, lws_validator,
-                           pod_monitoring_validator)
+from stack_helpers import BUNDLED_STACKS, bundled_example, bundled_raw, example, lws_validator, pod_monitoring_validator
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -34,8 +33,6 @@ def _validate_all(documents: list[dict], cfg) -> None:
     for document in documents:
         if document["kind"] == "PodMonitoring":
             pod_monitoring_validator().validate(document)
-        elif document["kind"] in GATEWAY_SCHEMAS:
-            crd_validator(document["kind"]).validate(document)
         elif document["kind"] == "LeaderWorkerSet":
             lws_validator().validate(document)
             template = document["spec"]["leaderWorkerTemplate"]
@@ -57,8 +54,7 @@ def test_render_prints_the_manifests_kubectl_would_apply(stack):
     # Workload Identity service account the pods run as come first; with autoscaling, the
     # PodMonitoring and the HPA (the metrics adapter comes from its own manifest) last.
     scaling = ["PodMonitoring", "HorizontalPodAutoscaler"] if cfg.scaling.enabled else []
-    routed = [document["kind"] for document in manifests.gateway_manifests(cfg)]  # with `gateway` (tests/stack/test_gateway.py)
-    assert [document["kind"] for document in documents] == ["Namespace", "ServiceAccount", "LeaderWorkerSet", "Service", *scaling, *routed]
+    assert [document["kind"] for document in documents] == ["Namespace", "ServiceAccount", "LeaderWorkerSet", "Service", *scaling]
     assert documents[0]["metadata"]["name"] == cfg.namespace
     # Pathways pods act as the node account; the bundled server's through Workload Identity as its own GSA.
     annotations = {"iam.gke.io/gcp-service-account": cfg.workload_service_account_email} if cfg.bundled else None
