@@ -205,7 +205,8 @@ def check_gateway_internal(resource: Resource, settings: Mapping[str, Any]) -> l
         return []
     internal = ", ".join(sorted(INTERNAL_GATEWAY_CLASSES))
     return [f"is a Gateway of class {gateway_class!r}, not an internal one ({internal}), so it may take an address "
-            f"outside the VPC; use `gateway: internal`, or allow this stack an external gateway by adding {resource.stack!r} to the pack's {EXTERNAL_GATEWAY_STACKS_KEY} setting (policy gateways-internal)"]
+            f"outside the VPC; use `gateway: internal`, or allow this stack an external gateway by adding "
+            f"{resource.stack!r} to the pack's {EXTERNAL_GATEWAY_STACKS_KEY} setting (policy gateways-internal)"]
 
 
 # ---------------------------------------------------------------------------------------------
