@@ -755,7 +755,8 @@ def parse_stack_config(raw: Mapping[str, str], *, project: str | None, stack: st
         tpu_reservation=_reservation(raw, provisioning),
         scratch_bucket=_scratch_bucket(raw, project, stack),
         scaling=parse_autoscaling(raw),
-        gateway=parse_gateway(raw, server_runtime=runtime),
+        gateway=parse_gateway(raw, server_runtime=runtime,
+                              creates_cluster=role != SERVING and not cluster["existing_cluster"]),
         **cluster,
     )
     if cfg.bundled:

@@ -164,11 +164,20 @@ def _proxy_subnet_range(raw: Mapping[str, str]) -> str:
     return str(network)
 
 
-def parse_gateway(raw: Mapping[str, str], *, server_runtime: str | None) -> GatewaySettings:
+def parse_gateway(
+    raw: Mapping[str, str], *, server_runtime: str | None, creates_cluster: bool = True
+) -> GatewaySettings:
     """The gateway settings; `server_runtime` None for a platform stack (it serves nothing).
 
-    A stack that serves needs a runtime of PROTOCOL_RUNTIMES; the range is read only where it
-    is used (set without a gateway, it is refused as a forgotten `gateway`)."""
+    A stack that serves needs a runtime of PROTOCOL_RUNTIMES. The subnet range is refused where it
+    cannot be used: without a gateway (a forgotten `gateway`), and on a cluster the stack does not
+    create (the subnet is that cluster owner's)."""
+    if not creates_cluster and is_set(raw, KEYS_BY_NAME["gatewayProxySubnetRange"]):
+        raise ConfigError(
+            ("gatewayProxySubnetRange", "existingClusterName"),
+            "is set, but the stack does not create its cluster: the proxy-only subnet is the cluster owner's",
+            "remove gatewayProxySubnetRange; the VPC of the existing cluster needs a proxy-only subnet in its region",
+        )
     mode = _mode(raw)
     if mode == NONE:
         if is_set(raw, KEYS_BY_NAME["gatewayProxySubnetRange"]):
@@ -197,7 +206,7 @@ def parse_gateway(raw: Mapping[str, str], *, server_runtime: str | None) -> Gate
 class RoutedPool:
     """What one serving stack puts behind its gateway."""
 
-    name: str  # the pool, its Gateway, HTTPRoute and policies (the picker's objects add PICKER_SUFFIX)
+    name: str  # the pool, its Gateway, HTTPRoute and policies (the picker's objects: `picker_name`)
     namespace: str
     selector: Mapping[str, str]  # the leader pods: the Service's selector
     target_port: int  # the pods' HTTP port (OpenAI API and /metrics)

@@ -92,6 +92,12 @@ def test_platform_prepares_the_cluster_for_gateways():
     assert platform.gateway.creates_proxy_subnet and platform.gateway.proxy_subnet_range == "10.126.0.0/23"
 
 
+def test_a_stack_on_an_existing_cluster_owns_no_subnet():
+    with pytest.raises(ConfigError, match="`gatewayProxySubnetRange`, `existingClusterName`"):
+        bundled(gateway="internal", existingClusterName="shared", gatewayProxySubnetRange="10.126.0.0/23")
+    assert bundled(gateway="internal", existingClusterName="shared").gateway.enabled
+
+
 def test_a_serving_stack_owns_no_subnet():
     """The proxy-only subnet is the cluster owner's: a serving stack refuses the range key."""
     assert "gatewayProxySubnetRange" in CLUSTER_KEYS
