@@ -270,3 +270,23 @@ def test_a_rendered_stack_with_an_internal_gateway_prints_every_object_and_they_
     ]
     assert summary["gateway"]["class"] == "gke-l7-rilb"
     assert summary["gateway"]["endpointPicker"] == gateway.PICKER_IMAGE
+
+
+def test_a_rendered_platform_says_what_it_creates_for_gateways(tmp_path):
+    stack_file = yaml.safe_load((ROOT / "Pulumi.platform.yaml").read_text())
+    stack_file["config"]["jetstream-tpu:gateway"] = "internal"
+    (tmp_path / "Pulumi.platform.yaml").write_text(yaml.safe_dump(stack_file))
+    plan = yaml.safe_load(
+        "\n".join(line.removeprefix("# ") for line in render.render("platform", tmp_path).splitlines())
+    )["plan"]
+    assert plan["gateway"] == {
+        "proxyOnlySubnet": f"jetstream-proxy-platform {gateway.DEFAULT_PROXY_SUBNET_RANGE}",
+        "gatewayApi": "CHANNEL_STANDARD",
+        "inferencePoolCrd": gateway.CRD_MANIFEST_URL,
+    }
+    assert (
+        "gateway"
+        not in yaml.safe_load("\n".join(line.removeprefix("# ") for line in render.render("platform").splitlines()))[
+            "plan"
+        ]
+    )
