@@ -214,7 +214,8 @@ def _gateway_cluster_parts(cfg: StackConfig | PlatformConfig, cluster: GkeCluste
 
 def _inference_gateway(cfg: StackConfig, cluster: GkeCluster, server: JetStreamServer) -> InferenceGateway:
     """The stack's Gateway and what it routes through, after the workload (its namespace)."""
-    after = pulumi.ResourceOptions(provider=cluster.provider, depends_on=[server, *_gateway_cluster_parts(cfg, cluster)])
+    cluster_parts = _gateway_cluster_parts(cfg, cluster)
+    after = pulumi.ResourceOptions(provider=cluster.provider, depends_on=[server, *cluster_parts])
     return InferenceGateway("gateway", InferenceGatewayArgs(manifests=manifests.gateway_manifests(cfg)), after)
 
 
