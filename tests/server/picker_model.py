@@ -82,10 +82,10 @@ class Pick:
 class PickerModel:
     """Picks one of `pods` (base URLs) for each prompt, from their live /metrics and the prompts it has routed."""
 
-    def __init__(self, pods: Sequence[str], seed: int = 0):
+    def __init__(self, pods: Sequence[str], random_state: int = 0):
         self.pods = list(pods)
         self._seen: dict[bytes, set[str]] = {}  # block hash -> pods it was sent to
-        self._random = random.Random(seed)
+        self._random = random.Random(random_state)  # ties broken at random, reproducibly
 
     def prefix_scores(self, blocks: Sequence[bytes]) -> dict[str, float]:
         matched = dict.fromkeys(self.pods, 0)

@@ -146,7 +146,7 @@ def test_new_requests_go_away_from_the_busy_replica(pods):
 
 
 def test_requests_sharing_a_prefix_go_to_the_replica_that_saw_it(pods):
-    picker = PickerModel(pods, seed=1)
+    picker = PickerModel(pods, random_state=1)
     names = {pod: f"replica {index}" for index, pod in enumerate(pods)}
     wait_until(lambda: all(admitted(pod) == 0 for pod in pods), 120, "idle replicas", every_s=0.1)
     picks: dict[str, list] = {name: [] for name in SYSTEM_PROMPTS}
