@@ -7,7 +7,9 @@ YAML that `kubectl apply -f -` accepts on a cluster with the LWS controller: the
 autoscaling the PodMonitoring and the HorizontalPodAutoscaler, built by the same functions the
 components use. No cloud, no Pulumi CLI, no Pulumi SDK. A bad config prints
 the same error as preview on stderr and exits 2. The plan says whether the stack installs the
-cluster-wide pieces (`lwsController`, and with autoscaling `metricsAdapter`) or who does.
+cluster-wide pieces (`lwsController`, and with autoscaling `metricsAdapter`) or who does. With
+`gateway` set it prints the Gateway, HTTPRoute, InferencePool, endpoint picker and GKE policies
+too, and the plan says who creates the gateway's cluster-wide parts (`gateway`).
 
 Roles: a platform stack (role=platform) has no workload: the render prints its plan only (the
 cluster, the system pool, the node service account, the cluster-wide installs and the outputs it
@@ -25,9 +27,16 @@ from typing import Any, Mapping
 
 import yaml
 
-from components.core import manifests, scheduling, server_secrets
+from components.core import gateway, manifests, scheduling, server_secrets
 from components.core.autoscaling import ADAPTER_MANIFEST_URL
-from components.core.config import PLATFORM_OUTPUTS, PROJECT, PlatformConfig, StackConfig, parse_stack_config
+from components.core.config import (
+    PLATFORM_OUTPUTS,
+    PROJECT,
+    PlatformConfig,
+    StackConfig,
+    parse_stack_config,
+    proxy_subnet_name,
+)
 from components.core.errors import ConfigError
 from components.core.node_pools import node_pool_summary, system_node_pool, tpu_node_pools
 from components.core.planner import plan_deployment
@@ -70,8 +79,20 @@ def platform_summary(cfg: PlatformConfig) -> dict:
         "systemPool": node_pool_summary(system_node_pool(cfg)),
         "lwsController": lws_controller_summary(cfg),
         "metricsAdapter": ADAPTER_MANIFEST_URL,
+        **({"gateway": gateway_cluster_summary(cfg)} if cfg.gateway.enabled else {}),
         "outputs": list(PLATFORM_OUTPUTS),
     }
+
+
+def gateway_cluster_summary(cfg: StackConfig | PlatformConfig) -> dict | str:
+    """The gateway's cluster-wide parts the stack creates, or who does (the cluster's owner)."""
+    owner = _owner_installs(cfg)
+    if owner is not None:
+        return f"{owner} (proxy-only subnet, Gateway API, InferencePool CRD)"
+    subnet = (f"{proxy_subnet_name(cfg.stack)} {cfg.gateway.proxy_subnet_range}" if cfg.gateway.creates_proxy_subnet
+              else "the VPC's existing one")
+    return {"proxyOnlySubnet": subnet, "gatewayApi": gateway.GATEWAY_API_CHANNEL,
+            "inferencePoolCrd": gateway.CRD_MANIFEST_URL}
 
 
 def _owner_installs(cfg: StackConfig | PlatformConfig) -> str | None:
@@ -105,6 +126,9 @@ def serving_summary(cfg: StackConfig, plan) -> dict:
     secrets = cfg.runtime.secret_envs(cfg)  # read from Secret Manager at deploy time; offline, where they come from
     if secrets:
         summary["secrets"] = [server_secrets.summary(secret, cfg.namespace) for secret in secrets]
+    if cfg.gateway.enabled:
+        summary["gateway"] = {"mode": cfg.gateway.mode, "class": cfg.gateway.gateway_class,
+                              "endpointPicker": gateway.PICKER_IMAGE, "cluster": gateway_cluster_summary(cfg)}
     if cfg.serving_role:  # read through a StackReference at deploy time; offline, a placeholder
         summary |= {"clusterStack": cfg.cluster_stack, "cluster": f"<clusterName output of stack {cfg.cluster_stack}>"}
     return summary

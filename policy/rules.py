@@ -185,6 +185,39 @@ def check_load_balancer_internal(resource: Resource) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Gateways are internal, unless the pack's configuration allows a stack an external one.
+
+# GKE's GatewayClasses whose load balancers have internal (VPC) addresses only; every other class
+# (gke-l7-regional-external-managed, gke-l7-global-external-managed, gke-l7-gxlb, their multi-
+# cluster variants, and classes this list does not know) counts as external.
+INTERNAL_GATEWAY_CLASSES = frozenset({"gke-l7-rilb", "gke-l7-rilb-mc"})
+EXTERNAL_GATEWAY_STACKS_KEY = "externalGatewayStacks"
+EXTERNAL_GATEWAY_CONFIG = {
+    EXTERNAL_GATEWAY_STACKS_KEY: {
+        "type": "array",
+        "items": {"type": "string", "minLength": 1},
+        "default": [],
+        "description": "Stacks (exact names) allowed a Gateway of an external class (the stack's `gateway: external`); "
+                       "every other Gateway uses an internal class.",
+    },
+}
+
+
+def is_gateway(resource: Resource) -> bool:
+    return resource.type.startswith("kubernetes:gateway.networking.k8s.io/") and resource.kubernetes_kind == "Gateway"
+
+
+def check_gateway_internal(resource: Resource, settings: Mapping[str, Any]) -> list[str]:
+    gateway_class = _get(resource.props, "spec", "gatewayClassName")
+    if gateway_class in INTERNAL_GATEWAY_CLASSES or resource.stack in tuple(settings[EXTERNAL_GATEWAY_STACKS_KEY]):
+        return []
+    internal = ", ".join(sorted(INTERNAL_GATEWAY_CLASSES))
+    return [f"is a Gateway of class {gateway_class!r}, not an internal one ({internal}), so it may take an address "
+            f"outside the VPC; use `gateway: internal`, or allow this stack an external gateway by adding "
+            f"{resource.stack!r} to the pack's {EXTERNAL_GATEWAY_STACKS_KEY} setting (policy gateways-internal)"]
+
+
+# ---------------------------------------------------------------------------------------------
 # Clusters keep deletion protection in production stacks.
 
 CLUSTER = "gcp:container/cluster:Cluster"
@@ -361,6 +394,10 @@ RULES: tuple[Rule, ...] = (
          "A Service of type LoadBalancer carries GKE's internal load-balancer annotation "
          "(or its legacy cloud.google.com form).",
          is_service, check_load_balancer_internal),
+    Rule("gateways-internal",
+         "A Gateway uses an internal GatewayClass (gke-l7-rilb) unless the pack's configuration lists its stack in "
+         f"{EXTERNAL_GATEWAY_STACKS_KEY} (default: none).",
+         is_gateway, check_gateway_internal, config=EXTERNAL_GATEWAY_CONFIG),
     Rule("prod-cluster-deletion-protection",
          "GKE clusters keep deletion protection in production stacks: names starting with a configured prefix "
          f"({PRODUCTION_STACK_PREFIXES_KEY}, default {', '.join(PRODUCTION_STACK_PREFIXES)}).",

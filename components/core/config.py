@@ -31,10 +31,11 @@ import json
 import re
 from collections.abc import Mapping
 
-from components.core import autoscaling, models, tpu
+from components.core import autoscaling, gateway, models, tpu
 from components.core.autoscaling import Autoscaling, parse_autoscaling
 from components.core.config_keys import ConfigKey, is_set, read_integer, read_text
 from components.core.errors import ConfigError
+from components.core.gateway import GatewaySettings, parse_gateway
 from components.core.naming import (
     BUCKET_NAME_LIMIT,
     CLUSTER_NAME_LIMIT,
@@ -112,6 +113,8 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
               description="true: pulumi up ends only when the LeaderWorkerSet reports Available (timeout derived from the startup delay); false: it ends once the objects are applied."),
     # Replicas and autoscaling (components/core/autoscaling.py).
     *autoscaling.CONFIG_KEYS,
+    # GKE Inference Gateway (components/core/gateway.py).
+    *gateway.CONFIG_KEYS,
     # Server images and names.
     ConfigKey(name="serverRuntime", type="string", default="jetstream",
               description="jetstream (upstream JetStream + MaxText on Pathways, the reference YAMLs' layout), bundled (this repository's server image) or vllm (vLLM's TPU backend, single-host slices)."),
@@ -167,6 +170,11 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
 KEYS_BY_NAME = {key.name: key for key in CONFIG_KEYS}
 
 
+def proxy_subnet_name(stack: str) -> str:
+    """The proxy-only subnet a stack that creates its cluster creates for regional gateways."""
+    return stack_scoped_name("jetstream-proxy", stack, DNS_LABEL_LIMIT)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PlatformConfig:
     """A role=platform stack: the cluster and what every serving stack on it shares."""
@@ -185,6 +193,7 @@ class PlatformConfig:
     keep_lws_controller: bool  # never: the platform creates the cluster it installs into
     private_endpoint: bool  # privateEndpoint
     authorized_networks: tuple[str, ...]  # authorizedNetworks
+    gateway: GatewaySettings  # enabled: the cluster-wide parts serving stacks' gateways need
     role: str = PLATFORM
 
     @property
@@ -244,6 +253,7 @@ class StackConfig:
     tpu_reservation: str
     scratch_bucket: str
     scaling: Autoscaling  # LWS replicas and the HPA's bounds, metric and target
+    gateway: GatewaySettings  # GKE Inference Gateway in front of the replicas, or off
 
     @property
     def slice_roles(self) -> tuple[str, ...]:
@@ -606,9 +616,9 @@ def _lws_version(raw: Mapping[str, str]) -> str:
 # follow the release channel of the live cluster, read at deploy time (resources/gke.py).
 CLUSTER_KEYS = ("clusterName", "existingClusterName", "clusterLocation", "releaseChannel", "deletionProtection",
                 "systemMachineType", "systemNodeCount", "lwsVersion", "installLwsController", "privateEndpoint",
-                "authorizedNetworks")
+                "authorizedNetworks", "gatewayProxySubnetRange")
 # What a platform stack uses; it creates its cluster, so existingClusterName is not among them.
-PLATFORM_KEYS = ("role", "zone", *(key for key in CLUSTER_KEYS if key != "existingClusterName"))
+PLATFORM_KEYS = ("role", "zone", "gateway", *(key for key in CLUSTER_KEYS if key != "existingClusterName"))
 _STACK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
@@ -704,7 +714,7 @@ def parse_stack_config(raw: Mapping[str, str], *, project: str | None, stack: st
     cluster = _cluster(raw, stack, role)
     if role == PLATFORM:
         del cluster["existing_cluster"]  # refused above: a platform creates its cluster
-        return PlatformConfig(project=project, stack=stack, **cluster)
+        return PlatformConfig(project=project, stack=stack, gateway=parse_gateway(raw, server_runtime=None), **cluster)
     if role == SERVING:  # the platform's cluster, read at deploy time (PlatformReference)
         cluster |= {"cluster_name": "", "cluster_location": ""}
     preset, tpu_slice = _model(raw), _tpu_slice(raw)
@@ -744,6 +754,8 @@ def parse_stack_config(raw: Mapping[str, str], *, project: str | None, stack: st
         tpu_reservation=_reservation(raw, provisioning),
         scratch_bucket=_scratch_bucket(raw, project, stack),
         scaling=parse_autoscaling(raw, runtime.scaling_metrics),
+        gateway=parse_gateway(raw, server_runtime=runtime.name,
+                              creates_cluster=role != SERVING and not cluster["existing_cluster"]),
         **cluster,
     )
     runtime.validate(cfg)

@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from components.core import gateway as inference_gateway
 from components.core import lws_model as lws
 from components.core import tpu
 from components.core.autoscaling import autoscaling_manifests
@@ -226,11 +227,36 @@ def scaling_manifests(cfg: StackConfig) -> list[dict]:
                                  startup_delay_seconds=cfg.startup_probe_delay_seconds)
 
 
+def routed_pool(cfg: StackConfig) -> inference_gateway.RoutedPool:
+    """What the stack's gateway routes to: the Service's leader pods on the HTTP port."""
+    return inference_gateway.RoutedPool(
+        name=cfg.app_name,
+        namespace=cfg.namespace,
+        selector=app_labels(cfg),
+        target_port=HTTP_PORT,
+        health_path=cfg.runtime.health_path,
+        gateway_class=cfg.gateway.gateway_class,
+        protocol=inference_gateway.PROTOCOL_RUNTIMES[cfg.runtime.name],
+    )
+
+
+def gateway_manifests(cfg: StackConfig) -> list[dict]:
+    """The Gateway, HTTPRoute, InferencePool, endpoint picker and GKE policies; nothing with gateway=none."""
+    return inference_gateway.gateway_manifests(routed_pool(cfg)) if cfg.gateway.enabled else []
+
+
+def through_gateway(endpoints: Mapping[str, str], gateway_url: str) -> dict[str, str]:
+    """The client endpoints with HTTP and the OpenAI API through the gateway; gRPC stays on the
+    Service (the HTTPRoute carries HTTP only)."""
+    return {**endpoints, "httpUrl": gateway_url, "openaiBaseUrl": f"{gateway_url}{OPENAI_PATH}"}
+
+
 def all_manifests(cfg: StackConfig, plan: Plan) -> list[dict]:
     """Everything a fresh cluster (with the LWS controller) needs, in apply order (the metrics
-    adapter that autoscaling also needs is installed from its own manifest, see autoscaling.py)."""
+    adapter that autoscaling also needs is installed from its own manifest, see autoscaling.py;
+    the gateway's cluster-wide parts, components/core/gateway.py, come with the cluster)."""
     prerequisites = [document for document in (namespace(cfg), service_account(cfg)) if document is not None]
-    return [*prerequisites, *serving_manifests(cfg, plan), *scaling_manifests(cfg)]
+    return [*prerequisites, *serving_manifests(cfg, plan), *scaling_manifests(cfg), *gateway_manifests(cfg)]
 
 
 def head_pod(cfg: StackConfig) -> str:

@@ -23,6 +23,7 @@ import yaml
 
 from components.core.config import check_zone_in_location
 from components.core.errors import ConfigError
+from components.core.gateway import GATEWAY_API_CHANNEL
 from components.core.node_pools import NO_RELEASE_CHANNEL, WORKLOAD_IDENTITY, NodePoolSpec, upgrades_automatically
 from components.resources.options import child_after
 
@@ -65,6 +66,7 @@ class GkeClusterArgs:
     kubeconfig: pulumi.Input[str] | None = None  # ATTACH: the platform stack's (a secret)
     private_endpoint: bool = False  # CREATE: the control plane only on its private endpoint
     authorized_networks: tuple[str, ...] = ()  # CREATE: CIDR blocks allowed to reach the control plane
+    gateway_api: bool = False  # CREATE: the Gateway API (standard channel) for GKE Inference Gateway
 
 
 def _reservation_affinity(spec: NodePoolSpec) -> gcp.container.NodePoolNodeConfigReservationAffinityArgs | None:
@@ -165,6 +167,7 @@ class GkeCluster(pulumi.ComponentResource):
     location: pulumi.Output[str]
     project: pulumi.Output[str]
     endpoint: pulumi.Output[str] | None  # None for a platform stack's cluster (ATTACH)
+    network: pulumi.Output[str] | None  # the created cluster's VPC (CREATE); None otherwise
     kubeconfig: pulumi.Output[str]  # secret
     provider: k8s.Provider
     cluster: gcp.container.Cluster | None  # None unless the stack creates it
@@ -174,12 +177,13 @@ class GkeCluster(pulumi.ComponentResource):
         super().__init__("jetstream:gke:GkeCluster", name, None, opts)
         # Nodes start once the component's depends_on (the node account's roles) exist.
         child = child_after(self, opts)
-        self.cluster, self.endpoint, system_pools = None, None, []
+        self.cluster, self.endpoint, self.network, system_pools = None, None, None, []
         self.location, self.project = pulumi.Output.from_input(args.location), pulumi.Output.from_input(args.project)
         pools_location, release_channel = args.location, None
         if args.source == CREATE:
             self.cluster = self._create_cluster(name, args, child)
             self.cluster_name, self.endpoint = self.cluster.name, self.cluster.endpoint
+            self.network = self.cluster.network
             self.location, self.project = self.cluster.location, self.cluster.project
             ca_certificate = self.cluster.master_auth.cluster_ca_certificate
             system_pools = [gcp.container.NodePool(f"{name}-{args.system_pool.name}",
@@ -237,6 +241,8 @@ class GkeCluster(pulumi.ComponentResource):
                 # The bundled and vLLM runtimes mount checkpoints and caches from buckets through it.
                 addons_config=gcp.container.ClusterAddonsConfigArgs(
                     gcs_fuse_csi_driver_config=gcp.container.ClusterAddonsConfigGcsFuseCsiDriverConfigArgs(enabled=True)),
+                gateway_api_config=(gcp.container.ClusterGatewayApiConfigArgs(channel=GATEWAY_API_CHANNEL)
+                                    if args.gateway_api else None),
                 **_control_plane_access(args),
             ),
             # node_config is the default pool's, which GKE removes: the API then reports another

@@ -12,8 +12,13 @@ role=all (one stack):
   server image the stack builds -> with autoscaling, the metrics adapter (only on a cluster the
   stack creates; its Workload Identity binding waits for the cluster too), the PodMonitoring and
   the HPA of the LeaderWorkerSet; the admission policy that reserves the stack's TPU nodes to its namespace.
+  With `gateway` set: on a cluster the stack creates, the Gateway API and the gateway's
+  cluster-wide parts (proxy-only subnet, InferencePool CRD); then, after the workload, its
+  Gateway, HTTPRoute, InferencePool, endpoint picker and policies, and the client outputs
+  (httpUrl, openaiBaseUrl, and gatewayUrl) point through the Gateway.
 role=platform: node identity -> cluster and system pool -> LWS controller and metrics adapter
-  (cluster-wide, shared by the serving stacks); exports exactly PLATFORM_OUTPUTS.
+  (cluster-wide, shared by the serving stacks), and with `gateway` set the gateway's cluster-wide
+  parts; exports exactly PLATFORM_OUTPUTS.
 role=serving: the platform's outputs (PlatformReference) and the stack's own node identity ->
   TPU node pools on the platform's cluster, running as that identity -> serving identity -> the
   LeaderWorkerSet (and PodMonitoring and HPA); no cluster, no LWS install, no adapter.
@@ -29,7 +34,8 @@ import pulumi_gcp as gcp
 
 from components.core import admission, manifests, scheduling, server_secrets
 from components.core.config import (CONFIG_KEYS, PLATFORM_OUTPUTS, PROJECT, PlatformConfig, StackConfig,
-                                    parse_stack_config)
+                                    parse_stack_config, proxy_subnet_name)
+from components.core.naming import region_of
 from components.core.errors import ConfigError
 from components.core.node_pools import NodePoolSpec, system_node_pool, tpu_node_pools
 from components.core.planner import Plan, plan_deployment
@@ -37,6 +43,8 @@ from components.core.runtimes import bundled
 from components.resources.admission import StackIsolation, StackIsolationArgs
 from components.resources.autoscaling import (LeaderWorkerSetAutoscaler, LeaderWorkerSetAutoscalerArgs, MetricsAdapter,
                                               MetricsAdapterArgs)
+from components.resources.gateway import (GatewayClusterParts, GatewayClusterPartsArgs, InferenceGateway,
+                                          InferenceGatewayArgs)
 from components.resources.gke import ATTACH, CREATE, LOOKUP, GkeCluster, GkeClusterArgs
 from components.resources.identity import NodeIdentity, NodeIdentityArgs, ServingIdentity, ServingIdentityArgs
 from components.resources.jetstream import JetStreamServer, JetStreamServerArgs
@@ -88,6 +96,7 @@ def build_platform(cfg: PlatformConfig) -> dict[str, Any]:
     _lws_controller(cfg, cluster.provider)
     # Cluster-wide like the LWS controller, so the platform owns it and any serving stack can autoscale.
     _metrics_adapter(cfg, cluster)
+    _gateway_cluster_parts(cfg, cluster)
     return dict(zip(PLATFORM_OUTPUTS, (cluster.cluster_name, cluster.location, cluster.project, cluster.kubeconfig)))
 
 
@@ -115,8 +124,16 @@ def build_serving(cfg: StackConfig, plan: Plan) -> dict[str, Any]:
         pod_monitoring, hpa = manifests.scaling_manifests(cfg)
         LeaderWorkerSetAutoscaler("autoscaling", LeaderWorkerSetAutoscalerArgs(pod_monitoring=pod_monitoring, horizontal_pod_autoscaler=hpa),
                                   pulumi.ResourceOptions(provider=cluster.provider, depends_on=[server, *adapter]))
+    client_endpoints, gateway_outputs = server.client_endpoints, {}
+    if cfg.gateway.enabled:
+        routed = _inference_gateway(cfg, cluster, server)
+        client_endpoints = pulumi.Output.all(client_endpoints, routed.url).apply(
+            lambda parts: manifests.through_gateway(*parts))
+        gateway_outputs = {"gatewayUrl": routed.url}
     outputs = {
-        **{name: server.client_endpoints.apply(lambda endpoints, name=name: endpoints[name]) for name in manifests.CLIENT_OUTPUTS},
+        **{name: client_endpoints.apply(lambda endpoints, name=name: endpoints[name])
+           for name in manifests.CLIENT_OUTPUTS},
+        **gateway_outputs,
         "clusterName": cluster.cluster_name,
         "namespace": server.namespace,
         "lwsName": server.lws_name,
@@ -176,6 +193,7 @@ def _owned_cluster_args(cfg: StackConfig | PlatformConfig, node_service_account:
         node_service_account=node_service_account,
         private_endpoint=cfg.private_endpoint,
         authorized_networks=cfg.authorized_networks,
+        gateway_api=cfg.gateway.enabled,
     )
 
 
@@ -192,6 +210,26 @@ def _metrics_adapter(cfg: StackConfig | PlatformConfig, cluster: GkeCluster) -> 
     Workload Identity pool, which exists once that cluster does."""
     return MetricsAdapter("metrics-adapter", MetricsAdapterArgs(project=cfg.project),
                           pulumi.ResourceOptions(provider=cluster.provider, depends_on=[cluster.cluster]))
+
+
+def _gateway_cluster_parts(cfg: StackConfig | PlatformConfig, cluster: GkeCluster) -> list[pulumi.Resource]:
+    """The proxy-only subnet and the InferencePool CRD, on a cluster the stack creates (and with
+    the Gateway API on, see _owned_cluster_args); on any other cluster they are its owner's."""
+    if not cfg.gateway.enabled or cluster.cluster is None:
+        return []
+    settings = cfg.gateway
+    args = GatewayClusterPartsArgs(project=cfg.project, region=region_of(cfg.zone), network=cluster.network,
+                                   subnet_name=proxy_subnet_name(cfg.stack),
+                                   subnet_range=settings.proxy_subnet_range if settings.creates_proxy_subnet else None)
+    after_cluster = pulumi.ResourceOptions(provider=cluster.provider, depends_on=[cluster.cluster])
+    return [GatewayClusterParts("gateway-cluster", args, after_cluster)]
+
+
+def _inference_gateway(cfg: StackConfig, cluster: GkeCluster, server: JetStreamServer) -> InferenceGateway:
+    """The stack's Gateway and what it routes through, after the workload (its namespace)."""
+    cluster_parts = _gateway_cluster_parts(cfg, cluster)
+    after = pulumi.ResourceOptions(provider=cluster.provider, depends_on=[server, *cluster_parts])
+    return InferenceGateway("gateway", InferenceGatewayArgs(manifests=manifests.gateway_manifests(cfg)), after)
 
 
 def _identity_args(cfg: StackConfig, node_service_account: pulumi.Output[str]) -> ServingIdentityArgs:

@@ -19,6 +19,7 @@ LWS = "kubernetes:leaderworkerset.x-k8s.io/v1:LeaderWorkerSet"
 NODE_POOL = "gcp:container/nodePool:NodePool"
 CLUSTER = "gcp:container/cluster:Cluster"
 SERVICE = "kubernetes:core/v1:Service"
+GATEWAY = "kubernetes:gateway.networking.k8s.io/v1:Gateway"
 NODE_ACCOUNT = "jetstream-nodes@my-project.iam.gserviceaccount.com"
 
 
@@ -63,6 +64,12 @@ def service(service_type: str = "ClusterIP", annotations: dict | None = None) ->
                      "ports": [{"name": "jetstream-http", "port": 8000.0, "targetPort": 8000.0}]}}
 
 
+def gateway(gateway_class: str) -> dict:
+    return {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway", "metadata": {"name": "jetstream"},
+            "spec": {"gatewayClassName": gateway_class,
+                     "listeners": [{"name": "http", "protocol": "HTTP", "port": 80.0}]}}
+
+
 def policies_violated(type_: str, props: dict, stack: str = "dev", config: dict | None = None) -> set[str]:
     violations = analyze(type_, "resource", props, stack=stack, config=config)
     assert all(violation.mandatory for violation in violations)
@@ -97,6 +104,8 @@ CASES = [
     ("load-balancers-internal", SERVICE,  # GKE's legacy annotation: the same internal load balancer
      service("LoadBalancer", {"cloud.google.com/load-balancer-type": "Internal"}),
      service("LoadBalancer", {"cloud.google.com/load-balancer-type": "External"}), "dev"),
+    ("gateways-internal", GATEWAY, gateway("gke-l7-rilb"), gateway("gke-l7-regional-external-managed"), "dev"),
+    ("gateways-internal", GATEWAY, gateway("gke-l7-rilb"), gateway("some-new-class"), "dev"),  # unknown: not internal
     ("prod-cluster-deletion-protection", CLUSTER,
      {"name": "jetstream", "deletionProtection": True, "removeDefaultNodePool": True},
      {"name": "jetstream", "deletionProtection": False, "removeDefaultNodePool": True}, "prod"),
@@ -165,7 +174,20 @@ def test_the_production_stack_prefixes_are_pack_configuration():
     [policy] = [policy for policy in POLICIES if policy.name == "prod-cluster-deletion-protection"]
     schema = policy.config_schema.properties["productionStackPrefixes"]
     assert schema["type"] == "array" and schema["default"] == ["prod", "platform"]
-    assert all(other.config_schema is None for other in POLICIES if other is not policy)
+    configurable = {"prod-cluster-deletion-protection", "gateways-internal"}
+    assert all(other.config_schema is None for other in POLICIES if other.name not in configurable)
+
+
+def test_an_external_gateway_only_in_the_stacks_the_pack_allows():
+    external = gateway("gke-l7-regional-external-managed")
+    allowed = {"gateways-internal": {"externalGatewayStacks": ["public-demo"]}}
+    assert policies_violated(GATEWAY, external, stack="public-demo", config=allowed) == set()
+    assert policies_violated(GATEWAY, external, stack="public-demo-2", config=allowed) == {"gateways-internal"}
+    assert policies_violated(GATEWAY, external, stack="public-demo") == {"gateways-internal"}  # default: no stack
+    [policy] = [policy for policy in POLICIES if policy.name == "gateways-internal"]
+    assert policy.config_schema.properties["externalGatewayStacks"]["default"] == []
+    [message] = [v.message for v in analyze(GATEWAY, "gw", external, stack="dev")]
+    assert "gke-l7-regional-external-managed" in message and "externalGatewayStacks" in message
 
 
 def test_single_host_tpu_pools_need_no_topology():

@@ -3,6 +3,15 @@
 so existing dashboards and the GKE autoscaling examples (which scale on
 jetstream_prefill_backlog_size and jetstream_slots_used_percentage) work against this server unchanged.
 
+Next to them, the gauges of the Gateway API Inference Extension's model-server protocol
+(kubernetes-sigs/gateway-api-inference-extension docs/proposals/003-model-server-protocol) under
+vLLM's names, which the extension's endpoint picker reads by default: vllm:num_requests_waiting,
+vllm:num_requests_running and vllm:kv_cache_usage_perc (a fraction 0..1, despite the name). They
+read the same live values as JetStream's rows (`MetricSpec.reads`, `scale`), so the two sets never
+disagree. The protocol's optional vllm:cache_config_info (block_size, num_gpu_blocks) is not
+exported: the cache is allocated per decode slot, not in blocks, and without it the picker's
+prefix scorer uses its own configured block size.
+
 Every metric is one row of `METRICS`. Gauges are read live at scrape time from callbacks the
 orchestrator registers (`ServerMetrics.watch`); histograms and counters are recorded as requests
 progress. Each server owns its registry (no process globals), so tests can run several servers in
@@ -45,6 +54,8 @@ class MetricSpec:
     unit: str  # what one unit of the value is; shown in the help text
     per_engine: bool = False  # labelled `idx` (the engine's index), as JetStream does
     buckets: tuple[float, ...] = ()  # histograms only
+    reads: str = ""  # live gauges: the `watch` callback it reads, when not its own key
+    scale: float = 1.0  # live gauges: the callback's value times this, e.g. a percent to a fraction
 
     @property
     def help(self) -> str:
@@ -75,6 +86,16 @@ METRICS: dict[str, MetricSpec] = {
         ("kv_cache_utilization", MetricSpec(
             "kv_cache_utilization_perc", Gauge, "kv-cache utilization by the requests under processing",
             "percent of the cache's token positions, 0 to 100")),
+        # The model-server protocol's gauges (TotalQueuedRequests, TotalRunningRequests, KVCacheUtilization).
+        ("protocol_requests_waiting", MetricSpec(
+            "vllm:num_requests_waiting", Gauge, "Number of requests waiting to be processed",
+            "requests admitted and not yet in a slot", reads="requests_waiting")),
+        ("requests_running", MetricSpec(
+            "vllm:num_requests_running", Gauge, "Number of requests in model execution batches",
+            "requests holding a decode slot")),
+        ("protocol_kv_cache_usage", MetricSpec(
+            "vllm:kv_cache_usage_perc", Gauge, "KV-cache usage. 1 means 100 percent usage",
+            "fraction of the cache's token positions, 0 to 1", reads="kv_cache_utilization", scale=0.01)),
         ("model_load_time", MetricSpec(
             "jetstream_model_load_time", Gauge, "Total time taken to load the model", "seconds")),
         ("startup_latency", MetricSpec(
@@ -129,6 +150,10 @@ def _series(spec: MetricSpec, labels: dict[str, str], registry: CollectorRegistr
     return spec.kind(spec.name, spec.help, list(labels), registry=registry, **extra).labels(**labels)
 
 
+def _scaled(callback: Callable[[], float], scale: float) -> Callable[[], float]:
+    return callback if scale == 1.0 else lambda: callback() * scale
+
+
 class ServerMetrics:
     """The server's metrics. Record with the methods below; expose with `exposition()`."""
 
@@ -147,21 +172,26 @@ class ServerMetrics:
         generate_backlog: Callable[[], float],
         slots_used_percentage: Callable[[], float],
         requests_waiting: Callable[[], float],
+        requests_running: Callable[[], float],
         kv_cache_utilization: Callable[[], float],
     ) -> None:
         """Register callbacks read at every scrape (so values are live, not last-set), each in the
         unit of its row in METRICS: slots_used_percentage a fraction 0..1, kv_cache_utilization a
-        percent 0..100, the backlogs counts."""
+        percent 0..100, the backlogs and requests counts. Rows that `read` another row's callback
+        get its value times their `scale`."""
         callbacks = {
             "prefill_backlog": prefill_backlog,
             "transfer_backlog": transfer_backlog,
             "generate_backlog": generate_backlog,
             "slots_used_percentage": slots_used_percentage,
             "requests_waiting": requests_waiting,
+            "requests_running": requests_running,
             "kv_cache_utilization": kv_cache_utilization,
         }
-        for key, callback in callbacks.items():
-            self._series[key].set_function(callback)
+        for key, spec in METRICS.items():
+            source = spec.reads or key
+            if source in callbacks:
+                self._series[key].set_function(_scaled(callbacks[source], spec.scale))
 
     # -- events -----------------------------------------------------------------------------------
     def startup(self, *, model_load_s: float, total_s: float) -> None:

@@ -207,6 +207,7 @@ class Orchestrator:
             generate_backlog=self._generate_q.qsize,
             slots_used_percentage=lambda: self.slots_used / self.slots,  # a fraction, as JetStream reports it
             requests_waiting=lambda: self._waiting,
+            requests_running=self._requests_running,
             kv_cache_utilization=self._kv_cache_utilization,
         )
 
@@ -574,6 +575,11 @@ class Orchestrator:
             pending = list(self._inflight)
         for item in pending:
             self._finish(item, reason, error)
+
+    def _requests_running(self) -> int:
+        """Requests in a decode slot and not finished (the ones _kv_cache_utilization counts)."""
+        with self._lock:
+            return sum(1 for r in self._inflight if r.inserted_at)
 
     def _kv_cache_utilization(self) -> float:
         with self._lock:

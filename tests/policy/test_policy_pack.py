@@ -22,6 +22,10 @@ from components.core.config import KEYS_BY_NAME  # noqa: E402
 LWS = "kubernetes:leaderworkerset.x-k8s.io/v1:LeaderWorkerSet"
 NODE_POOL = "gcp:container/nodePool:NodePool"
 CLUSTER = "gcp:container/cluster:Cluster"
+GATEWAY = "kubernetes:gateway.networking.k8s.io/v1:Gateway"
+# The example stacks that can route through GKE Inference Gateway (a bundled server's, and its
+# platform's), run with `gateway: internal` too, so the pack also sees every gateway object.
+ROUTED_STACKS = ("dev", "platform")
 
 
 def test_the_packs_own_tests_pass_in_its_virtualenv():
@@ -32,6 +36,11 @@ def test_the_packs_own_tests_pass_in_its_virtualenv():
 @functools.cache
 def recording(stack: str) -> Recording:
     return run_stack(stack_file_config(stack), stack)
+
+
+@functools.cache
+def routed_recording(stack: str) -> Recording:
+    return run_stack({**stack_file_config(stack), "jetstream-tpu:gateway": "internal"}, stack)
 
 
 def as_sent_to_the_pack(recorded: Recording) -> list[dict]:
@@ -45,12 +54,28 @@ def test_every_policy_passes_on_the_example_stacks_own_resources(stack):
     assert violations == [], "\n".join(f"{v['policy']}: {v['urn']}\n  {v['message']}" for v in violations)
 
 
+@pytest.mark.parametrize("stack", ROUTED_STACKS)
+def test_every_policy_passes_on_the_routed_example_stacks_own_resources(stack):
+    violations = violations_of(as_sent_to_the_pack(routed_recording(stack)))
+    assert violations == [], "\n".join(f"{v['policy']}: {v['urn']}\n  {v['message']}" for v in violations)
+
+
 def test_every_policy_judges_some_resource_of_the_example_stacks():
-    """Else the test above would pass for that policy without checking anything."""
-    resources = [resource for stack in EXAMPLE_STACKS for resource in as_sent_to_the_pack(recording(stack))]
+    """Else the tests above would pass for that policy without checking anything."""
+    recordings = [*(recording(stack) for stack in EXAMPLE_STACKS),
+                  *(routed_recording(stack) for stack in ROUTED_STACKS)]
+    resources = [resource for recorded in recordings for resource in as_sent_to_the_pack(recorded)]
     analysis = analysis_of(resources)
     judged = {policy for resource in analysis["resources"] for policy in resource["applicable"]}
     assert judged == set(analysis["policies"])
+
+
+def test_the_pack_catches_a_stacks_gateway_made_external():
+    resources = copy.deepcopy(as_sent_to_the_pack(routed_recording("dev")))
+    gateway = next(resource for resource in resources if resource["type"] == GATEWAY)
+    gateway["inputs"]["spec"]["gatewayClassName"] = "gke-l7-regional-external-managed"
+    caught = [(violation["policy"], violation["urn"]) for violation in violations_of(resources)]
+    assert caught == [("gateways-internal", gateway["urn"])]
 
 
 def test_the_pack_catches_a_stack_resource_made_non_compliant():

@@ -97,7 +97,10 @@ class RecordingMocks(pulumi.runtime.Mocks):
         if args.typ == "kubernetes:core/v1:Service" and args.inputs.get("spec", {}).get("type") == "LoadBalancer":
             outputs["status"] = {"loadBalancer": {"ingress": [{"ip": LOAD_BALANCER_IP, "ipMode": "VIP"}]}}
         if args.typ == "gcp:container/cluster:Cluster":
-            outputs |= {"endpoint": "203.0.113.10", "masterAuth": {"clusterCaCertificate": "Q0EtREFUQQ=="}}
+            outputs |= {"endpoint": "203.0.113.10", "masterAuth": {"clusterCaCertificate": "Q0EtREFUQQ=="},
+                        "network": f"projects/{GCP_PROJECT}/global/networks/default"}
+        if args.typ == GATEWAY:  # GKE gives the Gateway the address of its load balancer's forwarding rule
+            outputs["status"] = {"addresses": [{"type": "IPAddress", "value": GATEWAY_IP}]}
         if args.typ == "gcp:serviceaccount/account:Account":
             email = f"{args.inputs['accountId']}@{GCP_PROJECT}.iam.gserviceaccount.com"
             outputs |= {"email": email, "name": f"projects/{GCP_PROJECT}/serviceAccounts/{email}"}
@@ -120,6 +123,8 @@ class RecordingMocks(pulumi.runtime.Mocks):
 
 
 IMAGE = "docker-build:index:Image"
+GATEWAY = "kubernetes:gateway.networking.k8s.io/v1:Gateway"
+GATEWAY_IP = "10.0.8.9"
 ACCESS_TOKEN = "ya29.test-access-token"
 HF_TOKEN = "hf_test-token"  # the value of every Secret Manager secret under the mocks
 

@@ -89,3 +89,19 @@ def bundled_example(stack: str, checkpoint_file: str = "model.npz") -> tuple[Sta
     raw, project = bundled_raw(stack, checkpoint_file)
     cfg = parse_stack_config(raw, project=project, stack=stack)
     return cfg, plan_deployment(cfg)
+
+
+# The gateway's objects, by kind: the upstream CRD schemas (tests/stack/schemas/gateway-crds.source.md).
+GATEWAY_SCHEMAS = {
+    "Gateway": "gateway-crd-v1.3.0.schema.json",
+    "HTTPRoute": "httproute-crd-v1.3.0.schema.json",
+    "InferencePool": "inferencepool-crd-v1.3.0.schema.json",
+    "HealthCheckPolicy": "healthcheckpolicy-crd-gke-v1.schema.json",
+    "GCPBackendPolicy": "gcpbackendpolicy-crd-gke-v1.schema.json",
+}
+
+
+@functools.cache
+def crd_validator(kind: str) -> jsonschema.protocols.Validator:
+    """The CRD schema of one of GATEWAY_SCHEMAS' kinds, unknown fields refused."""
+    return _validator(json.loads((ROOT / "tests" / "stack" / "schemas" / GATEWAY_SCHEMAS[kind]).read_text()))

@@ -155,7 +155,8 @@ def test_scale_target_is_the_lws_api():
 def test_both_metrics_are_gauges_of_the_bundled_server():
     metrics = ServerMetrics(model_name="smollm2-135m")
     metrics.watch(prefill_backlog=lambda: 7, transfer_backlog=lambda: 0, generate_backlog=lambda: 0,
-                  slots_used_percentage=lambda: 0.25, requests_waiting=lambda: 7, kv_cache_utilization=lambda: 0)
+                  slots_used_percentage=lambda: 0.25, requests_waiting=lambda: 7, requests_running=lambda: 1,
+                  kv_cache_utilization=lambda: 0)
     families = {family.name: family for family in text_string_to_metric_families(metrics.exposition().decode())}
     for metric in METRICS.values():
         assert families[metric.prometheus_name].type == "gauge"

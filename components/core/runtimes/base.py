@@ -27,6 +27,7 @@ from components.core import lws_model as lws
 from components.core.autoscaling import MetricsEndpoint, ScalingMetric
 from components.core.runtimes.gcs_fuse import GCS_SCHEME
 from components.core.server_secrets import SecretEnv
+from serving.protocol import HEALTH_PATH
 
 if TYPE_CHECKING:  # the config and the planner import this module; these names are types only
     from components.core.config import StackConfig
@@ -71,6 +72,7 @@ class ServerRuntime(abc.ABC):
     serves_grpc: ClassVar[bool]  # JetStream's gRPC Orchestrator service on ports.GRPC_PORT
     serves_openai: ClassVar[bool]  # the OpenAI API under /v1 on the HTTP port
     api_key_env: ClassVar[str | None] = None  # where the server reads the key clients must send; None: it has none
+    health_path: ClassVar[str] = HEALTH_PATH  # the leader's readiness path on the HTTP port (load balancer health checks)
     scaling_metrics: ClassVar[Mapping[str, ScalingMetric]]  # autoscalingMetric value -> its gauge
 
     @property

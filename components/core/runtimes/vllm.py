@@ -256,6 +256,7 @@ class VllmRuntime(ServerRuntime):
     serves_grpc = False
     serves_openai = True
     api_key_env = "VLLM_API_KEY"  # vLLM's api_server checks it when --api-key is not given
+    health_path = HEALTH_PATH
     scaling_metrics = METRICS
 
     def validate(self, cfg: StackConfig) -> None:
