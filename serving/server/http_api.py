@@ -40,7 +40,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from serving.engine_api import SamplingParams
+from serving.engine_api import ChatTemplateError, SamplingParams
 from serving.server.orchestrator import Orchestrator
 from serving.server.requests import (
     Finish,
@@ -515,7 +515,10 @@ def create_app(orchestrator: Orchestrator, *, model_name: str) -> fastapi.FastAP
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, request: fastapi.Request):
-        prompt = orchestrator.tokenizer.apply_chat_template([m.for_template() for m in body.messages])
+        try:
+            prompt = tuple(orchestrator.tokenizer.encode_chat([m.for_template() for m in body.messages]))
+        except ChatTemplateError as exc:
+            return _submit_error(RequestError("messages", str(exc)), {})
         rename = {"prompt": "messages"}
         if body.max_completion_tokens is not None:  # OpenAI's newer name wins; errors name it
             max_tokens, rename["max_tokens"] = body.max_completion_tokens, "max_completion_tokens"
