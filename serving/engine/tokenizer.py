@@ -187,11 +187,33 @@ def _add_config_tokens(tok: Tokenizer, config: Mapping) -> None:
             tok.add_tokens([AddedToken(entry["content"], **options)])
 
 
+SENTENCEPIECE_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
+
+
+def _spm_decoder(prefix_space: bool) -> decoders.Decoder:
+    strip = [decoders.Strip(" ", 1, 0)] * prefix_space
+    return decoders.Sequence([decoders.Replace(SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse(), *strip])
+
+
+def _apply_llama_tokenizer_class(tok: Tokenizer, config: Mapping) -> None:
+    """transformers' LlamaTokenizer (Llama 2, Mistral) keeps only tokenizer.json's vocabulary, merges and
+    post-processor: it splits with Metaspace, putting U+2581 before the first piece only (or before every
+    piece after a special token when tokenizer_config.json says `legacy: true`), whatever normalizer the
+    file has. Rebuild the same so prompts equal transformers' on old Hub files too."""
+    prefix_space = config.get("add_prefix_space")
+    prefix_space = True if prefix_space is None else prefix_space
+    scheme = ("always" if config.get("legacy", False) else "first") if prefix_space else "never"
+    tok.normalizer = None
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPM_SPACE, prepend_scheme=scheme, split=False)
+    tok.decoder = _spm_decoder(prefix_space)
+
+
 def tokenizer_from_hf_dir(path: Path) -> HFTokenizer:
     """The tokenizer of a Hugging Face checkpoint directory.
 
     BOS/EOS come from tokenizer.json's post-processor, as transformers uses it when tokenizer.json exists
-    (it then ignores tokenizer_config.json's add_bos_token). A generation ends on EOS, on every id of
+    (it then ignores tokenizer_config.json's add_bos_token). The normalizer, pre-tokenizer and decoder are
+    the file's, except for the LlamaTokenizer class, which transformers rebuilds (see below). A generation ends on EOS, on every id of
     generation_config.json's `eos_token_id` (an int or a list) and on the end-of-turn tokens.
     """
     path = Path(path)
@@ -200,6 +222,8 @@ def tokenizer_from_hf_dir(path: Path) -> HFTokenizer:
         raise FileNotFoundError(f"{path} has no tokenizer.json (the Hugging Face fast-tokenizer file this server reads)")
     tok = Tokenizer.from_file(str(tokenizer_file))
     config = _read_json(path / "tokenizer_config.json")
+    if config.get("tokenizer_class") in SENTENCEPIECE_CLASSES:
+        _apply_llama_tokenizer_class(tok, config)
     _add_config_tokens(tok, config)
     special = {name: _token_content(config[name]) for name in TEMPLATE_SPECIAL_TOKENS if config.get(name)}
     vocab = tok.get_vocab(with_added_tokens=True)
@@ -269,8 +293,7 @@ def _sentencepiece_bpe(reader: gguf.GGUFReader, tokens: Sequence[str], types: Se
     space = [normalizers.Replace(" ", SPM_SPACE)]
     prefix_space = _field(reader, "tokenizer.ggml.add_space_prefix", True)
     tok.normalizer = normalizers.Sequence([normalizers.Prepend(SPM_SPACE)] * prefix_space + space)
-    strip = [decoders.Strip(" ", 1, 0)] * prefix_space
-    tok.decoder = decoders.Sequence([decoders.Replace(SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse(), *strip])
+    tok.decoder = _spm_decoder(prefix_space)
     return tok
 
 
