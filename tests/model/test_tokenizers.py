@@ -19,7 +19,12 @@ from tokenizer_cases import (
     write_hf_dir,
 )
 
-from serving.engine.tokenizer import PRE_TOKENIZERS, HFTokenizer, tokenizer_from_gguf, tokenizer_from_hf_dir
+from serving.engine.tokenizer import (
+    PRE_TOKENIZERS,
+    HFTokenizer,
+    tokenizer_from_gguf,
+    tokenizer_from_hf_dir,
+)
 
 # Every accepted vocabulary kind has a llama.cpp test file here: SentencePiece (llama-spm, Llama 2 and
 # Mistral), Llama 3's pre-tokenizer, Qwen 2's, GPT-2's, and digits-then-GPT-2 (starcoder, which llama.cpp
