@@ -19,6 +19,7 @@ from tokenizer_cases import (
     write_hf_dir,
 )
 
+from serving.engine.loaders import gguf_loader
 from serving.engine.tokenizer import (
     PRE_TOKENIZERS,
     HFTokenizer,
@@ -164,3 +165,19 @@ def test_serialization_keeps_bos_and_special_tokens():
     copy = HFTokenizer.from_json(source.to_json(), source.eos_ids, "{{ bos_token }}", source.special_tokens)
     assert copy.encode_prompt("Hello") == source.encode_prompt("Hello") == [1, 15043]
     assert copy.apply_chat_template([]) == "<s>"
+
+
+def test_bundled_smollm_vocabulary_matches_transformers():
+    """The smollm pre-tokenizer on the bundled SmolLM2 file, over llama.cpp's test inputs, against
+    transformers reading the same GGUF. One line differs, and llama.cpp sides with us: transformers'
+    GGUF reader has no smollm split and keeps GPT-2's ` ?\\p{N}+`, so " ½" stays one piece, while llama.cpp
+    (and SmolLM2's own tokenizer.json, Digits(individual_digits)) isolate every \\p{N} character first;
+    the same regexes pass llama.cpp's starcoder file above."""
+    path = gguf_loader.bundled_gguf_path()
+    ours = tokenizer_from_gguf(gguf.GGUFReader(path))
+    reference = transformers_tokenizer(path.parent, gguf_file=path.name)
+    texts = [text for text, _ in llama_cpp_cases("gpt-2")]
+    failed = [text for text in texts if ours.encode(text) != reference.encode(text, add_special_tokens=False)]
+    print(f"smollm (bundled SmolLM2): {len(texts) - len(failed)}/{len(texts)} lines match transformers")
+    assert failed == ["ied 4 \u00bd months"]
+    assert ours.encode("ied 4 \u00bd months") == [885, 216, 36, 216, 16738, 2704]  # ied, " ", 4, " ", ½, " months"

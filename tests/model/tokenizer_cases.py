@@ -72,12 +72,13 @@ def write_hf_dir(path: Path, tokenizer: HFTokenizer, config: dict, generation_eo
     return path
 
 
-def transformers_tokenizer(path: Path):
-    """transformers' own tokenizer for a directory: the reference the tests compare against."""
+def transformers_tokenizer(path: Path, **kwargs):
+    """transformers' own tokenizer for a directory (or a GGUF file in it): the reference the tests compare
+    against. transformers is a test requirement: missing, it fails these tests, never skips them."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
 
-    return transformers.AutoTokenizer.from_pretrained(path)
+    return transformers.AutoTokenizer.from_pretrained(path, **kwargs)
 
 
 def transformers_prompt_ids(hf_tokenizer, text: str) -> list[int]:
