@@ -70,8 +70,8 @@ PRE_TOKENIZERS: dict[str, PreTokenizer] = {
     "gpt-2": PreTokenizer((_GPT2_SPLIT,)),
 }
 
-# tokenizer.ggml.token_type values (llama.cpp's llama_token_type).
-TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
+# tokenizer.ggml.token_type values used here (llama.cpp's llama_token_type).
+TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 3, 4
 SPM_SPACE = "\u2581"
 
 
@@ -128,17 +128,20 @@ class HFTokenizer:
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]]) -> str:
         if self._chat is None:
-            raise ChatTemplateError("this model has no chat template; use /v1/completions with a prompt")
+            raise ChatTemplateError(
+                "this model has no chat template (none in tokenizer_config.json, chat_template.jinja or the "
+                "GGUF's tokenizer.chat_template)"
+            )
         return self._chat.render(messages)
 
 
 def _post_processor_ids(tok: Tokenizer) -> tuple[list[int], list[int]]:
     """The ids the post-processor puts before and after a text (BOS, EOS), read off a probe encoding."""
-    encoding = tok.encode("a", add_special_tokens=True)
-    mask, ids = encoding.special_tokens_mask, encoding.ids
-    lead = next((i for i, m in enumerate(mask) if not m), len(mask))
-    trail = next((i for i, m in enumerate(reversed(mask)) if not m), len(mask))
-    return ids[:lead], ids[len(ids) - trail :]
+    with_special = tok.encode("a", add_special_tokens=True)
+    plain = len(tok.encode("a", add_special_tokens=False).ids)
+    mask, ids = with_special.special_tokens_mask, with_special.ids
+    lead = next((i for i, special in enumerate(mask) if not special), len(mask) - plain)
+    return ids[:lead], ids[lead + plain :]
 
 
 def _bos_eos_processor(bos: str | None, eos: str | None, vocab: Mapping[str, int]) -> processors.TemplateProcessing:
@@ -152,6 +155,11 @@ def generation_end_ids(vocab: Mapping[str, int], declared: Sequence[int | None])
     """EOS and the other declared ends (EOT, EOM, generation_config's list) plus end-of-turn tokens by text."""
     ids = {int(i) for i in declared if i is not None}
     return sorted(ids | {vocab[text] for text in END_OF_TURN_TEXTS if text in vocab})
+
+
+def _spm_decoder(prefix_space: bool) -> decoders.Decoder:
+    strip = [decoders.Strip(" ", 1, 0)] * prefix_space
+    return decoders.Sequence([decoders.Replace(SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse(), *strip])
 
 
 # -- Hugging Face checkpoint directories ------------------------------------------------------------
@@ -188,11 +196,6 @@ def _add_config_tokens(tok: Tokenizer, config: Mapping) -> None:
 
 
 SENTENCEPIECE_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
-
-
-def _spm_decoder(prefix_space: bool) -> decoders.Decoder:
-    strip = [decoders.Strip(" ", 1, 0)] * prefix_space
-    return decoders.Sequence([decoders.Replace(SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse(), *strip])
 
 
 def _apply_llama_tokenizer_class(tok: Tokenizer, config: Mapping) -> None:
