@@ -35,6 +35,9 @@ from serving.engine_api import ChatTemplateError
 # (Llama 3's <|eot_id|> and <|eom_id|>, ChatML's <|im_end|>, ...): a generation stops on them.
 END_OF_TURN_TEXTS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|endoftext|>", "<|end_of_text|>", "<|end|>")
 
+# tokenizer_config.json classes whose splitting transformers rebuilds from `legacy` (Llama 2, Mistral 7B).
+SENTENCEPIECE_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
+
 # The named special tokens transformers passes to a chat template (`SPECIAL_TOKENS_ATTRIBUTES`).
 TEMPLATE_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
@@ -195,9 +198,6 @@ def _add_config_tokens(tok: Tokenizer, config: Mapping) -> None:
             tok.add_tokens([AddedToken(entry["content"], **options)])
 
 
-SENTENCEPIECE_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
-
-
 def _apply_llama_tokenizer_class(tok: Tokenizer, config: Mapping) -> None:
     """transformers' LlamaTokenizer (Llama 2, Mistral) keeps only tokenizer.json's vocabulary, merges and
     post-processor: it splits with Metaspace, putting U+2581 before the first piece only (or before every
@@ -216,13 +216,14 @@ def tokenizer_from_hf_dir(path: Path) -> HFTokenizer:
 
     BOS/EOS come from tokenizer.json's post-processor, as transformers uses it when tokenizer.json exists
     (it then ignores tokenizer_config.json's add_bos_token). The normalizer, pre-tokenizer and decoder are
-    the file's, except for the LlamaTokenizer class, which transformers rebuilds (see below). A generation ends on EOS, on every id of
-    generation_config.json's `eos_token_id` (an int or a list) and on the end-of-turn tokens.
+    the file's, except for the LlamaTokenizer class, which transformers rebuilds (`_apply_llama_tokenizer_class`).
+    A generation ends on EOS, on every id of generation_config.json's `eos_token_id` (an int or a list) and
+    on the end-of-turn tokens.
     """
     path = Path(path)
     tokenizer_file = path / "tokenizer.json"
     if not tokenizer_file.is_file():
-        raise FileNotFoundError(f"{path} has no tokenizer.json (the Hugging Face fast-tokenizer file this server reads)")
+        raise FileNotFoundError(f"{path} has no tokenizer.json (the Hugging Face tokenizer file this server reads)")
     tok = Tokenizer.from_file(str(tokenizer_file))
     config = _read_json(path / "tokenizer_config.json")
     if config.get("tokenizer_class") in SENTENCEPIECE_CLASSES:
@@ -259,7 +260,8 @@ def _byte_level_bpe(reader: gguf.GGUFReader, tokens: Sequence[str], pre: PreToke
     merges = [tuple(merge.split(" ", 1)) for merge in _field(reader, "tokenizer.ggml.merges", [])]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, ignore_merges=pre.ignore_merges))
     splits = [pre_tokenizers.Split(Regex(pattern), behavior="isolated") for pattern in pre.splits]
-    tok.pre_tokenizer = pre_tokenizers.Sequence([*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([*splits, byte_level])
     tok.decoder = decoders.ByteLevel()
     return tok
 
@@ -355,7 +357,8 @@ def tokenizer_from_gguf(reader: gguf.GGUFReader) -> HFTokenizer:
 # -- the tiny random-weight test model -----------------------------------------------------------------
 
 CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 

@@ -62,7 +62,8 @@ def test_bos_written_by_the_template_is_not_doubled():
 
 
 def test_raise_exception_names_the_problem():
-    chat = ChatTemplate("{% if messages[0].role != 'user' %}{{ raise_exception('first role must be user') }}{% endif %}", {})
+    source = "{% if messages[0].role != 'user' %}{{ raise_exception('first role must be user') }}{% endif %}"
+    chat = ChatTemplate(source, {})
     with pytest.raises(ChatTemplateError, match="first role must be user"):
         chat.render([{"role": "assistant", "content": "x"}])
 
