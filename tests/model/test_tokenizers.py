@@ -155,6 +155,16 @@ def test_hf_dir_llama_tokenizer_class_splits_as_transformers(tmp_path, legacy):
         assert ours.encode_chat(messages) == transformers_chat_ids(reference, messages)
 
 
+def test_hf_dir_adds_tokens_only_tokenizer_config_declares(tmp_path):
+    declared = {"32000": {"content": "<|tool|>", "special": True, "normalized": False, "lstrip": False,
+                          "rstrip": False, "single_word": False}}
+    path = write_hf_dir(tmp_path, gguf_tokenizer("llama-spm"), {"added_tokens_decoder": declared})
+    ours, reference = tokenizer_from_hf_dir(path), transformers_tokenizer(path)
+    text = "call<|tool|> now"
+    assert ours.encode_prompt(text) == transformers_prompt_ids(reference, text)
+    assert 32000 in ours.encode(text) and ours.vocab_size == 32001
+
+
 def test_hf_dir_without_tokenizer_json_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         tokenizer_from_hf_dir(tmp_path)
