@@ -74,6 +74,11 @@ def test_template_environment_matches_transformers():
     assert rendered == '[{"role": "user", "content": "<b>&é"}]|4|<s>|True'  # None keys dropped, no HTML escapes
 
 
+def test_generation_block_renders_its_body():
+    source = "{% for m in messages %}{% generation %}{{ m.content }}{% endgeneration %}{% endfor %}"
+    assert ChatTemplate(source, {}).render([{"role": "assistant", "content": "kept"}]) == "kept"
+
+
 def test_sandbox_refuses_unsafe_access():
     chat = ChatTemplate("{{ messages.__class__.__mro__ }}", {})
     with pytest.raises(ChatTemplateError):
