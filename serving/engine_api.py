@@ -12,7 +12,7 @@ holds three opaque pytrees that the orchestrator passes around without looking i
 Flow for one request (interleaved mode: one engine does both; disaggregated mode: a prefill engine
 and a generate engine on disjoint meshes, with `transfer` moving the Prefix between them):
 
-  tokens = tokenizer.encode(prompt)
+  tokens = tokenizer.encode_prompt(prompt)   # or tokenizer.encode_chat(messages)
   prefix, first = prefill_engine.prefill(params=p, tokens=tokens, sampling=s)   # first token
   prefix = generate_engine.transfer(prefix)                                     # no-op if same mesh
   state = generate_engine.insert(prefix, state, slot=i)
@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, Protocol, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -72,12 +73,18 @@ class StepTokens(Protocol):
     def to_host(self) -> np.ndarray: ...
 
 
+class ChatTemplateError(ValueError):
+    """A chat template could not render the messages, or the model has none; the message says which
+    (the HTTP server answers 400 with it)."""
+
+
 class Tokenizer(Protocol):
     """Text <-> token ids for one model. Implementations live next to the model loaders."""
 
     @property
     def eos_ids(self) -> frozenset[int]:
-        """Ids that end a generation (EOS and the chat end-of-turn token, e.g. <|im_end|>)."""
+        """Ids that end a generation (EOS, end-of-turn tokens such as <|eot_id|> or <|im_end|>, and
+        generation_config.json's eos_token_id list)."""
         ...
 
     @property
@@ -93,12 +100,23 @@ class Tokenizer(Protocol):
         ...
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text` as given: no BOS added, no chat template."""
+        """Token ids of `text` as given: special tokens in it parsed as such, no BOS added, no template."""
+        ...
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """What transformers' `tokenizer(text)` gives: BOS (and EOS) as the tokenizer's configuration
+        says, special tokens in the text parsed as such; BOS is not added again if the text starts with it."""
+        ...
+
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+        """The chat template rendered with add_generation_prompt=True and encoded without adding BOS
+        again, as transformers' `apply_chat_template(messages, add_generation_prompt=True, tokenize=True)`.
+        Raises ChatTemplateError if the template fails or the model has none."""
         ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
-    def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> str:
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]]) -> str:
         """The model's chat template over [{"role", "content"}], ending with the assistant prompt."""
         ...
 

@@ -51,7 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
 
-from serving.engine_api import SamplingParams
+from serving.engine_api import ChatTemplateError, SamplingParams
 from serving.server import openai_errors
 from serving.server.auth import ApiKey, protect_app
 from serving.server.orchestrator import Orchestrator
@@ -609,7 +609,10 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, request: fastapi.Request):
-        prompt = orchestrator.tokenizer.apply_chat_template([m.for_template() for m in body.messages])
+        try:
+            prompt = tuple(orchestrator.tokenizer.encode_chat([m.for_template() for m in body.messages]))
+        except ChatTemplateError as exc:
+            return _submit_error(RequestError("messages", str(exc)), {})
         rename = {"prompt": "messages"}
         if body.max_completion_tokens is not None:  # OpenAI's newer name wins; errors name it
             max_tokens, rename["max_tokens"] = body.max_completion_tokens, "max_completion_tokens"

@@ -319,7 +319,7 @@ class Orchestrator:
 
     def _prompt_tokens(self, prompt: str | tuple[int, ...]) -> list[int]:
         if isinstance(prompt, str):
-            tokens = list(self.tokenizer.encode(prompt))
+            tokens = list(self.tokenizer.encode_prompt(prompt))
         else:
             tokens = list(prompt)
             vocab = self.tokenizer.vocab_size

