@@ -26,7 +26,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from serving.engine.loaders.gguf_loader import bundled_gguf_path, read_config, read_tokenizer  # noqa: E402
+from serving.engine.loaders.gguf_loader import bundled_gguf_path  # noqa: E402
+from serving.engine.tokenizer import tokenizer_from_gguf  # noqa: E402
 from serving.server.structured import GrammarCompiler, parse_response_format, unconstrained_bitmask  # noqa: E402
 
 SCHEMAS = {
@@ -69,7 +70,7 @@ SCHEMAS = {
 
 def load_vocab(path: Path):
     reader = gguf.GGUFReader(str(path))
-    return read_tokenizer(reader, read_config(reader).eos_id)
+    return tokenizer_from_gguf(reader)
 
 
 class LLGuidance:
