@@ -41,7 +41,6 @@ import numpy as np
 from serving import engine_api
 from serving.engine import model, sharding
 from serving.engine.config import ModelConfig
-from serving.engine_api import SamplingParams
 from serving.engine.loaders import load_checkpoint
 from serving.engine.model import ArrayInfo, KVCache
 from serving.engine.sampling import (
@@ -54,6 +53,7 @@ from serving.engine.sampling import (
     sample,
     token_logprobs,
 )
+from serving.engine_api import SamplingParams
 
 MIN_BUCKET = 16
 
@@ -352,7 +352,7 @@ class JaxEngine(engine_api.Engine):
             )
             logprobs = None
             if with_logprobs:
-                pad = lambda a: jnp.zeros((self._batch,) + a.shape[1:], a.dtype).at[:rows].set(a)  # noqa: E731
+                pad = lambda a: jnp.zeros((self._batch,) + a.shape[1:], a.dtype).at[:rows].set(a)
                 logprobs = jax.tree.map(pad, token_logprobs(logits, new))
             return new_state, (tokens, logprobs)
 

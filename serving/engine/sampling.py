@@ -42,7 +42,7 @@ class Sampling:
     bias_values: jax.Array  # f32 [M]
 
     @classmethod
-    def host(cls, params: SamplingParams) -> "Sampling":
+    def host(cls, params: SamplingParams) -> Sampling:
         """Numpy values for one request (placed on device by the engine)."""
         bias_ids = np.zeros((MAX_LOGIT_BIAS,), np.int32)
         bias_values = np.zeros((MAX_LOGIT_BIAS,), np.float32)

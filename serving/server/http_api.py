@@ -16,8 +16,10 @@ Generation is greedy unless the request asks for sampling (temperature > 0), on 
 in GenerateBody are accepted and ignored). The OpenAI endpoints take what OpenAI clients send:
 unknown fields are ignored with a logged warning (as vLLM does), null means "not set", `stop`
 strings end the text early (the request completes there and frees its slot), `ignore_eos`, `seed`,
-`stream_options.include_usage`; fields asking for what this server cannot do (n > 1, logprobs,
-penalties, logit_bias, echo, ...) are a 400 naming the field (see _UNSUPPORTED).
+`stream_options.include_usage`, OpenAI's penalties and `logit_bias` and vLLM's
+`repetition_penalty`, log probabilities (`logprobs`; chat: `logprobs` + `top_logprobs`) and
+`echo`; fields asking for what this server cannot do (n > 1, suffix, ...) are a 400 naming the
+field (see _UNSUPPORTED).
 """
 
 from __future__ import annotations
@@ -40,7 +42,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from serving.engine_api import SamplingParams
+from serving.engine_api import (
+    LOGIT_BIAS_RANGE,
+    MAX_LOGIT_BIAS,
+    MAX_TOP_LOGPROBS,
+    PENALTY_RANGE,
+    SamplingParams,
+    Tokenizer,
+)
 from serving.server.orchestrator import Orchestrator
 from serving.server.requests import (
     Finish,
@@ -50,6 +59,7 @@ from serving.server.requests import (
     RequestError,
     ResultStream,
     StopStrings,
+    TokenLogprob,
 )
 
 log = logging.getLogger(__name__)
@@ -69,6 +79,8 @@ class _Body(BaseModel):
 # Above this a softmax over logits/temperature is uniform to float32 precision: a larger value is a
 # client mistake, not a sharper request.
 MAX_TEMPERATURE = 100.0
+# OpenAI's bound on completions' `logprobs` (chat's `top_logprobs` goes to MAX_TOP_LOGPROBS).
+MAX_COMPLETION_LOGPROBS = 5
 # vLLM's (and older OpenAI-compatible servers') way of saying "no top-k filter"; ours is 0.
 TOP_K_OFF_ALIASES = (-1,)
 SEED_RANGE = 2**31
@@ -132,9 +144,43 @@ class _OpenAIBody(_OpenAIModel, _Sampling):
     stop: str | list[str] = Field(default_factory=list)
     ignore_eos: bool = False  # keep generating through end-of-sequence tokens, up to max_tokens
     n: int = 1
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] = Field(default_factory=dict)
+    presence_penalty: float = Field(0.0, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])
+    frequency_penalty: float = Field(0.0, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])
+    repetition_penalty: float = Field(1.0, gt=0.0)  # vLLM's; 1 = off
+    # token id (a string in JSON) -> value added to its logit
+    logit_bias: dict[str, float] = Field(default_factory=dict, max_length=MAX_LOGIT_BIAS)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias_ids_and_values(cls, bias: dict[str, float]) -> dict[str, float]:
+        low, high = LOGIT_BIAS_RANGE
+        for key, value in bias.items():
+            if not (key.isascii() and key.isdigit()):
+                raise PydanticCustomError("logit_bias_key", f"keys must be token ids (non-negative integers), got {key!r}")
+            if not low <= value <= high:
+                raise PydanticCustomError("logit_bias_value", f"values must be in [{low}, {high}], got {value} for {key}")
+        return bias
+
+    def sampling(self) -> SamplingParams:
+        return dataclasses.replace(
+            super().sampling(),
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            logit_bias=tuple((int(key), value) for key, value in self.logit_bias.items()),
+            logprobs=self.top_logprobs_count,
+            prompt_logprobs=self.echo_logprobs,
+        )
+
+    @property
+    def top_logprobs_count(self) -> int | None:
+        """How many top log probabilities each token gets; None: no log probabilities at all."""
+        return None
+
+    @property
+    def echo_logprobs(self) -> bool:
+        """Whether the prompt's own log probabilities are returned too (completions' echo)."""
+        return False
 
     @field_validator("stop")
     @classmethod
@@ -154,10 +200,18 @@ class _OpenAIBody(_OpenAIModel, _Sampling):
 class CompletionBody(_OpenAIBody):
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int = 16  # OpenAI's default
-    echo: bool = False
+    echo: bool = False  # the prompt before the completion (and its log probabilities, with logprobs)
     best_of: int = 1
     suffix: str = ""
-    logprobs: int | None = None  # completions: how many top log probabilities per token
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)  # top log probabilities per token
+
+    @property
+    def top_logprobs_count(self) -> int | None:
+        return self.logprobs
+
+    @property
+    def echo_logprobs(self) -> bool:
+        return self.echo and self.logprobs is not None
 
     def single_prompt(self) -> str | tuple[int, ...]:
         """The one prompt: text, token ids, or a batch of one of either."""
@@ -190,7 +244,11 @@ class ChatBody(_OpenAIBody):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False  # chat: whether to return log probabilities
-    top_logprobs: int = 0
+    top_logprobs: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @property
+    def top_logprobs_count(self) -> int | None:
+        return self.top_logprobs if self.logprobs else None
     response_format: _ResponseFormat | None = None
     tools: list[dict[str, Any]] = Field(default_factory=list)
 
@@ -200,13 +258,7 @@ class ChatBody(_OpenAIBody):
 _UNSUPPORTED: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("n", lambda n: n == 1, "only n=1 is supported (one choice per request)"),
     ("best_of", lambda v: v == 1, "only best_of=1 is supported"),
-    ("echo", lambda v: not v, "echo is not supported"),
     ("suffix", lambda v: not v, "suffix is not supported"),
-    ("logprobs", lambda v: v is None or v is False, "log probabilities are not supported; leave logprobs out"),
-    ("top_logprobs", lambda v: v == 0, "log probabilities are not supported; leave top_logprobs out"),
-    ("presence_penalty", lambda v: v == 0, "presence_penalty is not supported; send 0 or leave it out"),
-    ("frequency_penalty", lambda v: v == 0, "frequency_penalty is not supported; send 0 or leave it out"),
-    ("logit_bias", lambda v: not v, "logit_bias is not supported"),
     ("response_format", lambda v: v is None or v.type == "text", "only response_format type 'text' is supported"),
     ("tools", lambda v: not v, "tool calling is not supported"),
 )
@@ -219,6 +271,10 @@ def _check_supported(body: _OpenAIBody) -> None:
             raise RequestError(name, reason)
     if body.stream_options is not None and not body.stream:
         raise RequestError("stream_options", "only allowed when stream is true")
+    if isinstance(body, ChatBody) and body.top_logprobs and not body.logprobs:
+        raise RequestError("top_logprobs", "needs logprobs: true")
+    if isinstance(body, CompletionBody) and body.max_tokens == 0 and not body.echo_logprobs:
+        raise RequestError("max_tokens", "0 is allowed only with echo and logprobs (the prompt's log probabilities)")
 
 
 def _ignored_fields(model: BaseModel, prefix: str = "") -> list[str]:
@@ -292,13 +348,21 @@ class _Text:
         self._stream = stream
         self._stops = StopStrings(stops) if stops else None
         self._tokens = 0
+        self._logprobs: list[TokenLogprob] = []  # of the tokens read since the last take_logprobs()
         self.finish: Finish | None = None
+
+    def take_logprobs(self) -> list[TokenLogprob]:
+        """Log probabilities of the tokens read since the last call (with a stop string, up to the
+        token that completed it), when the request asked for them."""
+        taken, self._logprobs = self._logprobs, []
+        return taken
 
     async def pieces(self) -> AsyncIterator[str]:
         """Non-empty pieces of text, in order."""
         try:
             async for delta in self._stream:
                 self._tokens += len(delta.token_ids)
+                self._logprobs.extend(delta.logprobs)
                 text, stopped = self._stops.feed(delta.text) if self._stops else (delta.text, False)
                 if text:
                     yield text
@@ -360,13 +424,49 @@ def _sse(payload: dict[str, Any] | str) -> str:
 
 
 # -- OpenAI formats ------------------------------------------------------------------------------
+class _Logprobs:
+    """Log probabilities in OpenAI's shapes, token strings decoded one token at a time (a token
+    holding part of a UTF-8 character reads as U+FFFD). Completions' `text_offset` counts from the
+    start of the returned text (the echoed prompt included) across a stream's chunks."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tokenizer = tokenizer
+        self._offset = 0
+
+    def _text(self, token: int) -> str:
+        return self._tokenizer.decode([token])
+
+    def completion(self, entries: Sequence[TokenLogprob]) -> dict[str, list]:
+        tokens = [self._text(e.token) for e in entries]
+        offsets = []
+        for text in tokens:
+            offsets.append(self._offset)
+            self._offset += len(text)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [
+                None if e.logprob is None else {self._text(t): lp for t, lp in e.top} for e in entries
+            ],
+            "text_offset": offsets,
+        }
+
+    def chat(self, entries: Sequence[TokenLogprob]) -> dict[str, list]:
+        def one(token: int, logprob: float) -> dict:
+            text = self._text(token)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        return {"content": [{**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]} for e in entries]}
+
+
 @dataclasses.dataclass(frozen=True)
 class _OpenAIFormat:
     object: str
     chunk_object: str
     id_prefix: str
-    choice: Callable[[str, str | None], dict]  # a whole response's choice: (text, finish_reason)
-    chunk_choice: Callable[[str, str | None], dict]  # a streamed chunk's choice
+    choice: Callable[[str, str | None, dict | None], dict]  # a whole response's: (text, finish_reason, logprobs)
+    chunk_choice: Callable[[str, str | None, dict | None], dict]  # a streamed chunk's
+    logprobs: Callable[[_Logprobs, Sequence[TokenLogprob]], dict]  # entries in this API's shape
     opening_choice: dict | None = None  # sent before the first piece of text
 
 
@@ -374,51 +474,79 @@ COMPLETION = _OpenAIFormat(
     object="text_completion",
     chunk_object="text_completion",
     id_prefix="cmpl",
-    choice=lambda text, reason: {"index": 0, "text": text, "logprobs": None, "finish_reason": reason},
-    chunk_choice=lambda text, reason: {"index": 0, "text": text, "logprobs": None, "finish_reason": reason},
+    choice=lambda text, reason, lp: {"index": 0, "text": text, "logprobs": lp, "finish_reason": reason},
+    chunk_choice=lambda text, reason, lp: {"index": 0, "text": text, "logprobs": lp, "finish_reason": reason},
+    logprobs=_Logprobs.completion,
 )
 CHAT = _OpenAIFormat(
     object="chat.completion",
     chunk_object="chat.completion.chunk",
     id_prefix="chatcmpl",
-    choice=lambda text, reason: {
+    choice=lambda text, reason, lp: {
         "index": 0,
         "message": {"role": "assistant", "content": text},
+        "logprobs": lp,
         "finish_reason": reason,
     },
-    chunk_choice=lambda text, reason: {
+    chunk_choice=lambda text, reason, lp: {
         "index": 0,
         "delta": {"content": text} if text else {},
+        "logprobs": lp,
         "finish_reason": reason,
     },
-    opening_choice={"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None},
+    logprobs=_Logprobs.chat,
+    opening_choice={"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None},
 )
 
 
 async def _openai_response(
-    fmt: _OpenAIFormat, body: _OpenAIBody, stream: ResultStream, request: fastapi.Request, model: str
+    fmt: _OpenAIFormat,
+    body: _OpenAIBody,
+    stream: ResultStream,
+    request: fastapi.Request,
+    model: str,
+    tokenizer: Tokenizer,
+    echo: str = "",
 ):
     """Whole, with usage; or streamed as server-sent events ending in [DONE]. Streamed usage:
     with stream_options.include_usage, as OpenAI: `"usage": null` on every chunk, then one more
     chunk before [DONE] with empty choices and the counts; without it, the counts ride on the
     chunk with the finish_reason, as llama.cpp's server has long sent them (clients that never
-    ask for usage still count tokens)."""
+    ask for usage still count tokens). `echo` (the prompt's text) comes before the first text, with
+    the prompt's log probabilities when they were asked for; a chunk carries the log
+    probabilities of the tokens read since the one before."""
     head = {"id": f"{fmt.id_prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
     text = _Text(stream, body.stop_strings)
     include_usage = body.stream_options is not None and body.stream_options.include_usage
+    logprobs = _Logprobs(tokenizer) if body.top_logprobs_count is not None else None
+    unsent_echo = [echo]
+
+    def lead() -> tuple[str, list[TokenLogprob]]:
+        """The echoed prompt and its log probabilities, once (the stream sets them before any text)."""
+        if not unsent_echo:
+            return "", []
+        return unsent_echo.pop(), list(stream.prompt_logprobs or ())
+
+    def rendered(entries: list[TokenLogprob]) -> dict | None:
+        return None if logprobs is None else fmt.logprobs(logprobs, entries)
 
     def chunk(choices: list[dict], **extra) -> str:
         usage = {"usage": None} if include_usage else {}
         return _sse({**head, "object": fmt.chunk_object, "choices": choices, **usage, **extra})
+
+    def chunk_choice(piece: str, reason: str | None = None) -> dict:
+        prompt, prompt_entries = lead()
+        entries = prompt_entries + text.take_logprobs()
+        return fmt.chunk_choice(prompt + piece, reason, rendered(entries) if entries else None)
 
     async def events() -> AsyncIterator[str]:
         if fmt.opening_choice:
             yield chunk([fmt.opening_choice])
         async with contextlib.aclosing(text.pieces()) as pieces:
             async for piece in pieces:
-                yield chunk([fmt.chunk_choice(piece, None)])
+                yield chunk([chunk_choice(piece)])
         usage = _usage(text.finish)
-        yield chunk([fmt.chunk_choice("", _finish_reason(text.finish))], **({} if include_usage else {"usage": usage}))
+        yield chunk([chunk_choice("", _finish_reason(text.finish))], **({} if include_usage else {"usage": usage}))
         if include_usage:
             yield chunk([], usage=usage)
         yield _sse("[DONE]")
@@ -429,7 +557,8 @@ async def _openai_response(
     failed = _failed(whole, text)
     if failed:
         return failed
-    choice = fmt.choice(whole, _finish_reason(text.finish))
+    prompt, prompt_entries = lead()
+    choice = fmt.choice(prompt + whole, _finish_reason(text.finish), rendered(prompt_entries + text.take_logprobs()))
     return {**head, "object": fmt.object, "choices": [choice], "usage": _usage(text.finish)}
 
 
@@ -511,7 +640,10 @@ def create_app(orchestrator: Orchestrator, *, model_name: str) -> fastapi.FastAP
         except RequestError as exc:
             return _submit_error(exc, {})
         stream, error = submit_openai(body, "/v1/completions", prompt, body.max_tokens, {})
-        return error or await _openai_response(COMPLETION, body, stream, request, model_name)
+        if error:
+            return error
+        echo = "" if not body.echo else prompt if isinstance(prompt, str) else orchestrator.tokenizer.decode(prompt)
+        return await _openai_response(COMPLETION, body, stream, request, model_name, orchestrator.tokenizer, echo)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, request: fastapi.Request):
@@ -524,7 +656,7 @@ def create_app(orchestrator: Orchestrator, *, model_name: str) -> fastapi.FastAP
         else:
             max_tokens = orchestrator.max_tokens_limit
         stream, error = submit_openai(body, "/v1/chat/completions", prompt, max_tokens, rename)
-        return error or await _openai_response(CHAT, body, stream, request, model_name)
+        return error or await _openai_response(CHAT, body, stream, request, model_name, orchestrator.tokenizer)
 
     return app
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from serving.engine.jax_engine import EngineSet
 from serving.engine_api import GREEDY, SamplingParams
 
@@ -14,19 +16,44 @@ PROMPTS = [
 ]
 
 
-def generate(engines: EngineSet, prompts: list[list[int]], n_tokens: int, sampling: SamplingParams = GREEDY):
-    """Run prompts side by side in decode slots; returns n_tokens generated ids per prompt."""
+def generate(
+    engines: EngineSet,
+    prompts: list[list[int]],
+    n_tokens: int,
+    sampling: SamplingParams | Sequence[SamplingParams] = GREEDY,
+) -> list[list[int]]:
+    """Run prompts side by side in decode slots (with one sampling for all, or one per prompt);
+    returns n_tokens generated ids per prompt."""
+    return generate_with_logprobs(engines, prompts, n_tokens, sampling)[0]
+
+
+def generate_with_logprobs(
+    engines: EngineSet,
+    prompts: list[list[int]],
+    n_tokens: int,
+    sampling: SamplingParams | Sequence[SamplingParams] = GREEDY,
+) -> tuple[list[list[int]], list[list[tuple[float, list[int], list[float]]]]]:
+    """`generate`, and per prompt the (logprob, top ids, top logprobs) of each generated token
+    where the engine returned them (for prompts that asked for log probabilities)."""
     prefill, gen = engines.prefill_engine, engines.generate_engine
     prefill_params, gen_params = prefill.load_params(), gen.load_params()
     state = gen.init_decode_state()
-    outputs = []
-    for slot, tokens in enumerate(prompts):
-        prefix, first = prefill.prefill(params=prefill_params, tokens=tokens, sampling=sampling)
+    per_prompt = [sampling] * len(prompts) if isinstance(sampling, SamplingParams) else list(sampling)
+    outputs, logprobs = [[] for _ in prompts], [[] for _ in prompts]
+
+    def record(slot: int, tokens, step_logprobs, row: int) -> None:
+        outputs[slot].append(int(tokens[row]))
+        if step_logprobs is not None and per_prompt[slot].logprobs is not None:
+            lp = step_logprobs
+            logprobs[slot].append((float(lp.logprob[row]), lp.top_ids[row].tolist(), lp.top_logprobs[row].tolist()))
+
+    for slot, (tokens, params) in enumerate(zip(prompts, per_prompt)):
+        prefix, first = prefill.prefill(params=prefill_params, tokens=tokens, sampling=params)
         state = gen.insert(gen.transfer(prefix), state, slot=slot)
-        outputs.append([int(first.to_host()[0])])
+        record(slot, first.to_host(), first.logprobs_to_host(), 0)
     for _ in range(n_tokens - 1):
         state, step = gen.generate(params=gen_params, decode_state=state)
-        host = step.to_host()
-        for slot, out in enumerate(outputs):
-            out.append(int(host[slot]))
-    return outputs
+        host, step_logprobs = step.to_host(), step.logprobs_to_host()
+        for slot in range(len(prompts)):
+            record(slot, host, step_logprobs, slot)
+    return outputs, logprobs
