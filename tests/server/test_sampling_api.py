@@ -16,7 +16,6 @@ from serving.engine_api import SamplingParams
 from serving.server.requests import GenerateRequest, RequestError
 
 
-
 @pytest.fixture(scope="module")
 def client(fake_server):
     return openai.OpenAI(base_url=fake_server.http_url + "/v1", api_key="unused", timeout=30.0, max_retries=0)
