@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from serving.engine.jax_engine import EngineSet
 from serving.engine_api import GREEDY, SamplingParams
 
@@ -57,3 +59,31 @@ def generate_with_logprobs(
         for slot in range(len(prompts)):
             record(slot, host, step_logprobs, slot)
     return outputs, logprobs
+
+
+def penalised_reference(logits: np.ndarray, s: SamplingParams, prompt: list[int], out: list[int]) -> np.ndarray:
+    """OpenAI's presence/frequency penalties over the output, vLLM's repetition penalty over prompt
+    and output, logit_bias added first (vLLM's order)."""
+    x = logits.copy()
+    for token, value in s.logit_bias:
+        x[token] += value
+    counts = np.bincount(np.asarray(out, np.int64), minlength=len(x)).astype(np.float32)
+    seen = (counts > 0) | (np.bincount(prompt, minlength=len(x)) > 0)
+    x = np.where(seen, np.where(x > 0, x / s.repetition_penalty, x * s.repetition_penalty), x)
+    return x - s.frequency_penalty * counts - s.presence_penalty * (counts > 0)
+
+
+def reference_greedy(reference_logits, s: SamplingParams, prompt: list[int], n: int) -> list[int]:
+    """n greedy tokens after `prompt` with `s`'s bias and penalties, where reference_logits(sequence)
+    gives the next-token logits [V] of a reference implementation."""
+    out: list[int] = []
+    for _ in range(n):
+        out.append(int(np.argmax(penalised_reference(reference_logits(prompt + out), s, prompt, out))))
+    return out
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """Over the last axis, in float64."""
+    x = x.astype(np.float64)
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))

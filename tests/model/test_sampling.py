@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from model_helpers import generate, generate_with_logprobs
+from model_helpers import generate, generate_with_logprobs, log_softmax, reference_greedy
 
 from serving.engine import model
 from serving.engine.jax_engine import build_engines
@@ -42,30 +42,6 @@ def reference_logits(tiny):
         return np.asarray(prefill(engines.model_config, params, padded, len(seq))[0][0])
 
     return logits
-
-
-def penalised_reference(logits: np.ndarray, s: SamplingParams, prompt: list[int], out: list[int]) -> np.ndarray:
-    """OpenAI's presence/frequency penalties over the output, vLLM's repetition penalty over prompt
-    and output, logit_bias added first (vLLM's order)."""
-    x = logits.copy()
-    for token, value in s.logit_bias:
-        x[token] += value
-    counts = np.bincount(np.asarray(out, np.int64), minlength=len(x)).astype(np.float32)
-    seen = (counts > 0) | (np.bincount(prompt, minlength=len(x)) > 0)
-    x = np.where(seen, np.where(x > 0, x / s.repetition_penalty, x * s.repetition_penalty), x)
-    return x - s.frequency_penalty * counts - s.presence_penalty * (counts > 0)
-
-
-def reference_greedy(reference_logits, s: SamplingParams, prompt: list[int], n: int) -> list[int]:
-    out: list[int] = []
-    for _ in range(n):
-        out.append(int(np.argmax(penalised_reference(reference_logits(prompt + out), s, prompt, out))))
-    return out
-
-
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    return x - x.max() - np.log(np.exp(x - x.max()).sum())
 
 
 def test_penalties_and_bias_follow_their_definitions(tiny, reference_logits):
