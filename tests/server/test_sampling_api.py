@@ -8,11 +8,14 @@ here is computed by hand from the prompt's bytes.
 
 from __future__ import annotations
 
+import json
+
 import openai
 import pytest
 from fake_engine import echo_tokens
 
 from serving.engine_api import SamplingParams
+from serving.server import multihost
 from serving.server.requests import GenerateRequest, RequestError
 
 
@@ -147,3 +150,9 @@ def test_orchestrator_deltas_carry_one_logprob_per_token(fake_server):
     assert [e.token for e in done.logprobs] == list(done.token_ids) == expected
     assert [e.top for e in done.logprobs] == [((t, lp(t)),) for t in expected]
     assert done.prompt_logprobs is None
+
+
+def test_sampling_params_cross_the_multihost_wire():
+    """The leader sends SamplingParams to its workers as JSON: logit_bias comes back as a tuple."""
+    params = SamplingParams(presence_penalty=0.5, logit_bias=((3, -1.5),), logprobs=2, prompt_logprobs=True)
+    assert multihost._from_wire("sampling", json.loads(json.dumps(multihost._to_wire(params))), {}) == params
