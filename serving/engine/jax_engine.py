@@ -180,6 +180,11 @@ def _filler(infos, shardings):
     return jax.jit(lambda: jax.tree.map(_initial_value, infos, is_leaf=model.is_info), out_shardings=shardings)
 
 
+def _pad_rows(a: jax.Array, batch: int) -> jax.Array:
+    """[rows, ...] -> [batch, ...], zeros below: a step's per-row results laid out like its tokens."""
+    return jnp.zeros((batch,) + a.shape[1:], a.dtype).at[: a.shape[0]].set(a)
+
+
 def _nbytes(infos, per_device: bool = False, shardings=None) -> int:
     leaves = jax.tree.leaves(infos, is_leaf=model.is_info)
     if not per_device:
@@ -308,7 +313,8 @@ class JaxEngine(engine_api.Engine):
             if with_prompt_logprobs:
                 every = model.logits(cfg, params, x[0, :-1], prefill_shard)  # [T - 1, V]
                 prompt = token_logprobs(every, tokens[0, 1:])
-            return PrefixArrays(cache, length, token[0], samp, in_prompt), (token, token_logprobs(logits, token), prompt)
+            first = (token, token_logprobs(logits, token), prompt)
+            return PrefixArrays(cache, length, token[0], samp, in_prompt), first
 
         def insert_fn(prefix: PrefixArrays, state: SlotArrays, slot):
             start = (0, slot, 0, 0, 0)
@@ -352,8 +358,7 @@ class JaxEngine(engine_api.Engine):
             )
             logprobs = None
             if with_logprobs:
-                pad = lambda a: jnp.zeros((self._batch,) + a.shape[1:], a.dtype).at[:rows].set(a)
-                logprobs = jax.tree.map(pad, token_logprobs(logits, new))
+                logprobs = jax.tree.map(functools.partial(_pad_rows, batch=self._batch), token_logprobs(logits, new))
             return new_state, (tokens, logprobs)
 
         self._prefill_fns = {

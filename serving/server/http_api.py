@@ -156,9 +156,12 @@ class _OpenAIBody(_OpenAIModel, _Sampling):
         low, high = LOGIT_BIAS_RANGE
         for key, value in bias.items():
             if not (key.isascii() and key.isdigit()):
-                raise PydanticCustomError("logit_bias_key", f"keys must be token ids (non-negative integers), got {key!r}")
+                message = "keys must be token ids (non-negative integers), got {key}"
+                raise PydanticCustomError("logit_bias_key", message, {"key": repr(key)})
             if not low <= value <= high:
-                raise PydanticCustomError("logit_bias_value", f"values must be in [{low}, {high}], got {value} for {key}")
+                message = "values must be in [{low}, {high}], got {value} for {key}"
+                context = {"low": low, "high": high, "value": value, "key": key}
+                raise PydanticCustomError("logit_bias_value", message, context)
         return bias
 
     def sampling(self) -> SamplingParams:
@@ -245,12 +248,12 @@ class ChatBody(_OpenAIBody):
     max_completion_tokens: int | None = None
     logprobs: bool = False  # chat: whether to return log probabilities
     top_logprobs: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: _ResponseFormat | None = None
+    tools: list[dict[str, Any]] = Field(default_factory=list)
 
     @property
     def top_logprobs_count(self) -> int | None:
         return self.top_logprobs if self.logprobs else None
-    response_format: _ResponseFormat | None = None
-    tools: list[dict[str, Any]] = Field(default_factory=list)
 
 
 # OpenAI fields this server cannot honour, with the test a value passes when it asks for nothing;
@@ -456,7 +459,9 @@ class _Logprobs:
             text = self._text(token)
             return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
-        return {"content": [{**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]} for e in entries]}
+        return {
+            "content": [{**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]} for e in entries]
+        }
 
 
 @dataclasses.dataclass(frozen=True)
