@@ -7,12 +7,15 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import openai
 import pytest
 import torch
 from model_helpers import PROMPTS, generate, generate_with_logprobs, log_softmax, reference_greedy
 from test_reference import hf  # noqa: F401  (the transformers model, a module fixture)
 
 from serving.engine_api import GREEDY, SamplingParams
+from serving.server.http_api import HttpServer, create_app
+from serving.server.orchestrator import Orchestrator
 
 pytestmark = pytest.mark.slow
 
@@ -98,3 +101,37 @@ def test_prompt_logprobs_match_transformers(setup, hf):  # noqa: F811
         expected = log_softmax(hf_logits(hf_model, ids)[:-1])
         np.testing.assert_allclose(got.logprob, expected[np.arange(len(ids) - 1), ids[1:]], atol=LOGPROB_ATOL)
         np.testing.assert_allclose(got.top_logprobs[:, 0], expected.max(axis=-1), atol=LOGPROB_ATOL)
+
+
+def test_lm_eval_loglikelihood_request_over_http_matches_transformers(setup, smollm_raw, hf):  # noqa: F811
+    """What lm-evaluation-harness's local-completions sends for a log-likelihood task (echo, no new
+    tokens, logprobs 1), through the OpenAI endpoint of a server on the SmolLM2 engines."""
+    engines, _ = setup
+    _, hf_model = hf
+    tokenizer = smollm_raw[2]
+    orchestrator = Orchestrator(
+        tokenizer=tokenizer,
+        prefill_engine=engines.prefill_engine,
+        generate_engine=engines.generate_engine,
+        prefill_params=engines.prefill_engine.load_params(),
+        generate_params=engines.generate_engine.load_params(),
+    )
+    orchestrator.start(warmup=False)
+    http = HttpServer(create_app(orchestrator, model_name="smollm2"), "127.0.0.1", 0).start()
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{http.port}/v1", api_key="unused", max_retries=0)
+        text = "The capital of France is Paris"
+        choice = client.completions.create(model="smollm2", prompt=text, max_tokens=0, echo=True, logprobs=1).choices[0]
+    finally:
+        http.stop()
+        orchestrator.stop()
+    ids = tokenizer.encode(text)
+    expected = log_softmax(hf_logits(hf_model, ids)[:-1])
+    assert choice.text == text
+    assert choice.logprobs.tokens == [tokenizer.decode([t]) for t in ids]
+    assert choice.logprobs.token_logprobs[0] is None
+    np.testing.assert_allclose(
+        choice.logprobs.token_logprobs[1:], expected[np.arange(len(ids) - 1), ids[1:]], atol=LOGPROB_ATOL
+    )
+    greedy = [int(np.argmax(row)) for row in expected]  # lm-eval's is_greedy reads top_logprobs
+    assert [list(top) for top in choice.logprobs.top_logprobs[1:]] == [[tokenizer.decode([t])] for t in greedy]
