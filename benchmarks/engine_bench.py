@@ -8,7 +8,10 @@ is read once; every configuration builds its engines directly with `engines_from
 Per configuration it reports: prefill latency (median over --reps, after one compiling call) per
 bucket; the prefill -> generate transfer time (disaggregated only); the decode step time with
 every slot live (median over --steps, each step read back to the host as the orchestrator does)
-and the resulting output tokens/s; and params / KV-cache bytes per device.
+and the resulting output tokens/s; and params / KV-cache bytes per device. `--sampling` sets every
+request's SamplingParams as JSON values (default greedy), to time penalties or log probabilities:
+
+  python benchmarks/engine_bench.py "devices=1" --sampling 'frequency_penalty=0.5 logprobs=5'
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/engine_bench.py
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/engine_bench.py \\
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import statistics
 import sys
 import time
@@ -32,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 
 from serving.engine.jax_engine import EngineSet, engines_from_params  # noqa: E402
-from serving.engine_api import GREEDY  # noqa: E402
+from serving.engine_api import SamplingParams  # noqa: E402
 from serving.engine.loaders import LOADERS, prepare_params, runtime_config  # noqa: E402
 from serving.server.settings import parse_settings  # noqa: E402
 
@@ -71,7 +75,7 @@ def _median_ms(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def bench(name: str, engines: EngineSet, reps: int, steps: int) -> Result:
+def bench(name: str, engines: EngineSet, reps: int, steps: int, sampling: SamplingParams) -> Result:
     pre, gen = engines.prefill_engine, engines.generate_engine
     pre_params, gen_params = pre.load_params(), gen.load_params()
     prefill_ms, prefixes = {}, {}
@@ -79,7 +83,7 @@ def bench(name: str, engines: EngineSet, reps: int, steps: int) -> Result:
         tokens = list(range(10, 10 + bucket))
 
         def run(tokens=tokens):
-            prefix, first = pre.prefill(params=pre_params, tokens=tokens, sampling=GREEDY)
+            prefix, first = pre.prefill(params=pre_params, tokens=tokens, sampling=sampling)
             first.to_host()
             return prefix
 
@@ -145,6 +149,12 @@ def parse_config(text: str, common: list[str]):
     return name, jax.devices()[:devices], parse_settings(common + keys)
 
 
+def parse_sampling(text: str) -> SamplingParams:
+    """SamplingParams from 'key=<JSON value> ...' (e.g. 'logprobs=5 logit_bias=[[3,1.5]]')."""
+    pairs = (item.partition("=") for item in text.split())
+    return SamplingParams(**{key: json.loads(value) for key, _, value in pairs})
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("configs", nargs="*", default=list(DEFAULT_CONFIGS))
@@ -153,7 +163,9 @@ def main(argv=None) -> None:
     parser.add_argument("--per-device-batch-size", type=int, default=4)
     parser.add_argument("--reps", type=int, default=5, help="timed prefills per bucket")
     parser.add_argument("--steps", type=int, default=16, help="timed decode steps")
+    parser.add_argument("--sampling", default="", help="every request's SamplingParams: 'key=<JSON value> ...'")
     args = parser.parse_args(argv)
+    sampling = parse_sampling(args.sampling)
     common = [
         f"max_prefill_predict_length={args.max_prefill}",
         f"max_target_length={args.max_target}",
@@ -172,12 +184,13 @@ def main(argv=None) -> None:
         params = prepare_params(cfg, raw, settings.checkpoint_is_quantized)
         start = time.perf_counter()
         engines = engines_from_params(settings, cfg, params, tokenizer, devices)
-        result = bench(name, engines, args.reps, args.steps)
+        result = bench(name, engines, args.reps, args.steps, sampling)
         print(f"{name}: done in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
         results.append(result)
     print(f"backend {jax.default_backend()}, {len(jax.devices())} devices; "
           f"defaults (a configuration's own keys win): max_prefill={args.max_prefill} "
           f"max_target={args.max_target} per_device_batch_size={args.per_device_batch_size}; medians of {args.reps} prefills / {args.steps} steps")
+    print(f"every request: {sampling}")
     print(table(results))
 
 

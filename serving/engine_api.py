@@ -37,40 +37,118 @@ Prefix = Any
 DecodeState = Any
 
 
+# OpenAI's bounds: top log probabilities per token (chat's top_logprobs), presence and frequency
+# penalties, and a logit_bias value; the engine keeps at most MAX_LOGIT_BIAS biased ids per request.
+MAX_TOP_LOGPROBS = 20
+PENALTY_RANGE = (-2.0, 2.0)
+LOGIT_BIAS_RANGE = (-100.0, 100.0)
+MAX_LOGIT_BIAS = 300
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """Per-request sampling. temperature == 0 means greedy (top_k/top_p ignored)."""
+    """Per-request sampling, and which log probabilities to return.
+
+    temperature == 0 means greedy (top_k/top_p ignored). Penalties and logit_bias change the
+    logits before temperature, top-k, top-p and argmax, as vLLM applies them (bias, then
+    repetition, then frequency and presence):
+      logit_bias          ((token id, value), ...): value added to that token's logit
+      repetition_penalty  vLLM's (1 = off): a token seen in the prompt or the output has a positive
+                          logit divided by it, a negative one multiplied by it
+      frequency_penalty   OpenAI's: minus penalty x (times the token was generated so far)
+      presence_penalty    OpenAI's: minus penalty x (1 if the token was generated so far)
+    Log probabilities are of the model's own distribution (log_softmax of the raw logits, before
+    bias, penalties and temperature), as vLLM returns them by default:
+      logprobs         None: none; n (0..MAX_TOP_LOGPROBS): each generated token's log probability
+                       and the n most likely tokens with theirs
+      prompt_logprobs  also every prompt token's log probability given the tokens before it
+                       (and the top `logprobs` there), as `echo` needs
+    """
 
     temperature: float = 0.0
     top_k: int = 0  # 0 = no top-k filter
     top_p: float = 1.0  # 1.0 = no nucleus filter
     seed: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
 
     def __post_init__(self):
+        # logit_bias arrives as any iterable of pairs (a JSON list of lists between hosts)
+        object.__setattr__(self, "logit_bias", tuple((int(t), float(v)) for t, v in self.logit_bias))
         if not self.temperature >= 0.0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            _check_range(name, getattr(self, name), PENALTY_RANGE)
+        if not self.repetition_penalty > 0.0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        self._check_logit_bias()
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
+        if self.prompt_logprobs and self.logprobs is None:
+            raise ValueError("prompt_logprobs needs logprobs (how many top log probabilities per token)")
+
+    def _check_logit_bias(self) -> None:
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias has {len(self.logit_bias)} entries; at most {MAX_LOGIT_BIAS}")
+        ids = [token for token, _ in self.logit_bias]
+        if len(set(ids)) != len(ids):
+            raise ValueError("logit_bias names a token id twice")
+        for token, value in self.logit_bias:
+            if token < 0:
+                raise ValueError(f"logit_bias token ids must be >= 0, got {token}")
+            _check_range(f"logit_bias[{token}]", value, LOGIT_BIAS_RANGE)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
 
+def _check_range(name: str, value: float, bounds: tuple[float, float]) -> None:
+    if not bounds[0] <= value <= bounds[1]:
+        raise ValueError(f"{name} must be in [{bounds[0]}, {bounds[1]}], got {value}")
+
+
 GREEDY = SamplingParams()
 
 
-class StepTokens(Protocol):
+@dataclasses.dataclass(frozen=True)
+class TokenLogprobs:
+    """Log probabilities of n tokens, on the host: each token's own [n] and the most likely
+    tokens' ids and log probabilities [n, MAX_TOP_LOGPROBS], best first."""
+
+    logprob: np.ndarray  # [n] f32
+    top_ids: np.ndarray  # [n, MAX_TOP_LOGPROBS] i32
+    top_logprobs: np.ndarray  # [n, MAX_TOP_LOGPROBS] f32
+
+
+class StepTokens(abc.ABC):
     """Tokens produced by one engine call, still on device.
 
     `to_host()` blocks until the values are ready and returns int32 numpy arrays:
       prefill:  tokens [1]
       generate: tokens [max_concurrent_decodes] (one per slot; stale for free slots)
+    `logprobs_to_host()`: the same tokens' TokenLogprobs, or None when no request of the call
+    asked for log probabilities (rows of slots that did not ask are stale).
+    `prompt_logprobs_to_host()` (prefill only): for prompt tokens 1..n-1, each one's TokenLogprobs
+    given the tokens before it, or None unless the request asked for prompt_logprobs.
     """
 
+    @abc.abstractmethod
     def to_host(self) -> np.ndarray: ...
+
+    def logprobs_to_host(self) -> TokenLogprobs | None:
+        return None
+
+    def prompt_logprobs_to_host(self) -> TokenLogprobs | None:
+        return None
 
 
 class ChatTemplateError(ValueError):

@@ -3,14 +3,18 @@
 Three jitted steps, each compiled once per shape (prefill once per bucket):
 
   prefill   tokens [1, T] (padded to a power-of-two bucket) -> Prefix (KV [L, 1, K, T, E], length,
-            first token, sampling) and the first token, replicated for the host
+            first token, sampling, which tokens the prompt holds) and the first token with its log
+            probabilities, replicated for the host; a second variant per bucket, compiled on first
+            use, also returns the log probabilities of every prompt token (`prompt_logprobs`)
+prefill and generate each have a variant taking a packed allowed-token mask (structured outputs,
+`constraints.apply_token_bitmask` after the penalties, before sampling); a step without one neither
+uploads nor applies a mask.
+
   insert    Prefix -> slot `slot` of the DecodeState (slot is a traced scalar: no recompiles)
   generate  one token for each of the first `rows` slots, once per decode bucket `rows` (powers
-            of two up to the slot count); per-slot sampling arrays; tokens [B] replicated
-
-prefill and generate each have a second variant taking a packed allowed-token mask (structured
-outputs, `constraints.apply_token_bitmask` before sampling); a step without one neither uploads
-nor applies a mask.
+            of two up to the slot count); per-slot sampling arrays; tokens [B] replicated; a
+            second variant per bucket also returns log probabilities, run only while a live slot
+            asked for them (their top-k over the vocabulary costs a sort per row)
 
 insert and generate donate the DecodeState's arrays, so the KV cache [L, B, K, S, E] is updated in
 place. The DecodeState also knows, on the host, which slots are live (insert adds, release
@@ -42,44 +46,71 @@ from serving import engine_api
 from serving.engine import model, sharding
 from serving.engine.config import ModelConfig
 from serving.engine.constraints import apply_token_bitmask
-from serving.engine_api import SamplingParams
 from serving.engine.loaders import load_checkpoint
 from serving.engine.model import ArrayInfo, KVCache
-from serving.engine.sampling import Sampling, sample
+from serving.engine.sampling import (
+    Logprobs,
+    Sampling,
+    TokenCounts,
+    adjust_logits,
+    count_tokens,
+    prompt_presence,
+    sample,
+    token_logprobs,
+)
+from serving.engine_api import SamplingParams
 
 MIN_BUCKET = 16
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
-class Prefix:
-    """One prefilled prompt: cache [L, 1, K, T, E], length [], first token [], sampling (scalars)."""
+class PrefixArrays:
+    """One prefilled prompt on device: cache [L, 1, K, T, E], length [], first token [], sampling
+    (scalars), in_prompt [V] (which tokens the prompt holds, for the repetition penalty)."""
 
     cache: KVCache
     length: jax.Array
     token: jax.Array
     sampling: Sampling
+    in_prompt: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Prefix:
+    """engine_api.Prefix: the prompt's device arrays, and on the host whether its request wants log
+    probabilities (so generate knows which variant a step needs)."""
+
+    arrays: PrefixArrays
+    logprobs: bool = False
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class SlotArrays:
     """All slots on device: cache [L, B, K, S, E]; lengths (tokens in cache), tokens (last),
-    active, sampling [B]."""
+    active, sampling [B]; seen [B, V] (tokens generated and in the prompt, for penalties)."""
 
     cache: KVCache
     lengths: jax.Array
     tokens: jax.Array
     active: jax.Array
     sampling: Sampling
+    seen: TokenCounts
 
 
 @dataclasses.dataclass(frozen=True)
 class DecodeState:
-    """engine_api.DecodeState: the slots' device arrays, and on the host which slots are live."""
+    """engine_api.DecodeState: the slots' device arrays, and on the host which slots are live and
+    which of them want log probabilities."""
 
     arrays: SlotArrays
     live: frozenset[int] = frozenset()
+    logprob_slots: frozenset[int] = frozenset()
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return bool(self.live & self.logprob_slots)
 
     def rows(self, buckets: Sequence[int]) -> int:
         """The smallest decode bucket that covers every live slot."""
@@ -87,18 +118,40 @@ class DecodeState:
         return next(b for b in buckets if b >= needed)
 
 
-def _slot_infos(batch: int) -> tuple[ArrayInfo, ...]:
-    def info(dtype, init="zeros"):
-        return ArrayInfo((batch,), dtype, ("batch",), init=init)
+def sampling_infos(batch: tuple[int, ...], axes: tuple[str | None, ...]) -> Sampling:
+    """Sampling arrays of shape `batch` ([] for one request, [B] for the slots); the logit bias
+    adds a trailing [MAX_LOGIT_BIAS]."""
 
-    return info(jnp.int32), info(jnp.int32), info(jnp.bool_), Sampling(
-        temperature=info(jnp.float32), top_k=info(jnp.int32), top_p=info(jnp.float32, "ones"), seed=info(jnp.uint32)
+    def info(dtype, init="zeros", extra=()):
+        return ArrayInfo(batch + extra, dtype, axes + (None,) * len(extra), init=init)
+
+    bias = (engine_api.MAX_LOGIT_BIAS,)
+    return Sampling(
+        temperature=info(jnp.float32),
+        top_k=info(jnp.int32),
+        top_p=info(jnp.float32, "ones"),
+        seed=info(jnp.uint32),
+        presence_penalty=info(jnp.float32),
+        frequency_penalty=info(jnp.float32),
+        repetition_penalty=info(jnp.float32, "ones"),
+        bias_ids=info(jnp.int32, extra=bias),
+        bias_values=info(jnp.float32, extra=bias),
     )
 
 
 def slot_array_infos(cfg: ModelConfig, batch: int, cache_length: int) -> SlotArrays:
-    lengths, tokens, active, samp = _slot_infos(batch)
-    return SlotArrays(model.cache_infos(cfg, batch, cache_length), lengths, tokens, active, samp)
+    def info(dtype):
+        return ArrayInfo((batch,), dtype, ("batch",), init="zeros")
+
+    seen = ArrayInfo((batch, cfg.vocab_size), jnp.int32, ("batch", None), init="zeros")
+    return SlotArrays(
+        cache=model.cache_infos(cfg, batch, cache_length),
+        lengths=info(jnp.int32),
+        tokens=info(jnp.int32),
+        active=info(jnp.bool_),
+        sampling=sampling_infos((batch,), ("batch",)),
+        seen=TokenCounts(output=seen, prompt=dataclasses.replace(seen, dtype=jnp.bool_)),
+    )
 
 
 def _powers_of_two_up_to(smallest: int, largest: int) -> tuple[int, ...]:
@@ -132,6 +185,11 @@ def _filler(infos, shardings):
     return jax.jit(lambda: jax.tree.map(_initial_value, infos, is_leaf=model.is_info), out_shardings=shardings)
 
 
+def _pad_rows(a: jax.Array, batch: int) -> jax.Array:
+    """[rows, ...] -> [batch, ...], zeros below: a step's per-row results laid out like its tokens."""
+    return jnp.zeros((batch,) + a.shape[1:], a.dtype).at[: a.shape[0]].set(a)
+
+
 def _nbytes(infos, per_device: bool = False, shardings=None) -> int:
     leaves = jax.tree.leaves(infos, is_leaf=model.is_info)
     if not per_device:
@@ -141,13 +199,30 @@ def _nbytes(infos, per_device: bool = False, shardings=None) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class DeviceTokens:
-    """engine_api.StepTokens over a replicated device array."""
+class DeviceTokens(engine_api.StepTokens):
+    """engine_api.StepTokens over replicated device arrays: tokens, and the log probabilities when
+    the step computed them (`prompt` [T - 1] of a padded prompt, of which `prompt_tokens` - 1 are real)."""
 
     array: jax.Array
+    logprobs: Logprobs | None = None
+    prompt: Logprobs | None = None
+    prompt_tokens: int = 0
 
     def to_host(self) -> np.ndarray:
         return sharding.to_host(self.array)
+
+    def logprobs_to_host(self) -> engine_api.TokenLogprobs | None:
+        return _host_logprobs(self.logprobs)
+
+    def prompt_logprobs_to_host(self) -> engine_api.TokenLogprobs | None:
+        return _host_logprobs(self.prompt, self.prompt_tokens - 1)
+
+
+def _host_logprobs(logprobs: Logprobs | None, n: int | None = None) -> engine_api.TokenLogprobs | None:
+    if logprobs is None:
+        return None
+    host = [sharding.to_host(a)[:n] for a in (logprobs.logprob, logprobs.top_ids, logprobs.top_logprobs)]
+    return engine_api.TokenLogprobs(*host)
 
 
 class JaxEngine(engine_api.Engine):
@@ -177,23 +252,19 @@ class JaxEngine(engine_api.Engine):
 
     # ---- placement --------------------------------------------------------------------------
 
-    def prefix_shardings(self, bucket: int) -> Prefix:
+    def prefix_shardings(self, bucket: int) -> PrefixArrays:
         cache = model.cache_infos(self.cfg, 1, bucket, batch_axis="prefill_batch")
-        rep = self._replicated
-        return Prefix(
-            cache=sharding.shardings(self.mesh, self.rules, cache),
-            length=rep,
-            token=rep,
-            sampling=Sampling(rep, rep, rep, rep),
-        )
+        replicated = jax.tree.map(lambda _: self._replicated, self.prefix_infos(bucket), is_leaf=model.is_info)
+        return dataclasses.replace(replicated, cache=sharding.shardings(self.mesh, self.rules, cache))
 
-    def prefix_infos(self, bucket: int) -> Prefix:
+    def prefix_infos(self, bucket: int) -> PrefixArrays:
         scalar = lambda dtype: ArrayInfo((), dtype, (), init="zeros")  # noqa: E731
-        return Prefix(
+        return PrefixArrays(
             cache=model.cache_infos(self.cfg, 1, bucket, batch_axis="prefill_batch"),
             length=scalar(jnp.int32),
             token=scalar(jnp.int32),
-            sampling=Sampling(scalar(jnp.float32), scalar(jnp.int32), scalar(jnp.float32), scalar(jnp.uint32)),
+            sampling=sampling_infos((), ()),
+            in_prompt=ArrayInfo((self.cfg.vocab_size,), jnp.bool_, (None,), init="zeros"),
         )
 
     def _abstract(self, infos, shardings):
@@ -214,11 +285,11 @@ class JaxEngine(engine_api.Engine):
         prefix = self._abstract(self.prefix_infos(bucket), self.prefix_shardings(bucket))
         rep = lambda info: self._abstract(info, self._replicated)  # noqa: E731
         return {
-            "prefill": self._prefill_fns[bucket].lower(
+            "prefill": self._prefill_fns[bucket, False, False].lower(
                 params, rep(ArrayInfo((1, bucket), jnp.int32, (None, None))), prefix.length, prefix.sampling
             ),
             "insert": self._insert_fn.lower(prefix, state, prefix.length),
-            "generate": self._generate_fns[self._batch].lower(params, state),
+            "generate": self._generate_fns[self._batch, False, False].lower(params, state),
         }
 
     def _put_replicated(self, host_tree):
@@ -228,30 +299,44 @@ class JaxEngine(engine_api.Engine):
 
     def _compile(self) -> None:
         cfg, rep, per_slot = self.cfg, self._replicated, self.per_slot_attention
-        samp_rep = Sampling(rep, rep, rep, rep)
         prefill_shard = sharding.activation_sharder(self.mesh, self.rules, "prefill_batch")
         decode_shard = sharding.activation_sharder(self.mesh, self.rules, "batch")
+        samp_rep = jax.tree.map(lambda _: rep, sampling_infos((), ()), is_leaf=model.is_info)
 
-        def prefill_fn(params, tokens, length, samp: Sampling, token_mask=None):
-            logits, cache = model.prefill(cfg, params, tokens, length, prefill_shard)
+        def prefill_fn(params, tokens, length, samp: Sampling, token_mask=None, *, with_prompt_logprobs: bool):
+            """The Prefix, the first token [1] with its Logprobs [1], and (with_prompt_logprobs)
+            the Logprobs [T - 1] of prompt tokens 1.. given those before them."""
+            x, cache = model.prefill_hidden(cfg, params, tokens, length, prefill_shard)
+            last = jax.lax.dynamic_index_in_dim(x, length - 1, axis=1, keepdims=False)  # [1, D]
+            logits = model.logits(cfg, params, last, prefill_shard)  # [1, V]
+            in_prompt = prompt_presence(tokens[0], length, cfg.vocab_size)
+            batched = jax.tree.map(lambda a: a[None], samp)
+            nothing_generated = TokenCounts(jnp.zeros_like(logits, jnp.int32), in_prompt[None])
+            adjusted = adjust_logits(logits, batched, nothing_generated, jnp.ones((1,), jnp.bool_))
             if token_mask is not None:
-                logits = apply_token_bitmask(logits, token_mask)
-            batched = jax.tree.map(lambda x: x[None], samp)
-            token = sample(logits, batched, length[None])  # [1]
-            return Prefix(cache, length, token[0], samp), token
+                adjusted = apply_token_bitmask(adjusted, token_mask)
+            token = sample(adjusted, batched, length[None])  # [1]
+            prompt = None
+            if with_prompt_logprobs:
+                every = model.logits(cfg, params, x[0, :-1], prefill_shard)  # [T - 1, V]
+                prompt = token_logprobs(every, tokens[0, 1:])
+            first = (token, token_logprobs(logits, token), prompt)
+            return PrefixArrays(cache, length, token[0], samp, in_prompt), first
 
-        def insert_fn(prefix: Prefix, state: SlotArrays, slot):
+        def insert_fn(prefix: PrefixArrays, state: SlotArrays, slot):
             start = (0, slot, 0, 0, 0)
             cache = jax.tree.map(
                 lambda dst, src: jax.lax.dynamic_update_slice(dst, src, start[: dst.ndim]), state.cache, prefix.cache
             )
             put = lambda arr, value: arr.at[slot].set(value)  # noqa: E731
+            first = jax.nn.one_hot(prefix.token, cfg.vocab_size, dtype=jnp.int32)  # generated tokens so far
             return SlotArrays(
                 cache=cache,
                 lengths=put(state.lengths, prefix.length),
                 tokens=put(state.tokens, prefix.token),
                 active=put(state.active, True),
                 sampling=jax.tree.map(put, state.sampling, prefix.sampling),
+                seen=TokenCounts(put(state.seen.output, first), put(state.seen.prompt, prefix.in_prompt)),
             )
 
         def release_fn(state: SlotArrays, slot):
@@ -259,8 +344,9 @@ class JaxEngine(engine_api.Engine):
                 state, lengths=state.lengths.at[slot].set(0), active=state.active.at[slot].set(False)
             )
 
-        def generate_fn(params, state: SlotArrays, token_mask=None, *, rows: int):
-            """One token for each of the first `rows` slots; tokens [B] (stale beyond `rows`)."""
+        def generate_fn(params, state: SlotArrays, token_mask=None, *, rows: int, with_logprobs: bool):
+            """One token for each of the first `rows` slots: tokens [B] (stale beyond `rows`) and,
+            with_logprobs, their Logprobs [B] (of the model's logits, before any adjustment)."""
             lengths, active = state.lengths[:rows], state.active[:rows]
             positions = jnp.where(active, jnp.minimum(lengths, self.cache_length - 1), 0)
             logits, cache = model.decode_step(
@@ -270,52 +356,48 @@ class JaxEngine(engine_api.Engine):
             # freed rows sample greedily: a finished request's temperature would send every row
             # through the stochastic path (a sort over the vocabulary per row)
             sampling = dataclasses.replace(sampling, temperature=jnp.where(active, sampling.temperature, 0.0))
+            adjusted = adjust_logits(logits, sampling, state.seen, active)
             if token_mask is not None:
-                logits = apply_token_bitmask(logits, token_mask[:rows])
-            new = sample(logits, sampling, positions + 1)
+                adjusted = apply_token_bitmask(adjusted, token_mask[:rows])
+            new = sample(adjusted, sampling, positions + 1)
+            seen = dataclasses.replace(state.seen, output=count_tokens(state.seen.output, new, active))
             lengths = jnp.where(active, jnp.minimum(lengths + 1, self.cache_length), 0)
             tokens = state.tokens.at[:rows].set(new)
-            new_state = dataclasses.replace(state, cache=cache, lengths=state.lengths.at[:rows].set(lengths), tokens=tokens)
-            return new_state, tokens
+            new_state = dataclasses.replace(
+                state, cache=cache, lengths=state.lengths.at[:rows].set(lengths), tokens=tokens, seen=seen
+            )
+            logprobs = None
+            if with_logprobs:
+                logprobs = jax.tree.map(functools.partial(_pad_rows, batch=self._batch), token_logprobs(logits, new))
+            return new_state, (tokens, logprobs)
 
+        # Keyed (bucket, prompt log probabilities, masked); jit compiles each on its first call.
         self._prefill_fns = {
-            bucket: jax.jit(
-                prefill_fn,
-                in_shardings=(self.param_shardings, rep, rep, samp_rep),
+            (bucket, with_prompt, masked): jax.jit(
+                functools.partial(prefill_fn, with_prompt_logprobs=with_prompt),
+                in_shardings=(self.param_shardings, rep, rep, samp_rep, *((rep,) if masked else ())),
                 out_shardings=(self.prefix_shardings(bucket), rep),
             )
             for bucket in self.prefill_buckets
-        }
-        self._masked_prefill_fns = {
-            bucket: jax.jit(
-                prefill_fn,
-                in_shardings=(self.param_shardings, rep, rep, samp_rep, rep),
-                out_shardings=(self.prefix_shardings(bucket), rep),
-            )
-            for bucket in self.prefill_buckets
+            for with_prompt in (False, True)
+            for masked in (False, True)
         }
         self._insert_fn = jax.jit(
             insert_fn, out_shardings=self.state_shardings, donate_argnums=(1,)
         )
         self._init_fn = _filler(self.state_infos, self.state_shardings)
         self._release_fn = jax.jit(release_fn, out_shardings=self.state_shardings, donate_argnums=(0,))
+        # Keyed (rows, log probabilities, masked); jit compiles each on its first call.
         self._generate_fns = {
-            rows: jax.jit(
-                functools.partial(generate_fn, rows=rows),
-                in_shardings=(self.param_shardings, self.state_shardings),
+            (rows, with_logprobs, masked): jax.jit(
+                functools.partial(generate_fn, rows=rows, with_logprobs=with_logprobs),
+                in_shardings=(self.param_shardings, self.state_shardings, *((rep,) if masked else ())),
                 out_shardings=(self.state_shardings, rep),
                 donate_argnums=(1,),
             )
             for rows in self.decode_buckets
-        }
-        self._masked_generate_fns = {
-            rows: jax.jit(
-                functools.partial(generate_fn, rows=rows),
-                in_shardings=(self.param_shardings, self.state_shardings, rep),
-                out_shardings=(self.state_shardings, rep),
-                donate_argnums=(1,),
-            )
-            for rows in self.decode_buckets
+            for with_logprobs in (False, True)
+            for masked in (False, True)
         }
 
     # ---- engine_api.Engine --------------------------------------------------------------------
@@ -353,19 +435,24 @@ class JaxEngine(engine_api.Engine):
 
     def prefill(self, *, params, tokens: Sequence[int], sampling: SamplingParams, token_mask=None):
         bucket = self.bucket_for(len(tokens))
+        vocab = self.cfg.vocab_size
+        if any(token >= vocab for token, _ in sampling.logit_bias):
+            raise ValueError(f"logit_bias token ids must be below the vocabulary size {vocab}")
         padded = np.zeros((1, bucket), np.int32)
         padded[0, : len(tokens)] = tokens
         inputs = (padded, np.int32(len(tokens)), Sampling.host(sampling))
-        if token_mask is None:
-            prefix, token = self._prefill_fns[bucket](params, *self._put_replicated(inputs))
-        else:
-            inputs = self._put_replicated((*inputs, np.asarray(token_mask, np.int32)))
-            prefix, token = self._masked_prefill_fns[bucket](params, *inputs)
-        return prefix, DeviceTokens(token)
+        if token_mask is not None:
+            inputs = (*inputs, np.asarray(token_mask, np.int32))
+        fn = self._prefill_fns[bucket, sampling.prompt_logprobs, token_mask is not None]
+        arrays, (token, logprobs, prompt) = fn(params, *self._put_replicated(inputs))
+        wants = sampling.logprobs is not None
+        step = DeviceTokens(token, logprobs if wants else None, prompt, prompt_tokens=len(tokens))
+        return Prefix(arrays, logprobs=wants), step
 
     def transfer(self, prefix: Prefix) -> Prefix:
-        bucket = prefix.cache.length
-        return jax.block_until_ready(jax.device_put(prefix, self.prefix_shardings(bucket)))
+        bucket = prefix.arrays.cache.length
+        arrays = jax.block_until_ready(jax.device_put(prefix.arrays, self.prefix_shardings(bucket)))
+        return dataclasses.replace(prefix, arrays=arrays)
 
     def _slot(self, slot: int) -> jax.Array:
         if not 0 <= slot < self._batch:
@@ -373,45 +460,46 @@ class JaxEngine(engine_api.Engine):
         return self._put_replicated(np.int32(slot))
 
     def insert(self, prefix: Prefix, decode_state: DecodeState, slot: int) -> DecodeState:
-        arrays = self._insert_fn(prefix, decode_state.arrays, self._slot(slot))
-        return DecodeState(arrays, decode_state.live | {slot})
+        arrays = self._insert_fn(prefix.arrays, decode_state.arrays, self._slot(slot))
+        logprob_slots = decode_state.logprob_slots - {slot} | ({slot} if prefix.logprobs else set())
+        return DecodeState(arrays, decode_state.live | {slot}, frozenset(logprob_slots))
 
     def release(self, decode_state: DecodeState, slot: int) -> DecodeState:
         """Mark a finished slot free, so it no longer costs decode work (donates state)."""
         arrays = self._release_fn(decode_state.arrays, self._slot(slot))
-        return DecodeState(arrays, decode_state.live - {slot})
+        return DecodeState(arrays, decode_state.live - {slot}, decode_state.logprob_slots - {slot})
 
     def generate(self, *, params, decode_state: DecodeState, token_mask=None):
         rows = decode_state.rows(self.decode_buckets)
-        if token_mask is None:
-            arrays, tokens = self._generate_fns[rows](params, decode_state.arrays)
-        else:
-            mask = self._put_replicated(np.asarray(token_mask, np.int32))
-            arrays, tokens = self._masked_generate_fns[rows](params, decode_state.arrays, mask)
-        return DecodeState(arrays, decode_state.live), DeviceTokens(tokens)
+        fn = self._generate_fns[rows, decode_state.wants_logprobs, token_mask is not None]
+        mask = () if token_mask is None else (self._put_replicated(np.asarray(token_mask, np.int32)),)
+        arrays, (tokens, logprobs) = fn(params, decode_state.arrays, *mask)
+        return dataclasses.replace(decode_state, arrays=arrays), DeviceTokens(tokens, logprobs)
 
     def warmup(self, params, *, prefill: bool = True, generate: bool = True) -> None:
-        """Compile every prefill bucket (`prefill`); insert of each bucket's prefix, release and
-        every decode bucket (`generate`). A generate-only engine inserts empty prefixes made on
-        its own mesh, laid out as `transfer` lands them."""
+        """Compile every prefill bucket, plain and masked (`prefill`; the variants with the
+        prompt's log probabilities compile on first use); insert of each bucket's prefix, release
+        and every decode bucket: plain, with log probabilities, and masked (`generate`; masked with
+        log probabilities compiles on first use). A generate-only engine inserts empty prefixes
+        made on its own mesh, laid out as `transfer` lands them."""
         prefixes = self.warmup_prefill(params) if prefill else {}
         if prefill:  # the masked variants too, so a first structured request is not slow
             for bucket in self.prefill_buckets:
-                _, first = self.prefill(params=params, tokens=[0] * bucket, sampling=engine_api.GREEDY,
-                                        token_mask=self._all_allowed(1))
+                _, first = self.prefill(
+                    params=params, tokens=[0] * bucket, sampling=engine_api.GREEDY, token_mask=self._all_allowed(1)
+                )
                 first.to_host()
         if not generate:
             return
         state = self.init_decode_state()
         for bucket in self.prefill_buckets:
-            prefix = prefixes[bucket] if bucket in prefixes else self._empty_prefix(bucket)
+            prefix = prefixes[bucket] if bucket in prefixes else Prefix(self._empty_prefix(bucket))
             state = self.release(self.insert(prefix, state, slot=0), slot=0)
-        arrays = state.arrays
-        mask = self._put_replicated(self._all_allowed(self._batch))
-        for rows in self.decode_buckets:
-            arrays, tokens = self._generate_fns[rows](params, arrays)
-            arrays, masked_tokens = self._masked_generate_fns[rows](params, arrays, mask)
-            DeviceTokens(tokens).to_host(), DeviceTokens(masked_tokens).to_host()
+        arrays, mask = state.arrays, self._put_replicated(self._all_allowed(self._batch))
+        for (_, with_logprobs, masked), fn in self._generate_fns.items():
+            if not (with_logprobs and masked):
+                arrays, (tokens, _) = fn(params, arrays, *((mask,) if masked else ()))
+                DeviceTokens(tokens).to_host()
 
     def _all_allowed(self, rows: int) -> np.ndarray:
         """A token mask allowing every token, [rows, ceil(vocab / 32)] (engine_api.Engine.generate)."""

@@ -287,6 +287,14 @@ def prefill(cfg: ModelConfig, params: dict, tokens: jax.Array, length: jax.Array
 
     Returns f32 logits [1, V] at position length-1 and the prompt's KVCache (B=1, S=T).
     """
+    x, cache = prefill_hidden(cfg, params, tokens, length, shard)
+    last = jax.lax.dynamic_index_in_dim(x, length - 1, axis=1, keepdims=False)  # [1, D]
+    return logits(cfg, params, last, shard), cache
+
+
+def prefill_hidden(cfg: ModelConfig, params: dict, tokens: jax.Array, length: jax.Array, shard: Shard = no_shard):
+    """`prefill` up to the last decoder layer: the residual stream [1, T, D] at every position
+    (for log probabilities of the prompt's own tokens) and the prompt's KVCache."""
     rope_tab = rope_table(cfg, jnp.arange(tokens.shape[1])[None, :])  # positions [1, T]
     x = embed(cfg, params, tokens, shard)
 
@@ -299,9 +307,8 @@ def prefill(cfg: ModelConfig, params: dict, tokens: jax.Array, length: jax.Array
             return x, (k, v)
 
     x, (k, v) = jax.lax.scan(layer_step, x, params["layers"])  # k, v [L, B, T, K, E]
-    last = jax.lax.dynamic_index_in_dim(x, length - 1, axis=1, keepdims=False)  # [1, D]
     k, v = k.transpose(0, 1, 3, 2, 4), v.transpose(0, 1, 3, 2, 4)  # [L, B, K, T, E]
-    return logits(cfg, params, last, shard), _to_cache(cfg, k, v)
+    return x, _to_cache(cfg, k, v)
 
 
 def _to_cache(cfg: ModelConfig, k: jax.Array, v: jax.Array) -> KVCache:

@@ -21,10 +21,11 @@ in GenerateBody are accepted and ignored). The OpenAI endpoints take what OpenAI
 unknown fields are ignored with a logged warning (as vLLM does), null means "not set", `stop`
 strings end the text early (the request completes there and frees its slot), `ignore_eos`, `seed`,
 `stream_options.include_usage`, `response_format` (json_object, json_schema: see structured.py),
-`n` choices (each its own request in its own slot; with a seed, choice i samples with seed + i, as
-vLLM); fields asking for what this server cannot do (best_of, logprobs, penalties, logit_bias, echo,
-...) are a 400 naming the field (see _UNSUPPORTED). A prompt over the context, or a prompt plus
-max_tokens over it, is a 400 with code context_length_exceeded.
+OpenAI's penalties and `logit_bias` and vLLM's `repetition_penalty`, log probabilities
+(`logprobs`; chat: `logprobs` + `top_logprobs`) and `echo`, `n` choices (each its own request in
+its own slot; with a seed, choice i samples with seed + i, as vLLM); fields asking for what this
+server cannot do (best_of, suffix, tools) are a 400 naming the field (see _UNSUPPORTED). A prompt
+over the context, or a prompt plus max_tokens over it, is a 400 with code context_length_exceeded.
 
 With an API key every route but /healthcheck and /metrics needs it, and `allowed_origins` turns on
 CORS (auth.py).
@@ -51,7 +52,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
 
-from serving.engine_api import ChatTemplateError, SamplingParams
+from serving.engine_api import (
+    LOGIT_BIAS_RANGE,
+    MAX_LOGIT_BIAS,
+    MAX_TOP_LOGPROBS,
+    PENALTY_RANGE,
+    ChatTemplateError,
+    SamplingParams,
+    Tokenizer,
+)
 from serving.server import openai_errors
 from serving.server.auth import ApiKey, protect_app
 from serving.server.orchestrator import Orchestrator
@@ -63,6 +72,7 @@ from serving.server.requests import (
     RequestError,
     ResultStream,
     StopStrings,
+    TokenLogprob,
 )
 from serving.server.structured import parse_response_format
 
@@ -83,6 +93,8 @@ class _Body(BaseModel):
 # Above this a softmax over logits/temperature is uniform to float32 precision: a larger value is a
 # client mistake, not a sharper request.
 MAX_TEMPERATURE = 100.0
+# OpenAI's bound on completions' `logprobs` (chat's `top_logprobs` goes to MAX_TOP_LOGPROBS).
+MAX_COMPLETION_LOGPROBS = 5
 # vLLM's (and older OpenAI-compatible servers') way of saying "no top-k filter"; ours is 0.
 TOP_K_OFF_ALIASES = (-1,)
 SEED_RANGE = 2**31
@@ -143,11 +155,48 @@ class _OpenAIBody(_OpenAIModel, _Sampling):
     stop: str | list[str] = Field(default_factory=list)
     ignore_eos: bool = False  # keep generating through end-of-sequence tokens, up to max_tokens
     n: int = 1
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] = Field(default_factory=dict)
+    presence_penalty: float = Field(0.0, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])
+    frequency_penalty: float = Field(0.0, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])
+    repetition_penalty: float = Field(1.0, gt=0.0)  # vLLM's; 1 = off
+    # token id (a string in JSON) -> value added to its logit
+    logit_bias: dict[str, float] = Field(default_factory=dict, max_length=MAX_LOGIT_BIAS)
     # structured outputs, validated by structured.parse_response_format (json_object, json_schema)
     response_format: dict[str, Any] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias_ids_and_values(cls, bias: dict[str, float]) -> dict[str, float]:
+        low, high = LOGIT_BIAS_RANGE
+        for key, value in bias.items():
+            if not (key.isascii() and key.isdigit()):
+                message = "keys must be token ids (non-negative integers), got {key}"
+                raise PydanticCustomError("logit_bias_key", message, {"key": repr(key)})
+            if not low <= value <= high:
+                message = "values must be in [{low}, {high}], got {value} for {key}"
+                context = {"low": low, "high": high, "value": value, "key": key}
+                raise PydanticCustomError("logit_bias_value", message, context)
+        return bias
+
+    def sampling(self, choice: int = 0) -> SamplingParams:
+        return dataclasses.replace(
+            super().sampling(choice),
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            logit_bias=tuple((int(key), value) for key, value in self.logit_bias.items()),
+            logprobs=self.top_logprobs_count,
+            prompt_logprobs=self.echo_logprobs,
+        )
+
+    @property
+    def top_logprobs_count(self) -> int | None:
+        """How many top log probabilities each token gets; None: no log probabilities at all."""
+        return None
+
+    @property
+    def echo_logprobs(self) -> bool:
+        """Whether the prompt's own log probabilities are returned too (completions' echo)."""
+        return False
 
     @field_validator("stop")
     @classmethod
@@ -167,10 +216,18 @@ class _OpenAIBody(_OpenAIModel, _Sampling):
 class CompletionBody(_OpenAIBody):
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int = 16  # OpenAI's default
-    echo: bool = False
+    echo: bool = False  # the prompt before the completion (and its log probabilities, with logprobs)
     best_of: int = 1
     suffix: str = ""
-    logprobs: int | None = None  # completions: how many top log probabilities per token
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)  # top log probabilities per token
+
+    @property
+    def top_logprobs_count(self) -> int | None:
+        return self.logprobs
+
+    @property
+    def echo_logprobs(self) -> bool:
+        return self.echo and self.logprobs is not None
 
     def single_prompt(self) -> str | tuple[int, ...]:
         """The one prompt: text, token ids, or a batch of one of either."""
@@ -203,21 +260,19 @@ class ChatBody(_OpenAIBody):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False  # chat: whether to return log probabilities
-    top_logprobs: int = 0
+    top_logprobs: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[dict[str, Any]] = Field(default_factory=list)
+
+    @property
+    def top_logprobs_count(self) -> int | None:
+        return self.top_logprobs if self.logprobs else None
 
 
 # OpenAI fields this server cannot honour, with the test a value passes when it asks for nothing;
 # any other value is a 400 naming the field, since ignoring it would answer another question.
 _UNSUPPORTED: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("best_of", lambda v: v == 1, "only best_of=1 is supported; ask for n choices instead"),
-    ("echo", lambda v: not v, "echo is not supported"),
     ("suffix", lambda v: not v, "suffix is not supported"),
-    ("logprobs", lambda v: v is None or v is False, "log probabilities are not supported; leave logprobs out"),
-    ("top_logprobs", lambda v: v == 0, "log probabilities are not supported; leave top_logprobs out"),
-    ("presence_penalty", lambda v: v == 0, "presence_penalty is not supported; send 0 or leave it out"),
-    ("frequency_penalty", lambda v: v == 0, "frequency_penalty is not supported; send 0 or leave it out"),
-    ("logit_bias", lambda v: not v, "logit_bias is not supported"),
     ("tools", lambda v: not v, "tool calling is not supported"),
 )
 
@@ -231,6 +286,10 @@ def _check_supported(body: _OpenAIBody, slots: int) -> None:
             raise RequestError(name, reason)
     if body.stream_options is not None and not body.stream:
         raise RequestError("stream_options", "only allowed when stream is true")
+    if isinstance(body, ChatBody) and body.top_logprobs and not body.logprobs:
+        raise RequestError("top_logprobs", "needs logprobs: true")
+    if isinstance(body, CompletionBody) and body.max_tokens == 0 and not body.echo_logprobs:
+        raise RequestError("max_tokens", "0 is allowed only with echo and logprobs (the prompt's log probabilities)")
 
 
 def _ignored_fields(model: BaseModel, prefix: str = "") -> list[str]:
@@ -307,13 +366,21 @@ class _Text:
         self._stream = stream
         self._stops = StopStrings(stops) if stops else None
         self._tokens = 0
+        self._logprobs: list[TokenLogprob] = []  # of the tokens read since the last take_logprobs()
         self.finish: Finish | None = None
+
+    def take_logprobs(self) -> list[TokenLogprob]:
+        """Log probabilities of the tokens read since the last call (with a stop string, up to the
+        token that completed it), when the request asked for them."""
+        taken, self._logprobs = self._logprobs, []
+        return taken
 
     async def pieces(self) -> AsyncIterator[str]:
         """Non-empty pieces of text, in order."""
         try:
             async for delta in self._stream:
                 self._tokens += len(delta.token_ids)
+                self._logprobs.extend(delta.logprobs)
                 text, stopped = self._stops.feed(delta.text) if self._stops else (delta.text, False)
                 if text:
                     yield text
@@ -374,13 +441,51 @@ def _sse(payload: dict[str, Any] | str) -> str:
 
 
 # -- OpenAI formats ------------------------------------------------------------------------------
+class _Logprobs:
+    """Log probabilities in OpenAI's shapes, token strings decoded one token at a time (a token
+    holding part of a UTF-8 character reads as U+FFFD). Completions' `text_offset` counts from the
+    start of the returned text (the echoed prompt included) across a stream's chunks."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tokenizer = tokenizer
+        self._offset = 0
+
+    def _text(self, token: int) -> str:
+        return self._tokenizer.decode([token])
+
+    def completion(self, entries: Sequence[TokenLogprob]) -> dict[str, list]:
+        tokens = [self._text(e.token) for e in entries]
+        offsets = []
+        for text in tokens:
+            offsets.append(self._offset)
+            self._offset += len(text)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [
+                None if e.logprob is None else {self._text(t): lp for t, lp in e.top} for e in entries
+            ],
+            "text_offset": offsets,
+        }
+
+    def chat(self, entries: Sequence[TokenLogprob]) -> dict[str, list]:
+        def one(token: int, logprob: float) -> dict:
+            text = self._text(token)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        return {
+            "content": [{**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]} for e in entries]
+        }
+
+
 @dataclasses.dataclass(frozen=True)
 class _OpenAIFormat:
     object: str
     chunk_object: str
     id_prefix: str
-    choice: Callable[[str, str | None], dict]  # a whole response's choice: (text, finish_reason)
-    chunk_choice: Callable[[str, str | None], dict]  # a streamed chunk's choice
+    choice: Callable[[str, str | None, dict | None], dict]  # a whole response's: (text, finish_reason, logprobs)
+    chunk_choice: Callable[[str, str | None, dict | None], dict]  # a streamed chunk's
+    logprobs: Callable[[_Logprobs, Sequence[TokenLogprob]], dict]  # entries in this API's shape
     opening_choice: dict | None = None  # sent before the first piece of text
 
 
@@ -388,24 +493,28 @@ COMPLETION = _OpenAIFormat(
     object="text_completion",
     chunk_object="text_completion",
     id_prefix="cmpl",
-    choice=lambda text, reason: {"index": 0, "text": text, "logprobs": None, "finish_reason": reason},
-    chunk_choice=lambda text, reason: {"index": 0, "text": text, "logprobs": None, "finish_reason": reason},
+    choice=lambda text, reason, lp: {"index": 0, "text": text, "logprobs": lp, "finish_reason": reason},
+    chunk_choice=lambda text, reason, lp: {"index": 0, "text": text, "logprobs": lp, "finish_reason": reason},
+    logprobs=_Logprobs.completion,
 )
 CHAT = _OpenAIFormat(
     object="chat.completion",
     chunk_object="chat.completion.chunk",
     id_prefix="chatcmpl",
-    choice=lambda text, reason: {
+    choice=lambda text, reason, lp: {
         "index": 0,
         "message": {"role": "assistant", "content": text},
+        "logprobs": lp,
         "finish_reason": reason,
     },
-    chunk_choice=lambda text, reason: {
+    chunk_choice=lambda text, reason, lp: {
         "index": 0,
         "delta": {"content": text} if text else {},
+        "logprobs": lp,
         "finish_reason": reason,
     },
-    opening_choice={"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None},
+    logprobs=_Logprobs.chat,
+    opening_choice={"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None},
 )
 
 
@@ -414,63 +523,105 @@ def _indexed(choice: dict, index: int) -> dict:
     return {**choice, "index": index}
 
 
-async def _interleaved(texts: Sequence[_Text]) -> AsyncIterator[tuple[int, str | None]]:
-    """(choice index, piece) as each choice's text arrives, and (index, None) when it ends.
-    Closing this generator (the client went away) cancels every choice still running."""
-    arrivals: asyncio.Queue[tuple[int, str | None]] = asyncio.Queue()
+async def _interleaved(texts: Sequence[_Text]) -> AsyncIterator[tuple[int, str | None, list[TokenLogprob]]]:
+    """(choice index, piece, log probabilities of the tokens behind it) as each choice's text
+    arrives, and (index, None, the rest) when it ends. Closing this generator (the client went
+    away) cancels every choice still running."""
+    arrivals: asyncio.Queue[tuple[int, str | None, list[TokenLogprob]]] = asyncio.Queue()
 
     async def drain(index: int, text: _Text) -> None:
         try:
             async with contextlib.aclosing(text.pieces()) as pieces:
                 async for piece in pieces:
-                    await arrivals.put((index, piece))
+                    await arrivals.put((index, piece, text.take_logprobs()))
         finally:
-            arrivals.put_nowait((index, None))
+            arrivals.put_nowait((index, None, text.take_logprobs()))
 
     tasks = [asyncio.ensure_future(drain(index, text)) for index, text in enumerate(texts)]
     try:
         running = len(tasks)
         while running:
-            index, piece = await arrivals.get()
+            index, piece, entries = await arrivals.get()
             running -= piece is None
-            yield index, piece
+            yield index, piece, entries
     finally:
         for task in tasks:
             task.cancel()
 
 
+class _Choice:
+    """One choice of n as the client sees it: its text, its log probabilities in the API's shape
+    (when asked for) and, with echo, the prompt (and its log probabilities) before its first text."""
+
+    def __init__(self, fmt: _OpenAIFormat, body: _OpenAIBody, stream: ResultStream, tokenizer: Tokenizer, echo: str):
+        self.fmt, self.stream = fmt, stream
+        self.text = _Text(stream, body.stop_strings)
+        self._logprobs = _Logprobs(tokenizer) if body.top_logprobs_count is not None else None
+        self._unsent_echo = [echo]
+
+    def _lead(self) -> tuple[str, list[TokenLogprob]]:
+        """The echoed prompt and its log probabilities, once (the stream sets them before any text)."""
+        if not self._unsent_echo:
+            return "", []
+        return self._unsent_echo.pop(), list(self.stream.prompt_logprobs or ())
+
+    def _rendered(self, entries: list[TokenLogprob]) -> dict | None:
+        return None if self._logprobs is None else self.fmt.logprobs(self._logprobs, entries)
+
+    def chunk(self, piece: str, entries: list[TokenLogprob], reason: str | None = None) -> dict:
+        """A streamed chunk's choice: the piece, with the log probabilities of the tokens behind it."""
+        prompt, prompt_entries = self._lead()
+        entries = prompt_entries + entries
+        return self.fmt.chunk_choice(prompt + piece, reason, self._rendered(entries) if entries else None)
+
+    def whole(self, text: str) -> dict:
+        prompt, prompt_entries = self._lead()
+        entries = prompt_entries + self.text.take_logprobs()
+        return self.fmt.choice(prompt + text, _finish_reason(self.text.finish), self._rendered(entries))
+
+
 async def _openai_response(
-    fmt: _OpenAIFormat, body: _OpenAIBody, streams: Sequence[ResultStream], request: fastapi.Request, model: str
+    fmt: _OpenAIFormat,
+    body: _OpenAIBody,
+    streams: Sequence[ResultStream],
+    request: fastapi.Request,
+    model: str,
+    tokenizer: Tokenizer,
+    echo: str = "",
 ):
     """Whole, with usage; or streamed as server-sent events ending in [DONE]. One choice per
-    stream (`n`), each with its `index`; streamed, each chunk carries one choice. Usage counts the
-    prompt once and every choice's completion tokens. Streamed usage: with
-    stream_options.include_usage, as OpenAI: `"usage": null` on every chunk, then one more chunk
-    before [DONE] with empty choices and the counts; without it, the counts ride on the last
-    chunk with a finish_reason, as llama.cpp's server has long sent them (clients that never ask
-    for usage still count tokens)."""
+    stream (`n`), each with its `index`; streamed, each chunk carries one choice and the log
+    probabilities of the tokens read since that choice's last chunk. Usage counts the prompt once
+    and every choice's completion tokens. Streamed usage: with stream_options.include_usage, as
+    OpenAI: `"usage": null` on every chunk, then one more chunk before [DONE] with empty choices
+    and the counts; without it, the counts ride on the last chunk with a finish_reason, as
+    llama.cpp's server has long sent them (clients that never ask for usage still count tokens).
+    `echo` (the prompt's text) comes before each choice's first text, with the prompt's log
+    probabilities when they were asked for."""
     head = {"id": f"{fmt.id_prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
-    texts = [_Text(stream, body.stop_strings) for stream in streams]
+    choices = [_Choice(fmt, body, stream, tokenizer, echo) for stream in streams]
+    texts = [choice.text for choice in choices]
     include_usage = body.stream_options is not None and body.stream_options.include_usage
 
-    def chunk(choices: list[dict], **extra) -> str:
+    def chunk(parts: list[dict], **extra) -> str:
         usage = {"usage": None} if include_usage else {}
-        return _sse({**head, "object": fmt.chunk_object, "choices": choices, **usage, **extra})
+        return _sse({**head, "object": fmt.chunk_object, "choices": parts, **usage, **extra})
 
     async def events() -> AsyncIterator[str]:
         if fmt.opening_choice:
-            for index in range(len(texts)):
+            for index in range(len(choices)):
                 yield chunk([_indexed(fmt.opening_choice, index)])
         finished = 0
         async with contextlib.aclosing(_interleaved(texts)) as arrivals:
-            async for index, piece in arrivals:
+            async for index, piece, entries in arrivals:
                 if piece is not None:
-                    yield chunk([_indexed(fmt.chunk_choice(piece, None), index)])
+                    yield chunk([_indexed(choices[index].chunk(piece, entries), index)])
                     continue
                 finished += 1
                 last = finished == len(texts) and not include_usage
                 extra = {"usage": _usage(*(t.finish for t in texts))} if last else {}
-                yield chunk([_indexed(fmt.chunk_choice("", _finish_reason(texts[index].finish)), index)], **extra)
+                reason = _finish_reason(texts[index].finish)
+                yield chunk([_indexed(choices[index].chunk("", entries, reason), index)], **extra)
         if include_usage:
             yield chunk([], usage=_usage(*(t.finish for t in texts)))
         yield _sse("[DONE]")
@@ -481,11 +632,8 @@ async def _openai_response(
     failed = next(filter(None, (_failed(whole, text) for whole, text in zip(wholes, texts))), None)
     if failed:
         return failed
-    choices = [
-        _indexed(fmt.choice(whole, _finish_reason(text.finish)), index)
-        for index, (whole, text) in enumerate(zip(wholes, texts))
-    ]
-    return {**head, "object": fmt.object, "choices": choices, "usage": _usage(*(t.finish for t in texts))}
+    parts = [_indexed(choice.whole(whole), index) for index, (choice, whole) in enumerate(zip(choices, wholes))]
+    return {**head, "object": fmt.object, "choices": parts, "usage": _usage(*(t.finish for t in texts))}
 
 
 class _JsonBodies:
@@ -605,7 +753,10 @@ def create_app(
         except RequestError as exc:
             return _submit_error(exc, {})
         streams, error = submit_openai(body, "/v1/completions", prompt, body.max_tokens, {})
-        return error or await _openai_response(COMPLETION, body, streams, request, model_name)
+        if error:
+            return error
+        echo = "" if not body.echo else prompt if isinstance(prompt, str) else orchestrator.tokenizer.decode(prompt)
+        return await _openai_response(COMPLETION, body, streams, request, model_name, orchestrator.tokenizer, echo)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, request: fastapi.Request):
@@ -619,7 +770,7 @@ def create_app(
         else:
             max_tokens = body.max_tokens  # None: as many as the context holds after the prompt
         streams, error = submit_openai(body, "/v1/chat/completions", prompt, max_tokens, rename)
-        return error or await _openai_response(CHAT, body, streams, request, model_name)
+        return error or await _openai_response(CHAT, body, streams, request, model_name, orchestrator.tokenizer)
 
     responses_api.add_routes(app, orchestrator, model_name)
     tokenize_api.add_routes(app, orchestrator)

@@ -15,7 +15,8 @@ Flow of one request:
      | _detokenize_q    bounded: how far decoding may run ahead of the host copy   |
   detokenize thread   <-------------------------------------------------------------+
                       to_host(); per request: stop on EOS / max_tokens / full cache /
-                      cancellation; stream whole UTF-8 text. The generate thread sees
+                      cancellation; stream whole UTF-8 text (and the log probabilities of
+                      the tokens behind it, when asked). The generate thread sees
                       the request finished, releases its slot in the engine and
                       returns it to _free_slots
 
@@ -51,7 +52,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from serving.engine_api import Engine, Params, StepTokens, Tokenizer
+from serving.engine_api import Engine, Params, StepTokens, Tokenizer, TokenLogprobs
 from serving.server.metrics import ServerMetrics
 from serving.server.requests import (
     CONTEXT_LENGTH_EXCEEDED,
@@ -63,6 +64,7 @@ from serving.server.requests import (
     Overloaded,
     RequestError,
     ResultStream,
+    TokenLogprob,
 )
 from serving.server.structured import GrammarCompiler, TokenMatcher, unconstrained_bitmask
 
@@ -281,6 +283,10 @@ class Orchestrator:
             if request.ignore_eos:
                 raise RequestError("ignore_eos", "cannot be combined with response_format: the grammar ends the text")
             matcher = self._grammars.matcher(request.response_format)
+        bias_ids = [token for token, _ in request.sampling.logit_bias]
+        vocab = self.tokenizer.vocab_size
+        if any(token >= vocab for token in bias_ids):
+            raise RequestError("logit_bias", f"token ids must be below the vocabulary size {vocab}; got {bias_ids}")
         stream = ResultStream(prompt_tokens=len(tokens))
         item = _Request(
             stream=stream,
@@ -305,8 +311,10 @@ class Orchestrator:
         max_tokens = request.max_tokens
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
             raise RequestError("max_tokens", "must be an integer")
-        if not 1 <= max_tokens <= self.max_tokens_limit:
-            raise RequestError("max_tokens", f"must be between 1 and {self.max_tokens_limit}")
+        # 0: the prompt alone is run, for its log probabilities (a scoring request)
+        least = 0 if request.sampling.prompt_logprobs else 1
+        if not least <= max_tokens <= self.max_tokens_limit:
+            raise RequestError("max_tokens", f"must be between {least} and {self.max_tokens_limit}")
         if request.fit_context and max_tokens > room:
             raise RequestError(
                 "prompt",
@@ -493,6 +501,8 @@ class Orchestrator:
             if entry[0] == "first":
                 _, item, first = entry
                 token = int(first.to_host()[0])
+                if item.request.sampling.prompt_logprobs:
+                    item.stream.set_prompt_logprobs(self._prompt_logprobs(item, first.prompt_logprobs_to_host()))
                 now = time.perf_counter()
                 item.first_token_at = now
                 self.metrics.first_token(now - item.stream.submitted_at)
@@ -503,34 +513,47 @@ class Orchestrator:
                 )
                 if item.stream.cancelled:
                     self._finish(item, item.stream.cancel_reason)
+                elif item.max_tokens == 0:
+                    self._finish(item, "length")
                 elif not item.finished:
-                    self._emit(item, token)
+                    self._emit(item, token, first.logprobs_to_host(), 0)
                 continue
             _, step, owners = entry
-            tokens = step.to_host()
+            tokens, logprobs = step.to_host(), step.logprobs_to_host()
             for slot, owner in enumerate(owners):
                 if owner is None or owner.finished:
                     continue  # a free slot, or a request that ended while this step ran
                 if owner.stream.cancelled:
                     self._finish(owner, owner.stream.cancel_reason)
                 else:
-                    self._emit(owner, int(tokens[slot]))
+                    self._emit(owner, int(tokens[slot]), logprobs, slot)
 
     # -- per-request bookkeeping (detokenize thread, except where noted) --------------------------
-    def _emit(self, item: _Request, token: int) -> None:
+    def _emit(self, item: _Request, token: int, logprobs: TokenLogprobs | None, row: int) -> None:
+        """Stream `token`, with its log probabilities from `logprobs` row `row` if the request
+        asked for them."""
         with item.lock:
             if not item.finished:
-                self._emit_locked(item, token)
+                self._emit_locked(item, token, logprobs, row)
 
-    def _emit_locked(self, item: _Request, token: int) -> None:
+    def _emit_locked(self, item: _Request, token: int, logprobs: TokenLogprobs | None, row: int) -> None:
         if token in self._eos_ids and not item.request.ignore_eos:
             self._finish(item, "stop")
             return
         item.generated += 1
-        item.stream.push(Delta(item.detokenizer.add(token), (token,)))
+        top_n = item.request.sampling.logprobs
+        entry = () if top_n is None else (_token_logprob(logprobs, row, token, top_n),)
+        item.stream.push(Delta(item.detokenizer.add(token), (token,), entry))
         cache_full = len(item.tokens) + item.generated >= self.max_target_length - 1
         if item.generated >= item.max_tokens or cache_full:
             self._finish(item, "length")
+
+    @staticmethod
+    def _prompt_logprobs(item: _Request, logprobs: TokenLogprobs) -> list[TokenLogprob]:
+        """One entry per prompt token: the first has no log probability (nothing precedes it)."""
+        top_n = item.request.sampling.logprobs
+        rest = [_token_logprob(logprobs, i, token, top_n) for i, token in enumerate(item.tokens[1:])]
+        return [TokenLogprob(item.tokens[0], None)] + rest
 
     def _drop(self, item: _Request) -> None:
         """A request leaves the pipeline before getting a slot."""
@@ -585,3 +608,8 @@ class Orchestrator:
         with self._lock:
             used = sum(len(r.tokens) + r.generated for r in self._inflight if r.inserted_at)
         return 100.0 * used / (self.slots * self.max_target_length)
+
+
+def _token_logprob(logprobs: TokenLogprobs, row: int, token: int, top_n: int) -> TokenLogprob:
+    top = zip(logprobs.top_ids[row, :top_n].tolist(), logprobs.top_logprobs[row, :top_n].tolist())
+    return TokenLogprob(token, float(logprobs.logprob[row]), tuple(top))

@@ -69,7 +69,7 @@ class GenerateRequest:
     cut short where the cache ends (as JetStream does)."""
 
     prompt: str | tuple[int, ...]
-    max_tokens: int | None
+    max_tokens: int | None  # 0: run only the prompt, for its log probabilities (sampling.prompt_logprobs)
     sampling: SamplingParams = GREEDY
     ignore_eos: bool = False  # keep generating through end-of-sequence tokens, up to max_tokens
     fit_context: bool = False
@@ -81,11 +81,23 @@ class GenerateRequest:
 
 
 @dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log probability (None for a prompt's first token: nothing comes before it) and
+    the most likely tokens at its position with theirs, best first."""
+
+    token: int
+    logprob: float | None
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class Delta:
-    """Newly generated text (whole UTF-8 characters only) and the token ids behind it."""
+    """Newly generated text (whole UTF-8 characters only) and the token ids behind it; with
+    `sampling.logprobs` set, one TokenLogprob per token id."""
 
     text: str
     token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +117,8 @@ class Completion:
     text: str
     token_ids: tuple[int, ...]
     finish: Finish
+    logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 class ResultStream:
@@ -118,6 +132,8 @@ class ResultStream:
 
     def __init__(self, prompt_tokens: int):
         self.prompt_tokens = prompt_tokens
+        # with sampling.prompt_logprobs: one per prompt token, set before the first Delta or finish
+        self.prompt_logprobs: tuple[TokenLogprob, ...] | None = None
         self.submitted_at = time.perf_counter()
         self._lock = threading.Lock()
         self._ready = threading.Condition(self._lock)
@@ -127,6 +143,10 @@ class ResultStream:
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
 
     # -- producer side (orchestrator) ------------------------------------------------------------
+    def set_prompt_logprobs(self, logprobs: Sequence[TokenLogprob]) -> None:
+        with self._lock:
+            self.prompt_logprobs = tuple(logprobs)
+
     def push(self, delta: Delta) -> None:
         with self._lock:
             if self._finish is not None:
@@ -235,6 +255,8 @@ def _join(deltas: Sequence[Delta], stream: ResultStream) -> Completion:
         text="".join(d.text for d in deltas),
         token_ids=tuple(t for d in deltas for t in d.token_ids),
         finish=stream.finish,
+        logprobs=tuple(lp for d in deltas for lp in d.logprobs),
+        prompt_logprobs=stream.prompt_logprobs,
     )
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
+
 from serving.engine.jax_engine import EngineSet
 from serving.engine_api import GREEDY, SamplingParams
 
@@ -14,19 +18,72 @@ PROMPTS = [
 ]
 
 
-def generate(engines: EngineSet, prompts: list[list[int]], n_tokens: int, sampling: SamplingParams = GREEDY):
-    """Run prompts side by side in decode slots; returns n_tokens generated ids per prompt."""
+def generate(
+    engines: EngineSet,
+    prompts: list[list[int]],
+    n_tokens: int,
+    sampling: SamplingParams | Sequence[SamplingParams] = GREEDY,
+) -> list[list[int]]:
+    """Run prompts side by side in decode slots (with one sampling for all, or one per prompt);
+    returns n_tokens generated ids per prompt."""
+    return generate_with_logprobs(engines, prompts, n_tokens, sampling)[0]
+
+
+def generate_with_logprobs(
+    engines: EngineSet,
+    prompts: list[list[int]],
+    n_tokens: int,
+    sampling: SamplingParams | Sequence[SamplingParams] = GREEDY,
+) -> tuple[list[list[int]], list[list[tuple[float, list[int], list[float]]]]]:
+    """`generate`, and per prompt the (logprob, top ids, top logprobs) of each generated token
+    where the engine returned them (for prompts that asked for log probabilities)."""
     prefill, gen = engines.prefill_engine, engines.generate_engine
     prefill_params, gen_params = prefill.load_params(), gen.load_params()
     state = gen.init_decode_state()
-    outputs = []
-    for slot, tokens in enumerate(prompts):
-        prefix, first = prefill.prefill(params=prefill_params, tokens=tokens, sampling=sampling)
+    per_prompt = [sampling] * len(prompts) if isinstance(sampling, SamplingParams) else list(sampling)
+    outputs, logprobs = [[] for _ in prompts], [[] for _ in prompts]
+
+    def record(slot: int, tokens, step_logprobs, row: int) -> None:
+        outputs[slot].append(int(tokens[row]))
+        if step_logprobs is not None and per_prompt[slot].logprobs is not None:
+            lp = step_logprobs
+            logprobs[slot].append((float(lp.logprob[row]), lp.top_ids[row].tolist(), lp.top_logprobs[row].tolist()))
+
+    for slot, (tokens, params) in enumerate(zip(prompts, per_prompt)):
+        prefix, first = prefill.prefill(params=prefill_params, tokens=tokens, sampling=params)
         state = gen.insert(gen.transfer(prefix), state, slot=slot)
-        outputs.append([int(first.to_host()[0])])
+        record(slot, first.to_host(), first.logprobs_to_host(), 0)
     for _ in range(n_tokens - 1):
         state, step = gen.generate(params=gen_params, decode_state=state)
-        host = step.to_host()
-        for slot, out in enumerate(outputs):
-            out.append(int(host[slot]))
-    return outputs
+        host, step_logprobs = step.to_host(), step.logprobs_to_host()
+        for slot in range(len(prompts)):
+            record(slot, host, step_logprobs, slot)
+    return outputs, logprobs
+
+
+def penalised_reference(logits: np.ndarray, s: SamplingParams, prompt: list[int], out: list[int]) -> np.ndarray:
+    """OpenAI's presence/frequency penalties over the output, vLLM's repetition penalty over prompt
+    and output, logit_bias added first (vLLM's order)."""
+    x = logits.copy()
+    for token, value in s.logit_bias:
+        x[token] += value
+    counts = np.bincount(np.asarray(out, np.int64), minlength=len(x)).astype(np.float32)
+    seen = (counts > 0) | (np.bincount(prompt, minlength=len(x)) > 0)
+    x = np.where(seen, np.where(x > 0, x / s.repetition_penalty, x * s.repetition_penalty), x)
+    return x - s.frequency_penalty * counts - s.presence_penalty * (counts > 0)
+
+
+def reference_greedy(reference_logits, s: SamplingParams, prompt: list[int], n: int) -> list[int]:
+    """n greedy tokens after `prompt` with `s`'s bias and penalties, where reference_logits(sequence)
+    gives the next-token logits [V] of a reference implementation."""
+    out: list[int] = []
+    for _ in range(n):
+        out.append(int(np.argmax(penalised_reference(reference_logits(prompt + out), s, prompt, out))))
+    return out
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """Over the last axis, in float64."""
+    x = x.astype(np.float64)
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))

@@ -118,8 +118,8 @@ def test_generate_runs_the_smallest_bucket_covering_the_highest_live_slot(tiny, 
     assert engine.decode_buckets == (1, 2, 4)
     ran = []
     monkeypatch.setattr(engine, "_generate_fns", {
-        rows: lambda p, arrays, rows=rows, fn=fn: ran.append(rows) or fn(p, arrays)
-        for rows, fn in engine._generate_fns.items()
+        key: lambda p, arrays, key=key, fn=fn: ran.append(key) or fn(p, arrays)
+        for key, fn in engine._generate_fns.items()
     })  # fmt: skip
     prefix, _ = engine.prefill(params=params, tokens=[5, 6, 7], sampling=GREEDY)
     state = engine.init_decode_state()
@@ -127,7 +127,8 @@ def test_generate_runs_the_smallest_bucket_covering_the_highest_live_slot(tiny, 
         state = engine.insert(prefix, state, slot) if op == "insert" else engine.release(state, slot)
         state, step = engine.generate(params=params, decode_state=state)
         step.to_host()
-    assert ran == [1, 4, 1, 2, 2, 1]  # no live slot: the one-row bucket
+    # (rows, with log probabilities); no live slot: the one-row bucket
+    assert ran == [(1, False), (4, False), (1, False), (2, False), (2, False), (1, False)]
 
 
 def test_sampling_seeded_reproducible_and_slot_independent(tiny):
@@ -215,7 +216,7 @@ def test_every_array_has_its_intended_sharding(tp, heads_sharded):
             assert array.sharding == target
     prefix, first = engine.prefill(params=params, tokens=[1, 2, 3], sampling=GREEDY)
     assert first.array.sharding.is_fully_replicated
-    assert prefix.cache.k.sharding.spec == P(None, None, heads, None, None)
+    assert prefix.arrays.cache.k.sharding.spec == P(None, None, heads, None, None)
 
 
 def test_untied_preset_runs(one_device):

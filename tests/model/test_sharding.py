@@ -161,8 +161,11 @@ def int8_tp4xar2_specs(params, state) -> dict:
         specs["cache." + name] = (getattr(state.cache, name), P(None, CACHE_BATCH, None, None, None))
     for name in ("lengths", "tokens", "active"):
         specs[name] = (getattr(state, name), P(BATCH))
-    for name, leaf in zip(("temperature", "top_k", "top_p", "seed"), jax.tree.leaves(state.sampling)):
-        specs["sampling." + name] = (leaf, P(BATCH))
+    for field in dataclasses.fields(state.sampling):
+        leaf = getattr(state.sampling, field.name)
+        specs["sampling." + field.name] = (leaf, P(BATCH, *[None] * (leaf.ndim - 1)))  # bias: [B, M]
+    for name in ("output", "prompt"):
+        specs["seen." + name] = (getattr(state.seen, name), P(BATCH, None))  # [B, V], the vocab whole
     return specs
 
 

@@ -9,6 +9,10 @@ every non-EOS token is shifted by the request's seed, mod 256. So prompt "abc" g
 "abcabca...", and "hi<eos>" yields "hi" then stops. Slots keep their own prompt, so any mix-up
 between slots shows in the text. Under a token mask (structured outputs) a token the mask does not
 allow becomes the lowest allowed id (`masked_token`).
+
+Log probabilities ("echo" model's distribution, see `echo_logprobs`): token t, wherever it
+appears, has log probability -t/256, and the most likely tokens at its position are t, t+1, t+2,
+... (mod 257) with log probabilities -t/256, -t/256 - 1, -t/256 - 2, ...
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from serving.engine_api import Engine, SamplingParams
+from serving.engine_api import MAX_TOP_LOGPROBS, Engine, SamplingParams, StepTokens, TokenLogprobs
 from serving.server.orchestrator import Orchestrator
 
 EOS = 256
@@ -78,15 +82,37 @@ def masked_token(token: int, mask_row: np.ndarray | None) -> int:
     return token if token in allowed else int(allowed[0])
 
 
-class HostTokens:
-    def __init__(self, values: np.ndarray, delay_s: float = 0.0):
+def echo_logprobs(tokens: Sequence[int]) -> TokenLogprobs:
+    """The echo model's log probabilities of `tokens` (see the module docstring)."""
+    own = -np.asarray(tokens, np.float32) / 256
+    ranks = np.arange(MAX_TOP_LOGPROBS)
+    top_ids = (np.asarray(tokens, np.int32)[:, None] + ranks) % (EOS + 1)
+    return TokenLogprobs(own, top_ids.astype(np.int32), own[:, None] - ranks.astype(np.float32))
+
+
+class HostTokens(StepTokens):
+    def __init__(
+        self,
+        values: np.ndarray,
+        delay_s: float = 0.0,
+        logprobs: TokenLogprobs | None = None,
+        prompt_logprobs: TokenLogprobs | None = None,
+    ):
         self._values = values
         self._delay_s = delay_s
+        self._logprobs = logprobs
+        self._prompt_logprobs = prompt_logprobs
 
     def to_host(self) -> np.ndarray:
         if self._delay_s:
             time.sleep(self._delay_s)
         return self._values.copy()
+
+    def logprobs_to_host(self) -> TokenLogprobs | None:
+        return self._logprobs
+
+    def prompt_logprobs_to_host(self) -> TokenLogprobs | None:
+        return self._prompt_logprobs
 
 
 @dataclasses.dataclass
@@ -94,6 +120,7 @@ class EchoPrefix:
     tokens: np.ndarray  # [n] the prompt
     shift: int
     mesh: str
+    logprobs: bool = False  # the request wants log probabilities
 
 
 class EchoEngine(Engine):
@@ -152,6 +179,7 @@ class EchoEngine(Engine):
             "prompt_len": np.ones((self._slots,), np.int32),
             "step": np.zeros((self._slots,), np.int32),
             "shift": np.zeros((self._slots,), np.int32),
+            "logprobs": np.zeros((self._slots,), np.bool_),
         }
 
     def prefill(self, *, params, tokens: Sequence[int], sampling: SamplingParams, token_mask=None):
@@ -161,10 +189,13 @@ class EchoEngine(Engine):
             if not 0 < len(tokens) <= self._max_prefill:
                 raise ValueError(f"prompt length {len(tokens)} not in [1, {self._max_prefill}]")
             shift = 0 if sampling.greedy else sampling.seed
-            prefix = EchoPrefix(np.asarray(tokens, np.int32), shift, self.mesh)
-            first = masked_token(echo_tokens(tokens, 1, shift)[0], None if token_mask is None else token_mask[0])
+            wants = sampling.logprobs is not None
+            prefix = EchoPrefix(np.asarray(tokens, np.int32), shift, self.mesh, wants)
+            first = [masked_token(echo_tokens(tokens, 1, shift)[0], None if token_mask is None else token_mask[0])]
             self.masks.append(token_mask)
-            return prefix, HostTokens(np.asarray([first], np.int32))
+            prompt = echo_logprobs(tokens[1:]) if sampling.prompt_logprobs else None
+            logprobs = echo_logprobs(first) if wants else None
+            return prefix, HostTokens(np.asarray(first, np.int32), logprobs=logprobs, prompt_logprobs=prompt)
         finally:
             self._busy.release()
 
@@ -184,6 +215,7 @@ class EchoEngine(Engine):
             decode_state["prompt_len"][slot] = n
             decode_state["step"][slot] = 1  # the first token came from prefill
             decode_state["shift"][slot] = prefix.shift
+            decode_state["logprobs"][slot] = prefix.logprobs
             return decode_state
         finally:
             self._busy.release()
@@ -194,6 +226,7 @@ class EchoEngine(Engine):
         try:
             decode_state["prompt_len"][slot] = 1
             decode_state["prompt"][slot, 0] = 0
+            decode_state["logprobs"][slot] = False
             return decode_state
         finally:
             self._busy.release()
@@ -212,7 +245,7 @@ class EchoEngine(Engine):
                 tokens = np.array([masked_token(t, row) for t, row in zip(tokens, token_mask)], np.int32)
             self.masks.append(token_mask)
             s["step"] = s["step"] + 1
-            return s, HostTokens(tokens)
+            return s, HostTokens(tokens, logprobs=echo_logprobs(tokens) if s["logprobs"].any() else None)
         finally:
             self._busy.release()
 

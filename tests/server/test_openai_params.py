@@ -161,14 +161,14 @@ def test_chat_takes_developer_role_and_text_parts(fake_server):
 
 def test_unknown_fields_are_ignored_with_a_warning(fake_server, caplog):
     caplog.set_level(logging.WARNING, logger="serving.server.http_api")
-    body = complete(fake_server, prompt="ab", max_tokens=2, repetition_penalty=1.1, min_p=0.1)
+    body = complete(fake_server, prompt="ab", max_tokens=2, typical_p=0.9, min_p=0.1)
     assert body["choices"][0]["text"] == "ab"
     messages = [{"role": "user", "content": "hi", "refusal": None, "weight": 1}]
     body = {"messages": messages, "max_tokens": 2, "parallel_tool_calls": False, "stream_options": None}
     r = httpx.post(fake_server.http_url + "/v1/chat/completions", json=body, timeout=TIMEOUT)
     assert r.status_code == 200
     warnings = [rec.getMessage() for rec in caplog.records if rec.name == "serving.server.http_api"]
-    assert any("/v1/completions" in w and "repetition_penalty, min_p" in w for w in warnings), warnings
+    assert any("/v1/completions" in w and "typical_p, min_p" in w for w in warnings), warnings
     assert any("parallel_tool_calls, messages.0.weight" in w for w in warnings), warnings
 
 
@@ -184,14 +184,18 @@ def test_generate_stays_strict(fake_server):
     [
         ("/v1/completions", {"n": 5}, "n", "between 1 and 4"),  # the fake server has 4 slots
         ("/v1/completions", {"n": 0}, "n", "between 1 and 4"),
-        ("/v1/completions", {"logprobs": 0}, "logprobs", "not supported"),
-        ("/v1/completions", {"logprobs": 5}, "logprobs", "not supported"),
-        ("/v1/chat/completions", {"logprobs": True}, "logprobs", "not supported"),
-        ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs", "not supported"),
-        ("/v1/completions", {"presence_penalty": 0.5}, "presence_penalty", "send 0"),
-        ("/v1/chat/completions", {"frequency_penalty": -1}, "frequency_penalty", "send 0"),
-        ("/v1/completions", {"logit_bias": {"50256": -100}}, "logit_bias", "not supported"),
-        ("/v1/completions", {"echo": True}, "echo", "not supported"),
+        ("/v1/completions", {"logprobs": 6}, "logprobs", "less than or equal to 5"),
+        ("/v1/completions", {"logprobs": -1}, "logprobs", "greater than or equal to 0"),
+        ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs", "less than or equal to 20"),
+        ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs", "needs logprobs"),
+        ("/v1/completions", {"presence_penalty": 2.5}, "presence_penalty", "less than or equal to 2"),
+        ("/v1/chat/completions", {"frequency_penalty": -3}, "frequency_penalty", "greater than or equal to -2"),
+        ("/v1/completions", {"repetition_penalty": 0}, "repetition_penalty", "greater than 0"),
+        ("/v1/completions", {"logit_bias": {"abc": 1}}, "logit_bias", "token ids"),
+        ("/v1/completions", {"logit_bias": {"5": 101}}, "logit_bias", "[-100.0, 100.0]"),
+        ("/v1/completions", {"logit_bias": {"257": -100}}, "logit_bias", "vocabulary size 257"),
+        ("/v1/completions", {"max_tokens": 0}, "max_tokens", "echo and logprobs"),
+        ("/v1/completions", {"max_tokens": 0, "echo": True}, "max_tokens", "echo and logprobs"),
         ("/v1/completions", {"best_of": 3}, "best_of", "best_of=1"),
         ("/v1/completions", {"suffix": "!"}, "suffix", "not supported"),
         ("/v1/chat/completions", {"response_format": {"type": "xml"}}, "response_format", "'json_schema'"),
