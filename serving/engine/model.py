@@ -90,6 +90,7 @@ def _float_param_infos(cfg: ModelConfig) -> dict:
             float_under_int8=not cfg.quantize_attention_output,
         ),
         "mlp_norm": ArrayInfo((L, D), jnp.float32, ("layers", "norm"), init="ones"),
+        **(_qkv_bias_infos(cfg) if cfg.qkv_bias else {}),
         "w_gate": ArrayInfo((L, D, F), w, ("layers", "embed", "mlp"), (1,)),
         "w_up": ArrayInfo((L, D, F), w, ("layers", "embed", "mlp"), (1,)),
         "w_down": ArrayInfo((L, F, D), w, ("layers", "mlp", "embed"), (1,)),
@@ -103,6 +104,16 @@ def _float_param_infos(cfg: ModelConfig) -> dict:
     if not cfg.tie_embeddings:
         infos["lm_head"] = ArrayInfo((D, V), w, ("embed", "vocab"), (0,))
     return infos
+
+
+def _qkv_bias_infos(cfg: ModelConfig) -> dict:
+    """Biases of the q, k, v projections [L, H|K, E] (float32: they are added after the matmul)."""
+    L, H, K, E = cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    return {
+        "bq": ArrayInfo((L, H, E), jnp.float32, ("layers", "q_heads", "head_dim"), init="zeros"),
+        "bk": ArrayInfo((L, K, E), jnp.float32, ("layers", "kv_heads", "head_dim"), init="zeros"),
+        "bv": ArrayInfo((L, K, E), jnp.float32, ("layers", "kv_heads", "head_dim"), init="zeros"),
+    }
 
 
 def quantized(info: ArrayInfo) -> bool:
@@ -166,8 +177,8 @@ def init_params(cfg: ModelConfig, seed: int) -> dict:
     rng = np.random.default_rng(seed)
 
     def init(info: ArrayInfo) -> np.ndarray:
-        if info.init == "ones":
-            return np.ones(info.shape, info.dtype)
+        if info.init in ("ones", "zeros"):
+            return np.full(info.shape, info.init == "ones", info.dtype)
         fan_in = math.prod(info.shape[i] for i in info.contract) if info.contract else 1
         values = rng.standard_normal(info.shape, np.float32) / math.sqrt(fan_in)
         return values.astype(info.dtype)
@@ -198,6 +209,8 @@ def rope_table(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.A
     """cos, sin [B, T, 1, E/2] at positions [B, T]; computed once per step, shared by all layers."""
     half = cfg.head_dim // 2
     inv_freq = 1.0 / (cfg.rope_base ** (jnp.arange(half, dtype=jnp.float32) / half))  # [E/2]
+    if cfg.rope_freq_factors:
+        inv_freq = inv_freq / jnp.asarray(cfg.rope_freq_factors, jnp.float32)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, E/2]
     return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
 
@@ -214,9 +227,12 @@ def rope(x: jax.Array, table: tuple[jax.Array, jax.Array]) -> jax.Array:
 def qkv(cfg: ModelConfig, layer: dict, x: jax.Array, rope_tab, shard: Shard = no_shard):
     """x [B, T, D] -> q [B, T, H, E], k, v [B, T, K, E] (q, k rotated by `rope_table`)."""
     h = rms_norm(x, layer["attn_norm"], cfg.norm_eps)
-    q = shard(quant.einsum("btd,dhe->bthe", h, layer["wq"]), BTH)
-    k = shard(quant.einsum("btd,dke->btke", h, layer["wk"]), BTK)
-    v = shard(quant.einsum("btd,dke->btke", h, layer["wv"]), BTK)
+    q = quant.einsum("btd,dhe->bthe", h, layer["wq"])
+    k = quant.einsum("btd,dke->btke", h, layer["wk"])
+    v = quant.einsum("btd,dke->btke", h, layer["wv"])
+    if cfg.qkv_bias:
+        q, k, v = (x + layer[b].astype(x.dtype) for x, b in ((q, "bq"), (k, "bk"), (v, "bv")))
+    q, k, v = shard(q, BTH), shard(k, BTK), shard(v, BTK)
     return rope(q, rope_tab), rope(k, rope_tab), v
 
 

