@@ -32,7 +32,7 @@ SMALL = dict(
 # Llama 3.1's scaling with a short original context, so that every band (kept, interpolated,
 # divided by `factor`) holds some of the 16 frequencies of head_dim 32.
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 16, "rope_theta": 500000.0}
+               "original_max_position_embeddings": 32, "rope_theta": 500000.0}
 
 
 def family_configs():
