@@ -20,7 +20,7 @@ from serving.engine.jax_engine import engines_from_params
 from serving.engine.loaders import prepare_params, runtime_config
 from serving.server.settings import ServingSettings
 
-VOCAB = 256
+VOCAB = 272  # the 256 bytes of the fixtures' byte-level tokenizer, its end-of-text token, padding
 PROMPT_LENGTH = 12
 N_TOKENS = 16
 MAX_PREFILL = 32
