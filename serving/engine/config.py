@@ -153,6 +153,8 @@ PRESETS.update({
 })
 
 STACK_PRESETS = ("llama2-7b", "llama2-70b", "llama3.1-8b", "llama3.1-70b", "llama3.1-405b", "gemma-7b")
+# The stack presets this server can serve (the stack refuses the others at preview).
+SERVABLE_PRESETS = tuple(name for name in STACK_PRESETS if PRESETS[name].architecture in SERVABLE_ARCHITECTURES)
 # What a checkpoint must match to be served as a stack preset: the shapes of every weight.
 SHAPE_FIELDS = ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab_size")
 
