@@ -134,11 +134,11 @@ PRESETS: dict[str, ModelConfig] = {
 PRESETS["tiny-untied"] = dataclasses.replace(PRESETS["tiny"], tie_embeddings=False)  # separate lm head
 
 # The stack's model presets (components/core/models.py; a contract test keeps the shapes equal).
-_LLAMA2 = dict(vocab_size=32000, head_dim=128, rope_base=10000.0, tie_embeddings=False, eos_id=2)
-_LLAMA31 = dict(
-    vocab_size=128256, head_dim=128, rope_base=500000.0, tie_embeddings=False, eos_id=128009,
-    rope_freq_factors=llama3_rope_factors(128, 500000.0, 8.0, 1.0, 4.0, 8192),
-)
+_LLAMA2 = {"vocab_size": 32000, "head_dim": 128, "rope_base": 10000.0, "tie_embeddings": False, "eos_id": 2}
+_LLAMA31 = {
+    "vocab_size": 128256, "head_dim": 128, "rope_base": 500000.0, "tie_embeddings": False, "eos_id": 128009,
+    "rope_freq_factors": llama3_rope_factors(128, 500000.0, 8.0, 1.0, 4.0, 8192),
+}
 PRESETS.update({
     "llama2-7b": ModelConfig(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008, **_LLAMA2),
     "llama2-70b": ModelConfig(d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672, **_LLAMA2),

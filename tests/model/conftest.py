@@ -10,6 +10,7 @@ from serving.engine.jax_engine import EngineSet, engines_from_params
 from serving.engine.loaders import gguf_loader, prepare_params, runtime_config
 from serving.server.settings import ServingSettings
 
+
 @pytest.fixture(scope="session")
 def smollm_raw():
     """(architecture config, float32 host params, tokenizer) straight from the bundled GGUF, read

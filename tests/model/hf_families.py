@@ -13,8 +13,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from model_helpers import generate
+
 from serving.engine import model
 from serving.engine.jax_engine import engines_from_params
 from serving.engine.loaders import prepare_params, runtime_config
@@ -25,10 +25,11 @@ PROMPT_LENGTH = 12
 N_TOKENS = 16
 MAX_PREFILL = 32
 MAX_TARGET = 64
-SMALL = dict(
-    vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, rms_norm_eps=1e-5, initializer_range=0.3, max_position_embeddings=MAX_TARGET,
-)
+SMALL = {
+    "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "initializer_range": 0.3,
+    "max_position_embeddings": MAX_TARGET,
+}
 # Llama 3.1's scaling with a short original context, so that every band (kept, interpolated,
 # divided by `factor`) holds some of the 16 frequencies of head_dim 32.
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

@@ -11,10 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import gguf
+import hf_families as families
 import numpy as np
 import pytest
 
-import hf_families as families
 from serving.engine.loaders import gguf_loader, hf_loader
 
 DATA = Path(__file__).parent / "data"

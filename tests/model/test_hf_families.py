@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import hf_families as families
 import numpy as np
 import pytest
 
-import hf_families as families
 from serving.engine.config import SERVABLE_ARCHITECTURES, check_preset
 from serving.engine.loaders import hf_loader, load_checkpoint
 from serving.server.settings import ServingSettings

@@ -13,16 +13,16 @@ Loaders are tried in order; add a format (MaxText/Orbax) by appending a `Loader`
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import numpy as np
 
 from serving.engine import model, quant
 from serving.engine.config import PRESETS, ModelConfig, check_preset
-from serving.engine_api import Tokenizer
 from serving.engine.loaders import gguf_loader, hf_loader, lazy, npz_loader
 from serving.engine.tokenizer import ByteTokenizer
+from serving.engine_api import Tokenizer
 
 LoadResult = tuple[ModelConfig, dict, Tokenizer]
 

@@ -13,7 +13,7 @@ are quantized per leaf as they are read (`quantized`), so the float leaf lives o
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -36,7 +36,7 @@ class LazyTensor:
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         return self.read(dtype)
 
-    def cast(self, dtype) -> "LazyTensor":
+    def cast(self, dtype) -> LazyTensor:
         return dataclasses.replace(self, dtype=np.dtype(dtype))
 
 
