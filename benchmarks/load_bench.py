@@ -10,7 +10,8 @@ server does at start: read the directory, make each tensor lazy in the serving d
 the params on the devices (`JaxEngine.load_params`), until every array is ready.
 
 Reported per load: seconds, GB/s (weights in the serving dtype / seconds), peak RSS, and the
-budget it must stay under: the weights in the serving dtype + 2 GB.
+budget it must stay under: the weights in the serving dtype + 2 GiB (peak RSS is the whole
+process's, JAX runtime included).
 """
 
 from __future__ import annotations
@@ -86,6 +87,15 @@ def write_checkpoint(path: Path) -> None:
     (path / "config.json").write_text(json.dumps(LLAMA32_1B, indent=1))
 
 
+def peak_rss() -> int:
+    """This process's peak resident memory (VmHWM: unlike getrusage's ru_maxrss, it does not carry
+    over the peak of the parent that forked it)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def measure(path: str, dtype: str, int8: bool) -> dict:
     """One load in this process: read, make lazy, place, wait. Returns the numbers."""
     import jax
@@ -95,7 +105,7 @@ def measure(path: str, dtype: str, int8: bool) -> dict:
     from serving.server.settings import ServingSettings
 
     jax.devices()  # the runtime's own memory is not the load's
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = peak_rss()
     start = time.perf_counter()
     settings = ServingSettings(
         weight_dtype=dtype, dtype=dtype, quantization="int8" if int8 else "", per_device_batch_size=1
@@ -106,7 +116,7 @@ def measure(path: str, dtype: str, int8: bool) -> dict:
     jax.block_until_ready(engine.load_params())
     seconds = time.perf_counter() - start
     weights = engine.memory().params_bytes
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     return {"seconds": seconds, "weights_bytes": weights, "peak_rss": peak, "rss_before_load": before}
 
 

@@ -192,11 +192,11 @@ def test_every_array_has_its_intended_sharding(tp, heads_sharded):
     cache_batch = batch if heads_sharded else batch + ("tensor",)
     layers = params["layers"]
     expected = {
-        "wq": (layers["wq"].values, P(None, "fsdp", heads, None)),
-        "wq.scale": (layers["wq"].scale, P(None, None, heads, None)),
-        "wo": (layers["wo"].values, P(None, heads, None, "fsdp")),
-        "w_up": (layers["w_up"].values, P(None, "fsdp", "tensor")),
-        "w_down": (layers["w_down"].values, P(None, "tensor", "fsdp")),
+        "wq": (layers["wq"].values, P(None, heads, None, "fsdp")),
+        "wq.scale": (layers["wq"].scale, P(None, heads, None, None)),
+        "wo": (layers["wo"].values, P(None, "fsdp", heads, None)),
+        "w_up": (layers["w_up"].values, P(None, "tensor", "fsdp")),
+        "w_down": (layers["w_down"].values, P(None, "fsdp", "tensor")),
         "embed": (params["embed"].values, P("tensor", "fsdp")),
         "attn_norm": (layers["attn_norm"], P(None, None)),
         "cache.k": (state.arrays.cache.k, P(None, cache_batch, heads, None, None)),

@@ -71,17 +71,17 @@ def test_every_tensor_type_loads_to_the_dequantized_reference(tmp_path, kind):
 
     layer = params["layers"]
     expected = {
-        "wq": gguf_loader.unpermute_rope_rows(reference("blk.0.attn_q"), H).T.reshape(D, H, E),
-        "wk": gguf_loader.unpermute_rope_rows(reference("blk.0.attn_k"), K).T.reshape(D, K, E),
-        "wv": reference("blk.0.attn_v").T.reshape(D, K, E),
-        "wo": reference("blk.0.attn_output").T.reshape(H, E, D),
-        "w_gate": reference("blk.0.ffn_gate").T,
-        "w_down": reference("blk.0.ffn_down").T,
+        "wq": gguf_loader.unpermute_rope_rows(reference("blk.0.attn_q"), H).reshape(H, E, D),
+        "wk": gguf_loader.unpermute_rope_rows(reference("blk.0.attn_k"), K).reshape(K, E, D),
+        "wv": reference("blk.0.attn_v").reshape(K, E, D),
+        "wo": reference("blk.0.attn_output").reshape(D, H, E),
+        "w_gate": reference("blk.0.ffn_gate"),
+        "w_down": reference("blk.0.ffn_down"),
     }
     for key, value in expected.items():
         np.testing.assert_array_equal(np.asarray(layer[key])[0], value, err_msg=key)
     np.testing.assert_array_equal(np.asarray(params["embed"]), reference("token_embd"))
-    np.testing.assert_array_equal(np.asarray(params["lm_head"]), reference("output").T)
+    np.testing.assert_array_equal(np.asarray(params["lm_head"]), reference("output"))
 
 
 def test_other_architectures_are_refused_naming_the_servable_ones(tmp_path):

@@ -103,10 +103,7 @@ class _TensorReader:
         self._reader = reader
         self._tensors = {t.name: t for t in reader.tensors}
 
-    def __contains__(self, name: str) -> bool:
-        return name in self._tensors
-
-    def tensor(self, name: str, shape: tuple[int, ...], view=lambda w: w) -> lazy.LazyTensor:
+    def tensor(self, name: str, shape: tuple[int, ...], view) -> lazy.LazyTensor:
         if name not in self._tensors:
             raise ValueError(f"GGUF tensor {name!r} is missing")
         t = self._tensors[name]
@@ -128,47 +125,29 @@ class _TensorReader:
         mapping.madvise(mmap.MADV_DONTNEED, start, t.data_offset + int(t.n_bytes) - start)
 
 
-def _layer(cfg: ModelConfig, tensors: _TensorReader, i: int, permuted: bool) -> dict[str, lazy.LazyTensor]:
-    D, F, H, K, E = cfg.d_model, cfg.ffn_dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-
-    def blk(name: str, shape, view=lambda w: w, kind: str = "weight"):
-        return tensors.tensor(f"blk.{i}.{name}.{kind}", shape, view)
-
-    def qk(heads: int):
-        """[N*E, ...] rows in rotate_half order (llama.cpp interleaves them for `llama`)."""
-        return (lambda w: unpermute_rope_rows(w, heads)) if permuted else (lambda w: w)
-
-    layer = {
-        "attn_norm": blk("attn_norm", (D,)),
-        "wq": blk("attn_q", (D, H, E), lambda w: qk(H)(w).T.reshape(D, H, E)),
-        "wk": blk("attn_k", (D, K, E), lambda w: qk(K)(w).T.reshape(D, K, E)),
-        "wv": blk("attn_v", (D, K, E), lambda w: w.T.reshape(D, K, E)),
-        "wo": blk("attn_output", (H, E, D), lambda w: w.T.reshape(H, E, D)),
-        "mlp_norm": blk("ffn_norm", (D,)),
-        "w_gate": blk("ffn_gate", (D, F), lambda w: w.T),
-        "w_up": blk("ffn_up", (D, F), lambda w: w.T),
-        "w_down": blk("ffn_down", (F, D), lambda w: w.T),
-    }
-    if cfg.qkv_bias:
-        layer["bq"] = blk("attn_q", (H, E), lambda b: qk(H)(b).reshape(H, E), "bias")
-        layer["bk"] = blk("attn_k", (K, E), lambda b: qk(K)(b).reshape(K, E), "bias")
-        layer["bv"] = blk("attn_v", (K, E), lambda b: b.reshape(K, E), "bias")
-    return layer
+# Our params -> the GGUF tensor names (in blk.N. for the keys of a layer).
+TENSOR_NAMES = {
+    "embed": "token_embd.weight", "final_norm": "output_norm.weight", "lm_head": "output.weight",
+    "attn_norm": "attn_norm.weight", "mlp_norm": "ffn_norm.weight", "wq": "attn_q.weight", "wk": "attn_k.weight",
+    "wv": "attn_v.weight", "wo": "attn_output.weight", "bq": "attn_q.bias", "bk": "attn_k.bias",
+    "bv": "attn_v.bias", "w_gate": "ffn_gate.weight", "w_up": "ffn_up.weight", "w_down": "ffn_down.weight",
+}
+ROPE_ROWS = {"wq": "n_heads", "bq": "n_heads", "wk": "n_kv_heads", "bk": "n_kv_heads"}  # key -> its heads
 
 
 def read_params(reader: gguf.GGUFReader, cfg: ModelConfig) -> dict:
     """Lazy host params in the layout of `model.param_infos` (layers stacked on axis 0)."""
     tensors = _TensorReader(reader)
-    arch = _field(reader, "general.architecture")
-    layers = [_layer(cfg, tensors, i, arch in PERMUTED_QK) for i in range(cfg.n_layers)]
-    params = {
-        "embed": tensors.tensor("token_embd.weight", (cfg.vocab_size, cfg.d_model)),
-        "final_norm": tensors.tensor("output_norm.weight", (cfg.d_model,)),
-        "layers": {key: lazy.stack([layer[key] for layer in layers]) for key in layers[0]},
-    }
-    if not cfg.tie_embeddings:
-        params["lm_head"] = tensors.tensor("output.weight", (cfg.d_model, cfg.vocab_size), lambda w: w.T)
-    return params
+    permuted = _field(reader, "general.architecture") in PERMUTED_QK
+
+    def read(key: str, layer: int | None, shape: tuple[int, ...]) -> lazy.LazyTensor:
+        name = TENSOR_NAMES[key] if layer is None else f"blk.{layer}.{TENSOR_NAMES[key]}"
+        if permuted and key in ROPE_ROWS:
+            heads = getattr(cfg, ROPE_ROWS[key])
+            return tensors.tensor(name, shape, lambda w: unpermute_rope_rows(w, heads).reshape(shape))
+        return tensors.tensor(name, shape, lambda w: w.reshape(shape))
+
+    return lazy.assemble_params(cfg, read)
 
 
 def read_tokenizer(reader: gguf.GGUFReader, eos_id: int) -> BPETokenizer:

@@ -6,9 +6,10 @@ sliding window shorter than the served context, biases on other projections, ano
 scaling), is refused naming the key. Weights may be float32, float16 or bfloat16, in one
 `model.safetensors` or in shards listed by `model.safetensors.index.json`.
 
-Each tensor is memory-mapped on its own when it is placed (`lazy.from_view`): the transposed view
-of the mapping is copied straight into the serving dtype, and the mapping is closed again, so the
-host never holds more than the tensor being placed beside what already is on the devices.
+Each tensor is memory-mapped on its own when it is placed (`lazy.from_view`): the mapping is copied
+straight into the serving dtype (the model keeps PyTorch's [out, in] order, so nothing is
+transposed), and closed again, so the host never holds more than the tensor being placed beside
+what already is on the devices.
 """
 
 from __future__ import annotations
@@ -152,10 +153,7 @@ class _TensorReader:
     def __init__(self, path: Path):
         self._tensors = tensor_index(path)
 
-    def __contains__(self, name: str) -> bool:
-        return name in self._tensors
-
-    def tensor(self, name: str, shape: tuple[int, ...], view=lambda w: w) -> lazy.LazyTensor:
+    def tensor(self, name: str, shape: tuple[int, ...], view) -> lazy.LazyTensor:
         if name not in self._tensors:
             raise CheckpointError(f"tensor {name!r} is missing from the safetensors files")
         file, start, entry = self._tensors[name]
@@ -173,42 +171,27 @@ class _TensorReader:
         return lazy.from_view(read, shape, dtype)
 
 
+# Our params -> the transformers tensor names (in model.layers.N. for the keys of a layer). The
+# model keeps PyTorch's [out, in] order, so every tensor is its declared shape after a reshape.
+TENSOR_NAMES = {
+    "embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight",
+    "attn_norm": "input_layernorm.weight", "mlp_norm": "post_attention_layernorm.weight",
+    "wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight", "wv": "self_attn.v_proj.weight",
+    "wo": "self_attn.o_proj.weight", "bq": "self_attn.q_proj.bias", "bk": "self_attn.k_proj.bias",
+    "bv": "self_attn.v_proj.bias", "w_gate": "mlp.gate_proj.weight", "w_up": "mlp.up_proj.weight",
+    "w_down": "mlp.down_proj.weight",
+}
+
+
 def read_params(path: Path, cfg: ModelConfig) -> dict:
     """Lazy host params in the layout of `model.param_infos` (layers stacked on axis 0)."""
     tensors = _TensorReader(path)
-    D, F, H, K, E = cfg.d_model, cfg.ffn_dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
 
-    def layer(i: int) -> dict[str, lazy.LazyTensor]:
-        def get(name: str, shape, view=lambda w: w):
-            return tensors.tensor(f"model.layers.{i}.{name}", shape, view)
+    def read(key: str, layer: int | None, shape: tuple[int, ...]) -> lazy.LazyTensor:
+        name = TENSOR_NAMES[key] if layer is None else f"model.layers.{layer}.{TENSOR_NAMES[key]}"
+        return tensors.tensor(name, shape, lambda w: w.reshape(shape))
 
-        weights = {
-            "attn_norm": get("input_layernorm.weight", (D,)),
-            "wq": get("self_attn.q_proj.weight", (D, H, E), lambda w: w.T.reshape(D, H, E)),
-            "wk": get("self_attn.k_proj.weight", (D, K, E), lambda w: w.T.reshape(D, K, E)),
-            "wv": get("self_attn.v_proj.weight", (D, K, E), lambda w: w.T.reshape(D, K, E)),
-            "wo": get("self_attn.o_proj.weight", (H, E, D), lambda w: w.T.reshape(H, E, D)),
-            "mlp_norm": get("post_attention_layernorm.weight", (D,)),
-            "w_gate": get("mlp.gate_proj.weight", (D, F), lambda w: w.T),
-            "w_up": get("mlp.up_proj.weight", (D, F), lambda w: w.T),
-            "w_down": get("mlp.down_proj.weight", (F, D), lambda w: w.T),
-        }
-        if cfg.qkv_bias:
-            for key, proj, heads in (("bq", "q_proj", H), ("bk", "k_proj", K), ("bv", "v_proj", K)):
-                weights[key] = get(f"self_attn.{proj}.bias", (heads, E), lambda b, n=heads: b.reshape(n, E))
-        return weights
-
-    layers = [layer(i) for i in range(cfg.n_layers)]
-    params = {
-        "embed": tensors.tensor("model.embed_tokens.weight", (cfg.vocab_size, D)),
-        "final_norm": tensors.tensor("model.norm.weight", (D,)),
-        "layers": {key: lazy.stack([one[key] for one in layers]) for key in layers[0]},
-    }
-    if not cfg.tie_embeddings:
-        if "lm_head.weight" not in tensors:
-            raise CheckpointError("tie_word_embeddings is false but lm_head.weight is missing")
-        params["lm_head"] = tensors.tensor("lm_head.weight", (D, cfg.vocab_size), lambda w: w.T)
-    return params
+    return lazy.assemble_params(cfg, read)
 
 
 def read_checkpoint(path: str | Path, context_length: int) -> tuple[ModelConfig, dict]:

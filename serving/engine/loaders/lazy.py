@@ -17,7 +17,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from serving.engine import quant
+from serving.engine import model, quant
+from serving.engine.config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +63,18 @@ def stack(parts: Sequence[LazyTensor]) -> LazyTensor:
             part.fill(out[i])
 
     return LazyTensor((len(parts),) + first.shape, first.dtype, fill)
+
+
+def assemble_params(cfg: ModelConfig, read: Callable[[str, int | None, tuple[int, ...]], LazyTensor]) -> dict:
+    """The params tree of `model.param_infos(cfg)` from `read(key, layer, shape)`: one checkpoint
+    tensor per key and layer (layer None outside the layers) in the declared shape; layers stacked."""
+    infos = model.param_infos(dataclasses.replace(cfg, quantize_weights=False))
+    params = {key: read(key, None, info.shape) for key, info in infos.items() if key != "layers"}
+    params["layers"] = {
+        key: stack([read(key, i, info.shape[1:]) for i in range(cfg.n_layers)])
+        for key, info in infos["layers"].items()
+    }
+    return params
 
 
 def quantized(tensor: LazyTensor, contract: Sequence[int]) -> quant.QuantArray:
