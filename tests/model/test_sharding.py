@@ -184,9 +184,9 @@ def test_int8_tp4xar2_shardings_and_tokens_equal_int8_single_device(smollm_engin
         assert array.sharding.spec == spec, f"{name} after insert + generate"
     # int8 activations round per token, so a last-bit float difference of the sharded sums can
     # flip one rounding and, at a near tie, one greedy token; teacher forcing keeps one flip from
-    # changing every later position. Measured free-running: 47 of 48 tokens equal (the last one of
-    # one prompt flipped at a near tie).
-    assert teacher_forced_agreement(engines, prompts, int8_single[1]) >= 0.95
+    # changing every later position. Measured teacher-forced: 45 of 48 positions equal with the
+    # weights in [out, in] order (47 of 48 with the earlier [in, out] order: the sums' order moved).
+    assert teacher_forced_agreement(engines, prompts, int8_single[1]) >= 0.9
 
 
 def test_bf16_agreement_and_memory(smollm_engines, prompts, single, int8_single, one_device):
