@@ -77,15 +77,40 @@ def assemble_params(cfg: ModelConfig, read: Callable[[str, int | None, tuple[int
     return params
 
 
+# Values quantized per step of `_quantize`: float32 temporaries stay this small (64 MiB).
+QUANTIZE_CHUNK_ELEMENTS = 16 * 2**20
+
+
+def _scale_shape(shape: tuple[int, ...], contract: Sequence[int]) -> tuple[int, ...]:
+    return tuple(1 if i in contract else n for i, n in enumerate(shape))
+
+
+def _quantize(tensor: LazyTensor, contract: Sequence[int]) -> quant.QuantArray:
+    """int8 of `tensor`, read in its own dtype and quantized a slab of leading rows at a time when
+    the leading axis (layers, or vocabulary rows) is not contracted: the same result as one
+    `quant.quantize` of the whole, without a float32 copy of the whole."""
+    source = tensor.read()
+    if 0 in contract:
+        return quant.quantize(source.astype(np.float32), contract)
+    result = quant.QuantArray(
+        values=np.empty(tensor.shape, np.int8), scale=np.empty(_scale_shape(tensor.shape, contract), np.float32)
+    )
+    rows = max(1, QUANTIZE_CHUNK_ELEMENTS // max(1, source[0].size))
+    for start in range(0, tensor.shape[0], rows):
+        part = quant.quantize(source[start : start + rows].astype(np.float32), contract)
+        result.values[start : start + rows], result.scale[start : start + rows] = part.values, part.scale
+    return result
+
+
 def quantized(tensor: LazyTensor, contract: Sequence[int]) -> quant.QuantArray:
-    """int8 values and scales of `tensor`, both lazy: the float tensor is read and quantized when
-    the first is read, and the result is dropped once both have been read."""
+    """int8 values and scales of `tensor`, both lazy: the tensor is read and quantized when the
+    first is read, and the result is dropped once both have been read."""
     memo: dict[str, object] = {}
 
     def part(name: str, shape: tuple[int, ...], dtype) -> LazyTensor:
         def fill(out: np.ndarray) -> None:
             if "result" not in memo:
-                memo["result"], memo["read"] = quant.quantize(tensor.read(np.float32), contract), set()
+                memo["result"], memo["read"] = _quantize(tensor, contract), set()
             out[...] = getattr(memo["result"], name)
             memo["read"].add(name)
             if len(memo["read"]) == 2:
@@ -93,5 +118,5 @@ def quantized(tensor: LazyTensor, contract: Sequence[int]) -> quant.QuantArray:
 
         return LazyTensor(shape, np.dtype(dtype), fill)
 
-    scale_shape = tuple(1 if i in contract else n for i, n in enumerate(tensor.shape))
-    return quant.QuantArray(values=part("values", tensor.shape, np.int8), scale=part("scale", scale_shape, np.float32))
+    scale = part("scale", _scale_shape(tensor.shape, contract), np.float32)
+    return quant.QuantArray(values=part("values", tensor.shape, np.int8), scale=scale)
