@@ -242,7 +242,7 @@ def qkv(cfg: ModelConfig, layer: dict, x: jax.Array, rope_tab, shard: Shard = no
 def attn_out(layer: dict, x: jax.Array, attn: jax.Array, shard: Shard = no_shard) -> jax.Array:
     """Residual plus the output projection of attention [B, T, H, E].
 
-    Heads and head_dim are merged first ([B, T, H*E] x [H*E, D], free reshapes of contiguous
+    Heads and head_dim are merged first ([B, T, H*E] x [D, H*E], free reshapes of contiguous
     dims): contracting two axes made XLA transpose wo on every call.
     """
     b, t, h, e = attn.shape
