@@ -110,3 +110,19 @@ def test_a_checkpoint_that_is_not_the_stack_preset_is_refused_naming_both_sides(
         check_preset("llama3.1-8b", cfg)
     with pytest.raises(ValueError, match=r"not a llama2-7b.*n_kv_heads: checkpoint 3 vs preset 32"):
         load_checkpoint(ServingSettings(model_name="llama2-7b"))  # the bundled SmolLM2 GGUF
+
+
+def test_a_directory_loads_through_load_checkpoint_with_its_tokenizer(tmp_path, monkeypatch):
+    """The server's entry point picks the Hugging Face loader for a directory holding config.json
+    and takes the tokenizer from the directory (the tokenizer module's constructor)."""
+    from serving.engine import tokenizer
+
+    path = families.save_family("qwen2", tmp_path)
+    monkeypatch.setattr(tokenizer, "tokenizer_from_hf_dir", lambda directory: ("tokenizer of", directory), raising=False)
+    settings = ServingSettings(load_parameters_path=str(path), max_prefill_predict_length=32, max_target_length=64,
+                               weight_dtype="bfloat16")
+    cfg, params, loaded_tokenizer = load_checkpoint(settings)
+    assert cfg.architecture == "Qwen2ForCausalLM" and cfg.weight_dtype == "bfloat16"
+    assert np.asarray(params["layers"]["wq"]).dtype == np.dtype("bfloat16") and loaded_tokenizer == ("tokenizer of", path)
+    with pytest.raises(ValueError, match="not a llama3.1-8b"):
+        load_checkpoint(dataclasses.replace(settings, model_name="llama3.1-8b"))
