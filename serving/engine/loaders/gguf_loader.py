@@ -2,8 +2,8 @@
 
 Every tensor type the `gguf` package dequantizes (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K,
 Q6_K, ...) is read tensor by tensor when the weights are placed (`lazy.LazyTensor`): dequantized to
-float32 one tensor at a time and copied into its serving dtype; the file's pages are handed back to
-the page cache after each tensor, so the whole file never sits in the process's memory.
+float32 a slab of rows at a time straight into the serving dtype; the file's pages are handed back
+to the page cache after each tensor, so the whole file never sits in the process's memory.
 
 llama.cpp's converter permutes the rows of a `llama` model's attn_q / attn_k so that RoPE rotates
 interleaved pairs (2i, 2i+1); `unpermute_rope_rows` undoes that so the model's rotate_half RoPE
@@ -48,6 +48,9 @@ def _field(reader: gguf.GGUFReader, key: str, default=None):
     field = reader.fields.get(key)
     return default if field is None else field.contents()
 
+
+# Values dequantized per step when a tensor is read row slab by row slab (64 MiB of float32).
+DEQUANTIZE_CHUNK_ELEMENTS = 16 * 2**20
 
 # GGUF `general.architecture` -> the Hugging Face class it converts (convert_hf_to_gguf.py).
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -97,23 +100,32 @@ def _dequantized(t) -> np.ndarray:
 
 
 class _TensorReader:
-    """GGUF tensors as LazyTensors: dequantized on read, then a layout change (`view`)."""
+    """GGUF tensors as LazyTensors, dequantized when read."""
 
     def __init__(self, reader: gguf.GGUFReader):
         self._reader = reader
         self._tensors = {t.name: t for t in reader.tensors}
 
-    def tensor(self, name: str, shape: tuple[int, ...], view) -> lazy.LazyTensor:
+    def tensor(self, name: str, shape: tuple[int, ...], view=None) -> lazy.LazyTensor:
+        """Tensor `name` in `shape`. Without a `view` (a layout change that needs every row, such as
+        un-permuting q/k rows) it is dequantized a slab of rows at a time, straight into place."""
         if name not in self._tensors:
             raise ValueError(f"GGUF tensor {name!r} is missing")
         t = self._tensors[name]
 
-        def read() -> np.ndarray:
-            values = view(_dequantized(t))
+        def fill_whole(out: np.ndarray) -> None:
+            out[...] = view(_dequantized(t))
             self._release(t)
-            return values
 
-        return lazy.from_view(read, shape, np.float32)
+        def fill_by_rows(out: np.ndarray) -> None:
+            data = t.data if t.data.ndim == 2 else t.data[None]  # [rows, bytes (or values) per row]
+            rows = out.reshape(data.shape[0], -1)  # a view: `out` is contiguous
+            step = max(1, DEQUANTIZE_CHUNK_ELEMENTS // rows.shape[1])
+            for start in range(0, data.shape[0], step):
+                rows[start : start + step] = gguf.quants.dequantize(data[start : start + step], t.tensor_type)
+            self._release(t)
+
+        return lazy.LazyTensor(tuple(shape), np.dtype(np.float32), fill_by_rows if view is None else fill_whole)
 
     def _release(self, t) -> None:
         """Drop the tensor's file pages from this process (they stay in the page cache)."""
@@ -145,7 +157,7 @@ def read_params(reader: gguf.GGUFReader, cfg: ModelConfig) -> dict:
         if permuted and key in ROPE_ROWS:
             heads = getattr(cfg, ROPE_ROWS[key])
             return tensors.tensor(name, shape, lambda w: unpermute_rope_rows(w, heads).reshape(shape))
-        return tensors.tensor(name, shape, lambda w: w.reshape(shape))
+        return tensors.tensor(name, shape)
 
     return lazy.assemble_params(cfg, read)
 
