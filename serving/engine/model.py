@@ -10,7 +10,9 @@ host init (`init_params`), int8 swap (`quant`), shardings (`sharding.ShardingRul
 
 Layers are stacked on a leading L axis and run with `lax.scan`, so compile time does not grow with
 depth. RoPE uses the Hugging Face "rotate_half" layout; the GGUF loader un-permutes llama.cpp's
-interleaved Q/K rows into it.
+interleaved Q/K rows into it. Matrices keep the checkpoints' own [out, in] order (PyTorch's
+`nn.Linear` and GGUF's rows: wq [H, E, D], w_up [F, D], w_down [D, F], ...): loading is then a copy
+of each tensor, never a transpose, and every einsum contracts the weight's last axes.
 
 Decode attention walks the cache in `cfg.kv_block`-sized blocks with an online softmax, for
 ceil(max live length / block) blocks only (a `fori_loop` with a traced bound), so its cost follows
@@ -21,7 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -82,17 +85,18 @@ def _float_param_infos(cfg: ModelConfig) -> dict:
     w = cfg.param_dtype
     layers = {
         "attn_norm": ArrayInfo((L, D), jnp.float32, ("layers", "norm"), init="ones"),
-        "wq": ArrayInfo((L, D, H, E), w, ("layers", "embed", "q_heads", "head_dim"), (1,)),
-        "wk": ArrayInfo((L, D, K, E), w, ("layers", "embed", "kv_heads", "head_dim"), (1,)),
-        "wv": ArrayInfo((L, D, K, E), w, ("layers", "embed", "kv_heads", "head_dim"), (1,)),
+        "wq": ArrayInfo((L, H, E, D), w, ("layers", "q_heads", "head_dim", "embed"), (3,)),
+        "wk": ArrayInfo((L, K, E, D), w, ("layers", "kv_heads", "head_dim", "embed"), (3,)),
+        "wv": ArrayInfo((L, K, E, D), w, ("layers", "kv_heads", "head_dim", "embed"), (3,)),
         "wo": ArrayInfo(
-            (L, H, E, D), w, ("layers", "q_heads", "head_dim", "embed"), (1, 2),
+            (L, D, H, E), w, ("layers", "embed", "q_heads", "head_dim"), (2, 3),
             float_under_int8=not cfg.quantize_attention_output,
         ),
         "mlp_norm": ArrayInfo((L, D), jnp.float32, ("layers", "norm"), init="ones"),
-        "w_gate": ArrayInfo((L, D, F), w, ("layers", "embed", "mlp"), (1,)),
-        "w_up": ArrayInfo((L, D, F), w, ("layers", "embed", "mlp"), (1,)),
-        "w_down": ArrayInfo((L, F, D), w, ("layers", "mlp", "embed"), (1,)),
+        **(_qkv_bias_infos(cfg) if cfg.qkv_bias else {}),
+        "w_gate": ArrayInfo((L, F, D), w, ("layers", "mlp", "embed"), (2,)),
+        "w_up": ArrayInfo((L, F, D), w, ("layers", "mlp", "embed"), (2,)),
+        "w_down": ArrayInfo((L, D, F), w, ("layers", "embed", "mlp"), (2,)),
     }
     infos = {
         # Embedding rows are also the tied output projection: contract D, one scale per vocab row.
@@ -101,8 +105,18 @@ def _float_param_infos(cfg: ModelConfig) -> dict:
         "layers": layers,
     }
     if not cfg.tie_embeddings:
-        infos["lm_head"] = ArrayInfo((D, V), w, ("embed", "vocab"), (0,))
+        infos["lm_head"] = ArrayInfo((V, D), w, ("vocab", "embed"), (1,))
     return infos
+
+
+def _qkv_bias_infos(cfg: ModelConfig) -> dict:
+    """Biases of the q, k, v projections [L, H|K, E] (float32: they are added after the matmul)."""
+    L, H, K, E = cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    return {
+        "bq": ArrayInfo((L, H, E), jnp.float32, ("layers", "q_heads", "head_dim"), init="zeros"),
+        "bk": ArrayInfo((L, K, E), jnp.float32, ("layers", "kv_heads", "head_dim"), init="zeros"),
+        "bv": ArrayInfo((L, K, E), jnp.float32, ("layers", "kv_heads", "head_dim"), init="zeros"),
+    }
 
 
 def quantized(info: ArrayInfo) -> bool:
@@ -166,8 +180,8 @@ def init_params(cfg: ModelConfig, seed: int) -> dict:
     rng = np.random.default_rng(seed)
 
     def init(info: ArrayInfo) -> np.ndarray:
-        if info.init == "ones":
-            return np.ones(info.shape, info.dtype)
+        if info.init in ("ones", "zeros"):
+            return np.full(info.shape, info.init == "ones", info.dtype)
         fan_in = math.prod(info.shape[i] for i in info.contract) if info.contract else 1
         values = rng.standard_normal(info.shape, np.float32) / math.sqrt(fan_in)
         return values.astype(info.dtype)
@@ -198,6 +212,8 @@ def rope_table(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.A
     """cos, sin [B, T, 1, E/2] at positions [B, T]; computed once per step, shared by all layers."""
     half = cfg.head_dim // 2
     inv_freq = 1.0 / (cfg.rope_base ** (jnp.arange(half, dtype=jnp.float32) / half))  # [E/2]
+    if cfg.rope_freq_factors:
+        inv_freq = inv_freq / jnp.asarray(cfg.rope_freq_factors, jnp.float32)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, E/2]
     return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
 
@@ -214,31 +230,34 @@ def rope(x: jax.Array, table: tuple[jax.Array, jax.Array]) -> jax.Array:
 def qkv(cfg: ModelConfig, layer: dict, x: jax.Array, rope_tab, shard: Shard = no_shard):
     """x [B, T, D] -> q [B, T, H, E], k, v [B, T, K, E] (q, k rotated by `rope_table`)."""
     h = rms_norm(x, layer["attn_norm"], cfg.norm_eps)
-    q = shard(quant.einsum("btd,dhe->bthe", h, layer["wq"]), BTH)
-    k = shard(quant.einsum("btd,dke->btke", h, layer["wk"]), BTK)
-    v = shard(quant.einsum("btd,dke->btke", h, layer["wv"]), BTK)
+    q = quant.einsum("btd,hed->bthe", h, layer["wq"])
+    k = quant.einsum("btd,ked->btke", h, layer["wk"])
+    v = quant.einsum("btd,ked->btke", h, layer["wv"])
+    if cfg.qkv_bias:
+        q, k, v = (x + layer[b].astype(x.dtype) for x, b in ((q, "bq"), (k, "bk"), (v, "bv")))
+    q, k, v = shard(q, BTH), shard(k, BTK), shard(v, BTK)
     return rope(q, rope_tab), rope(k, rope_tab), v
 
 
 def attn_out(layer: dict, x: jax.Array, attn: jax.Array, shard: Shard = no_shard) -> jax.Array:
     """Residual plus the output projection of attention [B, T, H, E].
 
-    Heads and head_dim are merged first ([B, T, H*E] x [H*E, D], free reshapes of contiguous
+    Heads and head_dim are merged first ([B, T, H*E] x [D, H*E], free reshapes of contiguous
     dims): contracting two axes made XLA transpose wo on every call.
     """
     b, t, h, e = attn.shape
     flat = shard(attn, BTH).reshape(b, t, h * e)
-    wo = jax.tree.map(lambda w: w.reshape(-1, w.shape[-1]), layer["wo"])  # [H*E, D]; int8 scale [1, D]
-    return shard(x + quant.einsum("btf,fd->btd", flat, wo), BTD)
+    wo = jax.tree.map(lambda w: w.reshape(w.shape[0], -1), layer["wo"])  # [D, H*E]; int8 scale [D, 1]
+    return shard(x + quant.einsum("btf,df->btd", flat, wo), BTD)
 
 
 def mlp_block(cfg: ModelConfig, layer: dict, x: jax.Array, shard: Shard = no_shard) -> jax.Array:
     """SwiGLU with residual: x [B, T, D] -> x + mlp(x) [B, T, D]."""
     with jax.named_scope("mlp"):
         h = rms_norm(x, layer["mlp_norm"], cfg.norm_eps)
-        gate = shard(quant.einsum("btd,df->btf", h, layer["w_gate"]), BTF)
-        up = shard(quant.einsum("btd,df->btf", h, layer["w_up"]), BTF)
-        return shard(x + quant.einsum("btf,fd->btd", jax.nn.silu(gate) * up, layer["w_down"]), BTD)
+        gate = shard(quant.einsum("btd,fd->btf", h, layer["w_gate"]), BTF)
+        up = shard(quant.einsum("btd,fd->btf", h, layer["w_up"]), BTF)
+        return shard(x + quant.einsum("btf,df->btd", jax.nn.silu(gate) * up, layer["w_down"]), BTD)
 
 
 def embed(cfg: ModelConfig, params: dict, tokens: jax.Array, shard: Shard = no_shard) -> jax.Array:
@@ -256,9 +275,8 @@ def logits(cfg: ModelConfig, params: dict, x: jax.Array, shard: Shard = no_shard
     """x [B, D] -> f32 logits [B, V] (tied: the embedding table is the output projection)."""
     with jax.named_scope("logits"):
         h = rms_norm(x, params["final_norm"], cfg.norm_eps).astype(jnp.float32)
-        if cfg.tie_embeddings:
-            return shard(quant.einsum("bd,vd->bv", h, params["embed"]), BV)
-        return shard(quant.einsum("bd,dv->bv", h, params["lm_head"]), BV)
+        table = params["embed"] if cfg.tie_embeddings else params["lm_head"]
+        return shard(quant.einsum("bd,vd->bv", h, table), BV)
 
 
 def _group(cfg: ModelConfig, q: jax.Array) -> jax.Array:

@@ -13,6 +13,8 @@ and are applied first, so an explicit `key=value` wins:
   --dtype D                 dtype=D weight_dtype=D
   --slots N                 per_device_batch_size=N / (devices of the generate mesh)
   --no-warmup               enable_model_warmup=false
+  --compilation-cache-dir D jax_cache_dir=D (JAX's persistent compilation cache; a second start
+                            with the same model and settings loads every executable from it)
 
 Start-up runs in two separable steps so a multi-host launcher can run the first everywhere and the
 second only on process 0: `build_runtime` (engines, weights, orchestrator) and `serve` (front ends,
@@ -117,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default: max({MIN_QUEUED_REQUESTS}, {QUEUED_REQUESTS_PER_SLOT} x slots))",
     )
     parser.add_argument("--no-warmup", action="store_true", help="skip compiling ahead of serving")
+    parser.add_argument(
+        "--compilation-cache-dir", help="JAX persistent compilation cache directory (local or gs://)"
+    )
     parser.add_argument("--log-level", default="warning", help="server log level (default %(default)s)")
     group = parser.add_argument_group(
         "access (HTTP and gRPC; /healthcheck, /metrics and gRPC HealthCheck stay open)"
@@ -154,6 +159,7 @@ def settings_from_args(args: argparse.Namespace) -> ServingSettings:
         ("max_prefill_length", ("max_prefill_predict_length",)),
         ("max_target_length", ("max_target_length",)),
         ("dtype", ("dtype", "weight_dtype")),
+        ("compilation_cache_dir", ("jax_cache_dir",)),
     ):
         value = getattr(args, flag)
         if value is not None:
@@ -184,6 +190,7 @@ class Runtime:
     engines: Any  # serving.engine.EngineSet
     orchestrator: Orchestrator
     control: multihost.ControlServer | None = None  # process 0 of a multi-host group
+    compilation_cache: Any = None  # serving.engine.jax_engine.CompilationCacheStats when enabled
 
 
 def build_runtime(
@@ -294,6 +301,15 @@ def start_jax(settings: ServingSettings, group: multihost.ProcessGroup | None) -
     return jax.default_backend(), jax.device_count()
 
 
+def start_compilation_cache(settings: ServingSettings):
+    """The persistent compilation cache when jax_cache_dir is set (before anything compiles)."""
+    if not settings.jax_cache_dir:
+        return None
+    from serving.engine.jax_engine import enable_compilation_cache
+
+    return enable_compilation_cache(settings.jax_cache_dir)
+
+
 def serve(runtime: Runtime, args: argparse.Namespace, progress: Progress, stop: threading.Event) -> None:
     """Front ends up first (health 500 while warming), then warm-up, then serve until `stop`."""
     from serving.server.grpc_api import start_grpc_server
@@ -317,8 +333,14 @@ def serve(runtime: Runtime, args: argparse.Namespace, progress: Progress, stop: 
     )
     try:
         warm = runtime.settings.enable_model_warmup
+        warm_start = progress.elapsed
         with progress.step("warming up (compiling every prefill and decode bucket)" if warm else "starting"):
             orchestrator.start(warmup=warm, progress=progress)
+        cache = runtime.compilation_cache
+        progress(
+            f"start-up: compile (warm-up) {progress.elapsed - warm_start:.1f}s, ready after {progress.elapsed:.1f}s"
+            + (f"; {cache.describe()}" if cache else "")
+        )
         progress("ready: " + QUICK_START_REQUEST.format(port=http.port))
         while not stop.wait(_LIVENESS_POLL_S):
             if not orchestrator.is_live:
@@ -351,11 +373,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = settings_from_args(args)
         group = process_group(args)
         backend, devices = start_jax(settings, group)
+        compilation_cache = start_compilation_cache(settings)
         settings = with_slots(settings.for_backend(backend), args.slots, devices)
     except (SettingsError, ValueError, RuntimeError) as exc:  # RuntimeError: Pathways unavailable
         parser.error(str(exc))
     if group is not None and not group.is_leader:
         return run_worker(settings, group, progress)
     runtime = build_runtime(settings, args, progress, group=group)
+    runtime.compilation_cache = compilation_cache
     serve(runtime, args, progress, _stop_on_signals())
     return 0

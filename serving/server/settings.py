@@ -108,6 +108,7 @@ class ServingSettings:
     enable_single_controller: bool = False  # Pathways (pathwaysutils)
     inference_server: str = INTERLEAVED_SERVER
     seed: int = 0  # random weights of the tiny test configs
+    jax_cache_dir: str = ""  # JAX persistent compilation cache (path or gs:// prefix); "" = off
     ignored: tuple[str, ...] = ()  # keys accepted but not applicable, reported once at start
     given: frozenset[str] | None = None  # keys the arguments set; None: every field as constructed
 
@@ -165,6 +166,7 @@ _PARSERS: dict[str, Callable[[str, str], object]] = {
     "enable_single_controller": _parse_bool,
     "inference_server": _parse_choice(*INFERENCE_SERVERS),
     "seed": _parse_int,
+    "jax_cache_dir": _parse_str,
 }
 
 

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import jax
+import numpy as np
 import pytest
 
 from serving.engine.jax_engine import EngineSet, engines_from_params
 from serving.engine.loaders import gguf_loader, prepare_params, runtime_config
 from serving.server.settings import ServingSettings
 
+
 @pytest.fixture(scope="session")
 def smollm_raw():
-    """(architecture config, float32 host params, tokenizer) straight from the bundled GGUF."""
-    return gguf_loader.load_gguf(gguf_loader.bundled_gguf_path())
+    """(architecture config, float32 host params, tokenizer) straight from the bundled GGUF, read
+    once (the loader's params are lazy: every placement would dequantize the file again)."""
+    cfg, params, tokenizer = gguf_loader.load_gguf(gguf_loader.bundled_gguf_path())
+    return cfg, jax.tree.map(np.asarray, params), tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -127,8 +127,9 @@ def test_generate_runs_the_smallest_bucket_covering_the_highest_live_slot(tiny, 
         state = engine.insert(prefix, state, slot) if op == "insert" else engine.release(state, slot)
         state, step = engine.generate(params=params, decode_state=state)
         step.to_host()
-    # (rows, with log probabilities); no live slot: the one-row bucket
-    assert ran == [(1, False), (4, False), (1, False), (2, False), (2, False), (1, False)]
+    # (rows, with log probabilities, masked); no live slot: the one-row bucket
+    assert [rows for rows, _, _ in ran] == [1, 4, 1, 2, 2, 1]
+    assert not any(logprobs or masked for _, logprobs, masked in ran)
 
 
 def test_sampling_seeded_reproducible_and_slot_independent(tiny):
@@ -197,11 +198,11 @@ def test_every_array_has_its_intended_sharding(tp, heads_sharded):
     cache_batch = batch if heads_sharded else batch + ("tensor",)
     layers = params["layers"]
     expected = {
-        "wq": (layers["wq"].values, P(None, "fsdp", heads, None)),
-        "wq.scale": (layers["wq"].scale, P(None, None, heads, None)),
-        "wo": (layers["wo"].values, P(None, heads, None, "fsdp")),
-        "w_up": (layers["w_up"].values, P(None, "fsdp", "tensor")),
-        "w_down": (layers["w_down"].values, P(None, "tensor", "fsdp")),
+        "wq": (layers["wq"].values, P(None, heads, None, "fsdp")),
+        "wq.scale": (layers["wq"].scale, P(None, heads, None, None)),
+        "wo": (layers["wo"].values, P(None, "fsdp", heads, None)),
+        "w_up": (layers["w_up"].values, P(None, "tensor", "fsdp")),
+        "w_down": (layers["w_down"].values, P(None, "fsdp", "tensor")),
         "embed": (params["embed"].values, P("tensor", "fsdp")),
         "attn_norm": (layers["attn_norm"], P(None, None)),
         "cache.k": (state.arrays.cache.k, P(None, cache_batch, heads, None, None)),

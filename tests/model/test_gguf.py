@@ -13,7 +13,7 @@ from serving.engine.loaders import gguf_loader
 def test_config_matches_preset_and_params_have_declared_shapes(smollm_raw):
     cfg, params, _ = smollm_raw
     assert dataclasses.replace(cfg, norm_eps=1e-5) == preset("smollm2-135m")  # GGUF stores eps as f32
-    assert params["layers"]["wq"].shape == (30, 576, 9, 64) and params["embed"].shape == (49152, 576)
+    assert params["layers"]["wq"].shape == (30, 9, 64, 576) and params["embed"].shape == (49152, 576)
     assert "lm_head" not in params and all(np.isfinite(params["final_norm"]))
 
 

@@ -1,26 +1,28 @@
 """Checkpoint loading: `load_checkpoint(settings) -> (ModelConfig, host params, Tokenizer)`.
 
-A loader turns a checkpoint into an architecture `ModelConfig`, host (numpy) params in the layout
-of `model.param_infos`, and a tokenizer. `load_checkpoint` then applies the run settings (dtypes,
-int8 weights and KV cache), checks every array against its declaration, and quantizes on load
-unless the checkpoint already is int8 (`checkpoint_is_quantized`).
+A loader turns a checkpoint into an architecture `ModelConfig`, host params in the layout of
+`model.param_infos` (numpy arrays, or `lazy.LazyTensor`s read only when placed), and a tokenizer.
+`load_checkpoint` then applies the run settings (dtypes, int8 weights and KV cache), checks every
+array against its declaration, makes each leaf read in its serving dtype (quantized on load unless
+the checkpoint already is int8, `checkpoint_is_quantized`), and refuses a checkpoint that does not
+have the shapes of the stack preset `model_name` names.
 
-Loaders are tried in order; add a format (MaxText/Orbax, safetensors) by appending a `Loader`.
+Loaders are tried in order; add a format (MaxText/Orbax) by appending a `Loader`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import numpy as np
 
 from serving.engine import model, quant
-from serving.engine.config import PRESETS, ModelConfig
-from serving.engine_api import Tokenizer
-from serving.engine.loaders import gguf_loader, npz_loader
+from serving.engine.config import PRESETS, ModelConfig, check_preset
+from serving.engine.loaders import gguf_loader, hf_loader, lazy, npz_loader
 from serving.engine.tokenizer import ByteTokenizer
+from serving.engine_api import Tokenizer
 
 LoadResult = tuple[ModelConfig, dict, Tokenizer]
 
@@ -51,6 +53,7 @@ def _load_gguf(settings) -> LoadResult:
 
 LOADERS: tuple[Loader, ...] = (
     Loader("random", _is_random_preset, _load_random),
+    Loader("hf", lambda s: hf_loader.is_hf_dir(s.load_parameters_path), hf_loader.load_hf_checkpoint),
     Loader("npz", lambda s: s.load_parameters_path.endswith(".npz"), lambda s: npz_loader.load_npz(s.load_parameters_path)),
     Loader("gguf", lambda s: s.load_parameters_path in ("",) or s.load_parameters_path.endswith(".gguf"), _load_gguf),
 )
@@ -74,7 +77,8 @@ def _check_shape(value, info: model.ArrayInfo, path) -> None:
 
 
 def prepare_params(cfg: ModelConfig, params: dict, already_quantized: bool) -> dict:
-    """Check host params against `model.param_infos(cfg)`; quantize or cast each leaf to its dtype."""
+    """Check host params against `model.param_infos(cfg)`; each float leaf becomes a LazyTensor
+    read in its serving dtype, or int8-quantized as it is read."""
     float_infos = model.param_infos(dataclasses.replace(cfg, quantize_weights=False))
     has_quant = any(isinstance(x, quant.QuantArray) for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, quant.QuantArray)))
     if has_quant != already_quantized:
@@ -88,9 +92,11 @@ def prepare_params(cfg: ModelConfig, params: dict, already_quantized: bool) -> d
             _check_shape(value.values, info, path)
             return value
         _check_shape(value, info, path)
+        if not isinstance(value, lazy.LazyTensor):
+            value = lazy.from_view(lambda value=value: value, np.shape(value), np.asarray(value).dtype)
         if cfg.quantize_weights and model.quantized(info):
-            return quant.quantize(np.asarray(value, np.float32), info.contract)
-        return np.asarray(value).astype(info.dtype)
+            return lazy.quantized(value, info.contract)
+        return value.cast(info.dtype)
 
     return jax.tree_util.tree_map_with_path(prepare, float_infos, params, is_leaf=model.is_info)
 
@@ -100,6 +106,7 @@ def load_checkpoint(settings) -> LoadResult:
     for loader in LOADERS:
         if loader.matches(settings):
             arch, params, tokenizer = loader.load(settings)
+            check_preset(settings.model_name, arch)
             cfg = runtime_config(arch, settings)
             return cfg, prepare_params(cfg, params, settings.checkpoint_is_quantized), tokenizer
     names = ", ".join(loader.name for loader in LOADERS)

