@@ -310,7 +310,8 @@ def test_bundled_leader_and_workers_each_run_the_server_on_their_hosts_chips(sta
         assert server["name"] == "jax-tpu" and server["image"] == BUNDLED_IMAGE
         assert server["command"] == ["python", "-m", "serving", "--host", "0.0.0.0", "--http-port", "8000", "--grpc-port", "9000"]
         assert server["resources"] == {"limits": {"google.com/tpu": str(cfg.tpu_slice.chips_per_host)}}
-        assert server["env"] == [{"name": "JAX_COORDINATOR_PORT", "value": "8476"}]
+        assert server["env"] == [{"name": "JAX_COORDINATOR_PORT", "value": "8476"},
+                                 {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
         assert {8476, 8477} <= {port["containerPort"] for port in server["ports"]}
         assert spec["nodeSelector"] == {"cloud.google.com/gke-tpu-accelerator": "tpu-v6e-slice", "cloud.google.com/gke-tpu-topology": cfg.tpu_slice.topology,
                                         "jetstream-tpu/deployment": f"jetstream-{stack}"}
@@ -334,10 +335,10 @@ def test_bundled_leader_and_workers_each_run_the_server_on_their_hosts_chips(sta
         assert probe not in worker_server  # workers serve no HTTP
 
 
-def _fuse_volume(bucket: str, directory: str) -> dict:
+def _fuse_volume(bucket: str, directory: str, name: str = "models", read_only: bool = True) -> dict:
     options = gcs_fuse.MOUNT_OPTIONS + (f",only-dir={directory}" if directory else "")
-    return {"name": "models", "csi": {"driver": "gcsfuse.csi.storage.gke.io", "readOnly": True,
-                                      "volumeAttributes": {"bucketName": bucket, "mountOptions": options}}}
+    return {"name": name, "csi": {"driver": "gcsfuse.csi.storage.gke.io", **({"readOnly": True} if read_only else {}),
+                                  "volumeAttributes": {"bucketName": bucket, "mountOptions": options}}}
 
 
 @pytest.mark.parametrize("stack", BUNDLED_STACKS)
@@ -349,10 +350,14 @@ def test_bundled_pods_mount_the_checkpoints_directory_read_only_through_gcs_fuse
         spec = template["spec"]
         assert template["metadata"]["annotations"] == gcs_fuse.ANNOTATIONS  # the driver's sidecar
         assert spec["volumes"] == [{"name": "gke-gcsfuse-cache", "emptyDir": {"medium": "Memory"}},
-                                   _fuse_volume("my-gcp-project-checkpoints", stack)]
+                                   _fuse_volume("my-gcp-project-checkpoints", stack),
+                                   _fuse_volume(cfg.scratch_bucket, f"jax-cache/{cfg.deployment_id}", "jax-cache", False)]
         (server,) = spec["containers"]
-        assert server["volumeMounts"] == [{"name": "models", "mountPath": "/models", "readOnly": True}]
+        assert server["volumeMounts"] == [{"name": "models", "mountPath": "/models", "readOnly": True},
+                                          {"name": "jax-cache", "mountPath": "/jax-cache"}]
         assert _args(server)["load_parameters_path"] == "/models/model.npz"
+        # the compilation cache of each pod in its own directory of the deployment's prefix
+        assert _args(server)["jax_cache_dir"] == "/jax-cache/$(POD_NAME)"
 
 
 @pytest.mark.parametrize("path, volume, load_path", [

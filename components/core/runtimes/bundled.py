@@ -80,6 +80,12 @@ IMAGE_TAG = "stack-build"
 COMMAND = ("python", "-m", "serving", "--host", "0.0.0.0", "--http-port", str(HTTP_PORT), "--grpc-port", str(GRPC_PORT))
 MODELS_DIR = "/models"
 MODELS_VOLUME = "models"
+# JAX's persistent compilation cache on the scratch bucket (read-write), one directory per pod: a
+# restarted group loads its executables instead of compiling them, and LWS pods keep their names
+# (<lws>-<group>[-<worker>]) across restarts; pods never write one directory at once.
+JAX_CACHE_VOLUME = "jax-cache"
+JAX_CACHE_DIR = "/jax-cache"
+POD_NAME_ENV = "POD_NAME"
 # The dtype the server computes and keeps its unquantized KV cache in; the planner counts its
 # size (ACTIVATION_BYTES), so the stack always passes it.
 DTYPE = "bfloat16"
@@ -121,7 +127,11 @@ def _memory_flags(cfg: StackConfig) -> dict[str, str]:
 
 def server_args(cfg: StackConfig, axis_flags: Mapping[str, int]) -> tuple[str, ...]:
     # Multi-controller: one server process per TPU host, no Pathways.
-    always = {"enable_single_controller": "false", **_memory_flags(cfg)}
+    always = {
+        "enable_single_controller": "false",
+        "jax_cache_dir": f"{JAX_CACHE_DIR}/$({POD_NAME_ENV})",
+        **_memory_flags(cfg),
+    }
     return maxtext.maxtext_args(cfg, axis_flags, load_path=local_checkpoint(cfg), always=always)
 
 
@@ -153,11 +163,18 @@ def server(cfg: StackConfig, plan: Plan, image: Any, leader: bool) -> lws.Contai
         env=(
             *server_secrets.env_vars(cfg.runtime.secret_envs(cfg)),
             lws.EnvVar(name=COORDINATOR_PORT_ENV, value=str(COORDINATOR_PORT)),
+            lws.EnvVar(
+                name=POD_NAME_ENV,
+                value_from=lws.EnvVarSource(field_ref=lws.ObjectFieldSelector(field_path="metadata.name")),
+            ),
         ),
         image_pull_policy=PULL_POLICY,
         ports=(*front_ends, *port(COORDINATOR_PORT, "jax-coordinator"), *port(CONTROL_PORT, "jax-control")),
         resources=tpu_limits(cfg),
-        volume_mounts=(lws.VolumeMount(name=MODELS_VOLUME, mount_path=MODELS_DIR, read_only=True),),
+        volume_mounts=(
+            lws.VolumeMount(name=MODELS_VOLUME, mount_path=MODELS_DIR, read_only=True),
+            lws.VolumeMount(name=JAX_CACHE_VOLUME, mount_path=JAX_CACHE_DIR),
+        ),
         **(server_probes(cfg, HEALTH_PATH) if leader else {}),
     )
 
@@ -165,7 +182,11 @@ def server(cfg: StackConfig, plan: Plan, image: Any, leader: bool) -> lws.Contai
 def _pod(cfg: StackConfig, plan: Plan, image: Any, leader: bool) -> PodContent:
     return PodContent(
         containers=(server(cfg, plan, image, leader),),
-        volumes=(gcs_fuse.cache_volume(), _checkpoint_volume(cfg)),
+        volumes=(
+            gcs_fuse.cache_volume(),
+            _checkpoint_volume(cfg),
+            gcs_fuse.bucket_volume(JAX_CACHE_VOLUME, cfg.scratch_bucket, f"jax-cache/{cfg.deployment_id}"),
+        ),
         annotations=gcs_fuse.ANNOTATIONS,
     )
 
