@@ -149,12 +149,14 @@ def test_rendered_server_arguments_parse_as_server_settings(stack):
         assert settings.disaggregated is False
         # Multi-controller: no Pathways, every process joins jax.distributed.
         assert settings.enable_single_controller is False
-        # The file the init container copied, in the pod's /models volume.
+        # The checkpoint, in the pod's read-only /models mount of its bucket.
         assert settings.load_parameters_path == f"{bundled.MODELS_DIR}/{CHECKPOINT_FILE}"
         (mount,) = [m for m in container["volumeMounts"] if settings.load_parameters_path.startswith(m["mountPath"] + "/")]
         assert mount["name"] == bundled.MODELS_VOLUME
-        env = {item["name"]: item["value"] for item in container["env"]}
+        env = {item["name"]: item.get("value") for item in container["env"]}
         assert int(env["JAX_COORDINATOR_PORT"]) == multihost.DEFAULT_COORDINATOR_PORT
+        # The compilation cache: the pod's own directory (Kubernetes expands $(POD_NAME)) on its bucket mount.
+        assert settings.jax_cache_dir == f"{bundled.JAX_CACHE_DIR}/$(POD_NAME)" and "POD_NAME" in env
 
 
 @pytest.mark.parametrize("stack", BUNDLED_STACKS)
