@@ -12,7 +12,6 @@ from pulumi_policy import (
     StackValidationArgs,
     StackValidationPolicy,
 )
-
 from rules import RULES, STACK_RULES, Resource, Rule, StackRule
 
 PACK_NAME = "jetstream-tpu-guardrails"

@@ -437,7 +437,8 @@ def check_exposed_servers_check_an_api_key(resources: Sequence[Resource]) -> lis
                 f"the {what} {_get(exposure.props, 'metadata', 'name')!r} reaches the LeaderWorkerSet "
                 f"{_get(server.props, 'metadata', 'name')!r} in namespace {namespace!r}, whose serving pods carry no "
                 f"API key ({API_KEY_FLAG}, the variable {API_KEY_ENV_FLAG} names, or {VLLM_API_KEY_ENV}), so anyone "
-                f"in the VPC can use the model; set apiKeySecret (bundled or vllm runtime) or use serviceType ClusterIP")))
+                f"in the VPC can use the model; set apiKeySecret (bundled or vllm runtime) or use serviceType "
+                f"ClusterIP")))
     return problems
 
 

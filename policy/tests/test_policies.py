@@ -9,10 +9,9 @@ import pathlib
 import pytest
 import yaml
 from analyzer import analyze, analyze_resource, analyze_stack, urn_of
+from policies import POLICIES
 from pulumi.runtime.rpc import UNKNOWN
 from pulumi_policy import ResourceValidationPolicy
-
-from policies import POLICIES
 from rules import RULES, STACK_RULES
 
 PACK = pathlib.Path(__file__).resolve().parents[1]
@@ -239,7 +238,8 @@ def test_pulumi_runs_the_pack_in_its_own_virtualenv():
 
 # The stack policy: servers exposed to the VPC check an API key (advisory).
 KEY_SECRET = {"secretKeyRef": {"name": "jetstream-api-key", "key": "api-key"}}
-BUNDLED_WITH_KEY = serving_container(args=["--api-key-env", "API_KEY"], env=[{"name": "API_KEY", "valueFrom": KEY_SECRET}])
+BUNDLED_WITH_KEY = serving_container(args=["--api-key-env", "API_KEY"],
+                                     env=[{"name": "API_KEY", "valueFrom": KEY_SECRET}])
 INTERNAL = {"networking.gke.io/load-balancer-type": "Internal"}
 
 

@@ -1,6 +1,7 @@
 """The policy pack from the main suite: its own tests in its virtualenv, every policy on every
-example stack's own resources (each stack's resources together, for the stack policy), recorded under Pulumi mocks (tests/stack/pulumi_harness.py), and on
-the children of the pinned manifests the stack applies through ConfigFiles (tests/policy/manifests)."""
+example stack's own resources (one stack's together, for the stack policy), recorded under Pulumi
+mocks (tests/stack/pulumi_harness.py), and on the children of the pinned manifests the stack applies
+through ConfigFiles (tests/policy/manifests)."""
 
 from __future__ import annotations
 
@@ -100,8 +101,9 @@ def test_every_policy_judges_some_resource_of_the_example_stacks():
     recordings = [*(recording(stack) for stack in EXAMPLE_STACKS),
                   *(routed_recording(stack) for stack in ROUTED_STACKS)]
     analyses = [analysis_of(as_sent_to_the_pack(recorded)) for recorded in recordings]
-    judged = {policy for analysis in analyses for resource in analysis["resources"] for policy in resource["applicable"]}
-    judged |= {policy for analysis in analyses for policy in analysis["stack"]["applicable"]}
+    judged = {policy for analysis in analyses
+              for policy in (*analysis["stack"]["applicable"],
+                             *(name for resource in analysis["resources"] for name in resource["applicable"]))}
     assert judged == set(analyses[0]["policies"])
 
 
