@@ -39,7 +39,7 @@ class Violation:
 @dataclasses.dataclass(frozen=True)
 class Analysis:
     violations: list[Violation]
-    not_applicable: set[str]  # the policies that do not judge this resource
+    not_applicable: set[str]  # the policies that do not judge this resource (or stack)
     kind: type = ResourceValidationPolicy  # the policies the request runs: resource or stack ones
 
     @property
