@@ -1,11 +1,18 @@
 """The pack's policies: every rule of `rules.py` as a mandatory `ResourceValidationPolicy`, its
-settings (if any) as the policy's config schema."""
+settings (if any) as the policy's config schema; every stack rule as an advisory `StackValidationPolicy`."""
 
 from __future__ import annotations
 
-from pulumi_policy import EnforcementLevel, PolicyConfigSchema, ReportViolation, ResourceValidationArgs, ResourceValidationPolicy
-
-from rules import RULES, Resource, Rule
+from pulumi_policy import (
+    EnforcementLevel,
+    PolicyConfigSchema,
+    ReportViolation,
+    ResourceValidationArgs,
+    ResourceValidationPolicy,
+    StackValidationArgs,
+    StackValidationPolicy,
+)
+from rules import RULES, STACK_RULES, Resource, Rule, StackRule
 
 PACK_NAME = "jetstream-tpu-guardrails"
 
@@ -21,9 +28,23 @@ def _validate(rule: Rule):
     return validate
 
 
+def _validate_stack(rule: StackRule):
+    def validate(args: StackValidationArgs, report_violation: ReportViolation) -> None:
+        resources = [Resource(type=resource.resource_type, urn=resource.urn, props=resource.props)
+                     for resource in args.resources]
+        if not rule.applies(resources):
+            args.not_applicable()  # raises: nothing in this stack for the rule to judge
+        for urn, message in rule.check(resources):
+            report_violation(message, urn)
+    return validate
+
+
 POLICIES = [
-    ResourceValidationPolicy(name=rule.name, description=rule.description, validate=_validate(rule),
-                             enforcement_level=EnforcementLevel.MANDATORY,
-                             config_schema=PolicyConfigSchema(properties=dict(rule.config)) if rule.config else None)
-    for rule in RULES
+    *(ResourceValidationPolicy(name=rule.name, description=rule.description, validate=_validate(rule),
+                               enforcement_level=EnforcementLevel.MANDATORY,
+                               config_schema=PolicyConfigSchema(properties=dict(rule.config)) if rule.config else None)
+      for rule in RULES),
+    *(StackValidationPolicy(name=rule.name, description=rule.description, validate=_validate_stack(rule),
+                            enforcement_level=EnforcementLevel.ADVISORY)
+      for rule in STACK_RULES),
 ]

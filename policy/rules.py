@@ -9,7 +9,11 @@ and, inside a policy pack, mappings and lists arrive as read-only `Mapping` / `S
 raise on a value still unknown during preview, so the rules use only those protocols and read only
 the fields they judge (an unknown field elsewhere in the resource must not stop the check).
 
-No Pulumi import here: `policies.py` wraps each rule in a `ResourceValidationPolicy`.
+A stack rule (`StackRule`) judges all of a stack's resources together: its check returns, per finding,
+the URN of the resource at fault and the message.
+
+No Pulumi import here: `policies.py` wraps each rule in a `ResourceValidationPolicy`, each stack rule
+in an advisory `StackValidationPolicy`.
 """
 
 from __future__ import annotations
@@ -173,12 +177,19 @@ def is_service(resource: Resource) -> bool:
     return resource.kubernetes_kind == "Service"
 
 
+def _is_load_balancer(resource: Resource) -> bool:
+    return _get(resource.props, "spec", "type") == "LoadBalancer"
+
+
+def _has_internal_annotation(resource: Resource) -> bool:
+    annotations = _get(resource.props, "metadata", "annotations")
+    return any(_get(annotations, name) == wanted
+               for name, wanted in (INTERNAL_LB_ANNOTATION, LEGACY_INTERNAL_LB_ANNOTATION))
+
+
 def check_load_balancer_internal(resource: Resource) -> list[str]:
     key, value = INTERNAL_LB_ANNOTATION
-    annotations = _get(resource.props, "metadata", "annotations")
-    internal = any(_get(annotations, name) == wanted
-                   for name, wanted in (INTERNAL_LB_ANNOTATION, LEGACY_INTERNAL_LB_ANNOTATION))
-    if _get(resource.props, "spec", "type") != "LoadBalancer" or internal:
+    if not _is_load_balancer(resource) or _has_internal_annotation(resource):
         return []
     return [(f"is a LoadBalancer without the annotation {key}: {value!r}, so GKE would give it a public IP; "
              f"add the annotation (internal passthrough load balancer) or use ClusterIP")]
@@ -361,6 +372,80 @@ def check_lws_startup_probes(resource: Resource) -> list[str]:
     return problems
 
 
+# ---------------------------------------------------------------------------------------------
+# A stack that exposes its servers to the VPC has them check an API key (advisory, a stack rule).
+
+# How the servers learn the key clients must send: the bundled server takes it with --api-key or
+# from the variable --api-key-env names (the stack passes API_KEY, from apiKeySecret); vLLM's
+# api_server takes --api-key, else reads VLLM_API_KEY. A literal --api-key counts too: it is a key.
+API_KEY_FLAG = "--api-key"
+API_KEY_ENV_FLAG = "--api-key-env"
+VLLM_API_KEY_ENV = "VLLM_API_KEY"
+
+
+def exposes_servers(resource: Resource) -> bool:
+    """An internal LoadBalancer Service (reachable from the whole VPC) or a Gateway."""
+    return is_gateway(resource) or (is_service(resource) and _is_load_balancer(resource)
+                                    and _has_internal_annotation(resource))
+
+
+def _namespace(resource: Resource) -> Any:
+    return _get(resource.props, "metadata", "namespace")
+
+
+def _command_line(container: Mapping[str, Any]) -> list[str]:
+    """The container's command and args, split into words (a `sh -c` script included)."""
+    return [word for item in (*_items(container.get("command")), *_items(container.get("args")))
+            for word in str(item).split()]
+
+
+def _flag_values(words: Sequence[str], flag: str) -> list[str]:
+    """The values a command line gives `flag`: `--flag VALUE` or `--flag=VALUE`."""
+    return [*(words[index + 1] for index, word in enumerate(words[:-1]) if word == flag),
+            *(word.split("=", 1)[1] for word in words if word.startswith(flag + "="))]
+
+
+def checks_an_api_key(container: Mapping[str, Any]) -> bool:
+    """The container's server gets a key: on its command line, or in a variable it reads the key from."""
+    words = _command_line(container)
+    if any(_flag_values(words, API_KEY_FLAG)):
+        return True
+    key_variables = {VLLM_API_KEY_ENV, *_flag_values(words, API_KEY_ENV_FLAG)}
+    return any(variable.get("name") in key_variables and (variable.get("value") or variable.get("valueFrom"))
+               for variable in _items(container.get("env")))
+
+
+def _serving_containers(resource: Resource) -> Sequence[Any]:
+    """The containers of the group's entry pod: the leader, or the worker when there is no leader template."""
+    templates = _get(resource.props, "spec", "leaderWorkerTemplate")
+    entry = _get(templates, "leaderTemplate") or _get(templates, "workerTemplate")
+    return _items(_get(entry, "spec", "containers"))
+
+
+def check_exposed_servers_check_an_api_key(resources: Sequence[Resource]) -> list[tuple[str, str]]:
+    """(urn of the Service or Gateway, message) for each LeaderWorkerSet in its namespace whose
+    entry pod carries no API key: anyone who reaches the address can use the model."""
+    servers = [resource for resource in resources if is_leader_worker_set(resource)]
+    problems = []
+    for exposure in filter(exposes_servers, resources):
+        namespace = _namespace(exposure)
+        for server in servers:
+            if _namespace(server) != namespace or any(map(checks_an_api_key, _serving_containers(server))):
+                continue
+            what = "Gateway" if is_gateway(exposure) else "internal LoadBalancer Service"
+            problems.append((exposure.urn, (
+                f"the {what} {_get(exposure.props, 'metadata', 'name')!r} reaches the LeaderWorkerSet "
+                f"{_get(server.props, 'metadata', 'name')!r} in namespace {namespace!r}, whose serving pods carry no "
+                f"API key ({API_KEY_FLAG}, the variable {API_KEY_ENV_FLAG} names, or {VLLM_API_KEY_ENV}), so anyone "
+                f"in the VPC can use the model; set apiKeySecret (bundled or vllm runtime) or use serviceType "
+                f"ClusterIP")))
+    return problems
+
+
+def exposes_any_server(resources: Sequence[Resource]) -> bool:
+    return any(map(exposes_servers, resources)) and any(map(is_leader_worker_set, resources))
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
     name: str
@@ -412,4 +497,22 @@ RULES: tuple[Rule, ...] = (
     Rule("lws-serving-startup-probe",
          "LeaderWorkerSet containers that serve have a startup probe.",
          is_leader_worker_set, check_lws_startup_probes),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class StackRule:
+    """A rule over all of a stack's resources together; its findings are advisory (warnings)."""
+
+    name: str
+    description: str
+    applies: Callable[[Sequence[Resource]], bool]
+    check: Callable[[Sequence[Resource]], list[tuple[str, str]]]  # -> (urn of the resource at fault, message)
+
+
+STACK_RULES: tuple[StackRule, ...] = (
+    StackRule("internal-endpoints-api-key",
+              "Servers a stack exposes through an internal load balancer or a Gateway check an API key "
+              "(warning).",
+              exposes_any_server, check_exposed_servers_check_an_api_key),
 )

@@ -8,11 +8,11 @@ import pathlib
 
 import pytest
 import yaml
-from analyzer import analyze, analyze_resource, urn_of
-from pulumi.runtime.rpc import UNKNOWN
-
+from analyzer import analyze, analyze_resource, analyze_stack, urn_of
 from policies import POLICIES
-from rules import RULES
+from pulumi.runtime.rpc import UNKNOWN
+from pulumi_policy import ResourceValidationPolicy
+from rules import RULES, STACK_RULES
 
 PACK = pathlib.Path(__file__).resolve().parents[1]
 LWS = "kubernetes:leaderworkerset.x-k8s.io/v1:LeaderWorkerSet"
@@ -136,8 +136,9 @@ def test_policy_passes_its_compliant_resource_and_catches_its_violating_one(poli
     assert policies_violated(type_, violating, stack) == {policy}
 
 
-def test_every_policy_has_a_compliant_and_a_violating_case():
-    assert {case[0] for case in CASES} == {policy.name for policy in POLICIES}
+def test_every_resource_policy_has_a_compliant_and_a_violating_case():
+    assert {case[0] for case in CASES} == {policy.name for policy in POLICIES
+                                           if isinstance(policy, ResourceValidationPolicy)}
 
 
 def applicable(type_: str, props: dict, stack: str = "dev") -> list[str]:
@@ -223,8 +224,8 @@ def test_an_unknown_value_elsewhere_does_not_stop_a_check():
 
 
 def test_the_pack_wires_every_rule_once_and_main_constructs_exactly_one_policy_pack():
-    assert [policy.name for policy in POLICIES] == [rule.name for rule in RULES]
-    assert len({rule.name for rule in RULES}) == len(RULES)
+    assert [policy.name for policy in POLICIES] == [rule.name for rule in (*RULES, *STACK_RULES)]
+    assert len({policy.name for policy in POLICIES}) == len(POLICIES)
     tree = ast.parse((PACK / "__main__.py").read_text())
     calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "PolicyPack"]
     assert len(calls) == 1
@@ -233,3 +234,69 @@ def test_the_pack_wires_every_rule_once_and_main_constructs_exactly_one_policy_p
 def test_pulumi_runs_the_pack_in_its_own_virtualenv():
     project = yaml.safe_load((PACK / "PulumiPolicy.yaml").read_text())
     assert project["runtime"] == {"name": "python", "options": {"virtualenv": "venv"}}
+
+
+# The stack policy: servers exposed to the VPC check an API key (advisory).
+KEY_SECRET = {"secretKeyRef": {"name": "jetstream-api-key", "key": "api-key"}}
+BUNDLED_WITH_KEY = serving_container(args=["--api-key-env", "API_KEY"],
+                                     env=[{"name": "API_KEY", "valueFrom": KEY_SECRET}])
+INTERNAL = {"networking.gke.io/load-balancer-type": "Internal"}
+
+
+def in_namespace(props: dict, namespace: str = "jetstream") -> dict:
+    return {**props, "metadata": {**props["metadata"], "namespace": namespace}}
+
+
+def stack_of(*resources: tuple[str, str, dict]) -> list[dict]:
+    return [{"type": type_, "name": name, "urn": urn_of("dev", type_, name), "inputs": props}
+            for type_, name, props in resources]
+
+
+def key_warnings(*resources: tuple[str, str, dict]) -> list[tuple[str, str]]:
+    """(urn, message) of each of the stack policy's findings; every one a warning, never mandatory."""
+    violations = analyze_stack(stack_of(*resources)).violations
+    assert all(violation.policy == "internal-endpoints-api-key" and not violation.mandatory for violation in violations)
+    return [(violation.urn, violation.message) for violation in violations]
+
+
+@pytest.mark.parametrize("leader", [
+    BUNDLED_WITH_KEY,
+    serving_container(command=["/bin/sh", "-c", "python -m serving --api-key-env=SERVING_KEY"],
+                      env=[{"name": "SERVING_KEY", "valueFrom": KEY_SECRET}]),
+    serving_container(env=[{"name": "VLLM_API_KEY", "valueFrom": KEY_SECRET}]),  # vLLM reads it without a flag
+    serving_container(args=["--api-key", "a-literal-key"]),
+], ids=["bundled-api-key-env", "shell-script-flag", "vllm-variable", "literal-flag"])
+def test_an_internal_load_balancer_to_servers_that_check_a_key_passes(leader):
+    assert key_warnings((SERVICE, "svc", in_namespace(service("LoadBalancer", INTERNAL))),
+                        (LWS, "lws", lws(leader_containers=[leader]))) == []
+
+
+@pytest.mark.parametrize("annotations", [INTERNAL, {"cloud.google.com/load-balancer-type": "Internal"}])
+def test_an_internal_load_balancer_to_servers_without_a_key_is_a_warning(annotations):
+    [(urn, message)] = key_warnings((SERVICE, "svc", in_namespace(service("LoadBalancer", annotations))),
+                                    (LWS, "lws", lws()))
+    assert urn == urn_of("dev", SERVICE, "svc")
+    assert "internal LoadBalancer Service 'jetstream-svc'" in message and "LeaderWorkerSet 'jetstream'" in message
+    assert "apiKeySecret" in message
+
+
+def test_a_gateway_to_servers_without_a_key_is_a_warning():
+    [(urn, message)] = key_warnings((GATEWAY, "gw", in_namespace(gateway("gke-l7-rilb"))), (LWS, "lws", lws()))
+    assert urn == urn_of("dev", GATEWAY, "gw") and "Gateway 'jetstream'" in message
+
+
+def test_a_key_variable_the_server_is_not_told_to_read_or_that_is_empty_is_no_key():
+    unread = serving_container(env=[{"name": "API_KEY", "valueFrom": KEY_SECRET}])  # no --api-key-env
+    empty = serving_container(args=["--api-key-env", "API_KEY"], env=[{"name": "API_KEY", "value": ""}])
+    for leader in (unread, empty):
+        assert len(key_warnings((SERVICE, "svc", in_namespace(service("LoadBalancer", INTERNAL))),
+                                (LWS, "lws", lws(leader_containers=[leader])))) == 1
+
+
+def test_only_servers_in_the_exposed_namespace_and_only_exposed_stacks_are_judged():
+    other_namespace = in_namespace(service("LoadBalancer", INTERNAL), "elsewhere")
+    assert key_warnings((SERVICE, "svc", other_namespace), (LWS, "lws", lws())) == []
+    cluster_ip = stack_of((SERVICE, "svc", in_namespace(service())), (LWS, "lws", lws()))
+    assert analyze_stack(cluster_ip).applicable == []  # nothing exposed: the policy does not judge the stack
+    assert analyze_stack(stack_of((SERVICE, "svc", in_namespace(service("LoadBalancer", INTERNAL))),
+                                  (LWS, "lws", lws()))).applicable == ["internal-endpoints-api-key"]

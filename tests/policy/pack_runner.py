@@ -21,8 +21,9 @@ def run_in_pack_venv(*args: str, stdin: str | None = None) -> subprocess.Complet
 
 
 def analysis_of(resources: list[dict[str, Any]]) -> dict[str, Any]:
-    """What the pack says about `resources` ({type, name, urn, inputs}), as the engine would send them:
-    {"policies": [names], "resources": [{"urn", "applicable": [policies judging it], "violations": [...]}]}."""
+    """What the pack says about one stack's `resources` ({type, name, urn, inputs}), as the engine would send
+    them: {"policies": [names], "resources": [{"urn", "applicable": [policies judging it], "violations": [...]}],
+    "stack": {"applicable": [stack policies judging the stack], "violations": [...]}}."""
     # An input JSON cannot carry as it is (an asset, say) travels as its text; no policy reads one.
     result = run_in_pack_venv("policy/tests/analyzer.py", stdin=json.dumps(resources, default=str))
     assert result.returncode == 0, result.stderr
@@ -30,5 +31,8 @@ def analysis_of(resources: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def violations_of(resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{"urn": resource["urn"], **violation} for resource in analysis_of(resources)["resources"]
-            for violation in resource["violations"]]
+    """Every violation, {policy, message, mandatory, urn}: the resource policies', then the stack policies'."""
+    analysis = analysis_of(resources)
+    return [*({**violation, "urn": resource["urn"]} for resource in analysis["resources"]
+              for violation in resource["violations"]),
+            *analysis["stack"]["violations"]]
