@@ -77,7 +77,8 @@ def apply_intentional_differences(reference: list[dict], cfg) -> list[dict]:
         for container in _containers(pod):
             container["image"] = REFERENCE_LATEST.get(container["image"], container["image"])
             container["imagePullPolicy"] = "IfNotPresent"
-            container["args"] = [f"--gcs_scratch_location={cfg.scratch_location}" if arg == REFERENCE_SCRATCH else arg for arg in container.get("args", [])]
+            scratch = f"--gcs_scratch_location={cfg.scratch_location}"
+            container["args"] = [scratch if arg == REFERENCE_SCRATCH else arg for arg in container.get("args", [])]
             if not container["args"]:
                 del container["args"]
     if cfg.mode == "disaggregated":
