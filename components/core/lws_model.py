@@ -186,7 +186,7 @@ class PodSpec(_Model):
     tolerations: tuple[Toleration, ...] | None = None
     service_account_name: str | None = None
     containers: tuple[Container, ...] = ()
-    # After `containers`, so the seed layout (which sets neither) keeps its key order.
+    # After `containers`, so the reference YAMLs' layout (which sets neither) keeps its key order.
     init_containers: tuple[Container, ...] | None = None
     volumes: tuple[Volume, ...] | None = None
 

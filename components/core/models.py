@@ -6,8 +6,8 @@ which order, and with which fixed values. Values the user controls (checkpoint, 
 parallelism, quantization) are *derived* by the stack and only their position comes from here.
 Every flag stays overridable through the `serverFlags` config key.
 
-The two seed recipes are reproduced flag for flag (llama3.1-405b interleaved on v6e-16, llama2-70b
-disaggregated on 2 x v6e-8); the other presets use the generic recipe.
+The two reference deployments' recipes are reproduced flag for flag (llama3.1-405b interleaved on
+v6e-16, llama2-70b disaggregated on 2 x v6e-8); the other presets use the generic recipe.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ PRESETS: dict[str, ModelPreset] = {
             name="llama2-70b", maxtext_model_name="llama2-70b", hf_model_id="meta-llama/Llama-2-70b-hf", params=68.98e9, layers=80,
             d_model=8192, heads=64, kv_heads=8, head_dim=128, vocab=32000, ffn_dim=28672, tie_embeddings=False,
             tokenizer_path="assets/tokenizer.llama2",
-            # Seed example 2 (disaggregated on 2 x v6e-8), flag for flag.
+            # The disaggregated reference deployment (2 x v6e-8), flag for flag.
             per_device_batch_size=1, tensor_parallelism=-1,
             startup_probe_delay_seconds=240, probe_failure_threshold=100,
             flag_order=(
@@ -110,7 +110,7 @@ PRESETS: dict[str, ModelPreset] = {
             ),
             fixed_flags=types.MappingProxyType({
                 "scan_layers": "false", "weight_dtype": "bfloat16",
-                # KV-cache layouts the seed tuned for llama2-70b on v6e.
+                # KV-cache layouts the reference deployment tuned for llama2-70b on v6e.
                 "compute_axis_order": "0,2,1,3", "ar_cache_axis_order": "0,2,1,3",
                 "enable_model_warmup": "True",
             }),
@@ -133,7 +133,7 @@ PRESETS: dict[str, ModelPreset] = {
             layers=126, d_model=16384, heads=128, kv_heads=8, head_dim=128, vocab=128256,
             ffn_dim=53248, tie_embeddings=False,
             tokenizer_path="assets/tokenizer_llama3.tiktoken",
-            # Seed example 1 (interleaved on v6e-16), flag for flag. Its base config sets the
+            # The interleaved reference deployment (v6e-16), flag for flag. Its base config sets the
             # tokenizer, so the recipe does not pass tokenizer_path. On a slice other than 16 chips
             # the planner keeps tensor 8 and lets autoregressive take the rest.
             maxtext_config="MaxText/configs/v5e/inference/llama3_405b_v5e-64.yml",
@@ -151,7 +151,8 @@ PRESETS: dict[str, ModelPreset] = {
                 "async_checkpointing": "false", "steps": "1", "scan_layers": "false",
                 "weight_dtype": "bfloat16", "enable_model_warmup": "true",
             }),
-            # The seed passes this debugging flag to the resource manager of the 4x4 405B slice.
+            # The interleaved reference deployment passes this debugging flag to the resource manager of
+            # the 4x4 405B slice.
             resource_manager_flags=(
                 "--temporary_flags_for_debugging=temporary_flag_for_debugging_worker_expected_tpu_chip_config=megachip_tccontrol",
             ),

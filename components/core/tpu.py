@@ -9,7 +9,7 @@ Facts (cloud.google.com/kubernetes-engine/docs/concepts/plan-tpus, TPU v6e syste
   * GKE exposes v6e as `ct6e-standard-{1,4,8}t` machines with 1, 4 or 8 chips;
   * single-host slices are 1x1 (1t), 2x2 (4t) and 2x4 (8t); multi-host slices use 4t hosts,
     so nodes = chips / 4 and the node pool needs a COMPACT placement policy with the topology;
-  * 2x4 can run either way; the seed's disaggregated example runs it as two 4t hosts.
+  * 2x4 can run either way; the disaggregated reference deployment runs it as two 4t hosts.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ class TpuSlice:
 SLICES: tuple[TpuSlice, ...] = (
     TpuSlice(topology="1x1", chips=1, machine_type="ct6e-standard-1t"),
     TpuSlice(topology="2x2", chips=4, machine_type="ct6e-standard-4t"),
-    # The seed's disaggregated example runs each v6e-8 as 2 hosts of 4 chips (LWS size 5).
+    # The disaggregated reference deployment runs each v6e-8 as 2 hosts of 4 chips (LWS size 5).
     TpuSlice(topology="2x4", chips=8, machine_type="ct6e-standard-4t"),
     TpuSlice(topology="2x4", chips=8, machine_type="ct6e-standard-8t", default=False),
     TpuSlice(topology="4x4", chips=16, machine_type="ct6e-standard-4t"),

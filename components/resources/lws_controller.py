@@ -1,7 +1,8 @@
 """LeaderWorkerSetController: installs the LWS API (CRD, controller, webhooks) at a pinned version.
 
 Method: `kubernetes.yaml.v2.ConfigFile` of the release's `manifests.yaml`, the artifact the LWS
-project publishes per release and the one the seed applies with `kubectl apply --server-side`.
+project publishes per release and the one the reference YAMLs' install applies with
+`kubectl apply --server-side`.
   * It is the documented install, unmodified: no chart values to keep in sync, and the pinned
     URL names the exact version in `pulumi preview --diff`.
   * yaml/v2 registers the CRD before the objects that use it, and a resource that `depends_on`

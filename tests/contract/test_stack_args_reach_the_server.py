@@ -42,7 +42,7 @@ IMAGE = "registry.example/jetstream-jax:0.1.0"
 CHECKPOINT_FILE = "model-int8.npz"
 
 
-# The bundled server keeps a whole weight copy per autoregressive shard: the 405B seed recipe
+# The bundled server keeps a whole weight copy per autoregressive shard: the 405B reference recipe
 # (tensor 8 x autoregressive 2) does not fit it, fsdp 2 x tensor 8 does.
 BUNDLED_PARALLELISM = {"llama3-405b-v6e16": {"tensorParallelism": "8", "autoregressiveParallelism": "1", "fsdpParallelism": "2"}}
 
@@ -192,7 +192,7 @@ def test_disaggregated_stacks_refuse_the_bundled_runtime(stack):
 
 
 # ---------------------------------------------------------------------------------------------
-# Memory: the planner's per-chip figures are what the bundled server allocates (issue 8.11).
+# Memory: the planner's per-chip figures are what the bundled server allocates.
 
 DEVICES = 8  # tests/conftest.py gives JAX 8 virtual CPU devices: one 2x4 slice
 MESHES = ({"tensorParallelism": "8"}, {"tensorParallelism": "4", "autoregressiveParallelism": "2"},

@@ -250,7 +250,7 @@ def test_kv_cache_bytes_per_device_are_what_kv_cache_split_says(model_name, mesh
 
 def test_tp8_holds_an_eighth_of_the_single_device_kv_cache():
     """SmolLM2 (3 kv heads) at TP=8: the cache splits its 32 slots over the 8 devices instead of
-    replicating all of them on each (the issue's bound: at most a quarter)."""
+    replicating all of them on each (the bound: at most a quarter)."""
     cfg = PRESETS["smollm2-135m"]
     common = dict(max_prefill_predict_length=16, max_target_length=2048)
     single = JaxEngine(ServingSettings(**common, per_device_batch_size=32), cfg, None, jax.devices()[:1]).memory()

@@ -1,4 +1,4 @@
-"""A local proof of the autoscaling control loop (issue 10 item 6).
+"""A local proof of the autoscaling control loop.
 
 Two real `python -m serving` replicas (the tiny random-weight config) on loopback behind a small
 load balancer; a burst from one client session fills one replica's prefill backlog; both

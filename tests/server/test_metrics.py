@@ -1,4 +1,4 @@
-"""The metrics the autoscaler reads are right (issue 10 item 4): JetStream's names, types, labels
+"""The metrics the autoscaler reads are right: JetStream's names, types, labels
 and units, live at scrape time, on a real `python -m serving` process (the tiny random-weight
 config: the point is the plumbing, not the model) driven to a prefill backlog.
 

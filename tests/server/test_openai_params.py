@@ -1,4 +1,4 @@
-"""The OpenAI endpoints take what common clients send (issue 11 item 5), over the echo engine on a
+"""The OpenAI endpoints take what common clients send, over the echo engine on a
 real loopback server (see conftest.py): the echo model repeats its prompt, so every expected text
 below is computed by hand."""
 

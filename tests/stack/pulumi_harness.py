@@ -34,8 +34,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 MAIN = ROOT / "__main__.py"
 PROJECT = "jetstream-tpu"  # must equal components.config.PROJECT (checked in test_stack_config.py)
 GCP_PROJECT = "test-project"
-# Every example stack file: the seed's two, the small and the autoscaled one (role=all), vLLM's, and the
-# environments (issue 9): the platform stack and the dev and prod serving stacks on its cluster.
+# Every example stack file: the two reference deployments', the small and the autoscaled one (role=all),
+# vLLM's, and the environments: the platform stack and the dev and prod serving stacks on its cluster.
 EXAMPLE_STACKS = ("llama3-405b-v6e16", "llama2-70b-disagg", "llama3-8b-v6e8", "llama3-8b-autoscale", "llama3-8b-vllm", "platform", "dev",
                   "prod")
 PROJECT_NUMBER = "123456789012"  # what gcp.organizations.get_project answers for GCP projects

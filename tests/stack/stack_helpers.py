@@ -73,7 +73,7 @@ def pod_monitoring_validator() -> jsonschema.protocols.Validator:
 BUNDLED_IMAGE = "registry.example/jetstream-jax:0.1.0-tpu"
 BUNDLED_STACKS = ("llama3-405b-v6e16", "llama3-8b-v6e8")
 BUNDLED_REFUSED_STACKS = ("llama2-70b-disagg",)
-# The bundled server keeps a whole weight copy per autoregressive shard, so the 405B seed recipe
+# The bundled server keeps a whole weight copy per autoregressive shard, so the 405B reference recipe
 # (tensor 8 x autoregressive 2) needs 47 GiB per chip there; fsdp 2 shards the weights instead.
 BUNDLED_PARALLELISM = {"llama3-405b-v6e16": {"tensorParallelism": "8", "autoregressiveParallelism": "1", "fsdpParallelism": "2"}}
 

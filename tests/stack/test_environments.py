@@ -1,4 +1,4 @@
-"""Issue 9: environments (one platform stack, serving stacks on its cluster), the Service's two ports
+"""Environments (one platform stack, serving stacks on its cluster), the Service's two ports
 and type, and the outputs clients use; the Pulumi program under mocks with a mocked StackReference."""
 
 from __future__ import annotations

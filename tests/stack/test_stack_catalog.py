@@ -6,7 +6,7 @@ import pytest
 
 from components.core import models, tpu
 
-# topology -> (chips, default machine type, hosts): the GKE v6e facts the contract fixes.
+# topology -> (chips, default machine type, hosts): the GKE v6e facts the stack's contract fixes.
 EXPECTED = {
     "1x1": (1, "ct6e-standard-1t", 1),
     "2x2": (4, "ct6e-standard-4t", 1),
@@ -43,7 +43,7 @@ def test_2x4_runs_as_two_hosts_by_default_or_one_8_chip_host():
     assert tpu.machine_types_for("2x4") == ("ct6e-standard-4t", "ct6e-standard-8t")
     single = tpu.slice_for("2x4", "ct6e-standard-8t")
     assert (single.hosts, single.multi_host, single.tpu_request, single.lws_size(1)) == (1, False, "8", 2)
-    assert tpu.slice_for("2x4").lws_size(2) == 5  # the seed's disaggregated LWS size
+    assert tpu.slice_for("2x4").lws_size(2) == 5  # the disaggregated reference deployment's LWS size
 
 
 def test_every_topology_has_exactly_one_default_row():

@@ -31,7 +31,7 @@ def test_pulumi_yaml_declares_exactly_the_key_table():
 
 
 def test_contract_keys_exist_and_the_ones_a_stack_that_serves_needs_are_refused_when_missing():
-    for name in (*CONTRACT_KEYS, "role", "clusterStack", "serviceType"):  # issues 8 and 9 name them
+    for name in (*CONTRACT_KEYS, "role", "clusterStack", "serviceType"):  # the contract, role and Service keys
         assert name in stack_config.KEYS_BY_NAME
     assert stack_config.KEYS_BY_NAME["waitForReady"].type == "boolean"
     # A string: Pulumi merges a boolean's default into config, so its "unset" could not be told from true.
@@ -259,7 +259,7 @@ def test_missing_gcp_project_is_refused():
 
 
 # ---------------------------------------------------------------------------------------------
-# Roles (issue 9).
+# Roles.
 
 PLATFORM = {"role": "platform"}
 

@@ -1,4 +1,4 @@
-"""Rendered manifests: golden parity with the seed, the CRD schema, kubernetes-validate."""
+"""Rendered manifests: golden parity with the reference YAMLs, the CRD schema, kubernetes-validate."""
 
 from __future__ import annotations
 
@@ -19,18 +19,18 @@ from components.core.runtimes import gcs_fuse
 from stack_helpers import BUNDLED_IMAGE, BUNDLED_STACKS, GOLDEN, bundled_example, config, example, lws_openapi_schema, lws_validator
 
 GOLDEN_FILES = {
-    "llama3-405b-v6e16": "seed-interleaved-llama3.1-405b-v6e-16.yaml",
-    "llama2-70b-disagg": "seed-disaggregated-llama2-70b-2x-v6e-8.yaml",
+    "llama3-405b-v6e16": "reference-interleaved-llama3.1-405b-v6e-16.yaml",
+    "llama2-70b-disagg": "reference-disaggregated-llama2-70b-2x-v6e-8.yaml",
 }
-SEED_SCRATCH = "--gcs_scratch_location=gs://cloud-pathways-staging/tmp"
-SEED_LATEST = {
+REFERENCE_SCRATCH = "--gcs_scratch_location=gs://cloud-pathways-staging/tmp"
+REFERENCE_LATEST = {
     "us-docker.pkg.dev/cloud-tpu-v2-images/pathways/proxy_server:latest": DEFAULT_IMAGES["pathwaysProxyImage"],
     "us-docker.pkg.dev/cloud-tpu-v2-images/pathways/server:latest": DEFAULT_IMAGES["pathwaysServerImage"],
 }
 K8S_VERSION = "1.33.0"
 STACK_TOLERATION = {"key": "jetstream-tpu/stack", "operator": "Equal", "effect": "NoSchedule"}  # and the stack's value
 
-# Every way the stack's output differs from the seed's YAML on purpose; nothing else may differ.
+# Every way the stack's output differs from the reference YAMLs on purpose; nothing else may differ.
 INTENTIONAL_DIFFERENCES = (
     "metadata.namespace: the LWS and the Service live in the stack's namespace",
     "serviceAccountName: leader and worker pods run as the Workload Identity service account",
@@ -41,14 +41,14 @@ INTENTIONAL_DIFFERENCES = (
     "nodeSelector: pods also select the stack's own TPU pools (label jetstream-tpu/deployment)",
     "tolerations: pods also tolerate the stack's own taint on its TPU pools (jetstream-tpu/stack=<deployment id>)",
     "Service: annotated pulumi.com/skipAwait, so pulumi up never waits for the leader's endpoints",
-    "disaggregated: subGroupPolicyType LeaderExcluded, the Pathways leader holds no TPU (issue 8.8)",
+    "disaggregated: subGroupPolicyType LeaderExcluded, the Pathways leader holds no TPU",
     "LWS: annotated pulumi.com/patchForce, so an apply takes spec.replicas back from a removed HPA",
-    "Service: its type stated (serviceType, ClusterIP by default) and a second port jetstream-grpc 9000 -> 9000 (issue 9)",
+    "Service: its type stated (serviceType, ClusterIP by default) and a second port jetstream-grpc 9000 -> 9000",
 )
 
 
-def seed_reference(stack: str, cfg) -> list[dict]:
-    """The seed YAML with its placeholders filled from the stack config."""
+def reference_yaml(stack: str, cfg) -> list[dict]:
+    """The reference YAML with its placeholders filled from the stack config."""
     text = (GOLDEN / GOLDEN_FILES[stack]).read_text()
     for placeholder, value in {"TPU_ACCELERATOR_TYPE": "tpu-v6e-slice", "TPU_TOPOLOGY": cfg.tpu_slice.topology,
                                "GCS_CHECKPOINT_PATH": cfg.checkpoint_path}.items():
@@ -61,7 +61,7 @@ def _containers(pod_spec: dict):
 
 
 def apply_intentional_differences(reference: list[dict], cfg) -> list[dict]:
-    """Apply exactly the INTENTIONAL_DIFFERENCES to the seed documents."""
+    """Apply exactly the INTENTIONAL_DIFFERENCES to the reference YAML's documents."""
     lws, svc = copy.deepcopy(reference)
     for document in (lws, svc):
         document["metadata"]["namespace"] = cfg.namespace
@@ -75,9 +75,10 @@ def apply_intentional_differences(reference: list[dict], cfg) -> list[dict]:
         pod["serviceAccountName"] = cfg.kubernetes_service_account
         pod["nodeSelector"]["jetstream-tpu/deployment"] = cfg.deployment_id
         for container in _containers(pod):
-            container["image"] = SEED_LATEST.get(container["image"], container["image"])
+            container["image"] = REFERENCE_LATEST.get(container["image"], container["image"])
             container["imagePullPolicy"] = "IfNotPresent"
-            container["args"] = [f"--gcs_scratch_location={cfg.scratch_location}" if arg == SEED_SCRATCH else arg for arg in container.get("args", [])]
+            scratch = f"--gcs_scratch_location={cfg.scratch_location}"
+            container["args"] = [scratch if arg == REFERENCE_SCRATCH else arg for arg in container.get("args", [])]
             if not container["args"]:
                 del container["args"]
     if cfg.mode == "disaggregated":
@@ -89,9 +90,9 @@ def apply_intentional_differences(reference: list[dict], cfg) -> list[dict]:
 
 
 @pytest.mark.parametrize("stack", GOLDEN_FILES)
-def test_example_stacks_render_the_seed_deployments(stack):
+def test_example_stacks_render_the_reference_deployments(stack):
     cfg, plan = example(stack)
-    expected = apply_intentional_differences(seed_reference(stack, cfg), cfg)
+    expected = apply_intentional_differences(reference_yaml(stack, cfg), cfg)
     assert manifests.serving_manifests(cfg, plan) == expected
 
 
@@ -99,13 +100,13 @@ def test_example_stacks_render_the_seed_deployments(stack):
 def test_the_differences_are_real(stack):
     """Guard the guard: without the listed differences, the reference does not match."""
     cfg, plan = example(stack)
-    assert manifests.serving_manifests(cfg, plan) != seed_reference(stack, cfg)
+    assert manifests.serving_manifests(cfg, plan) != reference_yaml(stack, cfg)
 
 
 def test_golden_parity_catches_a_changed_flag():
     cfg, plan = example("llama3-405b-v6e16")
     rendered = manifests.leader_worker_set(dataclasses.replace(cfg, per_device_batch_size=9), plan)
-    expected = apply_intentional_differences(seed_reference("llama3-405b-v6e16", cfg), cfg)[0]
+    expected = apply_intentional_differences(reference_yaml("llama3-405b-v6e16", cfg), cfg)[0]
     assert rendered != expected
 
 
@@ -438,7 +439,7 @@ def test_bundled_server_gets_every_memory_flag_explicitly():
 
 
 # ---------------------------------------------------------------------------------------------
-# Updates the LWS v0.10.0 webhook refuses (issue 8.4).
+# Updates the LWS v0.10.0 webhook refuses.
 
 # Every field kubernetes-sigs/lws v0.10.0 refuses to change on update (pkg/webhooks/
 # leaderworkerset_webhook.go, LeaderWorkerSetWebhook.ValidateUpdate), with the webhook's message.

@@ -1,4 +1,4 @@
-"""The HBM and sharding planner against hand-computed figures, and the seed's two decisions.
+"""The HBM and sharding planner against hand-computed figures, and the reference deployments' two decisions.
 
 Every expected number below was worked out by hand from the model card and the slice (the
 arithmetic is in the comment next to it), not with the planner's own formula. GiB = 2**30 bytes.
@@ -11,12 +11,12 @@ from components.core.planner import plan_deployment, preset_axes
 
 from stack_helpers import config
 
-SEED_405B = dict(model="llama3.1-405b", topology="4x4")  # preset = the seed's flags
+REFERENCE_405B = dict(model="llama3.1-405b", topology="4x4")  # preset = the reference YAML's flags
 BUNDLED = dict(serverRuntime="bundled", bundledServerImage="registry.example/jetstream-jax:0.1.0", checkpointPath="gs://test-checkpoints/m/model.npz")
 
 
-def test_405b_int8_on_4x4_with_the_seed_settings_fits():
-    plan = plan_deployment(config(**SEED_405B, quantization="int8"))
+def test_405b_int8_on_4x4_with_the_reference_settings_fits():
+    plan = plan_deployment(config(**REFERENCE_405B, quantization="int8"))
     assert (plan.parallelism.tensor, plan.parallelism.autoregressive, plan.parallelism.fsdp) == (8, 2, 1)
     assert plan.global_batch == 160  # 10 per chip x 16 chips
     # 405.85e9 params x 1 byte / 16 chips = 25.366e9 bytes.
@@ -29,7 +29,7 @@ def test_405b_int8_on_4x4_with_the_seed_settings_fits():
 
 def test_405b_bf16_on_4x4_is_refused_with_numbers_and_a_suggestion():
     with pytest.raises(ConfigError) as refused:
-        plan_deployment(config(**SEED_405B, quantization="bf16"))
+        plan_deployment(config(**REFERENCE_405B, quantization="bf16"))
     message = str(refused.value)
     assert "`topology`" in message and "`quantization`" in message
     # 2 x 23.62 GiB of weights + 5.0 GiB of KV cache.
@@ -69,7 +69,7 @@ def test_parallelism_the_user_sets_is_checked_strictly():
 def test_disaggregated_70b_fills_in_tensor_parallelism_like_maxtext():
     plan = plan_deployment(config(model="llama2-70b", topology="2x4", mode="disaggregated"))
     assert (plan.parallelism.tensor, plan.slices, plan.hosts_per_slice) == (8, 2, 2)
-    assert plan.axis_flags["tensor"] == -1  # the seed's flag: MaxText fills it in
+    assert plan.axis_flags["tensor"] == -1  # the reference YAML's flag: MaxText fills it in
     assert plan.node_pools == ("v6e-8-prefill-test", "v6e-8-generate-test")
     # 8 sequences x 2048 tokens x 80 layers x 2 x 1 kv head x 130 bytes = 340,787,200 bytes.
     assert plan.kv_cache_gib_per_chip == pytest.approx(0.3174, abs=1e-4)
@@ -108,9 +108,9 @@ def test_bundled_server_memory_is_what_it_allocates():
     assert ar2.weights_gib_per_chip == pytest.approx(3.7393, abs=1e-4)  # over TP 2 only: AR replicates
 
 
-def test_bundled_405b_with_the_seed_recipe_is_refused_with_the_fsdp_hint():
+def test_bundled_405b_with_the_reference_recipe_is_refused_with_the_fsdp_hint():
     with pytest.raises(ConfigError) as refused:
-        plan_deployment(config(**SEED_405B, **BUNDLED))
+        plan_deployment(config(**REFERENCE_405B, **BUNDLED))
     # 405.85e9 int8 weights over TP 8 only = 50.7e9 bytes per chip.
     assert "weights 47.2" in str(refused.value) and "fsdpParallelism=2 with autoregressiveParallelism=1" in str(refused.value)
 
@@ -121,7 +121,7 @@ def test_reserve_percent_sets_usable_hbm():
 
 
 def test_decode_step_lower_bound_reads_needed_bytes_at_hbm_bandwidth():
-    plan = plan_deployment(config(**SEED_405B))
+    plan = plan_deployment(config(**REFERENCE_405B))
     # 28.622 GiB = 30.733e9 bytes at 1640e9 bytes/s.
     assert plan.decode_step_ms_lower_bound == pytest.approx(18.74, abs=0.01)
 
@@ -145,6 +145,6 @@ def test_plans_that_cannot_shard_or_fit_are_refused(raw, keys, fragment):
 
 
 def test_summary_reports_hbm_needed_vs_available():
-    summary = plan_deployment(config(**SEED_405B)).summary()
+    summary = plan_deployment(config(**REFERENCE_405B)).summary()
     assert summary["chipsPerSlice"] == 16 and summary["hostsPerSlice"] == 4 and summary["nodePools"] == ["v6e-16-serving-test"]
     assert summary["hbmGiBPerChip"] == {"weights": 23.62, "kvCache": 5.0, "needed": 28.62, "usable": 28.8, "physical": 32}

@@ -271,7 +271,7 @@ def test_default_namespace_is_not_created():
 
 
 # ---------------------------------------------------------------------------------------------
-# Issue 8: the first and every later `pulumi up` on a real project.
+# The first and every later `pulumi up` on a real project.
 
 
 def test_workload_identity_binding_waits_for_the_cluster_that_creates_the_pool():
@@ -451,7 +451,7 @@ def test_an_unchanged_tree_gives_the_same_lws_and_a_given_image_is_not_built():
 
 
 # ---------------------------------------------------------------------------------------------
-# Issue 10: replicas and autoscaling.
+# Replicas and autoscaling.
 
 
 def test_an_autoscaled_stack_has_exactly_one_hpa_targeting_the_lws_by_name(recordings):

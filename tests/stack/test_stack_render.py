@@ -217,7 +217,7 @@ def test_stack_file_values_are_read_as_pulumi_passes_them(tmp_path):
 
 @pytest.mark.parametrize("stack", ["llama3-405b-v6e16", "llama2-70b-disagg", "llama3-8b-v6e8"])
 def test_replica_keys_at_their_defaults_change_nothing(stack, tmp_path):
-    """Issue 10's contract: a stack that does not set the four keys previews as before; Pulumi
+    """The autoscaling contract: a stack that does not set the four keys previews as before; Pulumi
     hands the program their defaults, which must render exactly what leaving them out renders."""
     raw, project = render.read_stack_file(ROOT / f"Pulumi.{stack}.yaml")
     defaults = {"replicas": "1", "maxReplicas": "0", "autoscalingMetric": "prefill-backlog", "autoscalingTarget": ""}

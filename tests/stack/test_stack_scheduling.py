@@ -100,7 +100,7 @@ def test_preview_refuses_a_layout_that_cannot_be_scheduled_before_any_resource(m
 
 
 @pytest.mark.parametrize("size, sub_group_size, leader_excluded, subgroups", [
-    (5, 2, False, [0, 0, 0, 1, 1]),  # the seed's 2 x v6e-8: the leader joins subgroup 0
+    (5, 2, False, [0, 0, 0, 1, 1]),  # disaggregated reference, 2 x v6e-8: the leader joins subgroup 0
     (5, 2, True, [None, 0, 0, 1, 1]),
     (3, 1, False, [0, 1, 2]),  # size % 1 == 0: worker i is subgroup i
     (3, 1, True, [None, 1, 2]),
