@@ -163,7 +163,7 @@ def test_rendered_server_arguments_parse_as_server_settings(stack):
         assert settings.load_parameters_path == f"{bundled.MODELS_DIR}/{CHECKPOINT_FILE}"
         (mount,) = [m for m in container["volumeMounts"] if settings.load_parameters_path.startswith(m["mountPath"] + "/")]
         assert mount["name"] == bundled.MODELS_VOLUME
-        env = {item["name"]: item["value"] for item in container["env"]}
+        env = pod_environment(container, pod_name="leader")
         assert int(env["JAX_COORDINATOR_PORT"]) == multihost.DEFAULT_COORDINATOR_PORT
 
 
@@ -304,6 +304,16 @@ def local_command(container: dict, env: dict[str, str], mounts: dict[str, pathli
     return [local(arg) for arg in (*container["command"], *container["args"])]
 
 
+def on_loopback(args: list[str], http_port: int, grpc_port: int) -> list[str]:
+    """The server's arguments with its address and ports on free loopback ports instead of the pod's."""
+    local = {"--host": server_process.HOST, "--http-port": str(http_port), "--grpc-port": str(grpc_port)}
+    args = list(args)
+    for index, flag in enumerate(args[:-1]):
+        if flag in local:
+            args[index + 1] = local[flag]
+    return args
+
+
 def test_a_llama31_hf_stack_renders_and_schedules():
     cfg = llama31_hf_stack()
     plan = plan_deployment(cfg)
@@ -311,11 +321,12 @@ def test_a_llama31_hf_stack_renders_and_schedules():
     _, servers = server_pods(cfg)
     _, settings = parse_server_command(servers[0][1])
     assert (settings.model_name, settings.load_parameters_path) == ("llama3.1-8b", bundled.MODELS_DIR)
-    (volume,) = [v for v in manifests.leader_worker_set(cfg, plan)["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["volumes"]
-                 if v["name"] == bundled.MODELS_VOLUME]
+    leader = manifests.leader_worker_set(cfg, plan)["spec"]["leaderWorkerTemplate"]["leaderTemplate"]
+    (volume,) = [v for v in leader["spec"]["volumes"] if v["name"] == bundled.MODELS_VOLUME]
     assert volume["csi"]["volumeAttributes"]["bucketName"] == "my-gcp-project-checkpoints"
 
 
+@pytest.mark.slow
 def test_the_tiny_checkpoint_is_refused_as_a_llama31_8b(tiny_llama31):
     """Why the local run names its checkpoint: under the rendered model_name the shapes must be the 8B's."""
     settings = server_settings.parse_settings(["model_name=llama3.1-8b", f"load_parameters_path={tiny_llama31}"])
@@ -336,8 +347,7 @@ def test_the_rendered_llama31_leader_serves_the_tiny_checkpoint(tiny_llama31, tm
     command = local_command(container, env, {bundled.MODELS_VOLUME: tiny_llama31, bundled.JAX_CACHE_VOLUME: jax_cache})
     assert command[:3] == ["python", "-m", "serving"] and "model_name=llama3.1-8b" in command
     http_port, grpc_port = server_process.free_port(), server_process.free_port()
-    loopback = {"--host": server_process.HOST, "--http-port": str(http_port), "--grpc-port": str(grpc_port)}
-    args = [loopback.get(before, arg) for before, arg in zip(["", *command[3:]], command[3:])]
+    args = on_loopback(command[3:], http_port, grpc_port)
     args = [f"model_name={TINY_MODEL_NAME}" if arg == "model_name=llama3.1-8b" else arg for arg in args]
     lws_env = {"LWS_LEADER_ADDRESS": server_process.HOST, "LWS_GROUP_SIZE": "1", "LWS_WORKER_INDEX": "0"}
     chips = int(container["resources"]["limits"]["google.com/tpu"])
