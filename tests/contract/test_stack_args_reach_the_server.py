@@ -12,11 +12,13 @@ from __future__ import annotations
 import ast
 import itertools
 import pathlib
+import re
 
+import httpx
 import jax
 import pytest
 
-from components.core import manifests, models, planner
+from components.core import manifests, models, planner, scheduling
 from components.core.config import parse_stack_config
 from components.core.errors import ConfigError
 from components.core.planner import plan_deployment
@@ -25,10 +27,18 @@ from components.render import read_stack_file
 from serving import protocol
 from serving.engine.config import ModelConfig
 from serving.engine.jax_engine import JaxEngine
-from serving.engine.loaders import runtime_config
+from serving.engine.loaders import load_checkpoint, runtime_config
 from serving.server import cli, multihost
 from serving.server import settings as server_settings
 from serving.server.settings import ServingSettings
+from tests.model.tokenizer_cases import (
+    gguf_tokenizer,
+    template,
+    transformers_chat_ids,
+    transformers_tokenizer,
+    write_hf_dir,
+)
+from tests.server import server_process
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 def serves_a_model(stack: str) -> bool:
@@ -153,7 +163,7 @@ def test_rendered_server_arguments_parse_as_server_settings(stack):
         assert settings.load_parameters_path == f"{bundled.MODELS_DIR}/{CHECKPOINT_FILE}"
         (mount,) = [m for m in container["volumeMounts"] if settings.load_parameters_path.startswith(m["mountPath"] + "/")]
         assert mount["name"] == bundled.MODELS_VOLUME
-        env = {item["name"]: item.get("value") for item in container["env"]}
+        env = pod_environment(container, pod_name="leader")
         assert int(env["JAX_COORDINATOR_PORT"]) == multihost.DEFAULT_COORDINATOR_PORT
         # The compilation cache: the pod's own directory (Kubernetes expands $(POD_NAME)) on its bucket mount.
         assert settings.jax_cache_dir == f"{bundled.JAX_CACHE_DIR}/$(POD_NAME)" and "POD_NAME" in env
@@ -227,3 +237,131 @@ def test_planner_memory_is_the_bundled_servers_own_report(model, raw):
     report = engine.memory()
     assert report.kv_cache_bytes_per_device == planned.kv_cache_bytes
     assert report.params_bytes_per_device == pytest.approx(planned.weights_bytes, rel=WEIGHTS_TOLERANCE)
+
+
+# ---------------------------------------------------------------------------------------------
+# The rendered pods run: a Llama 3.1 8B bundled stack reading a Hugging Face directory from its
+# bucket, its leader's command line run here as `python -m serving` on a tiny Llama 3.1-family
+# checkpoint (the real Llama 3 tokenizer and chat template, llama3 RoPE scaling, random weights).
+
+LLAMA31_STACK = "llama3-8b-v6e8"
+HF_CHECKPOINT = "gs://my-gcp-project-checkpoints/meta-llama/Llama-3.1-8B"
+# The tiny checkpoint's name, passed as model_name in place of the rendered llama3.1-8b: the server
+# refuses a checkpoint whose shapes are not the preset's (tested below), and these are not.
+TINY_MODEL_NAME = "tiny-llama3.1"
+# Llama 3.1's own RoPE scaling; GQA as in the 8B (4 query heads per KV head); every dimension
+# divides the rendered tensor axis (all 8 chips).
+TINY_LLAMA31 = {
+    "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 8,
+    "num_key_value_heads": 2, "head_dim": 16, "rms_norm_eps": 1e-5, "max_position_embeddings": 131072,
+    "tie_word_embeddings": False, "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009],
+    "rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                        "original_max_position_embeddings": 8192, "rope_theta": 500000.0},
+}  # fmt: skip
+K8S_VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+
+
+def llama31_hf_stack():
+    raw, project = read_stack_file(ROOT / f"Pulumi.{LLAMA31_STACK}.yaml")
+    overrides = {"serverRuntime": "bundled", "bundledServerImage": IMAGE, "checkpointPath": HF_CHECKPOINT}
+    return parse_stack_config({**raw, **overrides}, project=project, stack=LLAMA31_STACK)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama31(tmp_path_factory) -> pathlib.Path:
+    """A Hugging Face directory as the bucket would hold one: config.json, safetensors, tokenizer."""
+    import torch
+    import transformers
+
+    path = tmp_path_factory.mktemp("Llama-3.1-8B")
+    tokenizer = gguf_tokenizer("llama-bpe")
+    write_hf_dir(path, tokenizer, {"chat_template": template("meta-llama-Llama-3.1-8B-Instruct")})
+    config = transformers.LlamaConfig(vocab_size=tokenizer.vocab_size, **TINY_LLAMA31)
+    torch.manual_seed(0)
+    hf_model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    hf_model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def pod_environment(container: dict, pod_name: str) -> dict[str, str]:
+    """The container's env as the kubelet sets it: literal values, and the pod's name by fieldRef."""
+    fields = {"metadata.name": pod_name}
+    return {item["name"]: item["value"] if "value" in item else fields[item["valueFrom"]["fieldRef"]["fieldPath"]]
+            for item in container["env"]}
+
+
+def local_command(container: dict, env: dict[str, str], mounts: dict[str, pathlib.Path]) -> list[str]:
+    """The container's command line as the kubelet runs it ($(VAR) expanded from its env), with every
+    volume's mount path replaced by the local directory standing in for the volume."""
+    paths = {mount["mountPath"]: str(mounts[mount["name"]]) for mount in container["volumeMounts"]}
+
+    def local(arg: str) -> str:
+        arg = K8S_VAR.sub(lambda var: env[var.group(1)], arg)
+        key, sep, value = arg.rpartition("=")
+        for mount_path, directory in paths.items():
+            if value == mount_path or value.startswith(mount_path + "/"):
+                return f"{key}{sep}{directory}{value[len(mount_path):]}"
+        return arg
+
+    return [local(arg) for arg in (*container["command"], *container["args"])]
+
+
+def on_loopback(args: list[str], http_port: int, grpc_port: int) -> list[str]:
+    """The server's arguments with its address and ports on free loopback ports instead of the pod's."""
+    local = {"--host": server_process.HOST, "--http-port": str(http_port), "--grpc-port": str(grpc_port)}
+    args = list(args)
+    for index, flag in enumerate(args[:-1]):
+        if flag in local:
+            args[index + 1] = local[flag]
+    return args
+
+
+def test_a_llama31_hf_stack_renders_and_schedules():
+    cfg = llama31_hf_stack()
+    plan = plan_deployment(cfg)
+    assert scheduling.check_deployment(cfg, plan)  # raises SchedulingError when a pod fits no node
+    _, servers = server_pods(cfg)
+    _, settings = parse_server_command(servers[0][1])
+    assert (settings.model_name, settings.load_parameters_path) == ("llama3.1-8b", bundled.MODELS_DIR)
+    leader = manifests.leader_worker_set(cfg, plan)["spec"]["leaderWorkerTemplate"]["leaderTemplate"]
+    (volume,) = [v for v in leader["spec"]["volumes"] if v["name"] == bundled.MODELS_VOLUME]
+    assert volume["csi"]["volumeAttributes"]["bucketName"] == "my-gcp-project-checkpoints"
+
+
+@pytest.mark.slow
+def test_the_tiny_checkpoint_is_refused_as_a_llama31_8b(tiny_llama31):
+    """Why the local run names its checkpoint: under the rendered model_name the shapes must be the 8B's."""
+    settings = server_settings.parse_settings(["model_name=llama3.1-8b", f"load_parameters_path={tiny_llama31}"])
+    with pytest.raises(ValueError, match=r"not a llama3\.1-8b.*n_layers: checkpoint 2 vs preset 32"):
+        load_checkpoint(settings)
+
+
+@pytest.mark.slow
+def test_the_rendered_llama31_leader_serves_the_tiny_checkpoint(tiny_llama31, tmp_path):
+    cfg = llama31_hf_stack()
+    lws, servers = server_pods(cfg)
+    assert lws["spec"]["leaderWorkerTemplate"]["size"] == 1  # one v6e-8 host: the leader alone runs
+    (role, container), *_ = servers
+    assert role == "leaderTemplate"
+    pod_name = f"{lws['metadata']['name']}-0"
+    env = pod_environment(container, pod_name)
+    jax_cache = tmp_path / "jax-cache"
+    command = local_command(container, env, {bundled.MODELS_VOLUME: tiny_llama31, bundled.JAX_CACHE_VOLUME: jax_cache})
+    assert command[:3] == ["python", "-m", "serving"] and "model_name=llama3.1-8b" in command
+    http_port, grpc_port = server_process.free_port(), server_process.free_port()
+    args = on_loopback(command[3:], http_port, grpc_port)
+    args = [f"model_name={TINY_MODEL_NAME}" if arg == "model_name=llama3.1-8b" else arg for arg in args]
+    lws_env = {"LWS_LEADER_ADDRESS": server_process.HOST, "LWS_GROUP_SIZE": "1", "LWS_WORKER_INDEX": "0"}
+    chips = int(container["resources"]["limits"]["google.com/tpu"])
+    proc_env = server_process.server_env(chips, **env, **lws_env)
+    with server_process.running(args, proc_env, http_port, "rendered-llama31-leader.log"):
+        url = f"http://{server_process.HOST}:{http_port}"
+        messages = [{"role": "user", "content": "What is the capital of France?"}]
+        body = {"model": TINY_MODEL_NAME, "messages": messages, "max_tokens": 8, "temperature": 0}
+        response = httpx.post(url + "/v1/chat/completions", json=body, timeout=300)
+        assert response.status_code == 200, response.text
+        expected_prompt = transformers_chat_ids(transformers_tokenizer(tiny_llama31), messages)
+        assert response.json()["usage"]["prompt_tokens"] == len(expected_prompt)
+        assert response.json()["usage"]["completion_tokens"] >= 1
+    # The compilation cache went to the pod's own directory under the jax-cache volume.
+    assert any((jax_cache / pod_name).iterdir())
