@@ -84,7 +84,7 @@ def _parse_str(key: str, value: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class ServingSettings:
-    """Everything the engine and orchestrator need, named as in MaxText."""
+    """Everything the server runs with, named as in MaxText; the engine's part is `engine_settings()`."""
 
     model_name: str = "smollm2-135m"  # informational unless it names a tiny test config
     load_parameters_path: str = ""  # checkpoint; empty = the bundled SmolLM2 GGUF
