@@ -136,7 +136,7 @@ def table(results: list[Result]) -> str:
 
 
 def parse_config(text: str, common: list[str]):
-    """(name, devices, ServingSettings) from 'name=.. devices=.. key=value ...'."""
+    """(name, devices, EngineSettings) from 'name=.. devices=.. key=value ...'."""
     name, devices, keys = text, len(jax.devices()), []
     for item in text.split():
         key, _, value = item.partition("=")
@@ -146,7 +146,7 @@ def parse_config(text: str, common: list[str]):
             devices = int(value)
         else:
             keys.append(item)
-    return name, jax.devices()[:devices], parse_settings(common + keys)
+    return name, jax.devices()[:devices], parse_settings(common + keys).engine_settings()
 
 
 def parse_sampling(text: str) -> SamplingParams:

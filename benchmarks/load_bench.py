@@ -109,7 +109,7 @@ def measure(path: str, dtype: str, int8: bool) -> dict:
     start = time.perf_counter()
     settings = ServingSettings(
         weight_dtype=dtype, dtype=dtype, quantization="int8" if int8 else "", per_device_batch_size=1
-    )
+    ).engine_settings()
     arch, lazy_params = hf_loader.read_checkpoint(path, settings.max_target_length)
     cfg = runtime_config(arch, settings)
     engine = JaxEngine(settings, cfg, prepare_params(cfg, lazy_params, False), jax.devices()[:1])

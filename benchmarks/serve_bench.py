@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import servers  # noqa: E402
+from serving.engine.settings import DEFAULT_DECODE_SLOTS  # noqa: E402
 from serving.server.orchestrator import default_max_queued_requests  # noqa: E402
-from serving.server.settings import DEFAULT_DECODE_SLOTS  # noqa: E402
 
 PROMPTS = [
     "Write a short story about a robot learning to paint.",

@@ -199,7 +199,7 @@ def our_weight_bytes(server_args: list[str]) -> tuple[str, int]:
     from serving.server.settings import parse_settings
 
     backend = os.environ.get("JAX_PLATFORMS", "cpu").split(",")[0]  # what start_ours runs on
-    settings = parse_settings([a for a in server_args if "=" in a]).for_backend(backend)
+    settings = parse_settings([a for a in server_args if "=" in a]).for_backend(backend).engine_settings()
     arch = gguf_loader.read_config(gguf_loader.gguf.GGUFReader(str(gguf_loader.bundled_gguf_path())))
     cfg = runtime_config(arch, settings)
     infos = model.param_infos(cfg)

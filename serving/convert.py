@@ -28,7 +28,7 @@ def main(argv: list[str]) -> int:
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    cfg, params, tokenizer = load_checkpoint(settings)
+    cfg, params, tokenizer = load_checkpoint(settings.engine_settings())
     save_npz(out, cfg, params, tokenizer)
     print(f"wrote {out} (int8 weights: {cfg.quantize_weights})")
     return 0

@@ -26,7 +26,7 @@ devices; a mesh that splits them always runs every slot. Decode attention walks 
 at position 0 and neither grow nor lengthen the loop. A slot that keeps running past the cache end
 is clamped to the last position, so generate is always safe to call.
 
-`build_engines(settings)` loads the checkpoint once and returns the engines: one engine on all
+`build_engines(settings)` (`EngineSettings`) loads the checkpoint once and returns the engines: one engine on all
 devices (interleaved), or a prefill engine and a generate engine on the two halves of the devices
 (disaggregated), where `generate_engine.transfer(prefix)` moves a Prefix onto the generate mesh.
 """
@@ -58,6 +58,7 @@ from serving.engine.sampling import (
     sample,
     token_logprobs,
 )
+from serving.engine.settings import EngineSettings
 from serving.engine_api import SamplingParams
 
 MIN_BUCKET = 16
@@ -226,7 +227,7 @@ def _host_logprobs(logprobs: Logprobs | None, n: int | None = None) -> engine_ap
 
 
 class JaxEngine(engine_api.Engine):
-    def __init__(self, settings, cfg: ModelConfig, host_params: dict, devices: Sequence[jax.Device]):
+    def __init__(self, settings: EngineSettings, cfg: ModelConfig, host_params: dict, devices: Sequence[jax.Device]):
         self.cfg = cfg
         self.mesh = sharding.make_mesh(settings, devices)
         self.rules = sharding.ShardingRules.for_model(cfg, self.mesh)
@@ -600,7 +601,7 @@ def enable_compilation_cache(directory: str) -> CompilationCacheStats:
     return stats
 
 
-def build_engines(settings, devices: Sequence[jax.Device] | None = None) -> EngineSet:
+def build_engines(settings: EngineSettings, devices: Sequence[jax.Device] | None = None) -> EngineSet:
     """Load the checkpoint once and build the engines on `devices` (default: all devices), exactly
     as `settings` say (the server fills in its per-backend defaults before)."""
     cfg, host_params, tokenizer = load_checkpoint(settings)
@@ -608,7 +609,11 @@ def build_engines(settings, devices: Sequence[jax.Device] | None = None) -> Engi
 
 
 def engines_from_params(
-    settings, cfg: ModelConfig, host_params: dict, tokenizer, devices: Sequence[jax.Device] | None = None
+    settings: EngineSettings,
+    cfg: ModelConfig,
+    host_params: dict,
+    tokenizer,
+    devices: Sequence[jax.Device] | None = None,
 ) -> EngineSet:
     """Engines over already-loaded host params: one engine, or prefill/generate on device halves."""
     devices = list(jax.devices() if devices is None else devices)

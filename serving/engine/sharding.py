@@ -51,6 +51,7 @@ from serving.engine.config import ModelConfig
 from serving.engine import model
 from serving.engine.model import ArrayInfo, is_info
 from serving.engine.parallelism import MESH_AXES, ParallelismError, kv_cache_split, resolve_axes
+from serving.engine.settings import EngineSettings
 
 SETTING_KEYS = {
     "fsdp": "ici_fsdp_parallelism",
@@ -63,9 +64,13 @@ class MeshError(ValueError):
     """The parallelism flags do not fit the devices; the message names the keys."""
 
 
-def mesh_shape(settings, n_devices: int) -> dict[str, int]:
+def mesh_shape(settings: EngineSettings, n_devices: int) -> dict[str, int]:
     """Mesh axis sizes from the ici_*_parallelism settings, with one -1 filled in."""
-    sizes = {axis: getattr(settings, key) for axis, key in SETTING_KEYS.items()}
+    sizes = {
+        "fsdp": settings.ici_fsdp_parallelism,
+        "autoregressive": settings.ici_autoregressive_parallelism,
+        "tensor": settings.ici_tensor_parallelism,
+    }
     try:
         return resolve_axes(sizes, n_devices)
     except ParallelismError as error:
@@ -74,7 +79,7 @@ def mesh_shape(settings, n_devices: int) -> dict[str, int]:
         raise MeshError(f"{described}: {keys}: {error}") from None
 
 
-def make_mesh(settings, devices: Sequence[jax.Device]) -> Mesh:
+def make_mesh(settings: EngineSettings, devices: Sequence[jax.Device]) -> Mesh:
     sizes = mesh_shape(settings, len(devices))
     grid = np.asarray(devices, dtype=object).reshape(tuple(sizes[a] for a in MESH_AXES))
     return Mesh(grid, MESH_AXES)

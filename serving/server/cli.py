@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from serving.engine.settings import EngineSettings
 from serving.protocol import GRPC_PORT, HTTP_PORT
 from serving.server import multihost
 from serving.server.auth import api_key_arg, api_key_from, parse_origins
@@ -197,7 +198,7 @@ def build_runtime(
     settings: ServingSettings,
     args: argparse.Namespace,
     progress: Progress,
-    build_engines: Callable[[ServingSettings], Any] | None = None,
+    build_engines: Callable[[EngineSettings], Any] | None = None,
     group: multihost.ProcessGroup | None = None,
 ) -> Runtime:
     """Engines (default: serving.engine.build_engines), weights on devices, the orchestrator.
@@ -244,7 +245,7 @@ def _load_engines(settings: ServingSettings, progress: Progress, build_engines=N
         from serving.engine.jax_engine import build_engines
 
     with progress.step("loading model and building engines"):
-        return build_engines(settings)
+        return build_engines(settings.engine_settings())
 
 
 def _engine_roles(engines) -> dict[str, Any]:

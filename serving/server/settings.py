@@ -12,12 +12,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Sequence
 
+from serving.engine.settings import EngineSettings
 from serving.protocol import DISAGGREGATED_SERVER, INTERLEAVED_SERVER
-
-# Decode slots when per_device_batch_size is not given (0): spread over the generate mesh's devices.
-# 32 serves 32 concurrent clients at once; idle slots cost nothing (the engine runs only the
-# rows up to the highest live slot).
-DEFAULT_DECODE_SLOTS = 32
 
 # Per JAX backend, what the server runs when the arguments name no weight / KV format. On CPU,
 # int8 weights with int8 x int8 matmuls and an int8 KV cache beat float32 at every client count
@@ -88,13 +84,13 @@ def _parse_str(key: str, value: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class ServingSettings:
-    """Everything the engine and orchestrator need, named as in MaxText."""
+    """Everything the server runs with, named as in MaxText; the engine's part is `engine_settings()`."""
 
     model_name: str = "smollm2-135m"  # informational unless it names a tiny test config
     load_parameters_path: str = ""  # checkpoint; empty = the bundled SmolLM2 GGUF
     max_prefill_predict_length: int = 1024
     max_target_length: int = 2048
-    per_device_batch_size: int = 0  # 0: DEFAULT_DECODE_SLOTS over the generate mesh
+    per_device_batch_size: int = 0  # 0: the engine's DEFAULT_DECODE_SLOTS over the generate mesh
     ici_fsdp_parallelism: int = 1
     ici_autoregressive_parallelism: int = 1
     ici_tensor_parallelism: int = -1  # -1: all remaining devices
@@ -116,9 +112,26 @@ class ServingSettings:
     def disaggregated(self) -> bool:
         return self.inference_server == DISAGGREGATED_SERVER
 
-    def slots_per_device(self, devices: int) -> int:
-        """per_device_batch_size, or DEFAULT_DECODE_SLOTS over `devices` (rounded up) when unset."""
-        return self.per_device_batch_size or -(-DEFAULT_DECODE_SLOTS // devices)
+    def engine_settings(self) -> EngineSettings:
+        """What the engine reads of these settings: the one place the server's fields meet the engine's."""
+        return EngineSettings(
+            model_name=self.model_name,
+            load_parameters_path=self.load_parameters_path,
+            seed=self.seed,
+            max_prefill_predict_length=self.max_prefill_predict_length,
+            max_target_length=self.max_target_length,
+            per_device_batch_size=self.per_device_batch_size,
+            ici_fsdp_parallelism=self.ici_fsdp_parallelism,
+            ici_autoregressive_parallelism=self.ici_autoregressive_parallelism,
+            ici_tensor_parallelism=self.ici_tensor_parallelism,
+            weight_dtype=self.weight_dtype,
+            dtype=self.dtype,
+            quantization=self.quantization,
+            quantize_kvcache=self.quantize_kvcache,
+            quantize_attention_output=self.quantize_attention_output,
+            checkpoint_is_quantized=self.checkpoint_is_quantized,
+            disaggregated=self.disaggregated,
+        )
 
     def for_backend(self, backend: str) -> "ServingSettings":
         """These settings with `backend`'s BACKEND_DEFAULTS for the fields the arguments left unset."""

@@ -233,7 +233,9 @@ def test_planner_memory_is_the_bundled_servers_own_report(model, raw):
     planned = cfg.runtime.memory_per_chip(cfg, planner.resolve_parallelism(cfg, axes))  # before the fit check: 405B may not fit 8 chips
     # The server as the stack starts it: settings from the rendered arguments, no weights loaded.
     settings = server_settings.parse_settings(bundled.server_args(cfg, axes))
-    engine = JaxEngine(settings, runtime_config(_architecture(cfg.model), settings), host_params=None, devices=jax.devices()[:DEVICES])
+    engine_settings = settings.engine_settings()
+    engine = JaxEngine(engine_settings, runtime_config(_architecture(cfg.model), engine_settings), host_params=None,
+                       devices=jax.devices()[:DEVICES])
     report = engine.memory()
     assert report.kv_cache_bytes_per_device == planned.kv_cache_bytes
     assert report.params_bytes_per_device == pytest.approx(planned.weights_bytes, rel=WEIGHTS_TOLERANCE)

@@ -26,7 +26,7 @@ def smollm_engines(smollm_raw):
 
     def make(devices, **overrides) -> EngineSet:
         defaults = dict(max_prefill_predict_length=32, max_target_length=64, per_device_batch_size=1)
-        settings = ServingSettings(**{**defaults, **overrides})
+        settings = ServingSettings(**{**defaults, **overrides}).engine_settings()
         cfg = runtime_config(arch, settings)
         params = prepare_params(cfg, raw_params, already_quantized=False)
         return engines_from_params(settings, cfg, params, tokenizer, devices)

@@ -96,7 +96,7 @@ class Ours:
 def our_engine(arch, host_params, devices, **overrides):
     settings = ServingSettings(
         max_prefill_predict_length=MAX_PREFILL, max_target_length=MAX_TARGET, per_device_batch_size=1, **overrides
-    )
+    ).engine_settings()
     cfg = runtime_config(arch, settings)
     return engines_from_params(settings, cfg, prepare_params(cfg, host_params, False), None, devices)
 

@@ -23,7 +23,7 @@ from serving.server.settings import parse_settings
 stats = enable_compilation_cache(sys.argv[1])
 settings = parse_settings(["model_name=tiny", "max_prefill_predict_length=32", "max_target_length=64",
                            "per_device_batch_size=2"])
-engines = build_engines(settings)
+engines = build_engines(settings.engine_settings())
 engines.generate_engine.warmup(engines.generate_engine.load_params())
 print(json.dumps({"hits": stats.hits, "misses": stats.misses}))
 """

@@ -14,9 +14,9 @@ def test_int8_npz_holds_the_weights_quantize_on_load_makes(tmp_path, capsys):
     out = str(tmp_path / "smollm2-int8.npz")
     assert convert.main([out, "quantization=int8"]) == 0
     assert "int8 weights: True" in capsys.readouterr().out
-    on_load = load_checkpoint(ServingSettings(quantization="int8"))
+    on_load = load_checkpoint(ServingSettings(quantization="int8").engine_settings())
     converted = load_checkpoint(
-        ServingSettings(quantization="int8", checkpoint_is_quantized=True, load_parameters_path=out)
+        ServingSettings(quantization="int8", checkpoint_is_quantized=True, load_parameters_path=out).engine_settings()
     )
     assert converted[0] == on_load[0]
     jax.tree.map(np.testing.assert_array_equal, converted[1], on_load[1])

@@ -35,7 +35,7 @@ def reference_greedy(cfg, params, prompt: list[int], n_tokens: int) -> list[int]
 
 @pytest.fixture(scope="module")
 def tiny(one_device):
-    engines = build_engines(ServingSettings(**TINY), devices=one_device)
+    engines = build_engines(ServingSettings(**TINY).engine_settings(), devices=one_device)
     return engines, engines.generate_engine.load_params()
 
 
@@ -64,7 +64,7 @@ def test_warmup_by_role_compiles_what_a_request_then_runs():
 
 
 def _run_warmup_by_role(compiles: list) -> None:
-    disaggregated = ServingSettings(**TINY, inference_server=DISAGGREGATED_SERVER)
+    disaggregated = ServingSettings(**TINY, inference_server=DISAGGREGATED_SERVER).engine_settings()
     engines = build_engines(disaggregated, devices=jax.devices()[:2])
     pre, gen = engines.prefill_engine, engines.generate_engine
     pre_params, gen_params = pre.load_params(), gen.load_params()
@@ -159,7 +159,7 @@ def test_int8_weight_einsum_and_kv_roundtrip():
 
 def test_quantized_checkpoint_roundtrip(tmp_path, one_device):
     """Offline int8 conversion to .npz, served with checkpoint_is_quantized=true, equals quantize-on-load."""
-    settings = ServingSettings(**TINY, quantization="int8")
+    settings = ServingSettings(**TINY, quantization="int8").engine_settings()
     cfg, params, _ = load_checkpoint(settings)
     assert isinstance(params["layers"]["wq"], quant.QuantArray)
     from serving.engine.tokenizer import HFTokenizer
@@ -177,19 +177,21 @@ def test_quantized_checkpoint_roundtrip(tmp_path, one_device):
 
 
 def test_mesh_shape_errors_name_the_keys():
-    s = ServingSettings(ici_tensor_parallelism=4, ici_autoregressive_parallelism=-1)
+    s = ServingSettings(ici_tensor_parallelism=4, ici_autoregressive_parallelism=-1).engine_settings()
     assert sharding.mesh_shape(s, 8) == {"fsdp": 1, "autoregressive": 2, "tensor": 4}
     with pytest.raises(sharding.MeshError, match="ici_tensor_parallelism=3"):
-        sharding.mesh_shape(ServingSettings(ici_tensor_parallelism=3), 8)
+        sharding.mesh_shape(ServingSettings(ici_tensor_parallelism=3).engine_settings(), 8)
     with pytest.raises(sharding.MeshError, match="only one axis"):
-        sharding.mesh_shape(ServingSettings(ici_fsdp_parallelism=-1, ici_tensor_parallelism=-1), 8)
+        sharding.mesh_shape(ServingSettings(ici_fsdp_parallelism=-1, ici_tensor_parallelism=-1).engine_settings(), 8)
 
 
 @pytest.mark.parametrize("tp,heads_sharded", [(2, True), (4, False)])
 def test_every_array_has_its_intended_sharding(tp, heads_sharded):
     """tiny has 2 kv heads: TP=2 shards attention heads and the cache's heads; TP=4 replicates the
     attention heads and splits the cache's slots over tensor instead."""
-    settings = ServingSettings(**TINY, ici_tensor_parallelism=tp, ici_autoregressive_parallelism=-1, quantization="int8", quantize_kvcache=True)
+    settings = ServingSettings(
+        **TINY, ici_tensor_parallelism=tp, ici_autoregressive_parallelism=-1, quantization="int8", quantize_kvcache=True
+    ).engine_settings()
     engines = build_engines(settings, devices=jax.devices())
     engine = engines.generate_engine
     params, state = engine.load_params(), engine.init_decode_state()
@@ -221,7 +223,8 @@ def test_every_array_has_its_intended_sharding(tp, heads_sharded):
 
 
 def test_untied_preset_runs(one_device):
-    engines = build_engines(ServingSettings(**{**TINY, "model_name": "tiny-untied"}), devices=one_device)
+    untied = ServingSettings(**{**TINY, "model_name": "tiny-untied"}).engine_settings()
+    engines = build_engines(untied, devices=one_device)
     assert "lm_head" in engines.generate_engine.load_params()
     assert generate(engines, [PROMPTS[0]], 3)[0] == reference_greedy(
         engines.model_config, engines.generate_engine.load_params(), PROMPTS[0], 3
@@ -241,7 +244,9 @@ def test_kv_cache_bytes_per_device_are_what_kv_cache_split_says(model_name, mesh
     """The memory report's per-device KV bytes equal the total over parallelism.kv_cache_split's
     ways, the rule the stack's planner sizes the cache with. No weights are placed."""
     cfg = PRESETS[model_name]
-    settings = ServingSettings(max_prefill_predict_length=16, max_target_length=2048, per_device_batch_size=4, **mesh)
+    settings = ServingSettings(
+        max_prefill_predict_length=16, max_target_length=2048, per_device_batch_size=4, **mesh
+    ).engine_settings()
     engine = JaxEngine(settings, cfg, None, jax.devices())
     split = parallelism.kv_cache_split(cfg.n_kv_heads, dict(engine.mesh.shape))
     report = engine.memory()
@@ -253,7 +258,9 @@ def test_tp8_holds_an_eighth_of_the_single_device_kv_cache():
     replicating all of them on each (the bound: at most a quarter)."""
     cfg = PRESETS["smollm2-135m"]
     common = dict(max_prefill_predict_length=16, max_target_length=2048)
-    single = JaxEngine(ServingSettings(**common, per_device_batch_size=32), cfg, None, jax.devices()[:1]).memory()
-    tp8 = JaxEngine(ServingSettings(**common, per_device_batch_size=4, ici_tensor_parallelism=8), cfg, None, jax.devices())
+    single_settings = ServingSettings(**common, per_device_batch_size=32).engine_settings()
+    tp8_settings = ServingSettings(**common, per_device_batch_size=4, ici_tensor_parallelism=8).engine_settings()
+    single = JaxEngine(single_settings, cfg, None, jax.devices()[:1]).memory()
+    tp8 = JaxEngine(tp8_settings, cfg, None, jax.devices())
     assert tp8.max_concurrent_decodes == 32
     assert tp8.memory().kv_cache_bytes_per_device * 8 == single.kv_cache_bytes_per_device

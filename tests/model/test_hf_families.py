@@ -109,7 +109,7 @@ def test_a_checkpoint_that_is_not_the_stack_preset_is_refused_naming_both_sides(
     with pytest.raises(ValueError, match=r"llama3.1-8b.*n_layers: checkpoint 2 vs preset 32"):
         check_preset("llama3.1-8b", cfg)
     with pytest.raises(ValueError, match=r"not a llama2-7b.*n_kv_heads: checkpoint 3 vs preset 32"):
-        load_checkpoint(ServingSettings(model_name="llama2-7b"))  # the bundled SmolLM2 GGUF
+        load_checkpoint(ServingSettings(model_name="llama2-7b").engine_settings())  # the bundled SmolLM2 GGUF
 
 
 def test_a_directory_loads_through_load_checkpoint_with_its_tokenizer(tmp_path, monkeypatch):
@@ -120,7 +120,7 @@ def test_a_directory_loads_through_load_checkpoint_with_its_tokenizer(tmp_path, 
     path = families.save_family("qwen2", tmp_path)
     monkeypatch.setattr(tokenizer, "tokenizer_from_hf_dir", lambda directory: ("tokenizer of", directory), raising=False)
     settings = ServingSettings(load_parameters_path=str(path), max_prefill_predict_length=32, max_target_length=64,
-                               weight_dtype="bfloat16")
+                               weight_dtype="bfloat16").engine_settings()
     cfg, params, loaded_tokenizer = load_checkpoint(settings)
     assert cfg.architecture == "Qwen2ForCausalLM" and cfg.weight_dtype == "bfloat16"
     assert np.asarray(params["layers"]["wq"]).dtype == np.dtype("bfloat16") and loaded_tokenizer == ("tokenizer of", path)

@@ -10,7 +10,7 @@ from serving.server.settings import ServingSettings
 
 
 def loader_for(**settings) -> str:
-    return next(loader.name for loader in LOADERS if loader.matches(ServingSettings(**settings)))
+    return next(loader.name for loader in LOADERS if loader.matches(ServingSettings(**settings).engine_settings()))
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,7 @@ LOGPROB_ATOL = 1e-3
 
 @pytest.fixture(scope="module")
 def tiny(one_device):
-    engines = build_engines(ServingSettings(**TINY), devices=one_device)
+    engines = build_engines(ServingSettings(**TINY).engine_settings(), devices=one_device)
     return engines, engines.generate_engine.load_params()
 
 

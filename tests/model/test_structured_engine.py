@@ -35,7 +35,7 @@ def mask_of(allowed: set[int] | None) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def tiny(one_device):
-    engines = build_engines(ServingSettings(**TINY), devices=one_device)
+    engines = build_engines(ServingSettings(**TINY).engine_settings(), devices=one_device)
     return engines, engines.generate_engine.load_params()
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
+from serving.engine.settings import DEFAULT_DECODE_SLOTS, EngineSettings
 from serving.server.settings import (
-    DEFAULT_DECODE_SLOTS,
     DISAGGREGATED_SERVER,
     SettingsError,
     ServingSettings,
@@ -23,8 +25,27 @@ def test_defaults():
 
 def test_slots_default_spreads_over_the_devices():
     assert DEFAULT_DECODE_SLOTS == 32
-    assert [ServingSettings().slots_per_device(n) for n in (1, 3, 8, 64)] == [32, 11, 4, 1]
-    assert ServingSettings(per_device_batch_size=2).slots_per_device(8) == 2
+    assert [ServingSettings().engine_settings().slots_per_device(n) for n in (1, 3, 8, 64)] == [32, 11, 4, 1]
+    assert ServingSettings(per_device_batch_size=2).engine_settings().slots_per_device(8) == 2
+
+
+def test_the_engine_gets_every_field_it_reads_from_the_arguments():
+    """Each EngineSettings field comes from the argument of the same key (inference_server decides
+    `disaggregated`); the values differ from every default, so a field mapped from the wrong one fails."""
+    s = parse_settings([
+        "model_name=tiny-untied", "load_parameters_path=/models/m.gguf", "seed=7",
+        "max_prefill_predict_length=64", "max_target_length=256", "per_device_batch_size=3",
+        "ici_fsdp_parallelism=2", "ici_autoregressive_parallelism=4", "ici_tensor_parallelism=8",
+        "weight_dtype=bfloat16", "dtype=bfloat16", "quantization=int8", "quantize_kvcache=true",
+        "quantize_attention_output=false", "checkpoint_is_quantized=true", f"inference_server={DISAGGREGATED_SERVER}",
+    ])
+    engine = s.engine_settings()
+    assert isinstance(engine, EngineSettings)
+    shared = {f.name for f in dataclasses.fields(EngineSettings)} - {"disaggregated"}
+    assert {name: getattr(engine, name) for name in shared} == {name: getattr(s, name) for name in shared}
+    assert engine.disaggregated and not ServingSettings().engine_settings().disaggregated
+    defaults = ServingSettings()
+    assert all(getattr(engine, name) != getattr(defaults, name) for name in shared)
 
 
 def test_cpu_defaults_apply_only_to_what_the_arguments_left_unset():

@@ -21,6 +21,7 @@ import numpy as np
 from serving.engine import model, quant
 from serving.engine.config import PRESETS, ModelConfig, check_preset
 from serving.engine.loaders import gguf_loader, hf_loader, lazy, npz_loader
+from serving.engine.settings import EngineSettings
 from serving.engine.tokenizer import ByteTokenizer
 from serving.engine_api import Tokenizer
 
@@ -30,23 +31,23 @@ LoadResult = tuple[ModelConfig, dict, Tokenizer]
 @dataclasses.dataclass(frozen=True)
 class Loader:
     name: str
-    matches: Callable[[object], bool]  # settings -> bool
-    load: Callable[[object], LoadResult]
+    matches: Callable[[EngineSettings], bool]
+    load: Callable[[EngineSettings], LoadResult]
 
 
-def _is_random_preset(settings) -> bool:
+def _is_random_preset(settings: EngineSettings) -> bool:
     """Exactly a tiny preset's name (`tiny`, `tiny-untied`); any other model_name is informational."""
     name = settings.model_name
     return name in PRESETS and name.startswith("tiny") and not settings.load_parameters_path
 
 
-def _load_random(settings) -> LoadResult:
+def _load_random(settings: EngineSettings) -> LoadResult:
     """Random weights for a preset (tiny test models); byte tokenizer."""
     cfg = PRESETS[settings.model_name]
     return cfg, model.init_params(cfg, settings.seed), ByteTokenizer(eos_id=cfg.eos_id)
 
 
-def _load_gguf(settings) -> LoadResult:
+def _load_gguf(settings: EngineSettings) -> LoadResult:
     path = settings.load_parameters_path or gguf_loader.bundled_gguf_path()
     return gguf_loader.load_gguf(path)
 
@@ -59,7 +60,7 @@ LOADERS: tuple[Loader, ...] = (
 )
 
 
-def runtime_config(arch: ModelConfig, settings) -> ModelConfig:
+def runtime_config(arch: ModelConfig, settings: EngineSettings) -> ModelConfig:
     """The architecture with the run's dtypes and int8 choices."""
     return dataclasses.replace(
         arch,
@@ -101,7 +102,7 @@ def prepare_params(cfg: ModelConfig, params: dict, already_quantized: bool) -> d
     return jax.tree_util.tree_map_with_path(prepare, float_infos, params, is_leaf=model.is_info)
 
 
-def load_checkpoint(settings) -> LoadResult:
+def load_checkpoint(settings: EngineSettings) -> LoadResult:
     """(runtime ModelConfig, host params ready for placement, tokenizer) for the settings."""
     for loader in LOADERS:
         if loader.matches(settings):

@@ -23,6 +23,7 @@ import numpy as np
 
 from serving.engine.config import SERVABLE_ARCHITECTURES, ModelConfig, llama3_rope_factors
 from serving.engine.loaders import lazy
+from serving.engine.settings import EngineSettings
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -201,7 +202,7 @@ def read_checkpoint(path: str | Path, context_length: int) -> tuple[ModelConfig,
     return cfg, read_params(path, cfg)
 
 
-def load_hf_checkpoint(settings):
+def load_hf_checkpoint(settings: EngineSettings):
     """`loaders.Loader` entry: (ModelConfig, lazy host params, tokenizer) for the settings."""
     from serving.engine.tokenizer import tokenizer_from_hf_dir  # provided with the HF tokenizer support
 

@@ -1,0 +1,43 @@
+"""What the engine reads of a run's settings: `EngineSettings`, its own type.
+
+The server parses its MaxText-style arguments into settings of its own and maps them onto this type
+in one place (`engine_settings` in serving/server/settings.py), so the engine never sees the server's
+settings, and a renamed server field fails where that mapping is written, not inside the engine. Fields keep
+MaxText's key names because the engine's error messages name them (`set quantization=int8`,
+`ici_tensor_parallelism=3`). Pure Python, no JAX: the server's settings module imports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+# Decode slots when per_device_batch_size is not given (0): spread over the generate mesh's devices.
+# 32 serves 32 concurrent clients at once; idle slots cost nothing (the engine runs only the
+# rows up to the highest live slot).
+DEFAULT_DECODE_SLOTS = 32
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EngineSettings:
+    """The checkpoint, its serving formats, the cache and batch sizes, and the device mesh."""
+
+    model_name: str  # a tiny preset's name means random weights; else the preset the checkpoint must match
+    load_parameters_path: str  # checkpoint; empty = the bundled SmolLM2 GGUF
+    seed: int  # random weights of the tiny presets
+    max_prefill_predict_length: int
+    max_target_length: int
+    per_device_batch_size: int  # 0: DEFAULT_DECODE_SLOTS over the engine's devices
+    ici_fsdp_parallelism: int
+    ici_autoregressive_parallelism: int
+    ici_tensor_parallelism: int  # -1: all remaining devices
+    weight_dtype: str
+    dtype: str  # activations
+    quantization: str  # "" or "int8"
+    quantize_kvcache: bool
+    quantize_attention_output: bool  # false: wo stays float under int8 (ModelConfig)
+    checkpoint_is_quantized: bool
+    disaggregated: bool  # prefill and generate engines on separate halves of the devices
+
+    def slots_per_device(self, devices: int) -> int:
+        """per_device_batch_size, or DEFAULT_DECODE_SLOTS over `devices` (rounded up) when unset."""
+        return self.per_device_batch_size or -(-DEFAULT_DECODE_SLOTS // devices)
