@@ -335,7 +335,7 @@ def test_the_tiny_checkpoint_is_refused_as_a_llama31_8b(tiny_llama31):
     """Why the local run names its checkpoint: under the rendered model_name the shapes must be the 8B's."""
     settings = server_settings.parse_settings(["model_name=llama3.1-8b", f"load_parameters_path={tiny_llama31}"])
     with pytest.raises(ValueError, match=r"not a llama3\.1-8b.*n_layers: checkpoint 2 vs preset 32"):
-        load_checkpoint(settings)
+        load_checkpoint(settings.engine_settings())
 
 
 @pytest.mark.slow
