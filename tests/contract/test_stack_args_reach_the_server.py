@@ -153,7 +153,8 @@ def test_rendered_server_arguments_parse_as_server_settings(stack):
         assert settings.load_parameters_path == f"{bundled.MODELS_DIR}/{CHECKPOINT_FILE}"
         (mount,) = [m for m in container["volumeMounts"] if settings.load_parameters_path.startswith(m["mountPath"] + "/")]
         assert mount["name"] == bundled.MODELS_VOLUME
-        env = {item["name"]: item["value"] for item in container["env"]}
+        # Literal values only: POD_NAME comes from the downward API (valueFrom), not a value.
+        env = {item["name"]: item["value"] for item in container["env"] if "value" in item}
         assert int(env["JAX_COORDINATOR_PORT"]) == multihost.DEFAULT_COORDINATOR_PORT
 
 
