@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -38,3 +40,16 @@ def smollm_engines(smollm_raw):
 def one_device():
     return jax.devices()[:1]
 
+
+@pytest.fixture(scope="module")
+def hf():
+    """SmolLM2 in Hugging Face transformers (tokenizer, model), reading the bundled GGUF; one per module
+    (test_reference.py, test_sampling_reference.py). transformers and torch are test requirements: a
+    missing one is an error of every test using it, never a skip."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+    path = gguf_loader.bundled_gguf_path()
+    kwargs = dict(gguf_file=path.name)
+    tok = transformers.AutoTokenizer.from_pretrained(path.parent, **kwargs)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, **kwargs).eval()
+    return tok, hf_model

@@ -13,12 +13,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from model_helpers import generate
 
 from serving.engine import model
 from serving.engine.jax_engine import engines_from_params
 from serving.engine.loaders import prepare_params, runtime_config
 from serving.server.settings import ServingSettings
+from tests.model.model_helpers import generate
 
 VOCAB = 272  # the 256 bytes of the fixtures' byte-level tokenizer, its end-of-text token, padding
 PROMPT_LENGTH = 12

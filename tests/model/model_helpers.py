@@ -1,4 +1,5 @@
-"""Helpers shared by the model/engine tests (imported by name; fixtures live in conftest.py)."""
+"""Helpers shared by the model/engine tests (imported as tests.model.model_helpers; fixtures live in
+conftest.py)."""
 
 from __future__ import annotations
 

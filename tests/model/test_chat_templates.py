@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import jinja2
 import pytest
-from tokenizer_cases import (
+
+from serving.engine.chat_template import ChatTemplate
+from serving.engine.tokenizer import HFTokenizer, tokenizer_from_hf_dir
+from serving.engine_api import ChatTemplateError
+from tests.model.tokenizer_cases import (
     CONVERSATIONS,
     gguf_tokenizer,
     template,
@@ -14,10 +18,6 @@ from tokenizer_cases import (
     transformers_tokenizer,
     write_hf_dir,
 )
-
-from serving.engine.chat_template import ChatTemplate
-from serving.engine.tokenizer import HFTokenizer, tokenizer_from_hf_dir
-from serving.engine_api import ChatTemplateError
 
 TEMPLATES = [
     ("meta-llama-Llama-3.1-8B-Instruct", "llama-bpe"),

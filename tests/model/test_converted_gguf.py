@@ -11,11 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import gguf
-import hf_families as families
 import numpy as np
 import pytest
 
 from serving.engine.loaders import gguf_loader, hf_loader
+from tests.model import hf_families as families
 
 DATA = Path(__file__).parent / "data"
 LOGPROB_ATOL = 1e-3

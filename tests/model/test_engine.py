@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from model_helpers import generate
 from serving.engine import model, parallelism, quant, sharding
 from serving.engine.config import PRESETS
 from serving.engine.jax_engine import JaxEngine, build_engines, prefill_buckets
-from serving.engine_api import GREEDY, SamplingParams
 from serving.engine.loaders import load_checkpoint, npz_loader
+from serving.engine_api import GREEDY, SamplingParams
 from serving.server.settings import DISAGGREGATED_SERVER, ServingSettings
+from tests.model.model_helpers import generate
 
 TINY = dict(model_name="tiny", max_prefill_predict_length=32, max_target_length=48, per_device_batch_size=4)
 PROMPTS = [[5, 6, 7], list(range(10, 30)), [100] * 17]
@@ -162,8 +162,9 @@ def test_quantized_checkpoint_roundtrip(tmp_path, one_device):
     settings = ServingSettings(**TINY, quantization="int8").engine_settings()
     cfg, params, _ = load_checkpoint(settings)
     assert isinstance(params["layers"]["wq"], quant.QuantArray)
-    from serving.engine.tokenizer import HFTokenizer
     from tokenizers import Tokenizer, models
+
+    from serving.engine.tokenizer import HFTokenizer
 
     tok = HFTokenizer(Tokenizer(models.BPE()), [2])
     path = str(tmp_path / "tiny-int8.npz")

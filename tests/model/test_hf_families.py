@@ -11,13 +11,13 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import hf_families as families
 import numpy as np
 import pytest
 
 from serving.engine.config import SERVABLE_ARCHITECTURES, check_preset
 from serving.engine.loaders import hf_loader, load_checkpoint
 from serving.server.settings import ServingSettings
+from tests.model import hf_families as families
 
 LOGPROB_ATOL = 1e-3
 

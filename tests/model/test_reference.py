@@ -7,16 +7,13 @@ logits agree to max |diff| 4e-5..6.3e-5 (logits span about -13..32). Asserted: 1
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model_helpers import PROMPTS, generate
 from serving.engine import model
-from serving.engine.loaders import gguf_loader
+from tests.model.model_helpers import PROMPTS, generate
 
 pytestmark = pytest.mark.slow
 
@@ -28,19 +25,6 @@ CHATS = [
     [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
 ]
 TEXTS = PROMPTS + ["Numbers 12345 and 3.14, émojis 😀 and\ttabs  double  spaces\n\nnew lines", "<|im_start|><|endoftext|>x"]
-
-
-@pytest.fixture(scope="module")
-def hf():
-    """The HF tokenizer and model. transformers and torch are test requirements: a missing one is
-    an error of every test here, never a skip."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import transformers
-    path = gguf_loader.bundled_gguf_path()
-    kwargs = dict(gguf_file=path.name)
-    tok = transformers.AutoTokenizer.from_pretrained(path.parent, **kwargs)
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, **kwargs).eval()
-    return tok, hf_model
 
 
 def test_tokenizer_matches_hf(smollm_raw, hf):

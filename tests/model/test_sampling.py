@@ -9,12 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from model_helpers import generate, generate_with_logprobs, log_softmax, reference_greedy
 
 from serving.engine import model
 from serving.engine.jax_engine import build_engines
 from serving.engine_api import GREEDY, MAX_TOP_LOGPROBS, SamplingParams
 from serving.server.settings import ServingSettings
+from tests.model.model_helpers import generate, generate_with_logprobs, log_softmax, reference_greedy
 
 TINY = {"model_name": "tiny", "max_prefill_predict_length": 32, "max_target_length": 48, "per_device_batch_size": 4}
 PROMPTS = [[5, 6, 7, 5, 6], list(range(10, 30)), [100] * 17]

@@ -10,12 +10,11 @@ import numpy as np
 import openai
 import pytest
 import torch
-from model_helpers import PROMPTS, generate, generate_with_logprobs, log_softmax, reference_greedy
-from test_reference import hf  # noqa: F401  (the transformers model, a module fixture)
 
 from serving.engine_api import GREEDY, SamplingParams
 from serving.server.http_api import HttpServer, create_app
 from serving.server.orchestrator import Orchestrator
+from tests.model.model_helpers import PROMPTS, generate, generate_with_logprobs, log_softmax, reference_greedy
 
 pytestmark = pytest.mark.slow
 

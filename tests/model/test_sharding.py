@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from model_helpers import PROMPTS, generate
 from serving.engine import sharding
 from serving.engine_api import GREEDY
+from tests.model.model_helpers import PROMPTS, generate
 
 pytestmark = pytest.mark.slow
 

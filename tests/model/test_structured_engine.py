@@ -9,15 +9,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model_helpers import generate
-from tokenizer_cases import gguf_tokenizer
 from serving.engine.constraints import allowed_tokens, apply_token_bitmask
 from serving.engine.jax_engine import build_engines
 from serving.engine.loaders.gguf_loader import bundled_gguf_path
 from serving.engine.tokenizer import tokenizer_from_gguf
-IM_END = "<|im_end|>"  # SmolLM2's ChatML end of turn, a control token
 from serving.engine_api import GREEDY, SamplingParams
 from serving.server.settings import ServingSettings
+from tests.model.model_helpers import generate
+from tests.model.tokenizer_cases import gguf_tokenizer
+
+IM_END = "<|im_end|>"  # SmolLM2's ChatML end of turn, a control token
 
 TINY = dict(model_name="tiny", max_prefill_predict_length=32, max_target_length=48, per_device_batch_size=4)
 PROMPTS = [[5, 6, 7], list(range(10, 30)), [100] * 17, [1, 2]]

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import gguf
 import pytest
-from tokenizer_cases import (
+
+from serving.engine.loaders import gguf_loader
+from serving.engine.tokenizer import (
+    PRE_TOKENIZERS,
+    HFTokenizer,
+    tokenizer_from_gguf,
+    tokenizer_from_hf_dir,
+)
+from tests.model.tokenizer_cases import (
     CONVERSATIONS,
     gguf_tokenizer,
     llama_cpp_cases,
@@ -17,14 +25,6 @@ from tokenizer_cases import (
     transformers_prompt_ids,
     transformers_tokenizer,
     write_hf_dir,
-)
-
-from serving.engine.loaders import gguf_loader
-from serving.engine.tokenizer import (
-    PRE_TOKENIZERS,
-    HFTokenizer,
-    tokenizer_from_gguf,
-    tokenizer_from_hf_dir,
 )
 
 # Every accepted vocabulary kind has a llama.cpp test file here: SentencePiece (llama-spm, Llama 2 and

@@ -8,17 +8,14 @@ from __future__ import annotations
 import copy
 import functools
 import pathlib
-import sys
 
 import pytest
 import yaml
-from pack_runner import analysis_of, run_in_pack_venv, violations_of
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "stack"))
-from pulumi_harness import EXAMPLE_STACKS, Recording, run_stack, stack_file_config  # noqa: E402
-
-from components.core import autoscaling  # noqa: E402
-from components.core.config import KEYS_BY_NAME  # noqa: E402
+from components.core import autoscaling
+from components.core.config import KEYS_BY_NAME
+from tests.policy.pack_runner import analysis_of, run_in_pack_venv, violations_of
+from tests.stack.pulumi_harness import EXAMPLE_STACKS, Recording, run_stack, stack_file_config
 
 LWS = "kubernetes:leaderworkerset.x-k8s.io/v1:LeaderWorkerSet"
 NODE_POOL = "gcp:container/nodePool:NodePool"

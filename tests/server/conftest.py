@@ -1,8 +1,7 @@
 """Fixtures: in-process HTTP + gRPC servers over the echo engine, on free loopback ports.
 
-Test modules import helpers from server_process / fake_engine, never from `conftest`: with
-several test folders each having a conftest, `from conftest import` resolves to whichever was
-imported first.
+Test modules import helpers from tests.server.server_process / tests.server.fake_engine, never
+from a conftest: pytest loads conftests itself, and a helper has one home that any test can import.
 """
 
 from __future__ import annotations
@@ -10,13 +9,13 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from fake_engine import EchoEngine, echo_orchestrator
-from server_process import ALLOWED_ORIGIN, API_KEY, HOST
 
 from serving.server.auth import ApiKey
 from serving.server.grpc_api import start_grpc_server
 from serving.server.http_api import HttpServer, create_app
 from serving.server.orchestrator import Orchestrator
+from tests.server.fake_engine import EchoEngine, echo_orchestrator
+from tests.server.server_process import ALLOWED_ORIGIN, API_KEY, HOST
 
 
 @dataclasses.dataclass

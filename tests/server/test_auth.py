@@ -7,10 +7,10 @@ import grpc
 import httpx
 import openai
 import pytest
-from server_process import ALLOWED_ORIGIN, API_KEY
 
 from serving.server import proto
 from serving.server.auth import ApiKey, api_key_from
+from tests.server.server_process import ALLOWED_ORIGIN, API_KEY
 
 pb2, pb2_grpc = proto.load()
 TIMEOUT = httpx.Timeout(20.0)

@@ -19,10 +19,10 @@ from collections.abc import Iterator, Sequence
 
 import httpx
 import pytest
-import server_process
-from server_process import HOST, free_port, long_completion, scrape_gauges, tiny_server_args, wait_until
 
 from components.core.autoscaling import HPA_TOLERANCE, hpa_desired_replicas
+from tests.server import server_process
+from tests.server.server_process import HOST, free_port, long_completion, scrape_gauges, tiny_server_args, wait_until
 
 SLOTS = 2  # per replica
 BURST = 16  # requests of one session: SLOTS decode on its replica, the rest wait there

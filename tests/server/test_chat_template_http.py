@@ -6,13 +6,13 @@ from __future__ import annotations
 import contextlib
 
 import pytest
-from fake_engine import EchoEngine
 from fastapi.testclient import TestClient
 from tokenizers import AddedToken, Tokenizer, decoders, models, processors
 
 from serving.engine.tokenizer import HFTokenizer
 from serving.server.http_api import create_app
 from serving.server.orchestrator import Orchestrator
+from tests.server.fake_engine import EchoEngine
 
 BOS, EOS = 256, 257
 BOS_FIRST_TEMPLATE = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"

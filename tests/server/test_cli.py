@@ -13,12 +13,12 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from fake_engine import ByteTokenizer, EchoEngine
-from server_process import HOST, ROOT, wait_until
 
 from serving.server import cli
 from serving.server.orchestrator import default_max_queued_requests
 from serving.server.settings import DISAGGREGATED_SERVER, SettingsError
+from tests.server.fake_engine import ByteTokenizer, EchoEngine
+from tests.server.server_process import HOST, ROOT, wait_until
 
 
 def settings(argv, devices=1):

@@ -14,10 +14,10 @@ import json
 import grpc
 import httpx
 import pytest
-import server_process
-from server_process import HOST, free_port, scrape_sample, wait_until
 
 from serving.server import proto
+from tests.server import server_process
+from tests.server.server_process import HOST, free_port, scrape_sample, wait_until
 
 pytestmark = pytest.mark.slow
 

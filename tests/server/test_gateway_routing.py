@@ -15,9 +15,17 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-import server_process
-from picker_model import BLOCK_CHARACTERS, PickerModel, PodMetrics, kv_cache_scores, prompt_blocks, queue_scores
-from server_process import HOST, free_port, wait_until
+
+from tests.server import server_process
+from tests.server.picker_model import (
+    BLOCK_CHARACTERS,
+    PickerModel,
+    PodMetrics,
+    kv_cache_scores,
+    prompt_blocks,
+    queue_scores,
+)
+from tests.server.server_process import HOST, free_port, wait_until
 
 SLOTS = 2  # per replica
 BUSY = 8  # requests sent straight to one replica: SLOTS decode there, the rest queue

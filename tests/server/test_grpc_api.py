@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from server_process import wait_until
 
 from serving.server import proto
+from tests.server.server_process import wait_until
 
 pb2, pb2_grpc = proto.load()
 TIMEOUT_S = 20

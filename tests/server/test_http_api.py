@@ -7,11 +7,11 @@ import threading
 
 import httpx
 import pytest
-from fake_engine import ByteTokenizer, echo_orchestrator
 from fastapi.testclient import TestClient
-from server_process import wait_until
 
 from serving.server.http_api import create_app
+from tests.server.fake_engine import ByteTokenizer, echo_orchestrator
+from tests.server.server_process import wait_until
 
 TIMEOUT = httpx.Timeout(20.0)
 

@@ -19,10 +19,10 @@ from __future__ import annotations
 import concurrent.futures
 
 import pytest
-import server_process
-from server_process import HOST, free_port, long_completion, scrape_gauges, tiny_server_args, wait_until
 
 from serving.server.metrics import METRICS
+from tests.server import server_process
+from tests.server.server_process import HOST, free_port, long_completion, scrape_gauges, tiny_server_args, wait_until
 
 SLOTS = 2
 PROTOCOL = ("vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc")

@@ -11,8 +11,6 @@ import socket
 import threading
 
 import pytest
-from server_process import consecutive_free_ports, wait_until
-from fake_engine import ByteTokenizer, EchoEngine, echo_tokens
 
 from serving.engine_api import SamplingParams
 from serving.server.multihost import (
@@ -26,6 +24,8 @@ from serving.server.multihost import (
 )
 from serving.server.orchestrator import Orchestrator
 from serving.server.requests import GenerateRequest
+from tests.server.fake_engine import ByteTokenizer, EchoEngine, echo_tokens
+from tests.server.server_process import consecutive_free_ports, wait_until
 
 TIMEOUT_S = 20
 

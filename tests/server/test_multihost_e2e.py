@@ -12,8 +12,9 @@ import time
 
 import httpx
 import pytest
-import server_process
-from server_process import HOST, consecutive_free_ports, free_port
+
+from tests.server import server_process
+from tests.server.server_process import HOST, consecutive_free_ports, free_port
 
 pytestmark = pytest.mark.slow
 

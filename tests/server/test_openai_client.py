@@ -11,12 +11,12 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from fake_engine import ByteTokenizer, EchoEngine, echo_orchestrator
 from fastapi.testclient import TestClient
-from server_process import HOST, wait_until
 
 from serving.server.http_api import HttpServer, create_app
 from serving.server.requests import GenerateRequest
+from tests.server.fake_engine import ByteTokenizer, EchoEngine, echo_orchestrator
+from tests.server.server_process import HOST, wait_until
 
 TEMPLATE = ByteTokenizer().apply_chat_template
 

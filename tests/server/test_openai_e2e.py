@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import openai
 import pytest
-import server_process
-from server_process import API_KEY, HOST, free_port
+
+from tests.server import server_process
+from tests.server.server_process import API_KEY, HOST, free_port
 
 pytestmark = pytest.mark.slow
 

@@ -9,11 +9,11 @@ import logging
 
 import httpx
 import pytest
-from fake_engine import EOS, ByteTokenizer
-from server_process import scrape_sample, wait_until
 
 from serving.server.http_api import MAX_STOP_STRINGS, CompletionBody
 from serving.server.requests import StopStrings
+from tests.server.fake_engine import EOS, ByteTokenizer
+from tests.server.server_process import scrape_sample, wait_until
 
 TIMEOUT = httpx.Timeout(20.0)
 

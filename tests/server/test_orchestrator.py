@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from fake_engine import EOS, ByteTokenizer, EchoEngine, echo_orchestrator, echo_tokens
-from server_process import metric_sample, wait_until
 
 from serving.engine_api import SamplingParams
 from serving.server.orchestrator import IncrementalDetokenizer, Orchestrator
 from serving.server.requests import GenerateRequest, NotReady, Overloaded, RequestError
+from tests.server.fake_engine import EOS, ByteTokenizer, EchoEngine, echo_orchestrator, echo_tokens
+from tests.server.server_process import metric_sample, wait_until
 
 TIMEOUT_S = 20
 

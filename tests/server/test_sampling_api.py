@@ -12,11 +12,11 @@ import json
 
 import openai
 import pytest
-from fake_engine import echo_tokens
 
 from serving.engine_api import SamplingParams
 from serving.server import multihost
 from serving.server.requests import GenerateRequest, RequestError
+from tests.server.fake_engine import echo_tokens
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,9 @@ import json
 import httpx
 import jsonschema
 import pytest
-import server_process
-from server_process import HOST, free_port
+
+from tests.server import server_process
+from tests.server.server_process import HOST, free_port
 
 pytestmark = pytest.mark.slow
 

@@ -10,10 +10,10 @@ import httpx
 import jsonschema
 import numpy as np
 import pytest
-from fake_engine import EOS, ByteTokenizer, EchoEngine, allowed_ids, echo_orchestrator, echo_tokens
 
 from serving.server.requests import GenerateRequest, RequestError
 from serving.server.structured import GrammarCompiler, bitmask_words, parse_response_format
+from tests.server.fake_engine import EOS, ByteTokenizer, EchoEngine, allowed_ids, echo_orchestrator, echo_tokens
 
 TIMEOUT = httpx.Timeout(30.0)
 YES_NO = {"type": "json_schema", "json_schema": {"name": "answer", "schema": {"enum": ["yes", "no"]}}}

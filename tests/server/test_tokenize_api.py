@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from fake_engine import ByteTokenizer
+
+from tests.server.fake_engine import ByteTokenizer
 
 TIMEOUT = httpx.Timeout(20.0)
 

@@ -13,10 +13,14 @@ import pulumi_kubernetes as k8s
 import pytest
 
 from components.core import autoscaling, manifests
-from components.resources.autoscaling import LeaderWorkerSetAutoscaler, LeaderWorkerSetAutoscalerArgs, MetricsAdapter, MetricsAdapterArgs
-
-from pulumi_harness import GCP_PROJECT, PROJECT, PROJECT_NUMBER, Recording, RecordingMocks, RecordingMonitor
-from stack_helpers import example
+from components.resources.autoscaling import (
+    LeaderWorkerSetAutoscaler,
+    LeaderWorkerSetAutoscalerArgs,
+    MetricsAdapter,
+    MetricsAdapterArgs,
+)
+from tests.stack.pulumi_harness import GCP_PROJECT, PROJECT, PROJECT_NUMBER, Recording, RecordingMocks, RecordingMonitor
+from tests.stack.stack_helpers import example
 
 ADAPTER = "jetstream:autoscaling:MetricsAdapter"
 AUTOSCALER = "jetstream:autoscaling:LeaderWorkerSetAutoscaler"

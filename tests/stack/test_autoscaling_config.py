@@ -9,8 +9,7 @@ from components.core.autoscaling import METRICS, parse_autoscaling, replica_summ
 from components.core.config import CONFIG_KEYS, ConfigKey
 from components.core.errors import ConfigError
 from components.core.node_pools import node_pool_name, tpu_node_pools
-
-from stack_helpers import example
+from tests.stack.stack_helpers import example
 
 
 def test_defaults_are_one_fixed_replica_on_the_backlog_metric():

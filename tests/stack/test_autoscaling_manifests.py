@@ -12,12 +12,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from components.core import lws_model, manifests
-from components.core.runtimes import bundled, pathways
 from components.core.autoscaling import METRICS, MetricsEndpoint, autoscaling_manifests, parse_autoscaling
 from components.core.errors import ConfigError
+from components.core.runtimes import bundled, pathways
 from serving.server.metrics import ServerMetrics
-
-from stack_helpers import bundled_example, example, lws_validator, pod_monitoring_validator
+from tests.stack.stack_helpers import bundled_example, example, lws_validator, pod_monitoring_validator
 
 K8S_VERSION = "1.33.0"
 STACKS = ("llama3-405b-v6e16", "llama2-70b-disagg", "llama3-8b-v6e8")

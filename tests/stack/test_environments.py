@@ -12,10 +12,18 @@ from components.core.config import PLATFORM_OUTPUTS, PlatformConfig, check_same_
 from components.core.errors import ConfigError
 from components.core.node_pools import node_pool_summary, tpu_node_pools
 from components.render import read_stack_file, render
-
-from pulumi_harness import (GCP_PROJECT, LOAD_BALANCER_IP, PLATFORM_KUBECONFIG, ROOT, WORKLOAD_STACKS, platform_outputs,
-                            run_stack, stack_file_config, stack_role)
-from stack_helpers import config, example
+from tests.stack.pulumi_harness import (
+    GCP_PROJECT,
+    LOAD_BALANCER_IP,
+    PLATFORM_KUBECONFIG,
+    ROOT,
+    WORKLOAD_STACKS,
+    platform_outputs,
+    run_stack,
+    stack_file_config,
+    stack_role,
+)
+from tests.stack.stack_helpers import config, example
 
 CLUSTER = "gcp:container/cluster:Cluster"
 NODE_POOL = "gcp:container/nodePool:NodePool"

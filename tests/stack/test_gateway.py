@@ -10,13 +10,13 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from stack_helpers import GATEWAY_SCHEMAS, ROOT, config, crd_validator
 
 from components import render
 from components.core import gateway, manifests
 from components.core.config import CLUSTER_KEYS, PlatformConfig, parse_stack_config
 from components.core.errors import ConfigError
 from components.core.planner import plan_deployment
+from tests.stack.stack_helpers import GATEWAY_SCHEMAS, ROOT, config, crd_validator
 
 K8S_VERSION = "1.33.0"
 BUNDLED = {"serverRuntime": "bundled", "checkpointPath": "gs://test-checkpoints/llama3.1-8b.npz"}

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import functools
 
-from pulumi_harness import GATEWAY, GATEWAY_IP, GCP_PROJECT, qualified, run_stack
-from stack_helpers import GATEWAY_SCHEMAS, crd_validator
-
 from components.core import gateway
 from components.core.config import PLATFORM_OUTPUTS
+from tests.stack.pulumi_harness import GATEWAY, GATEWAY_IP, GCP_PROJECT, qualified, run_stack
+from tests.stack.stack_helpers import GATEWAY_SCHEMAS, crd_validator
 
 CLUSTER = "gcp:container/cluster:Cluster"
 SUBNET = "gcp:compute/subnetwork:Subnetwork"

@@ -17,9 +17,9 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from pulumi_harness import WORKLOAD_STACKS
 
 from components import render
+from tests.stack.pulumi_harness import WORKLOAD_STACKS
 
 KUBECTL = shutil.which("kubectl")
 # groupVersion -> (kind, plural, namespaced) of what the stack applies.

@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from pulumi_harness import HF_TOKEN, qualified, run_stack
-from stack_helpers import BUNDLED_IMAGE, config
 
 from components.core import manifests, server_secrets
 from components.core.errors import ConfigError
 from components.core.planner import plan_deployment
 from serving import protocol
 from serving.server import cli
+from tests.stack.pulumi_harness import HF_TOKEN, qualified, run_stack
+from tests.stack.stack_helpers import BUNDLED_IMAGE, config
 
 BUNDLED = {
     "serverRuntime": "bundled",

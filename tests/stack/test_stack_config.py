@@ -11,9 +11,16 @@ import yaml
 from components.core import config as stack_config
 from components.core.errors import ConfigError
 from components.core.planner import plan_deployment
-
-from pulumi_harness import GCP_PROJECT, PLATFORM_STACKS, PROJECT, ROOT, WORKLOAD_STACKS, qualified, run_stack
-from stack_helpers import config, example
+from tests.stack.pulumi_harness import (
+    GCP_PROJECT,
+    PLATFORM_STACKS,
+    PROJECT,
+    ROOT,
+    WORKLOAD_STACKS,
+    qualified,
+    run_stack,
+)
+from tests.stack.stack_helpers import config, example
 
 CONTRACT_KEYS = ("model", "topology", "mode", "quantization", "checkpointPath")
 

@@ -15,9 +15,8 @@ import pytest
 from components.core import admission, scheduling
 from components.core.node_pools import STACK_TAINT_KEY, gke_node_taints, tpu_node_pools
 from components.core.planner import plan_deployment
-
-from pulumi_harness import run_stack, stack_file_config
-from stack_helpers import config, example
+from tests.stack.pulumi_harness import run_stack, stack_file_config
+from tests.stack.stack_helpers import config, example
 
 K8S_VERSION = "1.33.0"
 NODE_POOL = "gcp:container/nodePool:NodePool"

@@ -15,8 +15,16 @@ from components.core import lws_model, manifests
 from components.core.config import DEFAULT_IMAGES
 from components.core.errors import ConfigError
 from components.core.runtimes import gcs_fuse
-
-from stack_helpers import BUNDLED_IMAGE, BUNDLED_STACKS, GOLDEN, bundled_example, config, example, lws_openapi_schema, lws_validator
+from tests.stack.stack_helpers import (
+    BUNDLED_IMAGE,
+    BUNDLED_STACKS,
+    GOLDEN,
+    bundled_example,
+    config,
+    example,
+    lws_openapi_schema,
+    lws_validator,
+)
 
 GOLDEN_FILES = {
     "llama3-405b-v6e16": "reference-interleaved-llama3.1-405b-v6e-16.yaml",

@@ -8,8 +8,7 @@ import pytest
 
 from components.core.errors import ConfigError
 from components.core.planner import plan_deployment, preset_axes
-
-from stack_helpers import config
+from tests.stack.stack_helpers import config
 
 REFERENCE_405B = dict(model="llama3.1-405b", topology="4x4")  # preset = the reference YAML's flags
 BUNDLED = dict(serverRuntime="bundled", bundledServerImage="registry.example/jetstream-jax:0.1.0", checkpointPath="gs://test-checkpoints/m/model.npz")

@@ -8,10 +8,18 @@ from pulumi.runtime import rpc
 
 from components.core import manifests, tpu
 from components.resources.lws_controller import release_manifest_url
-
-from pulumi_harness import (ACCESS_TOKEN, EXAMPLE_STACKS, GCP_PROJECT, WORKLOAD_STACKS, image_digest, qualified, run_stack,
-                            stack_file_config, stack_role)
-from stack_helpers import bundled_example, bundled_raw, example
+from tests.stack.pulumi_harness import (
+    ACCESS_TOKEN,
+    EXAMPLE_STACKS,
+    GCP_PROJECT,
+    WORKLOAD_STACKS,
+    image_digest,
+    qualified,
+    run_stack,
+    stack_file_config,
+    stack_role,
+)
+from tests.stack.stack_helpers import bundled_example, bundled_raw, example
 
 NODE_POOL = "gcp:container/nodePool:NodePool"
 CLUSTER = "gcp:container/cluster:Cluster"

@@ -14,9 +14,15 @@ import yaml
 from components import render
 from components.core import manifests
 from components.core.errors import ConfigError
-
-from pulumi_harness import EXAMPLE_STACKS, ROOT, WORKLOAD_STACKS
-from stack_helpers import BUNDLED_STACKS, bundled_example, bundled_raw, example, lws_validator, pod_monitoring_validator
+from tests.stack.pulumi_harness import EXAMPLE_STACKS, ROOT, WORKLOAD_STACKS
+from tests.stack.stack_helpers import (
+    BUNDLED_STACKS,
+    bundled_example,
+    bundled_raw,
+    example,
+    lws_validator,
+    pod_monitoring_validator,
+)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

@@ -14,9 +14,8 @@ from components.core.config import MODES, SERVER_RUNTIMES, parse_stack_config
 from components.core.errors import ConfigError
 from components.core.node_pools import system_node_pool, tpu_node_pools
 from components.core.planner import plan_deployment
-
-from pulumi_harness import GCP_PROJECT, qualified, run_stack
-from stack_helpers import config
+from tests.stack.pulumi_harness import GCP_PROJECT, qualified, run_stack
+from tests.stack.stack_helpers import config
 
 
 def _raw(model: str, row: tpu.TpuSlice, mode: str, runtime: str) -> dict[str, str]:

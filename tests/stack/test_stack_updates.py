@@ -15,9 +15,8 @@ import yaml
 from components.core import config as stack_config
 from components.core.errors import ConfigError
 from components.resources import lws_controller
-
-from pulumi_harness import GCP_PROJECT, ROOT, qualified, run_stack, stack_file_config
-from stack_helpers import config
+from tests.stack.pulumi_harness import GCP_PROJECT, ROOT, qualified, run_stack, stack_file_config
+from tests.stack.stack_helpers import config
 
 CLUSTER = "gcp:container/cluster:Cluster"
 NODE_POOL = "gcp:container/nodePool:NodePool"

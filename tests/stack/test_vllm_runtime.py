@@ -8,8 +8,6 @@ import json
 
 import pytest
 import yaml
-from pulumi_harness import HF_TOKEN, run_stack, stack_file_config
-from stack_helpers import GOLDEN, ROOT, example
 
 from components.core import manifests, models, scheduling, tpu
 from components.core.config import parse_stack_config
@@ -18,6 +16,8 @@ from components.core.node_pools import DEPLOYMENT_LABEL, STACK_TAINT_KEY
 from components.core.planner import GIB, plan_deployment
 from components.core.runtimes import gcs_fuse, vllm
 from components.render import read_stack_file, render
+from tests.stack.pulumi_harness import HF_TOKEN, run_stack, stack_file_config
+from tests.stack.stack_helpers import GOLDEN, ROOT, example
 
 # The tutorial's setup as stack config: Llama 3.1 70B from the Hugging Face Hub on one 2x4 host,
 # 128 sequences (16 per chip) of 4096 tokens, with its names and its extra vLLM flag.

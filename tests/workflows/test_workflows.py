@@ -16,8 +16,7 @@ import sys
 import pytest
 import yaml
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "stack"))
-from pulumi_harness import EXAMPLE_STACKS  # noqa: E402
+from tests.stack.pulumi_harness import EXAMPLE_STACKS
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 GITHUB = ROOT / ".github"

@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parents[2]))
 
 FAMILIES = ("llama3", "qwen2")
@@ -53,7 +52,7 @@ def run_converter(llama_cpp: Path, hf_dir: Path, out: Path) -> None:
 
 
 def main(llama_cpp: str) -> None:
-    import hf_families
+    from tests.model import hf_families
 
     for name in FAMILIES:
         hf_dir = HERE / f"{name}-hf"
