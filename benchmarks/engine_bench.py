@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 
 from serving.engine.jax_engine import EngineSet, engines_from_params  # noqa: E402
-from serving.engine_api import SamplingParams  # noqa: E402
 from serving.engine.loaders import LOADERS, prepare_params, runtime_config  # noqa: E402
+from serving.engine_api import SamplingParams  # noqa: E402
 from serving.server.settings import parse_settings  # noqa: E402
 
 DEFAULT_CONFIGS = (
@@ -112,8 +112,14 @@ def bench(name: str, engines: EngineSet, reps: int, steps: int, sampling: Sampli
         for e in ((pre, gen) if engines.disaggregated else (gen,))
     )
     return Result(
-        name, mesh, gen.max_concurrent_decodes, prefill_ms, transfer_ms, step_ms,
-        memory.params_bytes_per_device / 2**20, memory.kv_cache_bytes_per_device / 2**20,
+        name,
+        mesh,
+        gen.max_concurrent_decodes,
+        prefill_ms,
+        transfer_ms,
+        step_ms,
+        memory.params_bytes_per_device / 2**20,
+        memory.kv_cache_bytes_per_device / 2**20,
     )
 
 
@@ -126,11 +132,16 @@ def table(results: list[Result]) -> str:
         rows.append(
             [r.name, r.mesh, str(r.batch)]
             + [f"{r.prefill_ms[b]:.1f}" if b in r.prefill_ms else "-" for b in buckets]
-            + ["-" if r.transfer_ms is None else f"{r.transfer_ms:.2f}", f"{r.step_ms:.1f}",
-               f"{r.tokens_per_s:.0f}", f"{r.params_mib:.1f}", f"{r.cache_mib:.2f}"]
+            + [
+                "-" if r.transfer_ms is None else f"{r.transfer_ms:.2f}",
+                f"{r.step_ms:.1f}",
+                f"{r.tokens_per_s:.0f}",
+                f"{r.params_mib:.1f}",
+                f"{r.cache_mib:.2f}",
+            ]
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
 
@@ -187,9 +198,11 @@ def main(argv=None) -> None:
         result = bench(name, engines, args.reps, args.steps, sampling)
         print(f"{name}: done in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
         results.append(result)
-    print(f"backend {jax.default_backend()}, {len(jax.devices())} devices; "
-          f"defaults (a configuration's own keys win): max_prefill={args.max_prefill} "
-          f"max_target={args.max_target} per_device_batch_size={args.per_device_batch_size}; medians of {args.reps} prefills / {args.steps} steps")
+    print(
+        f"backend {jax.default_backend()}, {len(jax.devices())} devices; "
+        f"defaults (a configuration's own keys win): max_prefill={args.max_prefill} "
+        f"max_target={args.max_target} per_device_batch_size={args.per_device_batch_size}; medians of {args.reps} prefills / {args.steps} steps"
+    )
     print(f"every request: {sampling}")
     print(table(results))
 

@@ -32,13 +32,29 @@ import numpy as np
 GB = 1e9
 BUDGET_OVER_WEIGHTS = 2 * 2**30
 LLAMA32_1B = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 2048,
-    "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
-    "head_dim": 64, "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "hidden_act": "silu",
-    "max_position_embeddings": 131072, "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009],
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 128256,
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 64,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": True,
+    "hidden_act": "silu",
+    "max_position_embeddings": 131072,
+    "bos_token_id": 128000,
+    "eos_token_id": [128001, 128008, 128009],
     "rope_theta": 500000.0,
-    "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                     "original_max_position_embeddings": 8192},
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
 }
 
 
@@ -48,13 +64,19 @@ def tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     shapes = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,)}
     for i in range(config["num_hidden_layers"]):
         layer = f"model.layers.{i}"
-        shapes.update({
-            f"{layer}.input_layernorm.weight": (d,), f"{layer}.post_attention_layernorm.weight": (d,),
-            f"{layer}.self_attn.q_proj.weight": (q, d), f"{layer}.self_attn.k_proj.weight": (kv, d),
-            f"{layer}.self_attn.v_proj.weight": (kv, d), f"{layer}.self_attn.o_proj.weight": (d, q),
-            f"{layer}.mlp.gate_proj.weight": (f, d), f"{layer}.mlp.up_proj.weight": (f, d),
-            f"{layer}.mlp.down_proj.weight": (d, f),
-        })
+        shapes.update(
+            {
+                f"{layer}.input_layernorm.weight": (d,),
+                f"{layer}.post_attention_layernorm.weight": (d,),
+                f"{layer}.self_attn.q_proj.weight": (q, d),
+                f"{layer}.self_attn.k_proj.weight": (kv, d),
+                f"{layer}.self_attn.v_proj.weight": (kv, d),
+                f"{layer}.self_attn.o_proj.weight": (d, q),
+                f"{layer}.mlp.gate_proj.weight": (f, d),
+                f"{layer}.mlp.up_proj.weight": (f, d),
+                f"{layer}.mlp.down_proj.weight": (d, f),
+            }
+        )
     return shapes
 
 
@@ -147,7 +169,9 @@ def main() -> None:
         print(f"wrote {path} in {time.perf_counter() - started:.0f} s", flush=True)
     size = (path / "model.safetensors").stat().st_size
     print(f"checkpoint {path}: {size / GB:.2f} GB bfloat16, serving as {args.dtype}{' int8' if args.int8 else ''}")
-    child = [sys.executable, __file__, "--measure", "--dir", args.dir, "--dtype", args.dtype] + (["--int8"] if args.int8 else [])
+    child = [sys.executable, __file__, "--measure", "--dir", args.dir, "--dtype", args.dtype] + (
+        ["--int8"] if args.int8 else []
+    )
     for label in ("first load", "warm-cache load"):
         out = subprocess.run(child, check=True, capture_output=True, text=True).stdout
         print(report(label, json.loads(out.strip().splitlines()[-1])), flush=True)

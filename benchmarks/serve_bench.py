@@ -194,8 +194,12 @@ def main(argv=None) -> int:
     p.add_argument("--server-arg", action="append", default=[], help="extra server arg, e.g. ici_tensor_parallelism=8")
     p.add_argument("--start-timeout-s", type=float, default=600.0)
     p.add_argument("--json", help="also write the rows to this JSON file")
-    p.add_argument("--json-schema-fraction", type=float, default=0.0,
-                   help="share of each level's clients asking for structured output (0..1)")
+    p.add_argument(
+        "--json-schema-fraction",
+        type=float,
+        default=0.0,
+        help="share of each level's clients asking for structured output (0..1)",
+    )
     args = p.parse_args(argv)
     args.levels = [int(c) for c in args.concurrency.split(",")]
 

@@ -75,6 +75,7 @@ PROMPTS = [
 
 # ---- llama.cpp ------------------------------------------------------------------------------------
 
+
 def llama_server_binary(cache_dir: Path) -> Path:
     """`llama-server` under cache_dir, built from the llama-cpp-python sdist if absent."""
     binary = cache_dir / "llama-server"
@@ -83,7 +84,20 @@ def llama_server_binary(cache_dir: Path) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     sdists = sorted(cache_dir.glob("llama_cpp_python-*.tar.gz"))
     if not sdists:
-        _run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "-d", str(cache_dir), LLAMA_CPP_PYTHON])
+        _run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-binary",
+                ":all:",
+                "--no-deps",
+                "-d",
+                str(cache_dir),
+                LLAMA_CPP_PYTHON,
+            ]
+        )
         sdists = sorted(cache_dir.glob("llama_cpp_python-*.tar.gz"))
     source = cache_dir / sdists[-1].name.removesuffix(".tar.gz")
     if not source.exists():
@@ -108,6 +122,7 @@ def _run(cmd: list[str]) -> None:
 
 # ---- servers --------------------------------------------------------------------------------------
 
+
 def start_llama(binary: Path, gguf: Path, slots: int, context: int, threads: int) -> servers.Server:
     port = servers.free_port()
     cmd = [
@@ -130,6 +145,7 @@ def start_ours(name: str, slots: int, args) -> servers.Server:
 
 
 # ---- load -----------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class Level:
@@ -177,6 +193,7 @@ def run_level(url: str, clients: int, rounds: int, max_tokens: int, ignore_eos: 
 
 # ---- rooflines ------------------------------------------------------------------------------------
 
+
 def read_bandwidth(reps: int = 5) -> float:
     """Bytes/s the cores read from DRAM together: the best of `reps` passes, one thread per core
     summing its own slice of a 1 GiB buffer (numpy releases the GIL inside the reduction)."""
@@ -223,6 +240,7 @@ def gguf_weight_bytes(path: Path) -> tuple[str, int]:
 
 # ---- report ---------------------------------------------------------------------------------------
 
+
 def table(rows: list[dict]) -> str:
     head = ["clients", "llama.cpp tok/s", "ours tok/s", "ours / llama.cpp"]
     if any("slots1" in r for r in rows):
@@ -230,13 +248,17 @@ def table(rows: list[dict]) -> str:
     lines = [head]
     for r in rows:
         llama = r.get("llama")
-        line = [str(r["clients"]), "-" if llama is None else f"{llama:.1f}", f"{r['ours']:.1f}",
-                "-" if llama is None else f"{r['ours'] / llama:.2f}"]
+        line = [
+            str(r["clients"]),
+            "-" if llama is None else f"{llama:.1f}",
+            f"{r['ours']:.1f}",
+            "-" if llama is None else f"{r['ours'] / llama:.2f}",
+        ]
         if len(head) == 5:
             line.append(f"{r['slots1']:.1f}" if "slots1" in r else "-")
         lines.append(line)
     widths = [max(len(row[i]) if i < len(row) else 0 for row in lines) for i in range(len(head))]
-    out = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in lines]
+    out = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + " |" for row in lines]
     out.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(out)
 
@@ -247,16 +269,30 @@ def main(argv=None) -> int:
     p.add_argument("--slots", type=int, default=32, help="decode slots of both servers (llama.cpp -np)")
     p.add_argument("--rounds", type=int, default=2, help="requests per client per level (default 2)")
     p.add_argument("--max-tokens", type=int, default=128, help="output tokens per request (default 128)")
-    p.add_argument("--context", type=int, default=SHIPPED.max_target_length,
-                   help=f"KV cache tokens per slot on both servers (default {SHIPPED.max_target_length}, ours' default)")
-    p.add_argument("--max-prefill-length", type=int, default=SHIPPED.max_prefill_predict_length,
-                   help=f"ours: longest prompt (default {SHIPPED.max_prefill_predict_length}, the shipped default)")
+    p.add_argument(
+        "--context",
+        type=int,
+        default=SHIPPED.max_target_length,
+        help=f"KV cache tokens per slot on both servers (default {SHIPPED.max_target_length}, ours' default)",
+    )
+    p.add_argument(
+        "--max-prefill-length",
+        type=int,
+        default=SHIPPED.max_prefill_predict_length,
+        help=f"ours: longest prompt (default {SHIPPED.max_prefill_predict_length}, the shipped default)",
+    )
     p.add_argument("--server-arg", action="append", default=[], help="extra argument for ours, e.g. quantization=int8")
-    p.add_argument("--slots1-baseline", action=argparse.BooleanOptionalAction, default=True,
-                   help="also run ours with --slots 1 at one client (default on)")
+    p.add_argument(
+        "--slots1-baseline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run ours with --slots 1 at one client (default on)",
+    )
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp threads (default: all cores)")
     p.add_argument("--llama-server", type=Path, help="a llama-server binary to use instead of building one")
-    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help=f"where llama-server is built (default {DEFAULT_CACHE})")
+    p.add_argument(
+        "--cache-dir", type=Path, default=DEFAULT_CACHE, help=f"where llama-server is built (default {DEFAULT_CACHE})"
+    )
     p.add_argument("--build-only", action="store_true", help="build llama-server and exit")
     p.add_argument("--ours-only", action="store_true", help="measure only our server (no llama.cpp, no ratios)")
     p.add_argument("--json", type=Path, help="also write the results here")
@@ -291,7 +327,11 @@ def main(argv=None) -> int:
                 level = run_level(server.url, clients, args.rounds, args.max_tokens, ignore_eos)
                 row[key] = level.tok_s
                 row[key + "_tokens"] = level.tokens
-                print(f"{server.name} @ {clients} clients: {level.tokens} tokens in {level.wall_s:.1f} s = {level.tok_s:.1f} tok/s", file=sys.stderr, flush=True)
+                print(
+                    f"{server.name} @ {clients} clients: {level.tokens} tokens in {level.wall_s:.1f} s = {level.tok_s:.1f} tok/s",
+                    file=sys.stderr,
+                    flush=True,
+                )
             rows.append(row)
         ours.stop()
         running.remove(ours)
@@ -307,13 +347,18 @@ def main(argv=None) -> int:
 
     our_format, our_bytes = our_weight_bytes(args.server_arg)
     llama_format, llama_bytes = gguf_weight_bytes(gguf)
-    print(f"\nvs_llamacpp: {args.slots} slots each, {args.max_tokens} output tokens/request, {args.rounds} requests/client, "
-          f"greedy{', ignore_eos' if ignore_eos else ' (EOS may end requests early)'}; ours: {' '.join(args.server_arg) or 'defaults'}")
+    print(
+        f"\nvs_llamacpp: {args.slots} slots each, {args.max_tokens} output tokens/request, {args.rounds} requests/client, "
+        f"greedy{', ignore_eos' if ignore_eos else ' (EOS may end requests early)'}; ours: {' '.join(args.server_arg) or 'defaults'}"
+    )
     print(table(rows))
     print(f"\nread bandwidth {bandwidth / 1e9:.1f} GB/s ({os.cpu_count()} threads)")
     summary = {"bandwidth_gb_s": bandwidth / 1e9, "rows": rows, "server_args": args.server_arg}
     one = next((r for r in rows if r["clients"] == 1), None)
-    for key, name, fmt, nbytes in (("ours", "ours", our_format, our_bytes), ("llama", "llama.cpp", llama_format, llama_bytes)):
+    for key, name, fmt, nbytes in (
+        ("ours", "ours", our_format, our_bytes),
+        ("llama", "llama.cpp", llama_format, llama_bytes),
+    ):
         roofline = bandwidth / nbytes
         line = f"{name}: weights {fmt} {nbytes / 1e6:.0f} MB/token -> roofline {roofline:.0f} tok/s"
         if one is not None and key in one:

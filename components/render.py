@@ -23,7 +23,8 @@ import argparse
 import json
 import pathlib
 import sys
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import yaml
 
@@ -89,10 +90,16 @@ def gateway_cluster_summary(cfg: StackConfig | PlatformConfig) -> dict | str:
     owner = _owner_installs(cfg)
     if owner is not None:
         return f"{owner} (proxy-only subnet, Gateway API, InferencePool CRD)"
-    subnet = (f"{proxy_subnet_name(cfg.stack)} {cfg.gateway.proxy_subnet_range}" if cfg.gateway.creates_proxy_subnet
-              else "the VPC's existing one")
-    return {"proxyOnlySubnet": subnet, "gatewayApi": gateway.GATEWAY_API_CHANNEL,
-            "inferencePoolCrd": gateway.CRD_MANIFEST_URL}
+    subnet = (
+        f"{proxy_subnet_name(cfg.stack)} {cfg.gateway.proxy_subnet_range}"
+        if cfg.gateway.creates_proxy_subnet
+        else "the VPC's existing one"
+    )
+    return {
+        "proxyOnlySubnet": subnet,
+        "gatewayApi": gateway.GATEWAY_API_CHANNEL,
+        "inferencePoolCrd": gateway.CRD_MANIFEST_URL,
+    }
 
 
 def _owner_installs(cfg: StackConfig | PlatformConfig) -> str | None:
@@ -117,18 +124,27 @@ def metrics_adapter_summary(cfg: StackConfig) -> str:
 
 
 def serving_summary(cfg: StackConfig, plan) -> dict:
-    summary = {**plan.summary(), "nodePoolSpecs": [node_pool_summary(spec) for spec in tpu_node_pools(cfg)],
-               "scratchLocation": cfg.scratch_location, "headPod": manifests.head_pod(cfg),
-               "serviceUrl": manifests.service_url(cfg), "portForwardCommand": manifests.port_forward_command(cfg),
-               "lwsController": lws_controller_summary(cfg)}
+    summary = {
+        **plan.summary(),
+        "nodePoolSpecs": [node_pool_summary(spec) for spec in tpu_node_pools(cfg)],
+        "scratchLocation": cfg.scratch_location,
+        "headPod": manifests.head_pod(cfg),
+        "serviceUrl": manifests.service_url(cfg),
+        "portForwardCommand": manifests.port_forward_command(cfg),
+        "lwsController": lws_controller_summary(cfg),
+    }
     if cfg.scaling.enabled:
         summary["metricsAdapter"] = metrics_adapter_summary(cfg)
     secrets = cfg.runtime.secret_envs(cfg)  # read from Secret Manager at deploy time; offline, where they come from
     if secrets:
         summary["secrets"] = [server_secrets.summary(secret, cfg.namespace) for secret in secrets]
     if cfg.gateway.enabled:
-        summary["gateway"] = {"mode": cfg.gateway.mode, "class": cfg.gateway.gateway_class,
-                              "endpointPicker": gateway.PICKER_IMAGE, "cluster": gateway_cluster_summary(cfg)}
+        summary["gateway"] = {
+            "mode": cfg.gateway.mode,
+            "class": cfg.gateway.gateway_class,
+            "endpointPicker": gateway.PICKER_IMAGE,
+            "cluster": gateway_cluster_summary(cfg),
+        }
     if cfg.serving_role:  # read through a StackReference at deploy time; offline, a placeholder
         summary |= {"clusterStack": cfg.cluster_stack, "cluster": f"<clusterName output of stack {cfg.cluster_stack}>"}
     return summary

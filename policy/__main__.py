@@ -4,8 +4,7 @@ Pulumi runs this directory's `__main__.py` in the pack's own virtualenv (PulumiP
 the directory on sys.path. Constructing the PolicyPack serves it to the engine until Pulumi stops it.
 """
 
-from pulumi_policy import PolicyPack
-
 from policies import PACK_NAME, POLICIES
+from pulumi_policy import PolicyPack
 
 PolicyPack(name=PACK_NAME, policies=POLICIES)

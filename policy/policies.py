@@ -25,26 +25,41 @@ def _validate(rule: Rule):
         # The engine sends the configured values (schema defaults filled in); none without configuration.
         for message in rule.violations(resource, args.get_config()):
             report_violation(f"{args.name}: {message}", None)
+
     return validate
 
 
 def _validate_stack(rule: StackRule):
     def validate(args: StackValidationArgs, report_violation: ReportViolation) -> None:
-        resources = [Resource(type=resource.resource_type, urn=resource.urn, props=resource.props)
-                     for resource in args.resources]
+        resources = [
+            Resource(type=resource.resource_type, urn=resource.urn, props=resource.props) for resource in args.resources
+        ]
         if not rule.applies(resources):
             args.not_applicable()  # raises: nothing in this stack for the rule to judge
         for urn, message in rule.check(resources):
             report_violation(message, urn)
+
     return validate
 
 
 POLICIES = [
-    *(ResourceValidationPolicy(name=rule.name, description=rule.description, validate=_validate(rule),
-                               enforcement_level=EnforcementLevel.MANDATORY,
-                               config_schema=PolicyConfigSchema(properties=dict(rule.config)) if rule.config else None)
-      for rule in RULES),
-    *(StackValidationPolicy(name=rule.name, description=rule.description, validate=_validate_stack(rule),
-                            enforcement_level=EnforcementLevel.ADVISORY)
-      for rule in STACK_RULES),
+    *(
+        ResourceValidationPolicy(
+            name=rule.name,
+            description=rule.description,
+            validate=_validate(rule),
+            enforcement_level=EnforcementLevel.MANDATORY,
+            config_schema=PolicyConfigSchema(properties=dict(rule.config)) if rule.config else None,
+        )
+        for rule in RULES
+    ),
+    *(
+        StackValidationPolicy(
+            name=rule.name,
+            description=rule.description,
+            validate=_validate_stack(rule),
+            enforcement_level=EnforcementLevel.ADVISORY,
+        )
+        for rule in STACK_RULES
+    ),
 ]

@@ -119,7 +119,9 @@ def check_images_pinned(resource: Resource) -> list[str]:
     for path, container in pod_containers(resource):
         problem = image_pin_problem(container.get("image"))
         if problem:
-            problems.append(f"container {container.get('name')!r} ({path}) {problem}; pin a version tag or an @sha256 digest")
+            problems.append(
+                f"container {container.get('name')!r} ({path}) {problem}; pin a version tag or an @sha256 digest"
+            )
     return problems
 
 
@@ -150,18 +152,25 @@ def iam_grants(resource: Resource) -> list[tuple[Any, Any]]:
     if kind.endswith("iambinding"):
         return [(props.get("role"), member) for member in _items(props.get("members"))]
     policy = json.loads(props.get("policyData") or "{}")
-    return [(binding.get("role"), member) for binding in policy.get("bindings", [])
-            for member in binding.get("members", [])]
+    return [
+        (binding.get("role"), member) for binding in policy.get("bindings", []) for member in binding.get("members", [])
+    ]
 
 
 def check_no_primitive_roles(resource: Resource) -> list[str]:
-    return [f"grants the primitive role {role!r} to {member!r}; grant a predefined or custom role with only the permissions needed"
-            for role, member in iam_grants(resource) if role in PRIMITIVE_ROLES]
+    return [
+        f"grants the primitive role {role!r} to {member!r}; grant a predefined or custom role with only the permissions needed"
+        for role, member in iam_grants(resource)
+        if role in PRIMITIVE_ROLES
+    ]
 
 
 def check_no_public_members(resource: Resource) -> list[str]:
-    return [f"grants {role!r} to {member!r}, which is anyone on the internet; grant it to named principals"
-            for role, member in iam_grants(resource) if member in PUBLIC_MEMBERS]
+    return [
+        f"grants {role!r} to {member!r}, which is anyone on the internet; grant it to named principals"
+        for role, member in iam_grants(resource)
+        if member in PUBLIC_MEMBERS
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,16 +192,21 @@ def _is_load_balancer(resource: Resource) -> bool:
 
 def _has_internal_annotation(resource: Resource) -> bool:
     annotations = _get(resource.props, "metadata", "annotations")
-    return any(_get(annotations, name) == wanted
-               for name, wanted in (INTERNAL_LB_ANNOTATION, LEGACY_INTERNAL_LB_ANNOTATION))
+    return any(
+        _get(annotations, name) == wanted for name, wanted in (INTERNAL_LB_ANNOTATION, LEGACY_INTERNAL_LB_ANNOTATION)
+    )
 
 
 def check_load_balancer_internal(resource: Resource) -> list[str]:
     key, value = INTERNAL_LB_ANNOTATION
     if not _is_load_balancer(resource) or _has_internal_annotation(resource):
         return []
-    return [(f"is a LoadBalancer without the annotation {key}: {value!r}, so GKE would give it a public IP; "
-             f"add the annotation (internal passthrough load balancer) or use ClusterIP")]
+    return [
+        (
+            f"is a LoadBalancer without the annotation {key}: {value!r}, so GKE would give it a public IP; "
+            f"add the annotation (internal passthrough load balancer) or use ClusterIP"
+        )
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,7 +223,7 @@ EXTERNAL_GATEWAY_CONFIG = {
         "items": {"type": "string", "minLength": 1},
         "default": [],
         "description": "Stacks (exact names) allowed a Gateway of an external class (the stack's `gateway: external`); "
-                       "every other Gateway uses an internal class.",
+        "every other Gateway uses an internal class.",
     },
 }
 
@@ -223,9 +237,11 @@ def check_gateway_internal(resource: Resource, settings: Mapping[str, Any]) -> l
     if gateway_class in INTERNAL_GATEWAY_CLASSES or resource.stack in tuple(settings[EXTERNAL_GATEWAY_STACKS_KEY]):
         return []
     internal = ", ".join(sorted(INTERNAL_GATEWAY_CLASSES))
-    return [f"is a Gateway of class {gateway_class!r}, not an internal one ({internal}), so it may take an address "
-            f"outside the VPC; use `gateway: internal`, or allow this stack an external gateway by adding "
-            f"{resource.stack!r} to the pack's {EXTERNAL_GATEWAY_STACKS_KEY} setting (policy gateways-internal)"]
+    return [
+        f"is a Gateway of class {gateway_class!r}, not an internal one ({internal}), so it may take an address "
+        f"outside the VPC; use `gateway: internal`, or allow this stack an external gateway by adding "
+        f"{resource.stack!r} to the pack's {EXTERNAL_GATEWAY_STACKS_KEY} setting (policy gateways-internal)"
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,9 +271,11 @@ def check_prod_cluster_deletion_protection(resource: Resource, settings: Mapping
     # Absent means the provider default, which is true.
     if not resource.stack.startswith(prefixes) or resource.props.get("deletionProtection", True) is not False:
         return []
-    return [f"turns deletionProtection off in the production stack {resource.stack!r} (a name starting with "
-            f"{' or '.join(repr(prefix) for prefix in prefixes)}); keep it on. Before a planned deletion, turn it off "
-            f"in a separate, reviewed `pulumi up` run without this policy pack (README, Environments: tear down)"]
+    return [
+        f"turns deletionProtection off in the production stack {resource.stack!r} (a name starting with "
+        f"{' or '.join(repr(prefix) for prefix in prefixes)}); keep it on. Before a planned deletion, turn it off "
+        f"in a separate, reviewed `pulumi up` run without this policy pack (README, Environments: tear down)"
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,9 +309,12 @@ def runs_as_default_account(node_config: Any) -> bool:
 
 
 def check_node_pool_service_account(resource: Resource) -> list[str]:
-    return [f"{where} runs as the Compute Engine default service account (serviceAccount unset or the "
-            f"default one), which by default holds the project-wide Editor role; set a dedicated, least-privilege account"
-            for where, node_config in node_pool_configs(resource) if runs_as_default_account(node_config)]
+    return [
+        f"{where} runs as the Compute Engine default service account (serviceAccount unset or the "
+        f"default one), which by default holds the project-wide Editor role; set a dedicated, least-privilege account"
+        for where, node_config in node_pool_configs(resource)
+        if runs_as_default_account(node_config)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,8 +335,12 @@ def is_tpu_node_pool(resource: Resource) -> bool:
 # GKE joins VMs of 4 chips into multi-host slices (ct5lp-hightpu-4t, ct5p-hightpu-4t, ct6e-standard-4t,
 # tpu7x-standard-4t); VMs of 1 or 8 chips are single-host slices only.
 MULTI_HOST_CHIPS_PER_VM = 4
-NODE_COUNT_PATHS = (("nodeCount",), ("initialNodeCount",),
-                    ("autoscaling", "maxNodeCount"), ("autoscaling", "totalMaxNodeCount"))
+NODE_COUNT_PATHS = (
+    ("nodeCount",),
+    ("initialNodeCount",),
+    ("autoscaling", "maxNodeCount"),
+    ("autoscaling", "totalMaxNodeCount"),
+)
 
 
 def _most_nodes(resource: Resource) -> int:
@@ -334,9 +359,13 @@ def check_multi_host_tpu_placement(resource: Resource) -> list[str]:
     if chips_per_vm != MULTI_HOST_CHIPS_PER_VM or nodes <= 1 or _get(resource.props, "placementPolicy", "tpuTopology"):
         return []
     machine_type = _get(resource.props, "nodeConfig", "machineType")
-    return [(f"has up to {nodes} VMs of the multi-host machine type {machine_type} and no "
-             f"placementPolicy.tpuTopology, so GKE makes {nodes} single-host slices of {chips_per_vm} chips instead of one slice; set placementPolicy "
-             f"{{type: COMPACT, tpuTopology: <the slice's topology, e.g. 4x4>}}")]
+    return [
+        (
+            f"has up to {nodes} VMs of the multi-host machine type {machine_type} and no "
+            f"placementPolicy.tpuTopology, so GKE makes {nodes} single-host slices of {chips_per_vm} chips instead of one slice; set placementPolicy "
+            f"{{type: COMPACT, tpuTopology: <the slice's topology, e.g. 4x4>}}"
+        )
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,14 +390,19 @@ def check_lws_startup_probes(resource: Resource) -> list[str]:
     worker template when there is no leader template), so a container there must serve."""
     templates = {name: _get(resource.props, "spec", "leaderWorkerTemplate", name) for name in LWS_TEMPLATES}
     containers = {name: _items(_get(template, "spec", "containers")) for name, template in templates.items()}
-    problems = [f"container {container.get('name')!r} in {name} serves (it has a readiness or liveness probe) "
-                f"without a startupProbe, so it is judged and restarted while the model loads; add a startupProbe"
-                for name in LWS_TEMPLATES for container in containers[name]
-                if serves(container) and "startupProbe" not in container]
+    problems = [
+        f"container {container.get('name')!r} in {name} serves (it has a readiness or liveness probe) "
+        f"without a startupProbe, so it is judged and restarted while the model loads; add a startupProbe"
+        for name in LWS_TEMPLATES
+        for container in containers[name]
+        if serves(container) and "startupProbe" not in container
+    ]
     entry = "leaderTemplate" if templates["leaderTemplate"] is not None else "workerTemplate"
     if not any(serves(container) for container in containers[entry]):
-        problems.append(f"no container in {entry} serves (none has a readiness or liveness probe), so traffic reaches "
-                        f"the group before the model is loaded; probe the serving container, with a startupProbe")
+        problems.append(
+            f"no container in {entry} serves (none has a readiness or liveness probe), so traffic reaches "
+            f"the group before the model is loaded; probe the serving container, with a startupProbe"
+        )
     return problems
 
 
@@ -385,8 +419,9 @@ VLLM_API_KEY_ENV = "VLLM_API_KEY"
 
 def exposes_servers(resource: Resource) -> bool:
     """An internal LoadBalancer Service (reachable from the whole VPC) or a Gateway."""
-    return is_gateway(resource) or (is_service(resource) and _is_load_balancer(resource)
-                                    and _has_internal_annotation(resource))
+    return is_gateway(resource) or (
+        is_service(resource) and _is_load_balancer(resource) and _has_internal_annotation(resource)
+    )
 
 
 def _namespace(resource: Resource) -> Any:
@@ -395,14 +430,19 @@ def _namespace(resource: Resource) -> Any:
 
 def _command_line(container: Mapping[str, Any]) -> list[str]:
     """The container's command and args, split into words (a `sh -c` script included)."""
-    return [word for item in (*_items(container.get("command")), *_items(container.get("args")))
-            for word in str(item).split()]
+    return [
+        word
+        for item in (*_items(container.get("command")), *_items(container.get("args")))
+        for word in str(item).split()
+    ]
 
 
 def _flag_values(words: Sequence[str], flag: str) -> list[str]:
     """The values a command line gives `flag`: `--flag VALUE` or `--flag=VALUE`."""
-    return [*(words[index + 1] for index, word in enumerate(words[:-1]) if word == flag),
-            *(word.split("=", 1)[1] for word in words if word.startswith(flag + "="))]
+    return [
+        *(words[index + 1] for index, word in enumerate(words[:-1]) if word == flag),
+        *(word.split("=", 1)[1] for word in words if word.startswith(flag + "=")),
+    ]
 
 
 def checks_an_api_key(container: Mapping[str, Any]) -> bool:
@@ -411,8 +451,10 @@ def checks_an_api_key(container: Mapping[str, Any]) -> bool:
     if any(_flag_values(words, API_KEY_FLAG)):
         return True
     key_variables = {VLLM_API_KEY_ENV, *_flag_values(words, API_KEY_ENV_FLAG)}
-    return any(variable.get("name") in key_variables and (variable.get("value") or variable.get("valueFrom"))
-               for variable in _items(container.get("env")))
+    return any(
+        variable.get("name") in key_variables and (variable.get("value") or variable.get("valueFrom"))
+        for variable in _items(container.get("env"))
+    )
 
 
 def _serving_containers(resource: Resource) -> Sequence[Any]:
@@ -433,12 +475,18 @@ def check_exposed_servers_check_an_api_key(resources: Sequence[Resource]) -> lis
             if _namespace(server) != namespace or any(map(checks_an_api_key, _serving_containers(server))):
                 continue
             what = "Gateway" if is_gateway(exposure) else "internal LoadBalancer Service"
-            problems.append((exposure.urn, (
-                f"the {what} {_get(exposure.props, 'metadata', 'name')!r} reaches the LeaderWorkerSet "
-                f"{_get(server.props, 'metadata', 'name')!r} in namespace {namespace!r}, whose serving pods carry no "
-                f"API key ({API_KEY_FLAG}, the variable {API_KEY_ENV_FLAG} names, or {VLLM_API_KEY_ENV}), so anyone "
-                f"in the VPC can use the model; set apiKeySecret (bundled or vllm runtime) or use serviceType "
-                f"ClusterIP")))
+            problems.append(
+                (
+                    exposure.urn,
+                    (
+                        f"the {what} {_get(exposure.props, 'metadata', 'name')!r} reaches the LeaderWorkerSet "
+                        f"{_get(server.props, 'metadata', 'name')!r} in namespace {namespace!r}, whose serving pods carry no "
+                        f"API key ({API_KEY_FLAG}, the variable {API_KEY_ENV_FLAG} names, or {VLLM_API_KEY_ENV}), so anyone "
+                        f"in the VPC can use the model; set apiKeySecret (bundled or vllm runtime) or use serviceType "
+                        f"ClusterIP"
+                    ),
+                )
+            )
     return problems
 
 
@@ -452,7 +500,9 @@ class Rule:
     description: str
     applies: Callable[[Resource], bool]
     check: Callable[..., list[str]]  # (resource) -> messages, or (resource, settings) for a rule with `config`
-    config: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)  # setting -> JSON schema with a default
+    config: Mapping[str, Mapping[str, Any]] = dataclasses.field(
+        default_factory=dict
+    )  # setting -> JSON schema with a default
 
     def settings(self, given: Mapping[str, Any] | None) -> dict[str, Any]:
         """Each declared setting: the pack configuration's value, else its schema default."""
@@ -465,38 +515,67 @@ class Rule:
 
 
 RULES: tuple[Rule, ...] = (
-    Rule("container-images-pinned",
-         "Container images are pinned by a version tag or a digest, "
-         "never untagged or a moving tag (:latest, :main, :stable).",
-         is_workload, check_images_pinned),
-    Rule("no-primitive-iam-roles",
-         "No IAM grant of the primitive roles owner, editor or viewer.",
-         is_iam_grant, check_no_primitive_roles),
-    Rule("no-public-iam-members",
-         "No IAM grant to allUsers or allAuthenticatedUsers.",
-         is_iam_grant, check_no_public_members),
-    Rule("load-balancers-internal",
-         "A Service of type LoadBalancer carries GKE's internal load-balancer annotation "
-         "(or its legacy cloud.google.com form).",
-         is_service, check_load_balancer_internal),
-    Rule("gateways-internal",
-         "A Gateway uses an internal GatewayClass (gke-l7-rilb) unless the pack's configuration lists its stack in "
-         f"{EXTERNAL_GATEWAY_STACKS_KEY} (default: none).",
-         is_gateway, check_gateway_internal, config=EXTERNAL_GATEWAY_CONFIG),
-    Rule("prod-cluster-deletion-protection",
-         "GKE clusters keep deletion protection in production stacks: names starting with a configured prefix "
-         f"({PRODUCTION_STACK_PREFIXES_KEY}, default {', '.join(PRODUCTION_STACK_PREFIXES)}).",
-         is_cluster, check_prod_cluster_deletion_protection, config=PRODUCTION_STACKS_CONFIG),
-    Rule("node-pools-not-default-service-account",
-         "GKE nodes do not run as the Compute Engine default service account.",
-         creates_nodes, check_node_pool_service_account),
-    Rule("multi-host-tpu-compact-placement",
-         "A TPU node pool of several multi-host-capable VMs declares its slice's tpuTopology "
-         "(else each VM is its own slice).",
-         is_tpu_node_pool, check_multi_host_tpu_placement),
-    Rule("lws-serving-startup-probe",
-         "LeaderWorkerSet containers that serve have a startup probe.",
-         is_leader_worker_set, check_lws_startup_probes),
+    Rule(
+        "container-images-pinned",
+        "Container images are pinned by a version tag or a digest, "
+        "never untagged or a moving tag (:latest, :main, :stable).",
+        is_workload,
+        check_images_pinned,
+    ),
+    Rule(
+        "no-primitive-iam-roles",
+        "No IAM grant of the primitive roles owner, editor or viewer.",
+        is_iam_grant,
+        check_no_primitive_roles,
+    ),
+    Rule(
+        "no-public-iam-members",
+        "No IAM grant to allUsers or allAuthenticatedUsers.",
+        is_iam_grant,
+        check_no_public_members,
+    ),
+    Rule(
+        "load-balancers-internal",
+        "A Service of type LoadBalancer carries GKE's internal load-balancer annotation "
+        "(or its legacy cloud.google.com form).",
+        is_service,
+        check_load_balancer_internal,
+    ),
+    Rule(
+        "gateways-internal",
+        "A Gateway uses an internal GatewayClass (gke-l7-rilb) unless the pack's configuration lists its stack in "
+        f"{EXTERNAL_GATEWAY_STACKS_KEY} (default: none).",
+        is_gateway,
+        check_gateway_internal,
+        config=EXTERNAL_GATEWAY_CONFIG,
+    ),
+    Rule(
+        "prod-cluster-deletion-protection",
+        "GKE clusters keep deletion protection in production stacks: names starting with a configured prefix "
+        f"({PRODUCTION_STACK_PREFIXES_KEY}, default {', '.join(PRODUCTION_STACK_PREFIXES)}).",
+        is_cluster,
+        check_prod_cluster_deletion_protection,
+        config=PRODUCTION_STACKS_CONFIG,
+    ),
+    Rule(
+        "node-pools-not-default-service-account",
+        "GKE nodes do not run as the Compute Engine default service account.",
+        creates_nodes,
+        check_node_pool_service_account,
+    ),
+    Rule(
+        "multi-host-tpu-compact-placement",
+        "A TPU node pool of several multi-host-capable VMs declares its slice's tpuTopology "
+        "(else each VM is its own slice).",
+        is_tpu_node_pool,
+        check_multi_host_tpu_placement,
+    ),
+    Rule(
+        "lws-serving-startup-probe",
+        "LeaderWorkerSet containers that serve have a startup probe.",
+        is_leader_worker_set,
+        check_lws_startup_probes,
+    ),
 )
 
 
@@ -511,8 +590,10 @@ class StackRule:
 
 
 STACK_RULES: tuple[StackRule, ...] = (
-    StackRule("internal-endpoints-api-key",
-              "Servers a stack exposes through an internal load balancer or a Gateway check an API key "
-              "(warning).",
-              exposes_any_server, check_exposed_servers_check_an_api_key),
+    StackRule(
+        "internal-endpoints-api-key",
+        "Servers a stack exposes through an internal load balancer or a Gateway check an API key (warning).",
+        exposes_any_server,
+        check_exposed_servers_check_an_api_key,
+    ),
 )

@@ -61,8 +61,11 @@ ENGINE_SETTINGS = "serving.engine.settings"
 RULES = [
     (["serving/engine_api.py"], ("serving.engine", "serving.server", "jax"), ()),
     (["serving/engine/**/*.py"], ("serving.server",), ()),
-    ([f"serving/engine/{m}.py" for m in PURE_MATH], ("serving.engine.jax_engine", "serving.engine.loaders",
-                                                     "serving.engine.sharding"), ()),
+    (
+        [f"serving/engine/{m}.py" for m in PURE_MATH],
+        ("serving.engine.jax_engine", "serving.engine.loaders", "serving.engine.sharding"),
+        (),
+    ),
     (["serving/engine/settings.py"], ("jax", "numpy", "serving", "components"), ()),
     ([f"serving/server/{m}.py" for m in ENGINE_AGNOSTIC_SERVER], ("jax", "serving.engine"), (ENGINE_SETTINGS,)),
     (["components/core/**/*.py"], ("pulumi", "pulumi_gcp", "pulumi_kubernetes", "components.resources"), ()),

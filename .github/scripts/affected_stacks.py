@@ -28,8 +28,16 @@ from collections.abc import Iterable
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 ENVIRONMENTS = ("platform", "dev", "prod")  # apply order: the serving stacks reference the platform
-SHARED_PATHS = ("Pulumi.yaml", "__main__.py", "requirements.txt", "setup.sh",
-                "components/", "serving/", "policy/", ".github/")
+SHARED_PATHS = (
+    "Pulumi.yaml",
+    "__main__.py",
+    "requirements.txt",
+    "setup.sh",
+    "components/",
+    "serving/",
+    "policy/",
+    ".github/",
+)
 
 
 def stack_file(stack: str) -> str:
@@ -52,8 +60,9 @@ def present_environments(root: pathlib.Path = ROOT) -> list[str]:
 
 
 def changed_paths(base: str, root: pathlib.Path = ROOT) -> list[str]:
-    diff = subprocess.run(["git", "diff", "--name-only", base, "HEAD"], cwd=root, capture_output=True,
-                          text=True, check=True)
+    diff = subprocess.run(
+        ["git", "diff", "--name-only", base, "HEAD"], cwd=root, capture_output=True, text=True, check=True
+    )
     return diff.stdout.split()
 
 

@@ -33,8 +33,13 @@ def stacks_in(tree: pathlib.Path) -> set[str]:
 
 
 def render(tree: pathlib.Path, stack: str) -> Rendered:
-    result = subprocess.run([sys.executable, "-m", "components.render", "--stack", stack], cwd=tree,
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "components.render", "--stack", stack],
+        cwd=tree,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if result.returncode == 0:
         return Rendered(result.stdout, ok=True)
     error = "".join(f"# {line}" for line in result.stderr.splitlines(keepends=True))
@@ -64,16 +69,24 @@ def compare(base: pathlib.Path, head: pathlib.Path, out: pathlib.Path) -> bool:
             if rendered is not None:
                 (out / side).mkdir(parents=True, exist_ok=True)
                 (out / side / f"{stack}.yaml").write_text(rendered.text)
-        diff = list(difflib.unified_diff(before.text.splitlines(keepends=True) if before else [],
-                                         after.text.splitlines(keepends=True) if after else [],
-                                         fromfile=f"base/{stack}.yaml", tofile=f"head/{stack}.yaml"))
+        diff = list(
+            difflib.unified_diff(
+                before.text.splitlines(keepends=True) if before else [],
+                after.text.splitlines(keepends=True) if after else [],
+                fromfile=f"base/{stack}.yaml",
+                tofile=f"head/{stack}.yaml",
+            )
+        )
         rows.append(f"| `{stack}` | {change_of(before, after, diff)} |")
         diff_lines += diff
         head_ok = head_ok and (after is None or after.ok)
     (out / "render.diff").write_text("".join(diff_lines))
     shown = diff_lines[:SUMMARY_DIFF_LINES]
-    cut = (f"\n... {len(diff_lines) - len(shown)} more lines in the `rendered-manifests` artifact\n"
-           if len(shown) < len(diff_lines) else "")
+    cut = (
+        f"\n... {len(diff_lines) - len(shown)} more lines in the `rendered-manifests` artifact\n"
+        if len(shown) < len(diff_lines)
+        else ""
+    )
     summary = ["## Rendered manifests, base -> head", "", "| stack | change |", "|---|---|", *rows, ""]
     if diff_lines:
         summary += ["```diff", "".join(shown).rstrip("\n"), "```", cut]

@@ -104,14 +104,30 @@ MAX_REPLICAS_LIMIT = 100  # a typo guard: every replica is a whole TPU slice (on
 SAME_AS_REPLICAS = 0
 
 CONFIG_KEYS: tuple[ConfigKey, ...] = (
-    ConfigKey(name="replicas", type="integer", default=1,
-              description="LeaderWorkerSet replicas, each on its own TPU slice (one per role); the Service balances over their leaders."),
-    ConfigKey(name="maxReplicas", type="integer", default=SAME_AS_REPLICAS,
-              description="Upper bound for autoscaling; larger than replicas turns the HPA on; 0 = replicas (no autoscaling)."),
-    ConfigKey(name="autoscalingMetric", type="string", default=DEFAULT_METRIC,
-              description=f"Metric the HPA scales on: {', '.join(METRICS)} (requests waiting: JetStream's jetstream_prefill_backlog_size, vLLM's vllm:num_requests_waiting; or the share of decode capacity in use: jetstream_slots_used_percentage, vllm:kv_cache_usage_perc)."),
-    ConfigKey(name="autoscalingTarget", type="string", default="",
-              description="Per-replica target of autoscalingMetric; empty = the metric's default (prefill-backlog 10 requests, slots-used 0.8)."),
+    ConfigKey(
+        name="replicas",
+        type="integer",
+        default=1,
+        description="LeaderWorkerSet replicas, each on its own TPU slice (one per role); the Service balances over their leaders.",
+    ),
+    ConfigKey(
+        name="maxReplicas",
+        type="integer",
+        default=SAME_AS_REPLICAS,
+        description="Upper bound for autoscaling; larger than replicas turns the HPA on; 0 = replicas (no autoscaling).",
+    ),
+    ConfigKey(
+        name="autoscalingMetric",
+        type="string",
+        default=DEFAULT_METRIC,
+        description=f"Metric the HPA scales on: {', '.join(METRICS)} (requests waiting: JetStream's jetstream_prefill_backlog_size, vLLM's vllm:num_requests_waiting; or the share of decode capacity in use: jetstream_slots_used_percentage, vllm:kv_cache_usage_perc).",
+    ),
+    ConfigKey(
+        name="autoscalingTarget",
+        type="string",
+        default="",
+        description="Per-replica target of autoscalingMetric; empty = the metric's default (prefill-backlog 10 requests, slots-used 0.8).",
+    ),
 )
 
 
@@ -141,24 +157,36 @@ KEYS_BY_NAME = {key.name: key for key in CONFIG_KEYS}
 def _replica_bounds(raw: Mapping[str, str]) -> tuple[int, int]:
     replicas = read_integer(raw, KEYS_BY_NAME["replicas"])
     if not 1 <= replicas <= MAX_REPLICAS_LIMIT:
-        raise ConfigError("replicas", f"{replicas} is outside 1..{MAX_REPLICAS_LIMIT} (each replica is a whole TPU slice per role)",
-                          "pulumi config set replicas 1")
+        raise ConfigError(
+            "replicas",
+            f"{replicas} is outside 1..{MAX_REPLICAS_LIMIT} (each replica is a whole TPU slice per role)",
+            "pulumi config set replicas 1",
+        )
     maximum = read_integer(raw, KEYS_BY_NAME["maxReplicas"])
     maximum = replicas if maximum == SAME_AS_REPLICAS else maximum
     if maximum < replicas:
-        raise ConfigError(("maxReplicas", "replicas"), f"maxReplicas {maximum} is smaller than replicas {replicas}",
-                          f"pulumi config set maxReplicas {replicas} for a fixed size, or larger to autoscale from {replicas}")
+        raise ConfigError(
+            ("maxReplicas", "replicas"),
+            f"maxReplicas {maximum} is smaller than replicas {replicas}",
+            f"pulumi config set maxReplicas {replicas} for a fixed size, or larger to autoscale from {replicas}",
+        )
     if maximum > MAX_REPLICAS_LIMIT:
-        raise ConfigError("maxReplicas", f"{maximum} is above {MAX_REPLICAS_LIMIT} (each replica is a whole TPU slice per role)",
-                          f"pulumi config set maxReplicas {MAX_REPLICAS_LIMIT}")
+        raise ConfigError(
+            "maxReplicas",
+            f"{maximum} is above {MAX_REPLICAS_LIMIT} (each replica is a whole TPU slice per role)",
+            f"pulumi config set maxReplicas {MAX_REPLICAS_LIMIT}",
+        )
     return replicas, maximum
 
 
 def _metric(raw: Mapping[str, str], metrics: Mapping[str, ScalingMetric]) -> ScalingMetric:
     name = read_text(raw, KEYS_BY_NAME["autoscalingMetric"])
     if name not in metrics:
-        raise ConfigError("autoscalingMetric", f"{name!r} is not one of {', '.join(metrics)}",
-                          "pulumi config set autoscalingMetric prefill-backlog (latency and throughput) or slots-used (capacity)")
+        raise ConfigError(
+            "autoscalingMetric",
+            f"{name!r} is not one of {', '.join(metrics)}",
+            "pulumi config set autoscalingMetric prefill-backlog (latency and throughput) or slots-used (capacity)",
+        )
     return metrics[name]
 
 
@@ -171,15 +199,20 @@ def _target(raw: Mapping[str, str], metric: ScalingMetric) -> float:
     except ValueError:
         target = math.nan
     if not math.isfinite(target) or round(target * 1000) <= 0:
-        raise ConfigError("autoscalingTarget", f"{text!r} is not a positive number (at least 0.001); for {metric.name} it counts {metric.meaning}",
-                          f"pulumi config set autoscalingTarget {metric.default_target:g}")
+        raise ConfigError(
+            "autoscalingTarget",
+            f"{text!r} is not a positive number (at least 0.001); for {metric.name} it counts {metric.meaning}",
+            f"pulumi config set autoscalingTarget {metric.default_target:g}",
+        )
     highest = metric.highest_target
     if highest is not None and target >= highest:
-        raise ConfigError(("autoscalingTarget", "autoscalingMetric"),
-                          f"{metric.name} target {target:g} cannot be met: {metric.prometheus_name} is at most {metric.ceiling:g} "
-                          f"({metric.meaning}) and the HPA scales up only above target x {1 + HPA_TOLERANCE:g} (its tolerance), "
-                          f"so targets must stay below {highest:.4g}",
-                          f"pulumi config set autoscalingTarget {metric.default_target:g}")
+        raise ConfigError(
+            ("autoscalingTarget", "autoscalingMetric"),
+            f"{metric.name} target {target:g} cannot be met: {metric.prometheus_name} is at most {metric.ceiling:g} "
+            f"({metric.meaning}) and the HPA scales up only above target x {1 + HPA_TOLERANCE:g} (its tolerance), "
+            f"so targets must stay below {highest:.4g}",
+            f"pulumi config set autoscalingTarget {metric.default_target:g}",
+        )
     return target
 
 
@@ -187,8 +220,11 @@ def _check_used(raw: Mapping[str, str], replicas: int) -> None:
     """A metric or target without maxReplicas is a forgotten maxReplicas, not a no-op."""
     for name in ("autoscalingMetric", "autoscalingTarget"):
         if is_set(raw, KEYS_BY_NAME[name]):
-            raise ConfigError((name, "maxReplicas"), f"is set but autoscaling is off (maxReplicas = replicas = {replicas})",
-                              f"pulumi config set maxReplicas {replicas + 1} or more to autoscale, or remove {name}")
+            raise ConfigError(
+                (name, "maxReplicas"),
+                f"is set but autoscaling is off (maxReplicas = replicas = {replicas})",
+                f"pulumi config set maxReplicas {replicas + 1} or more to autoscale, or remove {name}",
+            )
 
 
 def parse_autoscaling(raw: Mapping[str, str], metrics: Mapping[str, ScalingMetric] = METRICS) -> Autoscaling:
@@ -208,17 +244,27 @@ def parse_autoscaling(raw: Mapping[str, str], metrics: Mapping[str, ScalingMetri
 
 def _capacity_at(replicas: int, tpu_slice: tpu.TpuSlice, roles: tuple[str, ...]) -> dict:
     slices = replicas * len(roles)
-    return {"replicas": replicas, "slices": slices, "chips": slices * tpu_slice.chips, "hosts": slices * tpu_slice.hosts}
+    return {
+        "replicas": replicas,
+        "slices": slices,
+        "chips": slices * tpu_slice.chips,
+        "hosts": slices * tpu_slice.hosts,
+    }
 
 
-def replica_summary(scaling: Autoscaling, *, tpu_slice: tpu.TpuSlice, roles: tuple[str, ...], startup_delay_seconds: int) -> dict | None:
+def replica_summary(
+    scaling: Autoscaling, *, tpu_slice: tpu.TpuSlice, roles: tuple[str, ...], startup_delay_seconds: int
+) -> dict | None:
     """Chips and hosts at the minimum and maximum replica count, for the plan output.
 
     None for the default single, fixed replica, so a stack without these keys previews as before.
     """
     if scaling.max_replicas == 1:
         return None
-    summary = {"min": _capacity_at(scaling.replicas, tpu_slice, roles), "max": _capacity_at(scaling.max_replicas, tpu_slice, roles)}
+    summary = {
+        "min": _capacity_at(scaling.replicas, tpu_slice, roles),
+        "max": _capacity_at(scaling.max_replicas, tpu_slice, roles),
+    }
     if scaling.enabled:
         summary["autoscaling"] = {
             "metric": scaling.metric.prometheus_name,
@@ -288,8 +334,9 @@ class ScaleDecision:
     desired: int  # replicas the HPA sets, after the tolerance, the scale-up limit and min/max
 
 
-def hpa_desired_replicas(per_pod: Sequence[float], target: float, *, min_replicas: int, max_replicas: int,
-                         tolerance: float = HPA_TOLERANCE) -> ScaleDecision:
+def hpa_desired_replicas(
+    per_pod: Sequence[float], target: float, *, min_replicas: int, max_replicas: int, tolerance: float = HPA_TOLERANCE
+) -> ScaleDecision:
     """desired = ceil(pods x average / target), as the HPA computes it for a `type: Pods` metric
     with `target.averageValue` (the metric of `horizontal_pod_autoscaler`):
 
@@ -338,15 +385,19 @@ ADAPTER_SERVICE_ACCOUNT = "custom-metrics-stackdriver-adapter"
 # GoogleCloudPlatform/k8s-stackdriver at the commit that moved the manifest to the adapter image
 # v0.16.9-gke.0 (the cm-sd-adapter-v0.16.9 tag still names v0.16.7); GKE's docs apply it from master.
 ADAPTER_COMMIT = "af49d863755c0535f598cfde9288ae9a75251d38"
-ADAPTER_MANIFEST_URL = ("https://raw.githubusercontent.com/GoogleCloudPlatform/k8s-stackdriver/"
-                        f"{ADAPTER_COMMIT}/custom-metrics-stackdriver-adapter/deploy/production/adapter_new_resource_model.yaml")
+ADAPTER_MANIFEST_URL = (
+    "https://raw.githubusercontent.com/GoogleCloudPlatform/k8s-stackdriver/"
+    f"{ADAPTER_COMMIT}/custom-metrics-stackdriver-adapter/deploy/production/adapter_new_resource_model.yaml"
+)
 ADAPTER_ROLE = "roles/monitoring.viewer"  # read time series; nothing else
 
 
 def adapter_principal(project_id: str, project_number: str) -> str:
     """The adapter's Kubernetes service account as an IAM principal (Workload Identity Federation)."""
-    return (f"principal://iam.googleapis.com/projects/{project_number}/locations/global/workloadIdentityPools/"
-            f"{project_id}.svc.id.goog/subject/ns/{ADAPTER_NAMESPACE}/sa/{ADAPTER_SERVICE_ACCOUNT}")
+    return (
+        f"principal://iam.googleapis.com/projects/{project_number}/locations/global/workloadIdentityPools/"
+        f"{project_id}.svc.id.goog/subject/ns/{ADAPTER_NAMESPACE}/sa/{ADAPTER_SERVICE_ACCOUNT}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,7 +443,9 @@ def pod_monitoring(*, namespace: str, lws_name: str, endpoint: MetricsEndpoint) 
     }
 
 
-def horizontal_pod_autoscaler(scaling: Autoscaling, *, namespace: str, lws_name: str, startup_delay_seconds: int) -> dict:
+def horizontal_pod_autoscaler(
+    scaling: Autoscaling, *, namespace: str, lws_name: str, startup_delay_seconds: int
+) -> dict:
     """The one HPA: the LeaderWorkerSet by name, between replicas and maxReplicas, on the leaders' average."""
     return {
         "apiVersion": "autoscaling/v2",
@@ -402,24 +455,31 @@ def horizontal_pod_autoscaler(scaling: Autoscaling, *, namespace: str, lws_name:
             "scaleTargetRef": {"apiVersion": lws_model.API_VERSION, "kind": lws_model.KIND, "name": lws_name},
             "minReplicas": scaling.replicas,
             "maxReplicas": scaling.max_replicas,
-            "metrics": [{
-                "type": "Pods",
-                "pods": {
-                    "metric": {"name": scaling.metric.adapter_metric},
-                    "target": {"type": "AverageValue", "averageValue": scaling.target_quantity},
-                },
-            }],
-            "behavior": {"scaleDown": {"stabilizationWindowSeconds": scale_down_stabilization_seconds(startup_delay_seconds)}},
+            "metrics": [
+                {
+                    "type": "Pods",
+                    "pods": {
+                        "metric": {"name": scaling.metric.adapter_metric},
+                        "target": {"type": "AverageValue", "averageValue": scaling.target_quantity},
+                    },
+                }
+            ],
+            "behavior": {
+                "scaleDown": {"stabilizationWindowSeconds": scale_down_stabilization_seconds(startup_delay_seconds)}
+            },
         },
     }
 
 
-def autoscaling_manifests(scaling: Autoscaling, *, namespace: str, lws_name: str, endpoint: MetricsEndpoint,
-                          startup_delay_seconds: int) -> list[dict]:
+def autoscaling_manifests(
+    scaling: Autoscaling, *, namespace: str, lws_name: str, endpoint: MetricsEndpoint, startup_delay_seconds: int
+) -> list[dict]:
     """The PodMonitoring and the HPA in apply order; nothing when autoscaling is off."""
     if not scaling.enabled:
         return []
     return [
         pod_monitoring(namespace=namespace, lws_name=lws_name, endpoint=endpoint),
-        horizontal_pod_autoscaler(scaling, namespace=namespace, lws_name=lws_name, startup_delay_seconds=startup_delay_seconds),
+        horizontal_pod_autoscaler(
+            scaling, namespace=namespace, lws_name=lws_name, startup_delay_seconds=startup_delay_seconds
+        ),
     ]

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
 import ipaddress
 import json
 import re
@@ -48,9 +47,9 @@ from components.core.naming import (
 )
 from components.core.runtimes import RUNTIMES, ServerRuntime, bundled
 from components.core.runtimes.gcs_fuse import GCS_SCHEME, bucket_and_directory
-from components.core.server_secrets import secret_id
 from components.core.runtimes.pathways import DEFAULT_IMAGES
 from components.core.runtimes.vllm import DEFAULT_IMAGE as DEFAULT_VLLM_IMAGE
+from components.core.server_secrets import secret_id
 
 PROJECT = "jetstream-tpu"  # Pulumi project name: stack files namespace keys as jetstream-tpu:<key>
 MODES = ("interleaved", "disaggregated")
@@ -85,87 +84,283 @@ APP_NAME_LIMIT = 40  # LWS pod names are <app>-<group>-<index>, and pod hostname
 
 CONFIG_KEYS: tuple[ConfigKey, ...] = (
     # Contract keys.
-    ConfigKey(name="model", type="string", default="", description=f"Model preset: {', '.join(models.PRESETS)}. Required unless role=platform."),
-    ConfigKey(name="topology", type="string", default="", description=f"TPU v6e slice topology: {', '.join(tpu.TOPOLOGIES)}. Required unless role=platform."),
-    ConfigKey(name="mode", type="string", default="interleaved",
-              description="interleaved (one slice, prefill and generate interleaved) or disaggregated (a prefill slice and a generate slice)."),
-    ConfigKey(name="quantization", type="string", default="int8",
-              description="Weight precision: int8 (checkpoint must be int8-quantized) or bf16."),
-    ConfigKey(name="checkpointPath", type="string", default="",
-              description="gs:// URI of the MaxText (Orbax) checkpoint; with serverRuntime=bundled or vllm of a directory holding a Hugging Face checkpoint (bundled: or of one .gguf or .npz object), mounted read-only through the Cloud Storage FUSE CSI driver; with serverRuntime=vllm also hf://<org>/<model> to download from the Hugging Face Hub. The serving identity gets read access to its bucket. Required unless role=platform."),
+    ConfigKey(
+        name="model",
+        type="string",
+        default="",
+        description=f"Model preset: {', '.join(models.PRESETS)}. Required unless role=platform.",
+    ),
+    ConfigKey(
+        name="topology",
+        type="string",
+        default="",
+        description=f"TPU v6e slice topology: {', '.join(tpu.TOPOLOGIES)}. Required unless role=platform.",
+    ),
+    ConfigKey(
+        name="mode",
+        type="string",
+        default="interleaved",
+        description="interleaved (one slice, prefill and generate interleaved) or disaggregated (a prefill slice and a generate slice).",
+    ),
+    ConfigKey(
+        name="quantization",
+        type="string",
+        default="int8",
+        description="Weight precision: int8 (checkpoint must be int8-quantized) or bf16.",
+    ),
+    ConfigKey(
+        name="checkpointPath",
+        type="string",
+        default="",
+        description="gs:// URI of the MaxText (Orbax) checkpoint; with serverRuntime=bundled or vllm of a directory holding a Hugging Face checkpoint (bundled: or of one .gguf or .npz object), mounted read-only through the Cloud Storage FUSE CSI driver; with serverRuntime=vllm also hf://<org>/<model> to download from the Hugging Face Hub. The serving identity gets read access to its bucket. Required unless role=platform.",
+    ),
     # Serving.
-    ConfigKey(name="quantizeKvCache", type="boolean", default=True, description="Store the KV cache in int8 (quantize_kvcache)."),
-    ConfigKey(name="perDeviceBatchSize", type="integer", default=PRESET_DEFAULT, description="Sequences per chip (per_device_batch_size); 0 = model preset."),
-    ConfigKey(name="maxPrefillLength", type="integer", default=PRESET_DEFAULT, description="Longest prompt (max_prefill_predict_length); 0 = model preset."),
-    ConfigKey(name="maxTargetLength", type="integer", default=PRESET_DEFAULT, description="Prompt + generated tokens (max_target_length); 0 = model preset."),
-    ConfigKey(name="tensorParallelism", type="integer", default=PRESET_DEFAULT,
-              description="ici_tensor_parallelism; -1 fills in the remaining chips; 0 = the preset's recipe fitted to the slice."),
-    ConfigKey(name="autoregressiveParallelism", type="integer", default=PRESET_DEFAULT,
-              description="ici_autoregressive_parallelism; -1 fills in; 0 = the preset's recipe fitted to the slice."),
-    ConfigKey(name="fsdpParallelism", type="integer", default=PRESET_DEFAULT,
-              description="ici_fsdp_parallelism; -1 fills in; 0 = the preset's recipe fitted to the slice."),
-    ConfigKey(name="hbmReservePercent", type="integer", default=10,
-              description="Percent of each chip's HBM kept free for XLA scratch, activations and compiled programs."),
-    ConfigKey(name="serverFlags", type="string", default="{}",
-              description='JSON object of MaxText flags that override or extend the preset recipe, e.g. {"enable_model_warmup": "false"}.'),
-    ConfigKey(name="startupProbeDelaySeconds", type="integer", default=PRESET_DEFAULT, description="Startup probe initialDelaySeconds (checkpoint restore time); 0 = model preset."),
-    ConfigKey(name="waitForReady", type="boolean", default=False,
-              description="true: pulumi up ends only when the LeaderWorkerSet reports Available (timeout derived from the startup delay); false: it ends once the objects are applied."),
+    ConfigKey(
+        name="quantizeKvCache",
+        type="boolean",
+        default=True,
+        description="Store the KV cache in int8 (quantize_kvcache).",
+    ),
+    ConfigKey(
+        name="perDeviceBatchSize",
+        type="integer",
+        default=PRESET_DEFAULT,
+        description="Sequences per chip (per_device_batch_size); 0 = model preset.",
+    ),
+    ConfigKey(
+        name="maxPrefillLength",
+        type="integer",
+        default=PRESET_DEFAULT,
+        description="Longest prompt (max_prefill_predict_length); 0 = model preset.",
+    ),
+    ConfigKey(
+        name="maxTargetLength",
+        type="integer",
+        default=PRESET_DEFAULT,
+        description="Prompt + generated tokens (max_target_length); 0 = model preset.",
+    ),
+    ConfigKey(
+        name="tensorParallelism",
+        type="integer",
+        default=PRESET_DEFAULT,
+        description="ici_tensor_parallelism; -1 fills in the remaining chips; 0 = the preset's recipe fitted to the slice.",
+    ),
+    ConfigKey(
+        name="autoregressiveParallelism",
+        type="integer",
+        default=PRESET_DEFAULT,
+        description="ici_autoregressive_parallelism; -1 fills in; 0 = the preset's recipe fitted to the slice.",
+    ),
+    ConfigKey(
+        name="fsdpParallelism",
+        type="integer",
+        default=PRESET_DEFAULT,
+        description="ici_fsdp_parallelism; -1 fills in; 0 = the preset's recipe fitted to the slice.",
+    ),
+    ConfigKey(
+        name="hbmReservePercent",
+        type="integer",
+        default=10,
+        description="Percent of each chip's HBM kept free for XLA scratch, activations and compiled programs.",
+    ),
+    ConfigKey(
+        name="serverFlags",
+        type="string",
+        default="{}",
+        description='JSON object of MaxText flags that override or extend the preset recipe, e.g. {"enable_model_warmup": "false"}.',
+    ),
+    ConfigKey(
+        name="startupProbeDelaySeconds",
+        type="integer",
+        default=PRESET_DEFAULT,
+        description="Startup probe initialDelaySeconds (checkpoint restore time); 0 = model preset.",
+    ),
+    ConfigKey(
+        name="waitForReady",
+        type="boolean",
+        default=False,
+        description="true: pulumi up ends only when the LeaderWorkerSet reports Available (timeout derived from the startup delay); false: it ends once the objects are applied.",
+    ),
     # Replicas and autoscaling (components/core/autoscaling.py).
     *autoscaling.CONFIG_KEYS,
     # GKE Inference Gateway (components/core/gateway.py).
     *gateway.CONFIG_KEYS,
     # Server images and names.
-    ConfigKey(name="serverRuntime", type="string", default="jetstream",
-              description="jetstream (upstream JetStream + MaxText on Pathways, the reference YAMLs' layout), bundled (this repository's server image) or vllm (vLLM's TPU backend, single-host slices)."),
-    ConfigKey(name="bundledServerImage", type="string", default="",
-              description="serverRuntime=bundled: image of this repository's server, pinned by tag or digest; empty = the stack builds serving/Dockerfile into its own Artifact Registry repository and runs it by digest."),
-    ConfigKey(name="vllmImage", type="string", default=DEFAULT_VLLM_IMAGE,
-              description="serverRuntime=vllm: vLLM's TPU image (vllm/vllm-tpu); pinned tag or digest."),
-    ConfigKey(name="hfTokenSecret", type="string", default="",
-              description="serverRuntime=vllm: Secret Manager secret (in gcp:project) holding a Hugging Face token; pulumi up copies it into a Kubernetes Secret the server reads. Needed for gated models (Llama, Gemma) from hf://; empty = no token."),
-    ConfigKey(name="apiKeySecret", type="string", default="",
-              description="Secret Manager secret (in gcp:project) holding the API key clients must send (Authorization: Bearer <key>); pulumi up copies it into a Kubernetes Secret the server reads from its environment. serverRuntime=bundled or vllm; empty = no key."),
-    ConfigKey(name="jetstreamImage", type="string", default=DEFAULT_IMAGES["jetstreamImage"],
-              description="jax-tpu container image (JetStream + MaxText server) when serverRuntime=jetstream; pinned tag or digest."),
-    ConfigKey(name="jetstreamHttpImage", type="string", default=DEFAULT_IMAGES["jetstreamHttpImage"],
-              description="jetstream-http container image (HTTP front end on port 8000); pinned tag or digest."),
-    ConfigKey(name="pathwaysServerImage", type="string", default=DEFAULT_IMAGES["pathwaysServerImage"],
-              description="Pathways server image (pathways-rm resource manager and TPU workers); pinned tag or digest."),
-    ConfigKey(name="pathwaysProxyImage", type="string", default=DEFAULT_IMAGES["pathwaysProxyImage"],
-              description="Pathways proxy image (pathways-proxy on the leader); pinned tag or digest."),
-    ConfigKey(name="appName", type="string", default="jetstream-pathways", description="LeaderWorkerSet name and `app` label."),
+    ConfigKey(
+        name="serverRuntime",
+        type="string",
+        default="jetstream",
+        description="jetstream (upstream JetStream + MaxText on Pathways, the reference YAMLs' layout), bundled (this repository's server image) or vllm (vLLM's TPU backend, single-host slices).",
+    ),
+    ConfigKey(
+        name="bundledServerImage",
+        type="string",
+        default="",
+        description="serverRuntime=bundled: image of this repository's server, pinned by tag or digest; empty = the stack builds serving/Dockerfile into its own Artifact Registry repository and runs it by digest.",
+    ),
+    ConfigKey(
+        name="vllmImage",
+        type="string",
+        default=DEFAULT_VLLM_IMAGE,
+        description="serverRuntime=vllm: vLLM's TPU image (vllm/vllm-tpu); pinned tag or digest.",
+    ),
+    ConfigKey(
+        name="hfTokenSecret",
+        type="string",
+        default="",
+        description="serverRuntime=vllm: Secret Manager secret (in gcp:project) holding a Hugging Face token; pulumi up copies it into a Kubernetes Secret the server reads. Needed for gated models (Llama, Gemma) from hf://; empty = no token.",
+    ),
+    ConfigKey(
+        name="apiKeySecret",
+        type="string",
+        default="",
+        description="Secret Manager secret (in gcp:project) holding the API key clients must send (Authorization: Bearer <key>); pulumi up copies it into a Kubernetes Secret the server reads from its environment. serverRuntime=bundled or vllm; empty = no key.",
+    ),
+    ConfigKey(
+        name="jetstreamImage",
+        type="string",
+        default=DEFAULT_IMAGES["jetstreamImage"],
+        description="jax-tpu container image (JetStream + MaxText server) when serverRuntime=jetstream; pinned tag or digest.",
+    ),
+    ConfigKey(
+        name="jetstreamHttpImage",
+        type="string",
+        default=DEFAULT_IMAGES["jetstreamHttpImage"],
+        description="jetstream-http container image (HTTP front end on port 8000); pinned tag or digest.",
+    ),
+    ConfigKey(
+        name="pathwaysServerImage",
+        type="string",
+        default=DEFAULT_IMAGES["pathwaysServerImage"],
+        description="Pathways server image (pathways-rm resource manager and TPU workers); pinned tag or digest.",
+    ),
+    ConfigKey(
+        name="pathwaysProxyImage",
+        type="string",
+        default=DEFAULT_IMAGES["pathwaysProxyImage"],
+        description="Pathways proxy image (pathways-proxy on the leader); pinned tag or digest.",
+    ),
+    ConfigKey(
+        name="appName", type="string", default="jetstream-pathways", description="LeaderWorkerSet name and `app` label."
+    ),
     ConfigKey(name="serviceName", type="string", default="jetstream-svc", description="Service name."),
-    ConfigKey(name="serviceType", type="string", default="ClusterIP",
-              description="ClusterIP (reachable inside the cluster) or InternalLoadBalancer (a GKE internal passthrough Network Load Balancer, reachable from the VPC; never a public one)."),
-    ConfigKey(name="namespace", type="string", default=DERIVED,
-              description="Kubernetes namespace (created unless it is `default`); empty = jetstream-<stack>, so stacks sharing a cluster never collide."),
-    ConfigKey(name="lwsVersion", type="string", default="v0.10.0", description="LeaderWorkerSet controller release to install."),
-    ConfigKey(name="installLwsController", type="string", default="auto",
-              description=f"Who installs the cluster-wide LWS controller: {', '.join(LWS_INSTALLS)}. auto installs it only on a cluster this stack creates (role=all without existingClusterName, role=platform); always also installs it into an existing cluster (existingClusterName), where it is kept when the stack is destroyed so other stacks' LeaderWorkerSets keep their CRD; never leaves it to whoever owns the cluster. A serving stack never installs it (its platform stack does)."),
+    ConfigKey(
+        name="serviceType",
+        type="string",
+        default="ClusterIP",
+        description="ClusterIP (reachable inside the cluster) or InternalLoadBalancer (a GKE internal passthrough Network Load Balancer, reachable from the VPC; never a public one).",
+    ),
+    ConfigKey(
+        name="namespace",
+        type="string",
+        default=DERIVED,
+        description="Kubernetes namespace (created unless it is `default`); empty = jetstream-<stack>, so stacks sharing a cluster never collide.",
+    ),
+    ConfigKey(
+        name="lwsVersion",
+        type="string",
+        default="v0.10.0",
+        description="LeaderWorkerSet controller release to install.",
+    ),
+    ConfigKey(
+        name="installLwsController",
+        type="string",
+        default="auto",
+        description=f"Who installs the cluster-wide LWS controller: {', '.join(LWS_INSTALLS)}. auto installs it only on a cluster this stack creates (role=all without existingClusterName, role=platform); always also installs it into an existing cluster (existingClusterName), where it is kept when the stack is destroyed so other stacks' LeaderWorkerSets keep their CRD; never leaves it to whoever owns the cluster. A serving stack never installs it (its platform stack does).",
+    ),
     # Environments.
-    ConfigKey(name="role", type="string", default="all",
-              description="all (the cluster and the model server in one stack), platform (the cluster, its system pool, node service account, LWS controller and metrics adapter; exports clusterName, clusterLocation, project, kubeconfig) or serving (TPU pools and the model server on the cluster of clusterStack)."),
-    ConfigKey(name="clusterStack", type="string", default="",
-              description="role=serving: the platform stack whose cluster to use, fully qualified: <organization>/jetstream-tpu/<stack>."),
+    ConfigKey(
+        name="role",
+        type="string",
+        default="all",
+        description="all (the cluster and the model server in one stack), platform (the cluster, its system pool, node service account, LWS controller and metrics adapter; exports clusterName, clusterLocation, project, kubeconfig) or serving (TPU pools and the model server on the cluster of clusterStack).",
+    ),
+    ConfigKey(
+        name="clusterStack",
+        type="string",
+        default="",
+        description="role=serving: the platform stack whose cluster to use, fully qualified: <organization>/jetstream-tpu/<stack>.",
+    ),
     # Cluster and node pools.
-    ConfigKey(name="clusterName", type="string", default=DERIVED, description="Name of the GKE cluster to create; empty = jetstream-<stack>."),
-    ConfigKey(name="existingClusterName", type="string", default="", description="Use this existing cluster (at clusterLocation) instead of creating one."),
-    ConfigKey(name="zone", type="string", default="us-east5-b", description="Zone of the TPU node pools (a zone with v6e capacity), in the cluster's region: refused at preview otherwise."),
-    ConfigKey(name="clusterLocation", type="string", default="", description="Cluster region or zone; empty = the region of `zone`."),
-    ConfigKey(name="releaseChannel", type="string", default="UNSPECIFIED",
-              description=f"GKE release channel of a created cluster: {', '.join(RELEASE_CHANNELS)}. UNSPECIFIED (no channel) lets multi-host TPU pools keep auto-upgrade off; GKE forces it on in a channel. On an existing cluster or a platform's (role=serving) the pools follow that cluster's live channel."),
-    ConfigKey(name="deletionProtection", type="boolean", default=True, description="GKE deletion protection of a created cluster."),
-    ConfigKey(name="privateEndpoint", type="boolean", default=False,
-              description="A created cluster's control plane only on its private endpoint (private nodes too: no node has an external IP); kubectl, pulumi and CI runners then need a route into the VPC."),
-    ConfigKey(name="authorizedNetworks", type="string", default="",
-              description="Comma-separated IPv4 CIDR blocks allowed to reach a created cluster's control plane (master authorized networks); empty = no restriction by source address."),
-    ConfigKey(name="systemMachineType", type="string", default="e2-standard-4", description="Machine type of the CPU system pool."),
+    ConfigKey(
+        name="clusterName",
+        type="string",
+        default=DERIVED,
+        description="Name of the GKE cluster to create; empty = jetstream-<stack>.",
+    ),
+    ConfigKey(
+        name="existingClusterName",
+        type="string",
+        default="",
+        description="Use this existing cluster (at clusterLocation) instead of creating one.",
+    ),
+    ConfigKey(
+        name="zone",
+        type="string",
+        default="us-east5-b",
+        description="Zone of the TPU node pools (a zone with v6e capacity), in the cluster's region: refused at preview otherwise.",
+    ),
+    ConfigKey(
+        name="clusterLocation",
+        type="string",
+        default="",
+        description="Cluster region or zone; empty = the region of `zone`.",
+    ),
+    ConfigKey(
+        name="releaseChannel",
+        type="string",
+        default="UNSPECIFIED",
+        description=f"GKE release channel of a created cluster: {', '.join(RELEASE_CHANNELS)}. UNSPECIFIED (no channel) lets multi-host TPU pools keep auto-upgrade off; GKE forces it on in a channel. On an existing cluster or a platform's (role=serving) the pools follow that cluster's live channel.",
+    ),
+    ConfigKey(
+        name="deletionProtection",
+        type="boolean",
+        default=True,
+        description="GKE deletion protection of a created cluster.",
+    ),
+    ConfigKey(
+        name="privateEndpoint",
+        type="boolean",
+        default=False,
+        description="A created cluster's control plane only on its private endpoint (private nodes too: no node has an external IP); kubectl, pulumi and CI runners then need a route into the VPC.",
+    ),
+    ConfigKey(
+        name="authorizedNetworks",
+        type="string",
+        default="",
+        description="Comma-separated IPv4 CIDR blocks allowed to reach a created cluster's control plane (master authorized networks); empty = no restriction by source address.",
+    ),
+    ConfigKey(
+        name="systemMachineType",
+        type="string",
+        default="e2-standard-4",
+        description="Machine type of the CPU system pool.",
+    ),
     ConfigKey(name="systemNodeCount", type="integer", default=1, description="Nodes in the CPU system pool."),
-    ConfigKey(name="tpuMachineType", type="string", default="", description="Override the catalog's machine type (only 2x4: ct6e-standard-8t for one host)."),
-    ConfigKey(name="tpuProvisioning", type="string", default="on-demand", description=f"TPU capacity: {', '.join(PROVISIONING)}."),
-    ConfigKey(name="tpuReservation", type="string", default="", description="Reservation name (required when tpuProvisioning=reservation)."),
-    ConfigKey(name="scratchBucketName", type="string", default=DERIVED, description="Pathways scratch bucket the stack creates; empty = <gcp project>-scratch-<stack>."),
+    ConfigKey(
+        name="tpuMachineType",
+        type="string",
+        default="",
+        description="Override the catalog's machine type (only 2x4: ct6e-standard-8t for one host).",
+    ),
+    ConfigKey(
+        name="tpuProvisioning",
+        type="string",
+        default="on-demand",
+        description=f"TPU capacity: {', '.join(PROVISIONING)}.",
+    ),
+    ConfigKey(
+        name="tpuReservation",
+        type="string",
+        default="",
+        description="Reservation name (required when tpuProvisioning=reservation).",
+    ),
+    ConfigKey(
+        name="scratchBucketName",
+        type="string",
+        default=DERIVED,
+        description="Pathways scratch bucket the stack creates; empty = <gcp project>-scratch-<stack>.",
+    ),
 )
 KEYS_BY_NAME = {key.name: key for key in CONFIG_KEYS}
 
@@ -383,7 +578,9 @@ def _preset_int(raw: Mapping[str, str], name: str, preset_value: int) -> int:
 def _bounded(name: str, value: int, bounds: tuple[int, int]) -> int:
     low, high = bounds
     if not low <= value <= high:
-        raise ConfigError(name, f"{value} is outside {low}..{high}", f"pulumi config set {name} {min(max(value, low), high)}")
+        raise ConfigError(
+            name, f"{value} is outside {low}..{high}", f"pulumi config set {name} {min(max(value, low), high)}"
+        )
     return value
 
 
@@ -409,30 +606,43 @@ def _required(raw: Mapping[str, str], name: str) -> str:
     """A key a stack that serves cannot do without (REQUIRED_TO_SERVE)."""
     value = _text(raw, name)
     if not value:
-        raise ConfigError(name, "is required and not set (a stack that serves needs a model, a topology and a checkpoint)",
-                          f"pulumi config set {name} <value>")
+        raise ConfigError(
+            name,
+            "is required and not set (a stack that serves needs a model, a topology and a checkpoint)",
+            f"pulumi config set {name} <value>",
+        )
     return value
 
 
 def _model(raw: Mapping[str, str]) -> models.ModelPreset:
     name = _required(raw, "model")
     if name not in models.PRESETS:
-        raise ConfigError("model", f"unknown model preset {name!r} (known: {', '.join(models.PRESETS)})", _closest(name, models.PRESETS))
+        raise ConfigError(
+            "model",
+            f"unknown model preset {name!r} (known: {', '.join(models.PRESETS)})",
+            _closest(name, models.PRESETS),
+        )
     return models.PRESETS[name]
 
 
 def _tpu_slice(raw: Mapping[str, str]) -> tpu.TpuSlice:
     topology = _required(raw, "topology")
     if topology not in tpu.TOPOLOGIES:
-        raise ConfigError("topology", f"{topology!r} is not a TPU v6e slice shape (v6e shapes: {', '.join(tpu.TOPOLOGIES)})",
-                          "pick the next larger v6e shape, e.g. 4x4 for 16 chips")
+        raise ConfigError(
+            "topology",
+            f"{topology!r} is not a TPU v6e slice shape (v6e shapes: {', '.join(tpu.TOPOLOGIES)})",
+            "pick the next larger v6e shape, e.g. 4x4 for 16 chips",
+        )
     machine_type = _text(raw, "tpuMachineType") or None
     try:
         return tpu.slice_for(topology, machine_type)
     except KeyError:
         allowed = ", ".join(tpu.machine_types_for(topology))
-        raise ConfigError(("tpuMachineType", "topology"), f"{machine_type!r} cannot host a {topology} slice (allowed: {allowed})",
-                          "leave tpuMachineType empty to use the catalog's machine type") from None
+        raise ConfigError(
+            ("tpuMachineType", "topology"),
+            f"{machine_type!r} cannot host a {topology} slice (allowed: {allowed})",
+            "leave tpuMachineType empty to use the catalog's machine type",
+        ) from None
 
 
 def _checkpoint_path(raw: Mapping[str, str], runtime: ServerRuntime) -> str:
@@ -441,8 +651,11 @@ def _checkpoint_path(raw: Mapping[str, str], runtime: ServerRuntime) -> str:
     other_schemes = [scheme for scheme in runtime.checkpoint_schemes if scheme != GCS_SCHEME]
     if not _GCS_URI.match(path) and not path.startswith(tuple(other_schemes)):
         also = "".join(f" or a {scheme} URI" for scheme in other_schemes)
-        raise ConfigError("checkpointPath", f"{path!r} is not a gs:// URI of a bucket path{also}",
-                          "pulumi config set checkpointPath gs://my-bucket/llama/checkpoints/0/items")
+        raise ConfigError(
+            "checkpointPath",
+            f"{path!r} is not a gs:// URI of a bucket path{also}",
+            "pulumi config set checkpointPath gs://my-bucket/llama/checkpoints/0/items",
+        )
     return path.rstrip("/")
 
 
@@ -456,12 +669,19 @@ def _server_flags(raw: Mapping[str, str], planned: Mapping[str, str]) -> dict[st
     try:
         flags = json.loads(text)
     except json.JSONDecodeError as error:
-        raise ConfigError("serverFlags", f"not valid JSON ({error.msg} at character {error.pos})",
-                          'use a JSON object, e.g. {"enable_model_warmup": "false"}') from None
-    if not isinstance(flags, dict) or not all(isinstance(key, str) and re.fullmatch(r"[a-z_][a-z0-9_]*", key) for key in flags):
-        raise ConfigError("serverFlags",
-                          "must be a JSON object whose keys are the server's flag names (lowercase, '_')",
-                          'e.g. {"enable_model_warmup": "false"}')
+        raise ConfigError(
+            "serverFlags",
+            f"not valid JSON ({error.msg} at character {error.pos})",
+            'use a JSON object, e.g. {"enable_model_warmup": "false"}',
+        ) from None
+    if not isinstance(flags, dict) or not all(
+        isinstance(key, str) and re.fullmatch(r"[a-z_][a-z0-9_]*", key) for key in flags
+    ):
+        raise ConfigError(
+            "serverFlags",
+            "must be a JSON object whose keys are the server's flag names (lowercase, '_')",
+            'e.g. {"enable_model_warmup": "false"}',
+        )
     _check_not_planned(flags, planned)
     return {key: _flag_text(value) for key, value in flags.items()}
 
@@ -471,8 +691,11 @@ def _check_not_planned(flags: Mapping[str, str], planned: Mapping[str, str]) -> 
     for flag in flags:
         if flag in planned:
             key = planned[flag]
-            raise ConfigError(("serverFlags", key), f"{flag} is planned from `{key}` and cannot be overridden here",
-                              f"pulumi config set {key} <value> and remove {flag} from serverFlags")
+            raise ConfigError(
+                ("serverFlags", key),
+                f"{flag} is planned from `{key}` and cannot be overridden here",
+                f"pulumi config set {key} <value> and remove {flag} from serverFlags",
+            )
 
 
 def _flag_text(value) -> str:
@@ -485,8 +708,11 @@ def _images(raw: Mapping[str, str], runtime: ServerRuntime) -> dict[str, str]:
         if name == runtime.built_image_key and not image:
             continue  # the stack builds it (StackConfig.builds_server_image)
         if not _IMAGE_PINNED.match(image) or image.endswith(":latest"):
-            raise ConfigError(name, f"{image!r} is not pinned to an explicit tag or digest (imagePullPolicy is IfNotPresent)",
-                              "use a release tag such as :v0.2.0 or an @sha256: digest")
+            raise ConfigError(
+                name,
+                f"{image!r} is not pinned to an explicit tag or digest (imagePullPolicy is IfNotPresent)",
+                "use a release tag such as :v0.2.0 or an @sha256: digest",
+            )
     return images
 
 
@@ -495,26 +721,33 @@ def _check_runtime_keys(raw: Mapping[str, str], runtime: ServerRuntime) -> None:
     for other in RUNTIMES.values():
         for name in set(other.keys) - set(runtime.keys):
             if is_set(raw, KEYS_BY_NAME[name]):
-                raise ConfigError((name, "serverRuntime"),
-                                  f"{name} is set, but serverRuntime={runtime.name} does not use it (serverRuntime={other.name} does)",
-                                  f"remove {name}, or pulumi config set serverRuntime {other.name}")
+                raise ConfigError(
+                    (name, "serverRuntime"),
+                    f"{name} is set, but serverRuntime={runtime.name} does not use it (serverRuntime={other.name} does)",
+                    f"remove {name}, or pulumi config set serverRuntime {other.name}",
+                )
 
 
 def _api_key_secret(raw: Mapping[str, str], runtime: ServerRuntime) -> str:
     name = secret_id(_text(raw, "apiKeySecret"), "apiKeySecret")
     if name and runtime.api_key_env is None:
         servers = " or ".join(f"serverRuntime={other.name}" for other in RUNTIMES.values() if other.api_key_env)
-        raise ConfigError(("apiKeySecret", "serverRuntime"),
-                          f"serverRuntime={runtime.name} has no API key check (JetStream's front ends take none)",
-                          f"use {servers}, or remove apiKeySecret")
+        raise ConfigError(
+            ("apiKeySecret", "serverRuntime"),
+            f"serverRuntime={runtime.name} has no API key check (JetStream's front ends take none)",
+            f"use {servers}, or remove apiKeySecret",
+        )
     return name
 
 
 def _label_name(raw: Mapping[str, str], name: str, limit: int, derived: str | None = None) -> str:
     value = _text(raw, name) or derived
     if not _DNS_LABEL.match(value) or len(value) > limit:
-        raise ConfigError(name, f"{value!r} is not a DNS-1123 label of at most {limit} characters",
-                          "use lowercase letters, digits and '-', starting with a letter")
+        raise ConfigError(
+            name,
+            f"{value!r} is not a DNS-1123 label of at most {limit} characters",
+            "use lowercase letters, digits and '-', starting with a letter",
+        )
     return value
 
 
@@ -522,7 +755,9 @@ def _names(raw: Mapping[str, str], stack: str) -> dict[str, str]:
     return {
         "appName": _label_name(raw, "appName", APP_NAME_LIMIT),
         "serviceName": _label_name(raw, "serviceName", APP_NAME_LIMIT),
-        "namespace": _label_name(raw, "namespace", DNS_LABEL_LIMIT, stack_scoped_name("jetstream", stack, DNS_LABEL_LIMIT)),
+        "namespace": _label_name(
+            raw, "namespace", DNS_LABEL_LIMIT, stack_scoped_name("jetstream", stack, DNS_LABEL_LIMIT)
+        ),
     }
 
 
@@ -546,27 +781,40 @@ def check_zone_in_location(zone: str, location: str, *, cluster: str, keys: tupl
     `cluster` names the cluster in the message."""
     region = _location_region(location)
     if region_of(zone) != region:
-        raise ConfigError(keys, f"zone {zone} is outside {cluster} ({location}): GKE creates a cluster's node pools only in "
-                                f"zones of its region, {region}",
-                          f"pulumi config set zone <a zone of {region} with TPU v6e capacity>")
+        raise ConfigError(
+            keys,
+            f"zone {zone} is outside {cluster} ({location}): GKE creates a cluster's node pools only in "
+            f"zones of its region, {region}",
+            f"pulumi config set zone <a zone of {region} with TPU v6e capacity>",
+        )
     return location
 
 
 def _reservation(raw: Mapping[str, str], provisioning: str) -> str:
     reservation = _text(raw, "tpuReservation")
     if provisioning == "reservation" and not reservation:
-        raise ConfigError(("tpuReservation", "tpuProvisioning"), "tpuProvisioning=reservation needs a reservation name",
-                          "pulumi config set tpuReservation <reservation-name>")
+        raise ConfigError(
+            ("tpuReservation", "tpuProvisioning"),
+            "tpuProvisioning=reservation needs a reservation name",
+            "pulumi config set tpuReservation <reservation-name>",
+        )
     if provisioning != "reservation" and reservation:
-        raise ConfigError(("tpuReservation", "tpuProvisioning"), f"a reservation is set but tpuProvisioning={provisioning}",
-                          "pulumi config set tpuProvisioning reservation, or unset tpuReservation")
+        raise ConfigError(
+            ("tpuReservation", "tpuProvisioning"),
+            f"a reservation is set but tpuProvisioning={provisioning}",
+            "pulumi config set tpuProvisioning reservation, or unset tpuReservation",
+        )
     return reservation
 
 
 def _scratch_bucket(raw: Mapping[str, str], project: str, stack: str) -> str:
     bucket = _text(raw, "scratchBucketName") or stack_scoped_name(f"{project}-scratch", stack, BUCKET_NAME_LIMIT)
     if not _BUCKET.match(bucket) or "goog" in bucket:
-        raise ConfigError("scratchBucketName", f"{bucket!r} is not a valid bucket name", "set scratchBucketName to 3-63 lowercase letters, digits, '-' or '_'")
+        raise ConfigError(
+            "scratchBucketName",
+            f"{bucket!r} is not a valid bucket name",
+            "set scratchBucketName to 3-63 lowercase letters, digits, '-' or '_'",
+        )
     return bucket
 
 
@@ -579,13 +827,18 @@ def _install_lws_controller(raw: Mapping[str, str], role: str, creates_cluster: 
     deleting the CRD would delete every LeaderWorkerSet of the cluster, other stacks' too); never
     leaves it to the cluster's owner. A serving stack's platform installs it."""
     if _text(raw, "installLwsController").lower() in ("true", "false"):
-        raise ConfigError("installLwsController", f"is now one of {', '.join(LWS_INSTALLS)}, not a boolean",
-                          "pulumi config set installLwsController never (was false) or auto (was true)")
+        raise ConfigError(
+            "installLwsController",
+            f"is now one of {', '.join(LWS_INSTALLS)}, not a boolean",
+            "pulumi config set installLwsController never (was false) or auto (was true)",
+        )
     choice = _choice(raw, "installLwsController", LWS_INSTALLS)
     if role == SERVING and choice == LWS_ALWAYS:
-        raise ConfigError(("installLwsController", "role"),
-                          "a role=serving stack never installs the LWS controller: its platform stack does",
-                          "pulumi config set installLwsController auto (or never) here; the platform stack installs it")
+        raise ConfigError(
+            ("installLwsController", "role"),
+            "a role=serving stack never installs the LWS controller: its platform stack does",
+            "pulumi config set installLwsController auto (or never) here; the platform stack installs it",
+        )
     install = choice == LWS_ALWAYS or choice == LWS_AUTO and creates_cluster
     return {"install_lws_controller": install, "keep_lws_controller": install and not creates_cluster}
 
@@ -597,8 +850,11 @@ def _authorized_networks(raw: Mapping[str, str]) -> tuple[str, ...]:
         try:
             ipaddress.IPv4Network(block)
         except ValueError:
-            raise ConfigError("authorizedNetworks", f"{block!r} is not an IPv4 CIDR block (host bits must be zero)",
-                              "pulumi config set authorizedNetworks 10.0.0.0/8,203.0.113.0/24") from None
+            raise ConfigError(
+                "authorizedNetworks",
+                f"{block!r} is not an IPv4 CIDR block (host bits must be zero)",
+                "pulumi config set authorizedNetworks 10.0.0.0/8,203.0.113.0/24",
+            ) from None
     return blocks
 
 
@@ -614,9 +870,20 @@ def _lws_version(raw: Mapping[str, str]) -> str:
 
 # Keys only the stack that owns the cluster uses (role=all or platform). A serving stack's TPU pools
 # follow the release channel of the live cluster, read at deploy time (resources/gke.py).
-CLUSTER_KEYS = ("clusterName", "existingClusterName", "clusterLocation", "releaseChannel", "deletionProtection",
-                "systemMachineType", "systemNodeCount", "lwsVersion", "installLwsController", "privateEndpoint",
-                "authorizedNetworks", "gatewayProxySubnetRange")
+CLUSTER_KEYS = (
+    "clusterName",
+    "existingClusterName",
+    "clusterLocation",
+    "releaseChannel",
+    "deletionProtection",
+    "systemMachineType",
+    "systemNodeCount",
+    "lwsVersion",
+    "installLwsController",
+    "privateEndpoint",
+    "authorizedNetworks",
+    "gatewayProxySubnetRange",
+)
 # What a platform stack uses; it creates its cluster, so existingClusterName is not among them.
 PLATFORM_KEYS = ("role", "zone", "gateway", *(key for key in CLUSTER_KEYS if key != "existingClusterName"))
 _STACK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -625,16 +892,24 @@ _STACK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*
 def _unused_keys(role: str) -> tuple[tuple[str, ...], str, str]:
     """(keys a stack of this role does not use, why, what to do instead)."""
     if role == PLATFORM:
-        return (tuple(name for name in KEYS_BY_NAME if name not in PLATFORM_KEYS),
-                "a platform stack creates the cluster and what serving stacks share on it (no TPU pool, no workload, no existing cluster)",
-                "set it in a role=serving stack that names this one in clusterStack (existingClusterName: use role=all)")
+        return (
+            tuple(name for name in KEYS_BY_NAME if name not in PLATFORM_KEYS),
+            "a platform stack creates the cluster and what serving stacks share on it (no TPU pool, no workload, no existing cluster)",
+            "set it in a role=serving stack that names this one in clusterStack (existingClusterName: use role=all)",
+        )
     if role == SERVING:
         # installLwsController=never stays accepted: it is what a serving stack installs (nothing);
         # always is refused with its own reason (_install_lws_controller).
-        return (tuple(name for name in CLUSTER_KEYS if name != "installLwsController"),
-                "a serving stack puts its TPU pools and workload on the cluster of clusterStack and creates no cluster",
-                "set it in the platform stack, and remove it here")
-    return ("clusterStack",), "only a role=serving stack uses another stack's cluster", "pulumi config set role serving, or remove clusterStack"
+        return (
+            tuple(name for name in CLUSTER_KEYS if name != "installLwsController"),
+            "a serving stack puts its TPU pools and workload on the cluster of clusterStack and creates no cluster",
+            "set it in the platform stack, and remove it here",
+        )
+    return (
+        ("clusterStack",),
+        "only a role=serving stack uses another stack's cluster",
+        "pulumi config set role serving, or remove clusterStack",
+    )
 
 
 def _check_role_keys(raw: Mapping[str, str], role: str) -> None:
@@ -642,7 +917,9 @@ def _check_role_keys(raw: Mapping[str, str], role: str) -> None:
     unused, why, suggestion = _unused_keys(role)
     for name in unused:
         if is_set(raw, KEYS_BY_NAME[name]):
-            raise ConfigError((name, "role"), f"{name} is set, but a role={role} stack does not use it: {why}", suggestion)
+            raise ConfigError(
+                (name, "role"), f"{name} is set, but a role={role} stack does not use it: {why}", suggestion
+            )
 
 
 def _cluster_stack(raw: Mapping[str, str], role: str, stack: str) -> str:
@@ -650,14 +927,24 @@ def _cluster_stack(raw: Mapping[str, str], role: str, stack: str) -> str:
     if role != SERVING:
         return ""
     if not name:
-        raise ConfigError(("clusterStack", "role"), "role=serving needs the platform stack whose cluster it uses",
-                          f"pulumi config set clusterStack <organization>/{PROJECT}/platform (the names: pulumi stack ls --all)")
+        raise ConfigError(
+            ("clusterStack", "role"),
+            "role=serving needs the platform stack whose cluster it uses",
+            f"pulumi config set clusterStack <organization>/{PROJECT}/platform (the names: pulumi stack ls --all)",
+        )
     if not _STACK_NAME.fullmatch(name):
-        raise ConfigError("clusterStack", f"{name!r} is not a fully qualified stack name",
-                          f"use <organization>/<project>/<stack>, e.g. my-org/{PROJECT}/platform (self-managed backends: organization/{PROJECT}/platform)")
+        raise ConfigError(
+            "clusterStack",
+            f"{name!r} is not a fully qualified stack name",
+            f"use <organization>/<project>/<stack>, e.g. my-org/{PROJECT}/platform (self-managed backends: organization/{PROJECT}/platform)",
+        )
     _, referenced_project, referenced_stack = name.split("/")
     if (referenced_project, referenced_stack) == (PROJECT, stack):
-        raise ConfigError("clusterStack", f"{name!r} is this stack itself", "name the platform stack (role=platform) whose cluster to use")
+        raise ConfigError(
+            "clusterStack",
+            f"{name!r} is this stack itself",
+            "name the platform stack (role=platform) whose cluster to use",
+        )
     return name
 
 
@@ -666,7 +953,10 @@ def _cluster(raw: Mapping[str, str], stack: str, role: str) -> dict:
     existing = _text(raw, "existingClusterName")
     zone, location = _zone(raw)
     return {
-        "cluster_name": existing or _label_name(raw, "clusterName", CLUSTER_NAME_LIMIT, stack_scoped_name("jetstream", stack, CLUSTER_NAME_LIMIT)),
+        "cluster_name": existing
+        or _label_name(
+            raw, "clusterName", CLUSTER_NAME_LIMIT, stack_scoped_name("jetstream", stack, CLUSTER_NAME_LIMIT)
+        ),
         "existing_cluster": bool(existing),
         "zone": zone,
         "cluster_location": location,
@@ -686,9 +976,11 @@ def _control_plane_access(raw: Mapping[str, str], existing: bool) -> dict:
     if existing and (access["private_endpoint"] or access["authorized_networks"]):
         key = "privateEndpoint" if access["private_endpoint"] else "authorizedNetworks"
         existing_name = _text(raw, "existingClusterName")
-        raise ConfigError((key, "existingClusterName"),
-                          f"{key} shapes the control plane of a cluster the stack creates, not of {existing_name!r}",
-                          "set it on the existing cluster with gcloud container clusters update, and remove it here")
+        raise ConfigError(
+            (key, "existingClusterName"),
+            f"{key} shapes the control plane of a cluster the stack creates, not of {existing_name!r}",
+            "set it on the existing cluster with gcloud container clusters update, and remove it here",
+        )
     return access
 
 
@@ -696,9 +988,11 @@ def check_same_project(project: str, platform_project: str, cluster_stack: str) 
     """A serving stack deploys into its platform's project (the cluster's Workload Identity pool
     and the node service account live there); the platform's project, or ConfigError."""
     if project != platform_project:
-        raise ConfigError(("gcp:project", "clusterStack"),
-                          f"gcp:project is {project!r} but the platform stack {cluster_stack} runs its cluster in {platform_project!r}",
-                          f"pulumi config set gcp:project {platform_project}")
+        raise ConfigError(
+            ("gcp:project", "clusterStack"),
+            f"gcp:project is {project!r} but the platform stack {cluster_stack} runs its cluster in {platform_project!r}",
+            f"pulumi config set gcp:project {platform_project}",
+        )
     return platform_project
 
 
@@ -734,14 +1028,23 @@ def parse_stack_config(raw: Mapping[str, str], *, project: str | None, stack: st
         quantization=_choice(raw, "quantization", QUANTIZATIONS),
         checkpoint_path=_checkpoint_path(raw, runtime),
         quantize_kv_cache=_boolean(raw, "quantizeKvCache"),
-        per_device_batch_size=_bounded("perDeviceBatchSize", _preset_int(raw, "perDeviceBatchSize", preset.per_device_batch_size), BATCH_RANGE),
-        max_prefill_length=_bounded("maxPrefillLength", _preset_int(raw, "maxPrefillLength", preset.max_prefill_length), PREFILL_RANGE),
-        max_target_length=_bounded("maxTargetLength", _preset_int(raw, "maxTargetLength", preset.max_target_length), TARGET_RANGE),
+        per_device_batch_size=_bounded(
+            "perDeviceBatchSize", _preset_int(raw, "perDeviceBatchSize", preset.per_device_batch_size), BATCH_RANGE
+        ),
+        max_prefill_length=_bounded(
+            "maxPrefillLength", _preset_int(raw, "maxPrefillLength", preset.max_prefill_length), PREFILL_RANGE
+        ),
+        max_target_length=_bounded(
+            "maxTargetLength", _preset_int(raw, "maxTargetLength", preset.max_target_length), TARGET_RANGE
+        ),
         parallelism=_parallelism(raw),
         hbm_reserve_percent=_bounded("hbmReservePercent", _integer(raw, "hbmReservePercent"), HBM_RESERVE_RANGE),
         server_flags=_server_flags(raw, runtime.planned_flags),
-        startup_probe_delay_seconds=_bounded("startupProbeDelaySeconds",
-                                             _preset_int(raw, "startupProbeDelaySeconds", preset.startup_probe_delay_seconds), STARTUP_DELAY_RANGE),
+        startup_probe_delay_seconds=_bounded(
+            "startupProbeDelaySeconds",
+            _preset_int(raw, "startupProbeDelaySeconds", preset.startup_probe_delay_seconds),
+            STARTUP_DELAY_RANGE,
+        ),
         wait_for_ready=_boolean(raw, "waitForReady"),
         runtime=runtime,
         images=_images(raw, runtime),
@@ -754,8 +1057,9 @@ def parse_stack_config(raw: Mapping[str, str], *, project: str | None, stack: st
         tpu_reservation=_reservation(raw, provisioning),
         scratch_bucket=_scratch_bucket(raw, project, stack),
         scaling=parse_autoscaling(raw, runtime.scaling_metrics),
-        gateway=parse_gateway(raw, server_runtime=runtime.name,
-                              creates_cluster=role != SERVING and not cluster["existing_cluster"]),
+        gateway=parse_gateway(
+            raw, server_runtime=runtime.name, creates_cluster=role != SERVING and not cluster["existing_cluster"]
+        ),
         **cluster,
     )
     runtime.validate(cfg)

@@ -7,7 +7,7 @@ declare keys of their own (`autoscaling.py`) share it without importing each oth
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from collections.abc import Mapping
 
 from components.core.errors import ConfigError
 

@@ -96,14 +96,17 @@ def node_selector(cfg: StackConfig) -> dict[str, str]:
 def _pod_template(cfg: StackConfig, content: PodContent, labels: dict[str, str] | None = None) -> lws.PodTemplateSpec:
     """The runtime's pod content on this stack's TPU nodes, running as the stack's Kubernetes service account."""
     metadata = lws.ObjectMeta(labels=labels, annotations=content.annotations) if labels or content.annotations else None
-    return lws.PodTemplateSpec(metadata=metadata, spec=lws.PodSpec(
-        node_selector=node_selector(cfg),
-        tolerations=(TPU_TOLERATION, stack_toleration(cfg.deployment_id)),
-        service_account_name=cfg.kubernetes_service_account,
-        containers=content.containers,
-        init_containers=content.init_containers,
-        volumes=content.volumes,
-    ))
+    return lws.PodTemplateSpec(
+        metadata=metadata,
+        spec=lws.PodSpec(
+            node_selector=node_selector(cfg),
+            tolerations=(TPU_TOLERATION, stack_toleration(cfg.deployment_id)),
+            service_account_name=cfg.kubernetes_service_account,
+            containers=content.containers,
+            init_containers=content.init_containers,
+            volumes=content.volumes,
+        ),
+    )
 
 
 def _sub_group_policy(cfg: StackConfig, plan: Plan) -> lws.SubGroupPolicy | None:
@@ -158,7 +161,11 @@ def service(cfg: StackConfig) -> dict:
     """Every replica's leader: HTTP (JetStream's /generate, the OpenAI API of the bundled server
     and of vLLM) and, where the runtime has it, gRPC."""
     internal = cfg.service_type == INTERNAL_LOAD_BALANCER
-    annotations = {WAIT_FOR: f"jsonpath={LOAD_BALANCER_IP_PATH}", INTERNAL_LB_ANNOTATION: "Internal"} if internal else {SKIP_AWAIT: "true"}
+    annotations = (
+        {WAIT_FOR: f"jsonpath={LOAD_BALANCER_IP_PATH}", INTERNAL_LB_ANNOTATION: "Internal"}
+        if internal
+        else {SKIP_AWAIT: "true"}
+    )
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -175,7 +182,9 @@ def service_host(*, service_type: str, name: str, namespace: str, load_balancer_
     """Where clients reach the live Service: the internal load balancer's IP, or the cluster DNS name."""
     if service_type == "LoadBalancer":
         if not load_balancer_ip:
-            raise ValueError(f"Service {namespace}/{name} has no load balancer IP yet (status.loadBalancer.ingress is empty)")
+            raise ValueError(
+                f"Service {namespace}/{name} has no load balancer IP yet (status.loadBalancer.ingress is empty)"
+            )
         return load_balancer_ip
     return f"{name}.{namespace}.svc.cluster.local"
 
@@ -189,7 +198,7 @@ def client_endpoints(host: str, ports: Mapping[str, int], *, openai: bool) -> di
     """
     http = f"http://{host}:{ports[HTTP_PORT_NAME]}"
     grpc = f"{host}:{ports[GRPC_PORT_NAME]}" if GRPC_PORT_NAME in ports else ""
-    return dict(zip(CLIENT_OUTPUTS, (http, grpc, f"{http}{OPENAI_PATH}" if openai else "")))
+    return dict(zip(CLIENT_OUTPUTS, (http, grpc, f"{http}{OPENAI_PATH}" if openai else ""), strict=False))
 
 
 def namespace(cfg: StackConfig) -> dict | None:
@@ -209,7 +218,9 @@ def service_account(cfg: StackConfig, gsa_email: Any = None) -> dict:
     """
     metadata: dict[str, Any] = {"name": cfg.kubernetes_service_account, "namespace": cfg.namespace}
     if cfg.pods_use_workload_identity:
-        metadata["annotations"] = {GSA_ANNOTATION: cfg.workload_service_account_email if gsa_email is None else gsa_email}
+        metadata["annotations"] = {
+            GSA_ANNOTATION: cfg.workload_service_account_email if gsa_email is None else gsa_email
+        }
     return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": metadata}
 
 
@@ -222,9 +233,13 @@ def scaling_manifests(cfg: StackConfig) -> list[dict]:
     """The PodMonitoring and the HPA of the LeaderWorkerSet; nothing unless autoscaling."""
     if not cfg.scaling.enabled:
         return []
-    return autoscaling_manifests(cfg.scaling, namespace=cfg.namespace, lws_name=cfg.app_name,
-                                 endpoint=cfg.runtime.metrics_endpoint(cfg),
-                                 startup_delay_seconds=cfg.startup_probe_delay_seconds)
+    return autoscaling_manifests(
+        cfg.scaling,
+        namespace=cfg.namespace,
+        lws_name=cfg.app_name,
+        endpoint=cfg.runtime.metrics_endpoint(cfg),
+        startup_delay_seconds=cfg.startup_probe_delay_seconds,
+    )
 
 
 def routed_pool(cfg: StackConfig) -> inference_gateway.RoutedPool:

@@ -42,7 +42,7 @@ namespace's pod that tolerates it or selects those nodes.
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from collections.abc import Mapping
 
 from components.core import lws_model, tpu
 from components.core.autoscaling import NodeRange, slice_pools
@@ -68,7 +68,9 @@ class NodePoolSpec:
     zone: str
     tpu_topology: str | None  # the slice's topology on TPU pools
     compact_placement: bool  # multi-host slices: a COMPACT placement policy with tpu_topology
-    auto_upgrade: bool | None  # None: a multi-host slice on a cluster the stack does not create (its live release channel decides)
+    auto_upgrade: (
+        bool | None
+    )  # None: a multi-host slice on a cluster the stack does not create (its live release channel decides)
     spot: bool
     reservation: str | None
     labels: Mapping[str, str]  # node labels the stack sets (GKE adds its own, see gke_node_labels)

@@ -119,8 +119,11 @@ def preset_axes(recipe: Mapping[str, int], chips: int, heads: int) -> dict[str, 
 
 def server_axes(cfg: StackConfig) -> dict[str, int]:
     """The ici_* values the server gets: the user's axes as given, or the fitted preset recipe."""
-    recipe = {"fsdp": cfg.model.fsdp_parallelism, "autoregressive": cfg.model.autoregressive_parallelism,
-              "tensor": cfg.model.tensor_parallelism}
+    recipe = {
+        "fsdp": cfg.model.fsdp_parallelism,
+        "autoregressive": cfg.model.autoregressive_parallelism,
+        "tensor": cfg.model.tensor_parallelism,
+    }
     if not cfg.parallelism:
         return preset_axes(recipe, cfg.tpu_slice.chips, cfg.model.heads)
     return {**recipe, **cfg.parallelism}
@@ -133,10 +136,12 @@ def resolve_parallelism(cfg: StackConfig, axes: Mapping[str, int]) -> Parallelis
         resolved = resolve_axes(axes, chips)
     except ParallelismError as error:
         described = " x ".join(f"{axis} {size}" for axis, size in axes.items())
-        raise ConfigError((*(AXIS_KEYS[axis] for axis in error.axes), "topology"),
-                          f"{described} does not fit: topology {cfg.tpu_slice.topology} has {chips} chips ({error})",
-                          "make the product of the parallelism axes the chip count, e.g. tensorParallelism=-1 to fill in, "
-                          "or set none of them to use the preset's recipe") from None
+        raise ConfigError(
+            (*(AXIS_KEYS[axis] for axis in error.axes), "topology"),
+            f"{described} does not fit: topology {cfg.tpu_slice.topology} has {chips} chips ({error})",
+            "make the product of the parallelism axes the chip count, e.g. tensorParallelism=-1 to fill in, "
+            "or set none of them to use the preset's recipe",
+        ) from None
     parallelism = Parallelism(**resolved)
     _check_heads_shard(cfg, parallelism)
     return parallelism
@@ -145,9 +150,11 @@ def resolve_parallelism(cfg: StackConfig, axes: Mapping[str, int]) -> Parallelis
 def _check_heads_shard(cfg: StackConfig, parallelism: Parallelism) -> None:
     heads = cfg.model.heads
     if heads % parallelism.tensor:
-        raise ConfigError(("tensorParallelism", "topology"),
-                          f"tensor parallelism {parallelism.tensor} does not divide the {heads} attention heads of {cfg.model.name}",
-                          "use a tensor axis that divides the heads and put the rest of the chips on autoregressiveParallelism")
+        raise ConfigError(
+            ("tensorParallelism", "topology"),
+            f"tensor parallelism {parallelism.tensor} does not divide the {heads} attention heads of {cfg.model.name}",
+            "use a tensor axis that divides the heads and put the rest of the chips on autoregressiveParallelism",
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,9 +163,11 @@ def _check_heads_shard(cfg: StackConfig, parallelism: Parallelism) -> None:
 
 def _check_lengths(cfg: StackConfig) -> None:
     if cfg.max_target_length <= cfg.max_prefill_length:
-        raise ConfigError(("maxTargetLength", "maxPrefillLength"),
-                          f"max target length {cfg.max_target_length} must exceed max prefill length {cfg.max_prefill_length}",
-                          f"pulumi config set maxTargetLength {cfg.max_prefill_length * 2}")
+        raise ConfigError(
+            ("maxTargetLength", "maxPrefillLength"),
+            f"max target length {cfg.max_target_length} must exceed max prefill length {cfg.max_prefill_length}",
+            f"pulumi config set maxTargetLength {cfg.max_prefill_length * 2}",
+        )
 
 
 def _check_fit(cfg: StackConfig, parallelism: Parallelism, weights: float, kv: float, usable: float) -> None:
@@ -167,11 +176,17 @@ def _check_fit(cfg: StackConfig, parallelism: Parallelism, weights: float, kv: f
         return
     hbm = cfg.tpu_slice.hbm_gib_per_chip
     # Name the keys that can fix it: the weights alone decide whether batch or length can help.
-    keys = ("model", "topology", "quantization") if weights > usable else ("topology", "perDeviceBatchSize", "maxTargetLength")
-    raise ConfigError(keys,
-                      f"{cfg.model.name} ({cfg.quantization}) does not fit topology {cfg.tpu_slice.topology}: needs {needed:.1f} GiB HBM per chip "
-                      f"(weights {weights:.1f} + KV cache {kv:.1f}) but {usable:.1f} of {hbm} GiB are usable",
-                      _fit_suggestion(cfg, parallelism, weights, usable))
+    keys = (
+        ("model", "topology", "quantization")
+        if weights > usable
+        else ("topology", "perDeviceBatchSize", "maxTargetLength")
+    )
+    raise ConfigError(
+        keys,
+        f"{cfg.model.name} ({cfg.quantization}) does not fit topology {cfg.tpu_slice.topology}: needs {needed:.1f} GiB HBM per chip "
+        f"(weights {weights:.1f} + KV cache {kv:.1f}) but {usable:.1f} of {hbm} GiB are usable",
+        _fit_suggestion(cfg, parallelism, weights, usable),
+    )
 
 
 def _fit_suggestion(cfg: StackConfig, parallelism: Parallelism, weights: float, usable: float) -> str:
@@ -213,6 +228,10 @@ def plan_deployment(cfg: StackConfig) -> Plan:
         usable_gib_per_chip=usable,
         hbm_gib_per_chip=cfg.tpu_slice.hbm_gib_per_chip,
         decode_step_ms_lower_bound=step_ms,
-        replicas=replica_summary(cfg.scaling, tpu_slice=cfg.tpu_slice, roles=cfg.slice_roles,
-                                 startup_delay_seconds=cfg.startup_probe_delay_seconds),
+        replicas=replica_summary(
+            cfg.scaling,
+            tpu_slice=cfg.tpu_slice,
+            roles=cfg.slice_roles,
+            startup_delay_seconds=cfg.startup_probe_delay_seconds,
+        ),
     )

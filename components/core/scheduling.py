@@ -29,12 +29,20 @@ placement exists; nodes in the same state are tried once.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 from components.core import lws_model, manifests, tpu
 from components.core.config import StackConfig
 from components.core.errors import ConfigError
-from components.core.node_pools import NodePoolSpec, at_full_size, gke_node_labels, gke_node_taints, system_node_pool, tpu_node_pools
+from components.core.node_pools import (
+    NodePoolSpec,
+    at_full_size,
+    gke_node_labels,
+    gke_node_taints,
+    system_node_pool,
+    tpu_node_pools,
+)
 from components.core.planner import Plan
 
 # Placements tried before the search gives up (and refuses with the deepest pod it could not
@@ -109,9 +117,15 @@ class SchedulingError(ConfigError):
 
 def cluster_nodes(pools: Sequence[NodePoolSpec]) -> list[Node]:
     return [
-        Node(name=f"{spec.name}-{index}", pool=spec.name, labels=gke_node_labels(spec), taints=gke_node_taints(spec),
-             tpu_capacity=spec.tpu_chips_per_node)
-        for spec in pools for index in range(spec.node_count)
+        Node(
+            name=f"{spec.name}-{index}",
+            pool=spec.name,
+            labels=gke_node_labels(spec),
+            taints=gke_node_taints(spec),
+            tpu_capacity=spec.tpu_chips_per_node,
+        )
+        for spec in pools
+        for index in range(spec.node_count)
     ]
 
 
@@ -126,8 +140,10 @@ def subgroup_of(worker_index: int, size: int, sub_group_size: int, leader_exclud
 
 def _tpu_request(spec: Mapping[str, Any]) -> int:
     """A pod's effective google.com/tpu request: its containers' sum, or its largest init container."""
+
     def limit(container) -> int:
         return int((container.get("resources") or {}).get("limits", {}).get(tpu.TPU_RESOURCE, 0))
+
     return max(sum(map(limit, spec.get("containers", ()))), *map(limit, spec.get("initContainers", ())), 0)
 
 
@@ -142,10 +158,14 @@ def lws_pods(lws: Mapping[str, Any]) -> list[Pod]:
     subgroup_domain = annotations.get(lws_model.SUBGROUP_EXCLUSIVE_TOPOLOGY)
 
     def pod(group: int, index: int) -> Pod:
-        pod_spec = template["leaderTemplate" if index == 0 and "leaderTemplate" in template else "workerTemplate"]["spec"]
+        pod_spec = template["leaderTemplate" if index == 0 and "leaderTemplate" in template else "workerTemplate"][
+            "spec"
+        ]
         subgroup = None
         if policy is not None:
-            subgroup = subgroup_of(index, size, policy["subGroupSize"], policy.get("subGroupPolicyType") == lws_model.LEADER_EXCLUDED)
+            subgroup = subgroup_of(
+                index, size, policy["subGroupSize"], policy.get("subGroupPolicyType") == lws_model.LEADER_EXCLUDED
+            )
         affinity, anti = [], []
         if group_domain and index == 0:
             affinity.append(Term(GROUP_KEY, str(group), group_domain))
@@ -155,11 +175,14 @@ def lws_pods(lws: Mapping[str, Any]) -> list[Pod]:
             anti.append(Term(SUBGROUP_KEY, f"{group}/{subgroup}", subgroup_domain))
         return Pod(
             name=f"{name}-{group}" if index == 0 else f"{name}-{group}-{index}",
-            group=group, worker_index=index, subgroup=subgroup,
+            group=group,
+            worker_index=index,
+            subgroup=subgroup,
             node_selector=pod_spec.get("nodeSelector") or {},
             tolerations=tuple(pod_spec.get("tolerations") or ()),
             tpu_request=_tpu_request(pod_spec),
-            affinity=tuple(affinity), anti_affinity=tuple(anti),
+            affinity=tuple(affinity),
+            anti_affinity=tuple(anti),
         )
 
     groups = range(spec.get("replicas", 1))
@@ -172,7 +195,10 @@ def lws_pods(lws: Mapping[str, Any]) -> list[Pod]:
 
 def _tolerates(tolerations, taint) -> bool:
     return any(
-        (toleration.get("key") == taint["key"] or (not toleration.get("key") and toleration.get("operator") == "Exists"))
+        (
+            toleration.get("key") == taint["key"]
+            or (not toleration.get("key") and toleration.get("operator") == "Exists")
+        )
         and (toleration.get("operator") == "Exists" or toleration.get("value") == taint["value"])
         and toleration.get("effect") in (None, "", taint["effect"])
         for toleration in tolerations
@@ -192,7 +218,9 @@ class _State:
                 yield pod
 
 
-def _rejection(state: _State, pod: Pod, node: Node, group_domains: Mapping[int, tuple[str, str]]) -> tuple[str, str] | None:
+def _rejection(
+    state: _State, pod: Pod, node: Node, group_domains: Mapping[int, tuple[str, str]]
+) -> tuple[str, str] | None:
     """Why `pod` cannot go on `node` now: (reason, detail), or None if it can."""
     for key, value in pod.node_selector.items():
         if node.labels.get(key) != value:
@@ -213,19 +241,32 @@ def _affinity_rejection(state: _State, pod: Pod, node: Node) -> tuple[str, str] 
     for term in pod.affinity:
         if term.topology_key not in node.labels:
             return "exclusive topology", f"no label {term.topology_key}"
-        peers = [other for other in state.same_domain(node, term.topology_key) if other.keys.get(term.key) == term.value]
+        peers = [
+            other for other in state.same_domain(node, term.topology_key) if other.keys.get(term.key) == term.value
+        ]
         first_of_its_kind = not any(other.keys.get(term.key) == term.value for other, _ in state.placed.values())
         if not peers and not first_of_its_kind:
-            return "exclusive topology", f"the rest of its {Pod.describe(term.key, term.value)} is in another {term.topology_key}"
+            return (
+                "exclusive topology",
+                f"the rest of its {Pod.describe(term.key, term.value)} is in another {term.topology_key}",
+            )
     for term in pod.anti_affinity:
         for other in state.same_domain(node, term.topology_key):
             if term.key in other.keys and other.keys[term.key] != term.value:
-                return "exclusive topology", f"{term.topology_key}={node.labels[term.topology_key]} is taken by {Pod.describe(term.key, other.keys[term.key])}"
+                return (
+                    "exclusive topology",
+                    f"{term.topology_key}={node.labels[term.topology_key]} is taken by {Pod.describe(term.key, other.keys[term.key])}",
+                )
     for other, where in state.placed.values():  # anti-affinity is symmetric
         for term in other.anti_affinity:
-            same = node.labels.get(term.topology_key) is not None and where.labels.get(term.topology_key) == node.labels.get(term.topology_key)
+            same = node.labels.get(term.topology_key) is not None and where.labels.get(
+                term.topology_key
+            ) == node.labels.get(term.topology_key)
             if same and term.key in pod.keys and pod.keys[term.key] != term.value:
-                return "exclusive topology", f"{term.topology_key}={node.labels[term.topology_key]} is taken by {Pod.describe(term.key, term.value)}"
+                return (
+                    "exclusive topology",
+                    f"{term.topology_key}={node.labels[term.topology_key]} is taken by {Pod.describe(term.key, term.value)}",
+                )
     return None
 
 
@@ -260,7 +301,8 @@ def _search(state: _State, pods: list[Pod], index: int, group_domain_key: str | 
     pod = pods[index]
     group_domains = {
         placed.group: (group_domain_key, where.labels.get(group_domain_key))
-        for placed, where in state.placed.values() if group_domain_key and placed.worker_index == 0
+        for placed, where in state.placed.values()
+        if group_domain_key and placed.worker_index == 0
     }
     reasons: dict[str, tuple[str, str]] = {}
     tried = set()
@@ -269,7 +311,11 @@ def _search(state: _State, pods: list[Pod], index: int, group_domain_key: str | 
         if rejection is not None:
             reasons.setdefault(node.pool, rejection)
             continue
-        signature = (node.pool, state.free_tpu[node.name], frozenset(tuple(sorted(p.keys.items())) for p, n in state.placed.values() if n is node))
+        signature = (
+            node.pool,
+            state.free_tpu[node.name],
+            frozenset(tuple(sorted(p.keys.items())) for p, n in state.placed.values() if n is node),
+        )
         if signature in tried:
             continue
         tried.add(signature)
@@ -292,9 +338,11 @@ def _refusal(pod: Pod, reasons: Mapping[str, tuple[str, str]]) -> SchedulingErro
     role = "leader" if pod.worker_index == 0 else f"worker {pod.worker_index}"
     subgroup = "" if pod.subgroup is None else f", subgroup {pod.subgroup}"
     why = "; ".join(f"node pool {pool}: {detail}" for pool, (_, detail) in reasons.items())
-    return SchedulingError(keys or ("mode",),
-                           f"pod {pod.name} ({role} of group {pod.group}{subgroup}) fits no node and would stay Pending forever ({why})",
-                           "this layout cannot be scheduled as LWS v0.10.0 and GKE place pods; pick another mode or topology")
+    return SchedulingError(
+        keys or ("mode",),
+        f"pod {pod.name} ({role} of group {pod.group}{subgroup}) fits no node and would stay Pending forever ({why})",
+        "this layout cannot be scheduled as LWS v0.10.0 and GKE place pods; pick another mode or topology",
+    )
 
 
 def check_deployment(cfg: StackConfig, plan: Plan) -> dict[str, str]:

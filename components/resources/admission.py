@@ -4,7 +4,8 @@ namespace (built by `components.core.admission`, which documents what it refuses
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import pulumi
 import pulumi_kubernetes as k8s

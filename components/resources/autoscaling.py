@@ -23,7 +23,8 @@ builds (the ones the offline render prints):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import pulumi
 import pulumi_gcp as gcp
@@ -47,7 +48,9 @@ class MetricsAdapter(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: MetricsAdapterArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("jetstream:autoscaling:MetricsAdapter", name, None, opts)
-        self.install = k8s.yaml.v2.ConfigFile(f"{name}-manifests", file=autoscaling.ADAPTER_MANIFEST_URL, opts=pulumi.ResourceOptions(parent=self))
+        self.install = k8s.yaml.v2.ConfigFile(
+            f"{name}-manifests", file=autoscaling.ADAPTER_MANIFEST_URL, opts=pulumi.ResourceOptions(parent=self)
+        )
         # after the component's depends_on: the cluster that creates the identity pool
         self.access = self._access(name, args.project, child_after(self, opts))
         self.register_outputs({"manifestUrl": autoscaling.ADAPTER_MANIFEST_URL})
@@ -57,8 +60,11 @@ class MetricsAdapter(pulumi.ComponentResource):
         number = gcp.organizations.get_project_output(project_id=project, opts=pulumi.InvokeOptions(parent=self)).number
         return gcp.projects.IAMMember(
             f"{name}-monitoring-viewer",
-            gcp.projects.IAMMemberArgs(project=project, role=autoscaling.ADAPTER_ROLE,
-                                       member=number.apply(lambda project_number: autoscaling.adapter_principal(project, project_number))),
+            gcp.projects.IAMMemberArgs(
+                project=project,
+                role=autoscaling.ADAPTER_ROLE,
+                member=number.apply(lambda project_number: autoscaling.adapter_principal(project, project_number)),
+            ),
             opts=pulumi.ResourceOptions.merge(after_pool, pulumi.ResourceOptions(retain_on_delete=True)),
         )
 
@@ -84,11 +90,18 @@ class LeaderWorkerSetAutoscaler(pulumi.ComponentResource):
         child = child_after(self, opts)
         monitoring = args.pod_monitoring
         self.pod_monitoring = k8s.apiextensions.CustomResource(
-            f"{name}-podmonitoring", api_version=monitoring["apiVersion"], kind=monitoring["kind"],
-            metadata=k8s.meta.v1.ObjectMetaArgs(**monitoring["metadata"]), spec=monitoring["spec"], opts=child,
+            f"{name}-podmonitoring",
+            api_version=monitoring["apiVersion"],
+            kind=monitoring["kind"],
+            metadata=k8s.meta.v1.ObjectMetaArgs(**monitoring["metadata"]),
+            spec=monitoring["spec"],
+            opts=child,
         )
         hpa = args.horizontal_pod_autoscaler
         self.hpa = k8s.autoscaling.v2.HorizontalPodAutoscaler(
-            f"{name}-hpa", metadata=k8s.meta.v1.ObjectMetaArgs(**hpa["metadata"]), spec=hpa["spec"], opts=child,
+            f"{name}-hpa",
+            metadata=k8s.meta.v1.ObjectMetaArgs(**hpa["metadata"]),
+            spec=hpa["spec"],
+            opts=child,
         )
         self.register_outputs({"hpaName": hpa["metadata"]["name"]})

@@ -34,19 +34,34 @@ GKE_TAINT_EFFECTS = {"NoSchedule": "NO_SCHEDULE", "PreferNoSchedule": "PREFER_NO
 def kubeconfig(cluster_name: str, endpoint: str, ca_certificate: str) -> str:
     """A kubeconfig that authenticates through gke-gcloud-auth-plugin (no static credentials)."""
     context = f"gke_{cluster_name}"
-    return yaml.safe_dump({
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": context, "cluster": {"server": f"https://{endpoint}", "certificate-authority-data": ca_certificate}}],
-        "contexts": [{"name": context, "context": {"cluster": context, "user": context}}],
-        "current-context": context,
-        "users": [{"name": context, "user": {"exec": {
-            "apiVersion": "client.authentication.k8s.io/v1beta1",
-            "command": "gke-gcloud-auth-plugin",
-            "installHint": "Install gke-gcloud-auth-plugin: gcloud components install gke-gcloud-auth-plugin",
-            "provideClusterInfo": True,
-        }}}],
-    }, sort_keys=False)
+    return yaml.safe_dump(
+        {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {
+                    "name": context,
+                    "cluster": {"server": f"https://{endpoint}", "certificate-authority-data": ca_certificate},
+                }
+            ],
+            "contexts": [{"name": context, "context": {"cluster": context, "user": context}}],
+            "current-context": context,
+            "users": [
+                {
+                    "name": context,
+                    "user": {
+                        "exec": {
+                            "apiVersion": "client.authentication.k8s.io/v1beta1",
+                            "command": "gke-gcloud-auth-plugin",
+                            "installHint": "Install gke-gcloud-auth-plugin: gcloud components install gke-gcloud-auth-plugin",
+                            "provideClusterInfo": True,
+                        }
+                    },
+                }
+            ],
+        },
+        sort_keys=False,
+    )
 
 
 CREATE, LOOKUP, ATTACH = "create", "lookup", "attach"
@@ -87,7 +102,9 @@ def _size(spec: NodePoolSpec) -> dict:
         return {"node_count": spec.node_count}
     return {
         "initial_node_count": spec.node_count,
-        "autoscaling": gcp.container.NodePoolAutoscalingArgs(min_node_count=spec.autoscaling.min_nodes, max_node_count=spec.autoscaling.max_nodes),
+        "autoscaling": gcp.container.NodePoolAutoscalingArgs(
+            min_node_count=spec.autoscaling.min_nodes, max_node_count=spec.autoscaling.max_nodes
+        ),
     }
 
 
@@ -96,11 +113,20 @@ def live_release_channel(channels) -> str:
     return (channels[0].channel if channels else None) or NO_RELEASE_CHANNEL
 
 
-def node_pool_args(spec: NodePoolSpec, args: GkeClusterArgs, cluster: pulumi.Input[str], location: pulumi.Input[str],
-                   release_channel: pulumi.Output[str] | None = None) -> gcp.container.NodePoolArgs:
+def node_pool_args(
+    spec: NodePoolSpec,
+    args: GkeClusterArgs,
+    cluster: pulumi.Input[str],
+    location: pulumi.Input[str],
+    release_channel: pulumi.Output[str] | None = None,
+) -> gcp.container.NodePoolArgs:
     """NodePoolArgs of one pool; multi-host slices get a COMPACT placement with the topology. A spec
     that leaves auto-upgrade open takes it from `release_channel`, the live cluster's."""
-    placement = gcp.container.NodePoolPlacementPolicyArgs(type="COMPACT", tpu_topology=spec.tpu_topology) if spec.compact_placement else None
+    placement = (
+        gcp.container.NodePoolPlacementPolicyArgs(type="COMPACT", tpu_topology=spec.tpu_topology)
+        if spec.compact_placement
+        else None
+    )
     auto_upgrade = spec.auto_upgrade
     if auto_upgrade is None:  # a multi-host slice (node_pools.upgrades_automatically)
         auto_upgrade = release_channel.apply(lambda channel: upgrades_automatically(True, channel))
@@ -119,11 +145,17 @@ def node_pool_args(spec: NodePoolSpec, args: GkeClusterArgs, cluster: pulumi.Inp
             reservation_affinity=_reservation_affinity(spec),
             service_account=args.node_service_account,
             oauth_scopes=[CLOUD_PLATFORM_SCOPE],
-            workload_metadata_config=gcp.container.NodePoolNodeConfigWorkloadMetadataConfigArgs(mode=spec.workload_metadata),
+            workload_metadata_config=gcp.container.NodePoolNodeConfigWorkloadMetadataConfigArgs(
+                mode=spec.workload_metadata
+            ),
             labels=dict(spec.labels) or None,
-            taints=[gcp.container.NodePoolNodeConfigTaintArgs(key=taint["key"], value=taint["value"],
-                                                              effect=GKE_TAINT_EFFECTS[taint["effect"]])
-                    for taint in spec.taints] or None,
+            taints=[
+                gcp.container.NodePoolNodeConfigTaintArgs(
+                    key=taint["key"], value=taint["value"], effect=GKE_TAINT_EFFECTS[taint["effect"]]
+                )
+                for taint in spec.taints
+            ]
+            or None,
         ),
     )
 
@@ -186,34 +218,58 @@ class GkeCluster(pulumi.ComponentResource):
             self.network = self.cluster.network
             self.location, self.project = self.cluster.location, self.cluster.project
             ca_certificate = self.cluster.master_auth.cluster_ca_certificate
-            system_pools = [gcp.container.NodePool(f"{name}-{args.system_pool.name}",
-                                                   node_pool_args(args.system_pool, args, self.cluster.name, args.location), opts=child)]
+            system_pools = [
+                gcp.container.NodePool(
+                    f"{name}-{args.system_pool.name}",
+                    node_pool_args(args.system_pool, args, self.cluster.name, args.location),
+                    opts=child,
+                )
+            ]
         else:
-            found = gcp.container.get_cluster_output(name=args.cluster_name, location=args.location, project=args.project,
-                                                     opts=pulumi.InvokeOptions(parent=self))
+            found = gcp.container.get_cluster_output(
+                name=args.cluster_name,
+                location=args.location,
+                project=args.project,
+                opts=pulumi.InvokeOptions(parent=self),
+            )
             self.cluster_name = found.name if args.source == LOOKUP else pulumi.Output.from_input(args.cluster_name)
-            pools_location = pulumi.Output.all(found.name, found.location).apply(lambda live: _location_of_pools(args.tpu_pools, *live))
+            pools_location = pulumi.Output.all(found.name, found.location).apply(
+                lambda live: _location_of_pools(args.tpu_pools, *live)
+            )
             release_channel = found.release_channels.apply(live_release_channel)
             if args.source == LOOKUP:
                 self.endpoint = found.endpoint
                 ca_certificate = found.master_auths.apply(lambda auths: auths[0].cluster_ca_certificate)
         self.tpu_node_pools = [
-            gcp.container.NodePool(f"{name}-{spec.resource_key}",
-                                   node_pool_args(spec, args, self.cluster_name, pools_location, release_channel),
-                                   opts=pulumi.ResourceOptions.merge(child, tpu_pool_options(name, spec)))
+            gcp.container.NodePool(
+                f"{name}-{spec.resource_key}",
+                node_pool_args(spec, args, self.cluster_name, pools_location, release_channel),
+                opts=pulumi.ResourceOptions.merge(child, tpu_pool_options(name, spec)),
+            )
             for spec in args.tpu_pools
         ]
         if args.source == ATTACH:
             self.kubeconfig = pulumi.Output.secret(args.kubeconfig)
         else:
-            self.kubeconfig = pulumi.Output.secret(pulumi.Output.all(self.cluster_name, self.endpoint, ca_certificate).apply(lambda parts: kubeconfig(*parts)))
+            self.kubeconfig = pulumi.Output.secret(
+                pulumi.Output.all(self.cluster_name, self.endpoint, ca_certificate).apply(
+                    lambda parts: kubeconfig(*parts)
+                )
+            )
         self.provider = k8s.Provider(
             f"{name}-k8s",
             # Server-side apply: the LWS CRD is too large for client-side apply's annotation.
             k8s.ProviderArgs(kubeconfig=self.kubeconfig, enable_server_side_apply=True),
             opts=pulumi.ResourceOptions(parent=self, depends_on=system_pools),
         )
-        self.register_outputs({"clusterName": self.cluster_name, "location": self.location, "endpoint": self.endpoint, "kubeconfig": self.kubeconfig})
+        self.register_outputs(
+            {
+                "clusterName": self.cluster_name,
+                "location": self.location,
+                "endpoint": self.endpoint,
+                "kubeconfig": self.kubeconfig,
+            }
+        )
 
     @staticmethod
     def _create_cluster(name: str, args: GkeClusterArgs, child: pulumi.ResourceOptions) -> gcp.container.Cluster:
@@ -230,19 +286,26 @@ class GkeCluster(pulumi.ComponentResource):
                 node_config=gcp.container.ClusterNodeConfigArgs(
                     service_account=args.node_service_account,
                     oauth_scopes=[CLOUD_PLATFORM_SCOPE],
-                    workload_metadata_config=gcp.container.ClusterNodeConfigWorkloadMetadataConfigArgs(mode=WORKLOAD_IDENTITY),
+                    workload_metadata_config=gcp.container.ClusterNodeConfigWorkloadMetadataConfigArgs(
+                        mode=WORKLOAD_IDENTITY
+                    ),
                 ),
-                workload_identity_config=gcp.container.ClusterWorkloadIdentityConfigArgs(workload_pool=f"{args.project}.svc.id.goog"),
+                workload_identity_config=gcp.container.ClusterWorkloadIdentityConfigArgs(
+                    workload_pool=f"{args.project}.svc.id.goog"
+                ),
                 release_channel=gcp.container.ClusterReleaseChannelArgs(channel=args.release_channel),
                 deletion_protection=args.deletion_protection,
                 # Explicit, not GKE's default: the HPA's metrics reach Cloud Monitoring through it.
                 monitoring_config=gcp.container.ClusterMonitoringConfigArgs(
-                    managed_prometheus=gcp.container.ClusterMonitoringConfigManagedPrometheusArgs(enabled=True)),
+                    managed_prometheus=gcp.container.ClusterMonitoringConfigManagedPrometheusArgs(enabled=True)
+                ),
                 # The bundled and vLLM runtimes mount checkpoints and caches from buckets through it.
                 addons_config=gcp.container.ClusterAddonsConfigArgs(
-                    gcs_fuse_csi_driver_config=gcp.container.ClusterAddonsConfigGcsFuseCsiDriverConfigArgs(enabled=True)),
-                gateway_api_config=(gcp.container.ClusterGatewayApiConfigArgs(channel=GATEWAY_API_CHANNEL)
-                                    if args.gateway_api else None),
+                    gcs_fuse_csi_driver_config=gcp.container.ClusterAddonsConfigGcsFuseCsiDriverConfigArgs(enabled=True)
+                ),
+                gateway_api_config=(
+                    gcp.container.ClusterGatewayApiConfigArgs(channel=GATEWAY_API_CHANNEL) if args.gateway_api else None
+                ),
                 **_control_plane_access(args),
             ),
             # node_config is the default pool's, which GKE removes: the API then reports another
@@ -257,9 +320,13 @@ def _control_plane_access(args: GkeClusterArgs) -> dict:
     access = {}
     if args.private_endpoint:
         access["private_cluster_config"] = gcp.container.ClusterPrivateClusterConfigArgs(
-            enable_private_nodes=True, enable_private_endpoint=True)
+            enable_private_nodes=True, enable_private_endpoint=True
+        )
     if args.authorized_networks:
         access["master_authorized_networks_config"] = gcp.container.ClusterMasterAuthorizedNetworksConfigArgs(
-            cidr_blocks=[gcp.container.ClusterMasterAuthorizedNetworksConfigCidrBlockArgs(cidr_block=block)
-                         for block in args.authorized_networks])
+            cidr_blocks=[
+                gcp.container.ClusterMasterAuthorizedNetworksConfigCidrBlockArgs(cidr_block=block)
+                for block in args.authorized_networks
+            ]
+        )
     return access

@@ -62,13 +62,18 @@ class NodeIdentity(pulumi.ComponentResource):
         child = pulumi.ResourceOptions(parent=self)
         account = gcp.serviceaccount.Account(
             f"{name}-gsa",
-            gcp.serviceaccount.AccountArgs(account_id=args.account_id, project=args.project, display_name=f"JetStream TPU nodes ({args.stack})"),
+            gcp.serviceaccount.AccountArgs(
+                account_id=args.account_id, project=args.project, display_name=f"JetStream TPU nodes ({args.stack})"
+            ),
             opts=child,
         )
         self.email = account.email
         self.roles = [
-            gcp.projects.IAMMember(f"{name}-{role.split('/')[-1].replace('.', '-').lower()}",
-                                   gcp.projects.IAMMemberArgs(project=args.project, role=role, member=_member(account.email)), opts=child)
+            gcp.projects.IAMMember(
+                f"{name}-{role.split('/')[-1].replace('.', '-').lower()}",
+                gcp.projects.IAMMemberArgs(project=args.project, role=role, member=_member(account.email)),
+                opts=child,
+            )
             for role in NODE_ROLES
         ]
         self.register_outputs({"email": self.email})
@@ -102,23 +107,38 @@ class ServingIdentity(pulumi.ComponentResource):
         if args.workload_account_id is not None:
             account = gcp.serviceaccount.Account(
                 f"{name}-gsa",
-                gcp.serviceaccount.AccountArgs(account_id=args.workload_account_id, project=args.project,
-                                               display_name=f"JetStream serving ({args.stack})"),
+                gcp.serviceaccount.AccountArgs(
+                    account_id=args.workload_account_id,
+                    project=args.project,
+                    display_name=f"JetStream serving ({args.stack})",
+                ),
                 opts=child,
             )
             after_pool = child_after(self, opts)  # the component's depends_on: the cluster that creates the pool
-            gcp.serviceaccount.IAMMember(f"{name}-workload-identity",
-                                         gcp.serviceaccount.IAMMemberArgs(service_account_id=account.name, role=WORKLOAD_IDENTITY_ROLE,
-                                                                          member=args.workload_identity_member), opts=after_pool)
+            gcp.serviceaccount.IAMMember(
+                f"{name}-workload-identity",
+                gcp.serviceaccount.IAMMemberArgs(
+                    service_account_id=account.name, role=WORKLOAD_IDENTITY_ROLE, member=args.workload_identity_member
+                ),
+                opts=after_pool,
+            )
             self.service_account_email = account.email
         else:
             self.service_account_email = pulumi.Output.from_input(args.node_service_account)
         member = _member(self.service_account_email)
-        gcp.storage.BucketIAMMember(f"{name}-scratch-access",
-                                    gcp.storage.BucketIAMMemberArgs(bucket=scratch.name, role=SCRATCH_ROLE, member=member), opts=child)
-        gcp.storage.BucketIAMMember(f"{name}-checkpoint-read",
-                                    gcp.storage.BucketIAMMemberArgs(bucket=args.checkpoint_bucket, role=CHECKPOINT_ROLE, member=member), opts=child)
-        self.register_outputs({"scratchBucket": self.scratch_bucket_name, "serviceAccountEmail": self.service_account_email})
+        gcp.storage.BucketIAMMember(
+            f"{name}-scratch-access",
+            gcp.storage.BucketIAMMemberArgs(bucket=scratch.name, role=SCRATCH_ROLE, member=member),
+            opts=child,
+        )
+        gcp.storage.BucketIAMMember(
+            f"{name}-checkpoint-read",
+            gcp.storage.BucketIAMMemberArgs(bucket=args.checkpoint_bucket, role=CHECKPOINT_ROLE, member=member),
+            opts=child,
+        )
+        self.register_outputs(
+            {"scratchBucket": self.scratch_bucket_name, "serviceAccountEmail": self.service_account_email}
+        )
 
     @staticmethod
     def _bucket_args(args: ServingIdentityArgs) -> gcp.storage.BucketArgs:
@@ -129,8 +149,10 @@ class ServingIdentity(pulumi.ComponentResource):
             uniform_bucket_level_access=True,
             public_access_prevention="enforced",
             force_destroy=True,  # scratch data only
-            lifecycle_rules=[gcp.storage.BucketLifecycleRuleArgs(
-                action=gcp.storage.BucketLifecycleRuleActionArgs(type="Delete"),
-                condition=gcp.storage.BucketLifecycleRuleConditionArgs(age=SCRATCH_RETENTION_DAYS),
-            )],
+            lifecycle_rules=[
+                gcp.storage.BucketLifecycleRuleArgs(
+                    action=gcp.storage.BucketLifecycleRuleActionArgs(type="Delete"),
+                    condition=gcp.storage.BucketLifecycleRuleConditionArgs(age=SCRATCH_RETENTION_DAYS),
+                )
+            ],
         )

@@ -24,7 +24,8 @@ off, the field is applied again while the HPA's field manager still owns it; the
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import pulumi
 import pulumi_kubernetes as k8s
@@ -55,7 +56,9 @@ def service_args(manifest: Mapping[str, Any]) -> k8s.core.v1.ServiceInitArgs:
             type=manifest["spec"]["type"],
             selector=manifest["spec"]["selector"],
             ports=[
-                k8s.core.v1.ServicePortArgs(protocol=port["protocol"], name=port["name"], port=port["port"], target_port=port["targetPort"])
+                k8s.core.v1.ServicePortArgs(
+                    protocol=port["protocol"], name=port["name"], port=port["port"], target_port=port["targetPort"]
+                )
                 for port in manifest["spec"]["ports"]
             ],
         ),
@@ -71,11 +74,20 @@ def load_balancer_ip(status) -> str | None:
 def live_client_endpoints(service: k8s.core.v1.Service, serves_openai: bool) -> pulumi.Output[dict]:
     """manifests.client_endpoints of the Service as the cluster reports it. Each typed output is
     read on its own: Output.all would hand them over as untyped dicts."""
-    host = pulumi.Output.all(service.spec.apply(lambda spec: spec.type), service.metadata.apply(lambda metadata: metadata.name),
-                             service.metadata.apply(lambda metadata: metadata.namespace), service.status.apply(load_balancer_ip)).apply(
-        lambda parts: manifests.service_host(service_type=parts[0], name=parts[1], namespace=parts[2], load_balancer_ip=parts[3]))
+    host = pulumi.Output.all(
+        service.spec.apply(lambda spec: spec.type),
+        service.metadata.apply(lambda metadata: metadata.name),
+        service.metadata.apply(lambda metadata: metadata.namespace),
+        service.status.apply(load_balancer_ip),
+    ).apply(
+        lambda parts: manifests.service_host(
+            service_type=parts[0], name=parts[1], namespace=parts[2], load_balancer_ip=parts[3]
+        )
+    )
     ports = service.spec.apply(lambda spec: {port.name: port.port for port in spec.ports})
-    return pulumi.Output.all(host, ports).apply(lambda parts: manifests.client_endpoints(parts[0], parts[1], openai=serves_openai))
+    return pulumi.Output.all(host, ports).apply(
+        lambda parts: manifests.client_endpoints(parts[0], parts[1], openai=serves_openai)
+    )
 
 
 class JetStreamServer(pulumi.ComponentResource):
@@ -89,10 +101,14 @@ class JetStreamServer(pulumi.ComponentResource):
         child = pulumi.ResourceOptions(parent=self)
         in_namespace = child
         if args.namespace is not None:
-            namespace = k8s.core.v1.Namespace(f"{name}-ns", metadata=k8s.meta.v1.ObjectMetaArgs(**args.namespace["metadata"]), opts=child)
+            namespace = k8s.core.v1.Namespace(
+                f"{name}-ns", metadata=k8s.meta.v1.ObjectMetaArgs(**args.namespace["metadata"]), opts=child
+            )
             in_namespace = pulumi.ResourceOptions(parent=self, depends_on=[namespace])
         service_account = k8s.core.v1.ServiceAccount(
-            f"{name}-ksa", metadata=k8s.meta.v1.ObjectMetaArgs(**args.service_account["metadata"]), opts=in_namespace,
+            f"{name}-ksa",
+            metadata=k8s.meta.v1.ObjectMetaArgs(**args.service_account["metadata"]),
+            opts=in_namespace,
         )
         secrets = [self._secret(name, secret, in_namespace) for secret in args.secrets]
         lws = args.leader_worker_set
@@ -109,18 +125,30 @@ class JetStreamServer(pulumi.ComponentResource):
         self.lws_name = leader_worker_set.metadata.apply(lambda metadata: metadata["name"])
         self.service_name = service.metadata.apply(lambda metadata: metadata.name)
         self.client_endpoints = live_client_endpoints(service, args.serves_openai)
-        self.register_outputs({"namespace": self.namespace, "lwsName": self.lws_name, "serviceName": self.service_name,
-                               "clientEndpoints": self.client_endpoints})
+        self.register_outputs(
+            {
+                "namespace": self.namespace,
+                "lwsName": self.lws_name,
+                "serviceName": self.service_name,
+                "clientEndpoints": self.client_endpoints,
+            }
+        )
 
     @staticmethod
     def _secret(name: str, manifest: Mapping[str, Any], opts: pulumi.ResourceOptions) -> k8s.core.v1.Secret:
         metadata = manifest["metadata"]
-        return k8s.core.v1.Secret(f"{name}-{metadata['name']}", metadata=k8s.meta.v1.ObjectMetaArgs(**metadata),
-                                  type=manifest["type"], string_data=manifest["stringData"], opts=opts)
+        return k8s.core.v1.Secret(
+            f"{name}-{metadata['name']}",
+            metadata=k8s.meta.v1.ObjectMetaArgs(**metadata),
+            type=manifest["type"],
+            string_data=manifest["stringData"],
+            opts=opts,
+        )
 
     @staticmethod
-    def _lws_options(args: JetStreamServerArgs, pod_inputs: list[pulumi.Resource],
-                     opts: pulumi.ResourceOptions | None) -> pulumi.ResourceOptions:
+    def _lws_options(
+        args: JetStreamServerArgs, pod_inputs: list[pulumi.Resource], opts: pulumi.ResourceOptions | None
+    ) -> pulumi.ResourceOptions:
         """Waits for what the pods read (the KSA, Secrets) and for the component's depends_on
         (controller, node pools, identity), so on destroy the workload goes first; replaced, never
         patched, where the webhook refuses."""

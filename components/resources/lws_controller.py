@@ -30,8 +30,10 @@ import pulumi
 import pulumi_kubernetes as k8s
 
 RELEASE_MANIFEST_URL = "https://github.com/kubernetes-sigs/lws/releases/download/{version}/manifests.yaml"
-WEBHOOK_CONFIGURATION_TYPES = ("kubernetes:admissionregistration.k8s.io/v1:MutatingWebhookConfiguration",
-                               "kubernetes:admissionregistration.k8s.io/v1:ValidatingWebhookConfiguration")
+WEBHOOK_CONFIGURATION_TYPES = (
+    "kubernetes:admissionregistration.k8s.io/v1:MutatingWebhookConfiguration",
+    "kubernetes:admissionregistration.k8s.io/v1:ValidatingWebhookConfiguration",
+)
 WAIT_FOR_ANNOTATION = "pulumi.com/waitFor"
 CA_BUNDLE_PATH = "jsonpath={.webhooks[0].clientConfig.caBundle}"  # present once the certificate controller injected it
 
@@ -80,8 +82,11 @@ class LeaderWorkerSetController(pulumi.ComponentResource):
     def __init__(self, name: str, args: LeaderWorkerSetControllerArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("jetstream:lws:LeaderWorkerSetController", name, None, opts)
         url = release_manifest_url(args.version)
-        install = pulumi.ResourceOptions(parent=self, transforms=install_transforms(args.keep_on_destroy),
-                                         retain_on_delete=args.keep_on_destroy or None)
+        install = pulumi.ResourceOptions(
+            parent=self,
+            transforms=install_transforms(args.keep_on_destroy),
+            retain_on_delete=args.keep_on_destroy or None,
+        )
         self.install = k8s.yaml.v2.ConfigFile(f"{name}-manifests", file=url, opts=install)
         self.version, self.manifest_url = pulumi.Output.from_input(args.version), pulumi.Output.from_input(url)
         self.register_outputs({"version": self.version, "manifestUrl": self.manifest_url})

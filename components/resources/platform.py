@@ -35,12 +35,18 @@ class PlatformReference(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: PlatformReferenceArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("jetstream:platform:PlatformReference", name, None, opts)
-        reference = pulumi.StackReference(f"{name}-stack", stack_name=args.cluster_stack, opts=pulumi.ResourceOptions(parent=self))
-        outputs = dict(zip(PLATFORM_OUTPUTS, (reference.require_output(output) for output in PLATFORM_OUTPUTS)))
+        reference = pulumi.StackReference(
+            f"{name}-stack", stack_name=args.cluster_stack, opts=pulumi.ResourceOptions(parent=self)
+        )
+        outputs = dict(
+            zip(PLATFORM_OUTPUTS, (reference.require_output(output) for output in PLATFORM_OUTPUTS), strict=False)
+        )
         self.cluster_name, self.cluster_location = outputs["clusterName"], outputs["clusterLocation"]
         self.kubeconfig = pulumi.Output.secret(outputs["kubeconfig"])
         self.project = outputs["project"].apply(lambda platform_project: _same_project(args, platform_project))
-        self.register_outputs({"clusterName": self.cluster_name, "clusterLocation": self.cluster_location, "project": self.project})
+        self.register_outputs(
+            {"clusterName": self.cluster_name, "clusterLocation": self.cluster_location, "project": self.project}
+        )
 
 
 def _same_project(args: PlatformReferenceArgs, platform_project: str) -> str:

@@ -33,18 +33,32 @@ import pulumi.runtime.config
 import pulumi_gcp as gcp
 
 from components.core import admission, manifests, scheduling, server_secrets
-from components.core.config import (CONFIG_KEYS, PLATFORM_OUTPUTS, PROJECT, PlatformConfig, StackConfig,
-                                    parse_stack_config, proxy_subnet_name)
-from components.core.naming import region_of
+from components.core.config import (
+    PLATFORM_OUTPUTS,
+    PROJECT,
+    PlatformConfig,
+    StackConfig,
+    parse_stack_config,
+    proxy_subnet_name,
+)
 from components.core.errors import ConfigError
+from components.core.naming import region_of
 from components.core.node_pools import NodePoolSpec, system_node_pool, tpu_node_pools
 from components.core.planner import Plan, plan_deployment
 from components.core.runtimes import bundled
 from components.resources.admission import StackIsolation, StackIsolationArgs
-from components.resources.autoscaling import (LeaderWorkerSetAutoscaler, LeaderWorkerSetAutoscalerArgs, MetricsAdapter,
-                                              MetricsAdapterArgs)
-from components.resources.gateway import (GatewayClusterParts, GatewayClusterPartsArgs, InferenceGateway,
-                                          InferenceGatewayArgs)
+from components.resources.autoscaling import (
+    LeaderWorkerSetAutoscaler,
+    LeaderWorkerSetAutoscalerArgs,
+    MetricsAdapter,
+    MetricsAdapterArgs,
+)
+from components.resources.gateway import (
+    GatewayClusterParts,
+    GatewayClusterPartsArgs,
+    InferenceGateway,
+    InferenceGatewayArgs,
+)
 from components.resources.gke import ATTACH, CREATE, LOOKUP, GkeCluster, GkeClusterArgs
 from components.resources.identity import NodeIdentity, NodeIdentityArgs, ServingIdentity, ServingIdentityArgs
 from components.resources.jetstream import JetStreamServer, JetStreamServerArgs
@@ -72,7 +86,9 @@ def load() -> tuple[StackConfig | PlatformConfig, Plan | None]:
     """Parse, plan and check scheduling before any resource exists; a bad config stops here.
     A platform stack has no workload, so no plan."""
     try:
-        cfg = parse_stack_config(project_config_values(), project=pulumi.Config("gcp").get("project"), stack=pulumi.get_stack())
+        cfg = parse_stack_config(
+            project_config_values(), project=pulumi.Config("gcp").get("project"), stack=pulumi.get_stack()
+        )
         if isinstance(cfg, PlatformConfig):
             return cfg, None
         plan = plan_deployment(cfg)
@@ -92,12 +108,20 @@ def build(cfg: StackConfig | PlatformConfig, plan: Plan | None) -> dict[str, Any
 def build_platform(cfg: PlatformConfig) -> dict[str, Any]:
     """The cluster and what every serving stack on it shares; exactly PLATFORM_OUTPUTS."""
     nodes = _node_identity(cfg)
-    cluster = GkeCluster("gke", _owned_cluster_args(cfg, nodes.email, tpu_pools=()), pulumi.ResourceOptions(depends_on=nodes.roles))
+    cluster = GkeCluster(
+        "gke", _owned_cluster_args(cfg, nodes.email, tpu_pools=()), pulumi.ResourceOptions(depends_on=nodes.roles)
+    )
     _lws_controller(cfg, cluster.provider)
     # Cluster-wide like the LWS controller, so the platform owns it and any serving stack can autoscale.
     _metrics_adapter(cfg, cluster)
     _gateway_cluster_parts(cfg, cluster)
-    return dict(zip(PLATFORM_OUTPUTS, (cluster.cluster_name, cluster.location, cluster.project, cluster.kubeconfig)))
+    return dict(
+        zip(
+            PLATFORM_OUTPUTS,
+            (cluster.cluster_name, cluster.location, cluster.project, cluster.kubeconfig),
+            strict=False,
+        )
+    )
 
 
 def build_serving(cfg: StackConfig, plan: Plan) -> dict[str, Any]:
@@ -108,31 +132,47 @@ def build_serving(cfg: StackConfig, plan: Plan) -> dict[str, Any]:
     StackIsolation("isolation", isolation, pulumi.ResourceOptions(provider=cluster.provider))
     # The Workload Identity binding needs the pool, which exists once a cluster with Workload Identity does.
     needs_pool = cfg.pods_use_workload_identity and cluster.cluster is not None
-    identity = ServingIdentity("identity", _identity_args(cfg, node_service_account),
-                               pulumi.ResourceOptions(depends_on=[cluster.cluster] if needs_pool else None))
-    lws_prerequisites: list[pulumi.Resource] = [*cluster.tpu_node_pools, identity, *_lws_controller(cfg, cluster.provider)]
+    identity = ServingIdentity(
+        "identity",
+        _identity_args(cfg, node_service_account),
+        pulumi.ResourceOptions(depends_on=[cluster.cluster] if needs_pool else None),
+    )
+    lws_prerequisites: list[pulumi.Resource] = [
+        *cluster.tpu_node_pools,
+        identity,
+        *_lws_controller(cfg, cluster.provider),
+    ]
     server_image = None
     if cfg.builds_server_image:
         image = BundledServerImage("server-image", _image_args(cfg))
         server_image, lws_prerequisites = image.ref, [*lws_prerequisites, image]
-    server = JetStreamServer("jetstream", _server_args(cfg, plan, identity.service_account_email, server_image),
-                             pulumi.ResourceOptions(provider=cluster.provider, depends_on=lws_prerequisites))
+    server = JetStreamServer(
+        "jetstream",
+        _server_args(cfg, plan, identity.service_account_email, server_image),
+        pulumi.ResourceOptions(provider=cluster.provider, depends_on=lws_prerequisites),
+    )
     if cfg.scaling.enabled:
         # The HPA reads the metrics through the cluster's one adapter: this stack's on a cluster it
         # creates; otherwise the platform's (role=serving) or the existing cluster owner's.
         adapter = [_metrics_adapter(cfg, cluster)] if cfg.installs_metrics_adapter else []
         pod_monitoring, hpa = manifests.scaling_manifests(cfg)
-        LeaderWorkerSetAutoscaler("autoscaling", LeaderWorkerSetAutoscalerArgs(pod_monitoring=pod_monitoring, horizontal_pod_autoscaler=hpa),
-                                  pulumi.ResourceOptions(provider=cluster.provider, depends_on=[server, *adapter]))
+        LeaderWorkerSetAutoscaler(
+            "autoscaling",
+            LeaderWorkerSetAutoscalerArgs(pod_monitoring=pod_monitoring, horizontal_pod_autoscaler=hpa),
+            pulumi.ResourceOptions(provider=cluster.provider, depends_on=[server, *adapter]),
+        )
     client_endpoints, gateway_outputs = server.client_endpoints, {}
     if cfg.gateway.enabled:
         routed = _inference_gateway(cfg, cluster, server)
         client_endpoints = pulumi.Output.all(client_endpoints, routed.url).apply(
-            lambda parts: manifests.through_gateway(*parts))
+            lambda parts: manifests.through_gateway(*parts)
+        )
         gateway_outputs = {"gatewayUrl": routed.url}
     outputs = {
-        **{name: client_endpoints.apply(lambda endpoints, name=name: endpoints[name])
-           for name in manifests.CLIENT_OUTPUTS},
+        **{
+            name: client_endpoints.apply(lambda endpoints, name=name: endpoints[name])
+            for name in manifests.CLIENT_OUTPUTS
+        },
         **gateway_outputs,
         "clusterName": cluster.cluster_name,
         "namespace": server.namespace,
@@ -146,7 +186,11 @@ def build_serving(cfg: StackConfig, plan: Plan) -> dict[str, Any]:
         "plan": plan.summary(),
     }
     if not cfg.serving_role:  # the cluster's own outputs; a serving stack's come from the platform stack
-        outputs |= {"clusterEndpoint": cluster.endpoint, "kubeconfig": cluster.kubeconfig, "lwsVersion": cfg.lws_version}
+        outputs |= {
+            "clusterEndpoint": cluster.endpoint,
+            "kubeconfig": cluster.kubeconfig,
+            "lwsVersion": cfg.lws_version,
+        }
     return outputs
 
 
@@ -157,29 +201,40 @@ def _cluster(cfg: StackConfig) -> tuple[GkeCluster, pulumi.Output[str]]:
     nodes = _node_identity(cfg)
     after_roles = pulumi.ResourceOptions(depends_on=nodes.roles)
     if cfg.serving_role:
-        platform = PlatformReference("platform", PlatformReferenceArgs(cluster_stack=cfg.cluster_stack, project=cfg.project))
-        return GkeCluster("gke", GkeClusterArgs(
-            project=platform.project,
-            location=platform.cluster_location,
-            cluster_name=platform.cluster_name,
-            source=ATTACH,
-            kubeconfig=platform.kubeconfig,
-            release_channel=None,  # the pools follow the live cluster's (GkeCluster reads it)
-            deletion_protection=cfg.deletion_protection,
-            system_pool=None,
-            tpu_pools=tpu_node_pools(cfg),
-            node_service_account=nodes.email,
-        ), after_roles), nodes.email
-    return GkeCluster("gke", _owned_cluster_args(cfg, nodes.email, tpu_pools=tpu_node_pools(cfg)), after_roles), nodes.email
+        platform = PlatformReference(
+            "platform", PlatformReferenceArgs(cluster_stack=cfg.cluster_stack, project=cfg.project)
+        )
+        return GkeCluster(
+            "gke",
+            GkeClusterArgs(
+                project=platform.project,
+                location=platform.cluster_location,
+                cluster_name=platform.cluster_name,
+                source=ATTACH,
+                kubeconfig=platform.kubeconfig,
+                release_channel=None,  # the pools follow the live cluster's (GkeCluster reads it)
+                deletion_protection=cfg.deletion_protection,
+                system_pool=None,
+                tpu_pools=tpu_node_pools(cfg),
+                node_service_account=nodes.email,
+            ),
+            after_roles,
+        ), nodes.email
+    return GkeCluster(
+        "gke", _owned_cluster_args(cfg, nodes.email, tpu_pools=tpu_node_pools(cfg)), after_roles
+    ), nodes.email
 
 
 def _node_identity(cfg: StackConfig | PlatformConfig) -> NodeIdentity:
     """The service account this stack's node pools run as (its own in every role)."""
-    return NodeIdentity("nodes", NodeIdentityArgs(project=cfg.project, account_id=cfg.node_service_account_id, stack=cfg.stack))
+    return NodeIdentity(
+        "nodes", NodeIdentityArgs(project=cfg.project, account_id=cfg.node_service_account_id, stack=cfg.stack)
+    )
 
 
-def _owned_cluster_args(cfg: StackConfig | PlatformConfig, node_service_account: pulumi.Output[str],
-                        tpu_pools: tuple[NodePoolSpec, ...]) -> GkeClusterArgs:
+def _owned_cluster_args(
+    cfg: StackConfig | PlatformConfig, node_service_account: pulumi.Output[str], tpu_pools: tuple[NodePoolSpec, ...]
+) -> GkeClusterArgs:
     """A cluster a role=all or platform stack creates (or, role=all, looks up)."""
     return GkeClusterArgs(
         project=cfg.project,
@@ -208,8 +263,11 @@ def _lws_controller(cfg: StackConfig | PlatformConfig, provider: pulumi.Provider
 def _metrics_adapter(cfg: StackConfig | PlatformConfig, cluster: GkeCluster) -> MetricsAdapter:
     """The adapter, on a cluster the stack creates: its identity's binding names the cluster's
     Workload Identity pool, which exists once that cluster does."""
-    return MetricsAdapter("metrics-adapter", MetricsAdapterArgs(project=cfg.project),
-                          pulumi.ResourceOptions(provider=cluster.provider, depends_on=[cluster.cluster]))
+    return MetricsAdapter(
+        "metrics-adapter",
+        MetricsAdapterArgs(project=cfg.project),
+        pulumi.ResourceOptions(provider=cluster.provider, depends_on=[cluster.cluster]),
+    )
 
 
 def _gateway_cluster_parts(cfg: StackConfig | PlatformConfig, cluster: GkeCluster) -> list[pulumi.Resource]:
@@ -218,9 +276,13 @@ def _gateway_cluster_parts(cfg: StackConfig | PlatformConfig, cluster: GkeCluste
     if not cfg.gateway.enabled or cluster.cluster is None:
         return []
     settings = cfg.gateway
-    args = GatewayClusterPartsArgs(project=cfg.project, region=region_of(cfg.zone), network=cluster.network,
-                                   subnet_name=proxy_subnet_name(cfg.stack),
-                                   subnet_range=settings.proxy_subnet_range if settings.creates_proxy_subnet else None)
+    args = GatewayClusterPartsArgs(
+        project=cfg.project,
+        region=region_of(cfg.zone),
+        network=cluster.network,
+        subnet_name=proxy_subnet_name(cfg.stack),
+        subnet_range=settings.proxy_subnet_range if settings.creates_proxy_subnet else None,
+    )
     after_cluster = pulumi.ResourceOptions(provider=cluster.provider, depends_on=[cluster.cluster])
     return [GatewayClusterParts("gateway-cluster", args, after_cluster)]
 
@@ -264,7 +326,9 @@ def _image_args(cfg: StackConfig) -> BundledServerImageArgs:
     )
 
 
-def _server_args(cfg: StackConfig, plan: Plan, pods_identity: pulumi.Output[str], server_image: pulumi.Output[str] | None) -> JetStreamServerArgs:
+def _server_args(
+    cfg: StackConfig, plan: Plan, pods_identity: pulumi.Output[str], server_image: pulumi.Output[str] | None
+) -> JetStreamServerArgs:
     return JetStreamServerArgs(
         namespace=manifests.namespace(cfg),
         # The created GSA's email (an Output), so the KSA also waits for the GSA.
@@ -282,7 +346,12 @@ def _secrets(cfg: StackConfig) -> tuple[dict, ...]:
     """The Kubernetes Secrets the server reads (server_secrets.py): each from its Secret Manager secret,
     read at deploy time with the deployer's credentials, so no value is ever in the stack's config."""
     return tuple(
-        server_secrets.kubernetes_secret(secret, cfg.namespace, pulumi.Output.secret(
-            gcp.secretmanager.get_secret_version_output(secret=secret.secret_id, project=cfg.project).secret_data))
+        server_secrets.kubernetes_secret(
+            secret,
+            cfg.namespace,
+            pulumi.Output.secret(
+                gcp.secretmanager.get_secret_version_output(secret=secret.secret_id, project=cfg.project).secret_data
+            ),
+        )
         for secret in cfg.runtime.secret_envs(cfg)
     )

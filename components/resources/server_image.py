@@ -13,7 +13,7 @@ roles/artifactregistry.reader (identity.py).
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from collections.abc import Mapping
 
 import pulumi
 import pulumi_docker_build as docker_build
@@ -42,8 +42,13 @@ class BundledServerImage(pulumi.ComponentResource):
         super().__init__("jetstream:images:BundledServerImage", name, None, opts)
         repository = gcp.artifactregistry.Repository(
             f"{name}-repository",
-            gcp.artifactregistry.RepositoryArgs(repository_id=args.repository_id, location=args.location, project=args.project,
-                                                format="DOCKER", description="This repository's JetStream-compatible server, built by the stack"),
+            gcp.artifactregistry.RepositoryArgs(
+                repository_id=args.repository_id,
+                location=args.location,
+                project=args.project,
+                format="DOCKER",
+                description="This repository's JetStream-compatible server, built by the stack",
+            ),
             opts=pulumi.ResourceOptions(parent=self),
         )
         token = gcp.organizations.get_client_config_output(opts=pulumi.InvokeOptions(parent=self)).access_token
@@ -57,8 +62,13 @@ class BundledServerImage(pulumi.ComponentResource):
                 tags=[f"{args.image}:{args.tag}"],
                 push=True,
                 build_on_preview=False,
-                registries=[docker_build.RegistryArgs(address=args.image.split("/", 1)[0], username=REGISTRY_USER,
-                                                      password=pulumi.Output.secret(token))],
+                registries=[
+                    docker_build.RegistryArgs(
+                        address=args.image.split("/", 1)[0],
+                        username=REGISTRY_USER,
+                        password=pulumi.Output.secret(token),
+                    )
+                ],
             ),
             opts=pulumi.ResourceOptions(parent=self, depends_on=[repository]),
         )

@@ -44,8 +44,11 @@ class Analysis:
 
     @property
     def applicable(self) -> list[str]:
-        return [policy.name for policy in POLICIES
-                if isinstance(policy, self.kind) and policy.name not in self.not_applicable]
+        return [
+            policy.name
+            for policy in POLICIES
+            if isinstance(policy, self.kind) and policy.name not in self.not_applicable
+        ]
 
 
 def urn_of(stack: str, type_: str, name: str, project: str = "jetstream-tpu") -> str:
@@ -61,21 +64,34 @@ def _struct(values: Mapping[str, Any]) -> struct_pb2.Struct:
 def _servicer(config: Mapping[str, Mapping[str, Any]] | None) -> _PolicyAnalyzerServicer:
     servicer = _PolicyAnalyzerServicer(PACK_NAME, "0.1.0", POLICIES, EnforcementLevel.ADVISORY)
     if config:  # with the level of each resource policy (all mandatory), as the engine sends it
-        servicer.Configure(proto.ConfigureAnalyzerRequest(policyConfig={
-            policy: proto.PolicyConfig(enforcementLevel=proto.MANDATORY, properties=_struct(settings))
-            for policy, settings in config.items()}), None)
+        servicer.Configure(
+            proto.ConfigureAnalyzerRequest(
+                policyConfig={
+                    policy: proto.PolicyConfig(enforcementLevel=proto.MANDATORY, properties=_struct(settings))
+                    for policy, settings in config.items()
+                }
+            ),
+            None,
+        )
     return servicer
 
 
 def _analysis(response: proto.AnalyzeResponse, kind: type) -> Analysis:
-    violations = [Violation(policy=diagnostic.policyName, message=diagnostic.message,
-                            mandatory=diagnostic.enforcementLevel == proto.MANDATORY, urn=diagnostic.urn)
-                  for diagnostic in response.diagnostics]
+    violations = [
+        Violation(
+            policy=diagnostic.policyName,
+            message=diagnostic.message,
+            mandatory=diagnostic.enforcementLevel == proto.MANDATORY,
+            urn=diagnostic.urn,
+        )
+        for diagnostic in response.diagnostics
+    ]
     return Analysis(violations, {entry.policy_name for entry in response.not_applicable}, kind)
 
 
-def analyze_resource(type_: str, name: str, urn: str, props: Mapping[str, Any],
-                     config: Mapping[str, Mapping[str, Any]] | None = None) -> Analysis:
+def analyze_resource(
+    type_: str, name: str, urn: str, props: Mapping[str, Any], config: Mapping[str, Mapping[str, Any]] | None = None
+) -> Analysis:
     """What every resource policy of the pack says about one resource; `config`: settings per policy name."""
     request = proto.AnalyzeRequest(type=type_, name=name, urn=urn, properties=_struct(props))
     return _analysis(_servicer(config).Analyze(request, None), ResourceValidationPolicy)
@@ -83,15 +99,27 @@ def analyze_resource(type_: str, name: str, urn: str, props: Mapping[str, Any],
 
 def analyze_stack(resources: list[Mapping[str, Any]]) -> Analysis:
     """What every stack policy of the pack says about a stack's resources, each {type, name, urn, inputs}."""
-    request = proto.AnalyzeStackRequest(resources=[
-        proto.AnalyzerResource(type=resource["type"], name=resource["name"], urn=resource["urn"],
-                               properties=_struct(resource["inputs"]))
-        for resource in resources])
+    request = proto.AnalyzeStackRequest(
+        resources=[
+            proto.AnalyzerResource(
+                type=resource["type"],
+                name=resource["name"],
+                urn=resource["urn"],
+                properties=_struct(resource["inputs"]),
+            )
+            for resource in resources
+        ]
+    )
     return _analysis(_servicer(None).AnalyzeStack(request, None), StackValidationPolicy)
 
 
-def analyze(type_: str, name: str, props: Mapping[str, Any], stack: str = "dev",
-            config: Mapping[str, Mapping[str, Any]] | None = None) -> list[Violation]:
+def analyze(
+    type_: str,
+    name: str,
+    props: Mapping[str, Any],
+    stack: str = "dev",
+    config: Mapping[str, Mapping[str, Any]] | None = None,
+) -> list[Violation]:
     return analyze_resource(type_, name, urn_of(stack, type_, name), props, config).violations
 
 
@@ -103,13 +131,26 @@ def main() -> None:
     resources = []
     for resource in stack:
         analysis = analyze_resource(resource["type"], resource["name"], resource["urn"], resource["inputs"])
-        resources.append({"urn": resource["urn"], "applicable": analysis.applicable,
-                          "violations": [dataclasses.asdict(violation) for violation in analysis.violations]})
+        resources.append(
+            {
+                "urn": resource["urn"],
+                "applicable": analysis.applicable,
+                "violations": [dataclasses.asdict(violation) for violation in analysis.violations],
+            }
+        )
     stack_analysis = analyze_stack(stack)
-    json.dump({"policies": [policy.name for policy in POLICIES], "resources": resources,
-               "stack": {"applicable": stack_analysis.applicable,
-                         "violations": [dataclasses.asdict(violation) for violation in stack_analysis.violations]}},
-              sys.stdout, indent=1)
+    json.dump(
+        {
+            "policies": [policy.name for policy in POLICIES],
+            "resources": resources,
+            "stack": {
+                "applicable": stack_analysis.applicable,
+                "violations": [dataclasses.asdict(violation) for violation in stack_analysis.violations],
+            },
+        },
+        sys.stdout,
+        indent=1,
+    )
 
 
 if __name__ == "__main__":

@@ -99,7 +99,9 @@ def llama3_rope_factors(
         elif wavelen > low_freq_wavelen:
             factors.append(float(factor))
         else:
-            smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (
+                high_freq_factor - low_freq_factor
+            )
             factors.append(1.0 / ((1 - smooth) / factor + smooth))
     return tuple(factors)
 
@@ -138,21 +140,36 @@ PRESETS["tiny-untied"] = dataclasses.replace(PRESETS["tiny"], tie_embeddings=Fal
 # The stack's model presets (components/core/models.py; a contract test keeps the shapes equal).
 _LLAMA2 = {"vocab_size": 32000, "head_dim": 128, "rope_base": 10000.0, "tie_embeddings": False, "eos_id": 2}
 _LLAMA31 = {
-    "vocab_size": 128256, "head_dim": 128, "rope_base": 500000.0, "tie_embeddings": False, "eos_id": 128009,
+    "vocab_size": 128256,
+    "head_dim": 128,
+    "rope_base": 500000.0,
+    "tie_embeddings": False,
+    "eos_id": 128009,
     "rope_freq_factors": llama3_rope_factors(128, 500000.0, 8.0, 1.0, 4.0, 8192),
 }
-PRESETS.update({
-    "llama2-7b": ModelConfig(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008, **_LLAMA2),
-    "llama2-70b": ModelConfig(d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672, **_LLAMA2),
-    "llama3.1-8b": ModelConfig(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, **_LLAMA31),
-    "llama3.1-70b": ModelConfig(d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672, **_LLAMA31),
-    "llama3.1-405b": ModelConfig(d_model=16384, n_layers=126, n_heads=128, n_kv_heads=8, ffn_dim=53248, **_LLAMA31),
-    # Not servable (GemmaForCausalLM is not in SERVABLE_ARCHITECTURES): kept for its shapes.
-    "gemma-7b": ModelConfig(
-        vocab_size=256000, d_model=3072, n_layers=28, n_heads=16, n_kv_heads=16, head_dim=256, ffn_dim=24576,
-        tie_embeddings=True, norm_eps=1e-6, eos_id=1, architecture="GemmaForCausalLM",
-    ),
-})
+PRESETS.update(
+    {
+        "llama2-7b": ModelConfig(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008, **_LLAMA2),
+        "llama2-70b": ModelConfig(d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672, **_LLAMA2),
+        "llama3.1-8b": ModelConfig(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, **_LLAMA31),
+        "llama3.1-70b": ModelConfig(d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672, **_LLAMA31),
+        "llama3.1-405b": ModelConfig(d_model=16384, n_layers=126, n_heads=128, n_kv_heads=8, ffn_dim=53248, **_LLAMA31),
+        # Not servable (GemmaForCausalLM is not in SERVABLE_ARCHITECTURES): kept for its shapes.
+        "gemma-7b": ModelConfig(
+            vocab_size=256000,
+            d_model=3072,
+            n_layers=28,
+            n_heads=16,
+            n_kv_heads=16,
+            head_dim=256,
+            ffn_dim=24576,
+            tie_embeddings=True,
+            norm_eps=1e-6,
+            eos_id=1,
+            architecture="GemmaForCausalLM",
+        ),
+    }
+)
 
 STACK_PRESETS = ("llama2-7b", "llama2-70b", "llama3.1-8b", "llama3.1-70b", "llama3.1-405b", "gemma-7b")
 # The stack presets this server can serve (the stack refuses the others at preview).

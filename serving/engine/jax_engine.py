@@ -36,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -196,7 +196,9 @@ def _nbytes(infos, per_device: bool = False, shardings=None) -> int:
     if not per_device:
         return sum(math.prod(i.shape) * np.dtype(i.dtype).itemsize for i in leaves)
     shards = jax.tree.leaves(shardings)
-    return sum(math.prod(s.shard_shape(i.shape)) * np.dtype(i.dtype).itemsize for i, s in zip(leaves, shards))
+    return sum(
+        math.prod(s.shard_shape(i.shape)) * np.dtype(i.dtype).itemsize for i, s in zip(leaves, shards, strict=False)
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,7 +276,7 @@ class JaxEngine(engine_api.Engine):
             lambda i, sh: jax.ShapeDtypeStruct(i.shape, i.dtype, sharding=sh), infos, shardings, is_leaf=model.is_info
         )
 
-    def lower(self, bucket: int | None = None) -> dict[str, "jax.stages.Lowered"]:
+    def lower(self, bucket: int | None = None) -> dict[str, jax.stages.Lowered]:
         """The jitted steps lowered on abstract inputs (prefill at `bucket`, default the smallest).
 
         `.compile().as_text()` of each shows the partitioned HLO (collectives) without placing
@@ -383,9 +385,7 @@ class JaxEngine(engine_api.Engine):
             for with_prompt in (False, True)
             for masked in (False, True)
         }
-        self._insert_fn = jax.jit(
-            insert_fn, out_shardings=self.state_shardings, donate_argnums=(1,)
-        )
+        self._insert_fn = jax.jit(insert_fn, out_shardings=self.state_shardings, donate_argnums=(1,))
         self._init_fn = _filler(self.state_infos, self.state_shardings)
         self._release_fn = jax.jit(release_fn, out_shardings=self.state_shardings, donate_argnums=(0,))
         # Keyed (rows, log probabilities, masked); jit compiles each on its first call.
@@ -511,7 +511,7 @@ class JaxEngine(engine_api.Engine):
 
     # ---- reporting ---------------------------------------------------------------------------
 
-    def memory(self) -> "MemoryReport":
+    def memory(self) -> MemoryReport:
         return MemoryReport(
             params_bytes=_nbytes(self.param_infos),
             params_bytes_per_device=_nbytes(self.param_infos, True, self.param_shardings),

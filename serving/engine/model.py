@@ -79,6 +79,7 @@ def is_info(x) -> bool:
 
 # ---- declarations --------------------------------------------------------------------------
 
+
 def _float_param_infos(cfg: ModelConfig) -> dict:
     L, D, F, V = cfg.n_layers, cfg.d_model, cfg.ffn_dim, cfg.vocab_size
     H, K, E = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -89,7 +90,10 @@ def _float_param_infos(cfg: ModelConfig) -> dict:
         "wk": ArrayInfo((L, K, E, D), w, ("layers", "kv_heads", "head_dim", "embed"), (3,)),
         "wv": ArrayInfo((L, K, E, D), w, ("layers", "kv_heads", "head_dim", "embed"), (3,)),
         "wo": ArrayInfo(
-            (L, D, H, E), w, ("layers", "embed", "q_heads", "head_dim"), (2, 3),
+            (L, D, H, E),
+            w,
+            ("layers", "embed", "q_heads", "head_dim"),
+            (2, 3),
             float_under_int8=not cfg.quantize_attention_output,
         ),
         "mlp_norm": ArrayInfo((L, D), jnp.float32, ("layers", "norm"), init="ones"),
@@ -287,6 +291,7 @@ def _group(cfg: ModelConfig, q: jax.Array) -> jax.Array:
 
 # ---- prefill ----------------------------------------------------------------------------------
 
+
 def prefill_attention(cfg: ModelConfig, q, k, v, length) -> jax.Array:
     """Causal self-attention of one padded prompt: q [B, T, H, E], k, v [B, T, K, E] -> [B, T, H, E]."""
     with jax.named_scope("attention"):
@@ -337,6 +342,7 @@ def _to_cache(cfg: ModelConfig, k: jax.Array, v: jax.Array) -> KVCache:
 
 
 # ---- decode -----------------------------------------------------------------------------------
+
 
 def _write_token(cfg: ModelConfig, cache: KVCache, layer_idx, k, v, positions) -> KVCache:
     """Write k, v [B, K, E] of layer `layer_idx` at per-slot positions [B]."""
@@ -411,6 +417,7 @@ def decode_attention(
         q = shard(q, CACHE_BH)
         qg = _group(cfg, q[:, None])[:, 0].astype(jnp.float32) / math.sqrt(cfg.head_dim)  # [B, K, G, E]
         if per_slot:
+
             def one_slot(args):
                 slot, q_slot, length = args
                 return _attend(cfg, q_slot[None], cache, layer_idx, slot, length[None], _blocks(cfg, length))[0]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 MESH_AXES = ("fsdp", "autoregressive", "tensor")
 FILL_IN = -1  # MaxText's "the remaining devices" for one axis
@@ -39,11 +39,16 @@ def resolve_axes(sizes: Mapping[str, int], devices: int) -> dict[str, int]:
     fixed = math.prod(size for size in sizes.values() if size != FILL_IN)
     if fill:
         if devices % fixed:
-            raise ParallelismError(fill, f"cannot fill in: {devices} devices are not a multiple of the other axes' product {fixed}")
+            raise ParallelismError(
+                fill, f"cannot fill in: {devices} devices are not a multiple of the other axes' product {fixed}"
+            )
         sizes[fill[0]] = devices // fixed
     product = math.prod(sizes.values())
     if product != devices:
-        raise ParallelismError(MESH_AXES, f"the axes' product {product} must equal the {devices} devices; set one axis to {FILL_IN} to fill in")
+        raise ParallelismError(
+            MESH_AXES,
+            f"the axes' product {product} must equal the {devices} devices; set one axis to {FILL_IN} to fill in",
+        )
     return sizes
 
 

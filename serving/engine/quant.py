@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -99,6 +100,7 @@ def take(table: jax.Array | QuantArray, ids: jax.Array, dtype) -> jax.Array:
 
 
 # ---- KV cache ------------------------------------------------------------------------------
+
 
 def quantize_kv(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """x [..., Dh] -> int8 values [..., Dh], f32 scale [...] (one per token and kv head)."""

@@ -41,14 +41,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from serving.engine.config import ModelConfig
 from serving.engine import model
+from serving.engine.config import ModelConfig
 from serving.engine.model import ArrayInfo, is_info
 from serving.engine.parallelism import MESH_AXES, ParallelismError, kv_cache_split, resolve_axes
 from serving.engine.settings import EngineSettings
@@ -108,7 +108,7 @@ class ShardingRules:
     act_embed: MeshAxes = None
 
     @classmethod
-    def for_model(cls, cfg: ModelConfig, mesh: Mesh) -> "ShardingRules":
+    def for_model(cls, cfg: ModelConfig, mesh: Mesh) -> ShardingRules:
         """Default rules, with the KV cache laid out as `parallelism.kv_cache_split` says."""
         split = kv_cache_split(cfg.n_kv_heads, dict(mesh.shape))
         if split.kv_heads == mesh.shape["tensor"]:
@@ -135,7 +135,7 @@ def axis_size(mesh: Mesh, physical: MeshAxes) -> int:
 
 def named_sharding(mesh: Mesh, rules: ShardingRules, info: ArrayInfo) -> NamedSharding:
     spec = rules.spec(info.axes)
-    for dim, logical, physical in zip(info.shape, info.axes, spec):
+    for dim, logical, physical in zip(info.shape, info.axes, spec, strict=False):
         if dim % axis_size(mesh, physical):
             raise ValueError(
                 f"dimension {logical}={dim} of an array {info.shape} does not divide over mesh "

@@ -73,6 +73,7 @@ PRE_TOKENIZERS: dict[str, PreTokenizer] = {
     "gpt-2": PreTokenizer((_GPT2_SPLIT,)),
 }
 
+
 def _byte_level_alphabet() -> dict[str, int]:
     """GPT-2's byte-level BPE writes each byte as one printable character; the character -> byte.
 
@@ -154,7 +155,9 @@ class HFTokenizer:
             if i in special:
                 return token.encode()
             if byte_level:
-                return bytes(_BYTE_OF_CHAR[c] for c in token) if all(c in _BYTE_OF_CHAR for c in token) else token.encode()
+                return (
+                    bytes(_BYTE_OF_CHAR[c] for c in token) if all(c in _BYTE_OF_CHAR for c in token) else token.encode()
+                )
             return _spm_token_bytes(token)
 
         return [spelled(i, self._tok.id_to_token(i) or "") for i in range(self.vocab_size)]
@@ -295,7 +298,7 @@ def _added_tokens(tokens: Sequence[str], types: Sequence[int]) -> list[AddedToke
     kinds = {TOKEN_CONTROL: True, TOKEN_USER_DEFINED: False}
     return [
         AddedToken(token, special=kinds[kind], normalized=False)
-        for token, kind in zip(tokens, types)
+        for token, kind in zip(tokens, types, strict=False)
         if kind in kinds
     ]
 
@@ -315,7 +318,7 @@ def spm_merges(tokens: Sequence[str], scores: Sequence[float], types: Sequence[i
     """SentencePiece merges as llama.cpp applies them: any two adjacent pieces whose concatenation is a
     token merge, the best-scoring result first (a BPE whose merge ranks follow the scores)."""
     mergeable = {TOKEN_NORMAL, TOKEN_USER_DEFINED}
-    vocab = {token: i for i, (token, kind) in enumerate(zip(tokens, types)) if kind in mergeable}
+    vocab = {token: i for i, (token, kind) in enumerate(zip(tokens, types, strict=False)) if kind in mergeable}
     ranked = []
     for token, i in vocab.items():
         for cut in range(1, len(token)):
@@ -369,8 +372,12 @@ def _gguf_model(reader: gguf.GGUFReader, tokens: Sequence[str], types: Sequence[
 
 def _gguf_special_tokens(reader: gguf.GGUFReader, tokens: Sequence[str]) -> dict[str, str]:
     """The named special tokens a template may use, from the token ids the file declares."""
-    keys = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
-            "pad_token": "padding_token_id"}
+    keys = {
+        "bos_token": "bos_token_id",
+        "eos_token": "eos_token_id",
+        "unk_token": "unknown_token_id",
+        "pad_token": "padding_token_id",
+    }
     ids = {name: _field(reader, f"tokenizer.ggml.{key}") for name, key in keys.items()}
     return {name: tokens[i] for name, i in ids.items() if i is not None and 0 <= i < len(tokens)}
 
@@ -444,4 +451,3 @@ class ByteTokenizer:
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]]) -> str:
         return self._chat.render(messages)
-

@@ -120,13 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default: max({MIN_QUEUED_REQUESTS}, {QUEUED_REQUESTS_PER_SLOT} x slots))",
     )
     parser.add_argument("--no-warmup", action="store_true", help="skip compiling ahead of serving")
-    parser.add_argument(
-        "--compilation-cache-dir", help="JAX persistent compilation cache directory (local or gs://)"
-    )
+    parser.add_argument("--compilation-cache-dir", help="JAX persistent compilation cache directory (local or gs://)")
     parser.add_argument("--log-level", default="warning", help="server log level (default %(default)s)")
-    group = parser.add_argument_group(
-        "access (HTTP and gRPC; /healthcheck, /metrics and gRPC HealthCheck stay open)"
-    )
+    group = parser.add_argument_group("access (HTTP and gRPC; /healthcheck, /metrics and gRPC HealthCheck stay open)")
     group.add_argument(
         "--api-key", type=api_key_arg, metavar="KEY", help="require Authorization: Bearer KEY (default: no key)"
     )

@@ -42,7 +42,8 @@ import secrets
 import threading
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable, Literal, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, Literal
 
 import fastapi
 import uvicorn
@@ -348,9 +349,7 @@ def _submit_error(exc: Exception, rename: dict[str, str]) -> JSONResponse:
         field = rename.get(exc.field, exc.field)
         return _error(400, f"{field}: {exc.message}", field, openai_errors.INVALID_REQUEST, exc.code)
     if isinstance(exc, Overloaded):
-        return _error(
-            503, str(exc), None, "overloaded", headers={"Retry-After": str(exc.retry_after_s)}
-        )
+        return _error(503, str(exc), None, "overloaded", headers={"Retry-After": str(exc.retry_after_s)})
     return _error(503, str(exc), None, "unavailable")
 
 
@@ -398,6 +397,7 @@ class _Text:
 
     async def whole(self, request: fastapi.Request) -> str | None:
         """All of it; None (and the request cancelled) if the client went away first."""
+
         async def join() -> str:
             async with contextlib.aclosing(self.pieces()) as pieces:
                 return "".join([piece async for piece in pieces])
@@ -462,9 +462,7 @@ class _Logprobs:
         return {
             "tokens": tokens,
             "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [
-                None if e.logprob is None else {self._text(t): lp for t, lp in e.top} for e in entries
-            ],
+            "top_logprobs": [None if e.logprob is None else {self._text(t): lp for t, lp in e.top} for e in entries],
             "text_offset": offsets,
         }
 
@@ -629,10 +627,12 @@ async def _openai_response(
     if body.stream:
         return StreamingResponse(events(), media_type="text/event-stream")
     wholes = await asyncio.gather(*(text.whole(request) for text in texts))
-    failed = next(filter(None, (_failed(whole, text) for whole, text in zip(wholes, texts))), None)
+    failed = next(filter(None, (_failed(whole, text) for whole, text in zip(wholes, texts, strict=False))), None)
     if failed:
         return failed
-    parts = [_indexed(choice.whole(whole), index) for index, (choice, whole) in enumerate(zip(choices, wholes))]
+    parts = [
+        _indexed(choice.whole(whole), index) for index, (choice, whole) in enumerate(zip(choices, wholes, strict=False))
+    ]
     return {**head, "object": fmt.object, "choices": parts, "usage": _usage(*(t.finish for t in texts))}
 
 
@@ -792,7 +792,7 @@ class HttpServer:
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="http", daemon=True)
 
-    def start(self, timeout_s: float = _HTTP_START_TIMEOUT_S) -> "HttpServer":
+    def start(self, timeout_s: float = _HTTP_START_TIMEOUT_S) -> HttpServer:
         self._thread.start()
         deadline = time.monotonic() + timeout_s
         while not self._server.started:

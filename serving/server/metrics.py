@@ -29,7 +29,7 @@ import dataclasses
 import os
 import re
 import socket
-from typing import Callable
+from collections.abc import Callable
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram

@@ -272,7 +272,9 @@ class Broadcaster:
         with self._lock:
             out_id = next(self._ids)
             released = [self._released.popleft() for _ in range(len(self._released))]
-            self._send({"role": role, "op": op, "args": wire, "out": out_id, "consumes": list(consumes), "free": released})
+            self._send(
+                {"role": role, "op": op, "args": wire, "out": out_id, "consumes": list(consumes), "free": released}
+            )
             result = getattr(engine, op)(**local)
         for key in consumes:  # the workers dropped theirs; drop the leader's (donated) buffers too
             args[key].value = None

@@ -48,4 +48,3 @@ async def http_exception(request: Request, exc: HTTPException) -> JSONResponse:
     else:
         message, code = str(exc.detail), None
     return error_response(exc.status_code, message, None, INVALID_REQUEST, code, headers=exc.headers)
-

@@ -48,7 +48,8 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -589,9 +590,7 @@ class Orchestrator:
                 output_tokens=item.generated,
                 wait_s=wait,
             )
-        item.stream.close(
-            Finish(reason, prompt_tokens=len(item.tokens), completion_tokens=item.generated, error=error)
-        )
+        item.stream.close(Finish(reason, prompt_tokens=len(item.tokens), completion_tokens=item.generated, error=error))
 
     def _finish_all(self, reason: FinishReason, error: str) -> None:
         with self._lock:
@@ -611,5 +610,5 @@ class Orchestrator:
 
 
 def _token_logprob(logprobs: TokenLogprobs, row: int, token: int, top_n: int) -> TokenLogprob:
-    top = zip(logprobs.top_ids[row, :top_n].tolist(), logprobs.top_logprobs[row, :top_n].tolist())
+    top = zip(logprobs.top_ids[row, :top_n].tolist(), logprobs.top_logprobs[row, :top_n].tolist(), strict=False)
     return TokenLogprob(token, float(logprobs.logprob[row]), tuple(top))

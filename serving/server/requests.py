@@ -18,7 +18,8 @@ import collections
 import dataclasses
 import threading
 import time
-from typing import TYPE_CHECKING, AsyncIterator, Iterator, Literal, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import TYPE_CHECKING, Literal
 
 from serving.engine_api import GREEDY, SamplingParams
 

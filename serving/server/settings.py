@@ -10,7 +10,7 @@ is a startup error that names it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from serving.engine.settings import EngineSettings
 from serving.protocol import DISAGGREGATED_SERVER, INTERLEAVED_SERVER
@@ -133,7 +133,7 @@ class ServingSettings:
             disaggregated=self.disaggregated,
         )
 
-    def for_backend(self, backend: str) -> "ServingSettings":
+    def for_backend(self, backend: str) -> ServingSettings:
         """These settings with `backend`'s BACKEND_DEFAULTS for the fields the arguments left unset."""
         if self.given is None:
             return self

@@ -21,7 +21,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import threading
-from typing import Any, Literal, Mapping
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import llguidance
 import numpy as np

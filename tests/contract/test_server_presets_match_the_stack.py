@@ -12,10 +12,25 @@ def test_every_stack_preset_has_the_servers_shapes():
     assert set(config.STACK_PRESETS) == set(models.PRESETS)
     for name, stack in models.PRESETS.items():
         server = config.PRESETS[name]
-        assert (server.n_layers, server.d_model, server.n_heads, server.n_kv_heads, server.head_dim,
-                server.ffn_dim, server.vocab_size, server.tie_embeddings) == (
-            stack.layers, stack.d_model, stack.heads, stack.kv_heads, stack.head_dim,
-            stack.ffn_dim, stack.vocab, stack.tie_embeddings), name
+        assert (
+            server.n_layers,
+            server.d_model,
+            server.n_heads,
+            server.n_kv_heads,
+            server.head_dim,
+            server.ffn_dim,
+            server.vocab_size,
+            server.tie_embeddings,
+        ) == (
+            stack.layers,
+            stack.d_model,
+            stack.heads,
+            stack.kv_heads,
+            stack.head_dim,
+            stack.ffn_dim,
+            stack.vocab,
+            stack.tie_embeddings,
+        ), name
 
 
 def test_servable_presets_are_those_of_a_servable_architecture():

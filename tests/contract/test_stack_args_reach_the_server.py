@@ -41,28 +41,38 @@ from tests.model.tokenizer_cases import (
 from tests.server import server_process
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
 def serves_a_model(stack: str) -> bool:
     """Every example stack but a platform stack (role=platform), which has no workload."""
     raw, _ = read_stack_file(ROOT / f"Pulumi.{stack}.yaml")
     return raw.get("role", "all") != "platform"
 
 
-STACKS = sorted(stack for path in ROOT.glob("Pulumi.*.yaml") if serves_a_model(stack := path.name[len("Pulumi.") : -len(".yaml")]))
+STACKS = sorted(
+    stack for path in ROOT.glob("Pulumi.*.yaml") if serves_a_model(stack := path.name[len("Pulumi.") : -len(".yaml")])
+)
 IMAGE = "registry.example/jetstream-jax:0.1.0"
 CHECKPOINT_FILE = "model-int8.npz"
 
 
 # The bundled server keeps a whole weight copy per autoregressive shard: the 405B reference recipe
 # (tensor 8 x autoregressive 2) does not fit it, fsdp 2 x tensor 8 does.
-BUNDLED_PARALLELISM = {"llama3-405b-v6e16": {"tensorParallelism": "8", "autoregressiveParallelism": "1", "fsdpParallelism": "2"}}
+BUNDLED_PARALLELISM = {
+    "llama3-405b-v6e16": {"tensorParallelism": "8", "autoregressiveParallelism": "1", "fsdpParallelism": "2"}
+}
 
 
 def bundled_config(stack: str):
     """The example stack with serverRuntime=bundled and a .npz checkpoint object in its bucket."""
     raw, project = read_stack_file(ROOT / f"Pulumi.{stack}.yaml")
     bucket = raw["checkpointPath"].removeprefix("gs://").split("/", 1)[0]
-    overrides = {"serverRuntime": "bundled", "bundledServerImage": IMAGE, "checkpointPath": f"gs://{bucket}/{stack}/{CHECKPOINT_FILE}",
-                 **BUNDLED_PARALLELISM.get(stack, {})}
+    overrides = {
+        "serverRuntime": "bundled",
+        "bundledServerImage": IMAGE,
+        "checkpointPath": f"gs://{bucket}/{stack}/{CHECKPOINT_FILE}",
+        **BUNDLED_PARALLELISM.get(stack, {}),
+    }
     return parse_stack_config({**raw, **overrides}, project=project, stack=stack)
 
 
@@ -85,8 +95,12 @@ def server_pods(cfg) -> tuple[dict, list[tuple[str, dict]]]:
     """The LWS and every (role, container) running the bundled server, leader first."""
     lws = manifests.leader_worker_set(cfg, plan_deployment(cfg))
     template = lws["spec"]["leaderWorkerTemplate"]
-    servers = [(role, container) for role in ("leaderTemplate", "workerTemplate")
-               for container in template[role]["spec"]["containers"] if container["image"] == IMAGE]
+    servers = [
+        (role, container)
+        for role in ("leaderTemplate", "workerTemplate")
+        for container in template[role]["spec"]["containers"]
+        if container["image"] == IMAGE
+    ]
     return lws, servers
 
 
@@ -103,8 +117,15 @@ def test_example_stacks_exist():
 
 
 # The values both halves share, which serving/protocol.py alone may write down.
-SHARED_VALUES = {protocol.HTTP_PORT, protocol.GRPC_PORT, protocol.COORDINATOR_PORT, protocol.CONTROL_PORT,
-                 protocol.INTERLEAVED_SERVER, protocol.DISAGGREGATED_SERVER, protocol.COORDINATOR_PORT_ENV}
+SHARED_VALUES = {
+    protocol.HTTP_PORT,
+    protocol.GRPC_PORT,
+    protocol.COORDINATOR_PORT,
+    protocol.CONTROL_PORT,
+    protocol.INTERLEAVED_SERVER,
+    protocol.DISAGGREGATED_SERVER,
+    protocol.COORDINATOR_PORT_ENV,
+}
 
 
 def assigned_constants(path: pathlib.Path) -> list[tuple[int, object]]:
@@ -119,17 +140,26 @@ def assigned_constants(path: pathlib.Path) -> list[tuple[int, object]]:
 
 def test_shared_constants_are_written_only_in_the_protocol_module():
     """Ports, the coordinator port and the server names have one home both halves import."""
-    sources = [path for pattern in ("components/**/*.py", "serving/**/*.py") for path in ROOT.glob(pattern)
-               if path != ROOT / "serving" / "protocol.py"]
-    copies = [f"{path.relative_to(ROOT)}:{line} sets {value!r}"
-              for path in sources for line, value in assigned_constants(path)
-              if isinstance(value, (int, str)) and not isinstance(value, bool) and value in SHARED_VALUES]
+    sources = [
+        path
+        for pattern in ("components/**/*.py", "serving/**/*.py")
+        for path in ROOT.glob(pattern)
+        if path != ROOT / "serving" / "protocol.py"
+    ]
+    copies = [
+        f"{path.relative_to(ROOT)}:{line} sets {value!r}"
+        for path in sources
+        for line, value in assigned_constants(path)
+        if isinstance(value, (int, str)) and not isinstance(value, bool) and value in SHARED_VALUES
+    ]
     assert copies == []
 
 
 def test_the_copy_check_sees_a_copy(tmp_path):
     source = tmp_path / "m.py"
-    source.write_text(f"PORT = {protocol.COORDINATOR_PORT}\ndef f():\n    g(server={protocol.DISAGGREGATED_SERVER!r})\n")
+    source.write_text(
+        f"PORT = {protocol.COORDINATOR_PORT}\ndef f():\n    g(server={protocol.DISAGGREGATED_SERVER!r})\n"
+    )
     found = {value for _, value in assigned_constants(source)}
     assert found >= {protocol.COORDINATOR_PORT, protocol.DISAGGREGATED_SERVER}
 
@@ -161,7 +191,9 @@ def test_rendered_server_arguments_parse_as_server_settings(stack):
         assert settings.enable_single_controller is False
         # The checkpoint, in the pod's read-only /models mount of its bucket.
         assert settings.load_parameters_path == f"{bundled.MODELS_DIR}/{CHECKPOINT_FILE}"
-        (mount,) = [m for m in container["volumeMounts"] if settings.load_parameters_path.startswith(m["mountPath"] + "/")]
+        (mount,) = [
+            m for m in container["volumeMounts"] if settings.load_parameters_path.startswith(m["mountPath"] + "/")
+        ]
         assert mount["name"] == bundled.MODELS_VOLUME
         env = pod_environment(container, pod_name="leader")
         assert int(env["JAX_COORDINATOR_PORT"]) == multihost.DEFAULT_COORDINATOR_PORT
@@ -182,8 +214,12 @@ def test_group_size_is_the_number_of_server_processes(stack):
     assert size == cfg.tpu_slice.hosts == pods_running_server
     # What every pod of the group computes from the LWS environment.
     for index in range(size):
-        env = {"LWS_LEADER_ADDRESS": "leader.svc", "LWS_GROUP_SIZE": str(size), "LWS_WORKER_INDEX": str(index),
-               "JAX_COORDINATOR_PORT": str(protocol.COORDINATOR_PORT)}
+        env = {
+            "LWS_LEADER_ADDRESS": "leader.svc",
+            "LWS_GROUP_SIZE": str(size),
+            "LWS_WORKER_INDEX": str(index),
+            "JAX_COORDINATOR_PORT": str(protocol.COORDINATOR_PORT),
+        }
         group = multihost.group_from_env(env)
         if size == 1:
             assert group is None  # single host: one process, no jax.distributed
@@ -205,8 +241,12 @@ def test_disaggregated_stacks_refuse_the_bundled_runtime(stack):
 # Memory: the planner's per-chip figures are what the bundled server allocates.
 
 DEVICES = 8  # tests/conftest.py gives JAX 8 virtual CPU devices: one 2x4 slice
-MESHES = ({"tensorParallelism": "8"}, {"tensorParallelism": "4", "autoregressiveParallelism": "2"},
-          {"fsdpParallelism": "2", "tensorParallelism": "4"}, {"tensorParallelism": "2", "autoregressiveParallelism": "4"})
+MESHES = (
+    {"tensorParallelism": "8"},
+    {"tensorParallelism": "4", "autoregressiveParallelism": "2"},
+    {"fsdpParallelism": "2", "tensorParallelism": "4"},
+    {"tensorParallelism": "2", "autoregressiveParallelism": "4"},
+)
 PRECISIONS = ({"quantization": "int8", "quantizeKvCache": "true"}, {"quantization": "bf16", "quantizeKvCache": "false"})
 WEIGHTS_TOLERANCE = 0.01  # the planner leaves out norms and int8 scales (planner.py)
 
@@ -215,27 +255,55 @@ def _memory_cases():
     served = [name for name, preset in models.PRESETS.items() if preset.family in bundled.SERVED_FAMILIES]
     for model, mesh, precision in itertools.product(served, MESHES, PRECISIONS):
         axes = {"fsdpParallelism": "1", "autoregressiveParallelism": "1", **mesh}
-        yield pytest.param(model, {**axes, **precision}, id=f"{model}-{'x'.join(f'{k[:1]}{v}' for k, v in mesh.items())}-{precision['quantization']}")
+        yield pytest.param(
+            model,
+            {**axes, **precision},
+            id=f"{model}-{'x'.join(f'{k[:1]}{v}' for k, v in mesh.items())}-{precision['quantization']}",
+        )
 
 
 def _architecture(preset: models.ModelPreset) -> ModelConfig:
     """The preset's shapes as the bundled server's ModelConfig (its checkpoint would carry them)."""
-    return ModelConfig(vocab_size=preset.vocab, d_model=preset.d_model, n_layers=preset.layers, n_heads=preset.heads,
-                       n_kv_heads=preset.kv_heads, head_dim=preset.head_dim, ffn_dim=preset.ffn_dim, tie_embeddings=preset.tie_embeddings)
+    return ModelConfig(
+        vocab_size=preset.vocab,
+        d_model=preset.d_model,
+        n_layers=preset.layers,
+        n_heads=preset.heads,
+        n_kv_heads=preset.kv_heads,
+        head_dim=preset.head_dim,
+        ffn_dim=preset.ffn_dim,
+        tie_embeddings=preset.tie_embeddings,
+    )
 
 
 @pytest.mark.parametrize("model, raw", list(_memory_cases()))
 def test_planner_memory_is_the_bundled_servers_own_report(model, raw):
-    cfg = parse_stack_config({"model": model, "topology": "2x4", "tpuMachineType": "ct6e-standard-8t", "serverRuntime": "bundled",
-                              "bundledServerImage": IMAGE, "checkpointPath": f"gs://test-checkpoints/{CHECKPOINT_FILE}", **raw},
-                             project="test-project", stack="test")
+    cfg = parse_stack_config(
+        {
+            "model": model,
+            "topology": "2x4",
+            "tpuMachineType": "ct6e-standard-8t",
+            "serverRuntime": "bundled",
+            "bundledServerImage": IMAGE,
+            "checkpointPath": f"gs://test-checkpoints/{CHECKPOINT_FILE}",
+            **raw,
+        },
+        project="test-project",
+        stack="test",
+    )
     axes = planner.server_axes(cfg)
-    planned = cfg.runtime.memory_per_chip(cfg, planner.resolve_parallelism(cfg, axes))  # before the fit check: 405B may not fit 8 chips
+    planned = cfg.runtime.memory_per_chip(
+        cfg, planner.resolve_parallelism(cfg, axes)
+    )  # before the fit check: 405B may not fit 8 chips
     # The server as the stack starts it: settings from the rendered arguments, no weights loaded.
     settings = server_settings.parse_settings(bundled.server_args(cfg, axes))
     engine_settings = settings.engine_settings()
-    engine = JaxEngine(engine_settings, runtime_config(_architecture(cfg.model), engine_settings), host_params=None,
-                       devices=jax.devices()[:DEVICES])
+    engine = JaxEngine(
+        engine_settings,
+        runtime_config(_architecture(cfg.model), engine_settings),
+        host_params=None,
+        devices=jax.devices()[:DEVICES],
+    )
     report = engine.memory()
     assert report.kv_cache_bytes_per_device == planned.kv_cache_bytes
     assert report.params_bytes_per_device == pytest.approx(planned.weights_bytes, rel=WEIGHTS_TOLERANCE)
@@ -288,8 +356,10 @@ def tiny_llama31(tmp_path_factory) -> pathlib.Path:
 def pod_environment(container: dict, pod_name: str) -> dict[str, str]:
     """The container's env as the kubelet sets it: literal values, and the pod's name by fieldRef."""
     fields = {"metadata.name": pod_name}
-    return {item["name"]: item["value"] if "value" in item else fields[item["valueFrom"]["fieldRef"]["fieldPath"]]
-            for item in container["env"]}
+    return {
+        item["name"]: item["value"] if "value" in item else fields[item["valueFrom"]["fieldRef"]["fieldPath"]]
+        for item in container["env"]
+    }
 
 
 def local_command(container: dict, env: dict[str, str], mounts: dict[str, pathlib.Path]) -> list[str]:
@@ -302,7 +372,7 @@ def local_command(container: dict, env: dict[str, str], mounts: dict[str, pathli
         key, sep, value = arg.rpartition("=")
         for mount_path, directory in paths.items():
             if value == mount_path or value.startswith(mount_path + "/"):
-                return f"{key}{sep}{directory}{value[len(mount_path):]}"
+                return f"{key}{sep}{directory}{value[len(mount_path) :]}"
         return arg
 
     return [local(arg) for arg in (*container["command"], *container["args"])]

@@ -48,6 +48,7 @@ def hf():
     missing one is an error of every test using it, never a skip."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
+
     path = gguf_loader.bundled_gguf_path()
     kwargs = dict(gguf_file=path.name)
     tok = transformers.AutoTokenizer.from_pretrained(path.parent, **kwargs)

@@ -26,14 +26,26 @@ N_TOKENS = 16
 MAX_PREFILL = 32
 MAX_TARGET = 64
 SMALL = {
-    "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "initializer_range": 0.3,
+    "vocab_size": VOCAB,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-5,
+    "initializer_range": 0.3,
     "max_position_embeddings": MAX_TARGET,
 }
 # Llama 3.1's scaling with a short original context, so that every band (kept, interpolated,
 # divided by `factor`) holds some of the 16 frequencies of head_dim 32.
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 32, "rope_theta": 500000.0}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+    "rope_theta": 500000.0,
+}
 
 
 def family_configs():
@@ -42,9 +54,13 @@ def family_configs():
 
     return {
         # Llama 3.x: llama3 RoPE scaling, untied, GQA, head_dim given explicitly (32 != 64 / 4)
-        "llama3": transformers.LlamaConfig(**SMALL, head_dim=32, rope_parameters=LLAMA3_ROPE, tie_word_embeddings=False),
+        "llama3": transformers.LlamaConfig(
+            **SMALL, head_dim=32, rope_parameters=LLAMA3_ROPE, tie_word_embeddings=False
+        ),
         # Llama 3.2 1B/3B: the same with tied embeddings
-        "llama3-tied": transformers.LlamaConfig(**SMALL, head_dim=32, rope_parameters=LLAMA3_ROPE, tie_word_embeddings=True),
+        "llama3-tied": transformers.LlamaConfig(
+            **SMALL, head_dim=32, rope_parameters=LLAMA3_ROPE, tie_word_embeddings=True
+        ),
         # Llama 2: plain RoPE, as many KV heads as query heads, untied
         "llama2": transformers.LlamaConfig(**{**SMALL, "num_key_value_heads": 4}, tie_word_embeddings=False),
         "mistral": transformers.MistralConfig(**SMALL, sliding_window=None, tie_word_embeddings=False),
@@ -84,7 +100,7 @@ def hf_reference(path: Path, prompt: list[int]) -> tuple[list[int], np.ndarray]:
             past, feed = out.past_key_values, [int(out.logits[0, -1].argmax())]
             seq += feed
         logits = hf_model(torch.tensor([seq[:-1]])).logits[0, -1]
-    return seq[len(prompt):], torch.log_softmax(logits, -1).numpy()
+    return seq[len(prompt) :], torch.log_softmax(logits, -1).numpy()
 
 
 @dataclasses.dataclass

@@ -50,7 +50,7 @@ def generate_with_logprobs(
             lp = step_logprobs
             logprobs[slot].append((float(lp.logprob[row]), lp.top_ids[row].tolist(), lp.top_logprobs[row].tolist()))
 
-    for slot, (tokens, params) in enumerate(zip(prompts, per_prompt)):
+    for slot, (tokens, params) in enumerate(zip(prompts, per_prompt, strict=False)):
         prefix, first = prefill.prefill(params=prefill_params, tokens=tokens, sampling=params)
         state = gen.insert(gen.transfer(prefix), state, slot=slot)
         record(slot, first.to_host(), first.logprobs_to_host(), 0)

@@ -30,8 +30,9 @@ print(json.dumps({"hits": stats.hits, "misses": stats.misses}))
 
 
 def _start(cache_dir: Path) -> dict:
-    result = subprocess.run([sys.executable, "-c", START, str(cache_dir)], cwd=ROOT, capture_output=True,
-                            text=True, timeout=600, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", START, str(cache_dir)], cwd=ROOT, capture_output=True, text=True, timeout=600, check=True
+    )
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 

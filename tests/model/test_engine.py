@@ -30,7 +30,7 @@ def reference_greedy(cfg, params, prompt: list[int], n_tokens: int) -> list[int]
         padded = jnp.zeros((1, 64), jnp.int32).at[0, : len(seq)].set(jnp.array(seq))
         logits, _ = prefill(cfg, params, padded, len(seq))
         seq.append(int(jnp.argmax(logits[0])))
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def tiny(one_device):
 def test_engine_greedy_matches_cacheless_reference(tiny):
     engines, params = tiny
     ours = generate(engines, PROMPTS, 8)
-    for prompt, out in zip(PROMPTS, ours):
+    for prompt, out in zip(PROMPTS, ours, strict=False):
         assert out == reference_greedy(engines.model_config, params, prompt, 8)
 
 
@@ -216,7 +216,7 @@ def test_every_array_has_its_intended_sharding(tp, heads_sharded):
         assert array.sharding.spec == spec, name
     # Every leaf carries exactly the sharding derived from its declaration.
     for arrays, wanted in ((params, engine.param_shardings), (state.arrays, engine.state_shardings)):
-        for array, target in zip(jax.tree.leaves(arrays), jax.tree.leaves(wanted)):
+        for array, target in zip(jax.tree.leaves(arrays), jax.tree.leaves(wanted), strict=False):
             assert array.sharding == target
     prefix, first = engine.prefill(params=params, tokens=[1, 2, 3], sampling=GREEDY)
     assert first.array.sharding.is_fully_replicated

@@ -33,14 +33,27 @@ def _write(path, kind: Q) -> dict[str, np.ndarray]:
     """A one-layer llama GGUF with every matrix stored as `kind`; returns the stored bytes by name."""
     rng = np.random.default_rng(0)
     writer = gguf.GGUFWriter(str(path), "llama")
-    for key, value in (("block_count", 1), ("embedding_length", D), ("feed_forward_length", F),
-                       ("attention.head_count", H), ("attention.head_count_kv", K)):
+    for key, value in (
+        ("block_count", 1),
+        ("embedding_length", D),
+        ("feed_forward_length", F),
+        ("attention.head_count", H),
+        ("attention.head_count_kv", K),
+    ):
         writer.add_uint32(f"llama.{key}", value)
     writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
     writer.add_token_list([f"t{i}" for i in range(V)])
-    matrices = {"token_embd": (V, D), "output": (V, D), "blk.0.attn_q": (H * E, D), "blk.0.attn_k": (K * E, D),
-                "blk.0.attn_v": (K * E, D), "blk.0.attn_output": (D, H * E), "blk.0.ffn_gate": (F, D),
-                "blk.0.ffn_up": (F, D), "blk.0.ffn_down": (D, F)}
+    matrices = {
+        "token_embd": (V, D),
+        "output": (V, D),
+        "blk.0.attn_q": (H * E, D),
+        "blk.0.attn_k": (K * E, D),
+        "blk.0.attn_v": (K * E, D),
+        "blk.0.attn_output": (D, H * E),
+        "blk.0.ffn_gate": (F, D),
+        "blk.0.ffn_up": (F, D),
+        "blk.0.ffn_down": (D, F),
+    }
     stored = {}
     for name, shape in matrices.items():
         stored[name] = _encode(rng.standard_normal(shape).astype(np.float32), kind, rng)

@@ -118,11 +118,17 @@ def test_a_directory_loads_through_load_checkpoint_with_its_tokenizer(tmp_path, 
     from serving.engine import tokenizer
 
     path = families.save_family("qwen2", tmp_path)
-    monkeypatch.setattr(tokenizer, "tokenizer_from_hf_dir", lambda directory: ("tokenizer of", directory), raising=False)
-    settings = ServingSettings(load_parameters_path=str(path), max_prefill_predict_length=32, max_target_length=64,
-                               weight_dtype="bfloat16").engine_settings()
+    monkeypatch.setattr(
+        tokenizer, "tokenizer_from_hf_dir", lambda directory: ("tokenizer of", directory), raising=False
+    )
+    settings = ServingSettings(
+        load_parameters_path=str(path), max_prefill_predict_length=32, max_target_length=64, weight_dtype="bfloat16"
+    ).engine_settings()
     cfg, params, loaded_tokenizer = load_checkpoint(settings)
     assert cfg.architecture == "Qwen2ForCausalLM" and cfg.weight_dtype == "bfloat16"
-    assert np.asarray(params["layers"]["wq"]).dtype == np.dtype("bfloat16") and loaded_tokenizer == ("tokenizer of", path)
+    assert np.asarray(params["layers"]["wq"]).dtype == np.dtype("bfloat16") and loaded_tokenizer == (
+        "tokenizer of",
+        path,
+    )
     with pytest.raises(ValueError, match="not a llama3.1-8b"):
         load_checkpoint(dataclasses.replace(settings, model_name="llama3.1-8b"))

@@ -26,7 +26,7 @@ def collective_shapes(hlo: str) -> list[tuple[int, ...]]:
 
 def moves_cache(shape: tuple[int, ...], cache_length: int, head_dim: int, block: int) -> bool:
     """A collective result holding cache positions: a [.., S or kv_block, E] run of dims."""
-    pairs = set(zip(shape, shape[1:]))
+    pairs = set(zip(shape, shape[1:], strict=False))
     return (cache_length, head_dim) in pairs or (block, head_dim) in pairs
 
 

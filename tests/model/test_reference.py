@@ -24,7 +24,10 @@ CHATS = [
     [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "2+2?"}],
     [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
 ]
-TEXTS = PROMPTS + ["Numbers 12345 and 3.14, émojis 😀 and\ttabs  double  spaces\n\nnew lines", "<|im_start|><|endoftext|>x"]
+TEXTS = PROMPTS + [
+    "Numbers 12345 and 3.14, émojis 😀 and\ttabs  double  spaces\n\nnew lines",
+    "<|im_start|><|endoftext|>x",
+]
 
 
 def test_tokenizer_matches_hf(smollm_raw, hf):
@@ -55,7 +58,7 @@ def _hf_greedy(hf_model, ids: list[int], n_tokens: int) -> tuple[list[int], np.n
             first_logits = logits if first_logits is None else first_logits
             feed = [int(logits.argmax())]
             seq += feed
-    return seq[len(ids):], first_logits
+    return seq[len(ids) :], first_logits
 
 
 def test_greedy_and_logits_match_hf(smollm_raw, smollm_engines, hf, one_device):
@@ -67,7 +70,7 @@ def test_greedy_and_logits_match_hf(smollm_raw, smollm_engines, hf, one_device):
 
     cfg = engines.model_config
     params = engines.generate_engine.load_params()
-    for ids, our_tokens in zip(prompts, ours):
+    for ids, our_tokens in zip(prompts, ours, strict=False):
         hf_tokens, hf_logits = _hf_greedy(hf_model, ids, N_TOKENS)
         assert our_tokens == hf_tokens, tokenizer.decode(our_tokens)
 

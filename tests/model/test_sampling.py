@@ -48,7 +48,7 @@ def test_penalties_and_bias_follow_their_definitions(tiny, reference_logits):
     engines, _ = tiny
     ours = generate(engines, PROMPTS, N_TOKENS, PENALISED)
     plain = generate(engines, PROMPTS, N_TOKENS)
-    for prompt, out in zip(PROMPTS, ours):
+    for prompt, out in zip(PROMPTS, ours, strict=False):
         assert out == reference_greedy(reference_logits, PENALISED, prompt, N_TOKENS)
     assert ours != plain  # the penalties changed what the model says
 
@@ -65,7 +65,7 @@ def test_penalties_and_bias_follow_their_definitions(tiny, reference_logits):
 def test_each_penalty_alone_follows_its_definition(tiny, reference_logits, one_penalty):
     engines, _ = tiny
     s = SamplingParams(**one_penalty)
-    for prompt, out in zip(PROMPTS, generate(engines, PROMPTS, N_TOKENS, s)):
+    for prompt, out in zip(PROMPTS, generate(engines, PROMPTS, N_TOKENS, s), strict=False):
         assert out == reference_greedy(reference_logits, s, prompt, N_TOKENS)
 
 

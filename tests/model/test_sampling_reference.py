@@ -46,12 +46,12 @@ def test_repetition_penalty_matches_transformers(setup, hf):  # noqa: F811
     processor = transformers.RepetitionPenaltyLogitsProcessor(penalty)
     prompts = prompts[:2]  # transformers re-runs the whole sequence per token
     ours = generate(engines, prompts, N_TOKENS, SamplingParams(repetition_penalty=penalty))
-    for ids, our_tokens in zip(prompts, ours):
+    for ids, our_tokens in zip(prompts, ours, strict=False):
         seq = list(ids)
         for _ in range(N_TOKENS):
             scores = processor(torch.tensor([seq]), torch.tensor(hf_logits(hf_model, seq)[-1:]))
             seq.append(int(scores.argmax()))
-        assert our_tokens == seq[len(ids):]
+        assert our_tokens == seq[len(ids) :]
     assert ours != generate(engines, prompts, N_TOKENS)
 
 
@@ -61,7 +61,7 @@ def test_openai_penalties_and_bias_over_transformers_logits(setup, hf):  # noqa:
     prompts = prompts[:2]  # transformers re-runs the whole sequence per token
     ours = generate(engines, prompts, N_TOKENS, PENALISED)
     assert ours != generate(engines, prompts, N_TOKENS)
-    for ids, our_tokens in zip(prompts, ours):
+    for ids, our_tokens in zip(prompts, ours, strict=False):
         assert our_tokens == reference_greedy(lambda seq: hf_logits(hf_model, seq)[-1], PENALISED, ids, N_TOKENS)
 
 
@@ -80,9 +80,9 @@ def test_logprobs_match_transformers(setup, hf):  # noqa: F811
     requests = [SamplingParams(logprobs=5), dataclasses.replace(PENALISED, logprobs=20)] * 2
     outputs, logprobs = generate_with_logprobs(engines, prompts, N_TOKENS, requests)
     worst = 0.0
-    for ids, out, entries in zip(prompts, outputs, logprobs):
+    for ids, out, entries in zip(prompts, outputs, logprobs, strict=False):
         expected = log_softmax(hf_logits(hf_model, ids + out)[len(ids) - 1 : -1])  # [N_TOKENS, V]
-        for row, token, (logprob, top_ids, top_logprobs) in zip(expected, out, entries):
+        for row, token, (logprob, top_ids, top_logprobs) in zip(expected, out, entries, strict=False):
             worst = max(worst, abs(logprob - row[token]), np.abs(np.asarray(top_logprobs) - row[top_ids]).max())
             assert top_ids[0] == int(row.argmax())
     print(f"max |logprob diff| vs transformers: {worst:.2e}")

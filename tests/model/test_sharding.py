@@ -63,7 +63,11 @@ def test_sharded_greedy_equals_single_device(smollm_engines, prompts, single, me
     assert params["layers"]["wk"].sharding.spec == P(None, None, None, "fsdp")  # 3 kv heads: replicated
     assert params["embed"].sharding.spec == P("tensor", "fsdp")
     assert state.arrays.cache.k.sharding.spec == P(None, CACHE_BATCH, None, None, None)
-    for array, target in zip(jax.tree.leaves((params, state.arrays)), jax.tree.leaves((engine.param_shardings, engine.state_shardings))):
+    for array, target in zip(
+        jax.tree.leaves((params, state.arrays)),
+        jax.tree.leaves((engine.param_shardings, engine.state_shardings)),
+        strict=False,
+    ):
         assert array.sharding == target
     assert generate(engines, prompts, N_TOKENS) == single
 
@@ -86,7 +90,7 @@ def teacher_forced_agreement(engines, prompts, reference) -> float:
     engine = engines.generate_engine
     params, state = engine.load_params(), engine.init_decode_state()
     hits = []
-    for slot, (tokens, ref) in enumerate(zip(prompts, reference)):
+    for slot, (tokens, ref) in enumerate(zip(prompts, reference, strict=False)):
         prefix, first = engine.prefill(params=params, tokens=tokens, sampling=GREEDY)
         state = engine.insert(prefix, state, slot=slot)
         hits.append(int(first.to_host()[0]) == ref[0])
@@ -96,7 +100,7 @@ def teacher_forced_agreement(engines, prompts, reference) -> float:
         arrays = dataclasses.replace(state.arrays, tokens=sharding.put(forced, engine.state_shardings.tokens))
         state = dataclasses.replace(state, arrays=arrays)
         state, step = engine.generate(params=params, decode_state=state)
-        hits += [int(t) == ref[i] for t, ref in zip(step.to_host(), reference)]
+        hits += [int(t) == ref[i] for t, ref in zip(step.to_host(), reference, strict=False)]
     return float(np.mean(hits))
 
 
@@ -120,7 +124,7 @@ def test_int8_weights_and_kv_agree_with_f32(smollm_engines, prompts, single, int
     """
     engines, free = int8_single
     forced = teacher_forced_agreement(engines, prompts, single)
-    positional = np.mean([a == b for q, s in zip(free, single) for a, b in zip(q, s)])
+    positional = np.mean([a == b for q, s in zip(free, single, strict=False) for a, b in zip(q, s, strict=False)])
     f32 = smollm_engines(one_device, per_device_batch_size=4).generate_engine.memory()
     int8 = engines.generate_engine.memory()
     print(
@@ -198,7 +202,7 @@ def test_bf16_agreement_and_memory(smollm_engines, prompts, single, int8_single,
     bf16 = smollm_engines(one_device, per_device_batch_size=4, weight_dtype="bfloat16", dtype="bfloat16")
     forced = teacher_forced_agreement(bf16, prompts, single)
     free = generate(bf16, prompts, N_TOKENS)
-    positional = np.mean([a == b for q, s in zip(free, single) for a, b in zip(q, s)])
+    positional = np.mean([a == b for q, s in zip(free, single, strict=False) for a, b in zip(q, s, strict=False)])
     print(f"\nbf16 vs f32 greedy agreement: teacher-forced {forced:.1%}, free-running {positional:.1%}")
     f32 = smollm_engines(one_device, per_device_batch_size=4).generate_engine.memory()
     reports = {"f32": f32, "bf16": bf16.generate_engine.memory(), "int8": int8_single[0].generate_engine.memory()}

@@ -156,8 +156,16 @@ def test_hf_dir_llama_tokenizer_class_splits_as_transformers(tmp_path, legacy):
 
 
 def test_hf_dir_adds_tokens_only_tokenizer_config_declares(tmp_path):
-    declared = {"32000": {"content": "<|tool|>", "special": True, "normalized": False, "lstrip": False,
-                          "rstrip": False, "single_word": False}}
+    declared = {
+        "32000": {
+            "content": "<|tool|>",
+            "special": True,
+            "normalized": False,
+            "lstrip": False,
+            "rstrip": False,
+            "single_word": False,
+        }
+    }
     path = write_hf_dir(tmp_path, gguf_tokenizer("llama-spm"), {"added_tokens_decoder": declared})
     ours, reference = tokenizer_from_hf_dir(path), transformers_tokenizer(path)
     text = "call<|tool|> now"

@@ -53,7 +53,7 @@ def llama_cpp_cases(vocab: str) -> list[tuple[str, list[int]]]:
         texts.pop()
     expected = (VOCAB_DIR / f"ggml-vocab-{vocab}.gguf.out").read_text(encoding="utf-8").splitlines()
     assert len(texts) == len(expected), vocab
-    return [(text, [int(i) for i in line.split()]) for text, line in zip(texts, expected)]
+    return [(text, [int(i) for i in line.split()]) for text, line in zip(texts, expected, strict=False)]
 
 
 def template(name: str) -> str:

@@ -16,8 +16,9 @@ MISSING_VENV = "policy/venv is missing: ./setup.sh creates the policy pack's vir
 
 def run_in_pack_venv(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     assert PACK_PYTHON.exists(), MISSING_VENV
-    return subprocess.run([str(PACK_PYTHON), *args], cwd=ROOT, input=stdin, capture_output=True, text=True,
-                          timeout=300, check=False)
+    return subprocess.run(
+        [str(PACK_PYTHON), *args], cwd=ROOT, input=stdin, capture_output=True, text=True, timeout=300, check=False
+    )
 
 
 def analysis_of(resources: list[dict[str, Any]]) -> dict[str, Any]:
@@ -33,6 +34,11 @@ def analysis_of(resources: list[dict[str, Any]]) -> dict[str, Any]:
 def violations_of(resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every violation, {policy, message, mandatory, urn}: the resource policies', then the stack policies'."""
     analysis = analysis_of(resources)
-    return [*({**violation, "urn": resource["urn"]} for resource in analysis["resources"]
-              for violation in resource["violations"]),
-            *analysis["stack"]["violations"]]
+    return [
+        *(
+            {**violation, "urn": resource["urn"]}
+            for resource in analysis["resources"]
+            for violation in resource["violations"]
+        ),
+        *analysis["stack"]["violations"],
+    ]

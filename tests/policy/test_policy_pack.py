@@ -44,8 +44,10 @@ def routed_recording(stack: str) -> Recording:
 
 
 def as_sent_to_the_pack(recorded: Recording) -> list[dict]:
-    return [{"type": resource.type, "name": resource.name, "urn": resource.urn, "inputs": resource.inputs}
-            for resource in recorded.resources]
+    return [
+        {"type": resource.type, "name": resource.name, "urn": resource.urn, "inputs": resource.inputs}
+        for resource in recorded.resources
+    ]
 
 
 def described(violations: list[dict]) -> str:
@@ -95,12 +97,19 @@ def test_every_policy_passes_on_the_routed_example_stacks_own_resources(stack):
 
 def test_every_policy_judges_some_resource_of_the_example_stacks():
     """Else the tests above would pass for that policy without checking anything."""
-    recordings = [*(recording(stack) for stack in EXAMPLE_STACKS),
-                  *(routed_recording(stack) for stack in ROUTED_STACKS)]
+    recordings = [
+        *(recording(stack) for stack in EXAMPLE_STACKS),
+        *(routed_recording(stack) for stack in ROUTED_STACKS),
+    ]
     analyses = [analysis_of(as_sent_to_the_pack(recorded)) for recorded in recordings]
-    judged = {policy for analysis in analyses
-              for policy in (*analysis["stack"]["applicable"],
-                             *(name for resource in analysis["resources"] for name in resource["applicable"]))}
+    judged = {
+        policy
+        for analysis in analyses
+        for policy in (
+            *analysis["stack"]["applicable"],
+            *(name for resource in analysis["resources"] for name in resource["applicable"]),
+        )
+    }
     assert judged == set(analyses[0]["policies"])
 
 
@@ -108,8 +117,9 @@ def test_the_pack_catches_a_stacks_gateway_made_external():
     resources = copy.deepcopy(as_sent_to_the_pack(routed_recording("dev")))
     gateway = next(resource for resource in resources if resource["type"] == GATEWAY)
     gateway["inputs"]["spec"]["gatewayClassName"] = "gke-l7-regional-external-managed"
-    caught = [(violation["policy"], violation["urn"]) for violation in violations_of(resources)
-              if violation["mandatory"]]
+    caught = [
+        (violation["policy"], violation["urn"]) for violation in violations_of(resources) if violation["mandatory"]
+    ]
     assert caught == [("gateways-internal", gateway["urn"])]
 
 
@@ -118,8 +128,11 @@ def test_the_pack_catches_a_stacks_gateway_made_external():
 def test_an_internal_load_balancer_without_an_api_key_is_a_warning(stack, api_key_secret):
     """An example stack behind an internal load balancer: its pods carry the key exactly when
     apiKeySecret is set, and the pack warns (never fails) when they do not."""
-    config = {**stack_file_config(stack), "jetstream-tpu:serviceType": "InternalLoadBalancer",
-              "jetstream-tpu:apiKeySecret": api_key_secret}
+    config = {
+        **stack_file_config(stack),
+        "jetstream-tpu:serviceType": "InternalLoadBalancer",
+        "jetstream-tpu:apiKeySecret": api_key_secret,
+    }
     resources = as_sent_to_the_pack(run_stack(config, stack))
     expected = [] if api_key_secret else api_key_warning(resources, SERVICE)
     assert warned(resources, SERVICE) == expected
@@ -160,8 +173,14 @@ def config_file_children(manifest: pathlib.Path, component: str) -> list[dict]:
             continue
         group_version, kind, name = document["apiVersion"], document["kind"], document["metadata"]["name"]
         type_ = f"kubernetes:{group_version if '/' in group_version else 'core/' + group_version}:{kind}"
-        children.append({"type": type_, "name": f"{component}:{name}", "inputs": document,
-                         "urn": f"urn:pulumi:platform::jetstream-tpu::{component}${type_}::{component}:{name}"})
+        children.append(
+            {
+                "type": type_,
+                "name": f"{component}:{name}",
+                "inputs": document,
+                "urn": f"urn:pulumi:platform::jetstream-tpu::{component}${type_}::{component}:{name}",
+            }
+        )
     return children
 
 
@@ -192,8 +211,11 @@ def test_the_lws_release_manifest_passes_the_pack():
 def assert_judged_and_compliant(children: list[dict], deployment: str) -> None:
     """The pack judges the release's Deployment and finds no violation among its objects."""
     analysis = analysis_of(children)
-    judged = {(resource["urn"].rsplit("::", 1)[1], policy) for resource in analysis["resources"]
-              for policy in resource["applicable"]}
+    judged = {
+        (resource["urn"].rsplit("::", 1)[1], policy)
+        for resource in analysis["resources"]
+        for policy in resource["applicable"]
+    }
     assert (deployment, "container-images-pinned") in judged
     assert any(policy == "load-balancers-internal" for _, policy in judged)
     assert violations_of(children) == []

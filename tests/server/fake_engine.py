@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -242,7 +242,7 @@ class EchoEngine(Engine):
             tokens = s["prompt"][np.arange(self._slots), idx]
             tokens = np.where(tokens == EOS, EOS, (tokens + s["shift"]) % 256).astype(np.int32)
             if token_mask is not None:
-                tokens = np.array([masked_token(t, row) for t, row in zip(tokens, token_mask)], np.int32)
+                tokens = np.array([masked_token(t, row) for t, row in zip(tokens, token_mask, strict=False)], np.int32)
             self.masks.append(token_mask)
             s["step"] = s["step"] + 1
             return s, HostTokens(tokens, logprobs=echo_logprobs(tokens) if s["logprobs"].any() else None)

@@ -61,8 +61,10 @@ def test_health_check(stub):
         (text_request("x" * 33, 4), "text_content.text"),
         (text_request("a", 0), "max_tokens"),
         (text_request("a", -5), "max_tokens"),
-        (pb2.DecodeRequest(token_content=pb2.DecodeRequest.TokenContent(token_ids=[5, 9999]), max_tokens=2),
-         "token_content.token_ids"),
+        (
+            pb2.DecodeRequest(token_content=pb2.DecodeRequest.TokenContent(token_ids=[5, 9999]), max_tokens=2),
+            "token_content.token_ids",
+        ),
         (pb2.DecodeRequest(max_tokens=2), "text_content"),
         (text_request("a", 2, num_samples=3), "num_samples"),
     ],

@@ -26,7 +26,18 @@ PROMPTS = [
 MAX_TOKENS = 12
 # float32: the comparison is of the multi-host replay, exact in float math; int8 activations (the
 # CPU default) round per token, where a last-bit difference of sharded sums can flip a near tie
-COMMON = ["--host", HOST, "--grpc-port", "0", "--max-prefill-length", "32", "--max-target-length", "64", "--dtype", "float32"]
+COMMON = [
+    "--host",
+    HOST,
+    "--grpc-port",
+    "0",
+    "--max-prefill-length",
+    "32",
+    "--max-target-length",
+    "64",
+    "--dtype",
+    "float32",
+]
 
 
 def generate_all(url: str) -> dict[str, str]:

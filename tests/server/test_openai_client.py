@@ -129,7 +129,12 @@ def test_responses_refusals_say_why(client, fields, param, says):
     assert info.value.body["param"] == param and says in info.value.body["message"], info.value.body
 
 
-SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
+SCHEMA = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}},
+    "required": ["ok"],
+    "additionalProperties": False,
+}
 
 
 def test_chat_json_schema_through_the_client_validates_in_every_choice(client):

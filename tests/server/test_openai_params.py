@@ -117,7 +117,9 @@ def test_seed_and_sampling(fake_server):
     assert complete(fake_server, prompt="abc", max_tokens=4, temperature=0.5, seed=1)["choices"][0]["text"] == "bcdb"
     assert complete(fake_server, prompt="abc", max_tokens=4, temperature=1, seed=2)["choices"][0]["text"] == "cdec"
     # any integer: reduced modulo 2**31 (the echo model shifts by the seed mod 256)
-    assert complete(fake_server, prompt="abc", max_tokens=2, temperature=1, seed=2**40 + 1)["choices"][0]["text"] == "bc"
+    assert (
+        complete(fake_server, prompt="abc", max_tokens=2, temperature=1, seed=2**40 + 1)["choices"][0]["text"] == "bc"
+    )
     assert complete(fake_server, prompt="abc", max_tokens=2, temperature=1, seed=-1)["choices"][0]["text"] == "`a"
 
 

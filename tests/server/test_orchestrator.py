@@ -79,9 +79,9 @@ def test_more_requests_than_slots_are_batched_continuously():
     try:
         prompts = [f"p{i}-" for i in range(7)]
         lengths = [3 + 2 * i for i in range(7)]
-        streams = [orch.submit(GenerateRequest(p, n)) for p, n in zip(prompts, lengths)]
+        streams = [orch.submit(GenerateRequest(p, n)) for p, n in zip(prompts, lengths, strict=False)]
         results = [s.collect(timeout_s=TIMEOUT_S) for s in streams]
-        for prompt, n, result in zip(prompts, lengths, results):
+        for prompt, n, result in zip(prompts, lengths, results, strict=False):
             assert result.token_ids == tuple(echo_tokens(list(prompt.encode()), n))
         kinds = [c[0] for c in engine.calls]
         first_generate = kinds.index("generate")

@@ -94,7 +94,7 @@ def test_chat_logprobs(client, fake_server):
     content = response.choices[0].logprobs.content
     generated = response.choices[0].message.content
     assert [c.token for c in content] == list(generated)
-    for entry, char in zip(content, generated):
+    for entry, char in zip(content, generated, strict=False):
         assert entry.logprob == lp(ord(char)) and entry.bytes == list(char.encode())
         assert [(t.token, t.logprob) for t in entry.top_logprobs] == list(top(ord(char), 3).items())
     plain = client.chat.completions.create(model="echo", messages=messages, max_tokens=3)

@@ -9,8 +9,8 @@ import pytest
 from serving.engine.settings import DEFAULT_DECODE_SLOTS, EngineSettings
 from serving.server.settings import (
     DISAGGREGATED_SERVER,
-    SettingsError,
     ServingSettings,
+    SettingsError,
     parse_settings,
 )
 
@@ -32,13 +32,26 @@ def test_slots_default_spreads_over_the_devices():
 def test_the_engine_gets_every_field_it_reads_from_the_arguments():
     """Each EngineSettings field comes from the argument of the same key (inference_server decides
     `disaggregated`); the values differ from every default, so a field mapped from the wrong one fails."""
-    s = parse_settings([
-        "model_name=tiny-untied", "load_parameters_path=/models/m.gguf", "seed=7",
-        "max_prefill_predict_length=64", "max_target_length=256", "per_device_batch_size=3",
-        "ici_fsdp_parallelism=2", "ici_autoregressive_parallelism=4", "ici_tensor_parallelism=8",
-        "weight_dtype=bfloat16", "dtype=bfloat16", "quantization=int8", "quantize_kvcache=true",
-        "quantize_attention_output=false", "checkpoint_is_quantized=true", f"inference_server={DISAGGREGATED_SERVER}",
-    ])
+    s = parse_settings(
+        [
+            "model_name=tiny-untied",
+            "load_parameters_path=/models/m.gguf",
+            "seed=7",
+            "max_prefill_predict_length=64",
+            "max_target_length=256",
+            "per_device_batch_size=3",
+            "ici_fsdp_parallelism=2",
+            "ici_autoregressive_parallelism=4",
+            "ici_tensor_parallelism=8",
+            "weight_dtype=bfloat16",
+            "dtype=bfloat16",
+            "quantization=int8",
+            "quantize_kvcache=true",
+            "quantize_attention_output=false",
+            "checkpoint_is_quantized=true",
+            f"inference_server={DISAGGREGATED_SERVER}",
+        ]
+    )
     engine = s.engine_settings()
     assert isinstance(engine, EngineSettings)
     shared = {f.name for f in dataclasses.fields(EngineSettings)} - {"disaggregated"}

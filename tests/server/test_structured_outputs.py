@@ -36,8 +36,10 @@ def test_text_is_unconstrained_and_both_json_schema_shapes_give_one_grammar():
         ({"type": "json_schema", "json_schema": {"name": "x"}}, "json_schema.schema must be a JSON Schema object"),
         ({"type": "json_schema", "name": 3, "schema": {}}, "name must be a string"),
         ({"type": "json_schema", "schema": {}, "strict": "yes"}, "strict must be a boolean"),
-        ({"type": "json_schema", "schema": {"type": "object", "not": {"type": "string"}}},
-         'Unimplemented keys: ["not"]'),
+        (
+            {"type": "json_schema", "schema": {"type": "object", "not": {"type": "string"}}},
+            'Unimplemented keys: ["not"]',
+        ),
         ({"type": "json_schema", "schema": {"type": "array", "uniqueItems": True}}, '["uniqueItems"]'),
         ({"type": "json_schema", "schema": {"$ref": "#/$defs/missing"}}, "/$defs/missing"),
         ({"type": "json_schema", "schema": {"type": "frog"}}, "frog"),
@@ -78,7 +80,7 @@ def run(orch, prompt: str, max_tokens: int, fmt=None, **kw):
 
 
 def test_grammar_steers_the_echo_and_ends_with_stop():
-    """"abc" echoes a, b, c, ...: '"' is forced, then b -> n (lowest of n/y), c -> o, '"', then EOS."""
+    """ "abc" echoes a, b, c, ...: '"' is forced, then b -> n (lowest of n/y), c -> o, '"', then EOS."""
     orch = echo_orchestrator(EchoEngine(slots=2, max_prefill_length=16, max_target_length=32))
     try:
         steered = run(orch, "abc", 20, YES_NO)

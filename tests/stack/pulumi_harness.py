@@ -36,8 +36,16 @@ PROJECT = "jetstream-tpu"  # must equal components.config.PROJECT (checked in te
 GCP_PROJECT = "test-project"
 # Every example stack file: the two reference deployments', the small and the autoscaled one (role=all),
 # vLLM's, and the environments: the platform stack and the dev and prod serving stacks on its cluster.
-EXAMPLE_STACKS = ("llama3-405b-v6e16", "llama2-70b-disagg", "llama3-8b-v6e8", "llama3-8b-autoscale", "llama3-8b-vllm", "platform", "dev",
-                  "prod")
+EXAMPLE_STACKS = (
+    "llama3-405b-v6e16",
+    "llama2-70b-disagg",
+    "llama3-8b-v6e8",
+    "llama3-8b-autoscale",
+    "llama3-8b-vllm",
+    "platform",
+    "dev",
+    "prod",
+)
 PROJECT_NUMBER = "123456789012"  # what gcp.organizations.get_project answers for GCP projects
 LOAD_BALANCER_IP = "10.128.0.42"  # what GKE assigns an internal load balancer (a VPC address)
 STACK_REFERENCE = "pulumi:pulumi:StackReference"
@@ -71,14 +79,23 @@ class Registered:
 
 def platform_outputs(cluster_stack: str, project: str = GCP_PROJECT) -> dict[str, str]:
     """What a platform stack named by `cluster_stack` (<organization>/<project>/<stack>) exports."""
-    return {"clusterName": f"jetstream-{cluster_stack.rsplit('/', 1)[-1]}", "clusterLocation": "us-east5", "project": project,
-            "kubeconfig": PLATFORM_KUBECONFIG}
+    return {
+        "clusterName": f"jetstream-{cluster_stack.rsplit('/', 1)[-1]}",
+        "clusterLocation": "us-east5",
+        "project": project,
+        "kubeconfig": PLATFORM_KUBECONFIG,
+    }
 
 
 class RecordingMocks(pulumi.runtime.Mocks):
     """Echoes inputs and fills in the few outputs GCP, GKE and the Pulumi service would compute."""
 
-    def __init__(self, project: str = GCP_PROJECT, stack_outputs: dict[str, dict] | None = None, release_channel: str = "UNSPECIFIED"):
+    def __init__(
+        self,
+        project: str = GCP_PROJECT,
+        stack_outputs: dict[str, dict] | None = None,
+        release_channel: str = "UNSPECIFIED",
+    ):
         self.inputs: dict[tuple[str, str], dict] = {}
         self.calls: list[tuple[str, dict]] = []
         self.stack_references: list[str] = []
@@ -97,8 +114,11 @@ class RecordingMocks(pulumi.runtime.Mocks):
         if args.typ == "kubernetes:core/v1:Service" and args.inputs.get("spec", {}).get("type") == "LoadBalancer":
             outputs["status"] = {"loadBalancer": {"ingress": [{"ip": LOAD_BALANCER_IP, "ipMode": "VIP"}]}}
         if args.typ == "gcp:container/cluster:Cluster":
-            outputs |= {"endpoint": "203.0.113.10", "masterAuth": {"clusterCaCertificate": "Q0EtREFUQQ=="},
-                        "network": f"projects/{GCP_PROJECT}/global/networks/default"}
+            outputs |= {
+                "endpoint": "203.0.113.10",
+                "masterAuth": {"clusterCaCertificate": "Q0EtREFUQQ=="},
+                "network": f"projects/{GCP_PROJECT}/global/networks/default",
+            }
         if args.typ == GATEWAY:  # GKE gives the Gateway the address of its load balancer's forwarding rule
             outputs["status"] = {"addresses": [{"type": "IPAddress", "value": GATEWAY_IP}]}
         if args.typ == "gcp:serviceaccount/account:Account":
@@ -111,8 +131,13 @@ class RecordingMocks(pulumi.runtime.Mocks):
     def call(self, args: pulumi.runtime.MockCallArgs):
         self.calls.append((args.token, dict(args.args)))
         if args.token == "gcp:container/getCluster:getCluster":
-            return {"name": args.args["name"], "location": args.args["location"], "endpoint": "198.51.100.7",
-                    "masterAuths": [{"clusterCaCertificate": "RVhJU1RJTkc="}], "releaseChannels": [{"channel": self.release_channel}]}
+            return {
+                "name": args.args["name"],
+                "location": args.args["location"],
+                "endpoint": "198.51.100.7",
+                "masterAuths": [{"clusterCaCertificate": "RVhJU1RJTkc="}],
+                "releaseChannels": [{"channel": self.release_channel}],
+            }
         if args.token == "gcp:organizations/getClientConfig:getClientConfig":
             return {"accessToken": ACCESS_TOKEN, "project": GCP_PROJECT}
         if args.token == "gcp:secretmanager/getSecretVersion:getSecretVersion":
@@ -145,16 +170,29 @@ class RecordingMonitor(MockMonitor):
         response = super().RegisterResource(request)
         if request.type != "pulumi:pulumi:Stack":
             timeouts = request.customTimeouts
-            self.registered.append(Registered(
-                type=request.type, name=request.name, urn=response.urn, parent=request.parent,
-                dependencies=list(request.dependencies), provider=request.provider, custom=request.custom,
-                inputs=self.mocks.inputs[(request.type, request.name)],
-                replace_on_changes=list(request.replaceOnChanges), delete_before_replace=request.deleteBeforeReplace,
-                custom_timeouts={kind: getattr(timeouts, kind) for kind in ("create", "update", "delete") if getattr(timeouts, kind)},
-                ignore_changes=list(request.ignoreChanges),
-                aliases=[alias.spec.name for alias in request.aliases if alias.HasField("spec")],
-                retain_on_delete=request.retainOnDelete, transforms=len(request.transforms),
-            ))
+            self.registered.append(
+                Registered(
+                    type=request.type,
+                    name=request.name,
+                    urn=response.urn,
+                    parent=request.parent,
+                    dependencies=list(request.dependencies),
+                    provider=request.provider,
+                    custom=request.custom,
+                    inputs=self.mocks.inputs[(request.type, request.name)],
+                    replace_on_changes=list(request.replaceOnChanges),
+                    delete_before_replace=request.deleteBeforeReplace,
+                    custom_timeouts={
+                        kind: getattr(timeouts, kind)
+                        for kind in ("create", "update", "delete")
+                        if getattr(timeouts, kind)
+                    },
+                    ignore_changes=list(request.ignoreChanges),
+                    aliases=[alias.spec.name for alias in request.aliases if alias.HasField("spec")],
+                    retain_on_delete=request.retainOnDelete,
+                    transforms=len(request.transforms),
+                )
+            )
         return response
 
 
@@ -191,19 +229,31 @@ def stack_role(stack: str) -> str:
 
 
 PLATFORM_STACKS = tuple(stack for stack in EXAMPLE_STACKS if stack_role(stack) == "platform")
-WORKLOAD_STACKS = tuple(stack for stack in EXAMPLE_STACKS if stack not in PLATFORM_STACKS)  # the ones that serve a model
+WORKLOAD_STACKS = tuple(
+    stack for stack in EXAMPLE_STACKS if stack not in PLATFORM_STACKS
+)  # the ones that serve a model
 
 
 def schema_defaults() -> dict[str, str]:
     """Pulumi.yaml's declared defaults, fully qualified and as strings: the CLI hands the program
     every declared key, with its default where the stack sets none."""
     declared = yaml.safe_load((ROOT / "Pulumi.yaml").read_text())["config"]
-    return {f"{PROJECT}:{key}": str(entry["default"]).lower() if isinstance(entry["default"], bool) else str(entry["default"])
-            for key, entry in declared.items() if "default" in entry}
+    return {
+        f"{PROJECT}:{key}": str(entry["default"]).lower()
+        if isinstance(entry["default"], bool)
+        else str(entry["default"])
+        for key, entry in declared.items()
+        if "default" in entry
+    }
 
 
-def run_stack(config: dict[str, str], stack: str = "test", expect_error: bool = False,
-              stack_outputs: dict[str, dict] | None = None, release_channel: str = "UNSPECIFIED") -> Recording:
+def run_stack(
+    config: dict[str, str],
+    stack: str = "test",
+    expect_error: bool = False,
+    stack_outputs: dict[str, dict] | None = None,
+    release_channel: str = "UNSPECIFIED",
+) -> Recording:
     """Run __main__.py under recording mocks; config keys are fully qualified (`ns:key`), and
     declared keys the config leaves out get Pulumi.yaml's defaults, as under the CLI.
 
@@ -211,7 +261,9 @@ def run_stack(config: dict[str, str], stack: str = "test", expect_error: bool = 
     in the config's gcp:project; an existing or platform cluster is in `release_channel`. With
     expect_error, a failing program returns its Recording with `error` set instead of raising.
     """
-    mocks = RecordingMocks(project=config.get("gcp:project", GCP_PROJECT), stack_outputs=stack_outputs, release_channel=release_channel)
+    mocks = RecordingMocks(
+        project=config.get("gcp:project", GCP_PROJECT), stack_outputs=stack_outputs, release_channel=release_channel
+    )
     monitor = RecordingMonitor(mocks)
     # Pulumi schedules on the thread's current event loop; an earlier test's asyncio.run() leaves
     # none behind, so each program run gets its own.
@@ -231,7 +283,9 @@ def run_stack(config: dict[str, str], stack: str = "test", expect_error: bool = 
     def program():
         runpy.run_path(str(MAIN), run_name="__main__")
         exported = dict(pulumi.runtime.settings.get_root_resource().outputs)
-        return pulumi.Output.all(pulumi.Output.from_input(find_secrets(exported)), pulumi.Output.all(**exported).apply(outputs.update))
+        return pulumi.Output.all(
+            pulumi.Output.from_input(find_secrets(exported)), pulumi.Output.all(**exported).apply(outputs.update)
+        )
 
     error = None
     try:
@@ -243,8 +297,14 @@ def run_stack(config: dict[str, str], stack: str = "test", expect_error: bool = 
         # those re-raises into a cycle (__context__ pointing back at itself): cut it, the message is what counts.
         raised.__cause__ = raised.__context__ = None
         error = raised.with_traceback(None)
-    return Recording(resources=monitor.registered, outputs=outputs, secret_outputs=secret_outputs, calls=mocks.calls, error=error,
-                     stack_references=mocks.stack_references)
+    return Recording(
+        resources=monitor.registered,
+        outputs=outputs,
+        secret_outputs=secret_outputs,
+        calls=mocks.calls,
+        error=error,
+        stack_references=mocks.stack_references,
+    )
 
 
 def qualified(values: dict[str, str]) -> dict[str, str]:

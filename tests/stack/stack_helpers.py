@@ -44,7 +44,11 @@ def strict(schema):
     if not isinstance(schema, dict):
         return schema
     tightened = {key: strict(value) for key, value in schema.items()}
-    if "properties" in schema and "additionalProperties" not in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+    if (
+        "properties" in schema
+        and "additionalProperties" not in schema
+        and not schema.get("x-kubernetes-preserve-unknown-fields")
+    ):
         tightened["additionalProperties"] = False
     return tightened
 
@@ -75,14 +79,21 @@ BUNDLED_STACKS = ("llama3-405b-v6e16", "llama3-8b-v6e8")
 BUNDLED_REFUSED_STACKS = ("llama2-70b-disagg",)
 # The bundled server keeps a whole weight copy per autoregressive shard, so the 405B reference recipe
 # (tensor 8 x autoregressive 2) needs 47 GiB per chip there; fsdp 2 shards the weights instead.
-BUNDLED_PARALLELISM = {"llama3-405b-v6e16": {"tensorParallelism": "8", "autoregressiveParallelism": "1", "fsdpParallelism": "2"}}
+BUNDLED_PARALLELISM = {
+    "llama3-405b-v6e16": {"tensorParallelism": "8", "autoregressiveParallelism": "1", "fsdpParallelism": "2"}
+}
 
 
 def bundled_raw(stack: str, checkpoint_file: str = "model.npz") -> tuple[dict[str, str], str | None]:
     raw, project = read_stack_file(ROOT / f"Pulumi.{stack}.yaml")
     bucket = raw["checkpointPath"].removeprefix("gs://").split("/", 1)[0]
-    return {**raw, "serverRuntime": "bundled", "bundledServerImage": BUNDLED_IMAGE,
-            "checkpointPath": f"gs://{bucket}/{stack}/{checkpoint_file}", **BUNDLED_PARALLELISM.get(stack, {})}, project
+    return {
+        **raw,
+        "serverRuntime": "bundled",
+        "bundledServerImage": BUNDLED_IMAGE,
+        "checkpointPath": f"gs://{bucket}/{stack}/{checkpoint_file}",
+        **BUNDLED_PARALLELISM.get(stack, {}),
+    }, project
 
 
 def bundled_example(stack: str, checkpoint_file: str = "model.npz") -> tuple[StackConfig, Plan]:

@@ -5,7 +5,7 @@ builds, waiting for what they are given. (The stack wires them: test_stack_progr
 from __future__ import annotations
 
 import asyncio
-from typing import Callable
+from collections.abc import Callable
 
 import pulumi
 import pulumi.runtime.settings
@@ -51,8 +51,11 @@ def run_components(create: Callable[[k8s.Provider, pulumi.Resource], None]) -> R
 
 @pytest.fixture(scope="module")
 def adapter() -> Recording:
-    return run_components(lambda provider, _: MetricsAdapter("adapter", MetricsAdapterArgs(project=GCP_PROJECT),
-                                                             pulumi.ResourceOptions(provider=provider)))
+    return run_components(
+        lambda provider, _: MetricsAdapter(
+            "adapter", MetricsAdapterArgs(project=GCP_PROJECT), pulumi.ResourceOptions(provider=provider)
+        )
+    )
 
 
 SCALED_STACK = "llama3-8b-autoscale"
@@ -64,8 +67,11 @@ def autoscaler() -> Recording:
     pod_monitoring, hpa = manifests.scaling_manifests(cfg)
 
     def create(provider, workload):
-        LeaderWorkerSetAutoscaler("autoscaler", LeaderWorkerSetAutoscalerArgs(pod_monitoring=pod_monitoring, horizontal_pod_autoscaler=hpa),
-                                  pulumi.ResourceOptions(provider=provider, depends_on=[workload]))
+        LeaderWorkerSetAutoscaler(
+            "autoscaler",
+            LeaderWorkerSetAutoscalerArgs(pod_monitoring=pod_monitoring, horizontal_pod_autoscaler=hpa),
+            pulumi.ResourceOptions(provider=provider, depends_on=[workload]),
+        )
 
     return run_components(create)
 
@@ -74,7 +80,9 @@ def test_adapter_is_the_pinned_production_manifest(adapter):
     install = adapter.one(CONFIG_FILE)
     assert install.inputs["file"] == autoscaling.ADAPTER_MANIFEST_URL
     assert f"/{autoscaling.ADAPTER_COMMIT}/" in autoscaling.ADAPTER_MANIFEST_URL
-    assert autoscaling.ADAPTER_MANIFEST_URL.endswith("/custom-metrics-stackdriver-adapter/deploy/production/adapter_new_resource_model.yaml")
+    assert autoscaling.ADAPTER_MANIFEST_URL.endswith(
+        "/custom-metrics-stackdriver-adapter/deploy/production/adapter_new_resource_model.yaml"
+    )
 
 
 def test_adapter_identity_is_monitoring_viewer_for_its_workload_identity_principal_only(adapter):
@@ -83,7 +91,7 @@ def test_adapter_identity_is_monitoring_viewer_for_its_workload_identity_princip
         "project": GCP_PROJECT,
         "role": "roles/monitoring.viewer",
         "member": f"principal://iam.googleapis.com/projects/{PROJECT_NUMBER}/locations/global/workloadIdentityPools/"
-                  f"{GCP_PROJECT}.svc.id.goog/subject/ns/custom-metrics/sa/custom-metrics-stackdriver-adapter",
+        f"{GCP_PROJECT}.svc.id.goog/subject/ns/custom-metrics/sa/custom-metrics-stackdriver-adapter",
     }
     assert (GET_PROJECT, {"projectId": GCP_PROJECT}) in adapter.calls
 
@@ -97,15 +105,26 @@ def test_adapter_children_are_parented_and_the_install_uses_the_explicit_provide
 def test_autoscaler_applies_exactly_the_manifests_the_core_builds(autoscaler):
     cfg, _ = example(SCALED_STACK)
     pod_monitoring, hpa = manifests.scaling_manifests(cfg)
-    assert autoscaler.one(HPA).inputs == {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", **{
-        key: hpa[key] for key in ("metadata", "spec")}}
+    assert autoscaler.one(HPA).inputs == {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        **{key: hpa[key] for key in ("metadata", "spec")},
+    }
     applied = autoscaler.one(POD_MONITORING).inputs
     assert {key: applied[key] for key in ("apiVersion", "kind", "metadata", "spec")} == pod_monitoring
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "leaderworkerset.x-k8s.io/v1", "kind": "LeaderWorkerSet", "name": cfg.app_name}
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "leaderworkerset.x-k8s.io/v1",
+        "kind": "LeaderWorkerSet",
+        "name": cfg.app_name,
+    }
 
 
 def test_autoscaler_children_wait_for_what_the_component_waits_for(autoscaler):
-    component, provider, workload = autoscaler.one(AUTOSCALER), autoscaler.one(K8S_PROVIDER), autoscaler.one("kubernetes:core/v1:ConfigMap")
+    component, provider, workload = (
+        autoscaler.one(AUTOSCALER),
+        autoscaler.one(K8S_PROVIDER),
+        autoscaler.one("kubernetes:core/v1:ConfigMap"),
+    )
     for type_ in (HPA, POD_MONITORING):
         child = autoscaler.one(type_)
         assert child.parent == component.urn and child.provider.startswith(provider.urn), type_

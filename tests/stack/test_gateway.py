@@ -69,8 +69,15 @@ def test_the_runtime_check_is_data():
     assert vllm(gateway="internal").gateway.enabled
 
 
-VLLM = {"serverRuntime": "vllm", "model": "llama3.1-8b", "topology": "2x4", "tpuMachineType": "ct6e-standard-8t",
-        "quantization": "bf16", "quantizeKvCache": "false", "checkpointPath": "hf://meta-llama/Llama-3.1-8B"}
+VLLM = {
+    "serverRuntime": "vllm",
+    "model": "llama3.1-8b",
+    "topology": "2x4",
+    "tpuMachineType": "ct6e-standard-8t",
+    "quantization": "bf16",
+    "quantizeKvCache": "false",
+    "checkpointPath": "hf://meta-llama/Llama-3.1-8B",
+}
 
 
 def vllm(**raw: str):

@@ -45,12 +45,17 @@ def test_the_api_key_reaches_the_servers_environment_from_a_kubernetes_secret(ru
 
 
 def test_the_bundled_server_checks_the_key_from_that_environment_variable():
-    lws = manifests.leader_worker_set(config(**BUNDLED, apiKeySecret="serving-api-key"), plan_deployment(config(**BUNDLED)))
+    lws = manifests.leader_worker_set(
+        config(**BUNDLED, apiKeySecret="serving-api-key"), plan_deployment(config(**BUNDLED))
+    )
     (server,) = lws["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["containers"]
     assert server["command"][-2:] == ["--api-key-env", protocol.API_KEY_ENV]
     assert cli.build_parser().parse_intermixed_args(server["command"][3:]).api_key_env == protocol.API_KEY_ENV
     keyless = manifests.leader_worker_set(config(**BUNDLED), plan_deployment(config(**BUNDLED)))
-    assert "--api-key-env" not in keyless["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["containers"][0]["command"]
+    assert (
+        "--api-key-env"
+        not in keyless["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["containers"][0]["command"]
+    )
 
 
 def test_without_the_keys_the_server_gets_no_secret():

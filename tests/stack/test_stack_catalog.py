@@ -26,7 +26,10 @@ def test_every_v6e_shape_has_its_gke_facts(topology):
     assert (row.chips, row.machine_type, row.hosts) == (chips, machine_type, hosts)
     assert row.multi_host == (hosts > 1)
     assert row.name == f"v6e-{chips}"
-    assert row.node_selector == {"cloud.google.com/gke-tpu-accelerator": "tpu-v6e-slice", "cloud.google.com/gke-tpu-topology": topology}
+    assert row.node_selector == {
+        "cloud.google.com/gke-tpu-accelerator": "tpu-v6e-slice",
+        "cloud.google.com/gke-tpu-topology": topology,
+    }
     assert row.tpu_request == str(row.chips_per_host)
     assert row.lws_size(1) == hosts + 1
     assert row.pathways_instance_type == f"tpuv6e:{topology}"

@@ -43,7 +43,11 @@ def test_contract_keys_exist_and_the_ones_a_stack_that_serves_needs_are_refused_
     assert stack_config.KEYS_BY_NAME["waitForReady"].type == "boolean"
     # A string: Pulumi merges a boolean's default into config, so its "unset" could not be told from true.
     lws_install = stack_config.KEYS_BY_NAME["installLwsController"]
-    assert (lws_install.type, lws_install.default, stack_config.LWS_INSTALLS) == ("string", "auto", ("auto", "always", "never"))
+    assert (lws_install.type, lws_install.default, stack_config.LWS_INSTALLS) == (
+        "string",
+        "auto",
+        ("auto", "always", "never"),
+    )
     # Pulumi requires a key declared without a default, also in a platform stack, which has no model.
     assert [key.name for key in stack_config.CONFIG_KEYS if key.default is None] == []
     assert stack_config.REQUIRED_TO_SERVE == ("model", "topology", "checkpointPath")
@@ -72,7 +76,9 @@ def test_platform_stack_files_set_no_workload_key(stack):
 
 def test_example_stacks_cover_both_modes_and_a_single_host():
     configs = {stack: example(stack)[0] for stack in WORKLOAD_STACKS}
-    assert configs["llama3-405b-v6e16"].mode == "interleaved" and configs["llama3-405b-v6e16"].tpu_slice.topology == "4x4"
+    assert (
+        configs["llama3-405b-v6e16"].mode == "interleaved" and configs["llama3-405b-v6e16"].tpu_slice.topology == "4x4"
+    )
     assert configs["llama2-70b-disagg"].mode == "disaggregated" and configs["llama2-70b-disagg"].tpu_slice.hosts == 2
     assert not configs["llama3-8b-v6e8"].tpu_slice.multi_host
 
@@ -100,7 +106,14 @@ NAME_RULES = {  # name -> (pattern, min length, max length): GKE, IAM, Cloud Sto
     "scratch_bucket": (r"[a-z0-9][-a-z0-9_]*[a-z0-9]", 3, 63),
     "artifact_repository_id": (r"[a-z]([-a-z0-9]*[a-z0-9])?", 1, 63),
 }
-STACK_NAMES = ("dev", "Prod_EU.1", "prod-eu-1", "a" * 100, "a" * 99 + "b", "team.with.dots-and-a-very-long-name-for-production-us-east5")
+STACK_NAMES = (
+    "dev",
+    "Prod_EU.1",
+    "prod-eu-1",
+    "a" * 100,
+    "a" * 99 + "b",
+    "team.with.dots-and-a-very-long-name-for-production-us-east5",
+)
 
 
 @pytest.mark.parametrize("stack", STACK_NAMES)
@@ -129,16 +142,29 @@ def test_explicit_names_win_over_derived_ones():
 def test_installLwsController_auto_installs_on_a_created_cluster_always_also_on_an_existing_one_and_keeps_it_there():
     """auto (the default) installs where the stack creates the cluster; always also into an existing
     cluster, where the install outlives the stack; never leaves it to the cluster's owner."""
-    installs = {(existing, choice): (cfg.install_lws_controller, cfg.keep_lws_controller)
-                for existing in ("", "shared") for choice in stack_config.LWS_INSTALLS
-                for cfg in [config(existingClusterName=existing, installLwsController=choice)]}
-    assert installs == {("", "auto"): (True, False), ("", "always"): (True, False), ("", "never"): (False, False),
-                        ("shared", "auto"): (False, False), ("shared", "always"): (True, True), ("shared", "never"): (False, False)}
+    installs = {
+        (existing, choice): (cfg.install_lws_controller, cfg.keep_lws_controller)
+        for existing in ("", "shared")
+        for choice in stack_config.LWS_INSTALLS
+        for cfg in [config(existingClusterName=existing, installLwsController=choice)]
+    }
+    assert installs == {
+        ("", "auto"): (True, False),
+        ("", "always"): (True, False),
+        ("", "never"): (False, False),
+        ("shared", "auto"): (False, False),
+        ("shared", "always"): (True, True),
+        ("shared", "never"): (False, False),
+    }
     for value in ("auto", "never"):  # a serving stack's cluster is its platform's
-        serving = stack_config.parse_stack_config({**_refused_raw(SERVING), "installLwsController": value}, project=GCP_PROJECT, stack="dev")
+        serving = stack_config.parse_stack_config(
+            {**_refused_raw(SERVING), "installLwsController": value}, project=GCP_PROJECT, stack="dev"
+        )
         assert serving.install_lws_controller is False
     with pytest.raises(ConfigError, match="installLwsController.*platform stack does"):
-        stack_config.parse_stack_config({**_refused_raw(SERVING), "installLwsController": "always"}, project=GCP_PROJECT, stack="dev")
+        stack_config.parse_stack_config(
+            {**_refused_raw(SERVING), "installLwsController": "always"}, project=GCP_PROJECT, stack="dev"
+        )
     for legacy, replacement in (("false", "never"), ("true", "auto")):  # the boolean it was: a clear way over
         with pytest.raises(ConfigError, match=f"installLwsController.*not a boolean.*{replacement} \\(was {legacy}\\)"):
             config(installLwsController=legacy)
@@ -146,8 +172,12 @@ def test_installLwsController_auto_installs_on_a_created_cluster_always_also_on_
         config(installLwsController="alway")
     platform = stack_config.parse_stack_config({"role": "platform"}, project=GCP_PROJECT, stack="platform")
     assert platform.install_lws_controller is True
-    assert stack_config.parse_stack_config({"role": "platform", "installLwsController": "never"}, project=GCP_PROJECT,
-                                           stack="platform").install_lws_controller is False
+    assert (
+        stack_config.parse_stack_config(
+            {"role": "platform", "installLwsController": "never"}, project=GCP_PROJECT, stack="platform"
+        ).install_lws_controller
+        is False
+    )
 
 
 def test_only_a_stack_that_creates_its_cluster_installs_the_metrics_adapter():
@@ -155,7 +185,9 @@ def test_only_a_stack_that_creates_its_cluster_installs_the_metrics_adapter():
     assert config().installs_metrics_adapter is False  # no autoscaling, no adapter
     shared = config(maxReplicas="2", existingClusterName="shared", installLwsController="never")
     assert (shared.creates_cluster, shared.installs_metrics_adapter) == (False, False)
-    serving = stack_config.parse_stack_config({**_refused_raw(SERVING), "maxReplicas": "2"}, project=GCP_PROJECT, stack="dev")
+    serving = stack_config.parse_stack_config(
+        {**_refused_raw(SERVING), "maxReplicas": "2"}, project=GCP_PROJECT, stack="dev"
+    )
     assert (serving.creates_cluster, serving.installs_metrics_adapter) == (False, False)
 
 
@@ -163,7 +195,11 @@ def test_wait_for_ready_defaults_to_false():
     assert config().wait_for_ready is False and config(waitForReady="true").wait_for_ready is True
 
 
-BUNDLED = {"serverRuntime": "bundled", "bundledServerImage": "registry.example/jetstream-jax:0.1.0", "checkpointPath": "gs://test-checkpoints/m/model.gguf"}
+BUNDLED = {
+    "serverRuntime": "bundled",
+    "bundledServerImage": "registry.example/jetstream-jax:0.1.0",
+    "checkpointPath": "gs://test-checkpoints/m/model.gguf",
+}
 
 PLATFORM_STACK = "my-org/jetstream-tpu/platform"
 SERVING = {"role": "serving", "clusterStack": PLATFORM_STACK}  # a valid serving stack's keys
@@ -173,48 +209,119 @@ REFUSALS = {
     "unknown model": ({"model": "llama4-2t"}, "model", "unknown model preset"),
     "model typo": ({"model": "llama3.1-405"}, "model", "did you mean 'llama3.1-405b'"),
     "non-v6e topology": ({"topology": "3x3"}, "topology", "not a TPU v6e slice shape"),
-    "bf16 405b on 4x4": ({"model": "llama3.1-405b", "topology": "4x4", "quantization": "bf16"}, "quantization", "needs 52.2 GiB"),
+    "bf16 405b on 4x4": (
+        {"model": "llama3.1-405b", "topology": "4x4", "quantization": "bf16"},
+        "quantization",
+        "needs 52.2 GiB",
+    ),
     "parallelism != chips": ({"tensorParallelism": "8"}, "tensorParallelism", "has 4 chips"),
     "bad checkpoint URI": ({"checkpointPath": "s3://bucket/ckpt"}, "checkpointPath", "not a gs:// URI"),
     "missing checkpoint": ({"checkpointPath": None}, "checkpointPath", "is required"),
     "bad mode": ({"mode": "pipelined"}, "mode", "not one of interleaved, disaggregated"),
     "bad quantization": ({"quantization": "fp8"}, "quantization", "not one of int8, bf16"),
     "not an integer": ({"perDeviceBatchSize": "lots"}, "perDeviceBatchSize", "expected an integer"),
-    "8t machine for 4x4": ({"topology": "4x4", "tpuMachineType": "ct6e-standard-8t"}, "tpuMachineType", "cannot host a 4x4 slice"),
+    "8t machine for 4x4": (
+        {"topology": "4x4", "tpuMachineType": "ct6e-standard-8t"},
+        "tpuMachineType",
+        "cannot host a 4x4 slice",
+    ),
     "reservation without name": ({"tpuProvisioning": "reservation"}, "tpuReservation", "needs a reservation name"),
     "latest image": ({"jetstreamImage": "us-docker.pkg.dev/x/jetstream:latest"}, "jetstreamImage", "not pinned"),
     "not a boolean": ({"waitForReady": "sometimes"}, "waitForReady", "expected true or false"),
-    "bundled image latest": ({**{"serverRuntime": "bundled", "checkpointPath": "gs://test-checkpoints/m/model.gguf"},
-                              "bundledServerImage": "registry.example/jetstream-jax:latest"}, "bundledServerImage", "not pinned"),
+    "bundled image latest": (
+        {
+            **{"serverRuntime": "bundled", "checkpointPath": "gs://test-checkpoints/m/model.gguf"},
+            "bundledServerImage": "registry.example/jetstream-jax:latest",
+        },
+        "bundledServerImage",
+        "not pinned",
+    ),
     "dtype in serverFlags": ({"serverFlags": '{"dtype": "float32"}'}, "quantization", "cannot be overridden"),
-    "planned flag in serverFlags": ({"serverFlags": '{"per_device_batch_size": 64}'}, "perDeviceBatchSize", "cannot be overridden"),
+    "planned flag in serverFlags": (
+        {"serverFlags": '{"per_device_batch_size": 64}'},
+        "perDeviceBatchSize",
+        "cannot be overridden",
+    ),
     "serverFlags not JSON": ({"serverFlags": "{per_device: 1"}, "serverFlags", "not valid JSON"),
     "bad namespace": ({"namespace": "Serving_NS"}, "namespace", "DNS-1123"),
     "bad lws version": ({"lwsVersion": "latest"}, "lwsVersion", "not a release tag"),
     "target <= prefill": ({"maxTargetLength": "512"}, "maxTargetLength", "must exceed"),
-    "bundled with an Orbax checkpoint": ({**BUNDLED, "checkpointPath": "gs://test-checkpoints/m/0/items"}, "checkpointPath",
-                                         "neither a gs:// URI of a .gguf or .npz object"),
-    "bundled with a safetensors file": ({**BUNDLED, "checkpointPath": "gs://test-checkpoints/m/model.safetensors"}, "checkpointPath",
-                                        "neither a gs:// URI of a .gguf or .npz object"),
-    "bundled with a bucket only": ({**BUNDLED, "checkpointPath": "gs://test-checkpoints.npz"}, "serverRuntime", "neither a gs:// URI of a .gguf"),
-    "bundled disaggregated": ({**BUNDLED, "topology": "2x4", "mode": "disaggregated"}, "mode", "cannot run mode=disaggregated"),
-    "bundled disaggregated names the runtime": ({**BUNDLED, "topology": "2x4", "mode": "disaggregated"}, "serverRuntime", "use serverRuntime=jetstream"),
-    "bundled single controller": ({**BUNDLED, "serverFlags": '{"enable_single_controller": true}'}, "serverFlags", "needs Pathways"),
+    "bundled with an Orbax checkpoint": (
+        {**BUNDLED, "checkpointPath": "gs://test-checkpoints/m/0/items"},
+        "checkpointPath",
+        "neither a gs:// URI of a .gguf or .npz object",
+    ),
+    "bundled with a safetensors file": (
+        {**BUNDLED, "checkpointPath": "gs://test-checkpoints/m/model.safetensors"},
+        "checkpointPath",
+        "neither a gs:// URI of a .gguf or .npz object",
+    ),
+    "bundled with a bucket only": (
+        {**BUNDLED, "checkpointPath": "gs://test-checkpoints.npz"},
+        "serverRuntime",
+        "neither a gs:// URI of a .gguf",
+    ),
+    "bundled disaggregated": (
+        {**BUNDLED, "topology": "2x4", "mode": "disaggregated"},
+        "mode",
+        "cannot run mode=disaggregated",
+    ),
+    "bundled disaggregated names the runtime": (
+        {**BUNDLED, "topology": "2x4", "mode": "disaggregated"},
+        "serverRuntime",
+        "use serverRuntime=jetstream",
+    ),
+    "bundled single controller": (
+        {**BUNDLED, "serverFlags": '{"enable_single_controller": true}'},
+        "serverFlags",
+        "needs Pathways",
+    ),
     "maxReplicas below replicas": ({"replicas": "3", "maxReplicas": "2"}, "maxReplicas", "smaller than replicas 3"),
-    "unreachable slots-used target": ({"maxReplicas": "2", "autoscalingMetric": "slots-used", "autoscalingTarget": "1.2"},
-                                      "autoscalingTarget", "cannot be met"),
-    "autoscaling without its metrics": ({"maxReplicas": "2", "serverFlags": '{"prometheus_port": 0}'}, "serverFlags", "Prometheus server off"),
+    "unreachable slots-used target": (
+        {"maxReplicas": "2", "autoscalingMetric": "slots-used", "autoscalingTarget": "1.2"},
+        "autoscalingTarget",
+        "cannot be met",
+    ),
+    "autoscaling without its metrics": (
+        {"maxReplicas": "2", "serverFlags": '{"prometheus_port": 0}'},
+        "serverFlags",
+        "Prometheus server off",
+    ),
     "target without autoscaling": ({"autoscalingTarget": "5"}, "maxReplicas", "autoscaling is off"),
     "bad role": ({"role": "prod"}, "role", "not one of all, platform, serving"),
     "bad serviceType": ({"serviceType": "LoadBalancer"}, "serviceType", "not one of ClusterIP, InternalLoadBalancer"),
     "serving without clusterStack": ({**SERVING, "clusterStack": None}, "clusterStack", "needs the platform stack"),
     "clusterStack with role=all": ({"clusterStack": PLATFORM_STACK}, "clusterStack", "role=all stack does not use it"),
-    "clusterStack not qualified": ({**SERVING, "clusterStack": "platform"}, "clusterStack", "not a fully qualified stack name"),
-    "clusterStack is itself": ({**SERVING, "clusterStack": "my-org/jetstream-tpu/test"}, "clusterStack", "is this stack itself"),
-    "serving on an existing cluster": ({**SERVING, "existingClusterName": "shared"}, "existingClusterName", "creates no cluster"),
-    "serving names a cluster": ({**SERVING, "clusterName": "mine"}, "clusterName", "role=serving stack does not use it"),
-    "serving sets a release channel": ({**SERVING, "releaseChannel": "REGULAR"}, "releaseChannel", "role=serving stack does not use it"),
-    "zone outside clusterLocation": ({"clusterLocation": "us-central1"}, "zone", "outside the cluster's location (us-central1)"),
+    "clusterStack not qualified": (
+        {**SERVING, "clusterStack": "platform"},
+        "clusterStack",
+        "not a fully qualified stack name",
+    ),
+    "clusterStack is itself": (
+        {**SERVING, "clusterStack": "my-org/jetstream-tpu/test"},
+        "clusterStack",
+        "is this stack itself",
+    ),
+    "serving on an existing cluster": (
+        {**SERVING, "existingClusterName": "shared"},
+        "existingClusterName",
+        "creates no cluster",
+    ),
+    "serving names a cluster": (
+        {**SERVING, "clusterName": "mine"},
+        "clusterName",
+        "role=serving stack does not use it",
+    ),
+    "serving sets a release channel": (
+        {**SERVING, "releaseChannel": "REGULAR"},
+        "releaseChannel",
+        "role=serving stack does not use it",
+    ),
+    "zone outside clusterLocation": (
+        {"clusterLocation": "us-central1"},
+        "zone",
+        "outside the cluster's location (us-central1)",
+    ),
     "platform with a model": ({"role": "platform"}, "model", "no TPU pool, no workload"),
 }
 
@@ -272,18 +379,29 @@ PLATFORM = {"role": "platform"}
 
 
 def test_a_platform_stack_needs_no_model_and_takes_the_cluster_keys():
-    cfg = stack_config.parse_stack_config({**PLATFORM, "clusterName": "shared-tpu", "releaseChannel": "REGULAR", "systemNodeCount": "2"},
-                                          project=GCP_PROJECT, stack="platform")
+    cfg = stack_config.parse_stack_config(
+        {**PLATFORM, "clusterName": "shared-tpu", "releaseChannel": "REGULAR", "systemNodeCount": "2"},
+        project=GCP_PROJECT,
+        stack="platform",
+    )
     assert isinstance(cfg, stack_config.PlatformConfig)
-    assert (cfg.cluster_name, cfg.release_channel, cfg.system_node_count, cfg.existing_cluster) == ("shared-tpu", "REGULAR", 2, False)
+    assert (cfg.cluster_name, cfg.release_channel, cfg.system_node_count, cfg.existing_cluster) == (
+        "shared-tpu",
+        "REGULAR",
+        2,
+        False,
+    )
 
 
-@pytest.mark.parametrize(("change", "key"), [
-    ({"existingClusterName": "shared"}, "existingClusterName"),
-    ({"clusterStack": PLATFORM_STACK}, "clusterStack"),
-    ({"serviceType": "InternalLoadBalancer"}, "serviceType"),
-    ({"replicas": "2"}, "replicas"),
-])
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ({"existingClusterName": "shared"}, "existingClusterName"),
+        ({"clusterStack": PLATFORM_STACK}, "clusterStack"),
+        ({"serviceType": "InternalLoadBalancer"}, "serviceType"),
+        ({"replicas": "2"}, "replicas"),
+    ],
+)
 def test_a_platform_stack_refuses_what_it_does_not_create(change, key):
     with pytest.raises(ConfigError) as refused:
         stack_config.parse_stack_config({**PLATFORM, **change}, project=GCP_PROJECT, stack="platform")
@@ -296,7 +414,12 @@ def test_the_defaults_pulumi_fills_in_never_count_as_set():
     cfg = stack_config.parse_stack_config({**defaults, **PLATFORM}, project=GCP_PROJECT, stack="platform")
     assert isinstance(cfg, stack_config.PlatformConfig) and cfg.install_lws_controller is True
     serving = stack_config.parse_stack_config({**defaults, **_refused_raw(SERVING)}, project=GCP_PROJECT, stack="dev")
-    assert (serving.role, serving.cluster_name, serving.cluster_location, serving.install_lws_controller) == ("serving", "", "", False)
+    assert (serving.role, serving.cluster_name, serving.cluster_location, serving.install_lws_controller) == (
+        "serving",
+        "",
+        "",
+        False,
+    )
 
 
 def test_a_serving_stacks_pools_run_as_a_node_account_of_its_own():
@@ -309,4 +432,6 @@ def test_a_serving_stack_deploys_into_its_platforms_project():
     assert stack_config.check_same_project("p", "p", PLATFORM_STACK) == "p"
     with pytest.raises(ConfigError) as refused:
         stack_config.check_same_project("p", "q", PLATFORM_STACK)
-    assert refused.value.keys == ("gcp:project", "clusterStack") and "pulumi config set gcp:project q" in str(refused.value)
+    assert refused.value.keys == ("gcp:project", "clusterStack") and "pulumi config set gcp:project q" in str(
+        refused.value
+    )

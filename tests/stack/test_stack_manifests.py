@@ -58,8 +58,11 @@ INTENTIONAL_DIFFERENCES = (
 def reference_yaml(stack: str, cfg) -> list[dict]:
     """The reference YAML with its placeholders filled from the stack config."""
     text = (GOLDEN / GOLDEN_FILES[stack]).read_text()
-    for placeholder, value in {"TPU_ACCELERATOR_TYPE": "tpu-v6e-slice", "TPU_TOPOLOGY": cfg.tpu_slice.topology,
-                               "GCS_CHECKPOINT_PATH": cfg.checkpoint_path}.items():
+    for placeholder, value in {
+        "TPU_ACCELERATOR_TYPE": "tpu-v6e-slice",
+        "TPU_TOPOLOGY": cfg.tpu_slice.topology,
+        "GCS_CHECKPOINT_PATH": cfg.checkpoint_path,
+    }.items():
         text = text.replace(placeholder, value)
     return list(yaml.safe_load_all(text))
 
@@ -130,11 +133,18 @@ VARIANTS = {
 
 def _with_plan(cfg):
     from components.core.planner import plan_deployment
+
     return cfg, plan_deployment(cfg)
 
 
-VARIANTS["bundled-bf16"] = lambda: _with_plan(config(serverRuntime="bundled", bundledServerImage="example.com/jetstream-tpu-server:0.1.0", quantization="bf16",
-                                                     checkpointPath="gs://test-checkpoints/m/smollm2.gguf"))
+VARIANTS["bundled-bf16"] = lambda: _with_plan(
+    config(
+        serverRuntime="bundled",
+        bundledServerImage="example.com/jetstream-tpu-server:0.1.0",
+        quantization="bf16",
+        checkpointPath="gs://test-checkpoints/m/smollm2.gguf",
+    )
+)
 VARIANTS["1x1"] = lambda: _with_plan(config(topology="1x1", namespace="default"))
 for _stack in BUNDLED_STACKS:
     VARIANTS[f"bundled-{_stack}"] = lambda _stack=_stack: bundled_example(_stack)
@@ -160,7 +170,12 @@ def test_core_objects_validate_with_kubernetes_validate(variant):
     kubernetes_validate.validate(manifests.service(cfg), K8S_VERSION, strict=True)
     template = manifests.leader_worker_set(cfg, plan)["spec"]["leaderWorkerTemplate"]
     for role in ("leaderTemplate", "workerTemplate"):
-        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"{cfg.app_name}-{role.lower()}"}, "spec": template[role]["spec"]}
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": f"{cfg.app_name}-{role.lower()}"},
+            "spec": template[role]["spec"],
+        }
         kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
 
 
@@ -174,14 +189,28 @@ def test_namespace_and_service_account_validate_with_kubernetes_validate(variant
         assert namespace == {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": cfg.namespace}}
         kubernetes_validate.validate(namespace, K8S_VERSION, strict=True)
     kubernetes_validate.validate(account, K8S_VERSION, strict=True)
-    binding = {"annotations": {"iam.gke.io/gcp-service-account": f"{cfg.workload_service_account_id}@{cfg.project}.iam.gserviceaccount.com"}}
+    binding = {
+        "annotations": {
+            "iam.gke.io/gcp-service-account": f"{cfg.workload_service_account_id}@{cfg.project}.iam.gserviceaccount.com"
+        }
+    }
     # Workload Identity for the bundled server; Pathways pods act as the node account instead.
-    assert account["metadata"] == {"name": cfg.kubernetes_service_account, "namespace": cfg.namespace, **(binding if cfg.pods_use_workload_identity else {})}
+    assert account["metadata"] == {
+        "name": cfg.kubernetes_service_account,
+        "namespace": cfg.namespace,
+        **(binding if cfg.pods_use_workload_identity else {}),
+    }
     # Every pod runs as that account, in that namespace.
     lws = manifests.leader_worker_set(cfg, plan)
     template = lws["spec"]["leaderWorkerTemplate"]
-    assert {template[role]["spec"]["serviceAccountName"] for role in ("leaderTemplate", "workerTemplate")} == {account["metadata"]["name"]}
-    assert lws["metadata"]["namespace"] == account["metadata"]["namespace"] == manifests.service(cfg)["metadata"]["namespace"]
+    assert {template[role]["spec"]["serviceAccountName"] for role in ("leaderTemplate", "workerTemplate")} == {
+        account["metadata"]["name"]
+    }
+    assert (
+        lws["metadata"]["namespace"]
+        == account["metadata"]["namespace"]
+        == manifests.service(cfg)["metadata"]["namespace"]
+    )
     kinds = [document["kind"] for document in manifests.all_manifests(cfg, plan)]
     assert kinds == [*(["Namespace"] if namespace else []), "ServiceAccount", "LeaderWorkerSet", "Service"]
 
@@ -200,7 +229,11 @@ def test_kubernetes_validate_catches_a_bad_service():
 
 def _dataclass_in(annotation):
     """The dataclass inside X | None, tuple[X, ...], or None."""
-    for candidate in (annotation, *typing.get_args(annotation), *(arg for inner in typing.get_args(annotation) for arg in typing.get_args(inner))):
+    for candidate in (
+        annotation,
+        *typing.get_args(annotation),
+        *(arg for inner in typing.get_args(annotation) for arg in typing.get_args(inner)),
+    ):
         if dataclasses.is_dataclass(candidate):
             return candidate
     return None
@@ -239,7 +272,9 @@ def test_the_crd_check_catches_a_field_the_crd_lacks():
         leader_count: int
 
     missing: list[str] = []
-    schema = lws_openapi_schema()["properties"]["spec"]["properties"]["leaderWorkerTemplate"]["properties"]["subGroupPolicy"]
+    schema = lws_openapi_schema()["properties"]["spec"]["properties"]["leaderWorkerTemplate"]["properties"][
+        "subGroupPolicy"
+    ]
     _check_model_against_schema(Bogus, schema, "subGroupPolicy", missing)
     assert missing == ["subGroupPolicy.leaderCount"]
 
@@ -248,8 +283,11 @@ def test_a_misspelled_or_misplaced_field_fails_at_construction():
     with pytest.raises(TypeError):
         lws_model.Container(name="x", image="y:1", imagePullPolicy="IfNotPresent")
     with pytest.raises(TypeError):
-        lws_model.LeaderWorkerSetSpec(replicas=1, sub_group_policy=lws_model.SubGroupPolicy(sub_group_size=2),
-                                      leader_worker_template=lws_model.LeaderWorkerTemplate(worker_template=lws_model.PodTemplateSpec()))
+        lws_model.LeaderWorkerSetSpec(
+            replicas=1,
+            sub_group_policy=lws_model.SubGroupPolicy(sub_group_size=2),
+            leader_worker_template=lws_model.LeaderWorkerTemplate(worker_template=lws_model.PodTemplateSpec()),
+        )
 
 
 def test_to_dict_uses_crd_names_and_drops_unset_fields():
@@ -285,14 +323,20 @@ def test_disaggregated_mode_works_for_any_preset():
     cfg, plan = _with_plan(config(model="llama3.1-8b", topology="2x4", mode="disaggregated"))
     lws = manifests.leader_worker_set(cfg, plan)
     assert "inference_server=ExperimentalMaxtextDisaggregatedServer_8" in _jax_tpu(cfg, plan)["args"]
-    assert lws["spec"]["leaderWorkerTemplate"]["subGroupPolicy"] == {"subGroupPolicyType": "LeaderExcluded", "subGroupSize": 2}
+    assert lws["spec"]["leaderWorkerTemplate"]["subGroupPolicy"] == {
+        "subGroupPolicyType": "LeaderExcluded",
+        "subGroupSize": 2,
+    }
     assert lws["spec"]["leaderWorkerTemplate"]["size"] == 5
 
 
 # ---------------------------------------------------------------------------------------------
 # serverRuntime=bundled: multi-controller, one server process per TPU host, no Pathways.
 
-PATHWAYS_IMAGES = {DEFAULT_IMAGES[name] for name in ("pathwaysServerImage", "pathwaysProxyImage", "jetstreamImage", "jetstreamHttpImage")}
+PATHWAYS_IMAGES = {
+    DEFAULT_IMAGES[name]
+    for name in ("pathwaysServerImage", "pathwaysProxyImage", "jetstreamImage", "jetstreamHttpImage")
+}
 
 
 def _templates(cfg, plan) -> tuple[dict, dict, dict]:
@@ -311,21 +355,40 @@ def test_bundled_leader_and_workers_each_run_the_server_on_their_hosts_chips(sta
     lws, leader, worker = _templates(cfg, plan)
     assert lws["spec"]["leaderWorkerTemplate"]["size"] == cfg.tpu_slice.hosts == plan.hosts_per_slice
     assert "subGroupPolicy" not in lws["spec"]["leaderWorkerTemplate"]
-    assert lws["metadata"]["annotations"] == {"leaderworkerset.sigs.k8s.io/exclusive-topology": "cloud.google.com/gke-nodepool",
-                                              "pulumi.com/patchForce": "true"}
+    assert lws["metadata"]["annotations"] == {
+        "leaderworkerset.sigs.k8s.io/exclusive-topology": "cloud.google.com/gke-nodepool",
+        "pulumi.com/patchForce": "true",
+    }
     for template in (leader, worker):
         spec = template["spec"]
         (server,) = spec["containers"]  # no Pathways proxy, resource manager, HTTP sidecar or worker
         assert server["name"] == "jax-tpu" and server["image"] == BUNDLED_IMAGE
-        assert server["command"] == ["python", "-m", "serving", "--host", "0.0.0.0", "--http-port", "8000", "--grpc-port", "9000"]
+        assert server["command"] == [
+            "python",
+            "-m",
+            "serving",
+            "--host",
+            "0.0.0.0",
+            "--http-port",
+            "8000",
+            "--grpc-port",
+            "9000",
+        ]
         assert server["resources"] == {"limits": {"google.com/tpu": str(cfg.tpu_slice.chips_per_host)}}
-        assert server["env"] == [{"name": "JAX_COORDINATOR_PORT", "value": "8476"},
-                                 {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
+        assert server["env"] == [
+            {"name": "JAX_COORDINATOR_PORT", "value": "8476"},
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        ]
         assert {8476, 8477} <= {port["containerPort"] for port in server["ports"]}
-        assert spec["nodeSelector"] == {"cloud.google.com/gke-tpu-accelerator": "tpu-v6e-slice", "cloud.google.com/gke-tpu-topology": cfg.tpu_slice.topology,
-                                        "jetstream-tpu/deployment": f"jetstream-{stack}"}
-        assert spec["tolerations"] == [{"key": "google.com/tpu", "operator": "Exists", "effect": "NoSchedule"},
-                                       STACK_TOLERATION | {"value": f"jetstream-{stack}"}]
+        assert spec["nodeSelector"] == {
+            "cloud.google.com/gke-tpu-accelerator": "tpu-v6e-slice",
+            "cloud.google.com/gke-tpu-topology": cfg.tpu_slice.topology,
+            "jetstream-tpu/deployment": f"jetstream-{stack}",
+        }
+        assert spec["tolerations"] == [
+            {"key": "google.com/tpu", "operator": "Exists", "effect": "NoSchedule"},
+            STACK_TOLERATION | {"value": f"jetstream-{stack}"},
+        ]
         images = {container["image"] for container in spec["containers"]}
         assert "initContainers" not in spec  # the checkpoint is mounted, not copied
         assert not images & PATHWAYS_IMAGES
@@ -346,8 +409,14 @@ def test_bundled_leader_and_workers_each_run_the_server_on_their_hosts_chips(sta
 
 def _fuse_volume(bucket: str, directory: str, name: str = "models", read_only: bool = True) -> dict:
     options = gcs_fuse.MOUNT_OPTIONS + (f",only-dir={directory}" if directory else "")
-    return {"name": name, "csi": {"driver": "gcsfuse.csi.storage.gke.io", **({"readOnly": True} if read_only else {}),
-                                  "volumeAttributes": {"bucketName": bucket, "mountOptions": options}}}
+    return {
+        "name": name,
+        "csi": {
+            "driver": "gcsfuse.csi.storage.gke.io",
+            **({"readOnly": True} if read_only else {}),
+            "volumeAttributes": {"bucketName": bucket, "mountOptions": options},
+        },
+    }
 
 
 @pytest.mark.parametrize("stack", BUNDLED_STACKS)
@@ -358,23 +427,30 @@ def test_bundled_pods_mount_the_checkpoints_directory_read_only_through_gcs_fuse
     for template in (leader, worker):
         spec = template["spec"]
         assert template["metadata"]["annotations"] == gcs_fuse.ANNOTATIONS  # the driver's sidecar
-        assert spec["volumes"] == [{"name": "gke-gcsfuse-cache", "emptyDir": {"medium": "Memory"}},
-                                   _fuse_volume("my-gcp-project-checkpoints", stack),
-                                   _fuse_volume(cfg.scratch_bucket, f"jax-cache/{cfg.deployment_id}", "jax-cache", False)]
+        assert spec["volumes"] == [
+            {"name": "gke-gcsfuse-cache", "emptyDir": {"medium": "Memory"}},
+            _fuse_volume("my-gcp-project-checkpoints", stack),
+            _fuse_volume(cfg.scratch_bucket, f"jax-cache/{cfg.deployment_id}", "jax-cache", False),
+        ]
         (server,) = spec["containers"]
-        assert server["volumeMounts"] == [{"name": "models", "mountPath": "/models", "readOnly": True},
-                                          {"name": "jax-cache", "mountPath": "/jax-cache"}]
+        assert server["volumeMounts"] == [
+            {"name": "models", "mountPath": "/models", "readOnly": True},
+            {"name": "jax-cache", "mountPath": "/jax-cache"},
+        ]
         assert _args(server)["load_parameters_path"] == "/models/model.npz"
         # the compilation cache of each pod in its own directory of the deployment's prefix
         assert _args(server)["jax_cache_dir"] == "/jax-cache/$(POD_NAME)"
 
 
-@pytest.mark.parametrize("path, volume, load_path", [
-    ("gs://weights/hf/Llama-3.1-8B", _fuse_volume("weights", "hf/Llama-3.1-8B"), "/models"),
-    ("gs://weights/Llama-3.1-8B/", _fuse_volume("weights", "Llama-3.1-8B"), "/models"),
-    ("gs://weights", _fuse_volume("weights", ""), "/models"),
-    ("gs://weights/llama-q8.gguf", _fuse_volume("weights", ""), "/models/llama-q8.gguf"),
-])
+@pytest.mark.parametrize(
+    "path, volume, load_path",
+    [
+        ("gs://weights/hf/Llama-3.1-8B", _fuse_volume("weights", "hf/Llama-3.1-8B"), "/models"),
+        ("gs://weights/Llama-3.1-8B/", _fuse_volume("weights", "Llama-3.1-8B"), "/models"),
+        ("gs://weights", _fuse_volume("weights", ""), "/models"),
+        ("gs://weights/llama-q8.gguf", _fuse_volume("weights", ""), "/models/llama-q8.gguf"),
+    ],
+)
 def test_bundled_reads_a_hugging_face_directory_or_one_object(path, volume, load_path):
     cfg, plan = _with_plan(config(serverRuntime="bundled", bundledServerImage=BUNDLED_IMAGE, checkpointPath=path))
     _, leader, _ = _templates(cfg, plan)
@@ -387,7 +463,12 @@ def test_bundled_reads_a_hugging_face_directory_or_one_object(path, volume, load
 
 def test_bundled_refuses_a_preset_its_server_cannot_run():
     with pytest.raises(ConfigError) as refused:
-        config(model="gemma-7b", serverRuntime="bundled", bundledServerImage=BUNDLED_IMAGE, checkpointPath="gs://weights/gemma-7b")
+        config(
+            model="gemma-7b",
+            serverRuntime="bundled",
+            bundledServerImage=BUNDLED_IMAGE,
+            checkpointPath="gs://weights/gemma-7b",
+        )
     assert refused.value.keys == ("model", "serverRuntime") and "gemma" in refused.value.problem
 
 
@@ -422,7 +503,12 @@ def test_jetstream_runtime_keeps_pathways_and_its_sizes():
     cfg, plan = example("llama3-405b-v6e16")
     lws, leader, worker = _templates(cfg, plan)
     assert lws["spec"]["leaderWorkerTemplate"]["size"] == cfg.tpu_slice.hosts + 1
-    assert [container["name"] for container in leader["spec"]["containers"]] == ["pathways-proxy", "pathways-rm", "jax-tpu", "jetstream-http"]
+    assert [container["name"] for container in leader["spec"]["containers"]] == [
+        "pathways-proxy",
+        "pathways-rm",
+        "jax-tpu",
+        "jetstream-http",
+    ]
     assert "initContainers" not in leader["spec"] and "volumes" not in worker["spec"]
 
 
@@ -435,15 +521,23 @@ def test_bundled_server_gets_every_memory_flag_explicitly():
     """8.11: the planner sizes memory with these values; the server's defaults must not decide them."""
     memory_flags = {"weight_dtype", "dtype", "quantization", "quantize_kvcache", "checkpoint_is_quantized"}
     for raw, expected in (
-        ({"quantization": "int8", "quantizeKvCache": "true", "checkpointPath": "gs://test-checkpoints/m/model.npz"},
-         {"quantization": "int8", "quantize_kvcache": "true", "checkpoint_is_quantized": "true"}),
-        ({"quantization": "bf16", "quantizeKvCache": "false", "checkpointPath": "gs://test-checkpoints/m/model.npz"},
-         {"quantization": "", "quantize_kvcache": "false", "checkpoint_is_quantized": "false"}),
+        (
+            {"quantization": "int8", "quantizeKvCache": "true", "checkpointPath": "gs://test-checkpoints/m/model.npz"},
+            {"quantization": "int8", "quantize_kvcache": "true", "checkpoint_is_quantized": "true"},
+        ),
+        (
+            {"quantization": "bf16", "quantizeKvCache": "false", "checkpointPath": "gs://test-checkpoints/m/model.npz"},
+            {"quantization": "", "quantize_kvcache": "false", "checkpoint_is_quantized": "false"},
+        ),
     ):
         cfg, plan = _with_plan(config(serverRuntime="bundled", bundledServerImage=BUNDLED_IMAGE, **raw))
         flags = _args(_templates(cfg, plan)[1]["spec"]["containers"][0])
         assert memory_flags <= set(flags)
-        assert {key: flags[key] for key in memory_flags} == {"weight_dtype": "bfloat16", "dtype": "bfloat16", **expected}
+        assert {key: flags[key] for key in memory_flags} == {
+            "weight_dtype": "bfloat16",
+            "dtype": "bfloat16",
+            **expected,
+        }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -467,12 +561,18 @@ def test_every_field_the_update_webhook_treats_as_immutable_replaces_the_lws():
     for path in WEBHOOK_IMMUTABLE_ON_UPDATE:
         assert any(_covers(replace, path) for replace in lws_model.REPLACE_ON_CHANGES), path
     # Nothing else: every other field updates in place (a rolling update of the groups).
-    assert all(any(_covers(replace, path) for path in WEBHOOK_IMMUTABLE_ON_UPDATE) for replace in lws_model.REPLACE_ON_CHANGES)
+    assert all(
+        any(_covers(replace, path) for path in WEBHOOK_IMMUTABLE_ON_UPDATE) for replace in lws_model.REPLACE_ON_CHANGES
+    )
 
 
 def _changed_paths(old, new, prefix: str = "") -> set[str]:
     if isinstance(old, dict) and isinstance(new, dict):
-        return {path for key in old.keys() | new.keys() for path in _changed_paths(old.get(key), new.get(key), f"{prefix}.{key}".lstrip("."))}
+        return {
+            path
+            for key in old.keys() | new.keys()
+            for path in _changed_paths(old.get(key), new.get(key), f"{prefix}.{key}".lstrip("."))
+        }
     return set() if old == new else {prefix}
 
 
@@ -481,6 +581,10 @@ def test_mode_and_disaggregated_topology_changes_hit_an_immutable_field_and_repl
     before = {"model": "llama2-70b", "topology": "2x4", "mode": "disaggregated"}
     after = {**before, **({"mode": "interleaved"} if change == "mode" else {"topology": "4x4"})}
     old, new = (manifests.leader_worker_set(*_with_plan(config(**raw))) for raw in (before, after))
-    immutable = {path for path in _changed_paths(old, new) if any(_covers(field, path) or _covers(path, field) for field in WEBHOOK_IMMUTABLE_ON_UPDATE)}
+    immutable = {
+        path
+        for path in _changed_paths(old, new)
+        if any(_covers(field, path) or _covers(path, field) for field in WEBHOOK_IMMUTABLE_ON_UPDATE)
+    }
     assert immutable, "the change must touch subGroupPolicy, or this test proves nothing"
     assert all(any(_covers(replace, path) for replace in lws_model.REPLACE_ON_CHANGES) for path in immutable)

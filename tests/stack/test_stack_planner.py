@@ -11,7 +11,11 @@ from components.core.planner import plan_deployment, preset_axes
 from tests.stack.stack_helpers import config
 
 REFERENCE_405B = dict(model="llama3.1-405b", topology="4x4")  # preset = the reference YAML's flags
-BUNDLED = dict(serverRuntime="bundled", bundledServerImage="registry.example/jetstream-jax:0.1.0", checkpointPath="gs://test-checkpoints/m/model.npz")
+BUNDLED = dict(
+    serverRuntime="bundled",
+    bundledServerImage="registry.example/jetstream-jax:0.1.0",
+    checkpointPath="gs://test-checkpoints/m/model.npz",
+)
 
 
 def test_405b_int8_on_4x4_with_the_reference_settings_fits():
@@ -23,7 +27,9 @@ def test_405b_int8_on_4x4_with_the_reference_settings_fits():
     # 160 sequences / AR 2 = 80 per chip x 2048 tokens x 126 layers x 2 (K, V) x 1 kv head (8 / TP 8)
     # x 130 bytes (128 int8 + a 2-byte scale) = 5,367,398,400 bytes.
     assert plan.kv_cache_gib_per_chip == pytest.approx(4.999, abs=1e-3)
-    assert plan.needed_gib_per_chip == pytest.approx(28.622, abs=1e-3) and plan.usable_gib_per_chip == pytest.approx(28.8)
+    assert plan.needed_gib_per_chip == pytest.approx(28.622, abs=1e-3) and plan.usable_gib_per_chip == pytest.approx(
+        28.8
+    )
 
 
 def test_405b_bf16_on_4x4_is_refused_with_numbers_and_a_suggestion():
@@ -47,20 +53,35 @@ def test_405b_bf16_on_8x8_adapts_the_preset_recipe():
     assert plan.kv_cache_gib_per_chip == pytest.approx(4.999, abs=1e-3)
 
 
-@pytest.mark.parametrize("recipe, chips, heads, fitted", [
-    ({"fsdp": 1, "autoregressive": 2, "tensor": 8}, 16, 128, {"fsdp": 1, "autoregressive": 2, "tensor": 8}),  # as written
-    ({"fsdp": 1, "autoregressive": 2, "tensor": 8}, 64, 128, {"fsdp": 1, "autoregressive": 8, "tensor": 8}),
-    ({"fsdp": 1, "autoregressive": 2, "tensor": 8}, 4, 128, {"fsdp": 1, "autoregressive": 1, "tensor": 4}),
-    ({"fsdp": 1, "autoregressive": 1, "tensor": -1}, 8, 64, {"fsdp": 1, "autoregressive": 1, "tensor": -1}),  # as written
-    ({"fsdp": 1, "autoregressive": 1, "tensor": -1}, 256, 32, {"fsdp": 1, "autoregressive": 8, "tensor": 32}),
-])
+@pytest.mark.parametrize(
+    "recipe, chips, heads, fitted",
+    [
+        (
+            {"fsdp": 1, "autoregressive": 2, "tensor": 8},
+            16,
+            128,
+            {"fsdp": 1, "autoregressive": 2, "tensor": 8},
+        ),  # as written
+        ({"fsdp": 1, "autoregressive": 2, "tensor": 8}, 64, 128, {"fsdp": 1, "autoregressive": 8, "tensor": 8}),
+        ({"fsdp": 1, "autoregressive": 2, "tensor": 8}, 4, 128, {"fsdp": 1, "autoregressive": 1, "tensor": 4}),
+        (
+            {"fsdp": 1, "autoregressive": 1, "tensor": -1},
+            8,
+            64,
+            {"fsdp": 1, "autoregressive": 1, "tensor": -1},
+        ),  # as written
+        ({"fsdp": 1, "autoregressive": 1, "tensor": -1}, 256, 32, {"fsdp": 1, "autoregressive": 8, "tensor": 32}),
+    ],
+)
 def test_preset_recipe_fits_any_slice(recipe, chips, heads, fitted):
     assert preset_axes(recipe, chips, heads) == fitted
 
 
 def test_parallelism_the_user_sets_is_checked_strictly():
     with pytest.raises(ConfigError) as refused:
-        plan_deployment(config(model="llama3.1-405b", topology="8x8", tensorParallelism="8", autoregressiveParallelism="2"))
+        plan_deployment(
+            config(model="llama3.1-405b", topology="8x8", tensorParallelism="8", autoregressiveParallelism="2")
+        )
     assert {"tensorParallelism", "autoregressiveParallelism", "topology"} <= set(refused.value.keys)
     assert "topology 8x8 has 64 chips" in str(refused.value)
 
@@ -77,8 +98,12 @@ def test_disaggregated_70b_fills_in_tensor_parallelism_like_maxtext():
 
 
 def test_kv_heads_are_replicated_when_tensor_exceeds_kv_heads():
-    narrow = plan_deployment(config(model="llama3.1-70b", topology="4x4", tensorParallelism="8", autoregressiveParallelism="2"))
-    wide = plan_deployment(config(model="llama3.1-70b", topology="4x4", tensorParallelism="16", autoregressiveParallelism="1"))
+    narrow = plan_deployment(
+        config(model="llama3.1-70b", topology="4x4", tensorParallelism="8", autoregressiveParallelism="2")
+    )
+    wide = plan_deployment(
+        config(model="llama3.1-70b", topology="4x4", tensorParallelism="16", autoregressiveParallelism="1")
+    )
     # TP 8 x AR 2: 32 sequences / 2 = 16 x 2048 x 80 x 2 x 1 kv head x 130 = 681,574,400 bytes.
     assert narrow.kv_cache_gib_per_chip == pytest.approx(0.6348, abs=1e-4)
     # TP 16 > 8 kv heads: still one kv head per chip, and all 32 sequences on every chip.
@@ -88,10 +113,14 @@ def test_kv_heads_are_replicated_when_tensor_exceeds_kv_heads():
 def test_int8_kv_cache_is_smaller_and_more_batch_costs_more():
     base = dict(model="llama3.1-8b", topology="2x2")
     # TP 4: 2 kv heads per chip; 8 x 4 = 32 sequences x 2048 x 32 layers x 2 x 2 heads x 130 bytes.
-    assert plan_deployment(config(**base, quantizeKvCache="true")).kv_cache_gib_per_chip == pytest.approx(1.0156, abs=1e-4)
+    assert plan_deployment(config(**base, quantizeKvCache="true")).kv_cache_gib_per_chip == pytest.approx(
+        1.0156, abs=1e-4
+    )
     # bf16: x 256 bytes per head instead of 130 = 2,147,483,648 bytes.
     assert plan_deployment(config(**base, quantizeKvCache="false")).kv_cache_gib_per_chip == pytest.approx(2.0)
-    assert plan_deployment(config(**base, perDeviceBatchSize="16")).kv_cache_gib_per_chip == pytest.approx(2.0312, abs=1e-4)
+    assert plan_deployment(config(**base, perDeviceBatchSize="16")).kv_cache_gib_per_chip == pytest.approx(
+        2.0312, abs=1e-4
+    )
 
 
 def test_bundled_server_memory_is_what_it_allocates():
@@ -103,7 +132,9 @@ def test_bundled_server_memory_is_what_it_allocates():
     # Embeddings 2 x 128256 x 4096 + attention 32 x 4096 x 128 x (2 x 32 + 2 x 8) + MLP 32 x 3 x 4096 x 14336
     # = 8,029,995,008 int8 weights over TP 4 = 2,007,498,752 bytes.
     assert tp4.weights_gib_per_chip == pytest.approx(1.8696, abs=1e-4)
-    ar2 = plan_deployment(config(model="llama3.1-8b", topology="2x2", tensorParallelism="2", autoregressiveParallelism="2", **BUNDLED))
+    ar2 = plan_deployment(
+        config(model="llama3.1-8b", topology="2x2", tensorParallelism="2", autoregressiveParallelism="2", **BUNDLED)
+    )
     assert ar2.weights_gib_per_chip == pytest.approx(3.7393, abs=1e-4)  # over TP 2 only: AR replicates
 
 
@@ -111,7 +142,9 @@ def test_bundled_405b_with_the_reference_recipe_is_refused_with_the_fsdp_hint():
     with pytest.raises(ConfigError) as refused:
         plan_deployment(config(**REFERENCE_405B, **BUNDLED))
     # 405.85e9 int8 weights over TP 8 only = 50.7e9 bytes per chip.
-    assert "weights 47.2" in str(refused.value) and "fsdpParallelism=2 with autoregressiveParallelism=1" in str(refused.value)
+    assert "weights 47.2" in str(refused.value) and "fsdpParallelism=2 with autoregressiveParallelism=1" in str(
+        refused.value
+    )
 
 
 def test_reserve_percent_sets_usable_hbm():
@@ -128,12 +161,32 @@ def test_decode_step_lower_bound_reads_needed_bytes_at_hbm_bandwidth():
 @pytest.mark.parametrize(
     "raw, keys, fragment",
     [
-        (dict(model="llama3.1-405b", topology="4x8", tensorParallelism="8", autoregressiveParallelism="2"), ("tensorParallelism", "topology"), "topology 4x8 has 32 chips"),
-        (dict(tensorParallelism="-1", autoregressiveParallelism="-1"), ("autoregressiveParallelism", "tensorParallelism"), "only one axis may be -1"),
-        (dict(tensorParallelism="3", autoregressiveParallelism="-1"), ("autoregressiveParallelism", "topology"), "not a multiple"),
-        (dict(model="gemma-7b", topology="4x8", tensorParallelism="-1"), ("tensorParallelism", "topology"), "does not divide the 16 attention heads"),
+        (
+            dict(model="llama3.1-405b", topology="4x8", tensorParallelism="8", autoregressiveParallelism="2"),
+            ("tensorParallelism", "topology"),
+            "topology 4x8 has 32 chips",
+        ),
+        (
+            dict(tensorParallelism="-1", autoregressiveParallelism="-1"),
+            ("autoregressiveParallelism", "tensorParallelism"),
+            "only one axis may be -1",
+        ),
+        (
+            dict(tensorParallelism="3", autoregressiveParallelism="-1"),
+            ("autoregressiveParallelism", "topology"),
+            "not a multiple",
+        ),
+        (
+            dict(model="gemma-7b", topology="4x8", tensorParallelism="-1"),
+            ("tensorParallelism", "topology"),
+            "does not divide the 16 attention heads",
+        ),
         (dict(maxPrefillLength="4096", maxTargetLength="2048"), ("maxTargetLength", "maxPrefillLength"), "must exceed"),
-        (dict(model="llama3.1-8b", topology="1x1", perDeviceBatchSize="512"), ("perDeviceBatchSize", "maxTargetLength"), "smaller perDeviceBatchSize"),
+        (
+            dict(model="llama3.1-8b", topology="1x1", perDeviceBatchSize="512"),
+            ("perDeviceBatchSize", "maxTargetLength"),
+            "smaller perDeviceBatchSize",
+        ),
     ],
 )
 def test_plans_that_cannot_shard_or_fit_are_refused(raw, keys, fragment):
@@ -145,5 +198,15 @@ def test_plans_that_cannot_shard_or_fit_are_refused(raw, keys, fragment):
 
 def test_summary_reports_hbm_needed_vs_available():
     summary = plan_deployment(config(**REFERENCE_405B)).summary()
-    assert summary["chipsPerSlice"] == 16 and summary["hostsPerSlice"] == 4 and summary["nodePools"] == ["v6e-16-serving-test"]
-    assert summary["hbmGiBPerChip"] == {"weights": 23.62, "kvCache": 5.0, "needed": 28.62, "usable": 28.8, "physical": 32}
+    assert (
+        summary["chipsPerSlice"] == 16
+        and summary["hostsPerSlice"] == 4
+        and summary["nodePools"] == ["v6e-16-serving-test"]
+    )
+    assert summary["hbmGiBPerChip"] == {
+        "weights": 23.62,
+        "kvCache": 5.0,
+        "needed": 28.62,
+        "usable": 28.8,
+        "physical": 32,
+    }

@@ -61,11 +61,28 @@ EXPECTED_PARENTS = {
 }
 STACK_REFERENCE_OWNER = "jetstream:platform:PlatformReference"
 COMPONENTS = {  # per role; plus SCALING_COMPONENTS where maxReplicas > replicas
-    "all": ("jetstream:iam:NodeIdentity", "jetstream:gke:GkeCluster", "jetstream:admission:StackIsolation", "jetstream:iam:ServingIdentity",
-            "jetstream:lws:LeaderWorkerSetController", "jetstream:serving:JetStreamServer"),
-    "platform": ("jetstream:iam:NodeIdentity", "jetstream:gke:GkeCluster", "jetstream:lws:LeaderWorkerSetController", ADAPTER),
-    "serving": (STACK_REFERENCE_OWNER, "jetstream:iam:NodeIdentity", "jetstream:gke:GkeCluster", "jetstream:admission:StackIsolation",
-                "jetstream:iam:ServingIdentity", "jetstream:serving:JetStreamServer"),
+    "all": (
+        "jetstream:iam:NodeIdentity",
+        "jetstream:gke:GkeCluster",
+        "jetstream:admission:StackIsolation",
+        "jetstream:iam:ServingIdentity",
+        "jetstream:lws:LeaderWorkerSetController",
+        "jetstream:serving:JetStreamServer",
+    ),
+    "platform": (
+        "jetstream:iam:NodeIdentity",
+        "jetstream:gke:GkeCluster",
+        "jetstream:lws:LeaderWorkerSetController",
+        ADAPTER,
+    ),
+    "serving": (
+        STACK_REFERENCE_OWNER,
+        "jetstream:iam:NodeIdentity",
+        "jetstream:gke:GkeCluster",
+        "jetstream:admission:StackIsolation",
+        "jetstream:iam:ServingIdentity",
+        "jetstream:serving:JetStreamServer",
+    ),
 }
 SCALING_COMPONENTS = (ADAPTER, AUTOSCALER)
 MINIMAL = {"model": "llama3.1-8b", "topology": "2x2", "checkpointPath": "gs://test-checkpoints/m/0/items"}
@@ -107,10 +124,20 @@ def test_example_stack_resources(recordings, stack):
     recording = recordings[stack]
     cfg, plan = example(stack)
     scaled, owns_cluster = cfg.scaling.enabled, not cfg.serving_role
-    counts = {type_: len(recording.of_type(type_)) for type_ in (CLUSTER, NODE_POOL, LWS, SERVICE, CONFIG_FILE, HPA, POD_MONITORING)}
+    counts = {
+        type_: len(recording.of_type(type_))
+        for type_ in (CLUSTER, NODE_POOL, LWS, SERVICE, CONFIG_FILE, HPA, POD_MONITORING)
+    }
     # The LWS release and the metrics adapter are cluster-wide: only the stack that owns the cluster installs them.
-    assert counts == {CLUSTER: int(owns_cluster), NODE_POOL: int(owns_cluster) + len(cfg.slice_roles) * cfg.scaling.max_replicas,
-                      LWS: 1, SERVICE: 1, CONFIG_FILE: int(owns_cluster) * (2 if scaled else 1), HPA: int(scaled), POD_MONITORING: int(scaled)}
+    assert counts == {
+        CLUSTER: int(owns_cluster),
+        NODE_POOL: int(owns_cluster) + len(cfg.slice_roles) * cfg.scaling.max_replicas,
+        LWS: 1,
+        SERVICE: 1,
+        CONFIG_FILE: int(owns_cluster) * (2 if scaled else 1),
+        HPA: int(scaled),
+        POD_MONITORING: int(scaled),
+    }
     pools = {pool.inputs["name"]: pool.inputs for pool in recording.of_type(NODE_POOL)}
     assert set(pools) == {*(["system"] if owns_cluster else []), *plan.node_pools}
     fixed = set(plan.node_pools[: len(cfg.slice_roles) * cfg.scaling.replicas])  # replicas that always run
@@ -160,8 +187,13 @@ def test_bundled_stack_deploys_the_bundled_layout():
 
 
 def test_disaggregated_stack_has_prefill_and_generate_pools(recordings):
-    pools = [pool.inputs for pool in recordings["llama2-70b-disagg"].of_type(NODE_POOL) if pool.inputs["name"] != "system"]
-    assert sorted(pool["name"] for pool in pools) == ["v6e-8-generate-llama2-70b-disagg", "v6e-8-prefill-llama2-70b-disagg"]
+    pools = [
+        pool.inputs for pool in recordings["llama2-70b-disagg"].of_type(NODE_POOL) if pool.inputs["name"] != "system"
+    ]
+    assert sorted(pool["name"] for pool in pools) == [
+        "v6e-8-generate-llama2-70b-disagg",
+        "v6e-8-prefill-llama2-70b-disagg",
+    ]
     for pool in pools:
         assert pool["nodeCount"] == 2 and pool["placementPolicy"] == {"type": "COMPACT", "tpuTopology": "2x4"}
 
@@ -173,9 +205,18 @@ def _dependency_types(recording, resource) -> set[str]:
 def test_lws_waits_for_controller_node_pools_and_identity(recordings):
     recording = recordings["llama3-405b-v6e16"]
     # Pulumi expands a component in depends_on into its children.
-    assert {CONFIG_FILE, NODE_POOL, BUCKET_MEMBER, "kubernetes:core/v1:ServiceAccount", "kubernetes:core/v1:Namespace"} <= _dependency_types(
-        recording, recording.one(LWS))
-    pools = {recording.by_urn(urn).inputs["name"] for urn in recording.one(LWS).dependencies if recording.by_urn(urn).type == NODE_POOL}
+    assert {
+        CONFIG_FILE,
+        NODE_POOL,
+        BUCKET_MEMBER,
+        "kubernetes:core/v1:ServiceAccount",
+        "kubernetes:core/v1:Namespace",
+    } <= _dependency_types(recording, recording.one(LWS))
+    pools = {
+        recording.by_urn(urn).inputs["name"]
+        for urn in recording.one(LWS).dependencies
+        if recording.by_urn(urn).type == NODE_POOL
+    }
     assert pools == {"v6e-16-serving-llama3-405b-v6e16"}
 
 
@@ -191,7 +232,11 @@ def test_kubernetes_resources_use_the_clusters_explicit_provider(recordings, sta
 
 def test_lws_controller_installs_the_pinned_release(recordings):
     install = recordings["llama3-405b-v6e16"].one(CONFIG_FILE).inputs
-    assert install["file"] == release_manifest_url("v0.10.0") == "https://github.com/kubernetes-sigs/lws/releases/download/v0.10.0/manifests.yaml"
+    assert (
+        install["file"]
+        == release_manifest_url("v0.10.0")
+        == "https://github.com/kubernetes-sigs/lws/releases/download/v0.10.0/manifests.yaml"
+    )
 
 
 def test_new_cluster_settings(recordings):
@@ -211,7 +256,10 @@ def test_outputs(recordings):
     assert outputs["headPod"] == "jetstream-pathways-0" and outputs["lwsName"] == "jetstream-pathways"
     assert outputs["namespace"] == "jetstream-llama3-405b-v6e16" and outputs["serviceName"] == "jetstream-svc"
     assert outputs["httpUrl"] == "http://jetstream-svc.jetstream-llama3-405b-v6e16.svc.cluster.local:8000"
-    assert outputs["portForwardCommand"] == "kubectl -n jetstream-llama3-405b-v6e16 port-forward pod/jetstream-pathways-0 8000:8000"
+    assert (
+        outputs["portForwardCommand"]
+        == "kubectl -n jetstream-llama3-405b-v6e16 port-forward pod/jetstream-pathways-0 8000:8000"
+    )
     assert "localhost:8000/generate" in outputs["curlExample"]
     assert outputs["clusterName"] == "jetstream-llama3-405b-v6e16" and outputs["clusterEndpoint"] == "203.0.113.10"
     assert outputs["plan"]["hbmGiBPerChip"]["needed"] < outputs["plan"]["hbmGiBPerChip"]["usable"]
@@ -228,7 +276,12 @@ def _tpu_pools(raw: dict[str, str]) -> list[dict]:
 
 @pytest.mark.parametrize("row", tpu.SLICES, ids=lambda row: f"{row.topology}-{row.machine_type}")
 def test_node_pool_for_every_v6e_shape(row):
-    raw = {"topology": row.topology, "tpuMachineType": row.machine_type, "tensorParallelism": "1", "fsdpParallelism": "-1"}
+    raw = {
+        "topology": row.topology,
+        "tpuMachineType": row.machine_type,
+        "tensorParallelism": "1",
+        "fsdpParallelism": "-1",
+    }
     (pool,) = _tpu_pools(raw)
     assert pool["nodeConfig"]["machineType"] == row.machine_type
     assert pool["nodeCount"] == row.hosts == row.chips // row.chips_per_host
@@ -245,7 +298,10 @@ def test_capacity_choices():
     assert spot["nodeConfig"]["spot"] is True and "reservationAffinity" not in spot["nodeConfig"]
     (reserved,) = _tpu_pools({"topology": "2x2", "tpuProvisioning": "reservation", "tpuReservation": "v6e-res"})
     assert reserved["nodeConfig"]["reservationAffinity"] == {
-        "consumeReservationType": "SPECIFIC_RESERVATION", "key": "compute.googleapis.com/reservation-name", "values": ["v6e-res"]}
+        "consumeReservationType": "SPECIFIC_RESERVATION",
+        "key": "compute.googleapis.com/reservation-name",
+        "values": ["v6e-res"],
+    }
     (on_demand,) = _tpu_pools({"topology": "2x2"})
     assert "spot" not in on_demand["nodeConfig"]
 
@@ -257,7 +313,13 @@ def test_release_channel_forces_auto_upgrade_on_multi_host_pools():
 
 @pytest.mark.parametrize(("channel", "auto_upgrade"), [("UNSPECIFIED", False), ("RAPID", True)])
 def test_pools_on_an_existing_cluster_follow_its_live_release_channel(channel, auto_upgrade):
-    values = {**MINIMAL, "model": "llama2-7b", "topology": "4x4", "tensorParallelism": "-1", "existingClusterName": "shared-tpu"}
+    values = {
+        **MINIMAL,
+        "model": "llama2-7b",
+        "topology": "4x4",
+        "tensorParallelism": "-1",
+        "existingClusterName": "shared-tpu",
+    }
     recording = run_stack({"gcp:project": GCP_PROJECT, **qualified(values)}, release_channel=channel)
     (pool,) = recording.of_type(NODE_POOL)
     assert pool.inputs["management"]["autoUpgrade"] is auto_upgrade and pool.inputs["location"] == "us-east5"
@@ -268,7 +330,10 @@ def test_existing_cluster_is_looked_up_not_created():
     assert recording.of_type(CLUSTER) == []
     assert [pool.inputs["name"] for pool in recording.of_type(NODE_POOL)] == ["v6e-4-serving-test"]
     assert recording.of_type(NODE_POOL)[0].inputs["cluster"] == "shared-tpu"
-    assert ("gcp:container/getCluster:getCluster", {"name": "shared-tpu", "location": "us-east5", "project": GCP_PROJECT}) in recording.calls
+    assert (
+        "gcp:container/getCluster:getCluster",
+        {"name": "shared-tpu", "location": "us-east5", "project": GCP_PROJECT},
+    ) in recording.calls
     assert recording.outputs["clusterEndpoint"] == "198.51.100.7"
 
 
@@ -290,7 +355,10 @@ def test_workload_identity_binding_waits_for_the_cluster_that_creates_the_pool()
     assert recording.one(CLUSTER).urn in binding.dependencies
     # On an existing cluster the pool exists already: nothing to wait for, and no cluster to wait on.
     existing = _run_bundled(existingClusterName="shared-tpu", clusterLocation="us-east5", installLwsController="never")
-    assert existing.of_type(CLUSTER) == [] and existing.one(ACCOUNT_MEMBER).inputs["role"] == "roles/iam.workloadIdentityUser"
+    assert (
+        existing.of_type(CLUSTER) == []
+        and existing.one(ACCOUNT_MEMBER).inputs["role"] == "roles/iam.workloadIdentityUser"
+    )
 
 
 def test_the_metrics_adapters_binding_waits_for_the_cluster_that_creates_the_pool(recordings):
@@ -319,7 +387,9 @@ def _project_wide_names(recording) -> set[tuple[str, str]]:
             value = resource.inputs[field]
             names.add((type_, value["name"] if isinstance(value, dict) else value))
     # Two stacks on one cluster: node pool names must differ too.
-    names |= {(NODE_POOL, pool.inputs["name"]) for pool in recording.of_type(NODE_POOL) if pool.inputs["name"] != "system"}
+    names |= {
+        (NODE_POOL, pool.inputs["name"]) for pool in recording.of_type(NODE_POOL) if pool.inputs["name"] != "system"
+    }
     return names
 
 
@@ -339,7 +409,10 @@ def test_lws_controller_is_installed_only_where_the_stack_owns_the_cluster():
     stack creates; never does not, and neither does the default on an existing cluster (its owner's).
     The LeaderWorkerSet then waits for the node pools and the identity only."""
     assert len(_run().of_type(CONFIG_FILE)) == 1
-    for without in (_run(installLwsController="never"), _run(existingClusterName="shared-tpu", clusterLocation="us-east5")):
+    for without in (
+        _run(installLwsController="never"),
+        _run(existingClusterName="shared-tpu", clusterLocation="us-east5"),
+    ):
         assert without.of_type(CONFIG_FILE) == [] and without.of_type("jetstream:lws:LeaderWorkerSetController") == []
         assert NODE_POOL in _dependency_types(without, without.one(LWS))
 
@@ -359,7 +432,9 @@ def test_a_replaced_tpu_pool_is_deleted_before_its_successor_is_created(recordin
     recording = recordings[stack]
     tpu_pools = [pool for pool in recording.of_type(NODE_POOL) if pool.inputs["name"] != "system"]
     assert tpu_pools and all(pool.delete_before_replace for pool in tpu_pools)
-    assert all(not pool.delete_before_replace for pool in recording.of_type(NODE_POOL) if pool.inputs["name"] == "system")
+    assert all(
+        not pool.delete_before_replace for pool in recording.of_type(NODE_POOL) if pool.inputs["name"] == "system"
+    )
 
 
 def test_service_never_waits_for_endpoints_and_the_lws_waits_only_when_asked():
@@ -367,7 +442,10 @@ def test_service_never_waits_for_endpoints_and_the_lws_waits_only_when_asked():
     the LeaderWorkerSet's Available condition, with a timeout derived from the startup delay."""
     default = _run()
     assert default.one(SERVICE).inputs["metadata"]["annotations"] == {"pulumi.com/skipAwait": "true"}
-    assert "pulumi.com/waitFor" not in default.one(LWS).inputs["metadata"]["annotations"] and default.one(LWS).custom_timeouts == {}
+    assert (
+        "pulumi.com/waitFor" not in default.one(LWS).inputs["metadata"]["annotations"]
+        and default.one(LWS).custom_timeouts == {}
+    )
     waiting = _run(waitForReady="true", startupProbeDelaySeconds="600")
     lws = waiting.one(LWS)
     assert lws.inputs["metadata"]["annotations"]["pulumi.com/waitFor"] == "condition=Available"
@@ -383,9 +461,16 @@ def test_every_node_pool_runs_as_the_least_privilege_node_account(recordings):
     email = f"js-nodes-llama2-70b-disagg@{GCP_PROJECT}.iam.gserviceaccount.com"
     assert "js-nodes-llama2-70b-disagg" in accounts
     roles = {member.inputs["role"]: member.inputs for member in recording.of_type(PROJECT_MEMBER)}
-    assert set(roles) == {"roles/logging.logWriter", "roles/monitoring.metricWriter", "roles/monitoring.viewer",
-                          "roles/stackdriver.resourceMetadata.writer", "roles/artifactregistry.reader"}
-    assert {(member["project"], member["member"]) for member in roles.values()} == {("my-gcp-project", f"serviceAccount:{email}")}
+    assert set(roles) == {
+        "roles/logging.logWriter",
+        "roles/monitoring.metricWriter",
+        "roles/monitoring.viewer",
+        "roles/stackdriver.resourceMetadata.writer",
+        "roles/artifactregistry.reader",
+    }
+    assert {(member["project"], member["member"]) for member in roles.values()} == {
+        ("my-gcp-project", f"serviceAccount:{email}")
+    }
     for pool in recording.of_type(NODE_POOL):
         assert pool.inputs["nodeConfig"]["serviceAccount"] == email, pool.name
         assert pool.inputs["nodeConfig"]["oauthScopes"] == ["https://www.googleapis.com/auth/cloud-platform"]
@@ -399,11 +484,19 @@ def test_pathways_pools_run_without_workload_identity_and_their_identity_gets_ex
     recording = recordings["llama3-405b-v6e16"]
     cfg, _ = example("llama3-405b-v6e16")
     node_member = f"serviceAccount:js-nodes-llama3-405b-v6e16@{GCP_PROJECT}.iam.gserviceaccount.com"
-    modes = {pool.inputs["name"]: pool.inputs["nodeConfig"]["workloadMetadataConfig"]["mode"] for pool in recording.of_type(NODE_POOL)}
+    modes = {
+        pool.inputs["name"]: pool.inputs["nodeConfig"]["workloadMetadataConfig"]["mode"]
+        for pool in recording.of_type(NODE_POOL)
+    }
     assert modes == {"system": "GKE_METADATA", "v6e-16-serving-llama3-405b-v6e16": "GCE_METADATA"}
-    grants = {(member.inputs["bucket"], member.inputs["role"], member.inputs["member"]) for member in recording.of_type(BUCKET_MEMBER)}
-    assert grants == {(cfg.scratch_bucket, "roles/storage.objectUser", node_member),
-                      ("my-gcp-project-checkpoints", "roles/storage.objectViewer", node_member)}
+    grants = {
+        (member.inputs["bucket"], member.inputs["role"], member.inputs["member"])
+        for member in recording.of_type(BUCKET_MEMBER)
+    }
+    assert grants == {
+        (cfg.scratch_bucket, "roles/storage.objectUser", node_member),
+        ("my-gcp-project-checkpoints", "roles/storage.objectViewer", node_member),
+    }
     assert recording.of_type(ACCOUNT_MEMBER) == [] and len(recording.of_type(ACCOUNT)) == 1  # no workload GSA to bind
     assert "annotations" not in recording.one("kubernetes:core/v1:ServiceAccount").inputs["metadata"]
     assert recording.outputs["serviceAccountEmail"] == node_member.removeprefix("serviceAccount:")
@@ -418,7 +511,9 @@ def test_bundled_pods_keep_workload_identity_with_the_same_bucket_grants():
     assert modes == {"GKE_METADATA"}
     assert {member.inputs["member"] for member in recording.of_type(BUCKET_MEMBER)} == {workload_member}
     ksa = recording.one("kubernetes:core/v1:ServiceAccount").inputs
-    assert ksa["metadata"]["annotations"] == {"iam.gke.io/gcp-service-account": workload_member.removeprefix("serviceAccount:")}
+    assert ksa["metadata"]["annotations"] == {
+        "iam.gke.io/gcp-service-account": workload_member.removeprefix("serviceAccount:")
+    }
 
 
 IMAGE = "docker-build:index:Image"
@@ -431,18 +526,29 @@ def test_bundled_server_image_is_built_pushed_and_run_by_digest():
     Registry repository and the LeaderWorkerSet runs the pushed digest."""
     recording = _run_bundled(bundledServerImage="")
     repository = recording.one(REPOSITORY).inputs
-    assert (repository["repositoryId"], repository["location"], repository["format"]) == ("jetstream-llama3-8b-v6e8", "us-east5", "DOCKER")
+    assert (repository["repositoryId"], repository["location"], repository["format"]) == (
+        "jetstream-llama3-8b-v6e8",
+        "us-east5",
+        "DOCKER",
+    )
     image = recording.one(IMAGE)
     built = "us-east5-docker.pkg.dev/my-gcp-project/jetstream-llama3-8b-v6e8/jetstream-jax"
-    assert image.inputs["dockerfile"] == {"location": "serving/Dockerfile"} and image.inputs["context"] == {"location": "."}
+    assert image.inputs["dockerfile"] == {"location": "serving/Dockerfile"} and image.inputs["context"] == {
+        "location": "."
+    }
     assert image.inputs["buildArgs"] == {"JAX_EXTRA": "tpu"} and image.inputs["platforms"] == ["linux/amd64"]
     assert image.inputs["push"] is True and image.inputs["tags"] == [f"{built}:stack-build"]
     registries = image.inputs["registries"]  # secret as a whole: it carries the access token
     assert registries[SECRET_SIGNATURE_KEY] == SECRET_SIGNATURE
-    assert registries["value"] == [{"address": "us-east5-docker.pkg.dev", "username": "oauth2accesstoken", "password": ACCESS_TOKEN}]
+    assert registries["value"] == [
+        {"address": "us-east5-docker.pkg.dev", "username": "oauth2accesstoken", "password": ACCESS_TOKEN}
+    ]
     assert recording.one(REPOSITORY).urn in image.dependencies
-    servers = [container for template in ("leaderTemplate", "workerTemplate")
-               for container in recording.one(LWS).inputs["spec"]["leaderWorkerTemplate"][template]["spec"]["containers"]]
+    servers = [
+        container
+        for template in ("leaderTemplate", "workerTemplate")
+        for container in recording.one(LWS).inputs["spec"]["leaderWorkerTemplate"][template]["spec"]["containers"]
+    ]
     assert {container["image"] for container in servers} == {f"{built}@{image_digest(image.inputs)}"}
     assert IMAGE in _dependency_types(recording, recording.one(LWS))
     # The nodes pull it with the node account's Artifact Registry reader role, project-wide.
@@ -454,7 +560,10 @@ def test_an_unchanged_tree_gives_the_same_lws_and_a_given_image_is_not_built():
     assert first.one(LWS).inputs == second.one(LWS).inputs
     given = _run_bundled()
     assert given.of_type(IMAGE) == [] and given.of_type(REPOSITORY) == []
-    images = {container["image"] for container in given.one(LWS).inputs["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["containers"]}
+    images = {
+        container["image"]
+        for container in given.one(LWS).inputs["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["containers"]
+    }
     assert images == {"registry.example/jetstream-jax:0.1.0-tpu"}
 
 
@@ -465,11 +574,21 @@ def test_an_unchanged_tree_gives_the_same_lws_and_a_given_image_is_not_built():
 def test_an_autoscaled_stack_has_exactly_one_hpa_targeting_the_lws_by_name(recordings):
     recording = recordings["llama3-8b-autoscale"]
     lws, hpa = recording.one(LWS), recording.one(HPA)
-    assert hpa.inputs["spec"]["scaleTargetRef"] == {"apiVersion": lws.inputs["apiVersion"], "kind": lws.inputs["kind"],
-                                                    "name": lws.inputs["metadata"]["name"]}
+    assert hpa.inputs["spec"]["scaleTargetRef"] == {
+        "apiVersion": lws.inputs["apiVersion"],
+        "kind": lws.inputs["kind"],
+        "name": lws.inputs["metadata"]["name"],
+    }
     assert hpa.inputs["metadata"]["namespace"] == lws.inputs["metadata"]["namespace"] == "llama3-8b-autoscale"
-    assert (hpa.inputs["spec"]["minReplicas"], hpa.inputs["spec"]["maxReplicas"], lws.inputs["spec"]["replicas"]) == (1, 3, 1)
-    assert recordings["llama3-405b-v6e16"].of_type(HPA) == [] and recordings["llama3-405b-v6e16"].of_type(POD_MONITORING) == []
+    assert (hpa.inputs["spec"]["minReplicas"], hpa.inputs["spec"]["maxReplicas"], lws.inputs["spec"]["replicas"]) == (
+        1,
+        3,
+        1,
+    )
+    assert (
+        recordings["llama3-405b-v6e16"].of_type(HPA) == []
+        and recordings["llama3-405b-v6e16"].of_type(POD_MONITORING) == []
+    )
 
 
 def test_the_hpa_owns_the_replicas_once_the_lws_exists(recordings):
@@ -485,7 +604,11 @@ def test_turning_autoscaling_off_applies_the_replicas_with_force():
     that apply fails with a field conflict. Force is on either way: while autoscaling, ignoreChanges
     keeps spec.replicas out of the apply, so it never undoes the HPA."""
     scaled = stack_file_config("llama3-8b-autoscale")
-    unscaled = {key: value for key, value in scaled.items() if key not in ("jetstream-tpu:autoscalingMetric", "jetstream-tpu:autoscalingTarget")}
+    unscaled = {
+        key: value
+        for key, value in scaled.items()
+        if key not in ("jetstream-tpu:autoscalingMetric", "jetstream-tpu:autoscalingTarget")
+    }
     off = run_stack({**unscaled, "jetstream-tpu:maxReplicas": "1"}, "llama3-8b-autoscale")
     on = run_stack(scaled, "llama3-8b-autoscale")
     assert off.of_type(HPA) == [] and off.one(LWS).ignore_changes == [] and off.one(LWS).inputs["spec"]["replicas"] == 1
@@ -513,16 +636,22 @@ def test_jetstream_serves_the_metrics_the_pod_monitoring_scrapes(recordings):
     assert "prometheus_port=9090" in server["args"]
     assert recording.one(POD_MONITORING).inputs["spec"]["endpoints"] == [{"port": 9090, "path": "/", "interval": "15s"}]
     unscaled = recordings["llama3-8b-v6e8"].one(LWS).inputs["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]
-    assert not any(arg.startswith("prometheus_port") for container in unscaled["containers"] for arg in container.get("args", []))
+    assert not any(
+        arg.startswith("prometheus_port") for container in unscaled["containers"] for arg in container.get("args", [])
+    )
 
 
 def test_a_stack_on_an_existing_cluster_autoscales_through_the_adapter_of_the_clusters_owner():
     """The adapter is cluster-wide (its namespace, APIServices, ClusterRoles): destroying a stack that
     installed it on a shared cluster would break every custom-metrics HPA there."""
-    recording = _run(existingClusterName="shared-tpu", clusterLocation="us-east5", installLwsController="never", maxReplicas="2")
+    recording = _run(
+        existingClusterName="shared-tpu", clusterLocation="us-east5", installLwsController="never", maxReplicas="2"
+    )
     assert recording.of_type(ADAPTER) == [] and recording.of_type(CONFIG_FILE) == []
-    assert not any(member.inputs["role"] == "roles/monitoring.viewer" and member.inputs["member"].startswith("principal://")
-                   for member in recording.of_type(PROJECT_MEMBER))
+    assert not any(
+        member.inputs["role"] == "roles/monitoring.viewer" and member.inputs["member"].startswith("principal://")
+        for member in recording.of_type(PROJECT_MEMBER)
+    )
     hpa = recording.one(HPA)
     assert recording.one(LWS).urn in hpa.dependencies and hpa.inputs["spec"]["maxReplicas"] == 2
     assert len(_run(maxReplicas="2").of_type(ADAPTER)) == 1  # on a cluster the stack creates, it installs it
@@ -532,7 +661,9 @@ def test_fixed_replicas_get_a_slice_each_and_the_service_balances_over_their_lea
     recording = _run(replicas="3", topology="4x4", model="llama2-7b", tensorParallelism="-1")
     pools = sorted(pool.inputs["name"] for pool in recording.of_type(NODE_POOL) if pool.inputs["name"] != "system")
     assert pools == ["v6e-16-serving-r1-test", "v6e-16-serving-r2-test", "v6e-16-serving-test"]
-    assert all(pool.inputs["nodeCount"] == 4 for pool in recording.of_type(NODE_POOL) if pool.inputs["name"] != "system")
+    assert all(
+        pool.inputs["nodeCount"] == 4 for pool in recording.of_type(NODE_POOL) if pool.inputs["name"] != "system"
+    )
     lws = recording.one(LWS)
     assert lws.inputs["spec"]["replicas"] == 3 and lws.ignore_changes == [] and recording.of_type(HPA) == []
     # The Service selects the app label, which every group's leader carries and no worker does.

@@ -19,8 +19,14 @@ from tests.stack.stack_helpers import config
 
 
 def _raw(model: str, row: tpu.TpuSlice, mode: str, runtime: str) -> dict[str, str]:
-    raw = {"model": model, "topology": row.topology, "tpuMachineType": row.machine_type, "mode": mode, "serverRuntime": runtime,
-           "checkpointPath": "gs://test-checkpoints/m/model.npz"}
+    raw = {
+        "model": model,
+        "topology": row.topology,
+        "tpuMachineType": row.machine_type,
+        "mode": mode,
+        "serverRuntime": runtime,
+        "checkpointPath": "gs://test-checkpoints/m/model.npz",
+    }
     return raw | ({"bundledServerImage": "registry.example/jetstream-jax:0.1.0"} if runtime == "bundled" else {})
 
 
@@ -68,9 +74,15 @@ def test_single_host_disaggregated_places_one_worker_per_slice():
     """8.8: size 3, subGroupSize 1, LeaderExcluded: workers 1 and 2 are subgroups 1 and 2."""
     cfg, plan, pools = _single_host_disaggregated()
     lws = manifests.leader_worker_set(cfg, plan)
-    assert lws["spec"]["leaderWorkerTemplate"]["subGroupPolicy"] == {"subGroupPolicyType": "LeaderExcluded", "subGroupSize": 1}
+    assert lws["spec"]["leaderWorkerTemplate"]["subGroupPolicy"] == {
+        "subGroupPolicyType": "LeaderExcluded",
+        "subGroupSize": 1,
+    }
     placement = scheduling.place(lws, pools)
-    worker_pools = {placement["jetstream-pathways-0-1"].rsplit("-", 1)[0], placement["jetstream-pathways-0-2"].rsplit("-", 1)[0]}
+    worker_pools = {
+        placement["jetstream-pathways-0-1"].rsplit("-", 1)[0],
+        placement["jetstream-pathways-0-2"].rsplit("-", 1)[0],
+    }
     assert worker_pools == {"v6e-8-prefill-test", "v6e-8-generate-test"}
 
 
@@ -89,22 +101,37 @@ def test_the_old_single_host_disaggregated_layout_is_refused():
 
 def test_preview_refuses_a_layout_that_cannot_be_scheduled_before_any_resource(monkeypatch):
     original = manifests._sub_group_policy
-    monkeypatch.setattr(manifests, "_sub_group_policy", lambda cfg, plan: None if original(cfg, plan) is None else
-                        dataclasses.replace(original(cfg, plan), sub_group_policy_type=None))
-    raw = {"model": "llama3.1-8b", "topology": "2x4", "tpuMachineType": "ct6e-standard-8t", "mode": "disaggregated",
-           "checkpointPath": "gs://test-checkpoints/m/0/items"}
+    monkeypatch.setattr(
+        manifests,
+        "_sub_group_policy",
+        lambda cfg, plan: (
+            None
+            if original(cfg, plan) is None
+            else dataclasses.replace(original(cfg, plan), sub_group_policy_type=None)
+        ),
+    )
+    raw = {
+        "model": "llama3.1-8b",
+        "topology": "2x4",
+        "tpuMachineType": "ct6e-standard-8t",
+        "mode": "disaggregated",
+        "checkpointPath": "gs://test-checkpoints/m/0/items",
+    }
     recording = run_stack({"gcp:project": GCP_PROJECT, **qualified(raw)}, expect_error=True)
     assert isinstance(recording.error, pulumi.RunError) and "Pending forever" in str(recording.error)
     assert recording.resources == []
 
 
-@pytest.mark.parametrize("size, sub_group_size, leader_excluded, subgroups", [
-    (5, 2, False, [0, 0, 0, 1, 1]),  # disaggregated reference, 2 x v6e-8: the leader joins subgroup 0
-    (5, 2, True, [None, 0, 0, 1, 1]),
-    (3, 1, False, [0, 1, 2]),  # size % 1 == 0: worker i is subgroup i
-    (3, 1, True, [None, 1, 2]),
-    (4, 2, False, [0, 0, 1, 1]),  # size divisible: the leader counts as a member
-])
+@pytest.mark.parametrize(
+    "size, sub_group_size, leader_excluded, subgroups",
+    [
+        (5, 2, False, [0, 0, 0, 1, 1]),  # disaggregated reference, 2 x v6e-8: the leader joins subgroup 0
+        (5, 2, True, [None, 0, 0, 1, 1]),
+        (3, 1, False, [0, 1, 2]),  # size % 1 == 0: worker i is subgroup i
+        (3, 1, True, [None, 1, 2]),
+        (4, 2, False, [0, 0, 1, 1]),  # size divisible: the leader counts as a member
+    ],
+)
 def test_subgroups_are_assigned_as_lws_v0_10_0_does(size, sub_group_size, leader_excluded, subgroups):
     assert [scheduling.subgroup_of(index, size, sub_group_size, leader_excluded) for index in range(size)] == subgroups
 
@@ -125,7 +152,9 @@ def test_a_pod_without_the_tpu_toleration_is_refused():
 
 def test_a_node_selector_no_pool_matches_is_refused():
     lws, pools = _pathways_405b()
-    lws["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["nodeSelector"]["cloud.google.com/gke-tpu-topology"] = "8x8"
+    lws["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["nodeSelector"][
+        "cloud.google.com/gke-tpu-topology"
+    ] = "8x8"
     with pytest.raises(scheduling.SchedulingError) as refused:
         scheduling.place(lws, pools)
     assert "no label cloud.google.com/gke-tpu-topology=8x8" in str(refused.value) and "topology" in refused.value.keys
@@ -133,7 +162,9 @@ def test_a_node_selector_no_pool_matches_is_refused():
 
 def test_more_chips_than_a_host_has_are_refused():
     lws, pools = _pathways_405b()
-    lws["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"][0]["resources"]["limits"]["google.com/tpu"] = "8"
+    lws["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"][0]["resources"]["limits"][
+        "google.com/tpu"
+    ] = "8"
     with pytest.raises(scheduling.SchedulingError) as refused:
         scheduling.place(lws, pools)
     assert "8 google.com/tpu requested, 4 free" in str(refused.value)
@@ -141,11 +172,17 @@ def test_more_chips_than_a_host_has_are_refused():
 
 def test_another_stacks_pools_are_never_used():
     lws, pools = _pathways_405b()
-    foreign = [dataclasses.replace(pool, name=f"other-{pool.name}", labels={**pool.labels, "jetstream-tpu/deployment": "jetstream-other"})
-               for pool in pools[1:]]
+    foreign = [
+        dataclasses.replace(
+            pool, name=f"other-{pool.name}", labels={**pool.labels, "jetstream-tpu/deployment": "jetstream-other"}
+        )
+        for pool in pools[1:]
+    ]
     with pytest.raises(scheduling.SchedulingError):
         scheduling.place(lws, [pools[0], *foreign])
-    assert set(scheduling.place(lws, [pools[0], *foreign, *pools[1:]]).values()) <= {f"{pool.name}-{i}" for pool in pools[1:] for i in range(4)}
+    assert set(scheduling.place(lws, [pools[0], *foreign, *pools[1:]]).values()) <= {
+        f"{pool.name}-{i}" for pool in pools[1:] for i in range(4)
+    }
 
 
 def test_each_replica_needs_its_own_slice():
@@ -159,21 +196,31 @@ def test_each_replica_needs_its_own_slice():
     second_slice = dataclasses.replace(pools[1], name=f"{pools[1].name}-r1")
     placement = scheduling.place(two, [*pools, second_slice])
     groups = {node.rsplit("-", 1)[0] for name, node in placement.items() if name.startswith("jetstream-pathways-1")}
-    assert len(groups) == 1 and groups != {node.rsplit("-", 1)[0] for name, node in placement.items() if name.startswith("jetstream-pathways-0")}
+    assert len(groups) == 1 and groups != {
+        node.rsplit("-", 1)[0] for name, node in placement.items() if name.startswith("jetstream-pathways-0")
+    }
 
 
 @pytest.mark.parametrize("mode, topology", [("interleaved", "4x4"), ("disaggregated", "2x4")])
 def test_autoscaling_is_checked_at_min_and_at_max_replicas(mode, topology):
     """At maxReplicas every group lands on its own slice, once the cluster autoscaler has grown the
     empty pools: the check places all groups on the pools at full size."""
-    cfg = config(model="llama2-70b", topology=topology, mode=mode, replicas="2", maxReplicas="3", tensorParallelism="-1")
+    cfg = config(
+        model="llama2-70b", topology=topology, mode=mode, replicas="2", maxReplicas="3", tensorParallelism="-1"
+    )
     plan = plan_deployment(cfg)
     placement = scheduling.check_deployment(cfg, plan)
     size = manifests.leader_worker_set(cfg, plan)["spec"]["leaderWorkerTemplate"]["size"]
     assert len(placement) == 3 * size
     # The TPU workers of different groups never share a pool (the Pathways leader holds no TPU).
-    pools_by_group = {group: {node.rsplit("-", 1)[0] for name, node in placement.items() if name.startswith(f"jetstream-pathways-{group}-")}
-                      for group in range(3)}
+    pools_by_group = {
+        group: {
+            node.rsplit("-", 1)[0]
+            for name, node in placement.items()
+            if name.startswith(f"jetstream-pathways-{group}-")
+        }
+        for group in range(3)
+    }
     assert all(pools_by_group[a].isdisjoint(pools_by_group[b]) for a, b in itertools.combinations(range(3), 2))
     # The third group only fits once its empty pools have grown: as created, there is no slice for it.
     lws = manifests.leader_worker_set(cfg, plan)

@@ -148,9 +148,13 @@ def test_the_first_leader_worker_set_waits_for_the_lws_webhooks_ca_bundle():
     annotated = {}
     for document in yaml.safe_load_all(LWS_RELEASE.read_text()):
         group_version = document["apiVersion"] if "/" in document["apiVersion"] else f"core/{document['apiVersion']}"
-        args = pulumi.ResourceTransformArgs(custom=True, type_=f"kubernetes:{group_version}:{document['kind']}",
-                                            name=document["metadata"]["name"], props=document,
-                                            opts=pulumi.ResourceOptions())
+        args = pulumi.ResourceTransformArgs(
+            custom=True,
+            type_=f"kubernetes:{group_version}:{document['kind']}",
+            name=document["metadata"]["name"],
+            props=document,
+            opts=pulumi.ResourceOptions(),
+        )
         result = lws_controller.wait_for_ca_bundle(args)
         if result is not None:
             annotated[document["metadata"]["name"]] = result.props["metadata"]["annotations"]

@@ -91,11 +91,17 @@ def load_script(name: str):
 
 
 def check_jsonschema(schema: str, *files: pathlib.Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema", schema, *map(str, files)],
-                          capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", schema, *map(str, files)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 # --- schema ---------------------------------------------------------------------------------------
+
 
 def test_the_workflows_and_actions_exist():
     names = {path.name for path in WORKFLOWS}
@@ -123,11 +129,15 @@ def test_the_schema_check_rejects_a_broken_workflow(tmp_path):
 
 # --- pinning, permissions, credentials --------------------------------------------------------------
 
+
 def every_uses_line() -> list[tuple[str, str]]:
     lines = []
     for path in [*WORKFLOWS, *ACTIONS]:
-        lines += [(path.name, line.strip()) for line in path.read_text().splitlines()
-                  if line.strip().removeprefix("- ").startswith("uses:")]
+        lines += [
+            (path.name, line.strip())
+            for line in path.read_text().splitlines()
+            if line.strip().removeprefix("- ").startswith("uses:")
+        ]
     return lines
 
 
@@ -155,8 +165,9 @@ def test_each_job_has_least_privilege(file, name, job):
     uses_wif = bool(steps_using(job, AUTH))
     comments = any("gh pr comment" in step.get("run", "") for step in steps)
     reads_code = any(action_name(step.get("uses", "")) == "actions/checkout" for step in steps)
-    reads_other_runs = (any("run-id" in step.get("with", {}) for step in steps_using(job, DOWNLOAD))
-                        or any("gh run list" in step.get("run", "") for step in steps))
+    reads_other_runs = any("run-id" in step.get("with", {}) for step in steps_using(job, DOWNLOAD)) or any(
+        "gh run list" in step.get("run", "") for step in steps
+    )
     assert (permissions.get("id-token") == "write") == uses_wif, "id-token: write exactly where WIF is used"
     assert (permissions.get("pull-requests") == "write") == comments, "pull-requests: write exactly where commenting"
     others = {scope: level for scope, level in permissions.items() if scope not in ("id-token", "pull-requests")}
@@ -178,12 +189,19 @@ def pulumi_commands(job: dict) -> list[str]:
     """Each `pulumi preview|up` the job runs: through pulumi/actions' command, or a run step."""
     given = [step["with"] for step in steps_using(job, PULUMI) if "command" in step.get("with", {})]
     commands = [f"pulumi {w['command']} --stack {w['stack-name']} --policy-pack {w.get('policyPacks')}" for w in given]
-    return commands + [line.strip() for step in job_steps(job) for line in step.get("run", "").splitlines()
-                       if re.match(r"\s*pulumi (preview|up)\b", line)]
+    return commands + [
+        line.strip()
+        for step in job_steps(job)
+        for line in step.get("run", "").splitlines()
+        if re.match(r"\s*pulumi (preview|up)\b", line)
+    ]
 
 
-@pytest.mark.parametrize(("file", "name", "job"), [j for j in all_jobs() if steps_using(j[2], PULUMI)],
-                         ids=lambda value: value if isinstance(value, str) else "")
+@pytest.mark.parametrize(
+    ("file", "name", "job"),
+    [j for j in all_jobs() if steps_using(j[2], PULUMI)],
+    ids=lambda value: value if isinstance(value, str) else "",
+)
 def test_every_pulumi_job_authenticates_installs_the_gke_auth_plugin_and_applies_the_policy_pack(file, name, job):
     steps = job_steps(job)
     names = [action_name(step.get("uses", "")) for step in steps]
@@ -200,14 +218,16 @@ def test_every_pulumi_job_authenticates_installs_the_gke_auth_plugin_and_applies
 def test_every_stack_name_is_qualified_by_the_pulumi_organisation_variable():
     """A token whose default organisation differs would otherwise find no stack."""
     jobs = [job for _, _, job in all_jobs()]
-    stacks = [step["with"]["stack-name"] for job in jobs for step in steps_using(job, PULUMI)
-              if "stack-name" in step["with"]]
+    stacks = [
+        step["with"]["stack-name"] for job in jobs for step in steps_using(job, PULUMI) if "stack-name" in step["with"]
+    ]
     stacks += [job["env"]["STACK"] for job in jobs if any("pulumi preview" in c for c in pulumi_commands(job))]
     organisation = "${{ vars.PULUMI_ORG }}/jetstream-tpu/"
     assert set(stacks) == {f"{organisation}${{{{ inputs.stack }}}}", f"{organisation}${{{{ matrix.stack }}}}"}
 
 
 # --- which job, on which trigger, can obtain which credential ------------------------------------
+
 
 def callers(workflow_file: str) -> list[tuple[str, str]]:
     """(workflow, job) pairs that call the reusable workflow `workflow_file`."""
@@ -227,10 +247,18 @@ def reach(file: str, name: str, job: dict) -> dict:
     # The Google identity is what the job hands the auth action, directly or through the local set-up action.
     steps = [step for _, _, called_job in runs_in for step in called_job.get("steps", [])]
     local_action = f"{SELF}.github/actions/"
-    identities = {step["with"]["service_account"] for step in steps
-                  if action_name(step.get("uses", "")) == AUTH or step.get("uses", "").startswith(local_action)}
-    return {"triggers": set(triggers(workflow(file))), "environment": environment, "secrets": set(SECRET.findall(text)),
-            "variables": set(VARIABLE.findall(text)), "identities": identities}
+    identities = {
+        step["with"]["service_account"]
+        for step in steps
+        if action_name(step.get("uses", "")) == AUTH or step.get("uses", "").startswith(local_action)
+    }
+    return {
+        "triggers": set(triggers(workflow(file))),
+        "environment": environment,
+        "secrets": set(SECRET.findall(text)),
+        "variables": set(VARIABLE.findall(text)),
+        "identities": identities,
+    }
 
 
 REACH = {(file, name): reach(file, name, job) for file, name, job in all_jobs()}
@@ -304,6 +332,7 @@ def test_the_set_up_commands_admit_main_only_to_the_deployment_environments():
 
 # --- the pull-request workflow ----------------------------------------------------------------------
 
+
 def test_pull_requests_trigger_the_review_workflow():
     assert triggers(workflow("pull-request.yml")) == {"pull_request": {"branches": ["main"]}}
 
@@ -348,12 +377,13 @@ def test_the_preview_job_previews_each_affected_stack_and_posts_its_output_whate
 
 # --- the apply on main -------------------------------------------------------------------------------
 
+
 def test_a_push_to_main_applies_the_affected_stacks_platform_then_dev_then_prod():
     deploy = workflow("deploy.yml")
     assert triggers(deploy) == {"push": {"branches": ["main"]}}
     # Compared with the last successful deploy: a failed or replaced run leaves its changes to the next.
     affected = deploy["jobs"]["affected"]["steps"][-1]["run"]
-    assert "gh run list --repo \"$GITHUB_REPOSITORY\" --workflow deploy.yml --branch main --status success" in affected
+    assert 'gh run list --repo "$GITHUB_REPOSITORY" --workflow deploy.yml --branch main --status success' in affected
     assert 'affected_stacks.py --since "$last"' in affected
     assert deploy["concurrency"] == {"group": "deploy-main", "cancel-in-progress": False}
     environments = load_script("affected_stacks").ENVIRONMENTS
@@ -366,15 +396,26 @@ def test_a_push_to_main_applies_the_affected_stacks_platform_then_dev_then_prod(
         needs = [job["needs"]] if isinstance(job["needs"], str) else job["needs"]
         assert needs == ["affected", *earlier]
         # A skipped earlier stack (not affected) must not skip this one; a failed one must.
-        assert job["if"] == ("${{ !cancelled() && needs.affected.result == 'success' && "
-                             + "".join(f"needs.{before}.result != 'failure' && " for before in earlier)
-                             + f"contains(fromJSON(needs.affected.outputs.stacks), '{stack}') }}}}")
+        assert job["if"] == (
+            "${{ !cancelled() && needs.affected.result == 'success' && "
+            + "".join(f"needs.{before}.result != 'failure' && " for before in earlier)
+            + f"contains(fromJSON(needs.affected.outputs.stacks), '{stack}') }}}}"
+        )
 
 
 def test_each_apply_runs_in_its_github_environment_and_its_own_concurrency_group():
     called = workflow("pulumi-up.yml")
-    assert triggers(called) == {"workflow_call": {"inputs": {"stack": {
-        "description": "The environment stack to update (platform, dev, prod)", "type": "string", "required": True}}}}
+    assert triggers(called) == {
+        "workflow_call": {
+            "inputs": {
+                "stack": {
+                    "description": "The environment stack to update (platform, dev, prod)",
+                    "type": "string",
+                    "required": True,
+                }
+            }
+        }
+    }
     [job] = called["jobs"].values()
     assert job["environment"] == "${{ inputs.stack }}"
     assert job["concurrency"] == {"group": "pulumi-up-${{ inputs.stack }}", "cancel-in-progress": False}
@@ -383,24 +424,31 @@ def test_each_apply_runs_in_its_github_environment_and_its_own_concurrency_group
 
 
 def test_ci_runs_the_first_run_commands_set_up_then_the_readme_test_command():
-    commands = [line for line in (ROOT / ".ci" / "run").read_text().splitlines()
-                if line and not line.startswith(("#", "set ", "cd "))]
+    commands = [
+        line
+        for line in (ROOT / ".ci" / "run").read_text().splitlines()
+        if line and not line.startswith(("#", "set ", "cd "))
+    ]
     assert commands == ["./setup.sh", "python3 -m pytest -q"]
 
 
 # --- the scripts ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("changed", "expected"), [
-    (["Pulumi.dev.yaml"], ["dev"]),
-    (["Pulumi.prod.yaml", "Pulumi.platform.yaml"], ["platform", "prod"]),
-    (["components/core/planner.py"], ["platform", "dev", "prod"]),
-    (["requirements.txt"], ["platform", "dev", "prod"]),
-    (["policy/rules.py"], ["platform", "dev", "prod"]),
-    (["serving/Dockerfile"], ["platform", "dev", "prod"]),
-    (["README.md", "tests/stack/test_stack_program.py", "benchmarks/serve_bench.py"], []),
-    (["Pulumi.llama3-8b-v6e8.yaml"], []),
-    (["Pulumi.yaml.orig", "components-old/x.py"], []),
-])
+
+@pytest.mark.parametrize(
+    ("changed", "expected"),
+    [
+        (["Pulumi.dev.yaml"], ["dev"]),
+        (["Pulumi.prod.yaml", "Pulumi.platform.yaml"], ["platform", "prod"]),
+        (["components/core/planner.py"], ["platform", "dev", "prod"]),
+        (["requirements.txt"], ["platform", "dev", "prod"]),
+        (["policy/rules.py"], ["platform", "dev", "prod"]),
+        (["serving/Dockerfile"], ["platform", "dev", "prod"]),
+        (["README.md", "tests/stack/test_stack_program.py", "benchmarks/serve_bench.py"], []),
+        (["Pulumi.llama3-8b-v6e8.yaml"], []),
+        (["Pulumi.yaml.orig", "components-old/x.py"], []),
+    ],
+)
 def test_affected_stacks(changed, expected):
     affected = load_script("affected_stacks").affected_stacks
     assert affected(changed, present=["platform", "dev", "prod"]) == expected
@@ -459,8 +507,13 @@ def test_render_diff_fails_when_a_stack_file_no_longer_renders(tmp_path):
 
 
 def git(tree: pathlib.Path, *args: str) -> str:
-    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args], cwd=tree,
-                          capture_output=True, text=True, check=True).stdout.strip()
+    return subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
+        cwd=tree,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
 
 
 def test_main_applies_what_changed_since_its_last_successful_deploy(tmp_path):
@@ -483,12 +536,18 @@ def test_main_applies_what_changed_since_its_last_successful_deploy(tmp_path):
     assert script.stacks_since("1" * 40, present, tmp_path) == present
 
 
-@pytest.mark.parametrize(("exit_code", "output", "outcome"), [
-    (0, "Previewing update (org/jetstream-tpu/dev)\n  ~ 1 to update\n", "passed"),
-    (255, "Policy Violations:\n    [mandatory]  jetstream-tpu-guardrails  container-images-pinned\n",
-     "failed: policy violations (exit code 255)"),
-    (255, "error: could not read plugin\n", "failed (exit code 255)"),
-])
+@pytest.mark.parametrize(
+    ("exit_code", "output", "outcome"),
+    [
+        (0, "Previewing update (org/jetstream-tpu/dev)\n  ~ 1 to update\n", "passed"),
+        (
+            255,
+            "Policy Violations:\n    [mandatory]  jetstream-tpu-guardrails  container-images-pinned\n",
+            "failed: policy violations (exit code 255)",
+        ),
+        (255, "error: could not read plugin\n", "failed (exit code 255)"),
+    ],
+)
 def test_the_preview_comment_says_the_outcome_and_shows_the_output(exit_code, output, outcome):
     body = load_script("preview_comment").comment("org/jetstream-tpu/dev", exit_code, output)
     assert body.startswith(f"### `pulumi preview` of `org/jetstream-tpu/dev`: {outcome}\n")

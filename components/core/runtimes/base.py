@@ -72,7 +72,9 @@ class ServerRuntime(abc.ABC):
     serves_grpc: ClassVar[bool]  # JetStream's gRPC Orchestrator service on ports.GRPC_PORT
     serves_openai: ClassVar[bool]  # the OpenAI API under /v1 on the HTTP port
     api_key_env: ClassVar[str | None] = None  # where the server reads the key clients must send; None: it has none
-    health_path: ClassVar[str] = HEALTH_PATH  # the leader's readiness path on the HTTP port (load balancer health checks)
+    health_path: ClassVar[str] = (
+        HEALTH_PATH  # the leader's readiness path on the HTTP port (load balancer health checks)
+    )
     scaling_metrics: ClassVar[Mapping[str, ScalingMetric]]  # autoscalingMetric value -> its gauge
 
     @property

@@ -55,7 +55,9 @@ def _load_gguf(settings: EngineSettings) -> LoadResult:
 LOADERS: tuple[Loader, ...] = (
     Loader("random", _is_random_preset, _load_random),
     Loader("hf", lambda s: hf_loader.is_hf_dir(s.load_parameters_path), hf_loader.load_hf_checkpoint),
-    Loader("npz", lambda s: s.load_parameters_path.endswith(".npz"), lambda s: npz_loader.load_npz(s.load_parameters_path)),
+    Loader(
+        "npz", lambda s: s.load_parameters_path.endswith(".npz"), lambda s: npz_loader.load_npz(s.load_parameters_path)
+    ),
     Loader("gguf", lambda s: s.load_parameters_path in ("",) or s.load_parameters_path.endswith(".gguf"), _load_gguf),
 )
 
@@ -74,14 +76,19 @@ def runtime_config(arch: ModelConfig, settings: EngineSettings) -> ModelConfig:
 
 def _check_shape(value, info: model.ArrayInfo, path) -> None:
     if tuple(np.shape(value)) != info.shape:
-        raise ValueError(f"checkpoint array {jax.tree_util.keystr(path)} has shape {np.shape(value)}, expected {info.shape}")
+        raise ValueError(
+            f"checkpoint array {jax.tree_util.keystr(path)} has shape {np.shape(value)}, expected {info.shape}"
+        )
 
 
 def prepare_params(cfg: ModelConfig, params: dict, already_quantized: bool) -> dict:
     """Check host params against `model.param_infos(cfg)`; each float leaf becomes a LazyTensor
     read in its serving dtype, or int8-quantized as it is read."""
     float_infos = model.param_infos(dataclasses.replace(cfg, quantize_weights=False))
-    has_quant = any(isinstance(x, quant.QuantArray) for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, quant.QuantArray)))
+    has_quant = any(
+        isinstance(x, quant.QuantArray)
+        for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, quant.QuantArray))
+    )
     if has_quant != already_quantized:
         state = "is" if has_quant else "is not"
         raise ValueError(f"checkpoint {state} int8 but checkpoint_is_quantized={already_quantized}")

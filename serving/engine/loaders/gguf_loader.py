@@ -74,7 +74,11 @@ def read_config(reader: gguf.GGUFReader) -> ModelConfig:
         n_heads=n_heads,
         n_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv", n_heads)),
         head_dim=int(
-            _field(reader, f"{arch}.attention.key_length", _field(reader, f"{arch}.rope.dimension_count", d_model // n_heads))
+            _field(
+                reader,
+                f"{arch}.attention.key_length",
+                _field(reader, f"{arch}.rope.dimension_count", d_model // n_heads),
+            )
         ),
         ffn_dim=int(_field(reader, f"{arch}.feed_forward_length")),
         rope_base=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
@@ -139,10 +143,21 @@ class _TensorReader:
 
 # Our params -> the GGUF tensor names (in blk.N. for the keys of a layer).
 TENSOR_NAMES = {
-    "embed": "token_embd.weight", "final_norm": "output_norm.weight", "lm_head": "output.weight",
-    "attn_norm": "attn_norm.weight", "mlp_norm": "ffn_norm.weight", "wq": "attn_q.weight", "wk": "attn_k.weight",
-    "wv": "attn_v.weight", "wo": "attn_output.weight", "bq": "attn_q.bias", "bk": "attn_k.bias",
-    "bv": "attn_v.bias", "w_gate": "ffn_gate.weight", "w_up": "ffn_up.weight", "w_down": "ffn_down.weight",
+    "embed": "token_embd.weight",
+    "final_norm": "output_norm.weight",
+    "lm_head": "output.weight",
+    "attn_norm": "attn_norm.weight",
+    "mlp_norm": "ffn_norm.weight",
+    "wq": "attn_q.weight",
+    "wk": "attn_k.weight",
+    "wv": "attn_v.weight",
+    "wo": "attn_output.weight",
+    "bq": "attn_q.bias",
+    "bk": "attn_k.bias",
+    "bv": "attn_v.bias",
+    "w_gate": "ffn_gate.weight",
+    "w_up": "ffn_up.weight",
+    "w_down": "ffn_down.weight",
 }
 ROPE_ROWS = {"wq": "n_heads", "bq": "n_heads", "wk": "n_kv_heads", "bk": "n_kv_heads"}  # key -> its heads
 

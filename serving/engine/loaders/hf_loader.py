@@ -41,6 +41,7 @@ def is_hf_dir(path: str) -> bool:
 
 # ---- config.json ---------------------------------------------------------------------------------
 
+
 def architecture(config: dict) -> str:
     """The Hugging Face class the checkpoint was saved from; refused unless servable."""
     names = config.get("architectures") or [MODEL_TYPES.get(config.get("model_type"), config.get("model_type"))]
@@ -122,6 +123,7 @@ def read_config(path: Path, context_length: int) -> ModelConfig:
 
 # ---- safetensors ---------------------------------------------------------------------------------
 
+
 def _header(file: Path) -> tuple[int, dict]:
     """(offset of the data section, {name: {dtype, shape, data_offsets}}) of a safetensors file."""
     with open(file, "rb") as f:
@@ -175,11 +177,20 @@ class _TensorReader:
 # Our params -> the transformers tensor names (in model.layers.N. for the keys of a layer). The
 # model keeps PyTorch's [out, in] order, so every tensor is its declared shape after a reshape.
 TENSOR_NAMES = {
-    "embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight",
-    "attn_norm": "input_layernorm.weight", "mlp_norm": "post_attention_layernorm.weight",
-    "wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight", "wv": "self_attn.v_proj.weight",
-    "wo": "self_attn.o_proj.weight", "bq": "self_attn.q_proj.bias", "bk": "self_attn.k_proj.bias",
-    "bv": "self_attn.v_proj.bias", "w_gate": "mlp.gate_proj.weight", "w_up": "mlp.up_proj.weight",
+    "embed": "model.embed_tokens.weight",
+    "final_norm": "model.norm.weight",
+    "lm_head": "lm_head.weight",
+    "attn_norm": "input_layernorm.weight",
+    "mlp_norm": "post_attention_layernorm.weight",
+    "wq": "self_attn.q_proj.weight",
+    "wk": "self_attn.k_proj.weight",
+    "wv": "self_attn.v_proj.weight",
+    "wo": "self_attn.o_proj.weight",
+    "bq": "self_attn.q_proj.bias",
+    "bk": "self_attn.k_proj.bias",
+    "bv": "self_attn.v_proj.bias",
+    "w_gate": "mlp.gate_proj.weight",
+    "w_up": "mlp.up_proj.weight",
     "w_down": "mlp.down_proj.weight",
 }
 

@@ -71,8 +71,7 @@ def assemble_params(cfg: ModelConfig, read: Callable[[str, int | None, tuple[int
     infos = model.param_infos(dataclasses.replace(cfg, quantize_weights=False))
     params = {key: read(key, None, info.shape) for key, info in infos.items() if key != "layers"}
     params["layers"] = {
-        key: stack([read(key, i, info.shape[1:]) for i in range(cfg.n_layers)])
-        for key, info in infos["layers"].items()
+        key: stack([read(key, i, info.shape[1:]) for i in range(cfg.n_layers)]) for key, info in infos["layers"].items()
     }
     return params
 

@@ -16,8 +16,20 @@ from serving.engine import model, quant
 from serving.engine.config import ModelConfig
 from serving.engine.tokenizer import HFTokenizer
 
-_ARCH_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim",
-                "rope_base", "norm_eps", "tie_embeddings", "eos_id", "kv_block")
+_ARCH_FIELDS = (
+    "vocab_size",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "head_dim",
+    "ffn_dim",
+    "rope_base",
+    "norm_eps",
+    "tie_embeddings",
+    "eos_id",
+    "kv_block",
+)
 
 
 def _key(path) -> str:
@@ -27,7 +39,10 @@ def _key(path) -> str:
 def save_npz(path: str, cfg: ModelConfig, params: dict, tokenizer: HFTokenizer) -> None:
     """Write host params (float or QuantArray leaves) with the architecture and tokenizer."""
     arrays = {_key(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(params)}
-    quantized = any(isinstance(x, quant.QuantArray) for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, quant.QuantArray)))
+    quantized = any(
+        isinstance(x, quant.QuantArray)
+        for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, quant.QuantArray))
+    )
     meta = {
         "config": {f: getattr(cfg, f) for f in _ARCH_FIELDS},
         "quantized": quantized,
@@ -54,4 +69,3 @@ def load_npz(path: str):
             meta.get("special_tokens", {}),  # absent in files written before templates saw special tokens
         )
     return cfg, params, tokenizer
-

@@ -34,9 +34,7 @@ def _output_dir() -> Path:
 
 def _stale(out: Path) -> bool:
     proto_mtime = PROTO.stat().st_mtime
-    return any(
-        not (out / f"{m}.py").exists() or (out / f"{m}.py").stat().st_mtime < proto_mtime for m in _MODULES
-    )
+    return any(not (out / f"{m}.py").exists() or (out / f"{m}.py").stat().st_mtime < proto_mtime for m in _MODULES)
 
 
 def _generate(out: Path) -> None:
