@@ -101,7 +101,7 @@ def write_checkpoint(path: Path) -> None:
     rng = np.random.default_rng(0)
     with open(path / "model.safetensors.partial", "wb") as f:
         f.write(struct.pack("<Q", len(encoded)) + encoded)
-        for name, shape in shapes.items():
+        for shape in shapes.values():
             n = int(np.prod(shape))
             ones = np.full(n, 0x3F80, np.uint16)  # bfloat16 1.0: norm weights
             f.write((ones if len(shape) == 1 else random_bf16_bits(rng, n)).tobytes())

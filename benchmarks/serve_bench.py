@@ -85,7 +85,8 @@ def start_server(args) -> servers.Server:
     cmd = servers.serving_command(port, [
         "--max-prefill-length", str(args.max_prefill_length), "--max-target-length", str(args.max_target_length),
         # the server's own queue bound (for the slots it gets), raised only if a level has more clients
-        "--max-queued-requests", str(max(default_max_queued_requests(args.slots or DEFAULT_DECODE_SLOTS), max(args.levels))),
+        "--max-queued-requests",
+        str(max(default_max_queued_requests(args.slots or DEFAULT_DECODE_SLOTS), max(args.levels))),
         *slots, *args.server_arg,
     ])  # fmt: skip
     return servers.start("serving", cmd, port, "/healthcheck", args.start_timeout_s, servers.cpu_env(**devices))
@@ -169,7 +170,10 @@ def run_level(
 
 def print_table(rows: list[dict], title: str) -> None:
     print(f"\n{title}")
-    header = f"{'conc':>5} {'reqs':>5} {'ok':>5} {'503':>4} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12} {'TPOT ms':>9} {'out tok/s':>10} {'wall s':>7}"
+    header = (
+        f"{'conc':>5} {'reqs':>5} {'ok':>5} {'503':>4} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12} {'TPOT ms':>9} "
+        f"{'out tok/s':>10} {'wall s':>7}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:

@@ -328,7 +328,10 @@ def main(argv=None) -> int:
                 row[key] = level.tok_s
                 row[key + "_tokens"] = level.tokens
                 print(
-                    f"{server.name} @ {clients} clients: {level.tokens} tokens in {level.wall_s:.1f} s = {level.tok_s:.1f} tok/s",
+                    (
+                        f"{server.name} @ {clients} clients: {level.tokens} tokens in {level.wall_s:.1f} s = "
+                        f"{level.tok_s:.1f} tok/s"
+                    ),
                     file=sys.stderr,
                     flush=True,
                 )
@@ -348,8 +351,13 @@ def main(argv=None) -> int:
     our_format, our_bytes = our_weight_bytes(args.server_arg)
     llama_format, llama_bytes = gguf_weight_bytes(gguf)
     print(
-        f"\nvs_llamacpp: {args.slots} slots each, {args.max_tokens} output tokens/request, {args.rounds} requests/client, "
-        f"greedy{', ignore_eos' if ignore_eos else ' (EOS may end requests early)'}; ours: {' '.join(args.server_arg) or 'defaults'}"
+        (
+            f"\nvs_llamacpp: {args.slots} slots each, {args.max_tokens} output tokens/request, {args.rounds} "
+            f"requests/client, "
+        )(
+            f"greedy{', ignore_eos' if ignore_eos else ' (EOS may end requests early)'}; ours: "
+            f"{' '.join(args.server_arg) or 'defaults'}"
+        )
     )
     print(table(rows))
     print(f"\nread bandwidth {bandwidth / 1e9:.1f} GB/s ({os.cpu_count()} threads)")

@@ -3,9 +3,9 @@
 Every rule says which resources it judges (`applies`) and what is wrong with one (`check`, called
 only where the rule applies). A rule with settings declares them as JSON-schema properties with a
 default (`config`); the pack's configuration (`pulumi preview --policy-pack-config`) overrides them,
-and its check gets them as a mapping (`Rule.violations`). Both take a `Resource` as Pulumi hands it to a policy: the type token, the URN (which carries
-the stack name) and the resource's inputs with their camelCase wire names. Numbers arrive as floats
-and, inside a policy pack, mappings and lists arrive as read-only `Mapping` / `Sequence` proxies that
+and its check gets them as a mapping (`Rule.violations`). Both take a `Resource` as Pulumi hands it
+to a policy: the type token, the URN (which carries the stack name) and the resource's inputs with
+their camelCase wire names. Numbers arrive as floats and, inside a policy pack, mappings and lists arrive as read-only `Mapping` / `Sequence` proxies that
 raise on a value still unknown during preview, so the rules use only those protocols and read only
 the fields they judge (an unknown field elsewhere in the resource must not stop the check).
 
@@ -159,7 +159,8 @@ def iam_grants(resource: Resource) -> list[tuple[Any, Any]]:
 
 def check_no_primitive_roles(resource: Resource) -> list[str]:
     return [
-        f"grants the primitive role {role!r} to {member!r}; grant a predefined or custom role with only the permissions needed"
+        f"grants the primitive role {role!r} to {member!r}; "
+        "grant a predefined or custom role with only the permissions needed"
         for role, member in iam_grants(resource)
         if role in PRIMITIVE_ROLES
     ]
@@ -362,7 +363,8 @@ def check_multi_host_tpu_placement(resource: Resource) -> list[str]:
     return [
         (
             f"has up to {nodes} VMs of the multi-host machine type {machine_type} and no "
-            f"placementPolicy.tpuTopology, so GKE makes {nodes} single-host slices of {chips_per_vm} chips instead of one slice; set placementPolicy "
+            f"placementPolicy.tpuTopology, so GKE makes {nodes} single-host slices of {chips_per_vm} chips "
+            "instead of one slice; set placementPolicy "
             f"{{type: COMPACT, tpuTopology: <the slice's topology, e.g. 4x4>}}"
         )
     ]
@@ -480,8 +482,10 @@ def check_exposed_servers_check_an_api_key(resources: Sequence[Resource]) -> lis
                     exposure.urn,
                     (
                         f"the {what} {_get(exposure.props, 'metadata', 'name')!r} reaches the LeaderWorkerSet "
-                        f"{_get(server.props, 'metadata', 'name')!r} in namespace {namespace!r}, whose serving pods carry no "
-                        f"API key ({API_KEY_FLAG}, the variable {API_KEY_ENV_FLAG} names, or {VLLM_API_KEY_ENV}), so anyone "
+                        f"{_get(server.props, 'metadata', 'name')!r} in namespace {namespace!r}, "
+                        "whose serving pods carry no "
+                        f"API key ({API_KEY_FLAG}, the variable {API_KEY_ENV_FLAG} names, or {VLLM_API_KEY_ENV}), "
+                        "so anyone "
                         f"in the VPC can use the model; set apiKeySecret (bundled or vllm runtime) or use serviceType "
                         f"ClusterIP"
                     ),

@@ -108,25 +108,37 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
         name="replicas",
         type="integer",
         default=1,
-        description="LeaderWorkerSet replicas, each on its own TPU slice (one per role); the Service balances over their leaders.",
+        description=(
+            "LeaderWorkerSet replicas, each on its own TPU slice (one per role); the Service balances over their "
+            "leaders."
+        ),
     ),
     ConfigKey(
         name="maxReplicas",
         type="integer",
         default=SAME_AS_REPLICAS,
-        description="Upper bound for autoscaling; larger than replicas turns the HPA on; 0 = replicas (no autoscaling).",
+        description=(
+            "Upper bound for autoscaling; larger than replicas turns the HPA on; 0 = replicas (no autoscaling)."
+        ),
     ),
     ConfigKey(
         name="autoscalingMetric",
         type="string",
         default=DEFAULT_METRIC,
-        description=f"Metric the HPA scales on: {', '.join(METRICS)} (requests waiting: JetStream's jetstream_prefill_backlog_size, vLLM's vllm:num_requests_waiting; or the share of decode capacity in use: jetstream_slots_used_percentage, vllm:kv_cache_usage_perc).",
+        description=(
+            f"Metric the HPA scales on: {', '.join(METRICS)} (requests waiting: JetStream's "
+            f"jetstream_prefill_backlog_size, vLLM's vllm:num_requests_waiting; or the share of decode capacity in use:"
+            f" jetstream_slots_used_percentage, vllm:kv_cache_usage_perc)."
+        ),
     ),
     ConfigKey(
         name="autoscalingTarget",
         type="string",
         default="",
-        description="Per-replica target of autoscalingMetric; empty = the metric's default (prefill-backlog 10 requests, slots-used 0.8).",
+        description=(
+            "Per-replica target of autoscalingMetric; empty = the metric's default (prefill-backlog 10 requests, "
+            "slots-used 0.8)."
+        ),
     ),
 )
 

@@ -100,7 +100,10 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
         name="mode",
         type="string",
         default="interleaved",
-        description="interleaved (one slice, prefill and generate interleaved) or disaggregated (a prefill slice and a generate slice).",
+        description=(
+            "interleaved (one slice, prefill and generate interleaved) or disaggregated (a prefill slice and a generate"
+            " slice)."
+        ),
     ),
     ConfigKey(
         name="quantization",
@@ -112,7 +115,12 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
         name="checkpointPath",
         type="string",
         default="",
-        description="gs:// URI of the MaxText (Orbax) checkpoint; with serverRuntime=bundled or vllm of a directory holding a Hugging Face checkpoint (bundled: or of one .gguf or .npz object), mounted read-only through the Cloud Storage FUSE CSI driver; with serverRuntime=vllm also hf://<org>/<model> to download from the Hugging Face Hub. The serving identity gets read access to its bucket. Required unless role=platform.",
+        description=(
+            "gs:// URI of the MaxText (Orbax) checkpoint; with serverRuntime=bundled or vllm of a directory holding a "
+            "Hugging Face checkpoint (bundled: or of one .gguf or .npz object), mounted read-only through the Cloud "
+            "Storage FUSE CSI driver; with serverRuntime=vllm also hf://<org>/<model> to download from the Hugging Face"
+            " Hub. The serving identity gets read access to its bucket. Required unless role=platform."
+        ),
     ),
     # Serving.
     ConfigKey(
@@ -143,7 +151,9 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
         name="tensorParallelism",
         type="integer",
         default=PRESET_DEFAULT,
-        description="ici_tensor_parallelism; -1 fills in the remaining chips; 0 = the preset's recipe fitted to the slice.",
+        description=(
+            "ici_tensor_parallelism; -1 fills in the remaining chips; 0 = the preset's recipe fitted to the slice."
+        ),
     ),
     ConfigKey(
         name="autoregressiveParallelism",
@@ -167,7 +177,10 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
         name="serverFlags",
         type="string",
         default="{}",
-        description='JSON object of MaxText flags that override or extend the preset recipe, e.g. {"enable_model_warmup": "false"}.',
+        description=(
+            "JSON object of MaxText flags that override or extend the preset recipe, e.g. "
+            '{"enable_model_warmup": "false"}.'
+        ),
     ),
     ConfigKey(
         name="startupProbeDelaySeconds",
@@ -179,7 +192,10 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
         name="waitForReady",
         type="boolean",
         default=False,
-        description="true: pulumi up ends only when the LeaderWorkerSet reports Available (timeout derived from the startup delay); false: it ends once the objects are applied.",
+        description=(
+            "true: pulumi up ends only when the LeaderWorkerSet reports Available (timeout derived from the startup "
+            "delay); false: it ends once the objects are applied."
+        ),
     ),
     # Replicas and autoscaling (components/core/autoscaling.py).
     *autoscaling.CONFIG_KEYS,
@@ -190,13 +206,19 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
         name="serverRuntime",
         type="string",
         default="jetstream",
-        description="jetstream (upstream JetStream + MaxText on Pathways, the reference YAMLs' layout), bundled (this repository's server image) or vllm (vLLM's TPU backend, single-host slices).",
+        description=(
+            "jetstream (upstream JetStream + MaxText on Pathways, the reference YAMLs' layout), bundled (this "
+            "repository's server image) or vllm (vLLM's TPU backend, single-host slices)."
+        ),
     ),
     ConfigKey(
         name="bundledServerImage",
         type="string",
         default="",
-        description="serverRuntime=bundled: image of this repository's server, pinned by tag or digest; empty = the stack builds serving/Dockerfile into its own Artifact Registry repository and runs it by digest.",
+        description=(
+            "serverRuntime=bundled: image of this repository's server, pinned by tag or digest; empty = the stack "
+            "builds serving/Dockerfile into its own Artifact Registry repository and runs it by digest."
+        ),
     ),
     ConfigKey(
         name="vllmImage",
@@ -208,19 +230,29 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
         name="hfTokenSecret",
         type="string",
         default="",
-        description="serverRuntime=vllm: Secret Manager secret (in gcp:project) holding a Hugging Face token; pulumi up copies it into a Kubernetes Secret the server reads. Needed for gated models (Llama, Gemma) from hf://; empty = no token.",
+        description=(
+            "serverRuntime=vllm: Secret Manager secret (in gcp:project) holding a Hugging Face token; pulumi up copies "
+            "it into a Kubernetes Secret the server reads. Needed for gated models (Llama, Gemma) from hf://; empty = "
+            "no token."
+        ),
     ),
     ConfigKey(
         name="apiKeySecret",
         type="string",
         default="",
-        description="Secret Manager secret (in gcp:project) holding the API key clients must send (Authorization: Bearer <key>); pulumi up copies it into a Kubernetes Secret the server reads from its environment. serverRuntime=bundled or vllm; empty = no key.",
+        description=(
+            "Secret Manager secret (in gcp:project) holding the API key clients must send (Authorization: Bearer "
+            "<key>); pulumi up copies it into a Kubernetes Secret the server reads from its environment. "
+            "serverRuntime=bundled or vllm; empty = no key."
+        ),
     ),
     ConfigKey(
         name="jetstreamImage",
         type="string",
         default=DEFAULT_IMAGES["jetstreamImage"],
-        description="jax-tpu container image (JetStream + MaxText server) when serverRuntime=jetstream; pinned tag or digest.",
+        description=(
+            "jax-tpu container image (JetStream + MaxText server) when serverRuntime=jetstream; pinned tag or digest."
+        ),
     ),
     ConfigKey(
         name="jetstreamHttpImage",
@@ -248,13 +280,19 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
         name="serviceType",
         type="string",
         default="ClusterIP",
-        description="ClusterIP (reachable inside the cluster) or InternalLoadBalancer (a GKE internal passthrough Network Load Balancer, reachable from the VPC; never a public one).",
+        description=(
+            "ClusterIP (reachable inside the cluster) or InternalLoadBalancer (a GKE internal passthrough Network Load "
+            "Balancer, reachable from the VPC; never a public one)."
+        ),
     ),
     ConfigKey(
         name="namespace",
         type="string",
         default=DERIVED,
-        description="Kubernetes namespace (created unless it is `default`); empty = jetstream-<stack>, so stacks sharing a cluster never collide.",
+        description=(
+            "Kubernetes namespace (created unless it is `default`); empty = jetstream-<stack>, so stacks sharing a "
+            "cluster never collide."
+        ),
     ),
     ConfigKey(
         name="lwsVersion",
@@ -266,20 +304,33 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
         name="installLwsController",
         type="string",
         default="auto",
-        description=f"Who installs the cluster-wide LWS controller: {', '.join(LWS_INSTALLS)}. auto installs it only on a cluster this stack creates (role=all without existingClusterName, role=platform); always also installs it into an existing cluster (existingClusterName), where it is kept when the stack is destroyed so other stacks' LeaderWorkerSets keep their CRD; never leaves it to whoever owns the cluster. A serving stack never installs it (its platform stack does).",
+        description=(
+            f"Who installs the cluster-wide LWS controller: {', '.join(LWS_INSTALLS)}. auto installs it only on a "
+            f"cluster this stack creates (role=all without existingClusterName, role=platform); always also installs it"
+            f" into an existing cluster (existingClusterName), where it is kept when the stack is destroyed so other "
+            f"stacks' LeaderWorkerSets keep their CRD; never leaves it to whoever owns the cluster. A serving stack "
+            f"never installs it (its platform stack does)."
+        ),
     ),
     # Environments.
     ConfigKey(
         name="role",
         type="string",
         default="all",
-        description="all (the cluster and the model server in one stack), platform (the cluster, its system pool, node service account, LWS controller and metrics adapter; exports clusterName, clusterLocation, project, kubeconfig) or serving (TPU pools and the model server on the cluster of clusterStack).",
+        description=(
+            "all (the cluster and the model server in one stack), platform (the cluster, its system pool, node service "
+            "account, LWS controller and metrics adapter; exports clusterName, clusterLocation, project, kubeconfig) or"
+            " serving (TPU pools and the model server on the cluster of clusterStack)."
+        ),
     ),
     ConfigKey(
         name="clusterStack",
         type="string",
         default="",
-        description="role=serving: the platform stack whose cluster to use, fully qualified: <organization>/jetstream-tpu/<stack>.",
+        description=(
+            "role=serving: the platform stack whose cluster to use, fully qualified: "
+            "<organization>/jetstream-tpu/<stack>."
+        ),
     ),
     # Cluster and node pools.
     ConfigKey(
@@ -298,7 +349,10 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
         name="zone",
         type="string",
         default="us-east5-b",
-        description="Zone of the TPU node pools (a zone with v6e capacity), in the cluster's region: refused at preview otherwise.",
+        description=(
+            "Zone of the TPU node pools (a zone with v6e capacity), in the cluster's region: refused at preview "
+            "otherwise."
+        ),
     ),
     ConfigKey(
         name="clusterLocation",
@@ -310,7 +364,11 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
         name="releaseChannel",
         type="string",
         default="UNSPECIFIED",
-        description=f"GKE release channel of a created cluster: {', '.join(RELEASE_CHANNELS)}. UNSPECIFIED (no channel) lets multi-host TPU pools keep auto-upgrade off; GKE forces it on in a channel. On an existing cluster or a platform's (role=serving) the pools follow that cluster's live channel.",
+        description=(
+            f"GKE release channel of a created cluster: {', '.join(RELEASE_CHANNELS)}. UNSPECIFIED (no channel) lets "
+            f"multi-host TPU pools keep auto-upgrade off; GKE forces it on in a channel. On an existing cluster or a "
+            f"platform's (role=serving) the pools follow that cluster's live channel."
+        ),
     ),
     ConfigKey(
         name="deletionProtection",
@@ -322,13 +380,19 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
         name="privateEndpoint",
         type="boolean",
         default=False,
-        description="A created cluster's control plane only on its private endpoint (private nodes too: no node has an external IP); kubectl, pulumi and CI runners then need a route into the VPC.",
+        description=(
+            "A created cluster's control plane only on its private endpoint (private nodes too: no node has an external"
+            " IP); kubectl, pulumi and CI runners then need a route into the VPC."
+        ),
     ),
     ConfigKey(
         name="authorizedNetworks",
         type="string",
         default="",
-        description="Comma-separated IPv4 CIDR blocks allowed to reach a created cluster's control plane (master authorized networks); empty = no restriction by source address.",
+        description=(
+            "Comma-separated IPv4 CIDR blocks allowed to reach a created cluster's control plane (master authorized "
+            "networks); empty = no restriction by source address."
+        ),
     ),
     ConfigKey(
         name="systemMachineType",
@@ -723,7 +787,10 @@ def _check_runtime_keys(raw: Mapping[str, str], runtime: ServerRuntime) -> None:
             if is_set(raw, KEYS_BY_NAME[name]):
                 raise ConfigError(
                     (name, "serverRuntime"),
-                    f"{name} is set, but serverRuntime={runtime.name} does not use it (serverRuntime={other.name} does)",
+                    (
+                        f"{name} is set, but serverRuntime={runtime.name} does not use it (serverRuntime={other.name} "
+                        f"does)"
+                    ),
                     f"remove {name}, or pulumi config set serverRuntime {other.name}",
                 )
 
@@ -894,7 +961,10 @@ def _unused_keys(role: str) -> tuple[tuple[str, ...], str, str]:
     if role == PLATFORM:
         return (
             tuple(name for name in KEYS_BY_NAME if name not in PLATFORM_KEYS),
-            "a platform stack creates the cluster and what serving stacks share on it (no TPU pool, no workload, no existing cluster)",
+            (
+                "a platform stack creates the cluster and what serving stacks share on it (no TPU pool, no workload, no"
+                " existing cluster)"
+            ),
             "set it in a role=serving stack that names this one in clusterStack (existingClusterName: use role=all)",
         )
     if role == SERVING:
@@ -936,7 +1006,10 @@ def _cluster_stack(raw: Mapping[str, str], role: str, stack: str) -> str:
         raise ConfigError(
             "clusterStack",
             f"{name!r} is not a fully qualified stack name",
-            f"use <organization>/<project>/<stack>, e.g. my-org/{PROJECT}/platform (self-managed backends: organization/{PROJECT}/platform)",
+            (
+                f"use <organization>/<project>/<stack>, e.g. my-org/{PROJECT}/platform (self-managed backends: "
+                f"organization/{PROJECT}/platform)"
+            ),
         )
     _, referenced_project, referenced_stack = name.split("/")
     if (referenced_project, referenced_stack) == (PROJECT, stack):
@@ -990,7 +1063,10 @@ def check_same_project(project: str, platform_project: str, cluster_stack: str) 
     if project != platform_project:
         raise ConfigError(
             ("gcp:project", "clusterStack"),
-            f"gcp:project is {project!r} but the platform stack {cluster_stack} runs its cluster in {platform_project!r}",
+            (
+                f"gcp:project is {project!r} but the platform stack {cluster_stack} runs its cluster in "
+                f"{platform_project!r}"
+            ),
             f"pulumi config set gcp:project {platform_project}",
         )
     return platform_project

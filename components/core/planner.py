@@ -183,7 +183,8 @@ def _check_fit(cfg: StackConfig, parallelism: Parallelism, weights: float, kv: f
     )
     raise ConfigError(
         keys,
-        f"{cfg.model.name} ({cfg.quantization}) does not fit topology {cfg.tpu_slice.topology}: needs {needed:.1f} GiB HBM per chip "
+        f"{cfg.model.name} ({cfg.quantization}) does not fit topology {cfg.tpu_slice.topology}: "
+        f"needs {needed:.1f} GiB HBM per chip "
         f"(weights {weights:.1f} + KV cache {kv:.1f}) but {usable:.1f} of {hbm} GiB are usable",
         _fit_suggestion(cfg, parallelism, weights, usable),
     )

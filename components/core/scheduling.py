@@ -255,7 +255,10 @@ def _affinity_rejection(state: _State, pod: Pod, node: Node) -> tuple[str, str] 
             if term.key in other.keys and other.keys[term.key] != term.value:
                 return (
                     "exclusive topology",
-                    f"{term.topology_key}={node.labels[term.topology_key]} is taken by {Pod.describe(term.key, other.keys[term.key])}",
+                    (
+                        f"{term.topology_key}={node.labels[term.topology_key]} is taken by "
+                        f"{Pod.describe(term.key, other.keys[term.key])}"
+                    ),
                 )
     for other, where in state.placed.values():  # anti-affinity is symmetric
         for term in other.anti_affinity:
@@ -265,7 +268,10 @@ def _affinity_rejection(state: _State, pod: Pod, node: Node) -> tuple[str, str] 
             if same and term.key in pod.keys and pod.keys[term.key] != term.value:
                 return (
                     "exclusive topology",
-                    f"{term.topology_key}={node.labels[term.topology_key]} is taken by {Pod.describe(term.key, term.value)}",
+                    (
+                        f"{term.topology_key}={node.labels[term.topology_key]} is taken by "
+                        f"{Pod.describe(term.key, term.value)}"
+                    ),
                 )
     return None
 

@@ -53,7 +53,9 @@ def kubeconfig(cluster_name: str, endpoint: str, ca_certificate: str) -> str:
                         "exec": {
                             "apiVersion": "client.authentication.k8s.io/v1beta1",
                             "command": "gke-gcloud-auth-plugin",
-                            "installHint": "Install gke-gcloud-auth-plugin: gcloud components install gke-gcloud-auth-plugin",
+                            "installHint": (
+                                "Install gke-gcloud-auth-plugin: gcloud components install gke-gcloud-auth-plugin"
+                            ),
                             "provideClusterInfo": True,
                         }
                     },

@@ -190,7 +190,9 @@ CASES = [
         },
         {
             "bucket": "b",
-            "policyData": '{"bindings": [{"role": "roles/storage.objectViewer", "members": ["allAuthenticatedUsers"]}]}',
+            "policyData": (
+                '{"bindings": [{"role": "roles/storage.objectViewer", "members": ["allAuthenticatedUsers"]}]}'
+            ),
         },
         "dev",
     ),

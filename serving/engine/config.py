@@ -63,7 +63,8 @@ class ModelConfig:
             raise ValueError(f"head_dim ({self.head_dim}) must be even for RoPE")
         if self.rope_freq_factors and len(self.rope_freq_factors) != self.head_dim // 2:
             raise ValueError(
-                f"rope_freq_factors has {len(self.rope_freq_factors)} entries, expected head_dim/2 = {self.head_dim // 2}"
+                f"rope_freq_factors has {len(self.rope_freq_factors)} entries, expected head_dim/2 = "
+                f"{self.head_dim // 2}"
             )
 
     @property

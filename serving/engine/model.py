@@ -376,7 +376,7 @@ def _attend(cfg: ModelConfig, qg, cache: KVCache, layer_idx, slot, lengths, n_bl
     init = (jnp.full(shape, NEG_INF), jnp.zeros(shape), jnp.zeros(shape + (cfg.head_dim,)))
 
     def block_step(j, carry):
-        m, l, acc = carry
+        m, denom, acc = carry
         start = j * cfg.kv_block
         kb = _cache_block(cfg, cache, "k", layer_idx, slot, start, rows).astype(jnp.float32)  # [R, K, blk, E]
         vb = _cache_block(cfg, cache, "v", layer_idx, slot, start, rows).astype(jnp.float32)
@@ -386,12 +386,12 @@ def _attend(cfg: ModelConfig, qg, cache: KVCache, layer_idx, slot, lengths, n_bl
         m_new = jnp.maximum(m, s.max(-1))
         p = jnp.exp(s - m_new[..., None])
         correction = jnp.exp(m - m_new)
-        l = l * correction + p.sum(-1)
+        denom = denom * correction + p.sum(-1)
         acc = acc * correction[..., None] + jnp.einsum("bkgs,bkse->bkge", p, vb)
-        return m_new, l, acc
+        return m_new, denom, acc
 
-    _, l, acc = jax.lax.fori_loop(0, n_blocks, block_step, init)
-    return acc / l[..., None]
+    _, denom, acc = jax.lax.fori_loop(0, n_blocks, block_step, init)
+    return acc / denom[..., None]
 
 
 def _blocks(cfg: ModelConfig, lengths) -> jax.Array:

@@ -26,6 +26,7 @@ and the control channel listens on the port after it.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -140,10 +141,8 @@ class ControlServer:
 
     def _watch(self, conn: socket.socket, address) -> None:
         # Workers never send; a read returning means the connection closed (the worker died).
-        try:
+        with contextlib.suppress(OSError):
             conn.recv(1)
-        except OSError:
-            pass
         if self._closing:
             return
         self._lost.append(f"worker at {address[0]}:{address[1]} disconnected")
@@ -167,15 +166,11 @@ class ControlServer:
         """End the group cleanly: workers get a shutdown op, then see the channel close."""
         self._closing = True
         for conn in self._workers:
-            try:
+            with contextlib.suppress(OSError):
                 conn.sendall(b'{"op": "shutdown"}\n')
-            except OSError:
-                pass
         for conn in self._workers:
-            try:
+            with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)  # the workers see the channel end and exit
-            except OSError:
-                pass
             conn.close()
 
 

@@ -33,7 +33,8 @@ GET_PROJECT = "gcp:organizations/getProject:getProject"
 
 
 def run_components(create: Callable[[k8s.Provider, pulumi.Resource], None]) -> Recording:
-    """Run `create(provider, workload)` under the harness's mocks (the workload: a stand-in the components may wait on)."""
+    """Run `create(provider, workload)` under the harness's mocks (the workload: a stand-in the
+    components may wait on)."""
     mocks = RecordingMocks()
     monitor = RecordingMonitor(mocks)
     asyncio.set_event_loop(asyncio.new_event_loop())

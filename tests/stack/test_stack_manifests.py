@@ -546,7 +546,9 @@ def test_bundled_server_gets_every_memory_flag_explicitly():
 # Every field kubernetes-sigs/lws v0.10.0 refuses to change on update (pkg/webhooks/
 # leaderworkerset_webhook.go, LeaderWorkerSetWebhook.ValidateUpdate), with the webhook's message.
 WEBHOOK_IMMUTABLE_ON_UPDATE = {
-    "spec.leaderWorkerTemplate.subGroupPolicy": "cannot enable subGroupSize after the lws is already created / cannot remove subGroupSize after enabled",
+    "spec.leaderWorkerTemplate.subGroupPolicy": (
+        "cannot enable subGroupSize after the lws is already created / cannot remove subGroupSize after enabled"
+    ),
     "spec.leaderWorkerTemplate.subGroupPolicy.subGroupSize": "field is immutable",
     "spec.networkConfig.subdomainPolicy": "cannot set subdomainPolicy as null",
 }

@@ -151,7 +151,8 @@ def test_example_stack_resources(recordings, stack):
         assert pools[name]["nodeConfig"]["labels"]["jetstream-tpu/deployment"] == f"jetstream-{stack}"
 
 
-# The LWS of a stack that builds its image runs the pushed digest: test_bundled_server_image_is_built_pushed_and_run_by_digest.
+# The LWS of a stack that builds its image runs the pushed digest:
+# test_bundled_server_image_is_built_pushed_and_run_by_digest.
 @pytest.mark.parametrize("stack", [stack for stack in WORKLOAD_STACKS if not example(stack)[0].builds_server_image])
 def test_lws_resource_is_the_rendered_manifest(recordings, stack):
     cfg, plan = example(stack)

@@ -82,7 +82,7 @@ class ServerRuntime(abc.ABC):
         """The config keys only this runtime reads: another runtime's stack refuses them."""
         return (*self.image_keys, *self.other_keys)
 
-    def validate(self, cfg: StackConfig) -> None:
+    def validate(self, cfg: StackConfig) -> None:  # noqa: B027 (a hook: by default every config is servable)
         """ConfigError for a config this runtime cannot serve (after the keys parsed one by one)."""
 
     def secret_envs(self, cfg: StackConfig) -> tuple[SecretEnv, ...]:
@@ -107,7 +107,7 @@ class ServerRuntime(abc.ABC):
     def memory_per_chip(self, cfg: StackConfig, parallelism: Parallelism) -> MemoryPerChip:
         """HBM one chip holds, as this runtime lays the weights and the KV cache out."""
 
-    def check_parallelism(self, cfg: StackConfig, parallelism: Parallelism) -> None:
+    def check_parallelism(self, cfg: StackConfig, parallelism: Parallelism) -> None:  # noqa: B027 (a hook)
         """ConfigError for mesh axes this runtime cannot use."""
 
     def fit_hints(self, cfg: StackConfig, parallelism: Parallelism) -> tuple[str, ...]:
