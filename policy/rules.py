@@ -5,16 +5,16 @@ only where the rule applies). A rule with settings declares them as JSON-schema 
 default (`config`); the pack's configuration (`pulumi preview --policy-pack-config`) overrides them,
 and its check gets them as a mapping (`Rule.violations`). Both take a `Resource` as Pulumi hands it
 to a policy: the type token, the URN (which carries the stack name) and the resource's inputs with
-their camelCase wire names. Numbers arrive as floats and, inside a policy pack, mappings and lists arrive as read-only `Mapping` / `Sequence` proxies that
-raise on a value still unknown during preview, so the rules use only those protocols and read only
-the fields they judge (an unknown field elsewhere in the resource must not stop the check).
+their camelCase wire names. Numbers arrive as floats and, inside a policy pack, mappings and lists
+arrive as read-only `Mapping` / `Sequence` proxies that raise on a value still unknown during
+preview, so the rules use only those protocols and read only the fields they judge (an unknown field
+elsewhere in the resource must not stop the check).
 
-A stack rule (`StackRule`) judges all of a stack's resources together: its check returns, per finding,
-the URN of the resource at fault and the message.
+A stack rule (`StackRule`) judges all of a stack's resources together: its check returns, per
+finding, the URN of the resource at fault and the message.
 
-No Pulumi import here: `policies.py` wraps each rule in a `ResourceValidationPolicy`, each stack rule
-in an advisory `StackValidationPolicy`.
-"""
+No Pulumi import here: `policies.py` wraps each rule in a `ResourceValidationPolicy`, each stack
+rule in an advisory `StackValidationPolicy`."""
 
 from __future__ import annotations
 
