@@ -53,6 +53,6 @@ def test_validation_errors_name_the_field_and_the_kind_of_problem(fake_server, p
 
 
 def test_a_refused_field_has_the_shape_too(fake_server):
-    body = {"prompt": "a", "max_tokens": 2, "echo": True}
+    body = {"prompt": "a", "max_tokens": 2, "suffix": "z"}
     error = error_of(httpx.post(fake_server.http_url + "/v1/completions", json=body, timeout=TIMEOUT))
-    assert error["param"] == "echo" and error["type"] == "invalid_request_error"
+    assert error["param"] == "suffix" and error["type"] == "invalid_request_error"
