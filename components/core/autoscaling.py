@@ -30,7 +30,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 from components.core import lws_model, tpu
-from components.core.config_keys import ConfigKey, is_set, read_integer, read_text
+from components.core.config_keys import ConfigKey, is_set, read_choice, read_integer, read_text
 from components.core.errors import ConfigError
 
 # ---------------------------------------------------------------------------------------------
@@ -192,14 +192,8 @@ def _replica_bounds(raw: Mapping[str, str]) -> tuple[int, int]:
 
 
 def _metric(raw: Mapping[str, str], metrics: Mapping[str, ScalingMetric]) -> ScalingMetric:
-    name = read_text(raw, KEYS_BY_NAME["autoscalingMetric"])
-    if name not in metrics:
-        raise ConfigError(
-            "autoscalingMetric",
-            f"{name!r} is not one of {', '.join(metrics)}",
-            "pulumi config set autoscalingMetric prefill-backlog (latency and throughput) or slots-used (capacity)",
-        )
-    return metrics[name]
+    suggestion = "pulumi config set autoscalingMetric prefill-backlog (latency and throughput) or slots-used (capacity)"
+    return metrics[read_choice(raw, KEYS_BY_NAME["autoscalingMetric"], metrics, suggestion)]
 
 
 def _target(raw: Mapping[str, str], metric: ScalingMetric) -> float:

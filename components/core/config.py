@@ -24,7 +24,6 @@ validates the config it is given. Names derived from the stack are in `naming.py
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import ipaddress
 import json
 import re
@@ -32,7 +31,7 @@ from collections.abc import Mapping
 
 from components.core import autoscaling, gateway, models, tpu
 from components.core.autoscaling import Autoscaling, parse_autoscaling
-from components.core.config_keys import ConfigKey, is_set, read_integer, read_text
+from components.core.config_keys import ConfigKey, closest, is_set, read_choice, read_integer, read_text
 from components.core.errors import ConfigError
 from components.core.gateway import GatewaySettings, parse_gateway
 from components.core.naming import (
@@ -623,15 +622,7 @@ def _boolean(raw: Mapping[str, str], name: str) -> bool:
 
 
 def _choice(raw: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
-    text = _text(raw, name)
-    if text not in choices:
-        raise ConfigError(name, f"{text!r} is not one of {', '.join(choices)}", _closest(text, choices))
-    return text
-
-
-def _closest(text: str, choices) -> str:
-    close = difflib.get_close_matches(text, list(choices), n=1)
-    return f"did you mean {close[0]!r}?" if close else f"use one of {', '.join(choices)}"
+    return read_choice(raw, KEYS_BY_NAME[name], choices)
 
 
 def _preset_int(raw: Mapping[str, str], name: str, preset_value: int) -> int:
@@ -663,7 +654,7 @@ def check_unknown_keys(raw: Mapping[str, str]) -> None:
     longer refuses undeclared keys, and the program is handed every key of its namespace."""
     for name in raw:
         if name not in KEYS_BY_NAME:
-            raise ConfigError(name, "is not a key of this stack", _closest(name, KEYS_BY_NAME))
+            raise ConfigError(name, "is not a key of this stack", closest(name, KEYS_BY_NAME))
 
 
 def _required(raw: Mapping[str, str], name: str) -> str:
@@ -684,7 +675,7 @@ def _model(raw: Mapping[str, str]) -> models.ModelPreset:
         raise ConfigError(
             "model",
             f"unknown model preset {name!r} (known: {', '.join(models.PRESETS)})",
-            _closest(name, models.PRESETS),
+            closest(name, models.PRESETS),
         )
     return models.PRESETS[name]
 

@@ -7,7 +7,8 @@ declare keys of their own (`autoscaling.py`) share it without importing each oth
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import difflib
+from collections.abc import Iterable, Mapping
 
 from components.core.errors import ConfigError
 
@@ -41,6 +42,25 @@ def is_set(raw: Mapping[str, str], key: ConfigKey) -> bool:
     the schema's default where the stack sets none, so "given" cannot mean "present"."""
     value = read_text(raw, key)
     return (value.lower() if key.type == "boolean" else value) != key.default_text
+
+
+def closest(text: str, choices: Iterable[str]) -> str:
+    """The suggestion for a value outside `choices`: the nearest one, else the list."""
+    choices = list(choices)
+    close = difflib.get_close_matches(text, choices, n=1)
+    return f"did you mean {close[0]!r}?" if close else f"use one of {', '.join(choices)}"
+
+
+def read_choice(raw: Mapping[str, str], key: ConfigKey, choices: Iterable[str], suggestion: str = "") -> str:
+    """The key's value, one of `choices`; ConfigError naming them otherwise, with `suggestion` (or
+    the nearest choice)."""
+    choices = list(choices)
+    text = read_text(raw, key)
+    if text not in choices:
+        raise ConfigError(
+            key.name, f"{text!r} is not one of {', '.join(choices)}", suggestion or closest(text, choices)
+        )
+    return text
 
 
 def read_integer(raw: Mapping[str, str], key: ConfigKey) -> int:

@@ -35,7 +35,7 @@ from collections.abc import Mapping
 
 import yaml
 
-from components.core.config_keys import ConfigKey, is_set, read_text
+from components.core.config_keys import ConfigKey, is_set, read_choice, read_text
 from components.core.errors import ConfigError
 
 NONE, INTERNAL, EXTERNAL = "none", "internal", "external"
@@ -137,14 +137,8 @@ OFF = GatewaySettings(mode=NONE, proxy_subnet_range=EXISTING_SUBNET)
 
 
 def _mode(raw: Mapping[str, str]) -> str:
-    mode = read_text(raw, KEYS_BY_NAME["gateway"])
-    if mode not in MODES:
-        raise ConfigError(
-            "gateway",
-            f"{mode!r} is not one of {', '.join(MODES)}",
-            "pulumi config set gateway internal (reachable from the VPC) or none (the Service only)",
-        )
-    return mode
+    suggestion = "pulumi config set gateway internal (reachable from the VPC) or none (the Service only)"
+    return read_choice(raw, KEYS_BY_NAME["gateway"], MODES, suggestion)
 
 
 def _proxy_subnet_range(raw: Mapping[str, str]) -> str:
