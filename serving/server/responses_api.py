@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 PATH = "/v1/responses"
 # The orchestrator's names for request fields, as this API names them in errors.
-_RENAME = {"prompt": "input", "max_tokens": "max_output_tokens"}
+_RENAME = {"prompt": "input", "max_tokens": "max_output_tokens", "response_format": "text.format"}
 
 
 class _ContentPart(_OpenAIModel):
@@ -93,12 +93,8 @@ class ResponsesBody(_OpenAIModel, _Sampling):
 
 
 def _text_format(body: ResponsesBody) -> ResponseFormat | None:
-    """The grammar `text.format` asks for (None for plain text); errors name text.format."""
-    fmt = body.text.format if body.text is not None else None
-    try:
-        return parse_response_format(fmt)
-    except RequestError as exc:
-        raise RequestError("text.format", exc.message) from None
+    """The grammar `text.format` asks for (None for plain text; errors are renamed by _RENAME)."""
+    return parse_response_format(body.text.format if body.text is not None else None)
 
 
 def _check_stateless(body: ResponsesBody) -> None:
