@@ -38,7 +38,6 @@ from components.core.naming import (
     BUCKET_NAME_LIMIT,
     CLUSTER_NAME_LIMIT,
     DNS_LABEL_LIMIT,
-    NODE_POOL_NAME_LIMIT,  # noqa: F401 (node_pools.py reads it from here)
     SERVICE_ACCOUNT_ID_LIMIT,
     node_service_account_id,
     region_of,

@@ -46,7 +46,8 @@ from collections.abc import Mapping
 
 from components.core import lws_model, tpu
 from components.core.autoscaling import NodeRange, slice_pools
-from components.core.config import NODE_POOL_NAME_LIMIT, PlatformConfig, StackConfig, stack_scoped_name
+from components.core.config import PlatformConfig, StackConfig
+from components.core.naming import NODE_POOL_NAME_LIMIT, stack_scoped_name
 
 NO_RELEASE_CHANNEL = "UNSPECIFIED"
 NODE_POOL_LABEL = "cloud.google.com/gke-nodepool"  # set by GKE on every node
