@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 from serving.engine.loaders.gguf_loader import bundled_gguf_path  # noqa: E402
 from serving.engine.tokenizer import tokenizer_from_gguf  # noqa: E402
-from serving.server.structured import GrammarCompiler, parse_response_format, unconstrained_bitmask  # noqa: E402
+from serving.engine_api import unconstrained_bitmask  # noqa: E402
+from serving.server.structured import GrammarCompiler, parse_response_format  # noqa: E402
 
 SCHEMAS = {
     "person": (

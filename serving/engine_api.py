@@ -119,6 +119,16 @@ def _check_range(name: str, value: float, bounds: tuple[float, float]) -> None:
 GREEDY = SamplingParams()
 
 
+def bitmask_words(vocab_size: int) -> int:
+    """int32 words per row of a token mask (`Engine.prefill`'s `token_mask`): one bit per token."""
+    return (vocab_size + 31) // 32
+
+
+def unconstrained_bitmask(rows: int, vocab_size: int) -> np.ndarray:
+    """[rows, words] int32 of all ones: every token allowed (constrained rows are then filled)."""
+    return np.full((rows, bitmask_words(vocab_size)), -1, np.int32)
+
+
 @dataclasses.dataclass(frozen=True)
 class TokenLogprobs:
     """Log probabilities of n tokens, on the host: each token's own [n] and the most likely

@@ -487,7 +487,10 @@ class JaxEngine(engine_api.Engine):
         if prefill:  # the masked variants too, so a first structured request is not slow
             for bucket in self.prefill_buckets:
                 _, first = self.prefill(
-                    params=params, tokens=[0] * bucket, sampling=engine_api.GREEDY, token_mask=self._all_allowed(1)
+                    params=params,
+                    tokens=[0] * bucket,
+                    sampling=engine_api.GREEDY,
+                    token_mask=engine_api.unconstrained_bitmask(1, self.cfg.vocab_size),
                 )
                 first.to_host()
         if not generate:
@@ -496,15 +499,14 @@ class JaxEngine(engine_api.Engine):
         for bucket in self.prefill_buckets:
             prefix = prefixes[bucket] if bucket in prefixes else Prefix(self._empty_prefix(bucket))
             state = self.release(self.insert(prefix, state, slot=0), slot=0)
-        arrays, mask = state.arrays, self._put_replicated(self._all_allowed(self._batch))
+        arrays, mask = (
+            state.arrays,
+            self._put_replicated(engine_api.unconstrained_bitmask(self._batch, self.cfg.vocab_size)),
+        )
         for (_, with_logprobs, masked), fn in self._generate_fns.items():
             if not (with_logprobs and masked):
                 arrays, (tokens, _) = fn(params, arrays, *((mask,) if masked else ()))
                 DeviceTokens(tokens).to_host()
-
-    def _all_allowed(self, rows: int) -> np.ndarray:
-        """A token mask allowing every token, [rows, ceil(vocab / 32)] (engine_api.Engine.generate)."""
-        return np.full((rows, -(-self.cfg.vocab_size // 32)), -1, np.int32)
 
     def _empty_prefix(self, bucket: int) -> Prefix:
         return _filler(self.prefix_infos(bucket), self.prefix_shardings(bucket))()

@@ -53,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from serving.engine_api import Engine, Params, StepTokens, Tokenizer, TokenLogprobs
+from serving.engine_api import Engine, Params, StepTokens, Tokenizer, TokenLogprobs, unconstrained_bitmask
 from serving.server.metrics import ServerMetrics
 from serving.server.requests import (
     CONTEXT_LENGTH_EXCEEDED,
@@ -67,7 +67,7 @@ from serving.server.requests import (
     ResultStream,
     TokenLogprob,
 )
-from serving.server.structured import GrammarCompiler, TokenMatcher, unconstrained_bitmask
+from serving.server.structured import GrammarCompiler, TokenMatcher
 
 log = logging.getLogger(__name__)
 

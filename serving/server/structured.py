@@ -99,15 +99,6 @@ def _compiled(
     return ResponseFormat(kind, schema, grammar, name, strict)
 
 
-def bitmask_words(vocab_size: int) -> int:
-    return (vocab_size + 31) // 32
-
-
-def unconstrained_bitmask(rows: int, vocab_size: int) -> np.ndarray:
-    """[rows, words] int32 of all ones: every token allowed. Constrained rows are then filled."""
-    return np.full((rows, bitmask_words(vocab_size)), -1, np.int32)
-
-
 class _Vocabulary:
     """What llguidance reads of a tokenizer (llguidance.TokenizerWrapper's duck type)."""
 

@@ -11,8 +11,9 @@ import jsonschema
 import numpy as np
 import pytest
 
+from serving.engine_api import bitmask_words
 from serving.server.requests import GenerateRequest, RequestError
-from serving.server.structured import GrammarCompiler, bitmask_words, parse_response_format
+from serving.server.structured import GrammarCompiler, parse_response_format
 from tests.server.fake_engine import EOS, ByteTokenizer, EchoEngine, allowed_ids, echo_orchestrator, echo_tokens
 
 TIMEOUT = httpx.Timeout(30.0)
