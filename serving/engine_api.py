@@ -273,11 +273,11 @@ class Engine(abc.ABC):
         lowest free slot first. `token_mask`: int32 [max_concurrent_decodes, ceil(vocab / 32)], one
         packed row per slot as in `prefill` (all ones: unconstrained); None costs nothing extra."""
 
-    def warmup_prefill(self, params: Params) -> dict[int, Prefix]:
-        """Run (compile) every prefill bucket once; the prefixes by bucket."""
+    def warmup_prefill(self, params: Params, token_mask: np.ndarray | None = None) -> dict[int, Prefix]:
+        """Run (compile) every prefill bucket once, with `token_mask` if given; the prefixes by bucket."""
         prefixes = {}
         for bucket in self.prefill_buckets:
-            prefix, first = self.prefill(params=params, tokens=[0] * bucket, sampling=GREEDY)
+            prefix, first = self.prefill(params=params, tokens=[0] * bucket, sampling=GREEDY, token_mask=token_mask)
             first.to_host()
             prefixes[bucket] = prefix
         return prefixes

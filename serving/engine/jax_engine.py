@@ -485,14 +485,7 @@ class JaxEngine(engine_api.Engine):
         made on its own mesh, laid out as `transfer` lands them."""
         prefixes = self.warmup_prefill(params) if prefill else {}
         if prefill:  # the masked variants too, so a first structured request is not slow
-            for bucket in self.prefill_buckets:
-                _, first = self.prefill(
-                    params=params,
-                    tokens=[0] * bucket,
-                    sampling=engine_api.GREEDY,
-                    token_mask=engine_api.unconstrained_bitmask(1, self.cfg.vocab_size),
-                )
-                first.to_host()
+            self.warmup_prefill(params, token_mask=engine_api.unconstrained_bitmask(1, self.cfg.vocab_size))
         if not generate:
             return
         state = self.init_decode_state()
