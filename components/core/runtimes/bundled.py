@@ -40,9 +40,11 @@ from components.core.errors import ConfigError
 from components.core.runtimes import gcs_fuse, maxtext
 from components.core.runtimes.base import MemoryPerChip, PodContent, PodLayout, ServerRuntime
 from components.core.runtimes.containers import (
+    POD_NAME,
     PULL_POLICY,
     SERVER_CONTAINER,
     generate_request,
+    pod_name_env,
     port,
     server_probes,
     tpu_limits,
@@ -85,7 +87,6 @@ MODELS_VOLUME = "models"
 # (<lws>-<group>[-<worker>]) across restarts; pods never write one directory at once.
 JAX_CACHE_VOLUME = "jax-cache"
 JAX_CACHE_DIR = "/jax-cache"
-POD_NAME_ENV = "POD_NAME"
 # The dtype the server computes and keeps its unquantized KV cache in; the planner counts its
 # size (ACTIVATION_BYTES), so the stack always passes it.
 DTYPE = "bfloat16"
@@ -129,7 +130,7 @@ def server_args(cfg: StackConfig, axis_flags: Mapping[str, int]) -> tuple[str, .
     # Multi-controller: one server process per TPU host, no Pathways.
     always = {
         "enable_single_controller": "false",
-        "jax_cache_dir": f"{JAX_CACHE_DIR}/$({POD_NAME_ENV})",
+        "jax_cache_dir": f"{JAX_CACHE_DIR}/{POD_NAME}",
         **_memory_flags(cfg),
     }
     return maxtext.maxtext_args(cfg, axis_flags, load_path=local_checkpoint(cfg), always=always)
@@ -163,10 +164,7 @@ def server(cfg: StackConfig, plan: Plan, image: Any, leader: bool) -> lws.Contai
         env=(
             *server_secrets.env_vars(cfg.runtime.secret_envs(cfg)),
             lws.EnvVar(name=COORDINATOR_PORT_ENV, value=str(COORDINATOR_PORT)),
-            lws.EnvVar(
-                name=POD_NAME_ENV,
-                value_from=lws.EnvVarSource(field_ref=lws.ObjectFieldSelector(field_path="metadata.name")),
-            ),
+            pod_name_env(),
         ),
         image_pull_policy=PULL_POLICY,
         ports=(*front_ends, *port(COORDINATOR_PORT, "jax-coordinator"), *port(CONTROL_PORT, "jax-control")),

@@ -14,6 +14,10 @@ if TYPE_CHECKING:
 PULL_POLICY = "IfNotPresent"  # images are pinned, so a node's cached copy is the right one
 LEADER_ADDRESS = "$(LWS_LEADER_ADDRESS)"  # expanded by Kubernetes from the env LWS injects
 SERVER_CONTAINER = "jax-tpu"  # the MaxText/JetStream server's container name in the reference YAMLs
+# The pod's own name in its environment, for per-pod cache directories: `$(POD_NAME)` in a later env
+# value or argument is expanded by Kubernetes, and LWS pods keep their names across restarts.
+POD_NAME_ENV = "POD_NAME"
+POD_NAME = f"$({POD_NAME_ENV})"
 
 # Probes of the server's health path (the reference YAMLs' values). The startup probe polls every
 # second from the restore-time delay on and tolerates a restore up to STARTUP_FAILURE_THRESHOLD
@@ -51,6 +55,13 @@ def server_probes(cfg: StackConfig, path: str, readiness_period: int = HEALTH_PE
         "liveness_probe": health_probe(path, HEALTH_PERIOD_SECONDS, failures),
         "readiness_probe": health_probe(path, readiness_period, failures),
     }
+
+
+def pod_name_env() -> lws.EnvVar:
+    """POD_NAME_ENV from the downward API (the pod's metadata.name)."""
+    return lws.EnvVar(
+        name=POD_NAME_ENV, value_from=lws.EnvVarSource(field_ref=lws.ObjectFieldSelector(field_path="metadata.name"))
+    )
 
 
 def generate_request(http_port: int) -> str:

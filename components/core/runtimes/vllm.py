@@ -46,7 +46,7 @@ from components.core.autoscaling import MetricsEndpoint, ScalingMetric
 from components.core.errors import ConfigError
 from components.core.runtimes import gcs_fuse
 from components.core.runtimes.base import MemoryPerChip, PodContent, PodLayout, ServerRuntime
-from components.core.runtimes.containers import PULL_POLICY, port, server_probes, tpu_limits
+from components.core.runtimes.containers import POD_NAME, PULL_POLICY, pod_name_env, port, server_probes, tpu_limits
 from components.core.server_secrets import SecretEnv
 from serving.protocol import HTTP_PORT, METRICS_PATH
 
@@ -67,7 +67,6 @@ _HF_MODEL = re.compile(r"^hf://[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HF_TOKEN_ENV = "HUGGING_FACE_HUB_TOKEN"
 HF_TOKEN_KEY = "hf_api_token"
 XLA_CACHE_ENV = "VLLM_XLA_CACHE_PATH"
-POD_NAME_ENV = "POD_NAME"
 
 # Volumes: the scratch bucket at /data (downloads and the XLA cache, read-write), a gs://
 # checkpoint at /models (read-only), and shared memory, as the tutorial mounts them.
@@ -156,12 +155,9 @@ def server_args(cfg: StackConfig) -> tuple[str, ...]:
 
 def _env(cfg: StackConfig) -> tuple[lws.EnvVar, ...]:
     secrets = server_secrets.env_vars(cfg.runtime.secret_envs(cfg))
-    pod_name = lws.EnvVar(
-        name=POD_NAME_ENV, value_from=lws.EnvVarSource(field_ref=lws.ObjectFieldSelector(field_path="metadata.name"))
-    )
     # One cache per pod: LWS leader pods keep their names (<lws>-<group>) across restarts.
-    cache = lws.EnvVar(name=XLA_CACHE_ENV, value=f"{XLA_CACHE_DIR}/$({POD_NAME_ENV})")
-    return (*secrets, pod_name, cache)
+    cache = lws.EnvVar(name=XLA_CACHE_ENV, value=f"{XLA_CACHE_DIR}/{POD_NAME}")
+    return (*secrets, pod_name_env(), cache)
 
 
 def _mounts(cfg: StackConfig) -> tuple[lws.VolumeMount, ...]:
