@@ -29,9 +29,10 @@ import json
 import re
 from collections.abc import Mapping
 
-from components.core import autoscaling, gateway, models, tpu
-from components.core.autoscaling import Autoscaling, parse_autoscaling
+from components.core import config_scaling, gateway, models, tpu
+from components.core.autoscaling import Autoscaling
 from components.core.config_keys import ConfigKey, closest, is_set, read_choice, read_integer, read_text
+from components.core.config_scaling import parse_autoscaling
 from components.core.errors import ConfigError
 from components.core.gateway import GatewaySettings, parse_gateway
 from components.core.naming import (
@@ -195,8 +196,8 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
             "delay); false: it ends once the objects are applied."
         ),
     ),
-    # Replicas and autoscaling (components/core/autoscaling.py).
-    *autoscaling.CONFIG_KEYS,
+    # Replicas and autoscaling (components/core/config_scaling.py).
+    *config_scaling.CONFIG_KEYS,
     # GKE Inference Gateway (components/core/gateway.py).
     *gateway.CONFIG_KEYS,
     # Server images and names.

@@ -16,10 +16,10 @@ proves placements like this before any resource exists).
 
 The Service selects the leader pods only, through the `app` label that only the leader template
 carries (as in the reference): one leader per LeaderWorkerSet replica (`replicas`), so it balances
-over every replica. With autoscaling on, the PodMonitoring and the HPA
-(components/core/autoscaling.py) come after the workload. The Namespace and the ServiceAccount the pods run as are built
-here too, so `components.render` prints everything `kubectl apply -f -` needs and
-`JetStreamServer` wraps the same dicts.
+over every replica. With autoscaling on, the PodMonitoring and the HPA (built here from the
+settings and metrics of components/core/autoscaling.py) come after the workload. The Namespace and
+the ServiceAccount the pods run as are built here too, so `components.render` prints everything
+`kubectl apply -f -` needs and `JetStreamServer` wraps the same objects.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ from typing import Any
 from components.core import gateway as inference_gateway
 from components.core import lws_model as lws
 from components.core import tpu
-from components.core.autoscaling import autoscaling_manifests
+from components.core.autoscaling import Autoscaling, MetricsEndpoint
 from components.core.config import INTERNAL_LOAD_BALANCER, StackConfig
+from components.core.hpa import scale_down_stabilization_seconds
 from components.core.node_pools import DEPLOYMENT_LABEL, NODE_POOL_LABEL, stack_toleration
 from components.core.planner import Plan
 from components.core.runtimes.base import PodContent
@@ -242,6 +243,76 @@ def scaling_manifests(cfg: StackConfig) -> list[dict]:
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# Autoscaling: Managed Prometheus scrapes the leaders, the HPA scales the LeaderWorkerSet on their average.
+
+POD_MONITORING_API_VERSION = "monitoring.googleapis.com/v1"
+SCRAPE_INTERVAL = "15s"  # GKE's JetStream example; also the HPA's default sync period
+LWS_NAME_LABEL = "leaderworkerset.sigs.k8s.io/name"
+LWS_WORKER_INDEX_LABEL = "leaderworkerset.sigs.k8s.io/worker-index"
+
+
+def leader_pod_labels(lws_name: str) -> dict[str, str]:
+    """The labels LWS puts on every group's leader: the pods its hpaPodSelector selects."""
+    return {LWS_NAME_LABEL: lws_name, LWS_WORKER_INDEX_LABEL: "0"}
+
+
+def pod_monitoring(*, namespace: str, lws_name: str, endpoint: MetricsEndpoint) -> dict:
+    """Managed Prometheus scrapes each replica's leader, the only pod that serves (and counts)."""
+    return {
+        "apiVersion": POD_MONITORING_API_VERSION,
+        "kind": "PodMonitoring",
+        "metadata": {"name": lws_name, "namespace": namespace},
+        # targetLabels left at the CRD default, which includes `pod`: the adapter matches series to pods by it.
+        "spec": {
+            "selector": {"matchLabels": leader_pod_labels(lws_name)},
+            "endpoints": [{"port": endpoint.port, "path": endpoint.path, "interval": SCRAPE_INTERVAL}],
+        },
+    }
+
+
+def horizontal_pod_autoscaler(
+    scaling: Autoscaling, *, namespace: str, lws_name: str, startup_delay_seconds: int
+) -> dict:
+    """The one HPA: the LeaderWorkerSet by name, between replicas and maxReplicas, on the leaders' average."""
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": lws_name, "namespace": namespace},
+        "spec": {
+            "scaleTargetRef": {"apiVersion": lws.API_VERSION, "kind": lws.KIND, "name": lws_name},
+            "minReplicas": scaling.replicas,
+            "maxReplicas": scaling.max_replicas,
+            "metrics": [
+                {
+                    "type": "Pods",
+                    "pods": {
+                        "metric": {"name": scaling.metric.adapter_metric},
+                        "target": {"type": "AverageValue", "averageValue": scaling.target_quantity},
+                    },
+                }
+            ],
+            "behavior": {
+                "scaleDown": {"stabilizationWindowSeconds": scale_down_stabilization_seconds(startup_delay_seconds)}
+            },
+        },
+    }
+
+
+def autoscaling_manifests(
+    scaling: Autoscaling, *, namespace: str, lws_name: str, endpoint: MetricsEndpoint, startup_delay_seconds: int
+) -> list[dict]:
+    """The PodMonitoring and the HPA in apply order; nothing when autoscaling is off."""
+    if not scaling.enabled:
+        return []
+    return [
+        pod_monitoring(namespace=namespace, lws_name=lws_name, endpoint=endpoint),
+        horizontal_pod_autoscaler(
+            scaling, namespace=namespace, lws_name=lws_name, startup_delay_seconds=startup_delay_seconds
+        ),
+    ]
+
+
 def routed_pool(cfg: StackConfig) -> inference_gateway.RoutedPool:
     """What the stack's gateway routes to: the Service's leader pods on the HTTP port."""
     return inference_gateway.RoutedPool(
@@ -268,7 +339,7 @@ def through_gateway(endpoints: Mapping[str, str], gateway_url: str) -> dict[str,
 
 def all_manifests(cfg: StackConfig, plan: Plan) -> list[dict]:
     """Everything a fresh cluster (with the LWS controller) needs, in apply order (the metrics
-    adapter that autoscaling also needs is installed from its own manifest, see autoscaling.py;
+    adapter that autoscaling also needs is installed from its own manifest, see autoscaling.py's ADAPTER_MANIFEST_URL;
     the gateway's cluster-wide parts, components/core/gateway.py, come with the cluster)."""
     prerequisites = [document for document in (namespace(cfg), service_account(cfg)) if document is not None]
     return [*prerequisites, *serving_manifests(cfg, plan), *scaling_manifests(cfg), *gateway_manifests(cfg)]

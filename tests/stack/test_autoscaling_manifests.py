@@ -12,8 +12,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from components.core import lws_model, manifests
-from components.core.autoscaling import METRICS, MetricsEndpoint, autoscaling_manifests, parse_autoscaling
+from components.core.autoscaling import METRICS, MetricsEndpoint
+from components.core.config_scaling import parse_autoscaling
 from components.core.errors import ConfigError
+from components.core.manifests import autoscaling_manifests
 from components.core.runtimes import bundled, pathways
 from serving.server.metrics import ServerMetrics
 from tests.stack.stack_helpers import bundled_example, example, lws_validator, pod_monitoring_validator
