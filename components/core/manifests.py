@@ -1,6 +1,9 @@
-"""Kubernetes manifests as pure functions: (config, plan) -> dict.
+"""Kubernetes manifests as pure functions: (config, plan) -> objects.
 
-The LeaderWorkerSet is built through the typed model in `lws_model`. What runs in its pods comes
+The workload's objects are typed: the LeaderWorkerSet (`lws_model`), its Namespace, ServiceAccount
+and Service (`kube_model`); they become dicts only at the last step, as the documents
+`all_manifests` hands the renderer or as the Pulumi arguments `JetStreamServer` builds. The
+scheduling check reads the typed LeaderWorkerSet too. What runs in the LeaderWorkerSet's pods comes
 from the config's server runtime (`cfg.runtime.pod_layout`, components/core/runtimes/):
 JetStream + MaxText on Pathways (the reference YAMLs' layout, `runtimes/pathways.py`), this
 repository's server (`runtimes/bundled.py`) or vLLM (`runtimes/vllm.py`). Where the pods run is
@@ -28,6 +31,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from components.core import gateway as inference_gateway
+from components.core import kube_model as kube
 from components.core import lws_model as lws
 from components.core import tpu
 from components.core.autoscaling import Autoscaling, MetricsEndpoint
@@ -125,7 +129,7 @@ def _lws_annotations(cfg: StackConfig) -> dict[str, str]:
     return {exclusivity: NODE_POOL_LABEL, PATCH_FORCE: "true", **await_available}
 
 
-def leader_worker_set_model(cfg: StackConfig, plan: Plan, image: Any = None) -> lws.LeaderWorkerSet:
+def leader_worker_set(cfg: StackConfig, plan: Plan, image: Any = None) -> lws.LeaderWorkerSet:
     """The LeaderWorkerSet; `image` replaces the bundled server's image (the stack's own build,
     by digest, an Output under Pulumi)."""
     layout = cfg.runtime.pod_layout(cfg, plan, image)
@@ -144,21 +148,16 @@ def leader_worker_set_model(cfg: StackConfig, plan: Plan, image: Any = None) -> 
     )
 
 
-def leader_worker_set(cfg: StackConfig, plan: Plan, image: Any = None) -> dict:
-    return leader_worker_set_model(cfg, plan, image).to_dict()
-
-
-def _service_ports(cfg: StackConfig) -> list[dict]:
+def _service_ports(cfg: StackConfig) -> tuple[kube.ServicePort, ...]:
     """HTTP always; gRPC where the runtime serves JetStream's Orchestrator service: MaxText's
     maxengine_server starts it on 9000 in jax-tpu, and the bundled server is started with
     --grpc-port 9000 (runtimes/bundled.py). vLLM has no gRPC front end."""
-    ports = [{"protocol": "TCP", "name": HTTP_PORT_NAME, "port": HTTP_PORT, "targetPort": HTTP_PORT}]
-    if cfg.runtime.serves_grpc:
-        ports.append({"protocol": "TCP", "name": GRPC_PORT_NAME, "port": GRPC_PORT, "targetPort": GRPC_PORT})
-    return ports
+    http = kube.ServicePort(protocol="TCP", name=HTTP_PORT_NAME, port=HTTP_PORT, target_port=HTTP_PORT)
+    grpc = kube.ServicePort(protocol="TCP", name=GRPC_PORT_NAME, port=GRPC_PORT, target_port=GRPC_PORT)
+    return (http, grpc) if cfg.runtime.serves_grpc else (http,)
 
 
-def service(cfg: StackConfig) -> dict:
+def service(cfg: StackConfig) -> kube.Service:
     """Every replica's leader: HTTP (JetStream's /generate, the OpenAI API of the bundled server
     and of vLLM) and, where the runtime has it, gRPC."""
     internal = cfg.service_type == INTERNAL_LOAD_BALANCER
@@ -167,16 +166,12 @@ def service(cfg: StackConfig) -> dict:
         if internal
         else {SKIP_AWAIT: "true"}
     )
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": cfg.service_name, "namespace": cfg.namespace, "annotations": annotations},
-        "spec": {
-            "type": "LoadBalancer" if internal else "ClusterIP",
-            "selector": app_labels(cfg),
-            "ports": _service_ports(cfg),
-        },
-    }
+    return kube.Service(
+        metadata=lws.ObjectMeta(name=cfg.service_name, namespace=cfg.namespace, annotations=annotations),
+        spec=kube.ServiceSpec(
+            type="LoadBalancer" if internal else "ClusterIP", selector=app_labels(cfg), ports=_service_ports(cfg)
+        ),
+    )
 
 
 def service_host(*, service_type: str, name: str, namespace: str, load_balancer_ip: str | None) -> str:
@@ -202,14 +197,14 @@ def client_endpoints(host: str, ports: Mapping[str, int], *, openai: bool) -> di
     return dict(zip(CLIENT_OUTPUTS, (http, grpc, f"{http}{OPENAI_PATH}" if openai else ""), strict=False))
 
 
-def namespace(cfg: StackConfig) -> dict | None:
+def namespace(cfg: StackConfig) -> kube.Namespace | None:
     """The stack's Namespace, or None for `default` (which every cluster has)."""
     if cfg.namespace == "default":
         return None
-    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": cfg.namespace}}
+    return kube.Namespace(metadata=lws.ObjectMeta(name=cfg.namespace))
 
 
-def service_account(cfg: StackConfig, gsa_email: Any = None) -> dict:
+def service_account(cfg: StackConfig, gsa_email: Any = None) -> kube.ServiceAccount:
     """The Kubernetes service account of the pods.
 
     With Workload Identity (the bundled server, vLLM) it is bound to the workload GSA: `gsa_email`
@@ -217,17 +212,17 @@ def service_account(cfg: StackConfig, gsa_email: Any = None) -> dict:
     (a Pulumi Output, so the KSA waits for the GSA). Pathways pods act as the node service account
     (node_pools.py), so their KSA carries no binding.
     """
-    metadata: dict[str, Any] = {"name": cfg.kubernetes_service_account, "namespace": cfg.namespace}
+    binding = None
     if cfg.pods_use_workload_identity:
-        metadata["annotations"] = {
-            GSA_ANNOTATION: cfg.workload_service_account_email if gsa_email is None else gsa_email
-        }
-    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": metadata}
+        binding = {GSA_ANNOTATION: cfg.workload_service_account_email if gsa_email is None else gsa_email}
+    return kube.ServiceAccount(
+        metadata=lws.ObjectMeta(name=cfg.kubernetes_service_account, namespace=cfg.namespace, annotations=binding)
+    )
 
 
 def serving_manifests(cfg: StackConfig, plan: Plan) -> list[dict]:
-    """The workload objects, in apply order."""
-    return [leader_worker_set(cfg, plan), service(cfg)]
+    """The workload objects as documents, in apply order."""
+    return [leader_worker_set(cfg, plan).to_dict(), service(cfg).to_dict()]
 
 
 def scaling_manifests(cfg: StackConfig) -> list[dict]:
@@ -341,7 +336,7 @@ def all_manifests(cfg: StackConfig, plan: Plan) -> list[dict]:
     """Everything a fresh cluster (with the LWS controller) needs, in apply order (the metrics
     adapter that autoscaling also needs is installed from its own manifest, see autoscaling.py's ADAPTER_MANIFEST_URL;
     the gateway's cluster-wide parts, components/core/gateway.py, come with the cluster)."""
-    prerequisites = [document for document in (namespace(cfg), service_account(cfg)) if document is not None]
+    prerequisites = [obj.to_dict() for obj in (namespace(cfg), service_account(cfg)) if obj is not None]
     return [*prerequisites, *serving_manifests(cfg, plan), *scaling_manifests(cfg), *gateway_manifests(cfg)]
 
 
