@@ -1,7 +1,7 @@
 """The replica and autoscaling config keys, and their parsing into `autoscaling.Autoscaling`.
 
 Values arrive as strings; 0 and "" mean "derived", as elsewhere in the stack. The keys join the
-stack's key table (`config.CONFIG_KEYS`); `parse_autoscaling` reads only its own four.
+stack's key table (`config_table.CONFIG_KEYS`); `parse_autoscaling` reads only its own four.
 """
 
 from __future__ import annotations

@@ -35,7 +35,8 @@ from components.core import kube_model as kube
 from components.core import lws_model as lws
 from components.core import tpu
 from components.core.autoscaling import Autoscaling, MetricsEndpoint
-from components.core.config import INTERNAL_LOAD_BALANCER, StackConfig
+from components.core.config import StackConfig
+from components.core.config_table import INTERNAL_LOAD_BALANCER
 from components.core.hpa import scale_down_stabilization_seconds
 from components.core.node_pools import DEPLOYMENT_LABEL, NODE_POOL_LABEL, stack_toleration
 from components.core.planner import Plan

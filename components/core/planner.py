@@ -30,7 +30,8 @@ from collections.abc import Mapping
 
 from components.core import tpu
 from components.core.autoscaling import Autoscaling
-from components.core.config import AXIS_KEYS, StackConfig
+from components.core.config import StackConfig
+from components.core.config_table import AXIS_KEYS
 from components.core.errors import ConfigError
 from components.core.hpa import scale_down_stabilization_seconds
 from components.core.node_pools import tpu_node_pools

@@ -6,8 +6,9 @@ import pytest
 
 from components.core import config_scaling, hpa, node_pools
 from components.core.autoscaling import METRICS
-from components.core.config import CONFIG_KEYS, ConfigKey
+from components.core.config_keys import ConfigKey
 from components.core.config_scaling import parse_autoscaling
+from components.core.config_table import CONFIG_KEYS
 from components.core.errors import ConfigError
 from components.core.node_pools import node_pool_name, slice_pools, tpu_node_pools
 from components.core.planner import replica_summary

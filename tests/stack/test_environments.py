@@ -8,7 +8,8 @@ import yaml
 from pulumi.runtime import rpc
 
 from components.core import manifests
-from components.core.config import PLATFORM_OUTPUTS, PlatformConfig, check_same_project, parse_stack_config
+from components.core.config import PlatformConfig, parse_stack_config
+from components.core.config_roles import PLATFORM_OUTPUTS, check_same_project
 from components.core.errors import ConfigError
 from components.core.node_pools import node_pool_summary, tpu_node_pools
 from components.render import read_stack_file, render

@@ -13,7 +13,8 @@ import yaml
 
 from components import render
 from components.core import gateway, manifests
-from components.core.config import CLUSTER_KEYS, PlatformConfig, parse_stack_config
+from components.core.config import PlatformConfig, parse_stack_config
+from components.core.config_roles import CLUSTER_KEYS
 from components.core.errors import ConfigError
 from components.core.planner import plan_deployment
 from tests.stack.stack_helpers import GATEWAY_SCHEMAS, ROOT, config, crd_validator

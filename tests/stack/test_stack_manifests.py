@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 from components.core import lws_model, manifests
-from components.core.config import DEFAULT_IMAGES
 from components.core.errors import ConfigError
 from components.core.runtimes import gcs_fuse
+from components.core.runtimes.pathways import DEFAULT_IMAGES
 from tests.stack.stack_helpers import (
     BUNDLED_IMAGE,
     BUNDLED_STACKS,

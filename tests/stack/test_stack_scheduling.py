@@ -11,7 +11,8 @@ import pulumi
 import pytest
 
 from components.core import lws_model, manifests, models, scheduling, tpu
-from components.core.config import MODES, SERVER_RUNTIMES, parse_stack_config
+from components.core.config import parse_stack_config
+from components.core.config_table import MODES, SERVER_RUNTIMES
 from components.core.errors import ConfigError
 from components.core.node_pools import system_node_pool, tpu_node_pools
 from components.core.planner import plan_deployment
