@@ -136,7 +136,9 @@ def parse_parallelism(raw: Mapping[str, str]) -> dict[str, int]:
     return {axis: value for axis, key in AXIS_KEYS.items() if (value := integer_of(raw, key)) != PRESET_DEFAULT}
 
 
-def label_name(raw: Mapping[str, str], name: str, limit: int, derived: str | None = None) -> str:
+def label_name(raw: Mapping[str, str], name: str, limit: int, derived: str = "") -> str:
+    """The key's value, or `derived` if it is empty, as a DNS-1123 label (appName and serviceName
+    derive nothing, so an empty one is refused)."""
     value = text_of(raw, name) or derived
     if not naming.is_dns_label(value, limit):
         raise ConfigError(

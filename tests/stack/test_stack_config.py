@@ -247,6 +247,8 @@ REFUSALS = {
     ),
     "serverFlags not JSON": ({"serverFlags": "{per_device: 1"}, "serverFlags", "not valid JSON"),
     "bad namespace": ({"namespace": "Serving_NS"}, "namespace", "DNS-1123"),
+    "empty app name": ({"appName": ""}, "appName", "'' is not a DNS-1123 label"),
+    "empty service name": ({"serviceName": ""}, "serviceName", "'' is not a DNS-1123 label"),
     "bad lws version": ({"lwsVersion": "latest"}, "lwsVersion", "not a release tag"),
     "target <= prefill": ({"maxTargetLength": "512"}, "maxTargetLength", "must exceed"),
     "bundled with an Orbax checkpoint": (
