@@ -136,7 +136,7 @@ def parse_parallelism(raw: Mapping[str, str]) -> dict[str, int]:
     return {axis: value for axis, key in AXIS_KEYS.items() if (value := integer_of(raw, key)) != PRESET_DEFAULT}
 
 
-def label_name(raw: Mapping[str, str], name: str, limit: int, derived: str = "") -> str:
+def _label_name(raw: Mapping[str, str], name: str, limit: int, derived: str = "") -> str:
     """The key's value, or `derived` if it is empty, as a DNS-1123 label (appName and serviceName
     derive nothing, so an empty one is refused)."""
     value = text_of(raw, name) or derived
@@ -152,9 +152,9 @@ def label_name(raw: Mapping[str, str], name: str, limit: int, derived: str = "")
 def parse_names(raw: Mapping[str, str], stack: str) -> dict[str, str]:
     """appName, serviceName and namespace (empty: derived from the stack), each a valid label."""
     return {
-        "appName": label_name(raw, "appName", naming.APP_NAME_LIMIT),
-        "serviceName": label_name(raw, "serviceName", naming.APP_NAME_LIMIT),
-        "namespace": label_name(raw, "namespace", naming.DNS_LABEL_LIMIT, naming.default_namespace(stack)),
+        "appName": _label_name(raw, "appName", naming.APP_NAME_LIMIT),
+        "serviceName": _label_name(raw, "serviceName", naming.APP_NAME_LIMIT),
+        "namespace": _label_name(raw, "namespace", naming.DNS_LABEL_LIMIT, naming.default_namespace(stack)),
     }
 
 
@@ -196,8 +196,8 @@ def parse_cluster(raw: Mapping[str, str], stack: str, role: str) -> dict[str, ob
     (PlatformReference), so its name and location are "" here; a platform stack always creates its
     cluster, so its config has no existing_cluster field."""
     existing = text_of(raw, "existingClusterName")
-    zone, location = parse_zone(raw)
-    name = existing or label_name(raw, "clusterName", naming.CLUSTER_NAME_LIMIT, naming.default_cluster_name(stack))
+    zone, location = _parse_zone(raw)
+    name = existing or _label_name(raw, "clusterName", naming.CLUSTER_NAME_LIMIT, naming.default_cluster_name(stack))
     on_own_cluster = role != SERVING
     return {
         "cluster_name": name if on_own_cluster else "",
@@ -214,7 +214,7 @@ def parse_cluster(raw: Mapping[str, str], stack: str, role: str) -> dict[str, ob
     }
 
 
-def parse_zone(raw: Mapping[str, str]) -> tuple[str, str]:
+def _parse_zone(raw: Mapping[str, str]) -> tuple[str, str]:
     zone = text_of(raw, "zone")
     if not _ZONE.fullmatch(zone):
         raise ConfigError("zone", f"{zone!r} is not a GCP zone", "e.g. us-east5-b (a zone with TPU v6e capacity)")
