@@ -17,8 +17,8 @@ from collections.abc import Iterable, Sequence
 
 import yaml
 
-from components.core.config import CONFIG_KEYS, PROJECT
 from components.core.config_keys import ConfigKey
+from components.core.config_table import CONFIG_KEYS, PROJECT
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PULUMI_YAML = pathlib.Path("Pulumi.yaml")
@@ -26,7 +26,7 @@ CONFIG_KEYS_PAGE = pathlib.Path("docs/stack/config-keys.md")
 COMMAND = "python -m components.config_docs"
 
 SCHEMA_HEADER = f"""\
-# Project config schema, generated from CONFIG_KEYS (components/core/config.py) by
+# Project config schema, generated from CONFIG_KEYS (components/core/config_table.py) by
 # `{COMMAND}`: edit the table and rerun it, never this block (tests/docs fails
 # when the two differ). Keys without a default would be required, and the CLI refuses keys not
 # declared here. model, topology and checkpointPath default to "" so that a role=platform stack
@@ -38,7 +38,7 @@ SCHEMA_HEADER = f"""\
 PAGE_INTRO = f"""\
 # Config keys
 
-<!-- Generated from CONFIG_KEYS (components/core/config.py) by `{COMMAND}`; do not edit. -->
+<!-- Generated from CONFIG_KEYS (components/core/config_table.py) by `{COMMAND}`; do not edit. -->
 
 All keys live in the project namespace (`{PROJECT}:<key>`, i.e. `pulumi config set <key>`).
 `gcp:project` (the standard GCP provider key) is required too.
@@ -57,7 +57,7 @@ All keys live in the project namespace (`{PROJECT}:<key>`, i.e. `pulumi config s
   does not declare, and the offline render refuses it with a did-you-mean suggestion.
 
 This page and the `config:` block of `Pulumi.yaml` are generated from one table, `CONFIG_KEYS` in
-`components/core/config.py`: change a key there, then run `{COMMAND}`.
+`components/core/config_table.py`: change a key there, then run `{COMMAND}`.
 
 | Key | Type | Default | Meaning |
 |---|---|---|---|

@@ -30,15 +30,11 @@ import yaml
 
 from components.core import gateway, manifests, scheduling, server_secrets
 from components.core.autoscaling import ADAPTER_MANIFEST_URL
-from components.core.config import (
-    PLATFORM_OUTPUTS,
-    PROJECT,
-    PlatformConfig,
-    StackConfig,
-    parse_stack_config,
-    proxy_subnet_name,
-)
+from components.core.config import PlatformConfig, StackConfig, parse_stack_config
+from components.core.config_roles import PLATFORM_OUTPUTS
+from components.core.config_table import PROJECT
 from components.core.errors import ConfigError
+from components.core.naming import proxy_subnet_name
 from components.core.node_pools import node_pool_summary, system_node_pool, tpu_node_pools
 from components.core.planner import plan_deployment
 

@@ -11,6 +11,13 @@ across a seam fails here rather than in review:
                                    talk to engines only through engine_api: no JAX, no serving.engine
                                    (the server's settings map themselves onto serving.engine.settings)
   components/core/**               the pure planning core: no Pulumi, no components.resources
+  components/core, by layer        declarations (naming, hpa, lws_model, config_keys) import nothing above them;
+                                   the key table (config_table) nothing that parses, plans or builds manifests;
+                                   the config parts (config_values, config_runtime, config_roles,
+                                   config_scaling) neither StackConfig nor planning nor manifests, and
+                                   one another only downwards (values <- runtime, roles); planning and
+                                   manifests read the parsed StackConfig, never a parsing helper; and
+                                   the core's module-level imports have no cycle
   serving/protocol.py              what both halves share (ports, names): imports nothing of the project
   components/**                    from serving, only serving.protocol and the pure serving.engine.parallelism
 """
@@ -74,7 +81,47 @@ RULES = [
 SERVING_FOR_THE_STACK = ("serving.protocol", "serving.engine.parallelism")
 
 
-@pytest.mark.parametrize("patterns,forbidden,allowed", RULES, ids=lambda v: v[0] if isinstance(v, list) else "")
+def core(*names: str) -> tuple[str, ...]:
+    return tuple(f"components.core.{name}" for name in names)
+
+
+def core_files(*names: str) -> list[str]:
+    return [f"components/core/{name}.py" for name in names]
+
+
+PLANNING = core("planner", "node_pools", "scheduling", "admission")
+MANIFESTS = core("manifests", "lws_model", "kube_model")
+CONFIG_PARSING = core("config_values", "config_runtime", "config_roles", "config_scaling", "config_keys")
+# The seams inside the core: (files, modules they may not import, exceptions among those).
+CORE_RULES = [
+    (core_files("naming", "hpa", "lws_model", "errors"), ("components", "serving"), ()),
+    (core_files("config_keys"), ("components",), core("errors")),
+    (core_files("kube_model"), ("components",), core("lws_model")),
+    (core_files("autoscaling"), ("components",), core("hpa")),
+    (
+        core_files("config_table"),
+        (*PLANNING, *MANIFESTS, *CONFIG_PARSING, *core("config")),
+        core("config_keys", "config_scaling"),
+    ),
+    (
+        core_files("config_values"),
+        (*PLANNING, *MANIFESTS, *CONFIG_PARSING, *core("config", "runtimes")),
+        core("config_keys"),
+    ),
+    (
+        core_files("config_runtime", "config_roles"),
+        (*PLANNING, *MANIFESTS, *core("config", "config_runtime", "config_roles")),
+        (),
+    ),
+    (core_files("config_roles"), core("runtimes"), ()),
+    (core_files("config_scaling"), (*PLANNING, *MANIFESTS, *core("config", "config_table", "config_values")), ()),
+    (core_files("planner", "node_pools", "scheduling", "manifests", "admission"), CONFIG_PARSING, ()),
+]
+
+
+@pytest.mark.parametrize(
+    "patterns,forbidden,allowed", RULES + CORE_RULES, ids=lambda v: v[0] if isinstance(v, list) else ""
+)
 def test_no_import_crosses_a_seam(patterns, forbidden, allowed):
     offences = [
         f"{path.relative_to(ROOT)} imports {module}"
@@ -138,3 +185,59 @@ def test_no_shared_module_branches_on_the_server_runtime():
     ]
     assert not offences, "\n".join(offences)
     assert RUNTIME_BRANCH.search('if cfg.runtime.name == "vllm":') and RUNTIME_BRANCH.search("cfg.bundled")
+
+
+def module_level_imports(path: Path, modules: set[str]) -> set[str]:
+    """Which of `modules` a file imports when it is imported: not inside functions, not under
+    TYPE_CHECKING. `from package import submodule` imports the submodule, not the package (Python
+    resolves it even while the package itself is still being imported)."""
+
+    def imported(node: ast.ImportFrom) -> set[str]:
+        submodules = {f"{node.module}.{alias.name}" for alias in node.names} & modules
+        return submodules or {node.module}
+
+    def walk(statements) -> set[str]:
+        names: set[str] = set()
+        for node in statements:
+            if isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names |= imported(node)
+            elif isinstance(node, ast.If) and ast.unparse(node.test) != "TYPE_CHECKING":
+                names |= walk(node.body) | walk(node.orelse)
+        return names
+
+    return walk(ast.parse(path.read_text(), str(path)).body) & modules
+
+
+def core_import_graph() -> dict[str, set[str]]:
+    modules = {
+        ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): path
+        for path in files("components/core/**/*.py")
+    }
+    return {module: module_level_imports(path, set(modules)) - {module} for module, path in modules.items()}
+
+
+def cycle_in(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of the graph (its modules in order), or None."""
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> list[str] | None:
+        if module in path:
+            return path[path.index(module) :] + [module]
+        if module in done:
+            return None
+        for imported in sorted(graph[module]):
+            found = visit(imported, [*path, module])
+            if found:
+                return found
+        done.add(module)
+        return None
+
+    return next((found for module in sorted(graph) if (found := visit(module, []))), None)
+
+
+def test_the_core_imports_have_no_cycle():
+    assert cycle_in(core_import_graph()) is None, " -> ".join(cycle_in(core_import_graph()))
+    assert cycle_in({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert cycle_in({"a": {"b"}, "b": set()}) is None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 API_VERSION = "leaderworkerset.x-k8s.io/v1"
 KIND = "LeaderWorkerSet"
@@ -43,7 +43,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-class _Model:
+class Model:
     def to_dict(self) -> dict[str, Any]:
         return {
             camel(field.name): _plain(getattr(self, field.name))
@@ -52,12 +52,22 @@ class _Model:
         }
 
 
+class KubernetesObject(Model):
+    """An object the API server stores: its document starts with its apiVersion and kind."""
+
+    api_version: ClassVar[str]
+    kind: ClassVar[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"apiVersion": self.api_version, "kind": self.kind, **super().to_dict()}
+
+
 def model(cls):
     return dataclasses.dataclass(frozen=True, kw_only=True)(cls)
 
 
 @model
-class ObjectMeta(_Model):
+class ObjectMeta(Model):
     name: str | None = None
     namespace: str | None = None
     labels: Mapping[str, str] | None = None
@@ -65,45 +75,45 @@ class ObjectMeta(_Model):
 
 
 @model
-class ObjectFieldSelector(_Model):
+class ObjectFieldSelector(Model):
     field_path: str  # e.g. metadata.name (the downward API)
 
 
 @model
-class SecretKeySelector(_Model):
+class SecretKeySelector(Model):
     name: str
     key: str
 
 
 @model
-class EnvVarSource(_Model):
+class EnvVarSource(Model):
     field_ref: ObjectFieldSelector | None = None
     secret_key_ref: SecretKeySelector | None = None
 
 
 @model
-class EnvVar(_Model):
+class EnvVar(Model):
     name: str
     value: str | None = None
     value_from: EnvVarSource | None = None
 
 
 @model
-class ContainerPort(_Model):
+class ContainerPort(Model):
     container_port: int
     name: str | None = None
     protocol: str | None = None
 
 
 @model
-class HTTPGetAction(_Model):
+class HTTPGetAction(Model):
     path: str
     port: int
     scheme: str = "HTTP"
 
 
 @model
-class Probe(_Model):
+class Probe(Model):
     http_get: HTTPGetAction
     period_seconds: int | None = None
     initial_delay_seconds: int | None = None
@@ -111,30 +121,30 @@ class Probe(_Model):
 
 
 @model
-class ResourceRequirements(_Model):
+class ResourceRequirements(Model):
     limits: Mapping[str, str] | None = None
     requests: Mapping[str, str] | None = None
 
 
 @model
-class Capabilities(_Model):
+class Capabilities(Model):
     add: tuple[str, ...] | None = None
 
 
 @model
-class SecurityContext(_Model):
+class SecurityContext(Model):
     capabilities: Capabilities | None = None
 
 
 @model
-class VolumeMount(_Model):
+class VolumeMount(Model):
     name: str
     mount_path: str
     read_only: bool | None = None
 
 
 @model
-class Container(_Model):
+class Container(Model):
     name: str
     image: str
     command: tuple[str, ...] | None = None
@@ -151,7 +161,7 @@ class Container(_Model):
 
 
 @model
-class Toleration(_Model):
+class Toleration(Model):
     key: str
     operator: str
     effect: str
@@ -159,20 +169,20 @@ class Toleration(_Model):
 
 
 @model
-class EmptyDirVolumeSource(_Model):
+class EmptyDirVolumeSource(Model):
     medium: str | None = None  # "Memory": a tmpfs; unset = the node's disk
     size_limit: str | None = None  # a quantity, e.g. "200Gi"; unset = no limit
 
 
 @model
-class CSIVolumeSource(_Model):
+class CSIVolumeSource(Model):
     driver: str
     read_only: bool | None = None
     volume_attributes: Mapping[str, str] | None = None
 
 
 @model
-class Volume(_Model):
+class Volume(Model):
     """One of its sources is set."""
 
     name: str
@@ -181,7 +191,7 @@ class Volume(_Model):
 
 
 @model
-class PodSpec(_Model):
+class PodSpec(Model):
     node_selector: Mapping[str, str] | None = None
     tolerations: tuple[Toleration, ...] | None = None
     service_account_name: str | None = None
@@ -192,19 +202,19 @@ class PodSpec(_Model):
 
 
 @model
-class PodTemplateSpec(_Model):
+class PodTemplateSpec(Model):
     metadata: ObjectMeta | None = None
     spec: PodSpec | None = None
 
 
 @model
-class SubGroupPolicy(_Model):
+class SubGroupPolicy(Model):
     sub_group_policy_type: str | None = None  # unset: LeaderWorker (the leader is in subgroup 0)
     sub_group_size: int
 
 
 @model
-class LeaderWorkerTemplate(_Model):
+class LeaderWorkerTemplate(Model):
     sub_group_policy: SubGroupPolicy | None = None
     leader_template: PodTemplateSpec | None = None
     size: int | None = None
@@ -212,15 +222,14 @@ class LeaderWorkerTemplate(_Model):
 
 
 @model
-class LeaderWorkerSetSpec(_Model):
+class LeaderWorkerSetSpec(Model):
     replicas: int | None = None
     leader_worker_template: LeaderWorkerTemplate
 
 
 @model
-class LeaderWorkerSet(_Model):
+class LeaderWorkerSet(KubernetesObject):
+    api_version: ClassVar[str] = API_VERSION
+    kind: ClassVar[str] = KIND
     metadata: ObjectMeta
     spec: LeaderWorkerSetSpec
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"apiVersion": API_VERSION, "kind": KIND, **super().to_dict()}

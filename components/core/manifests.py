@@ -1,6 +1,9 @@
-"""Kubernetes manifests as pure functions: (config, plan) -> dict.
+"""Kubernetes manifests as pure functions: (config, plan) -> objects.
 
-The LeaderWorkerSet is built through the typed model in `lws_model`. What runs in its pods comes
+The workload's objects are typed: the LeaderWorkerSet (`lws_model`), its Namespace, ServiceAccount
+and Service (`kube_model`); they become dicts only at the last step, as the documents
+`all_manifests` hands the renderer or as the Pulumi arguments `JetStreamServer` builds. The
+scheduling check reads the typed LeaderWorkerSet too. What runs in the LeaderWorkerSet's pods comes
 from the config's server runtime (`cfg.runtime.pod_layout`, components/core/runtimes/):
 JetStream + MaxText on Pathways (the reference YAMLs' layout, `runtimes/pathways.py`), this
 repository's server (`runtimes/bundled.py`) or vLLM (`runtimes/vllm.py`). Where the pods run is
@@ -16,10 +19,10 @@ proves placements like this before any resource exists).
 
 The Service selects the leader pods only, through the `app` label that only the leader template
 carries (as in the reference): one leader per LeaderWorkerSet replica (`replicas`), so it balances
-over every replica. With autoscaling on, the PodMonitoring and the HPA
-(components/core/autoscaling.py) come after the workload. The Namespace and the ServiceAccount the pods run as are built
-here too, so `components.render` prints everything `kubectl apply -f -` needs and
-`JetStreamServer` wraps the same dicts.
+over every replica. With autoscaling on, the PodMonitoring and the HPA (built here from the
+settings and metrics of components/core/autoscaling.py) come after the workload. The Namespace and
+the ServiceAccount the pods run as are built here too, so `components.render` prints everything
+`kubectl apply -f -` needs and `JetStreamServer` wraps the same objects.
 """
 
 from __future__ import annotations
@@ -28,10 +31,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from components.core import gateway as inference_gateway
+from components.core import kube_model as kube
 from components.core import lws_model as lws
 from components.core import tpu
-from components.core.autoscaling import autoscaling_manifests
-from components.core.config import INTERNAL_LOAD_BALANCER, StackConfig
+from components.core.autoscaling import Autoscaling, MetricsEndpoint
+from components.core.config import StackConfig
+from components.core.config_table import INTERNAL_LOAD_BALANCER
+from components.core.hpa import scale_down_stabilization_seconds
 from components.core.node_pools import DEPLOYMENT_LABEL, NODE_POOL_LABEL, stack_toleration
 from components.core.planner import Plan
 from components.core.runtimes.base import PodContent
@@ -124,7 +130,7 @@ def _lws_annotations(cfg: StackConfig) -> dict[str, str]:
     return {exclusivity: NODE_POOL_LABEL, PATCH_FORCE: "true", **await_available}
 
 
-def leader_worker_set_model(cfg: StackConfig, plan: Plan, image: Any = None) -> lws.LeaderWorkerSet:
+def leader_worker_set(cfg: StackConfig, plan: Plan, image: Any = None) -> lws.LeaderWorkerSet:
     """The LeaderWorkerSet; `image` replaces the bundled server's image (the stack's own build,
     by digest, an Output under Pulumi)."""
     layout = cfg.runtime.pod_layout(cfg, plan, image)
@@ -143,21 +149,16 @@ def leader_worker_set_model(cfg: StackConfig, plan: Plan, image: Any = None) -> 
     )
 
 
-def leader_worker_set(cfg: StackConfig, plan: Plan, image: Any = None) -> dict:
-    return leader_worker_set_model(cfg, plan, image).to_dict()
-
-
-def _service_ports(cfg: StackConfig) -> list[dict]:
+def _service_ports(cfg: StackConfig) -> tuple[kube.ServicePort, ...]:
     """HTTP always; gRPC where the runtime serves JetStream's Orchestrator service: MaxText's
     maxengine_server starts it on 9000 in jax-tpu, and the bundled server is started with
     --grpc-port 9000 (runtimes/bundled.py). vLLM has no gRPC front end."""
-    ports = [{"protocol": "TCP", "name": HTTP_PORT_NAME, "port": HTTP_PORT, "targetPort": HTTP_PORT}]
-    if cfg.runtime.serves_grpc:
-        ports.append({"protocol": "TCP", "name": GRPC_PORT_NAME, "port": GRPC_PORT, "targetPort": GRPC_PORT})
-    return ports
+    http = kube.ServicePort(protocol="TCP", name=HTTP_PORT_NAME, port=HTTP_PORT, target_port=HTTP_PORT)
+    grpc = kube.ServicePort(protocol="TCP", name=GRPC_PORT_NAME, port=GRPC_PORT, target_port=GRPC_PORT)
+    return (http, grpc) if cfg.runtime.serves_grpc else (http,)
 
 
-def service(cfg: StackConfig) -> dict:
+def service(cfg: StackConfig) -> kube.Service:
     """Every replica's leader: HTTP (JetStream's /generate, the OpenAI API of the bundled server
     and of vLLM) and, where the runtime has it, gRPC."""
     internal = cfg.service_type == INTERNAL_LOAD_BALANCER
@@ -166,16 +167,12 @@ def service(cfg: StackConfig) -> dict:
         if internal
         else {SKIP_AWAIT: "true"}
     )
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": cfg.service_name, "namespace": cfg.namespace, "annotations": annotations},
-        "spec": {
-            "type": "LoadBalancer" if internal else "ClusterIP",
-            "selector": app_labels(cfg),
-            "ports": _service_ports(cfg),
-        },
-    }
+    return kube.Service(
+        metadata=lws.ObjectMeta(name=cfg.service_name, namespace=cfg.namespace, annotations=annotations),
+        spec=kube.ServiceSpec(
+            type="LoadBalancer" if internal else "ClusterIP", selector=app_labels(cfg), ports=_service_ports(cfg)
+        ),
+    )
 
 
 def service_host(*, service_type: str, name: str, namespace: str, load_balancer_ip: str | None) -> str:
@@ -201,14 +198,14 @@ def client_endpoints(host: str, ports: Mapping[str, int], *, openai: bool) -> di
     return dict(zip(CLIENT_OUTPUTS, (http, grpc, f"{http}{OPENAI_PATH}" if openai else ""), strict=False))
 
 
-def namespace(cfg: StackConfig) -> dict | None:
+def namespace(cfg: StackConfig) -> kube.Namespace | None:
     """The stack's Namespace, or None for `default` (which every cluster has)."""
     if cfg.namespace == "default":
         return None
-    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": cfg.namespace}}
+    return kube.Namespace(metadata=lws.ObjectMeta(name=cfg.namespace))
 
 
-def service_account(cfg: StackConfig, gsa_email: Any = None) -> dict:
+def service_account(cfg: StackConfig, gsa_email: Any = None) -> kube.ServiceAccount:
     """The Kubernetes service account of the pods.
 
     With Workload Identity (the bundled server, vLLM) it is bound to the workload GSA: `gsa_email`
@@ -216,17 +213,17 @@ def service_account(cfg: StackConfig, gsa_email: Any = None) -> dict:
     (a Pulumi Output, so the KSA waits for the GSA). Pathways pods act as the node service account
     (node_pools.py), so their KSA carries no binding.
     """
-    metadata: dict[str, Any] = {"name": cfg.kubernetes_service_account, "namespace": cfg.namespace}
+    binding = None
     if cfg.pods_use_workload_identity:
-        metadata["annotations"] = {
-            GSA_ANNOTATION: cfg.workload_service_account_email if gsa_email is None else gsa_email
-        }
-    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": metadata}
+        binding = {GSA_ANNOTATION: cfg.workload_service_account_email if gsa_email is None else gsa_email}
+    return kube.ServiceAccount(
+        metadata=lws.ObjectMeta(name=cfg.kubernetes_service_account, namespace=cfg.namespace, annotations=binding)
+    )
 
 
 def serving_manifests(cfg: StackConfig, plan: Plan) -> list[dict]:
-    """The workload objects, in apply order."""
-    return [leader_worker_set(cfg, plan), service(cfg)]
+    """The workload objects as documents, in apply order."""
+    return [leader_worker_set(cfg, plan).to_dict(), service(cfg).to_dict()]
 
 
 def scaling_manifests(cfg: StackConfig) -> list[dict]:
@@ -240,6 +237,76 @@ def scaling_manifests(cfg: StackConfig) -> list[dict]:
         endpoint=cfg.runtime.metrics_endpoint(cfg),
         startup_delay_seconds=cfg.startup_probe_delay_seconds,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Autoscaling: Managed Prometheus scrapes the leaders, the HPA scales the LeaderWorkerSet on their average.
+
+POD_MONITORING_API_VERSION = "monitoring.googleapis.com/v1"
+SCRAPE_INTERVAL = "15s"  # GKE's JetStream example; also the HPA's default sync period
+LWS_NAME_LABEL = "leaderworkerset.sigs.k8s.io/name"
+LWS_WORKER_INDEX_LABEL = "leaderworkerset.sigs.k8s.io/worker-index"
+
+
+def leader_pod_labels(lws_name: str) -> dict[str, str]:
+    """The labels LWS puts on every group's leader: the pods its hpaPodSelector selects."""
+    return {LWS_NAME_LABEL: lws_name, LWS_WORKER_INDEX_LABEL: "0"}
+
+
+def pod_monitoring(*, namespace: str, lws_name: str, endpoint: MetricsEndpoint) -> dict:
+    """Managed Prometheus scrapes each replica's leader, the only pod that serves (and counts)."""
+    return {
+        "apiVersion": POD_MONITORING_API_VERSION,
+        "kind": "PodMonitoring",
+        "metadata": {"name": lws_name, "namespace": namespace},
+        # targetLabels left at the CRD default, which includes `pod`: the adapter matches series to pods by it.
+        "spec": {
+            "selector": {"matchLabels": leader_pod_labels(lws_name)},
+            "endpoints": [{"port": endpoint.port, "path": endpoint.path, "interval": SCRAPE_INTERVAL}],
+        },
+    }
+
+
+def horizontal_pod_autoscaler(
+    scaling: Autoscaling, *, namespace: str, lws_name: str, startup_delay_seconds: int
+) -> dict:
+    """The one HPA: the LeaderWorkerSet by name, between replicas and maxReplicas, on the leaders' average."""
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": lws_name, "namespace": namespace},
+        "spec": {
+            "scaleTargetRef": {"apiVersion": lws.API_VERSION, "kind": lws.KIND, "name": lws_name},
+            "minReplicas": scaling.replicas,
+            "maxReplicas": scaling.max_replicas,
+            "metrics": [
+                {
+                    "type": "Pods",
+                    "pods": {
+                        "metric": {"name": scaling.metric.adapter_metric},
+                        "target": {"type": "AverageValue", "averageValue": scaling.target_quantity},
+                    },
+                }
+            ],
+            "behavior": {
+                "scaleDown": {"stabilizationWindowSeconds": scale_down_stabilization_seconds(startup_delay_seconds)}
+            },
+        },
+    }
+
+
+def autoscaling_manifests(
+    scaling: Autoscaling, *, namespace: str, lws_name: str, endpoint: MetricsEndpoint, startup_delay_seconds: int
+) -> list[dict]:
+    """The PodMonitoring and the HPA in apply order; nothing when autoscaling is off."""
+    if not scaling.enabled:
+        return []
+    return [
+        pod_monitoring(namespace=namespace, lws_name=lws_name, endpoint=endpoint),
+        horizontal_pod_autoscaler(
+            scaling, namespace=namespace, lws_name=lws_name, startup_delay_seconds=startup_delay_seconds
+        ),
+    ]
 
 
 def routed_pool(cfg: StackConfig) -> inference_gateway.RoutedPool:
@@ -268,9 +335,9 @@ def through_gateway(endpoints: Mapping[str, str], gateway_url: str) -> dict[str,
 
 def all_manifests(cfg: StackConfig, plan: Plan) -> list[dict]:
     """Everything a fresh cluster (with the LWS controller) needs, in apply order (the metrics
-    adapter that autoscaling also needs is installed from its own manifest, see autoscaling.py;
+    adapter that autoscaling also needs is installed from its own manifest, see autoscaling.py's ADAPTER_MANIFEST_URL;
     the gateway's cluster-wide parts, components/core/gateway.py, come with the cluster)."""
-    prerequisites = [document for document in (namespace(cfg), service_account(cfg)) if document is not None]
+    prerequisites = [obj.to_dict() for obj in (namespace(cfg), service_account(cfg)) if obj is not None]
     return [*prerequisites, *serving_manifests(cfg, plan), *scaling_manifests(cfg), *gateway_manifests(cfg)]
 
 

@@ -24,10 +24,10 @@ Pathways with JetStream and MaxText should disable Workload Identity Federation 
 serverRuntime=jetstream the TPU pools use GCE_METADATA and the Pathways pods act as the node
 service account; the bundled server keeps Workload Identity (GKE_METADATA) everywhere.
 
-Replicas (components/core/autoscaling.py, `slice_pools`): one pool per slice role per LeaderWorkerSet
-replica, since each LWS group takes a pool exclusively. Replica 0 keeps the role's pool name; the
-pools of replicas that only the HPA adds are created empty and autoscale between 0 and the
-slice's hosts (`NodePoolSpec.autoscaling`), so an unused slice costs nothing.
+Replicas (`slice_pools`): one pool per slice role per LeaderWorkerSet replica, since each LWS
+group takes a pool exclusively. Replica 0 keeps the role's pool name; the pools of replicas that
+only the HPA adds are created empty and autoscale between 0 and the slice's hosts
+(`NodePoolSpec.autoscaling`), so an unused slice costs nothing.
 
 Names carry the stack (`stack_scoped_name`), and every TPU node carries the stack's deployment
 label, so two stacks on one cluster never share a pool name or each other's nodes. A label only
@@ -45,7 +45,7 @@ import dataclasses
 from collections.abc import Mapping
 
 from components.core import lws_model, tpu
-from components.core.autoscaling import NodeRange, slice_pools
+from components.core.autoscaling import Autoscaling
 from components.core.config import PlatformConfig, StackConfig
 from components.core.naming import NODE_POOL_NAME_LIMIT, stack_scoped_name
 
@@ -58,6 +58,52 @@ WORKLOAD_IDENTITY = "GKE_METADATA"  # pods act as their Kubernetes service accou
 NODE_IDENTITY = "GCE_METADATA"  # pods act as the node's service account (Pathways TPU pools)
 STACK_TAINT_KEY = "jetstream-tpu/stack"  # its value: the stack's deployment id
 SYSTEM_POOL = "system"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NodeRange:
+    min_nodes: int
+    max_nodes: int
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SlicePool:
+    """The TPU node pool of one role of one LWS replica (`tpu_node_pools` turns it into a NodePoolSpec)."""
+
+    role: str  # serving | prefill | generate
+    replica: int  # node_pools.node_pool_name: replica 0 keeps the role's pool name, others add -r<i>
+    node_count: int  # the size it is created with: the slice's hosts if fixed, 0 if autoscaled
+    autoscaling: NodeRange | None  # None: fixed size
+
+
+def slice_pools(scaling: Autoscaling, *, roles: tuple[str, ...], hosts_per_slice: int) -> tuple[SlicePool, ...]:
+    """One node pool per role per replica, up to maxReplicas; the autoscaled ones start empty.
+
+    One pool per replica, also for single-host slices, because the LeaderWorkerSet places each
+    group exclusively on one node pool (exclusive-topology on cloud.google.com/gke-nodepool): two
+    groups never share a pool. Replicas below `replicas` always run, so their pools have a fixed
+    size (exactly today's pools for replica 0). Pools of replicas above it autoscale between 0
+    and the slice's hosts, as GKE documents for TPU slices
+    (https://cloud.google.com/kubernetes-engine/docs/how-to/tpus, autoscaling flags of
+    `gcloud container node-pools create`; https://cloud.google.com/kubernetes-engine/docs/concepts/tpus):
+      * multi-host slice pool: `--enable-autoscaling --max-nodes=<hosts of the slice>`, created
+        with 0 nodes; the cluster autoscaler adds or removes the whole slice at once (atomic
+        0 <-> full size), so an unused slice costs nothing and a partial slice never exists;
+      * single-host slice pool: an ordinary autoscaled pool of one-node slices, here 0..1.
+    (xpk, Google's TPU cluster tool, creates its autoscaled TPU pools the same way:
+    --num-nodes=0 --enable-autoscaling --max-nodes=<VMs per slice>.) The cluster autoscaler
+    scales a pool up when a Pending LWS group's pods fit it, which is what the HPA causes.
+    """
+    return tuple(
+        SlicePool(
+            role=role,
+            replica=replica,
+            node_count=hosts_per_slice if replica < scaling.replicas else 0,
+            autoscaling=None if replica < scaling.replicas else NodeRange(min_nodes=0, max_nodes=hosts_per_slice),
+        )
+        for replica in range(scaling.max_replicas)
+        for role in roles
+    )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

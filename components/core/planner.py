@@ -28,9 +28,12 @@ import dataclasses
 import math
 from collections.abc import Mapping
 
-from components.core.autoscaling import replica_summary
-from components.core.config import AXIS_KEYS, StackConfig
+from components.core import tpu
+from components.core.autoscaling import Autoscaling
+from components.core.config import StackConfig
+from components.core.config_table import AXIS_KEYS
 from components.core.errors import ConfigError
+from components.core.hpa import scale_down_stabilization_seconds
 from components.core.node_pools import tpu_node_pools
 from serving.engine.parallelism import FILL_IN, ParallelismError, resolve_axes
 
@@ -236,3 +239,39 @@ def plan_deployment(cfg: StackConfig) -> Plan:
             startup_delay_seconds=cfg.startup_probe_delay_seconds,
         ),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Capacity: one TPU slice per role per replica.
+
+
+def _capacity_at(replicas: int, tpu_slice: tpu.TpuSlice, roles: tuple[str, ...]) -> dict:
+    slices = replicas * len(roles)
+    return {
+        "replicas": replicas,
+        "slices": slices,
+        "chips": slices * tpu_slice.chips,
+        "hosts": slices * tpu_slice.hosts,
+    }
+
+
+def replica_summary(
+    scaling: Autoscaling, *, tpu_slice: tpu.TpuSlice, roles: tuple[str, ...], startup_delay_seconds: int
+) -> dict | None:
+    """Chips and hosts at the minimum and maximum replica count, for the plan output.
+
+    None for the default single, fixed replica, so a stack without these keys previews as before.
+    """
+    if scaling.max_replicas == 1:
+        return None
+    summary = {
+        "min": _capacity_at(scaling.replicas, tpu_slice, roles),
+        "max": _capacity_at(scaling.max_replicas, tpu_slice, roles),
+    }
+    if scaling.enabled:
+        summary["autoscaling"] = {
+            "metric": scaling.metric.prometheus_name,
+            "target": scaling.target_quantity,
+            "scaleDownStabilizationSeconds": scale_down_stabilization_seconds(startup_delay_seconds),
+        }
+    return summary

@@ -2,8 +2,8 @@
 
 A LeaderWorkerSet that cannot be placed is accepted by the API server and stays Pending forever,
 which only shows once a TPU slice is paid for. This module places every pod the way LWS v0.10.0
-and the Kubernetes scheduler on GKE would, from the rendered LeaderWorkerSet dict and the node
-pool specs, and refuses the plan (ConfigError naming the keys) when a pod fits no node.
+and the Kubernetes scheduler on GKE would, from the typed LeaderWorkerSet (`lws_model`) and the
+node pool specs, and refuses the plan (ConfigError naming the keys) when a pod fits no node.
 
 What LWS v0.10.0 does (kubernetes-sigs/lws at v0.10.0):
   * pods: per group g (spec.replicas groups), the leader `<lws>-<g>` and workers `<lws>-<g>-<i>`,
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
 
 from components.core import lws_model, manifests, tpu
 from components.core.config import StackConfig
@@ -85,7 +84,7 @@ class Pod:
     worker_index: int
     subgroup: int | None
     node_selector: Mapping[str, str]
-    tolerations: tuple[Mapping[str, str], ...]
+    tolerations: tuple[lws_model.Toleration, ...]
     tpu_request: int
     affinity: tuple[Term, ...]
     anti_affinity: tuple[Term, ...]
@@ -138,34 +137,35 @@ def subgroup_of(worker_index: int, size: int, sub_group_size: int, leader_exclud
     return worker_index // sub_group_size
 
 
-def _tpu_request(spec: Mapping[str, Any]) -> int:
+def _tpu_request(spec: lws_model.PodSpec) -> int:
     """A pod's effective google.com/tpu request: its containers' sum, or its largest init container."""
 
-    def limit(container) -> int:
-        return int((container.get("resources") or {}).get("limits", {}).get(tpu.TPU_RESOURCE, 0))
+    def limit(container: lws_model.Container) -> int:
+        limits = (container.resources.limits if container.resources else None) or {}
+        return int(limits.get(tpu.TPU_RESOURCE, 0))
 
-    return max(sum(map(limit, spec.get("containers", ()))), *map(limit, spec.get("initContainers", ())), 0)
+    return max(sum(map(limit, spec.containers)), *map(limit, spec.init_containers or ()), 0)
 
 
-def lws_pods(lws: Mapping[str, Any]) -> list[Pod]:
+def _annotations(lws: lws_model.LeaderWorkerSet) -> Mapping[str, str]:
+    return lws.metadata.annotations or {}
+
+
+def lws_pods(lws: lws_model.LeaderWorkerSet) -> list[Pod]:
     """Every pod the LeaderWorkerSet creates, in creation order, with LWS's scheduling terms."""
-    name, spec = lws["metadata"]["name"], lws["spec"]
-    annotations = lws["metadata"].get("annotations") or {}
-    template = spec["leaderWorkerTemplate"]
-    size = template.get("size", 1)
-    policy = template.get("subGroupPolicy")
-    group_domain = annotations.get(lws_model.EXCLUSIVE_TOPOLOGY)
-    subgroup_domain = annotations.get(lws_model.SUBGROUP_EXCLUSIVE_TOPOLOGY)
+    name, template = lws.metadata.name, lws.spec.leader_worker_template
+    size = 1 if template.size is None else template.size
+    policy = template.sub_group_policy
+    group_domain = _annotations(lws).get(lws_model.EXCLUSIVE_TOPOLOGY)
+    subgroup_domain = _annotations(lws).get(lws_model.SUBGROUP_EXCLUSIVE_TOPOLOGY)
 
     def pod(group: int, index: int) -> Pod:
-        pod_spec = template["leaderTemplate" if index == 0 and "leaderTemplate" in template else "workerTemplate"][
-            "spec"
-        ]
+        leads = index == 0 and template.leader_template is not None
+        pod_spec = (template.leader_template if leads else template.worker_template).spec or lws_model.PodSpec()
         subgroup = None
         if policy is not None:
-            subgroup = subgroup_of(
-                index, size, policy["subGroupSize"], policy.get("subGroupPolicyType") == lws_model.LEADER_EXCLUDED
-            )
+            excluded = policy.sub_group_policy_type == lws_model.LEADER_EXCLUDED
+            subgroup = subgroup_of(index, size, policy.sub_group_size, excluded)
         affinity, anti = [], []
         if group_domain and index == 0:
             affinity.append(Term(GROUP_KEY, str(group), group_domain))
@@ -178,14 +178,14 @@ def lws_pods(lws: Mapping[str, Any]) -> list[Pod]:
             group=group,
             worker_index=index,
             subgroup=subgroup,
-            node_selector=pod_spec.get("nodeSelector") or {},
-            tolerations=tuple(pod_spec.get("tolerations") or ()),
+            node_selector=pod_spec.node_selector or {},
+            tolerations=tuple(pod_spec.tolerations or ()),
             tpu_request=_tpu_request(pod_spec),
             affinity=tuple(affinity),
             anti_affinity=tuple(anti),
         )
 
-    groups = range(spec.get("replicas", 1))
+    groups = range(1 if lws.spec.replicas is None else lws.spec.replicas)
     return [pod(group, 0) for group in groups] + [pod(group, index) for group in groups for index in range(1, size)]
 
 
@@ -193,14 +193,11 @@ def lws_pods(lws: Mapping[str, Any]) -> list[Pod]:
 # Feasibility of one pod on one node, given what is placed.
 
 
-def _tolerates(tolerations, taint) -> bool:
+def _tolerates(tolerations: Sequence[lws_model.Toleration], taint: Mapping[str, str]) -> bool:
     return any(
-        (
-            toleration.get("key") == taint["key"]
-            or (not toleration.get("key") and toleration.get("operator") == "Exists")
-        )
-        and (toleration.get("operator") == "Exists" or toleration.get("value") == taint["value"])
-        and toleration.get("effect") in (None, "", taint["effect"])
+        (toleration.key == taint["key"] or (not toleration.key and toleration.operator == "Exists"))
+        and (toleration.operator == "Exists" or toleration.value == taint["value"])
+        and toleration.effect in (None, "", taint["effect"])
         for toleration in tolerations
     )
 
@@ -289,12 +286,12 @@ class _Deepest:
     budget: int = SEARCH_BUDGET
 
 
-def place(lws: Mapping[str, Any], pools: Sequence[NodePoolSpec]) -> dict[str, str]:
+def place(lws: lws_model.LeaderWorkerSet, pools: Sequence[NodePoolSpec]) -> dict[str, str]:
     """pod name -> node name for every pod of the LeaderWorkerSet, or SchedulingError."""
     pods = lws_pods(lws)
     nodes = cluster_nodes(pools)
     state = _State(nodes=nodes, free_tpu={node.name: node.tpu_capacity for node in nodes})
-    group_domain_key = (lws["metadata"].get("annotations") or {}).get(lws_model.EXCLUSIVE_TOPOLOGY)
+    group_domain_key = _annotations(lws).get(lws_model.EXCLUSIVE_TOPOLOGY)
     deepest = _Deepest()
     if not _search(state, pods, 0, group_domain_key, deepest):
         raise _refusal(pods[deepest.index], deepest.reasons)
@@ -362,6 +359,6 @@ def check_deployment(cfg: StackConfig, plan: Plan) -> dict[str, str]:
     system, pools = system_node_pool(cfg), tpu_node_pools(cfg)
     placement = place(lws, (system, *pools))
     if cfg.scaling.enabled:
-        at_max = {**lws, "spec": {**lws["spec"], "replicas": cfg.scaling.max_replicas}}
+        at_max = dataclasses.replace(lws, spec=dataclasses.replace(lws.spec, replicas=cfg.scaling.max_replicas))
         placement = place(at_max, (system, *(at_full_size(spec) for spec in pools)))
     return placement

@@ -1,6 +1,7 @@
 """The HPA of the LeaderWorkerSet, its metrics, and the adapter between them.
 
-Thin wrappers over `components.core.autoscaling` (what is created and why is documented there):
+Thin wrappers over the core (the control loop is documented in `components.core.autoscaling`, the
+objects in `components.core.manifests`):
 
 MetricsAdapter, once per cluster (it serves the custom metrics API of the whole cluster):
   * the Custom Metrics Stackdriver Adapter, `kubernetes.yaml.v2.ConfigFile` of its production
@@ -71,8 +72,8 @@ class MetricsAdapter(pulumi.ComponentResource):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LeaderWorkerSetAutoscalerArgs:
-    pod_monitoring: Mapping[str, Any]  # autoscaling.pod_monitoring
-    horizontal_pod_autoscaler: Mapping[str, Any]  # autoscaling.horizontal_pod_autoscaler
+    pod_monitoring: Mapping[str, Any]  # manifests.pod_monitoring
+    horizontal_pod_autoscaler: Mapping[str, Any]  # manifests.horizontal_pod_autoscaler
 
 
 class LeaderWorkerSetAutoscaler(pulumi.ComponentResource):

@@ -21,7 +21,7 @@ import pulumi_gcp as gcp
 import pulumi_kubernetes as k8s
 import yaml
 
-from components.core.config import check_zone_in_location
+from components.core.config_values import check_zone_in_location
 from components.core.errors import ConfigError
 from components.core.gateway import GATEWAY_API_CHANNEL
 from components.core.node_pools import NO_RELEASE_CHANNEL, WORKLOAD_IDENTITY, NodePoolSpec, upgrades_automatically

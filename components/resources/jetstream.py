@@ -1,7 +1,8 @@
 """JetStreamServer: namespace, service account, the Secrets the pods read, the LeaderWorkerSet and the Service.
 
-A thin wrapper: the objects come from the pure builders in `components.core.manifests`, so what
-`pulumi up` applies is what `python -m components.render` prints. Pass the cluster's Kubernetes
+A thin wrapper: the typed objects come from the pure builders in `components.core.manifests` and
+become Pulumi arguments here, at the last step, so what `pulumi up` applies is what
+`python -m components.render` prints. Pass the cluster's Kubernetes
 provider and what the LeaderWorkerSet waits for (the LWS controller, the TPU node pools, the
 identity) in `opts`.
 
@@ -30,7 +31,7 @@ from typing import Any
 import pulumi
 import pulumi_kubernetes as k8s
 
-from components.core import lws_model, manifests
+from components.core import kube_model, lws_model, manifests
 from components.resources.options import component_dependencies
 
 SCALED_FIELD = "spec.replicas"  # what the HPA changes, through the LWS scale subresource
@@ -38,28 +39,33 @@ SCALED_FIELD = "spec.replicas"  # what the HPA changes, through the LWS scale su
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class JetStreamServerArgs:
-    namespace: Mapping[str, Any] | None  # None: the `default` namespace, which every cluster has
-    service_account: Mapping[str, Any]
-    leader_worker_set: Mapping[str, Any]  # may hold Outputs (the stack-built image's digest)
-    service: Mapping[str, Any]
+    namespace: kube_model.Namespace | None  # None: the `default` namespace, which every cluster has
+    service_account: kube_model.ServiceAccount  # its annotation may hold an Output (the GSA's email)
+    leader_worker_set: lws_model.LeaderWorkerSet  # may hold Outputs (the stack-built image's digest)
+    service: kube_model.Service
     secrets: tuple[Mapping[str, Any], ...]  # Secrets the pods read (values are Pulumi secret Outputs), before the LWS
     ready_timeout_seconds: int | None  # waitForReady: how long the LeaderWorkerSet may take
     serves_openai: bool  # the server behind the HTTP port has the OpenAI API (manifests.client_endpoints)
     autoscaled: bool = False  # an HPA owns spec.replicas after creation
 
 
-def service_args(manifest: Mapping[str, Any]) -> k8s.core.v1.ServiceInitArgs:
-    """Typed Service arguments from the pure Service manifest."""
+def metadata_args(metadata: lws_model.ObjectMeta) -> k8s.meta.v1.ObjectMetaArgs:
+    """Pulumi's metadata arguments from the typed metadata (unset fields stay unset)."""
+    return k8s.meta.v1.ObjectMetaArgs(**metadata.to_dict())
+
+
+def service_args(service: kube_model.Service) -> k8s.core.v1.ServiceInitArgs:
+    """Pulumi's Service arguments from the typed Service."""
     return k8s.core.v1.ServiceInitArgs(
-        metadata=k8s.meta.v1.ObjectMetaArgs(**manifest["metadata"]),
+        metadata=metadata_args(service.metadata),
         spec=k8s.core.v1.ServiceSpecArgs(
-            type=manifest["spec"]["type"],
-            selector=manifest["spec"]["selector"],
+            type=service.spec.type,
+            selector=dict(service.spec.selector),
             ports=[
                 k8s.core.v1.ServicePortArgs(
-                    protocol=port["protocol"], name=port["name"], port=port["port"], target_port=port["targetPort"]
+                    protocol=port.protocol, name=port.name, port=port.port, target_port=port.target_port
                 )
-                for port in manifest["spec"]["ports"]
+                for port in service.spec.ports
             ],
         ),
     )
@@ -101,13 +107,11 @@ class JetStreamServer(pulumi.ComponentResource):
         child = pulumi.ResourceOptions(parent=self)
         in_namespace = child
         if args.namespace is not None:
-            namespace = k8s.core.v1.Namespace(
-                f"{name}-ns", metadata=k8s.meta.v1.ObjectMetaArgs(**args.namespace["metadata"]), opts=child
-            )
+            namespace = k8s.core.v1.Namespace(f"{name}-ns", metadata=metadata_args(args.namespace.metadata), opts=child)
             in_namespace = pulumi.ResourceOptions(parent=self, depends_on=[namespace])
         service_account = k8s.core.v1.ServiceAccount(
             f"{name}-ksa",
-            metadata=k8s.meta.v1.ObjectMetaArgs(**args.service_account["metadata"]),
+            metadata=metadata_args(args.service_account.metadata),
             opts=in_namespace,
         )
         secrets = [self._secret(name, secret, in_namespace) for secret in args.secrets]
@@ -116,12 +120,12 @@ class JetStreamServer(pulumi.ComponentResource):
             f"{name}-lws",
             api_version=lws_model.API_VERSION,
             kind=lws_model.KIND,
-            metadata=k8s.meta.v1.ObjectMetaArgs(**lws["metadata"]),
-            spec=lws["spec"],
+            metadata=metadata_args(lws.metadata),
+            spec=lws.spec.to_dict(),
             opts=pulumi.ResourceOptions.merge(in_namespace, self._lws_options(args, [service_account, *secrets], opts)),
         )
         service = k8s.core.v1.Service(f"{name}-svc", service_args(args.service), opts=in_namespace)
-        self.namespace = pulumi.Output.from_input(lws["metadata"]["namespace"])
+        self.namespace = pulumi.Output.from_input(lws.metadata.namespace)
         self.lws_name = leader_worker_set.metadata.apply(lambda metadata: metadata["name"])
         self.service_name = service.metadata.apply(lambda metadata: metadata.name)
         self.client_endpoints = live_client_endpoints(service, args.serves_openai)

@@ -17,7 +17,7 @@ import dataclasses
 
 import pulumi
 
-from components.core.config import PLATFORM_OUTPUTS, check_same_project
+from components.core.config_roles import PLATFORM_OUTPUTS, check_same_project
 from components.core.errors import ConfigError
 
 

@@ -33,16 +33,11 @@ import pulumi.runtime.config
 import pulumi_gcp as gcp
 
 from components.core import admission, manifests, scheduling, server_secrets
-from components.core.config import (
-    PLATFORM_OUTPUTS,
-    PROJECT,
-    PlatformConfig,
-    StackConfig,
-    parse_stack_config,
-    proxy_subnet_name,
-)
+from components.core.config import PlatformConfig, StackConfig, parse_stack_config
+from components.core.config_roles import PLATFORM_OUTPUTS
+from components.core.config_table import PROJECT
 from components.core.errors import ConfigError
-from components.core.naming import region_of
+from components.core.naming import proxy_subnet_name, region_of
 from components.core.node_pools import NodePoolSpec, system_node_pool, tpu_node_pools
 from components.core.planner import Plan, plan_deployment
 from components.core.runtimes import bundled

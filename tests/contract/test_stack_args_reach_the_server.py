@@ -93,7 +93,7 @@ REFUSED_STACKS = [stack for stack in STACKS if is_disaggregated(stack)]
 
 def server_pods(cfg) -> tuple[dict, list[tuple[str, dict]]]:
     """The LWS and every (role, container) running the bundled server, leader first."""
-    lws = manifests.leader_worker_set(cfg, plan_deployment(cfg))
+    lws = manifests.leader_worker_set(cfg, plan_deployment(cfg)).to_dict()
     template = lws["spec"]["leaderWorkerTemplate"]
     servers = [
         (role, container)
@@ -395,7 +395,7 @@ def test_a_llama31_hf_stack_renders_and_schedules():
     _, servers = server_pods(cfg)
     _, settings = parse_server_command(servers[0][1])
     assert (settings.model_name, settings.load_parameters_path) == ("llama3.1-8b", bundled.MODELS_DIR)
-    leader = manifests.leader_worker_set(cfg, plan)["spec"]["leaderWorkerTemplate"]["leaderTemplate"]
+    leader = manifests.leader_worker_set(cfg, plan).to_dict()["spec"]["leaderWorkerTemplate"]["leaderTemplate"]
     (volume,) = [v for v in leader["spec"]["volumes"] if v["name"] == bundled.MODELS_VOLUME]
     assert volume["csi"]["volumeAttributes"]["bucketName"] == "my-gcp-project-checkpoints"
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from components import config_docs
-from components.core.config import CONFIG_KEYS
+from components.core.config_table import CONFIG_KEYS
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 

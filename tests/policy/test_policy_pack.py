@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from components.core import autoscaling
-from components.core.config import KEYS_BY_NAME
+from components.core.config_table import KEYS_BY_NAME
 from tests.policy.pack_runner import analysis_of, run_in_pack_venv, violations_of
 from tests.stack.pulumi_harness import EXAMPLE_STACKS, Recording, run_stack, stack_file_config
 

@@ -3,7 +3,7 @@
 Two real `python -m serving` replicas (the tiny random-weight config) on loopback behind a small
 load balancer; a burst from one client session fills one replica's prefill backlog; both
 replicas' /metrics are scraped as Google Managed Prometheus scrapes each pod, and the values go
-through the Horizontal Pod Autoscaler's formula (components.core.autoscaling.hpa_desired_replicas,
+through the Horizontal Pod Autoscaler's formula (components.core.hpa.hpa_desired_replicas,
 the stack's model of the HPA) to the decision the HPA would take. The numbers are printed (run with -s to see them).
 """
 
@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 import httpx
 import pytest
 
-from components.core.autoscaling import HPA_TOLERANCE, hpa_desired_replicas
+from components.core.hpa import HPA_TOLERANCE, hpa_desired_replicas
 from tests.server import server_process
 from tests.server.server_process import HOST, free_port, long_completion, scrape_gauges, tiny_server_args, wait_until
 

@@ -32,7 +32,7 @@ from pulumi.runtime.mocks import MockMonitor
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 MAIN = ROOT / "__main__.py"
-PROJECT = "jetstream-tpu"  # must equal components.config.PROJECT (checked in test_stack_config.py)
+PROJECT = "jetstream-tpu"  # must equal components.core.config_table.PROJECT (checked in test_stack_config.py)
 GCP_PROJECT = "test-project"
 # Every example stack file: the two reference deployments', the small and the autoscaled one (role=all),
 # vLLM's, and the environments: the platform stack and the dev and prod serving stacks on its cluster.

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from components.core import autoscaling
-from components.core.autoscaling import METRICS, parse_autoscaling, replica_summary, slice_pools
-from components.core.config import CONFIG_KEYS, ConfigKey
+from components.core import config_scaling, hpa, node_pools
+from components.core.autoscaling import METRICS
+from components.core.config_keys import ConfigKey
+from components.core.config_scaling import parse_autoscaling
+from components.core.config_table import CONFIG_KEYS
 from components.core.errors import ConfigError
-from components.core.node_pools import node_pool_name, tpu_node_pools
+from components.core.node_pools import node_pool_name, slice_pools, tpu_node_pools
+from components.core.planner import replica_summary
 from tests.stack.stack_helpers import example
 
 
@@ -20,15 +23,15 @@ def test_defaults_are_one_fixed_replica_on_the_backlog_metric():
 
 
 def test_keys_are_the_contract_names_and_in_the_stacks_table_once():
-    assert [key.name for key in autoscaling.CONFIG_KEYS] == [
+    assert [key.name for key in config_scaling.CONFIG_KEYS] == [
         "replicas",
         "maxReplicas",
         "autoscalingMetric",
         "autoscalingTarget",
     ]
-    assert all(isinstance(key, ConfigKey) and key.default is not None for key in autoscaling.CONFIG_KEYS)
+    assert all(isinstance(key, ConfigKey) and key.default is not None for key in config_scaling.CONFIG_KEYS)
     names = [key.name for key in CONFIG_KEYS]
-    assert all(names.count(key.name) == 1 for key in autoscaling.CONFIG_KEYS)
+    assert all(names.count(key.name) == 1 for key in config_scaling.CONFIG_KEYS)
 
 
 def test_max_replicas_defaults_to_replicas():
@@ -96,7 +99,7 @@ REFUSALS = [
 
 def test_the_defaults_pulumi_fills_in_are_not_taken_as_set():
     """Pulumi hands the program every declared key, defaults included: only other values count."""
-    defaults = {key.name: key.default_text for key in autoscaling.CONFIG_KEYS}
+    defaults = {key.name: key.default_text for key in config_scaling.CONFIG_KEYS}
     assert parse_autoscaling(defaults).enabled is False
     assert parse_autoscaling({**defaults, "maxReplicas": "2", "autoscalingTarget": "4"}).target == 4
 
@@ -182,7 +185,7 @@ def test_default_config_adds_nothing_to_the_plan(stack):
     ("startup", "window"), [(0, 300), (60, 300), (150, 300), (240, 480), (900, 1800), (1800, 3600), (7200, 3600)]
 )
 def test_scale_down_window_is_two_warm_ups_within_the_api_bounds(startup, window):
-    assert autoscaling.scale_down_stabilization_seconds(startup) == window
+    assert hpa.scale_down_stabilization_seconds(startup) == window
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,8 +223,8 @@ def test_multi_host_replicas_above_the_minimum_scale_their_whole_slice_from_zero
         for pool in planned
     ] == [
         ("v6e-16-serving-llama3-405b-v6e16", 0, 4, None),
-        ("v6e-16-serving-r1-llama3-405b-v6e16", 1, 0, autoscaling.NodeRange(min_nodes=0, max_nodes=4)),
-        ("v6e-16-serving-r2-llama3-405b-v6e16", 2, 0, autoscaling.NodeRange(min_nodes=0, max_nodes=4)),
+        ("v6e-16-serving-r1-llama3-405b-v6e16", 1, 0, node_pools.NodeRange(min_nodes=0, max_nodes=4)),
+        ("v6e-16-serving-r2-llama3-405b-v6e16", 2, 0, node_pools.NodeRange(min_nodes=0, max_nodes=4)),
     ]
 
 
@@ -244,7 +247,7 @@ def test_single_host_replicas_scale_one_node_each():
     _, planned = pools("llama3-8b-v6e8", {"maxReplicas": "2"})
     assert [(pool.node_count, pool.autoscaling) for pool in planned] == [
         (1, None),
-        (0, autoscaling.NodeRange(min_nodes=0, max_nodes=1)),
+        (0, node_pools.NodeRange(min_nodes=0, max_nodes=1)),
     ]
 
 

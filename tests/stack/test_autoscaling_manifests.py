@@ -12,8 +12,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from components.core import lws_model, manifests
-from components.core.autoscaling import METRICS, MetricsEndpoint, autoscaling_manifests, parse_autoscaling
+from components.core.autoscaling import METRICS, MetricsEndpoint
+from components.core.config_scaling import parse_autoscaling
 from components.core.errors import ConfigError
+from components.core.manifests import autoscaling_manifests
 from components.core.runtimes import bundled, pathways
 from serving.server.metrics import ServerMetrics
 from tests.stack.stack_helpers import bundled_example, example, lws_validator, pod_monitoring_validator
@@ -66,7 +68,7 @@ def test_the_hpa_targets_the_leader_worker_set_by_name():
         "llama2-70b-disagg",
         {"replicas": "2", "maxReplicas": "5", "autoscalingMetric": "slots-used", "autoscalingTarget": "0.7"},
     )
-    lws = manifests.leader_worker_set(*example("llama2-70b-disagg"))
+    lws = manifests.leader_worker_set(*example("llama2-70b-disagg")).to_dict()
     assert hpa["metadata"]["namespace"] == lws["metadata"]["namespace"] == cfg.namespace
     assert hpa["spec"]["scaleTargetRef"] == {
         "apiVersion": lws["apiVersion"],
@@ -160,14 +162,14 @@ def test_server_flags_that_turn_jetstream_metrics_off_are_refused(port):
 def test_leader_worker_set_with_several_replicas_validates_against_the_crd(stack):
     cfg, plan = example(stack)
     scaled = dataclasses.replace(cfg, scaling=parse_autoscaling({"replicas": "3", "maxReplicas": "6"}))
-    replicated = manifests.leader_worker_set(scaled, plan)
+    replicated = manifests.leader_worker_set(scaled, plan).to_dict()
     assert replicated["spec"]["replicas"] == 3
     lws_validator().validate(replicated)
 
 
 def test_the_crd_schema_rejects_a_non_integer_replica_count():
     cfg, plan = example("llama3-405b-v6e16")
-    lws = manifests.leader_worker_set(cfg, plan)
+    lws = manifests.leader_worker_set(cfg, plan).to_dict()
     lws["spec"]["replicas"] = "3"
     with pytest.raises(jsonschema.ValidationError):
         lws_validator().validate(lws)

@@ -8,7 +8,8 @@ import yaml
 from pulumi.runtime import rpc
 
 from components.core import manifests
-from components.core.config import PLATFORM_OUTPUTS, PlatformConfig, check_same_project, parse_stack_config
+from components.core.config import PlatformConfig, parse_stack_config
+from components.core.config_roles import PLATFORM_OUTPUTS, check_same_project
 from components.core.errors import ConfigError
 from components.core.node_pools import node_pool_summary, tpu_node_pools
 from components.render import read_stack_file, render
@@ -371,12 +372,12 @@ def test_the_outputs_follow_the_live_service_not_the_config():
 @pytest.mark.parametrize("stack", WORKLOAD_STACKS)
 def test_the_service_exposes_http_and_grpc_on_ports_the_leader_serves(stack):
     cfg, plan = example(stack)
-    service = manifests.service(cfg)
+    service = manifests.service(cfg).to_dict()
     ports = {port["name"]: (port["port"], port["targetPort"]) for port in service["spec"]["ports"]}
     # gRPC where the runtime serves JetStream's Orchestrator service (not vLLM): no port to nothing.
     grpc = {"jetstream-grpc": (9000, 9000)} if cfg.runtime.serves_grpc else {}
     assert ports == {"jetstream-http": (8000, 8000), **grpc}
-    leader = manifests.leader_worker_set(cfg, plan)["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"][
+    leader = manifests.leader_worker_set(cfg, plan).to_dict()["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"][
         "containers"
     ]
     served = {port["containerPort"] for container in leader for port in container.get("ports", [])}
@@ -384,10 +385,10 @@ def test_the_service_exposes_http_and_grpc_on_ports_the_leader_serves(stack):
 
 
 def test_service_type_internal_load_balancer_is_never_public():
-    internal = manifests.service(config(serviceType="InternalLoadBalancer"))
+    internal = manifests.service(config(serviceType="InternalLoadBalancer")).to_dict()
     assert internal["spec"]["type"] == "LoadBalancer"
     assert internal["metadata"]["annotations"]["networking.gke.io/load-balancer-type"] == "Internal"
-    default = manifests.service(config())
+    default = manifests.service(config()).to_dict()
     assert default["spec"]["type"] == "ClusterIP" and default["metadata"]["annotations"] == {
         "pulumi.com/skipAwait": "true"
     }

@@ -13,7 +13,8 @@ import yaml
 
 from components import render
 from components.core import gateway, manifests
-from components.core.config import CLUSTER_KEYS, PlatformConfig, parse_stack_config
+from components.core.config import PlatformConfig, parse_stack_config
+from components.core.config_roles import CLUSTER_KEYS
 from components.core.errors import ConfigError
 from components.core.planner import plan_deployment
 from tests.stack.stack_helpers import GATEWAY_SCHEMAS, ROOT, config, crd_validator
@@ -174,14 +175,15 @@ def test_the_schemas_catch_a_broken_object(kind, path, value):
 def test_the_pool_selects_the_services_leader_pods_on_the_http_port(make):
     cfg = make(gateway="internal")
     objects = by_kind(manifests.gateway_manifests(cfg))
-    service = manifests.service(cfg)
+    service = manifests.service(cfg).to_dict()
     pool = objects["InferencePool"]["spec"]
     assert pool["selector"]["matchLabels"] == service["spec"]["selector"]
     http_port = next(
         port["targetPort"] for port in service["spec"]["ports"] if port["name"] == manifests.HTTP_PORT_NAME
     )
     assert pool["targetPorts"] == [{"number": http_port}]
-    leader = manifests.leader_worker_set(cfg, plan_deployment(cfg))["spec"]["leaderWorkerTemplate"]["leaderTemplate"]
+    lws = manifests.leader_worker_set(cfg, plan_deployment(cfg)).to_dict()
+    leader = lws["spec"]["leaderWorkerTemplate"]["leaderTemplate"]
     assert leader["metadata"]["labels"].items() >= pool["selector"]["matchLabels"].items()
     # GKE health-checks what the server's readiness probe reads
     probe = leader["spec"]["containers"][0]["readinessProbe"]["httpGet"]

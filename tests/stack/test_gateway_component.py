@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 
 from components.core import gateway
-from components.core.config import PLATFORM_OUTPUTS
+from components.core.config_roles import PLATFORM_OUTPUTS
 from tests.stack.pulumi_harness import GATEWAY, GATEWAY_IP, GCP_PROJECT, qualified, run_stack
 from tests.stack.stack_helpers import GATEWAY_SCHEMAS, crd_validator
 

@@ -31,7 +31,7 @@ VLLM = {
 
 
 def _server_env(cfg) -> list[dict]:
-    lws = manifests.leader_worker_set(cfg, plan_deployment(cfg))
+    lws = manifests.leader_worker_set(cfg, plan_deployment(cfg)).to_dict()
     (server,) = lws["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["containers"]
     return server["env"]
 
@@ -47,11 +47,11 @@ def test_the_api_key_reaches_the_servers_environment_from_a_kubernetes_secret(ru
 def test_the_bundled_server_checks_the_key_from_that_environment_variable():
     lws = manifests.leader_worker_set(
         config(**BUNDLED, apiKeySecret="serving-api-key"), plan_deployment(config(**BUNDLED))
-    )
+    ).to_dict()
     (server,) = lws["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["containers"]
     assert server["command"][-2:] == ["--api-key-env", protocol.API_KEY_ENV]
     assert cli.build_parser().parse_intermixed_args(server["command"][3:]).api_key_env == protocol.API_KEY_ENV
-    keyless = manifests.leader_worker_set(config(**BUNDLED), plan_deployment(config(**BUNDLED)))
+    keyless = manifests.leader_worker_set(config(**BUNDLED), plan_deployment(config(**BUNDLED))).to_dict()
     assert (
         "--api-key-env"
         not in keyless["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["containers"][0]["command"]

@@ -9,7 +9,10 @@ import pytest
 import yaml
 
 from components.core import config as stack_config
+from components.core import config_table
+from components.core.config_roles import check_same_project
 from components.core.errors import ConfigError
+from components.core.naming import node_service_account_id
 from components.core.planner import plan_deployment
 from tests.stack.pulumi_harness import (
     GCP_PROJECT,
@@ -27,11 +30,11 @@ CONTRACT_KEYS = ("model", "topology", "mode", "quantization", "checkpointPath")
 
 def test_pulumi_yaml_declares_exactly_the_key_table():
     project = yaml.safe_load((ROOT / "Pulumi.yaml").read_text())
-    assert project["name"] == stack_config.PROJECT == PROJECT
+    assert project["name"] == config_table.PROJECT == PROJECT
     assert project["runtime"] == "python"
     declared = project["config"]
-    assert list(declared) == [key.name for key in stack_config.CONFIG_KEYS]
-    for key in stack_config.CONFIG_KEYS:
+    assert list(declared) == [key.name for key in config_table.CONFIG_KEYS]
+    for key in config_table.CONFIG_KEYS:
         entry = declared[key.name]
         assert entry["type"] == key.type and entry["description"] == key.description
         assert entry.get("default") == key.default, key.name
@@ -39,19 +42,19 @@ def test_pulumi_yaml_declares_exactly_the_key_table():
 
 def test_contract_keys_exist_and_the_ones_a_stack_that_serves_needs_are_refused_when_missing():
     for name in (*CONTRACT_KEYS, "role", "clusterStack", "serviceType"):  # the contract, role and Service keys
-        assert name in stack_config.KEYS_BY_NAME
-    assert stack_config.KEYS_BY_NAME["waitForReady"].type == "boolean"
+        assert name in config_table.KEYS_BY_NAME
+    assert config_table.KEYS_BY_NAME["waitForReady"].type == "boolean"
     # A string: Pulumi merges a boolean's default into config, so its "unset" could not be told from true.
-    lws_install = stack_config.KEYS_BY_NAME["installLwsController"]
-    assert (lws_install.type, lws_install.default, stack_config.LWS_INSTALLS) == (
+    lws_install = config_table.KEYS_BY_NAME["installLwsController"]
+    assert (lws_install.type, lws_install.default, config_table.LWS_INSTALLS) == (
         "string",
         "auto",
         ("auto", "always", "never"),
     )
     # Pulumi requires a key declared without a default, also in a platform stack, which has no model.
-    assert [key.name for key in stack_config.CONFIG_KEYS if key.default is None] == []
-    assert stack_config.REQUIRED_TO_SERVE == ("model", "topology", "checkpointPath")
-    for name in stack_config.REQUIRED_TO_SERVE:
+    assert [key.name for key in config_table.CONFIG_KEYS if key.default is None] == []
+    assert config_table.REQUIRED_TO_SERVE == ("model", "topology", "checkpointPath")
+    for name in config_table.REQUIRED_TO_SERVE:
         with pytest.raises(ConfigError) as refused:
             config(**{name: ""})
         assert refused.value.keys == (name,) and "is required" in refused.value.problem
@@ -61,7 +64,7 @@ def test_contract_keys_exist_and_the_ones_a_stack_that_serves_needs_are_refused_
 def test_example_stack_files_are_complete(stack):
     values = yaml.safe_load((ROOT / f"Pulumi.{stack}.yaml").read_text())["config"]
     assert "gcp:project" in values
-    for name in stack_config.REQUIRED_TO_SERVE:
+    for name in config_table.REQUIRED_TO_SERVE:
         assert f"{PROJECT}:{name}" in values
     cfg, plan = example(stack)
     assert cfg.stack == stack and plan.chips_per_slice == cfg.tpu_slice.chips
@@ -71,7 +74,7 @@ def test_example_stack_files_are_complete(stack):
 def test_platform_stack_files_set_no_workload_key(stack):
     values = yaml.safe_load((ROOT / f"Pulumi.{stack}.yaml").read_text())["config"]
     assert "gcp:project" in values and values[f"{PROJECT}:role"] == "platform"
-    assert not {f"{PROJECT}:{name}" for name in stack_config.REQUIRED_TO_SERVE} & set(values)
+    assert not {f"{PROJECT}:{name}" for name in config_table.REQUIRED_TO_SERVE} & set(values)
 
 
 def test_example_stacks_cover_both_modes_and_a_single_host():
@@ -145,7 +148,7 @@ def test_installLwsController_auto_installs_on_a_created_cluster_always_also_on_
     installs = {
         (existing, choice): (cfg.install_lws_controller, cfg.keep_lws_controller)
         for existing in ("", "shared")
-        for choice in stack_config.LWS_INSTALLS
+        for choice in config_table.LWS_INSTALLS
         for cfg in [config(existingClusterName=existing, installLwsController=choice)]
     }
     assert installs == {
@@ -244,6 +247,8 @@ REFUSALS = {
     ),
     "serverFlags not JSON": ({"serverFlags": "{per_device: 1"}, "serverFlags", "not valid JSON"),
     "bad namespace": ({"namespace": "Serving_NS"}, "namespace", "DNS-1123"),
+    "empty app name": ({"appName": ""}, "appName", "'' is not a DNS-1123 label"),
+    "empty service name": ({"serviceName": ""}, "serviceName", "'' is not a DNS-1123 label"),
     "bad lws version": ({"lwsVersion": "latest"}, "lwsVersion", "not a release tag"),
     "target <= prefill": ({"maxTargetLength": "512"}, "maxTargetLength", "must exceed"),
     "bundled with an Orbax checkpoint": (
@@ -410,7 +415,7 @@ def test_a_platform_stack_refuses_what_it_does_not_create(change, key):
 
 def test_the_defaults_pulumi_fills_in_never_count_as_set():
     """Pulumi hands a platform stack every key, model "" and mode interleaved included."""
-    defaults = {key.name: key.default_text for key in stack_config.CONFIG_KEYS}
+    defaults = {key.name: key.default_text for key in config_table.CONFIG_KEYS}
     cfg = stack_config.parse_stack_config({**defaults, **PLATFORM}, project=GCP_PROJECT, stack="platform")
     assert isinstance(cfg, stack_config.PlatformConfig) and cfg.install_lws_controller is True
     serving = stack_config.parse_stack_config({**defaults, **_refused_raw(SERVING)}, project=GCP_PROJECT, stack="dev")
@@ -424,14 +429,14 @@ def test_the_defaults_pulumi_fills_in_never_count_as_set():
 
 def test_a_serving_stacks_pools_run_as_a_node_account_of_its_own():
     serving = stack_config.parse_stack_config(_refused_raw(SERVING), project=GCP_PROJECT, stack="dev")
-    assert serving.node_service_account_id == stack_config.node_service_account_id("dev") == "js-nodes-dev"
+    assert serving.node_service_account_id == node_service_account_id("dev") == "js-nodes-dev"
     assert config(stack="dev").node_service_account_id == "js-nodes-dev"
 
 
 def test_a_serving_stack_deploys_into_its_platforms_project():
-    assert stack_config.check_same_project("p", "p", PLATFORM_STACK) == "p"
+    assert check_same_project("p", "p", PLATFORM_STACK) == "p"
     with pytest.raises(ConfigError) as refused:
-        stack_config.check_same_project("p", "q", PLATFORM_STACK)
+        check_same_project("p", "q", PLATFORM_STACK)
     assert refused.value.keys == ("gcp:project", "clusterStack") and "pulumi config set gcp:project q" in str(
         refused.value
     )

@@ -58,7 +58,7 @@ def _stack_pod(cfg) -> dict:
     """The pod spec the stack's own LeaderWorkerSet leader runs."""
     from components.core import manifests
 
-    lws = manifests.leader_worker_set(cfg, plan_deployment(cfg), None)
+    lws = manifests.leader_worker_set(cfg, plan_deployment(cfg), None).to_dict()
     return lws["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]
 
 

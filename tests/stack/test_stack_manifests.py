@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 from components.core import lws_model, manifests
-from components.core.config import DEFAULT_IMAGES
 from components.core.errors import ConfigError
 from components.core.runtimes import gcs_fuse
+from components.core.runtimes.pathways import DEFAULT_IMAGES
 from tests.stack.stack_helpers import (
     BUNDLED_IMAGE,
     BUNDLED_STACKS,
@@ -116,7 +116,7 @@ def test_the_differences_are_real(stack):
 
 def test_golden_parity_catches_a_changed_flag():
     cfg, plan = example("llama3-405b-v6e16")
-    rendered = manifests.leader_worker_set(dataclasses.replace(cfg, per_device_batch_size=9), plan)
+    rendered = manifests.leader_worker_set(dataclasses.replace(cfg, per_device_batch_size=9), plan).to_dict()
     expected = apply_intentional_differences(reference_yaml("llama3-405b-v6e16", cfg), cfg)[0]
     assert rendered != expected
 
@@ -153,12 +153,12 @@ for _stack in BUNDLED_STACKS:
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_leader_worker_set_validates_against_the_strict_crd_schema(variant):
     cfg, plan = VARIANTS[variant]()
-    lws_validator().validate(manifests.leader_worker_set(cfg, plan))
+    lws_validator().validate(manifests.leader_worker_set(cfg, plan).to_dict())
 
 
 def test_strict_crd_schema_rejects_a_misplaced_field():
     cfg, plan = example("llama2-70b-disagg")
-    lws = manifests.leader_worker_set(cfg, plan)
+    lws = manifests.leader_worker_set(cfg, plan).to_dict()
     lws["spec"]["subGroupPolicy"] = lws["spec"]["leaderWorkerTemplate"].pop("subGroupPolicy")
     with pytest.raises(jsonschema.ValidationError):
         lws_validator().validate(lws)
@@ -167,8 +167,8 @@ def test_strict_crd_schema_rejects_a_misplaced_field():
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_core_objects_validate_with_kubernetes_validate(variant):
     cfg, plan = VARIANTS[variant]()
-    kubernetes_validate.validate(manifests.service(cfg), K8S_VERSION, strict=True)
-    template = manifests.leader_worker_set(cfg, plan)["spec"]["leaderWorkerTemplate"]
+    kubernetes_validate.validate(manifests.service(cfg).to_dict(), K8S_VERSION, strict=True)
+    template = manifests.leader_worker_set(cfg, plan).to_dict()["spec"]["leaderWorkerTemplate"]
     for role in ("leaderTemplate", "workerTemplate"):
         pod = {
             "apiVersion": "v1",
@@ -182,12 +182,12 @@ def test_core_objects_validate_with_kubernetes_validate(variant):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_namespace_and_service_account_validate_with_kubernetes_validate(variant):
     cfg, plan = VARIANTS[variant]()
-    namespace, account = manifests.namespace(cfg), manifests.service_account(cfg)
+    namespace, account = manifests.namespace(cfg), manifests.service_account(cfg).to_dict()
     if cfg.namespace == "default":
         assert namespace is None
     else:
-        assert namespace == {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": cfg.namespace}}
-        kubernetes_validate.validate(namespace, K8S_VERSION, strict=True)
+        assert namespace.to_dict() == {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": cfg.namespace}}
+        kubernetes_validate.validate(namespace.to_dict(), K8S_VERSION, strict=True)
     kubernetes_validate.validate(account, K8S_VERSION, strict=True)
     binding = {
         "annotations": {
@@ -201,7 +201,7 @@ def test_namespace_and_service_account_validate_with_kubernetes_validate(variant
         **(binding if cfg.pods_use_workload_identity else {}),
     }
     # Every pod runs as that account, in that namespace.
-    lws = manifests.leader_worker_set(cfg, plan)
+    lws = manifests.leader_worker_set(cfg, plan).to_dict()
     template = lws["spec"]["leaderWorkerTemplate"]
     assert {template[role]["spec"]["serviceAccountName"] for role in ("leaderTemplate", "workerTemplate")} == {
         account["metadata"]["name"]
@@ -209,7 +209,7 @@ def test_namespace_and_service_account_validate_with_kubernetes_validate(variant
     assert (
         lws["metadata"]["namespace"]
         == account["metadata"]["namespace"]
-        == manifests.service(cfg)["metadata"]["namespace"]
+        == manifests.service(cfg).to_dict()["metadata"]["namespace"]
     )
     kinds = [document["kind"] for document in manifests.all_manifests(cfg, plan)]
     assert kinds == [*(["Namespace"] if namespace else []), "ServiceAccount", "LeaderWorkerSet", "Service"]
@@ -217,7 +217,7 @@ def test_namespace_and_service_account_validate_with_kubernetes_validate(variant
 
 def test_kubernetes_validate_catches_a_bad_service():
     cfg, _ = example("llama3-405b-v6e16")
-    service = manifests.service(cfg)
+    service = manifests.service(cfg).to_dict()
     service["spec"]["ports"][0]["targetPrt"] = 8000
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(service, K8S_VERSION, strict=True)
@@ -267,7 +267,7 @@ def test_every_typed_lws_field_exists_at_its_place_in_the_crd():
 
 def test_the_crd_check_catches_a_field_the_crd_lacks():
     @lws_model.model
-    class Bogus(lws_model._Model):
+    class Bogus(lws_model.Model):
         sub_group_size: int
         leader_count: int
 
@@ -300,7 +300,7 @@ def test_to_dict_uses_crd_names_and_drops_unset_fields():
 
 
 def _jax_tpu(cfg, plan) -> dict:
-    leader = manifests.leader_worker_set(cfg, plan)["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]
+    leader = manifests.leader_worker_set(cfg, plan).to_dict()["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]
     return next(container for container in leader["containers"] if container["name"] == "jax-tpu")
 
 
@@ -321,7 +321,7 @@ def test_bf16_drops_the_int8_flags():
 
 def test_disaggregated_mode_works_for_any_preset():
     cfg, plan = _with_plan(config(model="llama3.1-8b", topology="2x4", mode="disaggregated"))
-    lws = manifests.leader_worker_set(cfg, plan)
+    lws = manifests.leader_worker_set(cfg, plan).to_dict()
     assert "inference_server=ExperimentalMaxtextDisaggregatedServer_8" in _jax_tpu(cfg, plan)["args"]
     assert lws["spec"]["leaderWorkerTemplate"]["subGroupPolicy"] == {
         "subGroupPolicyType": "LeaderExcluded",
@@ -340,7 +340,7 @@ PATHWAYS_IMAGES = {
 
 
 def _templates(cfg, plan) -> tuple[dict, dict, dict]:
-    lws = manifests.leader_worker_set(cfg, plan)
+    lws = manifests.leader_worker_set(cfg, plan).to_dict()
     template = lws["spec"]["leaderWorkerTemplate"]
     return lws, template["leaderTemplate"], template["workerTemplate"]
 
@@ -475,10 +475,10 @@ def test_bundled_refuses_a_preset_its_server_cannot_run():
 def test_bundled_service_reaches_the_leader_only():
     cfg, plan = bundled_example("llama3-405b-v6e16")
     _, leader, worker = _templates(cfg, plan)
-    selector = manifests.service(cfg)["spec"]["selector"]
+    selector = manifests.service(cfg).to_dict()["spec"]["selector"]
     assert selector.items() <= leader["metadata"]["labels"].items()
     assert "labels" not in worker["metadata"]  # workers carry only LWS's own labels
-    assert manifests.service(cfg)["spec"]["ports"][0]["targetPort"] == 8000
+    assert manifests.service(cfg).to_dict()["spec"]["ports"][0]["targetPort"] == 8000
 
 
 def test_bundled_checkpoint_settings_follow_the_file_format():
@@ -582,7 +582,7 @@ def _changed_paths(old, new, prefix: str = "") -> set[str]:
 def test_mode_and_disaggregated_topology_changes_hit_an_immutable_field_and_replace(change):
     before = {"model": "llama2-70b", "topology": "2x4", "mode": "disaggregated"}
     after = {**before, **({"mode": "interleaved"} if change == "mode" else {"topology": "4x4"})}
-    old, new = (manifests.leader_worker_set(*_with_plan(config(**raw))) for raw in (before, after))
+    old, new = (manifests.leader_worker_set(*_with_plan(config(**raw))).to_dict() for raw in (before, after))
     immutable = {
         path
         for path in _changed_paths(old, new)

@@ -156,14 +156,14 @@ def test_example_stack_resources(recordings, stack):
 @pytest.mark.parametrize("stack", [stack for stack in WORKLOAD_STACKS if not example(stack)[0].builds_server_image])
 def test_lws_resource_is_the_rendered_manifest(recordings, stack):
     cfg, plan = example(stack)
-    expected = manifests.leader_worker_set(cfg, plan)
+    expected = manifests.leader_worker_set(cfg, plan).to_dict()
     lws = recordings[stack].one(LWS).inputs
     assert (lws["apiVersion"], lws["kind"]) == ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet")
     assert lws["spec"] == expected["spec"]
     assert lws["metadata"] == expected["metadata"]
     service = recordings[stack].one(SERVICE).inputs
-    assert service["spec"] == manifests.service(cfg)["spec"]
-    assert service["metadata"] == manifests.service(cfg)["metadata"]
+    assert service["spec"] == manifests.service(cfg).to_dict()["spec"]
+    assert service["metadata"] == manifests.service(cfg).to_dict()["metadata"]
 
 
 @pytest.mark.parametrize("stack", WORKLOAD_STACKS)
@@ -172,17 +172,18 @@ def test_namespace_and_service_account_are_the_rendered_manifests(recordings, st
     cfg, _ = example(stack)
     recording = recordings[stack]
     (namespace,) = recording.of_type("kubernetes:core/v1:Namespace")
-    assert namespace.inputs["metadata"] == manifests.namespace(cfg)["metadata"]
+    assert namespace.inputs["metadata"] == manifests.namespace(cfg).to_dict()["metadata"]
     ksa = recording.one("kubernetes:core/v1:ServiceAccount").inputs
     # Bound (bundled server) to the Google account the stack created, whose email GCP (here the mocks) assigns.
-    assert ksa["metadata"] == manifests.service_account(cfg, recording.outputs["serviceAccountEmail"])["metadata"]
+    bound = manifests.service_account(cfg, recording.outputs["serviceAccountEmail"])
+    assert ksa["metadata"] == bound.to_dict()["metadata"]
 
 
 def test_bundled_stack_deploys_the_bundled_layout():
     recording = _run_bundled("llama3-405b-v6e16")
     cfg, plan = bundled_example("llama3-405b-v6e16")
     lws = recording.one(LWS).inputs
-    assert lws["spec"] == manifests.leader_worker_set(cfg, plan)["spec"]
+    assert lws["spec"] == manifests.leader_worker_set(cfg, plan).to_dict()["spec"]
     assert lws["spec"]["leaderWorkerTemplate"]["size"] == 4
     assert [pool.inputs["nodeCount"] for pool in recording.of_type(NODE_POOL) if pool.inputs["name"] != "system"] == [4]
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import itertools
+from collections.abc import Mapping
+from typing import Any
 
 import pulumi
 import pytest
 
-from components.core import manifests, models, scheduling, tpu
-from components.core.config import MODES, SERVER_RUNTIMES, parse_stack_config
+from components.core import lws_model, manifests, models, scheduling, tpu
+from components.core.config import parse_stack_config
+from components.core.config_table import MODES, SERVER_RUNTIMES
 from components.core.errors import ConfigError
 from components.core.node_pools import system_node_pool, tpu_node_pools
 from components.core.planner import plan_deployment
@@ -45,6 +47,21 @@ def _accepted_and_refused():
 ACCEPTED, REFUSED = _accepted_and_refused()
 
 
+def _replaced(obj: Any, path: tuple[str | int, ...], value: Any) -> Any:
+    """`obj` with the field at `path` (attribute names, tuple indices, mapping keys) set to `value`."""
+    if not path:
+        return value
+    head, *rest = path
+    if isinstance(head, int):
+        return tuple(_replaced(item, tuple(rest), value) if index == head else item for index, item in enumerate(obj))
+    if isinstance(obj, Mapping):
+        return {**obj, head: _replaced(obj[head], tuple(rest), value)}
+    return dataclasses.replace(obj, **{head: _replaced(getattr(obj, head), tuple(rest), value)})
+
+
+TEMPLATE = ("spec", "leader_worker_template")
+
+
 def _id(case) -> str:
     model, row, mode, runtime = case
     return f"{model}-{row.topology}-{row.machine_type.removeprefix('ct6e-standard-')}-{mode}-{runtime}"
@@ -58,8 +75,7 @@ def test_the_planner_accepts_most_combinations():
 @pytest.mark.parametrize("case, cfg, plan", ACCEPTED, ids=[_id(case) for case, _, _ in ACCEPTED])
 def test_every_accepted_combination_can_be_scheduled(case, cfg, plan):
     placement = scheduling.check_deployment(cfg, plan)
-    lws = manifests.leader_worker_set(cfg, plan)
-    assert len(placement) == lws["spec"]["leaderWorkerTemplate"]["size"]
+    assert len(placement) == manifests.leader_worker_set(cfg, plan).spec.leader_worker_template.size
     tpu_nodes = {name for name, node in placement.items() if not node.startswith("system")}
     assert tpu_nodes == set(placement)  # every pod of the workload is on the stack's TPU nodes
 
@@ -74,10 +90,9 @@ def test_single_host_disaggregated_places_one_worker_per_slice():
     """8.8: size 3, subGroupSize 1, LeaderExcluded: workers 1 and 2 are subgroups 1 and 2."""
     cfg, plan, pools = _single_host_disaggregated()
     lws = manifests.leader_worker_set(cfg, plan)
-    assert lws["spec"]["leaderWorkerTemplate"]["subGroupPolicy"] == {
-        "subGroupPolicyType": "LeaderExcluded",
-        "subGroupSize": 1,
-    }
+    assert lws.spec.leader_worker_template.sub_group_policy == lws_model.SubGroupPolicy(
+        sub_group_policy_type="LeaderExcluded", sub_group_size=1
+    )
     placement = scheduling.place(lws, pools)
     worker_pools = {
         placement["jetstream-pathways-0-1"].rsplit("-", 1)[0],
@@ -90,8 +105,8 @@ def test_the_old_single_host_disaggregated_layout_is_refused():
     """8.8/8.9: without LeaderExcluded the leader is subgroup 0 and the workers 1 and 2: three
     exclusive subgroups for two node pools, so one worker would stay Pending forever."""
     cfg, plan, pools = _single_host_disaggregated()
-    lws = manifests.leader_worker_set(cfg, plan)
-    del lws["spec"]["leaderWorkerTemplate"]["subGroupPolicy"]["subGroupPolicyType"]
+    policy_type = (*TEMPLATE, "sub_group_policy", "sub_group_policy_type")
+    lws = _replaced(manifests.leader_worker_set(cfg, plan), policy_type, None)
     with pytest.raises(scheduling.SchedulingError) as refused:
         scheduling.place(lws, pools)
     message = str(refused.value)
@@ -144,7 +159,7 @@ def _pathways_405b():
 
 def test_a_pod_without_the_tpu_toleration_is_refused():
     lws, pools = _pathways_405b()
-    del lws["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["tolerations"]
+    lws = _replaced(lws, (*TEMPLATE, "worker_template", "spec", "tolerations"), None)
     with pytest.raises(scheduling.SchedulingError) as refused:
         scheduling.place(lws, pools)
     assert "google.com/tpu=present:NoSchedule not tolerated" in str(refused.value)
@@ -152,9 +167,8 @@ def test_a_pod_without_the_tpu_toleration_is_refused():
 
 def test_a_node_selector_no_pool_matches_is_refused():
     lws, pools = _pathways_405b()
-    lws["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["nodeSelector"][
-        "cloud.google.com/gke-tpu-topology"
-    ] = "8x8"
+    selector = (*TEMPLATE, "leader_template", "spec", "node_selector", "cloud.google.com/gke-tpu-topology")
+    lws = _replaced(lws, selector, "8x8")
     with pytest.raises(scheduling.SchedulingError) as refused:
         scheduling.place(lws, pools)
     assert "no label cloud.google.com/gke-tpu-topology=8x8" in str(refused.value) and "topology" in refused.value.keys
@@ -162,9 +176,8 @@ def test_a_node_selector_no_pool_matches_is_refused():
 
 def test_more_chips_than_a_host_has_are_refused():
     lws, pools = _pathways_405b()
-    lws["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"][0]["resources"]["limits"][
-        "google.com/tpu"
-    ] = "8"
+    limit = (*TEMPLATE, "worker_template", "spec", "containers", 0, "resources", "limits", "google.com/tpu")
+    lws = _replaced(lws, limit, "8")
     with pytest.raises(scheduling.SchedulingError) as refused:
         scheduling.place(lws, pools)
     assert "8 google.com/tpu requested, 4 free" in str(refused.value)
@@ -188,8 +201,7 @@ def test_another_stacks_pools_are_never_used():
 def test_each_replica_needs_its_own_slice():
     """Written for replicas: N groups need N exclusive slices (one node pool each)."""
     lws, pools = _pathways_405b()
-    two = copy.deepcopy(lws)
-    two["spec"]["replicas"] = 2
+    two = _replaced(lws, ("spec", "replicas"), 2)
     with pytest.raises(scheduling.SchedulingError) as refused:
         scheduling.place(two, pools)
     assert "jetstream-pathways-1" in str(refused.value) and "taken by group 0" in str(refused.value)
@@ -210,7 +222,7 @@ def test_autoscaling_is_checked_at_min_and_at_max_replicas(mode, topology):
     )
     plan = plan_deployment(cfg)
     placement = scheduling.check_deployment(cfg, plan)
-    size = manifests.leader_worker_set(cfg, plan)["spec"]["leaderWorkerTemplate"]["size"]
+    size = manifests.leader_worker_set(cfg, plan).spec.leader_worker_template.size
     assert len(placement) == 3 * size
     # The TPU workers of different groups never share a pool (the Pathways leader holds no TPU).
     pools_by_group = {
@@ -225,4 +237,4 @@ def test_autoscaling_is_checked_at_min_and_at_max_replicas(mode, topology):
     # The third group only fits once its empty pools have grown: as created, there is no slice for it.
     lws = manifests.leader_worker_set(cfg, plan)
     with pytest.raises(scheduling.SchedulingError):
-        scheduling.place({**lws, "spec": {**lws["spec"], "replicas": 3}}, [system_node_pool(cfg), *tpu_node_pools(cfg)])
+        scheduling.place(_replaced(lws, ("spec", "replicas"), 3), [system_node_pool(cfg), *tpu_node_pools(cfg)])

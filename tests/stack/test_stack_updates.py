@@ -12,8 +12,10 @@ import pulumi
 import pytest
 import yaml
 
-from components.core import config as stack_config
+from components.core import config_table
+from components.core.config import parse_stack_config
 from components.core.errors import ConfigError
+from components.core.runtimes.pathways import DEFAULT_IMAGES
 from components.resources import lws_controller
 from tests.stack.pulumi_harness import GCP_PROJECT, ROOT, qualified, run_stack, stack_file_config
 from tests.stack.stack_helpers import config
@@ -210,9 +212,9 @@ def test_control_plane_keys_are_refused_where_they_cannot_apply(raw, keys, fragm
 
 def test_a_serving_stack_leaves_the_control_plane_to_its_platform():
     raw = {**stack_file_config("dev"), **qualified({"authorizedNetworks": "10.0.0.0/8"})}
-    values = {key.split(":", 1)[1]: value for key, value in raw.items() if key.startswith(f"{stack_config.PROJECT}:")}
+    values = {key.split(":", 1)[1]: value for key, value in raw.items() if key.startswith(f"{config_table.PROJECT}:")}
     with pytest.raises(ConfigError, match="authorizedNetworks is set, but a role=serving stack does not use it"):
-        stack_config.parse_stack_config(values, project=GCP_PROJECT, stack="dev")
+        parse_stack_config(values, project=GCP_PROJECT, stack="dev")
 
 
 # --- the updates table (docs/stack/updates.md) ---------------------------------------------------
@@ -277,7 +279,7 @@ def _settings(cell: str) -> dict[str, str]:
     """`key=value key=value` as the table writes it; an elided image (…) is the default image's repository."""
     settings = dict(item.split("=", 1) for item in cell.strip("` ").split())
     return {
-        key: value.replace("…", stack_config.DEFAULT_IMAGES[key].rsplit(":", 1)[0]) if "…" in value else value
+        key: value.replace("…", DEFAULT_IMAGES[key].rsplit(":", 1)[0]) if "…" in value else value
         for key, value in settings.items()
     }
 

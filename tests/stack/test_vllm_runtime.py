@@ -117,8 +117,8 @@ def tutorial_cfg(**overrides: str):
 
 
 def leader_template(cfg) -> dict:
-    template = manifests.leader_worker_set(cfg, plan_deployment(cfg))["spec"]["leaderWorkerTemplate"]["leaderTemplate"]
-    template = copy.deepcopy(template)
+    lws = manifests.leader_worker_set(cfg, plan_deployment(cfg)).to_dict()
+    template = lws["spec"]["leaderWorkerTemplate"]["leaderTemplate"]
     (container,) = template["spec"]["containers"]
     container["args"] = _args_by_flag(container["args"])
     return template
@@ -162,7 +162,7 @@ def test_the_tutorials_autoscaling_is_ours():
 def test_the_service_serves_http_and_the_openai_api_only():
     tutorial = tutorial_documents()["Service"]
     cfg = tutorial_cfg()
-    service = manifests.service(cfg)
+    service = manifests.service(cfg).to_dict()
     (port,) = service["spec"]["ports"]
     assert (port["port"], port["targetPort"]) == (
         tutorial["spec"]["ports"][0]["port"],

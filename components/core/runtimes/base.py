@@ -63,7 +63,7 @@ class ServerRuntime(abc.ABC):
     """One server runtime; stateless, one instance per runtime (`runtimes.RUNTIMES`)."""
 
     name: ClassVar[str]  # the serverRuntime value
-    image_keys: ClassVar[tuple[str, ...]]  # the image config keys it runs (each pinned, `config._images`)
+    image_keys: ClassVar[tuple[str, ...]]  # the image config keys it runs (each pinned, `config_runtime.parse_images`)
     built_image_key: ClassVar[str | None] = None  # the image key that, left empty, has the stack build the image
     other_keys: ClassVar[tuple[str, ...]] = ()  # further config keys only this runtime reads
     planned_flags: ClassVar[Mapping[str, str]]  # serverFlags it derives from a config key -> that key
