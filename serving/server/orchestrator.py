@@ -399,6 +399,8 @@ class Orchestrator:
                 continue
             item.first = first
             item.prefill_returned = time.perf_counter()
+            if engine.prefix_caching:
+                self.metrics.prefix_cache_lookup(prompt_tokens=len(item.tokens), cached_tokens=first.cached_tokens)
             if self._put(self._detokenize_q, ("first", item, first)):
                 self._put(next_q, (item, prefix))
 
