@@ -33,6 +33,7 @@ devices (interleaved), or a prefill engine and a generate engine on the two halv
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -564,6 +565,22 @@ class JaxEngine(engine_api.Engine):
         fn = self._prefill_after_fns[bucket, tail, bool(mask)]
         return fn(params, self._pool(), *self._put_replicated(inputs))
 
+    @contextlib.contextmanager
+    def _without_prefix_cache(self):
+        index, self.prefix_index = self.prefix_index, None
+        try:
+            yield
+        finally:
+            self.prefix_index = index
+
+    def _warmup_prefix_store(self, prefixes: dict[int, Prefix]) -> None:
+        """Compile the pool's filler and the store of each warmed bucket, storing nothing: the
+        hit variants of prefill (one per prompt bucket and tail bucket) compile on first use."""
+        nowhere = self.prefix_index.capacity * self.prefix_index.block_size
+        for bucket, prefix in prefixes.items():
+            positions = (np.zeros((bucket,), np.int32), np.full((bucket,), nowhere, np.int32))
+            self._prefix_pool = self._store_fn(self._pool(), prefix.arrays.cache, *self._put_replicated(positions))
+
     def _store_prefix(self, cache: KVCache, cached: CachedPrefix) -> None:
         stores = self.prefix_index.add(cached)
         if not stores:
@@ -606,9 +623,12 @@ class JaxEngine(engine_api.Engine):
         and every decode bucket: plain, with log probabilities, and masked (`generate`; masked with
         log probabilities compiles on first use). A generate-only engine inserts empty prefixes
         made on its own mesh, laid out as `transfer` lands them."""
-        prefixes = self.warmup_prefill(params) if prefill else {}
-        if prefill:  # the masked variants too, so a first structured request is not slow
-            self.warmup_prefill(params, token_mask=engine_api.unconstrained_bitmask(1, self.cfg.vocab_size))
+        with self._without_prefix_cache():  # warm-up prompts are not worth caching
+            prefixes = self.warmup_prefill(params) if prefill else {}
+            if prefill:  # the masked variants too, so a first structured request is not slow
+                self.warmup_prefill(params, token_mask=engine_api.unconstrained_bitmask(1, self.cfg.vocab_size))
+        if self.prefix_caching:
+            self._warmup_prefix_store(prefixes)
         if not generate:
             return
         state = self.init_decode_state()

@@ -349,7 +349,9 @@ def prefill_hidden(
             cache = _to_cache(cfg, k, v)
             if layer_context is not None:
                 cache = _write_positions(layer_context, cache, positions)
-                k, v = (quant.dequantize_kv(*pair, cfg.act_dtype) for pair in cache.pairs())
+            # keys and values as the cache holds them (an int8 cache: rounded), as decode reads
+            # them: a prompt then attends alike whether its start came from the prefix cache or not
+            k, v = (quant.dequantize_kv(*pair, cfg.act_dtype) for pair in cache.pairs())
             attn = prefill_attention(cfg, q, k, v, length, start)
             x = attn_out(layer, x, attn, shard)
             x = mlp_block(cfg, layer, x, shard)

@@ -105,6 +105,14 @@ def test_the_cache_stays_exact_while_its_small_pool_evicts(tiny_pair):
     assert len(on.prefill_engine.prefix_index) == 6
 
 
+def test_greedy_tokens_are_the_same_with_the_cpu_defaults_int8_weights_and_kv_cache(one_device):
+    int8 = dict(TINY, quantization="int8", quantize_kvcache=True, quantize_attention_output=False)
+    on = build_engines(ServingSettings(**int8).engine_settings(), one_device)
+    off = build_engines(ServingSettings(**int8, enable_prefix_caching=False).engine_settings(), one_device)
+    prompts = _sharing_prompts(np.random.default_rng(4), 35, [3, 12, 7]) * 2
+    assert generate(on, prompts, 8) == generate(off, prompts, 8)
+
+
 def test_sampled_and_penalised_requests_are_the_same_from_a_cached_prefix(tiny_pair):
     on, off = tiny_pair
     prompts = _sharing_prompts(np.random.default_rng(2), 33, [4, 4])
