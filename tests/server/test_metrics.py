@@ -146,7 +146,7 @@ def test_prefix_cache_queries_and_hits_count_prompt_tokens_on_a_real_server():
     but the last token's cached, and answers the same."""
     port = free_port()
     url = f"http://{HOST}:{port}"
-    args = [*tiny_server_args(port, slots=SLOTS, max_target_length=96), "max_prefill_predict_length=64"]
+    args = [*tiny_server_args(port, slots=SLOTS, max_target_length=192), "max_prefill_predict_length=128"]
     prompt = "The prefix cache keeps the keys and values of recent prompts, in blocks, on the device."
     with server_process.running(args, server_process.server_env(devices=1), port, "prefix-cache-server.log"):
         answers = []
