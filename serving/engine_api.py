@@ -149,7 +149,11 @@ class StepTokens(abc.ABC):
     asked for log probabilities (rows of slots that did not ask are stale).
     `prompt_logprobs_to_host()` (prefill only): for prompt tokens 1..n-1, each one's TokenLogprobs
     given the tokens before it, or None unless the request asked for prompt_logprobs.
+    `cached_tokens` (prefill only): how many of the prompt's tokens came from the prefix cache
+    instead of being computed.
     """
+
+    cached_tokens: int = 0
 
     @abc.abstractmethod
     def to_host(self) -> np.ndarray: ...
@@ -232,6 +236,11 @@ class Engine(abc.ABC):
     def prefill_buckets(self) -> tuple[int, ...]:
         """Padded prompt lengths prefill compiles for (powers of two up to max_prefill_length)."""
 
+    @property
+    def prefix_caching(self) -> bool:
+        """Whether `prefill` reuses cached prompt prefixes (its StepTokens say how many tokens)."""
+        return False
+
     @abc.abstractmethod
     def load_params(self) -> Params:
         """Weights placed on this engine's mesh with their intended shardings."""
@@ -248,7 +257,8 @@ class Engine(abc.ABC):
 
         `token_mask` (structured outputs): int32 [1, ceil(vocab / 32)], bit j of word w allows
         token 32 * w + j; the first token is sampled among the allowed ones only.
-        Raises ValueError if len(tokens) is 0 or exceeds max_prefill_length.
+        Raises ValueError if len(tokens) is 0 or exceeds max_prefill_length. With `prefix_caching`,
+        only the part of the prompt after its longest cached prefix is computed, with the same result.
         """
 
     def transfer(self, prefix: Prefix) -> Prefix:

@@ -33,6 +33,7 @@ devices (interleaved), or a prefill engine and a generate engine on the two halv
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -48,6 +49,7 @@ from serving.engine.config import ModelConfig
 from serving.engine.constraints import apply_token_bitmask
 from serving.engine.loaders import load_checkpoint
 from serving.engine.model import ArrayInfo, KVCache
+from serving.engine.prefix_cache import DEFAULT_BLOCK_SIZE, CachedPrefix, PrefixBlockIndex
 from serving.engine.sampling import (
     Logprobs,
     Sampling,
@@ -155,6 +157,13 @@ def slot_array_infos(cfg: ModelConfig, batch: int, cache_length: int) -> SlotArr
     )
 
 
+def prefix_cache_index(tokens: int) -> PrefixBlockIndex | None:
+    """The prefix cache's index for a pool of `tokens` token positions (0: no prefix cache)."""
+    if tokens <= 0:
+        return None
+    return PrefixBlockIndex(-(-tokens // DEFAULT_BLOCK_SIZE))
+
+
 def _powers_of_two_up_to(smallest: int, largest: int) -> tuple[int, ...]:
     """Powers of two from `smallest` below `largest`, then `largest` itself."""
     buckets, b = [], smallest
@@ -210,6 +219,7 @@ class DeviceTokens(engine_api.StepTokens):
     logprobs: Logprobs | None = None
     prompt: Logprobs | None = None
     prompt_tokens: int = 0
+    cached_tokens: int = 0
 
     def to_host(self) -> np.ndarray:
         return sharding.to_host(self.array)
@@ -251,6 +261,11 @@ class JaxEngine(engine_api.Engine):
         self.slots_on_one_device = slots_split == 1
         self.per_slot_attention = self.slots_on_one_device and devices[0].platform == "cpu"
         self.decode_buckets = decode_buckets(self._batch) if self.slots_on_one_device else (self._batch,)
+        self.prefix_index = prefix_cache_index(settings.prefix_cache_tokens)
+        pool_tokens = self.prefix_index.capacity * self.prefix_index.block_size if self.prefix_caching else 0
+        self.prefix_pool_infos = model.cache_infos(cfg, 1, pool_tokens, batch_axis="prefill_batch")
+        self.prefix_pool_shardings = sharding.shardings(self.mesh, self.rules, self.prefix_pool_infos)
+        self._prefix_pool = None  # allocated on the first prefill that uses it
         self._compile()
 
     # ---- placement --------------------------------------------------------------------------
@@ -306,25 +321,54 @@ class JaxEngine(engine_api.Engine):
         decode_shard = sharding.activation_sharder(self.mesh, self.rules, "batch")
         samp_rep = jax.tree.map(lambda _: rep, sampling_infos((), ()), is_leaf=model.is_info)
 
-        def prefill_fn(params, tokens, length, samp: Sampling, token_mask=None, *, with_prompt_logprobs: bool):
-            """The Prefix, the first token [1] with its Logprobs [1], and (with_prompt_logprobs)
-            the Logprobs [T - 1] of prompt tokens 1.. given those before them."""
-            x, cache = model.prefill_hidden(cfg, params, tokens, length, prefill_shard)
-            last = jax.lax.dynamic_index_in_dim(x, length - 1, axis=1, keepdims=False)  # [1, D]
+        def first_token(params, last, prompt, length, samp: Sampling, token_mask):
+            """The first token [1] with its Logprobs [1], sampled from the hidden state x [1, D] of
+            the prompt's last token; prompt [T] holds the whole padded prompt (for penalties)."""
             logits = model.logits(cfg, params, last, prefill_shard)  # [1, V]
-            in_prompt = prompt_presence(tokens[0], length, cfg.vocab_size)
+            in_prompt = prompt_presence(prompt, length, cfg.vocab_size)
             batched = jax.tree.map(lambda a: a[None], samp)
             nothing_generated = TokenCounts(jnp.zeros_like(logits, jnp.int32), in_prompt[None])
             adjusted = adjust_logits(logits, batched, nothing_generated, jnp.ones((1,), jnp.bool_))
             if token_mask is not None:
                 adjusted = apply_token_bitmask(adjusted, token_mask)
             token = sample(adjusted, batched, length[None])  # [1]
+            return token, token_logprobs(logits, token), in_prompt
+
+        def prefill_fn(params, tokens, length, samp: Sampling, token_mask=None, *, with_prompt_logprobs: bool):
+            """The Prefix, the first token [1] with its Logprobs [1], and (with_prompt_logprobs)
+            the Logprobs [T - 1] of prompt tokens 1.. given those before them."""
+            x, cache = model.prefill_hidden(cfg, params, tokens, length, prefill_shard)
+            last = jax.lax.dynamic_index_in_dim(x, length - 1, axis=1, keepdims=False)  # [1, D]
+            token, logprobs, in_prompt = first_token(params, last, tokens[0], length, samp, token_mask)
             prompt = None
             if with_prompt_logprobs:
                 every = model.logits(cfg, params, x[0, :-1], prefill_shard)  # [T - 1, V]
                 prompt = token_logprobs(every, tokens[0, 1:])
-            first = (token, token_logprobs(logits, token), prompt)
-            return PrefixArrays(cache, length, token[0], samp, in_prompt), first
+            return PrefixArrays(cache, length, token[0], samp, in_prompt), (token, logprobs, prompt)
+
+        def prefill_after_fn(
+            params, pool: KVCache, context_positions, start, tokens, prompt, length, samp, token_mask=None
+        ):
+            """prefill_fn for a prompt whose first `start` tokens the prefix cache holds, at pool
+            positions context_positions [S] (S the whole prompt's bucket; entries past `start` are
+            overwritten or unused): only tokens [1, T], the prompt's positions start.., run.
+            prompt [1, S] is the whole padded prompt. Never with the prompt's log probabilities."""
+            context = jax.tree.map(lambda a: jnp.take(a, context_positions, axis=3), pool)
+            x, cache = model.prefill_hidden(cfg, params, tokens, length, prefill_shard, context, start)
+            last = jax.lax.dynamic_index_in_dim(x, length - 1 - start, axis=1, keepdims=False)  # [1, D]
+            token, logprobs, in_prompt = first_token(params, last, prompt[0], length, samp, token_mask)
+            return PrefixArrays(cache, length, token[0], samp, in_prompt), (token, logprobs, None)
+
+        def store_fn(pool: KVCache, cache: KVCache, source_positions, pool_positions):
+            """pool with the prefix's cache positions source_positions [S] written at pool_positions
+            [S] (those past the pool, padding, are dropped)."""
+            return jax.tree.map(
+                lambda dst, src: dst.at[:, :, :, pool_positions].set(
+                    jnp.take(src, source_positions, axis=3), mode="drop"
+                ),
+                pool,
+                cache,
+            )
 
         def insert_fn(prefix: PrefixArrays, state: SlotArrays, slot):
             start = (0, slot, 0, 0, 0)
@@ -385,6 +429,30 @@ class JaxEngine(engine_api.Engine):
             for with_prompt in (False, True)
             for masked in (False, True)
         }
+        pool = self.prefix_pool_shardings
+        # Keyed (prompt bucket, bucket of the tokens after the cached prefix, masked); compiled on first use.
+        self._prefill_after_fns = {
+            (bucket, tail, masked): jax.jit(
+                prefill_after_fn,
+                in_shardings=(
+                    self.param_shardings,
+                    pool,
+                    rep,
+                    rep,
+                    rep,
+                    rep,
+                    rep,
+                    samp_rep,
+                    *((rep,) if masked else ()),
+                ),
+                out_shardings=(self.prefix_shardings(bucket), rep),
+            )
+            for bucket in self.prefill_buckets
+            for tail in self.prefill_buckets
+            if tail <= bucket
+            for masked in (False, True)
+        }
+        self._store_fn = jax.jit(store_fn, out_shardings=pool, donate_argnums=(0,))
         self._insert_fn = jax.jit(insert_fn, out_shardings=self.state_shardings, donate_argnums=(1,))
         self._init_fn = _filler(self.state_infos, self.state_shardings)
         self._release_fn = jax.jit(release_fn, out_shardings=self.state_shardings, donate_argnums=(0,))
@@ -419,6 +487,10 @@ class JaxEngine(engine_api.Engine):
     def prefill_buckets(self) -> tuple[int, ...]:
         return prefill_buckets(self._max_prefill)
 
+    @property
+    def prefix_caching(self) -> bool:
+        return self.prefix_index is not None
+
     def load_params(self):
         return sharding.put(self._host_params, self.param_shardings)
 
@@ -435,20 +507,88 @@ class JaxEngine(engine_api.Engine):
         return next(b for b in self.prefill_buckets if b >= n_tokens)
 
     def prefill(self, *, params, tokens: Sequence[int], sampling: SamplingParams, token_mask=None):
+        """Prefill the prompt; with the prefix cache on, only the part after its longest cached
+        prefix runs (not when the request wants the prompt's log probabilities: those need every
+        position), and the prompt's full blocks are cached afterwards."""
         bucket = self.bucket_for(len(tokens))
         vocab = self.cfg.vocab_size
         if any(token >= vocab for token, _ in sampling.logit_bias):
             raise ValueError(f"logit_bias token ids must be below the vocabulary size {vocab}")
         padded = np.zeros((1, bucket), np.int32)
         padded[0, : len(tokens)] = tokens
-        inputs = (padded, np.int32(len(tokens)), Sampling.host(sampling))
-        if token_mask is not None:
-            inputs = (*inputs, np.asarray(token_mask, np.int32))
-        fn = self._prefill_fns[bucket, sampling.prompt_logprobs, token_mask is not None]
-        arrays, (token, logprobs, prompt) = fn(params, *self._put_replicated(inputs))
+        mask = () if token_mask is None else (np.asarray(token_mask, np.int32),)
+        cached = self._cached_prefix(tokens, sampling)
+        if cached is None or not cached.n_blocks:
+            inputs = (padded, np.int32(len(tokens)), Sampling.host(sampling), *mask)
+            fn = self._prefill_fns[bucket, sampling.prompt_logprobs, token_mask is not None]
+            arrays, (token, logprobs, prompt) = fn(params, *self._put_replicated(inputs))
+        else:
+            arrays, (token, logprobs, prompt) = self._prefill_after(params, cached, padded, len(tokens), sampling, mask)
+        if cached is not None:
+            self._store_prefix(arrays.cache, cached)
         wants = sampling.logprobs is not None
-        step = DeviceTokens(token, logprobs if wants else None, prompt, prompt_tokens=len(tokens))
+        hit = cached.n_blocks * self.prefix_index.block_size if cached is not None else 0
+        step = DeviceTokens(token, logprobs if wants else None, prompt, prompt_tokens=len(tokens), cached_tokens=hit)
         return Prefix(arrays, logprobs=wants), step
+
+    # ---- prefix cache -------------------------------------------------------------------------
+
+    def _cached_prefix(self, tokens: Sequence[int], sampling: SamplingParams) -> CachedPrefix | None:
+        """The prompt's cached prefix (None with the cache off); looked up only when it can be used."""
+        if self.prefix_index is None:
+            return None
+        if sampling.prompt_logprobs:
+            return CachedPrefix((), self.prefix_index.digests(tokens))
+        return self.prefix_index.match(tokens)
+
+    def _pool(self) -> KVCache:
+        if self._prefix_pool is None:
+            self._prefix_pool = _filler(self.prefix_pool_infos, self.prefix_pool_shardings)()
+        return self._prefix_pool
+
+    def _block_positions(self, blocks: Sequence[int], bucket: int, fill: int) -> np.ndarray:
+        """Cache positions [bucket] of `blocks` laid end to end, then `fill`."""
+        size = self.prefix_index.block_size
+        positions = np.full((bucket,), fill, np.int32)
+        spans = (np.asarray(blocks, np.int32)[:, None] * size + np.arange(size, dtype=np.int32)).reshape(-1)
+        positions[: len(spans)] = spans
+        return positions
+
+    def _prefill_after(self, params, cached: CachedPrefix, padded: np.ndarray, length: int, sampling, mask):
+        bucket = padded.shape[1]
+        start = cached.n_blocks * self.prefix_index.block_size
+        tail = self.bucket_for(length - start)
+        rest = np.zeros((1, tail), np.int32)
+        rest[0, : length - start] = padded[0, start:length]
+        context = self._block_positions(cached.blocks, bucket, fill=0)
+        inputs = (context, np.int32(start), rest, padded, np.int32(length), Sampling.host(sampling), *mask)
+        fn = self._prefill_after_fns[bucket, tail, bool(mask)]
+        return fn(params, self._pool(), *self._put_replicated(inputs))
+
+    @contextlib.contextmanager
+    def _without_prefix_cache(self):
+        index, self.prefix_index = self.prefix_index, None
+        try:
+            yield
+        finally:
+            self.prefix_index = index
+
+    def _warmup_prefix_store(self, prefixes: dict[int, Prefix]) -> None:
+        """Compile the pool's filler and the store of each warmed bucket, storing nothing: the
+        hit variants of prefill (one per prompt bucket and tail bucket) compile on first use."""
+        nowhere = self.prefix_index.capacity * self.prefix_index.block_size
+        for bucket, prefix in prefixes.items():
+            positions = (np.zeros((bucket,), np.int32), np.full((bucket,), nowhere, np.int32))
+            self._prefix_pool = self._store_fn(self._pool(), prefix.arrays.cache, *self._put_replicated(positions))
+
+    def _store_prefix(self, cache: KVCache, cached: CachedPrefix) -> None:
+        stores = self.prefix_index.add(cached)
+        if not stores:
+            return
+        bucket, outside = cache.length, self.prefix_index.capacity * self.prefix_index.block_size
+        source = self._block_positions([index for index, _ in stores], bucket, fill=0)
+        target = self._block_positions([block for _, block in stores], bucket, fill=outside)
+        self._prefix_pool = self._store_fn(self._pool(), cache, *self._put_replicated((source, target)))
 
     def transfer(self, prefix: Prefix) -> Prefix:
         bucket = prefix.arrays.cache.length
@@ -483,9 +623,12 @@ class JaxEngine(engine_api.Engine):
         and every decode bucket: plain, with log probabilities, and masked (`generate`; masked with
         log probabilities compiles on first use). A generate-only engine inserts empty prefixes
         made on its own mesh, laid out as `transfer` lands them."""
-        prefixes = self.warmup_prefill(params) if prefill else {}
-        if prefill:  # the masked variants too, so a first structured request is not slow
-            self.warmup_prefill(params, token_mask=engine_api.unconstrained_bitmask(1, self.cfg.vocab_size))
+        with self._without_prefix_cache():  # warm-up prompts are not worth caching
+            prefixes = self.warmup_prefill(params) if prefill else {}
+            if prefill:  # the masked variants too, so a first structured request is not slow
+                self.warmup_prefill(params, token_mask=engine_api.unconstrained_bitmask(1, self.cfg.vocab_size))
+        if self.prefix_caching:
+            self._warmup_prefix_store(prefixes)
         if not generate:
             return
         state = self.init_decode_state()
@@ -512,6 +655,7 @@ class JaxEngine(engine_api.Engine):
             params_bytes_per_device=_nbytes(self.param_infos, True, self.param_shardings),
             kv_cache_bytes=_nbytes(self.state_infos.cache),
             kv_cache_bytes_per_device=_nbytes(self.state_infos.cache, True, self.state_shardings.cache),
+            prefix_cache_bytes=_nbytes(self.prefix_pool_infos) if self.prefix_caching else 0,
             mesh=dict(self.mesh.shape),
         )
 
@@ -522,6 +666,7 @@ class MemoryReport:
     params_bytes_per_device: int
     kv_cache_bytes: int
     kv_cache_bytes_per_device: int
+    prefix_cache_bytes: int
     mesh: dict
 
     def describe(self, name: str) -> str:
@@ -530,6 +675,7 @@ class MemoryReport:
         return (
             f"{name} mesh {mesh}: params {mib(self.params_bytes)} ({mib(self.params_bytes_per_device)}/device), "
             f"KV cache {mib(self.kv_cache_bytes)} ({mib(self.kv_cache_bytes_per_device)}/device)"
+            + (f", prefix cache {mib(self.prefix_cache_bytes)}" if self.prefix_cache_bytes else "")
         )
 
 

@@ -161,6 +161,10 @@ class KVCache:
     def length(self) -> int:
         return self.k.shape[3]
 
+    def pairs(self) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
+        """(k, k_scale), (v, v_scale): each values array with its scales (None unless int8)."""
+        return (self.k, self.k_scale), (self.v, self.v_scale)
+
 
 def cache_infos(cfg: ModelConfig, batch: int, length: int, batch_axis: str = "cache_batch") -> KVCache:
     """KV cache declaration. Prefixes use batch=1 with batch_axis="prefill_batch" (unsharded)."""
@@ -292,16 +296,16 @@ def _group(cfg: ModelConfig, q: jax.Array) -> jax.Array:
 # ---- prefill ----------------------------------------------------------------------------------
 
 
-def prefill_attention(cfg: ModelConfig, q, k, v, length) -> jax.Array:
-    """Causal self-attention of one padded prompt: q [B, T, H, E], k, v [B, T, K, E] -> [B, T, H, E]."""
+def prefill_attention(cfg: ModelConfig, q, k, v, length, start=0) -> jax.Array:
+    """Causal attention of prompt positions start.. (q [B, T, H, E]) over cache positions 0..
+    (k, v [B, K, S, E], S >= start + T), the first `length` of them real -> [B, T, H, E]."""
     with jax.named_scope("attention"):
-        t = q.shape[1]
-        scores = jnp.einsum("btkge,bske->bkgts", _group(cfg, q), k).astype(jnp.float32)
+        scores = jnp.einsum("btkge,bkse->bkgts", _group(cfg, q), k).astype(jnp.float32)
         scores = scores / math.sqrt(cfg.head_dim)
-        pos = jnp.arange(t)
-        mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] < length)  # [T, S]
+        query_pos, key_pos = start + jnp.arange(q.shape[1]), jnp.arange(k.shape[2])
+        mask = (key_pos[None, :] <= query_pos[:, None]) & (key_pos[None, :] < length)  # [T, S]
         probs = jax.nn.softmax(jnp.where(mask, scores, NEG_INF), axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bske->btkge", probs, v)
+        out = jnp.einsum("bkgts,bkse->btkge", probs, v)
         return out.reshape(q.shape)
 
 
@@ -315,23 +319,50 @@ def prefill(cfg: ModelConfig, params: dict, tokens: jax.Array, length: jax.Array
     return logits(cfg, params, last, shard), cache
 
 
-def prefill_hidden(cfg: ModelConfig, params: dict, tokens: jax.Array, length: jax.Array, shard: Shard = no_shard):
+def prefill_hidden(
+    cfg: ModelConfig,
+    params: dict,
+    tokens: jax.Array,
+    length: jax.Array,
+    shard: Shard = no_shard,
+    context: KVCache | None = None,
+    start: jax.Array | int = 0,
+):
     """`prefill` up to the last decoder layer: the residual stream [1, T, D] at every position
-    (for log probabilities of the prompt's own tokens) and the prompt's KVCache."""
-    rope_tab = rope_table(cfg, jnp.arange(tokens.shape[1])[None, :])  # positions [1, T]
+    (for log probabilities of the prompt's own tokens) and the prompt's KVCache.
+
+    With `context` (a KVCache [L, 1, K, S, E] already holding the prompt's first `start` positions,
+    from the prefix cache), tokens [1, T] are positions start..start+T-1 of a prompt of `length`
+    tokens: they attend to the context too, their k, v are written into it, and the returned cache
+    is the context so filled (S positions; those past S, padding only, are dropped). Without it,
+    start is 0 and the cache has S = T positions.
+    """
+    positions = start + jnp.arange(tokens.shape[1])
+    rope_tab = rope_table(cfg, positions[None, :])  # positions [1, T]
     x = embed(cfg, params, tokens, shard)
 
-    def layer_step(x, layer):
+    def layer_step(x, layer_and_context):
+        layer, layer_context = layer_and_context
         with jax.named_scope("decoder_layer"):
             q, k, v = qkv(cfg, layer, x, rope_tab, shard)
-            attn = prefill_attention(cfg, q, k, v, length)
+            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [1, K, T, E]
+            cache = _to_cache(cfg, k, v)
+            if layer_context is not None:
+                cache = _write_positions(layer_context, cache, positions)
+            # keys and values as the cache holds them (an int8 cache: rounded), as decode reads
+            # them: a prompt then attends alike whether its start came from the prefix cache or not
+            k, v = (quant.dequantize_kv(*pair, cfg.act_dtype) for pair in cache.pairs())
+            attn = prefill_attention(cfg, q, k, v, length, start)
             x = attn_out(layer, x, attn, shard)
             x = mlp_block(cfg, layer, x, shard)
-            return x, (k, v)
+            return x, cache
 
-    x, (k, v) = jax.lax.scan(layer_step, x, params["layers"])  # k, v [L, B, T, K, E]
-    k, v = k.transpose(0, 1, 3, 2, 4), v.transpose(0, 1, 3, 2, 4)  # [L, B, K, T, E]
-    return x, _to_cache(cfg, k, v)
+    return jax.lax.scan(layer_step, x, (params["layers"], context))  # cache [L, 1, K, S, E]
+
+
+def _write_positions(cache: KVCache, new: KVCache, positions: jax.Array) -> KVCache:
+    """`cache` (one layer, [B, K, S, ...]) with `new` ([B, K, T, ...]) at positions [T] (past S: dropped)."""
+    return jax.tree.map(lambda dst, src: dst.at[:, :, positions].set(src, mode="drop"), cache, new)
 
 
 def _to_cache(cfg: ModelConfig, k: jax.Array, v: jax.Array) -> KVCache:

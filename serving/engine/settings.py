@@ -16,6 +16,11 @@ import dataclasses
 # rows up to the highest live slot).
 DEFAULT_DECODE_SLOTS = 32
 
+# The prefix cache's default size: eight prompts of the default 1,024-token prefill length. Its
+# memory is this many positions of one slot's KV cache (SmolLM2-135M in float32: 46 KB a token,
+# 0.4 GB; a Llama 3.2 1B shape in bfloat16: 32 KB a token).
+DEFAULT_PREFIX_CACHE_TOKENS = 8192
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EngineSettings:
@@ -37,6 +42,7 @@ class EngineSettings:
     quantize_attention_output: bool  # false: wo stays float under int8 (ModelConfig)
     checkpoint_is_quantized: bool
     disaggregated: bool  # prefill and generate engines on separate halves of the devices
+    prefix_cache_tokens: int = 0  # token positions the prefix cache keeps (prefill engine); 0: no prefix cache
 
     def slots_per_device(self, devices: int) -> int:
         """per_device_batch_size, or DEFAULT_DECODE_SLOTS over `devices` (rounded up) when unset."""

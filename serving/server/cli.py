@@ -120,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default: max({MIN_QUEUED_REQUESTS}, {QUEUED_REQUESTS_PER_SLOT} x slots))",
     )
     parser.add_argument("--no-warmup", action="store_true", help="skip compiling ahead of serving")
+    parser.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        help="reuse the KV cache of prompt prefixes seen before (default: on)",
+    )
+    parser.add_argument("--prefix-cache-tokens", type=int, help="the prefix cache's size in token positions")
     parser.add_argument("--compilation-cache-dir", help="JAX persistent compilation cache directory (local or gs://)")
     parser.add_argument("--log-level", default="warning", help="server log level (default %(default)s)")
     group = parser.add_argument_group("access (HTTP and gRPC; /healthcheck, /metrics and gRPC HealthCheck stay open)")
@@ -157,6 +163,8 @@ def settings_from_args(args: argparse.Namespace) -> ServingSettings:
         ("max_target_length", ("max_target_length",)),
         ("dtype", ("dtype", "weight_dtype")),
         ("compilation_cache_dir", ("jax_cache_dir",)),
+        ("enable_prefix_caching", ("enable_prefix_caching",)),
+        ("prefix_cache_tokens", ("prefix_cache_tokens",)),
     ):
         value = getattr(args, flag)
         if value is not None:

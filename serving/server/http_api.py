@@ -385,7 +385,9 @@ class _Text:
                     yield text
                 if stopped:
                     self._stream.stop()
-                    self.finish = Finish("stop", self._stream.prompt_tokens, self._tokens)
+                    self.finish = Finish(
+                        "stop", self._stream.prompt_tokens, self._tokens, cached_tokens=self._stream.cached_tokens
+                    )
                     return
             held = self._stops.flush() if self._stops else ""
             if held:
@@ -425,11 +427,17 @@ def _failed(text: str | None, finished: _Text) -> JSONResponse | None:
     return None
 
 
-def _usage(*finishes: Finish) -> dict[str, int]:
-    """The counts of one request's choices: the prompt once, every choice's completion tokens."""
+def _usage(*finishes: Finish) -> dict:
+    """The counts of one request's choices: the prompt once (and of it, the tokens the prefix cache
+    held, as OpenAI reports cached prompt tokens), every choice's completion tokens."""
     prompt = finishes[0].prompt_tokens
     completion = sum(finish.completion_tokens for finish in finishes)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": finishes[0].cached_tokens},
+    }
 
 
 def _finish_reason(finish: Finish) -> str:

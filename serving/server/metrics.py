@@ -96,6 +96,13 @@ METRICS: dict[str, MetricSpec] = {
         ("protocol_kv_cache_usage", MetricSpec(
             "vllm:kv_cache_usage_perc", Gauge, "KV-cache usage. 1 means 100 percent usage",
             "fraction of the cache's token positions, 0 to 1", reads="kv_cache_utilization", scale=0.01)),
+        # vLLM's prefix cache counters, in prompt tokens (exported with prometheus' _total suffix).
+        ("prefix_cache_queries", MetricSpec(
+            "vllm:prefix_cache_queries", Counter, "Prefix cache queries, in terms of number of queried tokens",
+            "prompt tokens looked up")),
+        ("prefix_cache_hits", MetricSpec(
+            "vllm:prefix_cache_hits", Counter, "Prefix cache hits, in terms of number of cached tokens",
+            "prompt tokens found cached")),
         ("model_load_time", MetricSpec(
             "jetstream_model_load_time", Gauge, "Total time taken to load the model", "seconds")),
         ("startup_latency", MetricSpec(
@@ -202,6 +209,10 @@ class ServerMetrics:
         self._series["queue_duration"].observe(queued_s)
         self._series["input_length"].observe(prompt_tokens)
         self._series["prefill_token"].observe(prefill_s / max(prompt_tokens, 1))
+
+    def prefix_cache_lookup(self, *, prompt_tokens: int, cached_tokens: int) -> None:
+        self._series["prefix_cache_queries"].inc(prompt_tokens)
+        self._series["prefix_cache_hits"].inc(cached_tokens)
 
     def transferred(self, seconds: float) -> None:
         self._series["transfer_time"].observe(seconds)

@@ -214,6 +214,7 @@ class LeaderEngine(Engine):
     max_prefill_length = property(lambda self: self._inner.max_prefill_length)
     max_target_length = property(lambda self: self._inner.max_target_length)
     prefill_buckets = property(lambda self: self._inner.prefill_buckets)
+    prefix_caching = property(lambda self: self._inner.prefix_caching)
 
     def _call(self, op: str, consumes: Sequence[str] = (), **args):
         return self._broadcaster.call(self._inner, self._role, op, args, consumes)

@@ -398,7 +398,10 @@ class Orchestrator:
                 self._finish(item, "error", str(exc))
                 continue
             item.first = first
+            item.stream.cached_tokens = first.cached_tokens
             item.prefill_returned = time.perf_counter()
+            if engine.prefix_caching:
+                self.metrics.prefix_cache_lookup(prompt_tokens=len(item.tokens), cached_tokens=first.cached_tokens)
             if self._put(self._detokenize_q, ("first", item, first)):
                 self._put(next_q, (item, prefix))
 
@@ -590,7 +593,15 @@ class Orchestrator:
                 output_tokens=item.generated,
                 wait_s=wait,
             )
-        item.stream.close(Finish(reason, prompt_tokens=len(item.tokens), completion_tokens=item.generated, error=error))
+        item.stream.close(
+            Finish(
+                reason,
+                prompt_tokens=len(item.tokens),
+                completion_tokens=item.generated,
+                error=error,
+                cached_tokens=item.stream.cached_tokens,
+            )
+        )
 
     def _finish_all(self, reason: FinishReason, error: str) -> None:
         with self._lock:

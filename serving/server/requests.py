@@ -109,6 +109,7 @@ class Finish:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens the prefix cache held
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +134,7 @@ class ResultStream:
 
     def __init__(self, prompt_tokens: int):
         self.prompt_tokens = prompt_tokens
+        self.cached_tokens = 0  # of the prompt's tokens, those the prefix cache held; set at prefill
         # with sampling.prompt_logprobs: one per prompt token, set before the first Delta or finish
         self.prompt_logprobs: tuple[TokenLogprob, ...] | None = None
         self.submitted_at = time.perf_counter()

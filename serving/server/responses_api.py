@@ -119,7 +119,7 @@ def _status(finish: Finish | None) -> str:
 def _usage(finish: Finish) -> dict[str, Any]:
     return {
         "input_tokens": finish.prompt_tokens,
-        "input_tokens_details": {"cached_tokens": 0},
+        "input_tokens_details": {"cached_tokens": finish.cached_tokens},
         "output_tokens": finish.completion_tokens,
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": finish.prompt_tokens + finish.completion_tokens,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 
-from serving.engine.settings import EngineSettings
+from serving.engine.settings import DEFAULT_PREFIX_CACHE_TOKENS, EngineSettings
 from serving.protocol import DISAGGREGATED_SERVER, INTERLEAVED_SERVER
 
 # Per JAX backend, what the server runs when the arguments name no weight / KV format. On CPU,
@@ -105,6 +105,8 @@ class ServingSettings:
     inference_server: str = INTERLEAVED_SERVER
     seed: int = 0  # random weights of the tiny test configs
     jax_cache_dir: str = ""  # JAX persistent compilation cache (path or gs:// prefix); "" = off
+    enable_prefix_caching: bool = True  # reuse the KV of cached prompt prefixes (vLLM's name)
+    prefix_cache_tokens: int = DEFAULT_PREFIX_CACHE_TOKENS  # the prefix cache's size in token positions
     ignored: tuple[str, ...] = ()  # keys accepted but not applicable, reported once at start
     given: frozenset[str] | None = None  # keys the arguments set; None: every field as constructed
 
@@ -131,6 +133,7 @@ class ServingSettings:
             quantize_attention_output=self.quantize_attention_output,
             checkpoint_is_quantized=self.checkpoint_is_quantized,
             disaggregated=self.disaggregated,
+            prefix_cache_tokens=self.prefix_cache_tokens if self.enable_prefix_caching else 0,
         )
 
     def for_backend(self, backend: str) -> ServingSettings:
@@ -154,6 +157,11 @@ class ServingSettings:
             )
         if self.per_device_batch_size < 0:
             raise SettingsError("per_device_batch_size must be > 0, or 0 for the default slot count")
+        if self.prefix_cache_tokens < 0:
+            raise SettingsError(
+                f"prefix_cache_tokens={self.prefix_cache_tokens}: expected a size in tokens >= 0 "
+                "(0, like enable_prefix_caching=false, turns the prefix cache off)"
+            )
         for key in ("ici_fsdp_parallelism", "ici_autoregressive_parallelism", "ici_tensor_parallelism"):
             value = getattr(self, key)
             if value == 0 or value < -1:
@@ -180,6 +188,8 @@ _PARSERS: dict[str, Callable[[str, str], object]] = {
     "inference_server": _parse_choice(*INFERENCE_SERVERS),
     "seed": _parse_int,
     "jax_cache_dir": _parse_str,
+    "enable_prefix_caching": _parse_bool,
+    "prefix_cache_tokens": _parse_int,
 }
 
 

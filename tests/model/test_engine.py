@@ -47,9 +47,11 @@ def test_engine_greedy_matches_cacheless_reference(tiny):
 
 
 def test_warmup_by_role_compiles_what_a_request_then_runs():
-    """Disaggregated: the prefill engine compiles only its prefill buckets; the generate engine,
-    without a prefix of its own, still compiles insert for every bucket's transferred prefix,
-    release and every decode bucket, so a request through the pipeline compiles nothing more."""
+    """Disaggregated: the prefill engine compiles only its prefill buckets (and the prefix cache's
+    pool and its store per bucket); the generate engine, without a prefix of its own, still
+    compiles insert for every bucket's transferred prefix, release and every decode bucket, so a
+    request through the pipeline compiles nothing more (a prompt that starts with a cached prefix
+    compiles its variant of prefill on first use: tests/model/test_prefix_cache.py)."""
     compiles = []
 
     def count_compiles(event, _secs, **_):
@@ -70,14 +72,15 @@ def _run_warmup_by_role(compiles: list) -> None:
     pre_params, gen_params = pre.load_params(), gen.load_params()
     compiles.clear()
     pre.warmup(pre_params, generate=False)
-    assert len(compiles) == 2 * len(pre.prefill_buckets)  # with and without a token mask
+    buckets = len(pre.prefill_buckets)
+    assert len(compiles) == 2 * buckets + buckets + 1  # with and without a token mask; stores; the pool
     gen.warmup(gen_params, prefill=False)
     compiles.clear()
     words = engines.model_config.vocab_size // 32
-    for n_tokens, masked in ((3, False), (20, False), (3, True), (20, True)):  # both prefill buckets
+    for n_tokens, masked in ((3, False), (20, False), (4, True), (21, True)):  # both buckets; no shared prefix
         masks = (np.full((1, words), -1, np.int32), np.full((4, words), -1, np.int32)) if masked else (None, None)
         prefix, _ = pre.prefill(
-            params=pre_params, tokens=list(range(1, n_tokens + 1)), sampling=GREEDY, token_mask=masks[0]
+            params=pre_params, tokens=list(range(n_tokens, 0, -1)), sampling=GREEDY, token_mask=masks[0]
         )
         state = gen.insert(gen.transfer(prefix), gen.init_decode_state(), slot=n_tokens % 4)
         state, step = gen.generate(params=gen_params, decode_state=state, token_mask=masks[1])

@@ -34,6 +34,9 @@ def test_flags_map_onto_settings_keys():
     assert (s.max_prefill_predict_length, s.max_target_length) == (64, 128)
     assert (s.dtype, s.weight_dtype) == ("bfloat16", "bfloat16")
     assert not settings(["--no-warmup"]).enable_model_warmup
+    assert settings([]).enable_prefix_caching
+    assert not settings(["--no-enable-prefix-caching"]).enable_prefix_caching
+    assert settings(["--prefix-cache-tokens", "4096"]).prefix_cache_tokens == 4096
 
 
 def test_key_values_follow_flags_and_win():

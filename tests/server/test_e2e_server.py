@@ -103,7 +103,10 @@ def test_openai_endpoints(server):
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == r["choices"][0]["message"]["content"]
-    assert chunks[-1]["usage"] == usage
+    streamed = chunks[-1]["usage"]
+    assert {**streamed, "prompt_tokens_details": None} == {**usage, "prompt_tokens_details": None}
+    # the same prompt again: the prefix cache holds all its full 16-token blocks but the last token's
+    assert streamed["prompt_tokens_details"] == {"cached_tokens": (usage["prompt_tokens"] - 1) // 16 * 16}
     content = r["choices"][0]["message"]["content"]
     stopped = httpx.post(url + "/v1/chat/completions", json={**chat, "stop": ["Paris"]}, timeout=TIMEOUT).json()
     assert stopped["choices"][0] == {**r["choices"][0], "message": {

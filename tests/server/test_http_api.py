@@ -106,7 +106,12 @@ def test_openai_completion(fake_server):
     body = r.json()
     assert body["object"] == "text_completion"
     assert body["choices"][0]["text"] == "xyzx" and body["choices"][0]["finish_reason"] == "length"
-    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    assert body["usage"] == {
+        "prompt_tokens": 3,
+        "completion_tokens": 4,
+        "total_tokens": 7,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     r = post(fake_server, "/v1/completions", {"prompt": [104, 105, 256], "max_tokens": 9})
     assert r.json()["choices"][0]["text"] == "hi" and r.json()["choices"][0]["finish_reason"] == "stop"
 
@@ -121,7 +126,12 @@ def test_openai_completion_stream(fake_server):
     assert "".join(c["choices"][0]["text"] for c in chunks) == "ababa"
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     # without stream_options.include_usage the counts ride on the finish chunk (as llama.cpp's server)
-    assert chunks[-1]["usage"] == {"prompt_tokens": 2, "completion_tokens": 5, "total_tokens": 7}
+    assert chunks[-1]["usage"] == {
+        "prompt_tokens": 2,
+        "completion_tokens": 5,
+        "total_tokens": 7,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     assert not any("usage" in c for c in chunks[:-1])
 
 

@@ -18,15 +18,25 @@ from __future__ import annotations
 
 import concurrent.futures
 
+import httpx
 import pytest
 
 from serving.server.metrics import METRICS
 from tests.server import server_process
-from tests.server.server_process import HOST, free_port, long_completion, scrape_gauges, tiny_server_args, wait_until
+from tests.server.server_process import (
+    HOST,
+    free_port,
+    long_completion,
+    scrape_gauges,
+    scrape_sample,
+    tiny_server_args,
+    wait_until,
+)
 
 SLOTS = 2
 PROTOCOL = ("vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc")
 WAITING, RUNNING, KV_USAGE = PROTOCOL
+PREFIX_CACHE = ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits")  # exported with _total
 REQUESTS = 10  # SLOTS decode, the rest wait: a backlog on a 2-slot server
 MAX_TOKENS = 2000  # per request: long enough to hold a slot while the test scrapes
 
@@ -54,8 +64,9 @@ def test_metric_table_matches_jetstream():
     }
     ours = {spec.name: (spec.kind.__name__, spec.per_engine) for spec in METRICS.values()}
     assert {name: ours[name] for name in jetstream} == jetstream
-    # ours: disaggregated transfers, and the model-server protocol's gauges
-    assert set(ours) - set(jetstream) == {"jetstream_transfer_time", *PROTOCOL}
+    # ours: disaggregated transfers, the model-server protocol's gauges, vLLM's prefix cache counters
+    assert set(ours) - set(jetstream) == {"jetstream_transfer_time", *PROTOCOL, *PREFIX_CACHE}
+    assert all(ours[name] == ("Counter", False) for name in PREFIX_CACHE)
     assert all(ours[name] == ("Gauge", False) for name in PROTOCOL)
     buckets = {spec.name: spec.buckets for spec in METRICS.values()}
     input_buckets = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)  # DEFAULT_PREFILL_BUCKETS
@@ -128,3 +139,27 @@ def _idle(gauges: dict) -> bool:
     return all(gauges[name].value == 0 for name in (
         "jetstream_prefill_backlog_size", "jetstream_slots_used_percentage", "num_requests_waiting",
         "kv_cache_utilization_perc", *PROTOCOL))  # fmt: skip
+
+
+def test_prefix_cache_queries_and_hits_count_prompt_tokens_on_a_real_server():
+    """Two greedy requests with the same prompt: the second finds all its full 16-token blocks
+    but the last token's cached, and answers the same."""
+    port = free_port()
+    url = f"http://{HOST}:{port}"
+    args = [*tiny_server_args(port, slots=SLOTS, max_target_length=192), "max_prefill_predict_length=128"]
+    prompt = "The prefix cache keeps the keys and values of recent prompts, in blocks, on the device."
+    with server_process.running(args, server_process.server_env(devices=1), port, "prefix-cache-server.log"):
+        answers = []
+        for _ in range(2):
+            body = {"prompt": prompt, "max_tokens": 6, "ignore_eos": True}
+            r = httpx.post(url + "/v1/completions", json=body, timeout=120)
+            assert r.status_code == 200, r.text
+            answers.append(r.json())
+        prompt_tokens = answers[0]["usage"]["prompt_tokens"]
+        assert prompt_tokens > 16
+        queries, hits = (scrape_sample(url, name + "_total") for name in PREFIX_CACHE)
+        assert queries == 2 * prompt_tokens
+        assert hits == (prompt_tokens - 1) // 16 * 16
+        assert answers[0]["choices"][0]["text"] == answers[1]["choices"][0]["text"]
+        cached = [answer["usage"]["prompt_tokens_details"]["cached_tokens"] for answer in answers]
+        assert cached == [0, hits]

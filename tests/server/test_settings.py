@@ -50,15 +50,24 @@ def test_the_engine_gets_every_field_it_reads_from_the_arguments():
             "quantize_attention_output=false",
             "checkpoint_is_quantized=true",
             f"inference_server={DISAGGREGATED_SERVER}",
+            "prefix_cache_tokens=512",
         ]
     )
     engine = s.engine_settings()
     assert isinstance(engine, EngineSettings)
-    shared = {f.name for f in dataclasses.fields(EngineSettings)} - {"disaggregated"}
+    shared = {f.name for f in dataclasses.fields(EngineSettings)} - {"disaggregated", "prefix_cache_tokens"}
     assert {name: getattr(engine, name) for name in shared} == {name: getattr(s, name) for name in shared}
     assert engine.disaggregated and not ServingSettings().engine_settings().disaggregated
     defaults = ServingSettings()
     assert all(getattr(engine, name) != getattr(defaults, name) for name in shared)
+    assert engine.prefix_cache_tokens == 512 and defaults.engine_settings().prefix_cache_tokens == 8192
+    off = parse_settings(["prefix_cache_tokens=512", "enable_prefix_caching=false"]).engine_settings()
+    assert off.prefix_cache_tokens == 0
+
+
+def test_a_negative_prefix_cache_size_is_refused_naming_the_key():
+    with pytest.raises(SettingsError, match="prefix_cache_tokens=-1: expected a size in tokens >= 0"):
+        parse_settings(["prefix_cache_tokens=-1"])
 
 
 def test_cpu_defaults_apply_only_to_what_the_arguments_left_unset():
