@@ -6,9 +6,11 @@
 
 The workload of a chat service with a long fixed system prompt: --requests completions whose
 prompts share a --system-tokens system prompt, each followed by its own --question-tokens question
-(seeded random words, cut to exact token counts with the model's own tokenizer). Each request
-streams --max-tokens greedy tokens; its time to first token is from sending it to the first
-streamed chunk. At each client count, the clients take the requests from one queue.
+(seeded random words, cut to exact token counts with the model's own tokenizer). Each request asks
+for one greedy token, not streamed, so its latency is its time to first token: queueing, prefill
+and the first token. At each client count, the clients take the requests from one queue. The
+table also gives the mean number of prompt tokens each server says it took from its cache (ours:
+`usage.prompt_tokens_details.cached_tokens`; llama.cpp: `usage.prompt_tokens` - `timings.prompt_n`).
 
 Three servers on the bundled SmolLM2-135M GGUF, one after the other (each alone on the machine),
 each with as many slots as the most clients: ours with the prefix cache (the default), ours with
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import json
 import queue
 import statistics
@@ -40,52 +43,57 @@ from benchmarks import servers, vs_llamacpp  # noqa: E402
 from serving.engine.loaders.gguf_loader import bundled_gguf_path  # noqa: E402
 from serving.engine.tokenizer import tokenizer_from_gguf  # noqa: E402
 
-WORDS = (
+VOCABULARY = (
     "the model serves requests across many hosts while each slice keeps its own cache of keys and values "
     "a careful operator reads the metrics before changing the topology of the cluster and its node pools "
     "latency grows with the prompt so a shared system prompt computed once saves most of the prefill work"
-).split()
+)
 
 
 def text_of_tokens(tokenizer, rng: np.random.Generator, n_tokens: int) -> str:
     """Seeded random words, cut to exactly `n_tokens` tokens (re-encoding the cut text may merge
     differently at the cut; the prompts are built whole and re-counted by `prompt_tokens`)."""
-    words = " ".join(rng.choice(WORDS, size=n_tokens * 2))
+    words = " ".join(rng.choice(VOCABULARY.split(), size=n_tokens * 2))
     return tokenizer.decode(tokenizer.encode(" " + words)[:n_tokens])
 
 
 def workload(args) -> tuple[list[str], list[str], int]:
-    """(measured prompts, warm-up prompts, tokens in a measured prompt)."""
+    """(measured prompts, warm-up prompts, tokens in the longest prompt)."""
     tokenizer = tokenizer_from_gguf(gguf.GGUFReader(bundled_gguf_path()))
     rng = np.random.default_rng(args.seed)
     system, warm_system = (text_of_tokens(tokenizer, rng, args.system_tokens) for _ in range(2))
     questions = [text_of_tokens(tokenizer, rng, args.question_tokens) for _ in range(args.requests + 2)]
     measured = [system + "\n\nQuestion:" + q for q in questions[: args.requests]]
     warm = [warm_system + "\n\nQuestion:" + q for q in questions[args.requests :]]
-    return measured, warm, len(tokenizer.encode(measured[0]))
+    return measured, warm, max(len(tokenizer.encode(prompt)) for prompt in measured + warm)
 
 
-def first_token_seconds(client: httpx.Client, url: str, prompt: str, max_tokens: int, extra: dict) -> float:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, **extra}
+@dataclasses.dataclass(frozen=True)
+class FirstToken:
+    seconds: float
+    cached_tokens: int
+
+
+def first_token(client: httpx.Client, url: str, prompt: str, extra: dict) -> FirstToken:
+    body = {"prompt": prompt, "max_tokens": 1, "temperature": 0, **extra}
     start = time.perf_counter()
-    with client.stream("POST", url + "/v1/completions", json=body) as response:
-        if response.status_code != 200:
-            raise SystemExit(f"{url}: HTTP {response.status_code}: {response.read()[:300]!r}")
-        first = None
-        for line in response.iter_lines():
-            if first is None and line.startswith("data: ") and line != "data: [DONE]":
-                first = time.perf_counter() - start
-    if first is None:
-        raise SystemExit(f"{url}: the stream ended without a token")
-    return first
+    response = client.post(url + "/v1/completions", json=body)
+    seconds = time.perf_counter() - start
+    if response.status_code != 200:
+        raise SystemExit(f"{url}: HTTP {response.status_code}: {response.text[:300]}")
+    reply = response.json()
+    usage = reply["usage"]
+    if "timings" in reply:  # llama.cpp: the prompt tokens it evaluated
+        return FirstToken(seconds, usage["prompt_tokens"] - reply["timings"]["prompt_n"])
+    return FirstToken(seconds, usage["prompt_tokens_details"]["cached_tokens"])
 
 
-def run_level(url: str, prompts: list[str], clients: int, max_tokens: int, extra: dict) -> list[float]:
-    """Every prompt once, `clients` at a time; time to first token of each, in request order."""
+def run_level(url: str, prompts: list[str], clients: int, extra: dict) -> list[FirstToken]:
+    """Every prompt once, `clients` at a time; the first token of each, in request order."""
     pending: queue.Queue[int] = queue.Queue()
     for index in range(len(prompts)):
         pending.put(index)
-    ttft = [0.0] * len(prompts)
+    results: list[FirstToken | None] = [None] * len(prompts)
 
     def client_loop() -> None:
         with httpx.Client(timeout=vs_llamacpp.REQUEST_TIMEOUT_S) as client:
@@ -94,45 +102,51 @@ def run_level(url: str, prompts: list[str], clients: int, max_tokens: int, extra
                     index = pending.get_nowait()
                 except queue.Empty:
                     return
-                ttft[index] = first_token_seconds(client, url, prompts[index], max_tokens, extra)
+                results[index] = first_token(client, url, prompts[index], extra)
 
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
         for future in [pool.submit(client_loop) for _ in range(clients)]:
             future.result()
-    return ttft
+    return results
 
 
 def start_ours(name: str, args, prompt_tokens: int, *flags: str) -> servers.Server:
     port = servers.free_port()
-    bucket = 1 << (prompt_tokens - 1).bit_length()
+    longest = -(-prompt_tokens // 16) * 16  # the largest prefill bucket: the prompts pad to it, not to 2048
     cmd = servers.serving_command(port, [
-        "--slots", str(max(args.levels)), "--max-prefill-length", str(bucket),
-        "--max-target-length", str(bucket + args.max_tokens + 16), *flags,
+        "--slots", str(max(args.levels)), "--max-prefill-length", str(longest),
+        "--max-target-length", str(longest + 16), *flags,
     ])  # fmt: skip
     return servers.start(name, cmd, port, "/healthcheck", vs_llamacpp.START_TIMEOUT_S, servers.cpu_env())
 
 
-def measure(server: servers.Server, args, measured: list[str], warm: list[str], extra: dict) -> dict[int, list[float]]:
+def measure(server: servers.Server, args, measured: list[str], warm: list[str], extra: dict):
+    """{clients: [FirstToken]} after the warm-up prompts."""
     try:
-        run_level(server.url, warm, 1, args.max_tokens, extra)
-        return {clients: run_level(server.url, measured, clients, args.max_tokens, extra) for clients in args.levels}
+        run_level(server.url, warm, 1, extra)
+        return {clients: run_level(server.url, measured, clients, extra) for clients in args.levels}
     finally:
         server.stop()
 
 
-def table(results: dict[str, dict[int, list[float]]], levels: list[int]) -> str:
+def table(results: dict[str, dict[int, list[FirstToken]]], levels: list[int]) -> str:
     lines = [
-        "| server | clients | median TTFT (ms) | p90 TTFT (ms) | median vs ours without the cache |",
-        "|---|---:|---:|---:|---:|",
+        "| server | clients | median TTFT (ms) | p90 TTFT (ms) | median / ours without cache | cached tokens (mean) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
-    baseline = results.get("ours, no prefix cache", {})
+    medians = {
+        (name, clients): statistics.median(r.seconds for r in by_level[clients])
+        for name, by_level in results.items()
+        for clients in levels
+    }
     for name, by_level in results.items():
         for clients in levels:
-            ttft = by_level[clients]
-            median = statistics.median(ttft)
-            ratio = f"{median / statistics.median(baseline[clients]):.2f}" if clients in baseline else "-"
-            p90 = float(np.percentile(ttft, 90))
-            lines.append(f"| {name} | {clients} | {median * 1000:.0f} | {p90 * 1000:.0f} | {ratio} |")
+            median = medians[name, clients]
+            baseline = medians.get(("ours, no prefix cache", clients))
+            ratio = f"{median / baseline:.2f}" if baseline else "-"
+            p90 = float(np.percentile([r.seconds for r in by_level[clients]], 90))
+            cached = statistics.mean(r.cached_tokens for r in by_level[clients])
+            lines.append(f"| {name} | {clients} | {median * 1000:.0f} | {p90 * 1000:.0f} | {ratio} | {cached:.0f} |")
     return "\n".join(lines)
 
 
@@ -142,7 +156,6 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--levels", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])
     parser.add_argument("--system-tokens", type=int, default=1000)
     parser.add_argument("--question-tokens", type=int, default=50)
-    parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
     parser.add_argument("--no-llama", action="store_true", help="leave llama.cpp out")
@@ -154,7 +167,7 @@ def parse_args(argv) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     measured, warm, prompt_tokens = workload(args)
-    print(f"{args.requests} prompts of {prompt_tokens} tokens ({args.system_tokens} shared)", file=sys.stderr)
+    print(f"{args.requests} prompts of up to {prompt_tokens} tokens ({args.system_tokens} shared)", file=sys.stderr)
     results = {
         "ours, prefix cache": measure(start_ours("ours", args, prompt_tokens), args, measured, warm, {}),
         "ours, no prefix cache": measure(
@@ -163,12 +176,13 @@ def main(argv=None) -> int:
     }
     if not args.no_llama:
         binary = vs_llamacpp.llama_server_binary(args.cache_dir)
-        context = prompt_tokens + args.max_tokens + 16
+        context = prompt_tokens + 16
         llama = vs_llamacpp.start_llama(binary, bundled_gguf_path(), max(args.levels), context, args.threads)
         results["llama.cpp, cache_prompt"] = measure(llama, args, measured, warm, {"cache_prompt": True})
     print(table(results, args.levels))
     if args.json:
-        args.json.write_text(json.dumps({name: {str(c): t for c, t in r.items()} for name, r in results.items()}))
+        as_json = {name: {c: [dataclasses.asdict(t) for t in r] for c, r in by.items()} for name, by in results.items()}
+        args.json.write_text(json.dumps(as_json))
     return 0
 
 
