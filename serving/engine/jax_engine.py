@@ -765,5 +765,6 @@ def engines_from_params(
         raise ValueError(f"disaggregated mode splits devices in halves; got {len(devices)} devices")
     half = len(devices) // 2
     prefill_engine = JaxEngine(settings, cfg, host_params, devices[:half])
-    generate_engine = JaxEngine(settings, cfg, host_params, devices[half:])
+    # the prefix cache belongs to the engine that prefills
+    generate_engine = JaxEngine(dataclasses.replace(settings, prefix_cache_tokens=0), cfg, host_params, devices[half:])
     return EngineSet(tokenizer, prefill_engine, generate_engine, cfg)

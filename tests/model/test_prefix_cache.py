@@ -3,13 +3,14 @@ with it off, token for token."""
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
 from serving.engine.jax_engine import build_engines
 from serving.engine.prefix_cache import PrefixBlockIndex
 from serving.engine_api import GREEDY, SamplingParams
-from serving.server.settings import ServingSettings
+from serving.server.settings import DISAGGREGATED_SERVER, ServingSettings
 from tests.model.model_helpers import PROMPTS, generate
 
 BLOCK = 4
@@ -156,3 +157,10 @@ def test_the_prefix_cache_holds_its_size_in_token_positions_and_the_memory_repor
     assert memory.prefix_cache_bytes == 96 * per_position
     assert "prefix cache" in on.memory_report() and "prefix cache" not in off.memory_report()
     assert off.prefill_engine.memory().prefix_cache_bytes == 0
+
+
+def test_disaggregated_the_prefill_engine_alone_holds_the_prefix_cache():
+    settings = ServingSettings(**TINY, inference_server=DISAGGREGATED_SERVER).engine_settings()
+    engines = build_engines(settings, jax.devices()[:2])
+    assert engines.prefill_engine.prefix_caching and not engines.generate_engine.prefix_caching
+    assert engines.memory_report().count("prefix cache") == 1
