@@ -116,6 +116,11 @@ def prefilled(pod: str) -> float:
     return server_process.scrape_sample(pod, "jetstream_request_input_length_count")
 
 
+def cached_tokens(pod: str) -> float:
+    """Prompt tokens the pod's prefix cache has supplied so far."""
+    return server_process.scrape_sample(pod, "vllm:prefix_cache_hits_total")
+
+
 def route(picker: PickerModel, pool, prompt: str, pending: list):
     """Pick a pod for the prompt, send it there, and wait until the pod has prefilled it (so the
     next pick reads metrics that include it, as the picker's 50 ms refresh would)."""
@@ -158,6 +163,7 @@ def test_requests_sharing_a_prefix_go_to_the_replica_that_saw_it(pods):
     names = {pod: f"replica {index}" for index, pod in enumerate(pods)}
     wait_until(lambda: all(admitted(pod) == 0 for pod in pods), 120, "idle replicas", every_s=0.1)
     picks: dict[str, list] = {name: [] for name in SYSTEM_PROMPTS}
+    hits_before = {pod: cached_tokens(pod) for pod in pods}
     with clients(ROUNDS * len(SYSTEM_PROMPTS)) as pool:
         pending: list = []
         for round_ in range(ROUNDS):
@@ -178,3 +184,11 @@ def test_requests_sharing_a_prefix_go_to_the_replica_that_saw_it(pods):
         for pick in routed[1:]:
             # the shared blocks of the prompt's blocks (the question's whole block is its own)
             assert pick.scores["prefix-cache-scorer"][pick.pod] == SHARED_BLOCKS / (SHARED_BLOCKS + 1)
+    # and the replica's own prefix cache then computed each system prompt once: every later request
+    # of it found at least the system prompt's tokens (one per character here) cached
+    hits = {pod: cached_tokens(pod) - hits_before[pod] for pod in pods}
+    print(
+        f"  prompt tokens from the replicas' prefix caches: {', '.join(f'{names[p]} {h:.0f}' for p, h in hits.items())}"
+    )
+    for name, system in SYSTEM_PROMPTS.items():
+        assert hits[next(iter(homes[name]))] >= (ROUNDS - 1) * len(system)
