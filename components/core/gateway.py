@@ -22,8 +22,9 @@ and the Gateway API Inference Extension implements it (kubernetes-sigs/gateway-a
   4. GKE health-checks the pool's pods as its `HealthCheckPolicy` says and applies the backend
      timeout of its `GCPBackendPolicy`.
 The picker and the policies are what the extension's `inferencepool` Helm chart renders with
-`provider.name=gke` at EXTENSION_VERSION (config/charts/inferencepool), written out here as data so
-that `pulumi preview` diffs them and the tests validate them: no chart values to keep in sync.
+`provider.name=gke` at EXTENSION_VERSION (config/charts/inferencepool), written out as data in
+`gateway_manifests.py` so that `pulumi preview` diffs them and the tests validate them: no chart
+values to keep in sync.
 
 Who owns what: the proxy-only subnet, the Gateway API on the cluster and the InferencePool CRD are
 cluster-wide (one per region and VPC, one per cluster), so the stack that creates the cluster

@@ -32,7 +32,7 @@ HEALTH_CHECK_SECONDS = 2
 BACKEND_TIMEOUT_SECONDS = 300
 # The chart keeps the picker alive as long as the longest grace period of the pool's pods.
 PICKER_GRACE_SECONDS = 130
-WAIT_FOR = "pulumi.com/waitFor"
+WAIT_FOR = "pulumi.com/waitFor"  # pulumi-kubernetes waits until the object has a value at this jsonpath
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
