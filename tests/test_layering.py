@@ -11,13 +11,14 @@ across a seam fails here rather than in review:
                                    talk to engines only through engine_api: no JAX, no serving.engine
                                    (the server's settings map themselves onto serving.engine.settings)
   components/core/**               the pure planning core: no Pulumi, no components.resources
-  components/core, by layer        declarations (naming, hpa, lws_model, config_keys) import nothing above them;
-                                   the key table (config_table) nothing that parses, plans or builds manifests;
-                                   the config parts (config_values, config_runtime, config_roles,
-                                   config_scaling) neither StackConfig nor planning nor manifests, and
-                                   one another only downwards (values <- runtime, roles); planning and
-                                   manifests read the parsed StackConfig, never a parsing helper; and
-                                   the core's module-level imports have no cycle
+  components/core, by layer        declarations (naming, hpa, lws_model, config_keys, gateway) import nothing
+                                   above them; the key table (config_table) nothing that parses, plans or
+                                   builds manifests; the config parts (config_values, config_runtime,
+                                   config_roles, config_scaling, config_gateway) neither StackConfig nor
+                                   planning nor manifests, and one another only downwards (values <- runtime,
+                                   roles); planning and manifests read the parsed StackConfig, never a
+                                   parsing helper; the gateway's objects (gateway_manifests) are built from
+                                   its declarations only; and the core's module-level imports have no cycle
   serving/protocol.py              what both halves share (ports, names): imports nothing of the project
   components/**                    from serving, only serving.protocol and the pure serving.engine.parallelism
 """
@@ -90,18 +91,20 @@ def core_files(*names: str) -> list[str]:
 
 
 PLANNING = core("planner", "node_pools", "scheduling", "admission")
-MANIFESTS = core("manifests", "lws_model", "kube_model")
-CONFIG_PARSING = core("config_values", "config_runtime", "config_roles", "config_scaling", "config_keys")
+MANIFESTS = core("manifests", "gateway_manifests", "lws_model", "kube_model")
+CONFIG_PARSING = core(
+    "config_values", "config_runtime", "config_roles", "config_scaling", "config_gateway", "config_keys"
+)
 # The seams inside the core: (files, modules they may not import, exceptions among those).
 CORE_RULES = [
-    (core_files("naming", "hpa", "lws_model", "errors"), ("components", "serving"), ()),
+    (core_files("naming", "hpa", "lws_model", "errors", "gateway"), ("components", "serving"), ()),
     (core_files("config_keys"), ("components",), core("errors")),
     (core_files("kube_model"), ("components",), core("lws_model")),
     (core_files("autoscaling"), ("components",), core("hpa")),
     (
         core_files("config_table"),
         (*PLANNING, *MANIFESTS, *CONFIG_PARSING, *core("config")),
-        core("config_keys", "config_scaling"),
+        core("config_keys", "config_scaling", "config_gateway"),
     ),
     (
         core_files("config_values"),
@@ -114,7 +117,12 @@ CORE_RULES = [
         (),
     ),
     (core_files("config_roles"), core("runtimes"), ()),
-    (core_files("config_scaling"), (*PLANNING, *MANIFESTS, *core("config", "config_table", "config_values")), ()),
+    (
+        core_files("config_scaling", "config_gateway"),
+        (*PLANNING, *MANIFESTS, *core("config", "config_table", "config_values", "config_scaling", "config_gateway")),
+        (),
+    ),
+    (core_files("gateway_manifests"), ("components", "serving"), core("gateway")),
     (core_files("planner", "node_pools", "scheduling", "manifests", "admission"), CONFIG_PARSING, ()),
 ]
 

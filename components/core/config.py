@@ -15,7 +15,7 @@ The parts, one concern per module, each importing only those before it:
                      (components/core/runtimes/) once, and the keys that depend on it;
   config_roles.py    the roles: which keys a role=all, platform or serving stack uses;
   naming.py          the names derived from the stack, and the rules of names;
-  config_scaling.py, gateway.py   the keys of those features, parsed by their own modules.
+  config_scaling.py, config_gateway.py   the keys of those features, parsed by their own modules.
 `StackConfig.runtime` answers everything that differs between servers, and the runtime validates
 the config it is given.
 """
@@ -27,6 +27,7 @@ from collections.abc import Mapping
 
 from components.core import models, tpu
 from components.core.autoscaling import Autoscaling
+from components.core.config_gateway import parse_gateway
 from components.core.config_roles import check_role_keys, parse_cluster_stack
 from components.core.config_runtime import (
     choose_runtime,
@@ -67,7 +68,7 @@ from components.core.config_values import (
     text_of,
 )
 from components.core.errors import ConfigError
-from components.core.gateway import GatewaySettings, parse_gateway
+from components.core.gateway import GatewaySettings
 from components.core.naming import (
     DNS_LABEL_LIMIT,
     SERVICE_ACCOUNT_ID_LIMIT,

@@ -1,7 +1,7 @@
 """A config key as Pulumi.yaml declares it, and how its raw value is read.
 
 Its own module so that `config_table.py`, which holds the stack's key table, and the modules that
-declare keys of their own (`config_scaling.py`, `gateway.py`) share it without importing each other.
+declare keys of their own (`config_scaling.py`, `config_gateway.py`) share it without importing each other.
 """
 
 from __future__ import annotations

@@ -7,12 +7,12 @@ same reason a key counts as set only when its value differs from its default (`c
 `Pulumi.yaml`'s `config:` block and docs/stack/config-keys.md are generated from this table
 (`python -m components.config_docs`). Declarations only: the values are parsed in
 `config_values.py`, `config_runtime.py`, `config_roles.py` and the feature modules that own keys
-(`config_scaling.py`, `gateway.py`).
+(`config_scaling.py`, `config_gateway.py`).
 """
 
 from __future__ import annotations
 
-from components.core import config_scaling, gateway, models, tpu
+from components.core import config_gateway, config_scaling, models, tpu
 from components.core.config_keys import ConfigKey
 from components.core.runtimes import RUNTIMES
 from components.core.runtimes.pathways import DEFAULT_IMAGES
@@ -153,8 +153,8 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
     ),
     # Replicas and autoscaling (components/core/config_scaling.py).
     *config_scaling.CONFIG_KEYS,
-    # GKE Inference Gateway (components/core/gateway.py).
-    *gateway.CONFIG_KEYS,
+    # GKE Inference Gateway (components/core/config_gateway.py).
+    *config_gateway.CONFIG_KEYS,
     # Server images and names.
     ConfigKey(
         name="serverRuntime",

@@ -20,7 +20,8 @@ proves placements like this before any resource exists).
 The Service selects the leader pods only, through the `app` label that only the leader template
 carries (as in the reference): one leader per LeaderWorkerSet replica (`replicas`), so it balances
 over every replica. With autoscaling on, the PodMonitoring and the HPA (built here from the
-settings and metrics of components/core/autoscaling.py) come after the workload. The Namespace and
+settings and metrics of components/core/autoscaling.py) come after the workload, and with `gateway`
+set the objects `gateway_manifests.py` builds from `routed_pool` come last. The Namespace and
 the ServiceAccount the pods run as are built here too, so `components.render` prints everything
 `kubectl apply -f -` needs and `JetStreamServer` wraps the same objects.
 """
@@ -30,13 +31,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from components.core import gateway as inference_gateway
 from components.core import kube_model as kube
 from components.core import lws_model as lws
 from components.core import tpu
 from components.core.autoscaling import Autoscaling, MetricsEndpoint
 from components.core.config import StackConfig
 from components.core.config_table import INTERNAL_LOAD_BALANCER
+from components.core.gateway import PROTOCOL_RUNTIMES
+from components.core.gateway_manifests import RoutedPool, all_gateway_manifests
 from components.core.hpa import scale_down_stabilization_seconds
 from components.core.node_pools import DEPLOYMENT_LABEL, NODE_POOL_LABEL, stack_toleration
 from components.core.planner import Plan
@@ -309,22 +311,22 @@ def autoscaling_manifests(
     ]
 
 
-def routed_pool(cfg: StackConfig) -> inference_gateway.RoutedPool:
+def routed_pool(cfg: StackConfig) -> RoutedPool:
     """What the stack's gateway routes to: the Service's leader pods on the HTTP port."""
-    return inference_gateway.RoutedPool(
+    return RoutedPool(
         name=cfg.app_name,
         namespace=cfg.namespace,
         selector=app_labels(cfg),
         target_port=HTTP_PORT,
         health_path=cfg.runtime.health_path,
         gateway_class=cfg.gateway.gateway_class,
-        protocol=inference_gateway.PROTOCOL_RUNTIMES[cfg.runtime.name],
+        protocol=PROTOCOL_RUNTIMES[cfg.runtime.name],
     )
 
 
 def gateway_manifests(cfg: StackConfig) -> list[dict]:
     """The Gateway, HTTPRoute, InferencePool, endpoint picker and GKE policies; nothing with gateway=none."""
-    return inference_gateway.gateway_manifests(routed_pool(cfg)) if cfg.gateway.enabled else []
+    return all_gateway_manifests(routed_pool(cfg)) if cfg.gateway.enabled else []
 
 
 def through_gateway(endpoints: Mapping[str, str], gateway_url: str) -> dict[str, str]:

@@ -12,8 +12,9 @@ import pytest
 import yaml
 
 from components import render
-from components.core import gateway, manifests
+from components.core import gateway, gateway_manifests, manifests
 from components.core.config import PlatformConfig, parse_stack_config
+from components.core.config_gateway import DEFAULT_PROXY_SUBNET_RANGE
 from components.core.config_roles import CLUSTER_KEYS
 from components.core.errors import ConfigError
 from components.core.planner import plan_deployment
@@ -92,7 +93,7 @@ def test_a_bad_proxy_subnet_range_is_refused(text):
 
 
 def test_proxy_subnet_range_default_and_existing():
-    assert bundled(gateway="internal").gateway.proxy_subnet_range == gateway.DEFAULT_PROXY_SUBNET_RANGE
+    assert bundled(gateway="internal").gateway.proxy_subnet_range == DEFAULT_PROXY_SUBNET_RANGE
     existing = bundled(gateway="internal", gatewayProxySubnetRange="").gateway
     assert existing.enabled and not existing.creates_proxy_subnet
 
@@ -240,7 +241,7 @@ def test_the_picker_is_pinned_and_reads_the_bundled_servers_protocol():
         for i, arg in enumerate(container["args"])
         if arg in ("--lora-info-metric", "--cache-info-metric")
     ] == ["", ""]
-    plugins = yaml.safe_load(objects["ConfigMap"]["data"][gateway.PICKER_CONFIG_FILE])
+    plugins = yaml.safe_load(objects["ConfigMap"]["data"][gateway_manifests.PICKER_CONFIG_FILE])
     assert plugins["schedulingProfiles"] == [
         {
             "name": "default",
@@ -299,7 +300,7 @@ def test_a_rendered_platform_says_what_it_creates_for_gateways(tmp_path):
         "\n".join(line.removeprefix("# ") for line in render.render("platform", tmp_path).splitlines())
     )["plan"]
     assert plan["gateway"] == {
-        "proxyOnlySubnet": f"jetstream-proxy-platform {gateway.DEFAULT_PROXY_SUBNET_RANGE}",
+        "proxyOnlySubnet": f"jetstream-proxy-platform {DEFAULT_PROXY_SUBNET_RANGE}",
         "gatewayApi": "CHANNEL_STANDARD",
         "inferencePoolCrd": gateway.CRD_MANIFEST_URL,
     }

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 
 from components.core import gateway
+from components.core.config_gateway import DEFAULT_PROXY_SUBNET_RANGE
 from components.core.config_roles import PLATFORM_OUTPUTS
 from tests.stack.pulumi_harness import GATEWAY, GATEWAY_IP, GCP_PROJECT, qualified, run_stack
 from tests.stack.stack_helpers import GATEWAY_SCHEMAS, crd_validator
@@ -53,7 +54,7 @@ def test_role_all_creates_the_cluster_parts_and_the_stacks_gateway():
     assert (subnet["purpose"], subnet["role"], subnet["ipCidrRange"], subnet["region"]) == (
         "REGIONAL_MANAGED_PROXY",
         "ACTIVE",
-        gateway.DEFAULT_PROXY_SUBNET_RANGE,
+        DEFAULT_PROXY_SUBNET_RANGE,
         "us-east5",
     )
     assert subnet["network"] == f"projects/{GCP_PROJECT}/global/networks/default"  # the created cluster's VPC
