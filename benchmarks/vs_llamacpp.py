@@ -46,7 +46,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import servers  # noqa: E402
+from benchmarks import load_bench, servers  # noqa: E402
 from serving.server.orchestrator import default_max_queued_requests  # noqa: E402
 from serving.server.settings import ServingSettings  # noqa: E402
 
@@ -61,6 +61,7 @@ DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) /
 START_TIMEOUT_S = 900.0  # ours compiles every prefill bucket before /healthcheck turns 200
 REQUEST_TIMEOUT_S = 900.0
 BANDWIDTH_BUFFER_BYTES = 1 << 30  # far beyond any CPU cache, so reads come from DRAM
+LLAMA_BPE_VOCAB = "ggml-vocab-llama-bpe.gguf"  # Llama 3's vocabulary, in llama.cpp's tests
 PROMPTS = [
     "Once upon a time, in a small village by the sea, there lived an old fisherman who",
     "The history of computing began with mechanical calculators. In the nineteenth century,",
@@ -76,34 +77,30 @@ PROMPTS = [
 # ---- llama.cpp ------------------------------------------------------------------------------------
 
 
-def llama_server_binary(cache_dir: Path) -> Path:
-    """`llama-server` under cache_dir, built from the llama-cpp-python sdist if absent."""
+def llama_cpp_source(cache_dir: Path, sdist: Path | None) -> Path:
+    """llama.cpp's source tree (vendored in the llama-cpp-python sdist): `sdist` itself when it is an
+    unpacked sdist directory, else the tarball (`sdist`, or downloaded into cache_dir) unpacked there."""
+    if sdist is not None and sdist.is_dir():
+        return sdist / "vendor" / "llama.cpp"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tarballs = [sdist] if sdist is not None else sorted(cache_dir.glob("llama_cpp_python-*.tar.gz"))
+    if not tarballs:
+        _run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "-d", str(cache_dir),
+              LLAMA_CPP_PYTHON])  # fmt: skip
+        tarballs = sorted(cache_dir.glob("llama_cpp_python-*.tar.gz"))
+    source = cache_dir / tarballs[-1].name.removesuffix(".tar.gz")
+    if not source.exists():
+        with tarfile.open(tarballs[-1]) as archive:
+            archive.extractall(cache_dir, filter="data")
+    return source / "vendor" / "llama.cpp"
+
+
+def llama_server_binary(cache_dir: Path, llama_cpp: Path) -> Path:
+    """`llama-server` under cache_dir, built from the source tree `llama_cpp` if absent."""
     binary = cache_dir / "llama-server"
     if binary.exists():
         return binary
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    sdists = sorted(cache_dir.glob("llama_cpp_python-*.tar.gz"))
-    if not sdists:
-        _run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--no-binary",
-                ":all:",
-                "--no-deps",
-                "-d",
-                str(cache_dir),
-                LLAMA_CPP_PYTHON,
-            ]
-        )
-        sdists = sorted(cache_dir.glob("llama_cpp_python-*.tar.gz"))
-    source = cache_dir / sdists[-1].name.removesuffix(".tar.gz")
-    if not source.exists():
-        with tarfile.open(sdists[-1]) as archive:
-            archive.extractall(cache_dir, filter="data")
-    llama_cpp, build = source / "vendor" / "llama.cpp", cache_dir / "build"
+    build = cache_dir / "build"
     _run([
         "cmake", "-S", str(llama_cpp), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF",
         "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON",
@@ -113,6 +110,64 @@ def llama_server_binary(cache_dir: Path) -> Path:
     built = next(build.rglob("llama-server"))
     shutil.copy2(built, binary)
     return binary
+
+
+# ---- the models -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """What both servers load: llama.cpp the GGUF, ours `ours` (the GGUF, or a Hugging Face directory)."""
+
+    gguf: Path
+    ours: Path
+
+
+def write_llama_bpe_tokenizer(hf_dir: Path, llama_cpp: Path) -> None:
+    """tokenizer.json (+ tokenizer_config.json) of Llama 3's vocabulary, from llama.cpp's vocabulary
+    test file: the converter and our Hugging Face loader both read it."""
+    from serving.engine.loaders import gguf_loader
+    from serving.engine.tokenizer import tokenizer_from_gguf
+
+    vocab = gguf_loader.gguf.GGUFReader(str(llama_cpp / "models" / LLAMA_BPE_VOCAB))
+    tokenizer = tokenizer_from_gguf(vocab)
+    (hf_dir / "tokenizer.json").write_text(tokenizer.to_json())
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **tokenizer.special_tokens}
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+
+
+def random_llama32_1b(cache_dir: Path, llama_cpp: Path) -> Path:
+    """A random-weight checkpoint of Llama 3.2 1B's shapes with its tokenizer (bfloat16 safetensors,
+    written once into cache_dir)."""
+    hf_dir = cache_dir / "llama3.2-1b-random" / "hf"
+    if not (hf_dir / "tokenizer.json").is_file():
+        load_bench.write_checkpoint(hf_dir)
+        write_llama_bpe_tokenizer(hf_dir, llama_cpp)
+    return hf_dir
+
+
+def converted_gguf(hf_dir: Path, llama_cpp: Path, outtype: str) -> Path:
+    """`hf_dir` converted by llama.cpp's own convert_hf_to_gguf.py to `outtype` (written once beside it)."""
+    out = hf_dir.parent / f"model-{outtype}.gguf"
+    if not out.exists():
+        partial = out.with_suffix(".partial")
+        _run([sys.executable, str(llama_cpp / "convert_hf_to_gguf.py"), str(hf_dir), "--outtype", outtype,
+              "--outfile", str(partial)])  # fmt: skip
+        partial.rename(out)
+    return out
+
+
+def benchmark_model(args, llama_cpp: Path | None) -> Model:
+    from serving.engine.loaders import gguf_loader
+
+    if args.model == "smollm2":
+        bundled = gguf_loader.bundled_gguf_path()
+        return Model(bundled, bundled)
+    if llama_cpp is None:
+        raise SystemExit(f"--model {args.model} is converted by llama.cpp's converter: drop --ours-only")
+    hf_dir = random_llama32_1b(args.cache_dir, llama_cpp)
+    gguf = converted_gguf(hf_dir, llama_cpp, args.format)
+    return Model(gguf, hf_dir if args.ours_loads == "hf" else gguf)
 
 
 def _run(cmd: list[str]) -> None:
@@ -132,10 +187,10 @@ def start_llama(binary: Path, gguf: Path, slots: int, context: int, threads: int
     return servers.start("llama.cpp", cmd, port, "/health", START_TIMEOUT_S)
 
 
-def start_ours(name: str, slots: int, args) -> servers.Server:
+def start_ours(name: str, checkpoint: Path, slots: int, args) -> servers.Server:
     port = servers.free_port()
     cmd = servers.serving_command(port, [
-        "--slots", str(slots), "--max-prefill-length", str(args.max_prefill_length),
+        "--model", str(checkpoint), "--slots", str(slots), "--max-prefill-length", str(args.max_prefill_length),
         "--max-target-length", str(args.context),
         # the server's own queue bound, raised only if one level has more clients than it admits
         "--max-queued-requests", str(max(default_max_queued_requests(slots), max(args.levels))),
@@ -209,15 +264,19 @@ def read_bandwidth(reps: int = 5) -> float:
     return best
 
 
-def our_weight_bytes(server_args: list[str]) -> tuple[str, int]:
-    """(format name, bytes of weights one decode step reads) for our server under these settings."""
+def our_weight_bytes(checkpoint: Path, server_args: list[str]) -> tuple[str, int]:
+    """(format name, bytes of weights one decode step reads) for our server on `checkpoint` (a GGUF
+    or a Hugging Face directory) under these settings."""
     from serving.engine import model
-    from serving.engine.loaders import gguf_loader, runtime_config
+    from serving.engine.loaders import gguf_loader, hf_loader, runtime_config
     from serving.server.settings import parse_settings
 
     backend = os.environ.get("JAX_PLATFORMS", "cpu").split(",")[0]  # what start_ours runs on
     settings = parse_settings([a for a in server_args if "=" in a]).for_backend(backend).engine_settings()
-    arch = gguf_loader.read_config(gguf_loader.gguf.GGUFReader(str(gguf_loader.bundled_gguf_path())))
+    if hf_loader.is_hf_dir(str(checkpoint)):
+        arch = hf_loader.read_config(checkpoint, settings.max_target_length)
+    else:
+        arch = gguf_loader.read_config(gguf_loader.gguf.GGUFReader(str(checkpoint)))
     cfg = runtime_config(arch, settings)
     infos = model.param_infos(cfg)
     leaves = model.jax.tree.leaves(infos, is_leaf=model.is_info)
@@ -281,6 +340,20 @@ def main(argv=None) -> int:
         default=SHIPPED.max_prefill_predict_length,
         help=f"ours: longest prompt (default {SHIPPED.max_prefill_predict_length}, the shipped default)",
     )
+    p.add_argument(
+        "--model",
+        choices=("smollm2", "llama3.2-1b"),
+        default="smollm2",
+        help="smollm2: the bundled SmolLM2-135M GGUF (default); llama3.2-1b: random weights in Llama 3.2 1B's "
+        "shapes, converted by llama.cpp's converter to --format (written once into --cache-dir)",
+    )
+    p.add_argument("--format", choices=("q8_0", "bf16"), default="q8_0", help="llama3.2-1b: the GGUF's weight type")
+    p.add_argument(
+        "--ours-loads",
+        choices=("gguf", "hf"),
+        default="gguf",
+        help="llama3.2-1b: ours loads the same GGUF (default) or the bfloat16 Hugging Face directory",
+    )
     p.add_argument("--server-arg", action="append", default=[], help="extra argument for ours, e.g. quantization=int8")
     p.add_argument(
         "--slots1-baseline",
@@ -291,7 +364,15 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp threads (default: all cores)")
     p.add_argument("--llama-server", type=Path, help="a llama-server binary to use instead of building one")
     p.add_argument(
-        "--cache-dir", type=Path, default=DEFAULT_CACHE, help=f"where llama-server is built (default {DEFAULT_CACHE})"
+        "--cache-dir",
+        type=Path,
+        default=DEFAULT_CACHE,
+        help=f"where llama-server is built and models are written (default {DEFAULT_CACHE})",
+    )
+    p.add_argument(
+        "--llama-cpp-sdist",
+        type=Path,
+        help=f"the {LLAMA_CPP_PYTHON} source distribution (tarball or unpacked directory) instead of downloading it",
     )
     p.add_argument("--build-only", action="store_true", help="build llama-server and exit")
     p.add_argument("--ours-only", action="store_true", help="measure only our server (no llama.cpp, no ratios)")
@@ -299,19 +380,21 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.levels = [int(c) for c in args.levels.split(",")]
 
-    binary = None if args.ours_only else args.llama_server or llama_server_binary(args.cache_dir)
+    # llama.cpp's source: to build llama-server, and to convert any model but the bundled one
+    needs_source = args.model != "smollm2" or not (args.ours_only or args.llama_server)
+    llama_cpp = llama_cpp_source(args.cache_dir, args.llama_cpp_sdist) if needs_source else None
+    binary = None if args.ours_only else args.llama_server or llama_server_binary(args.cache_dir, llama_cpp)
     if args.build_only:
         print(binary)
         return 0
-    from serving.engine.loaders import gguf_loader
-
-    gguf = gguf_loader.bundled_gguf_path()
+    checkpoint = benchmark_model(args, llama_cpp)
+    gguf = checkpoint.gguf
     bandwidth = read_bandwidth()
     running = []
     try:
         if not args.ours_only:  # each server joins `running` at once, so `finally` stops it
             running.append(start_llama(binary, gguf, args.slots, args.context, args.threads))
-        running.append(start_ours("ours", args.slots, args))
+        running.append(start_ours("ours", checkpoint.ours, args.slots, args))
         llama, ours = (None if args.ours_only else running[0]), running[-1]
         ignore_eos = all(accepts_ignore_eos(server.url) for server in running)
         if not ignore_eos:
@@ -339,7 +422,7 @@ def main(argv=None) -> int:
         ours.stop()
         running.remove(ours)
         if args.slots1_baseline and 1 in args.levels:
-            single = start_ours("ours --slots 1", 1, args)
+            single = start_ours("ours --slots 1", checkpoint.ours, 1, args)
             running.append(single)
             run_level(single.url, 1, 1, args.max_tokens, ignore_eos)
             level = run_level(single.url, 1, args.rounds, args.max_tokens, ignore_eos)
@@ -348,7 +431,7 @@ def main(argv=None) -> int:
         for server in running:
             server.stop()
 
-    our_format, our_bytes = our_weight_bytes(args.server_arg)
+    our_format, our_bytes = our_weight_bytes(checkpoint.ours, args.server_arg)
     llama_format, llama_bytes = gguf_weight_bytes(gguf)
     print(
         (
