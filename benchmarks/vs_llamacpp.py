@@ -434,13 +434,9 @@ def main(argv=None) -> int:
     our_format, our_bytes = our_weight_bytes(checkpoint.ours, args.server_arg)
     llama_format, llama_bytes = gguf_weight_bytes(gguf)
     print(
-        (
-            f"\nvs_llamacpp: {args.slots} slots each, {args.max_tokens} output tokens/request, {args.rounds} "
-            f"requests/client, "
-        )(
-            f"greedy{', ignore_eos' if ignore_eos else ' (EOS may end requests early)'}; ours: "
-            f"{' '.join(args.server_arg) or 'defaults'}"
-        )
+        f"\nvs_llamacpp: {args.slots} slots each, {args.max_tokens} output tokens/request, {args.rounds} "
+        f"requests/client, greedy{', ignore_eos' if ignore_eos else ' (EOS may end requests early)'}; "
+        f"llama.cpp: {gguf.name}; ours: {checkpoint.ours.name} {' '.join(args.server_arg) or 'defaults'}"
     )
     print(table(rows))
     print(f"\nread bandwidth {bandwidth / 1e9:.1f} GB/s ({os.cpu_count()} threads)")
