@@ -123,13 +123,13 @@ class Model:
     ours: Path
 
 
-def write_llama_bpe_tokenizer(hf_dir: Path, llama_cpp: Path) -> None:
-    """tokenizer.json (+ tokenizer_config.json) of Llama 3's vocabulary, from llama.cpp's vocabulary
-    test file: the converter and our Hugging Face loader both read it."""
+def write_tokenizer(hf_dir: Path, vocab_gguf: Path) -> None:
+    """tokenizer.json (+ tokenizer_config.json) of the vocabulary in a GGUF file (e.g. llama.cpp's
+    vocabulary test files): the converter and our Hugging Face loader both read it."""
     from serving.engine.loaders import gguf_loader
     from serving.engine.tokenizer import tokenizer_from_gguf
 
-    vocab = gguf_loader.gguf.GGUFReader(str(llama_cpp / "models" / LLAMA_BPE_VOCAB))
+    vocab = gguf_loader.gguf.GGUFReader(str(vocab_gguf))
     tokenizer = tokenizer_from_gguf(vocab)
     (hf_dir / "tokenizer.json").write_text(tokenizer.to_json())
     config = {"tokenizer_class": "PreTrainedTokenizerFast", **tokenizer.special_tokens}
@@ -142,7 +142,7 @@ def random_llama32_1b(cache_dir: Path, llama_cpp: Path) -> Path:
     hf_dir = cache_dir / "llama3.2-1b-random" / "hf"
     if not (hf_dir / "tokenizer.json").is_file():
         load_bench.write_checkpoint(hf_dir)
-        write_llama_bpe_tokenizer(hf_dir, llama_cpp)
+        write_tokenizer(hf_dir, llama_cpp / "models" / LLAMA_BPE_VOCAB)
     return hf_dir
 
 
