@@ -3,14 +3,23 @@
   python benchmarks/vs_llamacpp.py                       # 1, 8, 32 clients; both servers 32 slots
   python benchmarks/vs_llamacpp.py --levels 1,8 --rounds 1 --max-tokens 32    # a short run
   python benchmarks/vs_llamacpp.py --server-arg quantization=int8             # another config of ours
+  python benchmarks/vs_llamacpp.py --model llama3.2-1b --format q8_0 --levels 1,32 --rounds 1 --max-tokens 32 \
+      --context 256 --max-prefill-length 64 --no-slots1-baseline           # Llama 3.2 1B's size, Q8_0
 
 What it does, in one run on one machine (CPU by default):
 1. `llama-server` (llama.cpp's OpenAI-compatible server): taken from --llama-server, or built once
-   from the `llama-cpp-python` source distribution (it vendors llama.cpp) into --cache-dir, outside
-   the repository: `pip download --no-binary :all: --no-deps`, then cmake for the llama-server
-   target only. Benchmark-only: the project never depends on it.
-2. Starts both servers on 127.0.0.1 on the bundled SmolLM2-135M GGUF (the file `python -m serving`
-   loads by default; llama.cpp reads it as stored, Q4_1), with the same number of slots, then
+   from the `llama-cpp-python` source distribution (it vendors llama.cpp; --llama-cpp-sdist names a
+   copy already at hand, else `pip download --no-binary :all: --no-deps`) into --cache-dir, outside
+   the repository, cmake for the llama-server target only. Benchmark-only: the project never
+   depends on it.
+2. The model (--model): the bundled SmolLM2-135M GGUF (the file `python -m serving` loads by
+   default; llama.cpp reads it as stored, Q4_1), or `llama3.2-1b`: random weights in Llama 3.2 1B's
+   shapes (hidden 2048, 16 layers, 32 / 8 heads of 64, ffn 8192, vocabulary 128256, tied
+   embeddings, llama3 RoPE) written once into --cache-dir as a bfloat16 Hugging Face directory with
+   Llama 3's tokenizer (from llama.cpp's vocabulary test file), then converted by llama.cpp's own
+   convert_hf_to_gguf.py to --format (Q8_0 or bf16). Ours loads the same GGUF, or with
+   --ours-loads hf the Hugging Face directory.
+   Starts both servers on 127.0.0.1 on it, with the same number of slots, then
    `python -m serving --slots 1` when --slots1-baseline is on (the configuration every other one
    must beat at one client).
 3. For each client count: every client sends --rounds greedy `/v1/completions` requests back to
