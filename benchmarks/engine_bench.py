@@ -200,10 +200,9 @@ def main(argv=None) -> None:
         results.append(result)
     print(
         f"backend {jax.default_backend()}, {len(jax.devices())} devices; "
-        f"defaults (a configuration's own keys win): max_prefill={args.max_prefill} "(
-            f"max_target={args.max_target} per_device_batch_size={args.per_device_batch_size}; medians of {args.reps} "
-            f"prefills / {args.steps} steps"
-        )
+        f"defaults (a configuration's own keys win): max_prefill={args.max_prefill} "
+        f"max_target={args.max_target} per_device_batch_size={args.per_device_batch_size}; medians of {args.reps} "
+        f"prefills / {args.steps} steps"
     )
     print(f"every request: {sampling}")
     print(table(results))

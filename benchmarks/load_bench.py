@@ -11,12 +11,16 @@ the params on the devices (`JaxEngine.load_params`), until every array is ready.
 
 Reported per load: seconds, GB/s (weights in the serving dtype / seconds), peak RSS, and the
 budget it must stay under: the weights in the serving dtype + 2 GiB (peak RSS is the whole
-process's, JAX runtime included).
+process's, JAX runtime included); then where the seconds went: reading the memory-mapped tensors
+into host arrays in the serving dtype (the dtype conversion and the stacking of layers into [L, ...]
+arrays happen in that copy; int8 quantization too, with --int8), placing them on the devices
+(`jax.make_array_from_callback`), and the rest (the index, the config, the engine, the final wait).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import struct
@@ -118,37 +122,66 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+@contextlib.contextmanager
+def timed(owner, name: str, totals: dict, key: str):
+    """Adds the seconds spent in calls of `owner.name` to totals[key] while the block runs (the
+    outermost call only: an int8 leaf's read reads its float tensor inside)."""
+    original, depth = getattr(owner, name), [0]
+
+    def wrapper(*args, **kwargs):
+        started = time.perf_counter()
+        depth[0] += 1
+        try:
+            return original(*args, **kwargs)
+        finally:
+            depth[0] -= 1
+            if depth[0] == 0:
+                totals[key] += time.perf_counter() - started
+
+    setattr(owner, name, wrapper)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
 def measure(path: str, dtype: str, int8: bool) -> dict:
     """One load in this process: read, make lazy, place, wait. Returns the numbers."""
     import jax
 
     from serving.engine.jax_engine import JaxEngine
-    from serving.engine.loaders import hf_loader, prepare_params, runtime_config
+    from serving.engine.loaders import hf_loader, lazy, prepare_params, runtime_config
     from serving.server.settings import ServingSettings
 
     jax.devices()  # the runtime's own memory is not the load's
     before = peak_rss()
+    stages = {"read": 0.0, "place": 0.0}
     start = time.perf_counter()
     settings = ServingSettings(
         weight_dtype=dtype, dtype=dtype, quantization="int8" if int8 else "", per_device_batch_size=1
     ).engine_settings()
-    arch, lazy_params = hf_loader.read_checkpoint(path, settings.max_target_length)
-    cfg = runtime_config(arch, settings)
-    engine = JaxEngine(settings, cfg, prepare_params(cfg, lazy_params, False), jax.devices()[:1])
-    jax.block_until_ready(engine.load_params())
+    with timed(lazy.LazyTensor, "read", stages, "read"), timed(jax, "make_array_from_callback", stages, "place"):
+        arch, lazy_params = hf_loader.read_checkpoint(path, settings.max_target_length)
+        cfg = runtime_config(arch, settings)
+        engine = JaxEngine(settings, cfg, prepare_params(cfg, lazy_params, False), jax.devices()[:1])
+        jax.block_until_ready(engine.load_params())
     seconds = time.perf_counter() - start
     weights = engine.memory().params_bytes
     peak = peak_rss()
-    return {"seconds": seconds, "weights_bytes": weights, "peak_rss": peak, "rss_before_load": before}
+    stages["other"] = seconds - stages["read"] - stages["place"]
+    return {"seconds": seconds, "weights_bytes": weights, "peak_rss": peak, "rss_before_load": before, "stages": stages}
 
 
 def report(label: str, m: dict) -> str:
     budget = m["weights_bytes"] + BUDGET_OVER_WEIGHTS
     verdict = "within" if m["peak_rss"] <= budget else "OVER"
+    stages = m["stages"]
     return (
         f"{label}: {m['seconds']:.2f} s, {m['weights_bytes'] / GB / m['seconds']:.2f} GB/s; peak RSS "
         f"{m['peak_rss'] / 2**30:.2f} GiB (runtime before loading {m['rss_before_load'] / 2**30:.2f} GiB), "
-        f"{verdict} the budget weights {m['weights_bytes'] / 2**30:.2f} GiB + 2 GiB = {budget / 2**30:.2f} GiB"
+        f"{verdict} the budget weights {m['weights_bytes'] / 2**30:.2f} GiB + 2 GiB = {budget / 2**30:.2f} GiB\n"
+        f"  read into the serving dtype {stages['read']:.2f} s, place on the devices {stages['place']:.2f} s, "
+        f"other {stages['other']:.2f} s"
     )
 
 

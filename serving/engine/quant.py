@@ -56,7 +56,10 @@ def einsum(eq: str, x: jax.Array, w: jax.Array | QuantArray) -> jax.Array:
     activation scale and the per-channel weight scale broadcast onto the result in that order.
     A single row is padded to two: XLA:CPU runs a one-row product through other kernels (a slow
     generic loop for int8; a matrix-vector product for float, whose different summation order
-    would make a request's tokens depend on how many slots decode beside it).
+    would make a request's tokens depend on how many slots decode beside it). A float product
+    accumulates in float32 and is rounded to x's dtype after: XLA:CPU has no bfloat16-output GEMM
+    and takes a generic loop for one (25x slower at Llama 3.2 1B's MLP shapes), and accelerators
+    accumulate in float32 anyway.
     """
     inputs, out = eq.split("->")
     x_letters, w_letters = inputs.split(",")
@@ -66,7 +69,7 @@ def einsum(eq: str, x: jax.Array, w: jax.Array | QuantArray) -> jax.Array:
     if isinstance(w, QuantArray):
         y = _int8_einsum(eq, padded, w, x_letters, w_letters, x_contracted)
     else:
-        y = jnp.einsum(eq, padded, w.astype(x.dtype))
+        y = jnp.einsum(eq, padded, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
     return y[: x.shape[0]]
 
 

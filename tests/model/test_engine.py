@@ -160,6 +160,21 @@ def test_int8_weight_einsum_and_kv_roundtrip():
     np.testing.assert_allclose(quant.dequantize_kv(values, scale, jnp.float32), kv, atol=0.02)
 
 
+def test_bfloat16_einsum_accumulates_in_float32_and_returns_bfloat16():
+    """XLA:CPU has no bfloat16-output GEMM (a generic loop, 25x slower): the product is a float32
+    one rounded once to bfloat16 at the end."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 64)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((32, 64)), jnp.bfloat16)
+    product = lambda x, w: quant.einsum("bd,fd->bf", x, w)  # noqa: E731
+    dots = [e for e in jax.make_jaxpr(product)(x, w).eqns if e.primitive.name == "dot_general"]
+    assert [e.params["preferred_element_type"] for e in dots] == [jnp.float32]
+    y = product(x, w)
+    assert y.dtype == jnp.bfloat16
+    exact = np.asarray(x, np.float32) @ np.asarray(w, np.float32).T
+    np.testing.assert_allclose(np.asarray(y, np.float32), exact, rtol=2**-7, atol=1e-6)  # one bfloat16 rounding
+
+
 def test_quantized_checkpoint_roundtrip(tmp_path, one_device):
     """Offline int8 conversion to .npz, served with checkpoint_is_quantized=true, equals quantize-on-load."""
     settings = ServingSettings(**TINY, quantization="int8").engine_settings()

@@ -39,3 +39,17 @@ def test_int8_in_slabs_equals_quantizing_the_whole(monkeypatch, contract):
     np.testing.assert_array_equal(np.asarray(result.values), whole.values)
     np.testing.assert_array_equal(np.asarray(result.scale), whole.scale)
     assert len(reads) == 1  # values and scale come from one read
+
+
+def test_a_read_tensor_becomes_a_cpu_device_array_without_a_copy():
+    """Read into a page-aligned buffer of its own, which JAX's CPU backend takes as the device array
+    (a plain NumPy allocation would be copied once more at placement)."""
+    import jax
+
+    values = np.arange(3 * 4096, dtype=np.float32).reshape(3, 4096)
+    host = lazy.from_view(lambda: values, values.shape, np.float32).read()
+    assert host.ctypes.data % 4096 == 0
+    placed = jax.device_put(host, jax.devices("cpu")[0])
+    assert np.asarray(placed).ctypes.data == host.ctypes.data
+    np.testing.assert_array_equal(np.asarray(placed), values)
+    assert lazy.host_array((0, 5), np.int8).shape == (0, 5)
