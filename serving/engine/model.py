@@ -299,14 +299,16 @@ def _group(cfg: ModelConfig, q: jax.Array) -> jax.Array:
 def prefill_attention(cfg: ModelConfig, q, k, v, length, start=0) -> jax.Array:
     """Causal attention of prompt positions start.. (q [B, T, H, E]) over cache positions 0..
     (k, v [B, K, S, E], S >= start + T), the first `length` of them real -> [B, T, H, E]."""
+    # Both products accumulate in float32 (`preferred_element_type`), as quant.einsum's do: XLA:CPU
+    # runs a bfloat16-output product as a slow generic loop.
     with jax.named_scope("attention"):
-        scores = jnp.einsum("btkge,bkse->bkgts", _group(cfg, q), k).astype(jnp.float32)
+        scores = jnp.einsum("btkge,bkse->bkgts", _group(cfg, q), k, preferred_element_type=jnp.float32)
         scores = scores / math.sqrt(cfg.head_dim)
         query_pos, key_pos = start + jnp.arange(q.shape[1]), jnp.arange(k.shape[2])
         mask = (key_pos[None, :] <= query_pos[:, None]) & (key_pos[None, :] < length)  # [T, S]
         probs = jax.nn.softmax(jnp.where(mask, scores, NEG_INF), axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bkse->btkge", probs, v)
-        return out.reshape(q.shape)
+        out = jnp.einsum("bkgts,bkse->btkge", probs, v, preferred_element_type=jnp.float32)
+        return out.astype(q.dtype).reshape(q.shape)
 
 
 def prefill(cfg: ModelConfig, params: dict, tokens: jax.Array, length: jax.Array, shard: Shard = no_shard):
