@@ -160,6 +160,10 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
     parser.add_argument("--no-llama", action="store_true", help="leave llama.cpp out")
     parser.add_argument("--cache-dir", type=Path, default=vs_llamacpp.DEFAULT_CACHE, help="where llama-server is built")
+    parser.add_argument("--llama-server", type=Path, help="a llama-server binary to use instead of building one")
+    parser.add_argument(
+        "--llama-cpp-sdist", type=Path, help="the llama-cpp-python source distribution to build llama-server from"
+    )
     parser.add_argument("--json", type=Path, help="also write the TTFTs as JSON here")
     return parser.parse_args(argv)
 
@@ -175,7 +179,9 @@ def main(argv=None) -> int:
         ),
     }
     if not args.no_llama:
-        binary = vs_llamacpp.llama_server_binary(args.cache_dir)
+        binary = args.llama_server or vs_llamacpp.llama_server_binary(
+            args.cache_dir, vs_llamacpp.llama_cpp_source(args.cache_dir, args.llama_cpp_sdist)
+        )
         context = prompt_tokens + 16
         llama = vs_llamacpp.start_llama(binary, bundled_gguf_path(), max(args.levels), context, args.threads)
         results["llama.cpp, cache_prompt"] = measure(llama, args, measured, warm, {"cache_prompt": True})
