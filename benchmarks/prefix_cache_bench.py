@@ -8,7 +8,8 @@ The workload of a chat service with a long fixed system prompt: --requests compl
 prompts share a --system-tokens system prompt, each followed by its own --question-tokens question
 (seeded random words, cut to exact token counts with the model's own tokenizer). Each request asks
 for one greedy token, not streamed, so its latency is its time to first token: queueing, prefill
-and the first token. At each client count, the clients take the requests from one queue. The
+and the first token. Each client count has questions of its own (the same system prompt), and its
+clients take the requests from one queue. The
 table also gives the mean number of prompt tokens each server says it took from its cache (ours:
 `usage.prompt_tokens_details.cached_tokens`; llama.cpp: `usage.prompt_tokens` - `timings.prompt_n`).
 
@@ -57,15 +58,20 @@ def text_of_tokens(tokenizer, rng: np.random.Generator, n_tokens: int) -> str:
     return tokenizer.decode(tokenizer.encode(" " + words)[:n_tokens])
 
 
-def workload(args) -> tuple[list[str], list[str], int]:
-    """(measured prompts, warm-up prompts, tokens in the longest prompt)."""
+def workload(args) -> tuple[dict[int, list[str]], list[str], int]:
+    """({clients: that level's prompts}, warm-up prompts, tokens in the longest prompt). Every level
+    has questions of its own: a later level finds the system prompt cached, never a whole prompt."""
     tokenizer = tokenizer_from_gguf(gguf.GGUFReader(bundled_gguf_path()))
     rng = np.random.default_rng(args.seed)
     system, warm_system = (text_of_tokens(tokenizer, rng, args.system_tokens) for _ in range(2))
-    questions = [text_of_tokens(tokenizer, rng, args.question_tokens) for _ in range(args.requests + 2)]
-    measured = [system + "\n\nQuestion:" + q for q in questions[: args.requests]]
-    warm = [warm_system + "\n\nQuestion:" + q for q in questions[args.requests :]]
-    return measured, warm, max(len(tokenizer.encode(prompt)) for prompt in measured + warm)
+
+    def prompts(head: str, n: int) -> list[str]:
+        return [head + "\n\nQuestion:" + text_of_tokens(tokenizer, rng, args.question_tokens) for _ in range(n)]
+
+    measured = {clients: prompts(system, args.requests) for clients in args.levels}
+    warm = prompts(warm_system, 2)
+    every = [prompt for level in measured.values() for prompt in level] + warm
+    return measured, warm, max(len(tokenizer.encode(prompt)) for prompt in every)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,11 +126,11 @@ def start_ours(name: str, args, prompt_tokens: int, *flags: str) -> servers.Serv
     return servers.start(name, cmd, port, "/healthcheck", vs_llamacpp.START_TIMEOUT_S, servers.cpu_env())
 
 
-def measure(server: servers.Server, args, measured: list[str], warm: list[str], extra: dict):
+def measure(server: servers.Server, args, measured: dict[int, list[str]], warm: list[str], extra: dict):
     """{clients: [FirstToken]} after the warm-up prompts."""
     try:
         run_level(server.url, warm, 1, extra)
-        return {clients: run_level(server.url, measured, clients, extra) for clients in args.levels}
+        return {clients: run_level(server.url, measured[clients], clients, extra) for clients in args.levels}
     finally:
         server.stop()
 
@@ -160,6 +166,10 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
     parser.add_argument("--no-llama", action="store_true", help="leave llama.cpp out")
     parser.add_argument("--cache-dir", type=Path, default=vs_llamacpp.DEFAULT_CACHE, help="where llama-server is built")
+    parser.add_argument("--llama-server", type=Path, help="a llama-server binary to use instead of building one")
+    parser.add_argument(
+        "--llama-cpp-sdist", type=Path, help="the llama-cpp-python source distribution to build llama-server from"
+    )
     parser.add_argument("--json", type=Path, help="also write the TTFTs as JSON here")
     return parser.parse_args(argv)
 
@@ -175,7 +185,9 @@ def main(argv=None) -> int:
         ),
     }
     if not args.no_llama:
-        binary = vs_llamacpp.llama_server_binary(args.cache_dir)
+        binary = args.llama_server or vs_llamacpp.llama_server_binary(
+            args.cache_dir, vs_llamacpp.llama_cpp_source(args.cache_dir, args.llama_cpp_sdist)
+        )
         context = prompt_tokens + 16
         llama = vs_llamacpp.start_llama(binary, bundled_gguf_path(), max(args.levels), context, args.threads)
         results["llama.cpp, cache_prompt"] = measure(llama, args, measured, warm, {"cache_prompt": True})
