@@ -19,6 +19,8 @@ from serving.server import proto
 from tests.server import server_process
 from tests.server.server_process import HOST, free_port, scrape_sample, wait_until
 
+PREFIX_CACHE_COUNTERS = ("vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total")
+
 pytestmark = pytest.mark.slow
 
 TIMEOUT = httpx.Timeout(60.0)
@@ -98,6 +100,7 @@ def test_openai_endpoints(server):
     assert r["choices"][0]["finish_reason"] == "stop"  # ends at <|im_end|>
     usage = r["usage"]
     assert usage["prompt_tokens"] > 5 and 0 < usage["completion_tokens"] < 24
+    counted = [scrape_sample(url, name) for name in PREFIX_CACHE_COUNTERS]
     with httpx.stream("POST", url + "/v1/chat/completions", json={**chat, "stream": True}, timeout=TIMEOUT) as s:
         events = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
@@ -106,7 +109,13 @@ def test_openai_endpoints(server):
     streamed = chunks[-1]["usage"]
     assert {**streamed, "prompt_tokens_details": None} == {**usage, "prompt_tokens_details": None}
     # the same prompt again: the prefix cache holds all its full 16-token blocks but the last token's
-    assert streamed["prompt_tokens_details"] == {"cached_tokens": (usage["prompt_tokens"] - 1) // 16 * 16}
+    cached = (usage["prompt_tokens"] - 1) // 16 * 16
+    assert streamed["prompt_tokens_details"] == {"cached_tokens": cached}
+    # and /metrics counted it, in tokens, under vLLM's names: queries the prompt, hits the cached part
+    queried, hit = (
+        scrape_sample(url, name) - before for name, before in zip(PREFIX_CACHE_COUNTERS, counted, strict=True)
+    )
+    assert (queried, hit) == (usage["prompt_tokens"], cached)
     content = r["choices"][0]["message"]["content"]
     stopped = httpx.post(url + "/v1/chat/completions", json={**chat, "stop": ["Paris"]}, timeout=TIMEOUT).json()
     assert stopped["choices"][0] == {**r["choices"][0], "message": {

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import concurrent.futures
 
-import httpx
 import pytest
 
 from serving.server.metrics import METRICS
@@ -28,7 +27,6 @@ from tests.server.server_process import (
     free_port,
     long_completion,
     scrape_gauges,
-    scrape_sample,
     tiny_server_args,
     wait_until,
 )
@@ -139,27 +137,3 @@ def _idle(gauges: dict) -> bool:
     return all(gauges[name].value == 0 for name in (
         "jetstream_prefill_backlog_size", "jetstream_slots_used_percentage", "num_requests_waiting",
         "kv_cache_utilization_perc", *PROTOCOL))  # fmt: skip
-
-
-def test_prefix_cache_queries_and_hits_count_prompt_tokens_on_a_real_server():
-    """Two greedy requests with the same prompt: the second finds all its full 16-token blocks
-    but the last token's cached, and answers the same."""
-    port = free_port()
-    url = f"http://{HOST}:{port}"
-    args = [*tiny_server_args(port, slots=SLOTS, max_target_length=192), "max_prefill_predict_length=128"]
-    prompt = "The prefix cache keeps the keys and values of recent prompts, in blocks, on the device."
-    with server_process.running(args, server_process.server_env(devices=1), port, "prefix-cache-server.log"):
-        answers = []
-        for _ in range(2):
-            body = {"prompt": prompt, "max_tokens": 6, "ignore_eos": True}
-            r = httpx.post(url + "/v1/completions", json=body, timeout=120)
-            assert r.status_code == 200, r.text
-            answers.append(r.json())
-        prompt_tokens = answers[0]["usage"]["prompt_tokens"]
-        assert prompt_tokens > 16
-        queries, hits = (scrape_sample(url, name + "_total") for name in PREFIX_CACHE)
-        assert queries == 2 * prompt_tokens
-        assert hits == (prompt_tokens - 1) // 16 * 16
-        assert answers[0]["choices"][0]["text"] == answers[1]["choices"][0]["text"]
-        cached = [answer["usage"]["prompt_tokens_details"]["cached_tokens"] for answer in answers]
-        assert cached == [0, hits]
