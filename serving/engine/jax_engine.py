@@ -262,7 +262,7 @@ class JaxEngine(engine_api.Engine):
         self.per_slot_attention = self.slots_on_one_device and devices[0].platform == "cpu"
         self.decode_buckets = decode_buckets(self._batch) if self.slots_on_one_device else (self._batch,)
         self.prefix_index = prefix_cache_index(settings.prefix_cache_tokens)
-        pool_tokens = self.prefix_index.capacity * self.prefix_index.block_size if self.prefix_caching else 0
+        pool_tokens = self.prefix_index.capacity_tokens if self.prefix_caching else 0
         self.prefix_pool_infos = model.cache_infos(cfg, 1, pool_tokens, batch_axis="prefill_batch")
         self.prefix_pool_shardings = sharding.shardings(self.mesh, self.rules, self.prefix_pool_infos)
         self._prefix_pool = None  # allocated on the first prefill that uses it
@@ -322,8 +322,8 @@ class JaxEngine(engine_api.Engine):
         samp_rep = jax.tree.map(lambda _: rep, sampling_infos((), ()), is_leaf=model.is_info)
 
         def first_token(params, last, prompt, length, samp: Sampling, token_mask):
-            """The first token [1] with its Logprobs [1], sampled from the hidden state x [1, D] of
-            the prompt's last token; prompt [T] holds the whole padded prompt (for penalties)."""
+            """The first token [1] with its Logprobs [1], sampled from `last` [1, D], the hidden state
+            of the prompt's last token; prompt [T] holds the whole padded prompt (for penalties)."""
             logits = model.logits(cfg, params, last, prefill_shard)  # [1, V]
             in_prompt = prompt_presence(prompt, length, cfg.vocab_size)
             batched = jax.tree.map(lambda a: a[None], samp)
@@ -518,16 +518,18 @@ class JaxEngine(engine_api.Engine):
         padded[0, : len(tokens)] = tokens
         mask = () if token_mask is None else (np.asarray(token_mask, np.int32),)
         cached = self._cached_prefix(tokens, sampling)
-        if cached is None or not cached.n_blocks:
+        hit = cached.n_blocks * self.prefix_index.block_size if cached is not None else 0
+        if not hit:
             inputs = (padded, np.int32(len(tokens)), Sampling.host(sampling), *mask)
             fn = self._prefill_fns[bucket, sampling.prompt_logprobs, token_mask is not None]
             arrays, (token, logprobs, prompt) = fn(params, *self._put_replicated(inputs))
         else:
-            arrays, (token, logprobs, prompt) = self._prefill_after(params, cached, padded, len(tokens), sampling, mask)
+            arrays, (token, logprobs, prompt) = self._prefill_after(
+                params, cached.blocks, hit, padded, len(tokens), sampling, mask
+            )
         if cached is not None:
             self._store_prefix(arrays.cache, cached)
         wants = sampling.logprobs is not None
-        hit = cached.n_blocks * self.prefix_index.block_size if cached is not None else 0
         step = DeviceTokens(token, logprobs if wants else None, prompt, prompt_tokens=len(tokens), cached_tokens=hit)
         return Prefix(arrays, logprobs=wants), step
 
@@ -554,13 +556,13 @@ class JaxEngine(engine_api.Engine):
         positions[: len(spans)] = spans
         return positions
 
-    def _prefill_after(self, params, cached: CachedPrefix, padded: np.ndarray, length: int, sampling, mask):
+    def _prefill_after(self, params, blocks, start: int, padded: np.ndarray, length: int, sampling, mask):
+        """Prefill from the prompt's first `start` tokens, held in the pool's `blocks`."""
         bucket = padded.shape[1]
-        start = cached.n_blocks * self.prefix_index.block_size
         tail = self.bucket_for(length - start)
         rest = np.zeros((1, tail), np.int32)
         rest[0, : length - start] = padded[0, start:length]
-        context = self._block_positions(cached.blocks, bucket, fill=0)
+        context = self._block_positions(blocks, bucket, fill=0)
         inputs = (context, np.int32(start), rest, padded, np.int32(length), Sampling.host(sampling), *mask)
         fn = self._prefill_after_fns[bucket, tail, bool(mask)]
         return fn(params, self._pool(), *self._put_replicated(inputs))
@@ -576,16 +578,17 @@ class JaxEngine(engine_api.Engine):
     def _warmup_prefix_store(self, prefixes: dict[int, Prefix]) -> None:
         """Compile the pool's filler and the store of each warmed bucket, storing nothing: the
         hit variants of prefill (one per prompt bucket and tail bucket) compile on first use."""
-        nowhere = self.prefix_index.capacity * self.prefix_index.block_size
-        for bucket, prefix in prefixes.items():
-            positions = (np.zeros((bucket,), np.int32), np.full((bucket,), nowhere, np.int32))
-            self._prefix_pool = self._store_fn(self._pool(), prefix.arrays.cache, *self._put_replicated(positions))
+        for prefix in prefixes.values():
+            self._write_pool(prefix.arrays.cache, [])
 
     def _store_prefix(self, cache: KVCache, cached: CachedPrefix) -> None:
         stores = self.prefix_index.add(cached)
-        if not stores:
-            return
-        bucket, outside = cache.length, self.prefix_index.capacity * self.prefix_index.block_size
+        if stores:
+            self._write_pool(cache, stores)
+
+    def _write_pool(self, cache: KVCache, stores: Sequence[tuple[int, int]]) -> None:
+        """Copy the prefix cache's blocks `stores` ((block index in the prompt, pool block id)) into the pool."""
+        bucket, outside = cache.length, self.prefix_index.capacity_tokens
         source = self._block_positions([index for index, _ in stores], bucket, fill=0)
         target = self._block_positions([block for _, block in stores], bucket, fill=outside)
         self._prefix_pool = self._store_fn(self._pool(), cache, *self._put_replicated((source, target)))
@@ -655,7 +658,7 @@ class JaxEngine(engine_api.Engine):
             params_bytes_per_device=_nbytes(self.param_infos, True, self.param_shardings),
             kv_cache_bytes=_nbytes(self.state_infos.cache),
             kv_cache_bytes_per_device=_nbytes(self.state_infos.cache, True, self.state_shardings.cache),
-            prefix_cache_bytes=_nbytes(self.prefix_pool_infos) if self.prefix_caching else 0,
+            prefix_cache_bytes=_nbytes(self.prefix_pool_infos),  # 0 positions without a prefix cache
             mesh=dict(self.mesh.shape),
         )
 

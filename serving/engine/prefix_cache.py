@@ -1,8 +1,8 @@
 """Which prompt prefixes the prefix cache holds: `PrefixBlockIndex`, pure Python (no JAX).
 
 The cache keeps the KV of recent prompts in fixed-size blocks of `block_size` tokens, as vLLM's
-automatic prefix caching and llama.cpp's `cache_prompt` do; the engine owns the device pool the
-blocks live in (`jax_engine.PrefixPool`), this index decides which pool block holds what.
+automatic prefix caching and llama.cpp's `cache_prompt` do. The engine owns the device pool the
+blocks live in (a KVCache of `capacity_tokens` positions); this index decides which block holds what.
 
 A block is named by a digest of its tokens and of every token before it (a hash chain), so a block
 matches only where the whole prefix up to its end is the same. Only full blocks are cached. The pool
@@ -52,6 +52,11 @@ class PrefixBlockIndex:
 
     def __len__(self) -> int:
         return len(self._by_digest)
+
+    @property
+    def capacity_tokens(self) -> int:
+        """The pool's token positions: block b holds positions b * block_size .. (b + 1) * block_size - 1."""
+        return self.capacity * self.block_size
 
     def digests(self, tokens: Sequence[int]) -> tuple[bytes, ...]:
         """The chained digest of every full block of `tokens`."""
