@@ -52,6 +52,7 @@ from components.core.config_values import (
     PREFILL_RANGE,
     STARTUP_DELAY_RANGE,
     TARGET_RANGE,
+    ClusterSettings,
     boolean_of,
     bounded,
     check_unknown_keys,
@@ -73,7 +74,6 @@ from components.core.naming import (
     DNS_LABEL_LIMIT,
     SERVICE_ACCOUNT_ID_LIMIT,
     node_service_account_id,
-    region_of,
     stack_scoped_name,
 )
 from components.core.runtimes import ServerRuntime, bundled
@@ -87,25 +87,9 @@ class PlatformConfig:
 
     project: str
     stack: str
-    cluster_name: str
-    zone: str
-    cluster_location: str
-    release_channel: str
-    deletion_protection: bool
-    system_machine_type: str
-    system_node_count: int
-    lws_version: str
-    install_lws_controller: bool  # installLwsController (a platform creates its cluster)
-    keep_lws_controller: bool  # never: the platform creates the cluster it installs into
-    private_endpoint: bool  # privateEndpoint
-    authorized_networks: tuple[str, ...]  # authorizedNetworks
+    cluster: ClusterSettings  # the cluster it creates: never existing (existingClusterName is refused)
     gateway: GatewaySettings  # enabled: the cluster-wide parts serving stacks' gateways need
     role: str = PLATFORM
-
-    @property
-    def existing_cluster(self) -> bool:
-        """Never: a platform stack creates its cluster (existingClusterName is refused)."""
-        return False
 
     @property
     def node_service_account_id(self) -> str:
@@ -142,19 +126,7 @@ class StackConfig:
     app_name: str
     service_name: str
     namespace: str
-    lws_version: str
-    install_lws_controller: bool  # installLwsController: auto on a cluster the stack creates, always on any
-    keep_lws_controller: bool  # installed into an existing cluster: kept when the stack is destroyed
-    private_endpoint: bool  # privateEndpoint of a cluster the stack creates
-    authorized_networks: tuple[str, ...]  # authorizedNetworks of a cluster the stack creates
-    cluster_name: str  # "" for role=serving: the cluster is the platform's (PlatformReference)
-    existing_cluster: bool
-    zone: str
-    cluster_location: str  # "" for role=serving, as cluster_name
-    release_channel: str
-    deletion_protection: bool
-    system_machine_type: str
-    system_node_count: int
+    cluster: ClusterSettings  # role=serving: the platform's, so its name and location are "" (PlatformReference)
     tpu_provisioning: str
     tpu_reservation: str
     scratch_bucket: str
@@ -189,10 +161,6 @@ class StackConfig:
         return f"gs://{self.scratch_bucket}/tmp"
 
     @property
-    def region(self) -> str:
-        return region_of(self.zone)
-
-    @property
     def deployment_id(self) -> str:
         """The label value that ties this stack's pods to this stack's TPU node pools."""
         return stack_scoped_name("jetstream", self.stack, DNS_LABEL_LIMIT)
@@ -219,7 +187,7 @@ class StackConfig:
     @property
     def creates_cluster(self) -> bool:
         """role=all without existingClusterName: the stack owns its cluster, and so what is cluster-wide on it."""
-        return not self.serving_role and not self.existing_cluster
+        return not self.serving_role and not self.cluster.existing
 
     @property
     def installs_metrics_adapter(self) -> bool:
@@ -241,7 +209,7 @@ class StackConfig:
     @property
     def bundled_image_repository(self) -> str:
         """Where a stack-built server image lives: <region>-docker.pkg.dev/<project>/<repo>/<name>."""
-        return f"{self.region}-docker.pkg.dev/{self.project}/{self.artifact_repository_id}/{bundled.IMAGE_NAME}"
+        return f"{self.cluster.region}-docker.pkg.dev/{self.project}/{self.artifact_repository_id}/{bundled.IMAGE_NAME}"
 
     @property
     def pods_use_workload_identity(self) -> bool:
@@ -261,7 +229,9 @@ def parse_stack_config(raw: Mapping[str, str], *, project: str | None, stack: st
     cluster_stack = parse_cluster_stack(raw, role, stack)
     cluster = parse_cluster(raw, stack, role)
     if role == PLATFORM:
-        return PlatformConfig(project=project, stack=stack, gateway=parse_gateway(raw, server_runtime=None), **cluster)
+        return PlatformConfig(
+            project=project, stack=stack, cluster=cluster, gateway=parse_gateway(raw, server_runtime=None)
+        )
     cfg = _stack_config(raw, project=project, stack=stack, role=role, cluster_stack=cluster_stack, cluster=cluster)
     cfg.runtime.validate(cfg)
     if cfg.scaling.enabled:
@@ -270,7 +240,7 @@ def parse_stack_config(raw: Mapping[str, str], *, project: str | None, stack: st
 
 
 def _stack_config(
-    raw: Mapping[str, str], *, project: str, stack: str, role: str, cluster_stack: str, cluster: Mapping[str, object]
+    raw: Mapping[str, str], *, project: str, stack: str, role: str, cluster_stack: str, cluster: ClusterSettings
 ) -> StackConfig:
     """A role=all or serving stack's config; the values are parsed in the order their errors surface."""
     preset, tpu_slice = parse_model(raw), parse_tpu_slice(raw)
@@ -319,7 +289,7 @@ def _stack_config(
         scratch_bucket=parse_scratch_bucket(raw, project, stack),
         scaling=parse_autoscaling(raw, runtime.scaling_metrics),
         gateway=parse_gateway(
-            raw, server_runtime=runtime.name, creates_cluster=role != SERVING and not cluster["existing_cluster"]
+            raw, server_runtime=runtime.name, creates_cluster=role != SERVING and not cluster.existing
         ),
-        **cluster,
+        cluster=cluster,
     )

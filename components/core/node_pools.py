@@ -181,10 +181,12 @@ def tpu_node_pools(cfg: StackConfig) -> tuple[NodePoolSpec, ...]:
             role=pool.role,
             machine_type=row.machine_type,
             node_count=pool.node_count,
-            zone=cfg.zone,
+            zone=cfg.cluster.zone,
             tpu_topology=row.topology,
             compact_placement=row.multi_host,
-            auto_upgrade=upgrades_automatically(row.multi_host, cfg.release_channel if cfg.creates_cluster else None),
+            auto_upgrade=upgrades_automatically(
+                row.multi_host, cfg.cluster.release_channel if cfg.creates_cluster else None
+            ),
             spot=cfg.tpu_provisioning == "spot",
             reservation=cfg.tpu_reservation or None,
             labels={SLICE_ROLE_LABEL: pool.role, DEPLOYMENT_LABEL: cfg.deployment_id},
@@ -224,9 +226,9 @@ def system_node_pool(cfg: StackConfig | PlatformConfig) -> NodePoolSpec:
     return NodePoolSpec(
         name=SYSTEM_POOL,
         role=SYSTEM_POOL,
-        machine_type=cfg.system_machine_type,
-        node_count=cfg.system_node_count,
-        zone=cfg.zone,
+        machine_type=cfg.cluster.system_machine_type,
+        node_count=cfg.cluster.system_node_count,
+        zone=cfg.cluster.zone,
         tpu_topology=None,
         compact_placement=False,
         auto_upgrade=True,

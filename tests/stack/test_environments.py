@@ -114,7 +114,12 @@ def test_platform_config_is_the_cluster_only():
     raw, project = read_stack_file(ROOT / "Pulumi.platform.yaml")
     cfg = parse_stack_config(raw, project=project, stack="platform")
     assert isinstance(cfg, PlatformConfig)
-    assert (cfg.cluster_name, cfg.cluster_location, cfg.install_lws_controller, cfg.node_service_account_id) == (
+    assert (
+        cfg.cluster.name,
+        cfg.cluster.location,
+        cfg.cluster.install_lws_controller,
+        cfg.node_service_account_id,
+    ) == (
         "jetstream-platform",
         "us-east5",
         True,
