@@ -133,7 +133,7 @@ def serving_summary(cfg: StackConfig, plan) -> dict:
         summary["metricsAdapter"] = metrics_adapter_summary(cfg)
     secrets = cfg.runtime.secret_envs(cfg)  # read from Secret Manager at deploy time; offline, where they come from
     if secrets:
-        summary["secrets"] = [server_secrets.summary(secret, cfg.namespace) for secret in secrets]
+        summary["secrets"] = [server_secrets.summary(secret, cfg.names.namespace) for secret in secrets]
     if cfg.gateway.enabled:
         summary["gateway"] = {
             "mode": cfg.gateway.mode,

@@ -53,6 +53,7 @@ from components.core.config_values import (
     STARTUP_DELAY_RANGE,
     TARGET_RANGE,
     ClusterSettings,
+    ServiceNames,
     boolean_of,
     bounded,
     check_unknown_keys,
@@ -123,9 +124,7 @@ class StackConfig:
     images: Mapping[str, str]  # config key -> image, the runtime's image keys
     hf_token_secret: str  # Secret Manager secret of the Hugging Face token (serverRuntime=vllm); "" = none
     api_key_secret: str  # Secret Manager secret of the API key clients must send; "" = none
-    app_name: str
-    service_name: str
-    namespace: str
+    names: ServiceNames  # appName, serviceName, namespace
     cluster: ClusterSettings  # role=serving: the platform's, so its name and location are "" (PlatformReference)
     tpu_provisioning: str
     tpu_reservation: str
@@ -164,10 +163,6 @@ class StackConfig:
     def deployment_id(self) -> str:
         """The label value that ties this stack's pods to this stack's TPU node pools."""
         return stack_scoped_name("jetstream", self.stack, DNS_LABEL_LIMIT)
-
-    @property
-    def kubernetes_service_account(self) -> str:
-        return self.app_name
 
     @property
     def workload_service_account_id(self) -> str:
@@ -281,9 +276,7 @@ def _stack_config(
         images=parse_images(raw, runtime),
         hf_token_secret=secret_id(text_of(raw, "hfTokenSecret"), "hfTokenSecret"),
         api_key_secret=parse_api_key_secret(raw, runtime),
-        app_name=names["appName"],
-        service_name=names["serviceName"],
-        namespace=names["namespace"],
+        names=names,
         tpu_provisioning=provisioning,
         tpu_reservation=parse_reservation(raw, provisioning),
         scratch_bucket=parse_scratch_bucket(raw, project, stack),

@@ -149,13 +149,26 @@ def _label_name(raw: Mapping[str, str], name: str, limit: int, derived: str = ""
     return value
 
 
-def parse_names(raw: Mapping[str, str], stack: str) -> dict[str, str]:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ServiceNames:
+    """The Kubernetes names of a stack's workload: appName, serviceName and namespace."""
+
+    app_name: str  # the LeaderWorkerSet (its pods are <app>-<group>-<index>), the app label, the pods' service account
+    service_name: str  # the Service in front of the leaders
+    namespace: str  # where the workload lives; its TPU nodes admit no other (admission.py)
+
+    @property
+    def kubernetes_service_account(self) -> str:
+        return self.app_name
+
+
+def parse_names(raw: Mapping[str, str], stack: str) -> ServiceNames:
     """appName, serviceName and namespace (empty: derived from the stack), each a valid label."""
-    return {
-        "appName": _label_name(raw, "appName", naming.APP_NAME_LIMIT),
-        "serviceName": _label_name(raw, "serviceName", naming.APP_NAME_LIMIT),
-        "namespace": _label_name(raw, "namespace", naming.DNS_LABEL_LIMIT, naming.default_namespace(stack)),
-    }
+    return ServiceNames(
+        app_name=_label_name(raw, "appName", naming.APP_NAME_LIMIT),
+        service_name=_label_name(raw, "serviceName", naming.APP_NAME_LIMIT),
+        namespace=_label_name(raw, "namespace", naming.DNS_LABEL_LIMIT, naming.default_namespace(stack)),
+    )
 
 
 def parse_reservation(raw: Mapping[str, str], provisioning: str) -> str:

@@ -306,7 +306,7 @@ def _identity_args(cfg: StackConfig, node_service_account: pulumi.Output[str]) -
 
 
 def workload_identity_member(cfg: StackConfig) -> str:
-    return f"serviceAccount:{cfg.project}.svc.id.goog[{cfg.namespace}/{cfg.kubernetes_service_account}]"
+    return f"serviceAccount:{cfg.project}.svc.id.goog[{cfg.names.namespace}/{cfg.names.kubernetes_service_account}]"
 
 
 def _image_args(cfg: StackConfig) -> BundledServerImageArgs:
@@ -345,7 +345,7 @@ def _secrets(cfg: StackConfig) -> tuple[dict, ...]:
     return tuple(
         server_secrets.kubernetes_secret(
             secret,
-            cfg.namespace,
+            cfg.names.namespace,
             pulumi.Output.secret(
                 gcp.secretmanager.get_secret_version_output(secret=secret.secret_id, project=cfg.project).secret_data
             ),

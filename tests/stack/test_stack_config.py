@@ -94,7 +94,7 @@ def test_preset_defaults_apply_unless_overridden():
 
 def test_derived_names_are_the_stack_name_where_it_is_a_valid_one():
     cfg = config(stack="prod-eu")
-    assert (cfg.cluster.name, cfg.namespace, cfg.deployment_id) == ("jetstream-prod-eu",) * 3
+    assert (cfg.cluster.name, cfg.names.namespace, cfg.deployment_id) == ("jetstream-prod-eu",) * 3
     assert (cfg.workload_service_account_id, cfg.node_service_account_id) == ("js-pods-prod-eu", "js-nodes-prod-eu")
     assert cfg.scratch_bucket == "test-project-scratch-prod-eu" and cfg.artifact_repository_id == "jetstream-prod-eu"
     assert cfg.cluster.location == "us-east5" and cfg.checkpoint_bucket == "test-checkpoints"
@@ -104,7 +104,7 @@ def test_derived_names_are_the_stack_name_where_it_is_a_valid_one():
 # attribute path of the config -> (pattern, min length, max length): GKE, IAM, Cloud Storage and DNS rules
 NAME_RULES = {
     "cluster.name": (r"[a-z]([-a-z0-9]*[a-z0-9])?", 1, 40),
-    "namespace": (r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", 1, 63),
+    "names.namespace": (r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", 1, 63),
     "deployment_id": (r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", 1, 63),
     "workload_service_account_id": (r"[a-z]([-a-z0-9]*[a-z0-9])", 6, 30),
     "node_service_account_id": (r"[a-z]([-a-z0-9]*[a-z0-9])", 6, 30),
@@ -141,7 +141,7 @@ def test_stacks_never_share_a_derived_name():
 
 def test_explicit_names_win_over_derived_ones():
     cfg = config(stack="dev", clusterName="shared", namespace="serving", scratchBucketName="my-scratch")
-    assert (cfg.cluster.name, cfg.namespace, cfg.scratch_bucket) == ("shared", "serving", "my-scratch")
+    assert (cfg.cluster.name, cfg.names.namespace, cfg.scratch_bucket) == ("shared", "serving", "my-scratch")
 
 
 def test_installLwsController_auto_installs_on_a_created_cluster_always_also_on_an_existing_one_and_keeps_it_there():

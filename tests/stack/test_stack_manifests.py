@@ -75,7 +75,7 @@ def apply_intentional_differences(reference: list[dict], cfg) -> list[dict]:
     """Apply exactly the INTENTIONAL_DIFFERENCES to the reference YAML's documents."""
     lws, svc = copy.deepcopy(reference)
     for document in (lws, svc):
-        document["metadata"]["namespace"] = cfg.namespace
+        document["metadata"]["namespace"] = cfg.names.namespace
     svc["metadata"]["annotations"] = {"pulumi.com/skipAwait": "true"}
     lws["metadata"]["annotations"]["pulumi.com/patchForce"] = "true"
     svc["spec"] = {"type": "ClusterIP", **svc["spec"]}
@@ -83,7 +83,7 @@ def apply_intentional_differences(reference: list[dict], cfg) -> list[dict]:
     template = lws["spec"]["leaderWorkerTemplate"]
     pods = (template["leaderTemplate"]["spec"], template["workerTemplate"]["spec"])
     for pod in pods:
-        pod["serviceAccountName"] = cfg.kubernetes_service_account
+        pod["serviceAccountName"] = cfg.names.kubernetes_service_account
         pod["nodeSelector"]["jetstream-tpu/deployment"] = cfg.deployment_id
         for container in _containers(pod):
             container["image"] = REFERENCE_LATEST.get(container["image"], container["image"])
@@ -173,7 +173,7 @@ def test_core_objects_validate_with_kubernetes_validate(variant):
         pod = {
             "apiVersion": "v1",
             "kind": "Pod",
-            "metadata": {"name": f"{cfg.app_name}-{role.lower()}"},
+            "metadata": {"name": f"{cfg.names.app_name}-{role.lower()}"},
             "spec": template[role]["spec"],
         }
         kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
@@ -183,10 +183,14 @@ def test_core_objects_validate_with_kubernetes_validate(variant):
 def test_namespace_and_service_account_validate_with_kubernetes_validate(variant):
     cfg, plan = VARIANTS[variant]()
     namespace, account = manifests.namespace(cfg), manifests.service_account(cfg).to_dict()
-    if cfg.namespace == "default":
+    if cfg.names.namespace == "default":
         assert namespace is None
     else:
-        assert namespace.to_dict() == {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": cfg.namespace}}
+        assert namespace.to_dict() == {
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {"name": cfg.names.namespace},
+        }
         kubernetes_validate.validate(namespace.to_dict(), K8S_VERSION, strict=True)
     kubernetes_validate.validate(account, K8S_VERSION, strict=True)
     binding = {
@@ -196,8 +200,8 @@ def test_namespace_and_service_account_validate_with_kubernetes_validate(variant
     }
     # Workload Identity for the bundled server; Pathways pods act as the node account instead.
     assert account["metadata"] == {
-        "name": cfg.kubernetes_service_account,
-        "namespace": cfg.namespace,
+        "name": cfg.names.kubernetes_service_account,
+        "namespace": cfg.names.namespace,
         **(binding if cfg.pods_use_workload_identity else {}),
     }
     # Every pod runs as that account, in that namespace.

@@ -94,7 +94,7 @@ class ServerRuntime(abc.ABC):
                 env=self.api_key_env,
                 config_key="apiKeySecret",
                 secret_id=cfg.api_key_secret,
-                name=f"{cfg.app_name}-api-key",
+                name=f"{cfg.names.app_name}-api-key",
                 data_key="api-key",
             ),
         )

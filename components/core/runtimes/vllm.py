@@ -268,7 +268,7 @@ class VllmRuntime(ServerRuntime):
                     env=HF_TOKEN_ENV,
                     config_key="hfTokenSecret",
                     secret_id=cfg.hf_token_secret,
-                    name=f"{cfg.app_name}-hf-token",
+                    name=f"{cfg.names.app_name}-hf-token",
                     data_key=HF_TOKEN_KEY,
                 ),
             )
