@@ -30,39 +30,32 @@ from components.core.autoscaling import Autoscaling
 from components.core.config_gateway import parse_gateway
 from components.core.config_roles import check_role_keys, parse_cluster_stack
 from components.core.config_runtime import (
+    ServerSettings,
     choose_runtime,
     parse_api_key_secret,
-    parse_checkpoint_path,
     parse_images,
-    parse_server_flags,
+    parse_server_settings,
 )
 from components.core.config_scaling import parse_autoscaling
 from components.core.config_table import (
     MODES,
     PLATFORM,
     PROVISIONING,
-    QUANTIZATIONS,
     ROLES,
     SERVICE_TYPES,
     SERVING,
 )
 from components.core.config_values import (
-    BATCH_RANGE,
-    HBM_RESERVE_RANGE,
-    PREFILL_RANGE,
     STARTUP_DELAY_RANGE,
-    TARGET_RANGE,
     ClusterSettings,
     ServiceNames,
     boolean_of,
     bounded,
     check_unknown_keys,
     choice_of,
-    integer_of,
     parse_cluster,
     parse_model,
     parse_names,
-    parse_parallelism,
     parse_reservation,
     parse_scratch_bucket,
     parse_tpu_slice,
@@ -109,15 +102,7 @@ class StackConfig:
     model: models.ModelPreset
     tpu_slice: tpu.TpuSlice
     mode: str
-    quantization: str
-    checkpoint_path: str
-    quantize_kv_cache: bool
-    per_device_batch_size: int
-    max_prefill_length: int
-    max_target_length: int
-    parallelism: Mapping[str, int]  # mesh axis -> size, only the axes the user set (-1 = fill in)
-    hbm_reserve_percent: int
-    server_flags: Mapping[str, str]
+    server: ServerSettings  # the model server's own settings: checkpoint, quantization, lengths, batch, mesh, flags
     startup_probe_delay_seconds: int
     wait_for_ready: bool
     runtime: ServerRuntime  # serverRuntime, chosen once here: everything that differs between servers asks it
@@ -141,14 +126,9 @@ class StackConfig:
     def checkpoint_bucket(self) -> str:
         """The bucket the weights are read from: checkpointPath's, or for weights downloaded from the
         Hugging Face Hub (hf://) the scratch bucket they are downloaded into."""
-        if not self.checkpoint_path.startswith(GCS_SCHEME):
+        if not self.server.checkpoint_path.startswith(GCS_SCHEME):
             return self.scratch_bucket
-        return bucket_and_directory(self.checkpoint_path)[0]
-
-    @property
-    def checkpoint_file(self) -> str:
-        """Object name of the checkpoint (the file the bundled server loads after the copy)."""
-        return self.checkpoint_path.rsplit("/", 1)[-1]
+        return bucket_and_directory(self.server.checkpoint_path)[0]
 
     @property
     def builds_server_image(self) -> bool:
@@ -251,21 +231,7 @@ def _stack_config(
         model=preset,
         tpu_slice=tpu_slice,
         mode=choice_of(raw, "mode", MODES),
-        quantization=choice_of(raw, "quantization", QUANTIZATIONS),
-        checkpoint_path=parse_checkpoint_path(raw, runtime),
-        quantize_kv_cache=boolean_of(raw, "quantizeKvCache"),
-        per_device_batch_size=bounded(
-            "perDeviceBatchSize", preset_integer(raw, "perDeviceBatchSize", preset.per_device_batch_size), BATCH_RANGE
-        ),
-        max_prefill_length=bounded(
-            "maxPrefillLength", preset_integer(raw, "maxPrefillLength", preset.max_prefill_length), PREFILL_RANGE
-        ),
-        max_target_length=bounded(
-            "maxTargetLength", preset_integer(raw, "maxTargetLength", preset.max_target_length), TARGET_RANGE
-        ),
-        parallelism=parse_parallelism(raw),
-        hbm_reserve_percent=bounded("hbmReservePercent", integer_of(raw, "hbmReservePercent"), HBM_RESERVE_RANGE),
-        server_flags=parse_server_flags(raw, runtime.planned_flags),
+        server=parse_server_settings(raw, preset, runtime),
         startup_probe_delay_seconds=bounded(
             "startupProbeDelaySeconds",
             preset_integer(raw, "startupProbeDelaySeconds", preset.startup_probe_delay_seconds),

@@ -135,7 +135,7 @@ def test_bundled_server_is_scraped_on_the_http_port_the_stack_starts_it_on():
 
 def _with_server_flags(flags: dict[str, str]):
     cfg, _ = example("llama3-405b-v6e16")
-    return dataclasses.replace(cfg, server_flags=flags)
+    return dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, flags=flags))
 
 
 def test_jetstream_gets_its_prometheus_flag_only_when_autoscaling():

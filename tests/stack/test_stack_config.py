@@ -88,8 +88,8 @@ def test_example_stacks_cover_both_modes_and_a_single_host():
 
 
 def test_preset_defaults_apply_unless_overridden():
-    assert config(model="llama3.1-405b", topology="4x4").per_device_batch_size == 10
-    assert config(model="llama3.1-405b", topology="4x4", perDeviceBatchSize="4").per_device_batch_size == 4
+    assert config(model="llama3.1-405b", topology="4x4").server.per_device_batch_size == 10
+    assert config(model="llama3.1-405b", topology="4x4", perDeviceBatchSize="4").server.per_device_batch_size == 4
 
 
 def test_derived_names_are_the_stack_name_where_it_is_a_valid_one():

@@ -61,7 +61,7 @@ def reference_yaml(stack: str, cfg) -> list[dict]:
     for placeholder, value in {
         "TPU_ACCELERATOR_TYPE": "tpu-v6e-slice",
         "TPU_TOPOLOGY": cfg.tpu_slice.topology,
-        "GCS_CHECKPOINT_PATH": cfg.checkpoint_path,
+        "GCS_CHECKPOINT_PATH": cfg.server.checkpoint_path,
     }.items():
         text = text.replace(placeholder, value)
     return list(yaml.safe_load_all(text))
@@ -116,7 +116,9 @@ def test_the_differences_are_real(stack):
 
 def test_golden_parity_catches_a_changed_flag():
     cfg, plan = example("llama3-405b-v6e16")
-    rendered = manifests.leader_worker_set(dataclasses.replace(cfg, per_device_batch_size=9), plan).to_dict()
+    rendered = manifests.leader_worker_set(
+        dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, per_device_batch_size=9)), plan
+    ).to_dict()
     expected = apply_intentional_differences(reference_yaml("llama3-405b-v6e16", cfg), cfg)[0]
     assert rendered != expected
 
@@ -427,7 +429,7 @@ def _fuse_volume(bucket: str, directory: str, name: str = "models", read_only: b
 def test_bundled_pods_mount_the_checkpoints_directory_read_only_through_gcs_fuse(stack):
     cfg, plan = bundled_example(stack)
     _, leader, worker = _templates(cfg, plan)
-    assert cfg.checkpoint_path == f"gs://my-gcp-project-checkpoints/{stack}/model.npz"
+    assert cfg.server.checkpoint_path == f"gs://my-gcp-project-checkpoints/{stack}/model.npz"
     for template in (leader, worker):
         spec = template["spec"]
         assert template["metadata"]["annotations"] == gcs_fuse.ANNOTATIONS  # the driver's sidecar
