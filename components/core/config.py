@@ -49,6 +49,7 @@ from components.core.config_values import (
     STARTUP_DELAY_RANGE,
     ClusterSettings,
     ServiceNames,
+    TpuCapacity,
     boolean_of,
     bounded,
     check_unknown_keys,
@@ -56,8 +57,8 @@ from components.core.config_values import (
     parse_cluster,
     parse_model,
     parse_names,
-    parse_reservation,
     parse_scratch_bucket,
+    parse_tpu_capacity,
     parse_tpu_slice,
     preset_integer,
     text_of,
@@ -101,6 +102,7 @@ class StackConfig:
     service_type: str  # ClusterIP | InternalLoadBalancer
     model: models.ModelPreset
     tpu_slice: tpu.TpuSlice
+    tpu_capacity: TpuCapacity  # tpuProvisioning and tpuReservation of the TPU pools
     mode: str
     server: ServerSettings  # the model server's own settings: checkpoint, quantization, lengths, batch, mesh, flags
     startup_probe_delay_seconds: int
@@ -111,8 +113,6 @@ class StackConfig:
     api_key_secret: str  # Secret Manager secret of the API key clients must send; "" = none
     names: ServiceNames  # appName, serviceName, namespace
     cluster: ClusterSettings  # role=serving: the platform's, so its name and location are "" (PlatformReference)
-    tpu_provisioning: str
-    tpu_reservation: str
     scratch_bucket: str
     scaling: Autoscaling  # LWS replicas and the HPA's bounds, metric and target
     gateway: GatewaySettings  # GKE Inference Gateway in front of the replicas, or off
@@ -243,8 +243,7 @@ def _stack_config(
         hf_token_secret=secret_id(text_of(raw, "hfTokenSecret"), "hfTokenSecret"),
         api_key_secret=parse_api_key_secret(raw, runtime),
         names=names,
-        tpu_provisioning=provisioning,
-        tpu_reservation=parse_reservation(raw, provisioning),
+        tpu_capacity=parse_tpu_capacity(raw, provisioning),
         scratch_bucket=parse_scratch_bucket(raw, project, stack),
         scaling=parse_autoscaling(raw, runtime.scaling_metrics),
         gateway=parse_gateway(

@@ -171,7 +171,23 @@ def parse_names(raw: Mapping[str, str], stack: str) -> ServiceNames:
     )
 
 
-def parse_reservation(raw: Mapping[str, str], provisioning: str) -> str:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TpuCapacity:
+    """How the stack's TPU node pools get their capacity: tpuProvisioning and its tpuReservation.
+
+    The pools' concern, not the cluster's (`ClusterSettings`): a role=serving stack provisions its
+    own pools on its platform's cluster, and a platform stack has no TPU pool at all."""
+
+    provisioning: str  # on-demand | spot | reservation
+    reservation: str  # the reservation's name for provisioning=reservation; "" otherwise
+
+
+def parse_tpu_capacity(raw: Mapping[str, str], provisioning: str) -> TpuCapacity:
+    """The capacity of the TPU pools; `provisioning` is tpuProvisioning's value, parsed before."""
+    return TpuCapacity(provisioning=provisioning, reservation=_parse_reservation(raw, provisioning))
+
+
+def _parse_reservation(raw: Mapping[str, str], provisioning: str) -> str:
     reservation = text_of(raw, "tpuReservation")
     if provisioning == "reservation" and not reservation:
         raise ConfigError(

@@ -187,8 +187,8 @@ def tpu_node_pools(cfg: StackConfig) -> tuple[NodePoolSpec, ...]:
             auto_upgrade=upgrades_automatically(
                 row.multi_host, cfg.cluster.release_channel if cfg.creates_cluster else None
             ),
-            spot=cfg.tpu_provisioning == "spot",
-            reservation=cfg.tpu_reservation or None,
+            spot=cfg.tpu_capacity.provisioning == "spot",
+            reservation=cfg.tpu_capacity.reservation or None,
             labels={SLICE_ROLE_LABEL: pool.role, DEPLOYMENT_LABEL: cfg.deployment_id},
             workload_metadata=WORKLOAD_IDENTITY if cfg.pods_use_workload_identity else NODE_IDENTITY,
             tpu_chips_per_node=row.chips_per_host,

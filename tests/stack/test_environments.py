@@ -426,8 +426,8 @@ def test_a_serving_stack_renders_offline_with_the_cluster_as_a_placeholder(stack
 def test_the_examples_serve_in_two_runtimes_and_two_capacities():
     dev, _ = example("dev")
     prod, prod_plan = example("prod")
-    assert (dev.tpu_slice.multi_host, dev.tpu_provisioning, dev.runtime.name) == (False, "spot", "bundled")
-    assert (prod.tpu_slice.multi_host, prod.tpu_provisioning, prod.service_type) == (
+    assert (dev.tpu_slice.multi_host, dev.tpu_capacity.provisioning, dev.runtime.name) == (False, "spot", "bundled")
+    assert (prod.tpu_slice.multi_host, prod.tpu_capacity.provisioning, prod.service_type) == (
         True,
         "reservation",
         "InternalLoadBalancer",
