@@ -10,14 +10,17 @@ The parts, one concern per module, each importing only those before it:
   config_keys.py     a key as Pulumi.yaml declares it, and the generic readers of a raw value;
   config_table.py    the key table (`CONFIG_KEYS`), its choices and sentinels;
   config_values.py   each key's value parsing and the cross-field checks of a stack that serves
-                     and of its cluster;
+                     and of its cluster; the cluster (`ClusterSettings`), the workload's names
+                     (`ServiceNames`) and the TPU pools' capacity (`TpuCapacity`);
   config_runtime.py  the runtime choice: `serverRuntime` picks the `ServerRuntime`
-                     (components/core/runtimes/) once, and the keys that depend on it;
+                     (components/core/runtimes/) once, and the keys that depend on it, among them
+                     the model server's own settings (`ServerSettings`);
   config_roles.py    the roles: which keys a role=all, platform or serving stack uses;
   naming.py          the names derived from the stack, and the rules of names;
   config_scaling.py, config_gateway.py   the keys of those features, parsed by their own modules.
 `StackConfig.runtime` answers everything that differs between servers, and the runtime validates
-the config it is given.
+the config it is given. `StackConfig` holds one sub-object per concern (`cluster`, `names`,
+`server`, `tpu_capacity`, `scaling`, `gateway`); `PlatformConfig` shares its `ClusterSettings`.
 """
 
 from __future__ import annotations
