@@ -68,10 +68,10 @@ def platform_summary(cfg: PlatformConfig) -> dict:
     """What a platform stack creates and exports (it has no workload to render)."""
     return {
         "role": cfg.role,
-        "clusterName": cfg.cluster_name,
-        "clusterLocation": cfg.cluster_location,
-        "releaseChannel": cfg.release_channel,
-        "deletionProtection": cfg.deletion_protection,
+        "clusterName": cfg.cluster.name,
+        "clusterLocation": cfg.cluster.location,
+        "releaseChannel": cfg.cluster.release_channel,
+        "deletionProtection": cfg.cluster.deletion_protection,
         "nodeServiceAccount": f"{cfg.node_service_account_id}@{cfg.project}.iam.gserviceaccount.com",
         "systemPool": node_pool_summary(system_node_pool(cfg)),
         "lwsController": lws_controller_summary(cfg),
@@ -102,15 +102,15 @@ def _owner_installs(cfg: StackConfig | PlatformConfig) -> str | None:
     """Who installs a cluster-wide piece on a cluster the stack does not own; None if it owns it."""
     if isinstance(cfg, StackConfig) and cfg.serving_role:
         return f"not installed: the platform stack {cfg.cluster_stack} installs it"
-    if cfg.existing_cluster:
+    if cfg.cluster.existing:
         return "not installed: the existing cluster's owner installs it"
     return None
 
 
 def lws_controller_summary(cfg: StackConfig | PlatformConfig) -> str:
     """The LWS release the stack installs, or why it installs none (a cluster-wide install is the cluster owner's)."""
-    if cfg.install_lws_controller:
-        return cfg.lws_version
+    if cfg.cluster.install_lws_controller:
+        return cfg.cluster.lws_version
     return _owner_installs(cfg) or "not installed (installLwsController=never)"
 
 
@@ -133,7 +133,7 @@ def serving_summary(cfg: StackConfig, plan) -> dict:
         summary["metricsAdapter"] = metrics_adapter_summary(cfg)
     secrets = cfg.runtime.secret_envs(cfg)  # read from Secret Manager at deploy time; offline, where they come from
     if secrets:
-        summary["secrets"] = [server_secrets.summary(secret, cfg.namespace) for secret in secrets]
+        summary["secrets"] = [server_secrets.summary(secret, cfg.names.namespace) for secret in secrets]
     if cfg.gateway.enabled:
         summary["gateway"] = {
             "mode": cfg.gateway.mode,

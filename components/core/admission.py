@@ -61,7 +61,7 @@ def _validations(cfg: StackConfig) -> list[dict[str, str]]:
         "has(term.matchExpressions) && term.matchExpressions.exists(e, "
         f"e.key == {label} && has(e.values) && {value} in e.values))"
     )
-    owner = f"the TPU nodes of stack {cfg.stack} are reserved to namespace {cfg.namespace}"
+    owner = f"the TPU nodes of stack {cfg.stack} are reserved to namespace {cfg.names.namespace}"
     return [
         {
             "expression": f"!({tolerates_taint})",
@@ -79,7 +79,7 @@ def _match_conditions(cfg: StackConfig) -> list[dict[str, str]]:
     """Pods of the stack's own namespace and of the cluster's own namespaces are not judged."""
     system = ", ".join(_quoted(name) for name in SYSTEM_NAMESPACES)
     return [
-        {"name": "outside-the-stacks-namespace", "expression": f"request.namespace != {_quoted(cfg.namespace)}"},
+        {"name": "outside-the-stacks-namespace", "expression": f"request.namespace != {_quoted(cfg.names.namespace)}"},
         {
             "name": "outside-the-clusters-own-namespaces",
             "expression": (

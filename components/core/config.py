@@ -10,14 +10,17 @@ The parts, one concern per module, each importing only those before it:
   config_keys.py     a key as Pulumi.yaml declares it, and the generic readers of a raw value;
   config_table.py    the key table (`CONFIG_KEYS`), its choices and sentinels;
   config_values.py   each key's value parsing and the cross-field checks of a stack that serves
-                     and of its cluster;
+                     and of its cluster; the cluster (`ClusterSettings`), the workload's names
+                     (`ServiceNames`) and the TPU pools' capacity (`TpuCapacity`);
   config_runtime.py  the runtime choice: `serverRuntime` picks the `ServerRuntime`
-                     (components/core/runtimes/) once, and the keys that depend on it;
+                     (components/core/runtimes/) once, and the keys that depend on it, among them
+                     the model server's own settings (`ServerSettings`);
   config_roles.py    the roles: which keys a role=all, platform or serving stack uses;
   naming.py          the names derived from the stack, and the rules of names;
   config_scaling.py, config_gateway.py   the keys of those features, parsed by their own modules.
 `StackConfig.runtime` answers everything that differs between servers, and the runtime validates
-the config it is given.
+the config it is given. `StackConfig` holds one sub-object per concern (`cluster`, `names`,
+`server`, `tpu_capacity`, `scaling`, `gateway`); `PlatformConfig` shares its `ClusterSettings`.
 """
 
 from __future__ import annotations
@@ -30,39 +33,35 @@ from components.core.autoscaling import Autoscaling
 from components.core.config_gateway import parse_gateway
 from components.core.config_roles import check_role_keys, parse_cluster_stack
 from components.core.config_runtime import (
+    ServerSettings,
     choose_runtime,
     parse_api_key_secret,
-    parse_checkpoint_path,
     parse_images,
-    parse_server_flags,
+    parse_server_settings,
 )
 from components.core.config_scaling import parse_autoscaling
 from components.core.config_table import (
     MODES,
     PLATFORM,
     PROVISIONING,
-    QUANTIZATIONS,
     ROLES,
     SERVICE_TYPES,
     SERVING,
 )
 from components.core.config_values import (
-    BATCH_RANGE,
-    HBM_RESERVE_RANGE,
-    PREFILL_RANGE,
     STARTUP_DELAY_RANGE,
-    TARGET_RANGE,
+    ClusterSettings,
+    ServiceNames,
+    TpuCapacity,
     boolean_of,
     bounded,
     check_unknown_keys,
     choice_of,
-    integer_of,
     parse_cluster,
     parse_model,
     parse_names,
-    parse_parallelism,
-    parse_reservation,
     parse_scratch_bucket,
+    parse_tpu_capacity,
     parse_tpu_slice,
     preset_integer,
     text_of,
@@ -73,7 +72,6 @@ from components.core.naming import (
     DNS_LABEL_LIMIT,
     SERVICE_ACCOUNT_ID_LIMIT,
     node_service_account_id,
-    region_of,
     stack_scoped_name,
 )
 from components.core.runtimes import ServerRuntime, bundled
@@ -87,25 +85,9 @@ class PlatformConfig:
 
     project: str
     stack: str
-    cluster_name: str
-    zone: str
-    cluster_location: str
-    release_channel: str
-    deletion_protection: bool
-    system_machine_type: str
-    system_node_count: int
-    lws_version: str
-    install_lws_controller: bool  # installLwsController (a platform creates its cluster)
-    keep_lws_controller: bool  # never: the platform creates the cluster it installs into
-    private_endpoint: bool  # privateEndpoint
-    authorized_networks: tuple[str, ...]  # authorizedNetworks
+    cluster: ClusterSettings  # the cluster it creates: never existing (existingClusterName is refused)
     gateway: GatewaySettings  # enabled: the cluster-wide parts serving stacks' gateways need
     role: str = PLATFORM
-
-    @property
-    def existing_cluster(self) -> bool:
-        """Never: a platform stack creates its cluster (existingClusterName is refused)."""
-        return False
 
     @property
     def node_service_account_id(self) -> str:
@@ -123,40 +105,17 @@ class StackConfig:
     service_type: str  # ClusterIP | InternalLoadBalancer
     model: models.ModelPreset
     tpu_slice: tpu.TpuSlice
+    tpu_capacity: TpuCapacity  # tpuProvisioning and tpuReservation of the TPU pools
     mode: str
-    quantization: str
-    checkpoint_path: str
-    quantize_kv_cache: bool
-    per_device_batch_size: int
-    max_prefill_length: int
-    max_target_length: int
-    parallelism: Mapping[str, int]  # mesh axis -> size, only the axes the user set (-1 = fill in)
-    hbm_reserve_percent: int
-    server_flags: Mapping[str, str]
+    server: ServerSettings  # the model server's own settings: checkpoint, quantization, lengths, batch, mesh, flags
     startup_probe_delay_seconds: int
     wait_for_ready: bool
     runtime: ServerRuntime  # serverRuntime, chosen once here: everything that differs between servers asks it
     images: Mapping[str, str]  # config key -> image, the runtime's image keys
     hf_token_secret: str  # Secret Manager secret of the Hugging Face token (serverRuntime=vllm); "" = none
     api_key_secret: str  # Secret Manager secret of the API key clients must send; "" = none
-    app_name: str
-    service_name: str
-    namespace: str
-    lws_version: str
-    install_lws_controller: bool  # installLwsController: auto on a cluster the stack creates, always on any
-    keep_lws_controller: bool  # installed into an existing cluster: kept when the stack is destroyed
-    private_endpoint: bool  # privateEndpoint of a cluster the stack creates
-    authorized_networks: tuple[str, ...]  # authorizedNetworks of a cluster the stack creates
-    cluster_name: str  # "" for role=serving: the cluster is the platform's (PlatformReference)
-    existing_cluster: bool
-    zone: str
-    cluster_location: str  # "" for role=serving, as cluster_name
-    release_channel: str
-    deletion_protection: bool
-    system_machine_type: str
-    system_node_count: int
-    tpu_provisioning: str
-    tpu_reservation: str
+    names: ServiceNames  # appName, serviceName, namespace
+    cluster: ClusterSettings  # role=serving: the platform's, so its name and location are "" (PlatformReference)
     scratch_bucket: str
     scaling: Autoscaling  # LWS replicas and the HPA's bounds, metric and target
     gateway: GatewaySettings  # GKE Inference Gateway in front of the replicas, or off
@@ -170,14 +129,9 @@ class StackConfig:
     def checkpoint_bucket(self) -> str:
         """The bucket the weights are read from: checkpointPath's, or for weights downloaded from the
         Hugging Face Hub (hf://) the scratch bucket they are downloaded into."""
-        if not self.checkpoint_path.startswith(GCS_SCHEME):
+        if not self.server.checkpoint_path.startswith(GCS_SCHEME):
             return self.scratch_bucket
-        return bucket_and_directory(self.checkpoint_path)[0]
-
-    @property
-    def checkpoint_file(self) -> str:
-        """Object name of the checkpoint (the file the bundled server loads after the copy)."""
-        return self.checkpoint_path.rsplit("/", 1)[-1]
+        return bucket_and_directory(self.server.checkpoint_path)[0]
 
     @property
     def builds_server_image(self) -> bool:
@@ -189,17 +143,9 @@ class StackConfig:
         return f"gs://{self.scratch_bucket}/tmp"
 
     @property
-    def region(self) -> str:
-        return region_of(self.zone)
-
-    @property
     def deployment_id(self) -> str:
         """The label value that ties this stack's pods to this stack's TPU node pools."""
         return stack_scoped_name("jetstream", self.stack, DNS_LABEL_LIMIT)
-
-    @property
-    def kubernetes_service_account(self) -> str:
-        return self.app_name
 
     @property
     def workload_service_account_id(self) -> str:
@@ -219,7 +165,7 @@ class StackConfig:
     @property
     def creates_cluster(self) -> bool:
         """role=all without existingClusterName: the stack owns its cluster, and so what is cluster-wide on it."""
-        return not self.serving_role and not self.existing_cluster
+        return not self.serving_role and not self.cluster.existing
 
     @property
     def installs_metrics_adapter(self) -> bool:
@@ -241,7 +187,7 @@ class StackConfig:
     @property
     def bundled_image_repository(self) -> str:
         """Where a stack-built server image lives: <region>-docker.pkg.dev/<project>/<repo>/<name>."""
-        return f"{self.region}-docker.pkg.dev/{self.project}/{self.artifact_repository_id}/{bundled.IMAGE_NAME}"
+        return f"{self.cluster.region}-docker.pkg.dev/{self.project}/{self.artifact_repository_id}/{bundled.IMAGE_NAME}"
 
     @property
     def pods_use_workload_identity(self) -> bool:
@@ -261,7 +207,9 @@ def parse_stack_config(raw: Mapping[str, str], *, project: str | None, stack: st
     cluster_stack = parse_cluster_stack(raw, role, stack)
     cluster = parse_cluster(raw, stack, role)
     if role == PLATFORM:
-        return PlatformConfig(project=project, stack=stack, gateway=parse_gateway(raw, server_runtime=None), **cluster)
+        return PlatformConfig(
+            project=project, stack=stack, cluster=cluster, gateway=parse_gateway(raw, server_runtime=None)
+        )
     cfg = _stack_config(raw, project=project, stack=stack, role=role, cluster_stack=cluster_stack, cluster=cluster)
     cfg.runtime.validate(cfg)
     if cfg.scaling.enabled:
@@ -270,7 +218,7 @@ def parse_stack_config(raw: Mapping[str, str], *, project: str | None, stack: st
 
 
 def _stack_config(
-    raw: Mapping[str, str], *, project: str, stack: str, role: str, cluster_stack: str, cluster: Mapping[str, object]
+    raw: Mapping[str, str], *, project: str, stack: str, role: str, cluster_stack: str, cluster: ClusterSettings
 ) -> StackConfig:
     """A role=all or serving stack's config; the values are parsed in the order their errors surface."""
     preset, tpu_slice = parse_model(raw), parse_tpu_slice(raw)
@@ -286,21 +234,7 @@ def _stack_config(
         model=preset,
         tpu_slice=tpu_slice,
         mode=choice_of(raw, "mode", MODES),
-        quantization=choice_of(raw, "quantization", QUANTIZATIONS),
-        checkpoint_path=parse_checkpoint_path(raw, runtime),
-        quantize_kv_cache=boolean_of(raw, "quantizeKvCache"),
-        per_device_batch_size=bounded(
-            "perDeviceBatchSize", preset_integer(raw, "perDeviceBatchSize", preset.per_device_batch_size), BATCH_RANGE
-        ),
-        max_prefill_length=bounded(
-            "maxPrefillLength", preset_integer(raw, "maxPrefillLength", preset.max_prefill_length), PREFILL_RANGE
-        ),
-        max_target_length=bounded(
-            "maxTargetLength", preset_integer(raw, "maxTargetLength", preset.max_target_length), TARGET_RANGE
-        ),
-        parallelism=parse_parallelism(raw),
-        hbm_reserve_percent=bounded("hbmReservePercent", integer_of(raw, "hbmReservePercent"), HBM_RESERVE_RANGE),
-        server_flags=parse_server_flags(raw, runtime.planned_flags),
+        server=parse_server_settings(raw, preset, runtime),
         startup_probe_delay_seconds=bounded(
             "startupProbeDelaySeconds",
             preset_integer(raw, "startupProbeDelaySeconds", preset.startup_probe_delay_seconds),
@@ -311,15 +245,12 @@ def _stack_config(
         images=parse_images(raw, runtime),
         hf_token_secret=secret_id(text_of(raw, "hfTokenSecret"), "hfTokenSecret"),
         api_key_secret=parse_api_key_secret(raw, runtime),
-        app_name=names["appName"],
-        service_name=names["serviceName"],
-        namespace=names["namespace"],
-        tpu_provisioning=provisioning,
-        tpu_reservation=parse_reservation(raw, provisioning),
+        names=names,
+        tpu_capacity=parse_tpu_capacity(raw, provisioning),
         scratch_bucket=parse_scratch_bucket(raw, project, stack),
         scaling=parse_autoscaling(raw, runtime.scaling_metrics),
         gateway=parse_gateway(
-            raw, server_runtime=runtime.name, creates_cluster=role != SERVING and not cluster["existing_cluster"]
+            raw, server_runtime=runtime.name, creates_cluster=role != SERVING and not cluster.existing
         ),
-        **cluster,
+        cluster=cluster,
     )

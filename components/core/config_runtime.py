@@ -1,5 +1,6 @@
 """The runtime choice: `serverRuntime` picks the `ServerRuntime` (components/core/runtimes/) once,
-and the keys whose parsing depends on it are read here.
+and the keys whose parsing depends on it are read here, among them the server's own settings
+(`ServerSettings`), whose checkpoint schemes and planned flags are the runtime's.
 
 A key only another runtime reads is refused; the checkpoint schemes, the image keys, the flags
 the stack plans and whether the server checks an API key are the runtime's answers: nothing here
@@ -8,13 +9,28 @@ names a runtime.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Mapping
 
+from components.core import models
 from components.core.config_keys import is_set
-from components.core.config_table import KEYS_BY_NAME, SERVER_RUNTIMES
-from components.core.config_values import choice_of, required_text, text_of
+from components.core.config_table import KEYS_BY_NAME, QUANTIZATIONS, SERVER_RUNTIMES
+from components.core.config_values import (
+    BATCH_RANGE,
+    HBM_RESERVE_RANGE,
+    PREFILL_RANGE,
+    TARGET_RANGE,
+    boolean_of,
+    bounded,
+    choice_of,
+    integer_of,
+    parse_parallelism,
+    preset_integer,
+    required_text,
+    text_of,
+)
 from components.core.errors import ConfigError
 from components.core.runtimes import RUNTIMES, ServerRuntime
 from components.core.runtimes.gcs_fuse import GCS_SCHEME
@@ -29,6 +45,51 @@ def choose_runtime(raw: Mapping[str, str]) -> ServerRuntime:
     runtime = RUNTIMES[choice_of(raw, "serverRuntime", SERVER_RUNTIMES)]
     _check_runtime_keys(raw, runtime)
     return runtime
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ServerSettings:
+    """The model server's own settings, as the stack plans them: what it loads, how it quantizes,
+    how long and how many its sequences are, how it shards, the HBM it leaves free and the flags
+    passed through. Every runtime turns them into its flags (runtimes/); the planner checks that
+    they fit the slice. Presets are already applied."""
+
+    quantization: str
+    checkpoint_path: str  # gs://, or another scheme the runtime reads (hf:// for vLLM); no trailing /
+    quantize_kv_cache: bool
+    per_device_batch_size: int
+    max_prefill_length: int
+    max_target_length: int
+    parallelism: Mapping[str, int]  # mesh axis -> size, only the axes the user set (-1 = fill in)
+    hbm_reserve_percent: int
+    flags: Mapping[str, str]  # serverFlags: none of them a flag the stack plans
+
+    @property
+    def checkpoint_file(self) -> str:
+        """Object name of the checkpoint (the file the bundled server loads after the copy)."""
+        return self.checkpoint_path.rsplit("/", 1)[-1]
+
+
+def parse_server_settings(raw: Mapping[str, str], preset: models.ModelPreset, runtime: ServerRuntime) -> ServerSettings:
+    """The server's settings, the preset's where a key is left at its preset default; parsed in
+    the order their errors surface."""
+    return ServerSettings(
+        quantization=choice_of(raw, "quantization", QUANTIZATIONS),
+        checkpoint_path=parse_checkpoint_path(raw, runtime),
+        quantize_kv_cache=boolean_of(raw, "quantizeKvCache"),
+        per_device_batch_size=bounded(
+            "perDeviceBatchSize", preset_integer(raw, "perDeviceBatchSize", preset.per_device_batch_size), BATCH_RANGE
+        ),
+        max_prefill_length=bounded(
+            "maxPrefillLength", preset_integer(raw, "maxPrefillLength", preset.max_prefill_length), PREFILL_RANGE
+        ),
+        max_target_length=bounded(
+            "maxTargetLength", preset_integer(raw, "maxTargetLength", preset.max_target_length), TARGET_RANGE
+        ),
+        parallelism=parse_parallelism(raw),
+        hbm_reserve_percent=bounded("hbmReservePercent", integer_of(raw, "hbmReservePercent"), HBM_RESERVE_RANGE),
+        flags=parse_server_flags(raw, runtime.planned_flags),
+    )
 
 
 def _check_runtime_keys(raw: Mapping[str, str], runtime: ServerRuntime) -> None:

@@ -9,6 +9,7 @@ are in `config_runtime.py`, those of the role in `config_roles.py`.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 from collections.abc import Mapping
@@ -21,7 +22,6 @@ from components.core.config_table import (
     LWS_ALWAYS,
     LWS_AUTO,
     LWS_INSTALLS,
-    PLATFORM,
     PRESET_DEFAULT,
     RELEASE_CHANNELS,
     SERVING,
@@ -149,16 +149,45 @@ def _label_name(raw: Mapping[str, str], name: str, limit: int, derived: str = ""
     return value
 
 
-def parse_names(raw: Mapping[str, str], stack: str) -> dict[str, str]:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ServiceNames:
+    """The Kubernetes names of a stack's workload: appName, serviceName and namespace."""
+
+    app_name: str  # the LeaderWorkerSet (its pods are <app>-<group>-<index>), the app label, the pods' service account
+    service_name: str  # the Service in front of the leaders
+    namespace: str  # where the workload lives; its TPU nodes admit no other (admission.py)
+
+    @property
+    def kubernetes_service_account(self) -> str:
+        return self.app_name
+
+
+def parse_names(raw: Mapping[str, str], stack: str) -> ServiceNames:
     """appName, serviceName and namespace (empty: derived from the stack), each a valid label."""
-    return {
-        "appName": _label_name(raw, "appName", naming.APP_NAME_LIMIT),
-        "serviceName": _label_name(raw, "serviceName", naming.APP_NAME_LIMIT),
-        "namespace": _label_name(raw, "namespace", naming.DNS_LABEL_LIMIT, naming.default_namespace(stack)),
-    }
+    return ServiceNames(
+        app_name=_label_name(raw, "appName", naming.APP_NAME_LIMIT),
+        service_name=_label_name(raw, "serviceName", naming.APP_NAME_LIMIT),
+        namespace=_label_name(raw, "namespace", naming.DNS_LABEL_LIMIT, naming.default_namespace(stack)),
+    )
 
 
-def parse_reservation(raw: Mapping[str, str], provisioning: str) -> str:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TpuCapacity:
+    """How the stack's TPU node pools get their capacity: tpuProvisioning and its tpuReservation.
+
+    The pools' concern, not the cluster's (`ClusterSettings`): a role=serving stack provisions its
+    own pools on its platform's cluster, and a platform stack has no TPU pool at all."""
+
+    provisioning: str  # on-demand | spot | reservation
+    reservation: str  # the reservation's name for provisioning=reservation; "" otherwise
+
+
+def parse_tpu_capacity(raw: Mapping[str, str], provisioning: str) -> TpuCapacity:
+    """The capacity of the TPU pools; `provisioning` is tpuProvisioning's value, parsed before."""
+    return TpuCapacity(provisioning=provisioning, reservation=_parse_reservation(raw, provisioning))
+
+
+def _parse_reservation(raw: Mapping[str, str], provisioning: str) -> str:
     reservation = text_of(raw, "tpuReservation")
     if provisioning == "reservation" and not reservation:
         raise ConfigError(
@@ -190,28 +219,59 @@ def parse_scratch_bucket(raw: Mapping[str, str], project: str, stack: str) -> st
 # The cluster.
 
 
-def parse_cluster(raw: Mapping[str, str], stack: str, role: str) -> dict[str, object]:
-    """The cluster fields of the role's config: the cluster a role=all or platform stack creates
-    (or, role=all, looks up). A serving stack's cluster is its platform's, read at deploy time
-    (PlatformReference), so its name and location are "" here; a platform stack always creates its
-    cluster, so its config has no existing_cluster field."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ClusterSettings:
+    """The cluster of a stack, as both a platform stack and a stack that serves read it.
+
+    For role=all or platform, the cluster the stack creates (role=all: or looks up, `existing`); for
+    role=serving, its platform's, read at deploy time (PlatformReference), so `name` and `location`
+    are "" and only the zone of its TPU pools is its own. Whether the stack creates the cluster
+    depends on the role too, so it is the stack's answer (`StackConfig.creates_cluster`). How the TPU
+    pools get their capacity is not here: a serving stack provisions its own pools on its platform's
+    cluster, and a platform stack has none, so that is the pools' concern (`TpuCapacity`).
+    """
+
+    name: str  # clusterName or existingClusterName; "" for role=serving
+    existing: bool  # existingClusterName is set (role=all only: the other roles refuse it)
+    zone: str  # where the stack's node pools run
+    location: str  # clusterLocation, a region or a zone; "" for role=serving, as name
+    release_channel: str
+    deletion_protection: bool
+    system_machine_type: str
+    system_node_count: int
+    lws_version: str
+    install_lws_controller: bool  # installLwsController: auto on a cluster the stack creates, always on any
+    keep_lws_controller: bool  # installed into an existing cluster: kept when the stack is destroyed
+    private_endpoint: bool  # privateEndpoint of a cluster the stack creates
+    authorized_networks: tuple[str, ...]  # authorizedNetworks of a cluster the stack creates
+
+    @property
+    def region(self) -> str:
+        """The zone's region: where the stack's regional resources (bucket, image repository) live."""
+        return naming.region_of(self.zone)
+
+
+def parse_cluster(raw: Mapping[str, str], stack: str, role: str) -> ClusterSettings:
+    """The cluster of the role's config: the cluster a role=all or platform stack creates (or,
+    role=all, looks up). A serving stack's cluster is its platform's, read at deploy time
+    (PlatformReference), so its name and location are "" here."""
     existing = text_of(raw, "existingClusterName")
     zone, location = _parse_zone(raw)
     name = existing or _label_name(raw, "clusterName", naming.CLUSTER_NAME_LIMIT, naming.default_cluster_name(stack))
     on_own_cluster = role != SERVING
-    return {
-        "cluster_name": name if on_own_cluster else "",
-        **({} if role == PLATFORM else {"existing_cluster": bool(existing)}),
-        "zone": zone,
-        "cluster_location": location if on_own_cluster else "",
-        "release_channel": choice_of(raw, "releaseChannel", RELEASE_CHANNELS),
-        "deletion_protection": boolean_of(raw, "deletionProtection"),
-        "system_machine_type": text_of(raw, "systemMachineType"),
-        "system_node_count": bounded("systemNodeCount", integer_of(raw, "systemNodeCount"), SYSTEM_NODES_RANGE),
-        "lws_version": _lws_version(raw),
+    return ClusterSettings(
+        name=name if on_own_cluster else "",
+        existing=bool(existing),
+        zone=zone,
+        location=location if on_own_cluster else "",
+        release_channel=choice_of(raw, "releaseChannel", RELEASE_CHANNELS),
+        deletion_protection=boolean_of(raw, "deletionProtection"),
+        system_machine_type=text_of(raw, "systemMachineType"),
+        system_node_count=bounded("systemNodeCount", integer_of(raw, "systemNodeCount"), SYSTEM_NODES_RANGE),
+        lws_version=_lws_version(raw),
         **_install_lws_controller(raw, role, creates_cluster=on_own_cluster and not existing),
         **_control_plane_access(raw, existing),
-    }
+    )
 
 
 def _parse_zone(raw: Mapping[str, str]) -> tuple[str, str]:

@@ -82,7 +82,7 @@ READY_RESTORE_FACTOR = 2
 
 def app_labels(cfg: StackConfig) -> dict[str, str]:
     """The one label set: on the leader pod template and as the Service selector."""
-    return {"app": cfg.app_name}
+    return {"app": cfg.names.app_name}
 
 
 def ready_timeout_seconds(cfg: StackConfig) -> int:
@@ -109,7 +109,7 @@ def _pod_template(cfg: StackConfig, content: PodContent, labels: dict[str, str] 
         spec=lws.PodSpec(
             node_selector=node_selector(cfg),
             tolerations=(TPU_TOLERATION, stack_toleration(cfg.deployment_id)),
-            service_account_name=cfg.kubernetes_service_account,
+            service_account_name=cfg.names.kubernetes_service_account,
             containers=content.containers,
             init_containers=content.init_containers,
             volumes=content.volumes,
@@ -137,7 +137,9 @@ def leader_worker_set(cfg: StackConfig, plan: Plan, image: Any = None) -> lws.Le
     by digest, an Output under Pulumi)."""
     layout = cfg.runtime.pod_layout(cfg, plan, image)
     return lws.LeaderWorkerSet(
-        metadata=lws.ObjectMeta(name=cfg.app_name, namespace=cfg.namespace, annotations=_lws_annotations(cfg)),
+        metadata=lws.ObjectMeta(
+            name=cfg.names.app_name, namespace=cfg.names.namespace, annotations=_lws_annotations(cfg)
+        ),
         spec=lws.LeaderWorkerSetSpec(
             replicas=cfg.scaling.replicas,  # the HPA changes it when autoscaling (JetStreamServer ignores that drift)
             leader_worker_template=lws.LeaderWorkerTemplate(
@@ -170,7 +172,7 @@ def service(cfg: StackConfig) -> kube.Service:
         else {SKIP_AWAIT: "true"}
     )
     return kube.Service(
-        metadata=lws.ObjectMeta(name=cfg.service_name, namespace=cfg.namespace, annotations=annotations),
+        metadata=lws.ObjectMeta(name=cfg.names.service_name, namespace=cfg.names.namespace, annotations=annotations),
         spec=kube.ServiceSpec(
             type="LoadBalancer" if internal else "ClusterIP", selector=app_labels(cfg), ports=_service_ports(cfg)
         ),
@@ -202,9 +204,9 @@ def client_endpoints(host: str, ports: Mapping[str, int], *, openai: bool) -> di
 
 def namespace(cfg: StackConfig) -> kube.Namespace | None:
     """The stack's Namespace, or None for `default` (which every cluster has)."""
-    if cfg.namespace == "default":
+    if cfg.names.namespace == "default":
         return None
-    return kube.Namespace(metadata=lws.ObjectMeta(name=cfg.namespace))
+    return kube.Namespace(metadata=lws.ObjectMeta(name=cfg.names.namespace))
 
 
 def service_account(cfg: StackConfig, gsa_email: Any = None) -> kube.ServiceAccount:
@@ -219,7 +221,9 @@ def service_account(cfg: StackConfig, gsa_email: Any = None) -> kube.ServiceAcco
     if cfg.pods_use_workload_identity:
         binding = {GSA_ANNOTATION: cfg.workload_service_account_email if gsa_email is None else gsa_email}
     return kube.ServiceAccount(
-        metadata=lws.ObjectMeta(name=cfg.kubernetes_service_account, namespace=cfg.namespace, annotations=binding)
+        metadata=lws.ObjectMeta(
+            name=cfg.names.kubernetes_service_account, namespace=cfg.names.namespace, annotations=binding
+        )
     )
 
 
@@ -234,8 +238,8 @@ def scaling_manifests(cfg: StackConfig) -> list[dict]:
         return []
     return autoscaling_manifests(
         cfg.scaling,
-        namespace=cfg.namespace,
-        lws_name=cfg.app_name,
+        namespace=cfg.names.namespace,
+        lws_name=cfg.names.app_name,
         endpoint=cfg.runtime.metrics_endpoint(cfg),
         startup_delay_seconds=cfg.startup_probe_delay_seconds,
     )
@@ -314,8 +318,8 @@ def autoscaling_manifests(
 def routed_pool(cfg: StackConfig) -> RoutedPool:
     """What the stack's gateway routes to: the Service's leader pods on the HTTP port."""
     return RoutedPool(
-        name=cfg.app_name,
-        namespace=cfg.namespace,
+        name=cfg.names.app_name,
+        namespace=cfg.names.namespace,
         selector=app_labels(cfg),
         target_port=HTTP_PORT,
         health_path=cfg.runtime.health_path,
@@ -345,15 +349,15 @@ def all_manifests(cfg: StackConfig, plan: Plan) -> list[dict]:
 
 def head_pod(cfg: StackConfig) -> str:
     """Name of the leader pod of the first LWS group (replica 0)."""
-    return f"{cfg.app_name}-0"
+    return f"{cfg.names.app_name}-0"
 
 
 def service_url(cfg: StackConfig) -> str:
-    return f"http://{cfg.service_name}.{cfg.namespace}.svc.cluster.local:{HTTP_PORT}"
+    return f"http://{cfg.names.service_name}.{cfg.names.namespace}.svc.cluster.local:{HTTP_PORT}"
 
 
 def port_forward_command(cfg: StackConfig) -> str:
-    return f"kubectl -n {cfg.namespace} port-forward pod/{head_pod(cfg)} {HTTP_PORT}:{HTTP_PORT}"
+    return f"kubectl -n {cfg.names.namespace} port-forward pod/{head_pod(cfg)} {HTTP_PORT}:{HTTP_PORT}"
 
 
 def curl_example(cfg: StackConfig) -> str:

@@ -127,9 +127,9 @@ def server_axes(cfg: StackConfig) -> dict[str, int]:
         "autoregressive": cfg.model.autoregressive_parallelism,
         "tensor": cfg.model.tensor_parallelism,
     }
-    if not cfg.parallelism:
+    if not cfg.server.parallelism:
         return preset_axes(recipe, cfg.tpu_slice.chips, cfg.model.heads)
-    return {**recipe, **cfg.parallelism}
+    return {**recipe, **cfg.server.parallelism}
 
 
 def resolve_parallelism(cfg: StackConfig, axes: Mapping[str, int]) -> Parallelism:
@@ -165,11 +165,12 @@ def _check_heads_shard(cfg: StackConfig, parallelism: Parallelism) -> None:
 
 
 def _check_lengths(cfg: StackConfig) -> None:
-    if cfg.max_target_length <= cfg.max_prefill_length:
+    target, prefill = cfg.server.max_target_length, cfg.server.max_prefill_length
+    if target <= prefill:
         raise ConfigError(
             ("maxTargetLength", "maxPrefillLength"),
-            f"max target length {cfg.max_target_length} must exceed max prefill length {cfg.max_prefill_length}",
-            f"pulumi config set maxTargetLength {cfg.max_prefill_length * 2}",
+            f"max target length {target} must exceed max prefill length {prefill}",
+            f"pulumi config set maxTargetLength {prefill * 2}",
         )
 
 
@@ -186,7 +187,7 @@ def _check_fit(cfg: StackConfig, parallelism: Parallelism, weights: float, kv: f
     )
     raise ConfigError(
         keys,
-        f"{cfg.model.name} ({cfg.quantization}) does not fit topology {cfg.tpu_slice.topology}: "
+        f"{cfg.model.name} ({cfg.server.quantization}) does not fit topology {cfg.tpu_slice.topology}: "
         f"needs {needed:.1f} GiB HBM per chip "
         f"(weights {weights:.1f} + KV cache {kv:.1f}) but {usable:.1f} of {hbm} GiB are usable",
         _fit_suggestion(cfg, parallelism, weights, usable),
@@ -199,7 +200,7 @@ def _fit_suggestion(cfg: StackConfig, parallelism: Parallelism, weights: float, 
         hints.append("a bigger topology")
     else:
         hints.append("a smaller perDeviceBatchSize or maxTargetLength")
-        if not cfg.quantize_kv_cache:
+        if not cfg.server.quantize_kv_cache:
             hints.append("quantizeKvCache=true")
         hints.append("a bigger topology")
     return "try " + ", or ".join(hints)
@@ -213,7 +214,7 @@ def plan_deployment(cfg: StackConfig) -> Plan:
     cfg.runtime.check_parallelism(cfg, parallelism)
     memory = cfg.runtime.memory_per_chip(cfg, parallelism)
     weights, kv = memory.weights_bytes / GIB, memory.kv_cache_bytes / GIB
-    usable = cfg.tpu_slice.hbm_gib_per_chip * (1 - cfg.hbm_reserve_percent / 100)
+    usable = cfg.tpu_slice.hbm_gib_per_chip * (1 - cfg.server.hbm_reserve_percent / 100)
     _check_fit(cfg, parallelism, weights, kv, usable)
     step_ms = (weights + kv) * GIB / (cfg.tpu_slice.hbm_bandwidth_gbps * 1e9) * 1e3
     return Plan(
@@ -226,7 +227,7 @@ def plan_deployment(cfg: StackConfig) -> Plan:
         node_pools=tuple(spec.name for spec in tpu_node_pools(cfg)),
         parallelism=parallelism,
         axis_flags=axes,
-        global_batch=cfg.per_device_batch_size * cfg.tpu_slice.chips,
+        global_batch=cfg.server.per_device_batch_size * cfg.tpu_slice.chips,
         weights_gib_per_chip=weights,
         kv_cache_gib_per_chip=kv,
         usable_gib_per_chip=usable,

@@ -37,7 +37,7 @@ from components.core.config import PlatformConfig, StackConfig, parse_stack_conf
 from components.core.config_roles import PLATFORM_OUTPUTS
 from components.core.config_table import PROJECT
 from components.core.errors import ConfigError
-from components.core.naming import proxy_subnet_name, region_of
+from components.core.naming import proxy_subnet_name
 from components.core.node_pools import NodePoolSpec, system_node_pool, tpu_node_pools
 from components.core.planner import Plan, plan_deployment
 from components.core.runtimes import bundled
@@ -184,7 +184,7 @@ def build_serving(cfg: StackConfig, plan: Plan) -> dict[str, Any]:
         outputs |= {
             "clusterEndpoint": cluster.endpoint,
             "kubeconfig": cluster.kubeconfig,
-            "lwsVersion": cfg.lws_version,
+            "lwsVersion": cfg.cluster.lws_version,
         }
     return outputs
 
@@ -208,7 +208,7 @@ def _cluster(cfg: StackConfig) -> tuple[GkeCluster, pulumi.Output[str]]:
                 source=ATTACH,
                 kubeconfig=platform.kubeconfig,
                 release_channel=None,  # the pools follow the live cluster's (GkeCluster reads it)
-                deletion_protection=cfg.deletion_protection,
+                deletion_protection=cfg.cluster.deletion_protection,
                 system_pool=None,
                 tpu_pools=tpu_node_pools(cfg),
                 node_service_account=nodes.email,
@@ -233,25 +233,27 @@ def _owned_cluster_args(
     """A cluster a role=all or platform stack creates (or, role=all, looks up)."""
     return GkeClusterArgs(
         project=cfg.project,
-        location=cfg.cluster_location,
-        cluster_name=cfg.cluster_name,
-        source=LOOKUP if cfg.existing_cluster else CREATE,
-        release_channel=None if cfg.existing_cluster else cfg.release_channel,
-        deletion_protection=cfg.deletion_protection,
+        location=cfg.cluster.location,
+        cluster_name=cfg.cluster.name,
+        source=LOOKUP if cfg.cluster.existing else CREATE,
+        release_channel=None if cfg.cluster.existing else cfg.cluster.release_channel,
+        deletion_protection=cfg.cluster.deletion_protection,
         system_pool=system_node_pool(cfg),
         tpu_pools=tpu_pools,
         node_service_account=node_service_account,
-        private_endpoint=cfg.private_endpoint,
-        authorized_networks=cfg.authorized_networks,
+        private_endpoint=cfg.cluster.private_endpoint,
+        authorized_networks=cfg.cluster.authorized_networks,
         gateway_api=cfg.gateway.enabled,
     )
 
 
 def _lws_controller(cfg: StackConfig | PlatformConfig, provider: pulumi.ProviderResource) -> list[pulumi.Resource]:
     """The cluster-wide LWS controller, where this stack installs it (installLwsController)."""
-    if not cfg.install_lws_controller:
+    if not cfg.cluster.install_lws_controller:
         return []
-    controller = LeaderWorkerSetControllerArgs(version=cfg.lws_version, keep_on_destroy=cfg.keep_lws_controller)
+    controller = LeaderWorkerSetControllerArgs(
+        version=cfg.cluster.lws_version, keep_on_destroy=cfg.cluster.keep_lws_controller
+    )
     return [LeaderWorkerSetController("lws", controller, pulumi.ResourceOptions(provider=provider))]
 
 
@@ -273,7 +275,7 @@ def _gateway_cluster_parts(cfg: StackConfig | PlatformConfig, cluster: GkeCluste
     settings = cfg.gateway
     args = GatewayClusterPartsArgs(
         project=cfg.project,
-        region=region_of(cfg.zone),
+        region=cfg.cluster.region,
         network=cluster.network,
         subnet_name=proxy_subnet_name(cfg.stack),
         subnet_range=settings.proxy_subnet_range if settings.creates_proxy_subnet else None,
@@ -295,7 +297,7 @@ def _identity_args(cfg: StackConfig, node_service_account: pulumi.Output[str]) -
         project=cfg.project,
         stack=cfg.stack,
         scratch_bucket=cfg.scratch_bucket,
-        bucket_location=cfg.region.upper(),
+        bucket_location=cfg.cluster.region.upper(),
         checkpoint_bucket=cfg.checkpoint_bucket,
         workload_account_id=cfg.workload_service_account_id if workload else None,
         workload_identity_member=workload_identity_member(cfg) if workload else None,
@@ -304,13 +306,13 @@ def _identity_args(cfg: StackConfig, node_service_account: pulumi.Output[str]) -
 
 
 def workload_identity_member(cfg: StackConfig) -> str:
-    return f"serviceAccount:{cfg.project}.svc.id.goog[{cfg.namespace}/{cfg.kubernetes_service_account}]"
+    return f"serviceAccount:{cfg.project}.svc.id.goog[{cfg.names.namespace}/{cfg.names.kubernetes_service_account}]"
 
 
 def _image_args(cfg: StackConfig) -> BundledServerImageArgs:
     return BundledServerImageArgs(
         project=cfg.project,
-        location=cfg.region,
+        location=cfg.cluster.region,
         repository_id=cfg.artifact_repository_id,
         image=cfg.bundled_image_repository,
         tag=bundled.IMAGE_TAG,
@@ -343,7 +345,7 @@ def _secrets(cfg: StackConfig) -> tuple[dict, ...]:
     return tuple(
         server_secrets.kubernetes_secret(
             secret,
-            cfg.namespace,
+            cfg.names.namespace,
             pulumi.Output.secret(
                 gcp.secretmanager.get_secret_version_output(secret=secret.secret_id, project=cfg.project).secret_data
             ),

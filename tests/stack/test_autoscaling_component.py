@@ -116,7 +116,7 @@ def test_autoscaler_applies_exactly_the_manifests_the_core_builds(autoscaler):
     assert hpa["spec"]["scaleTargetRef"] == {
         "apiVersion": "leaderworkerset.x-k8s.io/v1",
         "kind": "LeaderWorkerSet",
-        "name": cfg.app_name,
+        "name": cfg.names.app_name,
     }
 
 

@@ -30,8 +30,8 @@ def rendered(stack: str, raw: dict[str, str], bundled: bool = False) -> tuple[li
     endpoint = cfg.runtime.metrics_endpoint(cfg)
     documents = autoscaling_manifests(
         parse_autoscaling(raw),
-        namespace=cfg.namespace,
-        lws_name=cfg.app_name,
+        namespace=cfg.names.namespace,
+        lws_name=cfg.names.app_name,
         endpoint=endpoint,
         startup_delay_seconds=cfg.startup_probe_delay_seconds,
     )
@@ -69,7 +69,7 @@ def test_the_hpa_targets_the_leader_worker_set_by_name():
         {"replicas": "2", "maxReplicas": "5", "autoscalingMetric": "slots-used", "autoscalingTarget": "0.7"},
     )
     lws = manifests.leader_worker_set(*example("llama2-70b-disagg")).to_dict()
-    assert hpa["metadata"]["namespace"] == lws["metadata"]["namespace"] == cfg.namespace
+    assert hpa["metadata"]["namespace"] == lws["metadata"]["namespace"] == cfg.names.namespace
     assert hpa["spec"]["scaleTargetRef"] == {
         "apiVersion": lws["apiVersion"],
         "kind": lws["kind"],
@@ -114,11 +114,11 @@ def test_strict_pod_monitoring_schema_rejects_a_wrong_document(misplaced):
 
 def test_pod_monitoring_scrapes_the_leaders_the_hpa_averages_over():
     (pod_monitoring, hpa), cfg = rendered("llama3-405b-v6e16", ON)
-    assert pod_monitoring["metadata"]["namespace"] == hpa["metadata"]["namespace"] == cfg.namespace
+    assert pod_monitoring["metadata"]["namespace"] == hpa["metadata"]["namespace"] == cfg.names.namespace
     # LWS's scale subresource hands the HPA status.hpaPodSelector: name=<lws>, worker-index=0.
     assert pod_monitoring["spec"]["selector"] == {
         "matchLabels": {
-            "leaderworkerset.sigs.k8s.io/name": cfg.app_name,
+            "leaderworkerset.sigs.k8s.io/name": cfg.names.app_name,
             "leaderworkerset.sigs.k8s.io/worker-index": "0",
         }
     }
@@ -135,7 +135,7 @@ def test_bundled_server_is_scraped_on_the_http_port_the_stack_starts_it_on():
 
 def _with_server_flags(flags: dict[str, str]):
     cfg, _ = example("llama3-405b-v6e16")
-    return dataclasses.replace(cfg, server_flags=flags)
+    return dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, flags=flags))
 
 
 def test_jetstream_gets_its_prometheus_flag_only_when_autoscaling():

@@ -114,7 +114,12 @@ def test_platform_config_is_the_cluster_only():
     raw, project = read_stack_file(ROOT / "Pulumi.platform.yaml")
     cfg = parse_stack_config(raw, project=project, stack="platform")
     assert isinstance(cfg, PlatformConfig)
-    assert (cfg.cluster_name, cfg.cluster_location, cfg.install_lws_controller, cfg.node_service_account_id) == (
+    assert (
+        cfg.cluster.name,
+        cfg.cluster.location,
+        cfg.cluster.install_lws_controller,
+        cfg.node_service_account_id,
+    ) == (
         "jetstream-platform",
         "us-east5",
         True,
@@ -421,8 +426,8 @@ def test_a_serving_stack_renders_offline_with_the_cluster_as_a_placeholder(stack
 def test_the_examples_serve_in_two_runtimes_and_two_capacities():
     dev, _ = example("dev")
     prod, prod_plan = example("prod")
-    assert (dev.tpu_slice.multi_host, dev.tpu_provisioning, dev.runtime.name) == (False, "spot", "bundled")
-    assert (prod.tpu_slice.multi_host, prod.tpu_provisioning, prod.service_type) == (
+    assert (dev.tpu_slice.multi_host, dev.tpu_capacity.provisioning, dev.runtime.name) == (False, "spot", "bundled")
+    assert (prod.tpu_slice.multi_host, prod.tpu_capacity.provisioning, prod.service_type) == (
         True,
         "reservation",
         "InternalLoadBalancer",

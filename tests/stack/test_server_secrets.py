@@ -40,7 +40,7 @@ def _server_env(cfg) -> list[dict]:
 def test_the_api_key_reaches_the_servers_environment_from_a_kubernetes_secret(runtime, env):
     cfg = config(**runtime, apiKeySecret="serving-api-key")
     (secret,) = cfg.runtime.secret_envs(cfg)
-    assert (secret.env, secret.secret_id, secret.name) == (env, "serving-api-key", f"{cfg.app_name}-api-key")
+    assert (secret.env, secret.secret_id, secret.name) == (env, "serving-api-key", f"{cfg.names.app_name}-api-key")
     assert {"name": env, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": "api-key"}}} in _server_env(cfg)
 
 

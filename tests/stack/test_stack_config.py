@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from operator import attrgetter
 
 import pulumi
 import pytest
@@ -87,22 +88,23 @@ def test_example_stacks_cover_both_modes_and_a_single_host():
 
 
 def test_preset_defaults_apply_unless_overridden():
-    assert config(model="llama3.1-405b", topology="4x4").per_device_batch_size == 10
-    assert config(model="llama3.1-405b", topology="4x4", perDeviceBatchSize="4").per_device_batch_size == 4
+    assert config(model="llama3.1-405b", topology="4x4").server.per_device_batch_size == 10
+    assert config(model="llama3.1-405b", topology="4x4", perDeviceBatchSize="4").server.per_device_batch_size == 4
 
 
 def test_derived_names_are_the_stack_name_where_it_is_a_valid_one():
     cfg = config(stack="prod-eu")
-    assert (cfg.cluster_name, cfg.namespace, cfg.deployment_id) == ("jetstream-prod-eu",) * 3
+    assert (cfg.cluster.name, cfg.names.namespace, cfg.deployment_id) == ("jetstream-prod-eu",) * 3
     assert (cfg.workload_service_account_id, cfg.node_service_account_id) == ("js-pods-prod-eu", "js-nodes-prod-eu")
     assert cfg.scratch_bucket == "test-project-scratch-prod-eu" and cfg.artifact_repository_id == "jetstream-prod-eu"
-    assert cfg.cluster_location == "us-east5" and cfg.checkpoint_bucket == "test-checkpoints"
+    assert cfg.cluster.location == "us-east5" and cfg.checkpoint_bucket == "test-checkpoints"
     assert cfg.bundled_image_repository == "us-east5-docker.pkg.dev/test-project/jetstream-prod-eu/jetstream-jax"
 
 
-NAME_RULES = {  # name -> (pattern, min length, max length): GKE, IAM, Cloud Storage and DNS rules
-    "cluster_name": (r"[a-z]([-a-z0-9]*[a-z0-9])?", 1, 40),
-    "namespace": (r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", 1, 63),
+# attribute path of the config -> (pattern, min length, max length): GKE, IAM, Cloud Storage and DNS rules
+NAME_RULES = {
+    "cluster.name": (r"[a-z]([-a-z0-9]*[a-z0-9])?", 1, 40),
+    "names.namespace": (r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", 1, 63),
     "deployment_id": (r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", 1, 63),
     "workload_service_account_id": (r"[a-z]([-a-z0-9]*[a-z0-9])", 6, 30),
     "node_service_account_id": (r"[a-z]([-a-z0-9]*[a-z0-9])", 6, 30),
@@ -123,30 +125,30 @@ STACK_NAMES = (
 def test_derived_names_follow_the_cloud_naming_rules(stack):
     cfg = config(stack=stack)
     for name, (pattern, shortest, longest) in NAME_RULES.items():
-        value = getattr(cfg, name)
+        value = attrgetter(name)(cfg)
         assert re.fullmatch(pattern, value) and shortest <= len(value) <= longest, (name, value)
     for pool in plan_deployment(cfg).node_pools:  # GKE node pool names: 1-40 characters
-        assert re.fullmatch(NAME_RULES["cluster_name"][0], pool) and len(pool) <= 40, pool
+        assert re.fullmatch(NAME_RULES["cluster.name"][0], pool) and len(pool) <= 40, pool
 
 
 def test_stacks_never_share_a_derived_name():
     """Truncation and character replacement keep names apart: a hash of the stack name ends them."""
     configs = [config(stack=stack) for stack in STACK_NAMES]
     for name in NAME_RULES:
-        values = [getattr(cfg, name) for cfg in configs]
+        values = [attrgetter(name)(cfg) for cfg in configs]
         assert len(set(values)) == len(values), (name, values)
 
 
 def test_explicit_names_win_over_derived_ones():
     cfg = config(stack="dev", clusterName="shared", namespace="serving", scratchBucketName="my-scratch")
-    assert (cfg.cluster_name, cfg.namespace, cfg.scratch_bucket) == ("shared", "serving", "my-scratch")
+    assert (cfg.cluster.name, cfg.names.namespace, cfg.scratch_bucket) == ("shared", "serving", "my-scratch")
 
 
 def test_installLwsController_auto_installs_on_a_created_cluster_always_also_on_an_existing_one_and_keeps_it_there():
     """auto (the default) installs where the stack creates the cluster; always also into an existing
     cluster, where the install outlives the stack; never leaves it to the cluster's owner."""
     installs = {
-        (existing, choice): (cfg.install_lws_controller, cfg.keep_lws_controller)
+        (existing, choice): (cfg.cluster.install_lws_controller, cfg.cluster.keep_lws_controller)
         for existing in ("", "shared")
         for choice in config_table.LWS_INSTALLS
         for cfg in [config(existingClusterName=existing, installLwsController=choice)]
@@ -163,7 +165,7 @@ def test_installLwsController_auto_installs_on_a_created_cluster_always_also_on_
         serving = stack_config.parse_stack_config(
             {**_refused_raw(SERVING), "installLwsController": value}, project=GCP_PROJECT, stack="dev"
         )
-        assert serving.install_lws_controller is False
+        assert serving.cluster.install_lws_controller is False
     with pytest.raises(ConfigError, match="installLwsController.*platform stack does"):
         stack_config.parse_stack_config(
             {**_refused_raw(SERVING), "installLwsController": "always"}, project=GCP_PROJECT, stack="dev"
@@ -174,11 +176,11 @@ def test_installLwsController_auto_installs_on_a_created_cluster_always_also_on_
     with pytest.raises(ConfigError, match="installLwsController.*did you mean 'always'"):
         config(installLwsController="alway")
     platform = stack_config.parse_stack_config({"role": "platform"}, project=GCP_PROJECT, stack="platform")
-    assert platform.install_lws_controller is True
+    assert platform.cluster.install_lws_controller is True
     assert (
         stack_config.parse_stack_config(
             {"role": "platform", "installLwsController": "never"}, project=GCP_PROJECT, stack="platform"
-        ).install_lws_controller
+        ).cluster.install_lws_controller
         is False
     )
 
@@ -390,7 +392,7 @@ def test_a_platform_stack_needs_no_model_and_takes_the_cluster_keys():
         stack="platform",
     )
     assert isinstance(cfg, stack_config.PlatformConfig)
-    assert (cfg.cluster_name, cfg.release_channel, cfg.system_node_count, cfg.existing_cluster) == (
+    assert (cfg.cluster.name, cfg.cluster.release_channel, cfg.cluster.system_node_count, cfg.cluster.existing) == (
         "shared-tpu",
         "REGULAR",
         2,
@@ -417,9 +419,9 @@ def test_the_defaults_pulumi_fills_in_never_count_as_set():
     """Pulumi hands a platform stack every key, model "" and mode interleaved included."""
     defaults = {key.name: key.default_text for key in config_table.CONFIG_KEYS}
     cfg = stack_config.parse_stack_config({**defaults, **PLATFORM}, project=GCP_PROJECT, stack="platform")
-    assert isinstance(cfg, stack_config.PlatformConfig) and cfg.install_lws_controller is True
+    assert isinstance(cfg, stack_config.PlatformConfig) and cfg.cluster.install_lws_controller is True
     serving = stack_config.parse_stack_config({**defaults, **_refused_raw(SERVING)}, project=GCP_PROJECT, stack="dev")
-    assert (serving.role, serving.cluster_name, serving.cluster_location, serving.install_lws_controller) == (
+    assert (serving.role, serving.cluster.name, serving.cluster.location, serving.cluster.install_lws_controller) == (
         "serving",
         "",
         "",

@@ -101,7 +101,7 @@ def test_the_policy_and_binding_are_valid_admissionregistration_v1_objects(prod)
 
 def test_the_stacks_own_pods_and_unrelated_pods_are_admitted(prod):
     policy = admission.isolation_policy(prod)
-    assert refusals(policy, prod.namespace, _stack_pod(prod)) == []
+    assert refusals(policy, prod.names.namespace, _stack_pod(prod)) == []
     assert refusals(policy, "jetstream-dev", _stack_pod(example("dev")[0])) == []  # another stack's own pods
     assert refusals(policy, "web", {"containers": [{"name": "app", "image": "nginx:1.27.0"}]}) == []
     # The cluster's own DaemonSets tolerate every taint by design.

@@ -61,7 +61,7 @@ def reference_yaml(stack: str, cfg) -> list[dict]:
     for placeholder, value in {
         "TPU_ACCELERATOR_TYPE": "tpu-v6e-slice",
         "TPU_TOPOLOGY": cfg.tpu_slice.topology,
-        "GCS_CHECKPOINT_PATH": cfg.checkpoint_path,
+        "GCS_CHECKPOINT_PATH": cfg.server.checkpoint_path,
     }.items():
         text = text.replace(placeholder, value)
     return list(yaml.safe_load_all(text))
@@ -75,7 +75,7 @@ def apply_intentional_differences(reference: list[dict], cfg) -> list[dict]:
     """Apply exactly the INTENTIONAL_DIFFERENCES to the reference YAML's documents."""
     lws, svc = copy.deepcopy(reference)
     for document in (lws, svc):
-        document["metadata"]["namespace"] = cfg.namespace
+        document["metadata"]["namespace"] = cfg.names.namespace
     svc["metadata"]["annotations"] = {"pulumi.com/skipAwait": "true"}
     lws["metadata"]["annotations"]["pulumi.com/patchForce"] = "true"
     svc["spec"] = {"type": "ClusterIP", **svc["spec"]}
@@ -83,7 +83,7 @@ def apply_intentional_differences(reference: list[dict], cfg) -> list[dict]:
     template = lws["spec"]["leaderWorkerTemplate"]
     pods = (template["leaderTemplate"]["spec"], template["workerTemplate"]["spec"])
     for pod in pods:
-        pod["serviceAccountName"] = cfg.kubernetes_service_account
+        pod["serviceAccountName"] = cfg.names.kubernetes_service_account
         pod["nodeSelector"]["jetstream-tpu/deployment"] = cfg.deployment_id
         for container in _containers(pod):
             container["image"] = REFERENCE_LATEST.get(container["image"], container["image"])
@@ -116,7 +116,9 @@ def test_the_differences_are_real(stack):
 
 def test_golden_parity_catches_a_changed_flag():
     cfg, plan = example("llama3-405b-v6e16")
-    rendered = manifests.leader_worker_set(dataclasses.replace(cfg, per_device_batch_size=9), plan).to_dict()
+    rendered = manifests.leader_worker_set(
+        dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, per_device_batch_size=9)), plan
+    ).to_dict()
     expected = apply_intentional_differences(reference_yaml("llama3-405b-v6e16", cfg), cfg)[0]
     assert rendered != expected
 
@@ -173,7 +175,7 @@ def test_core_objects_validate_with_kubernetes_validate(variant):
         pod = {
             "apiVersion": "v1",
             "kind": "Pod",
-            "metadata": {"name": f"{cfg.app_name}-{role.lower()}"},
+            "metadata": {"name": f"{cfg.names.app_name}-{role.lower()}"},
             "spec": template[role]["spec"],
         }
         kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
@@ -183,10 +185,14 @@ def test_core_objects_validate_with_kubernetes_validate(variant):
 def test_namespace_and_service_account_validate_with_kubernetes_validate(variant):
     cfg, plan = VARIANTS[variant]()
     namespace, account = manifests.namespace(cfg), manifests.service_account(cfg).to_dict()
-    if cfg.namespace == "default":
+    if cfg.names.namespace == "default":
         assert namespace is None
     else:
-        assert namespace.to_dict() == {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": cfg.namespace}}
+        assert namespace.to_dict() == {
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {"name": cfg.names.namespace},
+        }
         kubernetes_validate.validate(namespace.to_dict(), K8S_VERSION, strict=True)
     kubernetes_validate.validate(account, K8S_VERSION, strict=True)
     binding = {
@@ -196,8 +202,8 @@ def test_namespace_and_service_account_validate_with_kubernetes_validate(variant
     }
     # Workload Identity for the bundled server; Pathways pods act as the node account instead.
     assert account["metadata"] == {
-        "name": cfg.kubernetes_service_account,
-        "namespace": cfg.namespace,
+        "name": cfg.names.kubernetes_service_account,
+        "namespace": cfg.names.namespace,
         **(binding if cfg.pods_use_workload_identity else {}),
     }
     # Every pod runs as that account, in that namespace.
@@ -423,7 +429,7 @@ def _fuse_volume(bucket: str, directory: str, name: str = "models", read_only: b
 def test_bundled_pods_mount_the_checkpoints_directory_read_only_through_gcs_fuse(stack):
     cfg, plan = bundled_example(stack)
     _, leader, worker = _templates(cfg, plan)
-    assert cfg.checkpoint_path == f"gs://my-gcp-project-checkpoints/{stack}/model.npz"
+    assert cfg.server.checkpoint_path == f"gs://my-gcp-project-checkpoints/{stack}/model.npz"
     for template in (leader, worker):
         spec = template["spec"]
         assert template["metadata"]["annotations"] == gcs_fuse.ANNOTATIONS  # the driver's sidecar

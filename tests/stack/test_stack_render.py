@@ -48,7 +48,7 @@ def _validate_all(documents: list[dict], cfg) -> None:
                 pod = {
                     "apiVersion": "v1",
                     "kind": "Pod",
-                    "metadata": {"name": f"{cfg.app_name}-{role.lower()}"},
+                    "metadata": {"name": f"{cfg.names.app_name}-{role.lower()}"},
                     "spec": template[role]["spec"],
                 }
                 kubernetes_validate.validate(pod, "1.33.0", strict=True)
@@ -74,7 +74,7 @@ def test_render_prints_the_manifests_kubectl_would_apply(stack):
         "Service",
         *scaling,
     ]
-    assert documents[0]["metadata"]["name"] == cfg.namespace
+    assert documents[0]["metadata"]["name"] == cfg.names.namespace
     # Pathways pods act as the node account; the bundled server's through Workload Identity as its own GSA.
     annotations = (
         {"iam.gke.io/gcp-service-account": cfg.workload_service_account_email}

@@ -74,7 +74,7 @@ def apply_tutorial_differences(template: dict, cfg) -> dict:
     """The tutorial's pod template with exactly the TUTORIAL_DIFFERENCES applied (args by flag)."""
     template = copy.deepcopy(template)
     spec = template["spec"]
-    spec["serviceAccountName"] = cfg.kubernetes_service_account
+    spec["serviceAccountName"] = cfg.names.kubernetes_service_account
     spec["nodeSelector"][DEPLOYMENT_LABEL] = cfg.deployment_id
     spec["tolerations"] = [
         {"key": "google.com/tpu", "operator": "Exists", "effect": "NoSchedule"},

@@ -94,7 +94,7 @@ class ServerRuntime(abc.ABC):
                 env=self.api_key_env,
                 config_key="apiKeySecret",
                 secret_id=cfg.api_key_secret,
-                name=f"{cfg.app_name}-api-key",
+                name=f"{cfg.names.app_name}-api-key",
                 data_key="api-key",
             ),
         )
@@ -112,7 +112,7 @@ class ServerRuntime(abc.ABC):
 
     def fit_hints(self, cfg: StackConfig, parallelism: Parallelism) -> tuple[str, ...]:
         """This runtime's ways out of a plan that does not fit (the planner adds batch, length and topology)."""
-        return ("quantization=int8",) if cfg.quantization == "bf16" else ()
+        return ("quantization=int8",) if cfg.server.quantization == "bf16" else ()
 
     @abc.abstractmethod
     def metrics_endpoint(self, cfg: StackConfig) -> MetricsEndpoint:

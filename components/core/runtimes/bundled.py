@@ -95,17 +95,17 @@ KV_SCALE_BYTES = 4  # int8 KV cache: one float32 scale per (token, kv head)
 
 
 def _single_file(cfg: StackConfig) -> bool:
-    return cfg.checkpoint_path.endswith(CHECKPOINT_SUFFIXES)
+    return cfg.server.checkpoint_path.endswith(CHECKPOINT_SUFFIXES)
 
 
 def local_checkpoint(cfg: StackConfig) -> str:
     """Where the server finds the checkpoint: the object in its mounted directory, or the directory."""
-    return f"{MODELS_DIR}/{cfg.checkpoint_file}" if _single_file(cfg) else MODELS_DIR
+    return f"{MODELS_DIR}/{cfg.server.checkpoint_file}" if _single_file(cfg) else MODELS_DIR
 
 
 def _checkpoint_volume(cfg: StackConfig) -> lws.Volume:
     """The checkpoint's directory (a single file's parent), read-only."""
-    bucket, directory = gcs_fuse.bucket_and_directory(cfg.checkpoint_path)
+    bucket, directory = gcs_fuse.bucket_and_directory(cfg.server.checkpoint_path)
     if _single_file(cfg):
         directory = directory.rpartition("/")[0]
     return gcs_fuse.bucket_volume(MODELS_VOLUME, bucket, directory, read_only=True)
@@ -114,15 +114,15 @@ def _checkpoint_volume(cfg: StackConfig) -> lws.Volume:
 def _memory_flags(cfg: StackConfig) -> dict[str, str]:
     """Every flag that decides the server's memory, stated rather than left to its defaults, so
     the planner's figures stay true when those defaults change."""
-    int8 = cfg.quantization == "int8"
+    int8 = cfg.server.quantization == "int8"
     # A .npz int8 checkpoint is the offline converter's output; GGUF tensors and a Hugging Face
     # checkpoint's are dequantized or read in bf16 on load and quantized to int8 by the server.
     return {
         "weight_dtype": DTYPE,
         "dtype": DTYPE,
         "quantization": "int8" if int8 else "",
-        "checkpoint_is_quantized": "true" if int8 and cfg.checkpoint_path.endswith(".npz") else "false",
-        "quantize_kvcache": "true" if cfg.quantize_kv_cache else "false",
+        "checkpoint_is_quantized": "true" if int8 and cfg.server.checkpoint_path.endswith(".npz") else "false",
+        "quantize_kvcache": "true" if cfg.server.quantize_kv_cache else "false",
     }
 
 
@@ -201,16 +201,16 @@ def weights_per_chip(cfg: StackConfig, parallelism: Parallelism) -> float:
     attention = model.layers * model.d_model * model.head_dim * (2 * model.heads + 2 * model.kv_heads)  # wq, wo, wk, wv
     mlp = model.layers * 3 * model.d_model * model.ffn_dim  # gate, up, down
     elements = (embeddings + mlp) / sharded + attention / attention_split
-    return elements * WEIGHT_BYTES[cfg.quantization]
+    return elements * WEIGHT_BYTES[cfg.server.quantization]
 
 
 def kv_cache_per_chip(cfg: StackConfig, parallelism: Parallelism) -> float:
     model = cfg.model
     split = kv_cache_split(model.kv_heads, dataclasses.asdict(parallelism))
-    slots = cfg.per_device_batch_size * cfg.tpu_slice.chips
-    cache_length = math.ceil(cfg.max_target_length / KV_BLOCK) * KV_BLOCK
-    bytes_per_element = 1 if cfg.quantize_kv_cache else ACTIVATION_BYTES
-    scale_bytes = KV_SCALE_BYTES if cfg.quantize_kv_cache else 0
+    slots = cfg.server.per_device_batch_size * cfg.tpu_slice.chips
+    cache_length = math.ceil(cfg.server.max_target_length / KV_BLOCK) * KV_BLOCK
+    bytes_per_element = 1 if cfg.server.quantize_kv_cache else ACTIVATION_BYTES
+    scale_bytes = KV_SCALE_BYTES if cfg.server.quantize_kv_cache else 0
     tokens_per_chip = (
         math.ceil(slots / split.batch)
         * math.ceil(model.kv_heads / split.kv_heads)
@@ -245,13 +245,13 @@ def _check_model(cfg: StackConfig) -> None:
 
 
 def _check_checkpoint(cfg: StackConfig) -> None:
-    name = cfg.checkpoint_file
+    name = cfg.server.checkpoint_file
     bad_file = _single_file(cfg) and (name == cfg.checkpoint_bucket or not _CHECKPOINT_FILE.match(name))
-    if bad_file or _NOT_READ.search(cfg.checkpoint_path):
+    if bad_file or _NOT_READ.search(cfg.server.checkpoint_path):
         raise ConfigError(
             ("checkpointPath", "serverRuntime"),
             f"serverRuntime=bundled reads one .gguf or .npz object, or a directory holding a Hugging Face "
-            f"checkpoint; {cfg.checkpoint_path!r} is neither a gs:// URI of a .gguf or .npz object in a bucket "
+            f"checkpoint; {cfg.server.checkpoint_path!r} is neither a gs:// URI of a .gguf or .npz object in a bucket "
             "(file name of letters, digits, '.', '_', '-') nor such a directory (a MaxText Orbax checkpoint "
             "ends in /items; a Hugging Face file's directory is the checkpoint)",
             "pulumi config set checkpointPath gs://my-bucket/models/llama3.1-8b-int8.npz, "
@@ -260,7 +260,7 @@ def _check_checkpoint(cfg: StackConfig) -> None:
 
 
 def _check_multi_controller(cfg: StackConfig) -> None:
-    single_controller = cfg.server_flags.get("enable_single_controller", "false").lower()
+    single_controller = cfg.server.flags.get("enable_single_controller", "false").lower()
     if single_controller not in ("false", "0", "no"):
         raise ConfigError(
             ("serverFlags", "serverRuntime"),

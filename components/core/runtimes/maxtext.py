@@ -33,14 +33,14 @@ def _derived_flags(cfg: StackConfig, axis_flags: Mapping[str, int], load_path: s
         "tokenizer_path": cfg.model.tokenizer_path,
         "model_name": cfg.model.maxtext_model_name,
         "load_parameters_path": load_path,
-        "max_prefill_predict_length": str(cfg.max_prefill_length),
-        "max_target_length": str(cfg.max_target_length),
+        "max_prefill_predict_length": str(cfg.server.max_prefill_length),
+        "max_target_length": str(cfg.server.max_target_length),
         # The axes the plan used (a -1 stays -1: the server fills it in exactly as the planner did).
         **{f"ici_{axis}_parallelism": str(size) for axis, size in axis_flags.items()},
-        "per_device_batch_size": str(cfg.per_device_batch_size),
-        "quantize_kvcache": "true" if cfg.quantize_kv_cache else "false",
+        "per_device_batch_size": str(cfg.server.per_device_batch_size),
+        "quantize_kvcache": "true" if cfg.server.quantize_kv_cache else "false",
     }
-    if cfg.quantization == "int8":
+    if cfg.server.quantization == "int8":
         flags |= {"quantization": "int8", "checkpoint_is_quantized": "true"}
     return flags
 
@@ -57,6 +57,6 @@ def maxtext_args(
     values = {**cfg.model.fixed_flags, **_derived_flags(cfg, axis_flags, load_path), **always}
     order = [key for key in cfg.model.flag_order if key in values]
     order += [key for key in always if key not in order]
-    values |= cfg.server_flags
-    order += [key for key in cfg.server_flags if key not in order]
+    values |= cfg.server.flags
+    order += [key for key in cfg.server.flags if key not in order]
     return (cfg.model.maxtext_config, *(f"{key}={values[key]}" for key in order))

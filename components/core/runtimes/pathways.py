@@ -83,7 +83,7 @@ def _mode_flags(cfg: StackConfig) -> dict[str, str]:
 
 def server_args(cfg: StackConfig, axis_flags: Mapping[str, int]) -> tuple[str, ...]:
     always = {**_mode_flags(cfg), **jetstream_server_flags(cfg)}
-    return maxtext.maxtext_args(cfg, axis_flags, load_path=cfg.checkpoint_path, always=always)
+    return maxtext.maxtext_args(cfg, axis_flags, load_path=cfg.server.checkpoint_path, always=always)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,17 +175,17 @@ def pathways_worker(cfg: StackConfig) -> lws.Container:
 
 
 def maxtext_weights(cfg: StackConfig) -> float:
-    return cfg.model.params * WEIGHT_BYTES[cfg.quantization] / cfg.tpu_slice.chips
+    return cfg.model.params * WEIGHT_BYTES[cfg.server.quantization] / cfg.tpu_slice.chips
 
 
 def maxtext_kv(cfg: StackConfig, parallelism: Parallelism) -> float:
     model = cfg.model
-    global_batch = cfg.per_device_batch_size * cfg.tpu_slice.chips
+    global_batch = cfg.server.per_device_batch_size * cfg.tpu_slice.chips
     sequences_per_chip = math.ceil(global_batch / (parallelism.autoregressive * parallelism.fsdp))
     kv_heads_per_chip = model.kv_heads // math.gcd(parallelism.tensor, model.kv_heads)
-    bytes_per_head = model.head_dim + MAXTEXT_KV_SCALE_BYTES if cfg.quantize_kv_cache else model.head_dim * 2
+    bytes_per_head = model.head_dim + MAXTEXT_KV_SCALE_BYTES if cfg.server.quantize_kv_cache else model.head_dim * 2
     bytes_per_token = model.layers * 2 * kv_heads_per_chip * bytes_per_head
-    return sequences_per_chip * cfg.max_target_length * bytes_per_token
+    return sequences_per_chip * cfg.server.max_target_length * bytes_per_token
 
 
 class PathwaysRuntime(ServerRuntime):
@@ -210,7 +210,7 @@ class PathwaysRuntime(ServerRuntime):
         return MemoryPerChip(maxtext_weights(cfg), maxtext_kv(cfg, parallelism))
 
     def metrics_endpoint(self, cfg: StackConfig) -> MetricsEndpoint:
-        text = str(cfg.server_flags.get(PROMETHEUS_PORT_FLAG, JETSTREAM_PROMETHEUS_PORT))
+        text = str(cfg.server.flags.get(PROMETHEUS_PORT_FLAG, JETSTREAM_PROMETHEUS_PORT))
         number = int(text) if text.isdigit() else 0
         if not 0 < number < 65536:
             raise ConfigError(

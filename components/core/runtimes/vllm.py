@@ -120,11 +120,11 @@ METRICS = {
 
 def memory_fraction(cfg: StackConfig) -> float:
     """vLLM's --gpu-memory-utilization: the HBM the planner lets it use."""
-    return round(1 - cfg.hbm_reserve_percent / 100, 2)
+    return round(1 - cfg.server.hbm_reserve_percent / 100, 2)
 
 
 def _weights_from_hub(cfg: StackConfig) -> bool:
-    return cfg.checkpoint_path.startswith(HF_SCHEME)
+    return cfg.server.checkpoint_path.startswith(HF_SCHEME)
 
 
 def served_model_name(cfg: StackConfig) -> str:
@@ -133,7 +133,7 @@ def served_model_name(cfg: StackConfig) -> str:
 
 
 def _model_arg(cfg: StackConfig) -> str:
-    return cfg.checkpoint_path.removeprefix(HF_SCHEME) if _weights_from_hub(cfg) else MODELS_DIR
+    return cfg.server.checkpoint_path.removeprefix(HF_SCHEME) if _weights_from_hub(cfg) else MODELS_DIR
 
 
 def server_args(cfg: StackConfig) -> tuple[str, ...]:
@@ -142,13 +142,13 @@ def server_args(cfg: StackConfig) -> tuple[str, ...]:
         "host": "0.0.0.0",
         "port": str(HTTP_PORT),
         "tensor-parallel-size": str(cfg.tpu_slice.chips),
-        "max-model-len": str(cfg.max_target_length),
+        "max-model-len": str(cfg.server.max_target_length),
         "model": _model_arg(cfg),
         "download-dir": DOWNLOAD_DIR,
-        "max-num-seqs": str(cfg.per_device_batch_size * cfg.tpu_slice.chips),
+        "max-num-seqs": str(cfg.server.per_device_batch_size * cfg.tpu_slice.chips),
         "served-model-name": served_model_name(cfg),
         "gpu-memory-utilization": f"{memory_fraction(cfg):g}",
-        **{flag.replace("_", "-"): value for flag, value in cfg.server_flags.items()},
+        **{flag.replace("_", "-"): value for flag, value in cfg.server.flags.items()},
     }
     return tuple(f"--{flag}={value}" for flag, value in args.items())
 
@@ -189,7 +189,7 @@ def server(cfg: StackConfig) -> lws.Container:
 def _volumes(cfg: StackConfig) -> tuple[lws.Volume, ...]:
     checkpoint = ()
     if not _weights_from_hub(cfg):
-        bucket, directory = gcs_fuse.bucket_and_directory(cfg.checkpoint_path)
+        bucket, directory = gcs_fuse.bucket_and_directory(cfg.server.checkpoint_path)
         checkpoint = (gcs_fuse.bucket_volume(MODELS_VOLUME, bucket, directory, read_only=True),)
     shm = lws.Volume(name=SHM_VOLUME, empty_dir=lws.EmptyDirVolumeSource(medium="Memory"))
     return (gcs_fuse.cache_volume(), shm, gcs_fuse.bucket_volume(DATA_VOLUME, cfg.scratch_bucket), *checkpoint)
@@ -218,14 +218,14 @@ def _refuse_unsupported(cfg: StackConfig) -> None:
             "serverRuntime=vllm serves one slice (mode=interleaved)",
             "use serverRuntime=jetstream for disaggregated serving, or mode=interleaved",
         )
-    if cfg.quantization != "bf16":
+    if cfg.server.quantization != "bf16":
         raise ConfigError(
             ("quantization", "serverRuntime"),
             "serverRuntime=vllm serves the checkpoint's bf16 weights, and the planner sizes them so; "
-            f"quantization={cfg.quantization}",
+            f"quantization={cfg.server.quantization}",
             "pulumi config set quantization bf16",
         )
-    if cfg.quantize_kv_cache:
+    if cfg.server.quantize_kv_cache:
         raise ConfigError(
             ("quantizeKvCache", "serverRuntime"),
             "serverRuntime=vllm keeps its KV cache in bf16, as the planner sizes it",
@@ -234,10 +234,10 @@ def _refuse_unsupported(cfg: StackConfig) -> None:
 
 
 def _check_checkpoint(cfg: StackConfig) -> None:
-    if _weights_from_hub(cfg) and not _HF_MODEL.match(cfg.checkpoint_path):
+    if _weights_from_hub(cfg) and not _HF_MODEL.match(cfg.server.checkpoint_path):
         raise ConfigError(
             "checkpointPath",
-            f"{cfg.checkpoint_path!r} is not hf://<organization>/<model>",
+            f"{cfg.server.checkpoint_path!r} is not hf://<organization>/<model>",
             f"pulumi config set checkpointPath hf://{cfg.model.hf_model_id}",
         )
 
@@ -268,7 +268,7 @@ class VllmRuntime(ServerRuntime):
                     env=HF_TOKEN_ENV,
                     config_key="hfTokenSecret",
                     secret_id=cfg.hf_token_secret,
-                    name=f"{cfg.app_name}-hf-token",
+                    name=f"{cfg.names.app_name}-hf-token",
                     data_key=HF_TOKEN_KEY,
                 ),
             )
@@ -282,11 +282,10 @@ class VllmRuntime(ServerRuntime):
     def memory_per_chip(self, cfg: StackConfig, parallelism: Parallelism) -> MemoryPerChip:
         model, chips = cfg.model, cfg.tpu_slice.chips
         weights = model.params * BF16_BYTES / chips
-        sequence = (
-            cfg.max_target_length * model.layers * 2 * math.ceil(model.kv_heads / chips) * model.head_dim * BF16_BYTES
-        )
+        per_token = model.layers * 2 * math.ceil(model.kv_heads / chips) * model.head_dim * BF16_BYTES  # K and V
+        sequence = cfg.server.max_target_length * per_token
         usable = cfg.tpu_slice.hbm_gib_per_chip * GIB * memory_fraction(cfg)
-        full_batch = sequence * cfg.per_device_batch_size * chips
+        full_batch = sequence * cfg.server.per_device_batch_size * chips
         return MemoryPerChip(weights, min(full_batch, max(usable - weights, sequence)))
 
     def check_parallelism(self, cfg: StackConfig, parallelism: Parallelism) -> None:
