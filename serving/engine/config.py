@@ -55,6 +55,10 @@ class ModelConfig:
     # them (7% of the weights).
     quantize_attention_output: bool = True
     kv_block: int = KV_BLOCK  # decode attention walks the cache in blocks of this many positions
+    # Layers stacked on a leading L axis and run by one `lax.scan` (compile time flat in depth), or
+    # (False) held as one weight tree per layer and unrolled: XLA:CPU copies each layer's slice of
+    # a stacked weight before every product, and converts a bfloat16 stack to float32 whole first.
+    scan_layers: bool = True
 
     def __post_init__(self):
         if self.n_heads % self.n_kv_heads:

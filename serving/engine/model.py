@@ -9,7 +9,11 @@ contracts); `param_infos` / `cache_infos` build those trees and everything else 
 host init (`init_params`), int8 swap (`quant`), shardings (`sharding.ShardingRules`).
 
 Layers are stacked on a leading L axis and run with `lax.scan`, so compile time does not grow with
-depth. RoPE uses the Hugging Face "rotate_half" layout; the GGUF loader un-permutes llama.cpp's
+depth; with `cfg.scan_layers` off, params["layers"] is instead a tuple of one weight tree per
+layer and the layer loop is unrolled (`over_layers`), which XLA:CPU runs faster (no per-layer
+slice copies). The KV cache keeps its L axis either way.
+
+RoPE uses the Hugging Face "rotate_half" layout; the GGUF loader un-permutes llama.cpp's
 interleaved Q/K rows into it. Matrices keep the checkpoints' own [out, in] order (PyTorch's
 `nn.Linear` and GGUF's rows: wq [H, E, D], w_up [F, D], w_down [D, F], ...): loading is then a copy
 of each tensor, never a transpose, and every einsum contracts the weight's last axes.
@@ -139,9 +143,26 @@ def _quantized_info(info: ArrayInfo) -> ArrayInfo | quant.QuantArray:
     )
 
 
+def _layer_info(info: ArrayInfo) -> ArrayInfo:
+    """One layer's part of a declaration stacked on L."""
+    contract = tuple(axis - 1 for axis in info.contract)
+    return dataclasses.replace(info, shape=info.shape[1:], axes=info.axes[1:], contract=contract)
+
+
+def split_layers(cfg: ModelConfig, tree: dict, take: Callable[[Any, int], Any]) -> dict:
+    """`tree` (params or infos, layers stacked on L) with params["layers"] as cfg asks: stacked
+    as it is, or (scan_layers off) a tuple of per-layer trees, leaf `take(stacked leaf, layer)`."""
+    if cfg.scan_layers:
+        return tree
+    layers = tuple(
+        jax.tree.map(lambda a, i=i: take(a, i), tree["layers"], is_leaf=is_info) for i in range(cfg.n_layers)
+    )
+    return {**tree, "layers": layers}
+
+
 def param_infos(cfg: ModelConfig) -> dict:
     """The params tree of ArrayInfo leaves (QuantArray of infos where int8 weights are on)."""
-    infos = _float_param_infos(cfg)
+    infos = split_layers(cfg, _float_param_infos(cfg), lambda info, _: _layer_info(info))
     if cfg.quantize_weights:
         infos = jax.tree.map(_quantized_info, infos, is_leaf=is_info)
     return infos
@@ -171,7 +192,7 @@ def cache_infos(cfg: ModelConfig, batch: int, length: int, batch_axis: str = "ca
     shape = (cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_dim)
     axes = ("layers", batch_axis, "kv_heads", "cache_seq", "head_dim")
     if not cfg.quantize_kv:
-        kv = ArrayInfo(shape, cfg.act_dtype, axes, init="zeros")
+        kv = ArrayInfo(shape, quant.kv_storage_dtype(cfg.act_dtype), axes, init="zeros")
         return KVCache(k=kv, v=kv)
     kv = ArrayInfo(shape, jnp.int8, axes, init="zeros")
     scale = ArrayInfo(shape[:-1], jnp.float32, axes[:-1], init="ones")
@@ -194,7 +215,8 @@ def init_params(cfg: ModelConfig, seed: int) -> dict:
         values = rng.standard_normal(info.shape, np.float32) / math.sqrt(fan_in)
         return values.astype(info.dtype)
 
-    return jax.tree.map(init, _float_param_infos(cfg), is_leaf=is_info)
+    stacked = jax.tree.map(init, _float_param_infos(cfg), is_leaf=is_info)  # the same values either way
+    return split_layers(cfg, stacked, lambda a, i: a[i])
 
 
 # ---- blocks ---------------------------------------------------------------------------------
@@ -292,11 +314,16 @@ def embed(cfg: ModelConfig, params: dict, tokens: jax.Array, shard: Shard = no_s
 
 
 def logits(cfg: ModelConfig, params: dict, x: jax.Array, shard: Shard = no_shard) -> jax.Array:
-    """x [B, D] -> f32 logits [B, V] (tied: the embedding table is the output projection)."""
+    """x [B, D] -> f32 logits [B, V] (tied: the embedding table is the output projection).
+
+    The product runs in the activation dtype and accumulates in float32, as every other does: a
+    float32 copy of a bfloat16 table, which XLA:CPU would make on every call, reads and writes
+    the model's largest weight three times over.
+    """
     with jax.named_scope("logits"):
-        h = rms_norm(x, params["final_norm"], cfg.norm_eps).astype(jnp.float32)
+        h = rms_norm(x, params["final_norm"], cfg.norm_eps)
         table = params["embed"] if cfg.tie_embeddings else params["lm_head"]
-        return shard(quant.einsum("bd,vd->bv", h, table), BV)
+        return shard(quant.einsum("bd,vd->bv", h, table, out_dtype=jnp.float32), BV)
 
 
 def _group(cfg: ModelConfig, q: jax.Array) -> jax.Array:
@@ -371,7 +398,20 @@ def prefill_hidden(
             x = mlp_block(cfg, layer, x, shard)
             return x, cache
 
-    return jax.lax.scan(layer_step, x, (params["layers"], context))  # cache [L, 1, K, S, E]
+    return over_layers(cfg, layer_step, x, params["layers"], context)  # cache [L, 1, K, S, E]
+
+
+def over_layers(cfg: ModelConfig, step, carry, layers, xs):
+    """`lax.scan(step, carry, (layers, xs))` over the decoder layers, or with per-layer weights
+    (scan_layers off) the same steps unrolled: layer i gets its own tree and xs[i]; the
+    per-layer outputs are stacked on L as scan stacks them."""
+    if cfg.scan_layers:
+        return jax.lax.scan(step, carry, (layers, xs))
+    outputs = []
+    for i, layer in enumerate(layers):
+        carry, out = step(carry, (layer, jax.tree.map(lambda a, i=i: a[i], xs)))
+        outputs.append(out)
+    return carry, jax.tree.map(lambda *parts: jnp.stack(parts), *outputs)
 
 
 def _write_positions(cache: KVCache, new: KVCache, positions: jax.Array) -> KVCache:
@@ -381,7 +421,7 @@ def _write_positions(cache: KVCache, new: KVCache, positions: jax.Array) -> KVCa
 
 def _to_cache(cfg: ModelConfig, k: jax.Array, v: jax.Array) -> KVCache:
     if not cfg.quantize_kv:
-        return KVCache(k=k.astype(cfg.act_dtype), v=v.astype(cfg.act_dtype))
+        return KVCache(k=quant.store_kv(k.astype(cfg.act_dtype)), v=quant.store_kv(v.astype(cfg.act_dtype)))
     (kq, ks), (vq, vs) = quant.quantize_kv(k), quant.quantize_kv(v)
     return KVCache(k=kq, v=vq, k_scale=ks, v_scale=vs)
 
@@ -503,6 +543,5 @@ def decode_step(
             x = mlp_block(cfg, layer, x, shard)
             return (x, cache), None
 
-    layer_ids = jnp.arange(cfg.n_layers)
-    (x, cache), _ = jax.lax.scan(layer_step, (x, cache), (params["layers"], layer_ids))
+    (x, cache), _ = over_layers(cfg, layer_step, (x, cache), params["layers"], np.arange(cfg.n_layers))
     return logits(cfg, params, x[:, 0], shard), cache

@@ -40,6 +40,7 @@ class EngineSettings:
     quantization: str  # "" or "int8"
     quantize_kvcache: bool
     quantize_attention_output: bool  # false: wo stays float under int8 (ModelConfig)
+    scan_layers: bool  # false: one weight tree per layer, the layer loop unrolled (ModelConfig)
     checkpoint_is_quantized: bool
     disaggregated: bool  # prefill and generate engines on separate halves of the devices
     prefix_cache_tokens: int = 0  # token positions the prefix cache keeps (prefill engine); 0: no prefix cache

@@ -36,7 +36,6 @@ INFERENCE_SERVERS = (INTERLEAVED_SERVER, DISAGGREGATED_SERVER)
 IGNORED_KEYS = {
     "async_checkpointing": "training only",
     "steps": "training only",
-    "scan_layers": "layers are always stacked and scanned",
     "compute_axis_order": "TPU kernel layout; XLA picks layouts here",
     "ar_cache_axis_order": "TPU kernel layout; XLA picks layouts here",
     "prefill_cache_axis_order": "TPU kernel layout; XLA picks layouts here",
@@ -99,6 +98,7 @@ class ServingSettings:
     quantization: str = ""  # "" or "int8"
     quantize_kvcache: bool = False
     quantize_attention_output: bool = True  # false: wo stays float under int8 (ModelConfig)
+    scan_layers: bool = True  # false: one weight tree per layer, the layer loop unrolled (ModelConfig)
     checkpoint_is_quantized: bool = False
     enable_model_warmup: bool = True
     enable_single_controller: bool = False  # Pathways (pathwaysutils)
@@ -131,6 +131,7 @@ class ServingSettings:
             quantization=self.quantization,
             quantize_kvcache=self.quantize_kvcache,
             quantize_attention_output=self.quantize_attention_output,
+            scan_layers=self.scan_layers,
             checkpoint_is_quantized=self.checkpoint_is_quantized,
             disaggregated=self.disaggregated,
             prefix_cache_tokens=self.prefix_cache_tokens if self.enable_prefix_caching else 0,
@@ -182,6 +183,7 @@ _PARSERS: dict[str, Callable[[str, str], object]] = {
     "quantization": _parse_choice("", "int8"),
     "quantize_kvcache": _parse_bool,
     "quantize_attention_output": _parse_bool,
+    "scan_layers": _parse_bool,
     "checkpoint_is_quantized": _parse_bool,
     "enable_model_warmup": _parse_bool,
     "enable_single_controller": _parse_bool,

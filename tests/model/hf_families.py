@@ -117,10 +117,11 @@ def our_engine(arch, host_params, devices, **overrides):
     return engines_from_params(settings, cfg, prepare_params(cfg, host_params, False), None, devices)
 
 
-def our_reference(arch, host_params, prompt: list[int], devices) -> Ours:
-    """Our engine in float32: greedy tokens through prefill + decode, and the log-softmax at the
-    last position of prompt + those tokens (prefill of the whole sequence)."""
-    engines = our_engine(arch, host_params, devices)
+def our_reference(arch, host_params, prompt: list[int], devices, **overrides) -> Ours:
+    """Our engine in float32 (ServingSettings `overrides` aside): greedy tokens through prefill +
+    decode, and the log-softmax at the last position of prompt + those tokens (prefill of the
+    whole sequence)."""
+    engines = our_engine(arch, host_params, devices, **overrides)
     (tokens,) = generate(engines, [prompt], N_TOKENS)
     seq = prompt + tokens[:-1]
     padded = jnp.zeros((1, MAX_PREFILL), jnp.int32).at[0, : len(seq)].set(jnp.array(seq))

@@ -89,6 +89,50 @@ def _run_warmup_by_role(compiles: list) -> None:
     assert compiles == []
 
 
+@pytest.mark.parametrize(
+    "formats",
+    [{}, {"quantization": "int8", "quantize_kvcache": True}, {"weight_dtype": "bfloat16", "dtype": "bfloat16"}],
+    ids=["float32", "int8", "bfloat16"],
+)
+def test_unscanned_layers_generate_what_scanned_layers_generate(one_device, formats):
+    """scan_layers=false holds one weight tree per layer and unrolls the layer loop; it computes
+    what the scanned loop computes, from the same weights, in every weight format."""
+    tokens = {}
+    for scan in (True, False):
+        settings = ServingSettings(**TINY, scan_layers=scan, **formats).engine_settings()
+        engines = build_engines(settings, devices=one_device)
+        layers = engines.generate_engine.load_params()["layers"]
+        n_layers = engines.model_config.n_layers
+        assert isinstance(layers, dict if scan else tuple) and (scan or len(layers) == n_layers)
+        tokens[scan] = generate(engines, PROMPTS, 8)
+    assert tokens[False] == tokens[True]
+
+
+def test_unscanned_layers_shard_each_layer_as_the_stack_shards_its_layer_axis():
+    """On a mesh (TP=2 shards tiny's heads) each layer's weights take the stacked weight's
+    sharding without its L axis, and the tokens are the single device's."""
+    mesh = dict(ici_tensor_parallelism=2, ici_autoregressive_parallelism=2, ici_fsdp_parallelism=2)
+    runs = {}
+    for devices, extra in ((jax.devices()[:1], {}), (jax.devices(), mesh)):
+        settings = ServingSettings(**TINY, scan_layers=False, **extra).engine_settings()
+        engines = build_engines(settings, devices=devices)
+        runs[len(devices)] = generate(engines, PROMPTS, 8)
+    layers = engines.generate_engine.load_params()["layers"]
+    assert all(layer["w_gate"].sharding.spec == P("tensor", "fsdp") for layer in layers)
+    assert all(layer["wq"].sharding.spec == P("tensor", None, "fsdp") for layer in layers)
+    assert runs[8] == runs[1]
+
+
+def test_a_bfloat16_kv_cache_stores_its_values_bits():
+    """XLA:CPU converts a bfloat16 array a loop slices into to float32 whole on every step; the
+    cache holds the bits as uint16 instead, exactly."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 8)), jnp.bfloat16)
+    stored = quant.store_kv(x)
+    assert stored.dtype == quant.kv_storage_dtype(jnp.bfloat16) == jnp.uint16
+    assert jnp.array_equal(quant.dequantize_kv(stored, None, jnp.bfloat16), x)
+    assert quant.kv_storage_dtype(jnp.float32) == jnp.float32
+
+
 def test_prefill_buckets_and_limits(tiny):
     engine = tiny[0].generate_engine
     assert prefill_buckets(32) == (16, 32) and prefill_buckets(100) == (16, 32, 64, 100)

@@ -22,13 +22,13 @@ from tests.model import hf_families as families
 LOGPROB_ATOL = 1e-3
 
 
-def _compare(path, devices, arch_change=None):
+def _compare(path, devices, arch_change=None, **overrides):
     prompt = families.prompt_ids()
     hf_tokens, hf_logprobs = families.hf_reference(path, prompt)
     arch, params = hf_loader.read_checkpoint(path, families.MAX_TARGET)
     if arch_change:
         arch = dataclasses.replace(arch, **arch_change)
-    ours = families.our_reference(arch, params, prompt, devices)
+    ours = families.our_reference(arch, params, prompt, devices, **overrides)
     return hf_tokens, ours.tokens, float(np.abs(hf_logprobs - ours.logprobs).max())
 
 
@@ -46,6 +46,14 @@ def test_family_equals_transformers(tmp_path, one_device, name, dtype, shard):
         assert len(list(tmp_path.glob("*.safetensors"))) > 1 and (tmp_path / hf_loader.INDEX_FILE).is_file()
     hf_tokens, our_tokens, diff = _compare(path, one_device)
     print(f"{name} {dtype}: max |logprob diff| {diff:.2e}")
+    assert our_tokens == hf_tokens
+    assert diff < LOGPROB_ATOL
+
+
+def test_unscanned_layers_equal_transformers(tmp_path, one_device):
+    """scan_layers=false reads each layer's tensors on their own (no stacked copy) and unrolls the
+    layer loop: still transformers' tokens and logprobs."""
+    hf_tokens, our_tokens, diff = _compare(families.save_family("llama3", tmp_path), one_device, scan_layers=False)
     assert our_tokens == hf_tokens
     assert diff < LOGPROB_ATOL
 

@@ -131,7 +131,7 @@ def serving(argv: list[str], engine: EchoEngine) -> Iterator[tuple[str, io.Strin
 
 def test_serve_reports_progress_and_is_live_only_after_warmup():
     engine = GatedWarmupEngine(slots=2, max_prefill_length=16, max_target_length=32)
-    with serving(["--slots", "2", "scan_layers=false"], engine) as (url, out):
+    with serving(["--slots", "2", "compute_axis_order=0,1,2,3"], engine) as (url, out):
         try:
             health = httpx.get(url + "/healthcheck", timeout=5)
             assert health.status_code == 500  # warming up
@@ -142,7 +142,7 @@ def test_serve_reports_progress_and_is_live_only_after_warmup():
         finally:
             engine.warmup_gate.set()
     log = out.getvalue()
-    assert "ignored settings (not applicable here): scan_layers" in log
+    assert "ignored settings (not applicable here): compute_axis_order" in log
     assert "params: 0 bytes" in log and "ready: curl" in log and "shutting down" in log
     assert log.count("ignored settings") == 1
 

@@ -48,6 +48,7 @@ def test_the_engine_gets_every_field_it_reads_from_the_arguments():
             "quantization=int8",
             "quantize_kvcache=true",
             "quantize_attention_output=false",
+            "scan_layers=false",
             "checkpoint_is_quantized=true",
             f"inference_server={DISAGGREGATED_SERVER}",
             "prefix_cache_tokens=512",
@@ -103,15 +104,16 @@ def test_lws_argument_list_is_honoured():
             "weight_dtype=bfloat16",
             f"inference_server={DISAGGREGATED_SERVER}",
             "scan_layers=false",
+            "compute_axis_order=0,1,2,3",
         ]
     )
     assert s.model_name == "llama3.1-405b"
     assert (s.max_prefill_predict_length, s.max_target_length, s.per_device_batch_size) == (512, 1024, 2)
     assert (s.ici_tensor_parallelism, s.ici_autoregressive_parallelism) == (8, 2)
     assert s.quantization == "int8" and s.quantize_kvcache and not s.enable_model_warmup
-    assert s.weight_dtype == "bfloat16" and s.disaggregated
+    assert s.weight_dtype == "bfloat16" and s.disaggregated and not s.scan_layers
     assert s.ignored[0] == "MaxText/configs/base.yml"
-    assert s.ignored[1].startswith("scan_layers")
+    assert s.ignored[1].startswith("compute_axis_order")
 
 
 def test_later_keys_override_earlier():

@@ -71,6 +71,7 @@ def runtime_config(arch: ModelConfig, settings: EngineSettings) -> ModelConfig:
         quantize_weights=settings.quantization == "int8",
         quantize_kv=settings.quantize_kvcache,
         quantize_attention_output=settings.quantize_attention_output,
+        scan_layers=settings.scan_layers,
     )
 
 
@@ -106,6 +107,7 @@ def prepare_params(cfg: ModelConfig, params: dict, already_quantized: bool) -> d
             return lazy.quantized(value, info.contract)
         return value.cast(info.dtype)
 
+    params = model.split_layers(cfg, params, lazy.layer_of)  # loaders stack the layers
     return jax.tree_util.tree_map_with_path(prepare, float_infos, params, is_leaf=model.is_info)
 
 

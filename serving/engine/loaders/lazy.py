@@ -6,7 +6,8 @@ copies). Nothing is read until `sharding.put` (or anything calling `np.asarray`)
 so the host holds the whole model only on the devices, plus the one leaf being placed: peak host
 memory stays near the weights in the serving dtype, never a float32 copy of the whole model.
 
-Layers are stacked on a leading axis (`stack`), filled layer by layer into one array. int8 weights
+Layers are stacked on a leading axis (`stack`), filled layer by layer into one array; per-layer
+weights (`layer_of`) read each layer's part on its own. int8 weights
 are quantized per leaf as they are read (`quantized`), so the float leaf lives only for that step.
 
 Each leaf is read into a page-aligned buffer of its own (`host_array`): JAX's CPU backend takes such a
@@ -35,6 +36,7 @@ class LazyTensor:
     shape: tuple[int, ...]
     dtype: np.dtype
     fill: Callable[[np.ndarray], None]  # writes the values into `out` (of `shape`, any float dtype)
+    parts: tuple[LazyTensor, ...] = ()  # `stack`'s per-layer tensors, each readable on its own
 
     def read(self, dtype=None) -> np.ndarray:
         out = host_array(self.shape, self.dtype if dtype is None else dtype)
@@ -81,7 +83,18 @@ def stack(parts: Sequence[LazyTensor]) -> LazyTensor:
         for i, part in enumerate(parts):
             part.fill(out[i])
 
-    return LazyTensor((len(parts),) + first.shape, first.dtype, fill)
+    return LazyTensor((len(parts),) + first.shape, first.dtype, fill, tuple(parts))
+
+
+def layer_of(stacked: LazyTensor | np.ndarray, layer: int) -> LazyTensor | np.ndarray:
+    """Layer `layer` of a tensor stacked on L (for per-layer weights, ModelConfig.scan_layers off):
+    `stack`'s own part, read on its own, so the stacked whole is never materialised; an in-memory
+    array's row is a view."""
+    if isinstance(stacked, LazyTensor):
+        if not stacked.parts:
+            raise ValueError(f"a lazy tensor of shape {stacked.shape} was not stacked from layers")
+        return stacked.parts[layer]
+    return stacked[layer]
 
 
 def assemble_params(cfg: ModelConfig, read: Callable[[str, int | None, tuple[int, ...]], LazyTensor]) -> dict:
