@@ -11,7 +11,9 @@ Flow of one request:
   transfer thread     generate_engine.transfer(Prefix): onto the generate mesh     |
      | _generate_q      bounded: prefixes hold KV memory until inserted            |
   generate thread     take a slot from _free_slots, insert(Prefix, slot);          |
-     |                  then generate() one token for every slot, again and again  |
+     |                  then generate() one token for every slot, again and again, |
+     |                  except while prompts that have a free slot are prefilled   |
+     |                  (interleaved mode: they join the next step instead)        |
      | _detokenize_q    bounded: how far decoding may run ahead of the host copy   |
   detokenize thread   <-------------------------------------------------------------+
                       to_host(); per request: stop on EOS / max_tokens / full cache /
@@ -457,6 +459,8 @@ class Orchestrator:
                 if self.slots_used == self.slots:
                     time.sleep(_DRAIN_SLEEP_S)
                 continue
+            if self._prompts_first():
+                continue
             if constrained_step is not None:
                 self._advance_matchers(*constrained_step)
             token_mask = self._token_mask(decoding, owners)
@@ -468,6 +472,16 @@ class Orchestrator:
                 owner.steps_dispatched += 1
             constrained_step = None if token_mask is None else (step, tuple(owners))
             self._put(self._detokenize_q, ("step", step, tuple(owners)))
+
+    def _prompts_first(self) -> bool:
+        """Wait for the next prefix instead of stepping while requests that could take a free slot
+        are still being prefilled (interleaved mode): prefill and decode share the devices, and a
+        step run now would hold back those prompts for the few rows already decoding. Decode waits
+        for at most as many prefills as there are free slots."""
+        if self.disaggregated or self._free_slots.empty() or self._waiting == 0:
+            return False
+        time.sleep(_RELEASE_WAIT_S)  # then the loop inserts whatever prefix has arrived
+        return True
 
     @staticmethod
     def _advance_matchers(step: StepTokens, owners: tuple) -> None:

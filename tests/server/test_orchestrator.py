@@ -95,6 +95,28 @@ def test_more_requests_than_slots_are_batched_continuously():
         orch.stop()
 
 
+def test_prompts_waiting_for_a_free_slot_are_prefilled_before_the_next_decode_step():
+    """A burst of prompts joins a running request: no decode step runs between their prefills,
+    so every one of them joins the next step instead of waiting behind steps for a single row."""
+    engine = EchoEngine(slots=8, max_target_length=64, step_delay_s=0.005)
+    orch = echo_orchestrator(engine)
+    try:
+        running = orch.submit(GenerateRequest("a", 60))
+        wait_until(lambda: engine.calls.count(("generate",)) >= 2)
+        burst = [orch.submit(GenerateRequest(f"p{i}", 4)) for i in range(6)]
+        for stream in burst:
+            stream.collect(timeout_s=TIMEOUT_S)
+        running.cancel()
+        calls = list(engine.calls)
+        kinds = [c[0] for c in calls]
+        start = kinds.index("prefill", 1)  # the burst's first prefill
+        last_insert = max(i for i, c in enumerate(calls) if c == ("insert", 6))
+        assert kinds[start:last_insert].count("prefill") == 6
+        assert "generate" not in kinds[start:last_insert], kinds[start:last_insert]
+    finally:
+        orch.stop()
+
+
 def test_streaming_emits_only_whole_utf8_characters(orch):
     stream = orch.submit(GenerateRequest("é€", 5))  # 2 + 3 bytes: one token per byte
     deltas = list(stream.iter(TIMEOUT_S))
