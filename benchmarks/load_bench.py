@@ -145,7 +145,7 @@ def timed(owner, name: str, totals: dict, key: str):
         setattr(owner, name, original)
 
 
-def measure(path: str, dtype: str, int8: bool) -> dict:
+def measure(path: str, dtype: str, int8: bool, scan_layers: bool) -> dict:
     """One load in this process: read, make lazy, place, wait. Returns the numbers."""
     import jax
 
@@ -158,7 +158,11 @@ def measure(path: str, dtype: str, int8: bool) -> dict:
     stages = {"read": 0.0, "place": 0.0}
     start = time.perf_counter()
     settings = ServingSettings(
-        weight_dtype=dtype, dtype=dtype, quantization="int8" if int8 else "", per_device_batch_size=1
+        weight_dtype=dtype,
+        dtype=dtype,
+        quantization="int8" if int8 else "",
+        per_device_batch_size=1,
+        scan_layers=scan_layers,
     ).engine_settings()
     with timed(lazy.LazyTensor, "read", stages, "read"), timed(jax, "make_array_from_callback", stages, "place"):
         arch, lazy_params = hf_loader.read_checkpoint(path, settings.max_target_length)
@@ -190,10 +194,11 @@ def main() -> None:
     parser.add_argument("--dir", default="/tmp/llama3.2-1b-random", help="checkpoint directory (written once)")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="serving dtype")
     parser.add_argument("--int8", action="store_true", help="quantize to int8 on load")
+    parser.add_argument("--per-layer", action="store_true", help="one weight array per layer (scan_layers=false)")
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)  # one load, in a child process
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(measure(args.dir, args.dtype, args.int8)))
+        print(json.dumps(measure(args.dir, args.dtype, args.int8, not args.per_layer)))
         return
     path = Path(args.dir)
     if not (path / "model.safetensors").is_file():
@@ -201,9 +206,14 @@ def main() -> None:
         write_checkpoint(path)
         print(f"wrote {path} in {time.perf_counter() - started:.0f} s", flush=True)
     size = (path / "model.safetensors").stat().st_size
-    print(f"checkpoint {path}: {size / GB:.2f} GB bfloat16, serving as {args.dtype}{' int8' if args.int8 else ''}")
-    child = [sys.executable, __file__, "--measure", "--dir", args.dir, "--dtype", args.dtype] + (
-        ["--int8"] if args.int8 else []
+    layout = ", per-layer weights" if args.per_layer else ""
+    print(
+        f"checkpoint {path}: {size / GB:.2f} GB bfloat16, serving as {args.dtype}{' int8' if args.int8 else ''}{layout}"
+    )
+    child = (
+        [sys.executable, __file__, "--measure", "--dir", args.dir, "--dtype", args.dtype]
+        + (["--int8"] if args.int8 else [])
+        + (["--per-layer"] if args.per_layer else [])
     )
     for label in ("first load", "warm-cache load"):
         out = subprocess.run(child, check=True, capture_output=True, text=True).stdout
