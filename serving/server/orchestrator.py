@@ -476,8 +476,8 @@ class Orchestrator:
     def _prompts_first(self) -> bool:
         """Wait for the next prefix instead of stepping while requests that could take a free slot
         are still being prefilled (interleaved mode): prefill and decode share the devices, and a
-        step run now would hold back those prompts for the few rows already decoding. Decode waits
-        for at most as many prefills as there are free slots."""
+        step run now would hold back those prompts for the few rows already decoding. Decode resumes
+        once every free slot is taken or no request waits for one."""
         if self.disaggregated or self._free_slots.empty() or self._waiting == 0:
             return False
         time.sleep(_RELEASE_WAIT_S)  # then the loop inserts whatever prefix has arrived

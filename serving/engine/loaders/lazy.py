@@ -7,8 +7,8 @@ so the host holds the whole model only on the devices, plus the one leaf being p
 memory stays near the weights in the serving dtype, never a float32 copy of the whole model.
 
 Layers are stacked on a leading axis (`stack`), filled layer by layer into one array; per-layer
-weights (`layer_of`) read each layer's part on its own. int8 weights
-are quantized per leaf as they are read (`quantized`), so the float leaf lives only for that step.
+weights (`layer_of`) read each layer's part on its own. int8 weights are quantized per leaf as they
+are read (`quantized`), so the float leaf lives only for that step.
 
 Each leaf is read into a page-aligned buffer of its own (`host_array`): JAX's CPU backend takes such a
 buffer as the device array without copying it (a NumPy allocation, 16-byte aligned, costs a second
