@@ -59,6 +59,10 @@ class ModelConfig:
     # (False) held as one weight tree per layer and unrolled: XLA:CPU copies each layer's slice of
     # a stacked weight before every product, and converts a bfloat16 stack to float32 whole first.
     scan_layers: bool = True
+    # int8 and bfloat16 products on serving/engine/cpu_matmul's AVX-512 kernels (quant.einsum): the
+    # engine sets it on one CPU device whose CPU has them; XLA:CPU's own dots use neither VNNI nor
+    # AVX512_BF16.
+    cpu_kernels: bool = False
 
     def __post_init__(self):
         if self.n_heads % self.n_kv_heads:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 import math
 from collections.abc import Sequence
 
@@ -44,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from serving import engine_api
-from serving.engine import model, sharding
+from serving.engine import cpu_matmul, model, sharding
 from serving.engine.config import ModelConfig
 from serving.engine.constraints import apply_token_bitmask
 from serving.engine.loaders import load_checkpoint
@@ -62,6 +63,8 @@ from serving.engine.sampling import (
 )
 from serving.engine.settings import EngineSettings
 from serving.engine_api import SamplingParams
+
+log = logging.getLogger(__name__)
 
 MIN_BUCKET = 16
 
@@ -238,8 +241,22 @@ def _host_logprobs(logprobs: Logprobs | None, n: int | None = None) -> engine_ap
     return engine_api.TokenLogprobs(*host)
 
 
+def use_cpu_kernels(settings: EngineSettings, devices: Sequence[jax.Device]) -> bool:
+    """Whether an engine on `devices` runs its int8/bfloat16 products on cpu_matmul's kernels:
+    `cpu_kernels` is set, the engine has one CPU device (a custom call has no sharding rule: on a
+    mesh XLA would gather its operands whole), and the kernels run on this machine. Says why not
+    when it was asked to and they cannot."""
+    if not settings.cpu_kernels or len(devices) != 1 or devices[0].platform != "cpu":
+        return False
+    if (reason := cpu_matmul.unavailable()) is not None:
+        log.warning("cpu_kernels: XLA's own dots instead of the AVX-512 kernels: %s", reason)
+        return False
+    return True
+
+
 class JaxEngine(engine_api.Engine):
     def __init__(self, settings: EngineSettings, cfg: ModelConfig, host_params: dict, devices: Sequence[jax.Device]):
+        cfg = dataclasses.replace(cfg, cpu_kernels=use_cpu_kernels(settings, devices))
         self.cfg = cfg
         self.mesh = sharding.make_mesh(settings, devices)
         self.rules = sharding.ShardingRules.for_model(cfg, self.mesh)
@@ -703,6 +720,8 @@ class EngineSet:
             kept = "" if cfg.quantize_attention_output else f", attention output {cfg.weight_dtype}"
             weights = f"int8 (int8 x int8 matmuls{kept})"
         head = f"dtype: weights {weights}, activations {cfg.dtype}, KV cache {'int8' if cfg.quantize_kv else cfg.dtype}"
+        if self.generate_engine.cfg.cpu_kernels:
+            head += "; int8/bfloat16 matmuls on AVX-512 kernels (cpu_matmul)"
         if not self.disaggregated:
             return f"{head}; {self.generate_engine.memory().describe('engine')}"
         return "; ".join(

@@ -266,22 +266,22 @@ def qkv(cfg: ModelConfig, layer: dict, x: jax.Array, rope_tab, shard: Shard = no
     3.2 1B's size).
     """
     h = rms_norm(x, layer["attn_norm"], cfg.norm_eps)
-    q, k, v = (_project_heads(h, layer[name]) for name in ("wq", "wk", "wv"))
+    q, k, v = (_project_heads(cfg, h, layer[name]) for name in ("wq", "wk", "wv"))
     if cfg.qkv_bias:
         q, k, v = (x + layer[b].astype(x.dtype) for x, b in ((q, "bq"), (k, "bk"), (v, "bv")))
     q, k, v = shard(q, BTH), shard(k, BTK), shard(v, BTK)
     return rope(q, rope_tab), rope(k, rope_tab), v
 
 
-def _project_heads(x: jax.Array, w) -> jax.Array:
+def _project_heads(cfg: ModelConfig, x: jax.Array, w) -> jax.Array:
     """x [B, T, D] by a head projection w [N, E, D] (int8: scale [N, E, 1]) -> [B, T, N, E]."""
     n, e = w.shape[:2]
     merged = jax.tree.map(lambda a: a.reshape(n * e, a.shape[-1]), w)  # [N*E, D]; int8 scale [N*E, 1]
-    y = quant.einsum("btd,fd->btf", x, merged)
+    y = quant.einsum("btd,fd->btf", x, merged, cpu_kernels=cfg.cpu_kernels)
     return y.reshape(y.shape[:2] + (n, e))
 
 
-def attn_out(layer: dict, x: jax.Array, attn: jax.Array, shard: Shard = no_shard) -> jax.Array:
+def attn_out(cfg: ModelConfig, layer: dict, x: jax.Array, attn: jax.Array, shard: Shard = no_shard) -> jax.Array:
     """Residual plus the output projection of attention [B, T, H, E].
 
     Heads and head_dim are merged first ([B, T, H*E] x [D, H*E], free reshapes of contiguous
@@ -290,16 +290,17 @@ def attn_out(layer: dict, x: jax.Array, attn: jax.Array, shard: Shard = no_shard
     b, t, h, e = attn.shape
     flat = shard(attn, BTH).reshape(b, t, h * e)
     wo = jax.tree.map(lambda w: w.reshape(w.shape[0], -1), layer["wo"])  # [D, H*E]; int8 scale [D, 1]
-    return shard(x + quant.einsum("btf,df->btd", flat, wo), BTD)
+    return shard(x + quant.einsum("btf,df->btd", flat, wo, cpu_kernels=cfg.cpu_kernels), BTD)
 
 
 def mlp_block(cfg: ModelConfig, layer: dict, x: jax.Array, shard: Shard = no_shard) -> jax.Array:
     """SwiGLU with residual: x [B, T, D] -> x + mlp(x) [B, T, D]."""
     with jax.named_scope("mlp"):
         h = rms_norm(x, layer["mlp_norm"], cfg.norm_eps)
-        gate = shard(quant.einsum("btd,fd->btf", h, layer["w_gate"]), BTF)
-        up = shard(quant.einsum("btd,fd->btf", h, layer["w_up"]), BTF)
-        return shard(x + quant.einsum("btf,df->btd", jax.nn.silu(gate) * up, layer["w_down"]), BTD)
+        gate = shard(quant.einsum("btd,fd->btf", h, layer["w_gate"], cpu_kernels=cfg.cpu_kernels), BTF)
+        up = shard(quant.einsum("btd,fd->btf", h, layer["w_up"], cpu_kernels=cfg.cpu_kernels), BTF)
+        down = quant.einsum("btf,df->btd", jax.nn.silu(gate) * up, layer["w_down"], cpu_kernels=cfg.cpu_kernels)
+        return shard(x + down, BTD)
 
 
 def embed(cfg: ModelConfig, params: dict, tokens: jax.Array, shard: Shard = no_shard) -> jax.Array:
@@ -323,7 +324,7 @@ def logits(cfg: ModelConfig, params: dict, x: jax.Array, shard: Shard = no_shard
     with jax.named_scope("logits"):
         h = rms_norm(x, params["final_norm"], cfg.norm_eps)
         table = params["embed"] if cfg.tie_embeddings else params["lm_head"]
-        return shard(quant.einsum("bd,vd->bv", h, table, out_dtype=jnp.float32), BV)
+        return shard(quant.einsum("bd,vd->bv", h, table, out_dtype=jnp.float32, cpu_kernels=cfg.cpu_kernels), BV)
 
 
 def _group(cfg: ModelConfig, q: jax.Array) -> jax.Array:
@@ -394,7 +395,7 @@ def prefill_hidden(
             # them: a prompt then attends alike whether its start came from the prefix cache or not
             k, v = (quant.dequantize_kv(*pair, cfg.act_dtype) for pair in cache.pairs())
             attn = prefill_attention(cfg, q, k, v, length, start)
-            x = attn_out(layer, x, attn, shard)
+            x = attn_out(cfg, layer, x, attn, shard)
             x = mlp_block(cfg, layer, x, shard)
             return x, cache
 
@@ -539,7 +540,7 @@ def decode_step(
             q, k, v = qkv(cfg, layer, x, rope_tab, shard)
             cache = _write_token(cfg, cache, idx, k[:, 0], v[:, 0], positions)
             attn = decode_attention(cfg, q[:, 0], cache, idx, lengths, shard, per_slot_attention)  # [B, H, E]
-            x = attn_out(layer, x, attn[:, None], shard)
+            x = attn_out(cfg, layer, x, attn[:, None], shard)
             x = mlp_block(cfg, layer, x, shard)
             return (x, cache), None
 

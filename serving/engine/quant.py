@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from serving.engine import cpu_matmul
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
@@ -52,9 +54,13 @@ def quantize(w: np.ndarray | jax.Array, contract_axes: Sequence[int]) -> QuantAr
     return QuantArray(values=values, scale=scale)
 
 
-def einsum(eq: str, x: jax.Array, w: jax.Array | QuantArray, out_dtype=None) -> jax.Array:
+def einsum(eq: str, x: jax.Array, w: jax.Array | QuantArray, out_dtype=None, *, cpu_kernels: bool = False) -> jax.Array:
     """`jnp.einsum(eq, x, w)` for a plain weight, or int8 x int8 -> int32 for an int8 weight, in
     `out_dtype` (default x's dtype).
+
+    With `cpu_kernels` (ModelConfig.cpu_kernels: one CPU device), a product of x's last axis with
+    a 2-D weight [N, K] runs on serving/engine/cpu_matmul's AVX-512 kernels when it is int8 or
+    bfloat16; other products, and float32 ones, stay with XLA.
 
     x's axes come first in the output (as in every einsum of the model), so the per-row
     activation scale and the per-channel weight scale broadcast onto the result in that order.
@@ -67,6 +73,9 @@ def einsum(eq: str, x: jax.Array, w: jax.Array | QuantArray, out_dtype=None) -> 
     """
     inputs, out = eq.split("->")
     x_letters, w_letters = inputs.split(",")
+    by_rows = out == x_letters[:-1] + w_letters[0] and w_letters[1:] == x_letters[-1]  # x [..., K] . w [N, K]
+    if cpu_kernels and by_rows and (isinstance(w, QuantArray) or x.dtype == jnp.bfloat16):
+        return _cpu_matmul(x, w, out_dtype or x.dtype)
     x_contracted = tuple(i for i, letter in enumerate(x_letters) if letter not in out)
     rows = math.prod(x.shape) // math.prod(x.shape[i] for i in x_contracted)
     padded = jnp.concatenate([x, jnp.zeros_like(x)], axis=0) if rows == 1 else x
@@ -91,6 +100,18 @@ def _int8_einsum(
     w_scale = jnp.squeeze(w.scale, axis=tuple(i for i in range(len(w_letters)) if i not in w_kept))
     scale = x_scale.reshape(x_scale.shape + (1,) * w_scale.ndim) * w_scale
     return (acc.astype(jnp.float32) * scale).astype(out_dtype)
+
+
+def _cpu_matmul(x: jax.Array, w: jax.Array | QuantArray, out_dtype) -> jax.Array:
+    """x [..., K] by w [N, K] on cpu_matmul's kernels: int8 (scaled as `_int8_einsum` scales, in the
+    same order, so the result is the same to the bit) or bfloat16 with float32 accumulation."""
+    rows = x.reshape(-1, x.shape[-1])
+    if isinstance(w, QuantArray):
+        xq, x_scale = quantize_rows(rows, (1,))
+        y = cpu_matmul.matmul(xq, w.values).astype(jnp.float32) * (x_scale * w.scale.reshape(1, -1))
+    else:
+        y = cpu_matmul.matmul(rows, w.astype(jnp.bfloat16))
+    return y.astype(out_dtype).reshape(x.shape[:-1] + (w.shape[0],))
 
 
 def quantize_rows(x: jax.Array, contract_axes: Sequence[int]) -> tuple[jax.Array, jax.Array]:

@@ -41,6 +41,7 @@ class EngineSettings:
     quantize_kvcache: bool
     quantize_attention_output: bool  # false: wo stays float under int8 (ModelConfig)
     scan_layers: bool  # false: one weight tree per layer, the layer loop unrolled (ModelConfig)
+    cpu_kernels: bool  # int8/bfloat16 products on cpu_matmul's kernels where they run (one CPU device)
     checkpoint_is_quantized: bool
     disaggregated: bool  # prefill and generate engines on separate halves of the devices
     prefix_cache_tokens: int = 0  # token positions the prefix cache keeps (prefill engine); 0: no prefix cache

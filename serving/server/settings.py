@@ -99,6 +99,7 @@ class ServingSettings:
     quantize_kvcache: bool = False
     quantize_attention_output: bool = True  # false: wo stays float under int8 (ModelConfig)
     scan_layers: bool = True  # false: one weight tree per layer, the layer loop unrolled (ModelConfig)
+    cpu_kernels: bool = True  # int8/bfloat16 products on AVX-512 kernels on one CPU device (cpu_matmul)
     checkpoint_is_quantized: bool = False
     enable_model_warmup: bool = True
     enable_single_controller: bool = False  # Pathways (pathwaysutils)
@@ -132,6 +133,7 @@ class ServingSettings:
             quantize_kvcache=self.quantize_kvcache,
             quantize_attention_output=self.quantize_attention_output,
             scan_layers=self.scan_layers,
+            cpu_kernels=self.cpu_kernels,
             checkpoint_is_quantized=self.checkpoint_is_quantized,
             disaggregated=self.disaggregated,
             prefix_cache_tokens=self.prefix_cache_tokens if self.enable_prefix_caching else 0,
@@ -184,6 +186,7 @@ _PARSERS: dict[str, Callable[[str, str], object]] = {
     "quantize_kvcache": _parse_bool,
     "quantize_attention_output": _parse_bool,
     "scan_layers": _parse_bool,
+    "cpu_kernels": _parse_bool,
     "checkpoint_is_quantized": _parse_bool,
     "enable_model_warmup": _parse_bool,
     "enable_single_controller": _parse_bool,
