@@ -1,4 +1,5 @@
-// y[M, N] = x[M, K] . w[N, K]^T on x86 CPUs with AVX-512 VNNI and BF16, as XLA FFI handlers.
+// y[M, N] = x[M, K] . w[N, K]^T (x's first `rows` rows) on x86 CPUs with AVX-512 VNNI and BF16,
+// as XLA FFI handlers.
 //
 //   jst_matmul_s8:   int8 x int8 -> int32 (exact, as XLA's own int8 dot)
 //   jst_matmul_bf16: bfloat16 x bfloat16 -> float32 accumulation
@@ -166,19 +167,23 @@ struct Job {
   }
 };
 
+// `rows`: how many leading rows of x matter (a prompt padded to its bucket); the rest of y is
+// written as zeros. On a CPU the scalar's buffer is host memory, read directly.
 template <class T, ffi::DataType In, ffi::DataType Out>
-ffi::Error matmul(ffi::ThreadPool pool, ffi::Buffer<In> x, ffi::Buffer<In> w, ffi::ResultBuffer<Out> y) {
+ffi::Error matmul(ffi::ThreadPool pool, ffi::Buffer<In> x, ffi::Buffer<In> w, ffi::Buffer<ffi::S32> rows,
+                  ffi::ResultBuffer<Out> y) {
   const auto xd = x.dimensions(), wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1]) {
-    return ffi::Error::InvalidArgument("jst matmul: expected x [M, K] and w [N, K]");
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1] || rows.element_count() != 1) {
+    return ffi::Error::InvalidArgument("jst matmul: expected x [M, K], w [N, K] and a row count");
   }
   auto job = std::make_shared<Job<T>>();
   job->x = x.typed_data();
   job->w = w.typed_data();
   job->y = y->typed_data();
-  job->M = xd[0];
+  job->M = std::clamp<int64_t>(rows.typed_data()[0], 0, xd[0]);
   job->N = wd[0];
   job->K = xd[1];
+  std::fill(job->y + job->M * job->N, job->y + xd[0] * job->N, typename T::Out{0});
   job->row_blocks = (job->M + kRowBlock - 1) / kRowBlock;
   job->chunks = (job->N + kNR * kChunkTiles - 1) / (kNR * kChunkTiles);
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), job->tasks()) - 1;
@@ -202,6 +207,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JstMatmulS8, (matmul<Int8, ffi::S8, ffi::S32>),
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JstMatmulBf16, (matmul<BFloat16, ffi::BF16, ffi::F32>),
@@ -209,4 +215,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JstMatmulBf16, (matmul<BFloat16, ffi::BF16, ffi::F
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

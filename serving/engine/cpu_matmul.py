@@ -91,8 +91,10 @@ def supports(x_dtype, w_dtype) -> bool:
     return jnp.dtype(x_dtype) == jnp.dtype(w_dtype) and jnp.dtype(x_dtype) in TARGETS
 
 
-def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [M, K] . w [N, K]^T -> [M, N]: int8 -> int32 (exact), bfloat16 -> float32."""
+def matmul(x: jax.Array, w: jax.Array, rows: jax.Array | int | None = None) -> jax.Array:
+    """x [M, K] . w [N, K]^T -> [M, N]: int8 -> int32 (exact), bfloat16 -> float32. With `rows` (a
+    traced count), only x's first `rows` rows are multiplied and the rest of the result is zeros:
+    a prompt padded to its bucket costs its own length."""
     if (reason := unavailable()) is not None:
         raise RuntimeError(f"the CPU matmul kernels cannot run: {reason}")
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1] or not supports(x.dtype, w.dtype):
@@ -101,7 +103,8 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
             f"{w.dtype}{list(w.shape)}"
         )
     name, _, out_dtype = TARGETS[jnp.dtype(x.dtype)]
-    return jax.ffi.ffi_call(name, jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), out_dtype))(x, w)
+    count = jnp.asarray(x.shape[0] if rows is None else rows, jnp.int32)
+    return jax.ffi.ffi_call(name, jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), out_dtype))(x, w, count)
 
 
 if __name__ == "__main__":  # builds even where this CPU cannot run the kernels (an image's build stage)

@@ -26,6 +26,7 @@ the longest live sequence, not the cache size.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -257,31 +258,31 @@ def rope(x: jax.Array, table: tuple[jax.Array, jax.Array]) -> jax.Array:
     return rotated.astype(x.dtype)
 
 
-def qkv(cfg: ModelConfig, layer: dict, x: jax.Array, rope_tab, shard: Shard = no_shard):
+def qkv(cfg: ModelConfig, layer: dict, x: jax.Array, rope_tab, shard: Shard = no_shard, rows=None):
     """x [B, T, D] -> q [B, T, H, E], k, v [B, T, K, E] (q, k rotated by `rope_table`).
 
     Each projection runs with its heads and head_dim merged ([B, T, D] x [H*E, D], free reshapes
     of contiguous dims), as `attn_out`'s does: contracting into two output axes made XLA:CPU
     transpose every layer's weight on every call (a third of a 32-slot int8 decode step at Llama
-    3.2 1B's size).
+    3.2 1B's size). `rows`: the leading rows of [B*T] that matter (quant.einsum).
     """
     h = rms_norm(x, layer["attn_norm"], cfg.norm_eps)
-    q, k, v = (_project_heads(cfg, h, layer[name]) for name in ("wq", "wk", "wv"))
+    q, k, v = (_project_heads(cfg, h, layer[name], rows) for name in ("wq", "wk", "wv"))
     if cfg.qkv_bias:
         q, k, v = (x + layer[b].astype(x.dtype) for x, b in ((q, "bq"), (k, "bk"), (v, "bv")))
     q, k, v = shard(q, BTH), shard(k, BTK), shard(v, BTK)
     return rope(q, rope_tab), rope(k, rope_tab), v
 
 
-def _project_heads(cfg: ModelConfig, x: jax.Array, w) -> jax.Array:
+def _project_heads(cfg: ModelConfig, x: jax.Array, w, rows=None) -> jax.Array:
     """x [B, T, D] by a head projection w [N, E, D] (int8: scale [N, E, 1]) -> [B, T, N, E]."""
     n, e = w.shape[:2]
     merged = jax.tree.map(lambda a: a.reshape(n * e, a.shape[-1]), w)  # [N*E, D]; int8 scale [N*E, 1]
-    y = quant.einsum("btd,fd->btf", x, merged, cpu_kernels=cfg.cpu_kernels)
+    y = quant.einsum("btd,fd->btf", x, merged, cpu_kernels=cfg.cpu_kernels, rows=rows)
     return y.reshape(y.shape[:2] + (n, e))
 
 
-def attn_out(cfg: ModelConfig, layer: dict, x: jax.Array, attn: jax.Array, shard: Shard = no_shard) -> jax.Array:
+def attn_out(cfg: ModelConfig, layer: dict, x: jax.Array, attn: jax.Array, shard: Shard = no_shard, rows=None):
     """Residual plus the output projection of attention [B, T, H, E].
 
     Heads and head_dim are merged first ([B, T, H*E] x [D, H*E], free reshapes of contiguous
@@ -290,16 +291,17 @@ def attn_out(cfg: ModelConfig, layer: dict, x: jax.Array, attn: jax.Array, shard
     b, t, h, e = attn.shape
     flat = shard(attn, BTH).reshape(b, t, h * e)
     wo = jax.tree.map(lambda w: w.reshape(w.shape[0], -1), layer["wo"])  # [D, H*E]; int8 scale [D, 1]
-    return shard(x + quant.einsum("btf,df->btd", flat, wo, cpu_kernels=cfg.cpu_kernels), BTD)
+    return shard(x + quant.einsum("btf,df->btd", flat, wo, cpu_kernels=cfg.cpu_kernels, rows=rows), BTD)
 
 
-def mlp_block(cfg: ModelConfig, layer: dict, x: jax.Array, shard: Shard = no_shard) -> jax.Array:
+def mlp_block(cfg: ModelConfig, layer: dict, x: jax.Array, shard: Shard = no_shard, rows=None) -> jax.Array:
     """SwiGLU with residual: x [B, T, D] -> x + mlp(x) [B, T, D]."""
     with jax.named_scope("mlp"):
         h = rms_norm(x, layer["mlp_norm"], cfg.norm_eps)
-        gate = shard(quant.einsum("btd,fd->btf", h, layer["w_gate"], cpu_kernels=cfg.cpu_kernels), BTF)
-        up = shard(quant.einsum("btd,fd->btf", h, layer["w_up"], cpu_kernels=cfg.cpu_kernels), BTF)
-        down = quant.einsum("btf,df->btd", jax.nn.silu(gate) * up, layer["w_down"], cpu_kernels=cfg.cpu_kernels)
+        product = functools.partial(quant.einsum, cpu_kernels=cfg.cpu_kernels, rows=rows)
+        gate = shard(product("btd,fd->btf", h, layer["w_gate"]), BTF)
+        up = shard(product("btd,fd->btf", h, layer["w_up"]), BTF)
+        down = product("btf,df->btd", jax.nn.silu(gate) * up, layer["w_down"])
         return shard(x + down, BTD)
 
 
@@ -381,12 +383,13 @@ def prefill_hidden(
     """
     positions = start + jnp.arange(tokens.shape[1])
     rope_tab = rope_table(cfg, positions[None, :])  # positions [1, T]
+    rows = length - start  # real tokens; the rest pads the bucket, and the CPU kernels skip them
     x = embed(cfg, params, tokens, shard)
 
     def layer_step(x, layer_and_context):
         layer, layer_context = layer_and_context
         with jax.named_scope("decoder_layer"):
-            q, k, v = qkv(cfg, layer, x, rope_tab, shard)
+            q, k, v = qkv(cfg, layer, x, rope_tab, shard, rows)
             k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [1, K, T, E]
             cache = _to_cache(cfg, k, v)
             if layer_context is not None:
@@ -395,8 +398,8 @@ def prefill_hidden(
             # them: a prompt then attends alike whether its start came from the prefix cache or not
             k, v = (quant.dequantize_kv(*pair, cfg.act_dtype) for pair in cache.pairs())
             attn = prefill_attention(cfg, q, k, v, length, start)
-            x = attn_out(cfg, layer, x, attn, shard)
-            x = mlp_block(cfg, layer, x, shard)
+            x = attn_out(cfg, layer, x, attn, shard, rows)
+            x = mlp_block(cfg, layer, x, shard, rows)
             return x, cache
 
     return over_layers(cfg, layer_step, x, params["layers"], context)  # cache [L, 1, K, S, E]

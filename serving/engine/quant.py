@@ -54,13 +54,17 @@ def quantize(w: np.ndarray | jax.Array, contract_axes: Sequence[int]) -> QuantAr
     return QuantArray(values=values, scale=scale)
 
 
-def einsum(eq: str, x: jax.Array, w: jax.Array | QuantArray, out_dtype=None, *, cpu_kernels: bool = False) -> jax.Array:
+def einsum(
+    eq: str, x: jax.Array, w: jax.Array | QuantArray, out_dtype=None, *, cpu_kernels: bool = False, rows=None
+) -> jax.Array:
     """`jnp.einsum(eq, x, w)` for a plain weight, or int8 x int8 -> int32 for an int8 weight, in
     `out_dtype` (default x's dtype).
 
     With `cpu_kernels` (ModelConfig.cpu_kernels: one CPU device), a product of x's last axis with
     a 2-D weight [N, K] runs on serving/engine/cpu_matmul's AVX-512 kernels when it is int8 or
-    bfloat16; other products, and float32 ones, stay with XLA.
+    bfloat16; other products, and float32 ones, stay with XLA. `rows` (traced) says how many leading
+    rows of x (its kept axes flattened) matter, as in a prompt padded to its bucket: the kernels
+    multiply only those and return zeros for the rest; XLA multiplies every row.
 
     x's axes come first in the output (as in every einsum of the model), so the per-row
     activation scale and the per-channel weight scale broadcast onto the result in that order.
@@ -75,7 +79,7 @@ def einsum(eq: str, x: jax.Array, w: jax.Array | QuantArray, out_dtype=None, *, 
     x_letters, w_letters = inputs.split(",")
     by_rows = out == x_letters[:-1] + w_letters[0] and w_letters[1:] == x_letters[-1]  # x [..., K] . w [N, K]
     if cpu_kernels and by_rows and (isinstance(w, QuantArray) or x.dtype == jnp.bfloat16):
-        return _cpu_matmul(x, w, out_dtype or x.dtype)
+        return _cpu_matmul(x, w, out_dtype or x.dtype, rows)
     x_contracted = tuple(i for i, letter in enumerate(x_letters) if letter not in out)
     rows = math.prod(x.shape) // math.prod(x.shape[i] for i in x_contracted)
     padded = jnp.concatenate([x, jnp.zeros_like(x)], axis=0) if rows == 1 else x
@@ -102,15 +106,15 @@ def _int8_einsum(
     return (acc.astype(jnp.float32) * scale).astype(out_dtype)
 
 
-def _cpu_matmul(x: jax.Array, w: jax.Array | QuantArray, out_dtype) -> jax.Array:
+def _cpu_matmul(x: jax.Array, w: jax.Array | QuantArray, out_dtype, rows) -> jax.Array:
     """x [..., K] by w [N, K] on cpu_matmul's kernels: int8 (scaled as `_int8_einsum` scales, in the
     same order, so the result is the same to the bit) or bfloat16 with float32 accumulation."""
-    rows = x.reshape(-1, x.shape[-1])
+    flat = x.reshape(-1, x.shape[-1])
     if isinstance(w, QuantArray):
-        xq, x_scale = quantize_rows(rows, (1,))
-        y = cpu_matmul.matmul(xq, w.values).astype(jnp.float32) * (x_scale * w.scale.reshape(1, -1))
+        xq, x_scale = quantize_rows(flat, (1,))
+        y = cpu_matmul.matmul(xq, w.values, rows).astype(jnp.float32) * (x_scale * w.scale.reshape(1, -1))
     else:
-        y = cpu_matmul.matmul(rows, w.astype(jnp.bfloat16))
+        y = cpu_matmul.matmul(flat, w.astype(jnp.bfloat16), rows)
     return y.astype(out_dtype).reshape(x.shape[:-1] + (w.shape[0],))
 
 

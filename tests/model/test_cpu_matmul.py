@@ -67,6 +67,22 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it(dtype):
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", [jnp.int8, jnp.bfloat16])
+def test_only_the_leading_rows_asked_for_are_multiplied_and_the_rest_are_zeros(dtype):
+    """A prompt padded to its bucket costs its own length: `rows` (traced) real rows."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.integers(-100, 100, (16, 200)), jnp.float32).astype(dtype)
+    w = jnp.asarray(rng.integers(-100, 100, (30, 200)), jnp.float32).astype(dtype)
+    full = np.asarray(cpu_matmul.matmul(x, w))
+    by_rows = jax.jit(cpu_matmul.matmul)
+    for rows in (0, 5, 16, 40):
+        y = np.asarray(by_rows(x, w, jnp.int32(rows)))
+        kept = min(rows, 16)
+        np.testing.assert_array_equal(y[:kept], full[:kept])
+        assert not y[kept:].any()
+
+
+@needs_kernels
 def test_matmul_names_the_operands_it_takes():
     with pytest.raises(ValueError, match=r"both int8 or bfloat16; got float32\[2, 8\]"):
         cpu_matmul.matmul(jnp.zeros((2, 8), jnp.float32), jnp.zeros((3, 8), jnp.float32))
