@@ -261,6 +261,25 @@ class Engine(abc.ABC):
         only the part of the prompt after its longest cached prefix is computed, with the same result.
         """
 
+    @property
+    def prefill_batch_size(self) -> int:
+        """How many prompts `prefill_batch` runs in one call (1: one at a time)."""
+        return 1
+
+    def prefill_batch(
+        self, *, params: Params, prompts: Sequence[tuple[Sequence[int], SamplingParams]]
+    ) -> list[tuple[Prefix, StepTokens] | ValueError]:
+        """`prefill` of each (tokens, sampling), in order, without token masks: each entry is the
+        prompt's (Prefix, first token), or the ValueError its input raised. An engine may run
+        several prompts in one call (`prefill_batch_size`); this one runs them one by one."""
+        results: list[tuple[Prefix, StepTokens] | ValueError] = []
+        for tokens, sampling in prompts:
+            try:
+                results.append(self.prefill(params=params, tokens=tokens, sampling=sampling))
+            except ValueError as exc:
+                results.append(exc)
+        return results
+
     def transfer(self, prefix: Prefix) -> Prefix:
         """Move a Prefix made by another engine onto this engine's mesh (disaggregated mode);
         returns once the copy has landed, so the caller can time it."""

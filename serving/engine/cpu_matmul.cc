@@ -28,6 +28,8 @@
 #include <cstdint>
 #include <memory>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -167,29 +169,65 @@ struct Job {
   }
 };
 
-// `rows`: how many leading rows of x matter (a prompt padded to its bucket); the rest of y is
-// written as zeros. On a CPU the scalar's buffer is host memory, read directly.
-template <class T, ffi::DataType In, ffi::DataType Out>
-ffi::Error matmul(ffi::ThreadPool pool, ffi::Buffer<In> x, ffi::Buffer<In> w, ffi::Buffer<ffi::S32> rows,
-                  ffi::ResultBuffer<Out> y) {
-  const auto xd = x.dimensions(), wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1] || rows.element_count() != 1) {
-    return ffi::Error::InvalidArgument("jst matmul: expected x [M, K], w [N, K] and a row count");
-  }
-  auto job = std::make_shared<Job<T>>();
-  job->x = x.typed_data();
-  job->w = w.typed_data();
-  job->y = y->typed_data();
-  job->M = std::clamp<int64_t>(rows.typed_data()[0], 0, xd[0]);
-  job->N = wd[0];
-  job->K = xd[1];
-  std::fill(job->y + job->M * job->N, job->y + xd[0] * job->N, typename T::Out{0});
+// Runs `job` on the caller and the pool's threads until every task is done.
+template <class T>
+void run(ffi::ThreadPool& pool, const std::shared_ptr<Job<T>>& job) {
   job->row_blocks = (job->M + kRowBlock - 1) / kRowBlock;
   job->chunks = (job->N + kNR * kChunkTiles - 1) / (kNR * kChunkTiles);
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), job->tasks()) - 1;
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([job] { job->run_tasks(); });
   job->run_tasks();
   while (job->done.load(std::memory_order_acquire) < job->tasks()) _mm_pause();
+}
+
+// `rows` [S]: x is S equal segments (prompts padded to one bucket, or one segment) of which the
+// first rows[s] rows matter; the rest of y is zeros. One segment is multiplied in place; several
+// have their rows gathered first, so the weights are read once for all of them. On a CPU the
+// counts' buffer is host memory, read directly.
+template <class T, ffi::DataType In, ffi::DataType Out>
+ffi::Error matmul(ffi::ThreadPool pool, ffi::Buffer<In> x, ffi::Buffer<In> w, ffi::Buffer<ffi::S32> rows,
+                  ffi::ResultBuffer<Out> y) {
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  const int64_t segments = rows.element_count();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1] || segments < 1 || xd[0] % segments) {
+    return ffi::Error::InvalidArgument("jst matmul: expected x [M, K], w [N, K] and row counts [S], S dividing M");
+  }
+  const int64_t M = xd[0], N = wd[0], K = xd[1], length = M / segments;
+  auto* out = y->typed_data();
+  std::fill(out, out + M * N, typename T::Out{0});
+  auto job = std::make_shared<Job<T>>();
+  job->w = w.typed_data();
+  job->N = N;
+  job->K = K;
+  if (segments == 1) {
+    job->x = x.typed_data();
+    job->y = out;
+    job->M = std::clamp<int64_t>(rows.typed_data()[0], 0, M);
+    run(pool, job);
+    return ffi::Error::Success();
+  }
+  std::vector<std::pair<int64_t, int64_t>> spans;  // (first row, rows) of each segment
+  int64_t total = 0;
+  for (int64_t s = 0; s < segments; ++s) {
+    spans.emplace_back(s * length, std::clamp<int64_t>(rows.typed_data()[s], 0, length));
+    total += spans.back().second;
+  }
+  std::vector<typename T::In> packed_x(total * K);
+  std::vector<typename T::Out> packed_y(total * N);
+  int64_t at = 0;
+  for (const auto& [first, count] : spans) {
+    std::copy_n(x.typed_data() + first * K, count * K, packed_x.data() + at * K);
+    at += count;
+  }
+  job->x = packed_x.data();
+  job->y = packed_y.data();
+  job->M = total;
+  run(pool, job);
+  at = 0;
+  for (const auto& [first, count] : spans) {
+    std::copy_n(packed_y.data() + at * N, count * N, out + first * N);
+    at += count;
+  }
   return ffi::Error::Success();
 }
 

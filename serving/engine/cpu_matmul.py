@@ -92,9 +92,12 @@ def supports(x_dtype, w_dtype) -> bool:
 
 
 def matmul(x: jax.Array, w: jax.Array, rows: jax.Array | int | None = None) -> jax.Array:
-    """x [M, K] . w [N, K]^T -> [M, N]: int8 -> int32 (exact), bfloat16 -> float32. With `rows` (a
-    traced count), only x's first `rows` rows are multiplied and the rest of the result is zeros:
-    a prompt padded to its bucket costs its own length."""
+    """x [M, K] . w [N, K]^T -> [M, N]: int8 -> int32 (exact), bfloat16 -> float32.
+
+    `rows` (traced) says which rows matter; the others' results are zeros. A count: x's first
+    `rows` rows, so a prompt padded to its bucket costs its own length. Counts [S]: x is S equal
+    segments (prompts padded to one bucket) and segment s's first rows[s] rows matter; their rows
+    are multiplied together, reading the weights once."""
     if (reason := unavailable()) is not None:
         raise RuntimeError(f"the CPU matmul kernels cannot run: {reason}")
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1] or not supports(x.dtype, w.dtype):
@@ -103,7 +106,9 @@ def matmul(x: jax.Array, w: jax.Array, rows: jax.Array | int | None = None) -> j
             f"{w.dtype}{list(w.shape)}"
         )
     name, _, out_dtype = TARGETS[jnp.dtype(x.dtype)]
-    count = jnp.asarray(x.shape[0] if rows is None else rows, jnp.int32)
+    count = jnp.atleast_1d(jnp.asarray(x.shape[0] if rows is None else rows, jnp.int32))
+    if x.shape[0] % count.shape[0]:
+        raise ValueError(f"{count.shape[0]} row counts do not split x's {x.shape[0]} rows into equal segments")
     return jax.ffi.ffi_call(name, jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), out_dtype))(x, w, count)
 
 

@@ -68,6 +68,13 @@ log = logging.getLogger(__name__)
 
 MIN_BUCKET = 16
 
+# On the CPU kernels (cfg.cpu_kernels), up to this many prompts of buckets up to
+# PREFILL_BATCH_MAX_BUCKET prefill in one call: the kernels skip each prompt's padding rows, so
+# prompts prefilled together read the weights once for all of them. Longer prompts prefill alone:
+# a batch's unused rows still run attention over the bucket.
+PREFILL_BATCH = 8
+PREFILL_BATCH_MAX_BUCKET = 64
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
@@ -363,6 +370,29 @@ class JaxEngine(engine_api.Engine):
                 prompt = token_logprobs(every, tokens[0, 1:])
             return PrefixArrays(cache, length, token[0], samp, in_prompt), (token, logprobs, prompt)
 
+        def prefill_batch_fn(params, tokens, lengths, samp: Sampling):
+            """prefill_fn for prompts [P, T] with lengths [P] (0: an unused row): PrefixArrays with a
+            batch of P, and the first tokens [P] with their Logprobs [P]."""
+            x, cache = model.prefill_hidden(cfg, params, tokens, lengths, prefill_shard)
+            last = jnp.take_along_axis(x, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]  # [P, D]
+            logits = model.logits(cfg, params, last, prefill_shard)  # [P, V]
+            in_prompt = jax.vmap(prompt_presence, in_axes=(0, 0, None))(tokens, lengths, cfg.vocab_size)
+            nothing_generated = TokenCounts(jnp.zeros_like(logits, jnp.int32), in_prompt)
+            adjusted = adjust_logits(logits, samp, nothing_generated, jnp.ones_like(lengths, jnp.bool_))
+            token = sample(adjusted, samp, lengths)
+            return PrefixArrays(cache, lengths, token, samp, in_prompt), (token, token_logprobs(logits, token))
+
+        def take_fn(arrays: PrefixArrays, token, logprobs: Logprobs, row):
+            """Prompt `row` of prefill_batch_fn's results: its PrefixArrays and first token [1] with
+            its Logprobs [1], as prefill_fn returns them."""
+            one = lambda a, axis=0: jax.lax.dynamic_index_in_dim(a, row, axis, keepdims=False)  # noqa: E731
+            cache = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, row, 1, axis=1), arrays.cache)
+            first = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, row, 1), (token, logprobs))
+            prefix = PrefixArrays(
+                cache, one(arrays.length), one(arrays.token), jax.tree.map(one, arrays.sampling), one(arrays.in_prompt)
+            )
+            return prefix, first
+
         def prefill_after_fn(
             params, pool: KVCache, context_positions, start, tokens, prompt, length, samp, token_mask=None
         ):
@@ -446,6 +476,11 @@ class JaxEngine(engine_api.Engine):
             for with_prompt in (False, True)
             for masked in (False, True)
         }
+        batch_buckets = [b for b in self.prefill_buckets if b <= PREFILL_BATCH_MAX_BUCKET]
+        self._prefill_batch_fns = {bucket: jax.jit(prefill_batch_fn) for bucket in batch_buckets}
+        self._take_fns = {
+            bucket: jax.jit(take_fn, out_shardings=(self.prefix_shardings(bucket), rep)) for bucket in batch_buckets
+        }
         pool = self.prefix_pool_shardings
         # Keyed (prompt bucket, bucket of the tokens after the cached prefix, masked); compiled on first use.
         self._prefill_after_fns = {
@@ -523,18 +558,82 @@ class JaxEngine(engine_api.Engine):
             raise ValueError(f"prompt has {n_tokens} tokens; the maximum is {self._max_prefill}")
         return next(b for b in self.prefill_buckets if b >= n_tokens)
 
-    def prefill(self, *, params, tokens: Sequence[int], sampling: SamplingParams, token_mask=None):
-        """Prefill the prompt; with the prefix cache on, only the part after its longest cached
-        prefix runs (not when the request wants the prompt's log probabilities: those need every
-        position), and the prompt's full blocks are cached afterwards."""
+    def _checked_bucket(self, tokens: Sequence[int], sampling: SamplingParams) -> int:
+        """The prompt's bucket; ValueError for a prompt or logit_bias this engine cannot take."""
         bucket = self.bucket_for(len(tokens))
         vocab = self.cfg.vocab_size
         if any(token >= vocab for token, _ in sampling.logit_bias):
             raise ValueError(f"logit_bias token ids must be below the vocabulary size {vocab}")
+        return bucket
+
+    def prefill(self, *, params, tokens: Sequence[int], sampling: SamplingParams, token_mask=None):
+        """Prefill the prompt; with the prefix cache on, only the part after its longest cached
+        prefix runs (not when the request wants the prompt's log probabilities: those need every
+        position), and the prompt's full blocks are cached afterwards."""
+        bucket = self._checked_bucket(tokens, sampling)
+        return self._prefill_one(params, tokens, sampling, token_mask, bucket, self._cached_prefix(tokens, sampling))
+
+    @property
+    def prefill_batch_size(self) -> int:
+        return PREFILL_BATCH if self.cfg.cpu_kernels else 1
+
+    def prefill_batch(self, *, params, prompts):
+        """Prompts of buckets up to PREFILL_BATCH_MAX_BUCKET that start with no cached prefix and
+        want no prompt log probabilities run PREFILL_BATCH at a time (on the CPU kernels); the
+        others run as `prefill` runs them."""
+        results: list = [None] * len(prompts)
+        together = []  # (index, tokens, sampling, cached prefix)
+        for i, (tokens, sampling) in enumerate(prompts):
+            try:
+                bucket = self._checked_bucket(tokens, sampling)
+            except ValueError as exc:
+                results[i] = exc
+                continue
+            cached = self._cached_prefix(tokens, sampling)
+            alone = bucket > PREFILL_BATCH_MAX_BUCKET or sampling.prompt_logprobs or (cached and cached.n_blocks)
+            if self.prefill_batch_size == 1 or alone:
+                results[i] = self._prefill_one(params, tokens, sampling, None, bucket, cached)
+            else:
+                together.append((i, tokens, sampling, cached))
+        for start in range(0, len(together), PREFILL_BATCH):
+            group = together[start : start + PREFILL_BATCH]
+            if len(group) == 1:
+                i, tokens, sampling, cached = group[0]
+                results[i] = self._prefill_one(params, tokens, sampling, None, self.bucket_for(len(tokens)), cached)
+                continue
+            for (i, *_), result in zip(group, self._prefill_together(params, group), strict=True):
+                results[i] = result
+        return results
+
+    def _prefill_together(self, params, group) -> list[tuple[Prefix, DeviceTokens]]:
+        """One prefill_batch_fn call over `group` ((index, tokens, sampling, cached prefix)), its
+        unused rows empty; then each prompt's Prefix and first token taken out of it."""
+        bucket = max(self.bucket_for(len(tokens)) for _, tokens, _, _ in group)
+        padded = np.zeros((PREFILL_BATCH, bucket), np.int32)
+        lengths = np.zeros((PREFILL_BATCH,), np.int32)
+        for row, (_, tokens, _, _) in enumerate(group):
+            padded[row, : len(tokens)], lengths[row] = tokens, len(tokens)
+        unused = [Sampling.host(engine_api.GREEDY)] * (PREFILL_BATCH - len(group))
+        samp = jax.tree.map(lambda *a: np.stack(a), *[Sampling.host(s) for _, _, s, _ in group], *unused)
+        arrays, (token, logprobs) = self._prefill_batch_fns[bucket](
+            params, *self._put_replicated((padded, lengths, samp))
+        )
+        results = []
+        for row, (_, tokens, sampling, cached) in enumerate(group):
+            prefix, (first, first_logprobs) = self._take_fns[bucket](
+                arrays, token, logprobs, self._put_replicated(np.int32(row))
+            )
+            if cached is not None:
+                self._store_prefix(prefix.cache, cached)
+            wants = sampling.logprobs is not None
+            step = DeviceTokens(first, first_logprobs if wants else None, prompt_tokens=len(tokens))
+            results.append((Prefix(prefix, logprobs=wants), step))
+        return results
+
+    def _prefill_one(self, params, tokens, sampling: SamplingParams, token_mask, bucket: int, cached):
         padded = np.zeros((1, bucket), np.int32)
         padded[0, : len(tokens)] = tokens
         mask = () if token_mask is None else (np.asarray(token_mask, np.int32),)
-        cached = self._cached_prefix(tokens, sampling)
         hit = cached.n_blocks * self.prefix_index.block_size if cached is not None else 0
         if not hit:
             inputs = (padded, np.int32(len(tokens)), Sampling.host(sampling), *mask)
@@ -638,15 +737,20 @@ class JaxEngine(engine_api.Engine):
         return dataclasses.replace(decode_state, arrays=arrays), DeviceTokens(tokens, logprobs)
 
     def warmup(self, params, *, prefill: bool = True, generate: bool = True) -> None:
-        """Compile every prefill bucket, plain and masked (`prefill`; the variants with the
-        prompt's log probabilities compile on first use); insert of each bucket's prefix, release
-        and every decode bucket: plain, with log probabilities, and masked (`generate`; masked with
-        log probabilities compiles on first use). A generate-only engine inserts empty prefixes
-        made on its own mesh, laid out as `transfer` lands them."""
+        """Compile every prefill bucket, plain and masked, and prompts prefilled together
+        (`prefill`; the variants with the prompt's log probabilities compile on first use);
+        insert of each bucket's prefix, release and every decode bucket: plain, with log
+        probabilities, and masked (`generate`; masked with log probabilities compiles on first
+        use). A generate-only engine inserts empty prefixes made on its own mesh, laid out as
+        `transfer` lands them."""
         with self._without_prefix_cache():  # warm-up prompts are not worth caching
             prefixes = self.warmup_prefill(params) if prefill else {}
             if prefill:  # the masked variants too, so a first structured request is not slow
                 self.warmup_prefill(params, token_mask=engine_api.unconstrained_bitmask(1, self.cfg.vocab_size))
+            if prefill and self.prefill_batch_size > 1:  # and prompts prefilled together, per bucket
+                for bucket in self._prefill_batch_fns:
+                    for _, first in self._prefill_together(params, [(0, [0] * bucket, engine_api.GREEDY, None)] * 2):
+                        first.to_host()
         if self.prefix_caching:
             self._warmup_prefix_store(prefixes)
         if not generate:

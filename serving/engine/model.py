@@ -340,15 +340,17 @@ def _group(cfg: ModelConfig, q: jax.Array) -> jax.Array:
 
 def prefill_attention(cfg: ModelConfig, q, k, v, length, start=0) -> jax.Array:
     """Causal attention of prompt positions start.. (q [B, T, H, E]) over cache positions 0..
-    (k, v [B, K, S, E], S >= start + T), the first `length` of them real -> [B, T, H, E]."""
+    (k, v [B, K, S, E], S >= start + T), the first `length` of them real (a scalar, or [B] for
+    prompts prefilled together) -> [B, T, H, E]."""
     # Both products accumulate in float32 (`preferred_element_type`), as quant.einsum's do: XLA:CPU
     # runs a bfloat16-output product as a slow generic loop.
     with jax.named_scope("attention"):
         scores = jnp.einsum("btkge,bkse->bkgts", _group(cfg, q), k, preferred_element_type=jnp.float32)
         scores = scores / math.sqrt(cfg.head_dim)
         query_pos, key_pos = start + jnp.arange(q.shape[1]), jnp.arange(k.shape[2])
-        mask = (key_pos[None, :] <= query_pos[:, None]) & (key_pos[None, :] < length)  # [T, S]
-        probs = jax.nn.softmax(jnp.where(mask, scores, NEG_INF), axis=-1).astype(v.dtype)
+        real = key_pos[None, None, :] < jnp.reshape(length, (-1, 1, 1))  # [B or 1, 1, S]
+        mask = (key_pos[None, :] <= query_pos[:, None]) & real  # [B or 1, T, S]
+        probs = jax.nn.softmax(jnp.where(mask[:, None, None], scores, NEG_INF), axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgts,bkse->btkge", probs, v, preferred_element_type=jnp.float32)
         return out.astype(q.dtype).reshape(q.shape)
 
@@ -373,7 +375,8 @@ def prefill_hidden(
     start: jax.Array | int = 0,
 ):
     """`prefill` up to the last decoder layer: the residual stream [1, T, D] at every position
-    (for log probabilities of the prompt's own tokens) and the prompt's KVCache.
+    (for log probabilities of the prompt's own tokens) and the prompt's KVCache. Several prompts
+    padded to one bucket run together as tokens [P, T] with lengths [P] (no `context`).
 
     With `context` (a KVCache [L, 1, K, S, E] already holding the prompt's first `start` positions,
     from the prefix cache), tokens [1, T] are positions start..start+T-1 of a prompt of `length`

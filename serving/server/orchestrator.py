@@ -5,7 +5,8 @@ Flow of one request:
 
   submit()            caller's thread: tokenize, validate, admit (or raise Overloaded), enqueue
      | _prefill_q       unbounded, but admission caps requests waiting for a slot
-  prefill thread      prefill_engine.prefill(tokens, sampling) -> (Prefix, first token)
+  prefill thread      prefill_engine.prefill(tokens, sampling) -> (Prefix, first token);
+     |                  what waits together: prefill_batch, several prompts a call
      |                  first token ----------------------------------------------+
      | _transfer_q      bounded; disaggregated mode only                           |
   transfer thread     generate_engine.transfer(Prefix): onto the generate mesh     |
@@ -364,6 +365,13 @@ class Orchestrator:
         except queue.Empty:
             return None
 
+    @staticmethod
+    def _get_nowait(q: queue.Queue):
+        try:
+            return q.get_nowait()
+        except queue.Empty:
+            return None
+
     def _put(self, q: queue.Queue, item) -> bool:
         while not self._stop.is_set():
             try:
@@ -374,38 +382,68 @@ class Orchestrator:
         return False
 
     def _prefill_loop(self) -> None:
+        """Prefill what waits: requests with a structured-output matcher one at a time (their
+        first token is masked), the others up to the engine's prefill_batch_size per call."""
         engine = self._prefill_engine
-        next_q = self._transfer_q if self.disaggregated else self._generate_q
         while not self._stop.is_set():
             item = self._get(self._prefill_q)
             if item is None:
                 continue
-            if item.stream.cancelled:
-                self._finish(item, item.stream.cancel_reason)
-                continue
-            item.prefill_started = time.perf_counter()
-            token_mask = None
-            if item.matcher is not None:
-                token_mask = unconstrained_bitmask(1, self.tokenizer.vocab_size)
-                item.matcher.fill(token_mask[0])
-            try:
+            batch = [item]
+            while len(batch) < engine.prefill_batch_size and (more := self._get_nowait(self._prefill_q)) is not None:
+                batch.append(more)
+            live = []
+            for item in batch:
+                if item.stream.cancelled:
+                    self._finish(item, item.stream.cancel_reason)
+                else:
+                    item.prefill_started = time.perf_counter()
+                    live.append(item)
+            together = [item for item in live if item.matcher is None]
+            if len(together) > 1:
                 with self._engine_locks[id(engine)]:
-                    prefix, first = engine.prefill(
+                    results = engine.prefill_batch(
                         params=self._prefill_params,
-                        tokens=item.tokens,
-                        sampling=item.request.sampling,
-                        token_mask=token_mask,
+                        prompts=[(item.tokens, item.request.sampling) for item in together],
                     )
-            except ValueError as exc:  # this request's input; the engine itself is fine
-                self._finish(item, "error", str(exc))
-                continue
-            item.first = first
-            item.stream.cached_tokens = first.cached_tokens
-            item.prefill_returned = time.perf_counter()
-            if engine.prefix_caching:
-                self.metrics.prefix_cache_lookup(prompt_tokens=len(item.tokens), cached_tokens=first.cached_tokens)
-            if self._put(self._detokenize_q, ("first", item, first)):
-                self._put(next_q, (item, prefix))
+                for item, result in zip(together, results, strict=True):
+                    self._prefilled(item, result)
+            for item in live if len(together) <= 1 else [i for i in live if i.matcher is not None]:
+                self._prefill_one(item)
+
+    def _prefill_one(self, item: _Request) -> None:
+        engine = self._prefill_engine
+        token_mask = None
+        if item.matcher is not None:
+            token_mask = unconstrained_bitmask(1, self.tokenizer.vocab_size)
+            item.matcher.fill(token_mask[0])
+        try:
+            with self._engine_locks[id(engine)]:
+                result = engine.prefill(
+                    params=self._prefill_params,
+                    tokens=item.tokens,
+                    sampling=item.request.sampling,
+                    token_mask=token_mask,
+                )
+        except ValueError as exc:  # this request's input; the engine itself is fine
+            result = exc
+        self._prefilled(item, result)
+
+    def _prefilled(self, item: _Request, result) -> None:
+        """Hand a prefilled request on (its first token to detokenize, its Prefix to decode), or
+        finish it with the error its input raised."""
+        if isinstance(result, ValueError):
+            self._finish(item, "error", str(result))
+            return
+        prefix, first = result
+        item.first = first
+        item.stream.cached_tokens = first.cached_tokens
+        item.prefill_returned = time.perf_counter()
+        if self._prefill_engine.prefix_caching:
+            self.metrics.prefix_cache_lookup(prompt_tokens=len(item.tokens), cached_tokens=first.cached_tokens)
+        next_q = self._transfer_q if self.disaggregated else self._generate_q
+        if self._put(self._detokenize_q, ("first", item, first)):
+            self._put(next_q, (item, prefix))
 
     def _transfer_loop(self) -> None:
         engine = self._generate_engine

@@ -24,10 +24,12 @@ def generate(
     prompts: list[list[int]],
     n_tokens: int,
     sampling: SamplingParams | Sequence[SamplingParams] = GREEDY,
+    together: bool = False,
 ) -> list[list[int]]:
-    """Run prompts side by side in decode slots (with one sampling for all, or one per prompt);
-    returns n_tokens generated ids per prompt."""
-    return generate_with_logprobs(engines, prompts, n_tokens, sampling)[0]
+    """Run prompts side by side in decode slots (with one sampling for all, or one per prompt),
+    prefilled one by one or (`together`) in one `prefill_batch`; returns n_tokens generated ids per
+    prompt."""
+    return generate_with_logprobs(engines, prompts, n_tokens, sampling, together)[0]
 
 
 def generate_with_logprobs(
@@ -35,6 +37,7 @@ def generate_with_logprobs(
     prompts: list[list[int]],
     n_tokens: int,
     sampling: SamplingParams | Sequence[SamplingParams] = GREEDY,
+    together: bool = False,
 ) -> tuple[list[list[int]], list[list[tuple[float, list[int], list[float]]]]]:
     """`generate`, and per prompt the (logprob, top ids, top logprobs) of each generated token
     where the engine returned them (for prompts that asked for log probabilities)."""
@@ -50,8 +53,14 @@ def generate_with_logprobs(
             lp = step_logprobs
             logprobs[slot].append((float(lp.logprob[row]), lp.top_ids[row].tolist(), lp.top_logprobs[row].tolist()))
 
-    for slot, (tokens, params) in enumerate(zip(prompts, per_prompt, strict=False)):
-        prefix, first = prefill.prefill(params=prefill_params, tokens=tokens, sampling=params)
+    if together:
+        prefilled = prefill.prefill_batch(params=prefill_params, prompts=list(zip(prompts, per_prompt, strict=False)))
+    else:
+        prefilled = [
+            prefill.prefill(params=prefill_params, tokens=t, sampling=p)
+            for t, p in zip(prompts, per_prompt, strict=False)
+        ]
+    for slot, (prefix, first) in enumerate(prefilled):
         state = gen.insert(gen.transfer(prefix), state, slot=slot)
         record(slot, first.to_host(), first.logprobs_to_host(), 0)
     for _ in range(n_tokens - 1):

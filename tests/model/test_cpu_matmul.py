@@ -14,8 +14,9 @@ import pytest
 from serving.engine import cpu_matmul, model, quant
 from serving.engine.config import PRESETS
 from serving.engine.jax_engine import build_engines, use_cpu_kernels
+from serving.engine_api import GREEDY, SamplingParams
 from serving.server.settings import ServingSettings
-from tests.model.model_helpers import generate
+from tests.model.model_helpers import generate, generate_with_logprobs
 
 needs_kernels = pytest.mark.skipif(
     cpu_matmul.unavailable() is not None, reason=f"the kernels cannot run here: {cpu_matmul.unavailable()}"
@@ -160,3 +161,33 @@ def test_bfloat16_logits_on_the_kernels_stay_within_rounding_of_xla():
     }
     assert jnp.argmax(logits[True]) == jnp.argmax(logits[False])
     np.testing.assert_allclose(np.asarray(logits[True]), np.asarray(logits[False]), rtol=0, atol=0.05)
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "formats",
+    [{"quantization": "int8", "quantize_kvcache": True}, {"weight_dtype": "bfloat16", "dtype": "bfloat16"}],
+    ids=["int8", "bfloat16"],
+)
+def test_prompts_prefilled_together_generate_what_each_prefilled_alone_generates(one_device, formats):
+    """prefill_batch runs the short prompts in one call (each prompt's rows gathered, the weights
+    read once); their tokens are those of one prefill each and their log probabilities agree to
+    float rounding (XLA orders the attention's sums by batch size), and a prompt it cannot take
+    (too long) gets its own error without failing the others."""
+    tiny = dict(model_name="tiny", max_prefill_predict_length=64, max_target_length=96, per_device_batch_size=4)
+    engines = build_engines(ServingSettings(**tiny, **formats).engine_settings(), devices=one_device)
+    engine = engines.prefill_engine
+    assert engine.prefill_batch_size > 1
+    prompts = [[5, 6, 7], list(range(10, 40)), [100] * 17, [9]]  # buckets 16, 32, 32, 16
+    sampling = [SamplingParams(logprobs=2), GREEDY, SamplingParams(temperature=0.8, seed=3), GREEDY]
+    alone = generate_with_logprobs(engines, prompts, 6, sampling)
+    together = generate_with_logprobs(engines, prompts, 6, sampling, together=True)
+    assert together[0] == alone[0]
+    for ours, theirs in zip(together[1], alone[1], strict=True):
+        assert [ids for _, ids, _ in ours] == [ids for _, ids, _ in theirs]
+        np.testing.assert_allclose([lp for lp, _, _ in ours], [lp for lp, _, _ in theirs], rtol=0, atol=1e-3)
+    results = engine.prefill_batch(params=engine.load_params(), prompts=[([1] * 65, GREEDY), ([1, 2], GREEDY)])
+    assert isinstance(results[0], ValueError) and "65 tokens" in str(results[0])
+    assert int(results[1][1].to_host()[0]) == int(
+        engine.prefill(params=engine.load_params(), tokens=[1, 2], sampling=GREEDY)[1].to_host()[0]
+    )
