@@ -575,7 +575,12 @@ class JaxEngine(engine_api.Engine):
 
     @property
     def prefill_batch_size(self) -> int:
-        return PREFILL_BATCH if self.cfg.cpu_kernels else 1
+        """PREFILL_BATCH where the CPU kernels take the products (int8 weights, or bfloat16
+        activations) and so skip each prompt's padding rows; 1 elsewhere, where a batch of prompts
+        would pay for every row of the longest one's bucket."""
+        cfg = self.cfg
+        on_kernels = cfg.cpu_kernels and (cfg.quantize_weights or cfg.act_dtype == jnp.bfloat16)
+        return PREFILL_BATCH if on_kernels else 1
 
     def prefill_batch(self, *, params, prompts):
         """Prompts of buckets up to PREFILL_BATCH_MAX_BUCKET that start with no cached prefix and
