@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -113,6 +114,48 @@ def test_prompts_waiting_for_a_free_slot_are_prefilled_before_the_next_decode_st
         last_insert = max(i for i, c in enumerate(calls) if c == ("insert", 6))
         assert kinds[start:last_insert].count("prefill") == 6
         assert "generate" not in kinds[start:last_insert], kinds[start:last_insert]
+    finally:
+        orch.stop()
+
+
+class BatchingEchoEngine(EchoEngine):
+    """Takes 4 prompts a prefill_batch call; its prefills wait for `gate`; "bad" prompts raise."""
+
+    prefill_batch_size = 4
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.batches: list[int] = []
+        self.gate, self.at_gate = threading.Event(), threading.Event()
+
+    def prefill(self, *, params, tokens, sampling, token_mask=None):
+        self.at_gate.set()
+        self.gate.wait(TIMEOUT_S)
+        if bytes(tokens).startswith(b"bad"):
+            raise ValueError("bad prompt")
+        return super().prefill(params=params, tokens=tokens, sampling=sampling, token_mask=token_mask)
+
+    def prefill_batch(self, *, params, prompts):
+        self.batches.append(len(prompts))
+        return super().prefill_batch(params=params, prompts=prompts)
+
+
+def test_prompts_that_wait_are_prefilled_together_and_an_error_ends_only_its_own_request():
+    engine = BatchingEchoEngine(slots=8)
+    orch = echo_orchestrator(engine)
+    try:
+        first = orch.submit(GenerateRequest("first", 3))  # its prefill holds the thread at the gate
+        wait_until(engine.at_gate.is_set)
+        prompts = ["p1-", "bad", "p3-", "p4-", "p5-"]
+        streams = [orch.submit(GenerateRequest(p, 3)) for p in prompts]
+        engine.gate.set()
+        assert first.collect(timeout_s=TIMEOUT_S).text == "fir"
+        results = [s.collect(timeout_s=TIMEOUT_S) for s in streams]
+        assert engine.batches == [4]  # the four behind the first, then the last one alone
+        assert (results[1].finish.reason, results[1].finish.error) == ("error", "bad prompt")
+        for prompt, result in zip(prompts, results, strict=True):
+            if prompt != "bad":
+                assert (result.text, result.finish.reason) == (prompt, "length")
     finally:
         orch.stop()
 

@@ -49,6 +49,7 @@ def test_the_engine_gets_every_field_it_reads_from_the_arguments():
             "quantize_kvcache=true",
             "quantize_attention_output=false",
             "scan_layers=false",
+            "cpu_kernels=false",
             "checkpoint_is_quantized=true",
             f"inference_server={DISAGGREGATED_SERVER}",
             "prefix_cache_tokens=512",
