@@ -371,16 +371,19 @@ class JaxEngine(engine_api.Engine):
             return PrefixArrays(cache, length, token[0], samp, in_prompt), (token, logprobs, prompt)
 
         def prefill_batch_fn(params, tokens, lengths, samp: Sampling):
-            """prefill_fn for prompts [P, T] with lengths [P] (0: an unused row): PrefixArrays with a
-            batch of P, and the first tokens [P] with their Logprobs [P]."""
+            """prefill_fn for prompts [P, T] of one bucket with lengths [P] (0: an unused row):
+            PrefixArrays with a batch of P, and the first tokens [P] with their Logprobs [P], each
+            prompt's first token sampled as prefill_fn samples it (a loop over the prompts)."""
             x, cache = model.prefill_hidden(cfg, params, tokens, lengths, prefill_shard)
-            last = jnp.take_along_axis(x, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]  # [P, D]
-            logits = model.logits(cfg, params, last, prefill_shard)  # [P, V]
-            in_prompt = jax.vmap(prompt_presence, in_axes=(0, 0, None))(tokens, lengths, cfg.vocab_size)
-            nothing_generated = TokenCounts(jnp.zeros_like(logits, jnp.int32), in_prompt)
-            adjusted = adjust_logits(logits, samp, nothing_generated, jnp.ones_like(lengths, jnp.bool_))
-            token = sample(adjusted, samp, lengths)
-            return PrefixArrays(cache, lengths, token, samp, in_prompt), (token, token_logprobs(logits, token))
+            last = jnp.take_along_axis(x, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)  # [P, 1, D]
+
+            def first(i):
+                row = jax.tree.map(lambda a: a[i], samp)
+                token, logprobs, in_prompt = first_token(params, last[i], tokens[i], lengths[i], row, None)
+                return token[0], jax.tree.map(lambda a: a[0], logprobs), in_prompt
+
+            token, logprobs, in_prompt = model.each_prompt(first, lengths)
+            return PrefixArrays(cache, lengths, token, samp, in_prompt), (token, logprobs)
 
         def take_fn(arrays: PrefixArrays, token, logprobs: Logprobs, row):
             """Prompt `row` of prefill_batch_fn's results: its PrefixArrays and first token [1] with
@@ -571,7 +574,19 @@ class JaxEngine(engine_api.Engine):
         prefix runs (not when the request wants the prompt's log probabilities: those need every
         position), and the prompt's full blocks are cached afterwards."""
         bucket = self._checked_bucket(tokens, sampling)
-        return self._prefill_one(params, tokens, sampling, token_mask, bucket, self._cached_prefix(tokens, sampling))
+        cached = self._cached_prefix(tokens, sampling)
+        if token_mask is None and self._prefills_together(bucket, sampling, cached):
+            return self._prefill_together(params, [(0, tokens, sampling, cached)])[0]
+        return self._prefill_one(params, tokens, sampling, token_mask, bucket, cached)
+
+    def _prefills_together(self, bucket: int, sampling: SamplingParams, cached) -> bool:
+        """Whether a prompt runs in prefill_batch_fn, alone or beside others: on the CPU kernels,
+        a bucket up to PREFILL_BATCH_MAX_BUCKET, no cached prefix, no prompt log probabilities.
+        Such a prompt takes that program even alone, so its numbers never depend on whether other
+        prompts were waiting (two programs may round differently: XLA fuses each its own way)."""
+        hit = cached is not None and cached.n_blocks > 0
+        eligible = bucket <= PREFILL_BATCH_MAX_BUCKET and not sampling.prompt_logprobs and not hit
+        return self.prefill_batch_size > 1 and eligible
 
     @property
     def prefill_batch_size(self) -> int:
@@ -584,8 +599,9 @@ class JaxEngine(engine_api.Engine):
 
     def prefill_batch(self, *, params, prompts):
         """Prompts of buckets up to PREFILL_BATCH_MAX_BUCKET that start with no cached prefix and
-        want no prompt log probabilities run PREFILL_BATCH at a time (on the CPU kernels); the
-        others run as `prefill` runs them."""
+        want no prompt log probabilities run PREFILL_BATCH at a time, by bucket (on the CPU
+        kernels), each computing what its own prefill computes; the others run as `prefill` runs
+        them."""
         results: list = [None] * len(prompts)
         together = []  # (index, tokens, sampling, cached prefix)
         for i, (tokens, sampling) in enumerate(prompts):
@@ -595,25 +611,24 @@ class JaxEngine(engine_api.Engine):
                 results[i] = exc
                 continue
             cached = self._cached_prefix(tokens, sampling)
-            alone = bucket > PREFILL_BATCH_MAX_BUCKET or sampling.prompt_logprobs or (cached and cached.n_blocks)
-            if self.prefill_batch_size == 1 or alone:
-                results[i] = self._prefill_one(params, tokens, sampling, None, bucket, cached)
-            else:
+            if self._prefills_together(bucket, sampling, cached):
                 together.append((i, tokens, sampling, cached))
-        for start in range(0, len(together), PREFILL_BATCH):
-            group = together[start : start + PREFILL_BATCH]
-            if len(group) == 1:
-                i, tokens, sampling, cached = group[0]
-                results[i] = self._prefill_one(params, tokens, sampling, None, self.bucket_for(len(tokens)), cached)
-                continue
+            else:
+                results[i] = self._prefill_one(params, tokens, sampling, None, bucket, cached)
+        by_bucket: dict[int, list] = {}  # one bucket a call: padding to another would change the sums
+        for entry in together:
+            by_bucket.setdefault(self.bucket_for(len(entry[1])), []).append(entry)
+        for group in (
+            same[i : i + PREFILL_BATCH] for same in by_bucket.values() for i in range(0, len(same), PREFILL_BATCH)
+        ):
             for (i, *_), result in zip(group, self._prefill_together(params, group), strict=True):
                 results[i] = result
         return results
 
     def _prefill_together(self, params, group) -> list[tuple[Prefix, DeviceTokens]]:
-        """One prefill_batch_fn call over `group` ((index, tokens, sampling, cached prefix)), its
-        unused rows empty; then each prompt's Prefix and first token taken out of it."""
-        bucket = max(self.bucket_for(len(tokens)) for _, tokens, _, _ in group)
+        """One prefill_batch_fn call over `group` ((index, tokens, sampling, cached prefix), one
+        bucket), its unused rows empty; then each prompt's Prefix and first token taken out of it."""
+        bucket = self.bucket_for(len(group[0][1]))
         padded = np.zeros((PREFILL_BATCH, bucket), np.int32)
         lengths = np.zeros((PREFILL_BATCH,), np.int32)
         for row, (_, tokens, _, _) in enumerate(group):

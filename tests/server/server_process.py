@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -19,6 +22,11 @@ from prometheus_client.parser import text_string_to_metric_families
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 300
 HOST = "127.0.0.1"
+# Every server the tests start shares one JAX persistent compilation cache for the session: a model
+# and settings that several tests serve compile once (a SmolLM2 start's warm-up is ~60 s cold,
+# ~18 s from the cache), not once per test. A start with its own `jax_cache_dir` uses that instead.
+COMPILATION_CACHE = Path(tempfile.mkdtemp(prefix="serving-tests-jax-cache-"))
+atexit.register(shutil.rmtree, COMPILATION_CACHE, ignore_errors=True)
 # The API key and the browser origin of the keyed_server fixture (conftest.py).
 API_KEY = "test-key-0123456789"
 ALLOWED_ORIGIN = "https://chat.example.com"
@@ -56,6 +64,7 @@ def server_env(devices: int, **extra: str) -> dict[str, str]:
         **os.environ,
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
         "JAX_PLATFORMS": "cpu",
+        "JAX_COMPILATION_CACHE_DIR": str(COMPILATION_CACHE),
         **extra,
     }
 
