@@ -68,10 +68,10 @@ log = logging.getLogger(__name__)
 
 MIN_BUCKET = 16
 
-# On the CPU kernels (cfg.cpu_kernels), up to this many prompts of buckets up to
-# PREFILL_BATCH_MAX_BUCKET prefill in one call: the kernels skip each prompt's padding rows, so
-# prompts prefilled together read the weights once for all of them. Longer prompts prefill alone:
-# a batch's unused rows still run attention over the bucket.
+# On the CPU kernels (cfg.cpu_kernels), up to this many prompts of one bucket, up to
+# PREFILL_BATCH_MAX_BUCKET, prefill in one call: the kernels skip each prompt's padding rows and
+# the unused rows, so prompts prefilled together read the weights once for all of them. Longer
+# prompts prefill alone: a batch's unused rows still run attention over the bucket.
 PREFILL_BATCH = 8
 PREFILL_BATCH_MAX_BUCKET = 64
 
@@ -371,19 +371,18 @@ class JaxEngine(engine_api.Engine):
             return PrefixArrays(cache, length, token[0], samp, in_prompt), (token, logprobs, prompt)
 
         def prefill_batch_fn(params, tokens, lengths, samp: Sampling):
-            """prefill_fn for prompts [P, T] of one bucket with lengths [P] (0: an unused row):
-            PrefixArrays with a batch of P, and the first tokens [P] with their Logprobs [P], each
-            prompt's first token sampled as prefill_fn samples it (a loop over the prompts)."""
+            """prefill_fn for prompts [P, T] with lengths [P] (0: an unused row, which the CPU
+            kernels skip): PrefixArrays with a batch of P, and the first tokens [P] with their
+            Logprobs [P]."""
             x, cache = model.prefill_hidden(cfg, params, tokens, lengths, prefill_shard)
-            last = jnp.take_along_axis(x, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)  # [P, 1, D]
-
-            def first(i):
-                row = jax.tree.map(lambda a: a[i], samp)
-                token, logprobs, in_prompt = first_token(params, last[i], tokens[i], lengths[i], row, None)
-                return token[0], jax.tree.map(lambda a: a[0], logprobs), in_prompt
-
-            token, logprobs, in_prompt = model.each_prompt(first, lengths)
-            return PrefixArrays(cache, lengths, token, samp, in_prompt), (token, logprobs)
+            last = jnp.take_along_axis(x, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]  # [P, D]
+            used = (lengths > 0).astype(jnp.int32)  # one row per prompt
+            logits = model.logits(cfg, params, last, prefill_shard, rows=used)  # [P, V]
+            in_prompt = jax.vmap(prompt_presence, in_axes=(0, 0, None))(tokens, lengths, cfg.vocab_size)
+            nothing_generated = TokenCounts(jnp.zeros_like(logits, jnp.int32), in_prompt)
+            adjusted = adjust_logits(logits, samp, nothing_generated, jnp.ones_like(lengths, jnp.bool_))
+            token = sample(adjusted, samp, lengths)
+            return PrefixArrays(cache, lengths, token, samp, in_prompt), (token, token_logprobs(logits, token))
 
         def take_fn(arrays: PrefixArrays, token, logprobs: Logprobs, row):
             """Prompt `row` of prefill_batch_fn's results: its PrefixArrays and first token [1] with
@@ -582,8 +581,9 @@ class JaxEngine(engine_api.Engine):
     def _prefills_together(self, bucket: int, sampling: SamplingParams, cached) -> bool:
         """Whether a prompt runs in prefill_batch_fn, alone or beside others: on the CPU kernels,
         a bucket up to PREFILL_BATCH_MAX_BUCKET, no cached prefix, no prompt log probabilities.
-        Such a prompt takes that program even alone, so its numbers never depend on whether other
-        prompts were waiting (two programs may round differently: XLA fuses each its own way)."""
+        Such a prompt takes that one program even alone, and nothing in it mixes rows, so its
+        numbers never depend on whether other prompts were waiting (two programs may round the
+        same arithmetic differently: XLA fuses each its own way)."""
         hit = cached is not None and cached.n_blocks > 0
         eligible = bucket <= PREFILL_BATCH_MAX_BUCKET and not sampling.prompt_logprobs and not hit
         return self.prefill_batch_size > 1 and eligible
@@ -767,10 +767,6 @@ class JaxEngine(engine_api.Engine):
             prefixes = self.warmup_prefill(params) if prefill else {}
             if prefill:  # the masked variants too, so a first structured request is not slow
                 self.warmup_prefill(params, token_mask=engine_api.unconstrained_bitmask(1, self.cfg.vocab_size))
-            if prefill and self.prefill_batch_size > 1:  # and prompts prefilled together, per bucket
-                for bucket in self._prefill_batch_fns:
-                    for _, first in self._prefill_together(params, [(0, [0] * bucket, engine_api.GREEDY, None)] * 2):
-                        first.to_host()
         if self.prefix_caching:
             self._warmup_prefix_store(prefixes)
         if not generate:

@@ -316,7 +316,7 @@ def embed(cfg: ModelConfig, params: dict, tokens: jax.Array, shard: Shard = no_s
     return shard(quant.take(table, tokens, cfg.act_dtype), BTD)
 
 
-def logits(cfg: ModelConfig, params: dict, x: jax.Array, shard: Shard = no_shard) -> jax.Array:
+def logits(cfg: ModelConfig, params: dict, x: jax.Array, shard: Shard = no_shard, rows=None) -> jax.Array:
     """x [B, D] -> f32 logits [B, V] (tied: the embedding table is the output projection).
 
     The product runs in the activation dtype and accumulates in float32, as every other does: a
@@ -326,7 +326,8 @@ def logits(cfg: ModelConfig, params: dict, x: jax.Array, shard: Shard = no_shard
     with jax.named_scope("logits"):
         h = rms_norm(x, params["final_norm"], cfg.norm_eps)
         table = params["embed"] if cfg.tie_embeddings else params["lm_head"]
-        return shard(quant.einsum("bd,vd->bv", h, table, out_dtype=jnp.float32, cpu_kernels=cfg.cpu_kernels), BV)
+        product = quant.einsum("bd,vd->bv", h, table, out_dtype=jnp.float32, cpu_kernels=cfg.cpu_kernels, rows=rows)
+        return shard(product, BV)
 
 
 def _group(cfg: ModelConfig, q: jax.Array) -> jax.Array:
@@ -376,9 +377,8 @@ def prefill_hidden(
 ):
     """`prefill` up to the last decoder layer: the residual stream [1, T, D] at every position
     (for log probabilities of the prompt's own tokens) and the prompt's KVCache. Several prompts
-    of one bucket run together as tokens [P, T] with lengths [P] (no `context`, used rows first):
-    the products take all their rows at once, attention runs prompt by prompt (a loop over the
-    used rows), and nothing mixes rows, so a prompt's numbers do not depend on the others.
+    run together as tokens [P, T] with lengths [P] (no `context`; 0: an unused row): nothing mixes
+    rows, so in one program a prompt's numbers do not depend on the others.
 
     With `context` (a KVCache [L, 1, K, S, E] already holding the prompt's first `start` positions,
     from the prefix cache), tokens [1, T] are positions start..start+T-1 of a prompt of `length`
@@ -402,29 +402,12 @@ def prefill_hidden(
             # keys and values as the cache holds them (an int8 cache: rounded), as decode reads
             # them: a prompt then attends alike whether its start came from the prefix cache or not
             k, v = (quant.dequantize_kv(*pair, cfg.act_dtype) for pair in cache.pairs())
-            if jnp.ndim(length):  # prompts prefilled together: each attends on its own
-                attend = lambda i: prefill_attention(cfg, q[i][None], k[i][None], v[i][None], length[i])[0]  # noqa: E731
-                attn = each_prompt(attend, length)
-            else:
-                attn = prefill_attention(cfg, q, k, v, length, start)
+            attn = prefill_attention(cfg, q, k, v, length, start)
             x = attn_out(cfg, layer, x, attn, shard, rows)
             x = mlp_block(cfg, layer, x, shard, rows)
             return x, cache
 
     return over_layers(cfg, layer_step, x, params["layers"], context)  # cache [L, 1, K, S, E]
-
-
-def each_prompt(fn, lengths: jax.Array):
-    """fn(i) for each used row i of prompts prefilled together (lengths [P] > 0, used rows first),
-    stacked on a leading P axis with zeros for the unused rows: a loop as long as the used rows, so
-    each prompt is computed as it is alone and empty rows cost nothing."""
-    shapes = jax.eval_shape(fn, 0)
-    out = jax.tree.map(lambda a: jnp.zeros(lengths.shape + a.shape, a.dtype), shapes)
-
-    def body(i, out):
-        return jax.tree.map(lambda o, v: jax.lax.dynamic_update_index_in_dim(o, v, i, axis=0), out, fn(i))
-
-    return jax.lax.fori_loop(0, jnp.sum(lengths > 0), body, out)
 
 
 def over_layers(cfg: ModelConfig, step, carry, layers, xs):
