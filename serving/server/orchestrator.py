@@ -365,13 +365,6 @@ class Orchestrator:
         except queue.Empty:
             return None
 
-    @staticmethod
-    def _get_nowait(q: queue.Queue):
-        try:
-            return q.get_nowait()
-        except queue.Empty:
-            return None
-
     def _put(self, q: queue.Queue, item) -> bool:
         while not self._stop.is_set():
             try:
@@ -390,7 +383,9 @@ class Orchestrator:
             if item is None:
                 continue
             batch = [item]
-            while len(batch) < engine.prefill_batch_size and (more := self._get_nowait(self._prefill_q)) is not None:
+            while (
+                len(batch) < engine.prefill_batch_size and (more := self._get(self._prefill_q, timeout=0)) is not None
+            ):
                 batch.append(more)
             live = []
             for item in batch:
@@ -400,7 +395,9 @@ class Orchestrator:
                     item.prefill_started = time.perf_counter()
                     live.append(item)
             together = [item for item in live if item.matcher is None]
-            if len(together) > 1:
+            if len(together) < 2:  # one prompt: nothing to prefill beside it
+                together = []
+            if together:
                 with self._engine_locks[id(engine)]:
                     results = engine.prefill_batch(
                         params=self._prefill_params,
@@ -408,8 +405,9 @@ class Orchestrator:
                     )
                 for item, result in zip(together, results, strict=True):
                     self._prefilled(item, result)
-            for item in live if len(together) <= 1 else [i for i in live if i.matcher is not None]:
-                self._prefill_one(item)
+            for item in live:  # the rest one at a time: masked (their first token), or alone
+                if item not in together:
+                    self._prefill_one(item)
 
     def _prefill_one(self, item: _Request) -> None:
         engine = self._prefill_engine
